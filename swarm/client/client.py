@@ -1,0 +1,152 @@
+"""The swarm client: discovery, the local head, sessions and token generation, as an async Python API.
+
+    client = await SwarmClient.connect(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/Qm..."])
+    async for token in client.generate(prompt_ids, max_new_tokens=32):
+        print(token)
+    await client.close()
+
+Torch work of the head (embeddings, final norm, LM head, sampling) runs on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+
+from kernels.sampling import SamplingParams, sample
+from swarm.client.routing import Link, find_chain
+from swarm.client.session import InferenceSession
+from swarm.dht import get_spans, start_dht
+from swarm.model.head import LocalHead, load_head
+from swarm.model.source import ModelSource, resolve_model
+from swarm.protocol import NoChainError, SpanInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One generated position: the chosen token of every row and the logits it was chosen from."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logits: torch.Tensor  # [B, V] float32
+
+
+class SwarmClient:
+    def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
+                 step_timeout: float = 30.0):
+        self.dht, self.p2p = dht, p2p
+        self.model_id = source.model_id
+        self.head = head
+        self.prefill_chunk = prefill_chunk
+        self.step_timeout = step_timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
+
+    @classmethod
+    async def connect(cls, initial_peers: Sequence[str], model: str | None = None, model_id: str | None = None,
+                      dtype: torch.dtype = torch.float32, **kwargs) -> SwarmClient:
+        """Join the DHT as a client and load the head of `model` (the default model when None)."""
+        loop = asyncio.get_running_loop()
+        source = await loop.run_in_executor(None, resolve_model, model, model_id)
+        dht, head = await asyncio.gather(
+            loop.run_in_executor(None, partial(start_dht, initial_peers, client_mode=True)),
+            loop.run_in_executor(None, load_head, source, dtype),
+        )
+        p2p = await dht.replicate_p2p()
+        return cls(dht, p2p, source, head, **kwargs)
+
+    async def spans(self) -> list[SpanInfo]:
+        return await get_spans(self.dht, self.model_id)
+
+    async def chain(self) -> list[Link]:
+        return find_chain(await self.spans(), self.model_id, self.head.num_blocks)
+
+    async def wait_for_chain(self, timeout: float = 60.0, poll: float = 0.2) -> list[Link]:
+        """Poll the DHT until live peers cover every block; NoChainError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.chain()
+            except NoChainError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(poll)
+
+    async def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        chain = await self.chain()
+        return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def forward(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run tokens [B, T] through the swarm at the session's position (long inputs in chunks) → logits [B, V]
+        of the last token."""
+        hidden = None
+        for start in range(0, input_ids.shape[1], self.prefill_chunk):
+            embeddings = await self._run(self.head.embed, input_ids[:, start : start + self.prefill_chunk])
+            hidden = await session.step(embeddings)
+        assert hidden is not None, "input_ids must hold at least one token"
+        return await self._run(self.head.logits, hidden[:, -1:])
+
+    async def generate_steps(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        session: InferenceSession | None = None,
+    ) -> AsyncIterator[StepOutput]:
+        """Sample `max_new_tokens` positions for every row of input_ids [B, T]; the caller decides when to stop."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be [batch, tokens] with at least one token")
+        owned = session is None
+        if session is None:
+            session = await self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0])
+        generator = sampling.generator()
+        try:
+            tokens = input_ids
+            for _ in range(max_new_tokens):
+                logits = (await self.forward(session, tokens))[:, -1]
+                next_ids = await self._run(sample, logits, sampling, generator)
+                yield StepOutput(next_ids, logits)
+                tokens = next_ids[:, None]
+        finally:
+            if owned:
+                await session.close()
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield generated token ids of one prompt; stops after a stop token (default: the model's eos)."""
+        stop = set(self._eos_ids() if stop_token_ids is None else stop_token_ids)
+        steps = self.generate_steps(torch.tensor([list(prompt_ids)]), max_new_tokens, sampling)
+        try:
+            async for step in steps:
+                token = int(step.token_ids[0])
+                yield token
+                if token in stop:
+                    break
+        finally:
+            await steps.aclose()
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.head.config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False)
+        await self.p2p.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)

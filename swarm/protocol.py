@@ -1,0 +1,167 @@
+"""Wire types and constants shared by swarm clients and peers.
+
+Everything that crosses the network between a client and a peer, or sits in the DHT, is defined here, so that both
+sides agree on names, limits and record layouts. Versioned: a peer refuses a client of another PROTOCOL_VERSION.
+
+The inference RPC is one persistent bidirectional stream per (session, peer) carrying hivemind `ExpertRequest` /
+`ExpertResponse` protobufs: `metadata` is a msgpack dict, `tensors` the hidden states.
+
+    client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e]}
+    peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length"}
+    client → peer   {"type": "step", "position": P}  + tensors=[hidden [batch, new_tokens, hidden_size]]
+    peer → client   {"type": "result", "position": P + new_tokens}  + tensors=[hidden of the same shape]
+    peer → client   {"type": "error", "code", "message"}  (then the peer closes the stream and frees the session)
+
+A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# Handler names: the same strings on both sides, independent of any class name.
+INFERENCE_HANDLER = "swarm.v1.inference"
+INFO_HANDLER = "swarm.v1.info"
+
+# Dtypes a peer accepts for hidden states on the wire.
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+# DHT layout: one key per model, one subkey per peer (its base58 peer id), the value a SpanInfo dict.
+DHT_KEY_PREFIX = "swarm.v1.spans"
+DHT_MODELS_KEY = "swarm.v1.models"
+
+
+def spans_key(model_id: str) -> str:
+    """DHT key under which every peer serving `model_id` announces its span."""
+    return f"{DHT_KEY_PREFIX}.{model_id}"
+
+
+class PeerState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # announced on clean shutdown so that clients stop routing here before the record expires
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"  # malformed message, wrong shape / dtype / position
+    VERSION = "version_mismatch"
+    CAPACITY = "capacity"  # too many sessions or KV budget exhausted: retry later or elsewhere
+    TIMEOUT = "idle_timeout"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class SpanInfo:
+    """What a peer announces about itself: the blocks it serves and what routing needs to choose it."""
+
+    peer_id: str
+    model_id: str
+    start: int
+    end: int
+    num_blocks: int  # blocks in the whole model, so that a client knows what "complete" means
+    hidden_size: int
+    dtype: str
+    quant: str
+    max_length: int
+    kv_budget_tokens: int
+    free_kv_tokens: int
+    active_sessions: int
+    version: int = PROTOCOL_VERSION
+    state: str = PeerState.ONLINE.value
+    public_name: str = ""
+    throughput: float = 0.0  # tokens/s through the whole span, 0 when not measured
+    updated_at: float = dataclasses.field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SpanInfo:
+        """Parse a record from the DHT or an info RPC; raises ValueError on anything malformed."""
+        if not isinstance(data, dict):
+            raise ValueError(f"span record must be a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            info = cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:
+            raise ValueError(f"malformed span record: {e}") from e
+        ints = (info.start, info.end, info.num_blocks, info.hidden_size, info.max_length, info.free_kv_tokens)
+        if not all(isinstance(x, int) for x in ints) or not 0 <= info.start < info.end <= info.num_blocks:
+            raise ValueError(f"span record has an invalid block range: {info.start}:{info.end}/{info.num_blocks}")
+        return info
+
+    @property
+    def online(self) -> bool:
+        return self.state == PeerState.ONLINE and self.version == PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """First message of an inference stream."""
+
+    session_id: str
+    max_length: int
+    batch_size: int
+    start: int
+    end: int
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "open",
+            "version": self.version,
+            "session_id": self.session_id,
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "blocks": [self.start, self.end],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpenRequest:
+        """Parse an open message; raises ValueError with a message fit for the client."""
+        if data.get("type") != "open":
+            raise ValueError(f"the first message of a session must be 'open', got {data.get('type')!r}")
+        blocks = data.get("blocks")
+        if not (isinstance(blocks, list | tuple) and len(blocks) == 2):
+            raise ValueError("'blocks' must be [start, end]")
+        fields = {
+            "session_id": data.get("session_id"),
+            "max_length": data.get("max_length"),
+            "batch_size": data.get("batch_size"),
+            "start": blocks[0],
+            "end": blocks[1],
+            "version": data.get("version"),
+        }
+        for name, value in fields.items():
+            expected = str if name == "session_id" else int
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ValueError(f"'{name}' must be {expected.__name__}, got {value!r}")
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+class SwarmError(Exception):
+    """Base of every error the swarm raises to its users."""
+
+
+class PeerError(SwarmError):
+    """A peer refused or failed a request; `code` is an ErrorCode when the peer said why."""
+
+    def __init__(self, message: str, code: str = ErrorCode.INTERNAL, peer_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.peer_id = peer_id
+
+
+class NoChainError(SwarmError):
+    """No set of live peers covers every block of the model right now."""
+
+    def __init__(self, model_id: str, missing: list[tuple[int, int]]):
+        spans = ", ".join(f"{s}:{e}" for s, e in missing)
+        super().__init__(f"no live peers serve blocks {spans} of {model_id}")
+        self.model_id = model_id
+        self.missing = missing

@@ -1,0 +1,1 @@
+"""Peer server: host a span of blocks and the KV cache of every session through it."""

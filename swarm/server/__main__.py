@@ -1,0 +1,20 @@
+"""Run a peer: `python -m swarm.server --model MODEL --blocks START:END --initial-peers MADDR [MADDR ...]`.
+
+Every flag also reads from SWARM_PEER_<FLAG>; `--help` lists them.
+"""
+
+from __future__ import annotations
+
+from swarm.cli import configure_logging, parse_settings
+from swarm.server.peer import run_peer
+from swarm.server.settings import PeerSettings
+
+
+def main() -> None:
+    settings = parse_settings(PeerSettings, "python -m swarm.server", "Serve a span of a model's blocks.")
+    configure_logging(settings.log_level)
+    run_peer(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The peer's compute: sessions over its span, each with its own KV cache, validated and run off the event loop.
+
+All torch work happens on one dedicated thread, so the asyncio loop that serves the network never blocks and steps
+of different sessions never run concurrently on the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.model.span import BlockSpan, SpanKVCache
+from swarm.protocol import ErrorCode, OpenRequest, PeerError
+from swarm.server.memory import KVBudget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client may ask of this peer."""
+
+    max_sessions: int = 64
+    max_length: int = 8192
+    max_batch: int = 8
+    max_chunk_tokens: int = 2048  # new tokens in one step; a longer prefill is sent in several steps
+
+    @property
+    def max_step_elements(self) -> int:
+        return self.max_batch * self.max_chunk_tokens
+
+
+@dataclass
+class Session:
+    key: str  # unique on this peer; the client's session_id is only a label
+    session_id: str
+    batch_size: int
+    max_length: int
+    blocks: slice  # within the span
+    cache: SpanKVCache
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+def bad_request(message: str) -> PeerError:
+    return PeerError(message, ErrorCode.BAD_REQUEST)
+
+
+class SpanBackend:
+    def __init__(self, span: BlockSpan, limits: Limits, budget: KVBudget):
+        self.span = span
+        self.limits = limits
+        self.budget = budget
+        self.sessions: dict[str, Session] = {}
+        self._keys = itertools.count()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
+
+    def open(self, request: OpenRequest) -> Session:
+        """Validate an open request and reserve its KV; raises PeerError with a message for the client."""
+        limits, span = self.limits, self.span
+        if not 0 < len(request.session_id) <= 128:
+            raise bad_request("session_id must be 1..128 characters")
+        if not span.start <= request.start < request.end <= span.end:
+            raise bad_request(f"blocks {request.start}:{request.end} are not within this peer's {span.start}:{span.end}")
+        if not 1 <= request.max_length <= limits.max_length:
+            raise bad_request(f"max_length must be 1..{limits.max_length}, got {request.max_length}")
+        if not 1 <= request.batch_size <= limits.max_batch:
+            raise bad_request(f"batch_size must be 1..{limits.max_batch}, got {request.batch_size}")
+        if len(self.sessions) >= limits.max_sessions:
+            raise PeerError(f"peer is serving its maximum of {limits.max_sessions} sessions", ErrorCode.CAPACITY)
+        key = f"{next(self._keys)}:{request.session_id}"
+        tokens = request.batch_size * request.max_length
+        if not self.budget.try_reserve(key, tokens):
+            raise PeerError(
+                f"KV budget exhausted: session needs {tokens} tokens, {self.budget.free} free", ErrorCode.CAPACITY
+            )
+        blocks = slice(request.start - span.start, request.end - span.start)
+        session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
+                          span.new_cache(request.max_length))
+        self.sessions[key] = session
+        logger.debug("opened session %s (blocks %d:%d, %d tokens)", key, request.start, request.end, tokens)
+        return session
+
+    def close(self, session: Session) -> None:
+        if self.sessions.pop(session.key, None) is not None:
+            self.budget.release(session.key)
+            logger.debug("closed session %s at %d tokens", session.key, session.cache.length)
+
+    def validate_step(self, session: Session, hidden: torch.Tensor, position: object) -> None:
+        batch, new, hidden_size = hidden.shape
+        if batch != session.batch_size:
+            raise bad_request(f"batch {batch} differs from the session's batch_size {session.batch_size}")
+        if hidden_size != self.span.hidden_size:
+            raise bad_request(f"hidden size {hidden_size} differs from the model's {self.span.hidden_size}")
+        if new > self.limits.max_chunk_tokens:
+            raise bad_request(f"{new} new tokens in one step; send at most {self.limits.max_chunk_tokens}")
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise bad_request("'position' must be an integer")
+        if not 0 <= position <= session.cache.length:
+            raise bad_request(f"position {position} is outside 0..{session.cache.length} (the tokens cached so far)")
+        if position + new > session.max_length:
+            raise bad_request(f"position {position} + {new} new tokens exceeds max_length {session.max_length}")
+        if not torch.isfinite(hidden).all():
+            raise bad_request("hidden states contain NaN or infinity")
+
+    async def step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype."""
+        self.validate_step(session, hidden, position)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._compute, session, hidden, position)
+
+    def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        out = self.span(hidden.to(self.span.dtype), session.cache, position, session.blocks)
+        return out.to(hidden.dtype)
+
+    def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            self.close(session)
+        self._executor.shutdown(wait=False, cancel_futures=True)

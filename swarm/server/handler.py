@@ -1,0 +1,100 @@
+"""The peer's RPC handlers over hivemind P2P: the inference stream and the info call.
+
+A request the peer cannot honour gets an `error` message with a code and a human-readable reason, then the stream
+ends and the session's memory is freed; other sessions never notice. Only unexpected failures are logged with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from swarm.codec import decode_tensor, make_response, pack_metadata, unpack_metadata
+from swarm.protocol import INFERENCE_HANDLER, INFO_HANDLER, PROTOCOL_VERSION, ErrorCode, OpenRequest, PeerError, SpanInfo
+from swarm.server.backend import SpanBackend, bad_request
+
+logger = logging.getLogger(__name__)
+
+
+class SpanHandler:
+    def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float):
+        self.backend = backend
+        self.info = info
+        self.idle_timeout = idle_timeout
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(
+            INFERENCE_HANDLER, self.inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertUID)
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=pack_metadata(self.info().to_dict()))
+
+    async def inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        session = None
+        try:
+            first = await self._next(requests)
+            if first is None:
+                return
+            session = self.backend.open(self._parse_open(first))
+            yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
+                                 "blocks": [self.backend.span.start + session.blocks.start,
+                                            self.backend.span.start + session.blocks.stop]})
+            while (request := await self._next(requests)) is not None:
+                yield await self._step(session, request)
+        except PeerError as e:
+            logger.info("refused a request from %s: %s", context.remote_id, e)
+            yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
+        except Exception as e:
+            logger.exception("session from %s failed", context.remote_id)
+            yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value, "message": f"peer failed: {e!r}"})
+        finally:
+            if session is not None:
+                self.backend.close(session)
+
+    async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest | None:
+        """The next message, None at end of stream; an idle client gets a timeout error and loses its session."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.idle_timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise PeerError(f"session idle for {self.idle_timeout:.0f} s, closed", ErrorCode.TIMEOUT) from None
+
+    @staticmethod
+    def _parse_open(request: runtime_pb2.ExpertRequest) -> OpenRequest:
+        try:
+            metadata = unpack_metadata(request.metadata)
+            if request.tensors:
+                raise ValueError("the open message carries no tensors")
+            if metadata.get("version") != PROTOCOL_VERSION:
+                raise PeerError(
+                    f"protocol version {metadata.get('version')!r} is not supported, this peer speaks {PROTOCOL_VERSION}",
+                    ErrorCode.VERSION,
+                )
+            return OpenRequest.from_dict(metadata)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+
+    async def _step(self, session, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        try:
+            metadata = unpack_metadata(request.metadata)
+            if metadata.get("type") != "step":
+                raise ValueError(f"expected a 'step' message, got {metadata.get('type')!r}")
+            if len(request.tensors) != 1:
+                raise ValueError(f"a step carries exactly one tensor, got {len(request.tensors)}")
+            max_elements = session.batch_size * self.backend.limits.max_chunk_tokens * self.backend.span.hidden_size
+            hidden = decode_tensor(request.tensors[0], max_elements)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        position = metadata.get("position")
+        out = await self.backend.step(session, hidden, position)
+        return make_response({"type": "result", "position": position + hidden.shape[1]}, (out,))

@@ -1,0 +1,89 @@
+"""One peer's life: join the DHT, load its span, serve RPCs, announce itself, withdraw on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import torch
+
+from swarm.dht import announce, start_dht, visible_maddrs, withdraw
+from swarm.model.anatomy import load_config
+from swarm.model.source import resolve_model
+from swarm.model.span import load_span
+from swarm.protocol import SpanInfo
+from swarm.server.backend import Limits, SpanBackend
+from swarm.server.handler import SpanHandler
+from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
+from swarm.server.settings import PeerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def run_peer(settings: PeerSettings) -> None:
+    """Blocking: serve until SIGTERM or SIGINT."""
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    source = resolve_model(settings.model, settings.model_id)
+    config = load_config(source.path)
+    start, end = settings.block_range(config.num_hidden_layers)
+    dtype = getattr(torch, settings.dtype)
+    # The DHT forks a child process: start it before the weights are in memory so that the child stays small.
+    dht = start_dht(settings.initial_peers, settings.host, settings.port, settings.identity)
+    try:
+        span = load_span(source, start, end, dtype)
+        max_length = min(settings.max_length or config.max_position_embeddings, config.max_position_embeddings)
+        limits = Limits(settings.max_sessions, max_length, settings.max_batch, settings.max_chunk_tokens)
+        per_token = kv_bytes_per_token(config, end - start, dtype)
+        budget = KVBudget(settings.kv_budget_tokens or default_budget_tokens(per_token))
+        backend = SpanBackend(span, limits, budget)
+
+        def info() -> SpanInfo:
+            return SpanInfo(
+                peer_id=dht.peer_id.to_base58(),
+                model_id=source.model_id,
+                start=start,
+                end=end,
+                num_blocks=config.num_hidden_layers,
+                hidden_size=config.hidden_size,
+                dtype=settings.dtype,
+                quant="none",
+                max_length=max_length,
+                kv_budget_tokens=budget.total,
+                free_kv_tokens=budget.free,
+                active_sessions=len(backend.sessions),
+                public_name=settings.public_name,
+            )
+
+        asyncio.run(_serve(dht, backend, info, settings))
+    finally:
+        dht.shutdown()
+
+
+async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    p2p = await dht.replicate_p2p()
+    await SpanHandler(backend, info, settings.idle_timeout).register(p2p)
+    ttl = 3 * settings.announce_period
+    await announce(dht, info(), ttl)
+    first = info()
+    logger.info("peer ready: model=%s blocks=%d:%d peer_id=%s maddrs=%s", first.model_id, first.start, first.end,
+                first.peer_id, " ".join(visible_maddrs(dht)))
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.announce_period)
+        if not stop.is_set():
+            try:
+                await announce(dht, info(), ttl)
+            except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
+                logger.warning("announcement failed: %r", e)
+    logger.info("shutting down: withdrawing %s from the DHT", first.peer_id)
+    with contextlib.suppress(Exception):
+        await withdraw(dht, info(), ttl)
+    backend.shutdown()
+    await p2p.shutdown()

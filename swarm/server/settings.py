@@ -1,0 +1,44 @@
+"""Settings of one peer process; every field is a `--flag` of `python -m swarm.server` and a SWARM_PEER_* variable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from swarm.model.source import DEFAULT_MODEL_ID
+
+
+class PeerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWARM_PEER_", protected_namespaces=())
+
+    model: str = Field(DEFAULT_MODEL_ID, description="model: the default, a local HF directory, or a hub id")
+    model_id: str | None = Field(None, description="name announced in the DHT (default: derived from --model)")
+    blocks: str | None = Field(None, description="span to serve as START:END (default: every block)")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of DHT nodes to join")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    identity: str | None = Field(None, description="private key file, for a peer id that survives restarts")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of the blocks")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    max_sessions: int = Field(64, ge=1, description="concurrent sessions served")
+    max_length: int = Field(0, ge=0, description="longest session in tokens (0: the model's context length)")
+    max_batch: int = Field(8, ge=1, description="largest batch of one session")
+    max_chunk_tokens: int = Field(2048, ge=1, description="most new tokens in one step")
+    kv_budget_tokens: int = Field(0, ge=0, description="KV cache budget in tokens (0: a quarter of free memory)")
+    idle_timeout: float = Field(300.0, gt=0, description="seconds a session may stay silent before it is freed")
+    announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
+    public_name: str = Field("", description="a name shown to operators and users")
+    log_level: str = Field("INFO", description="logging level")
+
+    def block_range(self, num_blocks: int) -> tuple[int, int]:
+        if self.blocks is None:
+            return 0, num_blocks
+        try:
+            start, end = (int(x) for x in self.blocks.split(":"))
+        except ValueError:
+            raise ValueError(f"--blocks must be START:END, got {self.blocks!r}") from None
+        if not 0 <= start < end <= num_blocks:
+            raise ValueError(f"--blocks {self.blocks} is outside the model's 0:{num_blocks}")
+        return start, end

@@ -1,0 +1,52 @@
+"""Sampling: greedy is argmax, seeds reproduce, top-k / top-p keep only the tokens they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.sampling import SamplingParams, sample
+
+
+def logits_batch():
+    return torch.randn(4, 100, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = logits_batch()
+    assert torch.equal(sample(logits, SamplingParams()), logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingParams(temperature=1.0, top_k=1)), logits.argmax(-1))
+
+
+def test_same_seed_same_tokens_and_other_seed_differs():
+    logits = logits_batch()
+    params = SamplingParams(temperature=1.0, seed=42)
+    draws = [torch.stack([sample(logits, params, g) for _ in range(20)]) for g in (params.generator(),
+                                                                                   params.generator())]
+    assert torch.equal(draws[0], draws[1])
+    other = SamplingParams(temperature=1.0, seed=43).generator()
+    assert not torch.equal(draws[0], torch.stack([sample(logits, params, other) for _ in range(20)]))
+
+
+def test_top_k_only_draws_from_the_k_best():
+    logits = logits_batch()
+    params = SamplingParams(temperature=5.0, top_k=3, seed=0)
+    generator = params.generator()
+    allowed = logits.topk(3, dim=-1).indices
+    for _ in range(50):
+        tokens = sample(logits, params, generator)
+        assert (allowed == tokens[:, None]).any(-1).all()
+
+
+def test_top_p_keeps_the_smallest_set_holding_p_of_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(temperature=1.0, top_p=0.75, seed=0)
+    generator = params.generator()
+    seen = {int(sample(logits, params, generator)) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 >= 0.75: token 2 and 3 are cut
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}])
+def test_invalid_params_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)

@@ -1,0 +1,112 @@
+"""A model split into spans, each with its own KV cache, computes what the whole model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.model.anatomy import SUPPORTED_FAMILIES, UnsupportedModelError, find_anatomy, load_config, skeleton
+from swarm.model.head import load_head
+from swarm.model.source import ModelSource
+from swarm.model.span import SpanKVCache, causal_mask, load_span
+from swarm.model.weights import Checkpoint
+
+ATOL = 1e-4  # fp32: split vs whole model, cached decode vs full recompute
+
+
+def run_chain(head, spans, caches, ids, position):
+    hidden = head.embed(ids)
+    for span, cache in zip(spans, caches, strict=True):
+        hidden = span(hidden, cache, position)
+    return head.logits(hidden)
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_split_model_matches_whole_model(tiny_model_dir, family):
+    path = tiny_model_dir(family)
+    source = ModelSource(family, path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    head = load_head(source)
+    spans = [load_span(source, 0, 2), load_span(source, 2, 5), load_span(source, 5, 6)]
+    caches = [span.new_cache(64) for span in spans]
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    logits = run_chain(head, spans, caches, ids, 0)  # prefill
+    torch.testing.assert_close(logits, reference(ids).logits, atol=ATOL, rtol=0)
+    for _ in range(4):  # cached decode steps vs recomputing the whole sequence
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_ids], dim=1)
+        logits = run_chain(head, spans, caches, next_ids, ids.shape[1] - 1)
+        torch.testing.assert_close(logits[:, -1], reference(ids).logits[:, -1], atol=ATOL, rtol=0)
+    # A multi-token step after a rewind (replay of a suffix) attends to the cached prefix with a causal mask.
+    logits = run_chain(head, spans, caches, ids[:, 4:], 4)
+    torch.testing.assert_close(logits, reference(ids).logits[:, 4:], atol=ATOL, rtol=0)
+
+
+def test_span_loads_only_its_own_tensors(tiny_model_dir, monkeypatch):
+    path = tiny_model_dir("llama")
+    requested: list[str] = []
+    original = Checkpoint.load
+
+    def spy(self, names, dtype=None):
+        names = list(names)
+        requested.extend(names)
+        return original(self, names, dtype)
+
+    monkeypatch.setattr(Checkpoint, "load", spy)
+    span = load_span(ModelSource("tiny", path), 2, 4)
+    assert requested, "nothing was loaded"
+    assert all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in requested), requested
+    assert {p.device.type for p in span.parameters()} == {"cpu"}, "a parameter was left on the meta device"
+    per_block = sum(1 for n in Checkpoint(path).files if n.startswith("model.layers.0."))
+    assert len(requested) == 2 * per_block
+
+
+def test_head_loads_tied_embeddings_without_lm_head_tensor(tiny_model_dir):
+    path = tiny_model_dir("qwen2")  # tie_word_embeddings=True: the checkpoint has no lm_head.weight
+    assert "lm_head.weight" not in Checkpoint(path).files
+    head = load_head(ModelSource("tiny", path))
+    assert torch.equal(head.lm_head.weight, head.embeddings.weight)
+
+
+def test_anatomy_finds_the_parts_of_a_llama(tiny_model_dir):
+    config = load_config(tiny_model_dir("llama"))
+    anatomy = find_anatomy(skeleton(config), config)
+    assert (anatomy.blocks, anatomy.embeddings, anatomy.final_norm, anatomy.lm_head, anatomy.rotary) == (
+        "model.layers", "model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")
+
+
+def test_unsupported_family_is_refused_with_the_supported_list(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*llama"):
+        load_config(tmp_path)
+
+
+def test_span_outside_the_model_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="outside 0:6"):
+        load_span(ModelSource("tiny", tiny_model_dir("llama")), 4, 7)
+
+
+def test_cache_grows_in_chunks_and_refuses_past_max_length():
+    cache = SpanKVCache(num_layers=1, max_length=300)
+    k = torch.randn(1, 2, 200, 4)
+    keys, _ = cache.update(k, k, 0)
+    cache.commit(200)
+    assert keys.shape[-2] == 200 and cache.nbytes() >= 2 * k.nbytes
+    keys, _ = cache.update(k[:, :, :100], k[:, :, :100], 0)
+    cache.commit(100)
+    assert keys.shape[-2] == 300 and torch.equal(keys[:, :, :200], k)
+    with pytest.raises(ValueError, match="past its max_length 300"):
+        cache.update(k[:, :, :1], k[:, :, :1], 0)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        cache.rewind(301)
+
+
+def test_causal_mask_lets_each_new_token_see_the_past_and_itself():
+    assert causal_mask(1, 5, torch.float32, torch.device("cpu")) is None
+    assert causal_mask(4, 0, torch.float32, torch.device("cpu")) is None
+    mask = causal_mask(2, 3, torch.float32, torch.device("cpu"))[0, 0]
+    assert (mask == 0).tolist() == [[True, True, True, True, False], [True, True, True, True, True]]

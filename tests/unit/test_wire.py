@@ -1,0 +1,71 @@
+"""Wire formats refuse malformed input before building anything from it."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from swarm.codec import decode_tensor, encode_tensor, unpack_metadata
+from swarm.protocol import OpenRequest, SpanInfo
+
+
+def test_tensor_roundtrip_is_bit_exact():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 3, 8).to(dtype)
+        assert torch.equal(decode_tensor(encode_tensor(x), max_elements=48), x)
+
+
+def tensor_proto(**overrides):
+    proto = encode_tensor(torch.zeros(1, 2, 4))
+    for name, value in overrides.items():
+        if name == "size":
+            del proto.size[:]
+            proto.size.extend(value)
+        else:
+            setattr(proto, name, value)
+    return proto
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dtype": "int64"}, "dtype 'int64' is not accepted"),
+        ({"dtype": "object"}, "not accepted"),
+        ({"size": [8]}, r"must be \[batch, tokens, hidden\]"),
+        ({"size": [1, 0, 4]}, "elements"),
+        ({"size": [1000, 1000, 1000]}, "elements"),
+        ({"buffer": b"\x00" * 7}, "buffer is 7 bytes"),
+        ({"compression": runtime_pb2.CompressionType.FLOAT16}, "compressed"),
+        ({"requires_grad": True}, "grad"),
+    ],
+)
+def test_malformed_tensors_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        decode_tensor(tensor_proto(**overrides), max_elements=1024)
+
+
+@pytest.mark.parametrize("raw", [b"\xc1\xff\x00", msgpack.packb([1, 2]), msgpack.packb({"x": "y" * 5000})])
+def test_malformed_metadata_is_refused(raw):
+    with pytest.raises(ValueError):
+        unpack_metadata(raw)
+
+
+def test_span_info_roundtrip_and_validation():
+    info = SpanInfo(peer_id="p", model_id="m", start=0, end=15, num_blocks=30, hidden_size=576, dtype="float32",
+                    quant="none", max_length=8192, kv_budget_tokens=10, free_kv_tokens=10, active_sessions=0)
+    assert SpanInfo.from_dict(info.to_dict()) == info
+    assert SpanInfo.from_dict({**info.to_dict(), "future_field": 1}) == info
+    for bad in ({**info.to_dict(), "start": 20}, {**info.to_dict(), "end": "x"}, {"peer_id": "p"}, [1, 2]):
+        with pytest.raises(ValueError):
+            SpanInfo.from_dict(bad)
+
+
+def test_open_request_parse():
+    request = OpenRequest("s", 64, 1, 0, 6)
+    assert OpenRequest.from_dict(request.to_dict()) == request
+    for bad in ({"type": "step"}, {**request.to_dict(), "blocks": [0]}, {**request.to_dict(), "max_length": "9"},
+                {**request.to_dict(), "batch_size": True}, {**request.to_dict(), "session_id": 5}):
+        with pytest.raises(ValueError):
+            OpenRequest.from_dict(bad)
