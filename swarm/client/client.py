@@ -20,15 +20,17 @@ from functools import partial
 
 import torch
 from hivemind.dht import DHT
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from kernels.sampling import SamplingParams, sample
 from swarm.client.routing import Link, find_chain
 from swarm.client.session import InferenceSession
+from swarm.codec import unpack_metadata
 from swarm.dht import get_spans, start_dht
 from swarm.model.head import LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
-from swarm.protocol import NoChainError, SpanInfo
+from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,15 @@ class SwarmClient:
         )
         p2p = await dht.replicate_p2p()
         return cls(dht, p2p, source, head, **kwargs)
+
+    async def peer_info(self, peer_id: str, timeout: float = 10.0) -> SpanInfo:
+        """Ask a peer directly for its current record (free KV, active sessions), bypassing the DHT."""
+        response = await asyncio.wait_for(
+            self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), INFO_HANDLER, runtime_pb2.ExpertUID(),
+                                           runtime_pb2.ExpertInfo),
+            timeout,
+        )
+        return SpanInfo.from_dict(unpack_metadata(response.serialized_info))
 
     async def spans(self) -> list[SpanInfo]:
         return await get_spans(self.dht, self.model_id)

@@ -1,0 +1,197 @@
+"""A tiny random-weight Llama served by real peer processes: exactness, isolation, memory, bad input, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from transformers import AutoModelForCausalLM
+
+from swarm.client.routing import Link
+from swarm.client.session import InferenceSession
+from swarm.codec import make_request, unpack_metadata
+from swarm.protocol import INFERENCE_HANDLER, PROTOCOL_VERSION, ErrorCode, PeerError
+from tests.e2e.conftest import TINY_PEER_ARGS, poll
+
+LOGITS_ATOL = 1e-4  # fp32, split across processes vs one local forward
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
+
+
+def prompt(seed: int, length: int = 7) -> list[int]:
+    return torch.randint(2, 512, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def local_greedy(reference, ids: list[int], new_tokens: int) -> list[int]:
+    out = reference.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+async def test_greedy_tokens_equal_transformers_generate(tiny_client, reference):
+    ids = prompt(0)
+    tokens = [t async for t in tiny_client.generate(ids, 24, stop_token_ids=[])]
+    assert tokens == local_greedy(reference, ids, 24)
+    assert len(set(tokens)) > 3, "degenerate test model: greedy output barely varies"
+
+
+async def test_every_step_logits_match_local_forward(tiny_client, reference):
+    ids = torch.tensor([prompt(1)])
+    async for step in tiny_client.generate_steps(ids, 12):
+        with torch.inference_mode():
+            expected = reference(ids).logits[:, -1]
+        torch.testing.assert_close(step.logits, expected, atol=LOGITS_ATOL, rtol=0)
+        ids = torch.cat([ids, step.token_ids[:, None]], dim=1)
+
+
+async def test_uneven_three_peer_chain_and_partial_spans_match(tiny_client, tiny_swarm, reference):
+    spans = {s.peer_id: s for s in await tiny_client.spans()}
+    peers = tiny_swarm.peers
+    chains = {
+        "uneven 0:1 1:4 4:6": [(peers["0:1"], 0, 1), (peers["1:4"], 1, 4), (peers["4:6"], 4, 6)],
+        "partial 0:2 of 0:3, 2:4 of 1:4": [(peers["0:3"], 0, 2), (peers["1:4"], 2, 4), (peers["4:6"], 4, 6)],
+    }
+    ids = prompt(2)
+    expected = local_greedy(reference, ids, 16)
+    for name, links in chains.items():
+        chain = [Link(spans[peer], start, end) for peer, start, end in links]
+        session = await InferenceSession.open(tiny_client.p2p, chain, max_length=len(ids) + 16)
+        async with session:
+            steps = tiny_client.generate_steps(torch.tensor([ids]), 16, session=session)
+            tokens = [int(step.token_ids[0]) async for step in steps]
+        assert tokens == expected, name
+
+
+async def test_concurrent_sessions_stay_independent(tiny_client, reference):
+    prompts = [prompt(10 + i, length=3 + 2 * i) for i in range(4)]
+
+    async def run(ids):
+        return [t async for t in tiny_client.generate(ids, 16, stop_token_ids=[])]
+
+    concurrent = await asyncio.gather(*(run(ids) for ids in prompts))
+    assert concurrent == [local_greedy(reference, ids, 16) for ids in prompts]
+
+
+async def test_batched_session_rows_match_their_own_runs(tiny_client, reference):
+    ids = torch.tensor([prompt(20, 5), prompt(21, 5)])
+    rows: list[list[int]] = [[], []]
+    async for step in tiny_client.generate_steps(ids, 10):
+        for row, token in zip(rows, step.token_ids.tolist(), strict=True):
+            row.append(token)
+    assert rows == [local_greedy(reference, ids[i].tolist(), 10) for i in range(2)]
+
+
+async def free_kv_is_full(client, peer_id):
+    info = await client.peer_info(peer_id)
+    return info.free_kv_tokens == info.kv_budget_tokens and info.active_sessions == 0
+
+
+async def test_closed_session_frees_the_peers_kv(tiny_client):
+    chain = await tiny_client.chain()
+    session = await InferenceSession.open(tiny_client.p2p, chain, max_length=300)
+    await tiny_client.forward(session, torch.tensor([prompt(3)]))
+    for link in chain:
+        info = await tiny_client.peer_info(link.peer.peer_id)
+        assert info.free_kv_tokens <= info.kv_budget_tokens - 300 and info.active_sessions >= 1
+    await session.close()
+    for link in chain:
+        await poll(lambda link=link: free_kv_is_full(tiny_client, link.peer.peer_id))
+
+    async def dht_shows_full():  # what routing sees, not only what the peer says when asked
+        spans = {s.peer_id: s for s in await tiny_client.spans()}
+        return all(spans[link.peer.peer_id].free_kv_tokens == spans[link.peer.peer_id].kv_budget_tokens
+                   for link in chain)
+
+    await poll(dht_shows_full)
+
+
+async def test_idle_session_times_out_and_is_freed(tiny_client):
+    chain = await tiny_client.chain()
+    session = await InferenceSession.open(tiny_client.p2p, chain, max_length=64)
+    for link in chain:  # the peers' idle timeout is 4 s
+        await poll(lambda link=link: free_kv_is_full(tiny_client, link.peer.peer_id), timeout=12)
+    with pytest.raises(PeerError, match="idle"):
+        await tiny_client.forward(session, torch.tensor([prompt(4)]))
+    await session.close()
+
+
+def open_message(**overrides):
+    message = {"type": "open", "version": PROTOCOL_VERSION, "session_id": "raw", "max_length": 32, "batch_size": 1,
+               "blocks": [0, 3], **overrides}
+    return make_request(message)
+
+
+def step_message(tensor, position=0, **overrides):
+    return make_request({"type": "step", "position": position, **overrides}, (tensor,))
+
+
+def garbage(buffer=b"\x00\x01", size=(1, 1, 64)):
+    proto = runtime_pb2.Tensor(buffer=buffer, size=size, dtype="float32")
+    return runtime_pb2.ExpertRequest(metadata=make_request({"type": "step", "position": 0}).metadata, tensors=[proto])
+
+
+BAD_STREAMS = {
+    "garbage metadata": ([runtime_pb2.ExpertRequest(metadata=b"\xc1\xc1\xc1")], ErrorCode.BAD_REQUEST),
+    "step before open": ([step_message(torch.zeros(1, 1, 64))], ErrorCode.BAD_REQUEST),
+    "wrong version": ([open_message(version=999)], ErrorCode.VERSION),
+    "blocks not served": ([open_message(blocks=[0, 6])], ErrorCode.BAD_REQUEST),
+    "huge max_length": ([open_message(max_length=10**9)], ErrorCode.BAD_REQUEST),
+    "over the KV budget": ([open_message(max_length=512, batch_size=8)], ErrorCode.CAPACITY),
+    "wrong hidden size": ([open_message(), step_message(torch.zeros(1, 1, 32))], ErrorCode.BAD_REQUEST),
+    "wrong dtype": ([open_message(), step_message(torch.zeros(1, 1, 64, dtype=torch.float64))],
+                    ErrorCode.BAD_REQUEST),
+    "buffer shorter than shape": ([open_message(), garbage()], ErrorCode.BAD_REQUEST),
+    "huge declared shape": ([open_message(), garbage(buffer=b"", size=(4096, 4096, 4096))], ErrorCode.BAD_REQUEST),
+    "position in the future": ([open_message(), step_message(torch.zeros(1, 1, 64), position=5)],
+                               ErrorCode.BAD_REQUEST),
+    "NaN hidden states": ([open_message(), step_message(torch.full((1, 2, 64), float("nan")))],
+                          ErrorCode.BAD_REQUEST),
+    "unknown message type": ([open_message(), make_request({"type": "explode"})], ErrorCode.BAD_REQUEST),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_STREAMS))
+async def test_bad_rpc_input_is_refused_and_the_peer_keeps_serving(tiny_client, tiny_swarm, reference, name):
+    messages, code = BAD_STREAMS[name]
+    peer_id = tiny_swarm.peers["0:3"]
+
+    async def requests():
+        for message in messages:
+            yield message
+        await asyncio.sleep(60)  # keep our side open: the error must come from the peer, not our end of stream
+
+    responses = await tiny_client.p2p.iterate_protobuf_handler(
+        PeerID.from_base58(peer_id), INFERENCE_HANDLER, requests(), runtime_pb2.ExpertResponse)
+    replies = []
+    async with asyncio.timeout(20):
+        async for response in responses:
+            replies.append(unpack_metadata(response.metadata))
+            if replies[-1]["type"] == "error":
+                break
+    await responses.aclose()
+    assert replies[-1]["type"] == "error" and replies[-1]["code"] == code, replies
+    assert replies[-1]["message"]
+    await poll(lambda: free_kv_is_full(tiny_client, peer_id))
+    ids = prompt(5)
+    assert [t async for t in tiny_client.generate(ids, 6, stop_token_ids=[])] == local_greedy(reference, ids, 6)
+
+
+async def test_sigterm_withdraws_the_peer_from_the_dht(tiny_client, tiny_swarm, tiny_model_dir):
+    proc = tiny_swarm.start_peer(str(tiny_model_dir("llama")), "2:5", *TINY_PEER_ARGS)
+    peer_id = tiny_swarm.peer_id(proc)
+
+    async def listed():
+        return peer_id in {s.peer_id for s in await tiny_client.spans()}
+
+    await poll(listed)
+    proc.signal(signal.SIGTERM)
+    assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 20) == 0
+    # Withdrawn at once: well before its last record (TTL 3 s) would have expired by itself.
+    assert not await listed()
