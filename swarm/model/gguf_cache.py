@@ -104,6 +104,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             if target.exists():  # a cache left by an older layout without manifest
                 shutil.rmtree(target)
+            tmp.chmod(0o755)  # mkdtemp makes it private
             os.rename(tmp, target)
             progress.update()
     except BaseException:

@@ -1,0 +1,111 @@
+"""The real default model, SmolLM2-135M-Instruct, served by real peers: token-exact with local transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm.client import SwarmClient
+from swarm.client.routing import Link
+from swarm.client.session import InferenceSession
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.launcher import LocalSwarm
+
+NEW_TOKENS = 32
+LOGITS_ATOL = 1e-4
+PROMPT = "Write a short story about a robot who learns to paint."
+TWO, THREE = ("0:15", "15:30"), ("0:7", "7:20", "20:30")
+
+
+@pytest.fixture(scope="module")
+def source():
+    return resolve_model(DEFAULT_MODEL_ID)  # converts the GGUF once, before any peer needs it
+
+
+@pytest.fixture(scope="module")
+def smol_swarm(tmp_path_factory, source):
+    with LocalSwarm(tmp_path_factory.mktemp("smol-swarm")) as swarm:
+        swarm.start_bootstrap()
+        procs = {blocks: swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--kv-budget-tokens", "20000", wait=False)
+                 for blocks in TWO + THREE}
+        swarm.peers = {blocks: LocalSwarm.peer_id(proc) for blocks, proc in procs.items()}
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+async def smol_client(smol_swarm):
+    client = await SwarmClient.connect(smol_swarm.initial_peers)
+    await client.wait_for_chain()
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def reference(source):
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(source):
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    messages = [{"role": "user", "content": PROMPT}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def local_tokens(reference, prompt_ids):
+    # An explicit mask: without one, generate treats the prompt's <|im_end|> (also the pad token) as padding.
+    out = reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=NEW_TOKENS,
+                             do_sample=False, eos_token_id=None)
+    return out[0, prompt_ids.shape[1]:].tolist()
+
+
+def test_conversion_keeps_rope_theta_and_chat_template(source):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source.path)
+    assert cfg.rope_parameters["rope_theta"] == 100000.0
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == (30, 576, 3)
+    assert "quantization_config" not in cfg.to_dict()
+    template = AutoTokenizer.from_pretrained(source.path).chat_template
+    assert template and "<|im_start|>" in template
+
+
+async def collect(steps):
+    tokens, logits = [], []
+    async for step in steps:
+        tokens.append(int(step.token_ids[0]))
+        logits.append(step.logits[0])
+    return tokens, torch.stack(logits)
+
+
+def local_step_logits(reference, prompt_ids, tokens):
+    ids = torch.cat([prompt_ids, torch.tensor([tokens])], dim=1)
+    with torch.inference_mode():
+        logits = reference(ids).logits[0]
+    return logits[prompt_ids.shape[1] - 1 : -1]  # the logits each generated token was chosen from
+
+
+async def test_two_peers_greedy_and_logits_equal_local(smol_client, smol_swarm, source, reference, prompt_ids,
+                                                       local_tokens):
+    chain = await smol_client.chain()
+    assert [(link.start, link.end) for link in chain] == [(0, 15), (15, 30)]
+    tokens, logits = await collect(smol_client.generate_steps(prompt_ids, NEW_TOKENS))
+    assert tokens == local_tokens
+    text = AutoTokenizer.from_pretrained(source.path).decode(tokens)
+    assert text.startswith('As the AI, AI-powered robot, "Pixel," began its journey'), text
+    torch.testing.assert_close(logits, local_step_logits(reference, prompt_ids, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+async def test_three_peers_uneven_split_equal_local(smol_client, smol_swarm, reference, prompt_ids, local_tokens):
+    spans = {s.peer_id: s for s in await smol_client.spans()}
+    chain = []
+    for blocks in THREE:
+        start, end = map(int, blocks.split(":"))
+        chain.append(Link(spans[smol_swarm.peers[blocks]], start, end))
+    session = await InferenceSession.open(smol_client.p2p, chain, max_length=prompt_ids.shape[1] + NEW_TOKENS)
+    async with session:
+        tokens, logits = await collect(smol_client.generate_steps(prompt_ids, NEW_TOKENS, session=session))
+    assert tokens == local_tokens
+    torch.testing.assert_close(logits, local_step_logits(reference, prompt_ids, tokens), atol=LOGITS_ATOL, rtol=0)
