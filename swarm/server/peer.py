@@ -21,6 +21,8 @@ from swarm.server.settings import PeerSettings
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_STEP_TIMEOUT = 5.0
+
 
 def run_peer(settings: PeerSettings) -> None:
     """Blocking: serve until SIGTERM or SIGINT."""
@@ -83,7 +85,10 @@ async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings) -> Non
             except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
                 logger.warning("announcement failed: %r", e)
     logger.info("shutting down: withdrawing %s from the DHT", first.peer_id)
-    with contextlib.suppress(Exception):
-        await withdraw(dht, info(), ttl)
+    try:  # bounded: with the rest of the swarm gone, a DHT store may never complete
+        await asyncio.wait_for(withdraw(dht, info(), ttl), SHUTDOWN_STEP_TIMEOUT)
+    except Exception as e:
+        logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, ttl)
     backend.shutdown()
-    await p2p.shutdown()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_STEP_TIMEOUT)
