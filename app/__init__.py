@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP gateway over the swarm (`uvicorn app.main:app`)."""

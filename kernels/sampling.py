@@ -52,3 +52,36 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class LogitsAdjustments:
+    """OpenAI-style adjustments applied to raw logits before sampling."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, adjust: LogitsAdjustments) -> torch.Tensor:
+    """logits: [B, V]; counts: [B, V] times each token was generated so far in that row → adjusted copy.
+
+    logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0); logit[t] += bias[t].
+    """
+    logits = logits.float() - adjust.frequency_penalty * counts - adjust.presence_penalty * (counts > 0).float()
+    if adjust.logit_bias:
+        ids = torch.tensor([token for token, _ in adjust.logit_bias])
+        bias = torch.tensor([value for _, value in adjust.logit_bias], dtype=logits.dtype)
+        logits[:, ids] += bias
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens [B] and the k most likely tokens ([B, k] ids, [B, k] logprobs)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])
+    return logprobs.gather(-1, chosen[:, None]).squeeze(-1), ids, values

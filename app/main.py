@@ -1,0 +1,58 @@
+"""The gateway app: `uvicorn app.main:app` (zero config: an embedded local swarm of the default model).
+
+With SWARM_INITIAL_PEERS set it joins that swarm as a client and starts nothing locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.errors import install_error_handlers
+from app.routes.openai import router
+from app.serving import ServingEngine
+from app.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings | None = None, backend=None) -> FastAPI:
+    """Build the app; `backend` (a GenerationBackend) replaces the swarm, for tests."""
+    settings = settings or GatewaySettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with contextlib.AsyncExitStack() as stack:
+            active = backend
+            if active is None:
+                from swarm.embedded import open_swarm_backend  # the swarm only when really serving
+
+                active = await stack.enter_async_context(open_swarm_backend(
+                    settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
+                    settings.startup_timeout))
+            app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n)
+            logger.info("gateway ready: serving %s", active.model_id)
+            yield
+
+    app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)
+    app.state.api_keys = settings.api_keys
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.include_router(router)
+
+    @app.get("/health")
+    async def health():
+        engine: ServingEngine = app.state.engine
+        missing = await engine.backend.missing_blocks()
+        return {"status": "ok", "model": engine.backend.model_id, "complete_chain": not missing,
+                "missing_blocks": [f"{s}:{e}" for s, e in missing]}
+
+    return app
+
+
+app = create_app()

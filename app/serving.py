@@ -1,0 +1,203 @@
+"""Chat and text completions over a GenerationBackend: validation, prompts, stop strings, deltas, usage, errors.
+
+The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into the
+OpenAI response objects and SSE chunks. Nothing here knows about peers, torch or hivemind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.errors import APIError
+from app.protocol import ChatCompletionRequest, CompletionRequest
+from swarm.client.requests import GenerationRequest, TokenEvent
+from swarm.protocol import ErrorCode, NoChainError, PeerError, SwarmError
+
+
+class GenerationBackend(Protocol):
+    model_id: str
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+
+    async def missing_blocks(self) -> list[tuple[int, int]]: ...
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def token_text(self, token_id: int) -> str: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]: ...
+
+
+class ChoiceText:
+    """Detokenizes one choice incrementally: never emits half a UTF-8 character or a prefix of a stop string,
+    and cuts the text at the first stop string (which never appears in the output)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stops: list[str]):
+        self.decode, self.stops = decode, stops
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(text, min(hits))
+        safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character decodes to U+FFFD: wait for it
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+        return self._emit(text, safe - hold)
+
+    def flush(self) -> str:
+        return self._emit(self.decode(self.ids), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        if end <= self.emitted:
+            return ""
+        out, self.emitted = text[self.emitted : end], end
+        return out
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One validated prompt ready to run."""
+
+    prompt_ids: list[int]
+    request: GenerationRequest
+    stops: list[str]
+    index_offset: int = 0
+    completion_tokens: int = 0
+
+
+def _token_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> dict[str, Any]:
+    text = backend.token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+class ServingEngine:
+    def __init__(self, backend: GenerationBackend, max_concurrent: int = 32, max_n: int = 8):
+        self.backend = backend
+        self.max_n = max_n
+        self._slots = asyncio.Semaphore(max_concurrent)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.backend.model_id:
+            raise APIError(404, f"model {model!r} does not exist; this gateway serves {self.backend.model_id!r}",
+                           "model", "model_not_found")
+
+    async def check_available(self) -> None:
+        missing = await self.backend.missing_blocks()
+        if missing:
+            spans = ", ".join(f"{s}:{e}" for s, e in missing)
+            raise APIError(503, f"no live peers serve blocks {spans} of {self.backend.model_id}; retry later",
+                           code="no_complete_chain", retry_after=5)
+
+    def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
+                 logprobs: int | None, index_offset: int = 0) -> Job:
+        context = self.backend.context_length
+        if request.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n}", "n", "invalid_value")
+        if len(prompt_ids) >= context:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context}",
+                           "messages", "context_length_exceeded")
+        limit = request.token_limit
+        if limit is not None and len(prompt_ids) + limit > context:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({limit}) exceeds the context of "
+                           f"{context} tokens", "max_tokens", "context_length_exceeded")
+        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
+        if any(not 0 <= k < 10**7 for k in bias):
+            raise APIError(400, "logit_bias has a token id out of range", "logit_bias", "invalid_value")
+        generation = GenerationRequest(
+            prompt_ids=prompt_ids, max_new_tokens=limit or context - len(prompt_ids), n=request.n,
+            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids,
+        )
+        return Job(prompt_ids, generation, request.stop_strings, index_offset)
+
+    # ---- running ----------------------------------------------------------------------------------------------
+    async def deltas(self, job: Job) -> AsyncIterator[list[Delta]]:
+        """Per step, the text deltas of the job's choices; every choice ends with a finish_reason."""
+        n, limit = job.request.n, job.request.max_new_tokens
+        texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
+        counts, finished = [0] * n, [False] * n
+        stream = self.backend.generate(job.request)
+        try:
+            async for events in stream:
+                step = []
+                for event in events:
+                    i = event.index
+                    if finished[i]:
+                        continue
+                    counts[i] += 1
+                    delta = Delta(i + job.index_offset, "")
+                    if event.logprob is not None:
+                        entry = _token_logprob(self.backend, event.token_id, event.logprob)
+                        entry["top_logprobs"] = [_token_logprob(self.backend, t, lp) for t, lp in event.top_logprobs]
+                        delta.logprobs.append(entry)
+                    if event.stop:
+                        delta.text, delta.finish_reason = texts[i].flush(), "stop"
+                    else:
+                        delta.text = texts[i].add(event.token_id)
+                        if texts[i].stopped:
+                            delta.finish_reason = "stop"
+                        elif counts[i] >= limit:
+                            delta.text += texts[i].flush()
+                            delta.finish_reason = "length"
+                    finished[i] = delta.finish_reason is not None
+                    step.append(delta)
+                if step:
+                    yield step
+                if all(finished):
+                    break
+        finally:
+            await stream.aclose()
+            job.completion_tokens = sum(counts)
+        leftovers = [Delta(i + job.index_offset, texts[i].flush(), "length") for i in range(n) if not finished[i]]
+        if leftovers:
+            yield leftovers
+
+    def acquire_slot(self) -> None:
+        if self._slots.locked():
+            raise APIError(429, "the gateway is at its concurrency limit; retry shortly", code="overloaded",
+                           retry_after=1)
+        self._slots._value -= 1  # non-blocking acquire; released by release_slot()
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+
+def swarm_error(exc: Exception) -> APIError:
+    """Map a swarm failure to the HTTP error a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, NoChainError):
+        return APIError(503, str(exc), code="no_complete_chain", retry_after=5)
+    if isinstance(exc, PeerError) and exc.code == ErrorCode.CAPACITY:
+        return APIError(503, f"the swarm is at capacity: {exc}", code="overloaded", retry_after=2)
+    if isinstance(exc, SwarmError):
+        return APIError(503, f"the swarm failed this request: {exc}", code="swarm_error", retry_after=1)
+    return APIError(500, f"internal error: {exc!r}", code="internal_error")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())

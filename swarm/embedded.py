@@ -1,0 +1,59 @@
+"""The gateway's swarm: join an existing one, or start an embedded DHT + one local peer hosting every block.
+
+The embedded peer is a child process (`python -m swarm.server`) so that its compute never competes with the
+gateway's event loop for the GIL; it is stopped by PID when the gateway stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from swarm.client.textgen import SwarmTextService
+from swarm.dht import start_dht, visible_maddrs
+from swarm.model.source import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
+                             startup_timeout: float = 600.0) -> AsyncIterator[SwarmTextService]:
+    async with contextlib.AsyncExitStack() as stack:
+        if not initial_peers:
+            initial_peers = await stack.enter_async_context(_embedded_swarm(model, num_threads))
+        service = await SwarmTextService.connect(list(initial_peers), model)
+        stack.push_async_callback(service.close)
+        logger.info("waiting for a complete chain of %s", service.model_id)
+        await service.client.wait_for_chain(timeout=startup_timeout)
+        yield service
+
+
+@contextlib.asynccontextmanager
+async def _embedded_swarm(model: str, num_threads: int) -> AsyncIterator[list[str]]:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, resolve_model, model)  # convert the default model once, here, with a log
+    dht = await loop.run_in_executor(None, start_dht)
+    maddrs = visible_maddrs(dht)
+    argv = [sys.executable, "-m", "swarm.server", "--model", model, "--initial-peers", *maddrs]
+    if num_threads:
+        argv += ["--num-threads", str(num_threads)]
+    peer = subprocess.Popen(argv, start_new_session=True)
+    logger.info("embedded swarm: DHT %s, peer pid %d", " ".join(maddrs), peer.pid)
+    try:
+        yield maddrs
+    finally:
+        if peer.poll() is None:
+            peer.send_signal(signal.SIGTERM)
+            try:
+                await loop.run_in_executor(None, peer.wait, 20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(peer.pid, signal.SIGKILL)
+        await loop.run_in_executor(None, dht.shutdown)

@@ -1,0 +1,293 @@
+"""The gateway's HTTP behaviour over a scripted fake backend (no swarm): shapes, streaming, stops, errors, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.serving import ChoiceText
+from app.settings import GatewaySettings
+from swarm.client.requests import GenerationRequest, TokenEvent
+from swarm.protocol import ErrorCode, PeerError
+
+EOS = 0
+REPLY = "Hello, wörld — ünïcode 🤖 ok. STOP after stop."
+
+
+class FakeBackend:
+    """Bytes are tokens (so multi-byte characters span several tokens); the reply is scripted."""
+
+    model_id = "fake/model-1"
+    context_length = 256
+    eos_token_ids = (EOS,)
+
+    def __init__(self, reply: str = REPLY):
+        self.reply = reply
+        self.missing: list[tuple[int, int]] = []
+        self.requests: list[GenerationRequest] = []
+        self.fail_after: int | None = None
+        self.refuse: Exception | None = None
+        self.open_sessions = 0
+        self.gate: asyncio.Event | None = None
+
+    async def missing_blocks(self):
+        return self.missing
+
+    def encode_chat(self, messages):
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i != EOS).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    async def generate(self, request: GenerationRequest):
+        self.requests.append(request)
+        if self.refuse:
+            raise self.refuse
+        script = [*self.encode(self.reply), EOS]
+        self.open_sessions += 1
+        try:
+            for step in range(min(request.max_new_tokens, len(script))):
+                if self.gate is not None:
+                    await self.gate.wait()
+                if self.fail_after is not None and step >= self.fail_after:
+                    raise PeerError("peer died", ErrorCode.INTERNAL)
+                token = script[step]
+                yield [TokenEvent(i, token, -0.5 if request.logprobs is not None else None,
+                                  [(token, -0.5)] * (request.logprobs or 0), stop=token == EOS)
+                       for i in range(request.n)]
+                if token == EOS:
+                    return
+        finally:
+            self.open_sessions -= 1
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(backend):
+    with TestClient(create_app(GatewaySettings(gateway_max_concurrent=4), backend=backend)) as client:
+        yield client
+
+
+def chat(client, **overrides):
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "hi"}], **overrides}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def sse_events(response) -> list:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_completion_shape_and_exact_usage(client):
+    body = chat(client).json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "logprobs": None,
+                                "finish_reason": "stop"}]
+    prompt = len("<user>hi<assistant>".encode())
+    completion = len(REPLY.encode()) + 1  # + the eos token
+    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+
+
+def test_streamed_deltas_concatenate_to_the_full_text_and_never_split_characters(client):
+    events = sse_events(chat(client, stream=True))
+    ids = {e["id"] for e in events}
+    assert len(ids) == 1
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [e["choices"][0]["delta"].get("content", "") for e in events]
+    assert "".join(contents) == REPLY
+    assert all("\ufffd" not in c for c in contents)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]
+
+
+def test_include_usage_sends_a_final_usage_chunk(client):
+    events = sse_events(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(REPLY.encode()) + 1
+    assert all(e["usage"] is None for e in events[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_is_cut_and_never_emitted(client, stream):
+    response = chat(client, stop=["STOP", "nothing"], stream=stream)
+    text = ("".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(response)) if stream
+            else response.json()["choices"][0]["message"]["content"])
+    assert text == REPLY[: REPLY.index("STOP")]
+
+
+def test_streaming_holds_back_a_partial_stop_match():
+    text = ChoiceText(lambda ids: bytes(ids).decode("utf-8", errors="replace"), ["abc"])
+    assert text.add(ord("x")) == "x"
+    assert text.add(ord("a")) == ""  # could be the start of "abc"
+    assert text.add(ord("b")) == ""
+    assert text.add(ord("z")) == "abz"  # it was not
+    assert text.add(ord("a")) + text.add(ord("b")) + text.add(ord("c")) == "" and text.stopped
+
+
+def test_max_tokens_gives_length_and_n_gives_choices(client):
+    body = chat(client, max_tokens=5, n=2).json()
+    assert [c["message"]["content"] for c in body["choices"]] == [REPLY[:5]] * 2
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"]["completion_tokens"] == 10
+    assert chat(client, max_completion_tokens=3).json()["choices"][0]["message"]["content"] == REPLY[:3]
+
+
+def test_sampling_parameters_reach_the_backend(client, backend):
+    chat(client, temperature=0.7, top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.25,
+         logit_bias={"42": -100}, response_format={"type": "json_object"}, user="u1", metadata={"x": 1})
+    request = backend.requests[-1]
+    assert (request.temperature, request.top_p, request.seed) == (0.7, 0.9, 7)
+    assert (request.presence_penalty, request.frequency_penalty, request.logit_bias) == (0.5, 0.25, {42: -100})
+    assert request.max_new_tokens == FakeBackend.context_length - len(request.prompt_ids)
+
+
+def test_logprobs_are_returned(client):
+    body = chat(client, logprobs=True, top_logprobs=2, max_tokens=3).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == ["H", "e", "l"] and content[0]["logprob"] == -0.5
+    assert len(content[0]["top_logprobs"]) == 2
+
+
+def test_message_forms_clients_send_are_accepted(client, backend):
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "system", "content": "sys", "name": "x"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b",
+                                                                              "cache_control": {}}]},
+                {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "t"}]
+    assert chat(client, messages=messages).status_code == 200
+    assert backend.decode(backend.requests[-1].prompt_ids).startswith("<system>be brief<system>sys<user>ab")
+
+
+def test_legacy_completions_with_a_list_of_prompts(client):
+    body = client.post("/v1/completions", json={"model": "fake/model-1", "prompt": ["a", "b"], "max_tokens": 4,
+                                                "n": 2}).json()
+    assert body["object"] == "text_completion"
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(i, REPLY[:4]) for i in range(4)]
+    events = sse_events(client.post("/v1/completions", json={"model": "fake/model-1", "prompt": "a", "max_tokens": 100,
+                                                             "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events) == REPLY
+
+
+BAD_REQUESTS = {
+    "no messages": {"messages": []},
+    "bad role": {"messages": [{"role": "robot", "content": "x"}]},
+    "image part": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    "temperature": {"temperature": 3},
+    "top_p zero": {"top_p": 0},
+    "n zero": {"n": 0},
+    "n too big": {"n": 100},
+    "max_tokens zero": {"max_tokens": 0},
+    "max_tokens string": {"max_tokens": "ten"},
+    "too many stops": {"stop": ["a", "b", "c", "d", "e"]},
+    "empty stop": {"stop": [""]},
+    "penalty": {"presence_penalty": 5},
+    "logit_bias key": {"logit_bias": {"hello": 1}},
+    "logit_bias value": {"logit_bias": {"5": 500}},
+    "top_logprobs without logprobs": {"top_logprobs": 3},
+    "top_logprobs too many": {"logprobs": True, "top_logprobs": 50},
+    "over the context": {"max_tokens": 250},
+    "missing model": {"model": ""},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_get_400_with_the_openai_error_object(client, name):
+    response = chat(client, **BAD_REQUESTS[name])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and set(error) == {"message", "type",
+                                                                                           "param", "code"}
+    assert chat(client).status_code == 200  # and the next request is served
+
+
+def test_malformed_json_unknown_model_and_unknown_route(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    response = chat(client, model="other/model")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_models_list_and_ids_with_slashes(client, backend):
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["fake/model-1"]
+    assert client.get("/v1/models/fake/model-1").json()["id"] == "fake/model-1"
+    assert client.get("/v1/models/fake/none").status_code == 404
+
+
+def test_no_complete_chain_is_503_naming_the_missing_blocks(client, backend):
+    backend.missing = [(15, 30)]
+    response = chat(client)
+    assert response.status_code == 503 and "15:30" in response.json()["error"]["message"]
+    assert response.headers["retry-after"]
+    assert client.get("/v1/models").json()["data"] == []
+    assert client.get("/health").json()["complete_chain"] is False
+
+
+def test_full_peers_give_503_with_retry_after(client, backend):
+    backend.refuse = PeerError("KV budget exhausted", ErrorCode.CAPACITY)
+    response = chat(client, stream=True)
+    assert response.status_code == 503 and response.headers["retry-after"]
+
+
+def test_failure_mid_stream_becomes_an_error_event_then_done(client, backend):
+    backend.fail_after = 3
+    events = sse_events(chat(client, stream=True))
+    assert "peer died" in events[-1]["error"]["message"]
+    assert backend.open_sessions == 0
+
+
+def test_overload_is_429_with_retry_after(backend):
+    settings = GatewaySettings(gateway_max_concurrent=1)
+    backend.gate = asyncio.Event()
+
+    async def scenario():
+        import httpx
+
+        app = create_app(settings, backend=backend)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+                first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                while not backend.requests:
+                    await asyncio.sleep(0.01)
+                second = await http.post("/v1/chat/completions", json=body)
+                backend.gate.set()
+                return (await first).status_code, second
+
+    first_status, second = asyncio.run(scenario())
+    assert first_status == 200
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+
+
+def test_api_keys_and_cors_preflight(backend):
+    settings = GatewaySettings(gateway_api_keys="k1, k2", gateway_cors_origins="http://ui.local")
+    with TestClient(create_app(settings, backend=backend)) as client:
+        assert chat(client).status_code == 401
+        assert chat(client).json()["error"]["code"] == "invalid_api_key"
+        headers = {"Authorization": "Bearer k2"}
+        assert client.post("/v1/chat/completions", headers=headers,
+                           json={"model": "fake/model-1", "messages": [{"role": "user", "content": "x"}]}
+                           ).status_code == 200
+        preflight = client.options("/v1/chat/completions", headers={
+            "Origin": "http://ui.local", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://ui.local"
+        assert client.get("/health").status_code == 200  # liveness needs no key
