@@ -100,8 +100,16 @@ class LocalSwarm:
     def peer_id(proc: ManagedProcess) -> str:
         return proc.wait_for(r"peer ready: .* peer_id=(\S+)").group(1)
 
-    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
-        proc = ManagedProcess(name, [sys.executable, *args], self.workdir / f"{name}.log", self.peer_env)
+    def start_gateway(self, port: int, env: dict[str, str]) -> ManagedProcess:
+        """`uvicorn app.main:app` on 127.0.0.1:port; returns once the app has started (its swarm is ready)."""
+        argv = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        proc = self._spawn(f"gateway-{port}", argv, env)
+        proc.wait_for(r"Application startup complete")
+        return proc
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = ManagedProcess(name, [sys.executable, *args], self.workdir / f"{name}.log", {**self.peer_env,
+                                                                                           **(env or {})})
         self.processes.append(proc)
         return proc
 

@@ -1,0 +1,150 @@
+"""The gateway as a real uvicorn process over a real swarm of SmolLM2, driven by the official `openai` SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from swarm.client import SwarmClient
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.e2e.conftest import poll
+from tests.launcher import LocalSwarm
+
+MODEL = DEFAULT_MODEL_ID
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    resolve_model(MODEL)
+    with LocalSwarm(tmp_path_factory.mktemp("gateway-swarm")) as swarm:
+        swarm.start_bootstrap()
+        peers = [swarm.start_peer(MODEL, blocks, "--kv-budget-tokens", "40000", wait=False)
+                 for blocks in ("0:15", "15:30")]
+        swarm.peer_ids = [LocalSwarm.peer_id(p) for p in peers]
+        port = free_port()
+        swarm.start_gateway(port, {"SWARM_INITIAL_PEERS": " ".join(swarm.initial_peers)})
+        swarm.url = f"http://127.0.0.1:{port}"
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model(MODEL).path)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+async def stream_text(sdk, messages, **kwargs) -> tuple[str, str | None, list]:
+    chunks = [c async for c in await sdk.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                                  **kwargs)]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = next((c.choices[0].finish_reason for c in reversed(chunks) if c.choices), None)
+    return text, finish, chunks
+
+
+async def test_models_and_health(sdk, gateway):
+    assert [m.id for m in (await sdk.models.list()).data] == [MODEL]
+    health = httpx.get(f"{gateway.url}/health").json()
+    assert health["complete_chain"] is True
+
+
+async def test_streaming_equals_non_streaming_greedy_with_exact_usage(sdk, tokenizer):
+    messages = user("Write a short story about a robot who learns to paint.")
+    full = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)
+    text, finish, chunks = await stream_text(sdk, messages, temperature=0, max_tokens=24,
+                                             stream_options={"include_usage": True})
+    assert full.choices[0].message.content == text
+    assert text.startswith('As the AI, AI-powered robot, "Pixel,"'), text
+    assert full.choices[0].finish_reason == finish == "length"
+    prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (prompt_tokens, 24)
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == prompt_tokens + 24
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_stop_strings_n_and_seed(sdk):
+    messages = user("Write a short story about a robot who learns to paint.")
+    stopped = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24,
+                                                stop=["robot"])
+    assert stopped.choices[0].message.content == "As the AI, AI-powered "
+    assert stopped.choices[0].finish_reason == "stop"
+    text, _, _ = await stream_text(sdk, messages, temperature=0, max_tokens=24, stop=["robot"])
+    assert text == "As the AI, AI-powered "
+    two = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8, n=2)
+    assert len(two.choices) == 2 and two.choices[0].message.content == two.choices[1].message.content
+    sampled = [await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=s,
+                                                 max_tokens=12) for s in (5, 5, 6)]
+    texts = [r.choices[0].message.content for r in sampled]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+async def test_eight_concurrent_streams_each_equal_its_sequential_result(sdk):
+    prompts = [user(f"Name {i + 2} colours of the rainbow.") for i in range(8)]
+    sequential = [(await stream_text(sdk, p, temperature=0, max_tokens=8))[0] for p in prompts]
+    concurrent = await asyncio.gather(*(stream_text(sdk, p, temperature=0, max_tokens=8) for p in prompts))
+    assert [text for text, _, _ in concurrent] == sequential
+
+
+BAD = {
+    "temperature": {"temperature": 7},
+    "n": {"n": 0},
+    "max_tokens over context": {"max_tokens": 100000},
+    "role": {"messages": [{"role": "wizard", "content": "x"}]},
+    "stop list": {"stop": ["a", "b", "c", "d", "e"]},
+}
+
+
+async def test_bad_requests_are_400_and_serving_continues(sdk):
+    for name, overrides in BAD.items():
+        args = {"model": MODEL, "messages": user("hi"), "max_tokens": 4, **overrides}
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.chat.completions.create(**args)
+        assert info.value.body["message"], name
+    with pytest.raises(openai.NotFoundError):
+        await sdk.chat.completions.create(model="no/such-model", messages=user("hi"))
+    ok = await sdk.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=4)
+    assert ok.choices[0].message.content
+
+
+async def test_client_disconnect_cancels_generation_and_frees_peer_kv(gateway):
+    client = await SwarmClient.connect(gateway.initial_peers)
+    try:
+        async def all_free():
+            infos = [await client.peer_info(p) for p in gateway.peer_ids]
+            return all(i.free_kv_tokens == i.kv_budget_tokens and i.active_sessions == 0 for i in infos)
+
+        await poll(all_free)
+        body = {"model": MODEL, "messages": user("Tell me a very long story."), "max_tokens": 500, "stream": True}
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
+                lines = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                    if len(lines) >= 4:
+                        break
+                assert not await all_free(), "the streaming request holds no session"
+        started = time.monotonic()
+        await poll(all_free, timeout=15)
+        assert time.monotonic() - started < 15
+    finally:
+        await client.close()
