@@ -29,7 +29,6 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 clean-cache:

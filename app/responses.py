@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,10 +25,10 @@ def _usage(jobs: list[Job]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _primed(engine: ServingEngine, jobs: list[Job]) -> tuple[AsyncIterator[list[Delta]], list[Delta]]:
+async def _primed(engine: ServingEngine, jobs: list[Job]) -> tuple[AsyncGenerator[list[Delta], None], list[Delta]]:
     """Start the jobs (one after another) and take the first step, so that start-up failures become HTTP errors."""
 
-    async def chained() -> AsyncIterator[list[Delta]]:
+    async def chained() -> AsyncGenerator[list[Delta], None]:
         for job in jobs:
             async for step in engine.deltas(job):
                 yield step
@@ -66,18 +66,16 @@ async def handle(engine: ServingEngine, request: ChatCompletionRequest | Complet
 
 async def _collect(request, jobs: list[Job], stream, first: list[Delta], chat: bool) -> dict[str, Any]:
     total = len(jobs) * request.n
-    texts, reasons = [""] * total, [None] * total
+    texts, reasons = [""] * total, [None] * total  # type: list[str], list[str | None]
     logprobs: list[list[dict[str, Any]]] = [[] for _ in range(total)]
     try:
-        step = first
-        while True:
+        step: list[Delta] | None = first
+        while step is not None:
             for delta in step:
                 texts[delta.index] += delta.text
                 reasons[delta.index] = delta.finish_reason or reasons[delta.index]
                 logprobs[delta.index].extend(delta.logprobs)
-            step = await anext(stream, None)
-            if step is None:
-                break
+            step = await anext(stream, None)  # type: ignore[arg-type]
     except Exception as e:
         raise swarm_error(e) from e
     finally:
@@ -129,7 +127,7 @@ async def _stream_body(engine: ServingEngine, request, jobs: list[Job], stream, 
             choices = [choice(d) for d in step if d.text or d.finish_reason or d.logprobs]
             if choices:
                 yield chunk(choices)
-            step = await anext(stream, None)
+            step = await anext(stream, None)  # type: ignore[arg-type]
         if request.include_usage:
             yield _sse({"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": created, "model": request.model, "system_fingerprint": None, "choices": [],
@@ -164,7 +162,7 @@ def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[J
     elif all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]  # type: ignore[arg-type]
     else:
-        prompts = [engine.backend.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+        prompts = [engine.backend.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
     if any(not p for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
     return [engine.make_job(request, ids, request.logprobs, index_offset=i * request.n)

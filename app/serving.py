@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ class GenerationBackend(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
-    def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]: ...
 
 
 class ChoiceText:

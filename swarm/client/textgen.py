@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 
 from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 from swarm.client.client import SwarmClient
-from swarm.model.source import resolve_model
 from swarm.client.requests import GenerationRequest, TokenEvent
+from swarm.model.source import resolve_model
 from swarm.protocol import NoChainError
 
 logger = logging.getLogger(__name__)

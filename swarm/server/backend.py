@@ -66,7 +66,8 @@ class SpanBackend:
         if not 0 < len(request.session_id) <= 128:
             raise bad_request("session_id must be 1..128 characters")
         if not span.start <= request.start < request.end <= span.end:
-            raise bad_request(f"blocks {request.start}:{request.end} are not within this peer's {span.start}:{span.end}")
+            raise bad_request(
+                f"blocks {request.start}:{request.end} are not within this peer's {span.start}:{span.end}")
         if not 1 <= request.max_length <= limits.max_length:
             raise bad_request(f"max_length must be 1..{limits.max_length}, got {request.max_length}")
         if not 1 <= request.batch_size <= limits.max_batch:

@@ -15,7 +15,15 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from swarm.codec import decode_tensor, make_response, pack_metadata, unpack_metadata
-from swarm.protocol import INFERENCE_HANDLER, INFO_HANDLER, PROTOCOL_VERSION, ErrorCode, OpenRequest, PeerError, SpanInfo
+from swarm.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    OpenRequest,
+    PeerError,
+    SpanInfo,
+)
 from swarm.server.backend import SpanBackend, bad_request
 
 logger = logging.getLogger(__name__)
@@ -76,10 +84,9 @@ class SpanHandler:
             if request.tensors:
                 raise ValueError("the open message carries no tensors")
             if metadata.get("version") != PROTOCOL_VERSION:
-                raise PeerError(
-                    f"protocol version {metadata.get('version')!r} is not supported, this peer speaks {PROTOCOL_VERSION}",
-                    ErrorCode.VERSION,
-                )
+                version = metadata.get("version")
+                raise PeerError(f"protocol version {version!r} is not supported, this peer speaks {PROTOCOL_VERSION}",
+                                ErrorCode.VERSION)
             return OpenRequest.from_dict(metadata)
         except ValueError as e:
             raise bad_request(str(e)) from e

@@ -134,17 +134,48 @@ async def test_client_disconnect_cancels_generation_and_frees_peer_kv(gateway):
 
         await poll(all_free)
         body = {"model": MODEL, "messages": user("Tell me a very long story."), "max_tokens": 500, "stream": True}
-        async with httpx.AsyncClient(timeout=60) as http:
-            async with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
-                lines = []
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        lines.append(line)
-                    if len(lines) >= 4:
-                        break
-                assert not await all_free(), "the streaming request holds no session"
+        async with httpx.AsyncClient(timeout=60) as http, http.stream(
+                "POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
+            lines = []
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                if len(lines) >= 4:
+                    break
+            assert not await all_free(), "the streaming request holds no session"
         started = time.monotonic()
         await poll(all_free, timeout=15)
         assert time.monotonic() - started < 15
     finally:
         await client.close()
+
+
+NODE_SCRIPT = """
+import OpenAI from "openai";
+const client = new OpenAI({ baseURL: process.env.BASE_URL, apiKey: "unused" });
+const stream = await client.chat.completions.create({
+  model: process.env.MODEL,
+  messages: [{ role: "user", content: "Write a short story about a robot who learns to paint." }],
+  temperature: 0, max_tokens: 12, stream: true,
+});
+let text = "";
+for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+console.log(JSON.stringify({ text }));
+"""
+
+
+def test_official_openai_npm_client_streams_from_the_gateway(gateway, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "Node.js and npm are part of this project's test environment"
+    subprocess.run([npm, "init", "-y"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([npm, "install", "--no-audit", "--no-fund", "openai@4"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=300)
+    (tmp_path / "stream.mjs").write_text(NODE_SCRIPT)
+    result = subprocess.run([node, "stream.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "BASE_URL": f"{gateway.url}/v1", "MODEL": MODEL})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["text"].startswith("As the AI, AI-powered robot")

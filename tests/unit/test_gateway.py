@@ -100,7 +100,7 @@ def test_chat_completion_shape_and_exact_usage(client):
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "logprobs": None,
                                 "finish_reason": "stop"}]
-    prompt = len("<user>hi<assistant>".encode())
+    prompt = len(b"<user>hi<assistant>")
     completion = len(REPLY.encode()) + 1  # + the eos token
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}

@@ -22,7 +22,8 @@ def test_two_halves_make_a_chain():
 
 
 def test_fewest_hops_wins_and_overlaps_are_cut():
-    spans = [span("a", 0, 10), span("b", 10, 20), span("c", 20, 30), span("big", 0, 25), span("tail", 22, 30, free=2000)]
+    spans = [span("a", 0, 10), span("b", 10, 20), span("c", 20, 30), span("big", 0, 25),
+             span("tail", 22, 30, free=2000)]
     assert links(find_chain(spans, "m", 30)) == [("big", 0, 25), ("tail", 25, 30)]
 
 

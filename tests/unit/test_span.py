@@ -81,7 +81,7 @@ def test_unsupported_family_is_refused_with_the_supported_list(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported.*llama"):
         load_config(tmp_path)
 
 

@@ -1,0 +1,26 @@
+"""Zero config: `uvicorn app.main:app` starts its own DHT and a peer with every block of the default model."""
+
+from __future__ import annotations
+
+import httpx
+import psutil
+
+from tests.e2e.test_gateway import MODEL, free_port
+from tests.launcher import LocalSwarm
+
+
+def test_zero_config_gateway_serves_and_stops_its_embedded_peer(tmp_path):
+    with LocalSwarm(tmp_path) as swarm:
+        port = free_port()
+        proc = swarm.start_gateway(port, {"SWARM_INITIAL_PEERS": "", "EMBEDDED_NUM_THREADS": "1"})
+        children = [c for c in psutil.Process(proc.pid).children() if "swarm.server" in " ".join(
+            c.cmdline())]
+        assert len(children) == 1, "expected exactly one embedded peer process"
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+                "temperature": 0}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["complete_chain"] is True
+        proc.stop()  # SIGTERM; uvicorn re-raises it after a graceful shutdown, so the exit code is -15
+        assert "Application shutdown complete" in proc.log()
+        assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
