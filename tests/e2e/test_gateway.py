@@ -97,6 +97,24 @@ async def test_stop_strings_n_and_seed(sdk):
     assert texts[0] == texts[1] and texts[0] != texts[2]
 
 
+async def test_logprobs_logit_bias_and_penalties_on_the_real_model(sdk):
+    messages = user("Write a short story about a robot who learns to paint.")
+    scored = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=3,
+                                               logprobs=True, top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == scored.choices[0].message.content == "As the AI"
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert entry.logprob <= 0 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    banned = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=3,
+                                               logit_bias={"1653": -100})  # 1653 = "As"
+    assert not banned.choices[0].message.content.startswith("As")
+    penalized = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24,
+                                                  frequency_penalty=2.0, presence_penalty=2.0)
+    # Greedy repeats "AI" (", AI-powered"); strong penalties steer away from repeating it.
+    assert penalized.choices[0].message.content.count("AI") <= 1
+
+
 async def test_eight_concurrent_streams_each_equal_its_sequential_result(sdk):
     prompts = [user(f"Name {i + 2} colours of the rainbow.") for i in range(8)]
     sequential = [(await stream_text(sdk, p, temperature=0, max_tokens=8))[0] for p in prompts]

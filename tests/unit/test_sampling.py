@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sampling import SamplingParams, sample
+from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 
 
 def logits_batch():
@@ -50,3 +50,20 @@ def test_top_p_keeps_the_smallest_set_holding_p_of_the_mass():
 def test_invalid_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_penalties_and_bias_follow_the_openai_formula():
+    logits = torch.zeros(2, 5)
+    counts = torch.tensor([[0, 1, 3, 0, 0], [2, 0, 0, 0, 0]], dtype=torch.float32)
+    adjust = LogitsAdjustments(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((4, 10.0),))
+    out = adjust_logits(logits, counts, adjust)
+    assert out.tolist() == [[0, -0.75, -1.25, 0, 10], [-1.0, 0, 0, 0, 10]]
+    assert torch.equal(logits, torch.zeros(2, 5)), "the input must not be modified"
+
+
+def test_top_logprobs_are_sorted_log_softmax():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    chosen_lp, ids, values = top_logprobs(logits, torch.tensor([2]), 2)
+    expected = logits.log_softmax(-1)
+    assert ids.tolist() == [[1, 2]] and torch.allclose(values, expected[:, [1, 2]])
+    assert torch.allclose(chosen_lp, expected[:, 2])
