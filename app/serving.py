@@ -6,7 +6,6 @@ OpenAI response objects and SSE chunks. Nothing here knows about peers, torch or
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -92,7 +91,8 @@ class ServingEngine:
     def __init__(self, backend: GenerationBackend, max_concurrent: int = 32, max_n: int = 8):
         self.backend = backend
         self.max_n = max_n
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
+        self.active = 0  # generations holding a slot; only touched on the event loop
 
     # ---- validation -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -173,13 +173,13 @@ class ServingEngine:
             yield leftovers
 
     def acquire_slot(self) -> None:
-        if self._slots.locked():
+        if self.active >= self.max_concurrent:
             raise APIError(429, "the gateway is at its concurrency limit; retry shortly", code="overloaded",
                            retry_after=1)
-        self._slots._value -= 1  # non-blocking acquire; released by release_slot()
+        self.active += 1
 
     def release_slot(self) -> None:
-        self._slots.release()
+        self.active -= 1
 
 
 def swarm_error(exc: Exception) -> APIError:

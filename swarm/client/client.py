@@ -47,6 +47,7 @@ class SwarmClient:
     def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
                  step_timeout: float = 30.0):
         self.dht, self.p2p = dht, p2p
+        self.source = source
         self.model_id = source.model_id
         self.head = head
         self.prefill_chunk = prefill_chunk
@@ -96,7 +97,8 @@ class SwarmClient:
         chain = await self.chain()
         return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout)
 
-    async def _run(self, fn, *args):
+    async def run_in_worker(self, fn, *args):
+        """Run blocking torch work of the head on the client's worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def forward(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
@@ -104,10 +106,10 @@ class SwarmClient:
         of the last token."""
         hidden = None
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
-            embeddings = await self._run(self.head.embed, input_ids[:, start : start + self.prefill_chunk])
+            embeddings = await self.run_in_worker(self.head.embed, input_ids[:, start : start + self.prefill_chunk])
             hidden = await session.step(embeddings)
         assert hidden is not None, "input_ids must hold at least one token"
-        return await self._run(self.head.logits, hidden[:, -1:])
+        return await self.run_in_worker(self.head.logits, hidden[:, -1:])
 
     async def generate_steps(
         self,
@@ -127,7 +129,7 @@ class SwarmClient:
             tokens = input_ids
             for _ in range(max_new_tokens):
                 logits = (await self.forward(session, tokens))[:, -1]
-                next_ids = await self._run(sample, logits, sampling, generator)
+                next_ids = await self.run_in_worker(sample, logits, sampling, generator)
                 yield StepOutput(next_ids, logits)
                 tokens = next_ids[:, None]
         finally:

@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 from swarm.client.client import SwarmClient
 from swarm.client.requests import GenerationRequest, TokenEvent
-from swarm.model.source import resolve_model
 from swarm.protocol import NoChainError
 
 logger = logging.getLogger(__name__)
@@ -40,8 +39,7 @@ class SwarmTextService:
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None) -> SwarmTextService:
         client = await SwarmClient.connect(initial_peers, model)
         loop = asyncio.get_running_loop()
-        path = (await loop.run_in_executor(None, resolve_model, model)).path
-        tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, path)
+        tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, client.source.path)
         return cls(client, tokenizer)
 
     async def missing_blocks(self) -> list[tuple[int, int]]:
@@ -80,7 +78,8 @@ class SwarmTextService:
             tokens = torch.tensor([request.prompt_ids] * n)
             for _ in range(request.max_new_tokens):
                 logits = (await client.forward(session, tokens))[:, -1]
-                chosen, events = await client._run(self._choose, logits, counts, adjust, sampling, generator, request)
+                chosen, events = await client.run_in_worker(
+                    self._choose, logits, counts, adjust, sampling, generator, request)
                 step = []
                 for i in range(n):
                     if active[i]:

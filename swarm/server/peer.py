@@ -72,8 +72,8 @@ async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings) -> Non
     p2p = await dht.replicate_p2p()
     await SpanHandler(backend, info, settings.idle_timeout).register(p2p)
     ttl = 3 * settings.announce_period
-    await announce(dht, info(), ttl)
     first = info()
+    await announce(dht, first, ttl)
     logger.info("peer ready: model=%s blocks=%d:%d peer_id=%s maddrs=%s", first.model_id, first.start, first.end,
                 first.peer_id, " ".join(visible_maddrs(dht)))
     while not stop.is_set():
