@@ -6,17 +6,23 @@ any tensor is built, so that a malformed or hostile message costs the receiver n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import torch
+from google.protobuf.message import Message
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from swarm.protocol import WIRE_DTYPES
 
 MAX_METADATA_BYTES = 4096
+MAX_FRAME_OVERHEAD = 64 * 1024  # metadata + protobuf fields around a tensor's buffer
+M = TypeVar("M", bound=Message)
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -72,3 +78,53 @@ def make_request(metadata: dict[str, Any], tensors: tuple[torch.Tensor, ...] = (
 
 def make_response(metadata: dict[str, Any], tensors: tuple[torch.Tensor, ...] = ()) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=pack_metadata(metadata), tensors=[encode_tensor(t) for t in tensors])
+
+
+# Stream framing, byte-compatible with hivemind's protobuf streams: a marker byte (0: message, 1: error / end of
+# stream), an 8-byte big-endian length, the serialized protobuf. Reading checks the length before buffering it.
+_MESSAGE, _ERROR, _HEADER = b"\x00", b"\x01", 8
+
+
+class EndOfStream(Exception):
+    """The other side ended the stream (cleanly or by going away)."""
+
+
+END_OF_STREAM = _ERROR + (0).to_bytes(_HEADER, "big")
+
+
+async def send_message(writer: asyncio.StreamWriter, message: Message | None) -> None:
+    """Write one message; None writes the end-of-stream marker."""
+    if message is None:
+        writer.write(END_OF_STREAM)
+    else:
+        payload = message.SerializeToString()
+        writer.write(_MESSAGE + len(payload).to_bytes(_HEADER, "big"))
+        writer.write(payload)
+    await writer.drain()
+
+
+async def receive_message(reader: asyncio.StreamReader, message_type: type[M], max_bytes: int) -> M:
+    """Read one message; raises EndOfStream at the end and ValueError for a malformed or oversized frame."""
+    try:
+        marker = await reader.readexactly(1)
+        length = int.from_bytes(await reader.readexactly(_HEADER), "big")
+        if length > max_bytes:
+            raise ValueError(f"message of {length} bytes exceeds the limit of {max_bytes}")
+        payload = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise EndOfStream() from e
+    if marker == _ERROR:
+        error = RPCError()
+        with contextlib.suppress(Exception):
+            error.ParseFromString(payload)
+        if error.message:
+            raise ValueError(f"the other side failed: {error.message}")
+        raise EndOfStream()
+    if marker != _MESSAGE:
+        raise ValueError("malformed frame")
+    message = message_type()
+    try:
+        message.ParseFromString(payload)
+    except Exception as e:  # protobuf raises DecodeError and friends on garbage
+        raise ValueError(f"malformed protobuf: {e}") from e
+    return message

@@ -11,52 +11,65 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
 
 import torch
 from hivemind.p2p import P2P, PeerID
-from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
+from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from swarm.client.routing import Link
-from swarm.codec import decode_tensor, make_request, unpack_metadata
+from swarm.codec import (
+    END_OF_STREAM,
+    EndOfStream,
+    decode_tensor,
+    make_request,
+    receive_message,
+    send_message,
+    unpack_metadata,
+)
 from swarm.protocol import INFERENCE_HANDLER, ErrorCode, OpenRequest, PeerError
 
 logger = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 256 << 20  # a frame's size is checked against this before it is read; shapes are checked after
 
 
 class PeerStream:
     """The stream of one session to one peer, for blocks [link.start, link.end)."""
 
-    def __init__(self, link: Link, requests: asyncio.Queue, responses: AsyncIterator[runtime_pb2.ExpertResponse]):
+    def __init__(self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.link = link
-        self._requests = requests
-        self._responses = responses
+        self._writer = writer
         self.closed = False
+        # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
+        # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
+        self._inbox: asyncio.Queue[runtime_pb2.ExpertResponse | Exception] = asyncio.Queue()
+        self._pump = asyncio.create_task(self._read_frames(reader))
+
+    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                self._inbox.put_nowait(await receive_message(reader, runtime_pb2.ExpertResponse,
+                                                             MAX_RESPONSE_BYTES))
+            except (EndOfStream, ValueError, OSError, ConnectionError) as e:
+                self._inbox.put_nowait(e)
+                return
 
     @classmethod
     async def open(cls, p2p: P2P, link: Link, request: OpenRequest, timeout: float) -> PeerStream:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            while (item := await queue.get()) is not None:
-                yield item
-
         peer_id = PeerID.from_base58(link.peer.peer_id)
         try:
-            responses = await asyncio.wait_for(
-                p2p.iterate_protobuf_handler(peer_id, INFERENCE_HANDLER, requests(), runtime_pb2.ExpertResponse),
-                timeout,
-            )
-        except (TimeoutError, P2PHandlerError, OSError, ConnectionError) as e:
+            async with asyncio.timeout(timeout):
+                _, reader, writer = await p2p.call_binary_stream_handler(peer_id, INFERENCE_HANDLER)
+        except (TimeoutError, P2PDaemonError, P2PHandlerError, OSError, ConnectionError) as e:
             raise PeerError(f"cannot reach peer {link.peer.peer_id}: {e!r}", peer_id=link.peer.peer_id) from e
-        stream = cls(link, queue, responses)
-        queue.put_nowait(make_request(request.to_dict()))
+        stream = cls(link, reader, writer)
+        await stream._send(make_request(request.to_dict()))
         await stream._receive(timeout, expected="opened")
         return stream
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        self._requests.put_nowait(make_request({"type": "step", "position": position}, (hidden,)))
+        await self._send(make_request({"type": "step", "position": position}, (hidden,)))
         response = await self._receive(timeout, expected="result")
         if len(response.tensors) != 1:
             raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
@@ -70,14 +83,31 @@ class PeerStream:
             raise self._error("answered with NaN or infinite hidden states")
         return out
 
+    async def _send(self, message: runtime_pb2.ExpertRequest) -> None:
+        if self.closed:
+            raise self._error("stream is closed")
+        try:
+            await send_message(self._writer, message)
+        except (OSError, ConnectionError) as e:
+            # The peer may have closed the stream after telling us why (idle timeout, refusal): surface that.
+            try:
+                await self._receive(1.0, expected="result")
+            except PeerError as reason:
+                raise reason from e
+            raise self._error(f"connection failed: {e!r}") from e
+
     async def _receive(self, timeout: float, expected: str) -> runtime_pb2.ExpertResponse:
         try:
-            response = await asyncio.wait_for(anext(self._responses), timeout)
-        except StopAsyncIteration:
+            async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per message
+                response = await self._inbox.get()
+            if isinstance(response, Exception):
+                self._inbox.put_nowait(response)  # every later receive fails the same way
+                raise response
+        except EndOfStream:
             raise self._error("closed the stream") from None
         except TimeoutError:
             raise self._error(f"did not answer within {timeout:.1f} s") from None
-        except (P2PHandlerError, OSError, ConnectionError) as e:
+        except (ValueError, OSError, ConnectionError) as e:
             raise self._error(f"failed: {e}") from e
         try:
             metadata = unpack_metadata(response.metadata)
@@ -96,11 +126,14 @@ class PeerStream:
 
     async def close(self) -> None:
         """End the stream: the peer frees the session as soon as it reads the end of stream."""
+        # No awaits: this runs in `finally` blocks of cancelled tasks (a client that hung up), where an await could
+        # be interrupted before the peer hears that the session is over. close() flushes what was written.
         if not self.closed:
             self.closed = True
-            self._requests.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await self._responses.aclose()
+            with contextlib.suppress(Exception):
+                self._writer.write(END_OF_STREAM)
+        self._writer.close()
+        self._pump.cancel()
 
 
 class InferenceSession:
@@ -125,7 +158,8 @@ class InferenceSession:
         streams = [s for s in opened if isinstance(s, PeerStream)]
         failures = [e for e in opened if isinstance(e, BaseException)]
         if failures:
-            await asyncio.gather(*(s.close() for s in streams))
+            for stream in streams:
+                await stream.close()
             raise failures[0]
         return cls(streams, max_length, batch_size, timeout)
 
@@ -142,7 +176,8 @@ class InferenceSession:
         return hidden
 
     async def close(self) -> None:
-        await asyncio.gather(*(stream.close() for stream in self.streams))
+        for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
+            await stream.close()
 
     async def __aenter__(self) -> InferenceSession:
         return self

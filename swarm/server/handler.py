@@ -8,13 +8,24 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-from swarm.codec import decode_tensor, make_response, pack_metadata, unpack_metadata
+from swarm.codec import (
+    MAX_FRAME_OVERHEAD,
+    EndOfStream,
+    decode_tensor,
+    make_response,
+    pack_metadata,
+    receive_message,
+    send_message,
+    unpack_metadata,
+)
 from swarm.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
@@ -28,6 +39,8 @@ from swarm.server.backend import SpanBackend, bad_request
 
 logger = logging.getLogger(__name__)
 
+LINGER_SECONDS = 10.0
+
 
 class SpanHandler:
     def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float):
@@ -36,16 +49,47 @@ class SpanHandler:
         self.idle_timeout = idle_timeout
 
     async def register(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(
-            INFERENCE_HANDLER, self.inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
+        # The inference stream reads and writes frames directly (hivemind's framing): no per-message tasks or
+        # queues between the socket and the session, and a frame's declared size is checked before it is read.
+        await p2p.add_binary_stream_handler(INFERENCE_HANDLER, self.handle_stream)
         await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertUID)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.backend.limits.max_step_elements * self.backend.span.hidden_size * 4 + MAX_FRAME_OVERHEAD
+
+    async def handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            while True:
+                try:
+                    yield await receive_message(reader, runtime_pb2.ExpertRequest, self.max_frame_bytes)
+                except EndOfStream:
+                    return
+                except ValueError as e:
+                    raise bad_request(str(e)) from e
+
+        try:
+            async for response in self.inference(requests(), info.peer_id):
+                await send_message(writer, response)
+            # Half-close, then give the client a moment to read what is in flight (an error's reason) and hang up:
+            # closing outright resets the stream, and a reset may drop the last message before it is read.
+            if writer.can_write_eof():
+                writer.write_eof()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    while await reader.read(1 << 16):  # discard, never buffer, whatever still arrives
+                        pass
+        except (ConnectionError, OSError):
+            logger.debug("client %s went away", info.peer_id)
+        finally:
+            writer.close()
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=pack_metadata(self.info().to_dict()))
 
     async def inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], remote_id: PeerID
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session = None
         try:
@@ -59,10 +103,10 @@ class SpanHandler:
             while (request := await self._next(requests)) is not None:
                 yield await self._step(session, request)
         except PeerError as e:
-            logger.info("refused a request from %s: %s", context.remote_id, e)
+            logger.info("refused a request from %s: %s", remote_id, e)
             yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
         except Exception as e:
-            logger.exception("session from %s failed", context.remote_id)
+            logger.exception("session from %s failed", remote_id)
             yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value, "message": f"peer failed: {e!r}"})
         finally:
             if session is not None:
@@ -71,7 +115,8 @@ class SpanHandler:
     async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest | None:
         """The next message, None at end of stream; an idle client gets a timeout error and loses its session."""
         try:
-            return await asyncio.wait_for(anext(requests), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):  # unlike wait_for, no extra task per message
+                return await anext(requests)
         except StopAsyncIteration:
             return None
         except TimeoutError:
