@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all lint clean-cache
+.PHONY: install serve test test-all lint bench clean-cache
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ test-all: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# The standard benchmark set; JSON on stdout and in $(BENCH_OUT)/. Quiet machine recommended: figures are medians
+# of interleaved runs, and ratios are taken within a run.
+BENCH_OUT ?= benchmarks/results
+bench: install
+	$(PY) -m benchmarks.decode --out $(BENCH_OUT)
+	$(PY) -m benchmarks.hops --out $(BENCH_OUT)
+	$(PY) -m benchmarks.http --out $(BENCH_OUT)
 
 clean-cache:
 	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}
