@@ -195,3 +195,19 @@ async def test_sigterm_withdraws_the_peer_from_the_dht(tiny_client, tiny_swarm, 
     assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 20) == 0
     # Withdrawn at once: well before its last record (TTL 3 s) would have expired by itself.
     assert not await listed()
+
+
+async def test_a_frame_declaring_a_huge_size_is_refused_before_it_is_read(tiny_client, tiny_swarm):
+    from swarm.codec import receive_message
+
+    peer_id = tiny_swarm.peers["0:3"]
+    _, reader, writer = await tiny_client.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
+                                                                         INFERENCE_HANDLER)
+    writer.write(b"\x00" + (1 << 40).to_bytes(8, "big") + b"only a few bytes follow")  # claims 1 TiB
+    await writer.drain()
+    async with asyncio.timeout(10):
+        reply = unpack_metadata((await receive_message(reader, runtime_pb2.ExpertResponse, 1 << 20)).metadata)
+    writer.close()
+    assert reply["type"] == "error" and reply["code"] == ErrorCode.BAD_REQUEST
+    assert "exceeds the limit" in reply["message"]
+    await poll(lambda: free_kv_is_full(tiny_client, peer_id))

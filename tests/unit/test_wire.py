@@ -69,3 +69,45 @@ def test_open_request_parse():
                 {**request.to_dict(), "batch_size": True}, {**request.to_dict(), "session_id": 5}):
         with pytest.raises(ValueError):
             OpenRequest.from_dict(bad)
+
+
+def read_frames(data: bytes, max_bytes: int = 1 << 20):
+    import asyncio
+
+    from swarm.codec import EndOfStream, receive_message
+
+    async def scenario():
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        out = []
+        while True:
+            try:
+                out.append(await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes))
+            except EndOfStream:
+                return out
+
+    return asyncio.run(scenario())
+
+
+def test_frames_roundtrip_and_end_of_stream():
+    from swarm.codec import END_OF_STREAM, make_request
+
+    message = make_request({"type": "step", "position": 3}, (torch.ones(1, 1, 4),))
+    payload = message.SerializeToString()
+    frame = b"\x00" + len(payload).to_bytes(8, "big") + payload
+    assert read_frames(frame + frame + END_OF_STREAM + frame) == [message, message]
+    assert read_frames(frame[:-3]) == []  # a truncated frame is the end of the stream, not a message
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x00" + (1 << 40).to_bytes(8, "big"), "exceeds the limit"),
+        (b"\x07" + (0).to_bytes(8, "big"), "malformed frame"),
+        (b"\x00" + (3).to_bytes(8, "big") + b"\xff\xff\xff", "malformed protobuf"),
+    ],
+)
+def test_bad_frames_are_refused(data, message):
+    with pytest.raises(ValueError, match=message):
+        read_frames(data)
