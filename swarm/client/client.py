@@ -25,7 +25,7 @@ from hivemind.proto import runtime_pb2
 
 from kernels.sampling import SamplingParams, sample
 from swarm.client.routing import Link, find_chain
-from swarm.client.session import InferenceSession
+from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.codec import unpack_metadata
 from swarm.dht import get_spans, start_dht
 from swarm.model.head import LocalHead, load_head
@@ -45,13 +45,15 @@ class StepOutput:
 
 class SwarmClient:
     def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
-                 step_timeout: float = 30.0):
+                 step_timeout: float = 30.0, failover: FailoverPolicy | None = None):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
         self.head = head
         self.prefill_chunk = prefill_chunk
         self.step_timeout = step_timeout
+        self.failover = failover or FailoverPolicy()
+        self._bans: dict[str, tuple[float, float]] = {}  # peer id → (banned until, last ban length)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
 
     @classmethod
@@ -79,8 +81,29 @@ class SwarmClient:
     async def spans(self) -> list[SpanInfo]:
         return await get_spans(self.dht, self.model_id)
 
-    async def chain(self) -> list[Link]:
-        return find_chain(await self.spans(), self.model_id, self.head.num_blocks)
+    BAN_SECONDS = 15.0
+    MAX_BAN_SECONDS = 600.0
+
+    def ban(self, peer_id: str) -> None:
+        """Stop routing to a peer for a while; each new ban of the same peer lasts twice as long."""
+        _, last = self._bans.get(peer_id, (0.0, self.BAN_SECONDS / 2))
+        length = min(2 * last, self.MAX_BAN_SECONDS)
+        self._bans[peer_id] = (time.monotonic() + length, length)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        return {peer for peer, (until, _) in self._bans.items() if until > now}
+
+    async def chain(self, start: int = 0, end: int | None = None, banned: set[str] | None = None) -> list[Link]:
+        """The best chain over blocks [start, end) among live peers not banned (by this client or the caller)."""
+        return find_chain(await self.spans(), self.model_id, self.head.num_blocks, self.banned() | (banned or set()),
+                          start, end)
+
+    async def _reroute(self, start: int, end: int, banned: set[str]) -> list[Link]:
+        for peer in banned:
+            if peer and peer not in self.banned():
+                self.ban(peer)
+        return await self.chain(start, end, banned)
 
     async def wait_for_chain(self, timeout: float = 60.0, poll: float = 0.2) -> list[Link]:
         """Poll the DHT until live peers cover every block; NoChainError after `timeout` seconds."""
@@ -95,7 +118,8 @@ class SwarmClient:
 
     async def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         chain = await self.chain()
-        return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout)
+        return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout,
+                                           self._reroute, self.failover)
 
     async def run_in_worker(self, fn, *args):
         """Run blocking torch work of the head on the client's worker thread."""

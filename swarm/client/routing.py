@@ -37,25 +37,30 @@ def missing_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[tuple[int
     return holes
 
 
-def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, banned: Iterable[str] = ()) -> list[Link]:
-    """The best chain over blocks [0, num_blocks); raises NoChainError naming the uncovered blocks."""
+def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, banned: Iterable[str] = (),
+               start: int = 0, end: int | None = None) -> list[Link]:
+    """The best chain over blocks [start, end) (default: the whole model); raises NoChainError naming the
+    uncovered blocks. A replacement for a failed part of a chain asks for that part only."""
+    end = num_blocks if end is None else end
     banned = set(banned)
     usable = [s for s in spans if s.peer_id not in banned and s.end <= num_blocks]
-    # best[p] = (hops, -min free KV along the way) from block p to the end; choice[p] = the span taken at p.
-    best: dict[int, tuple[int, int]] = {num_blocks: (0, -(1 << 62))}
+    # best[p] = (hops, -min free KV along the way) from block p to `end`; choice[p] = the span taken at p.
+    best: dict[int, tuple[int, int]] = {end: (0, -(1 << 62))}
     choice: dict[int, SpanInfo] = {}
-    for p in range(num_blocks - 1, -1, -1):
+    for p in range(end - 1, start - 1, -1):
         for span in usable:
-            if span.start <= p < span.end and span.end in best:
-                hops, neg_free = best[span.end]
+            stop = min(span.end, end)
+            if span.start <= p < stop and stop in best:
+                hops, neg_free = best[stop]
                 candidate = (hops + 1, max(neg_free, -span.free_kv_tokens))
                 if p not in best or candidate < best[p]:
                     best[p], choice[p] = candidate, span
-    if 0 not in best:
-        raise NoChainError(model_id, missing_blocks(usable, num_blocks) or [(0, num_blocks)])
-    chain, p = [], 0
-    while p < num_blocks:
+    if start not in best:
+        holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
+        raise NoChainError(model_id, holes or [(start, end)])
+    chain, p = [], start
+    while p < end:
         span = choice[p]
-        chain.append(Link(span, p, span.end))
-        p = span.end
+        chain.append(Link(span, p, min(span.end, end)))
+        p = min(span.end, end)
     return chain

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -136,32 +139,48 @@ class PeerStream:
         self._pump.cancel()
 
 
-class InferenceSession:
-    """A session over a whole chain: `step` runs new tokens' hidden states through every block."""
+Reroute = Callable[[int, int, set[str]], Awaitable[list[Link]]]
 
-    def __init__(self, streams: list[PeerStream], max_length: int, batch_size: int, step_timeout: float):
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How a session survives peers that fail mid-stream."""
+
+    max_failovers: int = 8  # replacements per session before giving up
+    min_step_timeout: float = 5.0  # a decode step never times out sooner than this...
+    latency_factor: float = 10.0  # ...nor sooner than this many times the link's usual decode step
+    replay_chunk: int = 1024  # tokens per replay step
+
+
+class InferenceSession:
+    """A session over a whole chain: `step` runs new tokens' hidden states through every block.
+
+    It keeps, for every link, the inputs it sent for the positions cached so far. When a peer fails (connection
+    lost, error, timeout, a malformed or non-finite answer) and a `reroute` is given, the peer is banned for this
+    session, a replacement chain for just that link's blocks is opened, the kept inputs are replayed to rebuild its
+    KV cache, and the step goes on: the caller sees no error, and greedy output is unchanged.
+    """
+
+    def __init__(self, p2p: P2P, streams: list[PeerStream], max_length: int, batch_size: int, step_timeout: float,
+                 reroute: Reroute | None = None, policy: FailoverPolicy | None = None):
+        self.p2p = p2p
         self.streams = streams
         self.max_length = max_length
         self.batch_size = batch_size
         self.step_timeout = step_timeout
+        self.reroute = reroute
+        self.policy = policy or FailoverPolicy()
         self.position = 0  # tokens every peer has cached
+        self.banned: set[str] = set()
+        self.failovers = 0
+        self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, position, H]
+        self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
 
     @classmethod
-    async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1,
-                   timeout: float = 30.0) -> InferenceSession:
-        session_id = uuid.uuid4().hex
-        opened = await asyncio.gather(
-            *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end), timeout)
-              for link in chain),
-            return_exceptions=True,
-        )
-        streams = [s for s in opened if isinstance(s, PeerStream)]
-        failures = [e for e in opened if isinstance(e, BaseException)]
-        if failures:
-            for stream in streams:
-                await stream.close()
-            raise failures[0]
-        return cls(streams, max_length, batch_size, timeout)
+    async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1, timeout: float = 30.0,
+                   reroute: Reroute | None = None, policy: FailoverPolicy | None = None) -> InferenceSession:
+        streams = await open_streams(p2p, chain, max_length, batch_size, timeout)
+        return cls(p2p, streams, max_length, batch_size, timeout, reroute, policy)
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """hidden: [B, T, H] of tokens at `position` (default: right after the cached ones) → last block's output."""
@@ -170,10 +189,71 @@ class InferenceSession:
             raise ValueError(f"position {position} is outside 0..{self.position}")
         if position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
-        for stream in self.streams:
-            hidden = await stream.step(hidden, position, self.step_timeout)
+        i = 0
+        while i < len(self.streams):
+            started = time.monotonic()
+            try:
+                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]))
+            except PeerError as e:
+                await self._fail_over(i, position, e)
+                continue  # the same step, now through the replacement
+            self._remember(i, hidden, position, time.monotonic() - started)
+            hidden, i = out, i + 1
         self.position = position + hidden.shape[1]
         return hidden
+
+    def _timeout(self, i: int, new_tokens: int) -> float:
+        latency = self._latency[i]
+        if new_tokens > 1 or latency is None:
+            return self.step_timeout
+        return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
+
+    def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float) -> None:
+        kept = self._inputs[i]
+        self._inputs[i] = hidden if position == 0 or kept is None else torch.cat([kept[:, :position], hidden], 1)
+        if hidden.shape[1] == 1:
+            old = self._latency[i]
+            self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    async def _fail_over(self, i: int, position: int, error: PeerError) -> None:
+        """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay."""
+        failed = self.streams[i]
+        await failed.close()
+        self.banned.add(failed.link.peer.peer_id)
+        kept = self._inputs[i]
+        while True:
+            if self.reroute is None or self.failovers >= self.policy.max_failovers:
+                raise error
+            self.failovers += 1
+            logger.warning("peer %s failed (%s); replacing blocks %d:%d", error.peer_id, error, failed.link.start,
+                           failed.link.end)
+            chain = await self.reroute(failed.link.start, failed.link.end, set(self.banned))  # NoChainError: none
+            streams: list[PeerStream] = []
+            try:
+                streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout)
+                inputs: list[torch.Tensor | None] = []
+                history = kept[:, :position] if position and kept is not None else None
+                for stream in streams:  # replay: each new link's inputs are the previous new link's outputs
+                    inputs.append(history)
+                    if history is not None:
+                        history = await self._replay(stream, history)
+            except PeerError as e:
+                for stream in streams:
+                    await stream.close()
+                self.banned.add(e.peer_id or "")
+                error = e
+                continue
+            self.streams[i : i + 1] = streams
+            self._inputs[i : i + 1] = inputs
+            self._latency[i : i + 1] = [None] * len(streams)
+            return
+
+    async def _replay(self, stream: PeerStream, history: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, history.shape[1], self.policy.replay_chunk):
+            chunk = history[:, start : start + self.policy.replay_chunk]
+            outputs.append(await stream.step(chunk, start, self.step_timeout))
+        return torch.cat(outputs, dim=1)
 
     async def close(self) -> None:
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
@@ -184,3 +264,21 @@ class InferenceSession:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
+                       timeout: float) -> list[PeerStream]:
+    """Open one stream per link, concurrently; on any failure close the others and raise the first error."""
+    session_id = uuid.uuid4().hex
+    opened = await asyncio.gather(
+        *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end), timeout)
+          for link in chain),
+        return_exceptions=True,
+    )
+    streams = [s for s in opened if isinstance(s, PeerStream)]
+    failures = [e for e in opened if isinstance(e, BaseException)]
+    if failures:
+        for stream in streams:
+            await stream.close()
+        raise failures[0]
+    return streams

@@ -49,3 +49,11 @@ def test_no_peers_at_all():
     with pytest.raises(NoChainError, match="0:30"):
         find_chain([], "m", 30)
     assert missing_blocks([span("a", 3, 5)], 8) == [(0, 3), (5, 8)]
+
+
+def test_a_part_of_the_model_can_be_routed_alone():
+    spans = [span("a", 0, 30), span("b", 0, 12), span("c", 12, 30)]
+    assert links(find_chain(spans, "m", 30, banned={"a"}, start=10, end=20)) == [("b", 10, 12), ("c", 12, 20)]
+    assert links(find_chain(spans, "m", 30, start=10, end=20)) == [("a", 10, 20)]
+    with pytest.raises(NoChainError, match="blocks 10:12 of m"):
+        find_chain([span("c", 12, 30)], "m", 30, start=10, end=20)
