@@ -76,7 +76,7 @@ async def test_killed_peer_is_replaced_and_tokens_do_not_change(client, swarm, e
 
 async def test_hung_peer_is_detected_by_a_step_timeout_and_replaced(client, swarm, expected):
     try:
-        tokens, session, victim, fault_step_seconds = await generate_with_fault(client, swarm, signal.SIGSTOP)
+        tokens, session, _, fault_step_seconds = await generate_with_fault(client, swarm, signal.SIGSTOP)
     finally:
         for proc in swarm.by_peer.values():
             proc.signal(signal.SIGCONT)
