@@ -52,8 +52,10 @@ def bad_request(message: str) -> PeerError:
 
 
 class SpanBackend:
-    def __init__(self, span: BlockSpan, limits: Limits, budget: KVBudget):
+    def __init__(self, span: BlockSpan, limits: Limits, budget: KVBudget, fault_nan_after: int = 0):
         self.span = span
+        self.fault_nan_after = fault_nan_after  # tests of client-side answer checks: a peer gone bad
+        self.steps = 0
         self.limits = limits
         self.budget = budget
         self.sessions: dict[str, Session] = {}
@@ -117,6 +119,9 @@ class SpanBackend:
 
     def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         out = self.span(hidden.to(self.span.dtype), session.cache, position, session.blocks)
+        self.steps += 1
+        if self.fault_nan_after and self.steps > self.fault_nan_after:
+            out = torch.full_like(out, float("nan"))
         return out.to(hidden.dtype)
 
     def shutdown(self) -> None:

@@ -40,7 +40,9 @@ def run_peer(settings: PeerSettings) -> None:
         limits = Limits(settings.max_sessions, max_length, settings.max_batch, settings.max_chunk_tokens)
         per_token = kv_bytes_per_token(config, end - start, dtype)
         budget = KVBudget(settings.kv_budget_tokens or default_budget_tokens(per_token))
-        backend = SpanBackend(span, limits, budget)
+        backend = SpanBackend(span, limits, budget, settings.fault_nan_after)
+        if settings.fault_nan_after:
+            logger.warning("fault injection: this peer answers NaN after %d steps", settings.fault_nan_after)
 
         def info() -> SpanInfo:
             return SpanInfo(

@@ -31,6 +31,8 @@ class PeerSettings(BaseSettings):
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
     public_name: str = Field("", description="a name shown to operators and users")
     log_level: str = Field("INFO", description="logging level")
+    fault_nan_after: int = Field(0, ge=0, description="for fault-tolerance tests only: after this many steps, "
+                                                        "answer NaN (0: never)")
 
     def block_range(self, num_blocks: int) -> tuple[int, int]:
         if self.blocks is None:

@@ -96,3 +96,27 @@ async def test_no_replacement_left_raises_no_chain_naming_the_blocks(client, swa
                                                                         swarm.by_peer.values()])
         with pytest.raises(NoChainError, match="blocks 0:"):
             await client.forward(session, torch.tensor([[5]]))
+
+
+async def test_peer_answering_nan_is_banned_and_replaced(tmp_path, tiny_model_dir, expected):
+    model = str(tiny_model_dir("llama"))
+    with LocalSwarm(tmp_path / "nan") as swarm:
+        swarm.start_bootstrap()
+        bad = swarm.start_peer(model, "0:6", "--fault-nan-after", "6", wait=False)  # prefill + 5 decode steps
+        halves = [swarm.start_peer(model, blocks, wait=False) for blocks in ("0:3", "3:6")]
+        bad_id = LocalSwarm.peer_id(bad)
+        for proc in halves:
+            LocalSwarm.peer_id(proc)
+        client = await SwarmClient.connect(swarm.initial_peers, model)
+        try:
+            await client.wait_for_chain()
+            session = await client.inference_session(len(PROMPT) + NEW_TOKENS)
+            async with session:
+                assert [link.peer.peer_id for link in [s.link for s in session.streams]] == [bad_id]
+                steps = client.generate_steps(torch.tensor([PROMPT]), NEW_TOKENS, session=session)
+                tokens = [int(step.token_ids[0]) async for step in steps]
+            assert tokens == expected
+            assert session.failovers == 1 and bad_id in client.banned()
+            assert bad_id not in {link.peer.peer_id for link in await client.chain()}
+        finally:
+            await client.close()

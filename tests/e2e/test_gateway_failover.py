@@ -1,0 +1,143 @@
+"""Peers failing under the gateway: invisible to API clients while a replica exists, a clean 503 when none does,
+and service back without restarting the gateway once a peer returns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import httpx
+import openai
+import pytest
+
+from swarm.client import SwarmClient
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.e2e.conftest import poll
+from tests.e2e.test_gateway import free_port
+from tests.launcher import LocalSwarm
+
+MODEL = DEFAULT_MODEL_ID
+PROMPTS = [f"Write one sentence about the number {n}." for n in (3, 7, 11, 42)]
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    resolve_model(MODEL)
+    with LocalSwarm(tmp_path_factory.mktemp("failover-swarm")) as swarm:
+        swarm.start_bootstrap()
+        swarm.peers = {}  # peer id → (blocks, process)
+        procs = [(blocks, swarm.start_peer(MODEL, blocks, "--announce-period", "1", wait=False))
+                 for blocks in ("0:15", "0:15", "15:30", "15:30")]
+        for blocks, proc in procs:
+            swarm.peers[LocalSwarm.peer_id(proc)] = (blocks, proc)
+        port = free_port()
+        swarm.start_gateway(port, {"SWARM_INITIAL_PEERS": " ".join(swarm.initial_peers)})
+        swarm.url = f"http://127.0.0.1:{port}"
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+async def observer(swarm):
+    client = await SwarmClient.connect(swarm.initial_peers)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def sdk(swarm):
+    return openai.AsyncOpenAI(base_url=f"{swarm.url}/v1", api_key="unused", max_retries=0)
+
+
+async def stream(sdk, prompt: str, started: asyncio.Event | None = None) -> str:
+    chunks = await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                               temperature=0, max_tokens=TOKENS, stream=True)
+    text = ""
+    async for chunk in chunks:
+        text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        if started is not None and len(text) > 10:
+            started.set()
+    return text
+
+
+@pytest.fixture(scope="module")
+async def baseline(sdk):
+    return await asyncio.gather(*(stream(sdk, p) for p in PROMPTS))
+
+
+async def busiest_peer(observer, swarm, blocks: str) -> str:
+    """The live peer serving `blocks` that holds the most sessions right now."""
+    best, best_sessions = None, -1
+    for peer_id, (peer_blocks, proc) in swarm.peers.items():
+        if peer_blocks == blocks and proc.proc.poll() is None:
+            sessions = (await observer.peer_info(peer_id)).active_sessions
+            if sessions > best_sessions:
+                best, best_sessions = peer_id, sessions
+    assert best is not None and best_sessions > 0, f"no live {blocks} peer holds a session"
+    return best
+
+
+async def run_with_fault(sdk, observer, swarm, blocks: str, sig: int) -> tuple[list[str], str]:
+    started = asyncio.Event()
+    tasks = [asyncio.create_task(stream(sdk, p, started if i == 0 else None)) for i, p in enumerate(PROMPTS)]
+    await started.wait()
+    victim = await busiest_peer(observer, swarm, blocks)
+    swarm.peers[victim][1].signal(sig)
+    return await asyncio.gather(*tasks), victim
+
+
+async def test_killed_peer_under_four_streams_is_invisible(sdk, observer, swarm, baseline):
+    texts, victim = await run_with_fault(sdk, observer, swarm, "0:15", signal.SIGKILL)
+    assert texts == baseline
+    swarm.peers.pop(victim)
+
+
+async def test_hung_peer_under_four_streams_is_invisible(sdk, observer, swarm, baseline):
+    replacement = swarm.start_peer(MODEL, "0:15", "--announce-period", "1")  # two replicas of 0:15 again
+    swarm.peers[LocalSwarm.peer_id(replacement)] = ("0:15", replacement)
+    texts, victim = await run_with_fault(sdk, observer, swarm, "15:30", signal.SIGSTOP)
+    assert texts == baseline
+    proc = swarm.peers.pop(victim)[1]
+    proc.signal(signal.SIGKILL)
+    proc.signal(signal.SIGCONT)
+
+
+async def test_no_replica_left_is_an_error_event_then_503_then_recovery(sdk, observer, swarm, baseline):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "temperature": 0,
+            "max_tokens": 200, "stream": True}
+    events = []
+    async with httpx.AsyncClient(timeout=120) as http, http.stream(
+            "POST", f"{swarm.url}/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:  # mid-stream: kill every peer serving 15:30
+                for peer_id, (blocks, proc) in list(swarm.peers.items()):
+                    if blocks == "15:30":
+                        proc.signal(signal.SIGKILL)
+                        swarm.peers.pop(peer_id)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "15:30" in error["message"], error
+
+    async def unavailable():
+        response = await http_post(swarm.url)
+        return response.status_code == 503 and "15:30" in response.json()["error"]["message"]
+
+    await poll(unavailable, timeout=20)
+    back = swarm.start_peer(MODEL, "15:30", "--announce-period", "1")
+    swarm.peers[LocalSwarm.peer_id(back)] = ("15:30", back)
+
+    async def served():
+        return (await http_post(swarm.url)).status_code == 200
+
+    await poll(served, timeout=30)
+    assert await stream(sdk, PROMPTS[1]) == baseline[1]
+
+
+async def http_post(url: str) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(timeout=60) as http:
+        return await http.post(f"{url}/v1/chat/completions", json=body)
