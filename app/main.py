@@ -32,7 +32,8 @@ def create_app(settings: GatewaySettings | None = None, backend=None) -> FastAPI
 
                 active = await stack.enter_async_context(open_swarm_backend(
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
-                    settings.startup_timeout))
+                    settings.startup_timeout, identity=settings.swarm_client_identity,
+                    allowed_peers=settings.allowed_peers))
             app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n)
             logger.info("gateway ready: serving %s", active.model_id)
             yield

@@ -21,6 +21,10 @@ class GatewaySettings(BaseSettings):
     swarm_model: str = Field(DEFAULT_MODEL_ID, description="model to serve: the default, a local dir or a hub id")
     swarm_initial_peers: str = Field("", description="multiaddrs of a swarm to join (space/comma separated); "
                                                      "empty: start an embedded local swarm")
+    swarm_allowed_peers: str = Field("", description="route only through these peer ids (space/comma separated); "
+                                                     "empty: any peer")
+    swarm_client_identity: str | None = Field(None, description="key file of the gateway's client identity, for "
+                                                                "peers that serve an allowlist of clients")
     gateway_api_keys: str = Field("", description="accepted API keys (space/comma separated); empty: no auth")
     gateway_api_key_file: str | None = Field(None, description="file with one accepted API key per line")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
@@ -32,6 +36,10 @@ class GatewaySettings(BaseSettings):
     @property
     def initial_peers(self) -> list[str]:
         return split_list(self.swarm_initial_peers)
+
+    @property
+    def allowed_peers(self) -> set[str] | None:
+        return set(split_list(self.swarm_allowed_peers)) or None
 
     @property
     def api_keys(self) -> set[str]:

@@ -1,8 +1,14 @@
 """Announce and discover spans in the hivemind DHT; `python -m swarm.dht` runs a bootstrap node.
 
-Layout: key `spans_key(model_id)`, one subkey per peer (base58 peer id), value a SpanInfo dict, with an absolute
-expiration time. A peer re-announces every few seconds; on clean shutdown it announces itself OFFLINE with an
-expiration later than its last record, so clients stop routing to it at once.
+Layout: key `spans_key(model_id)`, one subkey per peer, value a SpanInfo dict, with an absolute expiration time.
+A peer re-announces every few seconds; on clean shutdown it announces itself OFFLINE with an expiration later than
+its last record, so clients stop routing to it at once.
+
+Records are signed. Every node validates with hivemind's RSASignatureValidator, and a peer's subkey is its base58
+peer id followed by `[owner:<its RSA public key>]`: only the holder of that key can store under that subkey (no one
+can overwrite another peer's record), and readers accept a record only if the peer id is the one derived from the
+owner key (no one can forge a record in another peer's name). A peer's RSA key is its libp2p identity, kept in
+`--identity FILE` across restarts.
 
     python -m swarm.dht [--host 127.0.0.1] [--port 0] [--identity FILE] [--initial-peers MADDR ...]
 """
@@ -11,17 +17,58 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
+import os
 import signal
+import tempfile
 import threading
 from collections.abc import Sequence
 
+import base58
+import multihash
+from cryptography.hazmat.primitives import serialization
 from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P
+from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarm.protocol import DHT_MODELS_KEY, PeerState, SpanInfo, spans_key
 
 logger = logging.getLogger(__name__)
+
+
+def load_identity(path: str | None) -> tuple[str, RSAPrivateKey]:
+    """An RSA libp2p identity: read from `path`, created there first if missing; None → a fresh throwaway key.
+    Returns the file to hand to hivemind and the key for signing records."""
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="swarm-identity-", suffix=".key")
+        os.close(fd)
+        os.unlink(path)
+        P2P.generate_identity(path)
+    elif not os.path.exists(path):
+        P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        der = crypto_pb2.PrivateKey.FromString(f.read()).data
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": der})
+    return path, key
+
+
+def owner_peer_id(owner_public_key: bytes) -> str:
+    """The libp2p peer id of an RSA public key in OpenSSH form (as in the `[owner:...]` marker)."""
+    public = RSAPublicKey.from_bytes(owner_public_key)._public_key
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
+    return base58.b58encode(digest).decode()
+
+
+def owner_marker(key: RSAPrivateKey) -> bytes:
+    """The `[owner:...]` marker of records signed with `key`."""
+    return RSASignatureValidator(key).local_public_key
 
 
 def start_dht(
@@ -30,9 +77,12 @@ def start_dht(
     port: int = 0,
     identity_path: str | None = None,
     client_mode: bool = False,
+    signing_key: RSAPrivateKey | None = None,
 ) -> DHT:
-    """Start a DHT node (a child process with its own p2pd) listening on host:port; blocks until it is ready."""
+    """Start a DHT node (a child process with its own p2pd) listening on host:port; blocks until it is ready.
+    Every node validates signed records; `signing_key` is the key this node signs its own records with."""
     return DHT(
+        record_validators=[RSASignatureValidator(signing_key)],
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         identity_path=identity_path,
@@ -50,25 +100,43 @@ def visible_maddrs(dht: DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
 
-async def announce(dht: DHT, info: SpanInfo, ttl: float) -> bool:
-    """Store (or refresh) a peer's span record, and the model in the list of models; True if stored."""
+def record_subkey(peer_id: str, owner: bytes) -> bytes:
+    """The subkey of a peer's record: its id, then its owner marker (RSASignatureValidator.local_public_key)."""
+    return peer_id.encode() + owner
+
+
+async def announce(dht: DHT, info: SpanInfo, ttl: float, owner: bytes) -> bool:
+    """Store (or refresh) a peer's signed span record, and the model in the list of models; True if stored."""
     expiration = get_dht_time() + ttl
-    stored = await dht.store(spans_key(info.model_id), subkey=info.peer_id, value=info.to_dict(),
-                             expiration_time=expiration, return_future=True)
+    stored = await dht.store(spans_key(info.model_id), subkey=record_subkey(info.peer_id, owner),
+                             value=info.to_dict(), expiration_time=expiration, return_future=True)
     await dht.store(DHT_MODELS_KEY, subkey=info.model_id, value={"num_blocks": info.num_blocks},
                     expiration_time=expiration, return_future=True)
     return bool(stored)
 
 
-async def withdraw(dht: DHT, info: SpanInfo, ttl: float) -> None:
+async def withdraw(dht: DHT, info: SpanInfo, ttl: float, owner: bytes) -> None:
     """Mark the peer offline, outliving (so overriding) its last announcement."""
     offline = dataclasses.replace(info, state=PeerState.OFFLINE.value, free_kv_tokens=0, active_sessions=0)
-    await dht.store(spans_key(info.model_id), subkey=info.peer_id, value=offline.to_dict(),
+    await dht.store(spans_key(info.model_id), subkey=record_subkey(info.peer_id, owner), value=offline.to_dict(),
                     expiration_time=get_dht_time() + ttl + 1, return_future=True)
 
 
+def _owned_by(subkey: object, peer_id: str) -> bool:
+    """Whether a record's subkey is `<peer_id>[owner:<key>]` with peer_id derived from that key."""
+    if not isinstance(subkey, bytes):
+        return False
+    match = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey)
+    if match is None or subkey[: match.start()] != peer_id.encode():
+        return False
+    try:
+        return owner_peer_id(match.group(1)) == peer_id
+    except Exception:  # a malformed key in someone's subkey
+        return False
+
+
 async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
-    """Online peers of a model; malformed records (or records not keyed by their own peer) are skipped."""
+    """Online peers of a model; unsigned, malformed or forged records (not owned by their peer id) are skipped."""
     found = await dht.get(spans_key(model_id), latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return []
@@ -79,7 +147,7 @@ async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
         except ValueError as e:
             logger.debug("skipping a span record of %s: %s", model_id, e)
             continue
-        if info.online and info.peer_id == subkey and info.model_id == model_id:
+        if info.online and info.model_id == model_id and _owned_by(subkey, info.peer_id):
             spans.append(info)
     return spans
 
@@ -105,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    dht = start_dht(args.initial_peers, args.host, args.port, args.identity)
+    identity, key = load_identity(args.identity) if args.identity else (None, None)
+    dht = start_dht(args.initial_peers, args.host, args.port, identity, signing_key=key)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
-                             startup_timeout: float = 600.0) -> AsyncIterator[SwarmTextService]:
+                             startup_timeout: float = 600.0, **client_options) -> AsyncIterator[SwarmTextService]:
+    """The text service over a joined (or embedded) swarm; client_options go to SwarmClient.connect."""
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
             initial_peers = await stack.enter_async_context(_embedded_swarm(model, num_threads))
-        service = await SwarmTextService.connect(list(initial_peers), model)
+        service = await SwarmTextService.connect(list(initial_peers), model, **client_options)
         stack.push_async_callback(service.close)
         logger.info("waiting for a complete chain of %s", service.model_id)
         await service.client.wait_for_chain(timeout=startup_timeout)

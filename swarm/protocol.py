@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     VERSION = "version_mismatch"
     CAPACITY = "capacity"  # too many sessions or KV budget exhausted: retry later or elsewhere
     TIMEOUT = "idle_timeout"
+    FORBIDDEN = "forbidden"  # the peer serves an allowlist of clients
     INTERNAL = "internal"
 
 

@@ -18,6 +18,13 @@ from pathlib import Path
 READY_TIMEOUT = 180.0
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the test process dies, even if it is killed and cannot reap."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class ProcessFailed(RuntimeError):
     pass
 
@@ -30,7 +37,8 @@ class ManagedProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                                     start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+                                     preexec_fn=_terminate_with_parent)
         self.pid = self.proc.pid
 
     def log(self) -> str:

@@ -27,7 +27,7 @@ from kernels.sampling import SamplingParams, sample
 from swarm.client.routing import Link, find_chain
 from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.codec import unpack_metadata
-from swarm.dht import get_spans, start_dht
+from swarm.dht import get_spans, load_identity, start_dht
 from swarm.model.head import LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
 from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
@@ -45,7 +45,8 @@ class StepOutput:
 
 class SwarmClient:
     def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
-                 step_timeout: float = 30.0, failover: FailoverPolicy | None = None):
+                 step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
+                 allowed_peers: set[str] | None = None):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
@@ -53,19 +54,28 @@ class SwarmClient:
         self.prefill_chunk = prefill_chunk
         self.step_timeout = step_timeout
         self.failover = failover or FailoverPolicy()
+        self.allowed_peers = allowed_peers
         self._bans: dict[str, tuple[float, float]] = {}  # peer id → (banned until, last ban length)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None, model_id: str | None = None,
-                      dtype: torch.dtype = torch.float32, **kwargs) -> SwarmClient:
-        """Join the DHT as a client and load the head of `model` (the default model when None)."""
+                      dtype: torch.dtype = torch.float32, identity: str | None = None,
+                      allowed_peers: set[str] | None = None, **kwargs) -> SwarmClient:
+        """Join the DHT as a client and load the head of `model` (the default model when None).
+
+        identity: a key file (created if missing) for a client id that peers can put on their allowlist;
+        allowed_peers: route only through these peer ids (a private swarm); None: any peer.
+        """
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(None, resolve_model, model, model_id)
+        identity_path, key = load_identity(identity) if identity else (None, None)
         dht, head = await asyncio.gather(
-            loop.run_in_executor(None, partial(start_dht, initial_peers, client_mode=True)),
+            loop.run_in_executor(None, partial(start_dht, initial_peers, identity_path=identity_path,
+                                               client_mode=True, signing_key=key)),
             loop.run_in_executor(None, load_head, source, dtype),
         )
+        kwargs.setdefault("allowed_peers", allowed_peers)
         p2p = await dht.replicate_p2p()
         return cls(dht, p2p, source, head, **kwargs)
 
@@ -78,8 +88,14 @@ class SwarmClient:
         )
         return SpanInfo.from_dict(unpack_metadata(response.serialized_info))
 
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
     async def spans(self) -> list[SpanInfo]:
-        return await get_spans(self.dht, self.model_id)
+        """Live spans of this client's model (only allowed peers, when an allowlist is set)."""
+        spans = await get_spans(self.dht, self.model_id)
+        return spans if self.allowed_peers is None else [s for s in spans if s.peer_id in self.allowed_peers]
 
     BAN_SECONDS = 15.0
     MAX_BAN_SECONDS = 600.0

@@ -36,8 +36,9 @@ class SwarmTextService:
         self.eos_token_ids: tuple[int, ...] = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
     @classmethod
-    async def connect(cls, initial_peers: Sequence[str], model: str | None = None) -> SwarmTextService:
-        client = await SwarmClient.connect(initial_peers, model)
+    async def connect(cls, initial_peers: Sequence[str], model: str | None = None,
+                      **client_options: Any) -> SwarmTextService:
+        client = await SwarmClient.connect(initial_peers, model, **client_options)
         loop = asyncio.get_running_loop()
         tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, client.source.path)
         return cls(client, tokenizer)

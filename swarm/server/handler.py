@@ -43,10 +43,12 @@ LINGER_SECONDS = 10.0
 
 
 class SpanHandler:
-    def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float):
+    def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float,
+                 allowed_clients: set[str] | None = None):
         self.backend = backend
         self.info = info
         self.idle_timeout = idle_timeout
+        self.allowed_clients = allowed_clients or set()  # empty: anyone
 
     async def register(self, p2p: P2P) -> None:
         # The inference stream reads and writes frames directly (hivemind's framing): no per-message tasks or
@@ -93,6 +95,8 @@ class SpanHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         session = None
         try:
+            if self.allowed_clients and remote_id.to_base58() not in self.allowed_clients:
+                raise PeerError(f"client {remote_id} is not allowed on this peer", ErrorCode.FORBIDDEN)
             first = await self._next(requests)
             if first is None:
                 return

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import torch
 
-from swarm.dht import announce, start_dht, visible_maddrs, withdraw
+from swarm.dht import announce, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
 from swarm.model.anatomy import load_config
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span
@@ -32,8 +33,11 @@ def run_peer(settings: PeerSettings) -> None:
     config = load_config(source.path)
     start, end = settings.block_range(config.num_hidden_layers)
     dtype = getattr(torch, settings.dtype)
+    identity_path, key = load_identity(settings.identity)
     # The DHT forks a child process: start it before the weights are in memory so that the child stays small.
-    dht = start_dht(settings.initial_peers, settings.host, settings.port, settings.identity)
+    dht = start_dht(settings.initial_peers, settings.host, settings.port, identity_path, signing_key=key)
+    if settings.identity is None:
+        os.unlink(identity_path)  # a throwaway identity: p2pd has read it
     try:
         span = load_span(source, start, end, dtype)
         max_length = min(settings.max_length or config.max_position_embeddings, config.max_position_embeddings)
@@ -61,21 +65,21 @@ def run_peer(settings: PeerSettings) -> None:
                 public_name=settings.public_name,
             )
 
-        asyncio.run(_serve(dht, backend, info, settings))
+        asyncio.run(_serve(dht, backend, info, settings, owner_marker(key)))
     finally:
         dht.shutdown()
 
 
-async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings) -> None:
+async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings, owner: bytes) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     p2p = await dht.replicate_p2p()
-    await SpanHandler(backend, info, settings.idle_timeout).register(p2p)
+    await SpanHandler(backend, info, settings.idle_timeout, set(settings.allowed_clients)).register(p2p)
     ttl = 3 * settings.announce_period
     first = info()
-    await announce(dht, first, ttl)
+    await announce(dht, first, ttl, owner)
     logger.info("peer ready: model=%s blocks=%d:%d peer_id=%s maddrs=%s", first.model_id, first.start, first.end,
                 first.peer_id, " ".join(visible_maddrs(dht)))
     while not stop.is_set():
@@ -83,12 +87,12 @@ async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings) -> Non
             await asyncio.wait_for(stop.wait(), settings.announce_period)
         if not stop.is_set():
             try:
-                await announce(dht, info(), ttl)
+                await announce(dht, info(), ttl, owner)
             except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
                 logger.warning("announcement failed: %r", e)
     logger.info("shutting down: withdrawing %s from the DHT", first.peer_id)
     try:  # bounded: with the rest of the swarm gone, a DHT store may never complete
-        await asyncio.wait_for(withdraw(dht, info(), ttl), SHUTDOWN_STEP_TIMEOUT)
+        await asyncio.wait_for(withdraw(dht, info(), ttl, owner), SHUTDOWN_STEP_TIMEOUT)
     except Exception as e:
         logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, ttl)
     backend.shutdown()

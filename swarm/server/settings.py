@@ -30,6 +30,8 @@ class PeerSettings(BaseSettings):
     idle_timeout: float = Field(300.0, gt=0, description="seconds a session may stay silent before it is freed")
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
     public_name: str = Field("", description="a name shown to operators and users")
+    allowed_clients: list[str] = Field(default_factory=list, description="serve only these client peer ids "
+                                                                            "(empty: anyone)")
     log_level: str = Field("INFO", description="logging level")
     fault_nan_after: int = Field(0, ge=0, description="for fault-tolerance tests only: after this many steps, "
                                                         "answer NaN (0: never)")
