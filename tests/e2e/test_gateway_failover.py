@@ -103,6 +103,24 @@ async def test_hung_peer_under_four_streams_is_invisible(sdk, observer, swarm, b
     proc.signal(signal.SIGCONT)
 
 
+async def test_peer_answering_nan_under_four_streams_is_invisible(sdk, observer, swarm, baseline):
+    # The largest KV budget makes routing prefer it; it turns bad after a few steps of the 4 streams.
+    bad = swarm.start_peer(MODEL, "0:15", "--announce-period", "1", "--kv-budget-tokens", "10000000",
+                           "--fault-nan-after", "12")
+    bad_id = LocalSwarm.peer_id(bad)
+    swarm.peers[bad_id] = ("0:15", bad)
+    await poll(lambda: _listed(observer, bad_id))
+    texts = await asyncio.gather(*(stream(sdk, p) for p in PROMPTS))
+    assert texts == baseline
+    assert "answered with NaN" in next(p for p in swarm.processes if p.name.startswith("gateway")).log()
+    swarm.peers.pop(bad_id)
+    bad.stop()
+
+
+async def _listed(observer, peer_id):
+    return peer_id in {s.peer_id for s in await observer.spans()}
+
+
 async def test_no_replica_left_is_an_error_event_then_503_then_recovery(sdk, observer, swarm, baseline):
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "temperature": 0,
             "max_tokens": 200, "stream": True}

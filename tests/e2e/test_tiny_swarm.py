@@ -211,3 +211,84 @@ async def test_a_frame_declaring_a_huge_size_is_refused_before_it_is_read(tiny_c
     assert reply["type"] == "error" and reply["code"] == ErrorCode.BAD_REQUEST
     assert "exceeds the limit" in reply["message"]
     await poll(lambda: free_kv_is_full(tiny_client, peer_id))
+
+
+def fuzz_streams(seed: int, count: int) -> list[list[bytes]]:
+    """Seeded malformed streams: raw garbage, random metadata, lying tensor headers, out-of-order steps."""
+    import random
+
+    import msgpack
+
+    rng = random.Random(seed)
+    frame = lambda payload: b"\x00" + len(payload).to_bytes(8, "big") + payload  # noqa: E731
+    junk = lambda: rng.choice([None, True, -1, 2**63, 1.5, "x" * rng.randint(0, 50), [1, 2], {"a": 1}])  # noqa: E731
+
+    def metadata() -> dict:
+        keys = ["type", "version", "session_id", "max_length", "batch_size", "blocks", "position", "zzz"]
+        data = {k: junk() for k in rng.sample(keys, rng.randint(0, len(keys)))}
+        if rng.random() < 0.5:
+            data["type"] = rng.choice(["open", "step", "close", ""])
+        return data
+
+    def tensor() -> runtime_pb2.Tensor:
+        size = [rng.choice([0, 1, 2, 64, 4096, 2**31]) for _ in range(rng.randint(0, 4))]
+        return runtime_pb2.Tensor(buffer=rng.randbytes(rng.randint(0, 600)), size=size,
+                                  dtype=rng.choice(["float32", "bfloat16", "int8", "complex64", "", "float64"]))
+
+    streams = []
+    for _ in range(count):
+        kind, messages = rng.randrange(4), []
+        if kind == 0:  # bytes that are not frames at all
+            messages.append(rng.randbytes(rng.randint(1, 300)))
+        elif kind == 1:  # frames of random metadata and tensors
+            for _ in range(rng.randint(1, 4)):
+                request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(metadata()),
+                                                    tensors=[tensor() for _ in range(rng.randint(0, 2))])
+                messages.append(frame(request.SerializeToString()))
+        elif kind == 2:  # a valid open, then steps at random positions and shapes
+            messages.append(frame(open_message().SerializeToString()))
+            for _ in range(rng.randint(1, 4)):
+                shape = (1, rng.randint(1, 3), rng.choice([64, 64, 63]))
+                step = step_message(torch.randn(shape), position=rng.randint(-2, 6))
+                messages.append(frame(step.SerializeToString()))
+        else:  # a frame header that lies about its length, then garbage
+            messages.append(b"\x00" + rng.randint(0, 2**64 - 1).to_bytes(8, "big") + rng.randbytes(20))
+        streams.append(messages)
+    return streams
+
+
+async def test_fuzzed_streams_get_errors_and_leave_the_peer_serving_with_bounded_memory(tiny_client, tiny_swarm,
+                                                                                       reference):
+    import psutil
+
+    from swarm.codec import EndOfStream, receive_message
+
+    peer_id = tiny_swarm.peers["0:3"]
+    pid = next(p.pid for p in tiny_swarm.processes if f"peer_id={peer_id}" in p.log())
+    rss_before = psutil.Process(pid).memory_info().rss
+    outcomes = {"error": 0, "ended": 0, "answered": 0}
+    for messages in fuzz_streams(seed=1234, count=80):
+        _, reader, writer = await tiny_client.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
+                                                                             INFERENCE_HANDLER)
+        for data in messages:
+            writer.write(data)
+        try:
+            await writer.drain()
+            async with asyncio.timeout(10):
+                while True:
+                    reply = unpack_metadata((await receive_message(reader, runtime_pb2.ExpertResponse,
+                                                                   1 << 20)).metadata)
+                    if reply["type"] == "error":
+                        outcomes["error"] += 1
+                        break
+                    outcomes["answered"] += 1
+        except (EndOfStream, ConnectionError):
+            outcomes["ended"] += 1
+        finally:
+            writer.close()
+    print("fuzz outcomes", outcomes)
+    assert outcomes["error"] >= 60, outcomes  # nearly every malformed stream is told why
+    await poll(lambda: free_kv_is_full(tiny_client, peer_id))
+    assert psutil.Process(pid).memory_info().rss - rss_before < 64 * 2**20
+    ids = prompt(6)
+    assert [t async for t in tiny_client.generate(ids, 6, stop_token_ids=[])] == local_greedy(reference, ids, 6)
