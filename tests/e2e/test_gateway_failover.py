@@ -104,11 +104,10 @@ async def test_hung_peer_under_four_streams_is_invisible(sdk, observer, swarm, b
 
 
 async def test_peer_answering_nan_under_four_streams_is_invisible(sdk, observer, swarm, baseline):
-    # The largest KV budget makes routing prefer it; it turns bad after a few steps of the 4 streams.
-    bad = swarm.start_peer(MODEL, "0:15", "--announce-period", "1", "--kv-budget-tokens", "10000000",
-                           "--fault-nan-after", "12")
+    # It serves every block, so the fewest-hops route takes it for all 4 streams; it turns bad after a few steps.
+    bad = swarm.start_peer(MODEL, "0:30", "--announce-period", "1", "--fault-nan-after", "12")
     bad_id = LocalSwarm.peer_id(bad)
-    swarm.peers[bad_id] = ("0:15", bad)
+    swarm.peers[bad_id] = ("0:30", bad)
     await poll(lambda: _listed(observer, bad_id))
     texts = await asyncio.gather(*(stream(sdk, p) for p in PROMPTS))
     assert texts == baseline
