@@ -30,12 +30,13 @@ import multihash
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from swarm.protocol import DHT_MODELS_KEY, PeerState, SpanInfo, spans_key
+from swarm.protocol import PeerState, SpanInfo, spans_key
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,21 @@ def owner_marker(key: RSAPrivateKey) -> bytes:
     return RSASignatureValidator(key).local_public_key
 
 
+class BytesSubkeysValidator(RecordValidatorBase):
+    """Refuse records whose subkey is not bytes. Every subkey this project writes is bytes, and hivemind's storage
+    fails (TypeError in a heap) when one key holds str and bytes subkeys with equal expiration times: refusing
+    other types on every honest node closes that door to a hostile writer."""
+
+    _REGULAR = b"\xc0"  # msgpack nil: how hivemind marks a record without subkey
+    _BIN = (0xC4, 0xC5, 0xC6)  # msgpack bin 8/16/32
+
+    def validate(self, record: DHTRecord) -> bool:
+        return record.subkey == self._REGULAR or (bool(record.subkey) and record.subkey[0] in self._BIN)
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, BytesSubkeysValidator)
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     host: str = "127.0.0.1",
@@ -82,7 +98,7 @@ def start_dht(
     """Start a DHT node (a child process with its own p2pd) listening on host:port; blocks until it is ready.
     Every node validates signed records; `signing_key` is the key this node signs its own records with."""
     return DHT(
-        record_validators=[RSASignatureValidator(signing_key)],
+        record_validators=[RSASignatureValidator(signing_key), BytesSubkeysValidator()],
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         identity_path=identity_path,
@@ -106,12 +122,10 @@ def record_subkey(peer_id: str, owner: bytes) -> bytes:
 
 
 async def announce(dht: DHT, info: SpanInfo, ttl: float, owner: bytes) -> bool:
-    """Store (or refresh) a peer's signed span record, and the model in the list of models; True if stored."""
+    """Store (or refresh) a peer's signed span record; True if stored."""
     expiration = get_dht_time() + ttl
     stored = await dht.store(spans_key(info.model_id), subkey=record_subkey(info.peer_id, owner),
                              value=info.to_dict(), expiration_time=expiration, return_future=True)
-    await dht.store(DHT_MODELS_KEY, subkey=info.model_id, value={"num_blocks": info.num_blocks},
-                    expiration_time=expiration, return_future=True)
     return bool(stored)
 
 
@@ -150,18 +164,6 @@ async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
         if info.online and info.model_id == model_id and _owned_by(subkey, info.peer_id):
             spans.append(info)
     return spans
-
-
-async def list_models(dht: DHT) -> dict[str, int]:
-    """Model ids announced in this swarm → their number of blocks."""
-    found = await dht.get(DHT_MODELS_KEY, latest=True, return_future=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    models = {}
-    for model_id, item in found.value.items():
-        if isinstance(model_id, str) and isinstance(item.value, dict) and isinstance(item.value.get("num_blocks"), int):
-            models[model_id] = item.value["num_blocks"]
-    return models
 
 
 def main(argv: Sequence[str] | None = None) -> None:

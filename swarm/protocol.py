@@ -32,9 +32,8 @@ INFO_HANDLER = "swarm.v1.info"
 # Dtypes a peer accepts for hidden states on the wire.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
-# DHT layout: one key per model, one subkey per peer (its base58 peer id), the value a SpanInfo dict.
+# DHT layout: one key per model, one subkey per peer (its peer id + owner marker, see swarm.dht), a SpanInfo dict.
 DHT_KEY_PREFIX = "swarm.v1.spans"
-DHT_MODELS_KEY = "swarm.v1.models"
 
 
 def spans_key(model_id: str) -> str:
