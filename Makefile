@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all lint bench clean-cache
+.PHONY: install serve test test-all test-gpu lint bench clean-cache
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# The CUDA kernel-parity tests (on a machine with a GPU); scripts/gpu_check.sh adds an 8B-shaped span and a swarm.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 lint: install
 	$(VENV)/bin/ruff check .

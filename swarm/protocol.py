@@ -75,6 +75,7 @@ class SpanInfo:
     state: str = PeerState.ONLINE.value
     public_name: str = ""
     throughput: float = 0.0  # tokens/s through the whole span, 0 when not measured
+    device: str = "cpu"
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:

@@ -85,7 +85,9 @@ class LocalSwarm:
     def __init__(self, workdir: Path, peer_env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.peer_env = peer_env or {}
+        # Unquantized unless a test asks otherwise: most tests compare the swarm token by token with fp32
+        # transformers, which an int8 peer (the CPU default) only approximates.
+        self.peer_env = {"SWARM_PEER_QUANT": "none", **(peer_env or {})}
         self.processes: list[ManagedProcess] = []
         self.initial_peers: list[str] = []
 

@@ -27,15 +27,19 @@ _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.sa
 class ModelSource:
     model_id: str
     path: Path
+    # the checkpoint's own quantization when its weights came from one (the default model: GGUF Q4_1), so that a peer
+    # can choose a format that re-expresses it instead of quantizing the quantized weights again
+    native_quant: str | None = None
 
 
 def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelSource:
     """Find (or make) the local directory of a model; `model_id` overrides the derived name."""
     ref = ref or DEFAULT_MODEL_ID
     if ref in _DEFAULT_ALIASES:
-        from swarm.model.gguf_cache import converted_dir
+        from swarm.model.gguf_cache import DEFAULT_GGUF_FILE, converted_dir
 
-        return ModelSource(model_id or DEFAULT_MODEL_ID, converted_dir())
+        native = DEFAULT_GGUF_FILE.removesuffix(".gguf").rpartition(".")[2].lower()  # "q4_1"
+        return ModelSource(model_id or DEFAULT_MODEL_ID, converted_dir(), native_quant=native)
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -12,7 +12,9 @@ import logging
 import torch
 from torch import nn
 
+from kernels.quant import QuantLinear, quantize_linears
 from swarm.model.anatomy import find_anatomy, load_config, load_parts, skeleton
+from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
 from swarm.model.weights import Checkpoint
 
@@ -75,12 +77,14 @@ class SpanKVCache:
 class BlockSpan(nn.Module):
     """Blocks `[start, end)` of a model, runnable on hidden states with a per-session SpanKVCache."""
 
-    def __init__(self, blocks: list[nn.Module], rotary: nn.Module | None, start: int, end: int, hidden_size: int):
+    def __init__(self, blocks: list[nn.Module], rotary: nn.Module | None, start: int, end: int, hidden_size: int,
+                 precision: Precision | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.rotary = rotary
         self.start, self.end = start, end
         self.hidden_size = hidden_size
+        self.precision = precision or Precision("cpu", torch.float32, "none")
         for i, block in enumerate(self.blocks):  # index the session cache by position within the span
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
@@ -88,7 +92,18 @@ class BlockSpan(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.precision.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.precision.device)
+
+    def kernels(self) -> set[str]:
+        """The quantized-linear kernels this span runs (empty when unquantized)."""
+        return {m.kernel for m in self.modules() if isinstance(m, QuantLinear)}
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.parameters()) + sum(t.nbytes for t in self.buffers())
 
     def new_cache(self, max_length: int) -> SpanKVCache:
         return SpanKVCache(len(self.blocks), max_length)
@@ -125,15 +140,26 @@ def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32) -> BlockSpan:
-    """Build blocks [start, end) of `source` and load only their tensors."""
+def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32,
+              precision: Precision | None = None) -> BlockSpan:
+    """Build blocks [start, end) of `source` and load only their tensors, then place and quantize them as `precision`
+    says (default: unquantized on the CPU in `dtype`). Quantization happens block by block on the target device,
+    so the unquantized weights of at most one block exist there at a time."""
+    precision = precision or Precision("cpu", dtype, "none")
     config = load_config(source.path)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks {start}:{end} are outside 0:{config.num_hidden_layers} of {source.model_id}")
-    model = skeleton(config, dtype)
+    model = skeleton(config, precision.dtype)
     anatomy = find_anatomy(model, config)
     paths = [f"{anatomy.blocks}.{i}" for i in range(start, end)]
-    blocks = load_parts(Checkpoint(source.path), model, anatomy, paths, dtype)
-    rotary = model.get_submodule(anatomy.rotary) if anatomy.rotary else None
-    logger.info("loaded blocks %d:%d of %s (%s)", start, end, source.model_id, dtype)
-    return BlockSpan(blocks, rotary, start, end, config.hidden_size)
+    blocks = load_parts(Checkpoint(source.path), model, anatomy, paths, precision.dtype)
+    device = torch.device(precision.device)
+    for block in blocks:
+        block.to(device)
+        if precision.quant != "none":
+            quantize_linears(block, precision.quant)
+    rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
+    span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision)
+    logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
+                precision.describe(), span.weight_bytes() / 2**20)
+    return span

@@ -118,7 +118,8 @@ class SpanBackend:
         return await loop.run_in_executor(self._executor, self._compute, session, hidden, position)
 
     def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        out = self.span(hidden.to(self.span.dtype), session.cache, position, session.blocks)
+        span = self.span
+        out = span(hidden.to(span.device, span.dtype), session.cache, position, session.blocks).to("cpu")
         self.steps += 1
         if self.fault_nan_after and self.steps > self.fault_nan_after:
             out = torch.full_like(out, float("nan"))

@@ -12,6 +12,7 @@ import torch
 
 from swarm.dht import announce, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
 from swarm.model.anatomy import load_config
+from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span
 from swarm.protocol import SpanInfo
@@ -32,17 +33,17 @@ def run_peer(settings: PeerSettings) -> None:
     source = resolve_model(settings.model, settings.model_id)
     config = load_config(source.path)
     start, end = settings.block_range(config.num_hidden_layers)
-    dtype = getattr(torch, settings.dtype)
+    precision = choose_precision(settings.device, settings.dtype, settings.quant, source.native_quant)
     identity_path, key = load_identity(settings.identity)
     # The DHT forks a child process: start it before the weights are in memory so that the child stays small.
     dht = start_dht(settings.initial_peers, settings.host, settings.port, identity_path, signing_key=key)
     if settings.identity is None:
         os.unlink(identity_path)  # a throwaway identity: p2pd has read it
     try:
-        span = load_span(source, start, end, dtype)
+        span = load_span(source, start, end, precision=precision)
         max_length = min(settings.max_length or config.max_position_embeddings, config.max_position_embeddings)
         limits = Limits(settings.max_sessions, max_length, settings.max_batch, settings.max_chunk_tokens)
-        per_token = kv_bytes_per_token(config, end - start, dtype)
+        per_token = kv_bytes_per_token(config, end - start, precision.dtype)
         budget = KVBudget(settings.kv_budget_tokens or default_budget_tokens(per_token))
         backend = SpanBackend(span, limits, budget, settings.fault_nan_after)
         if settings.fault_nan_after:
@@ -56,8 +57,9 @@ def run_peer(settings: PeerSettings) -> None:
                 end=end,
                 num_blocks=config.num_hidden_layers,
                 hidden_size=config.hidden_size,
-                dtype=settings.dtype,
-                quant="none",
+                dtype=precision.dtype_name,
+                quant=precision.quant,
+                device=precision.device,
                 max_length=max_length,
                 kv_budget_tokens=budget.total,
                 free_kv_tokens=budget.free,
@@ -80,8 +82,8 @@ async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings, owner:
     ttl = 3 * settings.announce_period
     first = info()
     await announce(dht, first, ttl, owner)
-    logger.info("peer ready: model=%s blocks=%d:%d peer_id=%s maddrs=%s", first.model_id, first.start, first.end,
-                first.peer_id, " ".join(visible_maddrs(dht)))
+    logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s peer_id=%s maddrs=%s", first.model_id, first.start,
+                first.end, first.device, first.dtype, first.quant, first.peer_id, " ".join(visible_maddrs(dht)))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.announce_period)

@@ -20,7 +20,12 @@ class PeerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
     identity: str | None = Field(None, description="private key file, for a peer id that survives restarts")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of the blocks")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the blocks run (auto: cuda if present)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of the blocks (auto: bf16/fp16 on CUDA, float32 on CPU)")
+    quant: Literal["auto", "none", "int8", "int4", "nf4"] = Field(
+        "auto", description="weight quantization of the blocks (auto: nf4 on CUDA; int8 on CPU, int4 for a 4-bit "
+                            "GGUF checkpoint like the default model)")
     num_threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
     max_sessions: int = Field(64, ge=1, description="concurrent sessions served")
     max_length: int = Field(0, ge=0, description="longest session in tokens (0: the model's context length)")

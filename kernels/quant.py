@@ -1,0 +1,191 @@
+"""Quantized linear layers behind one dispatch: the fastest available kernel that computes what `reference.py` says.
+
+Kernels, per (method, device):
+
+    int8  cpu   "torch"         torch's `_weight_int8pack_mm`: int8 weights, bf16 activations (fp32 activations are
+                                10-30x slower in this kernel), output cast back to the caller's dtype. Only for
+                                in_features % 16 == 0: torch 2.13 segfaults on other widths (other layers: reference)
+    int4  cpu   "torch"         torch's `_weight_int4pack_mm_for_cpu` (groups of 32, bf16 scales and zero points, bf16
+                                activations); needs out_features % 16 == 0, else reference
+    int8  cuda  "bitsandbytes"  LLM.int8 (`bnb.matmul`, outlier threshold 6): activations are quantized too
+    nf4   cuda  "bitsandbytes"  `bnb.matmul_4bit`; packed bytes identical to reference.quantize_nf4
+    any   any   "reference"     dequantize, then a float32 matmul (correct everywhere, slow)
+
+The choice is made once, at import, from what is installed; `SWARM_KERNELS=reference|torch|bitsandbytes` overrides
+it (e.g. to run bitsandbytes' CPU backend, or the reference everywhere). benchmarks/kernels.py measures the CPU
+candidates (including torch's deprecated `quantize_dynamic`) and is where the choice of "torch" for CPU int8 comes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+
+import torch
+from torch import nn
+
+from kernels import reference
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("int8", "int4", "nf4")
+KERNELS = ("reference", "torch", "bitsandbytes")
+
+HAVE_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
+HAVE_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+HAVE_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+OVERRIDE = os.environ.get("SWARM_KERNELS", "").strip() or None
+if OVERRIDE is not None and OVERRIDE not in KERNELS:
+    raise ImportError(f"SWARM_KERNELS={OVERRIDE!r}: expected one of {', '.join(KERNELS)}")
+
+BNB_INT8_THRESHOLD = 6.0
+
+
+def _bnb():
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+INT8PACK_ALIGN = 16  # _weight_int8pack_mm reads in_features in vectors of 16 and crashes on a remainder
+INT4PACK_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu refuses other out_features
+
+
+def _torch_kernel_fits(method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+    if device.type != "cpu":
+        return False
+    if method == "int8":
+        return HAVE_INT8PACK and in_features % INT8PACK_ALIGN == 0
+    if method == "int4":
+        return HAVE_INT4PACK and out_features % INT4PACK_ALIGN == 0 and in_features % reference.INT4_GROUPSIZE == 0
+    return False
+
+
+def kernel_for(method: str, device: torch.device, in_features: int = 64, out_features: int = 64) -> str:
+    """The kernel a QuantLinear of `method` on `device` with this shape uses."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}; expected one of {', '.join(METHODS)}")
+    if OVERRIDE is not None:
+        if OVERRIDE == "bitsandbytes" and not HAVE_BITSANDBYTES:
+            raise RuntimeError("SWARM_KERNELS=bitsandbytes but bitsandbytes is not installed")
+        if OVERRIDE == "torch" and not _torch_kernel_fits(method, device, in_features, out_features):
+            return "reference"  # torch's kernels are CPU int8 / int4 paths only
+        if OVERRIDE == "bitsandbytes" and method == "int4":
+            return "reference"  # bitsandbytes has no affine int4
+        return OVERRIDE
+    if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
+        return "bitsandbytes"
+    if _torch_kernel_fits(method, device, in_features, out_features):
+        return "torch"
+    return "reference"
+
+
+class QuantLinear(nn.Module):
+    """A drop-in for nn.Linear with a weight-only quantized weight; output dtype = input dtype."""
+
+    def __init__(self, linear: nn.Linear, method: str, kernel: str | None = None):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.method = method
+        self.kernel = kernel or kernel_for(method, weight.device, self.in_features, self.out_features)
+        if self.kernel == "torch" and not _torch_kernel_fits(method, weight.device, self.in_features,
+                                                             self.out_features):
+            raise ValueError(f"torch has no {method} kernel for a {self.out_features}x{self.in_features} weight on "
+                             f"{weight.device} (int8: in_features % {INT8PACK_ALIGN} == 0; int4: out_features % "
+                             f"{INT4PACK_ALIGN} == 0 and in_features % {reference.INT4_GROUPSIZE} == 0)")
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._bnb_state = None
+        if method == "int8":
+            q, scale = reference.quantize_int8(weight)
+            self.register_buffer("qweight", q)
+            # bitsandbytes keeps the row absmax (scale * 127); torch's kernel wants the scale in the activations' dtype
+            scale = {"torch": scale.to(torch.bfloat16), "bitsandbytes": scale * reference.INT8_MAX}.get(
+                self.kernel, scale)
+            self.register_buffer("scale", scale)
+        elif method == "int4":
+            packed, scale, minimum = reference.quantize_int4(weight)
+            if self.kernel == "torch":
+                # torch's layout: W = (q - 8) * scale + zero, with [K/g, N, 2] bf16 scales and zero points
+                q = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(self.out_features, self.in_features)
+                self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+                zero = minimum + 8 * scale
+                self.register_buffer("scale", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+                                     .to(torch.bfloat16))
+            else:
+                self.register_buffer("qweight", packed)
+                self.register_buffer("scale", scale)
+                self.register_buffer("minimum", minimum)
+        elif method == "nf4":
+            if self.kernel == "bitsandbytes":
+                packed, self._bnb_state = _bnb().functional.quantize_4bit(
+                    weight, blocksize=reference.NF4_BLOCKSIZE, quant_type="nf4")
+                self.register_buffer("qweight", packed)
+                self.register_buffer("scale", self._bnb_state.absmax)
+            else:
+                packed, absmax = reference.quantize_nf4(weight)
+                self.register_buffer("qweight", packed)
+                self.register_buffer("scale", absmax)
+        else:
+            raise ValueError(f"unknown quantization {method!r}; expected one of {', '.join(METHODS)}")
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, method={self.method}, kernel={self.kernel}"
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "int8":
+            if self.kernel == "torch":
+                flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+                y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+                y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                return y + self.bias if self.bias is not None else y
+            if self.kernel == "bitsandbytes":
+                bnb = _bnb()
+                state = bnb.MatmulLtState()
+                state.CB, state.SCB = self.qweight, self.scale
+                state.threshold, state.has_fp16_weights, state.is_training = BNB_INT8_THRESHOLD, False, False
+                with _quiet_bnb():
+                    return bnb.matmul(x, self.qweight, state=state, bias=self.bias).to(x.dtype)
+            return reference.int8_linear(x, self.qweight, self.scale, self.bias).to(x.dtype)
+        shape = (self.out_features, self.in_features)
+        if self.method == "int4":
+            if self.kernel == "torch":
+                flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, reference.INT4_GROUPSIZE,
+                                                                self.scale)
+                y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                return y + self.bias if self.bias is not None else y
+            return reference.int4_linear(x, self.qweight, self.scale, self.minimum, shape, self.bias).to(x.dtype)
+        if self.kernel == "bitsandbytes":
+            bnb = _bnb()
+            out = bnb.matmul_4bit(x.to(self._bnb_state.dtype), self.qweight.t(), quant_state=self._bnb_state,
+                                  bias=self.bias)
+            return out.to(x.dtype)
+        return reference.nf4_linear(x, self.qweight, self.scale, shape, self.bias).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _quiet_bnb():
+    # bitsandbytes warns on every fp32 call that it casts the activations to fp16 for int8 quantization
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def quantize_linears(module: nn.Module, method: str, kernel: str | None = None) -> int:
+    """Replace every nn.Linear inside `module` by a QuantLinear, in place; returns how many were replaced."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, QuantLinear(child, method, kernel))
+            count += 1
+        else:
+            count += quantize_linears(child, method, kernel)
+    return count
