@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,13 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    return {name: version(name) for name in ("torch", "transformers", "hivemind", "swarm-llm")}
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {name: installed(name) for name in ("torch", "transformers", "hivemind", "bitsandbytes", "swarm-llm")}
 
 
 def median(values: list[float]) -> float:

@@ -1,0 +1,115 @@
+"""An 8B-shaped span on CUDA: decode-step latency and memory of bf16 vs nf4 vs int8 weights, and correctness.
+
+    python scripts/gpu_span_check.py [--blocks 8] [--steps 50] [--out DIR]
+
+Blocks of Llama-3-8B's shape (hidden 4096, MLP 14336, 32 heads / 8 KV heads) with random weights, initialised on the
+GPU. Checks: (1) the span's output equals transformers' own forward of the same blocks (bf16, tolerance below);
+(2) nf4 and int8 spans stay close to bf16; (3) decode-step latency after a 512-token prefill, median of `steps`,
+and the weights' memory, per variant. JSON on stdout (and DIR/gpu_span.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels.quant import quantize_linears
+from swarm.model.precision import Precision
+from swarm.model.span import BlockSpan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a small dry run")
+    args = parser.parse_args()
+    dev = args.device
+    hidden = 4096 if dev == "cuda" else 256
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 7 // 2, num_attention_heads=32,
+                         num_key_value_heads=8,
+                         num_hidden_layers=args.blocks, vocab_size=256, max_position_embeddings=8192,
+                         rope_theta=500000.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    result: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "none (cpu dry run)",
+                    "torch": torch.__version__, "blocks": args.blocks,
+                    "shape": "llama-3-8b", "prefill_tokens": args.prefill, "decode_steps": args.steps}
+    g = torch.Generator(device=dev).manual_seed(1)
+    prompt = torch.randn(1, args.prefill, hidden, device=dev, generator=g, dtype=torch.bfloat16)
+    step_input = torch.randn(1, 1, hidden, device=dev, generator=g, dtype=torch.bfloat16)
+
+    # (1) transformers' forward of the same blocks (inputs_embeds in, before the final norm) vs the span
+    with torch.inference_mode():
+        want = model.model(inputs_embeds=prompt, use_cache=False).last_hidden_state  # after the final norm
+    layers = list(model.model.layers)
+    base = BlockSpan(layers, model.model.rotary_emb, 0, args.blocks, hidden,
+                     Precision(dev, torch.bfloat16, "none"))
+    with torch.inference_mode():
+        got = model.model.norm(base(prompt, base.new_cache(args.prefill + args.steps + 1), 0))
+    diff = (got.float() - want.float()).abs()
+    result["span_vs_transformers"] = {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                                      "ref_mean_abs": want.float().abs().mean().item()}
+
+    variants = {"bf16": base}
+    for quant in ("nf4", "int8"):
+        span = copy.deepcopy(base)
+        quantize_linears(span, quant)
+        span.precision = Precision(dev, torch.bfloat16, quant)
+        variants[quant] = span
+    reference_out = None
+    for name, span in variants.items():
+        sync()
+        with torch.inference_mode():
+            cache = span.new_cache(args.prefill + args.steps + 1)
+            out = span(prompt, cache, 0)
+            if reference_out is None:
+                reference_out = out
+            times = []
+            for i in range(args.steps):
+                sync()
+                start = time.perf_counter()
+                span(step_input, cache, args.prefill + i)
+                sync()
+                times.append(time.perf_counter() - start)
+        err = (out.float() - reference_out.float()).abs()
+        step_ms = statistics.median(times) * 1000
+        result[name] = {
+            "kernels": sorted(span.kernels()) or ["torch bf16"],
+            "weights_gib": round(span.weight_bytes() / 2**30, 3),
+            "decode_step_ms_median": round(step_ms, 3),
+            "decode_step_ms_p90": round(sorted(times)[int(0.9 * len(times))] * 1000, 3),
+            "per_token_ms_scaled_to_32_blocks": round(step_ms * 32 / args.blocks, 2),
+            "prefill_output_rel_error_vs_bf16": round((err.mean() / reference_out.float().abs().mean()).item(), 5),
+        }
+        print(name, json.dumps(result[name]), flush=True)
+    if dev == "cuda":
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out, "gpu_span.json").write_text(text + "\n")
+    # correctness gates: a failed check makes the script (and gpu_check.sh) say so
+    rel = result["span_vs_transformers"]["max_abs"] / max(result["span_vs_transformers"]["ref_mean_abs"], 1e-6)
+    assert rel < 0.1, f"span differs from transformers: {result['span_vs_transformers']}"
+    assert result["nf4"]["prefill_output_rel_error_vs_bf16"] < 0.2, result["nf4"]
+    assert result["int8"]["prefill_output_rel_error_vs_bf16"] < 0.1, result["int8"]
+
+
+if __name__ == "__main__":
+    main()
