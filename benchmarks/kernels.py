@@ -2,9 +2,10 @@
 
     python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--out DIR]
 
-Candidates (each only where it runs): fp32 / bf16 / fp16 unquantized; int8 with torch's `_weight_int8pack_mm`; int4
-with torch's `_weight_int4pack_mm_for_cpu`; int8 with torch's deprecated `quantize_dynamic` (activations quantized
-too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU); the dequantize-then-matmul reference.
+Candidates (each only where it runs): fp32 / bf16 unquantized; int8 with torch's `_weight_int8pack_mm`; int4 with
+torch's `_weight_int4pack_mm_for_cpu`; nf4 with kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
+`quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
+the dequantize-then-matmul reference.
 Shapes: SmolLM2's four linear shapes and two of an 8B Llama. Tokens per call: 1 (decode) and 16. Each call uses
 the next of enough copies of the layer to hold 256 MiB of fp32 weights, so weights stream from memory as they do in
 a real forward pass (one small layer called in a loop would sit in the CPU cache and hide the memory bandwidth that
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
+from kernels import triton_nf4
 from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
@@ -69,6 +71,8 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable
             out[f"{method}.{kernel}"] = QuantLinear(linear, method, kernel)
         if HAVE_BITSANDBYTES and method != "int4" and kernel != "bitsandbytes":
             out[f"{method}.bitsandbytes"] = QuantLinear(linear, method, "bitsandbytes")
+    if device == "cuda" and triton_nf4.fits(k):
+        out["nf4.triton"] = QuantLinear(linear, "nf4", "triton")
     out["int8.reference"] = QuantLinear(linear, "int8", "reference")
     if device == "cpu":
         with warnings.catch_warnings():

@@ -9,6 +9,8 @@ Kernels, per (method, device):
                                 activations); needs out_features % 16 == 0, else reference
     int8  cuda  "bitsandbytes"  LLM.int8 (`bnb.matmul`, outlier threshold 6): activations are quantized too
     nf4   cuda  "bitsandbytes"  `bnb.matmul_4bit`; packed bytes identical to reference.quantize_nf4
+    nf4   cuda  "triton"        kernels/triton_nf4.py for decode rows (<= TRITON_MAX_ROWS rows per call), dequantize
+                                + torch matmul for prefill chunks; needs in_features % 256 == 0
     any   any   "reference"     dequantize, then a float32 matmul (correct everywhere, slow)
 
 The choice is made once, at import, from what is installed; `SWARM_KERNELS=reference|torch|bitsandbytes` overrides
@@ -26,12 +28,12 @@ import os
 import torch
 from torch import nn
 
-from kernels import reference
+from kernels import reference, triton_nf4
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("int8", "int4", "nf4")
-KERNELS = ("reference", "torch", "bitsandbytes")
+KERNELS = ("reference", "torch", "bitsandbytes", "triton")
 
 HAVE_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 HAVE_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -41,6 +43,7 @@ if OVERRIDE is not None and OVERRIDE not in KERNELS:
     raise ImportError(f"SWARM_KERNELS={OVERRIDE!r}: expected one of {', '.join(KERNELS)}")
 
 BNB_INT8_THRESHOLD = 6.0
+TRITON_MAX_ROWS = 4  # more rows per call (a prefill chunk) are a matmul, not a decode GEMV
 
 
 def _bnb():
@@ -74,6 +77,8 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
             return "reference"  # torch's kernels are CPU int8 / int4 paths only
         if OVERRIDE == "bitsandbytes" and method == "int4":
             return "reference"  # bitsandbytes has no affine int4
+        if OVERRIDE == "triton" and not (method == "nf4" and device.type == "cuda" and triton_nf4.fits(in_features)):
+            return "reference"
         return OVERRIDE
     if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
         return "bitsandbytes"
@@ -119,7 +124,14 @@ class QuantLinear(nn.Module):
                 self.register_buffer("scale", scale)
                 self.register_buffer("minimum", minimum)
         elif method == "nf4":
-            if self.kernel == "bitsandbytes":
+            if self.kernel == "triton":
+                if not triton_nf4.fits(self.in_features):
+                    raise ValueError(f"the triton nf4 kernel needs in_features % {triton_nf4.BLOCK_K} == 0")
+                packed, absmax = reference.quantize_nf4(weight)
+                self.register_buffer("qweight", packed)
+                self.register_buffer("scale", absmax)
+                self.register_buffer("code", reference.NF4_CODE.to(weight.device))
+            elif self.kernel == "bitsandbytes":
                 packed, self._bnb_state = _bnb().functional.quantize_4bit(
                     weight, blocksize=reference.NF4_BLOCKSIZE, quant_type="nf4")
                 self.register_buffer("qweight", packed)
@@ -161,6 +173,14 @@ class QuantLinear(nn.Module):
                 y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
                 return y + self.bias if self.bias is not None else y
             return reference.int4_linear(x, self.qweight, self.scale, self.minimum, shape, self.bias).to(x.dtype)
+        if self.kernel == "triton":
+            flat = x.reshape(-1, self.in_features)
+            if flat.shape[0] <= TRITON_MAX_ROWS:
+                y = triton_nf4.nf4_gemv(flat, self.qweight, self.scale, self.code, self.out_features)
+            else:
+                y = nn.functional.linear(flat, reference.dequantize_nf4(self.qweight, self.scale, shape).to(x.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
         if self.kernel == "bitsandbytes":
             bnb = _bnb()
             out = bnb.matmul_4bit(x.to(self._bnb_state.dtype), self.qweight.t(), quant_state=self._bnb_state,

@@ -109,8 +109,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> tuple[
     blocks = weight.float().reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     normed = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    # the nearest code point: the bucket between the midpoints of consecutive (sorted) code points
     code = NF4_CODE.to(weight.device)
-    index = (normed.reshape(-1, 1) - code).abs().argmin(dim=1)
+    index = torch.bucketize(normed.reshape(-1), (code[1:] + code[:-1]) / 2)
     return _pack_nibbles(index), absmax
 
 

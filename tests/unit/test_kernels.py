@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import reference
+from kernels import reference, triton_nf4
 from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for, quantize_linears
 
 # kernel → activation dtype → relative tolerance against reference.*_linear (which computes in float32). torch's CPU
@@ -21,6 +21,8 @@ TOLERANCE = {
     ("bitsandbytes", torch.float32): 3e-2,
     ("bitsandbytes", torch.bfloat16): 4e-2,
     ("bitsandbytes", torch.float16): 3e-2,
+    ("triton", torch.bfloat16): 2e-2,
+    ("triton", torch.float16): 1e-2,
     ("reference", torch.float32): 1e-6,
     ("reference", torch.bfloat16): 2e-2,
 }
@@ -121,14 +123,14 @@ def test_dispatch_picks_torch_int8_on_cpu_and_refuses_unknown_methods():
         kernel_for("int3", torch.device("cpu"))
 
 
-def _parity(method, kernel, shape, dtype, device, bias=True):
+def _parity(method, kernel, shape, dtype, device, bias=True, rows=(2, 3)):
     w = weights(shape, device=device, dtype=dtype)
     linear = nn.Linear(shape[1], shape[0], bias=bias, device=device, dtype=dtype)
     linear.weight.data.copy_(w)
     fast = QuantLinear(linear, method, kernel)
-    x = torch.randn(2, 3, shape[1], generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    x = torch.randn(*rows, shape[1], generator=torch.Generator().manual_seed(1)).to(device, dtype)
     got = fast(x)
-    assert got.shape == (2, 3, shape[0]) and got.dtype == dtype
+    assert got.shape == (*rows, shape[0]) and got.dtype == dtype
     # the fast kernel may store the weight in its own layout: the reference computes from its own quantization
     if method == "int8":
         want = reference.int8_linear(x, *reference.quantize_int8(w), linear.bias)
@@ -193,6 +195,16 @@ def test_bitsandbytes_kernels_match_reference(method, shape, device):
     dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
     for dtype in dtypes:
         _parity(method, "bitsandbytes", shape, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(not triton_nf4.HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("shape", [(48, 256), (1000, 512), (4096, 4096), (14336, 4096)])
+@pytest.mark.parametrize("rows", [(1,), (1, 2), (4,), (2, 9)])  # decode GEMV up to 4 rows, a matmul above
+def test_triton_nf4_matches_reference(shape, rows):
+    for dtype in (torch.bfloat16, torch.float16):
+        _parity("nf4", "triton", shape, dtype, "cuda", rows=rows)
 
 
 def test_quantize_linears_replaces_every_linear_and_keeps_the_rest():
