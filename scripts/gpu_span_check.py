@@ -77,32 +77,40 @@ def main() -> None:
         quantize_linears(span, quant, kernel)
         span.precision = Precision(dev, torch.bfloat16, quant)
         variants[quant if kernel is None else f"{quant}_{kernel}"] = span
-    reference_out = None
-    outputs = {}
+    # Prefill and warm up every variant first (the first decode steps of a process pay for kernel selection and
+    # allocations), then time decode steps in interleaved rounds, so that no variant gets a quieter or noisier stretch
+    # of the shared machine than another. Recorded runs before this change timed the variants one after the other
+    # and the first one absorbed the warm-up (bf16 measured 5.1, 10.1 and 51.9 ms in three runs).
+    warmup, rounds = 5, 5
+    outputs, caches, positions, times = {}, {}, {}, {name: [] for name in variants}
+    with torch.inference_mode():
+        for name, span in variants.items():
+            caches[name] = span.new_cache(args.prefill + warmup + args.steps + 1)
+            outputs[name] = span(prompt, caches[name], 0).float()
+            for i in range(warmup):
+                span(step_input, caches[name], args.prefill + i)
+            positions[name] = args.prefill + warmup
+        for _ in range(rounds):
+            for name, span in variants.items():
+                for _ in range(args.steps // rounds):
+                    sync()
+                    start = time.perf_counter()
+                    span(step_input, caches[name], positions[name])
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+                    positions[name] += 1
+    reference_out = outputs["bf16"]
     for name, span in variants.items():
-        sync()
-        with torch.inference_mode():
-            cache = span.new_cache(args.prefill + args.steps + 1)
-            out = span(prompt, cache, 0)
-            if reference_out is None:
-                reference_out = out
-            times = []
-            for i in range(args.steps):
-                sync()
-                start = time.perf_counter()
-                span(step_input, cache, args.prefill + i)
-                sync()
-                times.append(time.perf_counter() - start)
-        outputs[name] = out.float()
-        err = (out.float() - reference_out.float()).abs()
-        step_ms = statistics.median(times) * 1000
+        err = (outputs[name] - reference_out).abs()
+        step_ms = statistics.median(times[name]) * 1000
         result[name] = {
             "kernels": sorted(span.kernels()) or ["torch bf16"],
             "weights_gib": round(span.weight_bytes() / 2**30, 3),
             "decode_step_ms_median": round(step_ms, 3),
-            "decode_step_ms_p90": round(sorted(times)[int(0.9 * len(times))] * 1000, 3),
+            "decode_step_ms_p90": round(sorted(times[name])[int(0.9 * len(times[name]))] * 1000, 3),
+            "decode_vs_bf16": round(step_ms / (statistics.median(times["bf16"]) * 1000), 3),
             "per_token_ms_scaled_to_32_blocks": round(step_ms * 32 / args.blocks, 2),
-            "prefill_output_rel_error_vs_bf16": round((err.mean() / reference_out.float().abs().mean()).item(), 5),
+            "prefill_output_rel_error_vs_bf16": round((err.mean() / reference_out.abs().mean()).item(), 5),
         }
         print(name, json.dumps(result[name]), flush=True)
     if dev == "cuda":
@@ -111,10 +119,12 @@ def main() -> None:
     rel = result["span_vs_transformers"]["max_abs"] / max(result["span_vs_transformers"]["ref_mean_abs"], 1e-6)
     try:
         assert rel < 0.1, f"span differs from transformers: {result['span_vs_transformers']}"
-        for name, tolerance in (("nf4", 2e-2), ("nf4_triton", 2e-2), ("int8", 5e-2)):
+        # mean relative distance after 8 random-weight blocks, which amplify bf16 rounding differences between the
+        # two computations (each quantized layer alone: tests/unit/test_kernels.py, within 4e-2 of its max)
+        for name, tolerance in (("nf4", 5e-2), ("nf4_triton", 5e-2), ("int8", 1e-1)):
             if name not in outputs:
                 continue
-            fast, ref = outputs[name], outputs[f"{name[:4]}_reference"]
+            fast, ref = outputs[name], outputs[f"{name.split('_')[0]}_reference"]
             rel = ((fast - ref).abs().mean() / ref.abs().mean()).item()
             result[f"{name}_vs_reference_kernel_rel_error"] = rel
             print(f"{name}: {variants[name].kernels()} vs reference kernel: mean relative error {rel:.2e} "

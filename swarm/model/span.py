@@ -7,13 +7,14 @@ position embeddings from the model's rotary module, a causal mask aligned with w
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 from torch import nn
 
 from kernels.quant import QuantLinear, quantize_linears
-from swarm.model.anatomy import find_anatomy, load_config, load_parts, skeleton
+from swarm.model.anatomy import UnsupportedModelError, find_anatomy, load_config, load_parts, skeleton
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
 from swarm.model.weights import Checkpoint
@@ -89,6 +90,7 @@ class BlockSpan(nn.Module):
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = i
+        self.cache_keyword = cache_keyword(self.blocks[0]) if blocks else "cache"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,13 +123,24 @@ class BlockSpan(nn.Module):
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=True,
                 position_embeddings=embeddings,
+                **{self.cache_keyword: cache},
             )
             hidden = out[0] if isinstance(out, tuple) else out
         cache.commit(new)
         return hidden
+
+
+def cache_keyword(block: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` in transformers >= 5.2x, `past_key_values` before.
+    A wrong keyword is swallowed by the layer's **kwargs and the layer silently runs without a cache (every decode
+    step then attends to itself alone): so look it up instead of assuming it."""
+    parameters = inspect.signature(block.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if name in parameters:
+            return name
+    raise UnsupportedModelError(f"{type(block).__name__}.forward takes no KV cache argument: {list(parameters)}")
 
 
 def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -110,3 +110,40 @@ def test_causal_mask_lets_each_new_token_see_the_past_and_itself():
     assert causal_mask(4, 0, torch.float32, torch.device("cpu")) is None
     mask = causal_mask(2, 3, torch.float32, torch.device("cpu"))[0, 0]
     assert (mask == 0).tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+class _OldStyleLayer(torch.nn.Module):
+    """A decoder layer as transformers < 5.2x writes it: the KV cache comes as `past_key_values`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        return self.inner(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings)
+
+
+def test_span_passes_the_cache_by_the_keyword_the_layer_takes(tiny_model_dir):
+    # transformers 5.17 layers take `past_key_values`; passed as `cache=` it vanished into **kwargs and every decode
+    # step attended to itself alone (found on a GPU machine with 5.17: prefill right, decode wrong).
+    from swarm.model.span import BlockSpan, cache_keyword
+
+    source = ModelSource("tiny", tiny_model_dir("llama"))
+    span = load_span(source, 0, 6)
+    old = BlockSpan([_OldStyleLayer(b) for b in span.blocks], span.rotary, 0, 6, span.hidden_size)
+    assert (span.cache_keyword, old.cache_keyword) == ("cache", "past_key_values")
+    g = torch.Generator().manual_seed(2)
+    prompt, step = torch.randn(1, 5, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    caches = [span.new_cache(16), old.new_cache(16)]
+    for s, c in zip((span, old), caches, strict=True):
+        s(prompt, c, 0)
+    torch.testing.assert_close(old(step, caches[1], 5), span(step, caches[0], 5), atol=1e-6, rtol=0)
+    with pytest.raises(UnsupportedModelError, match="takes no KV cache"):
+        cache_keyword(_Bare())
+
+
+class _Bare(torch.nn.Module):
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states
