@@ -7,6 +7,9 @@ position embeddings from the model's rotary module, a causal mask aligned with w
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import inspect
 import logging
 
@@ -153,6 +156,14 @@ def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def release_freed_memory() -> None:
+    """glibc keeps freed heap memory mapped (freed blocks of a dynamically raised mmap threshold land on the heap);
+    malloc_trim returns it. Without it a quantized span's process keeps the RSS of its unquantized weights."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32,
               precision: Precision | None = None) -> BlockSpan:
     """Build blocks [start, end) of `source` and load only their tensors, then place and quantize them as `precision`
@@ -164,13 +175,17 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         raise ValueError(f"blocks {start}:{end} are outside 0:{config.num_hidden_layers} of {source.model_id}")
     model = skeleton(config, precision.dtype)
     anatomy = find_anatomy(model, config)
-    paths = [f"{anatomy.blocks}.{i}" for i in range(start, end)]
-    blocks = load_parts(Checkpoint(source.path), model, anatomy, paths, precision.dtype)
+    checkpoint = Checkpoint(source.path)
     device = torch.device(precision.device)
-    for block in blocks:
+    blocks = []
+    for i in range(start, end):  # one block at a time: a quantized span never holds all its unquantized weights
+        (block,) = load_parts(checkpoint, model, anatomy, [f"{anatomy.blocks}.{i}"], precision.dtype)
         block.to(device)
         if precision.quant != "none":
             quantize_linears(block, precision.quant)
+        blocks.append(block)
+    if precision.quant != "none":
+        release_freed_memory()  # the unquantized weights are garbage now; hand their pages back to the OS
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision)
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,

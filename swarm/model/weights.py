@@ -49,7 +49,8 @@ class Checkpoint:
             with safe_open(file, framework="pt") as f:
                 for name in file_names:
                     tensor = f.get_tensor(name)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    tensors[name] = tensor
+                    # a copy, always: a tensor that views the file's memory map keeps the whole file mapped (and every
+                    # page read so far resident) for as long as it lives, e.g. a norm weight next to quantized blocks
+                    cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                    tensors[name] = tensor.to(cast, copy=True)
         return tensors
