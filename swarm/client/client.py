@@ -146,7 +146,8 @@ class SwarmClient:
         of the last token."""
         hidden = None
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
-            embeddings = await self.run_in_worker(self.head.embed, input_ids[:, start : start + self.prefill_chunk])
+            chunk = input_ids[:, start : start + self.prefill_chunk]
+            embeddings = await self.run_in_worker(self.head.embed, chunk, session.position)
             hidden = await session.step(embeddings)
         assert hidden is not None, "input_ids must hold at least one token"
         return await self.run_in_worker(self.head.logits, hidden[:, -1:])

@@ -9,7 +9,13 @@ rotary module are the blocks' siblings whose class names say so. A peer then mat
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +29,14 @@ from swarm.model.weights import Checkpoint
 logger = logging.getLogger(__name__)
 
 # Families whose decoder blocks run unchanged under swarm.model.span.BlockSpan, each checked by a test against the
-# same model run whole by transformers. Others are refused with this list rather than silently computed wrong.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# same model run whole by transformers (tests/unit/test_span.py builds a tiny one of each from its config class).
+# Others are refused with this list rather than silently computed wrong: e.g. bloom (ALiBi biases built outside the
+# blocks and a layer norm on the embeddings) is not supported.
+SUPPORTED_FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gptj",
+    "gpt_neox", "falcon", "opt", "mixtral", "qwen2_moe", "qwen3_moe", "stablelm", "starcoder2", "olmo", "olmo2",
+    "granite", "cohere", "smollm3", "glm",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -44,6 +56,8 @@ class Anatomy:
     rotary: str | None
     base_prefix: str  # "model" for LlamaForCausalLM: checkpoints saved from the base model lack it
     tied_embeddings: bool
+    position_embeddings: str | None = None  # learned absolute positions added to the token embeddings (GPT-2, OPT)
+    attn_implementation: str = "sdpa"
 
 
 def load_config(path: Path) -> PretrainedConfig:
@@ -56,9 +70,15 @@ def load_config(path: Path) -> PretrainedConfig:
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The whole model with parameters on the meta device; buffers (rotary frequencies) are real but tiny."""
+    """The whole model with parameters on the meta device; buffers (rotary frequencies) are real but tiny.
+    SDPA attention where the family has it, else transformers' eager attention (then spans pass explicit masks)."""
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        except ValueError as e:
+            if "scaled_dot_product_attention" not in str(e):
+                raise
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
 
 
 def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
@@ -76,6 +96,14 @@ def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
     rotary = [n for n, cls in siblings.items() if "rotary" in cls.lower()]
     if len(norms) != 1:
         raise UnsupportedModelError(f"cannot tell the final norm of {type(model).__name__} among {norms}")
+    token_embeddings = model.get_input_embeddings()
+    positions = [f"{parent_name}.{n}" if parent_name else n for n, m in parent.named_children()
+                 if isinstance(m, nn.Embedding) and m is not token_embeddings]
+    if len(positions) > 1:
+        raise UnsupportedModelError(f"cannot tell the position embeddings of {type(model).__name__} among {positions}")
+    unsupported = [n for n, m in parent.named_children() if n in ("project_in", "project_out") and m is not None]
+    if unsupported:
+        raise UnsupportedModelError(f"{type(model).__name__} projects around its blocks ({unsupported}): not supported")
     head = model.get_output_embeddings()
     return Anatomy(
         model_type=config.model_type,
@@ -87,6 +115,8 @@ def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
         rotary=rotary[0] if rotary else None,
         base_prefix=parent_name,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        position_embeddings=positions[0] if positions else None,
+        attn_implementation=model.config._attn_implementation,
     )
 
 
@@ -113,3 +143,60 @@ def load_parts(
         module.requires_grad_(False).eval()
         modules.append(module)
     return modules
+
+
+def checkpoint_for(path: Path, model: nn.Module, anatomy: Anatomy) -> Checkpoint:
+    """The checkpoint to read the parts from: the model directory itself when its tensor names are the model's,
+    else (a family whose checkpoints use legacy names or per-expert tensors that transformers renames and fuses on
+    load: GPT-NeoX, Mixtral, Qwen-MoE, ...) a canonical copy made once by transformers' own loader and cached.
+    Making that copy loads the whole model once on this machine."""
+    checkpoint = Checkpoint(path)
+    missing = [name for name in model.state_dict()
+               if checkpoint.resolve(name, anatomy.base_prefix) is None
+               and not (anatomy.tied_embeddings and name.startswith(anatomy.lm_head + "."))]
+    if not missing:
+        return checkpoint
+    logger.info("%s names %d tensors differently from %s (e.g. %s): using a canonical copy", path, len(missing),
+                type(model).__name__, missing[0])
+    return Checkpoint(canonical_dir(Path(path)))
+
+
+def canonical_dir(path: Path) -> Path:
+    """A safetensors copy of the model at `path` under the names of transformers' own model classes."""
+    from swarm.model.gguf_cache import cache_root
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        h.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    target = cache_root() / "canonical" / f"{path.resolve().name}-{h.hexdigest()[:16]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").is_file():
+            _canonicalize(path, target)
+    return target
+
+
+def _canonicalize(path: Path, target: Path) -> None:
+    from safetensors.torch import save_file
+
+    logger.info("writing a canonical copy of %s into %s (once)", path, target)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        seen: set[int] = set()
+        tensors = {}
+        for name, tensor in model.state_dict().items():  # tied tensors share storage: save_file wants them apart
+            key = tensor.untyped_storage().data_ptr()
+            tensors[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
+            seen.add(key)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(path / "config.json", tmp / "config.json")
+        (tmp / "swarm-canonical.json").write_text(json.dumps({"source": str(path)}))
+        tmp.chmod(0o755)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,4 +1,10 @@
-"""The parts of a model a client runs itself: input embeddings, final norm and LM head (tied or not)."""
+"""The parts of a model a client runs itself: input embeddings, final norm and LM head (tied or not).
+
+What some families do around their blocks is read from the config, not written per family: learned absolute
+position embeddings added to the token embeddings (GPT-2, OPT: a sibling Embedding of the blocks, with OPT's offset),
+`embedding_multiplier` (Granite), and on the logits `logit_scale` (Cohere), `logits_scaling` (Granite) and
+`final_logit_softcapping` (Gemma 2 / 3). Gemma's sqrt(hidden) embedding scale lives in its embedding module already.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +12,52 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.model.anatomy import find_anatomy, load_config, load_parts, skeleton
+from swarm.model.anatomy import checkpoint_for, find_anatomy, load_config, load_parts, skeleton
 from swarm.model.source import ModelSource
-from swarm.model.weights import Checkpoint
 
 
 class LocalHead(nn.Module):
-    def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Module):
+    def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Module,
+                 position_embeddings: nn.Embedding | None = None):
         super().__init__()
         self.config = config
         self.embeddings, self.norm, self.lm_head = embeddings, norm, lm_head
+        self.position_embeddings = position_embeddings
         self.num_blocks: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = lm_head.weight.shape[0]
+        self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
+        self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
+        self.logits_scaling = float(getattr(config, "logits_scaling", None) or 1.0)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: [B, T] → hidden [B, T, H], the input of block 0."""
-        return self.embeddings(input_ids)
+    def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        """input_ids: [B, T] of tokens at positions position.. → hidden [B, T, H], the input of block 0."""
+        hidden = self.embeddings(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        if self.position_embeddings is not None:
+            offset = int(getattr(self.position_embeddings, "offset", 0))  # OPT's learned positions start at 2
+            positions = torch.arange(position, position + input_ids.shape[1], device=input_ids.device) + offset
+            hidden = hidden + nn.Embedding.forward(self.position_embeddings, positions)[None]
+        return hidden
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, H], the output of the last block → float32 logits [B, T, V]."""
-        return self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalHead:
@@ -40,5 +65,7 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalH
     model = skeleton(config, dtype)
     anatomy = find_anatomy(model, config)
     parts = [anatomy.embeddings, anatomy.final_norm, anatomy.lm_head]
-    embeddings, norm, lm_head = load_parts(Checkpoint(source.path), model, anatomy, parts, dtype)
-    return LocalHead(config, embeddings, norm, lm_head)
+    if anatomy.position_embeddings:
+        parts.append(anatomy.position_embeddings)
+    loaded = load_parts(checkpoint_for(source.path, model, anatomy), model, anatomy, parts, dtype)
+    return LocalHead(config, *loaded[:3], position_embeddings=loaded[3] if anatomy.position_embeddings else None)

@@ -15,12 +15,19 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from kernels.quant import QuantLinear, quantize_linears
-from swarm.model.anatomy import UnsupportedModelError, find_anatomy, load_config, load_parts, skeleton
+from swarm.model.anatomy import (
+    UnsupportedModelError,
+    checkpoint_for,
+    find_anatomy,
+    load_config,
+    load_parts,
+    skeleton,
+)
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
-from swarm.model.weights import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +86,37 @@ class SpanKVCache:
 
 
 class BlockSpan(nn.Module):
-    """Blocks `[start, end)` of a model, runnable on hidden states with a per-session SpanKVCache."""
+    """Blocks `[start, end)` of a model, runnable on hidden states with a per-session SpanKVCache.
+
+    What differs between families is read from the layers and the config rather than written per family: the keyword
+    a layer takes its cache by and any other argument it requires (Falcon's `alibi`, passed as None when it uses
+    rotary positions), a rotary module that computes per layer type (Gemma 3), sliding-window layers
+    (`config.layer_types`, or every layer when a config has `sliding_window` and no layer types, as Mistral), and
+    eager attention (no SDPA in the family: then every multi-token step gets an explicit mask).
+    """
 
     def __init__(self, blocks: list[nn.Module], rotary: nn.Module | None, start: int, end: int, hidden_size: int,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, config: PretrainedConfig | None = None,
+                 explicit_masks: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.rotary = rotary
         self.start, self.end = start, end
         self.hidden_size = hidden_size
         self.precision = precision or Precision("cpu", torch.float32, "none")
+        self.explicit_masks = explicit_masks
         for i, block in enumerate(self.blocks):  # index the session cache by position within the span
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = i
         self.cache_keyword = cache_keyword(self.blocks[0]) if blocks else "cache"
+        self._accepts = [_accepted_arguments(block) for block in self.blocks]
+        layer_types = list(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None) if config is not None else None
+        self.layer_types = [layer_types[start + i] if layer_types else None for i in range(len(self.blocks))]
+        self.windows = [window if window and (t == "sliding_attention" or (t is None and not layer_types)) else None
+                        for t in self.layer_types]
+        self._rotary_per_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
 
     @property
     def dtype(self) -> torch.dtype:
@@ -119,20 +142,37 @@ class BlockSpan(nn.Module):
         batch, new, _ = hidden.shape
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
-        embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
-        mask = causal_mask(new, position, hidden.dtype, hidden.device)
-        for block in self.blocks[blocks or slice(None)]:
-            out = block(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                position_embeddings=embeddings,
-                **{self.cache_keyword: cache},
-            )
+        selected = range(len(self.blocks))[blocks or slice(None)]
+        embeddings: dict[str | None, object] = {}
+        if self.rotary is not None:
+            for t in {self.layer_types[i] for i in selected}:
+                embeddings[t] = (self.rotary(hidden, position_ids, t) if self._rotary_per_type
+                                 else self.rotary(hidden, position_ids))
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for i in selected:
+            window = self.windows[i]
+            if window not in masks:
+                masks[window] = causal_mask(new, position, hidden.dtype, hidden.device, window, self.explicit_masks)
+            arguments = {"attention_mask": masks[window], "position_ids": position_ids, "use_cache": True,
+                         "position_embeddings": embeddings.get(self.layer_types[i]), self.cache_keyword: cache}
+            accepts, required = self._accepts[i]
+            if accepts is not None:
+                arguments = {k: v for k, v in arguments.items() if k in accepts}
+            out = self.blocks[i](hidden, **arguments, **dict.fromkeys(required))
             hidden = out[0] if isinstance(out, tuple) else out
         cache.commit(new)
         return hidden
+
+
+def _accepted_arguments(block: nn.Module) -> tuple[set[str] | None, list[str]]:
+    """(keyword arguments the layer accepts, None for any; required arguments we do not supply, passed as None)."""
+    parameters = list(inspect.signature(block.forward).parameters.values())[1:]  # after hidden_states
+    ours = {"attention_mask", "position_ids", "use_cache", "position_embeddings", "cache", "past_key_values",
+            "past_key_value", "layer_past"}
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in ours
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return (None if any_keyword else {p.name for p in parameters}), required
 
 
 def cache_keyword(block: nn.Module) -> str:
@@ -146,13 +186,21 @@ def cache_keyword(block: nn.Module) -> str:
     raise UnsupportedModelError(f"{type(block).__name__}.forward takes no KV cache argument: {list(parameters)}")
 
 
-def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """Additive mask [1, 1, new, past + new] letting token i see positions <= past + i; None where SDPA's own
-    `is_causal` (a prefill from 0) or no mask (one new token) is exact, matching transformers' own choice."""
-    if new == 1 or past == 0:
+def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device, window: int | None = None,
+                explicit: bool = False) -> torch.Tensor | None:
+    """Additive mask [1, 1, new, past + new] letting token i see positions <= past + i (and, with a sliding window,
+    > past + i - window); None where SDPA's own `is_causal` (a prefill from 0) or no mask (one new token) is exact,
+    matching transformers' own choice. `explicit`: always a mask for several tokens (eager attention has no
+    is_causal)."""
+    total = past + new
+    if (window is None or total <= window) and (new == 1 or (past == 0 and not explicit)):
         return None
-    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
-    mask = torch.zeros(new, past + new, dtype=dtype, device=device)
+    query = torch.arange(past, total, device=device)[:, None]
+    key = torch.arange(total, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= key > query - window
+    mask = torch.zeros(new, total, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
@@ -175,7 +223,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         raise ValueError(f"blocks {start}:{end} are outside 0:{config.num_hidden_layers} of {source.model_id}")
     model = skeleton(config, precision.dtype)
     anatomy = find_anatomy(model, config)
-    checkpoint = Checkpoint(source.path)
+    checkpoint = checkpoint_for(source.path, model, anatomy)
     device = torch.device(precision.device)
     blocks = []
     for i in range(start, end):  # one block at a time: a quantized span never holds all its unquantized weights
@@ -187,7 +235,8 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
     if precision.quant != "none":
         release_freed_memory()  # the unquantized weights are garbage now; hand their pages back to the OS
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
-    span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision)
+    span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
+                     explicit_masks=anatomy.attn_implementation != "sdpa")
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
                 precision.describe(), span.weight_bytes() / 2**20)
     return span

@@ -16,7 +16,7 @@ ATOL = 1e-4  # fp32: split vs whole model, cached decode vs full recompute
 
 
 def run_chain(head, spans, caches, ids, position):
-    hidden = head.embed(ids)
+    hidden = head.embed(ids, position)
     for span, cache in zip(spans, caches, strict=True):
         hidden = span(hidden, cache, position)
     return head.logits(hidden)
@@ -78,10 +78,10 @@ def test_anatomy_finds_the_parts_of_a_llama(tiny_model_dir):
 
 
 def test_unsupported_family_is_refused_with_the_supported_list(tmp_path):
-    from transformers import GPT2Config
+    from transformers import BloomConfig
 
-    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported.*llama"):
+    BloomConfig(n_layer=2, hidden_size=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported.*llama.*gpt2"):
         load_config(tmp_path)
 
 

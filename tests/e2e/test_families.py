@@ -1,0 +1,55 @@
+"""Families beyond Llama through real peers: each tiny model split across 2 peer processes (0:3 + 3:6) generates the
+same greedy tokens as transformers runs it locally, and every step's logits match.
+
+The in-process split-vs-whole check of every supported family is tests/unit/test_span.py; these four go through the
+whole stack because each exercises a different family mechanism end to end: learned absolute positions in the
+client's head (gpt2), sliding-window layers shorter than the sequence plus final logit soft-capping and eager
+attention (gemma2), a checkpoint whose per-expert tensors transformers fuses on load (mixtral: the peers read a
+canonical copy), and a layer argument the peer passes as None (falcon's alibi).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.client import SwarmClient
+from tests.e2e.conftest import TINY_PEER_ARGS
+from tests.launcher import LocalSwarm
+
+FAMILIES = ("gpt2", "gemma2", "mixtral", "falcon")
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def family_swarm(tmp_path_factory, tiny_model_dir):
+    with LocalSwarm(tmp_path_factory.mktemp("families")) as swarm:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(str(tiny_model_dir(family)), blocks, *TINY_PEER_ARGS, wait=False)
+                 for family in FAMILIES for blocks in ("0:3", "3:6")]
+        for proc in procs:
+            LocalSwarm.peer_id(proc)  # waits until it announced
+        yield swarm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_family_through_two_peers_equals_transformers(family_swarm, tiny_model_dir, family):
+    path = tiny_model_dir(family)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    client = await SwarmClient.connect(family_swarm.initial_peers, str(path))
+    try:
+        await client.wait_for_chain()
+        ids = torch.randint(2, 512, (1, 9), generator=torch.Generator().manual_seed(7))
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=None, pad_token_id=None)
+        expected = out[0, ids.shape[1]:].tolist()
+        tokens, steps = [], ids
+        async for step in client.generate_steps(ids, 12):
+            with torch.inference_mode():
+                torch.testing.assert_close(step.logits, reference(steps).logits[:, -1], atol=LOGITS_ATOL, rtol=0)
+            tokens.append(int(step.token_ids[0]))
+            steps = torch.cat([steps, step.token_ids[:, None]], dim=1)
+        assert tokens == expected
+    finally:
+        await client.close()
