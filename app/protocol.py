@@ -111,3 +111,28 @@ class CompletionRequest(_SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class EmbeddingRequest(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list: of texts, or of token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(item, int) for item in value):
+            return [[int(item) for item in value if isinstance(item, int)]]  # one input given as token ids
+        return [item for item in value if isinstance(item, str | list)]

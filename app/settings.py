@@ -19,6 +19,8 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", protected_namespaces=())
 
     swarm_model: str = Field(DEFAULT_MODEL_ID, description="model to serve: the default, a local dir or a hub id")
+    swarm_embedding_model: str | None = Field(None, description="an encoder-only model for /v1/embeddings, e.g. "
+                                                                 "all-minilm-l6-v2 (empty: no embeddings)")
     swarm_initial_peers: str = Field("", description="multiaddrs of a swarm to join (space/comma separated); "
                                                      "empty: start an embedded local swarm")
     swarm_allowed_peers: str = Field("", description="route only through these peer ids (space/comma separated); "

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 
+from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, visible_maddrs
 from swarm.model.source import resolve_model
@@ -24,34 +25,50 @@ logger = logging.getLogger(__name__)
 
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
-                             startup_timeout: float = 600.0, **client_options) -> AsyncIterator[SwarmTextService]:
-    """The text service over a joined (or embedded) swarm; client_options go to SwarmClient.connect."""
+                             startup_timeout: float = 600.0, embedding_model: str | None = None,
+                             **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
+    """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
+    client_options go to SwarmClient.connect."""
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
-            initial_peers = await stack.enter_async_context(_embedded_swarm(model, num_threads))
+            models = [model] + ([embedding_model] if embedding_model else [])
+            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads))
         service = await SwarmTextService.connect(list(initial_peers), model, **client_options)
         stack.push_async_callback(service.close)
+        embeddings = None
+        if embedding_model:
+            embeddings = await SwarmEmbeddingService.connect(list(initial_peers), embedding_model, **client_options)
+            stack.push_async_callback(embeddings.close)
         logger.info("waiting for a complete chain of %s", service.model_id)
         await service.client.wait_for_chain(timeout=startup_timeout)
-        yield service
+        if embeddings is not None:
+            logger.info("waiting for a complete chain of %s", embeddings.model_id)
+            await embeddings.client.wait_for_chain(timeout=startup_timeout)
+        yield service, embeddings
 
 
 @contextlib.asynccontextmanager
-async def _embedded_swarm(model: str, num_threads: int) -> AsyncIterator[list[str]]:
+async def _embedded_swarm(models: list[str], num_threads: int) -> AsyncIterator[list[str]]:
+    """An embedded DHT and one local peer per model, each hosting every block of it."""
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, resolve_model, model)  # convert the default model once, here, with a log
+    for model in models:  # convert the default model once, here, with a log
+        await loop.run_in_executor(None, resolve_model, model)
     dht = await loop.run_in_executor(None, start_dht)
     maddrs = visible_maddrs(dht)
-    argv = [sys.executable, "-m", "swarm.server", "--model", model, "--initial-peers", *maddrs]
-    if num_threads:
-        argv += ["--num-threads", str(num_threads)]
-    peer = subprocess.Popen(argv, start_new_session=True)
-    logger.info("embedded swarm: DHT %s, peer pid %d", " ".join(maddrs), peer.pid)
+    peers = []
     try:
+        for model in models:
+            argv = [sys.executable, "-m", "swarm.server", "--model", model, "--initial-peers", *maddrs]
+            if num_threads:
+                argv += ["--num-threads", str(num_threads)]
+            peers.append(subprocess.Popen(argv, start_new_session=True))
+            logger.info("embedded swarm: DHT %s, peer of %s pid %d", " ".join(maddrs), model, peers[-1].pid)
         yield maddrs
     finally:
-        if peer.poll() is None:
-            peer.send_signal(signal.SIGTERM)
+        for peer in peers:
+            if peer.poll() is None:
+                peer.send_signal(signal.SIGTERM)
+        for peer in peers:
             try:
                 await loop.run_in_executor(None, peer.wait, 20)
             except subprocess.TimeoutExpired:

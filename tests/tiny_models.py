@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers as T
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 COMMON = dict(
     vocab_size=512,
@@ -55,13 +55,20 @@ CONFIGS = {
     "cohere": lambda: T.CohereConfig(**COMMON, logit_scale=0.5),
     "smollm3": lambda: T.SmolLM3Config(**COMMON),
     "glm": lambda: T.GlmConfig(**COMMON, head_dim=16),
+    # encoder-only (embeddings): saved as base models, as sentence-transformers checkpoints are
+    "bert": lambda: T.BertConfig(**OWN, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=512),
+    "roberta": lambda: T.RobertaConfig(**OWN, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=520),
 }
+ENCODERS = ("bert", "roberta")
 
 
 def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     """Save a random-weight model of `family` under `path` and return the directory."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
+    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(CONFIGS[family](), dtype=torch.float32)
     # Random init has tiny weights: scale them up so that logits are far from uniform and greedy is decisive.
     with torch.no_grad():
         for p in model.parameters():

@@ -31,14 +31,28 @@ async def _model_card(engine: ServingEngine) -> dict:
             "context_length": engine.backend.context_length}
 
 
+def _embedding_card(service) -> dict:
+    return {"id": service.model_id, "object": "model", "created": 0, "owned_by": "swarm",
+            "context_length": service.context_length, "type": "embedding", "dimensions": service.dimensions}
+
+
 @router.get("/models")
-async def list_models(engine: ServingEngine = Depends(engine)):
-    available = not await engine.backend.missing_blocks()
-    return {"object": "list", "data": [await _model_card(engine)] if available else []}
+async def list_models(request: Request, engine: ServingEngine = Depends(engine)):
+    cards = [await _model_card(engine)] if not await engine.backend.missing_blocks() else []
+    service = getattr(request.app.state, "embeddings", None)
+    if service is not None and not await service.missing_blocks():
+        cards.append(_embedding_card(service))
+    return {"object": "list", "data": cards}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, engine: ServingEngine = Depends(engine)):
+async def get_model(model_id: str, request: Request, engine: ServingEngine = Depends(engine)):
+    service = getattr(request.app.state, "embeddings", None)
+    if service is not None and model_id == service.model_id:
+        missing = await service.missing_blocks()
+        if missing:
+            raise APIError(503, f"{model_id} is missing blocks {missing}", code="no_complete_chain", retry_after=5)
+        return _embedding_card(service)
     engine.check_model(model_id)
     await engine.check_available()
     return await _model_card(engine)

@@ -141,6 +141,23 @@ class SwarmClient:
         """Run blocking torch work of the head on the client's worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def encode(self, inputs: Sequence[Sequence[int]], concurrency: int = 8) -> list[torch.Tensor]:
+        """Last hidden states [T_i, H] of each input through an encoder-only model's blocks on the swarm.
+
+        Each input is one short session of one step (no padding, so no attention mask crosses the wire; peers keep
+        no cache for encoder spans); up to `concurrency` inputs are in flight at once."""
+        if not getattr(self.head, "is_encoder", False):
+            raise TypeError(f"{self.model_id} is not an encoder-only model")
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(ids: Sequence[int]) -> torch.Tensor:
+            async with limit:
+                hidden = await self.run_in_worker(self.head.embed, torch.tensor([list(ids)]))
+                async with await self.inference_session(len(ids)) as session:
+                    return (await session.step(hidden))[0]
+
+        return list(await asyncio.gather(*(one(ids) for ids in inputs)))
+
     async def forward(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
         """Run tokens [B, T] through the swarm at the session's position (long inputs in chunks) → logits [B, V]
         of the last token."""

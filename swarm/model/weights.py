@@ -32,11 +32,17 @@ class Checkpoint:
             raise FileNotFoundError(f"no safetensors weights in {self.path}")
 
     def resolve(self, name: str, prefix: str = "") -> str | None:
-        """The checkpoint's name for a module's tensor: checkpoints saved from the base model lack its prefix."""
+        """The checkpoint's name for a module's tensor: checkpoints saved from the base model lack its prefix, and
+        checkpoints of an encoder saved with a task head carry one (`bert.`, `roberta.`) that the base model lacks."""
         if name in self.files:
             return name
         if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in self.files:
             return name[len(prefix) + 1 :]
+        if not prefix:
+            depth = name.count(".") + 1
+            candidates = [key for key in self.files if key.endswith("." + name) and key.count(".") == depth]
+            if len(candidates) == 1:
+                return candidates[0]
         return None
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -104,6 +104,8 @@ class SpanBackend:
             raise bad_request(f"{new} new tokens in one step; send at most {self.limits.max_chunk_tokens}")
         if not isinstance(position, int) or isinstance(position, bool):
             raise bad_request("'position' must be an integer")
+        if self.span.encoder and position != 0:
+            raise bad_request("an encoder span keeps no cache: send the whole input at position 0")
         if not 0 <= position <= session.cache.length:
             raise bad_request(f"position {position} is outside 0..{session.cache.length} (the tokens cached so far)")
         if position + new > session.max_length:

@@ -44,6 +44,29 @@ def test_split_model_matches_whole_model(tiny_model_dir, family):
     torch.testing.assert_close(logits, reference(ids).logits[:, 4:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoder_split_matches_whole_model(tiny_model_dir, family):
+    from transformers import AutoModel
+
+    path = tiny_model_dir(family)
+    source = ModelSource(family, path)
+    reference = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    head = load_head(source)
+    spans = [load_span(source, 0, 2), load_span(source, 2, 6)]
+    assert all(span.encoder for span in spans) and head.is_encoder
+    ids = torch.randint(3, 512, (1, 11), generator=torch.Generator().manual_seed(4))
+    hidden = head.embed(ids)
+    for span in spans:
+        hidden = span(hidden, span.new_cache(16), 0)
+    with torch.inference_mode():
+        expected = reference(ids).last_hidden_state
+    torch.testing.assert_close(hidden, expected, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="keeps no cache"):
+        spans[0](hidden, spans[0].new_cache(16), 3)
+    with pytest.raises(TypeError, match="encoder-only"):
+        head.logits(hidden)
+
+
 def test_span_loads_only_its_own_tensors(tiny_model_dir, monkeypatch):
     path = tiny_model_dir("llama")
     requested: list[str] = []
@@ -81,7 +104,7 @@ def test_unsupported_family_is_refused_with_the_supported_list(tmp_path):
     from transformers import BloomConfig
 
     BloomConfig(n_layer=2, hidden_size=32, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported.*llama.*gpt2"):
+    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported.*gpt2.*bert, roberta \(embeddings\)"):
         load_config(tmp_path)
 
 

@@ -1,0 +1,48 @@
+"""POST /v1/embeddings: sentence embeddings of an encoder-only model served by the swarm (OpenAI's shape)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from fastapi import Depends, Request
+
+from app.errors import APIError
+from app.protocol import EmbeddingRequest
+from app.routes.openai import router
+from app.serving import swarm_error
+
+
+def embedding_service(request: Request):
+    return request.app.state.embeddings
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, service=Depends(embedding_service)):
+    if service is None:
+        raise APIError(404, f"model {body.model!r} does not exist here: this gateway serves no embedding model "
+                            "(set SWARM_EMBEDDING_MODEL)", "model", "model_not_found")
+    if body.model != service.model_id:
+        raise APIError(404, f"model {body.model!r} does not exist here; the embedding model is "
+                            f"{service.model_id!r}", "model", "model_not_found")
+    if body.dimensions is not None and body.dimensions != service.dimensions:
+        raise APIError(400, f"{service.model_id} makes {service.dimensions}-dimensional embeddings; 'dimensions' "
+                            "cannot change that", "dimensions", "invalid_value")
+    inputs = body.inputs()
+    if any(isinstance(item, str) and not item for item in inputs):
+        raise APIError(400, "input must not contain empty strings", "input", "invalid_value")
+    try:
+        vectors, tokens = await service.embed(inputs)
+    except ValueError as e:
+        raise APIError(400, str(e), "input", "invalid_value") from e
+    except Exception as e:
+        raise swarm_error(e) from e
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.encoding_format == "base64":
+            embedding: list[float] | str = base64.b64encode(vector.numpy().astype(np.float32).tobytes()).decode()
+        else:
+            embedding = vector.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return {"object": "list", "data": data, "model": service.model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
