@@ -121,6 +121,14 @@ class SwarmClient:
                 self.ban(peer)
         return await self.chain(start, end, banned)
 
+    async def missing_blocks(self) -> list[tuple[int, int]]:
+        """Blocks no live peer serves now ([] when a complete chain exists)."""
+        try:
+            await self.chain()
+            return []
+        except NoChainError as e:
+            return e.missing
+
     async def wait_for_chain(self, timeout: float = 60.0, poll: float = 0.2) -> list[Link]:
         """Poll the DHT until live peers cover every block; NoChainError after `timeout` seconds."""
         deadline = time.monotonic() + timeout

@@ -15,19 +15,15 @@ import torch
 from transformers import AutoTokenizer
 
 from swarm.client.client import SwarmClient
-from swarm.protocol import NoChainError
 
 logger = logging.getLogger(__name__)
 
 
 class SwarmEmbeddingService:
     def __init__(self, client: SwarmClient, tokenizer: Any):
-        self.client = client
-        self.tokenizer = tokenizer
-        self.model_id = client.model_id
-        config = client.head.config
-        self.context_length: int = getattr(config, "max_position_embeddings", 512)
-        self.dimensions: int = config.hidden_size
+        self.client, self.tokenizer, self.model_id = client, tokenizer, client.model_id
+        self.context_length: int = getattr(client.head.config, "max_position_embeddings", 512)
+        self.dimensions: int = client.head.config.hidden_size
         self.pooling, self.normalize = _pooling(client.source.path)
 
     @classmethod
@@ -43,11 +39,7 @@ class SwarmEmbeddingService:
 
     async def missing_blocks(self) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
-        try:
-            await self.client.chain()
-            return []
-        except NoChainError as e:
-            return e.missing
+        return await self.client.missing_blocks()
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

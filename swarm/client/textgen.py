@@ -17,7 +17,6 @@ from transformers import AutoTokenizer
 from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 from swarm.client.client import SwarmClient
 from swarm.client.requests import GenerationRequest, TokenEvent
-from swarm.protocol import NoChainError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +44,7 @@ class SwarmTextService:
 
     async def missing_blocks(self) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
-        try:
-            await self.client.chain()
-            return []
-        except NoChainError as e:
-            return e.missing
+        return await self.client.missing_blocks()
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
