@@ -42,6 +42,8 @@ bench: install
 	$(PY) -m benchmarks.decode --out $(BENCH_OUT)
 	$(PY) -m benchmarks.hops --out $(BENCH_OUT)
 	$(PY) -m benchmarks.http --out $(BENCH_OUT)
+	$(PY) -m benchmarks.quant --out $(BENCH_OUT)
+	$(PY) -m benchmarks.kernels --out $(BENCH_OUT)
 
 clean-cache:
 	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}
