@@ -1,11 +1,12 @@
 """Families beyond Llama through real peers: each tiny model split across 2 peer processes (0:3 + 3:6) generates the
 same greedy tokens as transformers runs it locally, and every step's logits match.
 
-The in-process split-vs-whole check of every supported family is tests/unit/test_span.py; these four go through the
+The in-process split-vs-whole check of every supported family is tests/unit/test_span.py; these go through the
 whole stack because each exercises a different family mechanism end to end: learned absolute positions in the
 client's head (gpt2), sliding-window layers shorter than the sequence plus final logit soft-capping and eager
-attention (gemma2), a checkpoint whose per-expert tensors transformers fuses on load (mixtral: the peers read a
-canonical copy), and a layer argument the peer passes as None (falcon's alibi).
+attention (gemma2), a rotary module per layer type (gemma3_text), checkpoints whose expert tensors transformers fuses
+on load (mixtral, qwen2_moe: the peers read a canonical copy), and a layer argument the peer passes as None (falcon's
+alibi). Six families, 12 peer processes: about a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from swarm.client import SwarmClient
 from tests.e2e.conftest import TINY_PEER_ARGS
 from tests.launcher import LocalSwarm
 
-FAMILIES = ("gpt2", "gemma2", "mixtral", "falcon")
+FAMILIES = ("gpt2", "gemma2", "mixtral", "falcon", "gemma3_text", "qwen2_moe")
 LOGITS_ATOL = 1e-4
 
 

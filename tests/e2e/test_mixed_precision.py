@@ -1,0 +1,70 @@
+"""Peers of different precisions in one chain, choosing `auto` themselves: what they announce and what they compute.
+
+The default model on this CPU: `--quant auto` gives int4 weights (the checkpoint is GGUF Q4_1), `--quant int8` int8,
+`--quant none` fp32. A chain fp32 (0:10) → int8 (10:20) → auto/int4 (20:30) generates close to the fp32 chain: the
+first tokens agree and the logits stay within the quantization error measured in tests/e2e/test_quantized_smollm.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from swarm.client import SwarmClient
+from swarm.client.routing import Link
+from swarm.client.session import InferenceSession
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.launcher import LocalSwarm
+
+LAYOUT = {"0:10": "none", "10:20": "int8", "20:30": "auto"}
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+@pytest.fixture(scope="module")
+def mixed_swarm(tmp_path_factory):
+    resolve_model(DEFAULT_MODEL_ID)
+    with LocalSwarm(tmp_path_factory.mktemp("mixed")) as swarm:
+        swarm.start_bootstrap()
+        procs = {blocks: swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--quant", quant, wait=False)
+                 for blocks, quant in [*LAYOUT.items(), ("0:30", "none")]}
+        swarm.peers = {blocks: LocalSwarm.peer_id(proc) for blocks, proc in procs.items()}
+        yield swarm
+
+
+async def greedy(client, chain, ids, steps):
+    logits_per_step, tokens = [], []
+    session = await InferenceSession.open(client.p2p, chain, max_length=ids.shape[1] + steps)
+    async with session:
+        logits = await client.forward(session, ids)
+        for _ in range(steps):
+            logits_per_step.append(logits.reshape(-1))
+            tokens.append(int(logits.argmax()))
+            logits = await client.forward(session, torch.tensor([[tokens[-1]]]))
+    return tokens, torch.stack(logits_per_step)
+
+
+async def test_peers_announce_their_precision_and_a_mixed_chain_computes_close_to_fp32(mixed_swarm):
+    client = await SwarmClient.connect(mixed_swarm.initial_peers)
+    try:
+        spans = {s.peer_id: s for s in await client.spans()}
+        announced = {blocks: (spans[mixed_swarm.peers[blocks]].device, spans[mixed_swarm.peers[blocks]].dtype,
+                              spans[mixed_swarm.peers[blocks]].quant) for blocks in mixed_swarm.peers}
+        assert announced == {"0:10": ("cpu", "float32", "none"), "10:20": ("cpu", "float32", "int8"),
+                             "20:30": ("cpu", "float32", "int4"), "0:30": ("cpu", "float32", "none")}
+        mixed = [Link(spans[mixed_swarm.peers[b]], *map(int, b.split(":"))) for b in LAYOUT]
+        full = [Link(spans[mixed_swarm.peers["0:30"]], 0, 30)]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL_ID).path)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                            return_tensors="pt")["input_ids"]
+        tokens_mixed, logits_mixed = await greedy(client, mixed, ids, 8)
+        tokens_full, logits_full = await greedy(client, full, ids, 8)
+        assert tokens_mixed[:4] == tokens_full[:4]
+        # the same distributions up to quantization error: top-5 sets overlap, logits close relative to their spread
+        print("max |logit diff| per step / logit std:", ((logits_mixed - logits_full).abs().amax(-1)
+                                                          / logits_full.std(-1)).tolist())
+        for mixed_step, full_step in zip(logits_mixed[:4], logits_full[:4], strict=True):
+            assert len(set(mixed_step.topk(5).indices.tolist()) & set(full_step.topk(5).indices.tolist())) >= 3
+            assert (mixed_step - full_step).abs().max() < 0.5 * full_step.std()
+    finally:
+        await client.close()
