@@ -57,6 +57,11 @@ class SwarmClient:
         self.allowed_peers = allowed_peers
         self._bans: dict[str, tuple[float, float]] = {}  # peer id → (banned until, last ban length)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
+        # LM-head requests of concurrent sessions are computed together: the head's weight (113 MB for SmolLM2 in
+        # fp32) is then read once per round of tokens instead of once per session
+        self._logit_queue: list[tuple[torch.Tensor, asyncio.Future]] = []
+        self._logit_wake: asyncio.Event | None = None
+        self._logit_task: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None, model_id: str | None = None,
@@ -175,7 +180,40 @@ class SwarmClient:
             embeddings = await self.run_in_worker(self.head.embed, chunk, session.position)
             hidden = await session.step(embeddings)
         assert hidden is not None, "input_ids must hold at least one token"
-        return await self.run_in_worker(self.head.logits, hidden[:, -1:])
+        return await self.logits(hidden[:, -1:])
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """head.logits(hidden [B, 1, H]) → [B, 1, V], computed together with other sessions' pending requests."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._logit_queue.append((hidden, future))
+        if self._logit_wake is None or self._logit_task is None or self._logit_task.done():
+            self._logit_wake = asyncio.Event()
+            self._logit_task = loop.create_task(self._logits_loop(), name="swarm-head-batcher")
+        self._logit_wake.set()
+        return await future
+
+    async def _logits_loop(self) -> None:
+        assert self._logit_wake is not None
+        while True:
+            await self._logit_wake.wait()
+            self._logit_wake.clear()
+            while self._logit_queue:
+                items = [item for item in self._logit_queue if not item[1].done()]
+                self._logit_queue.clear()
+                if not items:
+                    continue
+                rows = [h.shape[0] for h, _ in items]
+                try:
+                    logits = await self.run_in_worker(self.head.logits, torch.cat([h for h, _ in items]))
+                except Exception as e:
+                    for _, future in items:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, future), part in zip(items, logits.split(rows), strict=True):
+                    if not future.done():
+                        future.set_result(part)
 
     async def generate_steps(
         self,
@@ -226,6 +264,8 @@ class SwarmClient:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     async def close(self) -> None:
+        if self._logit_task is not None:
+            self._logit_task.cancel()
         self._executor.shutdown(wait=False)
         await self.p2p.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)

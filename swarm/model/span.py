@@ -86,6 +86,24 @@ class SpanKVCache:
         return sum(t.nbytes for t in self._keys + self._values if t is not None)
 
 
+class _PaddedBatchCache:
+    """The cache a batched decode step hands the layers: rows are sessions with caches of their own."""
+
+    def __init__(self, caches: list[SpanKVCache]):
+        self.caches = caches
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = [cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+                for i, cache in enumerate(self.caches)]
+        total = max(k.shape[-2] for k, _ in rows)
+        shape = (len(rows), key_states.shape[1], total, key_states.shape[-1])
+        keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        for i, (k, v) in enumerate(rows):
+            keys[i, :, : k.shape[-2]] = k[0]
+            values[i, :, : v.shape[-2]] = v[0]
+        return keys, values
+
+
 class BlockSpan(nn.Module):
     """Blocks `[start, end)` of a model, runnable on hidden states with a per-session SpanKVCache.
 
@@ -146,6 +164,48 @@ class BlockSpan(nn.Module):
         batch, new, _ = hidden.shape
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
+
+        def mask(window: int | None) -> torch.Tensor | None:
+            return causal_mask(new, position, hidden.dtype, hidden.device, window, self.explicit_masks)
+
+        hidden = self._run(hidden, position_ids, cache, mask, blocks)
+        cache.commit(new)
+        return hidden
+
+    @torch.inference_mode()
+    def forward_batch(self, hidden: torch.Tensor, caches: list[SpanKVCache], positions: list[int],
+                      blocks: slice | None = None) -> torch.Tensor:
+        """One decode step of several sessions at once: hidden [N, 1, H], row i the next token of the session whose
+        cache is caches[i], at positions[i] → [N, 1, H].
+
+        The layers see one batch (the weights are read once for all rows: on a memory-bound CPU or GPU this is what
+        makes N sessions cost about one). Each layer's keys/values are appended to every row's own cache and handed
+        to attention as one right-padded batch, with an additive mask hiding each row's padding (and, for a sliding
+        layer, what falls out of that row's window). Padding costs a copy of the rows' cached keys/values per layer;
+        that is small next to the weights for the contexts a CPU peer serves, and keeps the transformers layer
+        untouched (any family, SDPA or eager)."""
+        if hidden.shape[1] != 1 or len(caches) != hidden.shape[0] or len(positions) != len(caches):
+            raise ValueError("forward_batch takes one new token per session")
+        for cache, position in zip(caches, positions, strict=True):
+            cache.rewind(position)
+        position_ids = torch.tensor(positions, device=hidden.device)[:, None]
+        lengths = torch.tensor(positions, device=hidden.device) + 1  # keys each row attends to, its new token included
+        total = int(lengths.max())
+        keys = torch.arange(total, device=hidden.device)[None, :]
+
+        def mask(window: int | None) -> torch.Tensor:
+            allowed = keys < lengths[:, None]
+            if window is not None:
+                allowed &= keys > (lengths[:, None] - 1) - window
+            additive = torch.zeros(len(caches), total, dtype=hidden.dtype, device=hidden.device)
+            return additive.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)[:, None, None, :]
+
+        hidden = self._run(hidden, position_ids, _PaddedBatchCache(caches), mask, blocks)
+        for cache in caches:
+            cache.commit(1)
+        return hidden
+
+    def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache, mask, blocks: slice | None):
         selected = range(len(self.blocks))[blocks or slice(None)]
         embeddings: dict[str | None, object] = {}
         if self.rotary is not None:
@@ -156,7 +216,7 @@ class BlockSpan(nn.Module):
         for i in selected:
             window = self.windows[i]
             if window not in masks:
-                masks[window] = causal_mask(new, position, hidden.dtype, hidden.device, window, self.explicit_masks)
+                masks[window] = mask(window)
             arguments = {"attention_mask": masks[window], "position_ids": position_ids, "use_cache": True,
                          "position_embeddings": embeddings.get(self.layer_types[i]), self.cache_keyword: cache}
             accepts, required = self._accepts[i]
@@ -164,9 +224,7 @@ class BlockSpan(nn.Module):
                 arguments = {k: v for k, v in arguments.items() if k in accepts}
             out = self.blocks[i](hidden, **arguments, **dict.fromkeys(required))
             hidden = out[0] if isinstance(out, tuple) else out
-        cache.commit(new)
         return hidden
-
 
     def _encode(self, hidden: torch.Tensor, position: int, blocks: slice | None) -> torch.Tensor:
         """An encoder's blocks over one whole, unpadded input: every token sees every other, nothing is cached."""

@@ -2,6 +2,13 @@
 
 All torch work happens on one dedicated thread, so the asyncio loop that serves the network never blocks and steps
 of different sessions never run concurrently on the same weights.
+
+Continuous batching: a decode step (one new token of a one-row session) does not run alone. It joins a queue; a
+batcher task takes every queued decode step (up to `max_batch_sessions`), waits a moment for the sessions that were
+in the last batch to send their next token, and runs them as one batched forward (BlockSpan.forward_batch), so the
+weights are read once per round instead of once per session. A multi-token step (a prefill) runs in chunks of
+`prefill_chunk` tokens, each its own job on the compute thread, so decode batches run between the chunks of a long
+prompt instead of waiting for all of it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class Limits:
     max_length: int = 8192
     max_batch: int = 8
     max_chunk_tokens: int = 2048  # new tokens in one step; a longer prefill is sent in several steps
+    max_batch_sessions: int = 32  # decode steps of different sessions run together
+    prefill_chunk: int = 128  # tokens of a prefill computed at once; decode batches run in between
+    batch_wait: float = 0.003  # seconds the batcher waits for the last batch's sessions to come back
 
     @property
     def max_step_elements(self) -> int:
@@ -61,6 +71,11 @@ class SpanBackend:
         self.sessions: dict[str, Session] = {}
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
+        self._pending: list[tuple[Session, torch.Tensor, int, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        self.last_batch = 0
+        self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
 
     def open(self, request: OpenRequest) -> Session:
         """Validate an open request and reserve its KV; raises PeerError with a message for the client."""
@@ -117,7 +132,68 @@ class SpanBackend:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype."""
         self.validate_step(session, hidden, position)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, session, hidden, position)
+        batch, new, _ = hidden.shape
+        if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
+            future = loop.create_future()
+            self._pending.append((session, hidden, position, future))
+            self._ensure_batcher().set()
+            return await future
+        chunk = self.limits.prefill_chunk if not self.span.encoder else new
+        outputs = []
+        for start in range(0, new, chunk):
+            outputs.append(await loop.run_in_executor(self._executor, self._compute, session,
+                                                      hidden[:, start : start + chunk], position + start))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _ensure_batcher(self) -> asyncio.Event:
+        if self._wake is None or self._batcher is None or self._batcher.done():
+            self._wake = asyncio.Event()
+            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="span-batcher")
+        return self._wake
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # let the sessions of the last round come back before starting the next one
+            deadline = loop.time() + self.limits.batch_wait
+            while len(self._pending) < min(self.last_batch, self.limits.max_batch_sessions) and loop.time() < deadline:
+                await asyncio.sleep(0.0005)
+            while self._pending:
+                taken = self._pending[: self.limits.max_batch_sessions]
+                del self._pending[: len(taken)]
+                live = [item for item in taken if not item[3].done() and item[0].key in self.sessions]
+                groups: dict[tuple[int, int], list] = {}
+                for item in live:  # sessions over different parts of the span run as different batches
+                    groups.setdefault((item[0].blocks.start, item[0].blocks.stop), []).append(item)
+                for items in groups.values():
+                    try:
+                        outputs = await loop.run_in_executor(self._executor, self._compute_batch, items)
+                    except Exception as e:
+                        for *_, future in items:
+                            if not future.done():
+                                future.set_exception(e)
+                        continue
+                    for (*_, future), out in zip(items, outputs, strict=True):
+                        if not future.done():
+                            future.set_result(out)
+                self.last_batch = len(live)
+
+    def _compute_batch(self, items: list) -> list[torch.Tensor]:
+        span = self.span
+        if len(items) == 1:
+            session, hidden, position, _ = items[0]
+            return [self._compute(session, hidden, position)]
+        hidden = torch.cat([h for _, h, _, _ in items]).to(span.device, span.dtype)
+        out = span.forward_batch(hidden, [s.cache for s, *_ in items], [p for _, _, p, _ in items],
+                                 items[0][0].blocks).to("cpu")
+        self.steps += 1
+        self.batch_sizes = [*self.batch_sizes[-999:], len(items)]
+        if self.fault_nan_after and self.steps > self.fault_nan_after:
+            out = torch.full_like(out, float("nan"))
+        return [out[i : i + 1].to(h.dtype) for i, (_, h, _, _) in enumerate(items)]
 
     def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         span = self.span
@@ -128,6 +204,12 @@ class SpanBackend:
         return out.to(hidden.dtype)
 
     def shutdown(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+        for *_, future in self._pending:
+            if not future.done():
+                future.cancel()
+        self._pending.clear()
         for session in list(self.sessions.values()):
             self.close(session)
         self._executor.shutdown(wait=False, cancel_futures=True)

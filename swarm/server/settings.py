@@ -31,6 +31,10 @@ class PeerSettings(BaseSettings):
     max_length: int = Field(0, ge=0, description="longest session in tokens (0: the model's context length)")
     max_batch: int = Field(8, ge=1, description="largest batch of one session")
     max_chunk_tokens: int = Field(2048, ge=1, description="most new tokens in one step")
+    max_batch_sessions: int = Field(32, ge=1, description="decode steps of different sessions run as one batch "
+                                                          "(1: no batching)")
+    prefill_chunk: int = Field(128, ge=1, description="prefill tokens computed at once; batched decodes of other "
+                                                      "sessions run between chunks")
     kv_budget_tokens: int = Field(0, ge=0, description="KV cache budget in tokens (0: a quarter of free memory)")
     idle_timeout: float = Field(300.0, gt=0, description="seconds a session may stay silent before it is freed")
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")

@@ -97,3 +97,40 @@ def test_kv_bytes_per_token_matches_what_the_cache_holds(backend, tiny_model_dir
         asyncio.run(backend.step(session, torch.randn(1, 16, 64), position))
     per_token = kv_bytes_per_token(load_config(tiny_model_dir("llama")), 4, torch.float32)
     assert session.cache.nbytes() == 64 * per_token
+
+
+async def test_concurrent_decode_steps_run_as_one_batch_and_equal_each_alone(tiny_model_dir):
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=8, max_length=64, max_chunk_tokens=64, prefill_chunk=4),
+                          KVBudget(4096))
+    reference = SpanBackend(span, Limits(max_sessions=8, max_length=64, max_batch_sessions=1), KVBudget(4096))
+    try:
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randn(1, n, 64, generator=g) for n in (5, 11, 2, 8, 7, 3)]
+        sessions = [backend.open(open_request(session_id=f"s{i}", start=0, end=6)) for i in range(6)]
+        alone = [reference.open(open_request(session_id=f"r{i}", start=0, end=6)) for i in range(6)]
+        # prefills longer than prefill_chunk (4) run in chunks; the result is the same as in one piece
+        firsts = await asyncio.gather(*(backend.step(s, p, 0) for s, p in zip(sessions, prompts, strict=True)))
+        for r, p, first in zip(alone, prompts, firsts, strict=True):
+            torch.testing.assert_close(first, await reference.step(r, p, 0), atol=1e-5, rtol=0)
+        positions = [p.shape[1] for p in prompts]
+        for _ in range(4):
+            steps = [torch.randn(1, 1, 64, generator=g) for _ in sessions]
+            got = await asyncio.gather(*(backend.step(s, x, pos)
+                                         for s, x, pos in zip(sessions, steps, positions, strict=True)))
+            for r, x, pos, out in zip(alone, steps, positions, got, strict=True):
+                torch.testing.assert_close(out, await reference.step(r, x, pos), atol=1e-5, rtol=0)
+            positions = [p + 1 for p in positions]
+        assert max(backend.batch_sizes) == 6, backend.batch_sizes  # all six sessions in one forward
+        assert not reference.batch_sizes  # batching off: every step alone
+        # a session closed while its step waits in the queue is skipped, the others still get their results
+        x = [torch.randn(1, 1, 64, generator=g) for _ in sessions]
+        waiting = [asyncio.ensure_future(backend.step(s, xi, pos)) for s, xi, pos in zip(sessions, x, positions,
+                                                                                         strict=True)]
+        waiting[0].cancel()
+        backend.close(sessions[0])
+        results = await asyncio.gather(*waiting[1:])
+        assert all(r.shape == (1, 1, 64) and torch.isfinite(r).all() for r in results)
+    finally:
+        backend.shutdown()
+        reference.shutdown()

@@ -170,3 +170,24 @@ def test_span_passes_the_cache_by_the_keyword_the_layer_takes(tiny_model_dir):
 class _Bare(torch.nn.Module):
     def forward(self, hidden_states, attention_mask=None):
         return hidden_states
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "falcon"])
+def test_batched_decode_of_sessions_of_different_lengths_equals_each_alone(tiny_model_dir, family):
+    # gemma2's sliding window (4) is shorter than every session here: each row needs its own window in the mask
+    source = ModelSource(family, tiny_model_dir(family))
+    span = load_span(source, 0, 6)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(1, n, 64, generator=g) for n in (3, 9, 6)]
+    alone, batched = [span.new_cache(32) for _ in prompts], [span.new_cache(32) for _ in prompts]
+    for p, a, b in zip(prompts, alone, batched, strict=True):
+        span(p, a, 0)
+        span(p, b, 0)
+    positions = [p.shape[1] for p in prompts]
+    for _ in range(3):
+        step = torch.randn(len(prompts), 1, 64, generator=g)
+        expected = torch.cat([span(step[i : i + 1], alone[i], positions[i]) for i in range(len(prompts))])
+        got = span.forward_batch(step, batched, positions)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        positions = [p + 1 for p in positions]
+    assert [c.length for c in batched] == positions

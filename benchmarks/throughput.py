@@ -1,0 +1,130 @@
+"""Aggregate decode throughput of concurrent sessions through a 2-peer swarm of the default model, with the peers'
+continuous batching on and off.
+
+    python -m benchmarks.throughput [--sessions 1,4,16,64] [--new-tokens 32] [--runs 3] [--quant none] [--out DIR]
+
+Two chains of two peers each (blocks 0:15 and 15:30): `batched` (the default, up to 32 sessions per forward) and
+`unbatched` (`--max-batch-sessions 1`: one session at a time, as Petals serves). For each session count N, N
+sessions start together from one client process, each prefills the same chat prompt and decodes `new_tokens` greedy
+tokens (end of text suppressed). Reported per (chain, N): aggregate decode tok/s (all sessions' tokens after their
+first / time from the first first-token to the last token), TTFT p50/p90, per-session inter-token latency p50/p90,
+medians over `runs`; and the ratio of each N's aggregate to N=1 on the same chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.common import emit, machine, median, peak_rss_mib, versions
+from benchmarks.swarm_runs import chain_of
+from swarm.client import SwarmClient
+from swarm.client.session import InferenceSession
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.launcher import LocalSwarm
+
+PROMPT = "Write a short story about a robot who learns to paint."
+SPANS = ("0:15", "15:30")
+CHAINS = {"batched": [], "unbatched": ["--max-batch-sessions", "1"]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def one_session(client: SwarmClient, chain, prompt_ids: list[int], new_tokens: int, suppress: int):
+    start = time.perf_counter()
+    session = await InferenceSession.open(client.p2p, chain, max_length=len(prompt_ids) + new_tokens)
+    stamps = []
+    async with session:
+        logits = await client.forward(session, torch.tensor([prompt_ids]))
+        for _ in range(new_tokens):
+            logits = logits.reshape(-1).clone()
+            logits[suppress] = float("-inf")
+            stamps.append(time.perf_counter())
+            if len(stamps) == new_tokens:
+                break
+            logits = await client.forward(session, torch.tensor([[int(logits.argmax())]]))
+    return start, stamps
+
+
+async def run_once(client, chain, prompt_ids, n: int, new_tokens: int, suppress: int) -> dict:
+    results = await asyncio.gather(*(one_session(client, chain, prompt_ids, new_tokens, suppress) for _ in range(n)))
+    first = min(stamps[0] for _, stamps in results)
+    last = max(stamps[-1] for _, stamps in results)
+    gaps = [b - a for _, stamps in results for a, b in itertools.pairwise(stamps)]
+    return {"aggregate_tok_s": n * (new_tokens - 1) / (last - first),
+            "ttft_p50_s": percentile([s[0] - t for t, s in results], 0.5),
+            "ttft_p90_s": percentile([s[0] - t for t, s in results], 0.9),
+            "itl_p50_s": percentile(gaps, 0.5), "itl_p90_s": percentile(gaps, 0.9)}
+
+
+async def run(args) -> dict:
+    torch.set_num_threads(1)
+    counts = [int(x) for x in args.sessions.split(",")]
+    source = resolve_model(DEFAULT_MODEL_ID)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt_ids = list(prompt["input_ids"])
+    budget = str(max(counts) * (len(prompt_ids) + args.new_tokens) * 2)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
+        swarm.start_bootstrap()
+        procs = {(name, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", "1", "--quant",
+                                                  args.quant, "--kv-budget-tokens", budget, "--max-sessions",
+                                                  str(max(counts)), *extra, wait=False)
+                 for name, extra in CHAINS.items() for blocks in SPANS}
+        ids: dict[str, dict[str, str]] = {name: {} for name in CHAINS}
+        for (name, blocks), proc in procs.items():
+            ids[name][blocks] = LocalSwarm.peer_id(proc)
+        client = await SwarmClient.connect(swarm.initial_peers)
+        try:
+            chains = {name: await chain_of(client, peers) for name, peers in ids.items()}
+            for chain in chains.values():  # warm-up
+                await run_once(client, chain, prompt_ids, 2, 4, tokenizer.eos_token_id)
+            for n in counts:
+                for name, chain in chains.items():
+                    runs = [await run_once(client, chain, prompt_ids, n, args.new_tokens, tokenizer.eos_token_id)
+                            for _ in range(args.runs)]
+                    entry = {key: round(median([r[key] for r in runs]), 4) for key in runs[0]}
+                    entry["aggregate_tok_s_runs"] = [round(r["aggregate_tok_s"], 2) for r in runs]
+                    results.setdefault(name, {})[str(n)] = entry
+                    print(name, n, entry, flush=True)
+            rss = {f"{name}:{blocks}": peak_rss_mib(proc.pid)["main"] for (name, blocks), proc in procs.items()}
+        finally:
+            await client.close()
+    for per_n in results.values():
+        base = per_n[str(counts[0])]["aggregate_tok_s"]
+        for entry in per_n.values():
+            entry["aggregate_vs_first_count"] = round(entry["aggregate_tok_s"] / base, 2)
+    summary = {str(n): round(results["batched"][str(n)]["aggregate_tok_s"] /
+                             results["unbatched"][str(n)]["aggregate_tok_s"], 2) for n in counts}
+    return {"benchmark": "throughput", "machine": machine(), "versions": versions(),
+            "settings": {"model": DEFAULT_MODEL_ID, "spans": SPANS, "quant": args.quant, "sessions": counts,
+                         "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "runs": args.runs,
+                         "chains": CHAINS, "torch_threads_per_process": 1, "client_processes": 1},
+            "chains": results, "batched_vs_unbatched_aggregate": summary, "peak_rss_mib": rss,
+            "statistics": "medians over runs; ratios of medians"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", default="1,4,16,64")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quant", default="none", help="the peers' --quant (none: fp32)")
+    parser.add_argument("--out", default=None, help="also write DIR/throughput.json")
+    args = parser.parse_args()
+    emit("throughput", asyncio.run(run(args)), args.out)
+
+
+if __name__ == "__main__":
+    main()
