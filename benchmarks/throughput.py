@@ -3,12 +3,13 @@ continuous batching on and off.
 
     python -m benchmarks.throughput [--sessions 1,4,16,64] [--new-tokens 32] [--runs 3] [--quant none] [--out DIR]
 
-Two chains of two peers each (blocks 0:15 and 15:30): `batched` (the default, up to 32 sessions per forward) and
-`unbatched` (`--max-batch-sessions 1`: one session at a time, as Petals serves). For each session count N, N
-sessions start together from one client process, each prefills the same chat prompt and decodes `new_tokens` greedy
-tokens (end of text suppressed). Reported per (chain, N): aggregate decode tok/s (all sessions' tokens after their
-first / time from the first first-token to the last token), TTFT p50/p90, per-session inter-token latency p50/p90,
-medians over `runs`; and the ratio of each N's aggregate to N=1 on the same chain.
+Two chains of peers (by default two each, blocks 0:15 and 15:30; `--spans 0:30` for one): `batched` (the default,
+up to 32 sessions per forward) and `unbatched` (`--max-batch-sessions 1`: one session at a time, as Petals serves).
+For each session count N, N sessions start together from one client process, each prefills the same chat prompt
+and decodes `new_tokens` greedy tokens (end of text suppressed). Reported per (chain, N): aggregate decode tok/s
+(all sessions' tokens after their first / time from the first first-token to the last token), TTFT p50/p90,
+per-session inter-token latency p50/p90, medians over `runs`; and the ratio of each N's aggregate to N=1 on the same
+chain.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.launcher import LocalSwarm
 
 PROMPT = "Write a short story about a robot who learns to paint."
-SPANS = ("0:15", "15:30")
 CHAINS = {"batched": [], "unbatched": ["--max-batch-sessions", "1"]}
 
 
@@ -70,18 +70,19 @@ async def run_once(client, chain, prompt_ids, n: int, new_tokens: int, suppress:
 async def run(args) -> dict:
     torch.set_num_threads(1)
     counts = [int(x) for x in args.sessions.split(",")]
+    spans = args.spans.split(",")
     source = resolve_model(DEFAULT_MODEL_ID)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     prompt_ids = list(prompt["input_ids"])
     budget = str(max(counts) * (len(prompt_ids) + args.new_tokens) * 2)
     results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(args.workdir or tmp)) as swarm:
         swarm.start_bootstrap()
         procs = {(name, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", "1", "--quant",
                                                   args.quant, "--kv-budget-tokens", budget, "--max-sessions",
-                                                  str(max(counts)), *extra, wait=False)
-                 for name, extra in CHAINS.items() for blocks in SPANS}
+                                                  str(max(counts)), *args.peer_args.split(), *extra, wait=False)
+                 for name, extra in CHAINS.items() for blocks in spans}
         ids: dict[str, dict[str, str]] = {name: {} for name in CHAINS}
         for (name, blocks), proc in procs.items():
             ids[name][blocks] = LocalSwarm.peer_id(proc)
@@ -108,7 +109,8 @@ async def run(args) -> dict:
     summary = {str(n): round(results["batched"][str(n)]["aggregate_tok_s"] /
                              results["unbatched"][str(n)]["aggregate_tok_s"], 2) for n in counts}
     return {"benchmark": "throughput", "machine": machine(), "versions": versions(),
-            "settings": {"model": DEFAULT_MODEL_ID, "spans": SPANS, "quant": args.quant, "sessions": counts,
+            "settings": {"model": DEFAULT_MODEL_ID, "spans": spans, "quant": args.quant, "sessions": counts,
+                         "peer_args": args.peer_args,
                          "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "runs": args.runs,
                          "chains": CHAINS, "torch_threads_per_process": 1, "client_processes": 1},
             "chains": results, "batched_vs_unbatched_aggregate": summary, "peak_rss_mib": rss,
@@ -119,8 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--spans", default="0:15,15:30", help="each chain's peers (comma separated START:END)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quant", default="none", help="the peers' --quant (none: fp32)")
+    parser.add_argument("--workdir", default=None, help="keep the processes' logs here (default: a temp dir)")
+    parser.add_argument("--peer-args", default="", help="extra flags for every peer, e.g. '--batch-wait-ms 10'")
     parser.add_argument("--out", default=None, help="also write DIR/throughput.json")
     args = parser.parse_args()
     emit("throughput", asyncio.run(run(args)), args.out)

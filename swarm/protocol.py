@@ -76,6 +76,8 @@ class SpanInfo:
     public_name: str = ""
     throughput: float = 0.0  # tokens/s through the whole span, 0 when not measured
     device: str = "cpu"
+    decode_forwards: int = 0  # batched decode forwards run so far
+    decode_rows: int = 0  # session steps those forwards carried (rows / forwards = mean batch)
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,8 +4,8 @@ All torch work happens on one dedicated thread, so the asyncio loop that serves 
 of different sessions never run concurrently on the same weights.
 
 Continuous batching: a decode step (one new token of a one-row session) does not run alone. It joins a queue; a
-batcher task takes every queued decode step (up to `max_batch_sessions`), waits a moment for the sessions that were
-in the last batch to send their next token, and runs them as one batched forward (BlockSpan.forward_batch), so the
+batcher task takes every queued decode step (up to `max_batch_sessions`), waits (at most `batch_wait`) for every
+session decoding now to send its next token, and runs them as one batched forward (BlockSpan.forward_batch), so the
 weights are read once per round instead of once per session. A multi-token step (a prefill) runs in chunks of
 `prefill_chunk` tokens, each its own job on the compute thread, so decode batches run between the chunks of a long
 prompt instead of waiting for all of it.
@@ -39,7 +39,7 @@ class Limits:
     max_chunk_tokens: int = 2048  # new tokens in one step; a longer prefill is sent in several steps
     max_batch_sessions: int = 32  # decode steps of different sessions run together
     prefill_chunk: int = 128  # tokens of a prefill computed at once; decode batches run in between
-    batch_wait: float = 0.003  # seconds the batcher waits for the last batch's sessions to come back
+    batch_wait: float = 0.02  # seconds the batcher may wait for the decoding sessions' next steps
 
     @property
     def max_step_elements(self) -> int:
@@ -75,6 +75,9 @@ class SpanBackend:
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self.last_batch = 0
+        self.decode_forwards = self.decode_rows = 0
+        self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step
+        self._batched_rows, self._batches, self._stats_at = 0, 0, 0.0
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
 
     def open(self, request: OpenRequest) -> Session:
@@ -135,6 +138,7 @@ class SpanBackend:
         batch, new, _ = hidden.shape
         if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
             future = loop.create_future()
+            self._decoding[session.key] = loop.time()
             self._pending.append((session, hidden, position, future))
             self._ensure_batcher().set()
             return await future
@@ -157,9 +161,14 @@ class SpanBackend:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # let the sessions of the last round come back before starting the next one
-            deadline = loop.time() + self.limits.batch_wait
-            while len(self._pending) < min(self.last_batch, self.limits.max_batch_sessions) and loop.time() < deadline:
+            # Let every session that is decoding now (it sent a decode step in the last second) come back before
+            # starting the next round: their steps arrive spread out (the client relays each one), and a batch
+            # started on the first arrivals would split the sessions into several smaller forwards for good.
+            now = loop.time()
+            self._decoding = {k: t for k, t in self._decoding.items() if now - t < 1.0 and k in self.sessions}
+            target = min(len(self._decoding), self.limits.max_batch_sessions)
+            deadline = now + self.limits.batch_wait
+            while len(self._pending) < target and loop.time() < deadline:
                 await asyncio.sleep(0.0005)
             while self._pending:
                 taken = self._pending[: self.limits.max_batch_sessions]
@@ -180,6 +189,14 @@ class SpanBackend:
                         if not future.done():
                             future.set_result(out)
                 self.last_batch = len(live)
+                self.decode_forwards += len(groups)
+                self.decode_rows += len(live)
+                self._batched_rows += len(live)
+                self._batches += 1
+                if loop.time() - self._stats_at > 10:
+                    logger.info("decode batching: %.1f sessions per forward on average over %d forwards",
+                                self._batched_rows / self._batches, self._batches)
+                    self._stats_at, self._batched_rows, self._batches = loop.time(), 0, 0
 
     def _compute_batch(self, items: list) -> list[torch.Tensor]:
         span = self.span

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,3 +111,23 @@ async def test_three_peers_uneven_split_equal_local(smol_client, smol_swarm, ref
         tokens, logits = await collect(smol_client.generate_steps(prompt_ids, NEW_TOKENS, session=session))
     assert tokens == local_tokens
     torch.testing.assert_close(logits, local_step_logits(reference, prompt_ids, tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client, smol_swarm, source, reference):
+    """Six sessions at once through the 2-peer chain: the peers run their decode steps in shared forwards, and every
+    session's greedy tokens equal transformers' generate() of its prompt alone (logits within LOGITS_ATOL)."""
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    prompts = ["Name three colors.", "What is 2 + 2?", "Write a haiku about peers."]
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         return_tensors="pt")["input_ids"] for p in prompts]
+    expected = [reference.generate(i, attention_mask=torch.ones_like(i), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=None)[0, i.shape[1]:].tolist() for i in ids]
+    first = smol_swarm.peers["0:15"]
+    before = await smol_client.peer_info(first)
+    runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
+    for k, (tokens, logits) in enumerate(runs):
+        assert tokens == expected[k % 3], f"session {k}"
+        torch.testing.assert_close(logits, local_step_logits(reference, ids[k % 3], tokens), atol=LOGITS_ATOL, rtol=0)
+    after = await smol_client.peer_info(first)
+    forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
+    assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)  # 6 sessions × 15 decode steps, shared forwards
