@@ -40,6 +40,7 @@ class Limits:
     max_batch_sessions: int = 32  # decode steps of different sessions run together
     prefill_chunk: int = 128  # tokens of a prefill computed at once; decode batches run in between
     batch_wait: float = 0.02  # seconds the batcher may wait for the decoding sessions' next steps
+    admission_wait: float = 5.0  # seconds a session may wait for KV budget (to open, or to grow) before a refusal
 
     @property
     def max_step_elements(self) -> int:
@@ -79,6 +80,7 @@ class SpanBackend:
         self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step
         self._batched_rows, self._batches, self._stats_at = 0, 0, 0.0
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
+        self._freed = asyncio.Event()  # set whenever a session closes and returns its KV reservation
 
     def open(self, request: OpenRequest) -> Session:
         """Validate an open request and reserve its KV; raises PeerError with a message for the client."""
@@ -95,21 +97,59 @@ class SpanBackend:
         if len(self.sessions) >= limits.max_sessions:
             raise PeerError(f"peer is serving its maximum of {limits.max_sessions} sessions", ErrorCode.CAPACITY)
         key = f"{next(self._keys)}:{request.session_id}"
-        tokens = request.batch_size * request.max_length
-        if not self.budget.try_reserve(key, tokens):
-            raise PeerError(
-                f"KV budget exhausted: session needs {tokens} tokens, {self.budget.free} free", ErrorCode.CAPACITY
-            )
+        most = request.batch_size * request.max_length
+        if most > self.budget.total:
+            raise PeerError(f"KV budget exhausted: the session may need {most} tokens, this peer's budget is "
+                            f"{self.budget.total}", ErrorCode.CAPACITY)
+        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
+        if not self.budget.try_reserve(key, first):
+            raise PeerError(f"KV budget exhausted: {first} tokens to start, {self.budget.free} free",
+                            ErrorCode.CAPACITY)
         blocks = slice(request.start - span.start, request.end - span.start)
         session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
                           span.new_cache(request.max_length))
         self.sessions[key] = session
-        logger.debug("opened session %s (blocks %d:%d, %d tokens)", key, request.start, request.end, tokens)
+        logger.debug("opened session %s (blocks %d:%d, up to %d tokens)", key, request.start, request.end, most)
         return session
+
+    async def admit(self, request: OpenRequest) -> Session:
+        """open(), waiting up to `admission_wait` seconds for KV budget that other sessions free."""
+        deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
+        while True:
+            try:
+                return self.open(request)
+            except PeerError as e:
+                if e.code != ErrorCode.CAPACITY or "the session may need" in str(e) or not await self._budget_freed(
+                        deadline):
+                    raise
+
+    async def _budget_freed(self, deadline: float) -> bool:
+        """Wait until some session closes (True) or the deadline passes (False)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return False
+        self._freed.clear()
+        try:
+            async with asyncio.timeout(remaining):
+                await self._freed.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _reserve_growth(self, session: Session, end: int) -> None:
+        """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk)."""
+        chunks = -(-end // SpanKVCache.GROW) * SpanKVCache.GROW
+        tokens = session.batch_size * min(session.max_length, chunks)
+        deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
+        while not self.budget.try_grow(session.key, tokens):
+            if not await self._budget_freed(deadline):
+                raise PeerError(f"KV budget exhausted: the session needs {tokens} tokens to grow to {end}, "
+                                f"{self.budget.free} free", ErrorCode.CAPACITY)
 
     def close(self, session: Session) -> None:
         if self.sessions.pop(session.key, None) is not None:
             self.budget.release(session.key)
+            self._freed.set()
             logger.debug("closed session %s at %d tokens", session.key, session.cache.length)
 
     def validate_step(self, session: Session, hidden: torch.Tensor, position: object) -> None:
@@ -136,6 +176,8 @@ class SpanBackend:
         self.validate_step(session, hidden, position)
         loop = asyncio.get_running_loop()
         batch, new, _ = hidden.shape
+        if not self.span.encoder:
+            await self._reserve_growth(session, position + new)
         if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
             future = loop.create_future()
             self._decoding[session.key] = loop.time()
@@ -150,7 +192,8 @@ class SpanBackend:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _ensure_batcher(self) -> asyncio.Event:
-        if self._wake is None or self._batcher is None or self._batcher.done():
+        if (self._wake is None or self._batcher is None or self._batcher.done()
+                or self._batcher.get_loop() is not asyncio.get_running_loop()):
             self._wake = asyncio.Event()
             self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(), name="span-batcher")
         return self._wake

@@ -100,7 +100,7 @@ class SpanHandler:
             first = await self._next(requests)
             if first is None:
                 return
-            session = self.backend.open(self._parse_open(first))
+            session = await self.backend.admit(self._parse_open(first))
             yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
                                  "blocks": [self.backend.span.start + session.blocks.start,
                                             self.backend.span.start + session.blocks.stop]})

@@ -21,7 +21,8 @@ def default_budget_tokens(bytes_per_token: int, fraction: float = 0.25, cap_byte
 
 
 class KVBudget:
-    """Admission control: a session reserves batch × max_length tokens when it opens and returns them on close."""
+    """Admission control in tokens of the span's KV cache. A session reserves what its cache holds, in the chunks the
+    cache grows by (SpanKVCache.GROW), as it grows (`try_grow`), and returns everything on close."""
 
     def __init__(self, total_tokens: int):
         if total_tokens <= 0:
@@ -35,6 +36,16 @@ class KVBudget:
 
     def try_reserve(self, owner: str, tokens: int) -> bool:
         if owner in self.reserved or tokens > self.free:
+            return False
+        self.reserved[owner] = tokens
+        return True
+
+    def try_grow(self, owner: str, tokens: int) -> bool:
+        """Raise `owner`'s reservation to `tokens` (never lowers it); False when the budget cannot."""
+        held = self.reserved.get(owner, 0)
+        if tokens <= held:
+            return True
+        if tokens - held > self.free:
             return False
         self.reserved[owner] = tokens
         return True

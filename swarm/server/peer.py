@@ -46,7 +46,8 @@ def run_peer(settings: PeerSettings) -> None:
         span = load_span(source, start, end, precision=precision)
         max_length = min(settings.max_length or config.max_position_embeddings, config.max_position_embeddings)
         limits = Limits(settings.max_sessions, max_length, settings.max_batch, settings.max_chunk_tokens,
-                        settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000)
+                        settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
+                        settings.admission_wait)
         per_token = kv_bytes_per_token(config, end - start, precision.dtype)
         budget = KVBudget(settings.kv_budget_tokens or default_budget_tokens(per_token))
         backend = SpanBackend(span, limits, budget, settings.fault_nan_after)

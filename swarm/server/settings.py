@@ -38,6 +38,8 @@ class PeerSettings(BaseSettings):
     prefill_chunk: int = Field(128, ge=1, description="prefill tokens computed at once; batched decodes of other "
                                                       "sessions run between chunks")
     kv_budget_tokens: int = Field(0, ge=0, description="KV cache budget in tokens (0: a quarter of free memory)")
+    admission_wait: float = Field(5.0, ge=0, description="seconds a session may wait for KV budget (to open or to "
+                                                         "grow) before it is refused")
     idle_timeout: float = Field(300.0, gt=0, description="seconds a session may stay silent before it is freed")
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
     public_name: str = Field("", description="a name shown to operators and users")

@@ -134,3 +134,37 @@ async def test_concurrent_decode_steps_run_as_one_batch_and_equal_each_alone(tin
     finally:
         backend.shutdown()
         reference.shutdown()
+
+
+async def test_sessions_reserve_kv_as_they_grow_and_wait_a_bounded_time_for_it(tiny_model_dir):
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 2, 6)
+    backend = SpanBackend(span, Limits(max_sessions=8, max_length=512, max_chunk_tokens=256, admission_wait=0.5),
+                          KVBudget(256))
+    try:
+        a = await backend.admit(open_request(session_id="a", max_length=250))
+        b = await backend.admit(open_request(session_id="b", max_length=250))
+        assert backend.budget.reserved == {a.key: 128, b.key: 128} and backend.budget.free == 0  # not 250 each
+
+        async def close_b_soon():
+            await asyncio.sleep(0.1)
+            backend.close(b)
+
+        closer = asyncio.ensure_future(close_b_soon())
+        c = await backend.admit(open_request(session_id="c", max_length=100))  # waits for b's budget
+        await closer
+        assert c.key in backend.sessions and backend.budget.free == 28
+        await backend.step(a, torch.randn(1, 128, 64), 0)  # within a's first chunk
+        with pytest.raises(PeerError, match="needs 250 tokens to grow to 129") as info:  # c holds the rest
+            await backend.step(a, torch.randn(1, 1, 64), 128)
+        assert info.value.code == ErrorCode.CAPACITY
+        with pytest.raises(PeerError, match="may need 1024 tokens, this peer's budget is 256"):
+            await backend.admit(open_request(session_id="d", max_length=512, batch_size=2))
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(PeerError, match="to start"):
+            await backend.admit(open_request(session_id="e", max_length=200))
+        assert 0.45 < asyncio.get_running_loop().time() - start < 2  # waited admission_wait, then refused
+        backend.close(c)
+        out = await backend.step(a, torch.randn(1, 1, 64), 128)  # budget freed: a grows now
+        assert out.shape == (1, 1, 64) and backend.budget.reserved[a.key] == 250  # capped at max_length
+    finally:
+        backend.shutdown()
