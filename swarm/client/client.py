@@ -171,14 +171,16 @@ class SwarmClient:
 
         return list(await asyncio.gather(*(one(ids) for ids in inputs)))
 
-    async def forward(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run tokens [B, T] through the swarm at the session's position (long inputs in chunks) → logits [B, V]
-        of the last token."""
+    async def forward(self, session: InferenceSession, input_ids: torch.Tensor,
+                      position: int | None = None) -> torch.Tensor:
+        """Run tokens [B, T] through the swarm at `position` (default: the session's; an earlier one rewinds the
+        peers' caches to it) in chunks → logits [B, V] of the last token."""
         hidden = None
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk = input_ids[:, start : start + self.prefill_chunk]
-            embeddings = await self.run_in_worker(self.head.embed, chunk, session.position)
-            hidden = await session.step(embeddings)
+            at = session.position if position is None or start else position
+            embeddings = await self.run_in_worker(self.head.embed, chunk, at)
+            hidden = await session.step(embeddings, at)
         assert hidden is not None, "input_ids must hold at least one token"
         return await self.logits(hidden[:, -1:])
 

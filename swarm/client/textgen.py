@@ -2,12 +2,20 @@
 
 Speaks plain Python types (lists of ints, strings, dataclasses) so that its caller needs neither torch nor
 transformers. One request of n choices runs as one session of batch n.
+
+Prefix reuse (multi-turn chats): a finished single-choice session is not closed but parked with the tokens whose
+KV its peers hold. A later request whose prompt starts with such tokens (turn 2 repeats turn 1's prompt and answer)
+takes that session, rewinds the peers to the common prefix and computes only the new suffix, so the history is not
+recomputed; the result is what a fresh session computes (the peers rewind exactly as for failover replay). Parked
+sessions are kept most-recently-used first, at most `reuse_sessions` of them; the oldest is closed when another is
+parked, and one that fails on reuse (a peer freed it after its idle timeout) falls back to a fresh session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,6 +25,7 @@ from transformers import AutoTokenizer
 from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 from swarm.client.client import SwarmClient
 from swarm.client.requests import GenerationRequest, TokenEvent
+from swarm.client.session import InferenceSession
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +33,15 @@ logger = logging.getLogger(__name__)
 class SwarmTextService:
     """The swarm, seen as a text model: what the gateway's GenerationBackend needs."""
 
-    def __init__(self, client: SwarmClient, tokenizer: Any):
+    MIN_REUSE = 16  # common prefix (tokens) worth taking a parked session for
+    REUSE_HEADROOM = 1024  # tokens a session is opened for beyond its request, so that a next turn fits in it
+    PARK_SECONDS = 60.0  # a parked session older than this is closed, not reused
+
+    def __init__(self, client: SwarmClient, tokenizer: Any, reuse_sessions: int = 8):
         self.client = client
+        self.reuse_sessions = reuse_sessions
+        self._parked: list[tuple[list[int], InferenceSession, float]] = []  # most recently used first
+        self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
         self.tokenizer = tokenizer
         self.model_id = client.model_id
         config = client.head.config
@@ -66,14 +82,20 @@ class SwarmTextService:
                                    tuple(request.logit_bias.items()))
         stop_ids = set(request.stop_token_ids)
         n, client = request.n, self.client
-        session = await client.inference_session(len(request.prompt_ids) + request.max_new_tokens, n)
+        prompt = list(request.prompt_ids)
+        session, start = await self._session_for(prompt, request.max_new_tokens, n)
+        fed = prompt[:start]  # tokens whose KV the peers hold, in order
+        keep = False
         try:
             generator = sampling.generator()
             counts = torch.zeros(n, self.vocab_size)
             active = [True] * n
-            tokens = torch.tensor([request.prompt_ids] * n)
+            tokens = torch.tensor([prompt[start:]] * n)
+            position: int | None = start
             for _ in range(request.max_new_tokens):
-                logits = (await client.forward(session, tokens))[:, -1]
+                logits = (await client.forward(session, tokens, position))[:, -1]
+                fed += tokens[0].tolist()
+                position = None
                 chosen, events = await client.run_in_worker(
                     self._choose, logits, counts, adjust, sampling, generator, request)
                 step = []
@@ -86,10 +108,53 @@ class SwarmTextService:
                         step.append(event)
                 yield step
                 if not any(active):
-                    return
+                    break
                 tokens = chosen[:, None]
+            keep = n == 1 and self.reuse_sessions > 0
         finally:
+            if keep:
+                await self._park(fed, session)
+            else:
+                await session.close()
+
+    async def _session_for(self, prompt: list[int], max_new_tokens: int, n: int) -> tuple[InferenceSession, int]:
+        """A parked session holding the longest prefix of `prompt` (and the position to continue from), else a new
+        session (position 0)."""
+        if n == 1:
+            best, best_common = None, 0
+            now = time.monotonic()
+            for entry in self._parked:
+                cached, session, parked_at = entry
+                common = _common_prefix(cached, prompt)
+                if (common > best_common and session.max_length >= len(prompt) + max_new_tokens
+                        and now - parked_at < self.PARK_SECONDS):
+                    best, best_common = entry, common
+            if best is not None and best_common >= self.MIN_REUSE:
+                self._parked.remove(best)
+                start = min(best_common, len(prompt) - 1)  # at least one token goes in, to get logits
+                if await self._alive(best[1]):
+                    self.reused_tokens += start
+                    return best[1], start
+                await best[1].close()
+        max_length = min(self.context_length, len(prompt) + max_new_tokens + (self.REUSE_HEADROOM if n == 1 else 0))
+        max_length = max(max_length, len(prompt) + max_new_tokens)
+        return await self.client.inference_session(max_length, n), 0
+
+    @staticmethod
+    async def _alive(session: InferenceSession) -> bool:
+        return not any(stream.closed for stream in session.streams)
+
+    async def _park(self, tokens: list[int], session: InferenceSession) -> None:
+        if len(tokens) != session.position:  # not what the peers hold: never reuse it
             await session.close()
+            return
+        now = time.monotonic()
+        self._parked.insert(0, (tokens, session, now))
+        # beyond the count, or parked long enough that a peer may free it for idleness (300 s by default) and an
+        # attempt to reuse it would look like a peer failure
+        while self._parked and (len(self._parked) > self.reuse_sessions
+                                or now - self._parked[-1][2] > self.PARK_SECONDS):
+            await self._parked.pop()[1].close()
 
     def _choose(self, logits, counts, adjust, sampling, generator, request) -> tuple[torch.Tensor, list[TokenEvent]]:
         if adjust.active:
@@ -106,4 +171,16 @@ class SwarmTextService:
         ]
 
     async def close(self) -> None:
+        for _, session, _ in self._parked:
+            await session.close()
+        self._parked.clear()
         await self.client.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -144,13 +144,18 @@ async def test_bad_requests_are_400_and_serving_continues(sdk):
 
 
 async def test_client_disconnect_cancels_generation_and_frees_peer_kv(gateway):
+    # Sessions of finished requests may stay parked for prefix reuse: the check is relative to what is held before.
     client = await SwarmClient.connect(gateway.initial_peers)
     try:
-        async def all_free():
+        async def held():
             infos = [await client.peer_info(p) for p in gateway.peer_ids]
-            return all(i.free_kv_tokens == i.kv_budget_tokens and i.active_sessions == 0 for i in infos)
+            return [(i.active_sessions, i.kv_budget_tokens - i.free_kv_tokens) for i in infos]
 
-        await poll(all_free)
+        baseline = await held()
+
+        async def all_free():
+            return await held() == baseline
+
         body = {"model": MODEL, "messages": user("Tell me a very long story."), "max_tokens": 500, "stream": True}
         async with httpx.AsyncClient(timeout=60) as http, http.stream(
                 "POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
@@ -159,8 +164,8 @@ async def test_client_disconnect_cancels_generation_and_frees_peer_kv(gateway):
                 lines += line.startswith("data: ")
                 if lines == 4:
                     # Checked before leaving the loop: leaving it closes the response, which is the disconnect.
-                    infos = [await client.peer_info(p) for p in gateway.peer_ids]
-                    assert all(i.active_sessions == 1 for i in infos), infos
+                    now = await held()
+                    assert all(a == b[0] + 1 for (a, _), b in zip(now, baseline, strict=True)), (now, baseline)
                     break
         started = time.monotonic()
         await poll(all_free, timeout=15)

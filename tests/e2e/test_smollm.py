@@ -131,3 +131,34 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
     after = await smol_client.peer_info(first)
     forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
     assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)  # 6 sessions × 15 decode steps, shared forwards
+
+
+async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_computation(smol_swarm, source,
+                                                                                         reference):
+    from swarm.client.requests import GenerationRequest
+    from swarm.client.textgen import SwarmTextService
+
+    service = await SwarmTextService.connect(smol_swarm.initial_peers)
+    try:
+        await service.client.wait_for_chain()
+
+        async def run(prompt_ids, new_tokens):
+            request = GenerationRequest(prompt_ids, new_tokens, temperature=0.0, stop_token_ids=())
+            return [events[0].token_id async for events in service.generate(request)]
+
+        turn1 = [{"role": "user", "content": PROMPT}]
+        prompt1 = service.encode_chat(turn1)
+        answer = service.decode(await run(prompt1, 24))
+        prompt2 = service.encode_chat([*turn1, {"role": "assistant", "content": answer},
+                                       {"role": "user", "content": "Give the story a title."}])
+        reused_before = service.reused_tokens
+        tokens = await run(prompt2, 12)
+        assert service.reused_tokens - reused_before >= len(prompt1)  # turn 1's prompt (and answer) not recomputed
+        x = torch.tensor([prompt2])
+        expected = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=None)[0, len(prompt2):].tolist()
+        assert tokens == expected
+        service.reuse_sessions = 0  # and without reuse, the same
+        assert await run(prompt2, 12) == expected
+    finally:
+        await service.close()
