@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m benchmarks.quant --out $(BENCH_OUT)
 	$(PY) -m benchmarks.kernels --out $(BENCH_OUT)
 	$(PY) -m benchmarks.throughput --out $(BENCH_OUT)
+	$(PY) -m benchmarks.prefix --out $(BENCH_OUT)
 
 clean-cache:
 	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}

@@ -8,7 +8,8 @@ KV its peers hold. A later request whose prompt starts with such tokens (turn 2 
 takes that session, rewinds the peers to the common prefix and computes only the new suffix, so the history is not
 recomputed; the result is what a fresh session computes (the peers rewind exactly as for failover replay). Parked
 sessions are kept most-recently-used first, at most `reuse_sessions` of them; the oldest is closed when another is
-parked, and one that fails on reuse (a peer freed it after its idle timeout) falls back to a fresh session.
+parked, all are closed when a new session is refused for capacity (then it is retried once), and one that fails on
+reuse (a peer freed it) falls back to a fresh session.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, s
 from swarm.client.client import SwarmClient
 from swarm.client.requests import GenerationRequest, TokenEvent
 from swarm.client.session import InferenceSession
+from swarm.protocol import ErrorCode, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,16 @@ class SwarmTextService:
                 await best[1].close()
         max_length = min(self.context_length, len(prompt) + max_new_tokens + (self.REUSE_HEADROOM if n == 1 else 0))
         max_length = max(max_length, len(prompt) + max_new_tokens)
-        return await self.client.inference_session(max_length, n), 0
+        try:
+            return await self.client.inference_session(max_length, n), 0
+        except PeerError as e:
+            if e.code != ErrorCode.CAPACITY or not self._parked:
+                raise
+            # the peers are full: what this service parks goes first (least recently used first), then retry once
+            logger.info("peers at capacity: closing %d parked sessions", len(self._parked))
+            while self._parked:
+                await self._parked.pop()[1].close()
+            return await self.client.inference_session(max_length, n), 0
 
     @staticmethod
     async def _alive(session: InferenceSession) -> bool:
