@@ -14,15 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from benchmarks.common import emit, machine, median, peak_rss_mib, versions
-from benchmarks.swarm_runs import chain_of, local_run, start_peers, swarm_run
+from benchmarks.swarm_runs import PROMPT, chain_of, default_model_prompt, local_run, start_peers, swarm_run
 from swarm.client import SwarmClient
-from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
-PROMPT = "Write a short story about a robot who learns to paint."
 LAYOUTS = {"swarm_1": ["0:30"], "swarm_2": ["0:15", "15:30"], "swarm_3": ["0:10", "10:20", "20:30"]}
 
 
@@ -44,10 +43,7 @@ def summarize(runs: dict[str, list[tuple[float, float]]]) -> dict:
 
 async def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    source = resolve_model(DEFAULT_MODEL_ID)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt_ids = list(prompt["input_ids"])
+    source, tokenizer, prompt_ids = default_model_prompt(PROMPT)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     suppress = [model.config.eos_token_id]
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:

@@ -16,25 +16,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from benchmarks.common import emit, machine, median, peak_rss_mib, versions
-from benchmarks.swarm_runs import chain_of, swarm_run
+from benchmarks.swarm_runs import PROMPT, chain_of, default_model_prompt, swarm_run
 from swarm.client import SwarmClient
-from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
-PROMPT = "Write a short story about a robot who learns to paint."
 SPANS = ("0:15", "15:30")
 VARIANTS = ("none", "int8", "int4")
 
 
 async def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    source = resolve_model(DEFAULT_MODEL_ID)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt_ids = list(prompt["input_ids"])
+    _, tokenizer, prompt_ids = default_model_prompt(PROMPT)
     suppress = [tokenizer.eos_token_id]
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
         swarm.start_bootstrap()

@@ -16,6 +16,20 @@ from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
 from tests.launcher import LocalSwarm
 
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def default_model_prompt(prompt: str = PROMPT):
+    """(source, tokenizer, chat-templated prompt ids) of the default model, for the benchmarks that share a prompt."""
+    from transformers import AutoTokenizer
+
+    from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+
+    source = resolve_model(DEFAULT_MODEL_ID)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return source, tokenizer, list(ids["input_ids"])
+
 
 def _pick(logits: torch.Tensor, suppress: list[int]) -> int:
     logits = logits.float().clone()

@@ -22,16 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from benchmarks.common import emit, machine, median, peak_rss_mib, versions
-from benchmarks.swarm_runs import chain_of
+from benchmarks.swarm_runs import PROMPT, chain_of, default_model_prompt
 from swarm.client import SwarmClient
 from swarm.client.session import InferenceSession
-from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
-PROMPT = "Write a short story about a robot who learns to paint."
 CHAINS = {"batched": [], "unbatched": ["--max-batch-sessions", "1"]}
 
 
@@ -71,10 +69,7 @@ async def run(args) -> dict:
     torch.set_num_threads(1)
     counts = [int(x) for x in args.sessions.split(",")]
     spans = args.spans.split(",")
-    source = resolve_model(DEFAULT_MODEL_ID)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt_ids = list(prompt["input_ids"])
+    _, tokenizer, prompt_ids = default_model_prompt(PROMPT)
     budget = str(max(counts) * (len(prompt_ids) + args.new_tokens) * 2)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(args.workdir or tmp)) as swarm:
