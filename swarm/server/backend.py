@@ -80,7 +80,7 @@ class SpanBackend:
         self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step
         self._batched_rows, self._batches, self._stats_at = 0, 0, 0.0
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
-        self._freed = asyncio.Event()  # set whenever a session closes and returns its KV reservation
+        self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
 
     def open(self, request: OpenRequest) -> Session:
         """Validate an open request and reserve its KV; raises PeerError with a message for the client."""
@@ -119,22 +119,28 @@ class SpanBackend:
             try:
                 return self.open(request)
             except PeerError as e:
-                if e.code != ErrorCode.CAPACITY or "the session may need" in str(e) or not await self._budget_freed(
-                        deadline):
+                fits_at_all = request.batch_size * request.max_length <= self.budget.total
+                if e.code != ErrorCode.CAPACITY or not fits_at_all or not await self._budget_freed(deadline):
                     raise
 
     async def _budget_freed(self, deadline: float) -> bool:
-        """Wait until some session closes (True) or the deadline passes (False)."""
-        remaining = deadline - asyncio.get_running_loop().time()
+        """Wait until some session closes (True) or the deadline passes (False). Each waiter has its own future,
+        resolved by close(), so no wake-up is lost between waiters."""
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
         if remaining <= 0:
             return False
-        self._freed.clear()
+        freed = loop.create_future()
+        self._freed_waiters.append(freed)
         try:
             async with asyncio.timeout(remaining):
-                await self._freed.wait()
+                await freed
             return True
         except TimeoutError:
             return False
+        finally:
+            if freed in self._freed_waiters:
+                self._freed_waiters.remove(freed)
 
     async def _reserve_growth(self, session: Session, end: int) -> None:
         """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk)."""
@@ -149,7 +155,10 @@ class SpanBackend:
     def close(self, session: Session) -> None:
         if self.sessions.pop(session.key, None) is not None:
             self.budget.release(session.key)
-            self._freed.set()
+            for waiter in self._freed_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._freed_waiters.clear()
             logger.debug("closed session %s at %d tokens", session.key, session.cache.length)
 
     def validate_step(self, session: Session, hidden: torch.Tensor, position: object) -> None:
