@@ -8,6 +8,14 @@
 # ./gpu-results): logs and JSON.
 #
 #   PYTHON=python3 OUT=/tmp/gpu scripts/gpu_check.sh
+#
+# It installs nothing. On this workplace's GPU machines (torch 2.11 + CUDA 13, transformers 5.17, no network) the
+# missing packages travel as cp312 wheels in the git-ignored .whl/ (about 61 MiB): bitsandbytes==0.50.2,
+# hivemind==1.1.12, base58, varint, netaddr, prefetch_generator, ConfigArgParse, py-cid, py-multibase, py-multicodec,
+# py-multihash, morphys, python-baseconv, blake3, mmh3, cryptography, cffi, pycparser, pydantic, pydantic_core,
+# pydantic-settings, typing-inspection, annotated-types, python-dotenv, typing_extensions (pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux...; pip wheel for the sdist-only ones), then:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
