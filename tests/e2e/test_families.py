@@ -36,9 +36,13 @@ def family_swarm(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_family_through_two_peers_equals_transformers(family_swarm, tiny_model_dir, family):
+    await check_family(family_swarm, tiny_model_dir, family)
+
+
+async def check_family(swarm, tiny_model_dir, family: str) -> None:
     path = tiny_model_dir(family)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    client = await SwarmClient.connect(family_swarm.initial_peers, str(path))
+    client = await SwarmClient.connect(swarm.initial_peers, str(path))
     try:
         await client.wait_for_chain()
         ids = torch.randint(2, 512, (1, 9), generator=torch.Generator().manual_seed(7))
