@@ -75,10 +75,9 @@ class SpanBackend:
         self._pending: list[tuple[Session, torch.Tensor, int, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
-        self.last_batch = 0
-        self.decode_forwards = self.decode_rows = 0
+        self.decode_forwards = self.decode_rows = 0  # batcher rounds' forwards and the session steps they carried
         self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step
-        self._batched_rows, self._batches, self._stats_at = 0, 0, 0.0
+        self._logged = (0.0, 0, 0)  # (when, decode_forwards, decode_rows) at the last batching log line
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
         self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
 
@@ -98,7 +97,7 @@ class SpanBackend:
             raise PeerError(f"peer is serving its maximum of {limits.max_sessions} sessions", ErrorCode.CAPACITY)
         key = f"{next(self._keys)}:{request.session_id}"
         most = request.batch_size * request.max_length
-        if most > self.budget.total:
+        if not self._could_fit(request):
             raise PeerError(f"KV budget exhausted: the session may need {most} tokens, this peer's budget is "
                             f"{self.budget.total}", ErrorCode.CAPACITY)
         first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
@@ -119,9 +118,13 @@ class SpanBackend:
             try:
                 return self.open(request)
             except PeerError as e:
-                fits_at_all = request.batch_size * request.max_length <= self.budget.total
-                if e.code != ErrorCode.CAPACITY or not fits_at_all or not await self._budget_freed(deadline):
+                if e.code != ErrorCode.CAPACITY or not self._could_fit(request) or not await self._budget_freed(
+                        deadline):
                     raise
+
+    def _could_fit(self, request: OpenRequest) -> bool:
+        """Whether the session fits the whole budget at its longest (else waiting for other sessions is no use)."""
+        return request.batch_size * request.max_length <= self.budget.total
 
     async def _budget_freed(self, deadline: float) -> bool:
         """Wait until some session closes (True) or the deadline passes (False). Each waiter has its own future,
@@ -240,15 +243,14 @@ class SpanBackend:
                     for (*_, future), out in zip(items, outputs, strict=True):
                         if not future.done():
                             future.set_result(out)
-                self.last_batch = len(live)
                 self.decode_forwards += len(groups)
                 self.decode_rows += len(live)
-                self._batched_rows += len(live)
-                self._batches += 1
-                if loop.time() - self._stats_at > 10:
+                when, forwards, rows = self._logged
+                if loop.time() - when > 10 and self.decode_forwards > forwards:
                     logger.info("decode batching: %.1f sessions per forward on average over %d forwards",
-                                self._batched_rows / self._batches, self._batches)
-                    self._stats_at, self._batched_rows, self._batches = loop.time(), 0, 0
+                                (self.decode_rows - rows) / (self.decode_forwards - forwards),
+                                self.decode_forwards - forwards)
+                    self._logged = (loop.time(), self.decode_forwards, self.decode_rows)
 
     def _compute_batch(self, items: list) -> list[torch.Tensor]:
         span = self.span
