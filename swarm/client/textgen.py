@@ -134,7 +134,7 @@ class SwarmTextService:
             if best is not None and best_common >= self.MIN_REUSE:
                 self._parked.remove(best)
                 start = min(best_common, len(prompt) - 1)  # at least one token goes in, to get logits
-                if await self._alive(best[1]):
+                if self._alive(best[1]):
                     self.reused_tokens += start
                     return best[1], start
                 await best[1].close()
@@ -152,7 +152,7 @@ class SwarmTextService:
             return await self.client.inference_session(max_length, n), 0
 
     @staticmethod
-    async def _alive(session: InferenceSession) -> bool:
+    def _alive(session: InferenceSession) -> bool:
         return not any(stream.closed for stream in session.streams)
 
     async def _park(self, tokens: list[int], session: InferenceSession) -> None:

@@ -46,28 +46,25 @@ def quantized(source, quant: str, layout=((0, 15), (15, 30))):
     return [load_span(source, s, e, precision=Precision("cpu", torch.float32, quant)) for s, e in layout]
 
 
-def test_int4_spans_reexpress_the_q4_1_checkpoint(setup):
-    source, head, ids, reference = setup
-    spans = quantized(source, "int4")
-    assert all(span.kernels() == {"torch"} for span in spans)
-    two_blocks_fp32 = load_span(source, 0, 2).weight_bytes()
-    assert sum(span.weight_bytes() for span in spans) < 15 * two_blocks_fp32 * 0.16  # ~1/7 of fp32 with scales
-    result = compare(reference, chain_logits(head, spans, ids), ids)
-    print(f"int4: {result}")
-    assert result.top1_agreement >= 0.98, result
-    assert result.perplexity_increase <= 0.01, result
+# quant → (weights as a fraction of fp32 at most, top-1 agreement at least, perplexity increase at most)
+FAST_PATH_BOUNDS = {
+    "int4": (0.16, 0.98, 0.01),  # ~1/7 of fp32 with scales; re-expresses the Q4_1 checkpoint
+    "int8": (0.26, 0.93, 0.015),  # a quarter of fp32
+}
 
 
-def test_int8_spans(setup):
+@pytest.mark.parametrize("quant", FAST_PATH_BOUNDS)
+def test_int4_and_int8_spans_on_the_cpu_fast_path(setup, quant):
     source, head, ids, reference = setup
-    spans = quantized(source, "int8")
+    size, top1, ppl = FAST_PATH_BOUNDS[quant]
+    spans = quantized(source, quant)
     assert all(span.kernels() == {"torch"} for span in spans)
     two_blocks_fp32 = load_span(source, 0, 2).weight_bytes()
-    assert sum(span.weight_bytes() for span in spans) < 15 * two_blocks_fp32 * 0.26  # int8: a quarter of fp32
+    assert sum(span.weight_bytes() for span in spans) < 15 * two_blocks_fp32 * size
     result = compare(reference, chain_logits(head, spans, ids), ids)
-    print(f"int8: {result}")
-    assert result.top1_agreement >= 0.93, result
-    assert result.perplexity_increase <= 0.015, result
+    print(f"{quant}: {result}")
+    assert result.top1_agreement >= top1, result
+    assert result.perplexity_increase <= ppl, result
 
 
 def test_nf4_spans(setup):
