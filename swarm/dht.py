@@ -36,7 +36,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from swarm.protocol import PeerState, SpanInfo, spans_key
+from swarm.protocol import PROTOCOL_VERSION, PeerState, SpanInfo, spans_key
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ def _owned_by(subkey: object, peer_id: str) -> bool:
 
 
 async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
-    """Online peers of a model; unsigned, malformed or forged records (not owned by their peer id) are skipped."""
+    """Peers of a model that are joining, online or draining (routing takes only `routable` ones); offline,
+    unsigned, malformed or forged records (not owned by their peer id) are skipped."""
     found = await dht.get(spans_key(model_id), latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return []
@@ -161,7 +162,8 @@ async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
         except ValueError as e:
             logger.debug("skipping a span record of %s: %s", model_id, e)
             continue
-        if info.online and info.model_id == model_id and _owned_by(subkey, info.peer_id):
+        if info.state != PeerState.OFFLINE and info.version == PROTOCOL_VERSION and info.model_id == model_id \
+                and _owned_by(subkey, info.peer_id):
             spans.append(info)
     return spans
 

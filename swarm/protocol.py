@@ -29,6 +29,9 @@ PROTOCOL_VERSION = 1
 INFERENCE_HANDLER = "swarm.v1.inference"
 INFO_HANDLER = "swarm.v1.info"
 
+# Batch size at which peers measure `SpanInfo.batch_throughput`.
+BATCH_PROBE = 8
+
 # Dtypes a peer accepts for hidden states on the wire.
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -42,7 +45,9 @@ def spans_key(model_id: str) -> str:
 
 
 class PeerState(StrEnum):
+    JOINING = "joining"  # loading its blocks (`target`): counted by placement, not routed to yet
     ONLINE = "online"
+    DRAINING = "draining"  # leaving its span for `target`: live sessions finish, new ones go elsewhere
     OFFLINE = "offline"  # announced on clean shutdown so that clients stop routing here before the record expires
 
 
@@ -50,6 +55,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"  # malformed message, wrong shape / dtype / position
     VERSION = "version_mismatch"
     CAPACITY = "capacity"  # too many sessions or KV budget exhausted: retry later or elsewhere
+    MOVED = "moved"  # the peer is leaving these blocks (rebalancing): reopen the session elsewhere
     TIMEOUT = "idle_timeout"
     FORBIDDEN = "forbidden"  # the peer serves an allowlist of clients
     INTERNAL = "internal"
@@ -74,10 +80,15 @@ class SpanInfo:
     version: int = PROTOCOL_VERSION
     state: str = PeerState.ONLINE.value
     public_name: str = ""
-    throughput: float = 0.0  # tokens/s through the whole span, 0 when not measured
+    throughput: float = 0.0  # decode tokens/s of one session through ONE block (measured), 0 when unknown
+    batch_throughput: float = 0.0  # decode tokens/s through one block summed over a batch of BATCH_PROBE sessions
     device: str = "cpu"
     decode_forwards: int = 0  # batched decode forwards run so far
     decode_rows: int = 0  # session steps those forwards carried (rows / forwards = mean batch)
+    queued_steps: int = 0  # steps waiting for the compute thread when announced
+    target_start: int = 0  # while joining or draining: the blocks it is moving to
+    target_end: int = 0
+    software: str = ""  # package version of the peer
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +111,17 @@ class SpanInfo:
 
     @property
     def online(self) -> bool:
+        """Serving its span (draining peers still serve the sessions they have; see `routable`)."""
+        return self.state in (PeerState.ONLINE, PeerState.DRAINING) and self.version == PROTOCOL_VERSION
+
+    @property
+    def routable(self) -> bool:
+        """Takes new sessions."""
         return self.state == PeerState.ONLINE and self.version == PROTOCOL_VERSION
+
+    @property
+    def blocks(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from swarm.model.span import BlockSpan, SpanKVCache
-from swarm.protocol import ErrorCode, OpenRequest, PeerError
+from swarm.protocol import BATCH_PROBE, ErrorCode, OpenRequest, PeerError
 from swarm.server.memory import KVBudget
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Session:
     blocks: slice  # within the span
     cache: SpanKVCache
     opened_at: float = field(default_factory=time.monotonic)
+    moved: str | None = None  # why the peer handed this session off (it left these blocks), once it has
+    idle_timer: asyncio.Timeout | None = None  # while the handler waits for the session's next message
 
 
 def bad_request(message: str) -> PeerError:
@@ -63,9 +66,12 @@ def bad_request(message: str) -> PeerError:
 
 
 class SpanBackend:
-    def __init__(self, span: BlockSpan, limits: Limits, budget: KVBudget, fault_nan_after: int = 0):
+    def __init__(self, span: BlockSpan, limits: Limits, budget: KVBudget, fault_nan_after: int = 0,
+                 fault_step_delay: float = 0.0):
         self.span = span
         self.fault_nan_after = fault_nan_after  # tests of client-side answer checks: a peer gone bad
+        self.fault_step_delay = fault_step_delay  # tests of routing: a peer made slow (every forward sleeps this)
+        self.draining: str | None = None  # why new sessions are refused (the peer is leaving this span)
         self.steps = 0
         self.limits = limits
         self.budget = budget
@@ -93,6 +99,8 @@ class SpanBackend:
             raise bad_request(f"max_length must be 1..{limits.max_length}, got {request.max_length}")
         if not 1 <= request.batch_size <= limits.max_batch:
             raise bad_request(f"batch_size must be 1..{limits.max_batch}, got {request.batch_size}")
+        if self.draining:
+            raise PeerError(self.draining, ErrorCode.MOVED)
         if len(self.sessions) >= limits.max_sessions:
             raise PeerError(f"peer is serving its maximum of {limits.max_sessions} sessions", ErrorCode.CAPACITY)
         key = f"{next(self._keys)}:{request.session_id}"
@@ -164,6 +172,21 @@ class SpanBackend:
             self._freed_waiters.clear()
             logger.debug("closed session %s at %d tokens", session.key, session.cache.length)
 
+    def hand_off(self, reason: str) -> int:
+        """Close every session, marking it moved: its next step is refused with MOVED (the client replays it
+        elsewhere from the inputs it keeps, so nothing it computed is lost). Returns how many there were."""
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.moved = reason
+            self.close(session)
+            if session.idle_timer is not None:  # wake a handler waiting for this session's next message
+                session.idle_timer.reschedule(asyncio.get_running_loop().time())
+        return len(sessions)
+
+    @property
+    def queued_steps(self) -> int:
+        return len(self._pending)
+
     def validate_step(self, session: Session, hidden: torch.Tensor, position: object) -> None:
         batch, new, hidden_size = hidden.shape
         if batch != session.batch_size:
@@ -185,6 +208,8 @@ class SpanBackend:
 
     async def step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype."""
+        if session.moved:
+            raise PeerError(session.moved, ErrorCode.MOVED)
         self.validate_step(session, hidden, position)
         loop = asyncio.get_running_loop()
         batch, new, _ = hidden.shape
@@ -262,6 +287,8 @@ class SpanBackend:
                                  items[0][0].blocks).to("cpu")
         self.steps += 1
         self.batch_sizes = [*self.batch_sizes[-999:], len(items)]
+        if self.fault_step_delay:
+            time.sleep(self.fault_step_delay)
         if self.fault_nan_after and self.steps > self.fault_nan_after:
             out = torch.full_like(out, float("nan"))
         return [out[i : i + 1].to(h.dtype) for i, (_, h, _, _) in enumerate(items)]
@@ -270,9 +297,40 @@ class SpanBackend:
         span = self.span
         out = span(hidden.to(span.device, span.dtype), session.cache, position, session.blocks).to("cpu")
         self.steps += 1
+        if self.fault_step_delay:
+            time.sleep(self.fault_step_delay)
         if self.fault_nan_after and self.steps > self.fault_nan_after:
             out = torch.full_like(out, float("nan"))
         return out.to(hidden.dtype)
+
+    def probe(self, prefix: int = 128) -> Callable[[int], None]:
+        """For throughput measurement, before serving: a function running one decode step of `batch` sessions
+        (at most BATCH_PROBE) over the whole span after `prefix` cached tokens, through the real compute path."""
+        span = self.span
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(span.device, span.dtype)
+
+        sessions = [Session(f"probe:{i}", "probe", 1, prefix + 1, slice(0, len(span.blocks)),
+                            span.new_cache(prefix + 1)) for i in range(BATCH_PROBE)]
+        if not span.encoder:
+            for session in sessions:
+                span(randn(1, prefix, span.hidden_size), session.cache, 0)
+
+        def step(batch: int) -> None:
+            steps, sizes = self.steps, self.batch_sizes  # a probe is not a step served
+            position = 0 if span.encoder else prefix
+            items = [(s, randn(1, 1, span.hidden_size), position, None) for s in sessions[:batch]]
+            if span.encoder:
+                self._compute(sessions[0], randn(batch, 1, span.hidden_size), 0)
+            else:
+                self._compute_batch(items)
+            if span.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.steps, self.batch_sizes = steps, sizes
+
+        return step
 
     def shutdown(self) -> None:
         if self._batcher is not None:

@@ -35,7 +35,7 @@ from swarm.protocol import (
     PeerError,
     SpanInfo,
 )
-from swarm.server.backend import SpanBackend, bad_request
+from swarm.server.backend import Session, SpanBackend, bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ LINGER_SECONDS = 10.0
 class SpanHandler:
     def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float,
                  allowed_clients: set[str] | None = None):
-        self.backend = backend
+        self.backend: SpanBackend | None = backend  # None while the peer loads other blocks
+        self.hidden_size = backend.span.hidden_size
+        self.max_step_elements = backend.limits.max_step_elements
         self.info = info
         self.idle_timeout = idle_timeout
         self.allowed_clients = allowed_clients or set()  # empty: anyone
@@ -58,7 +60,7 @@ class SpanHandler:
 
     @property
     def max_frame_bytes(self) -> int:
-        return self.backend.limits.max_step_elements * self.backend.span.hidden_size * 4 + MAX_FRAME_OVERHEAD
+        return self.max_step_elements * self.hidden_size * 4 + MAX_FRAME_OVERHEAD
 
     async def handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -100,12 +102,15 @@ class SpanHandler:
             first = await self._next(requests)
             if first is None:
                 return
-            session = await self.backend.admit(self._parse_open(first))
+            backend = self.backend  # a peer that moves gets a new backend; this session stays on its own
+            if backend is None:
+                raise PeerError("this peer is loading other blocks; route elsewhere", ErrorCode.MOVED)
+            session = await backend.admit(self._parse_open(first))
             yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
-                                 "blocks": [self.backend.span.start + session.blocks.start,
-                                            self.backend.span.start + session.blocks.stop]})
-            while (request := await self._next(requests)) is not None:
-                yield await self._step(session, request)
+                                 "blocks": [backend.span.start + session.blocks.start,
+                                            backend.span.start + session.blocks.stop]})
+            while (request := await self._next(requests, session)) is not None:
+                yield await self._step(backend, session, request)
         except PeerError as e:
             logger.info("refused a request from %s: %s", remote_id, e)
             yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
@@ -114,17 +119,28 @@ class SpanHandler:
             yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value, "message": f"peer failed: {e!r}"})
         finally:
             if session is not None:
-                self.backend.close(session)
+                backend.close(session)
 
-    async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest | None:
-        """The next message, None at end of stream; an idle client gets a timeout error and loses its session."""
+    async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                    session: Session | None = None) -> runtime_pb2.ExpertRequest | None:
+        """The next message, None at end of stream; an idle client gets a timeout error and loses its session, and
+        so does one whose session was handed off (the backend fires the timer at once)."""
         try:
-            async with asyncio.timeout(self.idle_timeout):  # unlike wait_for, no extra task per message
+            if session is not None and session.moved:
+                raise TimeoutError
+            async with asyncio.timeout(self.idle_timeout) as timer:  # unlike wait_for, no extra task per message
+                if session is not None:
+                    session.idle_timer = timer
                 return await anext(requests)
         except StopAsyncIteration:
             return None
         except TimeoutError:
+            if session is not None and session.moved:
+                raise PeerError(session.moved, ErrorCode.MOVED) from None
             raise PeerError(f"session idle for {self.idle_timeout:.0f} s, closed", ErrorCode.TIMEOUT) from None
+        finally:
+            if session is not None:
+                session.idle_timer = None
 
     @staticmethod
     def _parse_open(request: runtime_pb2.ExpertRequest) -> OpenRequest:
@@ -140,17 +156,19 @@ class SpanHandler:
         except ValueError as e:
             raise bad_request(str(e)) from e
 
-    async def _step(self, session, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    @staticmethod
+    async def _step(backend: SpanBackend, session: Session,
+                    request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         try:
             metadata = unpack_metadata(request.metadata)
             if metadata.get("type") != "step":
                 raise ValueError(f"expected a 'step' message, got {metadata.get('type')!r}")
             if len(request.tensors) != 1:
                 raise ValueError(f"a step carries exactly one tensor, got {len(request.tensors)}")
-            max_elements = session.batch_size * self.backend.limits.max_chunk_tokens * self.backend.span.hidden_size
+            max_elements = session.batch_size * backend.limits.max_chunk_tokens * backend.span.hidden_size
             hidden = decode_tensor(request.tensors[0], max_elements)
         except ValueError as e:
             raise bad_request(str(e)) from e
         position = metadata.get("position")
-        out = await self.backend.step(session, hidden, position)
+        out = await backend.step(session, hidden, position)
         return make_response({"type": "result", "position": position + hidden.shape[1]}, (out,))

@@ -1,4 +1,15 @@
-"""One peer's life: join the DHT, load its span, serve RPCs, announce itself, withdraw on SIGTERM/SIGINT."""
+"""One peer's life: join the DHT, choose and load its span, serve RPCs, announce itself, move when the swarm needs it
+elsewhere, withdraw on SIGTERM/SIGINT.
+
+Without --blocks the peer places itself (swarm.server.placement): it sizes its span by its memory budget, reads the
+DHT, announces where it is going (state `joining`, so that peers starting at the same time spread out), loads the
+blocks, measures its throughput (cached on disk) and goes online. Every --rebalance-period seconds it checks whether
+the swarm would be clearly better balanced with it elsewhere (a peer left and opened a hole, peers joined where it
+is); if so it moves without restarting: it announces `draining` (clients open no new sessions here), lets live
+sessions finish for up to --drain-timeout seconds, hands the rest off (their next step is refused with `moved` and
+their clients replay them on another peer from the inputs they keep: no session loses what it computed), frees the
+old blocks, loads the new ones and goes online again under the same peer id.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +17,20 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 
+import psutil
 import torch
 
-from swarm.dht import announce, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
+from swarm import __version__
+from swarm.dht import announce, get_spans, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
 from swarm.model.anatomy import is_encoder, load_config
 from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
-from swarm.model.span import load_span
-from swarm.protocol import SpanInfo
+from swarm.model.span import load_span, release_freed_memory
+from swarm.protocol import PeerState, SpanInfo
+from swarm.server import placement, throughput
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.handler import SpanHandler
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
@@ -24,86 +39,248 @@ from swarm.server.settings import PeerSettings
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_STEP_TIMEOUT = 5.0
+JOIN_JITTER = 1.0  # seconds: peers started together read the DHT at different moments and see each other's choice
 
 
 def run_peer(settings: PeerSettings) -> None:
     """Blocking: serve until SIGTERM or SIGINT."""
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
-    source = resolve_model(settings.model, settings.model_id)
-    config = load_config(source.path)
-    start, end = settings.block_range(config.num_hidden_layers)
-    # Embedding models are small and their users compare vectors closely: unquantized unless asked (all-MiniLM-L6-v2
-    # through int8 spans: cosine 0.9993-0.9997 to fp32, int4 0.96-0.98).
-    quant = "none" if settings.quant == "auto" and is_encoder(config) else settings.quant
-    precision = choose_precision(settings.device, settings.dtype, quant, source.native_quant)
-    identity_path, key = load_identity(settings.identity)
-    # The DHT forks a child process: start it before the weights are in memory so that the child stays small.
-    dht = start_dht(settings.initial_peers, settings.host, settings.port, identity_path, signing_key=key)
-    if settings.identity is None:
-        os.unlink(identity_path)  # a throwaway identity: p2pd has read it
+    peer = Peer(settings)
     try:
-        span = load_span(source, start, end, precision=precision)
-        max_length = min(settings.max_length or config.max_position_embeddings, config.max_position_embeddings)
-        limits = Limits(settings.max_sessions, max_length, settings.max_batch, settings.max_chunk_tokens,
+        asyncio.run(peer.serve())
+    finally:
+        peer.dht.shutdown()
+
+
+class Peer:
+    def __init__(self, settings: PeerSettings):
+        self.settings = settings
+        settings.announced_throughput()  # a bad --throughput fails before anything starts
+        self.source = resolve_model(settings.model, settings.model_id)
+        self.config = load_config(self.source.path)
+        self.num_blocks = self.config.num_hidden_layers
+        self.fixed = settings.block_range(self.num_blocks)
+        # Embedding models are small and their users compare vectors closely: unquantized unless asked
+        # (all-MiniLM-L6-v2 through int8 spans: cosine 0.9993-0.9997 to fp32, int4 0.96-0.98).
+        quant = "none" if settings.quant == "auto" and is_encoder(self.config) else settings.quant
+        self.precision = choose_precision(settings.device, settings.dtype, quant, self.source.native_quant)
+        self.length = self.fixed[1] - self.fixed[0] if self.fixed else self._span_length()
+        self.max_length = min(settings.max_length or self.config.max_position_embeddings,
+                              self.config.max_position_embeddings)
+        identity_path, self.key = load_identity(settings.identity)
+        # The DHT forks a child process: start it before the weights are in memory so that the child stays small.
+        self.dht = start_dht(settings.initial_peers, settings.host, settings.port, identity_path,
+                             signing_key=self.key)
+        if settings.identity is None:
+            os.unlink(identity_path)  # a throwaway identity: p2pd has read it
+        self.peer_id = self.dht.peer_id.to_base58()
+        self.owner = owner_marker(self.key)
+        self.ttl = 3 * settings.announce_period
+        self.state = PeerState.JOINING
+        self.start, self.end = self.fixed or (0, 0)
+        self.target: tuple[int, int] = (0, 0)
+        self.backend: SpanBackend | None = None
+        self.handler: SpanHandler | None = None
+        self.rate = throughput.Throughput(0.0, 0.0)
+        self.moves = 0
+
+    # -- sizing and placement --------------------------------------------------------------------------------------
+
+    def _memory_budget(self) -> int:
+        if self.settings.memory_budget:
+            return int(self.settings.memory_budget * 2**30)
+        if self.precision.device == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            return int(0.9 * free)
+        return psutil.virtual_memory().available // 2
+
+    def _span_length(self) -> int:
+        if self.settings.num_blocks:
+            return min(self.settings.num_blocks, self.num_blocks)
+        kv_tokens = self.settings.kv_budget_tokens or placement.SIZING_KV_TOKENS
+        fit = placement.blocks_that_fit(self.config, self.precision, self._memory_budget(), kv_tokens)
+        logger.info("%d of %d blocks fit in %.2f GiB (%s, %d KV tokens)", fit, self.num_blocks,
+                    self._memory_budget() / 2**30, self.precision.describe(), kv_tokens)
+        return fit
+
+    async def _choose_span(self) -> tuple[int, int]:
+        if self.fixed:
+            return self.fixed
+        if self.length >= self.num_blocks:
+            return 0, self.num_blocks
+        await asyncio.sleep(random.uniform(0, JOIN_JITTER))
+        spans = await get_spans(self.dht, self.source.model_id)
+        return placement.choose_span(spans, self.num_blocks, self.length, exclude=self.peer_id)
+
+    # -- the record ------------------------------------------------------------------------------------------------
+
+    def info(self) -> SpanInfo:
+        backend = self.backend
+        budget = backend.budget if backend is not None else None
+        start, end = (self.start, self.end) if self.end > self.start else self.target
+        return SpanInfo(
+            peer_id=self.peer_id,
+            model_id=self.source.model_id,
+            start=start,
+            end=end,
+            num_blocks=self.num_blocks,
+            hidden_size=self.config.hidden_size,
+            dtype=self.precision.dtype_name,
+            quant=self.precision.quant,
+            device=self.precision.device,
+            max_length=self.max_length,
+            kv_budget_tokens=budget.total if budget else 0,
+            free_kv_tokens=budget.free if budget else 0,
+            active_sessions=len(backend.sessions) if backend else 0,
+            queued_steps=backend.queued_steps if backend else 0,
+            decode_forwards=backend.decode_forwards if backend else 0,
+            decode_rows=backend.decode_rows if backend else 0,
+            throughput=self.rate.single,
+            batch_throughput=self.rate.batched,
+            state=self.state.value,
+            target_start=self.target[0],
+            target_end=self.target[1],
+            public_name=self.settings.public_name,
+            software=__version__,
+        )
+
+    async def _announce(self) -> None:
+        try:
+            await announce(self.dht, self.info(), self.ttl, self.owner)
+        except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
+            logger.warning("announcement failed: %r", e)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.announce_period)
+            await self._announce()
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+
+    async def _load(self, start: int, end: int) -> SpanBackend:
+        """Load blocks [start, end) off the event loop, then measure (or recall) this peer's throughput."""
+        settings, loop = self.settings, asyncio.get_running_loop()
+        span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end, precision=self.precision))
+        limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
                         settings.admission_wait)
-        per_token = kv_bytes_per_token(config, end - start, precision.dtype)
-        budget = KVBudget(settings.kv_budget_tokens or default_budget_tokens(per_token))
-        backend = SpanBackend(span, limits, budget, settings.fault_nan_after)
+        per_token = kv_bytes_per_token(self.config, end - start, self.precision.dtype)
+        if settings.kv_budget_tokens:
+            tokens = settings.kv_budget_tokens
+        elif settings.memory_budget:  # what the weights leave of the budget
+            tokens = max(placement.SIZING_KV_TOKENS, (self._memory_budget() - span.weight_bytes()) // per_token)
+        else:
+            tokens = default_budget_tokens(per_token)
+        backend = SpanBackend(span, limits, KVBudget(tokens), settings.fault_nan_after, settings.fault_step_delay)
         if settings.fault_nan_after:
             logger.warning("fault injection: this peer answers NaN after %d steps", settings.fault_nan_after)
+        if settings.fault_step_delay:
+            logger.warning("fault injection: every forward sleeps %.3f s", settings.fault_step_delay)
+        fixed = settings.announced_throughput()
+        if fixed is not None:
+            self.rate = throughput.Throughput(fixed, fixed)
+        elif not self.rate.single:  # measured once per process: moving keeps the per-block figure
+            key = throughput.cache_key(self.source.model_id, self.precision.device, self.precision.dtype_name,
+                                       self.precision.quant)
+            refresh = settings.throughput == "eval" or settings.fault_step_delay > 0
+            self.rate = await loop.run_in_executor(
+                backend._executor, lambda: throughput.cached_or_measured(
+                    key, lambda: throughput.measure(backend.probe(), end - start), refresh))
+        return backend
 
-        def info() -> SpanInfo:
-            return SpanInfo(
-                peer_id=dht.peer_id.to_base58(),
-                model_id=source.model_id,
-                start=start,
-                end=end,
-                num_blocks=config.num_hidden_layers,
-                hidden_size=config.hidden_size,
-                dtype=precision.dtype_name,
-                quant=precision.quant,
-                device=precision.device,
-                max_length=max_length,
-                kv_budget_tokens=budget.total,
-                free_kv_tokens=budget.free,
-                active_sessions=len(backend.sessions),
-                decode_forwards=backend.decode_forwards,
-                decode_rows=backend.decode_rows,
-                public_name=settings.public_name,
-            )
+    # -- serving ---------------------------------------------------------------------------------------------------
 
-        asyncio.run(_serve(dht, backend, info, settings, owner_marker(key)))
-    finally:
-        dht.shutdown()
+    async def serve(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        p2p = await self.dht.replicate_p2p()
+        self.target = await self._choose_span()
+        await self._announce()  # joining: peers placing themselves now count this span as taken
+        announcer = asyncio.create_task(self._announce_loop(), name="announce")
+        tasks = [announcer]
+        try:
+            self.backend = await self._load(*self.target)
+            self.start, self.end = self.target
+            self.target, self.state = (0, 0), PeerState.ONLINE
+            self.handler = SpanHandler(self.backend, self.info, self.settings.idle_timeout,
+                                       set(self.settings.allowed_clients))
+            await self.handler.register(p2p)
+            await self._announce()
+            first = self.info()
+            logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s throughput=%.1f peer_id=%s maddrs=%s",
+                        first.model_id, first.start, first.end, first.device, first.dtype, first.quant,
+                        first.throughput, first.peer_id, " ".join(visible_maddrs(self.dht)))
+            if self.fixed is None and self.length < self.num_blocks:
+                tasks.append(asyncio.create_task(self._rebalance_loop(), name="rebalance"))
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._shutdown(p2p)
 
-
-async def _serve(dht, backend: SpanBackend, info, settings: PeerSettings, owner: bytes) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    p2p = await dht.replicate_p2p()
-    await SpanHandler(backend, info, settings.idle_timeout, set(settings.allowed_clients)).register(p2p)
-    ttl = 3 * settings.announce_period
-    first = info()
-    await announce(dht, first, ttl, owner)
-    logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s peer_id=%s maddrs=%s", first.model_id, first.start,
-                first.end, first.device, first.dtype, first.quant, first.peer_id, " ".join(visible_maddrs(dht)))
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.announce_period)
-        if not stop.is_set():
+    async def _rebalance_loop(self) -> None:
+        period = self.settings.rebalance_period
+        while True:
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
             try:
-                await announce(dht, info(), ttl, owner)
-            except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
-                logger.warning("announcement failed: %r", e)
-    logger.info("shutting down: withdrawing %s from the DHT", first.peer_id)
-    try:  # bounded: with the rest of the swarm gone, a DHT store may never complete
-        await asyncio.wait_for(withdraw(dht, info(), ttl, owner), SHUTDOWN_STEP_TIMEOUT)
-    except Exception as e:
-        logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, ttl)
-    backend.shutdown()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_STEP_TIMEOUT)
+                target = await self._better_span()
+                if target is None:
+                    continue
+                # Others see the same swarm: wait a moment and look again, so that of several peers able to fill a
+                # hole the first to announce its move takes it and the rest stay.
+                await asyncio.sleep(random.uniform(0, min(2.0, period / 2)))
+                target = await self._better_span()
+                if target is not None:
+                    await self.move_to(*target)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("rebalancing failed; serving %d:%d", self.start, self.end)
+
+    async def _better_span(self) -> tuple[int, int] | None:
+        spans = await get_spans(self.dht, self.source.model_id)
+        return placement.better_span(spans, self.info())
+
+    async def move_to(self, start: int, end: int) -> None:
+        """Drain the current span, hand off what is left, and serve [start, end) under the same peer id."""
+        old = self.backend
+        assert old is not None and self.handler is not None
+        logger.info("moving from blocks %d:%d to %d:%d: draining %d sessions", self.start, self.end, start, end,
+                    len(old.sessions))
+        self.state, self.target = PeerState.DRAINING, (start, end)
+        old.draining = f"this peer is moving from blocks {self.start}:{self.end} to {start}:{end}; route elsewhere"
+        await self._announce()
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        while old.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        handed = old.hand_off(old.draining)
+        if handed:
+            logger.info("handed off %d sessions still open after %.0f s", handed, self.settings.drain_timeout)
+        self.handler.backend = None
+        self.backend = None
+        old.shutdown()
+        del old
+        self.state, self.start, self.end = PeerState.JOINING, 0, 0
+        await self._announce()
+        release_freed_memory()
+        self.backend = await self._load(start, end)
+        self.start, self.end = start, end
+        self.handler.backend = self.backend
+        self.state, self.target = PeerState.ONLINE, (0, 0)
+        self.moves += 1
+        await self._announce()
+        logger.info("peer moved: blocks=%d:%d peer_id=%s", start, end, self.peer_id)
+
+    async def _shutdown(self, p2p) -> None:
+        logger.info("shutting down: withdrawing %s from the DHT", self.peer_id)
+        try:  # bounded: with the rest of the swarm gone, a DHT store may never complete
+            await asyncio.wait_for(withdraw(self.dht, self.info(), self.ttl, self.owner), SHUTDOWN_STEP_TIMEOUT)
+        except Exception as e:
+            logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, self.ttl)
+        if self.backend is not None:
+            self.backend.shutdown()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_STEP_TIMEOUT)

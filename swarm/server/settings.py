@@ -15,7 +15,20 @@ class PeerSettings(BaseSettings):
 
     model: str = Field(DEFAULT_MODEL_ID, description="model: the default, a local HF directory, or a hub id")
     model_id: str | None = Field(None, description="name announced in the DHT (default: derived from --model)")
-    blocks: str | None = Field(None, description="span to serve as START:END (default: every block)")
+    blocks: str | None = Field(None, description="span to serve as START:END (default: chosen by the peer: as many "
+                                                 "blocks as fit its memory, where the swarm is weakest; it moves "
+                                                 "when the swarm changes)")
+    num_blocks: int = Field(0, ge=0, description="without --blocks: how many blocks to serve (0: as many as fit "
+                                                 "--memory-budget)")
+    memory_budget: float = Field(0.0, ge=0, description="GiB for weights + KV cache, used to size the span without "
+                                                        "--blocks (0: half the free RAM on CPU, 90%% of free GPU "
+                                                        "memory on CUDA)")
+    throughput: str = Field("auto", description="tokens/s per block to announce: auto (measured once, cached on "
+                                                "disk), eval (measure again) or a number")
+    rebalance_period: float = Field(30.0, gt=0, description="without --blocks: seconds between checks whether the "
+                                                            "swarm would be better balanced with this peer elsewhere")
+    drain_timeout: float = Field(30.0, ge=0, description="when moving: seconds live sessions may go on before they "
+                                                         "are handed off (their clients replay them elsewhere)")
     initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of DHT nodes to join")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
@@ -48,10 +61,13 @@ class PeerSettings(BaseSettings):
     log_level: str = Field("INFO", description="logging level")
     fault_nan_after: int = Field(0, ge=0, description="for fault-tolerance tests only: after this many steps, "
                                                         "answer NaN (0: never)")
+    fault_step_delay: float = Field(0.0, ge=0, description="for routing tests only: seconds every forward sleeps "
+                                                           "(a slow peer)")
 
-    def block_range(self, num_blocks: int) -> tuple[int, int]:
+    def block_range(self, num_blocks: int) -> tuple[int, int] | None:
+        """The span given by --blocks; None when the peer is to choose."""
         if self.blocks is None:
-            return 0, num_blocks
+            return None
         try:
             start, end = (int(x) for x in self.blocks.split(":"))
         except ValueError:
@@ -59,3 +75,15 @@ class PeerSettings(BaseSettings):
         if not 0 <= start < end <= num_blocks:
             raise ValueError(f"--blocks {self.blocks} is outside the model's 0:{num_blocks}")
         return start, end
+
+    def announced_throughput(self) -> float | None:
+        """--throughput as a number, None for auto/eval."""
+        if self.throughput in ("auto", "eval"):
+            return None
+        try:
+            value = float(self.throughput)
+        except ValueError:
+            raise ValueError(f"--throughput must be auto, eval or a number, got {self.throughput!r}") from None
+        if not value > 0:
+            raise ValueError(f"--throughput must be positive, got {value}")
+        return value

@@ -168,3 +168,49 @@ async def test_sessions_reserve_kv_as_they_grow_and_wait_a_bounded_time_for_it(t
         assert out.shape == (1, 1, 64) and backend.budget.reserved[a.key] == 250  # capped at max_length
     finally:
         backend.shutdown()
+
+
+async def test_a_draining_peer_refuses_new_sessions_and_hands_off_live_ones(backend):
+    live = backend.open(open_request())
+    await backend.step(live, torch.randn(1, 4, 64), 0)
+    backend.draining = "moving to 10:20"
+    with pytest.raises(PeerError, match="moving to 10:20") as info:
+        backend.open(open_request())
+    assert info.value.code == ErrorCode.MOVED
+    # a live session goes on while the peer drains...
+    await backend.step(live, torch.randn(1, 1, 64), 4)
+    assert backend.hand_off("moving to 10:20") == 1
+    # ...until it is handed off: memory freed, the next step refused with MOVED (the client replays elsewhere)
+    assert not backend.sessions and backend.budget.free == 200
+    with pytest.raises(PeerError, match="moving") as info:
+        await backend.step(live, torch.randn(1, 1, 64), 5)
+    assert info.value.code == ErrorCode.MOVED
+
+
+def test_throughput_probe_runs_real_steps_and_is_cached(backend, tmp_path):
+    from swarm.server import throughput
+
+    calls = []
+
+    def measured():
+        calls.append(1)
+        return throughput.measure(backend.probe(prefix=16), num_blocks=4, repeats=2)
+
+    path = tmp_path / "throughput.json"
+    first = throughput.cached_or_measured("k", measured, path=path)
+    assert first.single > 0 and first.batched > 0
+    assert backend.steps == 0 and not backend.batch_sizes  # probes are not served steps
+    assert throughput.cached_or_measured("k", measured, path=path) == first and len(calls) == 1
+    assert throughput.cached_or_measured("k", measured, refresh=True, path=path) and len(calls) == 2
+    assert throughput.cached_or_measured("other", measured, path=path) and len(calls) == 3
+    path.write_text("{not json")  # a damaged cache is measured over, not fatal
+    assert throughput.cached_or_measured("k", measured, path=path) and len(calls) == 4
+
+
+def test_a_slow_peer_measures_slow(backend):
+    from swarm.server import throughput
+
+    quick = throughput.measure(backend.probe(prefix=16), num_blocks=4, repeats=2)
+    backend.fault_step_delay = 0.05
+    slow = throughput.measure(backend.probe(prefix=16), num_blocks=4, repeats=2)
+    assert slow.single < 4 / 0.05 and slow.single < quick.single

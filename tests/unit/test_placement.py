@@ -1,0 +1,105 @@
+"""Self-placement on synthetic swarms: where a joining peer goes, when a running one moves, how many blocks fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from swarm.model.precision import Precision
+from swarm.protocol import SpanInfo
+from swarm.server.memory import kv_bytes_per_token
+from swarm.server.placement import (
+    better_span,
+    block_throughputs,
+    block_weight_bytes,
+    blocks_that_fit,
+    choose_span,
+)
+
+
+def peer(name: str, start: int, end: int, throughput: float = 100.0, state: str = "online",
+         target: tuple[int, int] = (0, 0), num_blocks: int = 30) -> SpanInfo:
+    return SpanInfo(peer_id=name, model_id="m", start=start, end=end, num_blocks=num_blocks, hidden_size=8,
+                    dtype="float32", quant="none", max_length=64, kv_budget_tokens=100, free_kv_tokens=100,
+                    active_sessions=0, throughput=throughput, state=state, target_start=target[0],
+                    target_end=target[1])
+
+
+def test_the_first_peer_starts_at_block_zero_and_the_next_ones_fill_the_rest():
+    assert choose_span([], 30, 10) == (0, 10)
+    assert choose_span([peer("a", 0, 10)], 30, 10) == (10, 20)
+    assert choose_span([peer("a", 0, 10), peer("b", 10, 20)], 30, 10) == (20, 30)
+    # all covered once: the next one doubles the first window (deterministic tie)
+    assert choose_span([peer("a", 0, 10), peer("b", 10, 20), peer("c", 20, 30)], 30, 10) == (0, 10)
+
+
+def test_the_weakest_part_wins_and_a_hole_first():
+    swarm = [peer("a", 0, 30, throughput=100), peer("b", 0, 12, throughput=500)]
+    assert choose_span(swarm, 30, 10) == (12, 22)  # 12:30 has only a's 100 tok/s
+    assert choose_span([peer("a", 0, 10), peer("c", 25, 30)], 30, 8) == (10, 18)
+    assert choose_span([peer("a", 0, 10), peer("c", 25, 30)], 30, 20) == (5, 25)  # the whole hole, least overlap
+
+
+def test_joining_and_moving_peers_count_where_they_are_going():
+    joining = peer("j", 0, 10, state="joining", target=(0, 10))
+    moving = peer("m", 0, 10, state="draining", target=(10, 20))
+    strength = block_throughputs([joining, moving], 30)
+    assert strength[:10] == [100.0] * 10 and strength[10:20] == [100.0] * 10 and strength[20:] == [0.0] * 10
+    assert choose_span([joining, moving], 30, 10) == (20, 30)
+    assert block_throughputs([peer("gone", 0, 30, state="offline")], 30) == [0.0] * 30
+
+
+def test_a_peer_whose_span_is_duplicated_moves_to_a_hole():
+    me = peer("me", 0, 10)
+    swarm = [me, peer("a", 0, 10), peer("c", 20, 30)]  # nobody serves 10:20
+    assert better_span(swarm, me) == (10, 20)
+
+
+def test_the_only_server_of_a_span_never_moves_to_fill_another_hole():
+    me = peer("me", 10, 20)
+    swarm = [me, peer("a", 0, 10)]  # 20:30 is a hole, but leaving 10:20 opens one of the same size
+    assert better_span(swarm, me) is None
+
+
+def test_a_balanced_swarm_does_not_move_and_small_gains_are_ignored():
+    me = peer("me", 0, 10)
+    swarm = [me, peer("b", 10, 20), peer("c", 20, 30)]
+    assert better_span(swarm, me) is None
+    # moving me from 0:10 (two peers) to 10:20 would raise the minimum from 100 to 110: below the 1.5x bar
+    swarm = [me, peer("a", 0, 10, throughput=100), peer("b", 10, 20, throughput=110),
+             peer("c", 20, 30, throughput=110)]
+    assert better_span(swarm, me) is None
+    # ...but a weak part served at 20 tok/s is worth moving to
+    swarm = [me, peer("a", 0, 10), peer("b", 10, 20, throughput=20), peer("c", 20, 30)]
+    assert better_span(swarm, me) == (10, 20)
+
+
+def test_moves_close_part_of_a_hole_too_large_for_one_peer():
+    me = peer("me", 0, 5)
+    swarm = [me, peer("a", 0, 10), peer("c", 25, 30)]  # 10:25 is a hole; me covers 5 of its blocks by moving
+    assert better_span(swarm, me) == (10, 15)
+
+
+def test_blocks_that_fit_count_weights_and_kv():
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=12, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    fp32 = Precision("cpu", torch.float32, "none")
+    per_block = block_weight_bytes(config, fp32)
+    # attention 4 projections (q, o: 256x256; k, v: 256x128) + MLP 3x 256x512 + two norms, 4 bytes each
+    assert per_block == 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256)
+    int8 = block_weight_bytes(config, Precision("cpu", torch.float32, "int8"))
+    assert per_block / 4 < int8 < per_block / 3  # int8 weights, fp32 norms
+    kv = kv_bytes_per_token(config, 1, torch.float32)
+    assert blocks_that_fit(config, fp32, 5 * (per_block + 100 * kv), kv_tokens=100) == 5
+    assert blocks_that_fit(config, fp32, 5 * (per_block + 100 * kv) - 1, kv_tokens=100) == 4
+    assert blocks_that_fit(config, fp32, 1 << 40, kv_tokens=100) == 12  # never more than the model
+    assert blocks_that_fit(config, fp32, 1, kv_tokens=100) == 1  # a peer always serves something
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_a_peer_that_serves_everything_has_nowhere_to_go(n):
+    me = dataclasses.replace(peer("me", 0, n, num_blocks=n))
+    assert better_span([me], me) is None
