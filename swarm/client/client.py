@@ -20,17 +20,16 @@ from functools import partial
 
 import torch
 from hivemind.dht import DHT
-from hivemind.p2p import P2P, PeerID
-from hivemind.proto import runtime_pb2
+from hivemind.p2p import P2P
 
 from kernels.sampling import SamplingParams, sample
+from swarm.client.monitor import SwarmMonitor, probe
 from swarm.client.routing import Link, find_chain
 from swarm.client.session import FailoverPolicy, InferenceSession
-from swarm.codec import unpack_metadata
-from swarm.dht import get_spans, load_identity, start_dht
+from swarm.dht import load_identity, start_dht
 from swarm.model.head import LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
-from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
+from swarm.protocol import ErrorCode, NoChainError, PeerError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class StepOutput:
 class SwarmClient:
     def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
                  step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
-                 allowed_peers: set[str] | None = None):
+                 allowed_peers: set[str] | None = None, refresh_period: float = 3.0):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
@@ -54,8 +53,11 @@ class SwarmClient:
         self.prefill_chunk = prefill_chunk
         self.step_timeout = step_timeout
         self.failover = failover or FailoverPolicy()
-        self.allowed_peers = allowed_peers
+        self._allowed_peers = allowed_peers
         self._bans: dict[str, tuple[float, float]] = {}  # peer id → (banned until, last ban length)
+        # Spans, RTTs and loads, refreshed in the background: a route search never waits on the network.
+        self.monitor = SwarmMonitor(dht, p2p, self.model_id, refresh_period, allowed_peers=allowed_peers,
+                                    on_failure=self.ban)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
         # LM-head requests of concurrent sessions are computed together: the head's weight (113 MB for SmolLM2 in
         # fp32) is then read once per round of tokens instead of once per session
@@ -86,21 +88,28 @@ class SwarmClient:
 
     async def peer_info(self, peer_id: str, timeout: float = 10.0) -> SpanInfo:
         """Ask a peer directly for its current record (free KV, active sessions), bypassing the DHT."""
-        response = await asyncio.wait_for(
-            self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), INFO_HANDLER, runtime_pb2.ExpertUID(),
-                                           runtime_pb2.ExpertInfo),
-            timeout,
-        )
-        return SpanInfo.from_dict(unpack_metadata(response.serialized_info))
+        return (await probe(self.p2p, peer_id, timeout))[0]
+
+    @property
+    def allowed_peers(self) -> set[str] | None:
+        """Route only through these peer ids (None: any peer)."""
+        return self._allowed_peers
+
+    @allowed_peers.setter
+    def allowed_peers(self, peers: set[str] | None) -> None:
+        self._allowed_peers = self.monitor.allowed_peers = peers
 
     @property
     def peer_id(self) -> str:
         return self.dht.peer_id.to_base58()
 
-    async def spans(self) -> list[SpanInfo]:
-        """Live spans of this client's model (only allowed peers, when an allowlist is set)."""
-        spans = await get_spans(self.dht, self.model_id)
-        return spans if self.allowed_peers is None else [s for s in spans if s.peer_id in self.allowed_peers]
+    async def spans(self, fresh: bool = False) -> list[SpanInfo]:
+        """Spans of this client's model (only allowed peers, when an allowlist is set), as of the background view's
+        last refresh; `fresh`, or a view older than two refresh periods, reads the DHT and probes the peers now."""
+        self.monitor.start()
+        spans = await self.monitor.refresh() if fresh or self.monitor.stale else self.monitor.spans
+        allowed = self.allowed_peers
+        return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
 
     BAN_SECONDS = 15.0
     MAX_BAN_SECONDS = 600.0
@@ -115,21 +124,29 @@ class SwarmClient:
         now = time.monotonic()
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
-    async def chain(self, start: int = 0, end: int | None = None, banned: set[str] | None = None) -> list[Link]:
-        """The best chain over blocks [start, end) among live peers not banned (by this client or the caller)."""
-        return find_chain(await self.spans(), self.model_id, self.head.num_blocks, self.banned() | (banned or set()),
-                          start, end)
+    async def chain(self, start: int = 0, end: int | None = None, banned: set[str] | None = None,
+                    fresh: bool = False) -> list[Link]:
+        """The fastest chain over blocks [start, end) among routable peers not banned by the caller. Peers this
+        client banned are avoided unless no chain exists without them (a suspect peer beats no answer)."""
+        spans, views = await self.spans(fresh), self.monitor.views()
+        banned = banned or set()
+        try:
+            return find_chain(spans, self.model_id, self.head.num_blocks, self.banned() | banned, start, end, views)
+        except NoChainError:
+            if not self.banned() - banned:
+                raise
+            return find_chain(spans, self.model_id, self.head.num_blocks, banned, start, end, views)
 
-    async def _reroute(self, start: int, end: int, banned: set[str]) -> list[Link]:
-        for peer in banned:
+    async def _reroute(self, start: int, end: int, avoid: set[str], faulty: set[str]) -> list[Link]:
+        for peer in faulty:
             if peer and peer not in self.banned():
                 self.ban(peer)
-        return await self.chain(start, end, banned)
+        return await self.chain(start, end, avoid, fresh=True)
 
-    async def missing_blocks(self) -> list[tuple[int, int]]:
+    async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
         try:
-            await self.chain()
+            await self.chain(fresh=fresh)
             return []
         except NoChainError as e:
             return e.missing
@@ -139,16 +156,38 @@ class SwarmClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await self.chain()
+                return await self.chain(fresh=True)
             except NoChainError:
                 if time.monotonic() > deadline:
                     raise
             await asyncio.sleep(poll)
 
+    OPEN_ATTEMPTS = 3
+
     async def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        chain = await self.chain()
-        return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout,
-                                           self._reroute, self.failover)
+        """Open a session on the fastest chain now. A peer that refuses or fails the opening (this client's view of
+        the swarm is a few seconds old: it may have filled up, started moving or died) is left out of another try."""
+        avoid: set[str] = set()
+        for attempt in range(self.OPEN_ATTEMPTS):
+            chain = await self.chain(banned=avoid)
+            self.monitor.opened(link.peer.peer_id for link in chain)  # before the await: concurrent opens see it
+            try:
+                return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout,
+                                                   self._reroute, self.failover, self.monitor)
+            except PeerError as e:
+                if not e.peer_id or attempt + 1 == self.OPEN_ATTEMPTS:
+                    raise
+                if e.code not in (ErrorCode.MOVED, ErrorCode.CAPACITY):
+                    self.ban(e.peer_id)
+                avoid.add(e.peer_id)
+                try:
+                    await self.chain(banned=avoid)
+                except NoChainError:
+                    raise e from None  # no one else serves those blocks: the peer's own answer says most
+                logger.info("peer %s refused a new session (%s); trying another chain", e.peer_id, e)
+            finally:
+                self.monitor.closed(link.peer.peer_id for link in chain)  # the session counts its own links
+        raise AssertionError("unreachable")
 
     async def run_in_worker(self, fn, *args):
         """Run blocking torch work of the head on the client's worker thread."""
@@ -266,6 +305,7 @@ class SwarmClient:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     async def close(self) -> None:
+        await self.monitor.close()
         if self._logit_task is not None:
             self._logit_task.cancel()
         self._executor.shutdown(wait=False)

@@ -1,16 +1,33 @@
-"""Choose a chain of peers that covers every block of a model.
+"""Choose the chain of peers that covers a model's blocks in the least expected time per token.
 
-The search is a shortest path over block boundaries: from block p, any live span containing p can take the session
-to its end. Fewest hops wins (each hop costs a network round trip); among equal chains, more free KV capacity wins.
-A peer may serve only part of its span in a chain, so overlapping spans compose.
+A token's trip through a chain costs, per link, a round trip from this client to the peer (the client relays every
+hop) plus the peer's compute for the blocks it serves in the chain:
+
+    link seconds = RTT(peer) + blocks × (1 / throughput + load × marginal)
+
+`throughput` is what the peer measured and announced (tokens/s through one block, one session); `marginal` is how
+much each session already there adds to a step, from the peer's batched measurement (`batch_throughput`); `load` is
+the sessions the peer serves now (its latest record or probe, plus what this client opened through it since then).
+A peer with no free KV cache costs a penalty (it would make a new session wait). RTT comes from this client's probes,
+smoothed; unknown peers get DEFAULT_RTT.
+
+The search is a shortest path over block boundaries, not a greedy walk: from boundary p, any routable span containing
+p can take the session to any later boundary within it. Since a link's cost is linear in its blocks, the best chain
+switches peers only where some span starts or ends, so those boundaries are the only nodes. Ties (equal cost) go to
+the chain whose tightest peer has the most free KV, then to the lower peer ids (deterministic).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from swarm.protocol import NoChainError, SpanInfo
+from swarm.protocol import BATCH_PROBE, NoChainError, SpanInfo
+
+DEFAULT_RTT = 0.01  # seconds: a peer this client has not probed yet
+UNKNOWN_BLOCK_SECONDS = 0.01  # per block and token, for a peer that announced no throughput
+FULL_KV_PENALTY = 1.0  # seconds: a peer without free KV cache makes a new session wait (or refuses it)
 
 
 @dataclass(frozen=True)
@@ -20,6 +37,42 @@ class Link:
     peer: SpanInfo
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What this client knows about a peer beyond its record: smoothed RTT (None: not probed) and how many more
+    sessions it has opened through the peer than the record counts."""
+
+    rtt: float | None = None
+    extra_sessions: int = 0
+
+
+def block_seconds(info: SpanInfo, load: int) -> float:
+    """Expected seconds per token through one block of `info` with `load` other sessions on it."""
+    if info.throughput <= 0:
+        return UNKNOWN_BLOCK_SECONDS * (1 + 0.1 * load)
+    single = 1.0 / info.throughput
+    if info.batch_throughput > 0:
+        batched = BATCH_PROBE / info.batch_throughput  # one step of BATCH_PROBE sessions
+        marginal = max(0.0, (batched - single) / (BATCH_PROBE - 1))
+    else:
+        marginal = 0.1 * single
+    return single + load * marginal
+
+
+def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None) -> float:
+    view = view or PeerView()
+    load = max(0, info.active_sessions + view.extra_sessions)
+    rtt = DEFAULT_RTT if view.rtt is None else view.rtt
+    penalty = FULL_KV_PENALTY if info.free_kv_tokens <= 0 else 0.0
+    return rtt + blocks * block_seconds(info, load) + penalty
+
+
+def chain_seconds(chain: Iterable[Link], views: Mapping[str, PeerView] | None = None) -> float:
+    """Expected seconds per token of a chain."""
+    views = views or {}
+    return sum(link_seconds(link.peer, link.end - link.start, views.get(link.peer.peer_id)) for link in chain)
 
 
 def missing_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[tuple[int, int]]:
@@ -38,29 +91,38 @@ def missing_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[tuple[int
 
 
 def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, banned: Iterable[str] = (),
-               start: int = 0, end: int | None = None) -> list[Link]:
-    """The best chain over blocks [start, end) (default: the whole model); raises NoChainError naming the
-    uncovered blocks. A replacement for a failed part of a chain asks for that part only."""
+               start: int = 0, end: int | None = None,
+               views: Mapping[str, PeerView] | None = None) -> list[Link]:
+    """The fastest chain over blocks [start, end) (default: the whole model) of routable, unbanned peers; raises
+    NoChainError naming the uncovered blocks. A replacement for a failed part of a chain asks for that part only."""
     end = num_blocks if end is None else end
-    banned = set(banned)
-    usable = [s for s in spans if s.peer_id not in banned and s.end <= num_blocks]
-    # best[p] = (hops, -min free KV along the way) from block p to `end`; choice[p] = the span taken at p.
-    best: dict[int, tuple[int, int]] = {end: (0, -(1 << 62))}
-    choice: dict[int, SpanInfo] = {}
-    for p in range(end - 1, start - 1, -1):
+    banned, views = set(banned), views or {}
+    usable = [s for s in spans if s.routable and s.peer_id not in banned and s.end <= num_blocks]
+    nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
+    # best[p]: (seconds, -(tightest free KV), peer ids) of the best chain from boundary p to `end`
+    best: dict[int, tuple[float, int, tuple[str, ...]]] = {end: (0.0, -(1 << 62), ())}
+    choice: dict[int, tuple[SpanInfo, int]] = {}
+    for i in range(len(nodes) - 2, -1, -1):
+        p = nodes[i]
         for span in usable:
-            stop = min(span.end, end)
-            if span.start <= p < stop and stop in best:
-                hops, neg_free = best[stop]
-                candidate = (hops + 1, max(neg_free, -span.free_kv_tokens))
+            if not span.start <= p < span.end:
+                continue
+            for q in nodes[i + 1 :]:
+                if q > span.end:
+                    break
+                if q not in best:
+                    continue
+                seconds, neg_free, ids = best[q]
+                candidate = (round(seconds + link_seconds(span, q - p, views.get(span.peer_id)), 9),
+                             max(neg_free, -span.free_kv_tokens), (span.peer_id, *ids))
                 if p not in best or candidate < best[p]:
-                    best[p], choice[p] = candidate, span
-    if start not in best:
+                    best[p], choice[p] = candidate, (span, q)
+    if start not in best or not math.isfinite(best[start][0]):
         holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
         raise NoChainError(model_id, holes or [(start, end)])
     chain, p = [], start
     while p < end:
-        span = choice[p]
-        chain.append(Link(span, p, min(span.end, end)))
-        p = min(span.end, end)
+        span, q = choice[p]
+        chain.append(Link(span, p, q))
+        p = q
     return chain

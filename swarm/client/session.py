@@ -12,8 +12,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -139,7 +140,17 @@ class PeerStream:
         self._pump.cancel()
 
 
-Reroute = Callable[[int, int, set[str]], Awaitable[list[Link]]]
+# reroute(start, end, avoid, faulty): a chain over [start, end) without the peers in `avoid`; those in `faulty` failed
+# (the others refused: they are full, or moved to other blocks) and deserve a client-wide ban.
+Reroute = Callable[[int, int, set[str], set[str]], Awaitable[list[Link]]]
+
+
+class SessionTracker(Protocol):
+    """Told which peers a session holds a stream to (routing counts the client's own sessions per peer)."""
+
+    def opened(self, peer_ids: Iterable[str]) -> None: ...
+
+    def closed(self, peer_ids: Iterable[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -162,25 +173,35 @@ class InferenceSession:
     """
 
     def __init__(self, p2p: P2P, streams: list[PeerStream], max_length: int, batch_size: int, step_timeout: float,
-                 reroute: Reroute | None = None, policy: FailoverPolicy | None = None):
+                 reroute: Reroute | None = None, policy: FailoverPolicy | None = None,
+                 tracker: SessionTracker | None = None):
         self.p2p = p2p
         self.streams = streams
+        self.tracker = tracker
+        if tracker is not None:
+            tracker.opened(self._peer_ids(streams))
         self.max_length = max_length
         self.batch_size = batch_size
         self.step_timeout = step_timeout
         self.reroute = reroute
         self.policy = policy or FailoverPolicy()
         self.position = 0  # tokens every peer has cached
-        self.banned: set[str] = set()
+        self.banned: set[str] = set()  # peers this session no longer uses
+        self.faulty: set[str] = set()  # ...of which these failed (the others were full)
         self.failovers = 0
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
 
     @classmethod
     async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1, timeout: float = 30.0,
-                   reroute: Reroute | None = None, policy: FailoverPolicy | None = None) -> InferenceSession:
+                   reroute: Reroute | None = None, policy: FailoverPolicy | None = None,
+                   tracker: SessionTracker | None = None) -> InferenceSession:
         streams = await open_streams(p2p, chain, max_length, batch_size, timeout)
-        return cls(p2p, streams, max_length, batch_size, timeout, reroute, policy)
+        return cls(p2p, streams, max_length, batch_size, timeout, reroute, policy, tracker)
+
+    @staticmethod
+    def _peer_ids(streams: list[PeerStream]) -> list[str]:
+        return [stream.link.peer.peer_id for stream in streams]
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """hidden: [B, T, H] of tokens at `position` (default: right after the cached ones) → last block's output."""
@@ -219,7 +240,7 @@ class InferenceSession:
         """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay."""
         failed = self.streams[i]
         await failed.close()
-        self.banned.add(failed.link.peer.peer_id)
+        self._avoid(failed.link.peer.peer_id, error)
         kept = self._inputs[i]
         while True:
             if self.reroute is None or self.failovers >= self.policy.max_failovers:
@@ -227,7 +248,8 @@ class InferenceSession:
             self.failovers += 1
             logger.warning("peer %s failed (%s); replacing blocks %d:%d", error.peer_id, error, failed.link.start,
                            failed.link.end)
-            chain = await self.reroute(failed.link.start, failed.link.end, set(self.banned))  # NoChainError: none
+            chain = await self.reroute(failed.link.start, failed.link.end, set(self.banned),
+                                       set(self.faulty))  # NoChainError: none
             streams: list[PeerStream] = []
             try:
                 streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout)
@@ -240,13 +262,23 @@ class InferenceSession:
             except PeerError as e:
                 for stream in streams:
                     await stream.close()
-                self.banned.add(e.peer_id or "")
+                self._avoid(e.peer_id or "", e)
                 error = e
                 continue
+            if self.tracker is not None:
+                self.tracker.closed(self._peer_ids([failed]))
+                self.tracker.opened(self._peer_ids(streams))
             self.streams[i : i + 1] = streams
             self._inputs[i : i + 1] = inputs
             self._latency[i : i + 1] = [None] * len(streams)
             return
+
+    def _avoid(self, peer_id: str, error: PeerError) -> None:
+        if error.code == ErrorCode.MOVED:
+            return  # it left these blocks (the fresh view it is rerouted with says so) but may serve the next ones
+        self.banned.add(peer_id)
+        if error.code != ErrorCode.CAPACITY:
+            self.faulty.add(peer_id)
 
     async def _replay(self, stream: PeerStream, history: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -258,6 +290,9 @@ class InferenceSession:
     async def close(self) -> None:
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
             await stream.close()
+        if self.tracker is not None:
+            self.tracker.closed(self._peer_ids(self.streams))
+            self.tracker = None
 
     async def __aenter__(self) -> InferenceSession:
         return self

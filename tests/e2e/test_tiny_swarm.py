@@ -188,7 +188,7 @@ async def test_sigterm_withdraws_the_peer_from_the_dht(tiny_client, tiny_swarm, 
     peer_id = tiny_swarm.peer_id(proc)
 
     async def listed():
-        return peer_id in {s.peer_id for s in await tiny_client.spans()}
+        return peer_id in {s.peer_id for s in await tiny_client.spans(fresh=True)}
 
     await poll(listed)
     proc.signal(signal.SIGTERM)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import pytest
 
-from swarm.client.routing import find_chain, missing_blocks
+from swarm.client.routing import Link, PeerView, chain_seconds, find_chain, link_seconds, missing_blocks
 from swarm.protocol import NoChainError, SpanInfo
 
 
@@ -22,9 +25,12 @@ def test_two_halves_make_a_chain():
 
 
 def test_fewest_hops_wins_and_overlaps_are_cut():
-    spans = [span("a", 0, 10), span("b", 10, 20), span("c", 20, 30), span("big", 0, 25),
+    # Peers of unknown speed: every block costs the same, so the chain with the fewest round trips wins.
+    spans = [span("a", 0, 10), span("b", 10, 20), span("c", 20, 30, free=500), span("big", 0, 25),
              span("tail", 22, 30, free=2000)]
-    assert links(find_chain(spans, "m", 30)) == [("big", 0, 25), ("tail", 25, 30)]
+    chain = links(find_chain(spans, "m", 30))
+    assert [peer for peer, *_ in chain] == ["big", "tail"]  # c would also make 2 hops, with less free KV
+    assert chain[0][1] == 0 and chain[0][2] == chain[1][1] and chain[1][2] == 30 and 22 <= chain[0][2] <= 25
 
 
 def test_tie_goes_to_more_free_kv():
@@ -57,3 +63,127 @@ def test_a_part_of_the_model_can_be_routed_alone():
     assert links(find_chain(spans, "m", 30, start=10, end=20)) == [("a", 10, 20)]
     with pytest.raises(NoChainError, match="blocks 10:12 of m"):
         find_chain([span("c", 12, 30)], "m", 30, start=10, end=20)
+
+
+def fast(peer: str, start: int, end: int, throughput: float = 1000.0, batched: float = 0.0, sessions: int = 0,
+         state: str = "online", free: int = 1000) -> SpanInfo:
+    """A peer that announced its speed: `throughput` tokens/s per block alone, `batched` with 8 sessions."""
+    return dataclasses.replace(span(peer, start, end, free), throughput=throughput,
+                               batch_throughput=batched or 4 * throughput, active_sessions=sessions, state=state)
+
+
+def test_slow_peer_is_avoided_even_at_the_cost_of_a_hop():
+    # one peer at 10 tok/s/block (3 s per token over 30 blocks) vs two hops at 1000 tok/s/block
+    spans = [fast("slow", 0, 30, throughput=10), fast("a", 0, 15), fast("b", 15, 30)]
+    assert [p for p, *_ in links(find_chain(spans, "m", 30))] == ["a", "b"]
+
+
+def test_rtt_decides_between_equally_fast_peers():
+    spans = [fast("far", 0, 30), fast("near", 0, 30)]
+    views = {"far": PeerView(rtt=0.200), "near": PeerView(rtt=0.002)}
+    assert links(find_chain(spans, "m", 30, views=views)) == [("near", 0, 30)]
+    views = {"far": PeerView(rtt=0.002), "near": PeerView(rtt=0.200)}
+    assert links(find_chain(spans, "m", 30, views=views)) == [("far", 0, 30)]
+
+
+def test_a_far_peer_makes_the_longer_chain_worth_it():
+    # "solo" serves everything but is 300 ms away; three nearby peers cost three 5 ms round trips.
+    spans = [fast("solo", 0, 30), fast("a", 0, 10), fast("b", 10, 20), fast("c", 20, 30)]
+    views = {"solo": PeerView(rtt=0.3), "a": PeerView(rtt=0.005), "b": PeerView(rtt=0.005), "c": PeerView(rtt=0.005)}
+    assert [p for p, *_ in links(find_chain(spans, "m", 30, views=views))] == ["a", "b", "c"]
+
+
+def test_shortest_path_beats_the_greedy_walk():
+    # Greedy "longest span first" takes `long` (0:20, slow) and then needs `x`; the best chain uses `p` then `q`.
+    spans = [fast("long", 0, 20, throughput=50), fast("x", 20, 30), fast("p", 0, 12), fast("q", 12, 30)]
+    chain = find_chain(spans, "m", 30)
+    assert [link.peer.peer_id for link in chain] == ["p", "q"]
+    assert chain_seconds(chain) < chain_seconds([Link(spans[0], 0, 20), Link(spans[1], 20, 30)])
+
+
+def test_load_moves_sessions_to_the_idle_replica():
+    spans = [fast("busy", 0, 30, sessions=6), fast("idle", 0, 30)]
+    assert links(find_chain(spans, "m", 30)) == [("idle", 0, 30)]
+    # ...and this client's own sessions since the last probe count too
+    spans = [fast("r1", 0, 30), fast("r2", 0, 30)]
+    first = find_chain(spans, "m", 30)[0].peer.peer_id
+    other = ({"r1", "r2"} - {first}).pop()
+    assert find_chain(spans, "m", 30, views={first: PeerView(extra_sessions=1)})[0].peer.peer_id == other
+
+
+def test_concurrent_sessions_spread_over_replicas_by_load():
+    """Opening sessions one after the other, each counted on its peers, alternates between equal replicas."""
+    spans = [fast("a1", 0, 15), fast("a2", 0, 15), fast("b1", 15, 30), fast("b2", 15, 30)]
+    own: dict[str, int] = {}
+    for _ in range(8):
+        chain = find_chain(spans, "m", 30, views={p: PeerView(extra_sessions=n) for p, n in own.items()})
+        for link in chain:
+            own[link.peer.peer_id] = own.get(link.peer.peer_id, 0) + 1
+    assert own == {"a1": 4, "a2": 4, "b1": 4, "b2": 4}
+
+
+def test_a_slow_replica_gets_fewer_sessions():
+    spans = [fast("quick", 0, 30, throughput=1000), fast("sluggish", 0, 30, throughput=100, batched=400)]
+    own = {"quick": 0, "sluggish": 0}
+    for _ in range(8):
+        chain = find_chain(spans, "m", 30, views={p: PeerView(extra_sessions=n) for p, n in own.items()})
+        own[chain[0].peer.peer_id] += 1
+    assert own["quick"] > own["sluggish"]
+
+
+def test_draining_joining_and_full_peers():
+    spans = [fast("leaving", 0, 30, state="draining"), fast("loading", 0, 30, state="joining"), fast("ok", 0, 30)]
+    assert links(find_chain(spans, "m", 30)) == [("ok", 0, 30)]
+    with pytest.raises(NoChainError):
+        find_chain(spans[:2], "m", 30)
+    spans = [fast("full", 0, 30, free=0), fast("roomy", 0, 30, throughput=500)]
+    assert links(find_chain(spans, "m", 30)) == [("roomy", 0, 30)]  # slower, but it has room
+
+
+def test_a_large_random_swarm_gives_a_contiguous_optimal_chain():
+    import random
+
+    rng = random.Random(0)
+    spans = []
+    for i in range(300):
+        start = rng.randrange(0, 80)
+        spans.append(fast(f"p{i:03d}", start, min(80, start + rng.randrange(4, 30)),
+                          throughput=rng.uniform(50, 2000), sessions=rng.randrange(0, 10)))
+    spans = [dataclasses.replace(s, num_blocks=80) for s in spans]
+    chain = find_chain(spans, "m", 80)
+    assert chain[0].start == 0 and chain[-1].end == 80
+    assert all(a.end == b.start and a.start < a.end for a, b in itertools.pairwise(chain))
+    assert all(link.peer.start <= link.start and link.end <= link.peer.end for link in chain)
+    # no single replacement of one link by another peer covering the same blocks is cheaper
+    for i, link in enumerate(chain):
+        for other in spans:
+            if other.start <= link.start and link.end <= other.end:
+                swapped = [*chain[:i], Link(other, link.start, link.end), *chain[i + 1 :]]
+                assert chain_seconds(chain) <= chain_seconds(swapped) + 1e-9
+
+
+def test_search_matches_brute_force_on_small_random_tables():
+    import random
+
+    def cheapest(spans, p, end, views):  # every chain, every cut point
+        if p == end:
+            return 0.0
+        costs = [link_seconds(s, q - p, views.get(s.peer_id)) + cheapest(spans, q, end, views)
+                 for s in spans if s.start <= p < s.end for q in range(p + 1, min(s.end, end) + 1)]
+        return min(costs, default=float("inf"))
+
+    rng = random.Random(1)
+    for _ in range(40):
+        spans = []
+        for i in range(rng.randrange(2, 6)):
+            start = rng.randrange(0, 10)
+            spans.append(dataclasses.replace(
+                fast(f"p{i}", start, rng.randrange(start + 1, 13), throughput=rng.uniform(10, 1000),
+                     sessions=rng.randrange(0, 5)), num_blocks=12))
+        views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.1)) for s in spans}
+        expected = cheapest(spans, 0, 12, views)
+        if expected == float("inf"):
+            with pytest.raises(NoChainError):
+                find_chain(spans, "m", 12, views=views)
+        else:
+            assert chain_seconds(find_chain(spans, "m", 12, views=views), views) == pytest.approx(expected, rel=1e-9)

@@ -1,0 +1,131 @@
+"""The client's background view of the swarm, so that choosing a route never waits on the network.
+
+Every `period` seconds: read the model's span records from the DHT, then probe every routable peer with the info
+RPC, concurrently. A probe answers with the peer's current record (fresher than the DHT's: load, free KV) and its
+duration is the peer's RTT sample (smoothed). A peer that fails its probe is reported (the client bans it, with
+exponential backoff) and keeps its DHT record until the ban or the record runs out.
+
+The monitor also counts the sessions this client has open through each peer, so that sessions opened between two
+probes see each other: the load a route search uses is the probed load, plus what this client opened since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm.client.routing import PeerView
+from swarm.codec import unpack_metadata
+from swarm.dht import get_spans
+from swarm.protocol import INFO_HANDLER, SpanInfo
+
+logger = logging.getLogger(__name__)
+
+RTT_SMOOTHING = 0.3  # weight of a new RTT sample
+
+
+async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float]:
+    """A peer's current record and the round trip it took (seconds); raises on timeout or a bad answer."""
+    began = time.perf_counter()
+    response = await asyncio.wait_for(
+        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), INFO_HANDLER, runtime_pb2.ExpertUID(),
+                                  runtime_pb2.ExpertInfo),
+        timeout,
+    )
+    rtt = time.perf_counter() - began
+    info = SpanInfo.from_dict(unpack_metadata(response.serialized_info))
+    if info.peer_id != peer_id:
+        raise ValueError(f"peer {peer_id} answered with the record of {info.peer_id}")
+    return info, rtt
+
+
+class SwarmMonitor:
+    def __init__(self, dht: DHT, p2p: P2P, model_id: str, period: float = 3.0, probe_timeout: float = 3.0,
+                 allowed_peers: set[str] | None = None, on_failure: Callable[[str], None] | None = None):
+        self.dht, self.p2p, self.model_id = dht, p2p, model_id
+        self.period, self.probe_timeout = period, probe_timeout
+        self.allowed_peers = allowed_peers
+        self.on_failure = on_failure
+        self.spans: list[SpanInfo] = []
+        self.updated: float | None = None  # monotonic time of the last refresh
+        self.rtt: dict[str, float] = {}
+        self.own: Counter[str] = Counter()  # sessions this client has open through each peer now
+        self._own_counted: dict[str, int] = {}  # own[peer] when the peer's record was taken
+        self._task: asyncio.Task | None = None
+        self._refreshing: asyncio.Lock | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="swarm-monitor")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a DHT hiccup: keep the last view, try again next period
+                logger.warning("refreshing the swarm view failed: %r", e)
+            await asyncio.sleep(self.period)
+
+    @property
+    def stale(self) -> bool:
+        return self.updated is None or time.monotonic() - self.updated > 2 * self.period
+
+    async def refresh(self) -> list[SpanInfo]:
+        """Read the DHT and probe the routable peers now (concurrent callers share one refresh)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        if self._refreshing.locked():
+            async with self._refreshing:  # someone else is refreshing: use theirs
+                return self.spans
+        async with self._refreshing:
+            spans = await get_spans(self.dht, self.model_id)
+            if self.allowed_peers is not None:
+                spans = [s for s in spans if s.peer_id in self.allowed_peers]
+            own = dict(self.own)
+            probed = await asyncio.gather(*(self._probe(s) for s in spans))
+            self.spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
+            self._own_counted = {s.peer_id: own.get(s.peer_id, 0) for s in self.spans}
+            self.updated = time.monotonic()
+            return self.spans
+
+    async def _probe(self, span: SpanInfo) -> SpanInfo | None:
+        if not span.routable:
+            return None
+        try:
+            info, rtt = await probe(self.p2p, span.peer_id, self.probe_timeout)
+        except Exception as e:
+            logger.info("peer %s failed its probe: %r", span.peer_id, e)
+            if self.on_failure is not None:
+                self.on_failure(span.peer_id)
+            return None
+        old = self.rtt.get(span.peer_id)
+        self.rtt[span.peer_id] = rtt if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * rtt
+        return info
+
+    def views(self) -> dict[str, PeerView]:
+        return {s.peer_id: PeerView(self.rtt.get(s.peer_id),
+                                    self.own.get(s.peer_id, 0) - self._own_counted.get(s.peer_id, 0))
+                for s in self.spans}
+
+    def opened(self, peer_ids: Iterable[str]) -> None:
+        self.own.update(peer_ids)
+
+    def closed(self, peer_ids: Iterable[str]) -> None:
+        self.own.subtract(peer_ids)
+        self.own += Counter()  # drop zeros and negatives
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
