@@ -106,6 +106,14 @@ class LocalSwarm:
             proc.wait_for(r"peer ready: .* peer_id=(\S+)")
         return proc
 
+    def start_placed_peer(self, model: str, *extra: str, wait: bool = True) -> ManagedProcess:
+        """Start `python -m swarm.server` without --blocks: the peer chooses its span."""
+        argv = ["-m", "swarm.server", "--model", model, "--initial-peers", *self.initial_peers, *extra]
+        proc = self._spawn(f"peer-placed-{len(self.processes)}", argv)
+        if wait:
+            proc.wait_for(r"peer ready: .* peer_id=(\S+)")
+        return proc
+
     @staticmethod
     def peer_id(proc: ManagedProcess) -> str:
         return proc.wait_for(r"peer ready: .* peer_id=(\S+)").group(1)
