@@ -58,7 +58,8 @@ async def _embedded_swarm(models: list[str], num_threads: int) -> AsyncIterator[
     peers = []
     try:
         for model in models:
-            argv = [sys.executable, "-m", "swarm.server", "--model", model, "--initial-peers", *maddrs]
+            argv = [sys.executable, "-m", "swarm.server", "--model", model, "--blocks", "all", "--initial-peers",
+                    *maddrs]
             if num_threads:
                 argv += ["--num-threads", str(num_threads)]
             peers.append(subprocess.Popen(argv, start_new_session=True))

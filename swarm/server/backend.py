@@ -57,6 +57,7 @@ class Session:
     blocks: slice  # within the span
     cache: SpanKVCache
     opened_at: float = field(default_factory=time.monotonic)
+    last_step: float = field(default_factory=time.monotonic)  # when its last step arrived
     moved: str | None = None  # why the peer handed this session off (it left these blocks), once it has
     idle_timer: asyncio.Timeout | None = None  # while the handler waits for the session's next message
 
@@ -172,10 +173,12 @@ class SpanBackend:
             self._freed_waiters.clear()
             logger.debug("closed session %s at %d tokens", session.key, session.cache.length)
 
-    def hand_off(self, reason: str) -> int:
-        """Close every session, marking it moved: its next step is refused with MOVED (the client replays it
-        elsewhere from the inputs it keeps, so nothing it computed is lost). Returns how many there were."""
-        sessions = list(self.sessions.values())
+    def hand_off(self, reason: str, idle_for: float = 0.0) -> int:
+        """Close every session (with idle_for: those without a step for that many seconds), marking it moved: its
+        next step is refused with MOVED, and its client replays it elsewhere from the inputs it keeps, so nothing
+        it computed is lost. Returns how many were handed off."""
+        now = time.monotonic()
+        sessions = [s for s in self.sessions.values() if now - s.last_step >= idle_for]
         for session in sessions:
             session.moved = reason
             self.close(session)
@@ -210,6 +213,7 @@ class SpanBackend:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype."""
         if session.moved:
             raise PeerError(session.moved, ErrorCode.MOVED)
+        session.last_step = time.monotonic()
         self.validate_step(session, hidden, position)
         loop = asyncio.get_running_loop()
         batch, new, _ = hidden.shape

@@ -39,6 +39,7 @@ from swarm.server.settings import PeerSettings
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_STEP_TIMEOUT = 5.0
+DRAIN_IDLE = 2.0  # seconds: while draining, a session without a step for this long is handed off
 JOIN_JITTER = 1.0  # seconds: peers started together read the DHT at different moments and see each other's choice
 
 
@@ -253,12 +254,17 @@ class Peer:
         self.state, self.target = PeerState.DRAINING, (start, end)
         old.draining = f"this peer is moving from blocks {self.start}:{self.end} to {start}:{end}; route elsewhere"
         await self._announce()
+        # Sessions that are generating may finish here; idle ones (a gateway keeps finished chats open to reuse
+        # their KV in the next turn) are handed off at once rather than holding the move up.
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        handed = 0
         while old.sessions and asyncio.get_running_loop().time() < deadline:
+            handed += old.hand_off(old.draining, idle_for=DRAIN_IDLE)
             await asyncio.sleep(0.1)
-        handed = old.hand_off(old.draining)
+        handed += old.hand_off(old.draining)
         if handed:
-            logger.info("handed off %d sessions still open after %.0f s", handed, self.settings.drain_timeout)
+            logger.info("handed off %d sessions (idle for %.0f s, or still open after %.0f s)", handed, DRAIN_IDLE,
+                        self.settings.drain_timeout)
         self.handler.backend = None
         self.backend = None
         old.shutdown()

@@ -15,9 +15,9 @@ class PeerSettings(BaseSettings):
 
     model: str = Field(DEFAULT_MODEL_ID, description="model: the default, a local HF directory, or a hub id")
     model_id: str | None = Field(None, description="name announced in the DHT (default: derived from --model)")
-    blocks: str | None = Field(None, description="span to serve as START:END (default: chosen by the peer: as many "
-                                                 "blocks as fit its memory, where the swarm is weakest; it moves "
-                                                 "when the swarm changes)")
+    blocks: str | None = Field(None, description="span to serve as START:END, or all (default: chosen by the peer: "
+                                                 "as many blocks as fit its memory, where the swarm is weakest; it "
+                                                 "moves when the swarm changes)")
     num_blocks: int = Field(0, ge=0, description="without --blocks: how many blocks to serve (0: as many as fit "
                                                  "--memory-budget)")
     memory_budget: float = Field(0.0, ge=0, description="GiB for weights + KV cache, used to size the span without "
@@ -68,6 +68,8 @@ class PeerSettings(BaseSettings):
         """The span given by --blocks; None when the peer is to choose."""
         if self.blocks is None:
             return None
+        if self.blocks == "all":
+            return 0, num_blocks
         try:
             start, end = (int(x) for x in self.blocks.split(":"))
         except ValueError:

@@ -156,6 +156,7 @@ async def test_concurrent_sessions_spread_over_replicas_and_a_slow_peer_gets_few
             extra: list[str] = []
             counts = await spread()
             assert [counts[p] for p in peers] == [4, 4, 4, 4], counts
+            print(f"8 sessions over two replicas of each half: {[counts[p] for p in peers]}")
 
             slow = swarm.start_peer(model, "3:6", *args, "--fault-step-delay", "0.2")
             extra.append(LocalSwarm.peer_id(slow))
@@ -166,5 +167,7 @@ async def test_concurrent_sessions_spread_over_replicas_and_a_slow_peer_gets_few
             counts = await spread()
             assert counts[peers[2]] + counts[peers[3]] + counts[extra[0]] == 8
             assert counts[extra[0]] < min(counts[peers[2]], counts[peers[3]]), counts
+            print(f"second half with a slow third replica ({slow_info.throughput:.1f} tok/s/block): "
+                  f"{[counts[peers[2]], counts[peers[3]], counts[extra[0]]]}")
         finally:
             await client.close()

@@ -124,7 +124,11 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
                                    eos_token_id=None)[0, i.shape[1]:].tolist() for i in ids]
     first = smol_swarm.peers["0:15"]
     before = await smol_client.peer_info(first)
-    runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
+    smol_client.allowed_peers = {smol_swarm.peers[blocks] for blocks in TWO}  # not spread over the 3-peer chain
+    try:
+        runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
+    finally:
+        smol_client.allowed_peers = None
     for k, (tokens, logits) in enumerate(runs):
         assert tokens == expected[k % 3], f"session {k}"
         torch.testing.assert_close(logits, local_step_logits(reference, ids[k % 3], tokens), atol=LOGITS_ATOL, rtol=0)

@@ -214,3 +214,13 @@ def test_a_slow_peer_measures_slow(backend):
     backend.fault_step_delay = 0.05
     slow = throughput.measure(backend.probe(prefix=16), num_blocks=4, repeats=2)
     assert slow.single < 4 / 0.05 and slow.single < quick.single
+
+
+async def test_a_drain_hands_off_idle_sessions_first(backend):
+    idle, busy = backend.open(open_request()), backend.open(open_request())
+    for session in (idle, busy):
+        await backend.step(session, torch.randn(1, 2, 64), 0)
+    idle.last_step -= 10  # parked by its client 10 s ago
+    assert backend.hand_off("moving", idle_for=2.0) == 1
+    assert idle.moved and not busy.moved and list(backend.sessions.values()) == [busy]
+    await backend.step(busy, torch.randn(1, 1, 64), 2)  # the busy one goes on

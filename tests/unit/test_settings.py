@@ -18,6 +18,7 @@ def test_flags_env_and_defaults(monkeypatch):
     assert (settings.port, settings.idle_timeout, settings.max_sessions) == (4000, 2.5, 7)
     assert settings.host == "127.0.0.1"
     assert PeerSettings().block_range(30) is None  # the peer places itself
+    assert PeerSettings(blocks="all").block_range(30) == (0, 30)
 
 
 @pytest.mark.parametrize("blocks", ["3", "a:b", "10:5", "0:31", "-1:4"])

@@ -1,0 +1,88 @@
+"""The client's routing state without a network: bans with backoff, soft bans, the client's own sessions in the
+load, and a stale view refreshed before a route is chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from swarm.client.client import SwarmClient
+from swarm.model.source import ModelSource
+from swarm.protocol import NoChainError, SpanInfo
+
+
+def record(peer: str, start: int, end: int) -> SpanInfo:
+    return SpanInfo(peer_id=peer, model_id="m", start=start, end=end, num_blocks=30, hidden_size=8, dtype="float32",
+                    quant="none", max_length=64, kv_budget_tokens=1000, free_kv_tokens=1000, active_sessions=0,
+                    throughput=100.0, batch_throughput=400.0)
+
+
+@pytest.fixture
+def client(monkeypatch):
+    client = SwarmClient(None, None, ModelSource("m", Path(".")), SimpleNamespace(num_blocks=30))
+    monkeypatch.setattr(client.monitor, "start", lambda: None)  # no background refresh: the view is set by hand
+    client.monitor.spans = [record("a", 0, 30), record("b", 0, 30)]
+    client.monitor.updated = time.monotonic()
+    return client
+
+
+def test_bans_double_up_to_a_cap(client, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    lengths = []
+    for _ in range(8):
+        client.ban("a")
+        lengths.append(client._bans["a"][0] - now[0])
+    assert lengths == [15, 30, 60, 120, 240, 480, 600, 600]
+    assert client.banned() == {"a"}
+    now[0] += 601
+    assert client.banned() == set()
+
+
+async def test_a_banned_peer_is_avoided_but_beats_no_answer(client):
+    assert {link.peer.peer_id for link in await client.chain()} <= {"a", "b"}
+    client.ban("a")
+    assert [link.peer.peer_id for link in await client.chain()] == ["b"]
+    client.ban("b")  # both banned by the client: a suspect peer is better than no answer
+    assert len(await client.chain()) == 1
+    with pytest.raises(NoChainError):  # ...but a caller's own exclusions are strict
+        await client.chain(banned={"a", "b"})
+
+
+async def test_own_sessions_count_as_load_until_the_next_probe(client):
+    first = (await client.chain())[0].peer.peer_id
+    client.monitor.opened([first])
+    other = (await client.chain())[0].peer.peer_id
+    assert other != first
+    client.monitor.opened([other])
+    client.monitor.closed([first])
+    assert (await client.chain())[0].peer.peer_id == first  # a closed session no longer counts
+
+
+async def test_a_stale_view_is_refreshed_before_routing(client, monkeypatch):
+    calls = []
+
+    async def refresh():
+        calls.append(1)
+        client.monitor.spans = [record("c", 0, 30)]
+        client.monitor.updated = time.monotonic()
+        return client.monitor.spans
+
+    monkeypatch.setattr(client.monitor, "refresh", refresh)
+    assert (await client.chain())[0].peer.peer_id in {"a", "b"} and not calls  # fresh enough: no network
+    client.monitor.updated -= 3 * client.monitor.period
+    assert (await client.chain())[0].peer.peer_id == "c" and calls == [1]
+
+
+async def test_an_allowlist_filters_the_view(client):
+    client.allowed_peers = {"b"}
+    assert [link.peer.peer_id for link in await client.chain()] == ["b"]
+    assert client.monitor.allowed_peers == {"b"}
+    client.allowed_peers = None
+    client.monitor.spans = [dataclasses.replace(s, active_sessions=5) if s.peer_id == "b" else s
+                            for s in client.monitor.spans]
+    assert [link.peer.peer_id for link in await client.chain()] == ["a"]
