@@ -99,24 +99,39 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, banned: It
     banned, views = set(banned), views or {}
     usable = [s for s in spans if s.routable and s.peer_id not in banned and s.end <= num_blocks]
     nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
+    # A link over [p, q) of span s costs fixed[s] + (q - p) * per_block[s]. Walking the boundaries from the end
+    # down, reach[s] holds the best (q * per_block[s] + cost from q, -(tightest free KV), peer ids) over the ends q
+    # seen so far within s, so each boundary costs one look at each span (not at each span and each end).
+    fixed, per_block = {}, {}
+    for span in usable:
+        view = views.get(span.peer_id) or PeerView()
+        fixed[span.peer_id] = link_seconds(span, 0, view)
+        per_block[span.peer_id] = link_seconds(span, 1, view) - fixed[span.peer_id]
     # best[p]: (seconds, -(tightest free KV), peer ids) of the best chain from boundary p to `end`
     best: dict[int, tuple[float, int, tuple[str, ...]]] = {end: (0.0, -(1 << 62), ())}
     choice: dict[int, tuple[SpanInfo, int]] = {}
-    for i in range(len(nodes) - 2, -1, -1):
-        p = nodes[i]
-        for span in usable:
-            if not span.start <= p < span.end:
-                continue
-            for q in nodes[i + 1 :]:
-                if q > span.end:
-                    break
-                if q not in best:
-                    continue
-                seconds, neg_free, ids = best[q]
-                candidate = (round(seconds + link_seconds(span, q - p, views.get(span.peer_id)), 9),
-                             max(neg_free, -span.free_kv_tokens), (span.peer_id, *ids))
+    reach: dict[int, tuple[float, int, tuple[str, ...], int]] = {}  # index in usable → (key..., q)
+
+    def offer(q: int) -> None:  # q is now a possible end for every span that covers block q - 1
+        seconds, neg_free, ids = best[q]
+        for k, span in enumerate(usable):
+            if span.start < q <= span.end:
+                key = (q * per_block[span.peer_id] + seconds, max(neg_free, -span.free_kv_tokens),
+                       (span.peer_id, *ids), q)
+                if k not in reach or key[:3] < reach[k][:3]:
+                    reach[k] = key
+
+    offer(end)
+    for p in reversed(nodes[:-1]):
+        for k, span in enumerate(usable):
+            if k in reach and span.start <= p < span.end:
+                through, neg_free, ids, q = reach[k]
+                seconds = fixed[span.peer_id] + through - p * per_block[span.peer_id]
+                candidate = (round(seconds, 9), neg_free, ids)
                 if p not in best or candidate < best[p]:
                     best[p], choice[p] = candidate, (span, q)
+        if p in best:
+            offer(p)
     if start not in best or not math.isfinite(best[start][0]):
         holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
         raise NoChainError(model_id, holes or [(start, end)])
