@@ -46,6 +46,7 @@ bench: install
 	$(PY) -m benchmarks.kernels --out $(BENCH_OUT)
 	$(PY) -m benchmarks.throughput --out $(BENCH_OUT)
 	$(PY) -m benchmarks.prefix --out $(BENCH_OUT)
+	$(PY) -m benchmarks.placement --out $(BENCH_OUT)
 
 clean-cache:
 	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}

@@ -10,6 +10,10 @@
    peer (dials a connection) vs the next ones (reuse it). Then `rounds` times: SIGTERM the only server of a span
    and time until a client sees a complete chain again (`reclose_s`), then start a fresh placed peer to get back to
    four.
+3. `route_choice`: peers 0:15 + 15:30 and a third serving all 30 blocks in one hop but slow (every forward
+   sleeps 50 ms, as a weaker machine would take; it measures and announces that). Decode tok/s of one session
+   (32 greedy tokens, interleaved rounds) on the chain this client's router picks vs the fewest-hops chain (the
+   slow peer alone), which is what a hop-count router would take.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import emit, machine, median, versions
 from swarm.client import SwarmClient
 from swarm.client.monitor import probe
-from swarm.client.routing import PeerView, find_chain
+from swarm.client.routing import Link, PeerView, find_chain
+from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from swarm.protocol import SpanInfo
 from tests.launcher import LocalSwarm
@@ -67,8 +74,65 @@ async def settled(client: SwarmClient, count: int, timeout: float = 120.0) -> li
         await asyncio.sleep(0.5)
 
 
+async def decode_rate(client: SwarmClient, chain, tokens: int = 32) -> float:
+    session = await InferenceSession.open(client.p2p, chain, tokens + 16)
+    try:
+        ids = torch.tensor([[1, 504, 3458, 282, 253, 1345, 30, 2, 198]])
+        steps = client.generate_steps(ids, tokens, session=session)
+        await anext(steps)  # the prefill
+        began = time.perf_counter()
+        async for _ in steps:
+            pass
+        return (tokens - 1) / (time.perf_counter() - began)
+    finally:
+        await session.close()
+
+
+async def route_choice(rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
+        swarm.start_bootstrap()
+        args = ("--num-threads", "1", "--quant", "none", "--announce-period", "1")
+        procs = [swarm.start_peer(DEFAULT_MODEL_ID, "0:15", *args, wait=False),
+                 swarm.start_peer(DEFAULT_MODEL_ID, "15:30", *args, wait=False),
+                 swarm.start_peer(DEFAULT_MODEL_ID, "0:30", *args, "--fault-step-delay", "0.05", wait=False)]
+        slow = LocalSwarm.peer_id(procs[2])
+        for proc in procs[:2]:
+            LocalSwarm.peer_id(proc)
+        client = await SwarmClient.connect(swarm.initial_peers)
+        try:
+            spans = await settled_routable(client, 3)
+            routed = await client.chain()
+            hops_only = [Link(next(s for s in spans if s.peer_id == slow), 0, 30)]
+            rates: dict[str, list[float]] = {"routed": [], "fewest_hops": []}
+            for round_ in range(rounds + 1):  # round 0 warms up
+                for name in (("routed", "fewest_hops") if round_ % 2 else ("fewest_hops", "routed")):
+                    rate = await decode_rate(client, routed if name == "routed" else hops_only)
+                    if round_:
+                        rates[name].append(round(rate, 2))
+            return {"routed_chain": [f"{link.start}:{link.end}" for link in routed],
+                    "routed_avoids_slow_peer": slow not in {link.peer.peer_id for link in routed},
+                    "slow_peer_throughput": next(s.throughput for s in spans if s.peer_id == slow),
+                    "tok_s": rates, "median_tok_s": {k: median(v) for k, v in rates.items()},
+                    "routed_over_fewest_hops": round(median([a / b for a, b in zip(rates["routed"],
+                                                                                  rates["fewest_hops"],
+                                                                                  strict=True)]), 2)}
+        finally:
+            await client.close()
+
+
+async def settled_routable(client: SwarmClient, count: int, timeout: float = 120.0) -> list[SpanInfo]:
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = [s for s in await client.spans(fresh=True) if s.routable]
+        if len(spans) == count:
+            return spans
+        if time.monotonic() > deadline:
+            raise TimeoutError("peers did not come online")
+        await asyncio.sleep(0.5)
+
+
 async def run(args) -> dict:
-    result: dict = {"route_search_ms": {str(n): route_search(n) for n in (10, 100, 300)}}
+    result: dict = {"route_search_ms": {str(n): route_search(n) for n in (10, 100, 300, 1000)}}
     resolve_model(DEFAULT_MODEL_ID)
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
         swarm.start_bootstrap()
@@ -117,6 +181,7 @@ async def run(args) -> dict:
             result["reclose_median_s"] = median(reclose)
         finally:
             await client.close()
+    result["route_choice"] = await route_choice(args.rounds)
     return {"benchmark": "placement", "machine": machine(), "versions": versions(), **result}
 
 

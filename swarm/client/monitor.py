@@ -6,7 +6,9 @@ duration is the peer's RTT sample (smoothed). A peer that fails its probe is rep
 exponential backoff) and keeps its DHT record until the ban or the record runs out.
 
 The monitor also counts the sessions this client has open through each peer, so that sessions opened between two
-probes see each other: the load a route search uses is the probed load, plus what this client opened since.
+probes see each other: the load a route search uses is the probed load, plus what this client opened since. And it
+keeps how long each peer's decode steps took for this client's sessions (per block, RTT taken out), so that a peer
+slower than it announces (overloaded, or lying) is routed by what it did, not by what it claims.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from swarm.protocol import INFO_HANDLER, SpanInfo
 logger = logging.getLogger(__name__)
 
 RTT_SMOOTHING = 0.3  # weight of a new RTT sample
+STEP_SMOOTHING = 0.1  # weight of a new decode-step sample
+OBSERVATION_TTL = 60.0  # seconds a peer's observed step time counts without new samples
 
 
 async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float]:
@@ -57,6 +61,8 @@ class SwarmMonitor:
         self.spans: list[SpanInfo] = []
         self.updated: float | None = None  # monotonic time of the last refresh
         self.rtt: dict[str, float] = {}
+        # per peer: smoothed decode step per block as this client saw it, and when last seen
+        self.step_seconds: dict[str, tuple[float, float]] = {}
         self.own: Counter[str] = Counter()  # sessions this client has open through each peer now
         self._own_counted: dict[str, int] = {}  # own[peer] when the peer's record was taken
         self._task: asyncio.Task | None = None
@@ -114,8 +120,22 @@ class SwarmMonitor:
 
     def views(self) -> dict[str, PeerView]:
         return {s.peer_id: PeerView(self.rtt.get(s.peer_id),
-                                    self.own.get(s.peer_id, 0) - self._own_counted.get(s.peer_id, 0))
+                                    self.own.get(s.peer_id, 0) - self._own_counted.get(s.peer_id, 0),
+                                    self._observed(s.peer_id))
                 for s in self.spans}
+
+    def _observed(self, peer_id: str) -> float | None:
+        seen = self.step_seconds.get(peer_id)
+        if seen is None or time.monotonic() - seen[1] > OBSERVATION_TTL:
+            return None  # not seen lately (routing went elsewhere): the announcement counts again
+        return seen[0]
+
+    def observed(self, peer_id: str, blocks: int, seconds: float) -> None:
+        """A decode step of one of this client's sessions took `seconds` over `blocks` blocks of the peer."""
+        per_block = max(0.0, seconds - self.rtt.get(peer_id, 0.0)) / max(1, blocks)
+        old = self._observed(peer_id)
+        smoothed = per_block if old is None else (1 - STEP_SMOOTHING) * old + STEP_SMOOTHING * per_block
+        self.step_seconds[peer_id] = (smoothed, time.monotonic())
 
     def opened(self, peer_ids: Iterable[str]) -> None:
         self.own.update(peer_ids)

@@ -9,7 +9,8 @@ hop) plus the peer's compute for the blocks it serves in the chain:
 much each session already there adds to a step, from the peer's batched measurement (`batch_throughput`); `load` is
 the sessions the peer serves now (its latest record or probe, plus what this client opened through it since then).
 A peer with no free KV cache costs a penalty (it would make a new session wait). RTT comes from this client's probes,
-smoothed; unknown peers get DEFAULT_RTT.
+smoothed; unknown peers get DEFAULT_RTT. Where this client has seen the peer's decode steps take longer per block than
+its announcement implies, the observed time counts instead: a peer cannot attract traffic by overstating its speed.
 
 The search is a shortest path over block boundaries, not a greedy walk: from boundary p, any routable span containing
 p can take the session to any later boundary within it. Since a link's cost is linear in its blocks, the best chain
@@ -41,11 +42,13 @@ class Link:
 
 @dataclass(frozen=True)
 class PeerView:
-    """What this client knows about a peer beyond its record: smoothed RTT (None: not probed) and how many more
-    sessions it has opened through the peer than the record counts."""
+    """What this client knows about a peer beyond its record: smoothed RTT (None: not probed), how many more
+    sessions it has opened through the peer than the record counts, and how long the peer's decode steps took per
+    block for this client's sessions (None: no session through it yet)."""
 
     rtt: float | None = None
     extra_sessions: int = 0
+    observed_block_seconds: float | None = None  # this client's decode steps through the peer, per block
 
 
 def block_seconds(info: SpanInfo, load: int) -> float:
@@ -66,7 +69,10 @@ def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None) -> f
     load = max(0, info.active_sessions + view.extra_sessions)
     rtt = DEFAULT_RTT if view.rtt is None else view.rtt
     penalty = FULL_KV_PENALTY if info.free_kv_tokens <= 0 else 0.0
-    return rtt + blocks * block_seconds(info, load) + penalty
+    per_block = block_seconds(info, load)
+    if view.observed_block_seconds is not None:  # slower than announced: believe what was seen
+        per_block = max(per_block, view.observed_block_seconds)
+    return rtt + blocks * per_block + penalty
 
 
 def chain_seconds(chain: Iterable[Link], views: Mapping[str, PeerView] | None = None) -> float:

@@ -146,11 +146,14 @@ Reroute = Callable[[int, int, set[str], set[str]], Awaitable[list[Link]]]
 
 
 class SessionTracker(Protocol):
-    """Told which peers a session holds a stream to (routing counts the client's own sessions per peer)."""
+    """Told which peers a session holds a stream to (routing counts the client's own sessions per peer) and how
+    long their decode steps take (routing checks what peers announce against it)."""
 
     def opened(self, peer_ids: Iterable[str]) -> None: ...
 
     def closed(self, peer_ids: Iterable[str]) -> None: ...
+
+    def observed(self, peer_id: str, blocks: int, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,9 @@ class InferenceSession:
         if hidden.shape[1] == 1:
             old = self._latency[i]
             self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            if self.tracker is not None and hidden.shape[0] == 1:
+                link = self.streams[i].link
+                self.tracker.observed(link.peer.peer_id, link.end - link.start, seconds)
 
     async def _fail_over(self, i: int, position: int, error: PeerError) -> None:
         """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay."""

@@ -86,3 +86,16 @@ async def test_an_allowlist_filters_the_view(client):
     client.monitor.spans = [dataclasses.replace(s, active_sessions=5) if s.peer_id == "b" else s
                             for s in client.monitor.spans]
     assert [link.peer.peer_id for link in await client.chain()] == ["a"]
+
+
+async def test_a_peer_slower_than_it_announces_is_judged_by_what_it_did(client, monkeypatch):
+    client.monitor.spans = [dataclasses.replace(record("liar", 0, 30), throughput=100000.0,
+                                                batch_throughput=800000.0), record("honest", 0, 30)]
+    assert (await client.chain())[0].peer.peer_id == "liar"
+    for _ in range(3):  # its decode steps took 0.3 s over 30 blocks: 10 ms per block, not 0.01 ms
+        client.monitor.observed("liar", 30, 0.3)
+    assert (await client.chain())[0].peer.peer_id == "honest"
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 61)  # not seen for a minute: the claim counts again
+    client.monitor.updated = now + 61
+    assert (await client.chain())[0].peer.peer_id == "liar"

@@ -103,3 +103,47 @@ def test_blocks_that_fit_count_weights_and_kv():
 def test_a_peer_that_serves_everything_has_nowhere_to_go(n):
     me = dataclasses.replace(peer("me", 0, n, num_blocks=n))
     assert better_span([me], me) is None
+
+
+def simulate(lengths: list[int], rates: list[float], num_blocks: int = 30, seed: int = 0,
+             leave: int | None = None) -> tuple[list[SpanInfo], int]:
+    """Peers join one by one (choose_span), one may leave, then everyone runs better_span in random order until
+    nobody moves. Returns the final swarm and the number of moves (fails if it does not settle)."""
+    import random
+
+    rng = random.Random(seed)
+    swarm: list[SpanInfo] = []
+    for i, (length, rate) in enumerate(zip(lengths, rates, strict=True)):
+        start, end = choose_span(swarm, num_blocks, length)
+        swarm.append(peer(f"p{i}", start, end, throughput=rate, num_blocks=num_blocks))
+    if leave is not None:
+        swarm = [s for s in swarm if s.peer_id != f"p{leave}"]
+    moves = 0
+    for _ in range(20):  # rounds
+        moved = False
+        for i in rng.sample(range(len(swarm)), len(swarm)):
+            target = better_span(swarm, swarm[i])
+            if target is not None:
+                swarm[i] = dataclasses.replace(swarm[i], start=target[0], end=target[1])
+                moves += 1
+                moved = True
+        if not moved:
+            return swarm, moves
+    raise AssertionError(f"placement did not settle: {[(s.start, s.end) for s in swarm]}")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_swarms_settle_without_holes_after_a_departure(seed):
+    import random
+
+    rng = random.Random(seed)
+    count = rng.randrange(4, 9)
+    lengths = [rng.randrange(6, 16) for _ in range(count)]
+    rates = [rng.choice([50.0, 100.0, 400.0]) for _ in range(count)]
+    swarm, _ = simulate(lengths, rates, seed=seed)
+    assert not [b for b, x in enumerate(block_throughputs(swarm, 30)) if x == 0], "joining left a hole"
+    leaver = rng.randrange(count)
+    swarm, moves = simulate(lengths, rates, seed=seed, leave=leaver)
+    if sum(length for i, length in enumerate(lengths) if i != leaver) >= 30 + 15:  # capacity to spare
+        assert min(block_throughputs(swarm, 30)) > 0, [(s.start, s.end) for s in swarm]
+    assert moves <= 2 * count  # settles in a few moves, no ping-pong
