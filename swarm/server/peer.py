@@ -193,7 +193,7 @@ class Peer:
     # -- serving ---------------------------------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        stop = asyncio.Event()
+        self._stop = stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -239,6 +239,10 @@ class Peer:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.backend is None:  # the move failed and the old blocks could not be loaded back
+                    logger.exception("no blocks loaded after a failed move; shutting down")
+                    self._stop.set()
+                    return
                 logger.exception("rebalancing failed; serving %d:%d", self.start, self.end)
 
     async def _better_span(self) -> tuple[int, int] | None:
@@ -269,10 +273,18 @@ class Peer:
         self.backend = None
         old.shutdown()
         del old
+        previous = self.start, self.end
         self.state, self.start, self.end = PeerState.JOINING, 0, 0
         await self._announce()
         release_freed_memory()
-        self.backend = await self._load(start, end)
+        try:
+            self.backend = await self._load(start, end)
+        except Exception:  # e.g. out of memory for the new blocks: serve the old ones again rather than nothing
+            logger.exception("could not load blocks %d:%d; loading %d:%d again", start, end, *previous)
+            start, end = previous
+            self.target = previous
+            await self._announce()
+            self.backend = await self._load(start, end)  # failing again ends the process: better than a dead peer
         self.start, self.end = start, end
         self.handler.backend = self.backend
         self.state, self.target = PeerState.ONLINE, (0, 0)

@@ -1,0 +1,74 @@
+"""A peer's move between spans, without the network: drain, hand-off, reload, and recovery from a failed load."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from swarm.model.source import ModelSource
+from swarm.model.span import load_span
+from swarm.protocol import ErrorCode, OpenRequest, PeerError, PeerState
+from swarm.server.backend import Limits, SpanBackend
+from swarm.server.memory import KVBudget
+from swarm.server.peer import Peer
+
+
+def make_backend(tiny_model_dir, start: int, end: int) -> SpanBackend:
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), start, end)
+    return SpanBackend(span, Limits(max_length=64), KVBudget(1000))
+
+
+@pytest.fixture
+def peer(tiny_model_dir, monkeypatch):
+    peer = Peer.__new__(Peer)  # no DHT, no weights of a real model: just the moving parts
+    peer.settings = SimpleNamespace(drain_timeout=0.5)
+    peer.backend = make_backend(tiny_model_dir, 0, 3)
+    peer.handler = SimpleNamespace(backend=peer.backend)
+    peer.start, peer.end, peer.state, peer.target, peer.moves = 0, 3, PeerState.ONLINE, (0, 0), 0
+    peer.peer_id = "me"
+    announced = []
+
+    async def announce():
+        announced.append((peer.state, peer.start, peer.end, peer.target))
+
+    peer._announce = announce
+    peer.announced = announced
+    loads = []
+
+    async def load(start, end):
+        loads.append((start, end))
+        if getattr(peer, "fail_next_load", False):
+            peer.fail_next_load = False
+            raise MemoryError("no room for the new blocks")
+        return make_backend(tiny_model_dir, start, end)
+
+    peer._load = load
+    peer.loads = loads
+    yield peer
+    if peer.backend is not None:
+        peer.backend.shutdown()
+
+
+async def test_a_move_drains_hands_off_and_serves_the_new_span(peer):
+    old = peer.backend
+    live = old.open(OpenRequest("s", 32, 1, 0, 3))
+    await old.step(live, torch.randn(1, 4, 64), 0)
+    await peer.move_to(3, 6)
+    states = [a[0] for a in peer.announced]
+    assert states == [PeerState.DRAINING, PeerState.JOINING, PeerState.ONLINE]
+    assert peer.announced[0][3] == (3, 6)  # draining, with where it goes
+    assert (peer.start, peer.end, peer.moves) == (3, 6, 1) and peer.handler.backend is peer.backend
+    assert peer.backend.span.start == 3 and not old.sessions  # the live session was handed off after 0.5 s
+    with pytest.raises(PeerError) as info:
+        await old.step(live, torch.randn(1, 1, 64), 4)
+    assert info.value.code == ErrorCode.MOVED
+
+
+async def test_a_failed_load_serves_the_old_span_again(peer):
+    peer.fail_next_load = True
+    await peer.move_to(3, 6)
+    assert peer.loads == [(3, 6), (0, 3)]
+    assert (peer.start, peer.end, peer.state) == (0, 3, PeerState.ONLINE)
+    assert peer.backend is not None and peer.handler.backend is peer.backend and peer.backend.span.start == 0
