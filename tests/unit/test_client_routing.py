@@ -99,3 +99,39 @@ async def test_a_peer_slower_than_it_announces_is_judged_by_what_it_did(client, 
     monkeypatch.setattr(time, "monotonic", lambda: now + 61)  # not seen for a minute: the claim counts again
     client.monitor.updated = now + 61
     assert (await client.chain())[0].peer.peer_id == "liar"
+
+
+@pytest.mark.parametrize(("code", "banned"), [("moved", False), ("capacity", False), ("internal", True)])
+async def test_a_peer_refusing_a_new_session_is_left_out_of_another_try(client, monkeypatch, code, banned):
+    from swarm.client import client as client_module
+    from swarm.protocol import PeerError
+
+    tried = []
+
+    async def open_session(p2p, chain, *args, **kwargs):
+        peer = chain[0].peer.peer_id
+        tried.append(peer)
+        if len(tried) == 1:
+            raise PeerError(f"peer {peer} says no", code, peer)
+        return SimpleNamespace(chain=chain)
+
+    monkeypatch.setattr(client_module.InferenceSession, "open", open_session)
+    session = await client.inference_session(32)
+    assert len(tried) == 2 and tried[0] != tried[1] and session.chain[0].peer.peer_id == tried[1]
+    assert (tried[0] in client.banned()) == banned  # only a failure is banned; a refusal is not
+    assert not client.monitor.own  # the failed try is not counted as a session
+
+
+async def test_when_no_one_else_serves_the_blocks_the_refusal_is_the_answer(client, monkeypatch):
+    from swarm.client import client as client_module
+    from swarm.protocol import ErrorCode, PeerError
+
+    client.monitor.spans = [record("only", 0, 30)]
+
+    async def open_session(p2p, chain, *args, **kwargs):
+        raise PeerError("KV budget exhausted", ErrorCode.CAPACITY, "only")
+
+    monkeypatch.setattr(client_module.InferenceSession, "open", open_session)
+    with pytest.raises(PeerError, match="KV budget exhausted") as info:
+        await client.inference_session(32)
+    assert info.value.code == ErrorCode.CAPACITY  # the gateway turns this into 503 + Retry-After
