@@ -89,6 +89,7 @@ class SpanInfo:
     target_start: int = 0  # while joining or draining: the blocks it is moving to
     target_end: int = 0
     software: str = ""  # package version of the peer
+    movable: bool = False  # it placed itself (no --blocks) and may move to rebalance the swarm
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:

@@ -144,6 +144,7 @@ class Peer:
             target_end=self.target[1],
             public_name=self.settings.public_name,
             software=__version__,
+            movable=self.fixed is None and self.length < self.num_blocks,
         )
 
     async def _announce(self) -> None:
@@ -230,8 +231,8 @@ class Peer:
                 target = await self._better_span()
                 if target is None:
                     continue
-                # Others see the same swarm: wait a moment and look again, so that of several peers able to fill a
-                # hole the first to announce its move takes it and the rest stay.
+                # Of several peers able to fill a hole, the one with the smallest id goes (placement.move_for); a
+                # random pause and a second look let a move announced meanwhile count.
                 await asyncio.sleep(random.uniform(0, min(2.0, period / 2)))
                 target = await self._better_span()
                 if target is not None:
@@ -247,7 +248,7 @@ class Peer:
 
     async def _better_span(self) -> tuple[int, int] | None:
         spans = await get_spans(self.dht, self.source.model_id)
-        return placement.better_span(spans, self.info())
+        return placement.move_for(spans, self.info())
 
     async def move_to(self, start: int, end: int) -> None:
         """Drain the current span, hand off what is left, and serve [start, end) under the same peer id."""

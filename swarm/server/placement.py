@@ -88,6 +88,20 @@ def better_span(spans: Iterable[SpanInfo], me: SpanInfo, gain: float = MOVE_GAIN
     return (start, start + length) if min(after) > min(now) * gain else None
 
 
+def move_for(spans: list[SpanInfo], me: SpanInfo, gain: float = MOVE_GAIN) -> tuple[int, int] | None:
+    """better_span(), unless a movable online peer with a smaller id would move onto the same blocks: of several
+    peers that see the same hole, the one with the smallest id goes (the others see its target next time)."""
+    target = better_span(spans, me, gain)
+    if target is None:
+        return None
+    for other in spans:
+        if other.movable and other.routable and other.peer_id < me.peer_id:
+            theirs = better_span(spans, other, gain)
+            if theirs is not None and theirs[0] < target[1] and target[0] < theirs[1]:
+                return None
+    return target
+
+
 def block_weight_bytes(config: PretrainedConfig, precision: Precision) -> int:
     """Bytes the weights of one block take once loaded as `precision` (the largest block, for mixed layer types)."""
     model = skeleton(config, precision.dtype)

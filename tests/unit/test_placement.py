@@ -147,3 +147,19 @@ def test_random_swarms_settle_without_holes_after_a_departure(seed):
     if sum(length for i, length in enumerate(lengths) if i != leaver) >= 30 + 15:  # capacity to spare
         assert min(block_throughputs(swarm, 30)) > 0, [(s.start, s.end) for s in swarm]
     assert moves <= 2 * count  # settles in a few moves, no ping-pong
+
+
+def test_of_two_replicas_that_could_fill_a_hole_only_the_smaller_id_moves():
+    from swarm.server.placement import move_for
+
+    a = dataclasses.replace(peer("a", 0, 10), movable=True)
+    b = dataclasses.replace(peer("b", 0, 10), movable=True)
+    swarm = [a, b, peer("c", 20, 30)]
+    assert better_span(swarm, a) == better_span(swarm, b) == (10, 20)
+    assert move_for(swarm, a) == (10, 20) and move_for(swarm, b) is None
+    # a peer pinned with --blocks never moves, so nobody waits for it
+    pinned = dataclasses.replace(a, movable=False)
+    assert move_for([pinned, b, peer("c", 20, 30)], b) == (10, 20)
+    # once a announces its move, b has no reason left
+    moving = dataclasses.replace(a, state="draining", target_start=10, target_end=20)
+    assert move_for([moving, b, peer("c", 20, 30)], b) is None
