@@ -111,13 +111,8 @@ class SpanInfo:
         return info
 
     @property
-    def online(self) -> bool:
-        """Serving its span (draining peers still serve the sessions they have; see `routable`)."""
-        return self.state in (PeerState.ONLINE, PeerState.DRAINING) and self.version == PROTOCOL_VERSION
-
-    @property
     def routable(self) -> bool:
-        """Takes new sessions."""
+        """Takes new sessions (a draining peer still serves the sessions it has, a joining one none yet)."""
         return self.state == PeerState.ONLINE and self.version == PROTOCOL_VERSION
 
     @property

@@ -98,6 +98,7 @@ class SwarmClient:
     @allowed_peers.setter
     def allowed_peers(self, peers: set[str] | None) -> None:
         self._allowed_peers = self.monitor.allowed_peers = peers
+        self.monitor.updated = None  # the next route reads the swarm again, through the new filter
 
     @property
     def peer_id(self) -> str:
@@ -107,9 +108,7 @@ class SwarmClient:
         """Spans of this client's model (only allowed peers, when an allowlist is set), as of the background view's
         last refresh; `fresh`, or a view older than two refresh periods, reads the DHT and probes the peers now."""
         self.monitor.start()
-        spans = await self.monitor.refresh() if fresh or self.monitor.stale else self.monitor.spans
-        allowed = self.allowed_peers
-        return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
+        return await self.monitor.refresh() if fresh or self.monitor.stale else self.monitor.spans
 
     BAN_SECONDS = 15.0
     MAX_BAN_SECONDS = 600.0

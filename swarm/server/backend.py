@@ -289,23 +289,23 @@ class SpanBackend:
         hidden = torch.cat([h for _, h, _, _ in items]).to(span.device, span.dtype)
         out = span.forward_batch(hidden, [s.cache for s, *_ in items], [p for _, _, p, _ in items],
                                  items[0][0].blocks).to("cpu")
-        self.steps += 1
         self.batch_sizes = [*self.batch_sizes[-999:], len(items)]
-        if self.fault_step_delay:
-            time.sleep(self.fault_step_delay)
-        if self.fault_nan_after and self.steps > self.fault_nan_after:
-            out = torch.full_like(out, float("nan"))
+        out = self._count_forward(out)
         return [out[i : i + 1].to(h.dtype) for i, (_, h, _, _) in enumerate(items)]
 
     def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         span = self.span
         out = span(hidden.to(span.device, span.dtype), session.cache, position, session.blocks).to("cpu")
+        return self._count_forward(out).to(hidden.dtype)
+
+    def _count_forward(self, out: torch.Tensor) -> torch.Tensor:
+        """Count a forward, and apply the faults a test asked for (a slow peer, a peer gone bad)."""
         self.steps += 1
         if self.fault_step_delay:
             time.sleep(self.fault_step_delay)
         if self.fault_nan_after and self.steps > self.fault_nan_after:
             out = torch.full_like(out, float("nan"))
-        return out.to(hidden.dtype)
+        return out
 
     def probe(self, prefix: int = 128) -> Callable[[int], None]:
         """For throughput measurement, before serving: a function running one decode step of `batch` sessions

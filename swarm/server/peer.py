@@ -88,6 +88,11 @@ class Peer:
 
     # -- sizing and placement --------------------------------------------------------------------------------------
 
+    @property
+    def movable(self) -> bool:
+        """Placed by itself (no --blocks) on part of the model: it rebalances."""
+        return self.fixed is None and self.length < self.num_blocks
+
     def _memory_budget(self) -> int:
         if self.settings.memory_budget:
             return int(self.settings.memory_budget * 2**30)
@@ -144,7 +149,7 @@ class Peer:
             target_end=self.target[1],
             public_name=self.settings.public_name,
             software=__version__,
-            movable=self.fixed is None and self.length < self.num_blocks,
+            movable=self.movable,
         )
 
     async def _announce(self) -> None:
@@ -215,7 +220,7 @@ class Peer:
             logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s throughput=%.1f peer_id=%s maddrs=%s",
                         first.model_id, first.start, first.end, first.device, first.dtype, first.quant,
                         first.throughput, first.peer_id, " ".join(visible_maddrs(self.dht)))
-            if self.fixed is None and self.length < self.num_blocks:
+            if self.movable:
                 tasks.append(asyncio.create_task(self._rebalance_loop(), name="rebalance"))
             await stop.wait()
         finally:

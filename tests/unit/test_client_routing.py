@@ -78,14 +78,28 @@ async def test_a_stale_view_is_refreshed_before_routing(client, monkeypatch):
     assert (await client.chain())[0].peer.peer_id == "c" and calls == [1]
 
 
-async def test_an_allowlist_filters_the_view(client):
-    client.allowed_peers = {"b"}
-    assert [link.peer.peer_id for link in await client.chain()] == ["b"]
-    assert client.monitor.allowed_peers == {"b"}
+async def test_refresh_probes_only_allowed_peers_and_an_allowlist_change_rereads(client, monkeypatch):
+    from swarm.client import monitor as monitor_module
+
+    records = [record("a", 0, 30), record("b", 0, 30)]
+    probed = []
+
+    async def get_spans(dht, model_id):
+        return records
+
+    async def probe(p2p, peer_id, timeout):
+        probed.append(peer_id)
+        fresh = next(r for r in records if r.peer_id == peer_id)
+        return dataclasses.replace(fresh, active_sessions=5 if peer_id == "a" else 0), 0.001
+
+    monkeypatch.setattr(monitor_module, "get_spans", get_spans)
+    monkeypatch.setattr(monitor_module, "probe", probe)
+    client.allowed_peers = {"a"}  # the view is stale now: the next route reads the swarm through the filter
+    assert [link.peer.peer_id for link in await client.chain()] == ["a"] and probed == ["a"]
+    assert client.monitor.rtt == {"a": 0.001}
     client.allowed_peers = None
-    client.monitor.spans = [dataclasses.replace(s, active_sessions=5) if s.peer_id == "b" else s
-                            for s in client.monitor.spans]
-    assert [link.peer.peer_id for link in await client.chain()] == ["a"]
+    assert [link.peer.peer_id for link in await client.chain()] == ["b"]  # a's probe said 5 sessions
+    assert sorted(probed) == ["a", "a", "b"]
 
 
 async def test_a_peer_slower_than_it_announces_is_judged_by_what_it_did(client, monkeypatch):
