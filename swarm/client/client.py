@@ -124,23 +124,26 @@ class SwarmClient:
         return {peer for peer, (until, _) in self._bans.items() if until > now}
 
     async def chain(self, start: int = 0, end: int | None = None, banned: set[str] | None = None,
-                    fresh: bool = False) -> list[Link]:
-        """The fastest chain over blocks [start, end) among routable peers not banned by the caller. Peers this
-        client banned are avoided unless no chain exists without them (a suspect peer beats no answer)."""
+                    fresh: bool = False, length: int = 0, batch: int = 1) -> list[Link]:
+        """The fastest chain over blocks [start, end) among routable peers not banned by the caller that can hold a
+        session of `batch` x `length` tokens. Peers this client banned are avoided unless no chain exists without
+        them (a suspect peer beats no answer)."""
         spans, views = await self.spans(fresh), self.monitor.views()
         banned = banned or set()
         try:
-            return find_chain(spans, self.model_id, self.head.num_blocks, self.banned() | banned, start, end, views)
+            return find_chain(spans, self.model_id, self.head.num_blocks, self.banned() | banned, start, end, views,
+                              length, batch)
         except NoChainError:
             if not self.banned() - banned:
                 raise
-            return find_chain(spans, self.model_id, self.head.num_blocks, banned, start, end, views)
+            return find_chain(spans, self.model_id, self.head.num_blocks, banned, start, end, views, length, batch)
 
-    async def _reroute(self, start: int, end: int, avoid: set[str], faulty: set[str]) -> list[Link]:
+    async def _reroute(self, start: int, end: int, avoid: set[str], faulty: set[str], length: int = 0,
+                       batch: int = 1) -> list[Link]:
         for peer in faulty:
             if peer and peer not in self.banned():
                 self.ban(peer)
-        return await self.chain(start, end, avoid, fresh=True)
+        return await self.chain(start, end, avoid, fresh=True, length=length, batch=batch)
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
@@ -167,12 +170,13 @@ class SwarmClient:
         """Open a session on the fastest chain now. A peer that refuses or fails the opening (this client's view of
         the swarm is a few seconds old: it may have filled up, started moving or died) is left out of another try."""
         avoid: set[str] = set()
+        reroute = partial(self._reroute, length=max_length, batch=batch_size)
         for attempt in range(self.OPEN_ATTEMPTS):
-            chain = await self.chain(banned=avoid)
+            chain = await self.chain(banned=avoid, length=max_length, batch=batch_size)
             self.monitor.opened(link.peer.peer_id for link in chain)  # before the await: concurrent opens see it
             try:
                 return await InferenceSession.open(self.p2p, chain, max_length, batch_size, self.step_timeout,
-                                                   self._reroute, self.failover, self.monitor)
+                                                   reroute, self.failover, self.monitor)
             except PeerError as e:
                 if not e.peer_id or attempt + 1 == self.OPEN_ATTEMPTS:
                     raise
@@ -180,7 +184,7 @@ class SwarmClient:
                     self.ban(e.peer_id)
                 avoid.add(e.peer_id)
                 try:
-                    await self.chain(banned=avoid)
+                    await self.chain(banned=avoid, length=max_length, batch=batch_size)
                 except NoChainError:
                     raise e from None  # no one else serves those blocks: the peer's own answer says most
                 logger.info("peer %s refused a new session (%s); trying another chain", e.peer_id, e)

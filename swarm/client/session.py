@@ -141,7 +141,7 @@ class PeerStream:
 
 
 # reroute(start, end, avoid, faulty): a chain over [start, end) without the peers in `avoid`; those in `faulty` failed
-# (the others refused: they are full, or moved to other blocks) and deserve a client-wide ban.
+# (the others were full) and deserve a client-wide ban.
 Reroute = Callable[[int, int, set[str], set[str]], Awaitable[list[Link]]]
 
 

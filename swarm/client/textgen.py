@@ -27,7 +27,7 @@ from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, s
 from swarm.client.client import SwarmClient
 from swarm.client.requests import GenerationRequest, TokenEvent
 from swarm.client.session import InferenceSession
-from swarm.protocol import ErrorCode, PeerError
+from swarm.protocol import ErrorCode, NoChainError, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,18 @@ class SwarmTextService:
                     self.reused_tokens += start
                     return best[1], start
                 await best[1].close()
-        max_length = min(self.context_length, len(prompt) + max_new_tokens + (self.REUSE_HEADROOM if n == 1 else 0))
-        max_length = max(max_length, len(prompt) + max_new_tokens)
+        needed = len(prompt) + max_new_tokens
+        wanted = max(needed, min(self.context_length, needed + (self.REUSE_HEADROOM if n == 1 else 0)))
         try:
-            return await self.client.inference_session(max_length, n), 0
+            return await self._open(wanted, n), 0
+        except NoChainError:
+            if wanted == needed:
+                raise
+            return await self._open(needed, n), 0  # no peers can hold the headroom: open without it
+
+    async def _open(self, max_length: int, n: int) -> InferenceSession:
+        try:
+            return await self.client.inference_session(max_length, n)
         except PeerError as e:
             if e.code != ErrorCode.CAPACITY or not self._parked:
                 raise
@@ -149,7 +157,7 @@ class SwarmTextService:
             logger.info("peers at capacity: closing %d parked sessions", len(self._parked))
             while self._parked:
                 await self._parked.pop()[1].close()
-            return await self.client.inference_session(max_length, n), 0
+            return await self.client.inference_session(max_length, n)
 
     @staticmethod
     def _alive(session: InferenceSession) -> bool:

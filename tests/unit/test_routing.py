@@ -187,3 +187,15 @@ def test_search_matches_brute_force_on_small_random_tables():
                 find_chain(spans, "m", 12, views=views)
         else:
             assert chain_seconds(find_chain(spans, "m", 12, views=views), views) == pytest.approx(expected, rel=1e-9)
+
+
+def test_peers_that_cannot_hold_the_session_are_skipped():
+    short = dataclasses.replace(fast("short", 0, 30, throughput=5000), max_length=256)
+    small = dataclasses.replace(fast("small", 0, 30, throughput=5000), max_length=4096, kv_budget_tokens=1000)
+    roomy = dataclasses.replace(fast("roomy", 0, 30), max_length=4096, kv_budget_tokens=100000)
+    spans = [short, small, roomy]
+    assert find_chain(spans, "m", 30, length=200)[0].peer.peer_id in {"short", "small"}  # fits all: fastest
+    assert links(find_chain(spans, "m", 30, length=512)) == [("small", 0, 30)]  # too long for `short`
+    assert links(find_chain(spans, "m", 30, length=200, batch=8)) == [("roomy", 0, 30)]  # 1600 > small's 1000
+    with pytest.raises(NoChainError):
+        find_chain(spans, "m", 30, length=8192)
