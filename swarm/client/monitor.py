@@ -69,8 +69,10 @@ class SwarmMonitor:
         self._refreshing: asyncio.Lock | None = None
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="swarm-monitor")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._loop(), name="swarm-monitor")
+            self._refreshing = None  # a lock belongs to the loop it was first awaited in
 
     async def _loop(self) -> None:
         while True:
