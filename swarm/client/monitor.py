@@ -1,9 +1,10 @@
 """The client's background view of the swarm, so that choosing a route never waits on the network.
 
-Every `period` seconds: read the model's span records from the DHT, then probe every routable peer with the info
-RPC, concurrently. A probe answers with the peer's current record (fresher than the DHT's: load, free KV) and its
-duration is the peer's RTT sample (smoothed). A peer that fails its probe is reported (the client bans it, with
-exponential backoff) and keeps its DHT record until the ban or the record runs out.
+Every `period` seconds: read the model's span records from the DHT, then probe the routable peers with the info
+RPC, concurrently (at most `max_probes` per refresh, taking turns in a large swarm). A probe answers with the peer's
+current record (fresher than the DHT's: load, free KV) and its duration is the peer's RTT sample (smoothed). A peer
+that fails its probe is reported (the client bans it, with exponential backoff) and keeps its DHT record until the
+ban or the record runs out.
 
 The monitor also counts the sessions this client has open through each peer, so that sessions opened between two
 probes see each other: the load a route search uses is the probed load, plus what this client opened since. And it
@@ -36,6 +37,10 @@ STEP_SMOOTHING = 0.1  # weight of a new decode-step sample
 OBSERVATION_TTL = 60.0  # seconds a peer's observed step time counts without new samples
 
 
+async def _none() -> None:
+    return None
+
+
 async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float]:
     """A peer's current record and the round trip it took (seconds); raises on timeout or a bad answer."""
     began = time.perf_counter()
@@ -53,9 +58,11 @@ async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float
 
 class SwarmMonitor:
     def __init__(self, dht: DHT, p2p: P2P, model_id: str, period: float = 3.0, probe_timeout: float = 3.0,
-                 allowed_peers: set[str] | None = None, on_failure: Callable[[str], None] | None = None):
+                 allowed_peers: set[str] | None = None, on_failure: Callable[[str], None] | None = None,
+                 max_probes: int = 64):
         self.dht, self.p2p, self.model_id = dht, p2p, model_id
-        self.period, self.probe_timeout = period, probe_timeout
+        self.period, self.probe_timeout, self.max_probes = period, probe_timeout, max_probes
+        self._probed_at: dict[str, float] = {}
         self.allowed_peers = allowed_peers
         self.on_failure = on_failure
         self.spans: list[SpanInfo] = []
@@ -100,15 +107,26 @@ class SwarmMonitor:
             if self.allowed_peers is not None:
                 spans = [s for s in spans if s.peer_id in self.allowed_peers]
             own = dict(self.own)
-            probed = await asyncio.gather(*(self._probe(s) for s in spans))
+            chosen = self._to_probe(spans)
+            probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))
             self.spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
             self._own_counted = {s.peer_id: own.get(s.peer_id, 0) for s in self.spans}
             self.updated = time.monotonic()
             return self.spans
 
+    def _to_probe(self, spans: list[SpanInfo]) -> set[str]:
+        """At most `max_probes` routable peers: those this client has sessions through, then the ones probed least
+        recently (never-probed first); in a large swarm every peer still gets probed every few refreshes."""
+        routable = [s.peer_id for s in spans if s.routable]
+        if len(routable) <= self.max_probes:
+            return set(routable)
+        ranked = sorted(routable, key=lambda p: (self.own.get(p, 0) == 0, self._probed_at.get(p, -1.0)))
+        return set(ranked[: self.max_probes])
+
     async def _probe(self, span: SpanInfo) -> SpanInfo | None:
         if not span.routable:
             return None
+        self._probed_at[span.peer_id] = time.monotonic()
         try:
             info, rtt = await probe(self.p2p, span.peer_id, self.probe_timeout)
         except Exception as e:

@@ -149,3 +149,30 @@ async def test_when_no_one_else_serves_the_blocks_the_refusal_is_the_answer(clie
     with pytest.raises(PeerError, match="KV budget exhausted") as info:
         await client.inference_session(32)
     assert info.value.code == ErrorCode.CAPACITY  # the gateway turns this into 503 + Retry-After
+
+
+async def test_a_large_swarm_is_probed_in_turns(client, monkeypatch):
+    from swarm.client import monitor as monitor_module
+
+    records = [record(f"p{i:02d}", 0, 30) for i in range(10)]
+    probed: list[str] = []
+
+    async def get_spans(dht, model_id):
+        return records
+
+    async def probe(p2p, peer_id, timeout):
+        probed.append(peer_id)
+        return next(r for r in records if r.peer_id == peer_id), 0.001
+
+    monkeypatch.setattr(monitor_module, "get_spans", get_spans)
+    monkeypatch.setattr(monitor_module, "probe", probe)
+    client.monitor.max_probes = 4
+    client.monitor.opened(["p09"])  # a peer this client has a session through is probed every time
+    rounds = []
+    for _ in range(3):
+        probed.clear()
+        await client.monitor.refresh()
+        rounds.append(set(probed))
+    assert all(len(r) == 4 and "p09" in r for r in rounds)
+    assert set().union(*rounds) == {r.peer_id for r in records}  # 3 + 3 + 3 others: everyone had a turn
+    assert len(client.monitor.spans) == 10  # the unprobed keep their DHT records
