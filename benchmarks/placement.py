@@ -100,7 +100,7 @@ async def route_choice(rounds: int) -> dict:
             LocalSwarm.peer_id(proc)
         client = await SwarmClient.connect(swarm.initial_peers)
         try:
-            spans = await settled_routable(client, 3)
+            spans = await settled(client, 3)
             routed = await client.chain()
             hops_only = [Link(next(s for s in spans if s.peer_id == slow), 0, 30)]
             rates: dict[str, list[float]] = {"routed": [], "fewest_hops": []}
@@ -118,17 +118,6 @@ async def route_choice(rounds: int) -> dict:
                                                                                   strict=True)]), 2)}
         finally:
             await client.close()
-
-
-async def settled_routable(client: SwarmClient, count: int, timeout: float = 120.0) -> list[SpanInfo]:
-    deadline = time.monotonic() + timeout
-    while True:
-        spans = [s for s in await client.spans(fresh=True) if s.routable]
-        if len(spans) == count:
-            return spans
-        if time.monotonic() > deadline:
-            raise TimeoutError("peers did not come online")
-        await asyncio.sleep(0.5)
 
 
 async def run(args) -> dict:

@@ -188,12 +188,16 @@ class Peer:
         if fixed is not None:
             self.rate = throughput.Throughput(fixed, fixed)
         elif not self.rate.single:  # measured once per process: moving keeps the per-block figure
-            key = throughput.cache_key(self.source.model_id, self.precision.device, self.precision.dtype_name,
-                                       self.precision.quant)
-            refresh = settings.throughput == "eval" or settings.fault_step_delay > 0
-            self.rate = await loop.run_in_executor(
-                backend._executor, lambda: throughput.cached_or_measured(
-                    key, lambda: throughput.measure(backend.probe(), end - start), refresh))
+            def measure() -> throughput.Throughput:
+                return throughput.measure(backend.probe(), end - start)
+
+            if settings.fault_step_delay:  # a peer slowed down for a test: measure it, but never cache that
+                self.rate = await loop.run_in_executor(backend._executor, measure)
+            else:
+                key = throughput.cache_key(self.source.model_id, self.precision.device, self.precision.dtype_name,
+                                           self.precision.quant)
+                self.rate = await loop.run_in_executor(backend._executor, throughput.cached_or_measured, key,
+                                                       measure, settings.throughput == "eval")
         return backend
 
     # -- serving ---------------------------------------------------------------------------------------------------
