@@ -9,6 +9,7 @@ slows the peer down (another tenant, an injected fault) shows.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -62,8 +63,22 @@ def _read_cache(path: Path) -> dict:
 
 def cached_or_measured(key: str, measure: Callable[[], Throughput], refresh: bool = False,
                        path: Path | None = None) -> Throughput:
-    """The cached measurement under `key`, else (or with refresh) a new one, stored for the next start."""
+    """The cached measurement under `key`, else (or with refresh) a new one, stored for the next start. Peers of one
+    machine measure one at a time (a file lock): peers started together would otherwise slow each other's
+    measurements down, and the slowed figure would be cached; the ones that waited find the first one's figure."""
     path = path or cache_root() / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError as e:
+        logger.warning("no lock for throughput measurements in %s: %s", path.parent, e)
+        return _cached_or_measured(key, measure, refresh, path)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _cached_or_measured(key, measure, refresh, path)
+
+
+def _cached_or_measured(key: str, measure: Callable[[], Throughput], refresh: bool, path: Path) -> Throughput:
     entry = _read_cache(path).get(key) if not refresh else None
     if isinstance(entry, dict):
         try:
@@ -80,7 +95,6 @@ def cached_or_measured(key: str, measure: Callable[[], Throughput], refresh: boo
     data[key] = {"single": found.single, "batched": found.batched, "measured_at": time.time()}
     data = dict(list(data.items())[-MAX_ENTRIES:])  # the most recent ones (tests measure many throwaway models)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)  # atomic: peers starting together never read half a file

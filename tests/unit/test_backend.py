@@ -224,3 +224,31 @@ async def test_a_drain_hands_off_idle_sessions_first(backend):
     assert backend.hand_off("moving", idle_for=2.0) == 1
     assert idle.moved and not busy.moved and list(backend.sessions.values()) == [busy]
     await backend.step(busy, torch.randn(1, 1, 64), 2)  # the busy one goes on
+
+
+def test_peers_of_one_machine_measure_one_at_a_time(tmp_path):
+    """Two peers starting together: the second waits for the first's measurement and reuses it."""
+    import threading
+    import time as time_module
+
+    from swarm.server import throughput
+
+    running, calls = [], []
+
+    def measure():
+        running.append(1)
+        calls.append(len(running))  # how many measurements run right now, this one included
+        time_module.sleep(0.2)
+        running.pop()
+        return throughput.Throughput(100.0 + len(calls), 400.0)
+
+    results = []
+    path = tmp_path / "throughput.json"
+    threads = [threading.Thread(target=lambda: results.append(throughput.cached_or_measured("k", measure,
+                                                                                          path=path)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [1] and len(set(results)) == 1  # one measurement, never two at once, everyone got it
