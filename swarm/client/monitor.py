@@ -65,7 +65,7 @@ class SwarmMonitor:
         self._probed_at: dict[str, float] = {}
         self.allowed_peers = allowed_peers
         self.on_failure = on_failure
-        self.spans: list[SpanInfo] = []
+        self._spans: list[SpanInfo] = []  # every peer of the model in the last refresh (allowed or not)
         self.updated: float | None = None  # monotonic time of the last refresh
         self.rtt: dict[str, float] = {}
         # per peer: smoothed decode step per block as this client saw it, and when last seen
@@ -104,15 +104,26 @@ class SwarmMonitor:
                 return self.spans
         async with self._refreshing:
             spans = await get_spans(self.dht, self.model_id)
-            if self.allowed_peers is not None:
-                spans = [s for s in spans if s.peer_id in self.allowed_peers]
             own = dict(self.own)
-            chosen = self._to_probe(spans)
+            chosen = self._to_probe(self._allowed(spans))
             probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))
-            self.spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
-            self._own_counted = {s.peer_id: own.get(s.peer_id, 0) for s in self.spans}
+            self._spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
+            self._own_counted = {s.peer_id: own.get(s.peer_id, 0) for s in self._spans}
             self.updated = time.monotonic()
             return self.spans
+
+    @property
+    def spans(self) -> list[SpanInfo]:
+        """The last refresh's spans of the allowed peers. The allowlist applies when the view is read, not when it
+        is refreshed: a refresh that began before the allowlist changed must not bring other peers into routes."""
+        return self._allowed(self._spans)
+
+    @spans.setter
+    def spans(self, spans: list[SpanInfo]) -> None:
+        self._spans = list(spans)
+
+    def _allowed(self, spans: list[SpanInfo]) -> list[SpanInfo]:
+        return spans if self.allowed_peers is None else [s for s in spans if s.peer_id in self.allowed_peers]
 
     def _to_probe(self, spans: list[SpanInfo]) -> set[str]:
         """At most `max_probes` routable peers: those this client has sessions through, then the ones probed least
@@ -142,7 +153,7 @@ class SwarmMonitor:
         return {s.peer_id: PeerView(self.rtt.get(s.peer_id),
                                     self.own.get(s.peer_id, 0) - self._own_counted.get(s.peer_id, 0),
                                     self._observed(s.peer_id))
-                for s in self.spans}
+                for s in self._spans}
 
     def _observed(self, peer_id: str) -> float | None:
         seen = self.step_seconds.get(peer_id)

@@ -176,3 +176,37 @@ async def test_a_large_swarm_is_probed_in_turns(client, monkeypatch):
     assert all(len(r) == 4 and "p09" in r for r in rounds)
     assert set().union(*rounds) == {r.peer_id for r in records}  # 3 + 3 + 3 others: everyone had a turn
     assert len(client.monitor.spans) == 10  # the unprobed keep their DHT records
+
+
+async def test_an_allowlist_set_during_a_refresh_holds_for_the_next_route(client, monkeypatch):
+    """The background refresh may be reading the DHT when the allowlist changes: the view it stores must not bring
+    the peers left out back into routes (CI once saw half of a test's sessions routed around its allowlist)."""
+    import asyncio
+
+    from swarm.client import monitor as monitor_module
+
+    records = [record("a", 0, 30), record("b", 0, 30), record("c", 0, 30)]
+    probing, release = asyncio.Event(), asyncio.Event()
+
+    async def get_spans(dht, model_id):
+        return records
+
+    async def probe(p2p, peer_id, timeout):
+        probing.set()
+        await release.wait()
+        return next(r for r in records if r.peer_id == peer_id), 0.001
+
+    monkeypatch.setattr(monitor_module, "get_spans", get_spans)
+    monkeypatch.setattr(monitor_module, "probe", probe)
+    background = asyncio.create_task(client.monitor.refresh())  # began before the allowlist
+    await probing.wait()
+    client.allowed_peers = {"c"}
+    route = asyncio.create_task(client.chain())  # the view is stale now: waits for the refresh in flight
+    await asyncio.sleep(0)
+    release.set()
+    await background
+    assert [link.peer.peer_id for link in await route] == ["c"]
+    for _ in range(5):
+        assert [link.peer.peer_id for link in await client.chain()] == ["c"]
+    client.allowed_peers = None
+    assert {s.peer_id for s in client.monitor.spans} == {"a", "b", "c"}
