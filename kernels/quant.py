@@ -2,6 +2,14 @@
 
 Kernels, per (method, device):
 
+    int8  cpu   "native"        kernels/cpu_affine.c (built at first use with the system's C compiler): a different
+                                int8 format, affine in groups of 32 along in_features (uint8 codes, float32 scale and
+                                minimum per group: reference.quantize_int8_affine), float32 activations, float32
+                                accumulation. Needs in_features % 32 == 0. The CPU default: as fast as "torch" within
+                                ~1.3x at decode, and it keeps the model's predictions (see benchmarks/kernels.py and
+                                tests/e2e/test_quantized_smollm.py), which per-row int8 with bf16 activations does not
+    int4  cpu   "native"        the same kernel with 4-bit codes (reference.quantize_int4's groups, repacked): float32
+                                activations, so a Q4_1 checkpoint runs exactly as in float32
     int8  cpu   "torch"         torch's `_weight_int8pack_mm`: int8 weights, bf16 activations (fp32 activations are
                                 10-30x slower in this kernel), output cast back to the caller's dtype. Only for
                                 in_features % 16 == 0: torch 2.13 segfaults on other widths (other layers: reference)
@@ -13,9 +21,10 @@ Kernels, per (method, device):
                                 + torch matmul for prefill chunks; needs in_features % 256 == 0
     any   any   "reference"     dequantize, then a float32 matmul (correct everywhere, slow)
 
-The choice is made once, at import, from what is installed; `SWARM_KERNELS=reference|torch|bitsandbytes` overrides
-it (e.g. to run bitsandbytes' CPU backend, or the reference everywhere). benchmarks/kernels.py measures the CPU
-candidates (including torch's deprecated `quantize_dynamic`) and is where the choice of "torch" for CPU int8 comes from.
+The choice follows from what is installed and builds (the native kernel is compiled once per machine and cached);
+`SWARM_KERNELS=reference|native|torch|bitsandbytes|triton` overrides it (e.g. to run torch's bf16 kernels, bitsandbytes'
+CPU backend, or the reference everywhere). benchmarks/kernels.py measures the CPU candidates (including torch's
+deprecated `quantize_dynamic`); tests/e2e/test_quantized_smollm.py measures what each does to the default model.
 """
 
 from __future__ import annotations
@@ -28,12 +37,12 @@ import os
 import torch
 from torch import nn
 
-from kernels import reference, triton_nf4
+from kernels import cpu, reference, triton_nf4
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("int8", "int4", "nf4")
-KERNELS = ("reference", "torch", "bitsandbytes", "triton")
+KERNELS = ("reference", "native", "torch", "bitsandbytes", "triton")
 
 HAVE_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 HAVE_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -66,6 +75,10 @@ def _torch_kernel_fits(method: str, device: torch.device, in_features: int, out_
     return False
 
 
+def _native_fits(method: str, device: torch.device, in_features: int) -> bool:
+    return device.type == "cpu" and method in ("int8", "int4") and cpu.fits(in_features) and cpu.available()
+
+
 def kernel_for(method: str, device: torch.device, in_features: int = 64, out_features: int = 64) -> str:
     """The kernel a QuantLinear of `method` on `device` with this shape uses."""
     if method not in METHODS:
@@ -73,6 +86,8 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
     if OVERRIDE is not None:
         if OVERRIDE == "bitsandbytes" and not HAVE_BITSANDBYTES:
             raise RuntimeError("SWARM_KERNELS=bitsandbytes but bitsandbytes is not installed")
+        if OVERRIDE == "native" and not _native_fits(method, device, in_features):
+            return "reference"
         if OVERRIDE == "torch" and not _torch_kernel_fits(method, device, in_features, out_features):
             return "reference"  # torch's kernels are CPU int8 / int4 paths only
         if OVERRIDE == "bitsandbytes" and method == "int4":
@@ -82,6 +97,8 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
         return OVERRIDE
     if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
         return "bitsandbytes"
+    if _native_fits(method, device, in_features):
+        return "native"
     if _torch_kernel_fits(method, device, in_features, out_features):
         return "torch"
     return "reference"
@@ -103,7 +120,22 @@ class QuantLinear(nn.Module):
                              f"{INT4PACK_ALIGN} == 0 and in_features % {reference.INT4_GROUPSIZE} == 0)")
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self._bnb_state = None
-        if method == "int8":
+        if self.kernel == "native":
+            if not _native_fits(method, weight.device, self.in_features):
+                raise ValueError(f"the native kernel needs a CPU weight with in_features % {cpu.GROUP} == 0, a C "
+                                 f"compiler and int8 or int4 (got {method}, {self.out_features}x{self.in_features} "
+                                 f"on {weight.device})")
+            if method == "int8":
+                q, scale, minimum = reference.quantize_int8_affine(weight)
+            else:
+                packed, scale, minimum = reference.quantize_int4(weight)
+                q = cpu.repack_int4(packed, self.out_features, self.in_features)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale.contiguous())
+            self.register_buffer("minimum", minimum.contiguous())
+            if self.bias is not None:
+                self.bias.data = self.bias.data.float()
+        elif method == "int8":
             q, scale = reference.quantize_int8(weight)
             self.register_buffer("qweight", q)
             # bitsandbytes keeps the row absmax (scale * 127); torch's kernel wants the scale in the activations' dtype
@@ -150,6 +182,9 @@ class QuantLinear(nn.Module):
         return sum(t.nbytes for t in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            bits = 8 if self.method == "int8" else 4
+            return cpu.affine_linear(x, self.qweight, bits, self.scale, self.minimum, self.bias).to(x.dtype)
         if self.method == "int8":
             if self.kernel == "torch":
                 flat = x.reshape(-1, self.in_features).to(torch.bfloat16)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 INT8_MAX = 127
+UINT8_MAX = 255
 
 # The 16 NF4 code points: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA, appendix E; these are the
 # values bitsandbytes ships).
@@ -37,6 +38,7 @@ NF4_CODE = torch.tensor(
 )
 NF4_BLOCKSIZE = 64
 INT4_GROUPSIZE = 32
+INT8_GROUPSIZE = 32
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +60,34 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] → [..., N] in float32."""
     y = x.float() @ dequantize_int8(q, scale).T
+    return y + bias.float() if bias is not None else y
+
+
+def quantize_int8_affine(weight: torch.Tensor, groupsize: int = INT8_GROUPSIZE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] (K divisible by groupsize) → (q uint8 [N, K], scale float32 [N, K/g], minimum [N, K/g])."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if cols % groupsize:
+        raise ValueError(f"in_features {cols} does not split into groups of {groupsize}")
+    groups = weight.float().reshape(rows, cols // groupsize, groupsize)
+    minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = (maximum - minimum) / UINT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is all minimum
+    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, UINT8_MAX).to(torch.uint8)
+    return q.reshape(rows, cols), scale, minimum
+
+
+def dequantize_int8_affine(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    rows, cols = q.shape
+    groups = q.float().reshape(rows, scale.shape[1], cols // scale.shape[1])
+    return (groups * scale.float()[..., None] + minimum.float()[..., None]).reshape(rows, cols)
+
+
+def int8_affine_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.float() @ dequantize_int8_affine(q, scale, minimum).T
     return y + bias.float() if bias is not None else y
 
 

@@ -4,12 +4,12 @@
 
     device   cuda when torch sees a GPU, else cpu
     dtype    cuda: bfloat16 where the GPU supports it, else float16;  cpu: float32 (bf16 attention and norms are
-             slower than fp32 on CPUs without AMX; the int8 linears compute in bf16 internally anyway)
-    quant    cuda: nf4 (bitsandbytes) when installed, else none;  cpu: int8 (torch's int8 x bf16 kernel, the fastest
-             correct CPU path measured by benchmarks/kernels.py), except for checkpoints that were 4-bit already
-             (GGUF Q4_0 / Q4_1, like the default model): int4 in groups of 32 re-expresses those blocks, where
-             int8 per row and nf4 add error on top of theirs (measured on the default model: int8 93.8% top-1
-             agreement with fp32, int4 98.4%, nf4 56%; tests/e2e/test_quantized_smollm.py)
+             slower than fp32 on CPUs without AMX, and on small models bf16 alone flips next tokens)
+    quant    cuda: nf4 (bitsandbytes) when installed, else none;  cpu: int8 (the native kernel, kernels/cpu_affine.c:
+             affine groups of 32, float32 activations), except for checkpoints that were 4-bit already (GGUF Q4_0 /
+             Q4_1, like the default model): int4 in groups of 32 re-expresses those blocks in half the bytes.
+             On the default model both agree with fp32 on 100% of next tokens (tests/e2e/test_quantized_smollm.py);
+             torch's int8 kernel (per row, bf16 activations) 93.6%, nf4 56%. Without a C compiler: torch's kernels.
 """
 
 from __future__ import annotations

@@ -15,13 +15,19 @@ from swarm.model.span import BlockSpan
 
 
 @torch.inference_mode()
-def chain_logits(head: LocalHead, spans: list[BlockSpan], input_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [1, T] → float32 logits [T, V] through `spans` (which must cover every block, in order)."""
+def chain_logits(head: LocalHead, spans: list[BlockSpan], input_ids: torch.Tensor,
+                 chunk: int | None = None) -> torch.Tensor:
+    """input_ids [1, T] → float32 logits [T, V] through `spans` (which must cover every block, in order).
+
+    `chunk`: feed the text `chunk` tokens at a time through the spans' KV caches, as a decode-heavy session would
+    (a quantized layer may compute a few rows with a different kernel than a long prefill); None: one prefill."""
     hidden = head.embed(input_ids)
     for span in spans:
         cache = span.new_cache(input_ids.shape[1])
-        out = span(hidden.to(span.device, span.dtype), cache, 0)
-        hidden = out.to("cpu", torch.float32)
+        step = chunk or input_ids.shape[1]
+        outs = [span(hidden[:, start : start + step].to(span.device, span.dtype), cache, start).to("cpu", torch.float32)
+                for start in range(0, input_ids.shape[1], step)]
+        hidden = torch.cat(outs, dim=1)
     return head.logits(hidden)[0]
 
 

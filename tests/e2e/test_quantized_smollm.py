@@ -2,15 +2,20 @@
 
 The default model's weights come from a GGUF Q4_1 file (4-bit, groups of 32 with a scale and a minimum), and the
 model is small enough that any perturbation flips near-ties: 2.9% of positions have a top-1/top-2 logit margin under
-0.05, and running the span in plain bf16 alone agrees with fp32 on 97.5% of next tokens. Measured here:
+0.05, and running the span in plain bf16 alone agrees with fp32 on 97.5% of next tokens. Measured here (top-1
+agreement with fp32 / perplexity change), evaluated as 4-token steps through the KV cache, the decode path:
 
-    int4 (groups of 32, the CPU default for this model)   98.4% top-1 agreement, perplexity +0.43%
-    int8 (one scale per row)                              93.8% top-1 agreement, perplexity +1.04%
-    nf4 (blocks of 64, bitsandbytes' format)              56% top-1 agreement, perplexity +128%: a second 4-bit grid
-                                                          on top of Q4_1's does not fit it
+    native int8 (affine, groups of 32, fp32 activations; the CPU default)   100% / +0.000%, logits within 2e-4
+    native int4 (groups of 32, fp32 activations; default for this model)    100% / +0.000%, logits within 2e-4
+    torch int8 (one scale per row, bf16 activations)                        93.6% / +0.90%
+    torch int4 (groups of 32, bf16 scales and activations)                  99.0% / +0.00%
+    nf4 (blocks of 64, bitsandbytes' format)                                56% / +128%: a second 4-bit grid on top
+                                                                            of Q4_1's does not fit it
 
-The bounds below are the measured values with a small margin: they catch a regression, they are not the goals of the
-issue (int8 >= 99% / +1%, nf4 +5%), which these formats do not reach on this checkpoint.
+Groups of 32 with a minimum hold Q4_1's grid exactly (int8: scale = d / 17), so on this checkpoint the native
+formats are lossless up to float rounding; a per-row int8 scale is not (symmetric int8 in blocks of 32, llama.cpp's
+Q8_0, measured 95.5% in a one-off run). The torch and nf4 bounds below are the measured values with a small margin
+(regression guards); the native ones are the issue's goals (int8 >= 99% top-1 and +1% perplexity).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from kernels.quant import quantize_linears
 from swarm.model.head import load_head
 from swarm.model.precision import Precision
 from swarm.model.quality import chain_logits, compare
@@ -47,24 +53,42 @@ def quantized(source, quant: str, layout=((0, 15), (15, 30))):
 
 
 # quant → (weights as a fraction of fp32 at most, top-1 agreement at least, perplexity increase at most)
-FAST_PATH_BOUNDS = {
-    "int4": (0.16, 0.98, 0.01),  # ~1/7 of fp32 with scales; re-expresses the Q4_1 checkpoint
-    "int8": (0.26, 0.93, 0.015),  # a quarter of fp32
+NATIVE_BOUNDS = {
+    "int4": (0.19, 0.99, 0.01),  # 4 bits + a float32 scale and minimum per 32 weights: 3/16 of fp32
+    "int8": (0.32, 0.99, 0.01),  # 8 bits + the same: 5/16 of fp32
 }
 
 
-@pytest.mark.parametrize("quant", FAST_PATH_BOUNDS)
-def test_int4_and_int8_spans_on_the_cpu_fast_path(setup, quant):
+@pytest.mark.parametrize("quant", NATIVE_BOUNDS)
+def test_int8_and_int4_spans_on_the_native_cpu_kernel(setup, quant):
     source, head, ids, reference = setup
-    size, top1, ppl = FAST_PATH_BOUNDS[quant]
+    size, top1, ppl = NATIVE_BOUNDS[quant]
     spans = quantized(source, quant)
-    assert all(span.kernels() == {"torch"} for span in spans)
+    assert all(span.kernels() == {"native"} for span in spans)
     two_blocks_fp32 = load_span(source, 0, 2).weight_bytes()
     assert sum(span.weight_bytes() for span in spans) < 15 * two_blocks_fp32 * size
-    result = compare(reference, chain_logits(head, spans, ids), ids)
-    print(f"{quant}: {result}")
-    assert result.top1_agreement >= top1, result
-    assert result.perplexity_increase <= ppl, result
+    for chunk in (4, None):  # decode-sized steps (the kernel's own loop), then one prefill (dequantize + matmul)
+        result = compare(reference, chain_logits(head, spans, ids, chunk=chunk), ids)
+        print(f"{quant} native, chunk {chunk}: {result}")
+        assert result.top1_agreement >= top1, result
+        assert result.perplexity_increase <= ppl, result
+        assert result.max_abs_logit_diff < 1e-2, result
+
+
+# torch's own CPU kernels (bf16 activations), kept as an option (SWARM_KERNELS=torch): measured, not the default
+TORCH_BOUNDS = {"int4": (0.985, 0.01), "int8": (0.93, 0.015)}
+
+
+@pytest.mark.parametrize("quant", TORCH_BOUNDS)
+def test_torch_kernels_lose_agreement_on_this_model(setup, quant):
+    source, head, ids, reference = setup
+    top1, ppl = TORCH_BOUNDS[quant]
+    span = load_span(source, 0, 30)
+    for block in span.blocks:
+        quantize_linears(block, quant, "torch")
+    result = compare(reference, chain_logits(head, [span], ids, chunk=4), ids)
+    print(f"{quant} torch: {result}")
+    assert top1 <= result.top1_agreement < 0.995 and result.perplexity_increase <= ppl, result
 
 
 def test_nf4_spans(setup):

@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import reference, triton_nf4
+from kernels import cpu, reference, triton_nf4
 from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for, quantize_linears
 
 # kernel → activation dtype → relative tolerance against reference.*_linear (which computes in float32). torch's CPU
 # int8 kernel rounds activations to bf16 (8 mantissa bits: ~0.4% per element, averaging out over K); LLM.int8 also
 # rounds activations to int8 per row; bf16/fp16 inputs carry their own rounding.
 TOLERANCE = {
+    ("native", torch.float32): 1e-5,  # float32 throughout: only the order of the sums differs
+    ("native", torch.bfloat16): 2e-2,  # the bf16 output's own rounding
     ("torch", torch.float32): 1e-2,
     ("torch", torch.bfloat16): 2e-2,  # int8 and int4 alike
     ("bitsandbytes", torch.float32): 3e-2,
@@ -114,10 +116,15 @@ def test_reference_refuses_shapes_it_cannot_quantize():
         reference.quantize_int4(torch.zeros(3, 48))
 
 
-def test_dispatch_picks_torch_int8_on_cpu_and_refuses_unknown_methods():
-    assert kernel_for("int8", torch.device("cpu")) == "torch"
-    assert kernel_for("int4", torch.device("cpu")) == "torch"
-    assert kernel_for("int4", torch.device("cpu"), out_features=40) == "reference"
+needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
+
+
+@needs_cc
+def test_dispatch_picks_the_native_kernel_on_cpu_and_refuses_unknown_methods():
+    assert kernel_for("int8", torch.device("cpu")) == "native"
+    assert kernel_for("int4", torch.device("cpu")) == "native"
+    assert kernel_for("int4", torch.device("cpu"), in_features=48, out_features=40) == "reference"
+    assert kernel_for("int8", torch.device("cpu"), in_features=48) == "torch"  # 48 % 32 != 0, 48 % 16 == 0
     assert kernel_for("nf4", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="unknown quantization"):
         kernel_for("int3", torch.device("cpu"))
@@ -132,7 +139,9 @@ def _parity(method, kernel, shape, dtype, device, bias=True, rows=(2, 3)):
     got = fast(x)
     assert got.shape == (*rows, shape[0]) and got.dtype == dtype
     # the fast kernel may store the weight in its own layout: the reference computes from its own quantization
-    if method == "int8":
+    if method == "int8" and kernel == "native":
+        want = reference.int8_affine_linear(x, *reference.quantize_int8_affine(w), linear.bias)
+    elif method == "int8":
         want = reference.int8_linear(x, *reference.quantize_int8(w), linear.bias)
     elif method == "int4":
         want = reference.int4_linear(x, *reference.quantize_int4(w), shape, linear.bias)
@@ -160,6 +169,53 @@ def test_odd_widths_fall_back_to_the_reference_instead_of_crashing_torch():
     assert layer.kernel == "reference" and layer(torch.randn(2, 13)).shape == (2, 7)
     with pytest.raises(ValueError, match="in_features % 16"):
         QuantLinear(nn.Linear(13, 7), "int8", "torch")
+    with pytest.raises(ValueError, match="in_features % 32"):
+        QuantLinear(nn.Linear(48, 7), "int8", "native")
+
+
+NATIVE_SHAPES = [(1, 32), (7, 96), (33, 64), (576, 1536), (1536, 576)]  # K a multiple of 32; any N
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [(1,), (2, 3), (5,), (4, 4), (40,)])  # decode rows; 40 > MATMUL_ROWS: the matmul
+def test_native_cpu_kernel_matches_reference(shape, method, rows):
+    _parity(method, "native", shape, torch.float32, "cpu", rows=rows)
+    _parity(method, "native", shape, torch.bfloat16, "cpu", bias=False, rows=rows)
+
+
+@needs_cc
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(method):
+    layer = QuantLinear(nn.Linear(576, 97), method, "native")
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(2))
+    batched = layer(x)
+    for i in range(16):
+        assert torch.equal(layer(x[i : i + 1])[0], batched[i]), i
+
+
+def test_int8_affine_reference_error_is_at_most_half_a_step_and_q4_1_is_exact():
+    w = weights((33, 96))
+    q, scale, minimum = reference.quantize_int8_affine(w)
+    assert q.dtype == torch.uint8 and scale.shape == (33, 3) == minimum.shape
+    err = (reference.dequantize_int8_affine(q, scale, minimum) - w).abs()
+    assert (err <= scale.repeat_interleave(32, dim=1) / 2 + 1e-6).all()
+    # a GGUF Q4_1 block (d * q + m, q in 0..15 with 0 and 15 used) lands on the int8 grid: scale = d / 17
+    g = torch.Generator().manual_seed(3)
+    q4 = torch.randint(0, 16, (8, 4, 32), generator=g).float()
+    q4[..., 0], q4[..., 1] = 0, 15
+    d, m = torch.rand(8, 4, 1, generator=g) * 0.01, torch.randn(8, 4, 1, generator=g) * 0.05
+    w = (d * q4 + m).reshape(8, 128)
+    torch.testing.assert_close(reference.dequantize_int8_affine(*reference.quantize_int8_affine(w)), w,
+                               atol=1e-7, rtol=1e-6)
+
+
+def test_native_int4_layout_round_trips():
+    w = weights((5, 64))
+    packed, scale, minimum = reference.quantize_int4(w)
+    torch.testing.assert_close(cpu.dequantize_int4(cpu.repack_int4(packed, 5, 64), scale, minimum),
+                               reference.dequantize_int4(packed, scale, minimum, (5, 64)))
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (96, 128), (576, 1536)])

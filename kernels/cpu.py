@@ -1,0 +1,138 @@
+"""The native CPU kernel (kernels/cpu_affine.c): affine int8 / int4 weights in groups of 32, float32 activations.
+
+Compiled with the system's C compiler at first use into ~/.cache/swarm/kernels (keyed by the source, the flags and
+the CPU's model name, since -march=native code only runs where it was built) and loaded with ctypes; no torch
+headers, no build step at install time. Where no compiler works, `available()` is False and kernels.quant falls back
+to torch's kernels or the reference.
+
+    y = affine_linear(x, codes, bits, scale, minimum, bias)    # x [..., K] float32 → [..., N] float32
+
+Calls with more rows than MATMUL_ROWS (prefill chunks) dequantize the weight to float32 once and use torch's matmul:
+that is compute-bound work where a BLAS beats a dot-product loop; decode steps (a few rows) stay in the kernel,
+which reads each weight byte once and never writes a float32 copy of the weight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_affine.c")
+GROUP = 32
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+MATMUL_ROWS = 32  # more rows per call (prefill chunks): dequantize once and use torch's matmul
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SWARM_CACHE", Path.home() / ".cache" / "swarm")) / "kernels"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: the native CPU kernel is unavailable")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_affine-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # peers starting together compile once
+                if not target.exists():
+                    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                        built = Path(tmp) / target.name
+                        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
+                                       capture_output=True, timeout=120)
+                        os.replace(built, target)  # atomic: no process ever loads half a file
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        logger.warning("building the native CPU kernel failed (%s): %r %s", compiler, e, detail.decode()[-2000:])
+        return None
+    fn = library.affine_linear
+    fn.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def fits(in_features: int) -> bool:
+    return in_features % GROUP == 0
+
+
+def repack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """reference.py's int4 bytes (row-major codes, two per byte, the first in the high nibble) → the kernel's layout
+    (per group of 32: byte j = code j in the low nibble | code j + 16 in the high nibble)."""
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(out_features, in_features // GROUP, GROUP)
+    return (codes[..., : GROUP // 2] | (codes[..., GROUP // 2 :] << 4)).reshape(-1).contiguous()
+
+
+def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] → float32 [..., N]; codes uint8 [N, K] (bits 8) or [N * K / 2] in repack_int4's layout (bits 4);
+    scale and minimum float32 [N, K / 32]; bias float32 [N] or None."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
+    n, groups = scale.shape
+    k = groups * GROUP
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
+    flat = x.reshape(-1, k).to(torch.float32).contiguous()
+    rows = flat.shape[0]
+    if rows > MATMUL_ROWS:
+        from kernels import reference
+
+        if bits == 8:
+            weight = reference.dequantize_int8_affine(codes, scale, minimum)
+        else:
+            weight = dequantize_int4(codes, scale, minimum)
+        y = torch.nn.functional.linear(flat, weight, bias)
+        return y.reshape(*x.shape[:-1], n)
+    assert codes.dtype == torch.uint8 and codes.is_contiguous() and scale.is_contiguous() and minimum.is_contiguous()
+    y = torch.empty(rows, n, dtype=torch.float32)
+    scratch = torch.empty(2 * k, dtype=torch.float32)
+    status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
+                                   minimum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                                   0, n, scratch.data_ptr())
+    if status != 0:
+        raise ValueError(f"the native kernel refused a {n}x{k} weight with {bits}-bit codes")
+    return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] of 4-bit codes in the kernel's layout."""
+    n, groups = scale.shape
+    packed = codes.reshape(n, groups, GROUP // 2)
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    return (q * scale[..., None] + minimum[..., None]).reshape(n, groups * GROUP)
