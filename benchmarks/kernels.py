@@ -2,7 +2,8 @@
 
     python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--out DIR]
 
-Candidates (each only where it runs): fp32 / bf16 unquantized; int8 with torch's `_weight_int8pack_mm`; int4 with
+Candidates (each only where it runs): fp32 / bf16 unquantized; int8 (affine, groups of 32) and int4 with the native
+kernel (kernels/cpu_affine.c, float32 activations); int8 with torch's `_weight_int8pack_mm`; int4 with
 torch's `_weight_int4pack_mm_for_cpu`; nf4 with kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
 `quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
 the dequantize-then-matmul reference.
@@ -24,7 +25,7 @@ from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
 from kernels import triton_nf4
-from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for
+from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, _torch_kernel_fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),
@@ -69,6 +70,8 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable
         kernel = kernel_for(method, dev, k, n)
         if kernel != "reference":
             out[f"{method}.{kernel}"] = QuantLinear(linear, method, kernel)
+        if kernel != "torch" and _torch_kernel_fits(method, dev, k, n):
+            out[f"{method}.torch"] = QuantLinear(linear, method, "torch")
         if HAVE_BITSANDBYTES and method != "int4" and kernel != "bitsandbytes":
             out[f"{method}.bitsandbytes"] = QuantLinear(linear, method, "bitsandbytes")
     if device == "cuda" and triton_nf4.fits(k):

@@ -122,7 +122,8 @@ needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler
 @needs_cc
 def test_dispatch_picks_the_native_kernel_on_cpu_and_refuses_unknown_methods():
     assert kernel_for("int8", torch.device("cpu")) == "native"
-    assert kernel_for("int4", torch.device("cpu")) == "native"
+    assert kernel_for("int4", torch.device("cpu")) == "torch"  # faster; native int4 is opt-in
+    assert kernel_for("int4", torch.device("cpu"), in_features=64, out_features=40) == "native"  # 40 % 16 != 0
     assert kernel_for("int4", torch.device("cpu"), in_features=48, out_features=40) == "reference"
     assert kernel_for("int8", torch.device("cpu"), in_features=48) == "torch"  # 48 % 32 != 0, 48 % 16 == 0
     assert kernel_for("nf4", torch.device("cpu")) == "reference"

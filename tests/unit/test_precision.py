@@ -12,11 +12,12 @@ from swarm.server.settings import PeerSettings
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
 def test_auto_on_cpu_is_fp32_with_int8_linears_or_int4_for_a_q4_checkpoint():
     p = choose_precision()
-    assert (p.device, p.dtype, p.quant, p.kernel) == ("cpu", torch.float32, "int8", "torch")
-    assert choose_precision(native_quant="q4_1").quant == "int4"
+    assert (p.device, p.dtype, p.quant, p.kernel) == ("cpu", torch.float32, "int8", "native")
+    assert (choose_precision(native_quant="q4_1").quant, choose_precision(native_quant="q4_1").kernel) == ("int4",
+                                                                                                          "torch")
     assert choose_precision(native_quant="q8_0").quant == "int8"
     assert choose_precision(quant="none", native_quant="q4_1").quant == "none"  # explicit choices win
-    assert "int8 weights (torch kernel)" in p.describe()
+    assert "int8 weights (native kernel)" in p.describe()
 
 
 def test_explicit_choices_and_errors():
