@@ -25,7 +25,7 @@ from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
 from kernels import triton_nf4
-from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, _torch_kernel_fits, kernel_for
+from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, _native_fits, _torch_kernel_fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),
@@ -70,6 +70,8 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable
         kernel = kernel_for(method, dev, k, n)
         if kernel != "reference":
             out[f"{method}.{kernel}"] = QuantLinear(linear, method, kernel)
+        if kernel != "native" and _native_fits(method, dev, k):
+            out[f"{method}.native"] = QuantLinear(linear, method, "native")
         if kernel != "torch" and _torch_kernel_fits(method, dev, k, n):
             out[f"{method}.torch"] = QuantLinear(linear, method, "torch")
         if HAVE_BITSANDBYTES and method != "int4" and kernel != "bitsandbytes":

@@ -2,10 +2,11 @@
 
     python -m benchmarks.quant [--new-tokens 32] [--runs 5] [--threads 1] [--out DIR]
 
-Three chains of two peers each (blocks 0:15 and 15:30), unquantized fp32, int8 and int4 (the CPU default for this
-Q4_1 checkpoint), all running at once; rounds are interleaved (the order rotates) and ratios to fp32 are taken per
-round, then the median. The JSON also says how many greedy tokens each quantized chain shares with the fp32 one and
-each peer's peak RSS.
+Chains of two peers each (blocks 0:15 and 15:30): unquantized fp32, int8 and int4 (the CPU default for this Q4_1
+checkpoint) on the native kernel as `auto` picks them, and both on torch's bf16 kernels (SWARM_KERNELS=torch), all
+running at once; rounds are interleaved (the order rotates) and ratios to fp32
+are taken per round, then the median. The JSON also says how many greedy tokens each quantized chain shares with the
+fp32 one and each peer's peak RSS.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
 SPANS = ("0:15", "15:30")
-VARIANTS = ("none", "int8", "int4")
+# chain name → (--quant, the peers' environment): the defaults, and the other kernel of each method for comparison
+CHAINS = {"none": ("none", {}), "int8": ("int8", {}), "int4": ("int4", {}),
+          "int8-torch": ("int8", {"SWARM_KERNELS": "torch"}), "int4-torch": ("int4", {"SWARM_KERNELS": "torch"})}
+VARIANTS = tuple(CHAINS)
 
 
 async def run(args) -> dict:
@@ -33,9 +37,9 @@ async def run(args) -> dict:
     suppress = [tokenizer.eos_token_id]
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(tmp)) as swarm:
         swarm.start_bootstrap()
-        procs = {(quant, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", str(args.threads),
-                                                   "--quant", quant, wait=False)
-                 for quant in VARIANTS for blocks in SPANS}
+        procs = {(name, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", str(args.threads),
+                                                  "--quant", quant, wait=False, env=env)
+                 for name, (quant, env) in CHAINS.items() for blocks in SPANS}
         ids: dict[str, dict[str, str]] = {quant: {} for quant in VARIANTS}
         for (quant, blocks), proc in procs.items():
             ids[quant][blocks] = LocalSwarm.peer_id(proc)
@@ -47,7 +51,8 @@ async def run(args) -> dict:
             for quant in VARIANTS:  # warm-up
                 await swarm_run(client, chains[quant], prompt_ids, 4, suppress)
             for round_ in range(args.runs):
-                for quant in VARIANTS[round_ % 3:] + VARIANTS[: round_ % 3]:
+                shift = round_ % len(VARIANTS)
+                for quant in VARIANTS[shift:] + VARIANTS[:shift]:
                     ttft, rate, toks = await swarm_run(client, chains[quant], prompt_ids, args.new_tokens, suppress)
                     runs[quant].append((ttft, rate))
                     tokens[quant] = toks
@@ -67,7 +72,8 @@ async def run(args) -> dict:
                                                                                           strict=True)]), 3)
         variants[quant] = entry
     return {"benchmark": "quant", "machine": machine(), "versions": versions(),
-            "settings": {"model": DEFAULT_MODEL_ID, "spans": SPANS, "prompt": PROMPT, "new_tokens": args.new_tokens,
+            "settings": {"model": DEFAULT_MODEL_ID, "spans": SPANS, "chains": CHAINS, "prompt": PROMPT,
+                         "new_tokens": args.new_tokens,
                          "runs": args.runs, "torch_threads_per_process": args.threads, "eos_suppressed": True},
             "variants": variants, "peak_rss_mib": rss}
 

@@ -52,12 +52,17 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    return build(tuple(FLAGS))
+
+
+def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """Compile (or find in the cache) cpu_affine.c with these flags and load it; None when that fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: the native CPU kernel is unavailable")
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_name()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_affine-{key}.so"
     try:
         if not target.exists():
@@ -67,7 +72,7 @@ def _library() -> ctypes.CDLL | None:
                 if not target.exists():
                     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                         built = Path(tmp) / target.name
-                        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
+                        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,
                                        capture_output=True, timeout=120)
                         os.replace(built, target)  # atomic: no process ever loads half a file
         library = ctypes.CDLL(str(target))
@@ -98,10 +103,10 @@ def repack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> to
 
 
 def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [..., K] → float32 [..., N]; codes uint8 [N, K] (bits 8) or [N * K / 2] in repack_int4's layout (bits 4);
     scale and minimum float32 [N, K / 32]; bias float32 [N] or None."""
-    library = _library()
+    library = library or _library()
     if library is None:
         raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
     n, groups = scale.shape
@@ -110,7 +115,7 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
         raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
     flat = x.reshape(-1, k).to(torch.float32).contiguous()
     rows = flat.shape[0]
-    if rows > MATMUL_ROWS:
+    if rows > MATMUL_ROWS and library is _library():
         from kernels import reference
 
         if bits == 8:

@@ -103,6 +103,93 @@ static void expand(const uint8_t *codes, int bits, int64_t row_bytes, const floa
         expand_row4(codes + r * row_bytes, scale + r * groups, minimum + r * groups, groups, w);
 }
 
+#ifdef __AVX512F__
+/* AVX-512 path: codes are widened to float32 in registers, w = code * scale + minimum, and each (weight row, input
+   row) pair accumulates into two 16-lane sums (the group's two halves). Blocks of RW weight rows x RX input rows
+   share the loads; every pair's sequence of FMAs is the same in every block shape, so a row gives the same bits
+   alone or batched. */
+#include <immintrin.h>
+
+static inline void codes_to_float(const uint8_t *restrict p, int bits, __m512 *lo, __m512 *hi) {
+    if (bits == 8) {
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    } else {  /* 16 bytes: codes 0..15 in the low nibbles, 16..31 in the high ones */
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+        *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+        *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    }
+}
+
+#define DEFINE_BLOCK(RW, RX)                                                                                         \
+    static void block_##RW##x##RX(const float *const *xs, int64_t groups, const uint8_t *codes, int bits,            \
+                                  int64_t row_bytes, const float *scale, const float *minimum, int64_t r0,          \
+                                  float out[4][4]) {                                                                 \
+        __m512 acc[RW][RX][2];                                                                                       \
+        for (int a = 0; a < RW; a++)                                                                                 \
+            for (int i = 0; i < RX; i++) acc[a][i][0] = acc[a][i][1] = _mm512_setzero_ps();                          \
+        const int64_t group_bytes = bits == 8 ? GROUP : GROUP / 2;                                                  \
+        for (int64_t g = 0; g < groups; g++) {                                                                       \
+            __m512 w[RW][2];                                                                                         \
+            for (int a = 0; a < RW; a++) {                                                                           \
+                const int64_t r = r0 + a;                                                                            \
+                __m512 lo, hi;                                                                                       \
+                codes_to_float(codes + r * row_bytes + g * group_bytes, bits, &lo, &hi);                            \
+                const __m512 sc = _mm512_set1_ps(scale[r * groups + g]), mn = _mm512_set1_ps(minimum[r * groups + g]); \
+                w[a][0] = _mm512_fmadd_ps(lo, sc, mn);                                                               \
+                w[a][1] = _mm512_fmadd_ps(hi, sc, mn);                                                               \
+            }                                                                                                        \
+            for (int i = 0; i < RX; i++) {                                                                           \
+                const __m512 x0 = _mm512_loadu_ps(xs[i] + g * GROUP), x1 = _mm512_loadu_ps(xs[i] + g * GROUP + 16);  \
+                for (int a = 0; a < RW; a++) {                                                                       \
+                    acc[a][i][0] = _mm512_fmadd_ps(x0, w[a][0], acc[a][i][0]);                                      \
+                    acc[a][i][1] = _mm512_fmadd_ps(x1, w[a][1], acc[a][i][1]);                                      \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int a = 0; a < RW; a++)                                                                                 \
+            for (int i = 0; i < RX; i++) out[a][i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[a][i][0], acc[a][i][1])); \
+    }
+
+DEFINE_BLOCK(4, 1)
+DEFINE_BLOCK(1, 1)
+DEFINE_BLOCK(2, 4)
+DEFINE_BLOCK(1, 4)
+
+static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                          const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row,
+                          int64_t rows) {
+    const int64_t groups = k / GROUP, row_bytes = bits == 8 ? k : k / 2, last = first_row + rows;
+    float out[4][4];
+    for (int64_t i = 0; i < m; i += 4) {
+        const int rx = m - i < 4 ? (int)(m - i) : 4;
+        const float *xs[4];
+        for (int j = 0; j < 4; j++) xs[j] = x + (i + (j < rx ? j : rx - 1)) * k;  /* pad with the last row */
+        int64_t r = first_row;
+        if (m == 1) {
+            for (; r + 4 <= last; r += 4) {
+                block_4x1(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
+                for (int a = 0; a < 4; a++) y[r + a] = out[a][0] + (bias ? bias[r + a] : 0.0f);
+            }
+            for (; r < last; r++) {
+                block_1x1(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
+                y[r] = out[0][0] + (bias ? bias[r] : 0.0f);
+            }
+            continue;
+        }
+        for (; r + 2 <= last; r += 2) {
+            block_2x4(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
+            for (int a = 0; a < 2; a++)
+                for (int j = 0; j < rx; j++) y[(i + j) * n + r + a] = out[a][j] + (bias ? bias[r + a] : 0.0f);
+        }
+        for (; r < last; r++) {
+            block_1x4(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
+            for (int j = 0; j < rx; j++) y[(i + j) * n + r] = out[0][j] + (bias ? bias[r] : 0.0f);
+        }
+    }
+}
+#endif
+
 /* x [M, K] float32, codes [N, K] (bits 8) or [N, K/2] (bits 4) uint8, scale/minimum [N, K/GROUP] float32,
    bias [N] float32 or NULL, y [M, N] float32, w a scratch buffer of 2 K floats. Output rows first_row..first_row+rows.
    Returns 0, or -1 when K is not a multiple of GROUP or bits is not 4 or 8. */
@@ -110,6 +197,11 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
                   const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
                   float *w) {
     if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
+#ifdef __AVX512F__
+    (void)w;
+    affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows);
+    return 0;
+#endif
     const int64_t groups = k / GROUP;
     const int64_t row_bytes = bits == 8 ? k : k / 2;
     const int64_t last = first_row + rows;

@@ -5,13 +5,12 @@ Kernels, per (method, device):
     int8  cpu   "native"        kernels/cpu_affine.c (built at first use with the system's C compiler): a different
                                 int8 format, affine in groups of 32 along in_features (uint8 codes, float32 scale and
                                 minimum per group: reference.quantize_int8_affine), float32 activations, float32
-                                accumulation. Needs in_features % 32 == 0. The CPU default for int8: it keeps the
-                                model's predictions (tests/e2e/test_quantized_smollm.py), which per-row int8 with bf16
-                                activations does not; per decode call 0.56-0.77x the fp32 time (torch's 0.49-0.66x),
-                                but 1.4-1.6x at 16 rows (benchmarks/kernels.py)
+                                accumulation (AVX-512 where the CPU has it, portable C elsewhere). Needs
+                                in_features % 32 == 0. The CPU default: it keeps the model's predictions
+                                (tests/e2e/test_quantized_smollm.py), which torch's bf16 kernels do not, at about
+                                their speed (benchmarks/kernels.py, benchmarks/quant.py)
     int4  cpu   "native"        the same kernel with 4-bit codes (reference.quantize_int4's groups, repacked): float32
-                                activations, so a Q4_1 checkpoint runs exactly as in float32; opt-in
-                                (SWARM_KERNELS=native): torch's int4 kernel is the default, 2-3x faster per call
+                                activations, so a Q4_1 checkpoint runs exactly as in float32
     int8  cpu   "torch"         torch's `_weight_int8pack_mm`: int8 weights, bf16 activations (fp32 activations are
                                 10-30x slower in this kernel), output cast back to the caller's dtype. Only for
                                 in_features % 16 == 0: torch 2.13 segfaults on other widths (other layers: reference)
@@ -99,15 +98,13 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
         return OVERRIDE
     if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
         return "bitsandbytes"
-    # int8: the native kernel (torch's rounds activations to bf16 and keeps one scale per row: 93.6% next-token
-    # agreement on the default model, against 100%); int4: torch's kernel, 2-3x faster per decode call than the
-    # native one and 99.0% agreement on the default model (native: 100%, SWARM_KERNELS=native)
-    order = ("native", "torch") if method == "int8" else ("torch", "native")
-    for kernel in order:
-        if kernel == "native" and _native_fits(method, device, in_features):
-            return "native"
-        if kernel == "torch" and _torch_kernel_fits(method, device, in_features, out_features):
-            return "torch"
+    # native before torch: torch's kernels round activations to bf16 (and its int8 keeps one scale per row), which
+    # flips next tokens of the default model (93.6% / 99.0% agreement with fp32 against 100%) for a decode speed
+    # within a few percent of the native kernel's through a swarm (benchmarks/results/quant.json)
+    if _native_fits(method, device, in_features):
+        return "native"
+    if _torch_kernel_fits(method, device, in_features, out_features):
+        return "torch"
     return "reference"
 
 

@@ -97,11 +97,12 @@ class LocalSwarm:
         self.initial_peers = re.findall(r"^\s+(/ip4/\S+)$", proc.log(), flags=re.MULTILINE)
         return self.initial_peers
 
-    def start_peer(self, model: str, blocks: str, *extra: str, wait: bool = True) -> ManagedProcess:
+    def start_peer(self, model: str, blocks: str, *extra: str, wait: bool = True,
+                   env: dict[str, str] | None = None) -> ManagedProcess:
         """Start `python -m swarm.server` for `blocks` of `model`; with wait, return once it has announced."""
         argv = ["-m", "swarm.server", "--model", model, "--blocks", blocks, "--num-threads", "1",
                 "--initial-peers", *self.initial_peers, *extra]
-        proc = self._spawn(f"peer-{blocks.replace(':', '-')}-{len(self.processes)}", argv)
+        proc = self._spawn(f"peer-{blocks.replace(':', '-')}-{len(self.processes)}", argv, env)
         if wait:
             proc.wait_for(r"peer ready: .* peer_id=(\S+)")
         return proc

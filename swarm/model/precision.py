@@ -7,10 +7,10 @@
              slower than fp32 on CPUs without AMX, and on small models bf16 alone flips next tokens)
     quant    cuda: nf4 (bitsandbytes) when installed, else none;  cpu: int8 (the native kernel, kernels/cpu_affine.c:
              affine groups of 32, float32 activations), except for checkpoints that were 4-bit already (GGUF Q4_0 /
-             Q4_1, like the default model): int4 in groups of 32 (torch's kernel) re-expresses those blocks.
-             Next-token agreement with fp32 on the default model (tests/e2e/test_quantized_smollm.py): native int8
-             100%, torch int4 99.0% (native int4 100%), torch's int8 kernel (per row, bf16 activations) 93.6%, nf4
-             56%. Without a C compiler int8 uses torch's kernel.
+             Q4_1, like the default model): int4 in groups of 32 re-expresses those blocks in 4 bits. Next-token
+             agreement with fp32 on the default model (tests/e2e/test_quantized_smollm.py): native int8 and int4
+             100%; torch's kernels (bf16 activations; the fallback without a C compiler) int8 93.6%, int4 99.0%;
+             nf4 56%.
 """
 
 from __future__ import annotations

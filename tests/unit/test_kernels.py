@@ -5,6 +5,8 @@ Tolerances (max |fast - reference| / max |reference| over the output), by kernel
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -122,9 +124,8 @@ needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler
 @needs_cc
 def test_dispatch_picks_the_native_kernel_on_cpu_and_refuses_unknown_methods():
     assert kernel_for("int8", torch.device("cpu")) == "native"
-    assert kernel_for("int4", torch.device("cpu")) == "torch"  # faster; native int4 is opt-in
-    assert kernel_for("int4", torch.device("cpu"), in_features=64, out_features=40) == "native"  # 40 % 16 != 0
-    assert kernel_for("int4", torch.device("cpu"), in_features=48, out_features=40) == "reference"
+    assert kernel_for("int4", torch.device("cpu")) == "native"
+    assert kernel_for("int4", torch.device("cpu"), in_features=48, out_features=32) == "reference"
     assert kernel_for("int8", torch.device("cpu"), in_features=48) == "torch"  # 48 % 32 != 0, 48 % 16 == 0
     assert kernel_for("nf4", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="unknown quantization"):
@@ -275,3 +276,26 @@ def test_quantize_linears_replaces_every_linear_and_keeps_the_rest():
     assert model[0].weight_bytes() < 64 * 128 * 4 / 3  # int8 + one fp scale per row, not fp32
     got = model(x)
     assert ((got - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable build is checked with x86-64-v3 flags")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_native_kernel_without_avx512_matches_reference_too(method):
+    """Machines without AVX-512 run the kernel's portable C loops: built here with AVX2 flags only, same parity."""
+    flags = tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in cpu.FLAGS)
+    library = cpu.build(flags)
+    assert library is not None
+    w = weights((97, 192))
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(4))
+    bias = torch.randn(97)
+    for rows in (x[:1], x):
+        if method == "int8":
+            q, scale, minimum = reference.quantize_int8_affine(w)
+            want = reference.int8_affine_linear(rows, q, scale, minimum, bias)
+            got = cpu.affine_linear(rows, q, 8, scale, minimum, bias, library=library)
+        else:
+            packed, scale, minimum = reference.quantize_int4(w)
+            want = reference.int4_linear(rows, packed, scale, minimum, (97, 192), bias)
+            got = cpu.affine_linear(rows, cpu.repack_int4(packed, 97, 192), 4, scale, minimum, bias, library=library)
+        assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[("native", torch.float32)]

@@ -14,7 +14,7 @@ def test_auto_on_cpu_is_fp32_with_int8_linears_or_int4_for_a_q4_checkpoint():
     p = choose_precision()
     assert (p.device, p.dtype, p.quant, p.kernel) == ("cpu", torch.float32, "int8", "native")
     assert (choose_precision(native_quant="q4_1").quant, choose_precision(native_quant="q4_1").kernel) == ("int4",
-                                                                                                          "torch")
+                                                                                                          "native")
     assert choose_precision(native_quant="q8_0").quant == "int8"
     assert choose_precision(quant="none", native_quant="q4_1").quant == "none"  # explicit choices win
     assert "int8 weights (native kernel)" in p.describe()
