@@ -181,7 +181,7 @@ NATIVE_SHAPES = [(1, 32), (7, 96), (33, 64), (576, 1536), (1536, 576)]  # K a mu
 @needs_cc
 @pytest.mark.parametrize("shape", NATIVE_SHAPES)
 @pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [(1,), (2, 3), (5,), (4, 4), (40,)])  # decode rows; 40 > MATMUL_ROWS: the matmul
+@pytest.mark.parametrize("rows", [(1,), (2, 3), (5,), (4, 4), (40,)])  # decode steps to a prefill chunk
 def test_native_cpu_kernel_matches_reference(shape, method, rows):
     _parity(method, "native", shape, torch.float32, "cpu", rows=rows)
     _parity(method, "native", shape, torch.bfloat16, "cpu", bias=False, rows=rows)
