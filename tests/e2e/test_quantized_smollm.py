@@ -26,6 +26,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from kernels import cpu
 from kernels.quant import quantize_linears
 from swarm.model.head import load_head
 from swarm.model.precision import Precision
@@ -59,6 +60,7 @@ NATIVE_BOUNDS = {
 }
 
 
+@pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
 @pytest.mark.parametrize("quant", NATIVE_BOUNDS)
 def test_int8_and_int4_spans_on_the_native_cpu_kernel(setup, quant):
     source, head, ids, reference = setup
