@@ -7,8 +7,9 @@ Kernels, per (method, device):
                                 minimum per group: reference.quantize_int8_affine), float32 activations, float32
                                 accumulation (AVX-512 where the CPU has it, portable C elsewhere). Needs
                                 in_features % 32 == 0. The CPU default: it keeps the model's predictions
-                                (tests/e2e/test_quantized_smollm.py), which torch's bf16 kernels do not, at about
-                                their speed (benchmarks/kernels.py, benchmarks/quant.py)
+                                (tests/e2e/test_quantized_smollm.py), which torch's bf16 kernels do not; int8 is faster
+                                than torch's int8 kernel, int4 a little slower than torch's int4 (benchmarks/kernels.py,
+                                benchmarks/quant.py)
     int4  cpu   "native"        the same kernel with 4-bit codes (reference.quantize_int4's groups, repacked): float32
                                 activations, so a Q4_1 checkpoint runs exactly as in float32
     int8  cpu   "torch"         torch's `_weight_int8pack_mm`: int8 weights, bf16 activations (fp32 activations are
@@ -99,8 +100,8 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
     if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
         return "bitsandbytes"
     # native before torch: torch's kernels round activations to bf16 (and its int8 keeps one scale per row), which
-    # flips next tokens of the default model (93.6% / 99.0% agreement with fp32 against 100%) for a decode speed
-    # within a few percent of the native kernel's through a swarm (benchmarks/results/quant.json)
+    # flips next tokens of the default model (93.6% / 99.0% agreement with fp32 against 100%); through a swarm native
+    # int8 decodes faster than torch's and native int4 within ~6% of torch's (benchmarks/results/quant.json)
     if _native_fits(method, device, in_features):
         return "native"
     if _torch_kernel_fits(method, device, in_features, out_features):
