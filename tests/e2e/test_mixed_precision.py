@@ -1,8 +1,9 @@
 """Peers of different precisions in one chain, choosing `auto` themselves: what they announce and what they compute.
 
 The default model on this CPU: `--quant auto` gives int4 weights (the checkpoint is GGUF Q4_1), `--quant int8` int8,
-`--quant none` fp32. A chain fp32 (0:10) → int8 (10:20) → auto/int4 (20:30) generates close to the fp32 chain: the
-first tokens agree and the logits stay within the quantization error measured in tests/e2e/test_quantized_smollm.py.
+`--quant none` fp32. A chain fp32 (0:10) → int8 (10:20) → auto/int4 (20:30) generates what the fp32 chain does: on the
+native kernels the same greedy tokens, logits within float rounding (tests/e2e/test_quantized_smollm.py measures the
+formats on a whole text).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from kernels import cpu as kernels_cpu
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
@@ -57,14 +59,18 @@ async def test_peers_announce_their_precision_and_a_mixed_chain_computes_close_t
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL_ID).path)
         ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                             return_tensors="pt")["input_ids"]
-        tokens_mixed, logits_mixed = await greedy(client, mixed, ids, 8)
-        tokens_full, logits_full = await greedy(client, full, ids, 8)
-        assert tokens_mixed[:4] == tokens_full[:4]
-        # the same distributions up to quantization error: top-5 sets overlap, logits close relative to their spread
-        print("max |logit diff| per step / logit std:", ((logits_mixed - logits_full).abs().amax(-1)
-                                                          / logits_full.std(-1)).tolist())
-        for mixed_step, full_step in zip(logits_mixed[:4], logits_full[:4], strict=True):
-            assert len(set(mixed_step.topk(5).indices.tolist()) & set(full_step.topk(5).indices.tolist())) >= 3
-            assert (mixed_step - full_step).abs().max() < 0.5 * full_step.std()
+        tokens_mixed, logits_mixed = await greedy(client, mixed, ids, 16)
+        tokens_full, logits_full = await greedy(client, full, ids, 16)
+        print("max |logit diff| per step:", (logits_mixed - logits_full).abs().amax(-1).tolist())
+        if kernels_cpu.available():
+            # the native kernels keep float32 activations and re-express the Q4_1 checkpoint exactly (int8 and int4
+            # groups of 32): the mixed chain is the fp32 chain up to float rounding
+            assert tokens_mixed == tokens_full
+            assert (logits_mixed - logits_full).abs().max() < 1e-3  # measured 3.4e-5
+        else:  # torch's bf16 kernels: the same distributions up to quantization error
+            assert tokens_mixed[:4] == tokens_full[:4]
+            for mixed_step, full_step in zip(logits_mixed[:4], logits_full[:4], strict=True):
+                assert len(set(mixed_step.topk(5).indices.tolist()) & set(full_step.topk(5).indices.tolist())) >= 3
+                assert (mixed_step - full_step).abs().max() < 0.5 * full_step.std()
     finally:
         await client.close()
