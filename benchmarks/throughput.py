@@ -7,9 +7,11 @@ Two chains of peers (by default two each, blocks 0:15 and 15:30; `--spans 0:30` 
 up to 32 sessions per forward) and `unbatched` (`--max-batch-sessions 1`: one session at a time, as Petals serves).
 For each session count N, N sessions start together from one client process, each prefills the same chat prompt
 and decodes `new_tokens` greedy tokens (end of text suppressed). Reported per (chain, N): aggregate decode tok/s
-(all sessions' tokens after their first / time from the first first-token to the last token), TTFT p50/p90,
-per-session inter-token latency p50/p90, medians over `runs`; and the ratio of each N's aggregate to N=1 on the same
-chain.
+(all sessions' tokens after their first / time from the first first-token to the last token: the later sessions'
+prefills run inside that window), TTFT p50/p90, per-session inter-token latency p50/p90; then the same N sessions
+again with a barrier after their prefills, for the decode phase alone (`decode_phase_tok_s`: every session's tokens
+after its first / time from the barrier to the last token, as llama.cpp's batched-bench reports generation apart
+from prompt processing). Medians over `runs`; each N's figures are also given as a ratio to N=1 on the same chain.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def one_session(client: SwarmClient, chain, prompt_ids: list[int], new_tokens: int, suppress: int):
+async def one_session(client: SwarmClient, chain, prompt_ids: list[int], new_tokens: int, suppress: int,
+                      prefilled: asyncio.Barrier | None = None):
     start = time.perf_counter()
     session = await InferenceSession.open(client.p2p, chain, max_length=len(prompt_ids) + new_tokens)
     stamps = []
     async with session:
         logits = await client.forward(session, torch.tensor([prompt_ids]))
+        if prefilled is not None:  # the decode phase alone: every session starts decoding once all have prefilled
+            await prefilled.wait()
+            start = time.perf_counter()
         for _ in range(new_tokens):
             logits = logits.reshape(-1).clone()
             logits[suppress] = float("-inf")
@@ -59,7 +65,12 @@ async def run_once(client, chain, prompt_ids, n: int, new_tokens: int, suppress:
     first = min(stamps[0] for _, stamps in results)
     last = max(stamps[-1] for _, stamps in results)
     gaps = [b - a for _, stamps in results for a, b in itertools.pairwise(stamps)]
+    prefilled = asyncio.Barrier(n)
+    phase = await asyncio.gather(*(one_session(client, chain, prompt_ids, new_tokens, suppress, prefilled)
+                                   for _ in range(n)))
+    released = min(start for start, _ in phase)
     return {"aggregate_tok_s": n * (new_tokens - 1) / (last - first),
+            "decode_phase_tok_s": n * (new_tokens - 1) / (max(stamps[-1] for _, stamps in phase) - released),
             "ttft_p50_s": percentile([s[0] - t for t, s in results], 0.5),
             "ttft_p90_s": percentile([s[0] - t for t, s in results], 0.9),
             "itl_p50_s": percentile(gaps, 0.5), "itl_p90_s": percentile(gaps, 0.9)}
@@ -99,8 +110,10 @@ async def run(args) -> dict:
             await client.close()
     for per_n in results.values():
         base = per_n[str(counts[0])]["aggregate_tok_s"]
+        decode_base = per_n[str(counts[0])]["decode_phase_tok_s"]
         for entry in per_n.values():
             entry["aggregate_vs_first_count"] = round(entry["aggregate_tok_s"] / base, 2)
+            entry["decode_phase_vs_first_count"] = round(entry["decode_phase_tok_s"] / decode_base, 2)
     summary = {str(n): round(results["batched"][str(n)]["aggregate_tok_s"] /
                              results["unbatched"][str(n)]["aggregate_tok_s"], 2) for n in counts}
     return {"benchmark": "throughput", "machine": machine(), "versions": versions(),
