@@ -85,9 +85,10 @@ async def run(args) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(Path(args.workdir or tmp)) as swarm:
         swarm.start_bootstrap()
-        procs = {(name, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", "1", "--quant",
-                                                  args.quant, "--kv-budget-tokens", budget, "--max-sessions",
-                                                  str(max(counts)), *args.peer_args.split(), *extra, wait=False)
+        procs = {(name, blocks): swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--num-threads", str(args.threads),
+                                                  "--quant", args.quant, "--kv-budget-tokens", budget,
+                                                  "--max-sessions", str(max(counts)), *args.peer_args.split(), *extra,
+                                                  wait=False)
                  for name, extra in CHAINS.items() for blocks in spans}
         ids: dict[str, dict[str, str]] = {name: {} for name in CHAINS}
         for (name, blocks), proc in procs.items():
@@ -120,7 +121,8 @@ async def run(args) -> dict:
             "settings": {"model": DEFAULT_MODEL_ID, "spans": spans, "quant": args.quant, "sessions": counts,
                          "peer_args": args.peer_args,
                          "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "runs": args.runs,
-                         "chains": CHAINS, "torch_threads_per_process": 1, "client_processes": 1},
+                         "chains": CHAINS, "torch_threads_per_peer": args.threads, "client_torch_threads": 1,
+                         "client_processes": 1},
             "chains": results, "batched_vs_unbatched_aggregate": summary, "peak_rss_mib": rss,
             "statistics": "medians over runs; ratios of medians"}
 
@@ -132,6 +134,7 @@ def main() -> None:
     parser.add_argument("--spans", default="0:15,15:30", help="each chain's peers (comma separated START:END)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quant", default="none", help="the peers' --quant (none: fp32)")
+    parser.add_argument("--threads", type=int, default=1, help="each peer's torch threads")
     parser.add_argument("--workdir", default=None, help="keep the processes' logs here (default: a temp dir)")
     parser.add_argument("--peer-args", default="", help="extra flags for every peer, e.g. '--batch-wait-ms 10'")
     parser.add_argument("--out", default=None, help="also write DIR/throughput.json")
