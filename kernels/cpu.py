@@ -117,7 +117,14 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
         raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
     flat = x.reshape(-1, k).to(torch.float32).contiguous()
     rows = flat.shape[0]
-    assert codes.dtype == torch.uint8 and codes.is_contiguous() and scale.is_contiguous() and minimum.is_contiguous()
+    # the C code trusts these: a wrong size or a GPU pointer would be read out of bounds, not raise
+    tensors = [flat, codes, scale, minimum] + ([] if bias is None else [bias])
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("the native kernel takes contiguous CPU tensors")
+    if (codes.dtype != torch.uint8 or codes.numel() != n * k * bits // 8 or minimum.shape != scale.shape
+            or scale.dtype != torch.float32 or minimum.dtype != torch.float32
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
+        raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
     y = torch.empty(rows, n, dtype=torch.float32)
     scratch = torch.empty(2 * k, dtype=torch.float32)
     status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),

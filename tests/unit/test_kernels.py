@@ -299,3 +299,17 @@ def test_native_kernel_without_avx512_matches_reference_too(method):
             want = reference.int4_linear(rows, packed, scale, minimum, (97, 192), bias)
             got = cpu.affine_linear(rows, cpu.repack_int4(packed, 97, 192), 4, scale, minimum, bias, library=library)
         assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[("native", torch.float32)]
+
+
+@needs_cc
+def test_native_kernel_refuses_tensors_it_would_read_out_of_bounds():
+    q, scale, minimum = reference.quantize_int8_affine(weights((8, 64)))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu.affine_linear(x, q[:4], 8, scale, minimum)  # fewer codes than the scales say
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu.affine_linear(x, q, 8, scale, minimum, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        cpu.affine_linear(x, q.t(), 8, scale, minimum)
+    with pytest.raises(ValueError, match="features"):
+        cpu.affine_linear(torch.randn(2, 32), q, 8, scale, minimum)
