@@ -3,18 +3,18 @@
    y[m, n] = bias[n] + sum_k x[m, k] * (q[n, k] * scale[n, g] + minimum[n, g]),   g = k / GROUP
 
    The weight is stored as unsigned codes in groups of GROUP (32) consecutive weights of a row, each group with its
-   own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, the first
-   in the high nibble: kernels/reference.py's int4 layout). It is exactly reference.py's dequantize-then-matmul,
-   computed without materialising the float32 weight: each output row is expanded into a small buffer (it stays in
-   L1) and dotted with every input row, so the weight bytes are read once per call whatever the number of rows.
+   own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, in the
+   layout kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
+   dequantize-then-matmul computed without materialising the float32 weight: each weight row is expanded (in
+   registers on AVX-512, into an L1-sized buffer in the portable loops) and dotted with every input row, so the
+   weight bytes are read once per call whatever the number of rows.
 
-   Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would be cheaper, but the dot of the integer
-   codes is a different rounding order from the reference; expanding the row keeps the result within float32
-   rounding of the reference for any input.
+   Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would save an FMA per weight, but expanding
+   w = q * scale + minimum first keeps the arithmetic of reference.py (dequantize, then multiply-add).
 
-   Built at first use by kernels/cpu.py (gcc -O3 -march=native -fopenmp-simd) and called through ctypes; the call
-   releases the GIL. Single-threaded: a peer's decode is bound by memory bandwidth, which one core already saturates
-   on the machines we measured; `first_row`/`rows` let a caller split the output rows across threads. */
+   Built at first use by kernels/cpu.py (cc -O3 -march=native -fopenmp-simd) and called through ctypes; the call
+   releases the GIL. Single-threaded: one core already reads the codes at the rate float32 weights stream at on the
+   machines we measured; `first_row`/`rows` let a caller split the output rows across threads. */
 
 #include <stddef.h>
 #include <stdint.h>
@@ -70,29 +70,6 @@ static void dot_rows(const float *restrict x, int64_t k, int r, const float *res
         }
     }
     for (int i = 0; i < r; i++) out[i] = reduce(acc[i]);
-}
-
-/* Two weight rows against four input rows: each loaded input vector feeds two FMAs. Same per-row arithmetic as
-   dot_rows, so the result does not depend on which path a row took. */
-static void dot_2x4(const float *restrict x, int64_t k, const float *restrict w0, const float *restrict w1,
-                    float *restrict out0, float *restrict out1) {
-    float a0[4][LANES], a1[4][LANES];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < LANES; j++) a0[i][j] = a1[i][j] = 0.0f;
-    for (int64_t p = 0; p < k; p += LANES) {
-        for (int i = 0; i < 4; i++) {
-            const float *restrict xi = x + i * k + p;
-#pragma omp simd
-            for (int j = 0; j < LANES; j++) {
-                a0[i][j] += xi[j] * w0[p + j];
-                a1[i][j] += xi[j] * w1[p + j];
-            }
-        }
-    }
-    for (int i = 0; i < 4; i++) {
-        out0[i] = reduce(a0[i]);
-        out1[i] = reduce(a1[i]);
-    }
 }
 
 static void expand(const uint8_t *codes, int bits, int64_t row_bytes, const float *scale, const float *minimum,
@@ -181,7 +158,8 @@ static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *c
 #endif
 
 /* x [M, K] float32, codes [N, K] (bits 8) or [N, K/2] (bits 4) uint8, scale/minimum [N, K/GROUP] float32,
-   bias [N] float32 or NULL, y [M, N] float32, w a scratch buffer of 2 K floats. Output rows first_row..first_row+rows.
+   bias [N] float32 or NULL, y [M, N] float32, w a scratch buffer of at least K floats. Computes output rows
+   first_row .. first_row + rows - 1.
    Returns 0, or -1 when K is not a multiple of GROUP or bits is not 4 or 8. */
 int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
                   const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
@@ -192,33 +170,18 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
     affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows);
     return 0;
 #endif
+    /* portable loops: one weight row at a time, expanded into w, against up to 4 input rows */
     const int64_t groups = k / GROUP;
     const int64_t row_bytes = bits == 8 ? k : k / 2;
-    const int64_t last = first_row + rows;
-    float out[2][4];
-    for (int64_t r = first_row; r < last; r += 2) {
-        const int pair = r + 1 < last && m >= 4;  /* two weight rows at once pays off with several input rows */
+    float out[4];
+    for (int64_t r = first_row; r < first_row + rows; r++) {
         expand(codes, bits, row_bytes, scale, minimum, groups, r, w);
-        if (pair) expand(codes, bits, row_bytes, scale, minimum, groups, r + 1, w + k);
-        int64_t i = 0;
-        if (pair) {
-            for (; i + 4 <= m; i += 4) {
-                dot_2x4(x + i * k, k, w, w + k, out[0], out[1]);
-                for (int j = 0; j < 4; j++) {
-                    y[(i + j) * n + r] = out[0][j] + (bias ? bias[r] : 0.0f);
-                    y[(i + j) * n + r + 1] = out[1][j] + (bias ? bias[r + 1] : 0.0f);
-                }
-            }
+        const float b = bias ? bias[r] : 0.0f;
+        for (int64_t t = 0; t < m; t += 4) {
+            const int count = m - t < 4 ? (int)(m - t) : 4;
+            dot_rows(x + t * k, k, count, w, out);
+            for (int j = 0; j < count; j++) y[(t + j) * n + r] = out[j] + b;
         }
-        for (int64_t q = 0; q < (pair ? 2 : 1); q++) {
-            const float b = bias ? bias[r + q] : 0.0f;
-            for (int64_t t = i; t < m; t += 4) {
-                const int count = m - t < 4 ? (int)(m - t) : 4;
-                dot_rows(x + t * k, k, count, w + q * k, out[0]);
-                for (int j = 0; j < count; j++) y[(t + j) * n + r + q] = out[0][j] + b;
-            }
-        }
-        if (!pair) r -= 1;  /* one row done */
     }
     return 0;
 }
