@@ -126,7 +126,7 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
         raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
     y = torch.empty(rows, n, dtype=torch.float32)
-    scratch = torch.empty(2 * k, dtype=torch.float32)
+    scratch = torch.empty(k, dtype=torch.float32)  # the portable loops expand one weight row into it
     status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
                                    minimum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
                                    0, n, scratch.data_ptr())

@@ -1,11 +1,12 @@
 """Weight-only quantization in plain, readable torch: the specification every fast path is tested against.
 
-Two formats, both for a linear layer's weight `W [out_features, in_features]`:
+The formats, each for a linear layer's weight `W [out_features, in_features]`:
 
 - **int8**: symmetric, one scale per output row. `scale[n] = max_k |W[n, k]| / 127`, `q = round(W / scale)` clipped
   to [-127, 127]. `W ≈ q * scale[:, None]`. Worst-case error per weight: scale / 2.
 - **int4**: asymmetric, groups of `groupsize` (32) consecutive weights of a row, each with its own scale and minimum:
   `scale = (max - min) / 15`, `q = round((W - min) / scale)` in [0, 15], `W ≈ q * scale + min`. Packed like nf4.
+- **int8 affine**: the same with 8-bit codes (`/ 255`, [0, 255], one byte each): the native CPU kernel's int8.
   Groups of 32 with a scale and a minimum are exactly GGUF's Q4_1 blocks, so a Q4_1 checkpoint (the default model)
   is re-expressed without loss, up to float rounding of the scales.
 - **nf4**: the 4-bit NormalFloat code of QLoRA (Dettmers et al. 2023), the format bitsandbytes calls `nf4`. The
@@ -63,26 +64,38 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y + bias.float() if bias is not None else y
 
 
-def quantize_int8_affine(weight: torch.Tensor, groupsize: int = INT8_GROUPSIZE
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [N, K] (K divisible by groupsize) → (q uint8 [N, K], scale float32 [N, K/g], minimum [N, K/g])."""
+def _quantize_affine(weight: torch.Tensor, groupsize: int, top: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] → (codes 0..top as floats [N, K/g, g], scale float32 [N, K/g], minimum [N, K/g])."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    if cols % groupsize:
+    if groupsize % 2 or cols % groupsize:
         raise ValueError(f"in_features {cols} does not split into groups of {groupsize}")
     groups = weight.float().reshape(rows, cols // groupsize, groupsize)
     minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = (maximum - minimum) / UINT8_MAX
+    scale = (maximum - minimum) / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is all minimum
-    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, UINT8_MAX).to(torch.uint8)
-    return q.reshape(rows, cols), scale, minimum
+    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, top)
+    return q, scale, minimum
+
+
+def _dequantize_affine(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                       shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    groups = q.float().reshape(rows, scale.shape[1], cols // scale.shape[1])
+    return (groups * scale.float()[..., None] + minimum.float()[..., None]).reshape(shape)
+
+
+def quantize_int8_affine(weight: torch.Tensor, groupsize: int = INT8_GROUPSIZE
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] (K divisible by groupsize) → (q uint8 [N, K], scale float32 [N, K/g], minimum [N, K/g])."""
+    q, scale, minimum = _quantize_affine(weight, groupsize, UINT8_MAX)
+    return q.to(torch.uint8).reshape(weight.shape), scale, minimum
 
 
 def dequantize_int8_affine(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    rows, cols = q.shape
-    groups = q.float().reshape(rows, scale.shape[1], cols // scale.shape[1])
-    return (groups * scale.float()[..., None] + minimum.float()[..., None]).reshape(rows, cols)
+    return _dequantize_affine(q, scale, minimum, tuple(q.shape))
 
 
 def int8_affine_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -103,25 +116,13 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def quantize_int4(weight: torch.Tensor, groupsize: int = INT4_GROUPSIZE
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [N, K] (K divisible by groupsize) → (packed uint8 [N*K/2], scale float32 [N, K/g], minimum [N, K/g])."""
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    rows, cols = weight.shape
-    if groupsize % 2 or cols % groupsize:
-        raise ValueError(f"in_features {cols} does not split into groups of {groupsize}")
-    groups = weight.float().reshape(rows, cols // groupsize, groupsize)
-    minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = (maximum - minimum) / 15
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is all minimum
-    q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, 15)
+    q, scale, minimum = _quantize_affine(weight, groupsize, 15)
     return _pack_nibbles(q), scale, minimum
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                     shape: tuple[int, int]) -> torch.Tensor:
-    rows, cols = shape
-    groupsize = cols // scale.shape[1]
-    q = _unpack_nibbles(packed).float().reshape(rows, cols // groupsize, groupsize)
-    return (q * scale.float()[..., None] + minimum.float()[..., None]).reshape(shape)
+    return _dequantize_affine(_unpack_nibbles(packed), scale, minimum, shape)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,

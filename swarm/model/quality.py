@@ -19,8 +19,8 @@ def chain_logits(head: LocalHead, spans: list[BlockSpan], input_ids: torch.Tenso
                  chunk: int | None = None) -> torch.Tensor:
     """input_ids [1, T] → float32 logits [T, V] through `spans` (which must cover every block, in order).
 
-    `chunk`: feed the text `chunk` tokens at a time through the spans' KV caches, as a decode-heavy session would
-    (a quantized layer may compute a few rows with a different kernel than a long prefill); None: one prefill."""
+    `chunk`: feed the text `chunk` tokens at a time through the spans' KV caches, as decoding sessions do (a kernel
+    may take another path for a few rows than for a long prefill); None: one prefill."""
     hidden = head.embed(input_ids)
     for span in spans:
         cache = span.new_cache(input_ids.shape[1])
