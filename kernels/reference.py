@@ -6,9 +6,10 @@ The formats, each for a linear layer's weight `W [out_features, in_features]`:
   to [-127, 127]. `W ≈ q * scale[:, None]`. Worst-case error per weight: scale / 2.
 - **int4**: asymmetric, groups of `groupsize` (32) consecutive weights of a row, each with its own scale and minimum:
   `scale = (max - min) / 15`, `q = round((W - min) / scale)` in [0, 15], `W ≈ q * scale + min`. Packed like nf4.
-- **int8 affine**: the same with 8-bit codes (`/ 255`, [0, 255], one byte each): the native CPU kernel's int8.
   Groups of 32 with a scale and a minimum are exactly GGUF's Q4_1 blocks, so a Q4_1 checkpoint (the default model)
   is re-expressed without loss, up to float rounding of the scales.
+- **int8 affine**: the same with 8-bit codes (`/ 255`, [0, 255], one byte each): the native CPU kernel's int8. It
+  holds Q4_1 blocks exactly too (the step is the block's d / 17).
 - **nf4**: the 4-bit NormalFloat code of QLoRA (Dettmers et al. 2023), the format bitsandbytes calls `nf4`. The
   weight, flattened row-major, is cut into blocks of `blocksize` values; each block keeps its absolute maximum and
   each value the index of the nearest of 16 code points in [-1, 1] after division by that maximum. Two indices share
