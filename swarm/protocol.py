@@ -8,7 +8,10 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 
     client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e]}
     peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length"}
-    client → peer   {"type": "step", "position": P}  + tensors=[hidden [batch, new_tokens, hidden_size]]
+    client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
+                    hidden_size]]; `group` (optional, decode steps): the client sent this step together with
+                    size - 1 others under the same id; the peer batches them in one forward, waiting (a bounded time)
+                    for all of them
     peer → client   {"type": "result", "position": P + new_tokens}  + tensors=[hidden of the same shape]
     peer → client   {"type": "error", "code", "message"}  (then the peer closes the stream and frees the session)
 
@@ -28,6 +31,10 @@ PROTOCOL_VERSION = 1
 # Handler names: the same strings on both sides, independent of any class name.
 INFERENCE_HANDLER = "swarm.v1.inference"
 INFO_HANDLER = "swarm.v1.info"
+
+# Bounds of a step's `group` hint: the id's length, the group's size.
+MAX_GROUP_ID = 64
+MAX_GROUP_SIZE = 1024
 
 # Batch size at which peers measure `SpanInfo.batch_throughput`.
 BATCH_PROBE = 8

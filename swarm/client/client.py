@@ -23,6 +23,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
 from kernels.sampling import SamplingParams, sample
+from swarm.client.decoding import DecodeGroups
 from swarm.client.monitor import SwarmMonitor, probe
 from swarm.client.routing import Link, find_chain
 from swarm.client.session import FailoverPolicy, InferenceSession
@@ -45,7 +46,8 @@ class StepOutput:
 class SwarmClient:
     def __init__(self, dht: DHT, p2p: P2P, source: ModelSource, head: LocalHead, prefill_chunk: int = 1024,
                  step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
-                 allowed_peers: set[str] | None = None, refresh_period: float = 3.0):
+                 allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
+                 decode_groups: int | None = None):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
@@ -62,6 +64,9 @@ class SwarmClient:
         # LM-head requests of concurrent sessions are computed together: the head's weight (113 MB for SmolLM2 in
         # fp32) is then read once per round of tokens instead of once per session
         self._logit_queue: list[tuple[torch.Tensor, asyncio.Future]] = []
+        # Decode steps of one-row sessions run in lockstep groups per chain, pipelined through its peers
+        # (decode_groups: how many groups per chain at most; None: one per peer of the chain, 0: no groups)
+        self.decoding = DecodeGroups(head, self.run_in_worker, max_groups=decode_groups) if decode_groups != 0 else None
         self._logit_wake: asyncio.Event | None = None
         self._logit_task: asyncio.Task | None = None
 
@@ -216,7 +221,10 @@ class SwarmClient:
     async def forward(self, session: InferenceSession, input_ids: torch.Tensor,
                       position: int | None = None) -> torch.Tensor:
         """Run tokens [B, T] through the swarm at `position` (default: the session's; an earlier one rewinds the
-        peers' caches to it) in chunks → logits [B, V] of the last token."""
+        peers' caches to it) in chunks → logits [B, 1, V] of the last token."""
+        if (self.decoding is not None and input_ids.shape == (1, 1) and session.position > 0
+                and position in (None, session.position)):
+            return await self.decoding.step(session, input_ids)
         hidden = None
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk = input_ids[:, start : start + self.prefill_chunk]
@@ -308,6 +316,8 @@ class SwarmClient:
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     async def close(self) -> None:
+        if self.decoding is not None:
+            self.decoding.close()
         await self.monitor.close()
         if self._logit_task is not None:
             self._logit_task.cancel()

@@ -72,8 +72,12 @@ class PeerStream:
         await stream._receive(timeout, expected="opened")
         return stream
 
-    async def step(self, hidden: torch.Tensor, position: int, timeout: float) -> torch.Tensor:
-        await self._send(make_request({"type": "step", "position": position}, (hidden,)))
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float,
+                   group: tuple[str, int] | None = None) -> torch.Tensor:
+        metadata: dict = {"type": "step", "position": position}
+        if group is not None:
+            metadata["group"] = list(group)
+        await self._send(make_request(metadata, (hidden,)))
         response = await self._receive(timeout, expected="result")
         if len(response.tensors) != 1:
             raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
@@ -192,6 +196,7 @@ class InferenceSession:
         self.banned: set[str] = set()  # peers this session no longer uses
         self.faulty: set[str] = set()  # ...of which these failed (the others were full)
         self.failovers = 0
+        self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
 
@@ -206,8 +211,10 @@ class InferenceSession:
     def _peer_ids(streams: list[PeerStream]) -> list[str]:
         return [stream.link.peer.peer_id for stream in streams]
 
-    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
-        """hidden: [B, T, H] of tokens at `position` (default: right after the cached ones) → last block's output."""
+    async def step(self, hidden: torch.Tensor, position: int | None = None,
+                   group: tuple[str, int] | None = None) -> torch.Tensor:
+        """hidden: [B, T, H] of tokens at `position` (default: right after the cached ones) → last block's output.
+        `group`: (id, size) of the group of decode steps of other sessions sent with this one (swarm.protocol)."""
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
             raise ValueError(f"position {position} is outside 0..{self.position}")
@@ -217,7 +224,7 @@ class InferenceSession:
         while i < len(self.streams):
             started = time.monotonic()
             try:
-                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]))
+                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group)
             except PeerError as e:
                 await self._fail_over(i, position, e)
                 continue  # the same step, now through the replacement
@@ -294,6 +301,7 @@ class InferenceSession:
         return torch.cat(outputs, dim=1)
 
     async def close(self) -> None:
+        self.closed = True
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
             await stream.close()
         if self.tracker is not None:

@@ -4,9 +4,18 @@ All torch work happens on one dedicated thread, so the asyncio loop that serves 
 of different sessions never run concurrently on the same weights.
 
 Continuous batching: a decode step (one new token of a one-row session) does not run alone. It joins a queue; a
-batcher task takes every queued decode step (up to `max_batch_sessions`), waits (at most `batch_wait`) for every
-session decoding now to send its next token, and runs them as one batched forward (BlockSpan.forward_batch), so the
-weights are read once per round instead of once per session. A multi-token step (a prefill) runs in chunks of
+batcher task takes every queued decode step (up to `max_batch_sessions`) and runs them as one batched forward
+(BlockSpan.forward_batch), so the weights are read once per round instead of once per session. How long it waits
+for more before starting (at most `batch_wait`):
+- a step may say which group of steps it was sent with (`group`: an id and the group's size; our client sends the
+  decode steps of its sessions in such groups, see swarm.client.decoding): the batcher waits until every member of
+  each group it holds has arrived, and not for anyone else. A client pipelines its sessions through a chain this way
+  (one group computes here while another computes on the next peer), which waiting for every decoding session would
+  undo by merging the groups;
+- a step without a group waits for every session that decodes without groups now (it sent a step in the last
+  second): their steps arrive spread out, and a batch started on the first arrivals would split them into several
+  smaller forwards for good.
+The batcher sleeps on an event between arrivals (no polling). A multi-token step (a prefill) runs in chunks of
 `prefill_chunk` tokens, each its own job on the compute thread, so decode batches run between the chunks of a long
 prompt instead of waiting for all of it.
 """
@@ -14,9 +23,11 @@ prompt instead of waiting for all of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +73,17 @@ class Session:
     idle_timer: asyncio.Timeout | None = None  # while the handler waits for the session's next message
 
 
+@dataclass
+class _Step:
+    """A decode step waiting for the batcher."""
+
+    session: Session
+    hidden: torch.Tensor
+    position: int
+    future: asyncio.Future
+    group: tuple[str, int] | None  # (id, size) of the group of steps the client sent it with
+
+
 def bad_request(message: str) -> PeerError:
     return PeerError(message, ErrorCode.BAD_REQUEST)
 
@@ -79,11 +101,11 @@ class SpanBackend:
         self.sessions: dict[str, Session] = {}
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
-        self._pending: list[tuple[Session, torch.Tensor, int, asyncio.Future]] = []
+        self._pending: list[_Step] = []
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self.decode_forwards = self.decode_rows = 0  # batcher rounds' forwards and the session steps they carried
-        self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step
+        self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step without a group
         self._logged = (0.0, 0, 0)  # (when, decode_forwards, decode_rows) at the last batching log line
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
         self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
@@ -209,8 +231,10 @@ class SpanBackend:
         if not torch.isfinite(hidden).all():
             raise bad_request("hidden states contain NaN or infinity")
 
-    async def step(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype."""
+    async def step(self, session: Session, hidden: torch.Tensor, position: int,
+                   group: tuple[str, int] | None = None) -> torch.Tensor:
+        """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype.
+        `group`: (id, size) of the group of decode steps the client sent this one with (see the module's doc)."""
         if session.moved:
             raise PeerError(session.moved, ErrorCode.MOVED)
         session.last_step = time.monotonic()
@@ -221,8 +245,9 @@ class SpanBackend:
             await self._reserve_growth(session, position + new)
         if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
             future = loop.create_future()
-            self._decoding[session.key] = loop.time()
-            self._pending.append((session, hidden, position, future))
+            if group is None:
+                self._decoding[session.key] = loop.time()
+            self._pending.append(_Step(session, hidden, position, future, group))
             self._ensure_batcher().set()
             return await future
         chunk = self.limits.prefill_chunk if not self.span.encoder else new
@@ -242,37 +267,42 @@ class SpanBackend:
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
+        idle = True  # steps without a group wait for their peers only when the batcher was idle: arrivals during
+        # a forward run right after it, as an uneven second batch that pipelines a little with the next peer
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # Let every session that is decoding now (it sent a decode step in the last second) come back before
-            # starting the next round: their steps arrive spread out (the client relays each one), and a batch
-            # started on the first arrivals would split the sessions into several smaller forwards for good.
+            while not self._pending:
+                idle = True
+                await self._wake.wait()
+                self._wake.clear()
             now = loop.time()
             self._decoding = {k: t for k, t in self._decoding.items() if now - t < 1.0 and k in self.sessions}
-            target = min(len(self._decoding), self.limits.max_batch_sessions)
             deadline = now + self.limits.batch_wait
-            while len(self._pending) < target and loop.time() < deadline:
-                await asyncio.sleep(0.0005)
-            while self._pending:
+            while self._expecting_more(ungrouped=idle) and loop.time() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await self._wake.wait()
+                self._wake.clear()
+            idle = False
+            if self._pending:
                 taken = self._pending[: self.limits.max_batch_sessions]
                 del self._pending[: len(taken)]
-                live = [item for item in taken if not item[3].done() and item[0].key in self.sessions]
-                groups: dict[tuple[int, int], list] = {}
-                for item in live:  # sessions over different parts of the span run as different batches
-                    groups.setdefault((item[0].blocks.start, item[0].blocks.stop), []).append(item)
-                for items in groups.values():
+                live = [step for step in taken if not step.future.done() and step.session.key in self.sessions]
+                by_blocks: dict[tuple[int, int], list[_Step]] = {}
+                for step in live:  # sessions over different parts of the span run as different batches
+                    by_blocks.setdefault((step.session.blocks.start, step.session.blocks.stop), []).append(step)
+                for steps in by_blocks.values():
                     try:
-                        outputs = await loop.run_in_executor(self._executor, self._compute_batch, items)
+                        outputs = await loop.run_in_executor(self._executor, self._compute_batch,
+                                                             [(st.session, st.hidden, st.position) for st in steps])
                     except Exception as e:
-                        for *_, future in items:
-                            if not future.done():
-                                future.set_exception(e)
+                        for step in steps:
+                            if not step.future.done():
+                                step.future.set_exception(e)
                         continue
-                    for (*_, future), out in zip(items, outputs, strict=True):
-                        if not future.done():
-                            future.set_result(out)
-                self.decode_forwards += len(groups)
+                    for step, out in zip(steps, outputs, strict=True):
+                        if not step.future.done():
+                            step.future.set_result(out)
+                self.decode_forwards += len(by_blocks)
                 self.decode_rows += len(live)
                 when, forwards, rows = self._logged
                 if loop.time() - when > 10 and self.decode_forwards > forwards:
@@ -281,17 +311,31 @@ class SpanBackend:
                                 self.decode_forwards - forwards)
                     self._logged = (loop.time(), self.decode_forwards, self.decode_rows)
 
-    def _compute_batch(self, items: list) -> list[torch.Tensor]:
+    def _expecting_more(self, ungrouped: bool) -> bool:
+        """Whether queued steps announce more that should join their forward: members of a queued step's group not
+        here yet, or (`ungrouped`: for steps without a group) sessions decoding without groups that have not sent
+        theirs."""
+        pending = self._pending
+        if len(pending) >= self.limits.max_batch_sessions:
+            return False
+        arrived = Counter(step.group[0] for step in pending if step.group is not None)
+        sizes = {step.group[0]: step.group[1] for step in pending if step.group is not None}
+        if any(arrived[key] < size for key, size in sizes.items()):
+            return True
+        alone = sum(step.group is None for step in pending)
+        return ungrouped and 0 < alone < len(self._decoding)
+
+    def _compute_batch(self, steps: list[tuple[Session, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """One decode step of each (session, hidden [1, 1, H], position), as one forward."""
         span = self.span
-        if len(items) == 1:
-            session, hidden, position, _ = items[0]
-            return [self._compute(session, hidden, position)]
-        hidden = torch.cat([h for _, h, _, _ in items]).to(span.device, span.dtype)
-        out = span.forward_batch(hidden, [s.cache for s, *_ in items], [p for _, _, p, _ in items],
-                                 items[0][0].blocks).to("cpu")
-        self.batch_sizes = [*self.batch_sizes[-999:], len(items)]
+        if len(steps) == 1:
+            return [self._compute(*steps[0])]
+        hidden = torch.cat([h for _, h, _ in steps]).to(span.device, span.dtype)
+        out = span.forward_batch(hidden, [s.cache for s, _, _ in steps], [p for _, _, p in steps],
+                                 steps[0][0].blocks).to("cpu")
+        self.batch_sizes = [*self.batch_sizes[-999:], len(steps)]
         out = self._count_forward(out)
-        return [out[i : i + 1].to(h.dtype) for i, (_, h, _, _) in enumerate(items)]
+        return [out[i : i + 1].to(h.dtype) for i, (_, h, _) in enumerate(steps)]
 
     def _compute(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
         span = self.span
@@ -325,7 +369,7 @@ class SpanBackend:
         def step(batch: int) -> None:
             steps, sizes = self.steps, self.batch_sizes  # a probe is not a step served
             position = 0 if span.encoder else prefix
-            items = [(s, randn(1, 1, span.hidden_size), position, None) for s in sessions[:batch]]
+            items = [(s, randn(1, 1, span.hidden_size), position) for s in sessions[:batch]]
             if span.encoder:
                 self._compute(sessions[0], randn(batch, 1, span.hidden_size), 0)
             else:
@@ -339,9 +383,9 @@ class SpanBackend:
     def shutdown(self) -> None:
         if self._batcher is not None:
             self._batcher.cancel()
-        for *_, future in self._pending:
-            if not future.done():
-                future.cancel()
+        for step in self._pending:
+            if not step.future.done():
+                step.future.cancel()
         self._pending.clear()
         for session in list(self.sessions.values()):
             self.close(session)

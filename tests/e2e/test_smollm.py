@@ -114,8 +114,9 @@ async def test_three_peers_uneven_split_equal_local(smol_client, smol_swarm, ref
 
 
 async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client, smol_swarm, source, reference):
-    """Six sessions at once through the 2-peer chain: the peers run their decode steps in shared forwards, and every
-    session's greedy tokens equal transformers' generate() of its prompt alone (logits within LOGITS_ATOL)."""
+    """Six sessions at once through the 2-peer chain: the client sends their decode steps in lockstep groups, the peers
+    run each group in one forward, and every session's greedy tokens equal transformers' generate() of its prompt
+    alone (logits within LOGITS_ATOL)."""
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     prompts = ["Name three colors.", "What is 2 + 2?", "Write a haiku about peers."]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -124,6 +125,7 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
                                    eos_token_id=None)[0, i.shape[1]:].tolist() for i in ids]
     first = smol_swarm.peers["0:15"]
     before = await smol_client.peer_info(first)
+    rounds, grouped = smol_client.decoding.rounds, smol_client.decoding.rows
     smol_client.allowed_peers = {smol_swarm.peers[blocks] for blocks in TWO}  # not spread over the 3-peer chain
     try:
         runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
@@ -135,6 +137,9 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
     after = await smol_client.peer_info(first)
     forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
     assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)  # 6 sessions × 15 decode steps, shared forwards
+    # the client sent them in lockstep groups (two on a 2-peer chain: three sessions per round)
+    rounds, grouped = smol_client.decoding.rounds - rounds, smol_client.decoding.rows - grouped
+    assert grouped == 6 * 15 and grouped / rounds > 2, (grouped, rounds)
 
 
 async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_computation(smol_swarm, source,

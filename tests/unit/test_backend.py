@@ -136,6 +136,58 @@ async def test_concurrent_decode_steps_run_as_one_batch_and_equal_each_alone(tin
         reference.shutdown()
 
 
+async def test_a_group_of_decode_steps_runs_as_one_forward_once_complete_and_waits_for_no_one_else(tiny_model_dir):
+    """Steps sent as a group (our client's lockstep groups) run together as soon as the last member arrives, even
+    while other sessions are decoding: those are another group, computing elsewhere in the chain. A member that
+    never comes is waited for at most batch_wait."""
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=8, max_length=64, batch_wait=0.5), KVBudget(4096))
+    try:
+        g = torch.Generator().manual_seed(5)
+        sessions = [backend.open(open_request(session_id=f"s{i}", start=0, end=6)) for i in range(5)]
+        for s in sessions:
+            await backend.step(s, torch.randn(1, 3, 64, generator=g), 0)
+        loop = asyncio.get_running_loop()
+
+        async def later(session, position, group, delay):
+            await asyncio.sleep(delay)
+            return await backend.step(session, torch.randn(1, 1, 64, generator=g), position, group)
+
+        # ungrouped decoding sessions 3 and 4 are known to the batcher (each sent a decode step just now)
+        await asyncio.gather(*(backend.step(s, torch.randn(1, 1, 64, generator=g), 3) for s in sessions[3:]))
+        start = loop.time()
+        await asyncio.gather(*(later(s, 3, ("round-1", 3), 0.05 * i) for i, s in enumerate(sessions[:3])))
+        assert backend.batch_sizes[-1] == 3 and len(backend.batch_sizes) == 2  # one forward for the three
+        assert loop.time() - start < 0.4  # not waiting for sessions 3 and 4 (batch_wait is 0.5 s)
+
+        # two members of a group of three: they run after batch_wait, without the third
+        start = loop.time()
+        outs = await asyncio.gather(*(later(s, 4, ("round-2", 3), 0) for s in sessions[:2]))
+        assert 0.45 < loop.time() - start < 2 and backend.batch_sizes[-1] == 2
+        assert all(o.shape == (1, 1, 64) for o in outs)
+
+        # groups that are complete together share a forward; a group's result equals each step run alone
+        steps = [torch.randn(1, 1, 64, generator=g) for _ in sessions[:4]]
+        grouped = await asyncio.gather(*(backend.step(s, x, 5 if i < 2 else 4, ("a" if i < 2 else "b", 2))
+                                         for i, (s, x) in enumerate(zip(sessions[:4], steps, strict=True))))
+        assert backend.batch_sizes[-1] == 4
+        for i, (s, x, out) in enumerate(zip(sessions[:4], steps, grouped, strict=True)):
+            alone = span(x, s.cache, 5 if i < 2 else 4)  # the same position again, alone: rewinds one token
+            torch.testing.assert_close(out, alone, atol=1e-5, rtol=0)
+    finally:
+        backend.shutdown()
+
+
+@pytest.mark.parametrize("group", [["x"], ["", 2], ["x", 0], ["x", True], [3, 2], ["x" * 65, 2], "x", ["x", 2000]])
+def test_a_malformed_group_is_a_bad_request(group):
+    from swarm.server.handler import parse_group
+
+    with pytest.raises(PeerError, match="'group' must be") as info:
+        parse_group(group)
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert parse_group(["x", 2]) == ("x", 2) and parse_group(None) is None
+
+
 async def test_sessions_reserve_kv_as_they_grow_and_wait_a_bounded_time_for_it(tiny_model_dir):
     span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 2, 6)
     backend = SpanBackend(span, Limits(max_sessions=8, max_length=512, max_chunk_tokens=256, admission_wait=0.5),

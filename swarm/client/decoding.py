@@ -1,0 +1,212 @@
+"""Lockstep groups of decoding sessions: how one client pipelines its sessions through a chain of peers.
+
+A client serving many sessions at once (the gateway is one client for all its requests) has, on each chain of peers,
+many sessions that each want one token at a time. Sent independently, their steps reach a peer spread out in time,
+so its batcher can only guess how long to wait for the others, and the LM head (SmolLM2's is 113 MB of weights in
+float32, read once per call) runs on whichever few rows came back first: measured with 16 sessions on a 2-peer
+chain, peers' forwards of 10 rows followed by forwards of 1 to 6, and LM-head calls of 1 row.
+
+`DecodeGroups` sends them in groups instead. Sessions decoding on the same chain are dealt into up to `max_groups`
+groups (by default one per peer of the chain, each of at least `min_group` sessions when there are enough). A
+group's members advance together, one *round* per token: their embeddings in one call; their steps sent to each peer
+together, tagged with the round's id and size (the peer runs them in one forward as soon as all have arrived, and
+waits for nobody else: `swarm.server.backend`); one LM-head call for all of them. Different groups are at different
+peers at the same time: while one group computes on the second peer the next computes on the first, so the peers of
+a chain work at once instead of passing one batch from peer to peer while the others wait.
+
+A group starts its next round once every member has asked for its next token. Members in a round still running are
+waited for (at most `join_wait` seconds): a session that starts decoding joins its group's next round instead of
+running out of step with it. Members that neither ask nor are in a round (a caller busy elsewhere, a session that
+ended) are waited for `straggle` seconds, then left out of the group until they ask again.
+
+A member's failure (a peer failing it over, an error) is its own: the others' results are delivered; a member whose
+caller gives up (its future cancelled) has its step cancelled, as it would be without groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from swarm.client.session import InferenceSession
+
+
+@dataclass(eq=False)
+class _Request:
+    session: InferenceSession
+    input_ids: torch.Tensor  # [1, 1]
+    future: asyncio.Future
+    since: float
+
+
+@dataclass(eq=False)
+class _Group:
+    chain: tuple[str, ...]
+    members: set[InferenceSession] = field(default_factory=set)
+    pending: dict[InferenceSession, _Request] = field(default_factory=dict)
+    in_flight: set[InferenceSession] = field(default_factory=set)
+    timer: asyncio.Handle | None = None
+    ended: float = 0.0  # when its last round ended (its members ask again from then on)
+
+
+class DecodeGroups:
+    """Decode steps of one-row sessions, run in lockstep groups per chain (see the module's doc).
+
+    head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread.
+    """
+
+    def __init__(self, head: Any, run: Callable[..., Awaitable[Any]], max_groups: int | None = None,
+                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25):
+        self.head, self._run = head, run
+        self.max_groups = max_groups  # None: one per peer of the chain
+        self.min_group = min_group
+        self.straggle, self.join_wait = straggle, join_wait
+        self._groups: dict[tuple[str, ...], list[_Group]] = {}
+        self._member_of: dict[InferenceSession, _Group] = {}
+        self._prefix = uuid.uuid4().hex[:16]  # round ids are unique across clients
+        self._rounds = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self.rounds = self.rows = 0  # rounds run and the steps they carried (rows / rounds = mean group)
+
+    def groups(self, chain: tuple[str, ...]) -> list[list[InferenceSession]]:
+        """The members of each group on `chain` (peer ids in order), for tests and stats."""
+        return [list(group.members) for group in self._groups.get(chain, [])]
+
+    @staticmethod
+    def chain_of(session: InferenceSession) -> tuple[str, ...]:
+        return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in session.streams)
+
+    async def step(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """The next token input_ids [1, 1] of `session` (at its position) through the chain → logits [1, 1, V]."""
+        loop = asyncio.get_running_loop()
+        group = self._group_for(session)
+        future = loop.create_future()
+        group.pending[session] = _Request(session, input_ids, future, loop.time())
+        if group.timer is not None:
+            group.timer.cancel()
+        # decided once the other callers woken with this one (by the same round's end, the same event) have asked
+        group.timer = loop.call_soon(self._consider, group)
+        return await future
+
+    def _group_for(self, session: InferenceSession) -> _Group:
+        chain = self.chain_of(session)
+        group = self._member_of.get(session)
+        if group is not None and group.chain == chain:
+            return group
+        if group is not None:  # its chain changed (a peer was replaced): it joins the groups of the new chain
+            self._leave(group, session)
+        groups = self._groups.setdefault(chain, [])
+        members = sum(len(g.members) for g in groups) + 1
+        most = self.max_groups or len(chain)
+        if len(groups) < min(most, max(1, members // self.min_group)):
+            group = _Group(chain)
+            groups.append(group)
+        else:
+            group = min(groups, key=lambda g: len(g.members))
+        group.members.add(session)
+        self._member_of[session] = group
+        return group
+
+    def _leave(self, group: _Group, session: InferenceSession) -> None:
+        group.members.discard(session)
+        if self._member_of.get(session) is group:
+            del self._member_of[session]
+        if not group.members and not group.pending and not group.in_flight:
+            groups = self._groups.get(group.chain, [])
+            if group in groups:
+                groups.remove(group)
+            if not groups:
+                self._groups.pop(group.chain, None)
+
+    def _consider(self, group: _Group) -> None:
+        """Start the group's next round if it is due, else set a timer for when it will be."""
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
+        for session, request in list(group.pending.items()):
+            if request.future.done():  # its caller gave up
+                del group.pending[session]
+        for session in [s for s in group.members if s.closed and s not in group.pending]:
+            self._leave(group, session)
+        if not group.pending:
+            return
+        now = asyncio.get_running_loop().time()
+        first = min(request.since for request in group.pending.values())
+        missing = group.members - group.pending.keys()
+        idle = missing - group.in_flight
+        # an idle member gets `straggle` seconds from the later of the first request and the group's last round's
+        # end (its members were all busy until then); members in a round, `join_wait` from the first request
+        straggle_due = max(first, group.ended) + self.straggle
+        if idle and now >= straggle_due:
+            for session in idle:
+                self._leave(group, session)
+            missing -= idle
+            idle = set()
+        if not missing or now >= first + self.join_wait:
+            self._start(group)
+            return
+        due = min(straggle_due, first + self.join_wait) if idle else first + self.join_wait
+        group.timer = asyncio.get_running_loop().call_at(due, self._consider, group)
+
+    def _start(self, group: _Group) -> None:
+        requests = list(group.pending.values())
+        group.pending.clear()
+        group.in_flight.update(r.session for r in requests)
+        self.rounds += 1
+        self.rows += len(requests)
+        task = asyncio.get_running_loop().create_task(self._round(group, requests), name="swarm-decode-round")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _round(self, group: _Group, requests: list[_Request]) -> None:
+        tag = (f"{self._prefix}.{next(self._rounds)}", len(requests))
+        try:
+            head = self.head
+            embeddings = await self._run(lambda: [head.embed(r.input_ids, r.session.position) for r in requests])
+            steps = []
+            for request, hidden in zip(requests, embeddings, strict=True):
+                step = asyncio.ensure_future(request.session.step(hidden, None, tag))
+                request.future.add_done_callback(lambda f, step=step: step.cancel() if f.cancelled() else None)
+                steps.append(step)
+            results = await asyncio.gather(*steps, return_exceptions=True)
+            done: list[tuple[_Request, torch.Tensor]] = []
+            for request, result in zip(requests, results, strict=True):
+                if isinstance(result, torch.Tensor):
+                    done.append((request, result))
+                elif not request.future.done():
+                    _fail(request.future, result)
+            if done:
+                logits = await self._run(head.logits, torch.cat([hidden[:, -1:] for _, hidden in done]))
+                for (request, _), part in zip(done, logits.split(1), strict=True):
+                    if not request.future.done():
+                        request.future.set_result(part)
+        except BaseException as e:
+            for request in requests:
+                if not request.future.done():
+                    _fail(request.future, e)
+            raise
+        finally:
+            group.in_flight.difference_update(r.session for r in requests)
+            group.ended = asyncio.get_running_loop().time()
+            self._consider(group)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for groups in self._groups.values():
+            for group in groups:
+                if group.timer is not None:
+                    group.timer.cancel()
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(error)

@@ -1,0 +1,151 @@
+"""The client's lockstep decode groups (swarm.client.decoding) with fake sessions: no peers, no network."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from swarm.client.decoding import DecodeGroups
+
+H, V = 4, 6
+
+
+class FakeHead:
+    def __init__(self):
+        self.logit_rows: list[int] = []
+
+    def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        return input_ids.float()[..., None].expand(*input_ids.shape, H) + position
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.logit_rows.append(hidden.shape[0])
+        return hidden[..., :1].expand(*hidden.shape[:2], V) * 2
+
+
+class FakeSession:
+    """What DecodeGroups uses of an InferenceSession: its links, position, closed flag and step."""
+
+    def __init__(self, name: str, chain: tuple[str, ...] = ("a", "b"), delay: float = 0.01,
+                 fail: Exception | None = None):
+        self.name = name
+        self.streams = [SimpleNamespace(link=SimpleNamespace(peer=SimpleNamespace(peer_id=p), start=i, end=i + 1))
+                        for i, p in enumerate(chain)]
+        self.position = 5
+        self.closed = False
+        self.delay, self.fail = delay, fail
+        self.tags: list[tuple[str, int]] = []
+        self.cancelled = 0
+
+    async def step(self, hidden: torch.Tensor, position=None, group=None) -> torch.Tensor:
+        self.tags.append(group)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail is not None:
+            raise self.fail
+        self.position += 1
+        return hidden + 1
+
+
+async def run_in_thread(fn, *args):
+    return fn(*args)
+
+
+async def decode(groups: DecodeGroups, session: FakeSession, tokens: int, pause: float = 0.0) -> list[float]:
+    out = []
+    for t in range(tokens):
+        position = session.position
+        logits = await groups.step(session, torch.tensor([[t]]))
+        assert logits.shape == (1, 1, V)
+        out.append(float(logits[0, 0, 0]))
+        assert out[-1] == 2 * (t + position + 1)  # this session's own row came back, not another member's
+        if pause:
+            await asyncio.sleep(pause)
+    return out
+
+
+async def test_sessions_of_a_chain_form_one_group_per_peer_and_advance_in_rounds():
+    head = FakeHead()
+    groups = DecodeGroups(head, run_in_thread)
+    sessions = [FakeSession(f"s{i}") for i in range(8)]
+    await asyncio.gather(*(decode(groups, s, 5) for s in sessions))
+    chain = DecodeGroups.chain_of(sessions[0])
+    sizes = sorted(len(g) for g in groups.groups(chain))
+    assert sizes == [4, 4], sizes  # two peers in the chain: two groups, dealt evenly
+    # every round of a group carried all its members under one tag, whose size is the round's
+    for members in groups.groups(chain):
+        rounds = list(zip(*(s.tags for s in members), strict=True))
+        assert all(len({tag for tag in r}) == 1 and r[0][1] == len(members) for r in rounds)
+    assert groups.rows == 40 and groups.rounds == 10
+    assert set(head.logit_rows) == {4}  # one LM-head call per round, for all its members
+
+
+async def test_a_single_session_runs_alone_without_waiting_and_max_groups_caps_the_groups():
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    lone = FakeSession("lone", delay=0.0)
+    start = asyncio.get_running_loop().time()
+    await decode(groups, lone, 20)
+    assert asyncio.get_running_loop().time() - start < 0.5 and lone.tags[0][1] == 1
+    sessions = [FakeSession(f"s{i}") for i in range(6)]
+    await asyncio.gather(*(decode(groups, s, 3) for s in sessions))
+    assert [len(g) for g in groups.groups(DecodeGroups.chain_of(sessions[0]))] == [6]  # lone was left out
+
+
+async def test_a_session_starting_late_joins_its_group_at_the_next_round():
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    first, second = FakeSession("first", delay=0.05), FakeSession("second", delay=0.05)
+    task = asyncio.ensure_future(decode(groups, first, 6))
+    await asyncio.sleep(0.07)  # `first` is in its second round
+    await decode(groups, second, 3)
+    await task
+    joined = [tag for tag in first.tags if tag[1] == 2]
+    assert joined == second.tags  # from its first step on, second ran in first's rounds
+
+
+async def test_members_that_stop_asking_are_left_out_after_straggle():
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=0.02)
+    busy, quick = FakeSession("busy", delay=0.0), FakeSession("quick", delay=0.0)
+    await asyncio.gather(decode(groups, busy, 1), decode(groups, quick, 1))
+    start = asyncio.get_running_loop().time()
+    await decode(groups, quick, 1)  # busy does not ask: quick waits straggle, then goes alone
+    assert 0.015 < asyncio.get_running_loop().time() - start < 0.2
+    assert quick.tags[-1][1] == 1 and busy not in groups.groups(DecodeGroups.chain_of(quick))[0]
+    busy.closed = True  # a closed member is not waited for at all
+    groups2 = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=5.0)
+    a, b = FakeSession("a", delay=0.0), FakeSession("b", delay=0.0)
+    await asyncio.gather(decode(groups2, a, 1), decode(groups2, b, 1))
+    b.closed = True
+    await asyncio.wait_for(decode(groups2, a, 1), 1.0)
+
+
+async def test_a_members_failure_is_its_own_and_a_cancelled_caller_cancels_its_step():
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    good, bad = FakeSession("good"), FakeSession("bad", fail=RuntimeError("peer failed"))
+    results = await asyncio.gather(decode(groups, good, 1), decode(groups, bad, 1), return_exceptions=True)
+    assert isinstance(results[1], RuntimeError) and results[0] == [2 * 6]
+    slow, other = FakeSession("slow", delay=5.0), FakeSession("other", delay=0.05)
+    waiting = asyncio.ensure_future(decode(groups, slow, 1))
+    done = asyncio.ensure_future(decode(groups, other, 1))
+    await asyncio.sleep(0.02)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await done
+    await asyncio.sleep(0)
+    assert slow.cancelled == 1
+
+
+async def test_a_session_whose_chain_changed_moves_to_the_groups_of_its_new_chain():
+    groups = DecodeGroups(FakeHead(), run_in_thread)
+    moving, staying = FakeSession("moving"), FakeSession("staying")
+    await asyncio.gather(decode(groups, moving, 1), decode(groups, staying, 1))
+    old = DecodeGroups.chain_of(moving)
+    moving.streams[1].link.peer.peer_id = "c"  # its second peer was replaced (failover)
+    await asyncio.gather(decode(groups, moving, 1), decode(groups, staying, 1))
+    assert [len(g) for g in groups.groups(old)] == [1]
+    assert [len(g) for g in groups.groups(DecodeGroups.chain_of(moving))] == [1]
