@@ -2,12 +2,14 @@
 
     python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--out DIR]
 
-Candidates (each only where it runs): fp32 / bf16 unquantized; int8 (affine, groups of 32) and int4 with the native
+Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (kernels/packed.py:
+what unquantized float32 CPU spans and the client's LM head run); int8 (affine, groups of 32) and int4 with the native
 kernel (kernels/cpu_affine.c, float32 activations); int8 with torch's `_weight_int8pack_mm`; int4 with
 torch's `_weight_int4pack_mm_for_cpu`; nf4 with kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
 `quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
 the dequantize-then-matmul reference.
-Shapes: SmolLM2's four linear shapes and two of an 8B Llama. Tokens per call: 1 (decode) and 16. Each call uses
+Shapes: SmolLM2's four block linear shapes and its LM head, two of an 8B Llama. Tokens per call: 1 (a decode step),
+8 and 16 (decode steps of that many sessions batched). Each call uses
 the next of enough copies of the layer to hold 256 MiB of fp32 weights, so weights stream from memory as they do in
 a real forward pass (one small layer called in a loop would sit in the CPU cache and hide the memory bandwidth that
 quantization saves). Every figure is the median of `runs` timings of a pass over the copies; `vs_fp32` is the ratio.
@@ -24,12 +26,13 @@ import torch
 from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
-from kernels import triton_nf4
+from kernels import packed, triton_nf4
 from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, _native_fits, _torch_kernel_fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),
-    "smollm2.down_proj": (576, 1536), "llama8b.q_proj": (4096, 4096), "llama8b.up_proj": (14336, 4096),
+    "smollm2.down_proj": (576, 1536), "smollm2.lm_head": (49152, 576), "llama8b.q_proj": (4096, 4096),
+    "llama8b.up_proj": (14336, 4096),
 }
 
 
@@ -61,6 +64,8 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable
     out: dict[str, nn.Module | Callable] = {"fp32": nn.Linear(linear.in_features, linear.out_features, bias=False,
                                                               device=device).requires_grad_(False)}
     out["fp32"].weight.copy_(linear.weight)
+    if device == "cpu" and packed.available():
+        out["fp32.onednn"] = packed.PackedLinear(out["fp32"])
     half = torch.bfloat16
     out["bf16"] = nn.Linear(linear.in_features, linear.out_features, device=device, dtype=half).requires_grad_(False)
     out["bf16"].weight.copy_(linear.weight)
@@ -102,7 +107,7 @@ def run(args) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sets = [candidates(linear, args.device) for _ in range(copies)]
-        for tokens in (1, 16):
+        for tokens in (1, 8, 16):
             x = torch.randn(tokens, k, generator=g).to(args.device)
             want = linear(x)
             row = {}

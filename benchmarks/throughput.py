@@ -11,7 +11,10 @@ and decodes `new_tokens` greedy tokens (end of text suppressed). Reported per (c
 prefills run inside that window), TTFT p50/p90, per-session inter-token latency p50/p90; then the same N sessions
 again with a barrier after their prefills, for the decode phase alone (`decode_phase_tok_s`: every session's tokens
 after its first / time from the barrier to the last token, as llama.cpp's batched-bench reports generation apart
-from prompt processing). Medians over `runs`; each N's figures are also given as a ratio to N=1 on the same chain.
+from prompt processing). Medians over `runs` rounds, each measuring every N on every chain in turn (so a slow spell
+of this shared machine falls on all counts alike); each N's figures are also given as a ratio to N=1 on the same
+chain. The client is the library's own: it sends its sessions' decode steps in lockstep groups (swarm.client.decoding,
+`--decode-groups`), on both chains.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.common import emit, machine, median, peak_rss_mib, versions
 from benchmarks.swarm_runs import PROMPT, chain_of, default_model_prompt
+from kernels import packed
 from swarm.client import SwarmClient
 from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID
@@ -93,19 +97,27 @@ async def run(args) -> dict:
         ids: dict[str, dict[str, str]] = {name: {} for name in CHAINS}
         for (name, blocks), proc in procs.items():
             ids[name][blocks] = LocalSwarm.peer_id(proc)
-        client = await SwarmClient.connect(swarm.initial_peers)
+        client = await SwarmClient.connect(swarm.initial_peers, decode_groups=args.decode_groups)
         try:
             chains = {name: await chain_of(client, peers) for name, peers in ids.items()}
             for chain in chains.values():  # warm-up
                 await run_once(client, chain, prompt_ids, 2, 4, tokenizer.eos_token_id)
-            for n in counts:
-                for name, chain in chains.items():
-                    runs = [await run_once(client, chain, prompt_ids, n, args.new_tokens, tokenizer.eos_token_id)
-                            for _ in range(args.runs)]
+            # rounds outermost: every session count is measured in every round, so a slower or faster spell of
+            # this shared machine moves all of them, not just the counts measured during it
+            collected: dict[str, dict[int, list[dict]]] = {name: {n: [] for n in counts} for name in chains}
+            for round_number in range(args.runs):
+                for n in counts:
+                    for name, chain in chains.items():
+                        one = await run_once(client, chain, prompt_ids, n, args.new_tokens, tokenizer.eos_token_id)
+                        collected[name][n].append(one)
+                        print(f"round {round_number}", name, n, {k: round(v, 3) for k, v in one.items()}, flush=True)
+            for name, per_n in collected.items():
+                for n, runs in per_n.items():
                     entry = {key: round(median([r[key] for r in runs]), 4) for key in runs[0]}
                     entry["aggregate_tok_s_runs"] = [round(r["aggregate_tok_s"], 2) for r in runs]
+                    entry["decode_phase_tok_s_runs"] = [round(r["decode_phase_tok_s"], 2) for r in runs]
                     results.setdefault(name, {})[str(n)] = entry
-                    print(name, n, entry, flush=True)
+            decode_rounds = {"rounds": client.decoding.rounds, "steps": client.decoding.rows} if client.decoding else {}
             rss = {f"{name}:{blocks}": peak_rss_mib(proc.pid)["main"] for (name, blocks), proc in procs.items()}
         finally:
             await client.close()
@@ -122,9 +134,12 @@ async def run(args) -> dict:
                          "peer_args": args.peer_args,
                          "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "runs": args.runs,
                          "chains": CHAINS, "torch_threads_per_peer": args.threads, "client_torch_threads": 1,
-                         "client_processes": 1},
+                         "client_processes": 1, "decode_groups": args.decode_groups,
+                         "packed_linears": packed.available()},
+            "client_decode_rounds": decode_rounds,
             "chains": results, "batched_vs_unbatched_aggregate": summary, "peak_rss_mib": rss,
-            "statistics": "medians over runs; ratios of medians"}
+            "statistics": "medians over runs (rounds over every session count and chain, interleaved); ratios of "
+                          "medians"}
 
 
 def main() -> None:
@@ -136,6 +151,8 @@ def main() -> None:
     parser.add_argument("--quant", default="none", help="the peers' --quant (none: fp32)")
     parser.add_argument("--threads", type=int, default=1, help="each peer's torch threads")
     parser.add_argument("--workdir", default=None, help="keep the processes' logs here (default: a temp dir)")
+    parser.add_argument("--decode-groups", type=int, default=None,
+                        help="the client's lockstep decode groups per chain (default: one per peer; 0: none)")
     parser.add_argument("--peer-args", default="", help="extra flags for every peer, e.g. '--batch-wait-ms 10'")
     parser.add_argument("--out", default=None, help="also write DIR/throughput.json")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kernels import packed
 from swarm.model.anatomy import checkpoint_for, find_anatomy, is_encoder, load_config, load_parts, skeleton
 from swarm.model.source import ModelSource
 
@@ -28,6 +29,9 @@ class LocalHead(nn.Module):
         self.num_blocks: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = lm_head.weight.shape[0]
+        self._dtype = lm_head.weight.dtype
+        if packed.fits(lm_head) and packed.available():  # 2.6x faster for the 8 rows of a decode round (kernels.packed)
+            self.lm_head = packed.PackedLinear(lm_head)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
         self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
         self.logits_scaling = float(getattr(config, "logits_scaling", None) or 1.0)
@@ -35,7 +39,7 @@ class LocalHead(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self._dtype
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:

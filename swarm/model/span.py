@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from kernels import packed
 from kernels.quant import QuantLinear, quantize_linears
 from swarm.model.anatomy import (
     UnsupportedModelError,
@@ -147,11 +148,13 @@ class BlockSpan(nn.Module):
         return torch.device(self.precision.device)
 
     def kernels(self) -> set[str]:
-        """The quantized-linear kernels this span runs (empty when unquantized)."""
-        return {m.kernel for m in self.modules() if isinstance(m, QuantLinear)}
+        """The kernels this span's linear layers run other than torch's nn.Linear: quantized ones, or "onednn"
+        (prepacked float32 weights); empty when none."""
+        return {m.kernel for m in self.modules() if isinstance(m, QuantLinear | packed.PackedLinear)}
 
     def weight_bytes(self) -> int:
-        return sum(t.nbytes for t in self.parameters()) + sum(t.nbytes for t in self.buffers())
+        return (sum(t.nbytes for t in self.parameters()) + sum(t.nbytes for t in self.buffers())
+                + packed.packed_bytes(self))
 
     def new_cache(self, max_length: int) -> SpanKVCache:
         return SpanKVCache(len(self.blocks), max_length)
@@ -285,10 +288,11 @@ def release_freed_memory() -> None:
 
 
 def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = torch.float32,
-              precision: Precision | None = None) -> BlockSpan:
+              precision: Precision | None = None, pack: bool = True) -> BlockSpan:
     """Build blocks [start, end) of `source` and load only their tensors, then place and quantize them as `precision`
     says (default: unquantized on the CPU in `dtype`). Quantization happens block by block on the target device,
-    so the unquantized weights of at most one block exist there at a time."""
+    so the unquantized weights of at most one block exist there at a time. Unquantized float32 linears on the CPU
+    run oneDNN's prepacked weights (kernels.packed); `pack=False` keeps them nn.Linear (to quantize them later)."""
     precision = precision or Precision("cpu", dtype, "none")
     config = load_config(source.path)
     if not 0 <= start < end <= config.num_hidden_layers:
@@ -303,9 +307,11 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         block.to(device)
         if precision.quant != "none":
             quantize_linears(block, precision.quant)
+        elif pack and packed.available():
+            packed.pack_linears(block)  # float32 on the CPU: oneDNN's prepacked weights (kernels.packed)
         blocks.append(block)
-    if precision.quant != "none":
-        release_freed_memory()  # the unquantized weights are garbage now; hand their pages back to the OS
+    if precision.quant != "none" or any(packed.packed_bytes(block) for block in blocks):
+        release_freed_memory()  # the unquantized (unpacked) weights are garbage now; hand their pages back to the OS
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
                      explicit_masks=anatomy.attn_implementation != "sdpa", encoder=is_encoder(config))

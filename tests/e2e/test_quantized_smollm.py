@@ -85,9 +85,9 @@ TORCH_BOUNDS = {"int4": (0.985, 0.01), "int8": (0.93, 0.015)}
 def test_torch_kernels_lose_some_agreement_on_this_model(setup, quant):
     source, head, ids, reference = setup
     top1, ppl = TORCH_BOUNDS[quant]
-    span = load_span(source, 0, 30)
+    span = load_span(source, 0, 30, pack=False)
     for block in span.blocks:
-        quantize_linears(block, quant, "torch")
+        assert quantize_linears(block, quant, "torch") == 7
     result = compare(reference, chain_logits(head, [span], ids, chunk=4), ids)
     print(f"{quant} torch: {result}")
     assert top1 <= result.top1_agreement < 0.995 and result.perplexity_increase <= ppl, result

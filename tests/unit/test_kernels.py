@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import cpu, reference, triton_nf4
+from kernels import cpu, packed, reference, triton_nf4
 from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for, quantize_linears
 
 # kernel → activation dtype → relative tolerance against reference.*_linear (which computes in float32). torch's CPU
@@ -313,3 +313,49 @@ def test_native_kernel_refuses_tensors_it_would_read_out_of_bounds():
         cpu.affine_linear(x, q.t(), 8, scale, minimum)
     with pytest.raises(ValueError, match="features"):
         cpu.affine_linear(torch.randn(2, 32), q, 8, scale, minimum)
+
+
+# --- oneDNN prepacked float32 linears (kernels/packed.py) -----------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (576, 1536), (1536, 576), (49152, 576)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_nn_linear(shape, bias):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    expected_weight = linear.weight.detach().clone()
+    fast = packed.PackedLinear(linear)
+    for x in (torch.randn(1, in_features), torch.randn(3, 5, in_features), torch.randn(in_features, 9).t()):
+        expected = nn.functional.linear(x, expected_weight, linear.bias)
+        got = fast(x)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6  # float32: only the sums' order
+
+
+@needs_onednn
+def test_packed_linear_gives_a_row_the_same_bits_alone_or_in_a_batch():
+    torch.manual_seed(1)
+    fast = packed.PackedLinear(nn.Linear(576, 1536))
+    x = torch.randn(33, 576)
+    alone = torch.cat([fast(x[i : i + 1]) for i in range(len(x))])
+    for rows in (2, 4, 8, 16, 33):
+        assert torch.equal(fast(x[:rows]), alone[:rows]), rows
+
+
+@needs_onednn
+def test_pack_linears_replaces_float32_cpu_linears_only_and_counts_their_bytes():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32, bias=False)),
+                          nn.Linear(32, 16).to(torch.bfloat16))
+    quantize_linears(model[2], "int8")
+    assert packed.pack_linears(model) == 1  # the first: the quantized one and the bf16 one stay as they are
+    assert isinstance(model[0], packed.PackedLinear) and isinstance(model[2][0], QuantLinear)
+    assert type(model[3]) is nn.Linear
+    assert packed.packed_bytes(model) == 64 * 32 * 4
+    with pytest.raises(TypeError, match="float32 on the CPU"):
+        model[0](torch.randn(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"float32 nn\.Linear"):
+        packed.PackedLinear(model[3])

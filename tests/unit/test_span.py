@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kernels import packed
 from swarm.model.anatomy import SUPPORTED_FAMILIES, UnsupportedModelError, find_anatomy, load_config, skeleton
 from swarm.model.head import load_head
 from swarm.model.source import ModelSource
@@ -90,7 +91,22 @@ def test_head_loads_tied_embeddings_without_lm_head_tensor(tiny_model_dir):
     path = tiny_model_dir("qwen2")  # tie_word_embeddings=True: the checkpoint has no lm_head.weight
     assert "lm_head.weight" not in Checkpoint(path).files
     head = load_head(ModelSource("tiny", path))
-    assert torch.equal(head.lm_head.weight, head.embeddings.weight)
+    hidden = torch.randn(1, 3, head.hidden_size)
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(head.norm(hidden), head.embeddings.weight)
+    torch.testing.assert_close(head.logits(hidden), expected, atol=1e-5, rtol=0)  # the LM head is the embeddings
+
+
+@pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN linear")
+def test_float32_cpu_spans_and_head_run_prepacked_linears_and_count_their_bytes(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    span = load_span(ModelSource("tiny", path), 2, 5)
+    assert span.kernels() == {"onednn"}
+    expected = sum(p.nbytes for name, p in reference.named_parameters()
+                   if name.startswith(("model.layers.2.", "model.layers.3.", "model.layers.4.")))
+    assert span.weight_bytes() == expected + sum(b.nbytes for b in span.rotary.buffers())  # + inv_freq
+    assert isinstance(load_head(ModelSource("tiny", path)).lm_head, packed.PackedLinear)
 
 
 def test_anatomy_finds_the_parts_of_a_llama(tiny_model_dir):
