@@ -97,6 +97,8 @@ class _PaddedBatchCache:
         rows = [cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
                 for i, cache in enumerate(self.caches)]
         total = max(k.shape[-2] for k, _ in rows)
+        if all(k.shape[-2] == total for k, _ in rows):  # sessions of one length (a lockstep group): no padding
+            return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
         shape = (len(rows), key_states.shape[1], total, key_states.shape[-1])
         keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
         for i, (k, v) in enumerate(rows):
