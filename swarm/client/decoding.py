@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,8 @@ class _Request:
 @dataclass(eq=False)
 class _Group:
     chain: tuple[str, ...]
-    members: set[InferenceSession] = field(default_factory=set)
+    # weak: a session its caller dropped (finished, parked and evicted) leaves without telling anyone
+    members: weakref.WeakSet[InferenceSession] = field(default_factory=weakref.WeakSet)
     pending: dict[InferenceSession, _Request] = field(default_factory=dict)
     in_flight: set[InferenceSession] = field(default_factory=set)
     timer: asyncio.Handle | None = None
@@ -68,15 +70,15 @@ class DecodeGroups:
         self.min_group = min_group
         self.straggle, self.join_wait = straggle, join_wait
         self._groups: dict[tuple[str, ...], list[_Group]] = {}
-        self._member_of: dict[InferenceSession, _Group] = {}
+        self._member_of: weakref.WeakKeyDictionary[InferenceSession, _Group] = weakref.WeakKeyDictionary()
         self._prefix = uuid.uuid4().hex[:16]  # round ids are unique across clients
         self._rounds = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self.rounds = self.rows = 0  # rounds run and the steps they carried (rows / rounds = mean group)
 
     def groups(self, chain: tuple[str, ...]) -> list[list[InferenceSession]]:
-        """The members of each group on `chain` (peer ids in order), for tests and stats."""
-        return [list(group.members) for group in self._groups.get(chain, [])]
+        """The members of each group with any on `chain` (see chain_of), for tests and stats."""
+        return [list(group.members) for group in self._groups.get(chain, []) if group.members]
 
     @staticmethod
     def chain_of(session: InferenceSession) -> tuple[str, ...]:
@@ -102,6 +104,7 @@ class DecodeGroups:
         if group is not None:  # its chain changed (a peer was replaced): it joins the groups of the new chain
             self._leave(group, session)
         groups = self._groups.setdefault(chain, [])
+        groups[:] = [g for g in groups if g.members or g.pending or g.in_flight]  # emptied by sessions dropped
         members = sum(len(g.members) for g in groups) + 1
         most = self.max_groups or len(chain)
         if len(groups) < min(most, max(1, members // self.min_group)):
@@ -138,7 +141,7 @@ class DecodeGroups:
             return
         now = asyncio.get_running_loop().time()
         first = min(request.since for request in group.pending.values())
-        missing = group.members - group.pending.keys()
+        missing = {s for s in group.members if s not in group.pending}
         idle = missing - group.in_flight
         # an idle member gets `straggle` seconds from the later of the first request and the group's last round's
         # end (its members were all busy until then); members in a round, `join_wait` from the first request

@@ -149,3 +149,16 @@ async def test_a_session_whose_chain_changed_moves_to_the_groups_of_its_new_chai
     await asyncio.gather(decode(groups, moving, 1), decode(groups, staying, 1))
     assert [len(g) for g in groups.groups(old)] == [1]
     assert [len(g) for g in groups.groups(DecodeGroups.chain_of(moving))] == [1]
+
+
+async def test_sessions_dropped_by_their_callers_leave_their_groups():
+    import gc
+
+    groups = DecodeGroups(FakeHead(), run_in_thread)
+    sessions = [FakeSession(f"s{i}") for i in range(4)]
+    chain = DecodeGroups.chain_of(sessions[0])
+    await asyncio.gather(*(decode(groups, s, 2) for s in sessions))
+    assert sum(len(g) for g in groups.groups(chain)) == 4
+    del sessions
+    gc.collect()
+    assert groups.groups(chain) == [] and len(groups._member_of) == 0  # nothing of theirs is kept alive
