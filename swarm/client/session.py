@@ -197,7 +197,7 @@ class InferenceSession:
         self.faulty: set[str] = set()  # ...of which these failed (the others were full)
         self.failovers = 0
         self.closed = False
-        self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, position, H]
+        self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
 
     @classmethod
@@ -240,8 +240,16 @@ class InferenceSession:
         return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
 
     def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float) -> None:
-        kept = self._inputs[i]
-        self._inputs[i] = hidden if position == 0 or kept is None else torch.cat([kept[:, :position], hidden], 1)
+        kept = self._inputs[i]  # its first `position` tokens are the inputs kept so far; it has room for more
+        end = position + hidden.shape[1]
+        if kept is None or kept.shape[1] < end or kept.shape[0] != hidden.shape[0] or kept.dtype != hidden.dtype:
+            # grown by doubling: a token's step copies O(1) amortized, not the whole history (O(n^2) per session)
+            capacity = min(self.max_length, max(end, 64, 2 * (kept.shape[1] if kept is not None else 0)))
+            grown = hidden.new_empty(hidden.shape[0], capacity, hidden.shape[2])
+            if kept is not None and position:
+                grown[:, :position] = kept[:, :position]
+            kept = self._inputs[i] = grown
+        kept[:, position:end] = hidden
         if hidden.shape[1] == 1:
             old = self._latency[i]
             self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds

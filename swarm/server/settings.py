@@ -46,7 +46,8 @@ class PeerSettings(BaseSettings):
     max_chunk_tokens: int = Field(2048, ge=1, description="most new tokens in one step")
     max_batch_sessions: int = Field(32, ge=1, description="decode steps of different sessions run as one batch "
                                                           "(1: no batching)")
-    batch_wait_ms: float = Field(20.0, ge=0, description="how long a decode batch may wait for the other decoding "
+    batch_wait_ms: float = Field(20.0, ge=0, description="how long a decode batch may wait for the missing members "
+                                                         "of a client's group, or for the other untagged decoding "
                                                          "sessions' next steps")
     prefill_chunk: int = Field(128, ge=1, description="prefill tokens computed at once; batched decodes of other "
                                                       "sessions run between chunks")
