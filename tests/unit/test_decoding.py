@@ -162,3 +162,17 @@ async def test_sessions_dropped_by_their_callers_leave_their_groups():
     del sessions
     gc.collect()
     assert groups.groups(chain) == [] and len(groups._member_of) == 0  # nothing of theirs is kept alive
+
+
+async def test_sessions_closed_since_their_last_round_do_not_unbalance_the_next_groups():
+    groups = DecodeGroups(FakeHead(), run_in_thread)
+    old = [FakeSession(f"old{i}") for i in range(6)]
+    await asyncio.gather(*(decode(groups, s, 1) for s in old))
+    chain = DecodeGroups.chain_of(old[0])
+    finished, going_on = groups.groups(chain)  # 3 and 3
+    for s in finished:
+        s.closed = True  # its caller still holds it
+    new = [FakeSession(f"new{i}") for i in range(8)]
+    await asyncio.gather(*(decode(groups, s, 2) for s in new + going_on))
+    sizes = sorted(len(g) for g in groups.groups(chain))
+    assert len(sizes) == 2 and sizes[1] - sizes[0] <= 1, sizes  # 11 sessions dealt 5/6, not 4 new + 7
