@@ -103,9 +103,10 @@ class DecodeGroups:
             return group
         if group is not None:  # its chain changed (a peer was replaced): it joins the groups of the new chain
             self._leave(group, session)
-        for g in list(self._groups.get(chain, [])):  # sessions closed since their group's last round do not
-            for closed in [s for s in g.members if s.closed and s not in g.pending]:  # count (their callers may
-                self._leave(g, closed)  # still hold them)
+        # sessions closed since their group's last round do not count (their callers may still hold them)
+        for g in list(self._groups.get(chain, [])):
+            for closed in [s for s in g.members if s.closed and s not in g.pending]:
+                self._leave(g, closed)
         groups = self._groups.setdefault(chain, [])
         groups[:] = [g for g in groups if g.members or g.pending or g.in_flight]  # emptied by sessions dropped
         members = sum(len(g.members) for g in groups) + 1
