@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,6 +105,9 @@ class SpanBackend:
         self._batcher: asyncio.Task | None = None
         self.decode_forwards = self.decode_rows = 0  # batcher rounds' forwards and the session steps they carried
         self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step without a group
+        # group id → [its steps arrived so far, its size]: a group larger than max_batch_sessions runs as several
+        # forwards, and its later members must not wait for those already computed
+        self._arrived: dict[str, list[int]] = {}
         self._logged = (0.0, 0, 0)  # (when, decode_forwards, decode_rows) at the last batching log line
         self.batch_sizes: list[int] = []  # every batched decode's size (recent ones), for tests and stats
         self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
@@ -247,6 +249,8 @@ class SpanBackend:
             future = loop.create_future()
             if group is None:
                 self._decoding[session.key] = loop.time()
+            else:
+                self._arrived.setdefault(group[0], [0, group[1]])[0] += 1
             self._pending.append(_Step(session, hidden, position, future, group))
             self._ensure_batcher().set()
             return await future
@@ -286,6 +290,7 @@ class SpanBackend:
             if self._pending:
                 taken = self._pending[: self.limits.max_batch_sessions]
                 del self._pending[: len(taken)]
+                self._forget_groups()
                 live = [step for step in taken if not step.future.done() and step.session.key in self.sessions]
                 by_blocks: dict[tuple[int, int], list[_Step]] = {}
                 for step in live:  # sessions over different parts of the span run as different batches
@@ -318,12 +323,21 @@ class SpanBackend:
         pending = self._pending
         if len(pending) >= self.limits.max_batch_sessions:
             return False
-        arrived = Counter(step.group[0] for step in pending if step.group is not None)
         sizes = {step.group[0]: step.group[1] for step in pending if step.group is not None}
-        if any(arrived[key] < size for key, size in sizes.items()):
+        if any(self._arrived.get(key, [0])[0] < size for key, size in sizes.items()):
             return True
         alone = sum(step.group is None for step in pending)
         return ungrouped and 0 < alone < len(self._decoding)
+
+    def _forget_groups(self) -> None:
+        """Forget the counts of groups no longer queued that are complete; of the incomplete ones (a member may
+        still come), keep the most recent 4 x max_sessions."""
+        queued = {step.group[0] for step in self._pending if step.group is not None}
+        kept = {key: c for key, c in self._arrived.items() if key in queued or c[0] < c[1]}
+        waiting = [key for key in kept if key not in queued]  # oldest first
+        for key in waiting[: max(0, len(waiting) - 4 * self.limits.max_sessions)]:
+            del kept[key]
+        self._arrived = kept
 
     def _compute_batch(self, steps: list[tuple[Session, torch.Tensor, int]]) -> list[torch.Tensor]:
         """One decode step of each (session, hidden [1, 1, H], position), as one forward."""

@@ -178,6 +178,24 @@ async def test_a_group_of_decode_steps_runs_as_one_forward_once_complete_and_wai
         backend.shutdown()
 
 
+async def test_a_group_larger_than_a_forward_runs_as_several_without_waiting_for_members_already_computed(
+        tiny_model_dir):
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=8, max_length=64, batch_wait=0.5, max_batch_sessions=3),
+                          KVBudget(4096))
+    try:
+        sessions = [backend.open(open_request(session_id=f"s{i}", start=0, end=6)) for i in range(5)]
+        for s in sessions:
+            await backend.step(s, torch.randn(1, 2, 64), 0)
+        start = asyncio.get_running_loop().time()
+        await asyncio.gather(*(backend.step(s, torch.randn(1, 1, 64), 2, ("big", 5)) for s in sessions))
+        assert backend.batch_sizes[-2:] == [3, 2]
+        assert asyncio.get_running_loop().time() - start < 0.4  # the last two did not wait for the first three
+        assert not backend._arrived  # a complete group's count is forgotten once it has run
+    finally:
+        backend.shutdown()
+
+
 @pytest.mark.parametrize("group", [["x"], ["", 2], ["x", 0], ["x", True], [3, 2], ["x" * 65, 2], "x", ["x", 2000]])
 def test_a_malformed_group_is_a_bad_request(group):
     from swarm.server.handler import parse_group
