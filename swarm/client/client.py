@@ -66,7 +66,8 @@ class SwarmClient:
         self._logit_queue: list[tuple[torch.Tensor, asyncio.Future]] = []
         # Decode steps of one-row sessions run in lockstep groups per chain, pipelined through its peers
         # (decode_groups: how many groups per chain at most; None: one per peer of the chain, 0: no groups)
-        self.decoding = DecodeGroups(head, self.run_in_worker, max_groups=decode_groups) if decode_groups != 0 else None
+        self.decoding = (DecodeGroups(head, self.run_in_worker, max_groups=decode_groups, logits=self.logits)
+                         if decode_groups != 0 else None)
         self._logit_wake: asyncio.Event | None = None
         self._logit_task: asyncio.Task | None = None
 

@@ -60,12 +60,16 @@ class _Group:
 class DecodeGroups:
     """Decode steps of one-row sessions, run in lockstep groups per chain (see the module's doc).
 
-    head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread.
+    head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread;
+    logits: computes head.logits of hidden [k, 1, H] (the client passes its own LM-head batcher, which merges the
+    calls of groups finishing together); default: head.logits through `run`.
     """
 
     def __init__(self, head: Any, run: Callable[..., Awaitable[Any]], max_groups: int | None = None,
-                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25):
+                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25,
+                 logits: Callable[[torch.Tensor], Awaitable[torch.Tensor]] | None = None):
         self.head, self._run = head, run
+        self._logits = logits or (lambda hidden: run(head.logits, hidden))
         self.max_groups = max_groups  # None: one per peer of the chain
         self.min_group = min_group
         self.straggle, self.join_wait = straggle, join_wait
@@ -189,7 +193,7 @@ class DecodeGroups:
                 elif not request.future.done():
                     _fail(request.future, result)
             if done:
-                logits = await self._run(head.logits, torch.cat([hidden[:, -1:] for _, hidden in done]))
+                logits = await self._logits(torch.cat([hidden[:, -1:] for _, hidden in done]))
                 for (request, _), part in zip(done, logits.split(1), strict=True):
                     if not request.future.done():
                         request.future.set_result(part)
