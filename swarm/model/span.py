@@ -303,16 +303,16 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
     anatomy = find_anatomy(model, config)
     checkpoint = checkpoint_for(source.path, model, anatomy, [f"{anatomy.blocks}.{start}"])
     device = torch.device(precision.device)
-    blocks = []
+    blocks, repacked = [], 0
     for i in range(start, end):  # one block at a time: a quantized span never holds all its unquantized weights
         (block,) = load_parts(checkpoint, model, anatomy, [f"{anatomy.blocks}.{i}"], precision.dtype)
         block.to(device)
         if precision.quant != "none":
             quantize_linears(block, precision.quant)
         elif pack and packed.available():
-            packed.pack_linears(block)  # float32 on the CPU: oneDNN's prepacked weights (kernels.packed)
+            repacked += packed.pack_linears(block)  # float32 on the CPU: oneDNN's prepacked weights (kernels.packed)
         blocks.append(block)
-    if precision.quant != "none" or any(packed.packed_bytes(block) for block in blocks):
+    if precision.quant != "none" or repacked:
         release_freed_memory()  # the unquantized (unpacked) weights are garbage now; hand their pages back to the OS
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
