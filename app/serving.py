@@ -1,21 +1,21 @@
-"""Chat and text completions over a GenerationBackend: validation, prompts, stop strings, deltas, usage, errors.
+"""The serving engine over a GenerationBackend: admission (model, complete chain, concurrency slots), validated
+jobs, and per-step text deltas of each choice (incremental detokenization, stop strings, finish reasons).
 
-The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into the
-OpenAI response objects and SSE chunks. Nothing here knows about peers, torch or hivemind.
+The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into text
+deltas. Shaping them into OpenAI bodies and SSE chunks is `app.completions`'s; nothing here knows about HTTP, peers,
+torch or hivemind.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.errors import APIError
-from app.protocol import ChatCompletionRequest, CompletionRequest
+from app.protocol.requests import ChatCompletionRequest, CompletionRequest
+from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from swarm.client.requests import GenerationRequest, TokenEvent
-from swarm.protocol import ErrorCode, NoChainError, PeerError, SwarmError
 
 
 class GenerationBackend(Protocol):
@@ -67,8 +67,8 @@ class ChoiceText:
 class Delta:
     index: int
     text: str
-    finish_reason: str | None = None
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -82,9 +82,15 @@ class Job:
     completion_tokens: int = 0
 
 
-def _token_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> dict[str, Any]:
+def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
     text = backend.token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+
+def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float) -> TokenLogprob:
+    text = backend.token_text(event.token_id)
+    return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
+                        top_logprobs=[_top_logprob(backend, t, lp) for t, lp in event.top_logprobs])
 
 
 class ServingEngine:
@@ -147,9 +153,7 @@ class ServingEngine:
                     counts[i] += 1
                     delta = Delta(i + job.index_offset, "")
                     if event.logprob is not None:
-                        entry = _token_logprob(self.backend, event.token_id, event.logprob)
-                        entry["top_logprobs"] = [_token_logprob(self.backend, t, lp) for t, lp in event.top_logprobs]
-                        delta.logprobs.append(entry)
+                        delta.logprobs.append(_token_logprob(self.backend, event, event.logprob))
                     if event.stop:
                         delta.text, delta.finish_reason = texts[i].flush(), "stop"
                     else:
@@ -180,24 +184,3 @@ class ServingEngine:
 
     def release_slot(self) -> None:
         self.active -= 1
-
-
-def swarm_error(exc: Exception) -> APIError:
-    """Map a swarm failure to the HTTP error a client should see."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, NoChainError):
-        return APIError(503, str(exc), code="no_complete_chain", retry_after=5)
-    if isinstance(exc, PeerError) and exc.code == ErrorCode.CAPACITY:
-        return APIError(503, f"the swarm is at capacity: {exc}", code="overloaded", retry_after=2)
-    if isinstance(exc, SwarmError):
-        return APIError(503, f"the swarm failed this request: {exc}", code="swarm_error", retry_after=1)
-    return APIError(500, f"internal error: {exc!r}", code="internal_error")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-def now() -> int:
-    return int(time.time())

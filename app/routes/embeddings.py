@@ -6,11 +6,13 @@ import base64
 
 import numpy as np
 from fastapi import Depends, Request
+from fastapi.responses import Response
 
-from app.errors import APIError
-from app.protocol import EmbeddingRequest
+from app.errors import APIError, swarm_error
+from app.protocol.requests import EmbeddingRequest
+from app.protocol.responses import Embedding, EmbeddingList, EmbeddingUsage
+from app.rendering import json_response
 from app.routes.openai import router
-from app.serving import swarm_error
 
 
 def embedding_service(request: Request):
@@ -18,7 +20,7 @@ def embedding_service(request: Request):
 
 
 @router.post("/embeddings")
-async def embeddings(body: EmbeddingRequest, service=Depends(embedding_service)):
+async def embeddings(body: EmbeddingRequest, service=Depends(embedding_service)) -> Response:
     if service is None:
         raise APIError(404, f"model {body.model!r} does not exist here: this gateway serves no embedding model "
                             "(set SWARM_EMBEDDING_MODEL)", "model", "model_not_found")
@@ -43,6 +45,6 @@ async def embeddings(body: EmbeddingRequest, service=Depends(embedding_service))
             embedding: list[float] | str = base64.b64encode(vector.numpy().astype(np.float32).tobytes()).decode()
         else:
             embedding = vector.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": embedding})
-    return {"object": "list", "data": data, "model": service.model_id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        data.append(Embedding(index=i, embedding=embedding))
+    return json_response(EmbeddingList(data=data, model=service.model_id,
+                                       usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)))

@@ -1,0 +1,234 @@
+"""Chat and text completion requests end to end: jobs from the request, a started generation, and its answer as
+one typed body (JSON) or a stream of typed chunks (SSE).
+
+Everything that can be refused is refused before the first byte of a stream: validation, the model, a complete
+chain, and the first generation step (so that a full swarm answers 503, not a broken stream). A failure after that
+becomes an SSE error event followed by `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi.responses import Response, StreamingResponse
+
+from app.errors import APIError, swarm_error
+from app.protocol.requests import ChatCompletionRequest, CompletionRequest
+from app.protocol.responses import (
+    CHUNK_WITHOUT_USAGE,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    DeltaMessage,
+    FinishReason,
+    TextCompletion,
+    TextCompletionChunk,
+    TokenLogprob,
+    Usage,
+)
+from app.rendering import DONE, json_response, sse
+from app.serving import Delta, Job, ServingEngine
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@dataclass
+class Collected:
+    """One choice gathered from all its deltas: what a non-streaming answer reports."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.logprobs.extend(delta.logprobs)
+
+
+class _Answer:
+    """The OpenAI objects answering one request share its id, creation time and model name."""
+
+    prefix = ""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = new_id(self.prefix), int(time.time()), model
+
+
+class ChatAnswer(_Answer):
+    """/v1/chat/completions: a `chat.completion` body, or `chat.completion.chunk`s opening with the role."""
+
+    prefix = "chatcmpl"
+
+    def body(self, choices: list[Collected], usage: Usage, logprobs: bool) -> ChatCompletion:
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                       logprobs=ChatLogprobs(content=c.logprobs) if logprobs else None)
+            for i, c in enumerate(choices)])
+
+    def opening(self, n: int) -> ChatCompletionChunk | None:
+        return self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                            for i in range(n)])
+
+    def chunk(self, deltas: list[Delta]) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text or None),
+                                            logprobs=ChatLogprobs(content=d.logprobs) if d.logprobs else None,
+                                            finish_reason=d.finish_reason) for d in deltas])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+class TextAnswer(_Answer):
+    """/v1/completions: a `text_completion` body, or `text_completion` chunks of the new text."""
+
+    prefix = "cmpl"
+
+    def body(self, choices: list[Collected], usage: Usage, logprobs: bool) -> TextCompletion:
+        return TextCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                             logprobs=CompletionLogprobs.of(c.logprobs) if logprobs else None)
+            for i, c in enumerate(choices)])
+
+    def opening(self, n: int) -> TextCompletionChunk | None:
+        return None
+
+    def chunk(self, deltas: list[Delta]) -> TextCompletionChunk:
+        return self._chunk([CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                             logprobs=CompletionLogprobs.of(d.logprobs) if d.logprobs else None)
+                            for d in deltas])
+
+    def usage_chunk(self, usage: Usage) -> TextCompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> TextCompletionChunk:
+        return TextCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+Answer = ChatAnswer | TextAnswer
+
+
+def _usage(jobs: list[Job]) -> Usage:
+    return Usage.of(sum(len(job.prompt_ids) for job in jobs), sum(job.completion_tokens for job in jobs))
+
+
+def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    return request.logprobs is not None and request.logprobs is not False  # chat: a bool; text: an int, 0 included
+
+
+async def _primed(engine: ServingEngine, jobs: list[Job]) -> tuple[AsyncGenerator[list[Delta], None], list[Delta]]:
+    """Start the jobs (one after another) and take the first step, so that start-up failures become HTTP errors."""
+
+    async def chained() -> AsyncGenerator[list[Delta], None]:
+        for job in jobs:
+            async for step in engine.deltas(job):
+                yield step
+
+    stream = chained()
+    try:
+        first = await anext(stream)
+    except BaseException as e:
+        await stream.aclose()
+        raise swarm_error(e) if isinstance(e, Exception) else e from None
+    return stream, first
+
+
+async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
+                 answer: Answer) -> Response:
+    engine.acquire_slot()
+    released = False
+    try:
+        await engine.check_available()
+        stream, first = await _primed(engine, jobs)
+        if request.stream:
+            released = True  # the streaming body releases the slot when it ends
+            return StreamingResponse(_stream_body(engine, request, jobs, answer, stream, first),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices = await _collect(stream, first, len(jobs) * request.n)
+        return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)))
+    finally:
+        if not released:
+            engine.release_slot()
+
+
+async def _collect(stream: AsyncGenerator[list[Delta], None], first: list[Delta], total: int) -> list[Collected]:
+    choices = [Collected() for _ in range(total)]
+    try:
+        step: list[Delta] | None = first
+        while step is not None:
+            for delta in step:
+                choices[delta.index].add(delta)
+            step = await anext(stream, None)
+    except Exception as e:
+        raise swarm_error(e) from e
+    finally:
+        await stream.aclose()
+    return choices
+
+
+async def _stream_body(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
+                       answer: Answer, stream: AsyncGenerator[list[Delta], None],
+                       first: list[Delta]) -> AsyncIterator[str]:
+    exclude = None if request.include_usage else CHUNK_WITHOUT_USAGE
+    try:
+        opening = answer.opening(len(jobs) * request.n)
+        if opening is not None:
+            yield sse(opening, exclude)
+        step: list[Delta] | None = first
+        while step is not None:
+            deltas = [d for d in step if d.text or d.finish_reason or d.logprobs]
+            if deltas:
+                yield sse(answer.chunk(deltas), exclude)
+            step = await anext(stream, None)
+        if request.include_usage:
+            yield sse(answer.usage_chunk(_usage(jobs)))
+    except asyncio.CancelledError:  # the client went away: stop generating, free the peers' sessions
+        raise
+    except Exception as e:
+        yield sse(swarm_error(e).body())
+    finally:
+        await stream.aclose()
+        engine.release_slot()
+    yield DONE
+
+
+def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> list[Job]:
+    engine.check_model(request.model)
+    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                for m in request.messages]
+    try:
+        prompt_ids = engine.backend.encode_chat(messages)
+    except Exception as e:
+        raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from e
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return [engine.make_job(request, prompt_ids, logprobs)]
+
+
+def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[Job]:
+    engine.check_model(request.model)
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        prompts = [engine.backend.encode(prompt)]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = [engine.backend.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
+    if any(not p for p in prompts):
+        raise APIError(400, "prompt must not be empty", "prompt")
+    return [engine.make_job(request, ids, request.logprobs, index_offset=i * request.n)
+            for i, ids in enumerate(prompts)]

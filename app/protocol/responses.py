@@ -1,0 +1,191 @@
+"""OpenAI response bodies, stream chunks and errors as typed models: built once, serialized once (`app.rendering`).
+
+Null versus absent follows OpenAI's wire format: `system_fingerprint`, a choice's `logprobs` and `finish_reason` are
+always present (null when there is nothing); a chat delta carries only the fields it sets; a chunk's `usage` is sent
+only when the client asked for it (`stream_options.include_usage`) and is null until the last chunk, so the stream
+writer leaves it out (`CHUNK_WITHOUT_USAGE`) otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, SerializeAsAny, SerializerFunctionWrapHandler, model_serializer
+
+FinishReason = Literal["stop", "length"]
+CHUNK_WITHOUT_USAGE = {"usage"}  # `exclude` for chunks of a stream that did not ask for usage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+# ---- log-probabilities -----------------------------------------------------------------------------------------
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """A chosen token's log-probability and the most likely alternatives at its position (chat's shape)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy /v1/completions shape: parallel lists, the alternatives as {token: logprob}."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> CompletionLogprobs:
+        return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries], text_offset=[])
+
+
+# ---- chat completions ------------------------------------------------------------------------------------------
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class DeltaMessage(BaseModel):
+    """What a chunk adds to a chat choice; unset fields are absent, not null (an empty delta is `{}`)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# ---- text completions (legacy /v1/completions) -----------------------------------------------------------------
+class CompletionChoice(BaseModel):
+    """A choice of a text completion body, and of its stream chunks (which carry the new text only)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class TextCompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "swarm"
+    context_length: int
+
+
+class EmbeddingModelCard(ModelCard):
+    type: Literal["embedding"] = "embedding"
+    dimensions: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SerializeAsAny[ModelCard]]  # an EmbeddingModelCard keeps its own fields
+
+
+# ---- embeddings ------------------------------------------------------------------------------------------------
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error body: `{"error": {"message", "type", "param", "code"}}`, also sent as an SSE event."""
+
+    error: ErrorInfo
