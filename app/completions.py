@@ -8,13 +8,12 @@ becomes an SSE error event followed by `[DONE]`.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
@@ -35,8 +34,8 @@ from app.protocol.responses import (
     TokenLogprob,
     Usage,
 )
-from app.rendering import DONE, json_response, sse
-from app.serving import Delta, Job, ServingEngine
+from app.rendering import DONE, EventStream, json_response, sse
+from app.serving import Delta, Generation, Job, ServingEngine
 
 
 def new_id(prefix: str) -> str:
@@ -130,80 +129,48 @@ def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
     return request.logprobs is not None and request.logprobs is not False  # chat: a bool; text: an int, 0 included
 
 
-async def _primed(engine: ServingEngine, jobs: list[Job]) -> tuple[AsyncGenerator[list[Delta], None], list[Delta]]:
-    """Start the jobs (one after another) and take the first step, so that start-up failures become HTTP errors."""
-
-    async def chained() -> AsyncGenerator[list[Delta], None]:
-        for job in jobs:
-            async for step in engine.deltas(job):
-                yield step
-
-    stream = chained()
-    try:
-        first = await anext(stream)
-    except BaseException as e:
-        await stream.aclose()
-        raise swarm_error(e) if isinstance(e, Exception) else e from None
-    return stream, first
-
-
 async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
                  answer: Answer) -> Response:
-    engine.acquire_slot()
-    released = False
-    try:
-        await engine.check_available()
-        stream, first = await _primed(engine, jobs)
-        if request.stream:
-            released = True  # the streaming body releases the slot when it ends
-            return StreamingResponse(_stream_body(engine, request, jobs, answer, stream, first),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        choices = await _collect(stream, first, len(jobs) * request.n)
-        return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)))
-    finally:
-        if not released:
-            engine.release_slot()
+    generation = await engine.start(jobs)  # ours from here: the event stream closes it, or `async with` below
+    if request.stream:
+        return EventStream(_events(generation, request, answer), owner=generation)
+    async with generation:
+        choices = await _collect(generation, len(jobs) * request.n)
+    return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)))
 
 
-async def _collect(stream: AsyncGenerator[list[Delta], None], first: list[Delta], total: int) -> list[Collected]:
+async def _collect(generation: Generation, total: int) -> list[Collected]:
     choices = [Collected() for _ in range(total)]
     try:
-        step: list[Delta] | None = first
-        while step is not None:
+        async for step in generation:
             for delta in step:
                 choices[delta.index].add(delta)
-            step = await anext(stream, None)
     except Exception as e:
         raise swarm_error(e) from e
-    finally:
-        await stream.aclose()
     return choices
 
 
-async def _stream_body(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
-                       answer: Answer, stream: AsyncGenerator[list[Delta], None],
-                       first: list[Delta]) -> AsyncIterator[str]:
+async def _events(generation: Generation, request: ChatCompletionRequest | CompletionRequest,
+                  answer: Answer) -> AsyncIterator[str]:
+    """The SSE events of a started generation. A client that goes away cancels this (CancelledError is no
+    Exception): the EventStream then closes the generation, which stops it and frees the peers' sessions."""
     exclude = None if request.include_usage else CHUNK_WITHOUT_USAGE
+    error: APIError | None = None
+    opening = answer.opening(len(generation.jobs) * request.n)
+    if opening is not None:
+        yield sse(opening, exclude)
     try:
-        opening = answer.opening(len(jobs) * request.n)
-        if opening is not None:
-            yield sse(opening, exclude)
-        step: list[Delta] | None = first
-        while step is not None:
+        async for step in generation:
             deltas = [d for d in step if d.text or d.finish_reason or d.logprobs]
             if deltas:
                 yield sse(answer.chunk(deltas), exclude)
-            step = await anext(stream, None)
-        if request.include_usage:
-            yield sse(answer.usage_chunk(_usage(jobs)))
-    except asyncio.CancelledError:  # the client went away: stop generating, free the peers' sessions
-        raise
     except Exception as e:
-        yield sse(swarm_error(e).body())
-    finally:
-        await stream.aclose()
-        engine.release_slot()
+        error = swarm_error(e)
+    await generation.aclose()  # settles the usage counts, and frees the slot before the client sees [DONE]
+    if error is not None:
+        yield sse(error.body())
+    elif request.include_usage:
+        yield sse(answer.usage_chunk(_usage(generation.jobs)))
     yield DONE
 
 

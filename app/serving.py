@@ -1,5 +1,6 @@
 """The serving engine over a GenerationBackend: admission (model, complete chain, concurrency slots), validated
-jobs, and per-step text deltas of each choice (incremental detokenization, stop strings, finish reasons).
+jobs, per-step text deltas of each choice (incremental detokenization, stop strings, finish reasons), and the
+`Generation` that owns an admitted request's slot and started stream until it is closed.
 
 The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into text
 deltas. Shaping them into OpenAI bodies and SSE chunks is `app.completions`'s; nothing here knows about HTTP, peers,
@@ -8,11 +9,13 @@ torch or hivemind.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Protocol
 
-from app.errors import APIError
+from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from swarm.client.requests import GenerationRequest, TokenEvent
@@ -137,7 +140,7 @@ class ServingEngine:
         return Job(prompt_ids, generation, request.stop_strings, index_offset)
 
     # ---- running ----------------------------------------------------------------------------------------------
-    async def deltas(self, job: Job) -> AsyncIterator[list[Delta]]:
+    async def deltas(self, job: Job) -> AsyncGenerator[list[Delta], None]:
         """Per step, the text deltas of the job's choices; every choice ends with a finish_reason."""
         n, limit = job.request.n, job.request.max_new_tokens
         texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
@@ -176,6 +179,20 @@ class ServingEngine:
         if leftovers:
             yield leftovers
 
+    async def start(self, jobs: list[Job]) -> Generation:
+        """Admit the jobs and run their first step: a slot (429 when none is free), a complete chain, then the
+        first step, so that whatever fails at start-up is an HTTP error. The caller owns the returned generation
+        and must close it; on failure here, the slot and the stream are released before the error is raised."""
+        self.acquire_slot()
+        generation = Generation(self, jobs)
+        try:
+            await self.check_available()
+            await generation.start()
+        except BaseException as e:
+            await generation.aclose()
+            raise swarm_error(e) if isinstance(e, Exception) else e from None
+        return generation
+
     def acquire_slot(self) -> None:
         if self.active >= self.max_concurrent:
             raise APIError(429, "the gateway is at its concurrency limit; retry shortly", code="overloaded",
@@ -184,3 +201,51 @@ class ServingEngine:
 
     def release_slot(self) -> None:
         self.active -= 1
+
+
+class Generation:
+    """An admitted request's generation: it holds one concurrency slot and the stream of its jobs' deltas (the jobs
+    run one after another). Iterate it for the steps; `aclose` (or leaving `async with`) closes the stream, which
+    closes the backend's generation and settles each job's `completion_tokens`, then frees the slot: once, on
+    every path, whoever calls it first."""
+
+    def __init__(self, engine: ServingEngine, jobs: list[Job]):
+        self.jobs = jobs
+        self._engine = engine
+        self._stream = self._steps()
+        self._first: list[Delta] | None = None
+        self._closed = False
+
+    async def _steps(self) -> AsyncGenerator[list[Delta], None]:
+        for job in self.jobs:
+            async with contextlib.aclosing(self._engine.deltas(job)) as deltas:  # closed with us, not by the GC
+                async for step in deltas:
+                    yield step
+
+    async def start(self) -> None:
+        self._first = await anext(self._stream)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> list[Delta]:
+        if self._first is not None:
+            step, self._first = self._first, None
+            return step
+        return await anext(self._stream)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.aclose()
+        finally:
+            self._engine.release_slot()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.aclose()
