@@ -1,10 +1,15 @@
-"""Peer settings: CLI flags map 1:1 to fields, env fills in, bad values are refused."""
+"""Peer settings: CLI flags map 1:1 to fields, env fills in, bad values are refused, help shows defaults."""
 
 from __future__ import annotations
 
-import pytest
+import enum
+from typing import Literal
 
-from swarm.cli import parse_settings
+import pytest
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from swarm.cli import build_parser, parse_settings
 from swarm.model.source import resolve_model
 from swarm.server.settings import PeerSettings
 
@@ -30,3 +35,54 @@ def test_bad_block_ranges_are_refused(blocks):
 def test_unknown_model_reference_is_explained():
     with pytest.raises(FileNotFoundError, match="neither the default model, a local directory nor a hub id"):
         resolve_model("./no/such/dir")
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class ToySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOY_")
+
+    color: Color = Field(Color.RED, description="an enum")
+    bits: Literal[4, 8] = Field(8, description="a literal of ints")
+    mode: Literal["a", "b"] | None = Field(None, description="an optional literal")
+    ports: list[int] = Field(default_factory=lambda: [1, 2], description="a list from a factory")
+    verbose: bool = Field(False, description="a switch")
+    share: float = Field(0.5, description="a 50% share")
+
+
+def help_of(cls, flag: str) -> str:
+    """The help of one flag as one line (argparse wraps it)."""
+    text = " ".join(build_parser(cls, "prog", "").format_help().partition("options:")[2].split())
+    return text[text.index(flag + " "):].split(" --")[0]
+
+
+def test_help_shows_defaults_and_choices():
+    help_text = build_parser(PeerSettings, "peer", "").format_help()
+    assert "PydanticUndefined" not in help_text
+    assert help_of(PeerSettings, "--initial-peers").endswith("multiaddrs of DHT nodes to join (default: [])")
+    assert help_of(PeerSettings, "--device").startswith("--device {auto,cpu,cuda} where the blocks run")
+    assert help_of(PeerSettings, "--quant").startswith("--quant {auto,none,int8,int4,nf4}")
+    assert help_of(PeerSettings, "--model-id").count("(default:") == 1  # its description already says it
+    assert help_of(ToySettings, "--color") == "--color {red,blue} an enum (default: 'red')"
+    assert help_of(ToySettings, "--bits") == "--bits {4,8} a literal of ints (default: 8)"
+    assert help_of(ToySettings, "--mode") == "--mode {a,b} an optional literal (default: None)"
+    assert help_of(ToySettings, "--ports") == "--ports [PORTS ...] a list from a factory (default: [1, 2])"
+    assert help_of(ToySettings, "--share") == "--share SHARE a 50% share (default: 0.5)"
+
+
+def test_choices_and_types_are_parsed_and_others_refused(capsys):
+    settings = parse_settings(ToySettings, "toy", "", ["--color", "blue", "--bits", "4", "--mode", "b",
+                                                       "--ports", "7", "9", "--verbose"])
+    assert (settings.color, settings.bits, settings.mode, settings.ports, settings.verbose) == (
+        Color.BLUE, 4, "b", [7, 9], True)
+    assert parse_settings(ToySettings, "toy", "", []) == ToySettings()
+    for argv in (["--bits", "5"], ["--color", "green"], ["--ports", "x"]):
+        with pytest.raises(SystemExit):
+            parse_settings(ToySettings, "toy", "", argv)
+        assert "invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(PeerSettings, "peer", "", ["--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
