@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import emit, machine, median, versions
 from swarm.client import SwarmClient
-from swarm.client.monitor import probe
+from swarm.client.router import probe
 from swarm.client.routing import Link, PeerView, find_chain
 from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model

@@ -57,11 +57,11 @@ async def swarm_run(client: SwarmClient, chain: list[Link], prompt_ids: list[int
     start = time.perf_counter()
     session = await InferenceSession.open(client.p2p, chain, max_length=len(prompt_ids) + new_tokens)
     async with session:
-        logits = await client.forward(session, torch.tensor([prompt_ids]))
+        logits = await client.prefill(session, torch.tensor([prompt_ids]))
         tokens = [_pick(logits, suppress)]
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
-            logits = await client.forward(session, torch.tensor([[tokens[-1]]]))
+            logits = await client.decode(session, torch.tensor([tokens[-1]]))
             tokens.append(_pick(logits, suppress))
         end = time.perf_counter()
     return first - start, (new_tokens - 1) / (end - first), tokens

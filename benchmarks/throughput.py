@@ -50,7 +50,7 @@ async def one_session(client: SwarmClient, chain, prompt_ids: list[int], new_tok
     session = await InferenceSession.open(client.p2p, chain, max_length=len(prompt_ids) + new_tokens)
     stamps = []
     async with session:
-        logits = await client.forward(session, torch.tensor([prompt_ids]))
+        logits = await client.prefill(session, torch.tensor([prompt_ids]))
         if prefilled is not None:  # the decode phase alone: every session starts decoding once all have prefilled
             await prefilled.wait()
             start = time.perf_counter()
@@ -60,7 +60,7 @@ async def one_session(client: SwarmClient, chain, prompt_ids: list[int], new_tok
             stamps.append(time.perf_counter())
             if len(stamps) == new_tokens:
                 break
-            logits = await client.forward(session, torch.tensor([[int(logits.argmax())]]))
+            logits = await client.decode(session, logits.argmax(dim=-1))
     return start, stamps
 
 
@@ -117,7 +117,8 @@ async def run(args) -> dict:
                     entry["aggregate_tok_s_runs"] = [round(r["aggregate_tok_s"], 2) for r in runs]
                     entry["decode_phase_tok_s_runs"] = [round(r["decode_phase_tok_s"], 2) for r in runs]
                     results.setdefault(name, {})[str(n)] = entry
-            decode_rounds = {"rounds": client.decoding.rounds, "steps": client.decoding.rows} if client.decoding else {}
+            groups = client.pipeline.groups
+            decode_rounds = {"rounds": groups.rounds, "steps": groups.rows} if groups else {}
             rss = {f"{name}:{blocks}": peak_rss_mib(proc.pid)["main"] for (name, blocks), proc in procs.items()}
         finally:
             await client.close()

@@ -85,3 +85,38 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[to
     logprobs = logits.float().log_softmax(dim=-1)
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])
     return logprobs.gather(-1, chosen[:, None]).squeeze(-1), ids, values
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a Sampler chose at one position, per row."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B]: of the chosen tokens (when asked)
+    top_ids: torch.Tensor | None = None  # [B, k]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+
+
+class Sampler:
+    """One request's sampling: adjustments (penalties over the tokens chosen so far, logit bias), the choice (greedy
+    or seeded sampling), and log-probabilities when asked (`logprobs`: how many top alternatives; None: none).
+
+        sampler = Sampler(rows=2, vocab_size=V, params=SamplingParams(temperature=0.7, seed=1), logprobs=3)
+        choice = sampler(logits)   # logits [2, V] → Choice; call once per position, in order
+    """
+
+    def __init__(self, rows: int, vocab_size: int, params: SamplingParams = SamplingParams(),
+                 adjust: LogitsAdjustments = LogitsAdjustments(), logprobs: int | None = None):
+        self.params, self.adjust, self.logprobs = params, adjust, logprobs
+        self.generator = params.generator()
+        self.counts = torch.zeros(rows, vocab_size) if adjust.active else None
+
+    def __call__(self, logits: torch.Tensor) -> Choice:
+        if self.counts is not None:
+            logits = adjust_logits(logits, self.counts, self.adjust)
+        chosen = sample(logits, self.params, self.generator)
+        if self.counts is not None:
+            self.counts[torch.arange(len(chosen)), chosen] += 1
+        if self.logprobs is None:
+            return Choice(chosen)
+        return Choice(chosen, *top_logprobs(logits, chosen, self.logprobs))

@@ -67,10 +67,10 @@ async def swarm_generate(client, chain, prompt: list[int]) -> tuple[list[int], t
     """Greedy NEW_TOKENS through the chain → tokens, logits [NEW_TOKENS, V], decode tok/s."""
     session = await InferenceSession.open(client.p2p, chain, max_length=len(prompt) + NEW_TOKENS)
     async with session:
-        steps = [(await client.forward(session, torch.tensor([prompt]))).reshape(-1)]
+        steps = [(await client.prefill(session, torch.tensor([prompt]))).reshape(-1)]
         first = time.perf_counter()
         for _ in range(NEW_TOKENS - 1):
-            steps.append((await client.forward(session, torch.tensor([[int(steps[-1].argmax())]]))).reshape(-1))
+            steps.append((await client.decode(session, steps[-1].argmax().reshape(1))).reshape(-1))
         rate = (NEW_TOKENS - 1) / (time.perf_counter() - first)
     logits = torch.stack(steps).float()
     return logits.argmax(-1).tolist(), logits, rate

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from swarm.client.monitor import probe
+from swarm.client.router import probe
 from swarm.client.routing import PeerView, chain_seconds, find_chain, missing_blocks
 from swarm.dht import get_spans, start_dht
 from swarm.model.source import DEFAULT_MODEL_ID

@@ -61,8 +61,9 @@ class DecodeGroups:
     """Decode steps of one-row sessions, run in lockstep groups per chain (see the module's doc).
 
     head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread;
-    logits: computes head.logits of hidden [k, 1, H] (the client passes its own LM-head batcher, which merges the
-    calls of groups finishing together); default: head.logits through `run`.
+    logits: computes head.logits of hidden [k, 1, H] (the decode pipeline passes its head stage's batcher, which
+    merges the calls of groups finishing together); default: head.logits through `run`.
+    A session is used through `chain_key`, `position`, `closed` and `step(hidden, position, group)`.
     """
 
     def __init__(self, head: Any, run: Callable[..., Awaitable[Any]], max_groups: int | None = None,
@@ -81,12 +82,8 @@ class DecodeGroups:
         self.rounds = self.rows = 0  # rounds run and the steps they carried (rows / rounds = mean group)
 
     def groups(self, chain: tuple[str, ...]) -> list[list[InferenceSession]]:
-        """The members of each group with any on `chain` (see chain_of), for tests and stats."""
+        """The members of each group with any on `chain` (a session's chain_key), for tests and stats."""
         return [list(group.members) for group in self._groups.get(chain, []) if group.members]
-
-    @staticmethod
-    def chain_of(session: InferenceSession) -> tuple[str, ...]:
-        return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in session.streams)
 
     async def step(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
         """The next token input_ids [1, 1] of `session` (at its position) through the chain → logits [1, 1, V]."""
@@ -101,7 +98,7 @@ class DecodeGroups:
         return await future
 
     def _group_for(self, session: InferenceSession) -> _Group:
-        chain = self.chain_of(session)
+        chain = session.chain_key
         group = self._member_of.get(session)
         if group is not None and group.chain == chain:
             return group

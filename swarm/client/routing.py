@@ -102,15 +102,15 @@ def can_hold(info: SpanInfo, length: int, batch: int = 1) -> bool:
     return info.max_length >= length and (info.kv_budget_tokens <= 0 or info.kv_budget_tokens >= batch * length)
 
 
-def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, banned: Iterable[str] = (),
+def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: Iterable[str] = (),
                start: int = 0, end: int | None = None,
                views: Mapping[str, PeerView] | None = None, length: int = 0, batch: int = 1) -> list[Link]:
-    """The fastest chain over blocks [start, end) (default: the whole model) of routable, unbanned peers that can
-    hold a session of `batch` x `length` tokens; raises NoChainError naming the uncovered blocks. A replacement for
-    a failed part of a chain asks for that part only."""
+    """The fastest chain over blocks [start, end) (default: the whole model) of routable peers not in `exclude` that
+    can hold a session of `batch` x `length` tokens; raises NoChainError naming the uncovered blocks. A replacement
+    for a failed part of a chain asks for that part only."""
     end = num_blocks if end is None else end
-    banned, views = set(banned), views or {}
-    usable = [s for s in spans if s.routable and s.peer_id not in banned and s.end <= num_blocks
+    excluded, views = set(exclude), views or {}
+    usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
               and can_hold(s, length, batch)]
     nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
     # A link over [p, q) of span s costs fixed[s] + (q - p) * per_block[s]. Walking the boundaries from the end

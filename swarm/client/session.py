@@ -1,6 +1,6 @@
 """Inference sessions: one persistent stream per peer of a chain, hidden states passed along it step by step.
 
-    session = await InferenceSession.open(p2p, chain, max_length=512)
+    session = await InferenceSession.routed(p2p, router, max_length=512)   # or .open(p2p, chain, ...) by hand
     hidden = await session.step(embeddings)         # [B, T, H] at the next position → [B, T, H] after all blocks
     await session.close()                            # the peers free the session's KV cache
 """
@@ -12,15 +12,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
+from swarm.client.health import Outcome
+from swarm.client.router import Router
 from swarm.client.routing import Link
 from swarm.codec import (
     END_OF_STREAM,
@@ -31,7 +31,7 @@ from swarm.codec import (
     send_message,
     unpack_metadata,
 )
-from swarm.protocol import INFERENCE_HANDLER, ErrorCode, OpenRequest, PeerError
+from swarm.protocol import INFERENCE_HANDLER, ErrorCode, NoChainError, OpenRequest, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,12 @@ class PeerStream:
         metadata: dict = {"type": "step", "position": position}
         if group is not None:
             metadata["group"] = list(group)
-        await self._send(make_request(metadata, (hidden,)))
-        response = await self._receive(timeout, expected="result")
+        try:
+            await self._send(make_request(metadata, (hidden,)))
+            response = await self._receive(timeout, expected="result")
+        except asyncio.CancelledError:
+            await self.close()  # this step's answer would be read as the next step's: the stream cannot go on
+            raise
         if len(response.tensors) != 1:
             raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
         try:
@@ -144,22 +148,6 @@ class PeerStream:
         self._pump.cancel()
 
 
-# reroute(start, end, avoid, faulty): a chain over [start, end) without the peers in `avoid`; those in `faulty` failed
-# (the others were full) and deserve a client-wide ban.
-Reroute = Callable[[int, int, set[str], set[str]], Awaitable[list[Link]]]
-
-
-class SessionTracker(Protocol):
-    """Told which peers a session holds a stream to (routing counts the client's own sessions per peer) and how
-    long their decode steps take (routing checks what peers announce against it)."""
-
-    def opened(self, peer_ids: Iterable[str]) -> None: ...
-
-    def closed(self, peer_ids: Iterable[str]) -> None: ...
-
-    def observed(self, peer_id: str, blocks: int, seconds: float) -> None: ...
-
-
 @dataclass(frozen=True)
 class FailoverPolicy:
     """How a session survives peers that fail mid-stream."""
@@ -168,33 +156,40 @@ class FailoverPolicy:
     min_step_timeout: float = 5.0  # a decode step never times out sooner than this...
     latency_factor: float = 10.0  # ...nor sooner than this many times the link's usual decode step
     replay_chunk: int = 1024  # tokens per replay step
+    open_attempts: int = 3  # chains tried to open a session on, when peers refuse or fail the opening
+
+
+def outcome_of(error: PeerError) -> Outcome:
+    """What a peer's error says about the peer, for the router."""
+    if error.code == ErrorCode.MOVED:
+        return Outcome.MOVED
+    if error.code == ErrorCode.CAPACITY:
+        return Outcome.REFUSED
+    return Outcome.FAILED
 
 
 class InferenceSession:
     """A session over a whole chain: `step` runs new tokens' hidden states through every block.
 
     It keeps, for every link, the inputs it sent for the positions cached so far. When a peer fails (connection
-    lost, error, timeout, a malformed or non-finite answer) and a `reroute` is given, the peer is banned for this
-    session, a replacement chain for just that link's blocks is opened, the kept inputs are replayed to rebuild its
-    KV cache, and the step goes on: the caller sees no error, and greedy output is unchanged.
+    lost, error, timeout, a malformed or non-finite answer) and the session has a `router`, the failure is reported
+    to it, a replacement chain for just that link's blocks is routed and opened, the kept inputs are replayed to
+    rebuild its KV cache, and the step goes on: the caller sees no error, and greedy output is unchanged.
+    Without a router (a chain chosen by hand) a failure is raised.
     """
 
     def __init__(self, p2p: P2P, streams: list[PeerStream], max_length: int, batch_size: int, step_timeout: float,
-                 reroute: Reroute | None = None, policy: FailoverPolicy | None = None,
-                 tracker: SessionTracker | None = None):
+                 router: Router | None = None, policy: FailoverPolicy | None = None):
         self.p2p = p2p
         self.streams = streams
-        self.tracker = tracker
-        if tracker is not None:
-            tracker.opened(self._peer_ids(streams))
+        self.router = router
+        if router is not None:
+            router.opened(self._peer_ids(streams))
         self.max_length = max_length
         self.batch_size = batch_size
         self.step_timeout = step_timeout
-        self.reroute = reroute
         self.policy = policy or FailoverPolicy()
         self.position = 0  # tokens every peer has cached
-        self.banned: set[str] = set()  # peers this session no longer uses
-        self.faulty: set[str] = set()  # ...of which these failed (the others were full)
         self.failovers = 0
         self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
@@ -202,14 +197,45 @@ class InferenceSession:
 
     @classmethod
     async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1, timeout: float = 30.0,
-                   reroute: Reroute | None = None, policy: FailoverPolicy | None = None,
-                   tracker: SessionTracker | None = None) -> InferenceSession:
+                   router: Router | None = None, policy: FailoverPolicy | None = None) -> InferenceSession:
+        """A session over this chain (with a router: replaced link by link when peers fail)."""
         streams = await open_streams(p2p, chain, max_length, batch_size, timeout)
-        return cls(p2p, streams, max_length, batch_size, timeout, reroute, policy, tracker)
+        return cls(p2p, streams, max_length, batch_size, timeout, router, policy)
+
+    @classmethod
+    async def routed(cls, p2p: P2P, router: Router, max_length: int, batch_size: int = 1, timeout: float = 30.0,
+                     policy: FailoverPolicy | None = None) -> InferenceSession:
+        """A session on the fastest chain now. A peer that refuses or fails the opening (the router's view is a few
+        seconds old: the peer may have filled up, started moving or died) is reported, and another chain is tried;
+        when nobody else serves its blocks, its own answer is raised."""
+        policy = policy or FailoverPolicy()
+        for attempt in range(policy.open_attempts):
+            chain = await router.route(length=max_length, batch=batch_size)
+            peers = [link.peer.peer_id for link in chain]
+            router.opened(peers)  # before the await: sessions opened concurrently see each other
+            try:
+                return await cls.open(p2p, chain, max_length, batch_size, timeout, router, policy)
+            except PeerError as e:
+                if not e.peer_id or attempt + 1 == policy.open_attempts:
+                    raise
+                router.report(e.peer_id, outcome_of(e))
+                try:
+                    await router.route(length=max_length, batch=batch_size, fresh=e.code == ErrorCode.MOVED)
+                except NoChainError:
+                    raise e from None  # no one else serves those blocks: the peer's own answer says most
+                logger.info("peer %s refused a new session (%s); trying another chain", e.peer_id, e)
+            finally:
+                router.closed(peers)  # the session counts its own links
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _peer_ids(streams: list[PeerStream]) -> list[str]:
         return [stream.link.peer.peer_id for stream in streams]
+
+    @property
+    def chain_key(self) -> tuple[str, ...]:
+        """Which peers serve which blocks of this session now: sessions with equal keys decode together."""
+        return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in self.streams)
 
     async def step(self, hidden: torch.Tensor, position: int | None = None,
                    group: tuple[str, int] | None = None) -> torch.Tensor:
@@ -253,24 +279,26 @@ class InferenceSession:
         if hidden.shape[1] == 1:
             old = self._latency[i]
             self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            if self.tracker is not None and hidden.shape[0] == 1:
+            if self.router is not None and hidden.shape[0] == 1:
                 link = self.streams[i].link
-                self.tracker.observed(link.peer.peer_id, link.end - link.start, seconds)
+                self.router.observed(link.peer.peer_id, link.end - link.start, seconds)
 
     async def _fail_over(self, i: int, position: int, error: PeerError) -> None:
         """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay."""
         failed = self.streams[i]
         await failed.close()
-        self._avoid(failed.link.peer.peer_id, error)
         kept = self._inputs[i]
         while True:
-            if self.reroute is None or self.failovers >= self.policy.max_failovers:
+            if self.router is None:
+                raise error
+            self.router.report(error.peer_id or failed.link.peer.peer_id, outcome_of(error))
+            if self.failovers >= self.policy.max_failovers:
                 raise error
             self.failovers += 1
             logger.warning("peer %s failed (%s); replacing blocks %d:%d", error.peer_id, error, failed.link.start,
                            failed.link.end)
-            chain = await self.reroute(failed.link.start, failed.link.end, set(self.banned),
-                                       set(self.faulty))  # NoChainError: none
+            chain = await self.router.route(failed.link.start, failed.link.end, length=self.max_length,
+                                            batch=self.batch_size, fresh=True, replacing=True)  # NoChainError: none
             streams: list[PeerStream] = []
             try:
                 streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout)
@@ -283,23 +311,14 @@ class InferenceSession:
             except PeerError as e:
                 for stream in streams:
                     await stream.close()
-                self._avoid(e.peer_id or "", e)
                 error = e
                 continue
-            if self.tracker is not None:
-                self.tracker.closed(self._peer_ids([failed]))
-                self.tracker.opened(self._peer_ids(streams))
+            self.router.closed(self._peer_ids([failed]))
+            self.router.opened(self._peer_ids(streams))
             self.streams[i : i + 1] = streams
             self._inputs[i : i + 1] = inputs
             self._latency[i : i + 1] = [None] * len(streams)
             return
-
-    def _avoid(self, peer_id: str, error: PeerError) -> None:
-        if error.code == ErrorCode.MOVED:
-            return  # it left these blocks (the fresh view it is rerouted with says so) but may serve the next ones
-        self.banned.add(peer_id)
-        if error.code != ErrorCode.CAPACITY:
-            self.faulty.add(peer_id)
 
     async def _replay(self, stream: PeerStream, history: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -312,9 +331,9 @@ class InferenceSession:
         self.closed = True
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
             await stream.close()
-        if self.tracker is not None:
-            self.tracker.closed(self._peer_ids(self.streams))
-            self.tracker = None
+        if self.router is not None:
+            self.router.closed(self._peer_ids(self.streams))
+            self.router = None
 
     async def __aenter__(self) -> InferenceSession:
         return self

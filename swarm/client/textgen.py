@@ -15,6 +15,7 @@ reuse (a peer freed it) falls back to a fresh session.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
+from kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 from swarm.client.client import SwarmClient
+from swarm.client.pipeline import StepOutput
 from swarm.client.requests import GenerationRequest, TokenEvent
 from swarm.client.session import InferenceSession
 from swarm.protocol import ErrorCode, NoChainError, PeerError
@@ -46,11 +48,9 @@ class SwarmTextService:
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
         self.tokenizer = tokenizer
         self.model_id = client.model_id
-        config = client.head.config
-        self.context_length: int = getattr(config, "max_position_embeddings", 2048)
+        self.context_length: int = getattr(client.head.config, "max_position_embeddings", 2048)
         self.vocab_size: int = client.head.vocab_size
-        eos = config.eos_token_id
-        self.eos_token_ids: tuple[int, ...] = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        self.eos_token_ids: tuple[int, ...] = client.head.eos_token_ids
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None,
@@ -78,43 +78,37 @@ class SwarmTextService:
         return self.tokenizer.decode([token_id])
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
-        """Yield, per step, one event per unfinished choice; ends when every choice hit a stop token or the limit."""
-        sampling = SamplingParams(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        adjust = LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
-                                   tuple(request.logit_bias.items()))
-        stop_ids = set(request.stop_token_ids)
-        n, client = request.n, self.client
-        prompt = list(request.prompt_ids)
+        """Yield, per step, one event per unfinished choice; ends when every choice hit a stop token or the limit.
+        However the caller stops (after the last event, or early), a single-choice session whose peers hold
+        exactly the tokens fed so far is parked for the next turn."""
+        n, prompt = request.n, list(request.prompt_ids)
         session, start = await self._session_for(prompt, request.max_new_tokens, n)
-        fed = prompt[:start]  # tokens whose KV the peers hold, in order
-        keep = False
+        sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
+                          LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
+                                            tuple(request.logit_bias.items())), request.logprobs)
+        steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
+                                              request.max_new_tokens, position=start)
+        stop_ids = set(request.stop_token_ids)
+        chosen: list[int] = []  # row 0's tokens: all but the last have been fed to the session
+        active = [True] * n
         try:
-            generator = sampling.generator()
-            counts = torch.zeros(n, self.vocab_size)
-            active = [True] * n
-            tokens = torch.tensor([prompt[start:]] * n)
-            position: int | None = start
-            for _ in range(request.max_new_tokens):
-                logits = (await client.forward(session, tokens, position))[:, -1]
-                fed += tokens[0].tolist()
-                position = None
-                chosen, events = await client.run_in_worker(
-                    self._choose, logits, counts, adjust, sampling, generator, request)
-                step = []
+            async for step in steps:
+                chosen.append(int(step.token_ids[0]))
+                events = []
                 for i in range(n):
                     if active[i]:
-                        event = events[i]
+                        event = _event(step, i)
                         if event.token_id in stop_ids:
-                            event = TokenEvent(i, event.token_id, event.logprob, event.top_logprobs, stop=True)
+                            event = dataclasses.replace(event, stop=True)
                             active[i] = False
-                        step.append(event)
-                yield step
+                        events.append(event)
+                yield events
                 if not any(active):
                     break
-                tokens = chosen[:, None]
-            keep = n == 1 and self.reuse_sessions > 0
         finally:
-            if keep:
+            await steps.aclose()
+            fed = prompt + chosen[:-1]
+            if n == 1 and self.reuse_sessions > 0 and self._alive(session) and session.position == len(fed):
                 await self._park(fed, session)
             else:
                 await session.close()
@@ -175,25 +169,19 @@ class SwarmTextService:
                                 or now - self._parked[-1][2] > self.PARK_SECONDS):
             await self._parked.pop()[1].close()
 
-    def _choose(self, logits, counts, adjust, sampling, generator, request) -> tuple[torch.Tensor, list[TokenEvent]]:
-        if adjust.active:
-            logits = adjust_logits(logits, counts, adjust)
-        chosen = sample(logits, sampling, generator)
-        counts[torch.arange(len(chosen)), chosen] += 1
-        if request.logprobs is None:
-            return chosen, [TokenEvent(i, int(t)) for i, t in enumerate(chosen)]
-        chosen_lp, top_ids, top_lp = top_logprobs(logits, chosen, request.logprobs)
-        return chosen, [
-            TokenEvent(i, int(chosen[i]), float(chosen_lp[i]),
-                       list(zip(top_ids[i].tolist(), top_lp[i].tolist(), strict=True)))
-            for i in range(len(chosen))
-        ]
-
     async def close(self) -> None:
         for _, session, _ in self._parked:
             await session.close()
         self._parked.clear()
         await self.client.close()
+
+
+def _event(step: StepOutput, i: int) -> TokenEvent:
+    token = int(step.token_ids[i])
+    if step.logprobs is None or step.top_ids is None or step.top_logprobs is None:
+        return TokenEvent(i, token)
+    return TokenEvent(i, token, float(step.logprobs[i]),
+                      list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

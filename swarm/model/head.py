@@ -41,6 +41,12 @@ class LocalHead(nn.Module):
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The config's end-of-sequence token(s), as a tuple whatever form the config gives them in."""
+        eos = self.config.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
         """input_ids: [B, T] of tokens at positions position.. → hidden [B, T, H], the input of block 0."""

@@ -82,20 +82,21 @@ async def test_hung_peer_is_detected_by_a_step_timeout_and_replaced(client, swar
             proc.signal(signal.SIGCONT)
     assert tokens == expected
     assert session.failovers >= 1
-    # min_step_timeout is 1 s here: the hang costs about that plus the replay, not a fixed minutes-long wait.
-    assert fault_step_seconds < 5.0, fault_step_seconds
+    # min_step_timeout is 1 s here: the hang costs about that plus the replay (~2 s measured), far from the 30 s
+    # step timeout a session without latency-based timeouts would wait; 15 s leaves room for a busy 2-core machine.
+    assert fault_step_seconds < 15.0, fault_step_seconds
 
 
 async def test_no_replacement_left_raises_no_chain_naming_the_blocks(client, swarm):
     session = await client.inference_session(len(PROMPT) + NEW_TOKENS)
     async with session:
-        await client.forward(session, torch.tensor([PROMPT]))
+        await client.prefill(session, torch.tensor([PROMPT]))
         for proc in swarm.by_peer.values():
             proc.signal(signal.SIGKILL)
         await asyncio.get_running_loop().run_in_executor(None, lambda: [p.proc.wait(10) for p in
                                                                         swarm.by_peer.values()])
         with pytest.raises(NoChainError, match="blocks 0:"):
-            await client.forward(session, torch.tensor([[5]]))
+            await client.decode(session, torch.tensor([5]))
 
 
 async def test_peer_answering_nan_is_banned_and_replaced(tmp_path, tiny_model_dir, expected):
@@ -116,7 +117,7 @@ async def test_peer_answering_nan_is_banned_and_replaced(tmp_path, tiny_model_di
                 steps = client.generate_steps(torch.tensor([PROMPT]), NEW_TOKENS, session=session)
                 tokens = [int(step.token_ids[0]) async for step in steps]
             assert tokens == expected
-            assert session.failovers == 1 and bad_id in client.banned()
+            assert session.failovers == 1 and bad_id in client.router.banned()
             assert bad_id not in {link.peer.peer_id for link in await client.chain()}
         finally:
             await client.close()

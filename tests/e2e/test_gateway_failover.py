@@ -111,7 +111,7 @@ async def test_peer_answering_nan_under_four_streams_is_invisible(sdk, observer,
     bad_id = LocalSwarm.peer_id(bad)
     swarm.peers[bad_id] = ("0:30", bad)
     await poll(lambda: _listed(observer, bad_id))
-    await asyncio.sleep(observer.monitor.period + 0.5)  # the gateway's client has refreshed its view since
+    await asyncio.sleep(observer.router.period + 0.5)  # the gateway's client has refreshed its view since
     texts = await asyncio.gather(*(stream(sdk, p) for p in PROMPTS))
     assert texts == baseline
     assert "answered with NaN" in next(p for p in swarm.processes if p.name.startswith("gateway")).log()

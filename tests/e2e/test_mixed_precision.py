@@ -38,11 +38,11 @@ async def greedy(client, chain, ids, steps):
     logits_per_step, tokens = [], []
     session = await InferenceSession.open(client.p2p, chain, max_length=ids.shape[1] + steps)
     async with session:
-        logits = await client.forward(session, ids)
+        logits = await client.prefill(session, ids)
         for _ in range(steps):
             logits_per_step.append(logits.reshape(-1))
             tokens.append(int(logits.argmax()))
-            logits = await client.forward(session, torch.tensor([[tokens[-1]]]))
+            logits = await client.decode(session, torch.tensor([tokens[-1]]))
     return tokens, torch.stack(logits_per_step)
 
 

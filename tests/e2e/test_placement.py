@@ -92,8 +92,7 @@ async def test_peers_without_blocks_cover_the_model_and_close_a_hole_left_by_sig
             for replica in doubled:
                 chain = [Link(replica if blocks == (replica.start, replica.end) else by_span[blocks][0], *blocks)
                          for blocks in sorted(by_span)]
-                sessions.append(await InferenceSession.open(client.p2p, chain, 64, reroute=client._reroute,
-                                                            tracker=client.monitor))
+                sessions.append(await InferenceSession.open(client.p2p, chain, 64, router=client.router))
             firsts = [await greedy(client, ids_, 4, session) for ids_, session in zip(prompts, sessions, strict=True)]
 
             logged = {peer: len(proc.log()) for peer, proc in ids.items()}
@@ -145,7 +144,7 @@ async def test_concurrent_sessions_spread_over_replicas_and_a_slow_peer_gets_few
                 sessions = await asyncio.gather(*(client.inference_session(32) for _ in range(8)))
                 try:
                     for session in sessions:  # each works
-                        await client.forward(session, torch.tensor([[1, 2, 3]]))
+                        await client.prefill(session, torch.tensor([[1, 2, 3]]))
                     # what the peers themselves count, not what the client believes
                     infos = await asyncio.gather(*(client.peer_info(p) for p in {*peers, *extra}))
                     return {info.peer_id: info.active_sessions for info in infos}

@@ -125,7 +125,8 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
                                    eos_token_id=None)[0, i.shape[1]:].tolist() for i in ids]
     first = smol_swarm.peers["0:15"]
     before = await smol_client.peer_info(first)
-    rounds, grouped = smol_client.decoding.rounds, smol_client.decoding.rows
+    groups = smol_client.pipeline.groups
+    rounds, grouped = groups.rounds, groups.rows
     smol_client.allowed_peers = {smol_swarm.peers[blocks] for blocks in TWO}  # not spread over the 3-peer chain
     try:
         runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
@@ -138,7 +139,7 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
     forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
     assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)  # 6 sessions × 15 decode steps, shared forwards
     # the client sent them in lockstep groups (two on a 2-peer chain: three sessions per round)
-    rounds, grouped = smol_client.decoding.rounds - rounds, smol_client.decoding.rows - grouped
+    rounds, grouped = groups.rounds - rounds, groups.rows - grouped
     assert grouped == 6 * 15 and grouped / rounds > 2, (grouped, rounds)
 
 

@@ -96,7 +96,7 @@ async def free_kv_is_full(client, peer_id):
 async def test_closed_session_frees_the_peers_kv(tiny_client):
     chain = await tiny_client.chain()
     session = await InferenceSession.open(tiny_client.p2p, chain, max_length=300)
-    await tiny_client.forward(session, torch.tensor([prompt(3)]))
+    await tiny_client.prefill(session, torch.tensor([prompt(3)]))
     for link in chain:  # a session reserves KV as it grows, in chunks of 128 tokens: 7 tokens cached → 128 held
         info = await tiny_client.peer_info(link.peer.peer_id)
         assert info.free_kv_tokens <= info.kv_budget_tokens - 128 and info.active_sessions >= 1
@@ -118,7 +118,7 @@ async def test_idle_session_times_out_and_is_freed(tiny_client):
     for link in chain:  # the peers' idle timeout is 4 s
         await poll(lambda link=link: free_kv_is_full(tiny_client, link.peer.peer_id), timeout=12)
     with pytest.raises(PeerError, match="idle"):
-        await tiny_client.forward(session, torch.tensor([prompt(4)]))
+        await tiny_client.prefill(session, torch.tensor([prompt(4)]))
     await session.close()
 
 

@@ -88,7 +88,7 @@ async def test_allowlists_on_both_sides(swarm, tmp_path, tiny_model_dir):
         stranger.allowed_peers = {guarded_id}
         with pytest.raises(PeerError, match="not allowed"):
             session = await stranger.inference_session(16)
-            await stranger.forward(session, torch.tensor([[5, 6]]))
+            await stranger.prefill(session, torch.tensor([[5, 6]]))
     finally:
         guarded.stop()
         await client.close()

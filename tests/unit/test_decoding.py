@@ -26,7 +26,7 @@ class FakeHead:
 
 
 class FakeSession:
-    """What DecodeGroups uses of an InferenceSession: its links, position, closed flag and step."""
+    """What DecodeGroups uses of an InferenceSession: its chain key, position, closed flag and step."""
 
     def __init__(self, name: str, chain: tuple[str, ...] = ("a", "b"), delay: float = 0.01,
                  fail: Exception | None = None):
@@ -38,6 +38,10 @@ class FakeSession:
         self.delay, self.fail = delay, fail
         self.tags: list[tuple[str, int]] = []
         self.cancelled = 0
+
+    @property
+    def chain_key(self) -> tuple[str, ...]:
+        return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in self.streams)
 
     async def step(self, hidden: torch.Tensor, position=None, group=None) -> torch.Tensor:
         self.tags.append(group)
@@ -74,7 +78,7 @@ async def test_sessions_of_a_chain_form_one_group_per_peer_and_advance_in_rounds
     groups = DecodeGroups(head, run_in_thread)
     sessions = [FakeSession(f"s{i}") for i in range(8)]
     await asyncio.gather(*(decode(groups, s, 5) for s in sessions))
-    chain = DecodeGroups.chain_of(sessions[0])
+    chain = sessions[0].chain_key
     sizes = sorted(len(g) for g in groups.groups(chain))
     assert sizes == [4, 4], sizes  # two peers in the chain: two groups, dealt evenly
     # every round of a group carried all its members under one tag, whose size is the round's
@@ -86,21 +90,22 @@ async def test_sessions_of_a_chain_form_one_group_per_peer_and_advance_in_rounds
 
 
 async def test_a_single_session_runs_alone_without_waiting_and_max_groups_caps_the_groups():
-    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    # waits of 30 s: a lone session that waited for anyone would take minutes, not the few ms its 20 steps take
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=30.0, join_wait=30.0)
     lone = FakeSession("lone", delay=0.0)
     start = asyncio.get_running_loop().time()
     await decode(groups, lone, 20)
-    assert asyncio.get_running_loop().time() - start < 0.5 and lone.tags[0][1] == 1
+    assert asyncio.get_running_loop().time() - start < 10 and lone.tags[0][1] == 1
     sessions = [FakeSession(f"s{i}") for i in range(6)]
     await asyncio.gather(*(decode(groups, s, 3) for s in sessions))
-    assert [len(g) for g in groups.groups(DecodeGroups.chain_of(sessions[0]))] == [6]  # lone was left out
+    assert [len(g) for g in groups.groups(sessions[0].chain_key)] == [6]  # lone was left out
 
 
 async def test_a_session_starting_late_joins_its_group_at_the_next_round():
     groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
     first, second = FakeSession("first", delay=0.05), FakeSession("second", delay=0.05)
-    task = asyncio.ensure_future(decode(groups, first, 6))
-    await asyncio.sleep(0.07)  # `first` is in its second round
+    task = asyncio.ensure_future(decode(groups, first, 30))  # 1.5 s of rounds: `second` starts well within them
+    await asyncio.sleep(0.07)  # `first` is in its second round (or later, on a busy machine)
     await decode(groups, second, 3)
     await task
     joined = [tag for tag in first.tags if tag[1] == 2]
@@ -108,13 +113,14 @@ async def test_a_session_starting_late_joins_its_group_at_the_next_round():
 
 
 async def test_members_that_stop_asking_are_left_out_after_straggle():
-    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=0.02)
+    # straggle 0.3 s: waited at least that, and clearly less than join_wait (30 s), which is not for idle members
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=0.3, join_wait=30.0)
     busy, quick = FakeSession("busy", delay=0.0), FakeSession("quick", delay=0.0)
     await asyncio.gather(decode(groups, busy, 1), decode(groups, quick, 1))
     start = asyncio.get_running_loop().time()
     await decode(groups, quick, 1)  # busy does not ask: quick waits straggle, then goes alone
-    assert 0.015 < asyncio.get_running_loop().time() - start < 0.2
-    assert quick.tags[-1][1] == 1 and busy not in groups.groups(DecodeGroups.chain_of(quick))[0]
+    assert 0.29 <= asyncio.get_running_loop().time() - start < 10
+    assert quick.tags[-1][1] == 1 and busy not in groups.groups(quick.chain_key)[0]
     busy.closed = True  # a closed member is not waited for at all
     groups2 = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=5.0)
     a, b = FakeSession("a", delay=0.0), FakeSession("b", delay=0.0)
@@ -144,11 +150,11 @@ async def test_a_session_whose_chain_changed_moves_to_the_groups_of_its_new_chai
     groups = DecodeGroups(FakeHead(), run_in_thread)
     moving, staying = FakeSession("moving"), FakeSession("staying")
     await asyncio.gather(decode(groups, moving, 1), decode(groups, staying, 1))
-    old = DecodeGroups.chain_of(moving)
+    old = moving.chain_key
     moving.streams[1].link.peer.peer_id = "c"  # its second peer was replaced (failover)
     await asyncio.gather(decode(groups, moving, 1), decode(groups, staying, 1))
     assert [len(g) for g in groups.groups(old)] == [1]
-    assert [len(g) for g in groups.groups(DecodeGroups.chain_of(moving))] == [1]
+    assert [len(g) for g in groups.groups(moving.chain_key)] == [1]
 
 
 async def test_sessions_dropped_by_their_callers_leave_their_groups():
@@ -156,7 +162,7 @@ async def test_sessions_dropped_by_their_callers_leave_their_groups():
 
     groups = DecodeGroups(FakeHead(), run_in_thread)
     sessions = [FakeSession(f"s{i}") for i in range(4)]
-    chain = DecodeGroups.chain_of(sessions[0])
+    chain = sessions[0].chain_key
     await asyncio.gather(*(decode(groups, s, 2) for s in sessions))
     assert sum(len(g) for g in groups.groups(chain)) == 4
     del sessions
@@ -168,7 +174,7 @@ async def test_sessions_closed_since_their_last_round_do_not_unbalance_the_next_
     groups = DecodeGroups(FakeHead(), run_in_thread)
     old = [FakeSession(f"old{i}") for i in range(6)]
     await asyncio.gather(*(decode(groups, s, 1) for s in old))
-    chain = DecodeGroups.chain_of(old[0])
+    chain = old[0].chain_key
     finished, going_on = groups.groups(chain)  # 3 and 3
     for s in finished:
         s.closed = True  # its caller still holds it

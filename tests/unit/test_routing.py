@@ -46,9 +46,9 @@ def test_hole_is_named_in_the_error():
 
 def test_banned_peer_is_avoided_or_leaves_a_hole():
     spans = [span("a", 0, 30), span("b", 0, 15), span("c", 15, 30)]
-    assert links(find_chain(spans, "m", 30, banned={"a"})) == [("b", 0, 15), ("c", 15, 30)]
+    assert links(find_chain(spans, "m", 30, exclude={"a"})) == [("b", 0, 15), ("c", 15, 30)]
     with pytest.raises(NoChainError, match="0:15"):
-        find_chain(spans, "m", 30, banned={"a", "b"})
+        find_chain(spans, "m", 30, exclude={"a", "b"})
 
 
 def test_no_peers_at_all():
@@ -59,7 +59,7 @@ def test_no_peers_at_all():
 
 def test_a_part_of_the_model_can_be_routed_alone():
     spans = [span("a", 0, 30), span("b", 0, 12), span("c", 12, 30)]
-    assert links(find_chain(spans, "m", 30, banned={"a"}, start=10, end=20)) == [("b", 10, 12), ("c", 12, 20)]
+    assert links(find_chain(spans, "m", 30, exclude={"a"}, start=10, end=20)) == [("b", 10, 12), ("c", 12, 20)]
     assert links(find_chain(spans, "m", 30, start=10, end=20)) == [("a", 10, 20)]
     with pytest.raises(NoChainError, match="blocks 10:12 of m"):
         find_chain([span("c", 12, 30)], "m", 30, start=10, end=20)

@@ -15,7 +15,7 @@ class FakeClient:
 
     def __init__(self, holds: int):
         self.holds = holds  # the longest session any chain can hold
-        self.head = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192, eos_token_id=0),
+        self.head = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192), eos_token_ids=(0,),
                                     vocab_size=100)
         self.asked: list[int] = []
 

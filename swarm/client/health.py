@@ -1,0 +1,140 @@
+"""What this client has seen of each peer: failures (bans with backoff), refusals, round trips, decode speed, and the
+sessions it has open through it. Pure bookkeeping with an injected clock; `swarm.client.router` owns one.
+
+    health = PeerHealth()
+    health.report("Qm...", Outcome.FAILED)   # banned 15 s; the next failure after that ban, 30 s; ... up to 10 min
+    health.view("Qm...")                     # PeerView for route search: RTT, own sessions, observed speed
+
+Outcomes a session or a probe reports:
+- FAILED: an error reply, a lost connection, a timeout, a malformed or non-finite answer, a failed probe. The peer is
+  banned; a failure while it is banned does not lengthen the ban (sixteen sessions failing on one dead peer are one
+  episode), the first failure after a ban doubles the next one.
+- REFUSED: the peer is full (capacity). Not its fault: routed around for REFUSAL_SECONDS, long enough for the view's
+  next refresh to show its free KV, without a ban.
+- MOVED: the peer left the blocks it was asked for. Nothing is recorded against the peer; the router re-reads the
+  swarm before its next route, where the peer's record shows where it went.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from swarm.client.routing import PeerView
+
+RTT_SMOOTHING = 0.3  # weight of a new RTT sample
+STEP_SMOOTHING = 0.1  # weight of a new decode-step sample
+OBSERVATION_TTL = 60.0  # seconds a peer's observed step time counts without new samples
+
+
+class Outcome(StrEnum):
+    FAILED = "failed"
+    REFUSED = "refused"
+    MOVED = "moved"
+
+
+@dataclass
+class _Peer:
+    banned_until: float = 0.0
+    ban_length: float = 0.0  # the last ban's length: the next one lasts twice as long
+    refused_until: float = 0.0
+    rtt: float | None = None  # smoothed probe round trip (s)
+    step: float | None = None  # smoothed decode step per block as this client saw it (s), RTT taken out
+    step_seen: float = 0.0  # when `step` last had a sample
+    sessions: int = 0  # sessions this client has open through the peer now
+    counted: int = 0  # `sessions` when the peer's record was last read (the record's load includes those)
+
+
+class PeerHealth:
+    BAN_SECONDS = 15.0
+    MAX_BAN_SECONDS = 600.0
+    REFUSAL_SECONDS = 5.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._peers: dict[str, _Peer] = {}
+
+    def _peer(self, peer_id: str) -> _Peer:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._peers[peer_id] = _Peer()
+        return peer
+
+    # -- outcomes ---------------------------------------------------------------------------------------------------
+
+    def report(self, peer_id: str, outcome: Outcome) -> None:
+        peer, now = self._peer(peer_id), self.clock()
+        if outcome == Outcome.FAILED and peer.banned_until <= now:
+            peer.ban_length = min(2 * peer.ban_length if peer.ban_length else self.BAN_SECONDS, self.MAX_BAN_SECONDS)
+            peer.banned_until = now + peer.ban_length
+        elif outcome == Outcome.REFUSED:
+            peer.refused_until = now + self.REFUSAL_SECONDS
+
+    def banned(self) -> set[str]:
+        """Peers that failed lately: avoided, but used when nobody else serves their blocks."""
+        now = self.clock()
+        return {peer_id for peer_id, peer in self._peers.items() if peer.banned_until > now}
+
+    def refused(self) -> set[str]:
+        """Peers that refused a session for capacity lately: avoided."""
+        now = self.clock()
+        return {peer_id for peer_id, peer in self._peers.items() if peer.refused_until > now}
+
+    def ban_left(self, peer_id: str) -> float:
+        peer = self._peers.get(peer_id)
+        return max(0.0, peer.banned_until - self.clock()) if peer else 0.0
+
+    # -- measurements -----------------------------------------------------------------------------------------------
+
+    def rtt_sample(self, peer_id: str, seconds: float) -> None:
+        peer = self._peer(peer_id)
+        peer.rtt = seconds if peer.rtt is None else (1 - RTT_SMOOTHING) * peer.rtt + RTT_SMOOTHING * seconds
+
+    def rtt(self, peer_id: str) -> float | None:
+        peer = self._peers.get(peer_id)
+        return peer.rtt if peer else None
+
+    def step_sample(self, peer_id: str, blocks: int, seconds: float) -> None:
+        """A one-row decode step of this client took `seconds` over `blocks` blocks of the peer."""
+        peer = self._peer(peer_id)
+        per_block = max(0.0, seconds - (peer.rtt or 0.0)) / max(1, blocks)
+        old = self._observed(peer)
+        peer.step = per_block if old is None else (1 - STEP_SMOOTHING) * old + STEP_SMOOTHING * per_block
+        peer.step_seen = self.clock()
+
+    def _observed(self, peer: _Peer) -> float | None:
+        if peer.step is None or self.clock() - peer.step_seen > OBSERVATION_TTL:
+            return None  # not seen lately (routing went elsewhere): the announcement counts again
+        return peer.step
+
+    # -- this client's own load -------------------------------------------------------------------------------------
+
+    def opened(self, peer_ids: Iterable[str]) -> None:
+        for peer_id in peer_ids:
+            self._peer(peer_id).sessions += 1
+
+    def closed(self, peer_ids: Iterable[str]) -> None:
+        for peer_id in peer_ids:
+            peer = self._peer(peer_id)
+            peer.sessions = max(0, peer.sessions - 1)
+
+    def sessions(self, peer_id: str) -> int:
+        peer = self._peers.get(peer_id)
+        return peer.sessions if peer else 0
+
+    def own_sessions(self) -> dict[str, int]:
+        """Sessions open through each peer now (a snapshot to pass to records_read once records are read)."""
+        return {peer_id: peer.sessions for peer_id, peer in self._peers.items() if peer.sessions}
+
+    def records_read(self, peer_ids: Iterable[str], snapshot: dict[str, int]) -> None:
+        """The peers' records were read after `snapshot` was taken: the load they state includes those sessions."""
+        for peer_id in peer_ids:
+            self._peer(peer_id).counted = snapshot.get(peer_id, 0)
+
+    def view(self, peer_id: str) -> PeerView:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return PeerView()
+        return PeerView(peer.rtt, peer.sessions - peer.counted, self._observed(peer))

@@ -1,0 +1,154 @@
+"""The client's decode pipeline: tokens → embeddings → the chain of peers → LM head → sampler, and the one loop
+that generates with it.
+
+    pipeline = DecodePipeline(head)
+    async for step in pipeline.generate(session, input_ids, Sampler(rows, vocab), max_new_tokens=32):
+        step.token_ids                                       # [B] chosen at this position
+
+Its stages, explicit rather than switched on input shape:
+- `prefill(session, input_ids, position)`: the prompt's tokens, in chunks of `prefill_chunk`, embedded and sent
+  through the session's chain; the LM head runs on the last position only → logits [B, V].
+- `decode(session, token_ids)`: one new token per row. One-row sessions advance in lockstep groups per chain
+  (`swarm.client.decoding`: many sessions' steps in one forward per peer, one LM-head call per round); a session of
+  several rows (n choices) is one batch already and steps alone → logits [B, V].
+- the head stage (`HeadStage`): every torch computation of the client (embeddings, the LM head, sampling) on one
+  worker thread, never on the event loop. LM-head calls of concurrent sessions are merged into one call (the head's
+  weight, 113 MB for SmolLM2 in float32, is then read once per round of tokens instead of once per session).
+- sampling: a `kernels.sampling.Sampler` holds one request's state (penalty counts, generator, logprobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from kernels.sampling import Sampler
+from swarm.client.decoding import DecodeGroups
+from swarm.client.session import InferenceSession
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One generated position: the chosen token of every row, the logits it was chosen from, and (when the sampler
+    was asked for them) log-probabilities."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logits: torch.Tensor  # [B, V] float32
+    logprobs: torch.Tensor | None = None  # [B]: of the chosen tokens
+    top_ids: torch.Tensor | None = None  # [B, k]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+
+
+class HeadStage:
+    """The client's torch thread: embeddings, the LM head (merged across concurrent callers) and sampling."""
+
+    def __init__(self, head: Any):
+        self.head = head
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
+        self._queue: list[tuple[torch.Tensor, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking torch work on the head's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def embed(self, input_ids: torch.Tensor, position: int) -> torch.Tensor:
+        return await self.run(self.head.embed, input_ids, position)
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """head.logits(hidden [k, 1, H]) → [k, 1, V], computed together with other callers' pending requests."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((hidden, future))
+        if self._wake is None or self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._batch_loop(), name="swarm-head-batcher")
+        self._wake.set()
+        return await future
+
+    async def _batch_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                items = [item for item in self._queue if not item[1].done()]
+                self._queue.clear()
+                if items:
+                    await self._compute(items)
+
+    async def _compute(self, items: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        rows = [hidden.shape[0] for hidden, _ in items]
+        try:
+            logits = await self.run(self.head.logits, torch.cat([hidden for hidden, _ in items]))
+        except Exception as e:
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), part in zip(items, logits.split(rows), strict=True):
+            if not future.done():
+                future.set_result(part)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False)
+
+
+class DecodePipeline:
+    """prefill / decode / generate over sessions of one model (see the module's doc).
+
+    prefill_chunk: prompt tokens per step sent to the peers; decode_groups: lockstep groups per chain at most
+    (None: one per peer of the chain; 0: no groups, every session steps alone)."""
+
+    def __init__(self, head: Any, prefill_chunk: int = 1024, decode_groups: int | None = None):
+        self.stage = HeadStage(head)
+        self.prefill_chunk = prefill_chunk
+        self.groups = (DecodeGroups(head, self.stage.run, max_groups=decode_groups, logits=self.stage.logits)
+                       if decode_groups != 0 else None)
+
+    async def prefill(self, session: InferenceSession, input_ids: torch.Tensor,
+                      position: int | None = None) -> torch.Tensor:
+        """Tokens [B, T] at `position` (default: the session's; an earlier one rewinds the peers' caches to it)
+        through the chain → logits [B, V] of the last token."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be [batch, tokens] with at least one token")
+        at = session.position if position is None else position
+        hidden = input_ids  # replaced by the last chunk's output
+        for start in range(0, input_ids.shape[1], self.prefill_chunk):
+            chunk = input_ids[:, start : start + self.prefill_chunk]
+            hidden = await session.step(await self.stage.embed(chunk, at + start), at + start)
+        return (await self.stage.logits(hidden[:, -1:]))[:, -1]
+
+    async def decode(self, session: InferenceSession, token_ids: torch.Tensor) -> torch.Tensor:
+        """The next token of every row, token_ids [B], at the session's position → logits [B, V]."""
+        input_ids = token_ids.reshape(-1, 1)
+        if self.groups is not None and input_ids.shape[0] == 1:
+            return (await self.groups.step(session, input_ids))[:, -1]
+        hidden = await session.step(await self.stage.embed(input_ids, session.position))
+        return (await self.stage.logits(hidden))[:, -1]
+
+    async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
+                       max_new_tokens: int, position: int | None = None) -> AsyncIterator[StepOutput]:
+        """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
+        decides when to stop. Every token yielded but the last has been fed to the session."""
+        logits = await self.prefill(session, input_ids, position)
+        for produced in range(1, max_new_tokens + 1):
+            choice = await self.stage.run(sampler, logits)
+            yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs)
+            if produced < max_new_tokens:
+                logits = await self.decode(session, choice.token_ids)
+
+    def close(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
+        self.stage.close()

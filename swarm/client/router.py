@@ -1,0 +1,233 @@
+"""The client's one owner of routing: the view of the swarm, each peer's health, and the choice of routes.
+
+    router = Router(dht, p2p, model_id, num_blocks)
+    chain = await router.route(length=512)                  # the fastest chain over every block, now
+    router.report(peer_id, Outcome.FAILED)                  # what a session or a probe saw of a peer
+    chain = await router.route(10, 20, replacing=True)      # a replacement for blocks 10:20 of a chain
+
+The view is refreshed in the background every `period` seconds, never on the token path: the model's span records
+from the DHT, then an info probe of the routable peers, concurrently (at most `max_probes` per refresh, taking turns
+in a large swarm; peers this client has sessions through first). A probe answers with the peer's current record
+(fresher than the DHT's: load, free KV) and its duration is an RTT sample. A peer that fails its probe is reported
+FAILED and keeps its DHT record until the record runs out.
+
+Health (`swarm.client.health`) says which peers failed lately (banned with backoff), refused for capacity, how fast
+their decode steps really were, and how many sessions this client has open through each (so that sessions opened
+between two probes see each other). `route` runs the shortest-path search of `swarm.client.routing` over the view
+with that health: refusing peers are left out; banned ones are left out too, except that a new session takes a
+suspect peer rather than no chain at all, while a replacement for a failed link never goes back to a banned peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm.client.health import Outcome, PeerHealth
+from swarm.client.routing import Link, find_chain
+from swarm.codec import unpack_metadata
+from swarm.dht import get_spans
+from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
+
+logger = logging.getLogger(__name__)
+
+
+async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float]:
+    """A peer's current record and the round trip it took (seconds); raises on timeout or a bad answer."""
+    began = time.perf_counter()
+    response = await asyncio.wait_for(
+        p2p.call_protobuf_handler(PeerID.from_base58(peer_id), INFO_HANDLER, runtime_pb2.ExpertUID(),
+                                  runtime_pb2.ExpertInfo),
+        timeout,
+    )
+    rtt = time.perf_counter() - began
+    info = SpanInfo.from_dict(unpack_metadata(response.serialized_info))
+    if info.peer_id != peer_id:
+        raise ValueError(f"peer {peer_id} answered with the record of {info.peer_id}")
+    return info, rtt
+
+
+class Router:
+    def __init__(self, dht: DHT | None, p2p: P2P | None, model_id: str, num_blocks: int, period: float = 3.0,
+                 probe_timeout: float = 3.0, allowed_peers: set[str] | None = None, max_probes: int = 64,
+                 clock: Callable[[], float] = time.monotonic):
+        self.dht, self.p2p, self.model_id, self.num_blocks = dht, p2p, model_id, num_blocks
+        self.period, self.probe_timeout, self.max_probes = period, probe_timeout, max_probes
+        self.clock = clock
+        self.health = PeerHealth(clock)
+        self._allowed_peers = allowed_peers
+        self._spans: list[SpanInfo] = []  # every peer of the model in the last refresh (allowed or not)
+        self.updated: float | None = None  # clock() of the last refresh; None: re-read before the next route
+        self._probed_at: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+        self._refreshing: asyncio.Lock | None = None
+
+    # -- the view ---------------------------------------------------------------------------------------------------
+
+    @property
+    def allowed_peers(self) -> set[str] | None:
+        """Route only through these peer ids (None: any peer)."""
+        return self._allowed_peers
+
+    @allowed_peers.setter
+    def allowed_peers(self, peers: set[str] | None) -> None:
+        self._allowed_peers = peers
+        self.updated = None  # the next route reads the swarm again, through the new filter
+
+    @property
+    def spans(self) -> list[SpanInfo]:
+        """The last refresh's spans of the allowed peers. The allowlist applies when the view is read, not when it
+        is refreshed: a refresh that began before the allowlist changed must not bring other peers into routes."""
+        return self._allowed(self._spans)
+
+    @spans.setter
+    def spans(self, spans: list[SpanInfo]) -> None:
+        self._spans = list(spans)
+
+    def _allowed(self, spans: list[SpanInfo]) -> list[SpanInfo]:
+        allowed = self._allowed_peers
+        return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
+
+    @property
+    def stale(self) -> bool:
+        return self.updated is None or self.clock() - self.updated > 2 * self.period
+
+    def start(self) -> None:
+        """Keep the view fresh in the background (from the first use on, in the running loop)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._loop(), name="swarm-view")
+            self._refreshing = None  # a lock belongs to the loop it was first awaited in
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a DHT hiccup: keep the last view, try again next period
+                logger.warning("refreshing the swarm view failed: %r", e)
+            await asyncio.sleep(self.period)
+
+    async def current(self, fresh: bool = False) -> list[SpanInfo]:
+        """The view's spans; `fresh`, or a view older than two periods, reads the DHT and probes the peers now."""
+        self.start()
+        return await self.refresh() if fresh or self.stale else self.spans
+
+    async def refresh(self) -> list[SpanInfo]:
+        """Read the DHT and probe the routable peers now (concurrent callers share one refresh)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        if self._refreshing.locked():
+            async with self._refreshing:  # someone else is refreshing: use theirs
+                return self.spans
+        async with self._refreshing:
+            snapshot = self.health.own_sessions()
+            spans = await get_spans(self.dht, self.model_id)
+            chosen = self._to_probe(self._allowed(spans))
+            probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))
+            self._spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
+            self.health.records_read([s.peer_id for s in self._spans], snapshot)
+            self.updated = self.clock()
+            return self.spans
+
+    def _to_probe(self, spans: list[SpanInfo]) -> set[str]:
+        """At most `max_probes` routable peers: those this client has sessions through, then the ones probed least
+        recently (never-probed first); in a large swarm every peer still gets probed every few refreshes."""
+        routable = [s.peer_id for s in spans if s.routable]
+        if len(routable) <= self.max_probes:
+            return set(routable)
+        ranked = sorted(routable, key=lambda p: (self.health.sessions(p) == 0, self._probed_at.get(p, -1.0)))
+        return set(ranked[: self.max_probes])
+
+    async def _probe(self, span: SpanInfo) -> SpanInfo | None:
+        if not span.routable:
+            return None
+        self._probed_at[span.peer_id] = self.clock()
+        try:
+            info, rtt = await probe(self.p2p, span.peer_id, self.probe_timeout)
+        except Exception as e:
+            logger.info("peer %s failed its probe: %r", span.peer_id, e)
+            self.report(span.peer_id, Outcome.FAILED)
+            return None
+        self.health.rtt_sample(span.peer_id, rtt)
+        return info
+
+    async def peer_info(self, peer_id: str, timeout: float = 10.0) -> SpanInfo:
+        """Ask a peer directly for its current record (free KV, active sessions), bypassing the DHT."""
+        return (await probe(self.p2p, peer_id, timeout))[0]
+
+    # -- health -----------------------------------------------------------------------------------------------------
+
+    def report(self, peer_id: str, outcome: Outcome) -> None:
+        """What a session or a probe saw of a peer (see swarm.client.health)."""
+        self.health.report(peer_id, outcome)
+        if outcome == Outcome.MOVED:
+            self.updated = None  # its record says where it went: read it before the next route
+
+    def observed(self, peer_id: str, blocks: int, seconds: float) -> None:
+        """A one-row decode step of this client took `seconds` over `blocks` blocks of the peer."""
+        self.health.step_sample(peer_id, blocks, seconds)
+
+    def opened(self, peer_ids: Iterable[str]) -> None:
+        self.health.opened(peer_ids)
+
+    def closed(self, peer_ids: Iterable[str]) -> None:
+        self.health.closed(peer_ids)
+
+    def banned(self) -> set[str]:
+        return self.health.banned()
+
+    # -- routes -----------------------------------------------------------------------------------------------------
+
+    async def route(self, start: int = 0, end: int | None = None, *, length: int = 0, batch: int = 1,
+                    fresh: bool = False, replacing: bool = False) -> list[Link]:
+        """The fastest chain over blocks [start, end) of peers that can hold a session of `batch` x `length` tokens.
+        Peers that refused lately are left out. Banned peers are left out as well; for a new session (not
+        `replacing` a failed link) a chain through them is taken when none exists without them."""
+        spans = await self.current(fresh)
+        views = {s.peer_id: self.health.view(s.peer_id) for s in spans}
+        refused, banned = self.health.refused(), self.health.banned()
+        try:
+            return find_chain(spans, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
+                              batch)
+        except NoChainError:
+            if replacing or not banned - refused:
+                raise
+            return find_chain(spans, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
+
+    async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:
+        """Blocks no live peer serves now ([] when a complete chain exists)."""
+        try:
+            await self.route(fresh=fresh)
+            return []
+        except NoChainError as e:
+            return e.missing
+
+    async def wait_for_chain(self, timeout: float = 60.0, poll: float = 0.2) -> list[Link]:
+        """Poll the DHT until live peers cover every block; NoChainError after `timeout` seconds."""
+        deadline = self.clock() + timeout
+        while True:
+            try:
+                return await self.route(fresh=True)
+            except NoChainError:
+                if self.clock() > deadline:
+                    raise
+            await asyncio.sleep(poll)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+async def _none() -> None:
+    return None
