@@ -32,6 +32,7 @@ from swarm.model.span import load_span, release_freed_memory
 from swarm.protocol import PeerState, SpanInfo
 from swarm.server import placement, throughput
 from swarm.server.backend import Limits, SpanBackend
+from swarm.server.faults import Faults
 from swarm.server.handler import SpanHandler
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
@@ -179,25 +180,23 @@ class Peer:
             tokens = max(placement.SIZING_KV_TOKENS, (self._memory_budget() - span.weight_bytes()) // per_token)
         else:
             tokens = default_budget_tokens(per_token)
-        backend = SpanBackend(span, limits, KVBudget(tokens), settings.fault_nan_after, settings.fault_step_delay)
-        if settings.fault_nan_after:
-            logger.warning("fault injection: this peer answers NaN after %d steps", settings.fault_nan_after)
-        if settings.fault_step_delay:
-            logger.warning("fault injection: every forward sleeps %.3f s", settings.fault_step_delay)
+        faults = Faults(settings.fault_nan_after, settings.fault_step_delay)
+        faults.announce()
+        backend = SpanBackend(span, limits, KVBudget(tokens), faults)
         fixed = settings.announced_throughput()
         if fixed is not None:
             self.rate = throughput.Throughput(fixed, fixed)
         elif not self.rate.single:  # measured once per process: moving keeps the per-block figure
             def measure() -> throughput.Throughput:
-                return throughput.measure(backend.probe(), end - start)
+                return throughput.measure(throughput.probe(backend), end - start)
 
-            if settings.fault_step_delay:  # a peer slowed down for a test: measure it, but never cache that
-                self.rate = await loop.run_in_executor(backend._executor, measure)
+            if faults.step_delay:  # a peer slowed down for a test: measure it, but never cache that
+                self.rate = await backend.run(measure)
             else:
                 key = throughput.cache_key(self.source.model_id, self.precision.device, self.precision.dtype_name,
                                            self.precision.quant)
-                self.rate = await loop.run_in_executor(backend._executor, throughput.cached_or_measured, key,
-                                                       measure, settings.throughput == "eval")
+                self.rate = await backend.run(throughput.cached_or_measured, key, measure,
+                                              settings.throughput == "eval")
         return backend
 
     # -- serving ---------------------------------------------------------------------------------------------------
@@ -266,16 +265,17 @@ class Peer:
         logger.info("moving from blocks %d:%d to %d:%d: draining %d sessions", self.start, self.end, start, end,
                     len(old.sessions))
         self.state, self.target = PeerState.DRAINING, (start, end)
-        old.draining = f"this peer is moving from blocks {self.start}:{self.end} to {start}:{end}; route elsewhere"
+        reason = f"this peer is moving from blocks {self.start}:{self.end} to {start}:{end}; route elsewhere"
+        old.drain(reason)
         await self._announce()
         # Sessions that are generating may finish here; idle ones (a gateway keeps finished chats open to reuse
         # their KV in the next turn) are handed off at once rather than holding the move up.
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
         handed = 0
         while old.sessions and asyncio.get_running_loop().time() < deadline:
-            handed += old.hand_off(old.draining, idle_for=DRAIN_IDLE)
+            handed += old.hand_off(reason, idle_for=DRAIN_IDLE)
             await asyncio.sleep(0.1)
-        handed += old.hand_off(old.draining)
+        handed += old.hand_off(reason)
         if handed:
             logger.info("handed off %d sessions (idle for %.0f s, or still open after %.0f s)", handed, DRAIN_IDLE,
                         self.settings.drain_timeout)

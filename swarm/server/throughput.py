@@ -24,6 +24,7 @@ import torch
 
 from swarm.model.gguf_cache import cache_root
 from swarm.protocol import BATCH_PROBE
+from swarm.server.backend import Session, SpanBackend
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +122,31 @@ def measure(step: Callable[[int], None], num_blocks: int, repeats: int = 5) -> T
     logger.info("measured throughput: %.1f tok/s per block (%.1f with %d sessions batched)", single, batched,
                 BATCH_PROBE)
     return Throughput(single, batched)
+
+
+def probe(backend: SpanBackend, prefix: int = 128) -> Callable[[int], None]:
+    """For measuring a peer before it serves: a function running one decode step of `batch` sessions (at most
+    BATCH_PROBE) over the backend's whole span after `prefix` cached tokens, through its real compute path (faults
+    included), on the calling thread (the backend's compute thread: `await backend.run(measure, ...)`)."""
+    span = backend.span
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(span.device, span.dtype)
+
+    sessions = [Session(f"probe:{i}", "probe", 1, prefix + 1, slice(0, len(span.blocks)), span.new_cache(prefix + 1))
+                for i in range(BATCH_PROBE)]
+    if not span.encoder:
+        for session in sessions:
+            span(randn(1, prefix, span.hidden_size), session.cache, 0)
+
+    def step(batch: int) -> None:
+        if span.encoder:
+            backend.compute(sessions[0], randn(batch, 1, span.hidden_size), 0, served=False)
+        else:
+            backend.compute_batch([(s, randn(1, 1, span.hidden_size), prefix) for s in sessions[:batch]],
+                                  served=False)
+        if span.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step

@@ -1,0 +1,38 @@
+"""Faults a peer can be told to show, for tests of the clients that must survive it (never on by default).
+
+    --fault-nan-after N    every forward after the N-th answers NaN hidden states (a peer gone bad)
+    --fault-step-delay S   every forward sleeps S seconds first (a slow peer)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Faults:
+    nan_after: int = 0
+    step_delay: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.nan_after or self.step_delay)
+
+    def announce(self) -> None:
+        if self.nan_after:
+            logger.warning("fault injection: this peer answers NaN after %d steps", self.nan_after)
+        if self.step_delay:
+            logger.warning("fault injection: every forward sleeps %.3f s", self.step_delay)
+
+    def apply(self, out: torch.Tensor, forwards: int) -> torch.Tensor:
+        """The output of the `forwards`-th forward as this faulty peer answers it (on the compute thread)."""
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        if self.nan_after and forwards > self.nan_after:
+            return torch.full_like(out, float("nan"))
+        return out
