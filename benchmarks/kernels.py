@@ -27,7 +27,7 @@ from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
 from kernels import packed, triton_nf4
-from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, _native_fits, _torch_kernel_fits, kernel_for
+from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),
@@ -75,9 +75,9 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable
         kernel = kernel_for(method, dev, k, n)
         if kernel != "reference":
             out[f"{method}.{kernel}"] = QuantLinear(linear, method, kernel)
-        if kernel != "native" and _native_fits(method, dev, k):
+        if kernel != "native" and fits("native", method, dev, k, n):
             out[f"{method}.native"] = QuantLinear(linear, method, "native")
-        if kernel != "torch" and _torch_kernel_fits(method, dev, k, n):
+        if kernel != "torch" and fits("torch", method, dev, k, n):
             out[f"{method}.torch"] = QuantLinear(linear, method, "torch")
         if HAVE_BITSANDBYTES and method != "int4" and kernel != "bitsandbytes":
             out[f"{method}.bitsandbytes"] = QuantLinear(linear, method, "bitsandbytes")

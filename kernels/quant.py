@@ -23,10 +23,14 @@ Kernels, per (method, device):
                                 + torch matmul for prefill chunks; needs in_features % 256 == 0
     any   any   "reference"     dequantize, then a float32 matmul (correct everywhere, slow)
 
-The choice follows from what is installed and builds (the native kernel is compiled once per machine and cached);
+Each row of the table is one class (a subclass of `QuantLinear` that packs the weight in its `__init__` and computes
+in its `forward`), registered under its (kernel, method); `kernel_for` chooses a kernel once, and
+`QuantLinear(linear, method, kernel=None)` builds the registered class of that choice. The choice follows from what
+is installed and builds (the native kernel is compiled once per machine and cached);
 `SWARM_KERNELS=reference|native|torch|bitsandbytes|triton` overrides it (e.g. to run torch's bf16 kernels, bitsandbytes'
 CPU backend, or the reference everywhere). benchmarks/kernels.py measures the CPU candidates (including torch's
-deprecated `quantize_dynamic`); tests/e2e/test_quantized_smollm.py measures what each does to the default model.
+deprecated `quantize_dynamic`); tests/e2e/test_quantized_smollm.py measures what each does to the default model;
+kernels/tolerance.py says how far each may lie from the reference and why.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -55,6 +60,14 @@ if OVERRIDE is not None and OVERRIDE not in KERNELS:
 
 BNB_INT8_THRESHOLD = 6.0
 TRITON_MAX_ROWS = 4  # more rows per call (a prefill chunk) are a matmul, not a decode GEMV
+INT8PACK_ALIGN = 16  # _weight_int8pack_mm reads in_features in vectors of 16 and crashes on a remainder
+INT4PACK_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu refuses other out_features
+
+# The automatic choice, in order (each where it fits and on the devices it names): bitsandbytes on CUDA; then native
+# before torch: torch's kernels round activations to bf16 (and its int8 keeps one scale per row), which flips next
+# tokens of the default model (93.6% / 99.0% agreement with fp32 against 100%); through a swarm native int8 decodes
+# faster than torch's and native int4 within ~6% of torch's (benchmarks/results/quant.json). Anything else: reference.
+AUTOMATIC = (("bitsandbytes", "cuda"), ("native", "cpu"), ("torch", "cpu"))
 
 
 def _bnb():
@@ -63,22 +76,87 @@ def _bnb():
     return bitsandbytes
 
 
-INT8PACK_ALIGN = 16  # _weight_int8pack_mm reads in_features in vectors of 16 and crashes on a remainder
-INT4PACK_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu refuses other out_features
+class QuantLinear(nn.Module):
+    """A drop-in for nn.Linear with a weight-only quantized weight; output dtype = input dtype.
+
+    `QuantLinear(linear, method, kernel=None)` returns an instance of the class registered for (kernel, method), the
+    kernel chosen by `kernel_for` when not given; a subclass quantizes and packs the weight in `__init__` (`pack`) and
+    computes in `forward`."""
+
+    kernel: ClassVar[str]
+    methods: ClassVar[tuple[str, ...]]
+
+    def __new__(cls, linear: nn.Linear | None = None, method: str | None = None, kernel: str | None = None):
+        if cls is QuantLinear:  # the public constructor: choose the class once
+            if linear is None or method is None:
+                raise TypeError("QuantLinear(linear, method, kernel=None)")
+            weight = linear.weight
+            chosen = kernel or kernel_for(method, weight.device, linear.in_features, linear.out_features)
+            cls = kernel_class(chosen, method)
+        return super().__new__(cls)
+
+    def __init__(self, linear: nn.Linear, method: str, kernel: str | None = None):
+        super().__init__()
+        if kernel not in (None, self.kernel) or method not in self.methods:
+            raise ValueError(f"{type(self).__name__} is the {self.kernel} kernel for {', '.join(self.methods)}; "
+                             f"got {method} with kernel {kernel}")
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.method = method
+        if not self.fits(method, weight.device, self.in_features, self.out_features):
+            raise ValueError(f"{self.requirement()} (got {method}, {self.out_features}x{self.in_features} on "
+                             f"{weight.device})")
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.pack(weight)
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        """Whether this kernel computes `method` for a weight of this shape on this device (here and now)."""
+        return method in cls.methods
+
+    @classmethod
+    def requirement(cls) -> str:
+        """What `fits` asks for, in words: the message when a layer is forced onto a kernel it does not fit."""
+        return f"the {cls.kernel} kernel computes {', '.join(cls.methods)}"
+
+    def pack(self, weight: torch.Tensor) -> None:
+        """Quantize `weight` [out_features, in_features] into this kernel's buffers."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, method={self.method}, kernel={self.kernel}"
+
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.buffers())
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
 
-def _torch_kernel_fits(method: str, device: torch.device, in_features: int, out_features: int) -> bool:
-    if device.type != "cpu":
-        return False
-    if method == "int8":
-        return HAVE_INT8PACK and in_features % INT8PACK_ALIGN == 0
-    if method == "int4":
-        return HAVE_INT4PACK and out_features % INT4PACK_ALIGN == 0 and in_features % reference.INT4_GROUPSIZE == 0
-    return False
+REGISTRY: dict[tuple[str, str], type[QuantLinear]] = {}
 
 
-def _native_fits(method: str, device: torch.device, in_features: int) -> bool:
-    return device.type == "cpu" and method in ("int8", "int4") and cpu.fits(in_features) and cpu.available()
+def register(cls: type[QuantLinear]) -> type[QuantLinear]:
+    for method in cls.methods:
+        REGISTRY[cls.kernel, method] = cls
+    return cls
+
+
+def kernel_class(kernel: str, method: str) -> type[QuantLinear]:
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization {method!r}; expected one of {', '.join(METHODS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    if (kernel, method) not in REGISTRY:
+        raise ValueError(f"the {kernel} kernel has no {method}")
+    return REGISTRY[kernel, method]
+
+
+def fits(kernel: str, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+    """Whether `kernel` can compute `method` for a weight of this shape on this device."""
+    cls = REGISTRY.get((kernel, method))
+    return cls is not None and cls.fits(method, device, in_features, out_features)
 
 
 def kernel_for(method: str, device: torch.device, in_features: int = 64, out_features: int = 64) -> str:
@@ -88,145 +166,218 @@ def kernel_for(method: str, device: torch.device, in_features: int = 64, out_fea
     if OVERRIDE is not None:
         if OVERRIDE == "bitsandbytes" and not HAVE_BITSANDBYTES:
             raise RuntimeError("SWARM_KERNELS=bitsandbytes but bitsandbytes is not installed")
-        if OVERRIDE == "native" and not _native_fits(method, device, in_features):
-            return "reference"
-        if OVERRIDE == "torch" and not _torch_kernel_fits(method, device, in_features, out_features):
-            return "reference"  # torch's kernels are CPU int8 / int4 paths only
-        if OVERRIDE == "bitsandbytes" and method == "int4":
-            return "reference"  # bitsandbytes has no affine int4
-        if OVERRIDE == "triton" and not (method == "nf4" and device.type == "cuda" and triton_nf4.fits(in_features)):
-            return "reference"
-        return OVERRIDE
-    if device.type == "cuda" and HAVE_BITSANDBYTES and method != "int4":
-        return "bitsandbytes"
-    # native before torch: torch's kernels round activations to bf16 (and its int8 keeps one scale per row), which
-    # flips next tokens of the default model (93.6% / 99.0% agreement with fp32 against 100%); through a swarm native
-    # int8 decodes faster than torch's and native int4 within ~6% of torch's (benchmarks/results/quant.json)
-    if _native_fits(method, device, in_features):
-        return "native"
-    if _torch_kernel_fits(method, device, in_features, out_features):
-        return "torch"
+        return OVERRIDE if fits(OVERRIDE, method, device, in_features, out_features) else "reference"
+    for kernel, device_type in AUTOMATIC:
+        if device.type == device_type and fits(kernel, method, device, in_features, out_features):
+            return kernel
     return "reference"
 
 
-class QuantLinear(nn.Module):
-    """A drop-in for nn.Linear with a weight-only quantized weight; output dtype = input dtype."""
+@register
+class ReferenceLinear(QuantLinear):
+    """Dequantize, then a float32 matmul (reference.py): correct everywhere, slow."""
 
-    def __init__(self, linear: nn.Linear, method: str, kernel: str | None = None):
-        super().__init__()
-        weight = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.method = method
-        self.kernel = kernel or kernel_for(method, weight.device, self.in_features, self.out_features)
-        if self.kernel == "torch" and not _torch_kernel_fits(method, weight.device, self.in_features,
-                                                             self.out_features):
-            raise ValueError(f"torch has no {method} kernel for a {self.out_features}x{self.in_features} weight on "
-                             f"{weight.device} (int8: in_features % {INT8PACK_ALIGN} == 0; int4: out_features % "
-                             f"{INT4PACK_ALIGN} == 0 and in_features % {reference.INT4_GROUPSIZE} == 0)")
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self._bnb_state = None
-        if self.kernel == "native":
-            if not _native_fits(method, weight.device, self.in_features):
-                raise ValueError(f"the native kernel needs a CPU weight with in_features % {cpu.GROUP} == 0, a C "
-                                 f"compiler and int8 or int4 (got {method}, {self.out_features}x{self.in_features} "
-                                 f"on {weight.device})")
-            if method == "int8":
-                q, scale, minimum = reference.quantize_int8_affine(weight)
-            else:
-                packed, scale, minimum = reference.quantize_int4(weight)
-                q = cpu.repack_int4(packed, self.out_features, self.in_features)
-            self.register_buffer("qweight", q)
-            self.register_buffer("scale", scale.contiguous())
-            self.register_buffer("minimum", minimum.contiguous())
-            if self.bias is not None:
-                self.bias.data = self.bias.data.float()
-        elif method == "int8":
+    kernel, methods = "reference", METHODS
+
+    def pack(self, weight: torch.Tensor) -> None:
+        if self.method == "int8":
             q, scale = reference.quantize_int8(weight)
             self.register_buffer("qweight", q)
-            # bitsandbytes keeps the row absmax (scale * 127); torch's kernel wants the scale in the activations' dtype
-            scale = {"torch": scale.to(torch.bfloat16), "bitsandbytes": scale * reference.INT8_MAX}.get(
-                self.kernel, scale)
             self.register_buffer("scale", scale)
-        elif method == "int4":
+        elif self.method == "int4":
             packed, scale, minimum = reference.quantize_int4(weight)
-            if self.kernel == "torch":
-                # torch's layout: W = (q - 8) * scale + zero, with [K/g, N, 2] bf16 scales and zero points
-                q = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(self.out_features, self.in_features)
-                self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
-                zero = minimum + 8 * scale
-                self.register_buffer("scale", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-                                     .to(torch.bfloat16))
-            else:
-                self.register_buffer("qweight", packed)
-                self.register_buffer("scale", scale)
-                self.register_buffer("minimum", minimum)
-        elif method == "nf4":
-            if self.kernel == "triton":
-                if not triton_nf4.fits(self.in_features):
-                    raise ValueError(f"the triton nf4 kernel needs in_features % {triton_nf4.BLOCK_K} == 0")
-                packed, absmax = reference.quantize_nf4(weight)
-                self.register_buffer("qweight", packed)
-                self.register_buffer("scale", absmax)
-                self.register_buffer("code", reference.NF4_CODE.to(weight.device))
-            elif self.kernel == "bitsandbytes":
-                packed, self._bnb_state = _bnb().functional.quantize_4bit(
-                    weight, blocksize=reference.NF4_BLOCKSIZE, quant_type="nf4")
-                self.register_buffer("qweight", packed)
-                self.register_buffer("scale", self._bnb_state.absmax)
-            else:
-                packed, absmax = reference.quantize_nf4(weight)
-                self.register_buffer("qweight", packed)
-                self.register_buffer("scale", absmax)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", scale)
+            self.register_buffer("minimum", minimum)
         else:
-            raise ValueError(f"unknown quantization {method!r}; expected one of {', '.join(METHODS)}")
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, method={self.method}, kernel={self.kernel}"
-
-    def weight_bytes(self) -> int:
-        return sum(t.nbytes for t in self.buffers())
+            packed, absmax = reference.quantize_nf4(weight)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", absmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "native":
-            bits = 8 if self.method == "int8" else 4
-            return cpu.affine_linear(x, self.qweight, bits, self.scale, self.minimum, self.bias).to(x.dtype)
         if self.method == "int8":
-            if self.kernel == "torch":
-                flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-                y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
-                y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-                return y + self.bias if self.bias is not None else y
-            if self.kernel == "bitsandbytes":
-                bnb = _bnb()
-                state = bnb.MatmulLtState()
-                state.CB, state.SCB = self.qweight, self.scale
-                state.threshold, state.has_fp16_weights, state.is_training = BNB_INT8_THRESHOLD, False, False
-                with _quiet_bnb():
-                    return bnb.matmul(x, self.qweight, state=state, bias=self.bias).to(x.dtype)
-            return reference.int8_linear(x, self.qweight, self.scale, self.bias).to(x.dtype)
-        shape = (self.out_features, self.in_features)
-        if self.method == "int4":
-            if self.kernel == "torch":
-                flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, reference.INT4_GROUPSIZE,
-                                                                self.scale)
-                y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-                return y + self.bias if self.bias is not None else y
-            return reference.int4_linear(x, self.qweight, self.scale, self.minimum, shape, self.bias).to(x.dtype)
-        if self.kernel == "triton":
-            flat = x.reshape(-1, self.in_features)
-            if flat.shape[0] <= TRITON_MAX_ROWS:
-                y = triton_nf4.nf4_gemv(flat, self.qweight, self.scale, self.code, self.out_features)
-            else:
-                y = nn.functional.linear(flat, reference.dequantize_nf4(self.qweight, self.scale, shape).to(x.dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y + self.bias.to(y.dtype) if self.bias is not None else y
-        if self.kernel == "bitsandbytes":
-            bnb = _bnb()
-            out = bnb.matmul_4bit(x.to(self._bnb_state.dtype), self.qweight.t(), quant_state=self._bnb_state,
-                                  bias=self.bias)
-            return out.to(x.dtype)
-        return reference.nf4_linear(x, self.qweight, self.scale, shape, self.bias).to(x.dtype)
+            y = reference.int8_linear(x, self.qweight, self.scale, self.bias)
+        elif self.method == "int4":
+            y = reference.int4_linear(x, self.qweight, self.scale, self.minimum, self.weight_shape, self.bias)
+        else:
+            y = reference.nf4_linear(x, self.qweight, self.scale, self.weight_shape, self.bias)
+        return y.to(x.dtype)
+
+
+@register
+class NativeLinear(QuantLinear):
+    """kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums."""
+
+    kernel, methods = "native", ("int8", "int4")
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        return device.type == "cpu" and method in cls.methods and cpu.fits(in_features) and cpu.available()
+
+    @classmethod
+    def requirement(cls) -> str:
+        return (f"the native kernel needs a CPU weight with in_features % {cpu.GROUP} == 0, a C compiler and int8 or "
+                f"int4")
+
+    def pack(self, weight: torch.Tensor) -> None:
+        if self.method == "int8":
+            q, scale, minimum = reference.quantize_int8_affine(weight)
+        else:
+            packed, scale, minimum = reference.quantize_int4(weight)
+            q = cpu.repack_int4(packed, self.out_features, self.in_features)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("minimum", minimum.contiguous())
+        if self.bias is not None:
+            self.bias.data = self.bias.data.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = 8 if self.method == "int8" else 4
+        return cpu.affine_linear(x, self.qweight, bits, self.scale, self.minimum, self.bias).to(x.dtype)
+
+
+class _TorchCpuLinear(QuantLinear):
+    """torch's packed CPU kernels: bf16 activations, output cast back to the caller's dtype, bias added after."""
+
+    kernel = "torch"
+
+    @classmethod
+    def requirement(cls) -> str:
+        return (f"torch has no such kernel for this weight (int8: in_features % {INT8PACK_ALIGN} == 0; int4: "
+                f"out_features % {INT4PACK_ALIGN} == 0 and in_features % {reference.INT4_GROUPSIZE} == 0; on the "
+                f"CPU)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register
+class TorchInt8Linear(_TorchCpuLinear):
+    """torch's `_weight_int8pack_mm`: reference.quantize_int8's codes, the row scales in bf16."""
+
+    methods = ("int8",)
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        return device.type == "cpu" and method == "int8" and HAVE_INT8PACK and in_features % INT8PACK_ALIGN == 0
+
+    def pack(self, weight: torch.Tensor) -> None:
+        q, scale = reference.quantize_int8(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(torch.bfloat16))  # the kernel wants it in the activations' dtype
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+
+
+@register
+class TorchInt4Linear(_TorchCpuLinear):
+    """torch's `_weight_int4pack_mm_for_cpu`: reference.quantize_int4's groups as W = (q - 8) * scale + zero."""
+
+    methods = ("int4",)
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        return (device.type == "cpu" and method == "int4" and HAVE_INT4PACK and out_features % INT4PACK_ALIGN == 0
+                and in_features % reference.INT4_GROUPSIZE == 0)
+
+    def pack(self, weight: torch.Tensor) -> None:
+        packed, scale, minimum = reference.quantize_int4(weight)
+        # torch's layout: W = (q - 8) * scale + zero, with [K/g, N, 2] bf16 scales and zero points
+        q = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(self.out_features, self.in_features)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+        zero = minimum + 8 * scale
+        self.register_buffer("scale", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, reference.INT4_GROUPSIZE, self.scale)
+
+
+class _BitsandbytesLinear(QuantLinear):
+    kernel = "bitsandbytes"
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        return method in cls.methods and HAVE_BITSANDBYTES
+
+    @classmethod
+    def requirement(cls) -> str:
+        return "the bitsandbytes kernels need bitsandbytes installed (int8 and nf4)"
+
+
+@register
+class BitsandbytesInt8Linear(_BitsandbytesLinear):
+    """LLM.int8 (`bnb.matmul`, outlier threshold 6): reference.quantize_int8's codes; activations quantized too."""
+
+    methods = ("int8",)
+
+    def pack(self, weight: torch.Tensor) -> None:
+        q, scale = reference.quantize_int8(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale * reference.INT8_MAX)  # bitsandbytes keeps the row absmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bnb = _bnb()
+        state = bnb.MatmulLtState()
+        state.CB, state.SCB = self.qweight, self.scale
+        state.threshold, state.has_fp16_weights, state.is_training = BNB_INT8_THRESHOLD, False, False
+        with _quiet_bnb():
+            return bnb.matmul(x, self.qweight, state=state, bias=self.bias).to(x.dtype)
+
+
+@register
+class BitsandbytesNf4Linear(_BitsandbytesLinear):
+    """`bnb.matmul_4bit` on bitsandbytes' own nf4 quantization (the same bytes as reference.quantize_nf4)."""
+
+    methods = ("nf4",)
+
+    def pack(self, weight: torch.Tensor) -> None:
+        packed, self._bnb_state = _bnb().functional.quantize_4bit(weight, blocksize=reference.NF4_BLOCKSIZE,
+                                                                  quant_type="nf4")
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale", self._bnb_state.absmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _bnb().matmul_4bit(x.to(self._bnb_state.dtype), self.qweight.t(), quant_state=self._bnb_state,
+                                 bias=self.bias)
+        return out.to(x.dtype)
+
+
+@register
+class TritonNf4Linear(QuantLinear):
+    """kernels/triton_nf4.py for decode rows, dequantize + torch matmul for prefill chunks (CUDA)."""
+
+    kernel, methods = "triton", ("nf4",)
+
+    @classmethod
+    def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
+        return method == "nf4" and device.type == "cuda" and triton_nf4.fits(in_features)
+
+    @classmethod
+    def requirement(cls) -> str:
+        return f"the triton nf4 kernel needs triton, a CUDA weight and in_features % {triton_nf4.BLOCK_K} == 0"
+
+    def pack(self, weight: torch.Tensor) -> None:
+        packed, absmax = reference.quantize_nf4(weight)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale", absmax)
+        self.register_buffer("code", reference.NF4_CODE.to(weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= TRITON_MAX_ROWS:
+            y = triton_nf4.nf4_gemv(flat, self.qweight, self.scale, self.code, self.out_features)
+        else:
+            weight = reference.dequantize_nf4(self.qweight, self.scale, self.weight_shape)
+            y = nn.functional.linear(flat, weight.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
 @contextlib.contextmanager
