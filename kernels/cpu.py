@@ -1,7 +1,8 @@
 """The native CPU kernel (kernels/cpu_affine.c): affine int8 / int4 weights in groups of 32, float32 activations.
 
-Compiled with the system's C compiler at first use into ~/.cache/swarm/kernels (keyed by the source, the flags and
-the CPU's model name, since -march=native code only runs where it was built) and loaded with ctypes; no torch
+Compiled with the system's C compiler at first use into ~/.cache/swarm/kernels ($SWARM_CACHE_DIR/kernels; keyed by
+the source, the flags and the CPU's model name, since -march=native code only runs where it was built; peers starting
+together compile once: kernels.filecache) and loaded with ctypes; no torch
 headers, no build step at install time. Where no compiler works, `available()` is False and kernels.quant falls back
 to torch's kernels or the reference.
 
@@ -18,7 +19,6 @@ slower on SmolLM2's layers (the hand-off costs more than a ~0.1 ms call saves; o
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -26,10 +26,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from kernels.filecache import cache_root, compute_once
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SWARM_CACHE", Path.home() / ".cache" / "swarm")) / "kernels"
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     return build(tuple(FLAGS))
@@ -65,19 +62,13 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_affine-{key}.so"
+    target = cache_root() / "kernels" / f"cpu_affine-{key}.so"
+
+    def compile_into(out: Path) -> None:
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+
     try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # peers starting together compile once
-                if not target.exists():
-                    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                        built = Path(tmp) / target.name
-                        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True,
-                                       capture_output=True, timeout=120)
-                        os.replace(built, target)  # atomic: no process ever loads half a file
-        library = ctypes.CDLL(str(target))
+        library = ctypes.CDLL(str(compute_once(target, compile_into)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         logger.warning("building the native CPU kernel failed (%s): %r %s", compiler, e, detail.decode()[-2000:])

@@ -9,13 +9,10 @@ rotary module are the blocks' siblings whose class names say so. A peer then mat
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
+from kernels.filecache import cache_root, compute_once
 from swarm.model.weights import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -179,41 +177,27 @@ def checkpoint_for(path: Path, model: nn.Module, anatomy: Anatomy, parts: list[s
 
 def canonical_dir(path: Path) -> Path:
     """A safetensors copy of the model at `path` under the names of transformers' own model classes."""
-    from swarm.model.gguf_cache import cache_root
-
     h = hashlib.sha256((path / "config.json").read_bytes())
     for file in sorted(path.glob("*.safetensors")):
         h.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
     target = cache_root() / "canonical" / f"{path.resolve().name}-{h.hexdigest()[:16]}"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "model.safetensors").is_file():
-            _canonicalize(path, target)
-    return target
+    return compute_once(target, lambda out: _canonicalize(path, out),
+                        ready=lambda path: (path / "model.safetensors").is_file())
 
 
-def _canonicalize(path: Path, target: Path) -> None:
+def _canonicalize(path: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
-    logger.info("writing a canonical copy of %s into %s (once)", path, target)
+    logger.info("writing a canonical copy of %s into %s (once)", path, out)
     auto = AutoModel if is_encoder(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
     model = auto.from_pretrained(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        seen: set[int] = set()
-        tensors = {}
-        for name, tensor in model.state_dict().items():  # tied tensors share storage: save_file wants them apart
-            key = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
-            seen.add(key)
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        shutil.copy(path / "config.json", tmp / "config.json")
-        (tmp / "swarm-canonical.json").write_text(json.dumps({"source": str(path)}))
-        tmp.chmod(0o755)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out.mkdir()
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():  # tied tensors share storage: save_file wants them apart
+        key = tensor.untyped_storage().data_ptr()
+        tensors[name] = tensor.detach().clone().contiguous() if key in seen else tensor.detach().contiguous()
+        seen.add(key)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(path / "config.json", out / "config.json")
+    (out / "swarm-canonical.json").write_text(json.dumps({"source": str(path)}))

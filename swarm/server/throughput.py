@@ -9,10 +9,9 @@ slows the peer down (another tenant, an injected fault) shows.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -22,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from swarm.model.gguf_cache import cache_root
+from kernels.filecache import cache_root, locked, write_atomically
 from swarm.protocol import BATCH_PROBE
 from swarm.server.backend import Session, SpanBackend
 
 logger = logging.getLogger(__name__)
 
 MAX_ENTRIES = 64
-CACHE_FILE = "throughput.json"  # under swarm.model.gguf_cache.cache_root()
+CACHE_FILE = "throughput.json"  # under kernels.filecache.cache_root()
 
 
 @dataclass(frozen=True)
@@ -68,14 +67,11 @@ def cached_or_measured(key: str, measure: Callable[[], Throughput], refresh: boo
     machine measure one at a time (a file lock): peers started together would otherwise slow each other's
     measurements down, and the slowed figure would be cached; the ones that waited find the first one's figure."""
     path = path or cache_root() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - closed below
-    except OSError as e:
-        logger.warning("no lock for throughput measurements in %s: %s", path.parent, e)
-        return _cached_or_measured(key, measure, refresh, path)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(path))  # released when the block ends
+        except OSError as e:
+            logger.warning("no lock for throughput measurements in %s: %s", path.parent, e)
         return _cached_or_measured(key, measure, refresh, path)
 
 
@@ -96,9 +92,7 @@ def _cached_or_measured(key: str, measure: Callable[[], Throughput], refresh: bo
     data[key] = {"single": found.single, "batched": found.batched, "measured_at": time.time()}
     data = dict(list(data.items())[-MAX_ENTRIES:])  # the most recent ones (tests measure many throwaway models)
     try:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)  # atomic: peers starting together never read half a file
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))  # no peer reads half a file
     except OSError as e:
         logger.warning("could not cache the throughput measurement in %s: %s", path, e)
     return found
