@@ -44,6 +44,7 @@ class _Request:
     input_ids: torch.Tensor  # [1, 1]
     future: asyncio.Future
     since: float
+    sampler: Callable[[torch.Tensor], Any] | None = None
 
 
 @dataclass(eq=False)
@@ -60,17 +61,15 @@ class _Group:
 class DecodeGroups:
     """Decode steps of one-row sessions, run in lockstep groups per chain (see the module's doc).
 
-    head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread;
-    logits: computes head.logits of hidden [k, 1, H] (the decode pipeline passes its head stage's batcher, which
-    merges the calls of groups finishing together); default: head.logits through `run`.
-    A session is used through `chain_key`, `position`, `closed` and `step(hidden, position, group)`.
+    head: the client's LocalHead (`embed`, `logits`); run: runs a blocking function on the client's torch thread.
+    A round costs that thread two jobs: the members' embeddings, then their LM head in one call followed by each
+    member's sampler on its row. A session is used through `chain_key`, `position`, `closed` and
+    `step(hidden, position, group)`.
     """
 
     def __init__(self, head: Any, run: Callable[..., Awaitable[Any]], max_groups: int | None = None,
-                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25,
-                 logits: Callable[[torch.Tensor], Awaitable[torch.Tensor]] | None = None):
+                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25):
         self.head, self._run = head, run
-        self._logits = logits or (lambda hidden: run(head.logits, hidden))
         self.max_groups = max_groups  # None: one per peer of the chain
         self.min_group = min_group
         self.straggle, self.join_wait = straggle, join_wait
@@ -85,12 +84,14 @@ class DecodeGroups:
         """The members of each group with any on `chain` (a session's chain_key), for tests and stats."""
         return [list(group.members) for group in self._groups.get(chain, []) if group.members]
 
-    async def step(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
-        """The next token input_ids [1, 1] of `session` (at its position) through the chain → logits [1, 1, V]."""
+    async def step(self, session: InferenceSession, input_ids: torch.Tensor,
+                   sampler: Callable[[torch.Tensor], Any] | None = None) -> tuple[torch.Tensor, Any]:
+        """The next token input_ids [1, 1] of `session` (at its position) through the chain → (logits [1, V], what
+        `sampler(logits)` chose, or None without a sampler)."""
         loop = asyncio.get_running_loop()
         group = self._group_for(session)
         future = loop.create_future()
-        group.pending[session] = _Request(session, input_ids, future, loop.time())
+        group.pending[session] = _Request(session, input_ids, future, loop.time(), sampler)
         if group.timer is not None:
             group.timer.cancel()
         # decided once the other callers woken with this one (by the same round's end, the same event) have asked
@@ -190,10 +191,11 @@ class DecodeGroups:
                 elif not request.future.done():
                     _fail(request.future, result)
             if done:
-                logits = await self._logits(torch.cat([hidden[:, -1:] for _, hidden in done]))
-                for (request, _), part in zip(done, logits.split(1), strict=True):
+                results = await self._run(self._finish, torch.cat([hidden[:, -1:] for _, hidden in done]),
+                                          [request.sampler for request, _ in done])
+                for (request, _), result in zip(done, results, strict=True):
                     if not request.future.done():
-                        request.future.set_result(part)
+                        request.future.set_result(result)
         except BaseException as e:
             for request in requests:
                 if not request.future.done():
@@ -203,6 +205,14 @@ class DecodeGroups:
             group.in_flight.difference_update(r.session for r in requests)
             group.ended = asyncio.get_running_loop().time()
             self._consider(group)
+
+    def _finish(self, hidden: torch.Tensor, samplers: list[Callable[[torch.Tensor], Any] | None]
+                ) -> list[tuple[torch.Tensor, Any]]:
+        """On the torch thread: the LM head of a round's rows [k, 1, H] in one call, then each row's sampler."""
+        logits = self.head.logits(hidden)[:, -1]
+        rows = logits.split(1)
+        return [(row, sampler(row) if sampler is not None else None) for row, sampler in zip(rows, samplers,
+                                                                                             strict=True)]
 
     def close(self) -> None:
         for task in self._tasks:

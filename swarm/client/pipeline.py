@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kernels.sampling import Sampler
+from kernels.sampling import Choice, Sampler
 from swarm.client.decoding import DecodeGroups
 from swarm.client.session import InferenceSession
 
@@ -113,8 +113,7 @@ class DecodePipeline:
     def __init__(self, head: Any, prefill_chunk: int = 1024, decode_groups: int | None = None):
         self.stage = HeadStage(head)
         self.prefill_chunk = prefill_chunk
-        self.groups = (DecodeGroups(head, self.stage.run, max_groups=decode_groups, logits=self.stage.logits)
-                       if decode_groups != 0 else None)
+        self.groups = DecodeGroups(head, self.stage.run, max_groups=decode_groups) if decode_groups != 0 else None
 
     async def prefill(self, session: InferenceSession, input_ids: torch.Tensor,
                       position: int | None = None) -> torch.Tensor:
@@ -131,22 +130,30 @@ class DecodePipeline:
 
     async def decode(self, session: InferenceSession, token_ids: torch.Tensor) -> torch.Tensor:
         """The next token of every row, token_ids [B], at the session's position → logits [B, V]."""
+        return (await self.decode_and_sample(session, token_ids, None))[0]
+
+    async def decode_and_sample(self, session: InferenceSession, token_ids: torch.Tensor,
+                                sampler: Sampler | None) -> tuple[torch.Tensor, Choice | None]:
+        """decode(), then `sampler` on the logits in the same job of the head's thread (for a one-row session,
+        in its group's round: one LM-head call and one hop to the thread for the whole group)."""
         input_ids = token_ids.reshape(-1, 1)
         if self.groups is not None and input_ids.shape[0] == 1:
-            return (await self.groups.step(session, input_ids))[:, -1]
+            return await self.groups.step(session, input_ids, sampler)
         hidden = await session.step(await self.stage.embed(input_ids, session.position))
-        return (await self.stage.logits(hidden))[:, -1]
+        logits = (await self.stage.logits(hidden))[:, -1]
+        return logits, (await self.stage.run(sampler, logits) if sampler is not None else None)
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
                        max_new_tokens: int, position: int | None = None) -> AsyncIterator[StepOutput]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
         decides when to stop. Every token yielded but the last has been fed to the session."""
         logits = await self.prefill(session, input_ids, position)
+        choice: Choice | None = await self.stage.run(sampler, logits)
         for produced in range(1, max_new_tokens + 1):
-            choice = await self.stage.run(sampler, logits)
+            assert choice is not None
             yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs)
             if produced < max_new_tokens:
-                logits = await self.decode(session, choice.token_ids)
+                logits, choice = await self.decode_and_sample(session, choice.token_ids, sampler)
 
     def close(self) -> None:
         if self.groups is not None:

@@ -27,3 +27,4 @@ class TokenEvent:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     stop: bool = False  # a stop token: the choice is finished
+    cached_prompt_tokens: int = 0  # on the first step's events: prompt tokens whose KV was reused (not recomputed)

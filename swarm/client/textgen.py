@@ -79,8 +79,8 @@ class SwarmTextService:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """Yield, per step, one event per unfinished choice; ends when every choice hit a stop token or the limit.
-        However the caller stops (after the last event, or early), a single-choice session whose peers hold
-        exactly the tokens fed so far is parked for the next turn."""
+        A single-choice session that got that far is parked for the next turn, whether the caller reads on to the
+        end or closes this generator at the last event; one stopped earlier (a client that hung up) is closed."""
         n, prompt = request.n, list(request.prompt_ids)
         session, start = await self._session_for(prompt, request.max_new_tokens, n)
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
@@ -91,24 +91,27 @@ class SwarmTextService:
         stop_ids = set(request.stop_token_ids)
         chosen: list[int] = []  # row 0's tokens: all but the last have been fed to the session
         active = [True] * n
+        complete = False  # every choice has its last event: nothing is left to compute
         try:
             async for step in steps:
                 chosen.append(int(step.token_ids[0]))
                 events = []
                 for i in range(n):
                     if active[i]:
-                        event = _event(step, i)
+                        event = _event(step, i, start if len(chosen) == 1 else 0)
                         if event.token_id in stop_ids:
                             event = dataclasses.replace(event, stop=True)
                             active[i] = False
                         events.append(event)
+                complete = not any(active) or len(chosen) == request.max_new_tokens
                 yield events
-                if not any(active):
+                if complete:
                     break
         finally:
             await steps.aclose()
             fed = prompt + chosen[:-1]
-            if n == 1 and self.reuse_sessions > 0 and self._alive(session) and session.position == len(fed):
+            if (complete and n == 1 and self.reuse_sessions > 0 and self._alive(session)
+                    and session.position == len(fed)):
                 await self._park(fed, session)
             else:
                 await session.close()
@@ -176,12 +179,12 @@ class SwarmTextService:
         await self.client.close()
 
 
-def _event(step: StepOutput, i: int) -> TokenEvent:
+def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:
     token = int(step.token_ids[i])
     if step.logprobs is None or step.top_ids is None or step.top_logprobs is None:
-        return TokenEvent(i, token)
+        return TokenEvent(i, token, cached_prompt_tokens=cached)
     return TokenEvent(i, token, float(step.logprobs[i]),
-                      list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)))
+                      list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -60,13 +60,14 @@ async def run_in_thread(fn, *args):
     return fn(*args)
 
 
-async def decode(groups: DecodeGroups, session: FakeSession, tokens: int, pause: float = 0.0) -> list[float]:
+async def decode(groups: DecodeGroups, session: FakeSession, tokens: int, pause: float = 0.0,
+                 sampler=None) -> list[float]:
     out = []
     for t in range(tokens):
         position = session.position
-        logits = await groups.step(session, torch.tensor([[t]]))
-        assert logits.shape == (1, 1, V)
-        out.append(float(logits[0, 0, 0]))
+        logits, choice = await groups.step(session, torch.tensor([[t]]), sampler)
+        assert logits.shape == (1, V) and (sampler is None or choice == ("chose", float(logits[0, 0])))
+        out.append(float(logits[0, 0]))
         assert out[-1] == 2 * (t + position + 1)  # this session's own row came back, not another member's
         if pause:
             await asyncio.sleep(pause)
@@ -87,6 +88,19 @@ async def test_sessions_of_a_chain_form_one_group_per_peer_and_advance_in_rounds
         assert all(len({tag for tag in r}) == 1 and r[0][1] == len(members) for r in rounds)
     assert groups.rows == 40 and groups.rounds == 10
     assert set(head.logit_rows) == {4}  # one LM-head call per round, for all its members
+
+
+async def test_each_members_sampler_runs_on_its_own_row_in_the_rounds_head_job():
+    jobs = []
+
+    async def counting_run(fn, *args):
+        jobs.append(fn)
+        return fn(*args)
+
+    groups = DecodeGroups(FakeHead(), counting_run, max_groups=1)
+    sessions = [FakeSession(f"s{i}") for i in range(4)]
+    await asyncio.gather(*(decode(groups, s, 3, sampler=lambda row: ("chose", float(row[0, 0]))) for s in sessions))
+    assert groups.rounds == 3 and len(jobs) == 2 * 3  # embeddings, then head + samplers: two jobs per round
 
 
 async def test_a_single_session_runs_alone_without_waiting_and_max_groups_caps_the_groups():
