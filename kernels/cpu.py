@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_affine.c")
 GROUP = 32
+SUM_LANES = 32  # cpu_affine.c sums a row in 32 partial sums (LANES; 2 x 16 on AVX-512), added pairwise at the end
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 
 

@@ -12,7 +12,8 @@ slower for one row; measured on the 2-core EPYC (AVX-512) here, ms per call, MKL
     49152 x 576 (head)  11.0 → 9.7     21.7 → 8.5     28.3 → 13.8
 
 A row's result is also the same bits whatever the number of rows computed with it (tests/unit/test_kernels.py),
-which MKL does not promise: a session gets the same output alone or batched with others.
+which MKL does not promise: a session gets the same output alone or batched with others. That holds for oneDNN's
+AVX2 and AVX-512 kernels; its SSE4.1 ones (CPUs without AVX2) order a row's sums by the batch, within float rounding.
 
 `PackedLinear` replaces an nn.Linear (the weight is reordered and the plain copy dropped, so memory stays the same);
 `pack_linears(module)` replaces every nn.Linear in a module. Used for unquantized float32 spans and the client's LM
