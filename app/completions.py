@@ -122,7 +122,8 @@ Answer = ChatAnswer | TextAnswer
 
 
 def _usage(jobs: list[Job]) -> Usage:
-    return Usage.of(sum(len(job.prompt_ids) for job in jobs), sum(job.completion_tokens for job in jobs))
+    return Usage.of(sum(len(job.prompt_ids) for job in jobs), sum(job.completion_tokens for job in jobs),
+                    sum(job.cached_prompt_tokens for job in jobs))
 
 
 def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:

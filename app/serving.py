@@ -83,6 +83,7 @@ class Job:
     stops: list[str]
     index_offset: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
@@ -148,6 +149,9 @@ class ServingEngine:
         stream = self.backend.generate(job.request)
         try:
             async for events in stream:
+                if not any(counts):  # the first step: its events say how much of the prompt was cached
+                    cached = max((event.cached_prompt_tokens for event in events), default=0)
+                    job.cached_prompt_tokens = min(max(cached, 0), len(job.prompt_ids))
                 step = []
                 for event in events:
                     i = event.index

@@ -34,6 +34,7 @@ class FakeBackend:
         self.refuse: Exception | None = None
         self.open_sessions = 0
         self.gate: asyncio.Event | None = None
+        self.cached = 0  # prompt tokens the first step says a reused session held
 
     async def missing_blocks(self):
         return self.missing
@@ -64,7 +65,8 @@ class FakeBackend:
                     raise PeerError("peer died", ErrorCode.INTERNAL)
                 token = script[step]
                 yield [TokenEvent(i, token, -0.5 if request.logprobs is not None else None,
-                                  [(token, -0.5)] * (request.logprobs or 0), stop=token == EOS)
+                                  [(token, -0.5)] * (request.logprobs or 0), stop=token == EOS,
+                                  cached_prompt_tokens=self.cached if step == 0 else 0)
                        for i in range(request.n)]
                 if token == EOS:
                     return
@@ -103,7 +105,7 @@ def test_chat_completion_shape_and_exact_usage(client):
     prompt = len(b"<user>hi<assistant>")
     completion = len(REPLY.encode()) + 1  # + the eos token
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
+                             "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_streamed_deltas_concatenate_to_the_full_text_and_never_split_characters(client):
@@ -121,6 +123,25 @@ def test_include_usage_sends_a_final_usage_chunk(client):
     events = sse_events(chat(client, stream=True, stream_options={"include_usage": True}))
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == len(REPLY.encode()) + 1
     assert all(e["usage"] is None for e in events[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_prompt_tokens_are_reported_once_per_prompt(client, backend, stream):
+    def usage(response):
+        return sse_events(response)[-1]["usage"] if stream else response.json()["usage"]
+
+    options = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    backend.cached = 5
+    assert usage(chat(client, **options))["prompt_tokens_details"] == {"cached_tokens": 5}
+    # n choices share their prompt: counted once, as prompt_tokens is; two prompts are two jobs, each cached
+    assert usage(chat(client, n=3, **options))["prompt_tokens_details"] == {"cached_tokens": 5}
+    texts = client.post("/v1/completions", json={"model": "fake/model-1", "prompt": ["abcdefg", "hijklmnop"], "n": 2,
+                                                 "max_tokens": 2, **options})
+    assert usage(texts)["prompt_tokens_details"] == {"cached_tokens": 10}
+    backend.cached = 10**6  # a backend claiming more than the prompt: never more than the prompt is reported
+    reported = usage(chat(client, **options))
+    cached = reported["prompt_tokens_details"]["cached_tokens"]
+    assert cached == reported["prompt_tokens"] == len(b"<user>hi<assistant>")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -16,7 +16,7 @@ from tests.unit.test_gateway import REPLY, FakeBackend, chat, sse_events
 
 COMPLETION_KEYS = {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
 CHUNK_KEYS = {"id", "object", "created", "model", "system_fingerprint", "choices"}
-USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens"}
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
 LOGPROB_KEYS = {"token", "logprob", "bytes"}
 LEGACY_LOGPROB_KEYS = {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
 
@@ -50,7 +50,7 @@ def test_chat_completion_body_fields(client):
     body = response.json()
     assert set(body) == COMPLETION_KEYS and body["system_fingerprint"] is None
     assert (body["object"], body["model"], type(body["created"])) == ("chat.completion", "fake/model-1", int)
-    assert set(body["usage"]) == USAGE_KEYS
+    assert set(body["usage"]) == USAGE_KEYS and body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
 def test_non_ascii_text_is_sent_as_utf8_not_escaped(client):
