@@ -1,10 +1,10 @@
 """The peer's compute: sessions over its span, each with its own KV cache, validated and run off the event loop.
 
-All torch work happens on one dedicated thread (`run`), so the asyncio loop that serves the network never blocks and
-steps of different sessions never run concurrently on the same weights. Decode steps of one-row sessions go through
-the batcher (swarm.server.batcher: many sessions' tokens in one forward). A multi-token step (a prefill) runs in
-chunks of `prefill_chunk` tokens, each its own job on the compute thread, so decode batches run between the chunks of
-a long prompt instead of waiting for all of it.
+All torch work happens on one dedicated thread, so the asyncio loop that serves the network never blocks and steps
+of different sessions never run concurrently on the same weights. What runs there, in which order, is the
+scheduler's choice (swarm.server.scheduler): decode steps of one-row sessions batched into one forward, everything
+else (prefills in chunks of `prefill_chunk` tokens, steps of several rows, encoder inputs) as jobs between the
+batches, so that neither a burst of prompts stalls the decoding sessions nor the reverse.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
 
 from swarm.model.span import BlockSpan, SpanKVCache
 from swarm.protocol import ErrorCode, OpenRequest, PeerError
-from swarm.server.batcher import DecodeBatcher, DecodeStep
 from swarm.server.faults import Faults
 from swarm.server.memory import KVBudget
+from swarm.server.scheduler import DecodeStep, Scheduler
 
 T = TypeVar("T")
 
@@ -78,12 +79,13 @@ class SpanBackend:
         self.sessions: dict[str, Session] = {}
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
-        self.batcher = DecodeBatcher(self._run_batch, limits.max_batch_sessions, limits.batch_wait,
-                                     4 * limits.max_sessions, lambda key: key in self.sessions)
+        self.scheduler = Scheduler(self._run_batch, self.run, limits.max_batch_sessions, limits.batch_wait,
+                                   limits.prefill_chunk, 4 * limits.max_sessions, lambda key: key in self.sessions)
         self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the compute thread (after what is queued there)."""
+        """Run `fn` on the compute thread now (the scheduler's jobs and batches go through here; so do start-up
+        measurements, before the peer serves)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def drain(self, reason: str) -> None:
@@ -190,19 +192,19 @@ class SpanBackend:
 
     @property
     def queued_steps(self) -> int:
-        return self.batcher.queued
+        return self.scheduler.queued
 
     @property
     def decode_forwards(self) -> int:
-        return self.batcher.forwards
+        return self.scheduler.forwards
 
     @property
     def decode_rows(self) -> int:
-        return self.batcher.rows
+        return self.scheduler.rows
 
     @property
     def batch_sizes(self) -> list[int]:
-        return self.batcher.batch_sizes
+        return self.scheduler.batch_sizes
 
     def validate_step(self, session: Session, hidden: torch.Tensor, position: object) -> None:
         batch, new, hidden_size = hidden.shape
@@ -236,11 +238,13 @@ class SpanBackend:
         if not self.span.encoder:
             await self._reserve_growth(session, position + new)
         if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
-            return await self.batcher.submit(DecodeStep(session, hidden, position, loop.create_future(), group))
+            return await self.scheduler.submit(DecodeStep(session, hidden, position, loop.create_future(), group))
         chunk = self.limits.prefill_chunk if not self.span.encoder else new
         outputs = []
         for start in range(0, new, chunk):
-            outputs.append(await self.run(self.compute, session, hidden[:, start : start + chunk], position + start))
+            part = hidden[:, start : start + chunk]
+            outputs.append(await self.scheduler.run(partial(self.compute, session, part, position + start),
+                                                    part.shape[0] * part.shape[1]))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _run_batch(self, steps: list[DecodeStep]) -> list[torch.Tensor]:
@@ -270,7 +274,7 @@ class SpanBackend:
         return self.faults.apply(out, self.steps) if self.faults else out
 
     def shutdown(self) -> None:
-        self.batcher.close()
+        self.scheduler.close()
         for session in list(self.sessions.values()):
             self.close(session)
         self._executor.shutdown(wait=False, cancel_futures=True)

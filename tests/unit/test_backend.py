@@ -163,7 +163,7 @@ async def test_a_group_of_decode_steps_runs_as_one_forward_once_complete_and_wai
         assert loop.time() - start < 5  # not waiting for sessions 3 and 4 (batch_wait is 10 s)
 
         # two members of a group of three: they run after batch_wait, without the third
-        backend.batcher.batch_wait = 0.5
+        backend.scheduler.batch_wait = 0.5
         start = loop.time()
         outs = await asyncio.wait_for(asyncio.gather(*(later(s, 4, ("round-2", 3), 0) for s in sessions[:2])), 30)
         assert loop.time() - start >= 0.45 and backend.batch_sizes[-1] == 2
@@ -195,9 +195,36 @@ async def test_a_group_larger_than_a_forward_runs_as_several_without_waiting_for
         await asyncio.gather(*(backend.step(s, torch.randn(1, 1, 64), 2, ("big", 5)) for s in sessions))
         assert backend.batch_sizes[-2:] == [3, 2]
         assert asyncio.get_running_loop().time() - start < 5  # the last two did not wait for the first three
-        assert not backend.batcher._arrived  # a complete group's count is forgotten once it has run
+        assert not backend.scheduler._arrived  # a complete group's count is forgotten once it has run
     finally:
         backend.shutdown()
+
+
+async def test_a_burst_of_prompts_does_not_stall_decoding_and_short_prompts_pass_long_ones(tiny_model_dir):
+    """The scheduler's order, not timing: a round is the ready decode batch, then prefill chunks up to one chunk's
+    tokens. Decode steps never wait behind a burst of prompts, and a one-chunk prompt does not wait for a long one."""
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    limits = Limits(max_sessions=16, max_length=512, max_chunk_tokens=512, prefill_chunk=8)
+    backend = SpanBackend(span, limits, KVBudget(16384))
+    reference = SpanBackend(span, limits, KVBudget(16384))
+    try:
+        g = torch.Generator().manual_seed(7)
+        decoders = [backend.open(open_request(session_id=f"d{i}", start=0, end=6, max_length=512)) for i in range(3)]
+        for d in decoders:
+            await backend.step(d, torch.randn(1, 4, 64, generator=g), 0)
+        prompts = [torch.randn(1, 256 if i == 0 else 8, 64, generator=g) for i in range(8)]  # 32 chunks, then 1s
+        arriving = [backend.open(open_request(session_id=f"p{i}", start=0, end=6, max_length=512)) for i in range(8)]
+        prefills = [asyncio.ensure_future(backend.step(a, p, 0)) for a, p in zip(arriving, prompts, strict=True)]
+        await asyncio.sleep(0)  # the burst is queued
+        await asyncio.gather(*(backend.step(d, torch.randn(1, 1, 64, generator=g), 4) for d in decoders))
+        assert sum(p.done() for p in prefills) <= 2  # the decode round ran after one chunk, not after the burst
+        await asyncio.gather(*prefills[1:])
+        assert not prefills[0].done()  # the one-chunk prompts did not wait for the 32-chunk one
+        alone = reference.open(open_request(session_id="alone", start=0, end=6, max_length=512))
+        torch.testing.assert_close(await prefills[0], await reference.step(alone, prompts[0], 0), atol=1e-5, rtol=0)
+    finally:
+        backend.shutdown()
+        reference.shutdown()
 
 
 @pytest.mark.parametrize("group", [["x"], ["", 2], ["x", 0], ["x", True], [3, 2], ["x" * 65, 2], "x", ["x", 2000]])

@@ -1,22 +1,29 @@
-"""Continuous batching of decode steps on a peer: many sessions' next tokens in one forward.
+"""What a peer's compute thread runs next: batched decode steps and chunks of everything else, interleaved.
 
-A decode step (one new token of a one-row session) does not run alone. It joins a queue; the batcher takes every
-queued decode step (up to `max_batch_sessions`) and runs them as one batched forward, so the weights are read once
-per round instead of once per session. How long it waits for more before starting (at most `batch_wait`):
+Decode steps (one new token of a one-row session) are batched: they join a queue, and one forward runs every queued
+decode step (up to `max_batch_sessions`), so the weights are read once per round instead of once per session. How
+long a batch may wait for more before starting (at most `batch_wait`):
 - a step may say which group of steps it was sent with (`group`: an id and the group's size; our client sends the
-  decode steps of its sessions in such groups, see swarm.client.decoding): the batcher waits until every member of
+  decode steps of its sessions in such groups, see swarm.client.decoding): the batch waits until every member of
   each group it holds has arrived, and not for anyone else. A client pipelines its sessions through a chain this way
   (one group computes here while another computes on the next peer), which waiting for every decoding session would
   undo by merging the groups;
 - a step without a group waits for every session that decodes without groups now (it sent a step in the last
-  second), when the batcher was idle: their steps arrive spread out, and a batch started on the first arrivals would
-  split them into several smaller forwards for good. Steps arriving during a forward run right after it.
-The batcher sleeps on an event between arrivals (no polling). One round is: wait, take, run, count.
+  second), when the scheduler was idle: their steps arrive spread out, and a batch started on the first arrivals
+  would split them into several smaller forwards for good. Steps arriving during a forward run right after it.
+
+Everything else is a job: a prefill chunk (at most `prefill_chunk` tokens of a prompt), a step of a session of
+several rows, an encoder's input. Jobs run one forward each, first come first served; a long prompt is several
+jobs, submitted one after the other, so other prompts' chunks run between its chunks. A round runs the ready decode
+batch, then jobs up to `job_tokens` tokens (at least one): decode steps never wait behind more than one round of
+prefill, and a prefill never waits for a decode batch's late members (jobs run while the batch waits for them).
+The scheduler sleeps on an event between arrivals (no polling).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -29,6 +36,15 @@ logger = logging.getLogger(__name__)
 
 UNGROUPED_MEMORY = 1.0  # seconds a session that sent an ungrouped decode step counts as decoding
 LOG_PERIOD = 10.0  # seconds between batching log lines
+
+
+@dataclass
+class Job:
+    """Any other compute for the thread: run() is called there; its result or exception goes to `future`."""
+
+    run: Callable[[], torch.Tensor]
+    tokens: int  # rows x new tokens, for the round's budget
+    future: asyncio.Future
 
 
 @dataclass
@@ -46,13 +62,18 @@ class DecodeStep:
 RunBatch = Callable[[list[DecodeStep]], Awaitable[list[torch.Tensor]]]
 
 
-class DecodeBatcher:
-    def __init__(self, run: RunBatch, max_batch_sessions: int, batch_wait: float, max_groups_kept: int,
+class Scheduler:
+    """run_batch(steps): one decode forward on the compute thread; run_job(fn): fn() on the compute thread."""
+
+    def __init__(self, run_batch: RunBatch, run_job: Callable[[Callable[[], torch.Tensor]], Awaitable[torch.Tensor]],
+                 max_batch_sessions: int, batch_wait: float, job_tokens: int, max_groups_kept: int,
                  is_open: Callable[[Any], bool]):
-        self._run_batch, self._is_open = run, is_open
-        self.max_batch_sessions, self.batch_wait = max_batch_sessions, batch_wait
+        self._run_batch, self._run_job, self._is_open = run_batch, run_job, is_open
+        self.max_batch_sessions, self.batch_wait, self.job_tokens = max_batch_sessions, batch_wait, job_tokens
         self.max_groups_kept = max_groups_kept  # incomplete groups remembered (a member may still come)
         self._pending: list[DecodeStep] = []
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._deadline: float | None = None  # when the queued decode steps stop waiting for more
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step without a group
@@ -65,7 +86,7 @@ class DecodeBatcher:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._jobs)
 
     async def submit(self, step: DecodeStep) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -77,39 +98,70 @@ class DecodeBatcher:
         self._ensure_running().set()
         return await step.future
 
+    async def run(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
+        """fn() on the compute thread, in its turn among the jobs (see the module's doc)."""
+        job = Job(fn, tokens, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        self._ensure_running().set()
+        return await job.future
+
     def _ensure_running(self) -> asyncio.Event:
         loop = asyncio.get_running_loop()
         if self._wake is None or self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._loop(), name="decode-batcher")
+            self._task = loop.create_task(self._loop(), name="span-scheduler")
         return self._wake
 
     async def _loop(self) -> None:
-        idle = True  # steps without a group wait for their peers only when the batcher was idle
+        idle = True  # steps without a group wait for their peers only when the scheduler was idle
         while True:
             idle = await self._wait(idle)
-            steps = self._take()
-            await self._run(steps)
-            self._count(steps)
+            if self._pending and (not self._expecting_more(idle) or self._waited_enough()):
+                steps = self._take()
+                await self._run(steps)
+                self._count(steps)
+                idle = False
+            await self._run_jobs()
 
     async def _wait(self, idle: bool) -> bool:
-        """Until steps are queued, then (at most batch_wait) until the ones they announce have come. Returns
-        whether the batcher was idle before these steps came."""
+        """Until jobs are queued, or decode steps are queued and the ones they announce have come (at most
+        batch_wait). Returns whether the scheduler was idle before this work came."""
         assert self._wake is not None
         loop = asyncio.get_running_loop()
-        while not self._pending:
+        while not self._pending and not self._jobs:
             idle = True
             await self._wake.wait()
             self._wake.clear()
-        now = loop.time()
-        self._decoding = {k: t for k, t in self._decoding.items() if now - t < UNGROUPED_MEMORY}
-        deadline = now + self.batch_wait
-        while self._expecting_more(ungrouped=idle) and loop.time() < deadline:
+        if self._pending and self._deadline is None:
+            now = loop.time()
+            self._decoding = {k: t for k, t in self._decoding.items() if now - t < UNGROUPED_MEMORY}
+            self._deadline = now + self.batch_wait
+        while not self._jobs and self._expecting_more(idle) and not self._waited_enough():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(self._deadline or loop.time()):
                     await self._wake.wait()
             self._wake.clear()
-        return False
+        return idle
+
+    def _waited_enough(self) -> bool:
+        return self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline
+
+    async def _run_jobs(self) -> None:
+        """Jobs up to the round's token budget, at least one (first come first served)."""
+        budget = self.job_tokens
+        while self._jobs and budget > 0:
+            job = self._jobs.popleft()
+            budget -= job.tokens
+            if job.future.done():  # its caller gave up
+                continue
+            try:
+                result = await self._run_job(job.run)
+            except Exception as e:
+                if not job.future.done():
+                    job.future.set_exception(e)
+                continue
+            if not job.future.done():
+                job.future.set_result(result)
 
     def _expecting_more(self, ungrouped: bool) -> bool:
         """Whether queued steps announce more that should join their forward: members of a queued step's group not
@@ -128,6 +180,7 @@ class DecodeBatcher:
     def _take(self) -> list[DecodeStep]:
         taken = self._pending[: self.max_batch_sessions]
         del self._pending[: len(taken)]
+        self._deadline = None  # the steps left (a group larger than a forward) start a new wait
         self._forget_groups()
         return [step for step in taken if not step.future.done() and self._is_open(step.session.key)]
 
@@ -178,3 +231,7 @@ class DecodeBatcher:
             if not step.future.done():
                 step.future.cancel()
         self._pending.clear()
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.cancel()
+        self._jobs.clear()
