@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_STOP_LENGTH = 256  # characters: every streamed token is checked against the end of each stop string
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")  # clients send name, user, metadata, cache_control, ...
@@ -54,8 +56,8 @@ class _SamplingRequest(_Lenient):
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not 0 < len(s) <= MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_LENGTH} characters")
         return stops
 
     @field_validator("logit_bias")

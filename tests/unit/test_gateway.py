@@ -216,6 +216,7 @@ BAD_REQUESTS = {
     "max_tokens string": {"max_tokens": "ten"},
     "too many stops": {"stop": ["a", "b", "c", "d", "e"]},
     "empty stop": {"stop": [""]},
+    "long stop": {"stop": ["x" * 257]},
     "penalty": {"presence_penalty": 5},
     "logit_bias key": {"logit_bias": {"hello": 1}},
     "logit_bias value": {"logit_bias": {"5": 500}},
