@@ -44,7 +44,7 @@ def locked(target: Path) -> Iterator[None]:
         yield
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` makes a file or a directory at `tmp`, a fresh path beside `target`, which is then renamed to
     `target` (replacing what was there); if `write` or the rename fails, whatever it wrote is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)

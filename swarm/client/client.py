@@ -13,7 +13,7 @@ Who owns what: `router` (swarm.client.router) the view of the swarm, peer health
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from functools import partial
 
 import torch
@@ -26,7 +26,7 @@ from swarm.client.router import Router
 from swarm.client.routing import Link
 from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.dht import load_identity, start_dht
-from swarm.model.head import LocalHead, load_head
+from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
 from swarm.protocol import SpanInfo
 
@@ -34,7 +34,7 @@ __all__ = ["StepOutput", "SwarmClient"]
 
 
 class SwarmClient:
-    def __init__(self, dht: DHT | None, p2p: P2P | None, source: ModelSource, head: LocalHead,
+    def __init__(self, dht: DHT | None, p2p: P2P | None, source: ModelSource, head: LocalHead | EncoderHead,
                  prefill_chunk: int = 1024, step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
                  allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
                  decode_groups: int | None = None):
@@ -67,6 +67,13 @@ class SwarmClient:
         kwargs.setdefault("allowed_peers", allowed_peers)
         p2p = await dht.replicate_p2p()
         return cls(dht, p2p, source, head, **kwargs)
+
+    @property
+    def decoder(self) -> LocalHead:
+        """The head of a model that generates (TypeError for an encoder-only model's)."""
+        if not isinstance(self.head, LocalHead):
+            raise TypeError(f"{self.model_id} is an encoder-only model: it makes embeddings, not tokens")
+        return self.head
 
     @property
     def peer_id(self) -> str:
@@ -145,15 +152,15 @@ class SwarmClient:
 
     async def generate_steps(self, input_ids: torch.Tensor, max_new_tokens: int,
                              sampling: SamplingParams = SamplingParams(),
-                             session: InferenceSession | None = None) -> AsyncIterator[StepOutput]:
+                             session: InferenceSession | None = None) -> AsyncGenerator[StepOutput, None]:
         """Sample `max_new_tokens` positions for every row of input_ids [B, T]; the caller decides when to stop."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be [batch, tokens] with at least one token")
         owned = session is None
         if session is None:
             session = await self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0])
-        steps = self.pipeline.generate(session, input_ids, Sampler(input_ids.shape[0], self.head.vocab_size, sampling),
-                                       max_new_tokens)
+        sampler = Sampler(input_ids.shape[0], self.decoder.vocab_size, sampling)
+        steps = self.pipeline.generate(session, input_ids, sampler, max_new_tokens)
         try:
             async for step in steps:
                 yield step
@@ -164,9 +171,9 @@ class SwarmClient:
 
     async def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                        sampling: SamplingParams = SamplingParams(),
-                       stop_token_ids: Sequence[int] | None = None) -> AsyncIterator[int]:
+                       stop_token_ids: Sequence[int] | None = None) -> AsyncGenerator[int, None]:
         """Yield generated token ids of one prompt; stops after a stop token (default: the model's eos)."""
-        stop = set(self.head.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stop = set(self.decoder.eos_token_ids if stop_token_ids is None else stop_token_ids)
         steps = self.generate_steps(torch.tensor([list(prompt_ids)]), max_new_tokens, sampling)
         try:
             async for step in steps:

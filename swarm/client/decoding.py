@@ -26,6 +26,7 @@ caller gives up (its future cancelled) has its step cancelled, as it would be wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import uuid
 import weakref
@@ -176,12 +177,11 @@ class DecodeGroups:
     async def _round(self, group: _Group, requests: list[_Request]) -> None:
         tag = (f"{self._prefix}.{next(self._rounds)}", len(requests))
         try:
-            head = self.head
-            embeddings = await self._run(lambda: [head.embed(r.input_ids, r.session.position) for r in requests])
+            embeddings = await self._run(self._embed, requests)
             steps = []
             for request, hidden in zip(requests, embeddings, strict=True):
                 step = asyncio.ensure_future(request.session.step(hidden, None, tag))
-                request.future.add_done_callback(lambda f, step=step: step.cancel() if f.cancelled() else None)
+                request.future.add_done_callback(functools.partial(_cancel_with_caller, step))
                 steps.append(step)
             results = await asyncio.gather(*steps, return_exceptions=True)
             done: list[tuple[_Request, torch.Tensor]] = []
@@ -206,6 +206,10 @@ class DecodeGroups:
             group.ended = asyncio.get_running_loop().time()
             self._consider(group)
 
+    def _embed(self, requests: list[_Request]) -> list[torch.Tensor]:
+        """On the torch thread: each member's token embedded at its position."""
+        return [self.head.embed(r.input_ids, r.session.position) for r in requests]
+
     def _finish(self, hidden: torch.Tensor, samplers: list[Callable[[torch.Tensor], Any] | None]
                 ) -> list[tuple[torch.Tensor, Any]]:
         """On the torch thread: the LM head of a round's rows [k, 1, H] in one call, then each row's sampler."""
@@ -221,6 +225,11 @@ class DecodeGroups:
             for group in groups:
                 if group.timer is not None:
                     group.timer.cancel()
+
+
+def _cancel_with_caller(step: asyncio.Future, caller: asyncio.Future) -> None:
+    if caller.cancelled():
+        step.cancel()
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -20,7 +20,7 @@ Its stages, explicit rather than switched on input shape:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -144,7 +144,7 @@ class DecodePipeline:
         return logits, (await self.stage.run(sampler, logits) if sampler is not None else None)
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
-                       max_new_tokens: int, position: int | None = None) -> AsyncIterator[StepOutput]:
+                       max_new_tokens: int, position: int | None = None) -> AsyncGenerator[StepOutput, None]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
         decides when to stop. Every token yielded but the last has been fed to the session."""
         logits = await self.prefill(session, input_ids, position)

@@ -48,9 +48,10 @@ class SwarmTextService:
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
         self.tokenizer = tokenizer
         self.model_id = client.model_id
-        self.context_length: int = getattr(client.head.config, "max_position_embeddings", 2048)
-        self.vocab_size: int = client.head.vocab_size
-        self.eos_token_ids: tuple[int, ...] = client.head.eos_token_ids
+        head = client.decoder
+        self.context_length: int = getattr(head.config, "max_position_embeddings", 2048)
+        self.vocab_size: int = head.vocab_size
+        self.eos_token_ids: tuple[int, ...] = head.eos_token_ids
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None,

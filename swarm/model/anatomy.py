@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from kernels.filecache import cache_root, compute_once
 from swarm.model.weights import Checkpoint
@@ -76,7 +76,7 @@ def is_encoder(config: PretrainedConfig) -> bool:
     return config.model_type in ENCODER_FAMILIES
 
 
-def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The whole model with parameters on the meta device; buffers (rotary frequencies) are real but tiny.
     SDPA attention where the family has it, else transformers' eager attention (then spans pass explicit masks)."""
     auto = AutoModel if is_encoder(config) else AutoModelForCausalLM
@@ -89,7 +89,7 @@ def skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn
             return auto.from_config(config, dtype=dtype, attn_implementation="eager")
 
 
-def find_anatomy(model: nn.Module, config: PretrainedConfig) -> Anatomy:
+def find_anatomy(model: PreTrainedModel, config: PretrainedConfig) -> Anatomy:
     names = {id(module): name for name, module in model.named_modules()}
     blocks_name = next(
         (n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == config.num_hidden_layers),

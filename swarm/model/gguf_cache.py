@@ -72,7 +72,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         progress.update()
         # The weights are dequantized now; drop the GGUF quantizer marker or save_pretrained refuses.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - transformers types it as a quantizer, never None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(out, safe_serialization=True)

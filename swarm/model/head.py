@@ -13,18 +13,27 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kernels import packed
-from swarm.model.anatomy import checkpoint_for, find_anatomy, is_encoder, load_config, load_parts, skeleton
+from swarm.model.anatomy import (
+    UnsupportedModelError,
+    checkpoint_for,
+    find_anatomy,
+    is_encoder,
+    load_config,
+    load_parts,
+    skeleton,
+)
 from swarm.model.source import ModelSource
 
 
 class LocalHead(nn.Module):
     is_encoder = False
 
-    def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Module,
+    def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Linear,
                  position_embeddings: nn.Embedding | None = None):
         super().__init__()
         self.config = config
-        self.embeddings, self.norm, self.lm_head = embeddings, norm, lm_head
+        self.embeddings, self.norm = embeddings, norm
+        self.lm_head: nn.Module = lm_head  # a PackedLinear below where oneDNN runs it
         self.position_embeddings = position_embeddings
         self.num_blocks: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
@@ -110,4 +119,9 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalH
     if anatomy.position_embeddings:
         parts.append(anatomy.position_embeddings)
     loaded = load_parts(checkpoint_for(source.path, model, anatomy, parts), model, anatomy, parts, dtype)
-    return LocalHead(config, *loaded[:3], position_embeddings=loaded[3] if anatomy.position_embeddings else None)
+    embeddings, norm, lm_head = loaded[:3]
+    positions = loaded[3] if anatomy.position_embeddings else None
+    if not isinstance(lm_head, nn.Linear) or not isinstance(positions, nn.Embedding | None):
+        raise UnsupportedModelError(f"{config.model_type}: the LM head is a {type(lm_head).__name__}, the position "
+                                    f"embeddings a {type(positions).__name__}: expected Linear and Embedding")
+    return LocalHead(config, embeddings, norm, lm_head, position_embeddings=positions)

@@ -62,6 +62,7 @@ class SpanKVCache:
             capacity = min(self.max_length, max(end, (keys.shape[-2] if keys is not None else 0) + self.GROW))
             keys, values = self._grow(keys, key_states, capacity), self._grow(values, value_states, capacity)
             self._keys[layer_idx], self._values[layer_idx] = keys, values
+        assert keys is not None and values is not None
         keys[:, :, self.length : end] = key_states
         values[:, :, self.length : end] = value_states
         return keys[:, :, :end], values[:, :, :end]
@@ -131,7 +132,7 @@ class BlockSpan(nn.Module):
         for i, block in enumerate(self.blocks):  # index the session cache by position within the span
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
-                    module.layer_idx = i
+                    setattr(module, "layer_idx", i)  # noqa: B010 - an attribute of some modules, unknown to nn.Module
         self.cache_keyword = cache_keyword(self.blocks[0]) if blocks and not encoder else "cache"
         self._accepts = [_accepted_arguments(block) for block in self.blocks]
         layer_types = list(getattr(config, "layer_types", None) or [])

@@ -97,7 +97,7 @@ class SpanHandler:
     async def inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], remote_id: PeerID
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session = None
+        session, backend = None, None
         try:
             if self.allowed_clients and remote_id.to_base58() not in self.allowed_clients:
                 raise PeerError(f"client {remote_id} is not allowed on this peer", ErrorCode.FORBIDDEN)
@@ -120,7 +120,7 @@ class SpanHandler:
             logger.exception("session from %s failed", remote_id)
             yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value, "message": f"peer failed: {e!r}"})
         finally:
-            if session is not None:
+            if session is not None and backend is not None:
                 backend.close(session)
 
     async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
@@ -172,6 +172,8 @@ class SpanHandler:
         except ValueError as e:
             raise bad_request(str(e)) from e
         position = metadata.get("position")
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise bad_request("'position' must be an integer")
         out = await backend.step(session, hidden, position, parse_group(metadata.get("group")))
         return make_response({"type": "result", "position": position + hidden.shape[1]}, (out,))
 

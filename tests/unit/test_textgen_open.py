@@ -17,6 +17,7 @@ class FakeClient:
         self.holds = holds  # the longest session any chain can hold
         self.head = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192), eos_token_ids=(0,),
                                     vocab_size=100)
+        self.decoder = self.head
         self.asked: list[int] = []
 
     async def inference_session(self, max_length, batch_size=1):
