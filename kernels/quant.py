@@ -85,6 +85,10 @@ class QuantLinear(nn.Module):
 
     kernel: ClassVar[str]
     methods: ClassVar[tuple[str, ...]]
+    qweight: torch.Tensor  # buffers, as each kernel packs them: codes, scales (or absmax), minima, nf4 code points
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    code: torch.Tensor
 
     def __new__(cls, linear: nn.Linear | None = None, method: str | None = None, kernel: str | None = None):
         if cls is QuantLinear:  # the public constructor: choose the class once
