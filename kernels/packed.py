@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def available() -> bool:
         return False
 
 
-def fits(linear: nn.Module) -> bool:
+def fits(linear: nn.Module) -> TypeGuard[nn.Linear]:
     """An unquantized float32 nn.Linear on the CPU."""
     return (type(linear) is nn.Linear and linear.weight.device.type == "cpu"
             and linear.weight.dtype == torch.float32)

@@ -96,7 +96,7 @@ def quantize_int8_affine(weight: torch.Tensor, groupsize: int = INT8_GROUPSIZE
 
 
 def dequantize_int8_affine(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    return _dequantize_affine(q, scale, minimum, tuple(q.shape))
+    return _dequantize_affine(q, scale, minimum, (q.shape[0], q.shape[1]))
 
 
 def int8_affine_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
