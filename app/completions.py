@@ -131,8 +131,8 @@ def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
 
 
 async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
-                 answer: Answer) -> Response:
-    generation = await engine.start(jobs)  # ours from here: the event stream closes it, or `async with` below
+                 answer: Answer, client: str = "") -> Response:
+    generation = await engine.start(jobs, client)  # ours from here: the event stream closes it, or `async with` below
     if request.stream:
         return EventStream(_events(generation, request, answer), owner=generation)
     async with generation:

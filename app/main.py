@@ -35,7 +35,8 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers))
-            app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n)
+            app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n,
+                                             settings.gateway_max_queued, settings.gateway_queue_timeout)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,
                         f" and embeddings of {embedder.model_id}" if embedder else "")

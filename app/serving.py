@@ -1,4 +1,5 @@
-"""The serving engine over a GenerationBackend: admission (model, complete chain, concurrency slots), validated
+"""The serving engine over a GenerationBackend: admission (model, complete chain, a concurrency slot from the fair
+queue of `app.admission`), validated
 jobs, per-step text deltas of each choice (incremental detokenization, stop strings, finish reasons), and the
 `Generation` that owns an admitted request's slot and started stream until it is closed.
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
+from app.admission import Admission
 from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
@@ -144,11 +146,16 @@ def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float
 
 
 class ServingEngine:
-    def __init__(self, backend: GenerationBackend, max_concurrent: int = 32, max_n: int = 8):
+    def __init__(self, backend: GenerationBackend, max_concurrent: int = 32, max_n: int = 8, max_queued: int = 256,
+                 queue_timeout: float = 30.0):
         self.backend = backend
         self.max_n = max_n
-        self.max_concurrent = max_concurrent
-        self.active = 0  # generations holding a slot; only touched on the event loop
+        self.admission = Admission(max_concurrent, max_queued, queue_timeout)
+
+    @property
+    def active(self) -> int:
+        """Generations holding a slot."""
+        return self.admission.active
 
     # ---- validation -------------------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -229,11 +236,12 @@ class ServingEngine:
         if leftovers:
             yield leftovers
 
-    async def start(self, jobs: list[Job]) -> Generation:
-        """Admit the jobs and run their first step: a slot (429 when none is free), a complete chain, then the
-        first step, so that whatever fails at start-up is an HTTP error. The caller owns the returned generation
-        and must close it; on failure here, the slot and the stream are released before the error is raised."""
-        self.acquire_slot()
+    async def start(self, jobs: list[Job], client: str = "") -> Generation:
+        """Admit the jobs and run their first step: a slot (waiting for one in `client`'s turn; 429 when the queue
+        is full or the wait too long), a complete chain, then the first step, so that whatever fails at start-up is
+        an HTTP error. The caller owns the returned generation and must close it; on failure here, the slot and the
+        stream are released before the error is raised."""
+        await self.admission.acquire(client)
         generation = Generation(self, jobs)
         try:
             await self.check_available()
@@ -243,14 +251,8 @@ class ServingEngine:
             raise swarm_error(e) if isinstance(e, Exception) else e from None
         return generation
 
-    def acquire_slot(self) -> None:
-        if self.active >= self.max_concurrent:
-            raise APIError(429, "the gateway is at its concurrency limit; retry shortly", code="overloaded",
-                           retry_after=1)
-        self.active += 1
-
     def release_slot(self) -> None:
-        self.active -= 1
+        self.admission.release()
 
 
 class Generation:

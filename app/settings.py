@@ -30,7 +30,10 @@ class GatewaySettings(BaseSettings):
     gateway_api_keys: str = Field("", description="accepted API keys (space/comma separated); empty: no auth")
     gateway_api_key_file: str | None = Field(None, description="file with one accepted API key per line")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
-    gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations before 429")
+    gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
+    gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "
+                                                           "round-robin across API keys (0: 429 when none is free)")
+    gateway_queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait for a slot before 429")
     gateway_max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     embedded_num_threads: int = Field(0, ge=0, description="torch threads of the embedded peer (0: default)")
     startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a complete chain at start-up")

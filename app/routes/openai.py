@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Awaitable
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -19,13 +22,46 @@ def engine(request: Request) -> ServingEngine:
     return request.app.state.engine
 
 
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def require_api_key(request: Request) -> None:
     keys = request.app.state.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
+    if keys and _bearer(request) not in keys:
         raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def client_key(request: Request) -> str:
+    """Whose turn a request waits in for a generation slot: its API key when auth is on (only as a digest: the key
+    itself is kept nowhere), else the client's address (behind a proxy, its clients share one turn)."""
+    if request.app.state.api_keys:
+        return "key:" + hashlib.sha256(_bearer(request).encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "")
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """`work`, cancelled if the client disconnects before it has a response (while it waits for a slot, or while a
+    non-streamed answer is generated): nothing goes on for a client that left. A stream watches for itself."""
+    response: Response = Response(status_code=499)  # "client closed request": sent to no one
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: nothing else comes
+            pass
+        scope.cancel()
+
+    error: Exception | None = None
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            response = await work
+        except Exception as e:  # raised below, not wrapped in the task group's ExceptionGroup
+            error = e
+        group.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return response
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -63,10 +99,14 @@ async def get_model(model_id: str, request: Request, engine: ServingEngine = Dep
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, engine: ServingEngine = Depends(engine)) -> Response:
-    return await handle(engine, body, chat_jobs(engine, body), ChatAnswer(body.model))
+async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
+                           client: str = Depends(client_key)) -> Response:
+    jobs = chat_jobs(engine, body)
+    return await unless_disconnected(request, handle(engine, body, jobs, ChatAnswer(body.model), client))
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, engine: ServingEngine = Depends(engine)) -> Response:
-    return await handle(engine, body, completion_jobs(engine, body), TextAnswer(body.model))
+async def completions(body: CompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
+                      client: str = Depends(client_key)) -> Response:
+    jobs = completion_jobs(engine, body)
+    return await unless_disconnected(request, handle(engine, body, jobs, TextAnswer(body.model), client))

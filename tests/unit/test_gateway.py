@@ -274,8 +274,8 @@ def test_failure_mid_stream_becomes_an_error_event_then_done(client, backend):
     assert backend.open_sessions == 0
 
 
-def test_overload_is_429_with_retry_after(backend):
-    settings = GatewaySettings(gateway_max_concurrent=1)
+def test_overload_without_a_queue_is_429_with_retry_after(backend):
+    settings = GatewaySettings(gateway_max_concurrent=1, gateway_max_queued=0)
     backend.gate = asyncio.Event()
 
     async def scenario():
