@@ -126,6 +126,37 @@ async def test_eight_concurrent_streams_each_equal_its_sequential_result(sdk):
     assert [text for text, _, _ in concurrent] == sequential
 
 
+async def test_a_second_turn_reuses_the_first_turns_session_and_computes_what_a_fresh_gateway_does(
+        gateway, sdk, tokenizer):
+    """Turn 2 of a chat repeats turn 1's prompt and answer: over HTTP, its usage says at least turn 1's prompt was
+    cached, and its greedy text is what a fresh gateway (nothing parked; its usage says 0 cached) computes for the
+    same request. The system prompt is this test's own, so that no session parked by another test shares more than
+    its first few tokens with it (prefix reuse needs 16)."""
+    system = {"role": "system", "content": "You are Quillon, a terse assistant for lighthouse keepers."}
+    turn1 = [system, *user("Name three things a lighthouse keeper checks every night.")]
+    first = await sdk.chat.completions.create(model=MODEL, messages=turn1, temperature=0, max_tokens=24)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+             *user("Which of them matters most, and why?")]
+    text, _, chunks = await stream_text(sdk, turn2, temperature=0, max_tokens=24,
+                                        stream_options={"include_usage": True})
+    reused = chunks[-1].usage
+    turn1_prompt = len(tokenizer.apply_chat_template(turn1, add_generation_prompt=True)["input_ids"])
+    assert turn1_prompt <= reused.prompt_tokens_details.cached_tokens < reused.prompt_tokens
+
+    port = free_port()
+    fresh = gateway.start_gateway(port, {"SWARM_INITIAL_PEERS": " ".join(gateway.initial_peers)})
+    try:
+        other = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        again = await other.chat.completions.create(model=MODEL, messages=turn2, temperature=0, max_tokens=24)
+        await other.close()
+    finally:
+        fresh.stop()
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens == reused.prompt_tokens
+    assert again.choices[0].message.content == text
+
+
 BAD = {
     "temperature": {"temperature": 7},
     "n": {"n": 0},
