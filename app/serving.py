@@ -1,7 +1,7 @@
 """The serving engine over a GenerationBackend: admission (model, complete chain, a concurrency slot from the fair
-queue of `app.admission`), validated
-jobs, per-step text deltas of each choice (incremental detokenization, stop strings, finish reasons), and the
-`Generation` that owns an admitted request's slot and started stream until it is closed.
+queue of `app.admission`), validated jobs, per-step text deltas of each choice (incremental detokenization, stop
+strings, finish reasons), and the `Generation` that owns an admitted request's slot and started stream until it is
+closed.
 
 The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into text
 deltas. Shaping them into OpenAI bodies and SSE chunks is `app.completions`'s; nothing here knows about HTTP, peers,
