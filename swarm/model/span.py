@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from kernels import packed
 from kernels.quant import QuantLinear, quantize_linears
+from swarm.model import segments
 from swarm.model.anatomy import (
     UnsupportedModelError,
     checkpoint_for,
@@ -95,17 +96,8 @@ class _PaddedBatchCache:
         self.caches = caches
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        rows = [cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
-                for i, cache in enumerate(self.caches)]
-        total = max(k.shape[-2] for k, _ in rows)
-        if all(k.shape[-2] == total for k, _ in rows):  # sessions of one length (a lockstep group): no padding
-            return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
-        shape = (len(rows), key_states.shape[1], total, key_states.shape[-1])
-        keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        for i, (k, v) in enumerate(rows):
-            keys[i, :, : k.shape[-2]] = k[0]
-            values[i, :, : v.shape[-2]] = v[0]
-        return keys, values
+        return segments.pad_rows([cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+                                  for i, cache in enumerate(self.caches)])
 
 
 class BlockSpan(nn.Module):
@@ -141,6 +133,10 @@ class BlockSpan(nn.Module):
         self.windows = [window if window and (t == "sliding_attention" or (t is None and not layer_types)) else None
                         for t in self.layer_types]
         self._rotary_per_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        # steps of several sessions in one sequence (forward_mixed): every family whose attention the config names
+        self.mixes = not encoder and bool(blocks) and segments.supported(blocks)
+        if self.mixes:
+            segments.enable(blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,19 +192,33 @@ class BlockSpan(nn.Module):
             cache.rewind(position)
         position_ids = torch.tensor(positions, device=hidden.device)[:, None]
         lengths = torch.tensor(positions, device=hidden.device) + 1  # keys each row attends to, its new token included
-        total = int(lengths.max())
-        keys = torch.arange(total, device=hidden.device)[None, :]
 
         def mask(window: int | None) -> torch.Tensor:
-            allowed = keys < lengths[:, None]
-            if window is not None:
-                allowed &= keys > (lengths[:, None] - 1) - window
-            additive = torch.zeros(len(caches), total, dtype=hidden.dtype, device=hidden.device)
-            return additive.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)[:, None, None, :]
+            return segments.padded_decode_mask(lengths, window, hidden.dtype)
 
         hidden = self._run(hidden, position_ids, _PaddedBatchCache(caches), mask, blocks)
         for cache in caches:
             cache.commit(1)
+        return hidden
+
+    @torch.inference_mode()
+    def forward_mixed(self, hidden: torch.Tensor, steps: list[segments.Segment],
+                      blocks: slice | None = None) -> torch.Tensor:
+        """Steps of several sessions in one forward: hidden [1, ΣT, H] holds each step's T tokens after the previous
+        step's (decode rows, prefill chunks, in any mix), step i at steps[i].position of steps[i].cache → [1, ΣT, H].
+        Only for spans with `mixes` (swarm.model.segments)."""
+        if not self.mixes:
+            raise ValueError("this span's family cannot run steps of different sessions in one sequence")
+        if hidden.shape[0] != 1 or hidden.shape[1] != sum(step.tokens for step in steps):
+            raise ValueError("forward_mixed takes [1, sum of the steps' tokens, H]")
+        for step in steps:
+            step.cache.rewind(step.position)
+        position_ids = torch.cat([torch.arange(s.position, s.position + s.tokens, device=hidden.device)
+                                  for s in steps])[None]
+        with segments.mixed(steps, self.windows, self.explicit_masks) as cache:
+            hidden = self._run(hidden, position_ids, cache, lambda window: None, blocks)
+        for step in steps:
+            step.cache.commit(step.tokens)
         return hidden
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache, mask, blocks: slice | None):

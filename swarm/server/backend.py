@@ -2,9 +2,10 @@
 
 All torch work happens on one dedicated thread, so the asyncio loop that serves the network never blocks and steps
 of different sessions never run concurrently on the same weights. What runs there, in which order, is the
-scheduler's choice (swarm.server.scheduler): decode steps of one-row sessions batched into one forward, everything
-else (prefills in chunks of `prefill_chunk` tokens, steps of several rows, encoder inputs) as jobs between the
-batches, so that neither a burst of prompts stalls the decoding sessions nor the reverse.
+scheduler's choice (swarm.server.scheduler): rounds of decode steps and prefill chunks (of `prefill_chunk` tokens)
+of one-row sessions, each round one forward where the span's family allows (`BlockSpan.forward_mixed`), and the
+rest (steps of several rows, encoder inputs) between the rounds; so neither a burst of prompts stalls the decoding
+sessions nor the reverse.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from swarm.model.segments import Segment
 from swarm.model.span import BlockSpan, SpanKVCache
 from swarm.protocol import ErrorCode, OpenRequest, PeerError
 from swarm.server.faults import Faults
 from swarm.server.memory import KVBudget
-from swarm.server.scheduler import DecodeStep, Scheduler
+from swarm.server.scheduler import Scheduler, Step
 
 T = TypeVar("T")
 
@@ -79,7 +81,7 @@ class SpanBackend:
         self.sessions: dict[str, Session] = {}
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
-        self.scheduler = Scheduler(self._run_batch, self.run, limits.max_batch_sessions, limits.batch_wait,
+        self.scheduler = Scheduler(self._run_round, self.run, limits.max_batch_sessions, limits.batch_wait,
                                    limits.prefill_chunk, 4 * limits.max_sessions, lambda key: key in self.sessions)
         self._freed_waiters: list[asyncio.Future] = []  # sessions waiting for KV budget; resolved on every close
 
@@ -237,18 +239,45 @@ class SpanBackend:
         batch, new, _ = hidden.shape
         if not self.span.encoder:
             await self._reserve_growth(session, position + new)
-        if new == 1 and batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1:
-            return await self.scheduler.submit(DecodeStep(session, hidden, position, loop.create_future(), group))
+        rounds = batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1
+        if rounds and new == 1:
+            return await self.scheduler.decode(Step(session, hidden, position, loop.create_future(), group))
         chunk = self.limits.prefill_chunk if not self.span.encoder else new
         outputs = []
         for start in range(0, new, chunk):
             part = hidden[:, start : start + chunk]
-            outputs.append(await self.scheduler.run(partial(self.compute, session, part, position + start),
-                                                    part.shape[0] * part.shape[1]))
+            if rounds:
+                out = await self.scheduler.prefill(Step(session, part, position + start, loop.create_future()))
+            else:
+                out = await self.scheduler.run(partial(self.compute, session, part, position + start),
+                                               part.shape[0] * part.shape[1])
+            outputs.append(out)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    async def _run_batch(self, steps: list[DecodeStep]) -> list[torch.Tensor]:
-        return await self.run(self.compute_batch, [(st.session, st.hidden, st.position) for st in steps])
+    async def _run_round(self, steps: list[Step]) -> list[torch.Tensor]:
+        return await self.run(self.compute_round, steps)
+
+    def compute_round(self, steps: list[Step]) -> list[torch.Tensor]:
+        """On the compute thread: a scheduler's round (steps of one-row sessions over the same blocks) as one forward
+        where the family can mix sessions of different lengths in one sequence, else decode rows batched and each
+        chunk alone."""
+        if len(steps) == 1:
+            return [self.compute(steps[0].session, steps[0].hidden, steps[0].position)]
+        if all(step.tokens == 1 for step in steps):
+            return self.compute_batch([(st.session, st.hidden, st.position) for st in steps])
+        if not self.span.mixes:
+            decodes = [st for st in steps if st.tokens == 1]
+            batched = iter(self.compute_batch([(st.session, st.hidden, st.position) for st in decodes])
+                           if decodes else [])
+            return [next(batched) if st.tokens == 1 else self.compute(st.session, st.hidden, st.position)
+                    for st in steps]
+        span = self.span
+        hidden = torch.cat([st.hidden[0] for st in steps])[None].to(span.device, span.dtype)
+        out = span.forward_mixed(hidden, [Segment(st.session.cache, st.position, st.tokens) for st in steps],
+                                 steps[0].session.blocks).to("cpu")
+        out = self._count_forward(out, True)
+        return [part.to(st.hidden.dtype) for part, st in zip(out.split([st.tokens for st in steps], dim=1), steps,
+                                                             strict=True)]
 
     def compute_batch(self, steps: list[tuple[Session, torch.Tensor, int]], served: bool = True) -> list[torch.Tensor]:
         """On the compute thread: one decode step of each (session, hidden [1, 1, H], position), as one forward.

@@ -227,6 +227,41 @@ async def test_a_burst_of_prompts_does_not_stall_decoding_and_short_prompts_pass
         reference.shutdown()
 
 
+async def test_a_round_of_decode_steps_and_prompt_chunks_is_one_forward_and_equals_each_alone(tiny_model_dir):
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    limits = Limits(max_sessions=8, max_length=64, prefill_chunk=8, batch_wait=5.0)
+    backend = SpanBackend(span, limits, KVBudget(4096))
+    reference = SpanBackend(span, Limits(max_sessions=8, max_length=64, max_batch_sessions=1), KVBudget(4096))
+    try:
+        g = torch.Generator().manual_seed(9)
+        history = [torch.randn(1, n, 64, generator=g) for n in (5, 9, 2)]
+        names = ["d0", "d1", "d2", "p0", "p1"]
+        sessions = {n: backend.open(open_request(session_id=n, start=0, end=6)) for n in names}
+        alone = {n: reference.open(open_request(session_id=n, start=0, end=6)) for n in names}
+        for name, h in zip(names, history, strict=False):
+            await backend.step(sessions[name], h, 0)
+            await reference.step(alone[name], h, 0)
+        inputs = {"d0": (torch.randn(1, 1, 64, generator=g), 5), "d1": (torch.randn(1, 1, 64, generator=g), 9),
+                  "d2": (torch.randn(1, 1, 64, generator=g), 2), "p0": (torch.randn(1, 4, 64, generator=g), 0),
+                  "p1": (torch.randn(1, 3, 64, generator=g), 0)}
+        forwards = backend.steps
+        # the decode steps come as one group of three: the round waits for all of them (batch_wait is 5 s), and
+        # the two prompts (7 tokens, within the round's 8) join it
+        got = await asyncio.gather(*(backend.step(sessions[n], x, pos, ("g", 3) if n.startswith("d") else None)
+                                     for n, (x, pos) in inputs.items()))
+        assert backend.steps - forwards <= 2 and backend.batch_sizes[-1] == 3  # prompts queued first may go ahead
+        for (name, (x, pos)), out in zip(inputs.items(), got, strict=True):
+            torch.testing.assert_close(out, await reference.step(alone[name], x, pos), atol=1e-5, rtol=0)
+        forwards = backend.steps
+        await asyncio.gather(*(backend.step(sessions[n], torch.randn(1, 1, 64, generator=g), pos, ("h", 3))
+                               for n, pos in (("d0", 6), ("d1", 10), ("d2", 3))),
+                             backend.step(sessions["p0"], torch.randn(1, 2, 64, generator=g), 4))
+        assert backend.steps - forwards == 1  # a group and a chunk arriving together: one forward
+    finally:
+        backend.shutdown()
+        reference.shutdown()
+
+
 @pytest.mark.parametrize("group", [["x"], ["", 2], ["x", 0], ["x", True], [3, 2], ["x" * 65, 2], "x", ["x", 2000]])
 def test_a_malformed_group_is_a_bad_request(group):
     from swarm.server.handler import parse_group

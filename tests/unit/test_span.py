@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kernels import packed
+from swarm.model import segments
 from swarm.model.anatomy import SUPPORTED_FAMILIES, UnsupportedModelError, find_anatomy, load_config, skeleton
 from swarm.model.head import load_head
 from swarm.model.source import ModelSource
@@ -208,3 +209,33 @@ def test_batched_decode_of_sessions_of_different_lengths_equals_each_alone(tiny_
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         positions = [p + 1 for p in positions]
     assert [c.length for c in batched] == positions
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_steps_of_several_sessions_in_one_sequence_equal_each_alone(tiny_model_dir, family):
+    """forward_mixed: decode rows of sessions of different lengths, a fresh prompt and a prompt continuing a cached
+    prefix (after a rewind), in one forward; every session's output and cache equal its step run alone."""
+    span = load_span(ModelSource(family, tiny_model_dir(family)), 0, 6)
+    if family == "falcon":  # its attention does not take its implementation from the config's name
+        assert not span.mixes
+        return
+    assert span.mixes
+    g = torch.Generator().manual_seed(11)
+    hidden = span.hidden_size
+    history = [torch.randn(1, n, hidden, generator=g) for n in (7, 3, 0, 6)]
+    alone, mixed = [span.new_cache(32) for _ in history], [span.new_cache(32) for _ in history]
+    for h, a, m in zip(history, alone, mixed, strict=True):
+        if h.shape[1]:
+            span(h, a, 0)
+            span(h, m, 0)
+    # decode rows at 7 and 3, a fresh 5-token prompt, and 4 tokens at 4 (rewinding the 6 cached ones)
+    plan = [(0, 1, 7), (1, 1, 3), (2, 5, 0), (3, 4, 4)]
+    for _ in range(2):
+        inputs = [torch.randn(1, tokens, hidden, generator=g) for _, tokens, _ in plan]
+        expected = [span(x, alone[i], position) for (i, _, position), x in zip(plan, inputs, strict=True)]
+        steps = [segments.Segment(mixed[i], position, tokens) for i, tokens, position in plan]
+        got = span.forward_mixed(torch.cat(inputs, dim=1), steps).split([t for _, t, _ in plan], dim=1)
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, atol=1e-5, rtol=0)
+        assert [c.length for c in mixed] == [c.length for c in alone]
+        plan = [(i, 1, alone[i].length) for i, _, _ in plan]  # then every session decodes, in one forward

@@ -1,0 +1,179 @@
+"""One forward over steps of several sessions of different lengths: decode rows and prefill chunks together.
+
+The linear layers, norms and rotary embeddings of a decoder block work token by token, so the steps of many
+sessions can run through them as one sequence [1, ΣT, H] (a session's T tokens after another's): the weights are
+read once for all of them, and a prefill chunk's matrix product carries the decode rows almost for free. Only
+attention must see each session's own keys. So while a mixed forward runs (`mixed(...)`):
+- the layers' cache is `SegmentsCache`: it splits each layer's new keys/values by session, appends them to every
+  session's own SpanKVCache and keeps what each session may attend to;
+- the layers' attention implementation is `segments_attention` (registered with transformers as "swarm_segments"
+  and set on the span's config by `enable`): it runs the family's own attention (SDPA or its eager function, with
+  its scaling, GQA, soft-capping) once for all decode rows (right-padded, with a mask) and once per prefill chunk
+  (its causal mask, as if alone), and puts the outputs back in sequence order.
+Outside a mixed forward `segments_attention` is the family's own attention, unchanged.
+
+A session's result is the same as its step run alone: its tokens meet the same weights (a row's output of the
+linears does not depend on the other rows) and attention sees exactly its own keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+NAME = "swarm_segments"
+
+
+@dataclass
+class Segment:
+    """One session's step in a mixed forward: `tokens` new tokens at `position` of the session's `cache`."""
+
+    cache: Any  # swarm.model.span.SpanKVCache
+    position: int
+    tokens: int
+
+
+@dataclass
+class _Plan:
+    segments: list[Segment]
+    windows: list[int | None]  # per layer of the span
+    explicit_masks: bool  # eager attention: every multi-token step gets a mask
+    layer: int = 0  # the layer whose keys were appended last
+    keys: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per segment, for `layer`
+
+
+_ACTIVE: contextvars.ContextVar[_Plan | None] = contextvars.ContextVar("swarm_segments", default=None)
+_ORIGINAL = "_swarm_original_attn"  # config attribute: the implementation segments_attention stands in for
+
+
+class SegmentsCache:
+    """The cache a mixed forward hands the layers (see the module's doc)."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: [1, kv_heads, ΣT, D]
+        plan, start = self.plan, 0
+        plan.layer, plan.keys = layer_idx, []
+        for segment in plan.segments:
+            end = start + segment.tokens
+            plan.keys.append(segment.cache.update(key_states[:, :, start:end], value_states[:, :, start:end],
+                                                  layer_idx))
+            start = end
+        return key_states, value_states  # not read: segments_attention takes each session's own keys
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values [1, kv_heads, K_i, D] of several sessions → one right-padded batch [N, kv_heads, max K_i, D]
+    (just concatenated when every K_i is the same)."""
+    total = max(k.shape[-2] for k, _ in rows)
+    if all(k.shape[-2] == total for k, _ in rows):
+        return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
+    first = rows[0][0]
+    shape = (len(rows), first.shape[1], total, first.shape[-1])
+    keys, values = first.new_zeros(shape), rows[0][1].new_zeros(shape)
+    for i, (k, v) in enumerate(rows):
+        keys[i, :, : k.shape[-2]] = k[0]
+        values[i, :, : v.shape[-2]] = v[0]
+    return keys, values
+
+
+def padded_decode_mask(lengths: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [N, 1, 1, max length] for N one-token rows, row i attending to its first lengths[i] keys (and
+    only the last `window` of them, for a sliding layer)."""
+    keys = torch.arange(int(lengths.max()), device=lengths.device)[None, :]
+    allowed = keys < lengths[:, None]
+    if window is not None:
+        allowed &= keys > (lengths[:, None] - 1) - window
+    additive = torch.zeros(len(lengths), keys.shape[1], dtype=dtype, device=lengths.device)
+    return additive.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _original(module: nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention the family would run: SDPA, or its own eager function."""
+    name = getattr(module.config, _ORIGINAL, "sdpa")
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
+
+
+def segments_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query [1, heads, ΣT, D] → [1, ΣT, heads, D], each session attending to its own keys (see the module's doc)."""
+    from swarm.model.span import causal_mask  # span imports this module
+
+    plan, original = _ACTIVE.get(), _original(module)
+    if plan is None:
+        return original(module, query, key, value, attention_mask, **kwargs)
+    window = plan.windows[plan.layer]
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    starts, offset = [], 0
+    for segment in plan.segments:
+        starts.append(offset)
+        offset += segment.tokens
+    rows = [i for i, s in enumerate(plan.segments) if s.tokens == 1]
+    if rows:
+        keys, values = pad_rows([plan.keys[i] for i in rows])
+        lengths = torch.tensor([plan.segments[i].position + 1 for i in rows], device=query.device)
+        mask = padded_decode_mask(lengths, window, query.dtype)
+        where = torch.tensor([starts[i] for i in rows], device=query.device)
+        result, _ = original(module, query[0, :, where].transpose(0, 1)[:, :, None], keys, values, mask, **kwargs)
+        out[0, where] = result[:, 0]
+    for i, segment in enumerate(plan.segments):
+        if segment.tokens == 1:
+            continue
+        start, end = starts[i], starts[i] + segment.tokens
+        chunk_mask = causal_mask(segment.tokens, segment.position, query.dtype, query.device, window,
+                                 plan.explicit_masks)
+        keys, values = plan.keys[i]
+        result, _ = original(module, query[:, :, start:end], keys, values, chunk_mask, **kwargs)
+        out[:, start:end] = result
+    return out, None
+
+
+ALL_ATTENTION_FUNCTIONS.register(NAME, segments_attention)
+
+
+def supported(blocks: list[nn.Module]) -> bool:
+    """Whether every attention module of these blocks picks its implementation from the config's name with a
+    module-level eager function beside it (all supported families but Falcon)."""
+    found = False
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(getattr(module, "config", None), PretrainedConfig) and hasattr(module, "layer_idx"):
+                if not hasattr(sys.modules[type(module).__module__], "eager_attention_forward"):
+                    return False
+                if getattr(module.config, "reorder_and_upcast_attn", False):  # GPT-2's own eager path
+                    return False
+                found = True
+    return found
+
+
+def enable(blocks: list[nn.Module]) -> None:
+    """Route the blocks' attention through segments_attention (the family's own attention outside mixed forwards)."""
+    for block in blocks:
+        for module in block.modules():
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig) and config._attn_implementation != NAME:
+                setattr(config, _ORIGINAL, config._attn_implementation or "eager")
+                config._attn_implementation = NAME
+
+
+@contextlib.contextmanager
+def mixed(segments: list[Segment], windows: list[int | None], explicit_masks: bool) -> Iterator[SegmentsCache]:
+    """While active, layers given the yielded cache run the segments' attention separately."""
+    plan = _Plan(segments, windows, explicit_masks)
+    token = _ACTIVE.set(plan)
+    try:
+        yield SegmentsCache(plan)
+    finally:
+        _ACTIVE.reset(token)
