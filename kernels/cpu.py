@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_affine.c")
 GROUP = 32
-SUM_LANES = 32  # cpu_affine.c sums a row in 32 partial sums (LANES; 2 x 16 on AVX-512), added pairwise at the end
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
 
 
@@ -78,11 +77,22 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+    library.affine_scratch_floats.restype, library.affine_scratch_floats.argtypes = i64, [i64]
+    library.affine_sum_lanes.restype, library.affine_sum_lanes.argtypes = ctypes.c_int, []
     return library
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def sum_lanes(library: ctypes.CDLL | None = None) -> int:
+    """How many partial sums the build splits a row's K products into (in increasing k each, then added pairwise):
+    32 on AVX-512 and in the portable loops, 8 on AVX2. kernels/tolerance.py derives the kernel's bound from it."""
+    library = library or _library()
+    if library is None:
+        raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
+    return int(library.affine_sum_lanes())
 
 
 def fits(in_features: int) -> bool:
@@ -118,7 +128,7 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
         raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
     y = torch.empty(rows, n, dtype=torch.float32)
-    scratch = torch.empty(k, dtype=torch.float32)  # the portable loops expand one weight row into it
+    scratch = torch.empty(int(library.affine_scratch_floats(k)), dtype=torch.float32)  # dequantized weight tiles
     status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
                                    minimum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
                                    0, n, scratch.data_ptr())

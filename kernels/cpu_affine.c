@@ -5,9 +5,15 @@
    The weight is stored as unsigned codes in groups of GROUP (32) consecutive weights of a row, each group with its
    own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, in the
    layout kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
-   dequantize-then-matmul computed without materialising the float32 weight: each weight row is expanded (in
-   registers on AVX-512, into an L1-sized buffer in the portable loops) and dotted with every input row, so the
-   weight bytes are read once per call whatever the number of rows.
+   dequantize-then-matmul computed without materialising the float32 weight: each weight is expanded once per call
+   (in registers on AVX-512; into a float32 tile of NB rows on AVX2, multiplied against every input row by a
+   register-blocked micro-kernel; into one row's buffer in the portable loops) and dotted with every input row, so
+   the weight bytes are read once per call whatever the number of rows.
+
+   Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
+   compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
+   call (`affine_sum_lanes`: 32 partial sums on AVX-512 and in the portable loops, 8 on AVX2, added pairwise at the
+   end; kernels/tolerance.py derives the parity bound from it).
 
    Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would save an FMA per weight, but expanding
    w = q * scale + minimum first keeps the arithmetic of reference.py (dequantize, then multiply-add).
@@ -21,72 +27,16 @@
 
 #define GROUP 32
 
-static void expand_row8(const uint8_t *restrict q, const float *restrict scale, const float *restrict minimum,
-                        int64_t groups, float *restrict w) {
-    for (int64_t g = 0; g < groups; g++) {
-        const float s = scale[g], z = minimum[g];
-        const uint8_t *restrict src = q + g * GROUP;
-        float *restrict dst = w + g * GROUP;
-#pragma omp simd
-        for (int j = 0; j < GROUP; j++) dst[j] = (float)src[j] * s + z;
-    }
-}
-
-/* 4-bit codes in the kernel's own layout (kernels/cpu.py repacks reference.py's): in each group of 32, byte j holds
-   code j in its low nibble and code j + 16 in its high nibble, so both halves expand with contiguous stores. */
-static void expand_row4(const uint8_t *restrict packed, const float *restrict scale, const float *restrict minimum,
-                        int64_t groups, float *restrict w) {
-    for (int64_t g = 0; g < groups; g++) {
-        const float s = scale[g], z = minimum[g];
-        const uint8_t *restrict src = packed + g * (GROUP / 2);
-        float *restrict dst = w + g * GROUP;
-#pragma omp simd
-        for (int j = 0; j < GROUP / 2; j++) dst[j] = (float)(src[j] & 0x0F) * s + z;
-#pragma omp simd
-        for (int j = 0; j < GROUP / 2; j++) dst[j + GROUP / 2] = (float)(src[j] >> 4) * s + z;
-    }
-}
-
-/* LANES partial sums per input row (several vector registers: FMA latency is hidden), summed pairwise at the end.
-   dot_rows computes R input rows against one expanded weight row, sharing its loads; the arithmetic of each row is
-   the same whatever R, so a row gives the same bits alone or in a batch. K is a multiple of GROUP == LANES. */
-#define LANES 32
-
-static inline float reduce(float *acc) {
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int j = 0; j < width; j++) acc[j] += acc[j + width];
-    return acc[0];
-}
-
-static void dot_rows(const float *restrict x, int64_t k, int r, const float *restrict w, float *restrict out) {
-    float acc[4][LANES];
-    for (int i = 0; i < r; i++)
-        for (int j = 0; j < LANES; j++) acc[i][j] = 0.0f;
-    for (int64_t p = 0; p < k; p += LANES) {
-        for (int i = 0; i < r; i++) {
-            const float *restrict xi = x + i * k + p;
-#pragma omp simd
-            for (int j = 0; j < LANES; j++) acc[i][j] += xi[j] * w[p + j];
-        }
-    }
-    for (int i = 0; i < r; i++) out[i] = reduce(acc[i]);
-}
-
-static void expand(const uint8_t *codes, int bits, int64_t row_bytes, const float *scale, const float *minimum,
-                   int64_t groups, int64_t r, float *w) {
-    if (bits == 8)
-        expand_row8(codes + r * row_bytes, scale + r * groups, minimum + r * groups, groups, w);
-    else
-        expand_row4(codes + r * row_bytes, scale + r * groups, minimum + r * groups, groups, w);
-}
-
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 /* AVX-512 path: codes are widened to float32 in registers, w = code * scale + minimum, and each (weight row, input
    row) pair accumulates into two 16-lane sums (the group's two halves). A block is one weight row against RX input
    rows (1, or 4 sharing the widened codes); every pair's sequence of FMAs is the same in every block shape, so a row
    gives the same bits alone or batched. Blocks of several weight rows (2x4, 4x1) measured slower on an EPYC (Zen 4):
    one stream of codes at a time reads at 11-14 GB/s, several interleaved streams at 5-8. */
 #include <immintrin.h>
+
+#define SUM_LANES 32
+#define SCRATCH_FLOATS(k) 1
 
 static inline void codes_to_float(const uint8_t *restrict p, int bits, __m512 *lo, __m512 *hi) {
     if (bits == 8) {
@@ -155,22 +105,233 @@ static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *c
         }
     }
 }
-#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA path, built for many rows (prefill chunks, decode batches). A tile of NB weight rows x up to KC columns
+   is dequantized once into a float32 buffer (w = code * scale + minimum, one FMA), and register-blocked
+   micro-kernels multiply it against every input row, RM input rows x RN weight rows at a time (6 x 2: 12 sums in
+   registers, 8 loads per 12 FMAs), so each weight is decoded once per MC input rows and its cost is spread over
+   them. Every (input row, weight row) pair sums into one 8-lane register (lane l: the products of k = l mod 8, in
+   increasing k, by FMAs), kept in `acc` between column tiles, and its lanes are added pairwise at the end,
+   ((0+1)+(2+3))+((4+5)+(6+7)), then the bias: the same operations in the same order whatever the tile shapes and
+   sizes, so a row gives the same bits alone or in a batch of any size. kernels/tolerance.py bounds this order as 8
+   lanes (`affine_sum_lanes`). Measured on a Zen 3 EPYC (benchmarks/kernels.py): the micro-kernel alone runs at
+   ~90% of the FMA peak; a whole call at 128 rows about as fast as oneDNN's float32 GEMM. */
+#include <immintrin.h>
 
-/* x [M, K] float32, codes [N, K] (bits 8) or [N, K/2] (bits 4) uint8, scale/minimum [N, K/GROUP] float32,
-   bias [N] float32 or NULL, y [M, N] float32, w a scratch buffer of at least K floats. Computes output rows
-   first_row .. first_row + rows - 1.
-   Returns 0, or -1 when K is not a multiple of GROUP or bits is not 4 or 8. */
-int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
-                  const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
-                  float *w) {
-    if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
-#ifdef __AVX512F__
-    (void)w;
-    affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows);
-    return 0;
-#endif
-    /* portable loops: one weight row at a time, expanded into w, against up to 4 input rows */
+#define SUM_LANES 8
+#define NB 16   /* weight rows per dequantized tile (a multiple of every RN below) */
+#define KC 768  /* at most this many columns per tile: NB x KC floats = 48 KiB, in L2 next to the accumulators */
+#define MC 128  /* input rows per pass: their accumulators, MC x NB x 8 floats = 64 KiB, stay in L2 */
+
+/* Keeps v in a register: GCC would otherwise fold the loads into the FMAs, loading each operand once per use. */
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
+
+typedef struct {
+    const uint8_t *codes;
+    const float *scale, *minimum;
+    int bits;
+    int64_t groups, row_bytes;
+} weight_t;
+
+/* Rows r0 .. r0 + nb - 1, columns k0 .. k0 + kc - 1 of the weight into w [NB][ldw] (rows past nb: zeros). */
+static void dequantize_tile(const weight_t *wt, int64_t r0, int64_t nb, int64_t k0, int64_t kc, float *restrict w,
+                            int64_t ldw) {
+    const __m256i nibble = _mm256_set1_epi32(0x0F);
+    for (int64_t a = 0; a < nb; a++) {
+        const int64_t r = r0 + a;
+        float *restrict dst = w + a * ldw;
+        for (int64_t c = 0; c < kc; c += GROUP) {
+            const int64_t g = r * wt->groups + (k0 + c) / GROUP;
+            const __m256 s = _mm256_set1_ps(wt->scale[g]), z = _mm256_set1_ps(wt->minimum[g]);
+            if (wt->bits == 8) {
+                const uint8_t *p = wt->codes + r * wt->row_bytes + k0 + c;
+                for (int h = 0; h < GROUP; h += 8) {
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + h))));
+                    _mm256_storeu_ps(dst + c + h, _mm256_fmadd_ps(q, s, z));
+                }
+            } else {  /* 16 bytes: codes 0..15 in the low nibbles, 16..31 in the high ones */
+                const uint8_t *p = wt->codes + r * wt->row_bytes + (k0 + c) / 2;
+                for (int h = 0; h < GROUP / 2; h += 8) {
+                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + h)));
+                    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, nibble));
+                    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+                    _mm256_storeu_ps(dst + c + h, _mm256_fmadd_ps(lo, s, z));
+                    _mm256_storeu_ps(dst + c + GROUP / 2 + h, _mm256_fmadd_ps(hi, s, z));
+                }
+            }
+        }
+    }
+    for (int64_t a = nb; a < NB; a++)  /* computed by the widest tile, never stored */
+        for (int64_t c = 0; c < kc; c++) w[a * ldw + c] = 0.0f;
+}
+
+/* acc[i * NB + j] (8 floats each) += x[i] . w[j] over kc columns, for RM input rows (x, row stride k) and RN weight
+   rows (w, row stride ldw); `first` starts the sums at zero. */
+#define DEFINE_TILE(RM, RN)                                                                                          \
+    static inline void tile_##RM##x##RN(const float *restrict x, int64_t k, const float *restrict w, int64_t ldw,   \
+                                        int64_t kc, float *restrict acc, int first) {                                \
+        __m256 c[RM][RN];                                                                                            \
+        for (int i = 0; i < RM; i++)                                                                                 \
+            for (int j = 0; j < RN; j++)                                                                             \
+                c[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + (i * NB + j) * SUM_LANES);             \
+        for (int64_t p = 0; p < kc; p += SUM_LANES) {                                                                \
+            __m256 wv[RN];                                                                                           \
+            for (int j = 0; j < RN; j++) {                                                                           \
+                wv[j] = _mm256_loadu_ps(w + j * ldw + p);                                                            \
+                IN_REGISTER(wv[j]);                                                                                  \
+            }                                                                                                        \
+            for (int i = 0; i < RM; i++) {                                                                           \
+                __m256 xv = _mm256_loadu_ps(x + i * k + p);                                                          \
+                IN_REGISTER(xv);                                                                                     \
+                for (int j = 0; j < RN; j++) c[i][j] = _mm256_fmadd_ps(xv, wv[j], c[i][j]);                          \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int i = 0; i < RM; i++)                                                                                 \
+            for (int j = 0; j < RN; j++) _mm256_storeu_ps(acc + (i * NB + j) * SUM_LANES, c[i][j]);                 \
+    }
+
+DEFINE_TILE(6, 2)
+DEFINE_TILE(4, 2)
+DEFINE_TILE(2, 4)
+DEFINE_TILE(1, 8)
+
+#define TILES(RM, RN)                                                                                                \
+    for (; i + RM <= mc; i += RM)                                                                                    \
+        for (int64_t j = 0; j < nb; j += RN)                                                                         \
+            tile_##RM##x##RN(x + i * k, k, w + j * ldw, ldw, kc, acc + (i * NB + j) * SUM_LANES, first);
+
+/* mc input rows (x, row stride k) against the nb rows of the tile w: 6 rows at a time, then 4, 2, 1. */
+static void multiply_tile(const float *x, int64_t mc, int64_t k, const float *w, int64_t ldw, int64_t kc, int64_t nb,
+                          float *acc, int first) {
+    int64_t i = 0;
+    TILES(6, 2)
+    TILES(4, 2)
+    TILES(2, 4)
+    TILES(1, 8)
+}
+
+/* The lanes of 8 accumulators a[0..7] summed pairwise, each ((0+1)+(2+3))+((4+5)+(6+7)): sum j in lane j. */
+static inline __m256 reduce8(const float *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(a + 8));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_loadu_ps(a + 16), _mm256_loadu_ps(a + 24));
+    const __m256 t2 = _mm256_hadd_ps(_mm256_loadu_ps(a + 32), _mm256_loadu_ps(a + 40));
+    const __m256 t3 = _mm256_hadd_ps(_mm256_loadu_ps(a + 48), _mm256_loadu_ps(a + 56));
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  /* (0+1)+(2+3) | (4+5)+(6+7) */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static void store_rows(const float *acc, int64_t mc, int64_t nb, const float *bias, float *y, int64_t n) {
+    for (int64_t i = 0; i < mc; i++)
+        for (int64_t j = 0; j < nb; j += 8) {
+            const __m256 sums = reduce8(acc + (i * NB + j) * SUM_LANES);
+            if (j + 8 <= nb) {
+                _mm256_storeu_ps(y + i * n + j, bias ? _mm256_add_ps(sums, _mm256_loadu_ps(bias + j)) : sums);
+                continue;
+            }
+            float out[8];
+            _mm256_storeu_ps(out, sums);
+            for (int64_t l = 0; j + l < nb; l++) y[i * n + j + l] = bias ? out[l] + bias[j + l] : out[l];
+        }
+}
+
+/* Column tiles of at most KC columns, as even as whole groups allow (1536 = 2 x 768); one row's whole width when there
+   is one input row (no tile to keep for other rows; the codes then stream in order). */
+static int64_t tile_columns(int64_t m, int64_t k) {
+    if (m == 1) return k;
+    const int64_t tiles = (k + KC - 1) / KC, groups = k / GROUP;
+    return (groups + tiles - 1) / tiles * GROUP;
+}
+
+static void affine_avx2(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                        const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
+                        float *scratch) {
+    const weight_t wt = {codes, scale, minimum, bits, k / GROUP, bits == 8 ? k : k / 2};
+    const int64_t last = first_row + rows, ldw = tile_columns(m, k);
+    float *w = scratch, *acc = scratch + NB * (k > KC ? k : KC);
+    for (int64_t m0 = 0; m0 < m; m0 += MC) {
+        const int64_t mc = m - m0 < MC ? m - m0 : MC;
+        for (int64_t r0 = first_row; r0 < last; r0 += NB) {
+            const int64_t nb = last - r0 < NB ? last - r0 : NB;
+            for (int64_t i = 0; i < mc; i++)  /* the output lines store_rows writes, one per row: fetched meanwhile */
+                __builtin_prefetch(y + (m0 + i) * n + r0, 1, 2);
+            for (int64_t k0 = 0; k0 < k; k0 += ldw) {
+                const int64_t kc = k - k0 < ldw ? k - k0 : ldw;
+                dequantize_tile(&wt, r0, nb, k0, kc, w, ldw);
+                multiply_tile(x + m0 * k + k0, mc, k, w, ldw, kc, nb, acc, k0 == 0);
+            }
+            store_rows(acc, mc, nb, bias ? bias + r0 : NULL, y + m0 * n + r0, n);
+        }
+    }
+}
+
+#define SCRATCH_FLOATS(k) (NB * ((k) > KC ? (k) : KC) + MC * NB * SUM_LANES)
+#else
+/* Portable loops. */
+static void expand_row8(const uint8_t *restrict q, const float *restrict scale, const float *restrict minimum,
+                        int64_t groups, float *restrict w) {
+    for (int64_t g = 0; g < groups; g++) {
+        const float s = scale[g], z = minimum[g];
+        const uint8_t *restrict src = q + g * GROUP;
+        float *restrict dst = w + g * GROUP;
+#pragma omp simd
+        for (int j = 0; j < GROUP; j++) dst[j] = (float)src[j] * s + z;
+    }
+}
+
+/* 4-bit codes in the kernel's own layout (kernels/cpu.py repacks reference.py's): in each group of 32, byte j holds
+   code j in its low nibble and code j + 16 in its high nibble, so both halves expand with contiguous stores. */
+static void expand_row4(const uint8_t *restrict packed, const float *restrict scale, const float *restrict minimum,
+                        int64_t groups, float *restrict w) {
+    for (int64_t g = 0; g < groups; g++) {
+        const float s = scale[g], z = minimum[g];
+        const uint8_t *restrict src = packed + g * (GROUP / 2);
+        float *restrict dst = w + g * GROUP;
+#pragma omp simd
+        for (int j = 0; j < GROUP / 2; j++) dst[j] = (float)(src[j] & 0x0F) * s + z;
+#pragma omp simd
+        for (int j = 0; j < GROUP / 2; j++) dst[j + GROUP / 2] = (float)(src[j] >> 4) * s + z;
+    }
+}
+
+/* LANES partial sums per input row (several vector registers: FMA latency is hidden), summed pairwise at the end.
+   dot_rows computes R input rows against one expanded weight row, sharing its loads; the arithmetic of each row is
+   the same whatever R, so a row gives the same bits alone or in a batch. K is a multiple of GROUP == LANES. */
+#define LANES 32
+#define SUM_LANES LANES
+#define SCRATCH_FLOATS(k) (k)
+
+static inline float reduce(float *acc) {
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) acc[j] += acc[j + width];
+    return acc[0];
+}
+
+static void dot_rows(const float *restrict x, int64_t k, int r, const float *restrict w, float *restrict out) {
+    float acc[4][LANES];
+    for (int i = 0; i < r; i++)
+        for (int j = 0; j < LANES; j++) acc[i][j] = 0.0f;
+    for (int64_t p = 0; p < k; p += LANES) {
+        for (int i = 0; i < r; i++) {
+            const float *restrict xi = x + i * k + p;
+#pragma omp simd
+            for (int j = 0; j < LANES; j++) acc[i][j] += xi[j] * w[p + j];
+        }
+    }
+    for (int i = 0; i < r; i++) out[i] = reduce(acc[i]);
+}
+
+static void expand(const uint8_t *codes, int bits, int64_t row_bytes, const float *scale, const float *minimum,
+                   int64_t groups, int64_t r, float *w) {
+    if (bits == 8)
+        expand_row8(codes + r * row_bytes, scale + r * groups, minimum + r * groups, groups, w);
+    else
+        expand_row4(codes + r * row_bytes, scale + r * groups, minimum + r * groups, groups, w);
+}
+
+/* one weight row at a time, expanded into w (K floats), against up to 4 input rows */
+static void affine_portable(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                            const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row,
+                            int64_t rows, float *w) {
     const int64_t groups = k / GROUP;
     const int64_t row_bytes = bits == 8 ? k : k / 2;
     float out[4];
@@ -183,5 +344,33 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
             for (int j = 0; j < count; j++) y[(t + j) * n + r] = out[j] + b;
         }
     }
+}
+#endif
+
+/* x [M, K] float32, codes [N, K] (bits 8) or [N, K/2] (bits 4) uint8, scale/minimum [N, K/GROUP] float32,
+   bias [N] float32 or NULL, y [M, N] float32, scratch a buffer of at least affine_scratch_floats(K) floats. Computes
+   output rows first_row .. first_row + rows - 1.
+   Returns 0, or -1 when K is not a multiple of GROUP or bits is not 4 or 8. */
+int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                  const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
+                  float *scratch) {
+    if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
+#if defined(__AVX512F__)
+    (void)scratch;
+    affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows);
+#elif defined(__AVX2__) && defined(__FMA__)
+    affine_avx2(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
+#else
+    affine_portable(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
+#endif
     return 0;
 }
+
+/* The floats of scratch affine_linear needs for K input features. */
+int64_t affine_scratch_floats(int64_t k) {
+    (void)k;
+    return SCRATCH_FLOATS(k);
+}
+
+/* How many partial sums a row is split into (each of K / lanes products in increasing k, then added pairwise). */
+int affine_sum_lanes(void) { return SUM_LANES; }

@@ -5,7 +5,7 @@ Kernels, per (method, device):
     int8  cpu   "native"        kernels/cpu_affine.c (built at first use with the system's C compiler): a different
                                 int8 format, affine in groups of 32 along in_features (uint8 codes, float32 scale and
                                 minimum per group: reference.quantize_int8_affine), float32 activations, float32
-                                accumulation (AVX-512 where the CPU has it, portable C elsewhere). Needs
+                                accumulation (AVX-512 or AVX2 + FMA where the CPU has them, portable C elsewhere). Needs
                                 in_features % 32 == 0. The CPU default: it keeps the model's predictions
                                 (tests/e2e/test_quantized_smollm.py), which torch's bf16 kernels do not; int8 is faster
                                 than torch's int8 kernel, int4 a little slower than torch's int4 (benchmarks/kernels.py,

@@ -13,8 +13,11 @@ sections 3.1 and 4.2)
 
 With no knowledge of the order, d = K + 1: true for *any* order, blocked or vectorized, with or without fused
 multiply-adds, which is why it holds for MKL, oneDNN, AVX-512, AVX2 and portable code alike, and why a fixed
-tolerance that passes on one CPU need not pass on another. A kernel whose order we wrote (kernels/cpu_affine.c: 32
-partial sums of K / 32 products each, added pairwise, then the bias) has d = K / 32 + 5 + 1 (`Rounding.lanes`).
+tolerance that passes on one CPU need not pass on another. A kernel whose order we wrote (kernels/cpu_affine.c: L
+partial sums of K / L products each, in increasing k, added pairwise, then the bias) has d = K / L + log2 L + 1
+(`Rounding.lanes`): L = 32 on AVX-512 and in the portable loops (d = K / 32 + 6), 8 on AVX2 (d = K / 8 + 4, one
+8-lane register per row and output, which leaves the registers for blocking over rows; kernels.cpu.sum_lanes says
+which the build has).
 What else a path rounds, each a relative error that composes as prod(1 + e) - 1 (`compose`):
 
 - inputs: activations rounded before the products (torch's CPU kernels take bf16: 2^-8 of each |x_k|);
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu import SUM_LANES
+from kernels import cpu
 
 FLOAT64 = 2.0**-53
 FLOAT32 = 2.0**-24
@@ -131,8 +134,8 @@ def kernel_rounding(kernel: str, method: str, dtype: torch.dtype) -> Rounding:
     out = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     if kernel == "reference":  # reference.py in float32, then cast to the activations' dtype
         return reference_rounding(1 if method in ("int8", "nf4") else 2, dtype)
-    if kernel == "native":  # cpu_affine.c: q * s + m (or an FMA), 32 lanes added pairwise, the bias; x in float32
-        return Rounding(weights=gamma(2), lanes=SUM_LANES, output=out)
+    if kernel == "native":  # cpu_affine.c: q * s + m (or an FMA), the build's lanes added pairwise, the bias; x float32
+        return Rounding(weights=gamma(2), lanes=cpu.sum_lanes(), output=out)
     if kernel == "torch":
         # bf16 activations; codes exact, the scale (int8) or scale and zero point (int4: zero = m + 8 s in float32)
         # in bf16, applied in float32; a bf16 output, then the bias added in the caller's dtype
