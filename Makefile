@@ -39,6 +39,7 @@ lint: install
 # of interleaved runs, and ratios are taken within a run.
 BENCH_OUT ?= benchmarks/results
 bench: install
+	$(PY) -m benchmarks.serve --out $(BENCH_OUT)
 	$(PY) -m benchmarks.decode --out $(BENCH_OUT)
 	$(PY) -m benchmarks.hops --out $(BENCH_OUT)
 	$(PY) -m benchmarks.http --out $(BENCH_OUT)

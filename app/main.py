@@ -34,6 +34,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                 active, embedder = await stack.enter_async_context(open_swarm_backend(
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
+                    client_threads=settings.gateway_num_threads,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers))
             app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n,
                                              settings.gateway_max_queued, settings.gateway_queue_timeout)

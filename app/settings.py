@@ -36,6 +36,8 @@ class GatewaySettings(BaseSettings):
     gateway_queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait for a slot before 429")
     gateway_max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     embedded_num_threads: int = Field(0, ge=0, description="torch threads of the embedded peer (0: default)")
+    gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
+                                                          "one beside an embedded swarm, else torch's default)")
     startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a complete chain at start-up")
 
     @property

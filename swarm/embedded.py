@@ -15,6 +15,8 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 
+import torch
+
 from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, visible_maddrs
@@ -26,9 +28,15 @@ logger = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
                              startup_timeout: float = 600.0, embedding_model: str | None = None,
+                             client_threads: int = 0,
                              **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
-    client_options go to SwarmClient.connect."""
+    client_options go to SwarmClient.connect. client_threads: torch threads of this process (the client's head);
+    0: one beside an embedded swarm (its peer computes on every core; the head's few rows per round need one), torch's
+    default when joining peers elsewhere."""
+    threads = client_threads or (1 if not initial_peers else 0)
+    if threads:
+        torch.set_num_threads(threads)
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
             models = [model] + ([embedding_model] if embedding_model else [])
