@@ -86,6 +86,11 @@ def available() -> bool:
     return _library() is not None
 
 
+@functools.cache
+def _scratch_floats(library: ctypes.CDLL, k: int) -> int:
+    return int(library.affine_scratch_floats(k))
+
+
 def sum_lanes(library: ctypes.CDLL | None = None) -> int:
     """How many partial sums the build splits a row's K products into (in increasing k each, then added pairwise):
     32 on AVX-512 and in the portable loops, 8 on AVX2. kernels/tolerance.py derives the kernel's bound from it."""
@@ -117,18 +122,21 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
     k = groups * GROUP
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
-    flat = x.reshape(-1, k).to(torch.float32).contiguous()
+    flat = x.reshape(-1, k)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.to(torch.float32).contiguous()
     rows = flat.shape[0]
-    # the C code trusts these: a wrong size or a GPU pointer would be read out of bounds, not raise
-    tensors = [flat, codes, scale, minimum] + ([] if bias is None else [bias])
-    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+    # the C code trusts these: a wrong size or a GPU pointer would be read out of bounds, not raise (checked in a way
+    # that costs ~1 us: a decode step makes ~200 calls of ~15-150 us)
+    tensors = (flat, codes, scale, minimum) if bias is None else (flat, codes, scale, minimum, bias)
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         raise ValueError("the native kernel takes contiguous CPU tensors")
     if (codes.dtype != torch.uint8 or codes.numel() != n * k * bits // 8 or minimum.shape != scale.shape
             or scale.dtype != torch.float32 or minimum.dtype != torch.float32
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
         raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
     y = torch.empty(rows, n, dtype=torch.float32)
-    scratch = torch.empty(int(library.affine_scratch_floats(k)), dtype=torch.float32)  # dequantized weight tiles
+    scratch = torch.empty(_scratch_floats(library, k), dtype=torch.float32)  # dequantized weight tiles
     status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
                                    minimum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
                                    0, n, scratch.data_ptr())
