@@ -1,6 +1,7 @@
 """Quantized-linear kernels on this machine: time per call and error against the fp32 linear, per weight shape.
 
-    python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--tokens 1,8,16,40,128]
+                                 [--only fp32.onednn,int8.native,int4.native] [--clock thread|wall] [--out DIR]
 
 Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (kernels/packed.py:
 what unquantized float32 CPU spans and the client's LM head run); int8 (affine, groups of 32) and int4 with the native
@@ -9,25 +10,31 @@ torch's `_weight_int4pack_mm_for_cpu`; nf4 with kernels/triton_nf4.py (CUDA); in
 `quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
 the dequantize-then-matmul reference.
 Shapes: SmolLM2's four block linear shapes and its LM head, two of an 8B Llama. Tokens per call: 1 (a decode step),
-8 and 16 (decode steps of that many sessions batched). Each call uses
+8 and 16 (decode steps of that many sessions batched), 40 and 128 (prefill chunks). Each call uses
 the next of enough copies of the layer to hold 256 MiB of fp32 weights, so weights stream from memory as they do in
 a real forward pass (one small layer called in a loop would sit in the CPU cache and hide the memory bandwidth that
-quantization saves). Every figure is the median of `runs` timings of a pass over the copies; `vs_fp32` is the ratio.
+quantization saves). The candidates take turns, one pass over their copies each per round; every figure is the
+median over `runs` rounds; `vs_fp32` and `vs_onednn` are ratios to the fp32 nn.Linear and the oneDNN packed one.
+The clock is the calling thread's CPU time with one torch thread (every candidate then computes on that thread, and
+on a shared machine other processes' turns on the core stay out of the figures), wall time otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
-from kernels import packed, triton_nf4
-from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, fits, kernel_for
+from kernels import cpu, packed, triton_nf4
+from kernels.quant import QuantLinear, fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),
@@ -39,58 +46,79 @@ SHAPES = {  # name: (out_features, in_features)
 STREAM_BYTES = 256 << 20
 
 
-def time_calls(modules: list, x: torch.Tensor, runs: int, device: str) -> float:
-    """Median over runs of the mean seconds per call, each call on the next module."""
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+def time_calls(passes: dict[str, tuple[list, torch.Tensor]], runs: int, device: str, clock: str) -> dict[str, float]:
+    """label → median over runs of the mean seconds per call, each call on the next of its modules; the labels take
+    turns, one pass each per round."""
+    now = time.thread_time if clock == "thread" else time.perf_counter
 
-    def one_pass():
+    def one_pass(modules: list, x: torch.Tensor) -> float:
+        start = now()
         for module in modules:
             module(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (now() - start) / len(modules)
 
-    one_pass()
-    sync()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        one_pass()
-        sync()
-        samples.append((time.perf_counter() - start) / len(modules))
-    return median(samples)
+    samples: dict[str, list[float]] = {label: [] for label in passes}
+    for round_ in range(runs + 1):  # the first round warms up
+        for label, (modules, x) in passes.items():
+            seconds = one_pass(modules, x)
+            if round_:
+                samples[label].append(seconds)
+    return {label: median(values) for label, values in samples.items()}
 
 
-def candidates(linear: nn.Linear, device: str) -> dict[str, nn.Module | Callable]:
-    out: dict[str, nn.Module | Callable] = {"fp32": nn.Linear(linear.in_features, linear.out_features, bias=False,
-                                                              device=device).requires_grad_(False)}
-    out["fp32"].weight.copy_(linear.weight)
+def _copy(linear: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    out = nn.Linear(linear.in_features, linear.out_features, bias=False, device=linear.weight.device, dtype=dtype)
+    out.requires_grad_(False).weight.copy_(linear.weight)
+    return out
+
+
+def _quantize_dynamic(linear: nn.Linear) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+
+
+def candidates(linear: nn.Linear, device: str) -> dict[str, Callable[[], nn.Module]]:
+    """label → a function that builds that candidate of `linear` (each only where it runs)."""
+    out: dict[str, Callable[[], nn.Module]] = {"fp32": functools.partial(_copy, linear, torch.float32)}
     if device == "cpu" and packed.available():
-        out["fp32.onednn"] = packed.PackedLinear(out["fp32"])
-    half = torch.bfloat16
-    out["bf16"] = nn.Linear(linear.in_features, linear.out_features, device=device, dtype=half).requires_grad_(False)
-    out["bf16"].weight.copy_(linear.weight)
+        out["fp32.onednn"] = lambda: packed.PackedLinear(_copy(linear, torch.float32))
+    out["bf16"] = functools.partial(_copy, linear, torch.bfloat16)
     n, k = linear.out_features, linear.in_features
     dev = torch.device(device)
     for method in ("int8", "int4", "nf4"):
-        kernel = kernel_for(method, dev, k, n)
-        if kernel != "reference":
-            out[f"{method}.{kernel}"] = QuantLinear(linear, method, kernel)
-        if kernel != "native" and fits("native", method, dev, k, n):
-            out[f"{method}.native"] = QuantLinear(linear, method, "native")
-        if kernel != "torch" and fits("torch", method, dev, k, n):
-            out[f"{method}.torch"] = QuantLinear(linear, method, "torch")
-        if HAVE_BITSANDBYTES and method != "int4" and kernel != "bitsandbytes":
-            out[f"{method}.bitsandbytes"] = QuantLinear(linear, method, "bitsandbytes")
+        chosen = kernel_for(method, dev, k, n)
+        for kernel in ("native", "torch", "bitsandbytes"):
+            if kernel == chosen or fits(kernel, method, dev, k, n):
+                out[f"{method}.{kernel}"] = functools.partial(QuantLinear, linear, method, kernel)
     if device == "cuda" and triton_nf4.fits(k):
-        out["nf4.triton"] = QuantLinear(linear, "nf4", "triton")
-    out["int8.reference"] = QuantLinear(linear, "int8", "reference")
+        out["nf4.triton"] = functools.partial(QuantLinear, linear, "nf4", "triton")
+    out["int8.reference"] = functools.partial(QuantLinear, linear, "int8", "reference")
     if device == "cpu":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-
-            out["int8.quantize_dynamic"] = quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+        out["int8.quantize_dynamic"] = functools.partial(_quantize_dynamic, linear)
     return out
+
+
+def measure(sets: list[dict], linear: nn.Linear, x: torch.Tensor, args) -> dict[str, dict]:
+    """One (shape, tokens) cell: time per call, ratios to fp32 and oneDNN, and the error against fp32, per label."""
+    want = linear(x)
+    passes = {label: ([c[label] for c in sets], x.to(torch.bfloat16) if label == "bf16" else x) for label in sets[0]}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = {label: modules[0](inp).float() for label, (modules, inp) in passes.items()}
+        seconds = time_calls(passes, args.runs, args.device, args.clock)
+    row = {}
+    for label, value in seconds.items():
+        row[label] = {"us": round(value * 1e6, 2), "rel_error": round(
+            ((got[label] - want).abs().max() / want.abs().max()).item(), 5)}
+        for base in ("fp32", "fp32.onednn"):
+            if base in seconds:
+                row[label]["vs_fp32" if base == "fp32" else "vs_onednn"] = round(value / seconds[base], 3)
+    return row
 
 
 def run(args) -> dict:
@@ -104,30 +132,30 @@ def run(args) -> dict:
         linear.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
         linear = linear.to(args.device)
         copies = max(1, STREAM_BYTES // (n * k * 4))
+        builders = {label: build for label, build in candidates(linear, args.device).items()
+                    if not args.only or label in args.only}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sets = [candidates(linear, args.device) for _ in range(copies)]
-        for tokens in (1, 8, 16):
+            sets = [{label: build() for label, build in builders.items()} for _ in range(copies)]
+        for tokens in args.tokens:
             x = torch.randn(tokens, k, generator=g).to(args.device)
-            want = linear(x)
-            row = {}
-            fp32_time = None
-            for label in sets[0]:
-                modules = [c[label] for c in sets]
-                inp = x.to(torch.bfloat16) if label == "bf16" else x
-                with torch.inference_mode(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    got = modules[0](inp).float()
-                    seconds = time_calls(modules, inp, args.runs, args.device)
-                fp32_time = seconds if label == "fp32" else fp32_time
-                row[label] = {"us": round(seconds * 1e6, 2),
-                              "vs_fp32": round(seconds / fp32_time, 3) if fp32_time else None,
-                              "rel_error": round(((got - want).abs().max() / want.abs().max()).item(), 5)}
-            results[f"{name}[{n}x{k}] tokens={tokens}"] = row
-    return {"benchmark": "kernels", "machine": machine(), "versions": versions(),
+            results[f"{name}[{n}x{k}] tokens={tokens}"] = measure(sets, linear, x, args)
+    return {"benchmark": "kernels", "machine": machine(), "isa": isa(), "versions": versions(),
             "settings": {"runs": args.runs, "torch_threads": args.threads, "device": args.device,
-                         "stream_bytes": STREAM_BYTES},
+                         "stream_bytes": STREAM_BYTES, "clock": args.clock, "tokens": args.tokens},
             "results": results}
+
+
+def isa() -> dict:
+    """The CPU's vector instruction sets and the native kernel's path on it (its order of the sums says which)."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        flags = {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for word in line.split(":", 1)[1].split()}
+    path = None
+    if cpu.available():
+        path = {8: "avx2+fma"}.get(cpu.sum_lanes(), "avx512" if "avx512f" in flags else "portable")
+    return {"avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "fma": "fma" in flags, "native_kernel": path}
 
 
 def main() -> None:
@@ -136,8 +164,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--big", action="store_true", help="on CPU also the 8B shapes (slow)")
+    parser.add_argument("--tokens", default="1,8,16,40,128", help="tokens (rows) per call, comma-separated")
+    parser.add_argument("--only", default="", help="only these candidates, comma-separated (e.g. fp32.onednn,"
+                                                   "int4.native); default all")
+    parser.add_argument("--clock", choices=["thread", "wall"], default=None,
+                        help="thread CPU time or wall time (default: thread with --threads 1, else wall)")
     parser.add_argument("--out", default=None, help="also write DIR/kernels[-cuda].json")
     args = parser.parse_args()
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    args.only = {label for label in args.only.split(",") if label}
+    args.clock = args.clock or ("thread" if args.threads == 1 and args.device == "cpu" else "wall")
     emit("kernels" if args.device == "cpu" else "kernels-cuda", run(args), args.out)
 
 

@@ -8,9 +8,13 @@ to torch's kernels or the reference.
 
     y = affine_linear(x, codes, bits, scale, minimum, bias)    # x [..., K] float32 → [..., N] float32
 
-Every call runs in the kernel, prefill chunks included: per call int8 takes 0.3-0.6x the time of torch's float32
-linear at 1 row (decode), 0.6-0.85x at 16 rows and about 1-1.4x at 32-128 rows (a prefill chunk), where dequantizing
-to float32 for torch's matmul measured 1.3-1.7x (its float32 temporaries cost more than the matmul saves).
+Every call runs in the kernel, prefill chunks included. Per call against oneDNN's prepacked float32 linear (what
+float32 spans run; benchmarks/results/kernels.json: SmolLM2's block shapes, one thread) on a 2-core Zen 3 EPYC with
+AVX2: int4 takes 0.37-0.52x the time at 1 row (a decode step), 0.64-0.84x at 16 rows, 0.79-0.86x at 40 and
+0.89-1.02x at 128 (a prefill chunk); int8 0.55-0.69x, 0.70-0.88x, 0.83-0.91x and 0.97-1.04x. On AVX-512 (Zen 4,
+measured before the AVX2 path existed) int8 took 0.3-0.6x torch's float32 linear at 1 row, 0.6-0.85x at 16 rows and
+about 1-1.4x at 32-128 rows: that path blocks 4 input rows over one weight row, without the AVX2 path's tiles.
+Dequantizing to float32 for torch's matmul measured 1.3-1.7x (its float32 temporaries cost more than the matmul saves).
 Single-threaded whatever torch's thread count: splitting a call's output rows over 2 threads of a Python pool measured
 slower on SmolLM2's layers (the hand-off costs more than a ~0.1 ms call saves; one core already reads the codes at
 11-14 GB/s, about the rate torch's float32 linear streams its weights with 1 or 2 threads).

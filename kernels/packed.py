@@ -2,8 +2,8 @@
 
 torch's nn.Linear on the CPU runs MKL's sgemm on the row-major weight. For the few rows a decoder step has (one per
 session in a batch), oneDNN with the weight reordered once into its own blocked layout is much faster, and no
-slower for one row; measured on the 2-core EPYC (AVX-512) here, ms per call, MKL → oneDNN packed
-(benchmarks/results/kernels.json has the full table):
+slower for one row; measured on a 2-core EPYC (AVX-512), ms per call, MKL → oneDNN packed (the full table is
+benchmarks/results/kernels.json as of commit 4849564; the file now holds a 2-core AVX2 EPYC's):
 
     weight (out x in)   1 row          8 rows         16 rows
     1536 x 576          0.34 → 0.28    0.50 → 0.28    0.65 → 0.41
