@@ -6,9 +6,10 @@
    own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, in the
    layout kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
    dequantize-then-matmul computed without materialising the float32 weight: each weight is expanded once per call
-   (in registers on AVX-512; into a float32 tile of NB rows on AVX2, multiplied against every input row by a
-   register-blocked micro-kernel; into one row's buffer in the portable loops) and dotted with every input row, so
-   the weight bytes are read once per call whatever the number of rows.
+   (per 128 input rows on AVX2) and used for every input row, so the cost of reading and expanding the codes is
+   spread over the rows: in registers on AVX-512; on AVX2 into a float32 tile of NB weight rows that register-blocked
+   micro-kernels multiply against the input rows (a single input row expands in registers); into one weight row's
+   buffer in the portable loops.
 
    Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
    compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
@@ -114,8 +115,9 @@ static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *c
    increasing k, by FMAs), kept in `acc` between column tiles, and its lanes are added pairwise at the end,
    ((0+1)+(2+3))+((4+5)+(6+7)), then the bias: the same operations in the same order whatever the tile shapes and
    sizes, so a row gives the same bits alone or in a batch of any size. kernels/tolerance.py bounds this order as 8
-   lanes (`affine_sum_lanes`). Measured on a Zen 3 EPYC (benchmarks/kernels.py): the micro-kernel alone runs at
-   ~90% of the FMA peak; a whole call at 128 rows about as fast as oneDNN's float32 GEMM. */
+   lanes (`affine_sum_lanes`). One input row (a decode step) skips the tile: `one_row` dequantizes in registers.
+   On a Zen 3 EPYC the 6 x 2 tile alone ran at ~90% of the FMA peak (a one-off timing on L2-resident data), and a
+   whole call at 128 rows about as fast as oneDNN's float32 GEMM (benchmarks/kernels.py). */
 #include <immintrin.h>
 
 #define SUM_LANES 8
