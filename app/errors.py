@@ -1,6 +1,13 @@
-"""One exception type for every API error, its OpenAI error body, and the mapping of swarm failures onto it."""
+"""One exception type for every API error, its OpenAI error body, and the mapping of every other failure onto it.
+
+What a client reads never holds internals: a swarm failure becomes a fixed message per kind (a peer's own words, which
+a hostile peer chooses, and exception reprs go to the log only), and anything unforeseen is a 500 that says no more
+than that.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,8 +18,11 @@ from app.protocol.responses import ErrorInfo, ErrorResponse
 from app.rendering import json_response
 from swarm.protocol import ErrorCode, NoChainError, PeerError, SwarmError
 
+logger = logging.getLogger(__name__)
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 503: "service_unavailable"}
+          408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -26,22 +36,31 @@ class APIError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "api_error"),
                                              param=self.param, code=self.code))
 
-    def response(self) -> Response:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+    def response(self, close: bool = False) -> Response:
+        """The error as an HTTP response; `close`: the connection is closed after it (the body was not read)."""
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        if close:
+            headers["Connection"] = "close"
         return json_response(self.body(), self.status, headers)
 
 
 def swarm_error(exc: Exception) -> APIError:
-    """Map a swarm failure to the HTTP error a client should see."""
+    """Map a failure to the HTTP error a client should see (logged here when the client is told less)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, NoChainError):
-        return APIError(503, str(exc), code="no_complete_chain", retry_after=5)
+    if isinstance(exc, NoChainError):  # the block ranges this client's own view lacks: no peer's words
+        spans = ", ".join(f"{start}:{end}" for start, end in exc.missing)
+        return APIError(503, f"no live peers serve blocks {spans} of {exc.model_id}; retry later",
+                        code="no_complete_chain", retry_after=5)
     if isinstance(exc, PeerError) and exc.code == ErrorCode.CAPACITY:
-        return APIError(503, f"the swarm is at capacity: {exc}", code="overloaded", retry_after=2)
+        logger.info("the swarm is at capacity: %r", exc)
+        return APIError(503, "the swarm is at capacity; retry later", code="overloaded", retry_after=2)
     if isinstance(exc, SwarmError):
-        return APIError(503, f"the swarm failed this request: {exc}", code="swarm_error", retry_after=1)
-    return APIError(500, f"internal error: {exc!r}", code="internal_error")
+        logger.warning("a generation failed in the swarm: %r", exc)
+        return APIError(503, "the swarm failed this request (a peer failed or left); retry", code="swarm_error",
+                        retry_after=1)
+    logger.error("internal error", exc_info=exc)
+    return APIError(500, "internal error (the gateway's log has the details)", code="internal_error")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -49,8 +68,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
-    param = ".".join(loc) or None
-    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param
+    param = ".".join(loc)[:200] or None
+    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"[:1000], param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,3 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), None, code).response()
+
+    @app.exception_handler(Exception)
+    async def unforeseen(request: Request, exc: Exception) -> Response:
+        return swarm_error(exc).response()

@@ -24,6 +24,7 @@ class FakeBackend:
 
     model_id = "fake/model-1"
     context_length = 256
+    vocab_size = 256
     eos_token_ids = (EOS,)
 
     def __init__(self, reply: str = REPLY):
@@ -270,7 +271,8 @@ def test_full_peers_give_503_with_retry_after(client, backend):
 def test_failure_mid_stream_becomes_an_error_event_then_done(client, backend):
     backend.fail_after = 3
     events = sse_events(chat(client, stream=True))
-    assert "peer died" in events[-1]["error"]["message"]
+    assert events[-1]["error"]["code"] == "swarm_error"
+    assert "peer died" not in events[-1]["error"]["message"]  # a peer's own words go to the log, not to clients
     assert backend.open_sessions == 0
 
 
