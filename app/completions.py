@@ -8,9 +8,10 @@ becomes an SSE error event followed by `[DONE]`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import Response
@@ -36,6 +37,8 @@ from app.protocol.responses import (
 )
 from app.rendering import DONE, EventStream, json_response, sse
 from app.serving import Delta, Generation, Job, ServingEngine
+
+logger = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -175,28 +178,40 @@ async def _events(generation: Generation, request: ChatCompletionRequest | Compl
     yield DONE
 
 
-def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> list[Job]:
+async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> list[Job]:
+    """The request's one job: its size checked, then its messages templated and tokenized in a worker thread."""
     engine.check_model(request.model)
+    engine.check_choices(request.n)
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                 for m in request.messages]
+    engine.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
     try:
-        prompt_ids = engine.backend.encode_chat(messages)
+        prompt_ids = await engine.tokenize(engine.backend.encode_chat, messages)
+    except ValueError as e:  # the template refused these messages: its reason is for the client
+        raise APIError(400, f"the chat template could not render these messages: {str(e)[:300]}", "messages",
+                       "invalid_value") from e
     except Exception as e:
-        raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from e
+        logger.warning("the chat template failed: %r", e)
+        raise APIError(400, "the chat template could not render these messages", "messages", "invalid_value") from e
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return [engine.make_job(request, prompt_ids, logprobs)]
 
 
-def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[Job]:
+async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[Job]:
+    """A job per prompt: sizes and counts checked, then the texts tokenized in a worker thread."""
     engine.check_model(request.model)
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        prompts = [engine.backend.encode(prompt)]
-    elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]  # type: ignore[arg-type]
-    else:
-        prompts = [engine.backend.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
-    if any(not p for p in prompts):
-        raise APIError(400, "prompt must not be empty", "prompt")
-    return [engine.make_job(request, ids, request.logprobs, index_offset=i * request.n)
-            for i, ids in enumerate(prompts)]
+    prompts = request.prompts()
+    engine.check_choices(len(prompts) * request.n)
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            engine.check_prompt_size(len(prompt), "prompt")
+    try:
+        ids = await engine.tokenize(_encode_all, engine.backend.encode, prompts)
+    except Exception as e:
+        raise swarm_error(e) from e
+    return [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n)
+            for i, prompt_ids in enumerate(ids)]
+
+
+def _encode_all(encode: Callable[[str], list[int]], prompts: list[str | list[int]]) -> list[list[int]]:
+    return [encode(p) if isinstance(p, str) else p for p in prompts]

@@ -11,7 +11,9 @@ import logging
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from app.auth import ApiKeys
 from app.errors import install_error_handlers
+from app.guard import RequestGuard
 from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
 from app.serving import ServingEngine
@@ -36,16 +38,19 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     client_threads=settings.gateway_num_threads,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers))
-            app.state.engine = ServingEngine(active, settings.gateway_max_concurrent, settings.gateway_max_n,
-                                             settings.gateway_max_queued, settings.gateway_queue_timeout)
+            app.state.engine = ServingEngine(active, settings)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,
                         f" and embeddings of {embedder.model_id}" if embedder else "")
             yield
 
     app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)
-    app.state.api_keys = settings.api_keys
+    app.state.api_keys = keys = ApiKeys(settings.api_keys)
     install_error_handlers(app)
+    # the guard runs before anything reads the body (/docs and /openapi.json need the key too); CORS outside it, so
+    # that preflights are answered and refusals carry CORS headers
+    app.add_middleware(RequestGuard, keys=keys, max_body_bytes=settings.gateway_max_body_bytes,
+                       body_timeout=settings.gateway_body_timeout)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

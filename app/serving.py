@@ -6,6 +6,11 @@ closed.
 The backend (the swarm in production, a fake in unit tests) yields token events; this module turns them into text
 deltas. Shaping them into OpenAI bodies and SSE chunks is `app.completions`'s; nothing here knows about HTTP, peers,
 torch or hivemind.
+
+What a request may cost is bounded before it runs: its prompt's size before tokenizing, and tokenizing (chat template
+included) runs in worker threads, a few at once (`tokenize`), never on the event loop; token ids inside the
+vocabulary; a default cap on new tokens; temperatures and top_p too small for float32 sampling (below 1e-5, as vLLM)
+sampled greedily, their limit.
 """
 
 from __future__ import annotations
@@ -14,18 +19,30 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from app.admission import Admission
 from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
+from app.settings import GatewaySettings
 from swarm.client.requests import GenerationRequest, TokenEvent
+
+T = TypeVar("T")
+MIN_TEMPERATURE = 1e-5  # below it (and top_p below it), sampling is greedy: the limit, without float32 overflow
+CHARS_PER_TOKEN = 32  # the default prompt size cap: this many characters per token of the model's context
 
 
 class GenerationBackend(Protocol):
+    """What the gateway needs of a text model. `encode_chat` raises ValueError, with a message for the client, for
+    messages its chat template refuses; the tokenizer methods are called from worker threads."""
+
     model_id: str
     context_length: int
+    vocab_size: int
     eos_token_ids: tuple[int, ...]
 
     async def missing_blocks(self) -> list[tuple[int, int]]: ...
@@ -146,11 +163,15 @@ def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float
 
 
 class ServingEngine:
-    def __init__(self, backend: GenerationBackend, max_concurrent: int = 32, max_n: int = 8, max_queued: int = 256,
-                 queue_timeout: float = 30.0):
+    def __init__(self, backend: GenerationBackend, settings: GatewaySettings | None = None):
+        settings = settings or GatewaySettings()
         self.backend = backend
-        self.max_n = max_n
-        self.admission = Admission(max_concurrent, max_queued, queue_timeout)
+        self.max_n = settings.gateway_max_n
+        self.default_max_tokens = settings.gateway_default_max_tokens
+        self.max_prompt_chars = settings.gateway_max_prompt_chars or CHARS_PER_TOKEN * backend.context_length
+        self.admission = Admission(settings.gateway_max_concurrent, settings.gateway_max_queued,
+                                   settings.gateway_queue_timeout)
+        self._tokenizers = anyio.CapacityLimiter(settings.gateway_tokenize_threads)
 
     @property
     def active(self) -> int:
@@ -170,28 +191,52 @@ class ServingEngine:
             raise APIError(503, f"no live peers serve blocks {spans} of {self.backend.model_id}; retry later",
                            code="no_complete_chain", retry_after=5)
 
+    def check_choices(self, choices: int) -> None:
+        if choices > self.max_n:
+            raise APIError(400, f"a request makes at most {self.max_n} choices (n, times the prompts)", "n",
+                           "invalid_value")
+
+    def check_prompt_size(self, chars: int, param: str) -> None:
+        """Refuse a prompt too long for the context by its characters alone, before it costs a tokenizer's time."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {chars} characters; this gateway takes at most "
+                                f"{self.max_prompt_chars} for {self.backend.model_id}", param,
+                           "context_length_exceeded")
+
+    async def tokenize(self, encode: Callable[..., T], *args: Any) -> T:
+        """`encode(*args)` in a worker thread, at most `gateway_tokenize_threads` at once."""
+        return await anyio.to_thread.run_sync(encode, *args, limiter=self._tokenizers)
+
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                  logprobs: int | None, index_offset: int = 0) -> Job:
-        context = self.backend.context_length
-        if request.n > self.max_n:
-            raise APIError(400, f"n must be at most {self.max_n}", "n", "invalid_value")
+        context, vocab = self.backend.context_length, self.backend.vocab_size
+        self.check_choices(request.n)
+        param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         if len(prompt_ids) >= context:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context}",
-                           "messages", "context_length_exceeded")
+                           param, "context_length_exceeded")
+        if not all(0 <= t < vocab for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param, "invalid_value")
         limit = request.token_limit
         if limit is not None and len(prompt_ids) + limit > context:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({limit}) exceeds the context of "
                            f"{context} tokens", "max_tokens", "context_length_exceeded")
-        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}
-        if any(not 0 <= k < 10**7 for k in bias):
-            raise APIError(400, "logit_bias has a token id out of range", "logit_bias", "invalid_value")
+        bias = {int(k): v for k, v in (request.logit_bias or {}).items()}  # decimal strings (validated)
+        if not all(0 <= k < vocab for k in bias):
+            raise APIError(400, f"logit_bias token ids must be in 0..{vocab - 1}", "logit_bias", "invalid_value")
+        greedy = request.temperature < MIN_TEMPERATURE or request.top_p < MIN_TEMPERATURE
         generation = GenerationRequest(
-            prompt_ids=prompt_ids, max_new_tokens=limit or context - len(prompt_ids), n=request.n,
-            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            prompt_ids=prompt_ids, max_new_tokens=limit or self._default_limit(len(prompt_ids)), n=request.n,
+            temperature=0.0 if greedy else request.temperature, top_p=1.0 if greedy else request.top_p,
+            seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids,
         )
         return Job(prompt_ids, generation, request.stop_strings, index_offset)
+
+    def _default_limit(self, prompt_tokens: int) -> int:
+        rest = self.backend.context_length - prompt_tokens
+        return min(self.default_max_tokens, rest) if self.default_max_tokens else rest
 
     # ---- running ----------------------------------------------------------------------------------------------
     async def deltas(self, job: Job) -> AsyncGenerator[list[Delta], None]:

@@ -1,11 +1,15 @@
-"""The gateway's one settings object, read from the environment (names as documented in README)."""
+"""The gateway's one settings object, read from the environment (names as documented in README).
+
+Auth fails closed: GATEWAY_API_KEYS or GATEWAY_API_KEY_FILE set but holding no key is a start-up error, not a
+gateway without auth.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from swarm.model.source import DEFAULT_MODEL_ID
@@ -16,7 +20,8 @@ def split_list(value: str) -> list[str]:
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", protected_namespaces=(),
+                                      hide_input_in_errors=True)  # no keys in a start-up error
 
     swarm_model: str = Field(DEFAULT_MODEL_ID, description="model to serve: the default, a local dir or a hub id")
     swarm_embedding_model: str | None = Field(None, description="an encoder-only model for /v1/embeddings, e.g. "
@@ -27,14 +32,28 @@ class GatewaySettings(BaseSettings):
                                                      "empty: any peer")
     swarm_client_identity: str | None = Field(None, description="key file of the gateway's client identity, for "
                                                                 "peers that serve an allowlist of clients")
-    gateway_api_keys: str = Field("", description="accepted API keys (space/comma separated); empty: no auth")
-    gateway_api_key_file: str | None = Field(None, description="file with one accepted API key per line")
+    gateway_api_keys: str | None = Field(None, description="accepted API keys (space/comma separated); unset: no "
+                                                           "auth (set but holding no key: a start-up error)")
+    gateway_api_key_file: str | None = Field(None, description="file with one accepted API key per line (holding "
+                                                               "none, or unreadable: a start-up error)")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "
                                                            "round-robin across API keys (0: 429 when none is free)")
     gateway_queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait for a slot before 429")
-    gateway_max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    gateway_max_n: int = Field(8, ge=1, description="most choices per request (n, times the prompts of a "
+                                                    "/v1/completions request)")
+    gateway_max_body_bytes: int = Field(4 << 20, ge=1, description="largest request body; larger is 413, "
+                                                                      "refused while it is read")
+    gateway_body_timeout: float = Field(30.0, gt=0, description="seconds a request body may take to arrive; "
+                                                                "slower is 408")
+    gateway_default_max_tokens: int = Field(2048, ge=0, description="max_tokens of a chat request that gives none "
+                                                                    "(0: the rest of the context)")
+    gateway_max_prompt_chars: int = Field(0, ge=0, description="most characters of a prompt (all messages), "
+                                                               "checked before tokenizing (0: 32 per token of the "
+                                                               "model's context)")
+    gateway_tokenize_threads: int = Field(1, ge=1, description="prompts tokenized (chat template included) at once, "
+                                                               "in worker threads off the event loop")
     embedded_num_threads: int = Field(0, ge=0, description="torch threads of the embedded peer (0: default)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")
@@ -48,13 +67,36 @@ class GatewaySettings(BaseSettings):
     def allowed_peers(self) -> set[str] | None:
         return set(split_list(self.swarm_allowed_peers)) or None
 
+    _api_keys: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="after")
+    def _read_api_keys(self) -> GatewaySettings:
+        if self.gateway_api_keys is not None:
+            listed = set(split_list(self.gateway_api_keys))
+            if not listed:
+                raise ValueError("GATEWAY_API_KEYS is set but holds no key: unset it to serve without auth")
+            self._api_keys |= listed
+        if self.gateway_api_key_file is not None:
+            self._api_keys |= _read_key_file(self.gateway_api_key_file)
+        return self
+
     @property
     def api_keys(self) -> set[str]:
-        keys = set(split_list(self.gateway_api_keys))
-        if self.gateway_api_key_file:
-            keys |= {line.strip() for line in Path(self.gateway_api_key_file).read_text().splitlines() if line.strip()}
-        return keys
+        """The accepted API keys, read once (empty: no auth)."""
+        return self._api_keys
 
     @property
     def cors_origins(self) -> list[str]:
         return split_list(self.gateway_cors_origins)
+
+
+def _read_key_file(path: str) -> set[str]:
+    try:
+        keys = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()} if path else set()
+    except OSError as e:
+        raise ValueError(f"GATEWAY_API_KEY_FILE {path!r} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"GATEWAY_API_KEY_FILE {path!r} is not UTF-8 text") from None
+    if not keys:
+        raise ValueError(f"GATEWAY_API_KEY_FILE {path!r} holds no key: unset it to serve without auth")
+    return keys

@@ -1,16 +1,56 @@
-"""OpenAI request models (the subset this gateway honours; unknown extra fields are accepted and ignored)."""
+"""OpenAI request models (the subset this gateway honours; unknown extra fields are accepted and ignored).
+
+Everything is bounded here, where it is parsed: numbers finite and in range, token ids and counts capped, no text
+with a lone surrogate (JSON's "\\ud800" parses to a str that no tokenizer or UTF-8 encoder takes).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_LENGTH = 256  # characters: every streamed token is checked against the end of each stop string
+MAX_MESSAGES = 2048
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a 64-bit generator seed takes
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is true, int("²") fails
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in parsed JSON (keys included) holds a lone surrogate; iterative, so depth costs no
+    recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send name, user, metadata, cache_control, ...
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # clients send name, user, metadata, ...
+
+
+class _Request(_Lenient):
+    """A whole request body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("the request holds a lone UTF-16 surrogate (e.g. \\ud800): text must be valid Unicode")
+        return data
 
 
 class TextPart(_Lenient):
@@ -38,7 +78,7 @@ class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
 
 
-class _SamplingRequest(_Lenient):
+class _SamplingRequest(_Request):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -49,8 +89,8 @@ class _SamplingRequest(_Lenient):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
     @field_validator("stop")
     @classmethod
@@ -64,8 +104,8 @@ class _SamplingRequest(_Lenient):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit() or not -100 <= bias <= 100:
-                raise ValueError("logit_bias maps token ids (as strings) to values in [-100, 100]")
+            if not _TOKEN_ID.fullmatch(token) or not -100 <= bias <= 100:
+                raise ValueError("logit_bias maps token ids (decimal strings) to values in [-100, 100]")
         return value
 
     @property
@@ -78,7 +118,7 @@ class _SamplingRequest(_Lenient):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -114,8 +154,17 @@ class CompletionRequest(_SamplingRequest):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: of texts, or of token-id lists."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(item, int) for item in value):
+            return [[item for item in value if isinstance(item, int)]]  # one prompt given as token ids
+        return [item for item in value if isinstance(item, str | list)]
 
-class EmbeddingRequest(_Lenient):
+
+class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

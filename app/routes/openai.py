@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable
 from typing import Any
 
@@ -10,6 +9,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.auth import client_name
 from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, handle
 from app.errors import APIError
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
@@ -22,28 +22,14 @@ def engine(request: Request) -> ServingEngine:
     return request.app.state.engine
 
 
-def _bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def require_api_key(request: Request) -> None:
-    keys = request.app.state.api_keys
-    if keys and _bearer(request) not in keys:
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-
 def client_key(request: Request) -> str:
-    """Whose turn a request waits in for a generation slot: its API key when auth is on (only as a digest: the key
-    itself is kept nowhere), else the client's address (behind a proxy, its clients share one turn)."""
-    if request.app.state.api_keys:
-        return "key:" + hashlib.sha256(_bearer(request).encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "")
+    return client_name(request.scope, request.app.state.api_keys)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """`work`, cancelled if the client disconnects before it has a response (while it waits for a slot, or while a
-    non-streamed answer is generated): nothing goes on for a client that left. A stream watches for itself."""
+    """`work`, cancelled if the client disconnects before it has a response (while its prompt waits for a tokenizer,
+    while it waits for a slot, or while a non-streamed answer is generated): nothing goes on for a client that left.
+    A stream watches for itself."""
     response: Response = Response(status_code=499)  # "client closed request": sent to no one
 
     async def watch(scope: anyio.CancelScope) -> None:
@@ -64,7 +50,7 @@ async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Re
     return response
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1")  # the API key is checked before the body is read: app.guard
 
 
 def _model_card(engine: ServingEngine) -> ModelCard:
@@ -101,12 +87,18 @@ async def get_model(model_id: str, request: Request, engine: ServingEngine = Dep
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
                            client: str = Depends(client_key)) -> Response:
-    jobs = chat_jobs(engine, body)
-    return await unless_disconnected(request, handle(engine, body, jobs, ChatAnswer(body.model), client))
+    async def answer() -> Response:
+        jobs = await chat_jobs(engine, body)
+        return await handle(engine, body, jobs, ChatAnswer(body.model), client)
+
+    return await unless_disconnected(request, answer())
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
                       client: str = Depends(client_key)) -> Response:
-    jobs = completion_jobs(engine, body)
-    return await unless_disconnected(request, handle(engine, body, jobs, TextAnswer(body.model), client))
+    async def answer() -> Response:
+        jobs = await completion_jobs(engine, body)
+        return await handle(engine, body, jobs, TextAnswer(body.model), client)
+
+    return await unless_disconnected(request, answer())

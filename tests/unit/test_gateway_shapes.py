@@ -29,6 +29,9 @@ class FakeEmbeddings:
     async def missing_blocks(self):
         return []
 
+    def tokenize(self, text):
+        return list(text.encode())
+
     async def embed(self, inputs):
         return torch.tensor([[0.25, -0.5, float(i)] for i in range(len(inputs))]), 7 * len(inputs)
 
