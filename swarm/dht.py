@@ -149,21 +149,32 @@ def _owned_by(subkey: object, peer_id: str) -> bool:
         return False
 
 
-async def get_spans(dht: DHT, model_id: str) -> list[SpanInfo]:
-    """Peers of a model that are joining, online or draining (routing takes only `routable` ones); offline,
-    unsigned, malformed or forged records (not owned by their peer id) are skipped."""
+MAX_RECORDS = 4096  # span records read per model and refresh; beyond them, the rest are not parsed
+
+dropped_records = 0  # records skipped as malformed or forged since start (every reader in this process)
+
+
+async def get_spans(dht: DHT, model_id: str, num_blocks: int | None = None) -> list[SpanInfo]:
+    """Peers of a model that are joining, online or draining (routing takes only `routable` ones). Every record is
+    anyone's writing: each is parsed in its own guard, and offline, unsigned, malformed or forged records (not owned
+    by their peer id), or of another model or block count (`num_blocks`, when the reader knows it), are skipped."""
+    global dropped_records
     found = await dht.get(spans_key(model_id), latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return []
     spans = []
-    for subkey, item in found.value.items():
+    for subkey, item in list(found.value.items())[:MAX_RECORDS]:
         try:
-            info = SpanInfo.from_dict(item.value)
-        except ValueError as e:
+            info = SpanInfo.from_dict(getattr(item, "value", None))
+            if not _owned_by(subkey, info.peer_id):
+                raise ValueError("not signed by the peer it names")
+            if info.model_id != model_id or (num_blocks is not None and info.num_blocks != num_blocks):
+                raise ValueError(f"of another model or block count ({info.model_id}, {info.num_blocks} blocks)")
+        except Exception as e:  # any record, however malformed, costs only itself
+            dropped_records += 1
             logger.debug("skipping a span record of %s: %s", model_id, e)
             continue
-        if info.state != PeerState.OFFLINE and info.version == PROTOCOL_VERSION and info.model_id == model_id \
-                and _owned_by(subkey, info.peer_id):
+        if info.state != PeerState.OFFLINE and info.version == PROTOCOL_VERSION:
             spans.append(info)
     return spans
 

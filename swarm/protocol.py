@@ -21,6 +21,7 @@ A step at `position` P < the session's current length rewinds the cache to P fir
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -104,17 +105,24 @@ class SpanInfo:
 
     @classmethod
     def from_dict(cls, data: Any) -> SpanInfo:
-        """Parse a record from the DHT or an info RPC; raises ValueError on anything malformed."""
-        if not isinstance(data, dict):
-            raise ValueError(f"span record must be a dict, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            info = cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as e:
-            raise ValueError(f"malformed span record: {e}") from e
-        ints = (info.start, info.end, info.num_blocks, info.hidden_size, info.max_length, info.free_kv_tokens)
-        if not all(isinstance(x, int) for x in ints) or not 0 <= info.start < info.end <= info.num_blocks:
+        """Parse a record from the DHT or an info RPC (untrusted: anyone may write one): every field's type,
+        finiteness and bounds (SPAN_SCHEMA), then the block ranges; raises ValueError on anything malformed."""
+        if not isinstance(data, dict) or len(data) > 4 * len(SPAN_SCHEMA):
+            raise ValueError("a span record must be a dict of its fields")
+        fields: dict[str, Any] = {}
+        for name, spec in SPAN_SCHEMA.items():
+            if name in data:
+                fields[name] = spec.parse(name, data[name])
+        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - fields.keys()
+        if missing:
+            raise ValueError(f"span record lacks {sorted(missing)}")
+        info = cls(**fields)
+        if not info.start < info.end <= info.num_blocks:
             raise ValueError(f"span record has an invalid block range: {info.start}:{info.end}/{info.num_blocks}")
+        if not (0 <= info.target_start <= info.target_end <= info.num_blocks):
+            raise ValueError(f"span record has an invalid target: {info.target_start}:{info.target_end}")
+        if info.kv_budget_tokens and info.free_kv_tokens > info.kv_budget_tokens:
+            raise ValueError("span record has more free KV tokens than its budget")
         return info
 
     @property
@@ -125,6 +133,69 @@ class SpanInfo:
     @property
     def blocks(self) -> int:
         return self.end - self.start
+
+
+@dataclass(frozen=True)
+class _Int:
+    low: int
+    high: int
+
+    def parse(self, name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not self.low <= value <= self.high:
+            raise ValueError(f"'{name}' must be an integer in {self.low}..{self.high}")
+        return value
+
+
+@dataclass(frozen=True)
+class _Real:
+    low: float
+    high: float
+
+    def parse(self, name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or not self.low <= value <= self.high:
+            raise ValueError(f"'{name}' must be a finite number in {self.low:g}..{self.high:g}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class _Text:
+    max_length: int
+    choices: tuple[str, ...] = ()
+
+    def parse(self, name: str, value: Any) -> str:
+        if not isinstance(value, str) or len(value) > self.max_length or not value.isprintable():
+            raise ValueError(f"'{name}' must be printable text of at most {self.max_length} characters")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"'{name}' must be one of {', '.join(self.choices)}")
+        return value
+
+
+@dataclass(frozen=True)
+class _Bool:
+    def parse(self, name: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"'{name}' must be a boolean")
+        return value
+
+
+MAX_BLOCKS = 4096  # blocks of one model (the largest open models have ~128)
+# tokens/s through ONE block for ONE session: 1 µs per block and token is beyond any hardware serving one session
+MAX_THROUGHPUT = 1e6
+_COUNT = _Int(0, 1 << 53)
+
+# Every field of a span record: what a reader accepts (a record from the DHT or a probe is anyone's writing).
+SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
+    "peer_id": _Text(128), "model_id": _Text(256), "start": _Int(0, MAX_BLOCKS), "end": _Int(1, MAX_BLOCKS),
+    "num_blocks": _Int(1, MAX_BLOCKS), "hidden_size": _Int(1, 1 << 17), "dtype": _Text(16, WIRE_DTYPES),
+    "quant": _Text(16), "max_length": _Int(1, 1 << 24), "kv_budget_tokens": _Int(0, 1 << 40),
+    "free_kv_tokens": _Int(0, 1 << 40), "active_sessions": _Int(0, 1 << 24), "version": _Int(0, 1 << 16),
+    "state": _Text(16, tuple(s.value for s in PeerState)), "public_name": _Text(64),
+    "throughput": _Real(0.0, MAX_THROUGHPUT), "batch_throughput": _Real(0.0, MAX_THROUGHPUT * BATCH_PROBE),
+    "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
+    "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS), "software": _Text(64),
+    "movable": _Bool(), "updated_at": _Real(0.0, 1e11),
+}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,13 @@ from swarm.client.routing import PeerView
 RTT_SMOOTHING = 0.3  # weight of a new RTT sample
 STEP_SMOOTHING = 0.1  # weight of a new decode-step sample
 OBSERVATION_TTL = 60.0  # seconds a peer's observed step time counts without new samples
+# A peer whose decode steps are this much slower than its announced throughput implies (after OVERCLAIM_SAMPLES
+# steps, beyond OVERCLAIM_SLACK seconds per block of noise) overstates its speed: for OVERCLAIM_SECONDS its observed
+# time counts double and does not expire, so the claim cannot win its routing share back.
+OVERCLAIM_FACTOR = 3.0
+OVERCLAIM_SLACK = 0.002
+OVERCLAIM_SAMPLES = 3
+OVERCLAIM_SECONDS = 600.0
 
 
 class Outcome(StrEnum):
@@ -43,6 +50,8 @@ class _Peer:
     rtt: float | None = None  # smoothed probe round trip (s)
     step: float | None = None  # smoothed decode step per block as this client saw it (s), RTT taken out
     step_seen: float = 0.0  # when `step` last had a sample
+    samples: int = 0  # decode-step samples of `step`
+    overclaimed_until: float = 0.0  # it announced much more speed than its steps showed (see OVERCLAIM_*)
     sessions: int = 0  # sessions this client has open through the peer now
     counted: int = 0  # `sessions` when the peer's record was last read (the record's load includes those)
 
@@ -96,16 +105,29 @@ class PeerHealth:
         peer = self._peers.get(peer_id)
         return peer.rtt if peer else None
 
-    def step_sample(self, peer_id: str, blocks: int, seconds: float) -> None:
-        """A one-row decode step of this client took `seconds` over `blocks` blocks of the peer."""
+    def step_sample(self, peer_id: str, blocks: int, seconds: float, claimed: float | None = None) -> None:
+        """A one-row decode step of this client took `seconds` over `blocks` blocks of the peer, which claims
+        `claimed` seconds per block (from its announced throughput; None: unknown)."""
         peer = self._peer(peer_id)
         per_block = max(0.0, seconds - (peer.rtt or 0.0)) / max(1, blocks)
-        old = self._observed(peer)
+        old = None if peer.step is None or self.clock() - peer.step_seen > OBSERVATION_TTL else peer.step
         peer.step = per_block if old is None else (1 - STEP_SMOOTHING) * old + STEP_SMOOTHING * per_block
+        peer.samples = 1 if old is None else peer.samples + 1
         peer.step_seen = self.clock()
+        if (claimed is not None and peer.samples >= OVERCLAIM_SAMPLES
+                and peer.step > OVERCLAIM_FACTOR * claimed + OVERCLAIM_SLACK):
+            peer.overclaimed_until = self.clock() + OVERCLAIM_SECONDS
+
+    def overclaimed(self) -> set[str]:
+        now = self.clock()
+        return {peer_id for peer_id, peer in self._peers.items() if peer.overclaimed_until > now}
 
     def _observed(self, peer: _Peer) -> float | None:
-        if peer.step is None or self.clock() - peer.step_seen > OBSERVATION_TTL:
+        if peer.step is None:
+            return None
+        if peer.overclaimed_until > self.clock():
+            return 2 * peer.step  # a peer caught overstating its speed: what it did counts, doubled, until then
+        if self.clock() - peer.step_seen > OBSERVATION_TTL:
             return None  # not seen lately (routing went elsewhere): the announcement counts again
         return peer.step
 

@@ -31,7 +31,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.health import Outcome, PeerHealth
-from swarm.client.routing import Link, find_chain
+from swarm.client.routing import Link, block_seconds, find_chain
 from swarm.codec import unpack_metadata
 from swarm.dht import get_spans
 from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
@@ -130,7 +130,7 @@ class Router:
                 return self.spans
         async with self._refreshing:
             snapshot = self.health.own_sessions()
-            spans = await get_spans(self.dht, self.model_id)
+            spans = await get_spans(self.dht, self.model_id, self.num_blocks)
             chosen = self._to_probe(self._allowed(spans))
             probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))
             self._spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]
@@ -157,6 +157,10 @@ class Router:
             logger.info("peer %s failed its probe: %r", span.peer_id, e)
             self.report(span.peer_id, Outcome.FAILED)
             return None
+        if (info.model_id, info.num_blocks) != (span.model_id, span.num_blocks):  # its record said otherwise
+            logger.info("peer %s answered its probe for another model or block count", span.peer_id)
+            self.report(span.peer_id, Outcome.FAILED)
+            return None
         self.health.rtt_sample(span.peer_id, rtt)
         return info
 
@@ -174,7 +178,9 @@ class Router:
 
     def observed(self, peer_id: str, blocks: int, seconds: float) -> None:
         """A one-row decode step of this client took `seconds` over `blocks` blocks of the peer."""
-        self.health.step_sample(peer_id, blocks, seconds)
+        record = next((s for s in self._spans if s.peer_id == peer_id), None)
+        claimed = block_seconds(record, 0) if record is not None and record.throughput > 0 else None
+        self.health.step_sample(peer_id, blocks, seconds, claimed)
 
     def opened(self, peer_ids: Iterable[str]) -> None:
         self.health.opened(peer_ids)

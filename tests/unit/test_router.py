@@ -130,7 +130,7 @@ async def test_a_stale_view_is_refreshed_before_routing(router, monkeypatch, clo
 
 
 def fake_swarm(monkeypatch, records, probed, rtt=0.001, gate=None, loads=None):
-    async def get_spans(dht, model_id):
+    async def get_spans(dht, model_id, num_blocks=None):
         return records
 
     async def probe(p2p, peer_id, timeout):
@@ -156,7 +156,7 @@ async def test_refresh_probes_only_allowed_peers_and_an_allowlist_change_rereads
 
 
 async def test_a_failed_probe_bans_the_peer(router, monkeypatch):
-    async def get_spans(dht, model_id):
+    async def get_spans(dht, model_id, num_blocks=None):
         return [record("a", 0, 30), record("b", 0, 30)]
 
     async def probe(p2p, peer_id, timeout):
@@ -176,10 +176,23 @@ async def test_a_peer_slower_than_it_announces_is_judged_by_what_it_did(router, 
     assert await first_peer(router) == "liar"
     for _ in range(3):  # its decode steps took 0.3 s over 30 blocks: 10 ms per block, not 0.01 ms
         router.observed("liar", 30, 0.3)
+    assert await first_peer(router) == "honest" and router.health.overclaimed() == {"liar"}
+    clock.now += 61  # not seen for a minute, but caught overstating 1000x: its observed time still counts
+    router.updated = clock()
     assert await first_peer(router) == "honest"
-    clock.now += 61  # not seen for a minute: the claim counts again
+    clock.now += 600  # ten minutes later the claim counts again (and is checked again)
     router.updated = clock()
     assert await first_peer(router) == "liar"
+
+
+async def test_a_peer_a_little_slower_than_announced_is_judged_by_its_steps_but_not_penalised(router, clock):
+    router.spans = [record("a", 0, 30), record("b", 0, 30)]  # both claim 100 tok/s per block: 10 ms per block
+    for _ in range(5):
+        router.observed("a", 30, 30 * 0.02)  # 20 ms per block: slower than claimed, within the factor of 3
+    assert router.health.overclaimed() == set() and await first_peer(router) == "b"
+    clock.now += 61  # not seen lately: the announcement counts again, a tie broken by peer id
+    router.updated = clock()
+    assert await first_peer(router) == "a"
 
 
 def fake_open(monkeypatch, answer):
