@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -25,6 +26,11 @@ MAX_FRAME_OVERHEAD = 64 * 1024  # metadata + protobuf fields around a tensor's b
 M = TypeVar("M", bound=Message)
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def frame_bytes(elements: int, dtype: torch.dtype) -> int:
+    """The largest frame that carries one tensor of `elements` of `dtype` (and its metadata)."""
+    return elements * torch.tensor([], dtype=dtype).element_size() + MAX_FRAME_OVERHEAD
 
 
 def pack_metadata(data: dict[str, Any]) -> bytes:
@@ -103,13 +109,16 @@ async def send_message(writer: asyncio.StreamWriter, message: Message | None) ->
     await writer.drain()
 
 
-async def receive_message(reader: asyncio.StreamReader, message_type: type[M], max_bytes: int) -> M:
-    """Read one message; raises EndOfStream at the end and ValueError for a malformed or oversized frame."""
+async def receive_message(reader: asyncio.StreamReader, message_type: type[M],
+                          max_bytes: int | Callable[[], int]) -> M:
+    """Read one message; raises EndOfStream at the end and ValueError for a malformed or oversized frame.
+    `max_bytes` may be a function, asked once the frame's length has arrived (what is due may change meanwhile)."""
     try:
         marker = await reader.readexactly(1)
         length = int.from_bytes(await reader.readexactly(_HEADER), "big")
-        if length > max_bytes:
-            raise ValueError(f"message of {length} bytes exceeds the limit of {max_bytes}")
+        limit = max_bytes() if callable(max_bytes) else max_bytes
+        if length > limit:
+            raise ValueError(f"message of {length} bytes exceeds the limit of {limit}")
         payload = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError) as e:
         raise EndOfStream() from e

@@ -24,8 +24,10 @@ from swarm.client.router import Router
 from swarm.client.routing import Link
 from swarm.codec import (
     END_OF_STREAM,
+    MAX_FRAME_OVERHEAD,
     EndOfStream,
     decode_tensor,
+    frame_bytes,
     make_request,
     receive_message,
     send_message,
@@ -35,7 +37,11 @@ from swarm.protocol import INFERENCE_HANDLER, ErrorCode, NoChainError, OpenReque
 
 logger = logging.getLogger(__name__)
 
-MAX_RESPONSE_BYTES = 256 << 20  # a frame's size is checked against this before it is read; shapes are checked after
+SMALL_FRAME = MAX_FRAME_OVERHEAD  # what may arrive while no step's answer is due: 'opened', an error
+
+
+class ProtocolViolation(ValueError):
+    """The peer broke the stream's protocol (a frame nobody asked for)."""
 
 
 class PeerStream:
@@ -47,17 +53,24 @@ class PeerStream:
         self.closed = False
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
+        # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
+        # when none is), and at most one frame waits unread; another one is a protocol violation that ends the
+        # stream (the session fails over, the router bans the peer).
+        self._limit = SMALL_FRAME
         self._inbox: asyncio.Queue[runtime_pb2.ExpertResponse | Exception] = asyncio.Queue()
         self._pump = asyncio.create_task(self._read_frames(reader))
 
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         while True:
             try:
-                self._inbox.put_nowait(await receive_message(reader, runtime_pb2.ExpertResponse,
-                                                             MAX_RESPONSE_BYTES))
+                message = await receive_message(reader, runtime_pb2.ExpertResponse, lambda: self._limit)
             except (EndOfStream, ValueError, OSError, ConnectionError) as e:
                 self._inbox.put_nowait(e)
                 return
+            if not self._inbox.empty():
+                self._inbox.put_nowait(ProtocolViolation("sent a frame nobody asked for"))
+                return
+            self._inbox.put_nowait(message)
 
     @classmethod
     async def open(cls, p2p: P2P, link: Link, request: OpenRequest, timeout: float) -> PeerStream:
@@ -78,6 +91,7 @@ class PeerStream:
         if group is not None:
             metadata["group"] = list(group)
         try:
+            self._limit = frame_bytes(hidden.numel(), hidden.dtype)
             await self._send(make_request(metadata, (hidden,)))
             response = await self._receive(timeout, expected="result")
         except asyncio.CancelledError:
@@ -112,6 +126,7 @@ class PeerStream:
         try:
             async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per message
                 response = await self._inbox.get()
+            self._limit = SMALL_FRAME
             if isinstance(response, Exception):
                 self._inbox.put_nowait(response)  # every later receive fails the same way
                 raise response
