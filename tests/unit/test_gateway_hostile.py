@@ -54,6 +54,7 @@ class CountingBackend(FakeBackend):
     def __init__(self):
         super().__init__()
         self.encodes = 0
+        self.encoded: list[str] = []
         self.running = self.most_running = 0
         self.encode_delay = 0.0
         self.lock = threading.Lock()
@@ -61,6 +62,7 @@ class CountingBackend(FakeBackend):
     def encode(self, text: str) -> list[int]:
         with self.lock:
             self.encodes += 1
+            self.encoded.append(text)
             self.running += 1
             self.most_running = max(self.most_running, self.running)
         try:
@@ -426,3 +428,42 @@ def test_four_stop_strings_of_the_longest_length_cost_a_bounded_time_per_token()
     per_token = (time.process_time() - started) / tokens
     assert len(text.pending) < MAX_STOP_LENGTH and len(out) == tokens - len(text.pending)
     assert per_token < 1e-3, f"{per_token * 1e6:.0f} us per token"
+
+
+def test_a_client_that_leaves_while_its_prompt_waits_for_a_tokenizer_starts_nothing():
+    backend = CountingBackend()
+    backend.encode_delay = 0.3
+    body = json.dumps(text_body(prompt="gone")).encode()
+
+    async def scenario():
+        app = create_app(GatewaySettings(gateway_tokenize_threads=1), backend=backend)
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport,
+                                                                       base_url="http://test") as http:
+            first = asyncio.create_task(http.post(PATHS["text"], json=text_body(prompt="first")))
+            while backend.encodes == 0:
+                await asyncio.sleep(0.01)
+            leave = asyncio.Event()
+            received = 0
+
+            async def receive() -> dict:  # the body, then the disconnect once `leave` is set
+                nonlocal received
+                received += 1
+                if received == 1:
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await leave.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                pass
+
+            gone = asyncio.create_task(app(asgi_scope(PATHS["text"], {}), receive, send))
+            await asyncio.sleep(0.05)  # it waits for the one tokenizer thread
+            leave.set()
+            await asyncio.wait_for(gone, 5)
+            assert (await first).status_code == 200
+            await asyncio.sleep(0.4)  # had it not been cancelled, its tokenization would have run by now
+            return [backend.decode(r.prompt_ids) for r in backend.requests], backend.encoded
+
+    prompts, encoded = asyncio.run(scenario())
+    assert prompts == ["first"] and "gone" not in encoded
