@@ -25,6 +25,7 @@ from swarm.client.pipeline import DecodePipeline, StepOutput
 from swarm.client.router import Router
 from swarm.client.routing import Link
 from swarm.client.session import FailoverPolicy, InferenceSession
+from swarm.client.verification import VerificationPolicy
 from swarm.dht import load_identity, start_dht
 from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
@@ -37,14 +38,15 @@ class SwarmClient:
     def __init__(self, dht: DHT | None, p2p: P2P | None, source: ModelSource, head: LocalHead | EncoderHead,
                  prefill_chunk: int = 1024, step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
                  allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
-                 decode_groups: int | None = None):
+                 decode_groups: int | None = None, verification: VerificationPolicy | None = None):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
         self.head = head
         self.step_timeout = step_timeout
         self.failover = failover or FailoverPolicy()
-        self.router = Router(dht, p2p, self.model_id, head.num_blocks, refresh_period, allowed_peers=allowed_peers)
+        self.router = Router(dht, p2p, self.model_id, head.num_blocks, refresh_period, allowed_peers=allowed_peers,
+                             verification=verification)
         self.pipeline = DecodePipeline(head, prefill_chunk, decode_groups)
 
     @classmethod

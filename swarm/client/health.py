@@ -51,6 +51,7 @@ class _Peer:
     step: float | None = None  # smoothed decode step per block as this client saw it (s), RTT taken out
     step_seen: float = 0.0  # when `step` last had a sample
     samples: int = 0  # decode-step samples of `step`
+    checks_passed: int = 0  # its answers re-computed on another replica that matched (swarm.client.verification)
     overclaimed_until: float = 0.0  # it announced much more speed than its steps showed (see OVERCLAIM_*)
     sessions: int = 0  # sessions this client has open through the peer now
     counted: int = 0  # `sessions` when the peer's record was last read (the record's load includes those)
@@ -130,6 +131,19 @@ class PeerHealth:
         if self.clock() - peer.step_seen > OBSERVATION_TTL:
             return None  # not seen lately (routing went elsewhere): the announcement counts again
         return peer.step
+
+    # -- verification of its answers on another replica (swarm.client.verification) ------------------------------
+
+    def verify_due(self, peer_id: str, rate: float, warmup: int, draw: float) -> bool:
+        """Whether this step of the peer is checked: always until it passed `warmup` checks, then with probability
+        1 / (1 + checks passed), at least `rate`; `draw` is uniform in [0, 1). rate 0: never."""
+        if rate <= 0:
+            return False
+        passed = self._peer(peer_id).checks_passed
+        return passed < warmup or draw < max(rate, 1.0 / (1 + passed))
+
+    def check_passed(self, peer_id: str) -> None:
+        self._peer(peer_id).checks_passed += 1
 
     # -- this client's own load -------------------------------------------------------------------------------------
 

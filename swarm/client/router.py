@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 
@@ -32,6 +33,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.client.health import Outcome, PeerHealth
 from swarm.client.routing import Link, block_seconds, find_chain
+from swarm.client.verification import VerificationPolicy
 from swarm.codec import unpack_metadata
 from swarm.dht import get_spans
 from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
@@ -57,11 +59,14 @@ async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float
 class Router:
     def __init__(self, dht: DHT | None, p2p: P2P | None, model_id: str, num_blocks: int, period: float = 3.0,
                  probe_timeout: float = 3.0, allowed_peers: set[str] | None = None, max_probes: int = 64,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, verification: VerificationPolicy | None = None,
+                 rng: random.Random | None = None):
         self.dht, self.p2p, self.model_id, self.num_blocks = dht, p2p, model_id, num_blocks
         self.period, self.probe_timeout, self.max_probes = period, probe_timeout, max_probes
         self.clock = clock
         self.health = PeerHealth(clock)
+        self.verification = verification or VerificationPolicy()
+        self.rng = rng or random.Random()
         self._allowed_peers = allowed_peers
         self._spans: list[SpanInfo] = []  # every peer of the model in the last refresh (allowed or not)
         self.updated: float | None = None  # clock() of the last refresh; None: re-read before the next route
@@ -191,16 +196,26 @@ class Router:
     def banned(self) -> set[str]:
         return self.health.banned()
 
+    def verify_due(self, peer_id: str) -> bool:
+        """Whether a step just answered by this peer is to be checked on another replica (see verification)."""
+        policy = self.verification
+        return self.health.verify_due(peer_id, policy.rate, policy.warmup, self.rng.random())
+
+    def check_passed(self, peer_id: str) -> None:
+        self.health.check_passed(peer_id)
+
     # -- routes -----------------------------------------------------------------------------------------------------
 
     async def route(self, start: int = 0, end: int | None = None, *, length: int = 0, batch: int = 1,
-                    fresh: bool = False, replacing: bool = False) -> list[Link]:
+                    fresh: bool = False, replacing: bool = False, without: Iterable[str] = ()) -> list[Link]:
         """The fastest chain over blocks [start, end) of peers that can hold a session of `batch` x `length` tokens.
         Peers that refused lately are left out. Banned peers are left out as well; for a new session (not
-        `replacing` a failed link) a chain through them is taken when none exists without them."""
+        `replacing` a failed link) a chain through them is taken when none exists without them. `without`: peers
+        this route must not take whatever their health (a verification needs a replica other than the checked
+        peer)."""
         spans = await self.current(fresh)
         views = {s.peer_id: self.health.view(s.peer_id) for s in spans}
-        refused, banned = self.health.refused(), self.health.banned()
+        refused, banned = self.health.refused() | set(without), self.health.banned()
         try:
             return find_chain(spans, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
                               batch)

@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from swarm.client.health import Outcome
 from swarm.client.router import Router
 from swarm.client.routing import Link
+from swarm.client.verification import distance, judge, tolerance
 from swarm.codec import (
     END_OF_STREAM,
     MAX_FRAME_OVERHEAD,
@@ -33,7 +34,7 @@ from swarm.codec import (
     send_message,
     unpack_metadata,
 )
-from swarm.protocol import INFERENCE_HANDLER, ErrorCode, NoChainError, OpenRequest, PeerError
+from swarm.protocol import INFERENCE_HANDLER, ErrorCode, NoChainError, OpenRequest, PeerError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +265,11 @@ class InferenceSession:
         i = 0
         while i < len(self.streams):
             started = time.monotonic()
+            link = self.streams[i].link
             try:
                 out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group)
+                if self.router is not None and self.router.verify_due(link.peer.peer_id):
+                    await self._verify(i, hidden, position, out)
             except PeerError as e:
                 await self._fail_over(i, position, e)
                 continue  # the same step, now through the replacement
@@ -334,6 +338,61 @@ class InferenceSession:
             self._inputs[i : i + 1] = inputs
             self._latency[i : i + 1] = [None] * len(streams)
             return
+
+    async def _verify(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
+        """Re-run link i's step on another replica of its blocks (from the inputs kept for replay) and compare (see
+        swarm.client.verification); raises PeerError when the link's peer is found wrong."""
+        assert self.router is not None
+        peer = self.streams[i].link.peer
+        kept = self._inputs[i]
+        history = torch.cat([kept[:, :position], hidden], dim=1) if position and kept is not None else hidden
+        checked = [peer.peer_id]
+        verifier = await self._recompute(i, history, hidden.shape[1], checked)
+        if verifier is None:
+            return  # nobody else serves these blocks (or the verifiers failed): nothing to compare with
+        theirs, infos = verifier
+        if distance(out, theirs) <= tolerance(peer, infos):
+            self.router.check_passed(peer.peer_id)
+            return
+        checked += [info.peer_id for info in infos]
+        third = await self._recompute(i, history, hidden.shape[1], checked)
+        third_out, third_infos = third if third is not None else (None, [])
+        peer_wrong, verifier_wrong = judge(out, theirs, third_out, tolerance(peer, third_infos),
+                                           max((tolerance(v, third_infos) for v in infos), default=0.0))
+        for info in infos if verifier_wrong else []:
+            logger.warning("peer %s answered differently from two other replicas: banned", info.peer_id)
+            self.router.report(info.peer_id, Outcome.FAILED)
+        if peer_wrong:
+            raise PeerError(f"peer {peer.peer_id} answered blocks {self.streams[i].link.start}:"
+                            f"{self.streams[i].link.end} differently from another replica", ErrorCode.INTERNAL,
+                            peer.peer_id)
+
+    async def _recompute(self, i: int, history: torch.Tensor, tokens: int, without: list[str]
+                         ) -> tuple[torch.Tensor, list[SpanInfo]] | None:
+        """The outputs of the last `tokens` of link i's inputs `history`, computed by a fresh chain over its blocks
+        avoiding `without`, and that chain's peers; None when no such chain exists or it fails (its failure is
+        reported, not the link's)."""
+        assert self.router is not None
+        link, steps = self.streams[i].link, history.shape[1]
+        try:
+            chain = await self.router.route(link.start, link.end, length=steps, batch=self.batch_size,
+                                            replacing=True, without=without)
+        except NoChainError:
+            return None
+        streams: list[PeerStream] = []
+        try:
+            streams = await open_streams(self.p2p, chain, steps, self.batch_size, self.step_timeout)
+            result = history
+            for stream in streams:
+                result = await self._replay(stream, result)
+        except PeerError as e:
+            if e.peer_id:
+                self.router.report(e.peer_id, outcome_of(e))
+            return None
+        finally:
+            for stream in streams:
+                await stream.close()
+        return result[:, -tokens:], [link.peer for link in chain]
 
     async def _replay(self, stream: PeerStream, history: torch.Tensor) -> torch.Tensor:
         outputs = []

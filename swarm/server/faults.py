@@ -1,6 +1,8 @@
 """Faults a peer can be told to show, for tests of the clients that must survive it (never on by default).
 
     --fault-nan-after N    every forward after the N-th answers NaN hidden states (a peer gone bad)
+    --fault-wrong-after N  every forward after the N-th answers wrong hidden states of the right shape and scale (its
+                           output negated: a peer that lies; only verification catches it)
     --fault-step-delay S   every forward sleeps S seconds first (a slow peer)
 """
 
@@ -19,13 +21,16 @@ logger = logging.getLogger(__name__)
 class Faults:
     nan_after: int = 0
     step_delay: float = 0.0
+    wrong_after: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.nan_after or self.step_delay)
+        return bool(self.nan_after or self.step_delay or self.wrong_after)
 
     def announce(self) -> None:
         if self.nan_after:
             logger.warning("fault injection: this peer answers NaN after %d steps", self.nan_after)
+        if self.wrong_after:
+            logger.warning("fault injection: this peer answers wrong hidden states after %d steps", self.wrong_after)
         if self.step_delay:
             logger.warning("fault injection: every forward sleeps %.3f s", self.step_delay)
 
@@ -35,4 +40,6 @@ class Faults:
             time.sleep(self.step_delay)
         if self.nan_after and forwards > self.nan_after:
             return torch.full_like(out, float("nan"))
+        if self.wrong_after and forwards > self.wrong_after:
+            return -out
         return out

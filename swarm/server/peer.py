@@ -188,7 +188,7 @@ class Peer:
             tokens = max(placement.SIZING_KV_TOKENS, (self._memory_budget() - span.weight_bytes()) // per_token)
         else:
             tokens = default_budget_tokens(per_token)
-        faults = Faults(settings.fault_nan_after, settings.fault_step_delay)
+        faults = Faults(settings.fault_nan_after, settings.fault_step_delay, settings.fault_wrong_after)
         faults.announce()
         backend = SpanBackend(span, limits, KVBudget(tokens), faults)
         fixed = settings.announced_throughput()

@@ -39,7 +39,8 @@ class PeerSettings(BaseSettings):
     quant: Literal["auto", "none", "int8", "int4", "nf4"] = Field(
         "auto", description="weight quantization of the blocks (auto: nf4 on CUDA; int8 on CPU, int4 for a 4-bit "
                             "GGUF checkpoint like the default model)")
-    num_threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    num_threads: int = Field(0, ge=0, description="torch CPU threads (0: one for CPU spans on the native kernel, "
+                                                  "which threads itself; else torch's default)")
     max_sessions: int = Field(64, ge=1, description="concurrent sessions served")
     max_length: int = Field(0, ge=0, description="longest session in tokens (0: the model's context length)")
     max_batch: int = Field(8, ge=1, description="largest batch of one session")
@@ -62,6 +63,8 @@ class PeerSettings(BaseSettings):
     log_level: str = Field("INFO", description="logging level")
     fault_nan_after: int = Field(0, ge=0, description="for fault-tolerance tests only: after this many steps, "
                                                         "answer NaN (0: never)")
+    fault_wrong_after: int = Field(0, ge=0, description="for verification tests only: after this many forwards, "
+                                                        "answer wrong hidden states of the right shape and scale")
     fault_step_delay: float = Field(0.0, ge=0, description="for routing tests only: seconds every forward sleeps "
                                                            "(a slow peer)")
 

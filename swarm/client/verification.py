@@ -1,0 +1,77 @@
+"""Checking untrusted peers' answers on a second replica: when, against what tolerance, and who is wrong.
+
+A peer can answer a step with hidden states of the right shape, dtype and scale that are simply wrong (it skipped
+its blocks, or lies on purpose); shape and finiteness checks never catch that. So a session re-runs some steps of a
+link on another replica of the same blocks, from the inputs it already keeps for replay (the link's inputs up to the
+step and the step itself, as one prefill on a fresh verification session), and compares the step's output:
+
+- **when** (`VerificationPolicy`, `PeerHealth.verify_due`): every step of a peer until it has passed `warmup` checks
+  (its first prefill is checked before the first token is released), then a fraction that falls with its clean
+  record, 1 / (1 + checks passed), down to `rate`; `rate` 0 turns verification off. A check costs a forward over the
+  session's history on the verifier, so long sessions are checked rarely once their peers have a record.
+- **tolerance** (`tolerance`): relative L2 distance ‖a − b‖ / ‖b‖ of the two outputs, bounded by what the two peers'
+  announced precisions allow: same dtype and quantization → float32 rounding differences only (different kernels
+  and batch shapes); otherwise the larger of their precisions' typical error. Wrong hidden states are off by O(1).
+- **who is wrong** (`judge`): on a mismatch a third replica decides; the side that disagrees with it is reported
+  FAILED (banned). Without a third opinion both are: a suspect peer is not worth keeping. The session then fails
+  the link over by replay, so the step is recomputed on an honest peer before its token is released.
+
+A peer that is the only server of its blocks cannot be checked (nothing to compare with): its steps pass unverified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from swarm.protocol import SpanInfo
+
+# Relative L2 error of a span's hidden states against float32 (order of magnitude, per precision); the tolerance
+# for two peers of different precisions is a multiple of the larger one.
+PRECISION_ERROR = {"none": 1e-4, "int8": 3e-2, "int4": 6e-2, "nf4": 0.15}
+HALF_ERROR = 1e-2  # bfloat16 / float16 activations
+SAME_PRECISION = 1e-3  # same dtype and quantization: rounding differences of kernels and batch shapes only
+MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class VerificationPolicy:
+    rate: float = 0.01  # steps checked once a peer has a clean record (0: verification off)
+    warmup: int = 3  # checks a peer must pass before its steps are sampled at falling rates
+
+
+def _error_level(info: SpanInfo) -> float:
+    level = PRECISION_ERROR.get(info.quant, max(PRECISION_ERROR.values()))
+    if info.dtype != "float32":
+        level = max(level, HALF_ERROR)
+    return level
+
+
+def tolerance(first: SpanInfo, others: list[SpanInfo]) -> float:
+    """How far (relative L2) a peer's output may be from the same step computed by a chain of `others`."""
+    if all((o.dtype, o.quant) == (first.dtype, first.quant) for o in others):
+        return SAME_PRECISION
+    return MARGIN * max(_error_level(info) for info in [first, *others])
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance ‖a − b‖ / ‖b‖ (float64; inf for a shape mismatch or non-finite values)."""
+    if a.shape != b.shape:
+        return float("inf")
+    a64, b64 = a.double(), b.double()
+    scale = float(b64.norm())
+    value = float((a64 - b64).norm()) / max(scale, 1e-30)
+    return value if value == value else float("inf")  # NaN → inf
+
+
+def judge(peer_out: torch.Tensor, verifier_out: torch.Tensor, third_out: torch.Tensor | None,
+          peer_tol: float, verifier_tol: float) -> tuple[bool, bool]:
+    """After a mismatch between a peer and a verifier, (peer is wrong, verifier is wrong) by a third opinion
+    (None: none exists, both are taken for wrong). `peer_tol` bounds peer vs third, `verifier_tol` verifier vs
+    third."""
+    if third_out is None:
+        return True, True
+    peer_agrees = distance(peer_out, third_out) <= peer_tol
+    verifier_agrees = distance(verifier_out, third_out) <= verifier_tol
+    return not peer_agrees, not verifier_agrees
