@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,7 +30,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Greedy also below MIN_TEMPERATURE / MIN_TOP_P: their limit, where dividing by the temperature would
+        overflow float32 (1e-300 made every probability NaN) and top_p keeps the top token alone anyway."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p < MIN_TOP_P
 
     def generator(self) -> torch.Generator:
         generator = torch.Generator()

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import jinja2
 import torch
 from transformers import AutoTokenizer
 
@@ -66,7 +67,12 @@ class SwarmTextService:
         return await self.client.missing_blocks()
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        """The prompt of a chat; ValueError with the template's own reason when it refuses the messages (a
+        template's raise_exception, e.g. roles that do not alternate)."""
+        try:
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template refused these messages: {e}") from e
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def encode(self, text: str) -> list[int]:

@@ -118,7 +118,9 @@ class SpanHandler:
             yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
         except Exception as e:
             logger.exception("session from %s failed", remote_id)
-            yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value, "message": f"peer failed: {e!r}"})
+            # the traceback stays in this peer's log: a client (anyone) learns only that the step failed
+            yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value,
+                                 "message": f"the peer failed this request ({type(e).__name__})"})
         finally:
             if session is not None and backend is not None:
                 backend.close(session)

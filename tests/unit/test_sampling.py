@@ -67,3 +67,10 @@ def test_top_logprobs_are_sorted_log_softmax():
     expected = logits.log_softmax(-1)
     assert ids.tolist() == [[1, 2]] and torch.allclose(values, expected[:, [1, 2]])
     assert torch.allclose(chosen_lp, expected[:, 2])
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1e-300, 1.0), (1e-6, 1.0), (1.0, 1e-300), (5e-324, 1e-12)])
+def test_vanishing_temperature_or_top_p_is_greedy_not_nan(temperature, top_p):
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 10
+    chosen = sample(logits, SamplingParams(temperature=temperature, top_p=top_p, seed=1))
+    assert torch.equal(chosen, logits.argmax(-1))

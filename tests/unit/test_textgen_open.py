@@ -38,3 +38,15 @@ async def test_headroom_only_where_peers_can_hold_it(holds, asked):
         session, start = await service._session_for(list(range(60)), 40, 1)
         assert start == 0 and session.max_length == asked[-1]
     assert client.asked == asked
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_value_error_with_its_reason():
+    import jinja2
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, **kwargs):
+            raise jinja2.exceptions.TemplateError("Conversation roles must alternate user/assistant")
+
+    service = SwarmTextService(FakeClient(100), tokenizer=Tokenizer())
+    with pytest.raises(ValueError, match="roles must alternate"):
+        service.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
