@@ -71,6 +71,8 @@ def read_response(sock: socket.socket, deadline: float) -> tuple[int, dict, bool
         closed = _recv(sock, deadline, eof_ok=True) == b""
     except TimeoutError:
         closed = False
+    except ConnectionResetError:  # it closed with bytes of ours unread (a client still sending): the kernel resets
+        closed = True
     return int(header.split(b" ")[1]), json.loads(body[:length]), closed
 
 
