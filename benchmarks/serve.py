@@ -115,6 +115,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fp32_2x1": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {"OMP_NUM_THREADS": "1"}},
     "int4_1x2": {"peers": [("0:30", "int4", 2)], "env": {"OMP_NUM_THREADS": "1"}},
     "int4_1x1": {"peers": [("0:30", "int4", 1)], "env": {"OMP_NUM_THREADS": "1"}},
+    "int4_2x1": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {"OMP_NUM_THREADS": "1"}},
 }
 
 

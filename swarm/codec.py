@@ -110,11 +110,14 @@ async def send_message(writer: asyncio.StreamWriter, message: Message | None) ->
 
 
 async def receive_message(reader: asyncio.StreamReader, message_type: type[M],
-                          max_bytes: int | Callable[[], int]) -> M:
+                          max_bytes: int | Callable[[], int], started: Callable[[], None] | None = None) -> M:
     """Read one message; raises EndOfStream at the end and ValueError for a malformed or oversized frame.
-    `max_bytes` may be a function, asked once the frame's length has arrived (what is due may change meanwhile)."""
+    `max_bytes` may be a function, asked once the frame's length has arrived (what is due may change meanwhile);
+    `started` is called when the frame's first byte has arrived (a reader's deadline for the rest starts then)."""
     try:
         marker = await reader.readexactly(1)
+        if started is not None:
+            started()
         length = int.from_bytes(await reader.readexactly(_HEADER), "big")
         limit = max_bytes() if callable(max_bytes) else max_bytes
         if length > limit:

@@ -94,6 +94,7 @@ class SpanInfo:
     decode_forwards: int = 0  # batched decode forwards run so far
     decode_rows: int = 0  # session steps those forwards carried (rows / forwards = mean batch)
     queued_steps: int = 0  # steps waiting for the compute thread when announced
+    pending_streams: int = 0  # streams not sessions yet (opening, or waiting for capacity)
     target_start: int = 0  # while joining or draining: the blocks it is moving to
     target_end: int = 0
     software: str = ""  # package version of the peer
@@ -193,8 +194,8 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
     "state": _Text(16, tuple(s.value for s in PeerState)), "public_name": _Text(64),
     "throughput": _Real(0.0, MAX_THROUGHPUT), "batch_throughput": _Real(0.0, MAX_THROUGHPUT * BATCH_PROBE),
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
-    "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS), "software": _Text(64),
-    "movable": _Bool(), "updated_at": _Real(0.0, 1e11),
+    "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
+    "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11),
 }
 
 

@@ -6,11 +6,16 @@ scheduler's choice (swarm.server.scheduler): rounds of decode steps and prefill 
 of one-row sessions, each round one forward where the span's family allows (`BlockSpan.forward_mixed`), and the
 rest (steps of several rows, encoder inputs) between the rounds; so neither a burst of prompts stalls the decoding
 sessions nor the reverse.
+
+Each session belongs to a client (the remote peer id of its stream). Clients share the session slots and the KV
+budget fairly (swarm.server.fairness): a client may use all of them while nobody else wants them, and is cut down to
+its share, at the cost of its own longest-idle sessions, when another client needs room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -25,9 +30,10 @@ import torch
 from swarm.model.segments import Segment
 from swarm.model.span import BlockSpan, SpanKVCache
 from swarm.protocol import ErrorCode, OpenRequest, PeerError
+from swarm.server.fairness import FairShares, Holdings
 from swarm.server.faults import Faults
 from swarm.server.memory import KVBudget
-from swarm.server.scheduler import Scheduler, Step
+from swarm.server.scheduler import Scheduler, SessionClosed, Step
 
 T = TypeVar("T")
 
@@ -60,10 +66,11 @@ class Session:
     max_length: int
     blocks: slice  # within the span
     cache: SpanKVCache
+    client: str = ""  # the remote peer id of its stream
     opened_at: float = field(default_factory=time.monotonic)
     last_step: float = field(default_factory=time.monotonic)  # when its last step arrived
-    moved: str | None = None  # why the peer handed this session off (it left these blocks), once it has
-    idle_timer: asyncio.Timeout | None = None  # while the handler waits for the session's next message
+    ended: PeerError | None = None  # why the peer ended this session (handed off, evicted), once it has
+    idle_timer: asyncio.Timeout | None = None  # while the handler waits for (or reads) the session's next message
 
 
 def bad_request(message: str) -> PeerError:
@@ -79,6 +86,7 @@ class SpanBackend:
         self.limits = limits
         self.budget = budget
         self.sessions: dict[str, Session] = {}
+        self.shares = FairShares()
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
         self.scheduler = Scheduler(self._run_round, self.run, limits.max_batch_sessions, limits.batch_wait,
@@ -94,8 +102,51 @@ class SpanBackend:
         """Refuse new sessions from now on (with MOVED and this reason); live ones go on until handed off."""
         self.draining = reason
 
-    def open(self, request: OpenRequest) -> Session:
+    def open(self, request: OpenRequest, client: str = "") -> Session:
         """Validate an open request and reserve its KV; raises PeerError with a message for the client."""
+        opened = self._try_open(request, client)
+        if isinstance(opened, str):
+            raise PeerError(opened, ErrorCode.CAPACITY)
+        return opened
+
+    async def admit(self, request: OpenRequest, client: str = "") -> Session:
+        """open(), making room (swarm.server.fairness) or waiting up to `admission_wait` seconds for capacity that
+        other sessions free."""
+        deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
+        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
+        while True:
+            opened = self._try_open(request, client)
+            if not isinstance(opened, str):
+                return opened
+            if self._make_room(client, 1, first):
+                continue
+            with self.shares.waiting_for_capacity(client):
+                if not await self._budget_freed(deadline):
+                    raise PeerError(opened, ErrorCode.CAPACITY)
+
+    def _try_open(self, request: OpenRequest, client: str) -> Session | str:
+        """The session, or why it must wait for capacity; raises PeerError for a request refused outright."""
+        self._validate_open(request)
+        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
+        slots, tokens = self._holdings()
+        for resource, need in ((slots, 1), (tokens, first)):
+            refusal = self.shares.refusal(client, need, resource)
+            if refusal:
+                raise PeerError(refusal, ErrorCode.CAPACITY)
+        if not slots.free:
+            return f"peer is serving its maximum of {self.limits.max_sessions} sessions"
+        key = f"{next(self._keys)}:{request.session_id}"
+        if not self.budget.try_reserve(key, first):
+            return f"KV budget exhausted: {first} tokens to start, {self.budget.free} free"
+        blocks = slice(request.start - self.span.start, request.end - self.span.start)
+        session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
+                          self.span.new_cache(request.max_length), client)
+        self.sessions[key] = session
+        logger.debug("opened session %s for %s (blocks %d:%d, up to %d tokens)", key, client, request.start,
+                     request.end, request.batch_size * request.max_length)
+        return session
+
+    def _validate_open(self, request: OpenRequest) -> None:
         limits, span = self.limits, self.span
         if not 0 < len(request.session_id) <= 128:
             raise bad_request("session_id must be 1..128 characters")
@@ -108,34 +159,36 @@ class SpanBackend:
             raise bad_request(f"batch_size must be 1..{limits.max_batch}, got {request.batch_size}")
         if self.draining:
             raise PeerError(self.draining, ErrorCode.MOVED)
-        if len(self.sessions) >= limits.max_sessions:
-            raise PeerError(f"peer is serving its maximum of {limits.max_sessions} sessions", ErrorCode.CAPACITY)
-        key = f"{next(self._keys)}:{request.session_id}"
-        most = request.batch_size * request.max_length
         if not self._could_fit(request):
-            raise PeerError(f"KV budget exhausted: the session may need {most} tokens, this peer's budget is "
-                            f"{self.budget.total}", ErrorCode.CAPACITY)
-        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
-        if not self.budget.try_reserve(key, first):
-            raise PeerError(f"KV budget exhausted: {first} tokens to start, {self.budget.free} free",
-                            ErrorCode.CAPACITY)
-        blocks = slice(request.start - span.start, request.end - span.start)
-        session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
-                          span.new_cache(request.max_length))
-        self.sessions[key] = session
-        logger.debug("opened session %s (blocks %d:%d, up to %d tokens)", key, request.start, request.end, most)
-        return session
+            raise PeerError(f"KV budget exhausted: the session may need {request.batch_size * request.max_length} "
+                            f"tokens, this peer's budget is {self.budget.total}", ErrorCode.CAPACITY)
 
-    async def admit(self, request: OpenRequest) -> Session:
-        """open(), waiting up to `admission_wait` seconds for KV budget that other sessions free."""
-        deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
+    def _holdings(self) -> tuple[Holdings, Holdings]:
+        """Session slots and KV tokens: capacity, free, and what each client holds."""
+        slots: collections.Counter[str] = collections.Counter()
+        tokens: collections.Counter[str] = collections.Counter()
+        for session in self.sessions.values():
+            slots[session.client] += 1
+            tokens[session.client] += self.budget.reserved.get(session.key, 0)
+        return (Holdings("sessions", self.limits.max_sessions, self.limits.max_sessions - len(self.sessions), slots),
+                Holdings("KV tokens", self.budget.total, self.budget.free, tokens))
+
+    def _make_room(self, client: str, sessions: int, tokens: int) -> bool:
+        """Evict the longest-idle sessions of clients past their share until `client` has `sessions` slots and
+        `tokens` KV tokens free, or nobody else is past their share (swarm.server.fairness). Whether any went."""
+        evicted = False
         while True:
-            try:
-                return self.open(request)
-            except PeerError as e:
-                if e.code != ErrorCode.CAPACITY or not self._could_fit(request) or not await self._budget_freed(
-                        deadline):
-                    raise
+            slots, kv = self._holdings()
+            victim = (self.shares.to_evict(client, sessions, slots) if sessions else None) \
+                or (self.shares.to_evict(client, tokens, kv) if tokens else None)
+            if victim is None:
+                return evicted
+            session = min((s for s in self.sessions.values() if s.client == victim), key=lambda s: s.last_step)
+            logger.info("handing off session %s of %s (%d KV tokens) to make room for %s", session.key, victim,
+                        self.budget.reserved.get(session.key, 0), client)
+            self._end(session, PeerError("handed off to make room for other clients: this client held more than "
+                                         "its share of this peer", ErrorCode.CAPACITY))
+            evicted = True
 
     def _could_fit(self, request: OpenRequest) -> bool:
         """Whether the session fits the whole budget at its longest (else waiting for other sessions is no use)."""
@@ -161,14 +214,29 @@ class SpanBackend:
                 self._freed_waiters.remove(freed)
 
     async def _reserve_growth(self, session: Session, end: int) -> None:
-        """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk)."""
+        """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk): from
+        free budget, by making room, or after waiting up to `admission_wait` (swarm.server.fairness)."""
         chunks = -(-end // SpanKVCache.GROW) * SpanKVCache.GROW
         tokens = session.batch_size * min(session.max_length, chunks)
         deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
-        while not self.budget.try_grow(session.key, tokens):
-            if not await self._budget_freed(deadline):
-                raise PeerError(f"KV budget exhausted: the session needs {tokens} tokens to grow to {end}, "
-                                f"{self.budget.free} free", ErrorCode.CAPACITY)
+        while True:
+            self._check_open(session)
+            need = tokens - self.budget.reserved.get(session.key, 0)
+            if need <= 0:
+                return
+            refusal = self.shares.refusal(session.client, need, self._holdings()[1])
+            if refusal:
+                raise PeerError(refusal, ErrorCode.CAPACITY)
+            if self.budget.try_grow(session.key, tokens) or self._make_room(session.client, 0, need):
+                continue
+            with self.shares.waiting_for_capacity(session.client):
+                if not await self._budget_freed(deadline):
+                    raise PeerError(f"KV budget exhausted: the session needs {tokens} tokens to grow to {end}, "
+                                    f"{self.budget.free} free", ErrorCode.CAPACITY)
+
+    def _check_open(self, session: Session) -> None:
+        if session.key not in self.sessions:
+            raise session.ended or PeerError("this session was closed", ErrorCode.INTERNAL)
 
     def close(self, session: Session) -> None:
         if self.sessions.pop(session.key, None) is not None:
@@ -186,11 +254,16 @@ class SpanBackend:
         now = time.monotonic()
         sessions = [s for s in self.sessions.values() if now - s.last_step >= idle_for]
         for session in sessions:
-            session.moved = reason
-            self.close(session)
-            if session.idle_timer is not None:  # wake a handler waiting for this session's next message
-                session.idle_timer.reschedule(asyncio.get_running_loop().time())
+            self._end(session, PeerError(reason, ErrorCode.MOVED))
         return len(sessions)
+
+    def _end(self, session: Session, error: PeerError) -> None:
+        """Close the session from the peer's side: its handler tells the client `error` (at once if it is waiting
+        for the session's next message, else at its next step)."""
+        session.ended = error
+        self.close(session)
+        if session.idle_timer is not None:
+            session.idle_timer.reschedule(asyncio.get_running_loop().time())
 
     @property
     def queued_steps(self) -> int:
@@ -231,14 +304,29 @@ class SpanBackend:
                    group: tuple[str, int] | None = None) -> torch.Tensor:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype.
         `group`: (id, size) of the group of decode steps the client sent this one with (see the module's doc)."""
-        if session.moved:
-            raise PeerError(session.moved, ErrorCode.MOVED)
+        self._check_open(session)
         session.last_step = time.monotonic()
         self.validate_step(session, hidden, position)
+        if not self.span.encoder:
+            await self._reserve_growth(session, position + hidden.shape[1])
+        try:
+            return await self._compute_step(session, hidden, position, self._own_group(session, group))
+        except SessionClosed:
+            self._check_open(session)
+            raise
+
+    def _own_group(self, session: Session, group: tuple[str, int] | None) -> tuple[str, int] | None:
+        """A group's size counts at most the sessions its client has here over the same blocks: a tag can make
+        only its own client's steps wait, and none for members that cannot exist."""
+        if group is None:
+            return None
+        mine = sum(1 for s in self.sessions.values() if s.client == session.client and s.blocks == session.blocks)
+        return group[0], min(group[1], mine)
+
+    async def _compute_step(self, session: Session, hidden: torch.Tensor, position: int,
+                            group: tuple[str, int] | None) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         batch, new, _ = hidden.shape
-        if not self.span.encoder:
-            await self._reserve_growth(session, position + new)
         rounds = batch == 1 and not self.span.encoder and self.limits.max_batch_sessions > 1
         if rounds and new == 1:
             return await self.scheduler.decode(Step(session, hidden, position, loop.create_future(), group))
@@ -250,7 +338,7 @@ class SpanBackend:
                 out = await self.scheduler.prefill(Step(session, part, position + start, loop.create_future()))
             else:
                 out = await self.scheduler.run(partial(self.compute, session, part, position + start),
-                                               part.shape[0] * part.shape[1])
+                                               part.shape[0] * part.shape[1], session.client)
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 

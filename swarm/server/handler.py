@@ -3,21 +3,35 @@
 A request the peer cannot honour gets an `error` message with a code and a human-readable reason, then the stream
 ends and the session's memory is freed; other sessions never notice. Only unexpected failures are logged with a
 traceback.
+
+Everything a client sends is bounded before it is read (StreamLimits):
+- a stream is pending until its open message is admitted as a session: one client may have `max_client_pending`
+  such streams, all clients together `max_pending_streams` (more are refused with `capacity` at once), and the open
+  message (metadata only: a frame of OPEN_FRAME_BYTES at most, refused at its header past that) must arrive within
+  `open_timeout`;
+- a step's frame is at most what the session may send in one step (batch x max_chunk_tokens x hidden float32s);
+- between frames a session may stay silent for `idle_timeout`; once a frame's first byte has arrived the rest must
+  arrive within `frame_timeout`, and the client must take each answer within `frame_timeout`; else the stream is
+  closed (with `idle_timeout` where the client can still read it) and the session freed.
+What a client may hold once it has sessions (slots, KV, queued compute) is its fair share (swarm.server.fairness).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from swarm.codec import (
     MAX_FRAME_OVERHEAD,
+    MAX_METADATA_BYTES,
     EndOfStream,
     decode_tensor,
     make_response,
@@ -42,16 +56,53 @@ from swarm.server.backend import Session, SpanBackend, bad_request
 logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 10.0
+OPEN_FRAME_BYTES = MAX_METADATA_BYTES + 1024  # an open message is metadata only; the rest is protobuf framing
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Bounds on a stream before and between its messages (PeerSettings has the flags)."""
+
+    idle_timeout: float = 300.0  # seconds a session may stay silent between frames
+    open_timeout: float = 10.0  # seconds a new stream has to send its open message
+    frame_timeout: float = 60.0  # seconds the rest of a frame may take after its first byte; an answer to be taken
+    max_pending_streams: int = 256  # streams not sessions yet, all clients together
+    max_client_pending: int = 64  # streams not sessions yet, of one client
+
+
+class PendingStreams:
+    """Streams accepted whose session is not open yet (its open message is coming, or waits for capacity)."""
+
+    def __init__(self, max_total: int, max_per_client: int):
+        self.max_total, self.max_per_client = max_total, max_per_client
+        self.by_client: collections.Counter[str] = collections.Counter()
+        self.total = 0
+
+    def enter(self, client: str) -> None:
+        if self.total >= self.max_total:
+            raise PeerError(f"this peer has its maximum of {self.max_total} streams opening; retry later",
+                            ErrorCode.CAPACITY)
+        if self.by_client[client] >= self.max_per_client:
+            raise PeerError(f"this client has its maximum of {self.max_per_client} streams opening on this peer",
+                            ErrorCode.CAPACITY)
+        self.by_client[client] += 1
+        self.total += 1
+
+    def leave(self, client: str) -> None:
+        self.total -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
 
 
 class SpanHandler:
-    def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], idle_timeout: float,
+    def __init__(self, backend: SpanBackend, info: Callable[[], SpanInfo], limits: StreamLimits,
                  allowed_clients: set[str] | None = None):
         self.backend: SpanBackend | None = backend  # None while the peer loads other blocks
         self.hidden_size = backend.span.hidden_size
-        self.max_step_elements = backend.limits.max_step_elements
         self.info = info
-        self.idle_timeout = idle_timeout
+        self.limits = limits
+        self.pending = PendingStreams(limits.max_pending_streams, limits.max_client_pending)
         self.allowed_clients = allowed_clients or set()  # empty: anyone
 
     async def register(self, p2p: P2P) -> None:
@@ -60,24 +111,14 @@ class SpanHandler:
         await p2p.add_binary_stream_handler(INFERENCE_HANDLER, self.handle_stream)
         await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertUID)
 
-    @property
-    def max_frame_bytes(self) -> int:
-        return self.max_step_elements * self.hidden_size * 4 + MAX_FRAME_OVERHEAD
-
     async def handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            while True:
-                try:
-                    yield await receive_message(reader, runtime_pb2.ExpertRequest, self.max_frame_bytes)
-                except EndOfStream:
-                    return
-                except ValueError as e:
-                    raise bad_request(str(e)) from e
-
+        client = info.peer_id.to_base58()
         try:
-            async for response in self.inference(requests(), info.peer_id):
-                await send_message(writer, response)
+            async with contextlib.aclosing(self.inference(reader, client)) as responses:
+                async for response in responses:
+                    async with asyncio.timeout(self.limits.frame_timeout):  # a client that stops reading
+                        await send_message(writer, response)
             # Half-close, then give the client a moment to read what is in flight (an error's reason) and hang up:
             # closing outright resets the stream, and a reset may drop the last message before it is read.
             if writer.can_write_eof():
@@ -86,62 +127,92 @@ class SpanHandler:
                 async with asyncio.timeout(LINGER_SECONDS):
                     while await reader.read(1 << 16):  # discard, never buffer, whatever still arrives
                         pass
+        except TimeoutError:
+            logger.info("client %s took no answer for %.0f s: stream closed", client, self.limits.frame_timeout)
         except (ConnectionError, OSError):
-            logger.debug("client %s went away", info.peer_id)
+            logger.debug("client %s went away", client)
         finally:
             writer.close()
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=pack_metadata(self.info().to_dict()))
 
-    async def inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], remote_id: PeerID
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session, backend = None, None
+    async def inference(self, reader: asyncio.StreamReader,
+                        client: str) -> AsyncGenerator[runtime_pb2.ExpertResponse, None]:
+        session, backend, pending = None, None, False
         try:
-            if self.allowed_clients and remote_id.to_base58() not in self.allowed_clients:
-                raise PeerError(f"client {remote_id} is not allowed on this peer", ErrorCode.FORBIDDEN)
-            first = await self._next(requests)
+            if self.allowed_clients and client not in self.allowed_clients:
+                raise PeerError(f"client {client} is not allowed on this peer", ErrorCode.FORBIDDEN)
+            self.pending.enter(client)
+            pending = True
+            first = await self._receive(reader, self.limits.open_timeout, OPEN_FRAME_BYTES)
             if first is None:
                 return
             backend = self.backend  # a peer that moves gets a new backend; this session stays on its own
             if backend is None:
                 raise PeerError("this peer is loading other blocks; route elsewhere", ErrorCode.MOVED)
-            session = await backend.admit(self._parse_open(first))
+            session = await backend.admit(self._parse_open(first), client)
+            self.pending.leave(client)
+            pending = False
             yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
                                  "blocks": [backend.span.start + session.blocks.start,
                                             backend.span.start + session.blocks.stop]})
-            while (request := await self._next(requests, session)) is not None:
+            frame_bytes = session.batch_size * backend.limits.max_chunk_tokens * self.hidden_size * 4
+            while (request := await self._next(reader, session, frame_bytes + MAX_FRAME_OVERHEAD)) is not None:
                 yield await self._step(backend, session, request)
         except PeerError as e:
-            logger.info("refused a request from %s: %s", remote_id, e)
+            logger.info("refused a request from %s: %s", client, e)
             yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
         except Exception as e:
-            logger.exception("session from %s failed", remote_id)
+            logger.exception("session from %s failed", client)
             # the traceback stays in this peer's log: a client (anyone) learns only that the step failed
             yield make_response({"type": "error", "code": ErrorCode.INTERNAL.value,
                                  "message": f"the peer failed this request ({type(e).__name__})"})
         finally:
+            if pending:
+                self.pending.leave(client)
             if session is not None and backend is not None:
                 backend.close(session)
 
-    async def _next(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
-                    session: Session | None = None) -> runtime_pb2.ExpertRequest | None:
-        """The next message, None at end of stream; an idle client gets a timeout error and loses its session, and
-        so does one whose session was handed off (the backend fires the timer at once)."""
+    async def _next(self, reader: asyncio.StreamReader, session: Session,
+                    max_bytes: int) -> runtime_pb2.ExpertRequest | None:
+        """The session's next message, None at end of stream; an idle client gets a timeout error and loses its
+        session, and so does one whose session the backend ended (handed off, evicted: it fires the timer at once)."""
+        if session.ended is not None:
+            raise session.ended
+        return await self._receive(reader, self.limits.idle_timeout, max_bytes, session)
+
+    async def _receive(self, reader: asyncio.StreamReader, wait: float, max_bytes: int,
+                       session: Session | None = None) -> runtime_pb2.ExpertRequest | None:
+        """The next frame, None at end of stream. Its first byte must arrive within `wait` seconds; the rest, for a
+        session, within frame_timeout of it (else within `wait` too: an open message is small)."""
+        loop = asyncio.get_running_loop()
+        started = False
+
+        def start() -> None:
+            nonlocal started
+            started = True
+            if session is not None:
+                timer.reschedule(loop.time() + self.limits.frame_timeout)
+
         try:
-            if session is not None and session.moved:
-                raise TimeoutError
-            async with asyncio.timeout(self.idle_timeout) as timer:  # unlike wait_for, no extra task per message
+            async with asyncio.timeout(wait) as timer:  # unlike wait_for, no extra task per message
                 if session is not None:
                     session.idle_timer = timer
-                return await anext(requests)
-        except StopAsyncIteration:
+                return await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes, start)
+        except EndOfStream:
             return None
+        except ValueError as e:
+            raise bad_request(str(e)) from e
         except TimeoutError:
-            if session is not None and session.moved:
-                raise PeerError(session.moved, ErrorCode.MOVED) from None
-            raise PeerError(f"session idle for {self.idle_timeout:.0f} s, closed", ErrorCode.TIMEOUT) from None
+            if session is None:
+                raise PeerError(f"no open message within {wait:g} s; closed", ErrorCode.TIMEOUT) from None
+            if session.ended is not None:
+                raise session.ended from None
+            if started:
+                raise PeerError(f"a frame was not completed within {self.limits.frame_timeout:g} s of its first byte; "
+                                "closed", ErrorCode.TIMEOUT) from None
+            raise PeerError(f"session idle for {wait:.0f} s, closed", ErrorCode.TIMEOUT) from None
         finally:
             if session is not None:
                 session.idle_timer = None

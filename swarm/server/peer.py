@@ -33,7 +33,7 @@ from swarm.protocol import PeerState, SpanInfo
 from swarm.server import placement, throughput
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.faults import Faults
-from swarm.server.handler import SpanHandler
+from swarm.server.handler import SpanHandler, StreamLimits
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 
@@ -149,6 +149,7 @@ class Peer:
             free_kv_tokens=budget.free if budget else 0,
             active_sessions=len(backend.sessions) if backend else 0,
             queued_steps=backend.queued_steps if backend else 0,
+            pending_streams=self.handler.pending.total if self.handler else 0,
             decode_forwards=backend.decode_forwards if backend else 0,
             decode_rows=backend.decode_rows if backend else 0,
             throughput=self.rate.single,
@@ -209,6 +210,11 @@ class Peer:
 
     # -- serving ---------------------------------------------------------------------------------------------------
 
+    def stream_limits(self) -> StreamLimits:
+        settings = self.settings
+        return StreamLimits(settings.idle_timeout, settings.open_timeout, settings.frame_timeout,
+                            settings.max_pending_streams, settings.max_client_pending or settings.max_sessions)
+
     async def serve(self) -> None:
         self._stop = stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -223,7 +229,7 @@ class Peer:
             self.backend = await self._load(*self.target)
             self.start, self.end = self.target
             self.target, self.state = (0, 0), PeerState.ONLINE
-            self.handler = SpanHandler(self.backend, self.info, self.settings.idle_timeout,
+            self.handler = SpanHandler(self.backend, self.info, self.stream_limits(),
                                        set(self.settings.allowed_clients))
             await self.handler.register(p2p)
             await self._announce()

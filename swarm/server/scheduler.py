@@ -1,25 +1,34 @@
 """What a peer's compute thread runs next: rounds of decode steps and prefill chunks, and everything else between.
 
 A round is one forward: every ready decode step (one new token of a one-row session, up to `max_batch_sessions`)
-together with queued prefill chunks (of one-row sessions) up to `round_tokens` tokens, first come first served. The
-weights are read once for all of them, a burst of prompts is computed a few at a time while the decoding sessions
-go on (each round carries them), and nobody waits behind more than one round. How the backend computes a round
-(one sequence of every step, or a decode batch and the chunks apart, for families that cannot mix) is its choice.
+together with queued prefill chunks (of one-row sessions) up to `round_tokens` tokens. The weights are read once for
+all of them, a burst of prompts is computed a few at a time while the decoding sessions go on (each round carries
+them), and nobody waits behind more than one round. How the backend computes a round (one sequence of every step,
+or a decode batch and the chunks apart, for families that cannot mix) is its choice.
 
-When decode steps are ready (how long they may wait for more, at most `batch_wait`):
+Clients (the remote peer ids of the sessions' streams) take turns: when a round cannot carry everything queued, the
+client served longest ago goes first, one item at a time per client, so one client's burst of prompts or sessions
+delays another's by a round at most, not by its whole queue. A client has at most one step queued per session (its
+stream sends the next step after the last answer), so what it can queue is bounded by its share of the sessions.
+
+When decode steps are ready (how long they may wait for more, at most `batch_wait` from a client's first queued one):
 - a step may say which group of steps it was sent with (`group`: an id and the group's size; our client sends the
-  decode steps of its sessions in such groups, see swarm.client.decoding): it waits until every member of each
-  group queued has arrived, and not for anyone else. A client pipelines its sessions through a chain this way (one
-  group computes here while another computes on the next peer), which waiting for every decoding session would undo
-  by merging the groups;
-- a step without a group waits for every session that decodes without groups now (it sent a step in the last
-  second), when the scheduler was idle: their steps arrive spread out, and a batch started on the first arrivals
-  would split them into several smaller forwards for good. Steps arriving during a round run right after it.
-Queued prefill chunks never wait for a decode batch's late members: a round without the decode steps runs them.
+  decode steps of its sessions in such groups, see swarm.client.decoding): it waits until every member of its
+  client's groups queued has arrived, and not for anyone else. A client pipelines its sessions through a chain this
+  way (one group computes here while another computes on the next peer), which waiting for every decoding session
+  would undo by merging the groups. Group ids are the client's own (another client naming one is another group),
+  and the backend caps a group's size at the sessions its client holds here: a tag can hold back only its own
+  client's steps, and those at most `batch_wait`;
+- a step without a group waits for its client's other sessions that decode without groups now (they sent a step in
+  the last second), when the scheduler was idle: their steps arrive spread out, and a batch started on the first
+  arrivals would split them into several smaller forwards for good. Steps arriving during a round run right after it.
+A round carries the ready clients' steps; a client still waiting for its members joins a later one. Queued prefill
+chunks never wait for a decode batch's late members: a round without the decode steps runs them.
 
 A prompt longer than a chunk is several chunks, submitted one after the other (each after the previous one's result),
 so other prompts' chunks run between its chunks. Jobs (steps of sessions of several rows, encoder inputs: whatever
-cannot join a round) run after the round, in the same budget. The scheduler sleeps on an event between arrivals.
+cannot join a round) run after the round, in the same budget. The scheduler sleeps on an event between arrivals. A
+step whose session was closed while it waited (handed off, evicted) fails with SessionClosed.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ UNGROUPED_MEMORY = 1.0  # seconds a session that sent an ungrouped decode step c
 LOG_PERIOD = 10.0  # seconds between batching log lines
 
 
+class SessionClosed(Exception):
+    """The step's session was closed while the step waited for a round (the backend knows why)."""
+
+
 @dataclass(eq=False)
 class Step:
     """A step of a one-row session waiting for a round: a decode step (one token) or a prefill chunk."""
@@ -54,6 +67,10 @@ class Step:
     def tokens(self) -> int:
         return self.hidden.shape[1]
 
+    @property
+    def client(self) -> str:
+        return self.session.client
+
 
 @dataclass(eq=False)
 class Job:
@@ -62,6 +79,7 @@ class Job:
     fn: Callable[[], torch.Tensor]
     tokens: int  # rows x new tokens, for the round's budget
     future: asyncio.Future
+    client: str = ""
 
 
 # run_round(steps) → each step's output [1, T, H], in order (all steps over the same blocks of the span)
@@ -77,13 +95,16 @@ class Scheduler:
         self.max_groups_kept = max_groups_kept  # incomplete groups remembered (a member may still come)
         self._decodes: list[Step] = []
         self._work: collections.deque[Step | Job] = collections.deque()  # prefill chunks and jobs, in arrival order
-        self._deadline: float | None = None  # when the queued decode steps stop waiting for more
+        self._since: dict[str, float] = {}  # client → when its queued decode steps started waiting
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._decoding: dict[str, float] = {}  # session key → when it last sent a decode step without a group
-        # group id → [its steps arrived so far, its size]: a group larger than max_batch_sessions runs as several
-        # rounds, and its later members must not wait for those already computed
-        self._arrived: dict[str, list[int]] = {}
+        # session key → (its client, when it last sent a decode step without a group)
+        self._decoding: dict[str, tuple[str, float]] = {}
+        # (client, group id) → [its steps arrived so far, its size]: a group larger than max_batch_sessions runs as
+        # several rounds, and its later members must not wait for those already computed
+        self._arrived: dict[tuple[str, str], list[int]] = {}
+        self._served: dict[str, int] = {}  # client with work queued → the round it was last served in
+        self._rounds = 0
         self.forwards = self.rows = 0  # rounds with decode steps, and the decode steps they carried
         self.batch_sizes: list[int] = []  # decode steps of every round with several (recent ones), for stats
         self._logged = (0.0, 0, 0)  # (when, forwards, rows) at the last batching log line
@@ -93,11 +114,12 @@ class Scheduler:
         return len(self._decodes) + len(self._work)
 
     async def decode(self, step: Step) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         if step.group is None:
-            self._decoding[step.session.key] = loop.time()
+            self._decoding[step.session.key] = (step.client, now)
         else:
-            self._arrived.setdefault(step.group[0], [0, step.group[1]])[0] += 1
+            self._arrived.setdefault((step.client, step.group[0]), [0, step.group[1]])[0] += 1
+        self._since.setdefault(step.client, now)
         self._decodes.append(step)
         self._ensure_running().set()
         return await step.future
@@ -106,9 +128,9 @@ class Scheduler:
         """A chunk of a one-row session's prompt, in a round after the chunks and jobs queued before it."""
         return await self._queue(step)
 
-    async def run(self, fn: Callable[[], torch.Tensor], tokens: int) -> torch.Tensor:
+    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "") -> torch.Tensor:
         """fn() on the compute thread, after the chunks and jobs queued before it."""
-        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future()))
+        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client))
 
     async def _queue(self, item: Step | Job) -> torch.Tensor:
         self._work.append(item)
@@ -130,79 +152,118 @@ class Scheduler:
             chunks, jobs = self._take_work()
             if decodes:
                 idle = False
+            self._count_turns([*decodes, *chunks, *jobs])
             await self._run(decodes, chunks)
             for job in jobs:
                 await self._run_alone(job)
 
     async def _wait(self, idle: bool) -> bool:
-        """Until chunks or jobs are queued, or decode steps are queued and the ones they announce have come (at most
-        batch_wait). Returns whether the scheduler was idle before this work came."""
+        """Until chunks or jobs are queued, or some client's decode steps are ready (see _ready). Returns whether the
+        scheduler was idle before this work came."""
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while not self._decodes and not self._work:
             idle = True
             await self._wake.wait()
             self._wake.clear()
-        if self._decodes and self._deadline is None:
-            now = loop.time()
-            self._decoding = {k: t for k, t in self._decoding.items() if now - t < UNGROUPED_MEMORY}
-            self._deadline = now + self.batch_wait
-        while not self._work and self._expecting_more(idle) and not self._waited_enough():
+        now = loop.time()
+        self._decoding = {k: v for k, v in self._decoding.items() if now - v[1] < UNGROUPED_MEMORY}
+        while not self._work and not self._ready(idle):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(self._deadline or loop.time()):
+                async with asyncio.timeout_at(min(self._since.values()) + self.batch_wait):
                     await self._wake.wait()
             self._wake.clear()
         return idle
 
-    def _waited_enough(self) -> bool:
-        return self._deadline is not None and asyncio.get_running_loop().time() >= self._deadline
+    def _ready(self, ungrouped: bool) -> set[str]:
+        """The clients whose queued decode steps go in the next round: all of them when a round's worth is queued;
+        else those not expecting more of their own steps, or that waited batch_wait for them."""
+        steps: dict[str, list[Step]] = {}
+        for step in self._decodes:
+            steps.setdefault(step.client, []).append(step)
+        if len(self._decodes) >= self.max_batch_sessions:
+            return set(steps)
+        now = asyncio.get_running_loop().time()
+        return {client for client, queued in steps.items()
+                if now >= self._since[client] + self.batch_wait or not self._expecting_more(client, queued, ungrouped)}
 
-    def _expecting_more(self, ungrouped: bool) -> bool:
-        """Whether queued steps announce more that should join their round: members of a queued step's group not
-        here yet, or (`ungrouped`: for steps without a group) sessions decoding without groups that have not sent
-        theirs."""
-        pending = self._decodes
-        if len(pending) >= self.max_batch_sessions:
-            return False
-        sizes = {step.group[0]: step.group[1] for step in pending if step.group is not None}
-        if any(self._arrived.get(key, [0])[0] < size for key, size in sizes.items()):
+    def _expecting_more(self, client: str, queued: list[Step], ungrouped: bool) -> bool:
+        """Whether the client's queued steps announce more of its steps that should join their round: members of a
+        queued step's group not here yet, or (`ungrouped`: for steps without a group) its sessions decoding without
+        groups that have not sent theirs."""
+        sizes = {step.group[0]: step.group[1] for step in queued if step.group is not None}
+        if any(self._arrived.get((client, key), [0])[0] < size for key, size in sizes.items()):
             return True
-        alone = sum(step.group is None for step in pending)
-        decoding = sum(1 for key in self._decoding if self._is_open(key))
+        alone = sum(step.group is None for step in queued)
+        decoding = sum(1 for key, (owner, _) in self._decoding.items() if owner == client and self._is_open(key))
         return ungrouped and 0 < alone < decoding
 
     def _take_decodes(self, idle: bool) -> list[Step]:
-        """The decode steps of this round: all queued (up to max_batch_sessions), once ready; [] before."""
-        if not self._decodes or (self._expecting_more(idle) and not self._waited_enough()):
+        """The decode steps of this round: the ready clients' (up to max_batch_sessions, clients in turns)."""
+        ready = self._ready(idle) if self._decodes else set()
+        if not ready:
             return []
-        taken = self._decodes[: self.max_batch_sessions]
-        del self._decodes[: len(taken)]
-        self._deadline = None  # the steps left (a group larger than a round) start a new wait
+        taken = self._in_turns([step for step in self._decodes if step.client in ready])[: self.max_batch_sessions]
+        chosen = {id(step) for step in taken}
+        self._decodes = [step for step in self._decodes if id(step) not in chosen]
+        left = {step.client for step in self._decodes}
+        now = asyncio.get_running_loop().time()
+        for client in ready:  # a ready client's steps left over (a group larger than a round) start a new wait
+            if client in left:
+                self._since[client] = now
+            else:
+                self._since.pop(client, None)
         self._forget_groups()
         return [step for step in taken if self._live(step)]
 
     def _take_work(self) -> tuple[list[Step], list[Job]]:
-        """Chunks and jobs up to the round's token budget, first come first served, at least one."""
-        chunks: list[Step] = []
-        jobs: list[Job] = []
+        """Chunks and jobs up to the round's token budget, clients in turns, at least one."""
+        taken: list[Step | Job] = []
         budget = self.round_tokens
-        while self._work and budget > 0:
-            item = self._work.popleft()
+        for item in self._in_turns(list(self._work)) if self._work else []:
+            if budget <= 0:
+                break
+            taken.append(item)
             budget -= item.tokens
-            if isinstance(item, Job):
-                if not item.future.done():
-                    jobs.append(item)
-            elif self._live(item):
-                chunks.append(item)
+        chosen = {id(item) for item in taken}
+        self._work = collections.deque(item for item in self._work if id(item) not in chosen)
+        chunks = [item for item in taken if isinstance(item, Step) and self._live(item)]
+        jobs = [item for item in taken if isinstance(item, Job) and not item.future.done()]
         return chunks, jobs
 
+    def _in_turns(self, items: list[Any]) -> list[Any]:
+        """`items` (steps or jobs) in turns across their clients, each client's in arrival order, the client served
+        longest ago (or never) first."""
+        queues: dict[str, collections.deque] = {}
+        for item in items:
+            queues.setdefault(item.client, collections.deque()).append(item)
+        order = sorted(queues, key=lambda client: self._served.get(client, -1))
+        ordered: list[Any] = []
+        while len(ordered) < len(items):
+            ordered.extend(queues[client].popleft() for client in order if queues[client])
+        return ordered
+
+    def _count_turns(self, served: list[Any]) -> None:
+        """Note the clients this round serves; forget those with nothing queued (they go first when they return)."""
+        self._rounds += 1
+        for item in served:
+            self._served[item.client] = self._rounds
+        queued = {item.client for item in [*self._decodes, *self._work]}
+        self._served = {client: r for client, r in self._served.items() if client in queued}
+
     def _live(self, step: Step) -> bool:
-        return not step.future.done() and self._is_open(step.session.key)
+        """Whether the step is still wanted; a step of a closed session fails with SessionClosed."""
+        if step.future.done():
+            return False
+        if not self._is_open(step.session.key):
+            step.future.set_exception(SessionClosed())
+            return False
+        return True
 
     def _forget_groups(self) -> None:
         """Forget the counts of groups no longer queued that are complete; of the incomplete ones (a member may
         still come), keep the most recent `max_groups_kept`."""
-        queued = {step.group[0] for step in self._decodes if step.group is not None}
+        queued = {(step.client, step.group[0]) for step in self._decodes if step.group is not None}
         kept = {key: c for key, c in self._arrived.items() if key in queued or c[0] < c[1]}
         waiting = [key for key in kept if key not in queued]  # oldest first
         for key in waiting[: max(0, len(waiting) - self.max_groups_kept)]:
@@ -262,3 +323,4 @@ class Scheduler:
                 item.future.cancel()
         self._decodes.clear()
         self._work.clear()
+        self._since.clear()

@@ -56,6 +56,13 @@ class PeerSettings(BaseSettings):
     admission_wait: float = Field(5.0, ge=0, description="seconds a session may wait for KV budget (to open or to "
                                                          "grow) before it is refused")
     idle_timeout: float = Field(300.0, gt=0, description="seconds a session may stay silent before it is freed")
+    open_timeout: float = Field(10.0, gt=0, description="seconds a new stream has to send its open message")
+    frame_timeout: float = Field(60.0, gt=0, description="seconds the rest of a frame may take once its first byte "
+                                                         "arrived, and a client to take an answer")
+    max_pending_streams: int = Field(256, ge=1, description="streams not yet sessions (opening, or waiting for "
+                                                            "capacity), all clients together")
+    max_client_pending: int = Field(0, ge=0, description="streams not yet sessions of one client (0: as many as "
+                                                         "--max-sessions)")
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
     public_name: str = Field("", description="a name shown to operators and users")
     allowed_clients: list[str] = Field(default_factory=list, description="serve only these client peer ids "

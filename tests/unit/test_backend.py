@@ -358,7 +358,7 @@ async def test_a_drain_hands_off_idle_sessions_first(backend):
         await backend.step(session, torch.randn(1, 2, 64), 0)
     idle.last_step -= 10  # parked by its client 10 s ago
     assert backend.hand_off("moving", idle_for=2.0) == 1
-    assert idle.moved and not busy.moved and list(backend.sessions.values()) == [busy]
+    assert idle.ended and not busy.ended and list(backend.sessions.values()) == [busy]
     await backend.step(busy, torch.randn(1, 1, 64), 2)  # the busy one goes on
 
 
