@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.filecache import cache_root, compute_once
+from kernels.filecache import cache_root, check_private, compute_once
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,16 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
 
     def compile_into(out: Path) -> None:
         subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
+        out.chmod(0o700)  # whatever the umask: check_private below refuses a library others may write
 
     try:
-        library = ctypes.CDLL(str(compute_once(target, compile_into)))
+        compute_once(target, compile_into)
+        check_private(target, up_to=cache_root())  # code another user could have written is never loaded
+        library = ctypes.CDLL(str(target))
+    except PermissionError as e:
+        logger.warning("refusing the native CPU kernel's cached library: %s; remove it (or set SWARM_CACHE_DIR to a "
+                       "directory of your own) to have it built again", e)
+        return None
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         logger.warning("building the native CPU kernel failed (%s): %r %s", compiler, e, detail.decode()[-2000:])

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from kernels.filecache import compute_once, lock_path, locked, write_atomically
+from kernels.filecache import check_private, compute_once, lock_path, locked, make_dirs, write_atomically
 
 
 def _slow_build(out: Path, log: Path) -> None:
@@ -112,3 +114,42 @@ def test_locked_excludes_other_holders_until_the_block_ends(tmp_path):
         order.append("first")
     thread.join()
     assert order == ["first", "other"]
+
+
+def test_cache_directories_are_made_private_and_a_planted_lock_link_is_not_followed(tmp_path):
+    root = tmp_path / "cache"
+    target = root / "kernels" / "lib.so"
+    compute_once(target, lambda out: out.write_text("built"))
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700 and stat.S_IMODE(os.stat(target.parent).st_mode) == 0o700
+    victim = tmp_path / "victim"
+    victim.write_text("someone else's file")
+    other = root / "kernels" / "other.so"
+    lock_path(other).symlink_to(victim)  # planted where the next build's lock goes
+    with pytest.raises(OSError):
+        compute_once(other, lambda out: out.write_text("built"))
+    assert victim.read_text() == "someone else's file" and not other.exists()
+
+
+def test_check_private_refuses_links_other_owners_and_what_others_may_write(tmp_path):
+    root = tmp_path / "cache"
+    make_dirs(root / "kernels")
+    library = root / "kernels" / "lib.so"
+    library.write_text("code")
+    library.chmod(0o700)
+    check_private(library, up_to=root)  # ours and private: accepted
+    library.chmod(0o722)
+    with pytest.raises(PermissionError, match="writable by others"):
+        check_private(library, up_to=root)
+    library.chmod(0o700)
+    (root / "kernels").chmod(0o777)  # a directory others may write: they could swap the file
+    with pytest.raises(PermissionError, match="writable by others"):
+        check_private(library, up_to=root)
+    (root / "kernels").chmod(0o700)
+    link = root / "kernels" / "link.so"
+    link.symlink_to(library)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        check_private(link, up_to=root)
+    if os.getuid() == 0:  # only root can give a file away
+        os.chown(library, 65534, 65534)
+        with pytest.raises(PermissionError, match="owned by uid 65534"):
+            check_private(library, up_to=root)

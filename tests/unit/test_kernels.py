@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +270,20 @@ def native_library(flags: tuple[str, ...]):
     library = cpu.build(flags)
     assert library is not None, f"the native kernel did not build with {flags}"
     return library
+
+
+@needs_cc
+def test_a_cached_library_others_could_have_written_is_never_loaded(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path / "cache"))
+    assert cpu.build(tuple(cpu.FLAGS)) is not None  # built into the fresh cache, private, and loaded
+    (library,) = (tmp_path / "cache" / "kernels").glob("cpu_affine-*.so")
+    assert stat.S_IMODE(library.stat().st_mode) == 0o700
+    library.chmod(0o777)  # as if another user had replaced it through a permissive mode
+    assert cpu.build(tuple(cpu.FLAGS)) is None
+    assert "refusing the native CPU kernel's cached library" in caplog.text and "writable by others" in caplog.text
+    library.chmod(0o700)
+    (tmp_path / "cache").chmod(0o777)  # a cache directory others may write: they could swap the kernels folder
+    assert cpu.build(tuple(cpu.FLAGS)) is None
 
 
 @pytest.fixture(params=NATIVE_BUILDS)
