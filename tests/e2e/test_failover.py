@@ -87,6 +87,8 @@ async def test_hung_peer_is_detected_by_a_step_timeout_and_replaced(client, swar
     assert fault_step_seconds < 15.0, fault_step_seconds
 
 
+# slow (make test-all): the gateway's version, an error event then 503 then recovery, runs by default
+@pytest.mark.slow
 async def test_no_replacement_left_raises_no_chain_naming_the_blocks(client, swarm):
     session = await client.inference_session(len(PROMPT) + NEW_TOKENS)
     async with session:
@@ -99,6 +101,8 @@ async def test_no_replacement_left_raises_no_chain_naming_the_blocks(client, swa
             await client.decode(session, torch.tensor([5]))
 
 
+# slow (make test-all): tests/e2e/test_gateway_failover.py runs a NaN peer under four streams by default
+@pytest.mark.slow
 async def test_peer_answering_nan_is_banned_and_replaced(tmp_path, tiny_model_dir, expected):
     model = str(tiny_model_dir("llama"))
     with LocalSwarm(tmp_path / "nan") as swarm:

@@ -6,7 +6,8 @@ whole stack because each exercises a different family mechanism end to end: lear
 client's head (gpt2), sliding-window layers shorter than the sequence plus final logit soft-capping and eager
 attention (gemma2), a rotary module per layer type (gemma3_text), checkpoints whose expert tensors transformers fuses
 on load (mixtral, qwen2_moe: the peers read a canonical copy), and a layer argument the peer passes as None (falcon's
-alibi). Six families, 12 peer processes: about a minute on 2 cores.
+alibi). The default run takes three of them (6 peer processes, about 30 s on 2 cores); the other three are marked
+slow (`make test-all`).
 """
 
 from __future__ import annotations
@@ -20,23 +21,45 @@ from tests.e2e.conftest import TINY_PEER_ARGS
 from tests.launcher import LocalSwarm
 from tests.logits_tolerance import calibrated_atol, growing_sequence_logits
 
-FAMILIES = ("gpt2", "gemma2", "mixtral", "falcon", "gemma3_text", "qwen2_moe")
+FAMILIES = ("gpt2", "gemma2", "mixtral")  # absolute positions, sliding windows + soft-capping, fused experts
+MORE_FAMILIES = ("falcon", "gemma3_text", "qwen2_moe")  # slow: alibi as None, per-layer-type rotary, fused experts
+
+
+def two_peers_each(tmp_path, tiny_model_dir, families):
+    swarm = LocalSwarm(tmp_path)
+    try:
+        swarm.start_bootstrap()
+        procs = [swarm.start_peer(str(tiny_model_dir(family)), blocks, *TINY_PEER_ARGS, wait=False)
+                 for family in families for blocks in ("0:3", "3:6")]
+        for proc in procs:
+            LocalSwarm.peer_id(proc)  # waits until it announced
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm
 
 
 @pytest.fixture(scope="module")
 def family_swarm(tmp_path_factory, tiny_model_dir):
-    with LocalSwarm(tmp_path_factory.mktemp("families")) as swarm:
-        swarm.start_bootstrap()
-        procs = [swarm.start_peer(str(tiny_model_dir(family)), blocks, *TINY_PEER_ARGS, wait=False)
-                 for family in FAMILIES for blocks in ("0:3", "3:6")]
-        for proc in procs:
-            LocalSwarm.peer_id(proc)  # waits until it announced
+    with two_peers_each(tmp_path_factory.mktemp("families"), tiny_model_dir, FAMILIES) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def more_family_swarm(tmp_path_factory, tiny_model_dir):
+    with two_peers_each(tmp_path_factory.mktemp("more-families"), tiny_model_dir, MORE_FAMILIES) as swarm:
         yield swarm
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_family_through_two_peers_equals_transformers(family_swarm, tiny_model_dir, family):
     await check_family(family_swarm, tiny_model_dir, family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+async def test_more_families_through_two_peers_equal_transformers(more_family_swarm, tiny_model_dir, family):
+    await check_family(more_family_swarm, tiny_model_dir, family)
 
 
 async def check_family(swarm, tiny_model_dir, family: str) -> None:

@@ -7,12 +7,12 @@ import pytest
 
 from swarm.model.anatomy import ENCODER_FAMILIES, SUPPORTED_FAMILIES
 from tests.e2e.conftest import TINY_PEER_ARGS
-from tests.e2e.test_families import FAMILIES, check_family
+from tests.e2e.test_families import FAMILIES, MORE_FAMILIES, check_family
 from tests.launcher import LocalSwarm
 
 pytestmark = pytest.mark.slow
 
-OTHERS = [f for f in SUPPORTED_FAMILIES if f not in FAMILIES and f not in ENCODER_FAMILIES]
+OTHERS = [f for f in SUPPORTED_FAMILIES if f not in (*FAMILIES, *MORE_FAMILIES) and f not in ENCODER_FAMILIES]
 
 
 @pytest.mark.parametrize("family", OTHERS)

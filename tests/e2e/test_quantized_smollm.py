@@ -81,6 +81,7 @@ def test_int8_and_int4_spans_on_the_native_cpu_kernel(setup, quant):
 TORCH_BOUNDS = {"int4": (0.985, 0.01), "int8": (0.93, 0.015)}
 
 
+@pytest.mark.slow  # the torch fallback kernels, which peers use only without a C compiler (make test-all)
 @pytest.mark.parametrize("quant", TORCH_BOUNDS)
 def test_torch_kernels_lose_some_agreement_on_this_model(setup, quant):
     source, head, ids, reference = setup
