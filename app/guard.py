@@ -6,7 +6,7 @@ body was not read. Only /health is open without a key (liveness probes).
 
 What an ASGI app cannot bound: how long the request line and headers take to arrive (uvicorn has no header timeout;
 h11 bounds their size to 16 KiB) and how many connections are open. Those are the server's or a reverse proxy's
-settings (README, "Threat model — the gateway").
+settings (README, "Threat model": an HTTP client, to the gateway).
 """
 
 from __future__ import annotations

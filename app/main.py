@@ -31,13 +31,15 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
         async with contextlib.AsyncExitStack() as stack:
             active, embedder = backend, embeddings
             if active is None:
-                from swarm.embedded import open_swarm_backend  # the swarm only when really serving
+                from swarm.client.verification import VerificationPolicy  # the swarm only when really serving
+                from swarm.embedded import open_swarm_backend
 
                 active, embedder = await stack.enter_async_context(open_swarm_backend(
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     client_threads=settings.gateway_num_threads,
-                    identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers))
+                    identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
+                    verification=VerificationPolicy(rate=settings.swarm_verify_rate)))
             app.state.engine = ServingEngine(active, settings)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,

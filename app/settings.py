@@ -30,6 +30,9 @@ class GatewaySettings(BaseSettings):
                                                      "empty: start an embedded local swarm")
     swarm_allowed_peers: str = Field("", description="route only through these peer ids (space/comma separated); "
                                                      "empty: any peer")
+    swarm_verify_rate: float = Field(0.01, ge=0, le=1, description="fraction of decode steps re-checked on another "
+                                                                   "replica once a peer has a clean record (a new "
+                                                                   "peer's first steps always are); 0: off")
     swarm_client_identity: str | None = Field(None, description="key file of the gateway's client identity, for "
                                                                 "peers that serve an allowlist of clients")
     gateway_api_keys: str | None = Field(None, description="accepted API keys (space/comma separated); unset: no "

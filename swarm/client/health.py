@@ -145,6 +145,10 @@ class PeerHealth:
     def check_passed(self, peer_id: str) -> None:
         self._peer(peer_id).checks_passed += 1
 
+    def passed_checks(self) -> dict[str, int]:
+        """Peer id → checks of its answers passed so far (its record with this client)."""
+        return {peer_id: peer.checks_passed for peer_id, peer in self._peers.items() if peer.checks_passed}
+
     # -- this client's own load -------------------------------------------------------------------------------------
 
     def opened(self, peer_ids: Iterable[str]) -> None:

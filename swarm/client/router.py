@@ -204,6 +204,11 @@ class Router:
     def check_passed(self, peer_id: str) -> None:
         self.health.check_passed(peer_id)
 
+    def check_in_background(self, peer_id: str) -> bool:
+        """Whether a due check of this peer's step may run beside the decoding (it has passed its warm-up checks)
+        rather than before the step's output goes on (see verification)."""
+        return self.verification.background and self.health.passed_checks().get(peer_id, 0) >= self.verification.warmup
+
     # -- routes -----------------------------------------------------------------------------------------------------
 
     async def route(self, start: int = 0, end: int | None = None, *, length: int = 0, batch: int = 1,

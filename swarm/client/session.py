@@ -210,6 +210,8 @@ class InferenceSession:
         self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
+        self._check: asyncio.Task | None = None  # a check of a trusted peer's step, running beside the decoding
+        self._found: PeerError | None = None  # a peer that check found wrong, not replaced yet
 
     @classmethod
     async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1, timeout: float = 30.0,
@@ -262,6 +264,8 @@ class InferenceSession:
             raise ValueError(f"position {position} is outside 0..{self.position}")
         if position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
+        if self._found is not None:
+            await self._repair(position)
         i = 0
         while i < len(self.streams):
             started = time.monotonic()
@@ -269,7 +273,11 @@ class InferenceSession:
             try:
                 out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group)
                 if self.router is not None and self.router.verify_due(link.peer.peer_id):
-                    await self._verify(i, hidden, position, out)
+                    history = self._history(i, hidden, position)
+                    if self.router.check_in_background(link.peer.peer_id):
+                        self._check_later(link, history, hidden.shape[1], out)
+                    else:
+                        await self._verify(link, history, hidden.shape[1], out)
             except PeerError as e:
                 await self._fail_over(i, position, e)
                 continue  # the same step, now through the replacement
@@ -302,8 +310,9 @@ class InferenceSession:
                 link = self.streams[i].link
                 self.router.observed(link.peer.peer_id, link.end - link.start, seconds)
 
-    async def _fail_over(self, i: int, position: int, error: PeerError) -> None:
-        """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay."""
+    async def _fail_over(self, i: int, position: int, error: PeerError) -> torch.Tensor | None:
+        """Replace link i (which just failed) by a fresh chain over its blocks, rebuilt by replay; returns the new
+        chain's outputs for the first `position` tokens (None at position 0)."""
         failed = self.streams[i]
         await failed.close()
         kept = self._inputs[i]
@@ -337,17 +346,65 @@ class InferenceSession:
             self.streams[i : i + 1] = streams
             self._inputs[i : i + 1] = inputs
             self._latency[i : i + 1] = [None] * len(streams)
-            return
+            return history
 
-    async def _verify(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
-        """Re-run link i's step on another replica of its blocks (from the inputs kept for replay) and compare (see
-        swarm.client.verification); raises PeerError when the link's peer is found wrong."""
-        assert self.router is not None
-        peer = self.streams[i].link.peer
+    def _history(self, i: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Link i's inputs up to and with this step (a copy: the kept inputs change as the session goes on)."""
         kept = self._inputs[i]
-        history = torch.cat([kept[:, :position], hidden], dim=1) if position and kept is not None else hidden
+        return torch.cat([kept[:, :position], hidden], dim=1) if position and kept is not None else hidden.clone()
+
+    def _check_later(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
+        """Check a step of a peer with a clean record beside the decoding (one check at a time per session): a
+        peer found wrong is banned at once and replaced at this session's next step (see _repair)."""
+        if self._check is not None and not self._check.done():
+            return
+        self._check = asyncio.create_task(self._verify_later(link, history, tokens, out.clone()))
+
+    async def _verify_later(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
+        try:
+            await self._verify(link, history, tokens, out)
+        except PeerError as e:
+            if self.router is not None:
+                self.router.report(link.peer.peer_id, Outcome.FAILED)  # banned now: no new route takes it
+            self._found = e
+        except Exception:
+            logger.exception("a background check of peer %s failed", link.peer.peer_id)
+
+    async def _repair(self, position: int) -> None:
+        """Replace the peer a background check found wrong: its link by replay, then the links after it, which
+        computed their caches from its wrong outputs, again from the new outputs (each rewound to position 0)."""
+        error, self._found = self._found, None
+        assert error is not None
+        i = next((k for k, s in enumerate(self.streams) if s.link.peer.peer_id == error.peer_id), None)
+        if i is None:
+            return  # replaced meanwhile (it failed otherwise)
+        end = self.streams[i].link.end
+        outputs = await self._fail_over(i, position, error)
+        j = self._link_at(end)
+        while j < len(self.streams) and outputs is not None:
+            kept = self._inputs[j]
+            assert kept is not None
+            kept[:, :position] = outputs
+            end = self.streams[j].link.end
+            try:
+                outputs = await self._replay(self.streams[j], outputs)
+            except PeerError as e:
+                outputs = await self._fail_over(j, position, e)
+            j = self._link_at(end)
+
+    def _link_at(self, block: int) -> int:
+        """The index of the link that starts at `block` (the number of links past the chain's end)."""
+        return next((k for k, stream in enumerate(self.streams) if stream.link.start >= block), len(self.streams))
+
+    async def _verify(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
+        """Re-run a step of `link` on another replica of its blocks (from the link's inputs `history`, the step's
+        `tokens` last) and compare with its output `out` (see swarm.client.verification); raises PeerError when the
+        link's peer is found wrong."""
+        if self.router is None:
+            return  # the session was closed meanwhile
+        peer = link.peer
         checked = [peer.peer_id]
-        verifier = await self._recompute(i, history, hidden.shape[1], checked)
+        verifier = await self._recompute(link, history, tokens, checked)
         if verifier is None:
             return  # nobody else serves these blocks (or the verifiers failed): nothing to compare with
         theirs, infos = verifier
@@ -355,7 +412,7 @@ class InferenceSession:
             self.router.check_passed(peer.peer_id)
             return
         checked += [info.peer_id for info in infos]
-        third = await self._recompute(i, history, hidden.shape[1], checked)
+        third = await self._recompute(link, history, tokens, checked)
         third_out, third_infos = third if third is not None else (None, [])
         peer_wrong, verifier_wrong = judge(out, theirs, third_out, tolerance(peer, third_infos),
                                            max((tolerance(v, third_infos) for v in infos), default=0.0))
@@ -363,17 +420,17 @@ class InferenceSession:
             logger.warning("peer %s answered differently from two other replicas: banned", info.peer_id)
             self.router.report(info.peer_id, Outcome.FAILED)
         if peer_wrong:
-            raise PeerError(f"peer {peer.peer_id} answered blocks {self.streams[i].link.start}:"
-                            f"{self.streams[i].link.end} differently from another replica", ErrorCode.INTERNAL,
-                            peer.peer_id)
+            raise PeerError(f"peer {peer.peer_id} answered blocks {link.start}:{link.end} differently from another "
+                            "replica", ErrorCode.INTERNAL, peer.peer_id)
 
-    async def _recompute(self, i: int, history: torch.Tensor, tokens: int, without: list[str]
+    async def _recompute(self, link: Link, history: torch.Tensor, tokens: int, without: list[str]
                          ) -> tuple[torch.Tensor, list[SpanInfo]] | None:
-        """The outputs of the last `tokens` of link i's inputs `history`, computed by a fresh chain over its blocks
+        """The outputs of the last `tokens` of the link's inputs `history`, computed by a fresh chain over its blocks
         avoiding `without`, and that chain's peers; None when no such chain exists or it fails (its failure is
         reported, not the link's)."""
-        assert self.router is not None
-        link, steps = self.streams[i].link, history.shape[1]
+        if self.router is None:
+            return None  # the session was closed meanwhile
+        steps = history.shape[1]
         try:
             chain = await self.router.route(link.start, link.end, length=steps, batch=self.batch_size,
                                             replacing=True, without=without)
@@ -403,6 +460,8 @@ class InferenceSession:
 
     async def close(self) -> None:
         self.closed = True
+        if self._check is not None:
+            self._check.cancel()
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
             await stream.close()
         if self.router is not None:

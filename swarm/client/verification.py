@@ -8,7 +8,14 @@ step and the step itself, as one prefill on a fresh verification session), and c
 - **when** (`VerificationPolicy`, `PeerHealth.verify_due`): every step of a peer until it has passed `warmup` checks
   (its first prefill is checked before the first token is released), then a fraction that falls with its clean
   record, 1 / (1 + checks passed), down to `rate`; `rate` 0 turns verification off. A check costs a forward over the
-  session's history on the verifier, so long sessions are checked rarely once their peers have a record.
+  session's history on the verifier.
+- **waiting or not**: a warm-up check holds the step's output until it passed (a new peer's lie never reaches the
+  next link or a token). Later checks (`background`) run beside the decoding, one at a time per session, so that a
+  check does not stall the session (nor the decode group it advances with, swarm.client.decoding); a peer found
+  wrong is banned at once, and at the session's next step its link is replaced by replay and the links after it
+  recompute their caches from the new link's outputs. Tokens released between the lie and the check's verdict are
+  not taken back (nor are tokens of steps no check sampled: sampling bounds how long a liar goes unnoticed, it does
+  not vouch for every token).
 - **tolerance** (`tolerance`): relative L2 distance ‖a − b‖ / ‖b‖ of the two outputs, bounded by what the two peers'
   announced precisions allow: same dtype and quantization → float32 rounding differences only (different kernels
   and batch shapes); otherwise the larger of their precisions' typical error. Wrong hidden states are off by O(1).
@@ -39,6 +46,7 @@ MARGIN = 2.0
 class VerificationPolicy:
     rate: float = 0.01  # steps checked once a peer has a clean record (0: verification off)
     warmup: int = 3  # checks a peer must pass before its steps are sampled at falling rates
+    background: bool = True  # once a peer passed its warm-up, its checks run beside the decoding (see the module)
 
 
 def _error_level(info: SpanInfo) -> float:

@@ -35,19 +35,20 @@ def swarm(tmp_path_factory, tiny_model_dir):
         liar = swarm.start_peer(model, "0:6", "--throughput", "50000", "--fault-wrong-after", "1", wait=False)
         swarm.honest = [LocalSwarm.peer_id(p) for p in honest]
         swarm.liar = LocalSwarm.peer_id(liar)
+        swarm.liar_process = liar
         yield swarm
 
 
-async def generate(swarm, model_dir, policy: VerificationPolicy):
+async def generate(swarm, model_dir, policy: VerificationPolicy, new_tokens: int = NEW_TOKENS):
     client = await SwarmClient.connect(swarm.initial_peers, str(model_dir), verification=policy)
     try:
         await client.wait_for_chain()
         await client.router.refresh()
         chain = await client.chain()
-        session = await client.inference_session(len(PROMPT) + NEW_TOKENS)
+        session = await client.inference_session(len(PROMPT) + new_tokens)
         async with session:
             tokens = [int(step.token_ids[0]) async for step in
-                      client.generate_steps(torch.tensor([PROMPT]), NEW_TOKENS, session=session)]
+                      client.generate_steps(torch.tensor([PROMPT]), new_tokens, session=session)]
         return tokens, chain, session, client.router.banned()
     finally:
         await client.close()
@@ -66,3 +67,26 @@ async def test_verification_catches_the_liar_at_its_first_lie_and_the_tokens_are
     assert tokens == expected  # its first wrong answer was checked (a new peer's first steps all are) and redone
     assert session.failovers == 1 and swarm.liar in banned and not set(swarm.honest) & banned
     assert session.streams[0].link.peer.peer_id in swarm.honest
+
+
+async def test_a_liar_that_turns_after_its_warm_up_is_caught_beside_the_decoding_and_the_session_heals(
+        swarm, tiny_model_dir, expected):
+    """Checked steps of a peer past its warm-up run beside the decoding: the liar is banned when one finishes, the
+    session replaces it at its next step, and from then on every token is what transformers continues the text so
+    far with (the tokens released between its first lie and the verdict are not taken back)."""
+    swarm.liar_process.stop()
+    # right for its first 6 forwards (the prompt and 5 decode steps: the 3 warm-up checks pass), wrong after
+    late = swarm.start_peer(str(tiny_model_dir("llama")), "0:6", "--throughput", "50000", "--fault-wrong-after", "6")
+    late_id = LocalSwarm.peer_id(late)
+    tokens, chain, session, banned = await generate(swarm, tiny_model_dir("llama"), VerificationPolicy(rate=1.0),
+                                                    new_tokens=40)
+    late.stop()
+    assert [link.peer.peer_id for link in chain] == [late_id]
+    assert late_id in banned and not set(swarm.honest) & banned and session.failovers == 1
+    assert tokens[:NEW_TOKENS] != expected  # its first lies went out: the check ran beside the step, not before it
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
+    healed = 24  # well after the first lie (decode step 6) and a few background checks of a tiny model
+    prefix = torch.tensor([PROMPT + tokens[:healed]])
+    tail = model.generate(prefix, max_new_tokens=len(tokens) - healed, do_sample=False, eos_token_id=None,
+                          pad_token_id=None)[0, prefix.shape[1]:].tolist()
+    assert tokens[healed:] == tail
