@@ -87,9 +87,10 @@ class Peer:
         self.moves = 0
 
     def torch_threads(self) -> int:
-        """--num-threads, or by default: one for a CPU span of native-kernel linears (the kernel schedules its own
-        threads; torch's remaining ops, attention and norms over a few rows, measured slower on 2 threads than on one:
-        a 16-row decode of SmolLM2's 30 int4 blocks 110 vs 83 ms on 2 cores), else torch's default."""
+        """--num-threads, or by default: one for a CPU span of native-kernel linears (the kernel runs on the calling
+        thread, so more torch threads only split the remaining ops, attention and norms over a few rows, which
+        measured slower on 2 threads than on one: a 16-row decode of SmolLM2's 30 int4 blocks 110 vs 83 ms on 2
+        cores), else torch's default."""
         if self.settings.num_threads:
             return self.settings.num_threads
         native = self.precision.device == "cpu" and self.precision.quant != "none" and self.precision.kernel == "native"
