@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
+from swarm.client.verification import VerificationPolicy
 from swarm.model.anatomy import load_config
 from swarm.model.precision import Precision
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
@@ -132,7 +133,9 @@ async def test_concurrent_sessions_spread_over_replicas_and_a_slow_peer_gets_few
         procs = [swarm.start_peer(model, blocks, *args, "--throughput", "100", wait=False)
                  for blocks in ("0:3", "0:3", "3:6", "3:6")]
         peers = [LocalSwarm.peer_id(p) for p in procs]
-        client = await SwarmClient.connect(swarm.initial_peers, model)
+        # verification off: its checks open sessions of their own on the other replicas (some beside the decoding,
+        # still open when the peers are asked), and this test counts the sessions routing placed
+        client = await SwarmClient.connect(swarm.initial_peers, model, verification=VerificationPolicy(rate=0))
         try:
             async def routable(count):
                 spans = await client.spans(fresh=True)
