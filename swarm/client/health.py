@@ -139,11 +139,16 @@ class PeerHealth:
         1 / (1 + checks passed), at least `rate`; `draw` is uniform in [0, 1). rate 0: never."""
         if rate <= 0:
             return False
-        passed = self._peer(peer_id).checks_passed
+        passed = self.passed(peer_id)
         return passed < warmup or draw < max(rate, 1.0 / (1 + passed))
 
     def check_passed(self, peer_id: str) -> None:
         self._peer(peer_id).checks_passed += 1
+
+    def passed(self, peer_id: str) -> int:
+        """Checks of this peer's answers passed so far."""
+        peer = self._peers.get(peer_id)
+        return peer.checks_passed if peer else 0
 
     def passed_checks(self) -> dict[str, int]:
         """Peer id → checks of its answers passed so far (its record with this client)."""

@@ -207,7 +207,7 @@ class Router:
     def check_in_background(self, peer_id: str) -> bool:
         """Whether a due check of this peer's step may run beside the decoding (it has passed its warm-up checks)
         rather than before the step's output goes on (see verification)."""
-        return self.verification.background and self.health.passed_checks().get(peer_id, 0) >= self.verification.warmup
+        return self.verification.background and self.health.passed(peer_id) >= self.verification.warmup
 
     # -- routes -----------------------------------------------------------------------------------------------------
 

@@ -210,7 +210,7 @@ class InferenceSession:
         self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
-        self._check: asyncio.Task | None = None  # a check of a trusted peer's step, running beside the decoding
+        self._background_check: asyncio.Task | None = None  # a check of a trusted peer's step, beside the decoding
         self._found: PeerError | None = None  # a peer that check found wrong, not replaced yet
 
     @classmethod
@@ -273,11 +273,7 @@ class InferenceSession:
             try:
                 out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group)
                 if self.router is not None and self.router.verify_due(link.peer.peer_id):
-                    history = self._history(i, hidden, position)
-                    if self.router.check_in_background(link.peer.peer_id):
-                        self._check_later(link, history, hidden.shape[1], out)
-                    else:
-                        await self._verify(link, history, hidden.shape[1], out)
+                    await self._check(i, hidden, position, out)
             except PeerError as e:
                 await self._fail_over(i, position, e)
                 continue  # the same step, now through the replacement
@@ -353,16 +349,31 @@ class InferenceSession:
         kept = self._inputs[i]
         return torch.cat([kept[:, :position], hidden], dim=1) if position and kept is not None else hidden.clone()
 
-    def _check_later(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
-        """Check a step of a peer with a clean record beside the decoding (one check at a time per session): a
-        peer found wrong is banned at once and replaced at this session's next step (see _repair)."""
-        if self._check is not None and not self._check.done():
+    async def _check(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
+        """Check link i's step (`hidden` in at `position`, `out` back) on another replica of its blocks, if one
+        serves them: for a peer in its warm-up, before the output goes on (raises PeerError when it is wrong);
+        for a peer with a clean record, beside the decoding, one check at a time per session (a peer found wrong is
+        banned at once and replaced at this session's next step, see _repair). The link's inputs are copied only
+        once a verifier is found."""
+        assert self.router is not None
+        link = self.streams[i].link
+        background = self.router.check_in_background(link.peer.peer_id)
+        if background and self._background_check is not None and not self._background_check.done():
             return
-        self._check = asyncio.create_task(self._verify_later(link, history, tokens, out.clone()))
+        chain = await self._verifier_chain(link, position + hidden.shape[1], [link.peer.peer_id])
+        if chain is None:
+            return  # nobody else serves these blocks: nothing to compare with
+        history = self._history(i, hidden, position)
+        if background:
+            self._background_check = asyncio.create_task(
+                self._verify_later(link, chain, history, hidden.shape[1], out.clone()))
+        else:
+            await self._verify(link, chain, history, hidden.shape[1], out)
 
-    async def _verify_later(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
+    async def _verify_later(self, link: Link, chain: list[Link], history: torch.Tensor, tokens: int,
+                            out: torch.Tensor) -> None:
         try:
-            await self._verify(link, history, tokens, out)
+            await self._verify(link, chain, history, tokens, out)
         except PeerError as e:
             if self.router is not None:
                 self.router.report(link.peer.peer_id, Outcome.FAILED)  # banned now: no new route takes it
@@ -396,23 +407,24 @@ class InferenceSession:
         """The index of the link that starts at `block` (the number of links past the chain's end)."""
         return next((k for k, stream in enumerate(self.streams) if stream.link.start >= block), len(self.streams))
 
-    async def _verify(self, link: Link, history: torch.Tensor, tokens: int, out: torch.Tensor) -> None:
-        """Re-run a step of `link` on another replica of its blocks (from the link's inputs `history`, the step's
-        `tokens` last) and compare with its output `out` (see swarm.client.verification); raises PeerError when the
-        link's peer is found wrong."""
-        if self.router is None:
-            return  # the session was closed meanwhile
+    async def _verify(self, link: Link, chain: list[Link], history: torch.Tensor, tokens: int,
+                      out: torch.Tensor) -> None:
+        """Re-run a step of `link` on `chain`, another replica of its blocks (from the link's inputs `history`, the
+        step's `tokens` last), and compare with its output `out` (see swarm.client.verification); raises PeerError
+        when the link's peer is found wrong."""
         peer = link.peer
-        checked = [peer.peer_id]
-        verifier = await self._recompute(link, history, tokens, checked)
-        if verifier is None:
-            return  # nobody else serves these blocks (or the verifiers failed): nothing to compare with
+        verifier = await self._recompute(chain, history, tokens)
+        if verifier is None or self.router is None:
+            return  # the verifiers failed, or the session was closed meanwhile: nothing to compare with
         theirs, infos = verifier
         if distance(out, theirs) <= tolerance(peer, infos):
             self.router.check_passed(peer.peer_id)
             return
-        checked += [info.peer_id for info in infos]
-        third = await self._recompute(link, history, tokens, checked)
+        third_chain = await self._verifier_chain(link, history.shape[1],
+                                                 [peer.peer_id, *(info.peer_id for info in infos)])
+        third = await self._recompute(third_chain, history, tokens) if third_chain is not None else None
+        if self.router is None:
+            return
         third_out, third_infos = third if third is not None else (None, [])
         peer_wrong, verifier_wrong = judge(out, theirs, third_out, tolerance(peer, third_infos),
                                            max((tolerance(v, third_infos) for v in infos), default=0.0))
@@ -423,19 +435,22 @@ class InferenceSession:
             raise PeerError(f"peer {peer.peer_id} answered blocks {link.start}:{link.end} differently from another "
                             "replica", ErrorCode.INTERNAL, peer.peer_id)
 
-    async def _recompute(self, link: Link, history: torch.Tensor, tokens: int, without: list[str]
-                         ) -> tuple[torch.Tensor, list[SpanInfo]] | None:
-        """The outputs of the last `tokens` of the link's inputs `history`, computed by a fresh chain over its blocks
-        avoiding `without`, and that chain's peers; None when no such chain exists or it fails (its failure is
-        reported, not the link's)."""
+    async def _verifier_chain(self, link: Link, length: int, without: list[str]) -> list[Link] | None:
+        """A fresh chain over the link's blocks for `length` tokens avoiding `without`; None when there is none (or
+        the session was closed)."""
         if self.router is None:
-            return None  # the session was closed meanwhile
-        steps = history.shape[1]
+            return None
         try:
-            chain = await self.router.route(link.start, link.end, length=steps, batch=self.batch_size,
-                                            replacing=True, without=without)
+            return await self.router.route(link.start, link.end, length=length, batch=self.batch_size,
+                                           replacing=True, without=without)
         except NoChainError:
             return None
+
+    async def _recompute(self, chain: list[Link], history: torch.Tensor, tokens: int
+                         ) -> tuple[torch.Tensor, list[SpanInfo]] | None:
+        """The outputs of the last `tokens` of `history` computed by `chain` (opened for this), and that chain's
+        peers; None when it fails (its failure is reported, not the checked link's) or the session was closed."""
+        steps = history.shape[1]
         streams: list[PeerStream] = []
         try:
             streams = await open_streams(self.p2p, chain, steps, self.batch_size, self.step_timeout)
@@ -443,7 +458,7 @@ class InferenceSession:
             for stream in streams:
                 result = await self._replay(stream, result)
         except PeerError as e:
-            if e.peer_id:
+            if e.peer_id and self.router is not None:
                 self.router.report(e.peer_id, outcome_of(e))
             return None
         finally:
@@ -460,8 +475,8 @@ class InferenceSession:
 
     async def close(self) -> None:
         self.closed = True
-        if self._check is not None:
-            self._check.cancel()
+        if self._background_check is not None:
+            self._background_check.cancel()
         for stream in self.streams:  # each close runs to completion without yielding, even in a cancelled task
             await stream.close()
         if self.router is not None:
