@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from swarm.client import SwarmClient
 from tests.launcher import LocalSwarm
@@ -43,3 +44,10 @@ async def poll(condition, timeout: float = 15.0, interval: float = 0.1):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
         await asyncio.sleep(interval)
+
+
+def local_greedy(reference, ids: list[int], new_tokens: int) -> list[int]:
+    """The tokens transformers' generate() makes greedily after `ids` (no end-of-text stop)."""
+    out = reference.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=None)
+    return out[0, len(ids):].tolist()

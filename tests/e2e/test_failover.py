@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from swarm.client import SwarmClient
 from swarm.client.session import FailoverPolicy
 from swarm.protocol import NoChainError
+from tests.e2e.conftest import local_greedy
 from tests.launcher import LocalSwarm
 
 NEW_TOKENS, FAULT_AT = 24, 8
@@ -41,9 +42,7 @@ async def client(swarm, tiny_model_dir):
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                         pad_token_id=None)
-    return out[0, len(PROMPT):].tolist()
+    return local_greedy(model, PROMPT, NEW_TOKENS)
 
 
 PROMPT = [7, 100, 33, 250, 12, 5, 480]

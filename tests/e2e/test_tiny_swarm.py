@@ -15,7 +15,7 @@ from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
 from swarm.codec import make_request, unpack_metadata
 from swarm.protocol import INFERENCE_HANDLER, PROTOCOL_VERSION, ErrorCode, PeerError
-from tests.e2e.conftest import TINY_PEER_ARGS, poll
+from tests.e2e.conftest import TINY_PEER_ARGS, local_greedy, poll
 from tests.logits_tolerance import calibrated_atol, growing_sequence_logits
 
 
@@ -26,12 +26,6 @@ def reference(tiny_model_dir):
 
 def prompt(seed: int, length: int = 7) -> list[int]:
     return torch.randint(2, 512, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def local_greedy(reference, ids: list[int], new_tokens: int) -> list[int]:
-    out = reference.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=None)
-    return out[0, len(ids):].tolist()
 
 
 async def test_greedy_tokens_equal_transformers_generate(tiny_client, reference):

@@ -23,7 +23,7 @@ from swarm.client import SwarmClient
 from swarm.client.routing import Link
 from swarm.client.session import PeerStream
 from swarm.protocol import ErrorCode, OpenRequest, PeerError
-from tests.e2e.conftest import poll
+from tests.e2e.conftest import local_greedy, poll
 from tests.hostile.tiny_peer import clients_of, tiny_peer
 
 MAX_SESSIONS, BUDGET, ADMISSION_WAIT = 8, 1024, 30.0
@@ -54,9 +54,7 @@ def reference(tiny_model_dir):
 
 
 def expected(reference, prompt: list[int]) -> list[int]:
-    out = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                             pad_token_id=None)
-    return out[0, len(prompt):].tolist()
+    return local_greedy(reference, prompt, NEW_TOKENS)
 
 
 class Greedy:

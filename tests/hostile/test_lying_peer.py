@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm.client import SwarmClient
 from swarm.client.verification import VerificationPolicy
+from tests.e2e.conftest import local_greedy
 from tests.launcher import LocalSwarm
 
 PROMPT = [7, 100, 33, 250, 12, 5, 480]
@@ -18,9 +19,7 @@ NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                         pad_token_id=None)
-    return out[0, len(PROMPT):].tolist()
+    return local_greedy(model, PROMPT, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,4 @@ async def test_a_liar_that_turns_after_its_warm_up_is_caught_beside_the_decoding
     assert tokens[:NEW_TOKENS] != expected  # its first lies went out: the check ran beside the step, not before it
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
     healed = 24  # well after the first lie (decode step 6) and a few background checks of a tiny model
-    prefix = torch.tensor([PROMPT + tokens[:healed]])
-    tail = model.generate(prefix, max_new_tokens=len(tokens) - healed, do_sample=False, eos_token_id=None,
-                          pad_token_id=None)[0, prefix.shape[1]:].tolist()
-    assert tokens[healed:] == tail
+    assert tokens[healed:] == local_greedy(model, PROMPT + tokens[:healed], len(tokens) - healed)
