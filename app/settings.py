@@ -57,7 +57,8 @@ class GatewaySettings(BaseSettings):
                                                                "model's context)")
     gateway_tokenize_threads: int = Field(1, ge=1, description="prompts tokenized (chat template included) at once, "
                                                                "in worker threads off the event loop")
-    embedded_num_threads: int = Field(0, ge=0, description="torch threads of the embedded peer (0: default)")
+    embedded_num_threads: int = Field(0, ge=0, description="the embedded peer's --num-threads (0: its default, the "
+                                                           "CPUs it may run on)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")
     startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a complete chain at start-up")

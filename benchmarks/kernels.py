@@ -1,7 +1,8 @@
 """Quantized-linear kernels on this machine: time per call and error against the fp32 linear, per weight shape.
 
     python -m benchmarks.kernels [--runs 7] [--threads 1] [--device cpu|cuda] [--tokens 1,8,16,40,128]
-                                 [--only fp32.onednn,int8.native,int4.native] [--clock thread|wall] [--out DIR]
+                                 [--only fp32.onednn,int8.native,int4.native] [--clock thread|wall]
+                                 [--kernel-threads 2] [--out DIR]
 
 Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (kernels/packed.py:
 what unquantized float32 CPU spans and the client's LM head run); int8 (affine, groups of 32) and int4 with the native
@@ -17,6 +18,9 @@ quantization saves). The candidates take turns, one pass over their copies each 
 median over `runs` rounds; `vs_fp32` and `vs_onednn` are ratios to the fp32 nn.Linear and the oneDNN packed one.
 The clock is the calling thread's CPU time with one torch thread (every candidate then computes on that thread, and
 on a shared machine other processes' turns on the core stay out of the figures), wall time otherwise.
+`--kernel-threads N` adds `int8.native_xN` and `int4.native_xN`: the native kernel with each call split over N
+threads (kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
+calls, a few microseconds, which a peer does not); the clock is then wall time.
 """
 
 from __future__ import annotations
@@ -82,7 +86,23 @@ def _quantize_dynamic(linear: nn.Linear) -> nn.Module:
         return quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
 
 
-def candidates(linear: nn.Linear, device: str) -> dict[str, Callable[[], nn.Module]]:
+class _Split(nn.Module):
+    """A native-kernel layer whose calls are split over `threads` threads."""
+
+    def __init__(self, layer: nn.Module, threads: int):
+        super().__init__()
+        self.layer, self.threads = layer, threads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = cpu.threads()
+        cpu.set_threads(self.threads)
+        try:
+            return self.layer(x)
+        finally:
+            cpu.set_threads(before)
+
+
+def candidates(linear: nn.Linear, device: str, kernel_threads: int = 1) -> dict[str, Callable[[], nn.Module]]:
     """label → a function that builds that candidate of `linear` (each only where it runs)."""
     out: dict[str, Callable[[], nn.Module]] = {"fp32": functools.partial(_copy, linear, torch.float32)}
     if device == "cpu" and packed.available():
@@ -95,6 +115,9 @@ def candidates(linear: nn.Linear, device: str) -> dict[str, Callable[[], nn.Modu
         for kernel in ("native", "torch", "bitsandbytes"):
             if kernel == chosen or fits(kernel, method, dev, k, n):
                 out[f"{method}.{kernel}"] = functools.partial(QuantLinear, linear, method, kernel)
+                if kernel == "native" and kernel_threads > 1:
+                    out[f"{method}.native_x{kernel_threads}"] = functools.partial(
+                        lambda m: _Split(QuantLinear(linear, m, "native"), kernel_threads), method)
     if device == "cuda" and triton_nf4.fits(k):
         out["nf4.triton"] = functools.partial(QuantLinear, linear, "nf4", "triton")
     out["int8.reference"] = functools.partial(QuantLinear, linear, "int8", "reference")
@@ -132,7 +155,7 @@ def run(args) -> dict:
         linear.weight.copy_(torch.randn(n, k, generator=g) * 0.02)
         linear = linear.to(args.device)
         copies = max(1, STREAM_BYTES // (n * k * 4))
-        builders = {label: build for label, build in candidates(linear, args.device).items()
+        builders = {label: build for label, build in candidates(linear, args.device, args.kernel_threads).items()
                     if not args.only or label in args.only}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,7 +164,8 @@ def run(args) -> dict:
             x = torch.randn(tokens, k, generator=g).to(args.device)
             results[f"{name}[{n}x{k}] tokens={tokens}"] = measure(sets, linear, x, args)
     return {"benchmark": "kernels", "machine": machine(), "isa": isa(), "versions": versions(),
-            "settings": {"runs": args.runs, "torch_threads": args.threads, "device": args.device,
+            "settings": {"runs": args.runs, "torch_threads": args.threads, "kernel_threads": args.kernel_threads,
+                         "device": args.device,
                          "stream_bytes": STREAM_BYTES, "clock": args.clock, "tokens": args.tokens},
             "results": results}
 
@@ -162,18 +186,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernel-threads", type=int, default=1,
+                        help="also the native kernel with each call split over this many threads (wall clock)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--big", action="store_true", help="on CPU also the 8B shapes (slow)")
     parser.add_argument("--tokens", default="1,8,16,40,128", help="tokens (rows) per call, comma-separated")
     parser.add_argument("--only", default="", help="only these candidates, comma-separated (e.g. fp32.onednn,"
                                                    "int4.native); default all")
     parser.add_argument("--clock", choices=["thread", "wall"], default=None,
-                        help="thread CPU time or wall time (default: thread with --threads 1, else wall)")
+                        help="thread CPU time or wall time (default: thread with one thread of each, else wall)")
     parser.add_argument("--out", default=None, help="also write DIR/kernels[-cuda].json")
     args = parser.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.only = {label for label in args.only.split(",") if label}
-    args.clock = args.clock or ("thread" if args.threads == 1 and args.device == "cpu" else "wall")
+    single = args.threads == 1 and args.kernel_threads == 1 and args.device == "cpu"
+    args.clock = args.clock or ("thread" if single else "wall")
     emit("kernels" if args.device == "cpu" else "kernels-cuda", run(args), args.out)
 
 

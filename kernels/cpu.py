@@ -15,9 +15,13 @@ AVX2: int4 takes 0.37-0.52x the time at 1 row (a decode step), 0.64-0.84x at 16 
 measured before the AVX2 path existed) int8 took 0.3-0.6x torch's float32 linear at 1 row, 0.6-0.85x at 16 rows and
 about 1-1.4x at 32-128 rows: that path blocks 4 input rows over one weight row, without the AVX2 path's tiles.
 Dequantizing to float32 for torch's matmul measured 1.3-1.7x (its float32 temporaries cost more than the matmul saves).
-Single-threaded whatever torch's thread count: splitting a call's output rows over 2 threads of a Python pool measured
-slower on SmolLM2's layers (the hand-off costs more than a ~0.1 ms call saves; one core already reads the codes at
-11-14 GB/s, about the rate torch's float32 linear streams its weights with 1 or 2 threads).
+One thread by default, whatever torch's thread count. `set_threads(n)` shares each call of two rows or more among n
+threads (the kernel's own pool of C threads, which claim chunks of the output rows and poll between calls before
+they sleep; a Python pool's hand-off measured slower than a ~0.1 ms call): the same bits, and on a 2-core AVX2 EPYC
+with SmolLM2's shapes, weights streaming from memory (benchmarks/results/kernels_threads.json), 2 threads took
+1/1.25-1/1.55 of the time of one at 16 rows (1/1.8 for its LM head), 1/1.2-1/1.9 at 40 and 128; a 16-row decode
+of its 30 int4 blocks spent 79 → 45 ms in the kernel (142 → 99 ms in all, one noisy run; the rest, attention and
+norms, stays on one thread). A peer on the native kernel uses every CPU it may run on (`--num-threads`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_affine.c")
 GROUP = 32
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+# a call of fewer than MIN_WORK multiply-adds (rows x outputs x inputs) runs on the caller's thread alone: splitting
+# it costs more than it saves (one row of 576x576, 0.33 M, measured 0.96x; of 1536x576, 0.88 M, 1.2x); an idle helper
+# thread polls SPIN_NS for the next call before it sleeps (cpu_affine.c says why and what it costs others)
+MIN_WORK = 1 << 19
+SPIN_NS = 2_000_000
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c11"]
 
 
 def _cpu_name() -> str:
@@ -88,13 +97,40 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, ptr]
+    fn = library.affine_linear_parallel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    library.affine_set_threads.restype, library.affine_set_threads.argtypes = ctypes.c_int, [ctypes.c_int]
+    library.affine_threads.restype, library.affine_threads.argtypes = ctypes.c_int, []
+    library.affine_split_calls.restype, library.affine_split_calls.argtypes = i64, []
+    library.affine_set_min_work.restype, library.affine_set_min_work.argtypes = None, [i64, i64]
     library.affine_scratch_floats.restype, library.affine_scratch_floats.argtypes = i64, [i64]
+    library.affine_set_min_work(MIN_WORK, SPIN_NS)
     library.affine_sum_lanes.restype, library.affine_sum_lanes.argtypes = ctypes.c_int, []
     return library
 
 
 def available() -> bool:
     return _library() is not None
+
+
+_threads = 1  # threads a call may be split over (set_threads)
+
+
+def set_threads(threads: int, library: ctypes.CDLL | None = None) -> int:
+    """Split each big enough call's output rows over up to `threads` threads from now on (the kernel's own pool of
+    helper threads; 1: every call on the caller's thread, the default). Returns the threads calls will use (fewer
+    where threads could not be started, or off Linux). The result is the same bits whatever the count."""
+    global _threads
+    library = library or _library()
+    if library is None:
+        raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
+    _threads = min(threads, int(library.affine_set_threads(threads))) if threads > 1 else 1  # the pool never shrinks
+    return _threads
+
+
+def threads() -> int:
+    return _threads
 
 
 @functools.cache
@@ -148,9 +184,9 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
         raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
     y = torch.empty(rows, n, dtype=torch.float32)
     scratch = torch.empty(_scratch_floats(library, k), dtype=torch.float32)  # dequantized weight tiles
-    status = library.affine_linear(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
-                                   minimum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n,
-                                   0, n, scratch.data_ptr())
+    status = library.affine_linear_parallel(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
+                                            minimum.data_ptr(), None if bias is None else bias.data_ptr(),
+                                            y.data_ptr(), n, scratch.data_ptr(), _threads)
     if status != 0:
         raise ValueError(f"the native kernel refused a {n}x{k} weight with {bits}-bit codes")
     return y.reshape(*x.shape[:-1], n)

@@ -23,6 +23,7 @@ import signal
 import psutil
 import torch
 
+from kernels import cpu
 from swarm import __version__
 from swarm.dht import announce, get_spans, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
 from swarm.model.anatomy import is_encoder, load_config
@@ -44,10 +45,22 @@ DRAIN_IDLE = 2.0  # seconds: while draining, a session without a step for this l
 JOIN_JITTER = 1.0  # seconds: peers started together read the DHT at different moments and see each other's choice
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container's cpuset sets it), at most 16."""
+    try:
+        return max(1, min(16, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(16, os.cpu_count() or 1))
+
+
 def run_peer(settings: PeerSettings) -> None:
     """Blocking: serve until SIGTERM or SIGINT."""
     peer = Peer(settings)
-    torch.set_num_threads(peer.torch_threads())
+    torch_threads, kernel_threads = peer.threads()
+    torch.set_num_threads(torch_threads)
+    if kernel_threads > 1:
+        kernel_threads = cpu.set_threads(kernel_threads)
+    logger.info("computing with %d torch thread(s), %d native kernel thread(s)", torch_threads, kernel_threads)
     try:
         asyncio.run(peer.serve())
     finally:
@@ -86,15 +99,19 @@ class Peer:
         self.rate = throughput.Throughput(0.0, 0.0)
         self.moves = 0
 
-    def torch_threads(self) -> int:
-        """--num-threads, or by default: one for a CPU span of native-kernel linears (the kernel runs on the calling
-        thread, so more torch threads only split the remaining ops, attention and norms over a few rows, which
-        measured slower on 2 threads than on one: a 16-row decode of SmolLM2's 30 int4 blocks 110 vs 83 ms on 2
-        cores), else torch's default."""
-        if self.settings.num_threads:
-            return self.settings.num_threads
+    def threads(self) -> tuple[int, int]:
+        """(torch threads, native kernel threads) from --num-threads (0: the CPUs this process may run on).
+
+        A CPU span of native-kernel linears runs torch on one thread and splits each kernel call's output rows over
+        the threads (kernels.cpu.set_threads): torch's remaining ops, attention and norms over a few rows, measured
+        slower on 2 threads than on one (a 16-row decode of SmolLM2's 30 int4 blocks 110 vs 83 ms on 2 cores),
+        while the kernel's calls split well (benchmarks/results/kernels_threads.json). Any other span: torch's threads
+        (0: torch's default), the kernel unused."""
+        wanted = self.settings.num_threads
         native = self.precision.device == "cpu" and self.precision.quant != "none" and self.precision.kernel == "native"
-        return 1 if native else torch.get_num_threads()
+        if not native:
+            return wanted or torch.get_num_threads(), 1
+        return 1, wanted or available_cpus()
 
     # -- sizing and placement --------------------------------------------------------------------------------------
 

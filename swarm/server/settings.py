@@ -39,8 +39,9 @@ class PeerSettings(BaseSettings):
     quant: Literal["auto", "none", "int8", "int4", "nf4"] = Field(
         "auto", description="weight quantization of the blocks (auto: nf4 on CUDA; int8 on CPU, int4 for a 4-bit "
                             "GGUF checkpoint like the default model)")
-    num_threads: int = Field(0, ge=0, description="torch CPU threads (0: one for CPU spans on the native kernel, "
-                                                  "which threads itself; else torch's default)")
+    num_threads: int = Field(0, ge=0, description="CPU threads to compute with: a span on the native kernel splits "
+                                                  "its calls over them, torch on one (0: the CPUs this process may "
+                                                  "run on); any other span: torch's threads (0: torch's default)")
     max_sessions: int = Field(64, ge=1, description="concurrent sessions served")
     max_length: int = Field(0, ge=0, description="longest session in tokens (0: the model's context length)")
     max_batch: int = Field(8, ge=1, description="largest batch of one session")

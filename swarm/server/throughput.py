@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu as native_cpu
 from kernels.filecache import cache_root, locked, write_atomically
 from swarm.protocol import BATCH_PROBE
 from swarm.server.backend import Session, SpanBackend
@@ -46,7 +47,8 @@ def hardware_key(device: str) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu} x{torch.get_num_threads()} threads"
+    kernel = native_cpu.threads()
+    return f"{cpu} x{torch.get_num_threads()} threads" + (f", kernel x{kernel}" if kernel > 1 else "")
 
 
 def cache_key(model_id: str, device: str, dtype: str, quant: str) -> str:

@@ -9,6 +9,8 @@ whole text).
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,8 +34,11 @@ def mixed_swarm(tmp_path_factory):
     resolve_model(DEFAULT_MODEL_ID)
     with LocalSwarm(tmp_path_factory.mktemp("mixed")) as swarm:
         swarm.start_bootstrap()
-        procs = {blocks: swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--quant", quant, wait=False)
+        # the int4 peer shares its kernel calls over 2 threads (the launcher's default is one): the same bits
+        procs = {blocks: swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--quant", quant,
+                                          *(["--num-threads", "2"] if blocks == "20:30" else []), wait=False)
                  for blocks, quant in [*LAYOUT.items(), ("0:30", "none")]}
+        swarm.procs = procs
         swarm.peers = {blocks: LocalSwarm.peer_id(proc) for blocks, proc in procs.items()}
         yield swarm
 
@@ -70,6 +75,9 @@ async def test_peers_announce_their_precision_and_a_mixed_chain_computes_close_t
                               spans[mixed_swarm.peers[blocks]].quant) for blocks in mixed_swarm.peers}
         assert announced == {"0:10": ("cpu", "float32", "none"), "10:20": ("cpu", "float32", "int8"),
                              "20:30": ("cpu", "float32", "int4"), "0:30": ("cpu", "float32", "none")}
+        if kernels_cpu.available() and sys.platform == "linux":
+            assert "computing with 1 torch thread(s), 2 native kernel thread(s)" in mixed_swarm.procs["20:30"].log()
+            assert "computing with 1 torch thread(s), 1 native kernel thread(s)" in mixed_swarm.procs["10:20"].log()
         mixed = [Link(spans[mixed_swarm.peers[b]], *map(int, b.split(":"))) for b in LAYOUT]
         full = [Link(spans[mixed_swarm.peers["0:30"]], 0, 30)]
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL_ID).path)

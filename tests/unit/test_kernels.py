@@ -19,6 +19,7 @@ import platform
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,77 @@ def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(native_buil
     for rows in (2, 3, 4, 5, 7, 16, 133):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
     assert torch.equal(layer(x[50:61]), alone[50:61])
+
+
+@pytest.fixture
+def split_every_call(native_build):
+    """The native build with calls split over its helper threads however small they are; one thread again after."""
+    native_build.affine_set_min_work(0, cpu.SPIN_NS)
+    yield native_build
+    cpu.set_threads(1, native_build)
+    native_build.affine_set_min_work(cpu.MIN_WORK, cpu.SPIN_NS)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(split_every_call, method):
+    # 97 outputs: parts of whole 16-row tiles and a partial last one; 7 outputs: one tile, never split
+    for out_features in (97, 7):
+        layer = QuantLinear(nn.Linear(1600, out_features), method, "native")
+        x = torch.randn(133, 1600, generator=torch.Generator().manual_seed(3))
+        alone = {rows: layer(x[:rows]) for rows in (2, 5, 16, 133)}  # one row is never split
+        for threads in (2, 3, 4):
+            assert cpu.set_threads(threads, split_every_call) == threads
+            for rows, expected in alone.items():
+                before = split_every_call.affine_split_calls()
+                assert torch.equal(layer(x[:rows]), expected), (out_features, threads, rows)
+                split = split_every_call.affine_split_calls() - before
+                assert split == (1 if out_features > 16 and sys.platform == "linux" else 0), (out_features, rows)
+            before = split_every_call.affine_split_calls()
+            layer(x[:1])
+            assert split_every_call.affine_split_calls() == before  # one row: never split
+        cpu.set_threads(1, split_every_call)
+
+
+def test_native_kernel_threads_serve_callers_on_several_threads_at_once(split_every_call):
+    # the pool runs one call at a time: a call that finds it busy computes on its own thread, with the same result
+    import concurrent.futures
+
+    layer = QuantLinear(nn.Linear(576, 200), "int4", "native")
+    inputs = [torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) for rows in range(1, 9)]
+    expected = [layer(x) for x in inputs]
+    cpu.set_threads(2, split_every_call)
+    before = split_every_call.affine_split_calls()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: [layer(inputs[i % 8]) for _ in range(50)], range(8)))
+    for i, outputs in enumerate(results):
+        assert all(torch.equal(out, expected[i % 8]) for out in outputs), i
+    assert split_every_call.affine_split_calls() > before or sys.platform != "linux"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_after_the_kernel_threads_started_computes_alone(split_every_call):
+    layer = QuantLinear(nn.Linear(576, 200), "int4", "native")
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4))
+    expected = layer(x)
+    cpu.set_threads(2, split_every_call)
+    layer(x)  # the helper runs
+    pid = os.fork()
+    if pid == 0:  # the child: no helper thread; a split call would wait for it forever
+        ok = False
+        try:
+            ok = torch.equal(layer(x), expected) and split_every_call.affine_threads() == 1
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in the kernel")
 
 
 @needs_cc

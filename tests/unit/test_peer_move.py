@@ -72,3 +72,28 @@ async def test_a_failed_load_serves_the_old_span_again(peer):
     assert peer.loads == [(3, 6), (0, 3)]
     assert (peer.start, peer.end, peer.state) == (0, 3, PeerState.ONLINE)
     assert peer.backend is not None and peer.handler.backend is peer.backend and peer.backend.span.start == 0
+
+
+@pytest.mark.parametrize(("quant", "num_threads", "expected"), [
+    ("int4", 0, (1, "cpus")),  # the native kernel on every CPU the process may use, torch on one
+    ("int8", 3, (1, 3)),
+    ("none", 2, (2, 1)),  # oneDNN's float32 linears: torch's threads, the kernel unused
+])
+def test_num_threads_go_to_the_native_kernel_or_to_torch(monkeypatch, quant, num_threads, expected):
+    from swarm.model.precision import Precision
+    from swarm.server import peer as peer_module
+
+    monkeypatch.setattr(peer_module, "available_cpus", lambda: 5)
+    peer = Peer.__new__(Peer)
+    peer.settings = SimpleNamespace(num_threads=num_threads)
+    peer.precision = Precision("cpu", torch.float32, quant)
+    torch_threads, kernel_threads = expected
+    assert peer.threads() == (torch_threads, 5 if kernel_threads == "cpus" else kernel_threads)
+
+
+def test_available_cpus_is_the_affinity_mask():
+    import os
+
+    from swarm.server.peer import available_cpus
+
+    assert available_cpus() == min(16, len(os.sched_getaffinity(0)))
