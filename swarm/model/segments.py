@@ -8,12 +8,18 @@ attention must see each session's own keys. So while a mixed forward runs (`mixe
   session's own SpanKVCache and keeps what each session may attend to;
 - the layers' attention implementation is `segments_attention` (registered with transformers as "swarm_segments"
   and set on the span's config by `enable`): it runs the family's own attention (SDPA or its eager function, with
-  its scaling, GQA, soft-capping) once for all decode rows (right-padded, with a mask) and once per prefill chunk
-  (its causal mask, as if alone), and puts the outputs back in sequence order.
+  its scaling, GQA, soft-capping) for the decode rows and once per prefill chunk (its causal mask, as if alone),
+  and puts the outputs back in sequence order. Decode rows: where the family's attention is transformers' plain
+  SDPA, torch's SDPA for each row over that row's own keys (no copy, no mask; a sliding layer's row takes its
+  window's keys; transformers' wrapper is skipped, it costs as much as a short row's attention); otherwise the
+  family's function once for all of them, right-padded under a mask. A batch of decode rows
+  (BlockSpan.forward_batch) runs the same way.
 Outside a mixed forward `segments_attention` is the family's own attention, unchanged.
 
-A session's result is the same as its step run alone: its tokens meet the same weights (a row's output of the
-linears does not depend on the other rows) and attention sees exactly its own keys.
+A session's result is its step run alone: its tokens meet the same weights (a row's output of the linears does not
+depend on the other rows) and attention sees exactly its own keys: the same bits for a decode row of a plain-SDPA
+family like Llama (tests/unit/test_span.py), within rounding where a padded batch, a sliding window or routed experts
+reorder the sums.
 """
 
 from __future__ import annotations
@@ -121,7 +127,14 @@ def segments_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         starts.append(offset)
         offset += segment.tokens
     rows = [i for i, s in enumerate(plan.segments) if s.tokens == 1]
-    if rows:
+    direct = _direct_sdpa(original, query, kwargs) if rows else None
+    if direct is not None:  # plain SDPA: each decode row against its own keys, without a mask or a copy
+        for i in rows:
+            keys, values = plan.keys[i]
+            if window is not None:  # a sliding layer: the last `window` keys, the new one included
+                keys, values = keys[:, :, -window:], values[:, :, -window:]
+            out[0, starts[i]] = direct(query[:, :, starts[i] : starts[i] + 1], keys, values)[0, :, 0]
+    elif rows:  # the family's own function, once for all decode rows: right-padded, under a mask
         keys, values = pad_rows([plan.keys[i] for i in rows])
         lengths = torch.tensor([plan.segments[i].position + 1 for i in rows], device=query.device)
         mask = padded_decode_mask(lengths, window, query.dtype)
@@ -138,6 +151,26 @@ def segments_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         result, _ = original(module, query[:, :, start:end], keys, values, chunk_mask, **kwargs)
         out[:, start:end] = result
     return out, None
+
+
+def _direct_sdpa(original: Callable[..., Any], query: torch.Tensor,
+                 kwargs: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """torch's SDPA for one decode row ([1, heads, 1, D] against [1, kv_heads, K, D] → [1, heads, 1, D]) when the
+    family's attention is transformers' plain SDPA (no soft-capping, sinks or dropout): what that function computes
+    for one unmasked query, without its per-call wrapping, which costs as much as the attention of a short row.
+    None otherwise (the family's own function is called per row)."""
+    if original is not ALL_ATTENTION_FUNCTIONS.get("sdpa") or kwargs.get("dropout", 0.0):
+        return None
+    if set(kwargs) - {"dropout", "scaling", "sliding_window", "position_ids", "cache_position", "use_cache",
+                      "is_causal"}:
+        return None
+    scaling = kwargs.get("scaling")
+
+    def attend(row: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(row, keys, values, scale=scaling,
+                                                                enable_gqa=row.shape[1] != keys.shape[1])
+
+    return attend
 
 
 ALL_ATTENTION_FUNCTIONS.register(NAME, segments_attention)

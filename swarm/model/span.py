@@ -181,13 +181,17 @@ class BlockSpan(nn.Module):
         cache is caches[i], at positions[i] → [N, 1, H].
 
         The layers see one batch (the weights are read once for all rows: on a memory-bound CPU or GPU this is what
-        makes N sessions cost about one). Each layer's keys/values are appended to every row's own cache and handed
+        makes N sessions cost about one). Where the family mixes sessions in one sequence (`mixes`: all but
+        Falcon) the rows are one-token segments of forward_mixed (for plain-SDPA families each row's attention runs
+        over its own cached keys, as alone: a Llama-family row gives the same bits batched or alone; see
+        swarm.model.segments). Otherwise each layer's keys/values are appended to every row's own cache and handed
         to attention as one right-padded batch, with an additive mask hiding each row's padding (and, for a sliding
-        layer, what falls out of that row's window). Padding costs a copy of the rows' cached keys/values per layer;
-        that is small next to the weights for the contexts a CPU peer serves, and keeps the transformers layer
-        untouched (any family, SDPA or eager)."""
+        layer, what falls out of that row's window)."""
         if hidden.shape[1] != 1 or len(caches) != hidden.shape[0] or len(positions) != len(caches):
             raise ValueError("forward_batch takes one new token per session")
+        if self.mixes:  # one sequence of one-token segments: each row's attention over its own keys, no padding
+            steps = [segments.Segment(cache, position, 1) for cache, position in zip(caches, positions, strict=True)]
+            return self.forward_mixed(hidden.reshape(1, *hidden.shape[::2]), steps, blocks).reshape(hidden.shape)
         for cache, position in zip(caches, positions, strict=True):
             cache.rewind(position)
         position_ids = torch.tensor(positions, device=hidden.device)[:, None]

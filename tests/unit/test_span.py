@@ -190,9 +190,10 @@ class _Bare(torch.nn.Module):
 
 
 @pytest.mark.parametrize("lengths", [(3, 9, 6), (7, 7, 7)])  # padded; all one length (no padding)
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "falcon"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "mixtral", "falcon"])
 def test_batched_decode_of_sessions_of_different_lengths_equals_each_alone(tiny_model_dir, family, lengths):
-    # gemma2's sliding window (4) is shorter than every session here: each row needs its own window in the mask
+    # gemma2's and gemma3's sliding window (4) is shorter than every session here: each row needs its own window
+    # (gemma2, eager: in the padded batch's mask; gemma3, SDPA: its row's last 4 keys)
     source = ModelSource(family, tiny_model_dir(family))
     span = load_span(source, 0, 6)
     g = torch.Generator().manual_seed(5)
@@ -206,7 +207,12 @@ def test_batched_decode_of_sessions_of_different_lengths_equals_each_alone(tiny_
         step = torch.randn(len(prompts), 1, 64, generator=g)
         expected = torch.cat([span(step[i : i + 1], alone[i], positions[i]) for i in range(len(prompts))])
         got = span.forward_batch(step, batched, positions)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        if family == "llama":  # each row through the linears alone or batched (oneDNN's packed weights: the same
+            # bits) and its attention over its own keys, as alone: the same bits whoever it is batched with
+            assert torch.equal(got, expected), (got - expected).abs().max()
+        else:  # within rounding: falcon and gemma2 (eager attention) pad the batch under a mask; gemma3's row
+            # attends to its window's keys where alone masks the others; mixtral's experts compute their rows together
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         positions = [p + 1 for p in positions]
     assert [c.length for c in batched] == positions
 
@@ -239,3 +245,19 @@ def test_steps_of_several_sessions_in_one_sequence_equal_each_alone(tiny_model_d
             torch.testing.assert_close(have, want, atol=1e-5, rtol=0)
         assert [c.length for c in mixed] == [c.length for c in alone]
         plan = [(i, 1, alone[i].length) for i, _, _ in plan]  # then every session decodes, in one forward
+
+
+@pytest.mark.parametrize(("family", "direct"), [("llama", True), ("gemma2", False)])
+def test_decode_rows_call_torch_sdpa_directly_only_for_plain_sdpa_attention(tiny_model_dir, monkeypatch, family,
+                                                                           direct):
+    # llama: transformers' SDPA with its usual arguments, so each row calls torch's function itself; gemma2 (eager,
+    # soft-capping): its own attention function, once for the padded rows
+    span = load_span(ModelSource(family, tiny_model_dir(family)), 0, 2)
+    chosen = []
+    real = segments._direct_sdpa
+    monkeypatch.setattr(segments, "_direct_sdpa", lambda *a: chosen.append(real(*a) is not None) or real(*a))
+    caches = [span.new_cache(32) for _ in range(3)]
+    for i, cache in enumerate(caches):
+        span(torch.randn(1, 4 + i, span.hidden_size), cache, 0)
+    span.forward_batch(torch.randn(3, 1, span.hidden_size), caches, [c.length for c in caches])
+    assert chosen and set(chosen) == {direct}
