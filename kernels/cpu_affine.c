@@ -412,7 +412,8 @@ static void affine_portable(const float *x, int64_t m, int64_t k, const uint8_t 
 }
 #endif
 
-static int64_t affine_scratch_floats_for(int64_t k) {
+/* The floats of scratch affine_linear needs for K input features. */
+int64_t affine_scratch_floats(int64_t k) {
     (void)k;
     return SCRATCH_FLOATS(k);
 }
@@ -514,7 +515,7 @@ static void *helper(void *arg) {
         seen = serial;
         job_t *j = atomic_exchange(&slot[part], NULL);
         if (j == NULL) continue;  /* taken with an earlier bump */
-        const int64_t need = affine_scratch_floats_for(j->k);
+        const int64_t need = affine_scratch_floats(j->k);
         if (need > capacity) {
             free(scratch);
             scratch = aligned_alloc(64, (size_t)((need * 4 + 63) / 64 * 64));
@@ -652,12 +653,6 @@ void affine_set_min_work(int64_t work, int64_t spin) {
     (void)work;
     (void)spin;
 #endif
-}
-
-/* The floats of scratch affine_linear needs for K input features. */
-int64_t affine_scratch_floats(int64_t k) {
-    (void)k;
-    return SCRATCH_FLOATS(k);
 }
 
 /* How many partial sums a row is split into (each of K / lanes products in increasing k, then added pairwise). */
