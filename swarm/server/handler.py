@@ -119,10 +119,9 @@ class SpanHandler:
                 async for response in responses:
                     async with asyncio.timeout(self.limits.frame_timeout):  # a client that stops reading
                         await send_message(writer, response)
-            # Half-close, then give the client a moment to read what is in flight (an error's reason) and hang up:
-            # closing outright resets the stream, and a reset may drop the last message before it is read.
-            if writer.can_write_eof():
-                writer.write_eof()
+            # Wait for the client to read what is in flight (an error's reason) and hang up first. Neither a close
+            # nor a half-close of ours may come first: on either, p2pd closes its stream for reading, then resets it
+            # (doStreamPipe), and a reset makes the client's side discard a frame it has received and not read yet.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LINGER_SECONDS):
                     while await reader.read(1 << 16):  # discard, never buffer, whatever still arrives

@@ -22,6 +22,7 @@ from swarm.codec import make_request, receive_message, unpack_metadata
 from swarm.model.source import ModelSource
 from swarm.model.span import load_span
 from swarm.protocol import INFERENCE_HANDLER, PROTOCOL_VERSION, ErrorCode
+from swarm.server import handler as handler_module
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.handler import SpanHandler, StreamLimits
 from swarm.server.memory import KVBudget
@@ -165,4 +166,67 @@ async def test_a_client_that_stops_reading_loses_its_session_after_the_frame_tim
             await handler.handle_stream(info, reader, StuckWriter())  # type: ignore[arg-type]
         assert not backend.sessions and backend.budget.free == 512
     finally:
+        backend.shutdown()
+
+
+class RecordingWriter:
+    """A stream that takes everything at once and records how the peer ends it."""
+
+    def __init__(self):
+        self.data = b""
+        self.ends: list[str] = []
+
+    def write(self, data):
+        self.data += data
+
+    async def drain(self):
+        pass
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.ends.append("half-close")
+
+    def close(self):
+        self.ends.append("close")
+
+
+@pytest.mark.parametrize("client_hangs_up", [True, False])
+async def test_a_refused_stream_is_ended_by_the_client_or_after_the_linger_never_first_by_the_peer(
+        tiny_model_dir, monkeypatch, client_hangs_up):
+    # Through p2pd, a close or half-close from the peer first makes the daemon reset the stream, and a reset makes the
+    # client's side drop the error frame it has received but not read yet (seen: 4 of 200 refusals lost under load).
+    monkeypatch.setattr(handler_module, "LINGER_SECONDS", 1.0)
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=4, max_length=64), KVBudget(512))
+    handler = SpanHandler(backend, lambda: None,  # type: ignore[arg-type, return-value]
+                          StreamLimits(idle_timeout=IDLE_TIMEOUT))
+    reader, writer = asyncio.StreamReader(), RecordingWriter()
+    reader.feed_data(frame(step(0)))  # a step before any open message: refused
+    info = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "refused"))
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(handler.handle_stream(info, reader, writer))  # type: ignore[arg-type]
+
+    async def answered():
+        return bool(writer.data)
+
+    try:
+        await poll(answered, timeout=5)
+        answered_at = loop.time()
+        await asyncio.sleep(0.3)
+        assert writer.ends == []  # the error is out; the stream stays open while the client may still read it
+        if client_hangs_up:
+            reader.feed_eof()
+        async with asyncio.timeout(5):
+            await task
+        assert writer.ends == ["close"]
+        if not client_hangs_up:  # a client that never hangs up is closed on after the linger
+            assert loop.time() - answered_at >= 1.0 - 0.1
+        sent = asyncio.StreamReader()
+        sent.feed_data(writer.data)
+        answer = unpack_metadata((await receive_message(sent, runtime_pb2.ExpertResponse, 1 << 20)).metadata)
+        assert answer["type"] == "error" and answer["code"] == ErrorCode.BAD_REQUEST, answer
+    finally:
+        task.cancel()
         backend.shutdown()
