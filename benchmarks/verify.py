@@ -11,7 +11,11 @@ generate the same greedy tokens, interleaved (the order rotates every round):
 - `warm_waiting`: the same with every check holding its step (`background=False`, the policy before background
   checks);
 - `cold`: the default policy on a fresh client per run: every step of a new peer is checked until it has passed
-  `warmup` checks, then 1 / (1 + passed) of them.
+  `warmup` checks, then 1 / (1 + passed) of them;
+- `floor`: the default policy on a client whose record with both replicas is already long enough (1 / rate - 1
+  passed checks each) that their steps are checked at the default rate (`VerificationPolicy.rate`): a gateway that
+  has served for a long while. That record is entered directly, as if earned: earning it takes ~1 / (2 rate²) steps per
+  replica at falling rates (~10,000 steps for the two here, a quarter of an hour); only the count differs.
 A check re-runs the step on the other replica from the session's kept inputs (a prefill over its history), on the
 same two cores here; in a real swarm the other replica has its own.
 
@@ -70,10 +74,15 @@ async def connect(swarm: LocalSwarm, policy: VerificationPolicy) -> SwarmClient:
 async def overhead(swarm: LocalSwarm, prompt_ids: list[int], args) -> dict:
     clients = {"off": await connect(swarm, VerificationPolicy(rate=0)),
                "warm": await connect(swarm, VerificationPolicy()),
-               "warm_waiting": await connect(swarm, VerificationPolicy(background=False))}
-    runs: dict[str, list[dict]] = {"off": [], "warm": [], "warm_waiting": [], "cold": []}
+               "warm_waiting": await connect(swarm, VerificationPolicy(background=False)),
+               "floor": await connect(swarm, VerificationPolicy())}
+    runs: dict[str, list[dict]] = {"off": [], "warm": [], "warm_waiting": [], "cold": [], "floor": []}
     try:
         await generate(clients["off"], prompt_ids, 4)
+        floor_record = round(1 / VerificationPolicy().rate) - 1
+        for span in await clients["floor"].spans(fresh=True):
+            for _ in range(floor_record):
+                clients["floor"].router.health.check_passed(span.peer_id)
         warm_record = {name: [await generate(clients[name], prompt_ids, args.new_tokens)
                               for _ in range(args.warm_generations)] for name in ("warm", "warm_waiting")}
         names = list(runs)
@@ -88,7 +97,7 @@ async def overhead(swarm: LocalSwarm, prompt_ids: list[int], args) -> dict:
                 else:
                     runs[name].append(await generate(clients[name], prompt_ids, args.new_tokens))
         passed = {name: {peer_id[-8:]: n for peer_id, n in clients[name].router.health.passed_checks().items()}
-                  for name in ("warm", "warm_waiting")}
+                  for name in ("warm", "warm_waiting", "floor")}
     finally:
         for client in clients.values():
             await client.close()
@@ -96,6 +105,7 @@ async def overhead(swarm: LocalSwarm, prompt_ids: list[int], args) -> dict:
     out: dict = {"tokens_identical": all(r["tokens"] == reference for per in runs.values() for r in per),
                  "warm_clients_checks_passed_before_measuring": {name: sum(r["checks_passed"] for r in record)
                                                                  for name, record in warm_record.items()},
+                 "floor_client_record_entered": floor_record,
                  "warm_clients_record_at_end": passed}
     for name, per in runs.items():
         out[name] = {"decode_tok_s": [round(r["decode_tok_s"], 2) for r in per],
@@ -167,7 +177,7 @@ async def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warm-generations", type=int, default=4)
     parser.add_argument("--liar-tokens", type=int, default=32)
     parser.add_argument("--late-after", type=int, default=8, help="the late liar's right forwards before its lies")
