@@ -8,6 +8,7 @@ becomes an SSE error event followed by `[DONE]`.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -29,14 +30,18 @@ from app.protocol.responses import (
     CompletionChoice,
     CompletionLogprobs,
     DeltaMessage,
+    DeltaToolCall,
     FinishReason,
+    FunctionCall,
     TextCompletion,
     TextCompletionChunk,
     TokenLogprob,
+    ToolCallOut,
     Usage,
 )
 from app.rendering import DONE, EventStream, json_response, sse
 from app.serving import Delta, Generation, Job, ServingEngine
+from app.structured import ToolCall, grammar_for, offered_tools, template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +57,17 @@ class Collected:
     text: str = ""
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.logprobs.extend(delta.logprobs)
+        self.tool_calls.extend(delta.tool_calls)
+
+
+def _call(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 class _Answer:
@@ -69,14 +80,17 @@ class _Answer:
 
 
 class ChatAnswer(_Answer):
-    """/v1/chat/completions: a `chat.completion` body, or `chat.completion.chunk`s opening with the role."""
+    """/v1/chat/completions: a `chat.completion` body, or `chat.completion.chunk`s opening with the role. Tool calls
+    (read out of the text by the engine) go in `tool_calls`; a stream sends each one whole, in the chunk of the step
+    that completed it; a choice of calls alone has null content."""
 
     prefix = "chatcmpl"
 
     def body(self, choices: list[Collected], usage: Usage, logprobs: bool) -> ChatCompletion:
         return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                       logprobs=ChatLogprobs(content=c.logprobs) if logprobs else None)
+            ChatChoice(index=i, message=AssistantMessage(content=c.text if c.text or not c.tool_calls else None,
+                                                         tool_calls=[_call(k) for k in c.tool_calls] or None),
+                       finish_reason=c.finish_reason, logprobs=ChatLogprobs(content=c.logprobs) if logprobs else None)
             for i, c in enumerate(choices)])
 
     def opening(self, n: int) -> ChatCompletionChunk | None:
@@ -84,9 +98,12 @@ class ChatAnswer(_Answer):
                             for i in range(n)])
 
     def chunk(self, deltas: list[Delta]) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text or None),
-                                            logprobs=ChatLogprobs(content=d.logprobs) if d.logprobs else None,
-                                            finish_reason=d.finish_reason) for d in deltas])
+        return self._chunk([ChatChunkChoice(
+            index=d.index, delta=DeltaMessage(content=d.text or None, tool_calls=[
+                DeltaToolCall(index=k.index, id=k.id, function=FunctionCall(name=k.name, arguments=k.arguments))
+                for k in d.tool_calls] or None),
+            logprobs=ChatLogprobs(content=d.logprobs) if d.logprobs else None, finish_reason=d.finish_reason)
+            for d in deltas])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)
@@ -165,7 +182,7 @@ async def _events(generation: Generation, request: ChatCompletionRequest | Compl
         yield sse(opening, exclude)
     try:
         async for step in generation:
-            deltas = [d for d in step if d.text or d.finish_reason or d.logprobs]
+            deltas = [d for d in step if d.text or d.finish_reason or d.logprobs or d.tool_calls]
             if deltas:
                 yield sse(answer.chunk(deltas), exclude)
     except Exception as e:
@@ -179,14 +196,19 @@ async def _events(generation: Generation, request: ChatCompletionRequest | Compl
 
 
 async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> list[Job]:
-    """The request's one job: its size checked, then its messages templated and tokenized in a worker thread."""
+    """The request's one job: its size checked, then its messages templated and tokenized, and its grammar (a
+    response_format, forced tool calls) compiled, in worker threads."""
     engine.check_model(request.model)
     engine.check_choices(request.n)
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                for m in request.messages]
-    engine.check_prompt_size(sum(len(m["content"]) for m in messages), "messages")
+    messages, tools = template_messages(request, engine.backend.native_tools)
+    engine.check_prompt_size(sum(len(str(m.get("content") or "")) for m in messages)
+                             + len(json.dumps(tools or [])), "messages")
+    grammar = grammar_for(request)
+    if grammar is not None:
+        await engine.check_grammar(grammar, "response_format" if request.response_format and not offered_tools(
+            request) else "tools")
     try:
-        prompt_ids = await engine.tokenize(engine.backend.encode_chat, messages)
+        prompt_ids = await engine.tokenize(engine.backend.encode_chat, messages, tools)
     except ValueError as e:  # the template refused these messages: its reason is for the client
         raise APIError(400, f"the chat template could not render these messages: {str(e)[:300]}", "messages",
                        "invalid_value") from e
@@ -194,7 +216,8 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
         logger.warning("the chat template failed: %r", e)
         raise APIError(400, "the chat template could not render these messages", "messages", "invalid_value") from e
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    return [engine.make_job(request, prompt_ids, logprobs)]
+    names = frozenset(t.function.name for t in offered_tools(request))
+    return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names)]
 
 
 async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[Job]:

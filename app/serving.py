@@ -29,7 +29,8 @@ from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from app.settings import GatewaySettings
-from swarm.client.requests import GenerationRequest, TokenEvent
+from app.structured import ToolCall, ToolCallReader
+from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 
 T = TypeVar("T")
 MIN_TEMPERATURE = 1e-5  # below it (and top_p below it), sampling is greedy: the limit, without float32 overflow
@@ -38,15 +39,18 @@ CHARS_PER_TOKEN = 32  # the default prompt size cap: this many characters per to
 
 class GenerationBackend(Protocol):
     """What the gateway needs of a text model. `encode_chat` raises ValueError, with a message for the client, for
-    messages its chat template refuses; the tokenizer methods are called from worker threads."""
+    messages its chat template refuses, and `check_grammar` for a grammar it cannot enforce; the tokenizer methods
+    and `check_grammar` are called from worker threads."""
 
     model_id: str
     context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    native_tools: bool  # its chat template renders `tools` (else app.structured puts them in the messages)
 
     async def missing_blocks(self) -> list[tuple[int, int]]: ...
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]: ...
+    def check_grammar(self, grammar: Grammar) -> None: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
@@ -137,6 +141,7 @@ class Delta:
     text: str
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # completed in this step (their text is not in `text`)
 
 
 @dataclass
@@ -149,6 +154,7 @@ class Job:
     index_offset: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
+    tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
@@ -160,6 +166,18 @@ def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float
     text = backend.token_text(event.token_id)
     return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
                         top_logprobs=[_top_logprob(backend, t, lp) for t, lp in event.top_logprobs])
+
+
+def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
+    """Move the tool calls out of a delta's text (app.structured). A choice that called a tool and ended by itself
+    finishes with "tool_calls"; so does one that repeats a call (it is ended there)."""
+    delta.text, delta.tool_calls = reader.feed(delta.text)
+    if reader.repeated and delta.finish_reason is None:
+        delta.finish_reason = "tool_calls"
+    if delta.finish_reason is not None:
+        delta.text += reader.finish()
+        if reader.calls and delta.finish_reason == "stop":
+            delta.finish_reason = "tool_calls"
 
 
 class ServingEngine:
@@ -207,8 +225,16 @@ class ServingEngine:
         """`encode(*args)` in a worker thread, at most `gateway_tokenize_threads` at once."""
         return await anyio.to_thread.run_sync(encode, *args, limiter=self._tokenizers)
 
+    async def check_grammar(self, grammar: Grammar, param: str) -> None:
+        """400 naming the reason when the backend cannot enforce `grammar` (compiled in a worker thread)."""
+        try:
+            await self.tokenize(self.backend.check_grammar, grammar)
+        except ValueError as e:
+            raise APIError(400, f"{param} cannot be enforced: {str(e)[:300]}", param, "invalid_value") from e
+
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-                 logprobs: int | None, index_offset: int = 0) -> Job:
+                 logprobs: int | None, index_offset: int = 0, grammar: Grammar | None = None,
+                 tool_names: frozenset[str] = frozenset()) -> Job:
         context, vocab = self.backend.context_length, self.backend.vocab_size
         self.check_choices(request.n)
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
@@ -230,9 +256,9 @@ class ServingEngine:
             temperature=0.0 if greedy else request.temperature, top_p=1.0 if greedy else request.top_p,
             seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids,
+            logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
         )
-        return Job(prompt_ids, generation, request.stop_strings, index_offset)
+        return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names)
 
     def _default_limit(self, prompt_tokens: int) -> int:
         rest = self.backend.context_length - prompt_tokens
@@ -243,6 +269,7 @@ class ServingEngine:
         """Per step, the text deltas of the job's choices; every choice ends with a finish_reason."""
         n, limit = job.request.n, job.request.max_new_tokens
         texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
+        readers = [ToolCallReader(set(job.tool_names)) for _ in range(n)] if job.tool_names else None
         counts, finished = [0] * n, [False] * n
         stream = self.backend.generate(job.request)
         try:
@@ -268,6 +295,8 @@ class ServingEngine:
                         elif counts[i] >= limit:
                             delta.text += texts[i].flush()
                             delta.finish_reason = "length"
+                    if readers is not None:
+                        _read_calls(readers[i], delta)
                     finished[i] = delta.finish_reason is not None
                     step.append(delta)
                 if step:
@@ -278,6 +307,8 @@ class ServingEngine:
             await stream.aclose()
             job.completion_tokens = sum(counts)
         leftovers = [Delta(i + job.index_offset, texts[i].flush(), "length") for i in range(n) if not finished[i]]
+        for delta in leftovers if readers is not None else []:
+            _read_calls(readers[delta.index - job.index_offset], delta)  # type: ignore[index]
         if leftovers:
             yield leftovers
 

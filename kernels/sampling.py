@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-5
+MIN_LOGPROB = -9999.0  # what OpenAI reports for a token that cannot be chosen (JSON has no -inf)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def adjust_logits(logits: torch.Tensor, counts: torch.Tensor, adjust: LogitsAdju
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen tokens [B] and the k most likely tokens ([B, k] ids, [B, k] logprobs)."""
-    logprobs = logits.float().log_softmax(dim=-1)
+    logprobs = logits.float().log_softmax(dim=-1).clamp(min=MIN_LOGPROB)  # a masked token: -9999, as OpenAI
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])
     return logprobs.gather(-1, chosen[:, None]).squeeze(-1), ids, values
 
@@ -102,24 +104,38 @@ class Choice:
     top_logprobs: torch.Tensor | None = None  # [B, k]
 
 
+class Constraint(Protocol):
+    """Which tokens each row may take next (e.g. a grammar: swarm.client.grammar.Constraint)."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+    def advance(self, chosen: torch.Tensor) -> None: ...
+
+
 class Sampler:
-    """One request's sampling: adjustments (penalties over the tokens chosen so far, logit bias), the choice (greedy
-    or seeded sampling), and log-probabilities when asked (`logprobs`: how many top alternatives; None: none).
+    """One request's sampling: adjustments (penalties over the tokens chosen so far, logit bias), a constraint (the
+    tokens it does not allow are never chosen, whatever the other parameters), the choice (greedy or seeded
+    sampling), and log-probabilities when asked (`logprobs`: how many top alternatives; None: none), of the
+    distribution sampled from.
 
         sampler = Sampler(rows=2, vocab_size=V, params=SamplingParams(temperature=0.7, seed=1), logprobs=3)
         choice = sampler(logits)   # logits [2, V] → Choice; call once per position, in order
     """
 
     def __init__(self, rows: int, vocab_size: int, params: SamplingParams = SamplingParams(),
-                 adjust: LogitsAdjustments = LogitsAdjustments(), logprobs: int | None = None):
-        self.params, self.adjust, self.logprobs = params, adjust, logprobs
+                 adjust: LogitsAdjustments = LogitsAdjustments(), logprobs: int | None = None,
+                 constraint: Constraint | None = None):
+        self.params, self.adjust, self.logprobs, self.constraint = params, adjust, logprobs, constraint
         self.generator = params.generator()
         self.counts = torch.zeros(rows, vocab_size) if adjust.active else None
 
     def __call__(self, logits: torch.Tensor) -> Choice:
         if self.counts is not None:
             logits = adjust_logits(logits, self.counts, self.adjust)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         chosen = sample(logits, self.params, self.generator)
+        if self.constraint is not None:
+            self.constraint.advance(chosen)
         if self.counts is not None:
             self.counts[torch.arange(len(chosen)), chosen] += 1
         if self.logprobs is None:

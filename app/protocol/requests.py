@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_LENGTH = 256  # characters: every streamed token is checked against the end of each stop string
 MAX_MESSAGES = 2048
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_TOOLS = 128  # as OpenAI
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what a 64-bit generator seed takes
 _TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is true, int("²") fails
 
@@ -43,24 +44,56 @@ class _Lenient(BaseModel):
 
 
 class _Request(_Lenient):
-    """A whole request body."""
+    """A whole request body. A field sent as null is taken as absent (its default), as OpenAI does."""
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
         if _has_lone_surrogate(data):
             raise ValueError("the request holds a lone UTF-16 surrogate (e.g. \\ud800): text must be valid Unicode")
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
         return data
 
 
 class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type not in ("text", "input_text", "output_text"):
+            raise ValueError(f"content parts of type {self.type!r} are not supported: this model reads text only")
+        return self
+
+
+class ToolCallFunction(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1 << 20)
+
+
+class MessageToolCall(_Lenient):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
+    name: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -74,8 +107,46 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # function and schema names, as OpenAI
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} takes any JSON value
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs its json_schema")
+        return self
+
+
+class FunctionDefinition(_Lenient):
+    name: str = Field(pattern=_NAME)
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments (an object); None: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _SamplingRequest(_Request):
@@ -116,6 +187,12 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="after")
+    def _stream_options(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -123,11 +200,21 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice 'required' or a named function needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
         return self
 
     @property

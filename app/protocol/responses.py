@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, SerializeAsAny, SerializerFunctionWrapHandler, model_serializer
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 CHUNK_WITHOUT_USAGE = {"usage"}  # `exclude` for chunks of a stream that did not ask for usage
 
 
@@ -65,9 +65,36 @@ class CompletionLogprobs(BaseModel):
 
 
 # ---- chat completions ------------------------------------------------------------------------------------------
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCallOut):
+    """A tool call in a stream: sent whole, in one chunk (the SDKs accumulate by `index`)."""
+
+    index: int
+
+
 class AssistantMessage(BaseModel):
+    """content is null when the answer is tool calls only; `tool_calls` is absent when there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_if_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class DeltaMessage(BaseModel):
@@ -75,6 +102,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

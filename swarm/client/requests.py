@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# JSON is generated in one style, as Python's json.dumps writes it: a small model given free whitespace can fill its
+# whole budget with it. A JSON Schema (or a Lark grammar's `%json {...}`) carries it as llguidance's "x-guidance".
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What generated text must match (swarm.client.grammar enforces it): `kind` "json_schema" (`source` a JSON
+    Schema, as JSON text) or "lark" (llguidance's Lark dialect, where `%json {...}` embeds a schema)."""
+
+    kind: Literal["json_schema", "lark"]
+    source: str
 
 
 @dataclass(frozen=True)
@@ -18,6 +32,7 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
+    grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)
 
 
 @dataclass(frozen=True)

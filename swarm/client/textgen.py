@@ -27,8 +27,9 @@ from transformers import AutoTokenizer
 
 from kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 from swarm.client.client import SwarmClient
+from swarm.client.grammar import Grammars
 from swarm.client.pipeline import StepOutput
-from swarm.client.requests import GenerationRequest, TokenEvent
+from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 
@@ -53,6 +54,9 @@ class SwarmTextService:
         self.context_length: int = getattr(head.config, "max_position_embeddings", 2048)
         self.vocab_size: int = head.vocab_size
         self.eos_token_ids: tuple[int, ...] = head.eos_token_ids
+        # a grammar ends its text with the first end-of-text token (the one the chat template closes turns with)
+        self.native_tools = "tools" in str(getattr(tokenizer, "chat_template", None) or "")
+        self.grammars = Grammars(tokenizer, self.vocab_size, _grammar_end(tokenizer, self.eos_token_ids))
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None,
@@ -66,14 +70,20 @@ class SwarmTextService:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
         return await self.client.missing_blocks()
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt of a chat; ValueError with the template's own reason when it refuses the messages (a
-        template's raise_exception, e.g. roles that do not alternate)."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt of a chat (with `tools`, for a template that renders them: `native_tools`); ValueError with
+        the template's own reason when it refuses the messages (a template's raise_exception, e.g. roles that do
+        not alternate)."""
         try:
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            encoded = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                         tokenize=True)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template refused these messages: {e}") from e
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Raise GrammarError (a ValueError, its message for the client) if `grammar` cannot be enforced."""
+        self.grammars.check(grammar)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -89,10 +99,14 @@ class SwarmTextService:
         A single-choice session that got that far is parked for the next turn, whether the caller reads on to the
         end or closes this generator at the last event; one stopped earlier (a client that hung up) is closed."""
         n, prompt = request.n, list(request.prompt_ids)
+        constraint = None
+        if request.grammar is not None:  # compiled (cached after the gateway's check) and its first masks begun
+            constraint = await asyncio.get_running_loop().run_in_executor(
+                None, self.grammars.constraint, request.grammar, n)
         session, start = await self._session_for(prompt, request.max_new_tokens, n)
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
-                                            tuple(request.logit_bias.items())), request.logprobs)
+                                            tuple(request.logit_bias.items())), request.logprobs, constraint)
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start)
         stop_ids = set(request.stop_token_ids)
@@ -192,6 +206,14 @@ def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:
         return TokenEvent(i, token, cached_prompt_tokens=cached)
     return TokenEvent(i, token, float(step.logprobs[i]),
                       list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached)
+
+
+def _grammar_end(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> int:
+    """The end-of-text token a grammar closes with: the tokenizer's own when it stops generation, else the first."""
+    own = getattr(tokenizer, "eos_token_id", None)
+    if own in eos_token_ids or not eos_token_ids:
+        return int(own or 0)
+    return eos_token_ids[0]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -40,8 +40,14 @@ class FakeBackend:
     async def missing_blocks(self):
         return self.missing
 
-    def encode_chat(self, messages):
+    native_tools = False
+
+    def encode_chat(self, messages, tools=None):
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    def check_grammar(self, grammar):  # the real check is llguidance's (tests/e2e/test_structured.py)
+        if "unenforceable" in grammar.source:
+            raise ValueError("'unenforceable' is not a feature this fake enforces")
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

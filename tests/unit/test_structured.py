@@ -1,0 +1,213 @@
+"""Structured outputs and tool calls without a model: the grammars a request gets (checked with llguidance against
+SmolLM2's real tokenizer: what they accept and refuse), the constraint's masks, the prompt, and the tool-call reader
+(streamed in every split of the text)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from app.protocol.requests import ChatCompletionRequest
+from app.structured import ToolCallReader, grammar_for, template_messages
+from kernels.sampling import Sampler, SamplingParams
+from swarm.client.grammar import GrammarError, Grammars
+from swarm.client.requests import Grammar
+from swarm.model.source import resolve_model
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+    "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+    "additionalProperties": False}}}
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **fields)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model().path)
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer):
+    return Grammars(tokenizer, len(tokenizer), tokenizer.eos_token_id)
+
+
+def accepts(grammars, tokenizer, grammar: Grammar, text: str) -> bool:
+    """Whether the grammar takes `text` (as the tokenizer splits it) and may end after it."""
+    matcher = grammars.matcher(grammar)
+    ok = all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+    return ok and matcher.is_accepting()
+
+
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("fields, text, accepted", [
+    ({"response_format": {"type": "json_object"}}, '{"a": [1, 2], "b": {"c": null}}', True),
+    ({"response_format": {"type": "json_object"}}, '```json\n{"a": 1}\n```', False),  # nothing around the object
+    ({"response_format": {"type": "json_object"}}, '[1, 2]', False),
+    ({"tools": [ADD, WEATHER], "tool_choice": "required"}, CALL, True),
+    ({"tools": [ADD, WEATHER], "tool_choice": "required"}, f"{CALL}\n{WEATHER_CALL}", True),
+    ({"tools": [ADD, WEATHER], "tool_choice": "required", "parallel_tool_calls": False}, f"{CALL}\n{WEATHER_CALL}",
+     False),
+    ({"tools": [ADD, WEATHER], "tool_choice": "required"}, "The answer is 3.", False),
+    ({"tools": [ADD, WEATHER], "tool_choice": "required"},  # arguments must validate against the parameters
+     '<tool_call>\n{"name": "add", "arguments": {"a": "one", "b": 2}}\n</tool_call>', False),
+    ({"tools": [ADD, WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     CALL, False),
+    ({"tools": [ADD, WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     WEATHER_CALL, True),
+    ({"tools": [ADD], "response_format": {"type": "json_object"}}, CALL, True),  # auto + format: a call...
+    ({"tools": [ADD], "response_format": {"type": "json_object"}}, '{"sum": 3}', True),  # ...or the JSON
+    ({"tools": [ADD], "response_format": {"type": "json_object"}}, "3", False),
+])
+def test_the_grammar_of_a_request_accepts_what_it_asked_for_and_nothing_else(grammars, tokenizer, fields, text,
+                                                                              accepted):
+    grammar = grammar_for(request(**fields))
+    assert grammar is not None
+    assert accepts(grammars, tokenizer, grammar, text) is accepted
+
+
+def test_free_text_requests_get_no_grammar():
+    assert grammar_for(request()) is None
+    assert grammar_for(request(tools=[ADD])) is None  # auto without a format: the model chooses, in free text
+    assert grammar_for(request(tools=[ADD], tool_choice="none")) is None
+    assert grammar_for(request(response_format={"type": "text"})) is None
+
+
+@pytest.mark.parametrize("schema, feature", [
+    ({"type": "string", "format": "no-such-format"}, "format"),
+    ({"type": "object", "properties": {"x": {"$ref": "#/definitions/missing"}}}, "missing"),
+    ({"type": "unknown-type"}, "unknown-type"),
+])
+def test_a_schema_feature_that_cannot_be_enforced_is_refused_naming_it(grammars, schema, feature):
+    grammar = grammar_for(request(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema, "strict": True}}))
+    with pytest.raises(GrammarError, match=feature):
+        grammars.check(grammar)
+
+
+def test_masks_follow_each_row_and_a_complete_grammar_allows_only_end_of_text(grammars, tokenizer):
+    constraint = grammars.constraint(Grammar("json_schema", json.dumps({"enum": ["yes", "no"]})), 2)
+    logits = torch.zeros(2, len(tokenizer))
+    allowed = constraint.apply(logits) > float("-inf")
+    assert 0 < int(allowed[0].sum()) < 10 and torch.equal(allowed[0], allowed[1])
+    yes, no = (tokenizer.encode(text, add_special_tokens=False) for text in ('"yes"', '"no"'))
+    for a, b in zip(yes[:2], no[:2], strict=True):  # row 0 writes '"yes', row 1 '"no'
+        constraint.advance(torch.tensor([a, b]))
+    allowed = constraint.apply(logits) > float("-inf")
+    assert allowed[0, yes[2]] and allowed[1, no[2]]  # each may close its own string...
+    assert not allowed[:, tokenizer.eos_token_id].any()  # ...and neither may end before it has
+    constraint.advance(torch.tensor([yes[2], no[2]]))
+    allowed = constraint.apply(logits) > float("-inf")
+    assert [row.nonzero().flatten().tolist() for row in allowed] == [[tokenizer.eos_token_id]] * 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_constrained_sampler_never_picks_a_token_the_grammar_refuses(grammars, tokenizer, temperature):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    for seed in range(5):
+        constraint = grammars.constraint(Grammar("json_schema", json.dumps(schema)), 1)
+        sampler = Sampler(1, len(tokenizer), SamplingParams(temperature, seed=seed), logprobs=2,
+                          constraint=constraint)
+        generator = torch.Generator().manual_seed(seed)
+        tokens = []
+        for _ in range(40):
+            choice = sampler(torch.randn(1, len(tokenizer), generator=generator) * 5)
+            token = int(choice.token_ids[0])
+            assert choice.logprobs is not None and float(choice.logprobs[0]) > -9999.0
+            if token == tokenizer.eos_token_id:
+                break
+            tokens.append(token)
+        value = json.loads(tokenizer.decode(tokens))
+        assert set(value) == {"n"} and 0 <= value["n"] <= 99
+
+
+def test_tools_go_into_a_system_message_when_the_template_has_no_tool_format():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "4"}, {"role": "user", "content": "Thanks"}]
+    with_tools = ChatCompletionRequest(model="m", messages=messages, tools=[ADD])
+    rendered, tools = template_messages(with_tools, native_tools=False)
+    assert tools is None
+    assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.")
+    assert '"name": "add"' in rendered[0]["content"] and "<tool_call>" in rendered[0]["content"]
+    assert rendered[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2, '
+                                                           '"b": 2}}\n</tool_call>'}
+    # the tool's answer becomes a user turn, merged with the next one (templates that insist on alternation)
+    assert rendered[3] == {"role": "user", "content": "<tool_response>\n4\n</tool_response>\n\nThanks"}
+    assert len(rendered) == 4
+    native, tools = template_messages(with_tools, native_tools=True)
+    assert tools == [ADD] and native[2]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 2}
+    assert native[3] == {"role": "tool", "content": "4", "tool_call_id": "call_1"}
+
+
+TEXT = f"Let me add.\n{CALL}\n{WEATHER_CALL}\n"
+
+
+@pytest.mark.parametrize("cut", range(0, len(TEXT) + 1, 3))
+def test_the_reader_finds_the_calls_however_the_text_is_split(cut):
+    reader = ToolCallReader({"add", "get_weather"})
+    content, calls = "", []
+    for piece in (TEXT[:cut], TEXT[cut:]):
+        text, found = reader.feed(piece)
+        content, calls = content + text, calls + found
+        assert "<" not in text  # nothing of a call's markup leaks into the content
+    content += reader.finish()
+    assert content == "Let me add.\n"
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2}),
+                                                                   ("get_weather", {"city": "Paris"})]
+    assert len({c.id for c in calls}) == 2
+
+
+def test_the_reader_leaves_text_that_is_not_a_call_of_these_tools():
+    reader = ToolCallReader({"add"})
+    unknown = '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'
+    content, calls = reader.feed(f"a < b and {unknown} and <tool_call> unclosed")
+    assert calls == [] and content + reader.finish() == f"a < b and {unknown} and <tool_call> unclosed"
+
+
+def test_a_repeated_call_ends_the_answer_and_is_returned_once():
+    reader = ToolCallReader({"add"})
+    content, calls = reader.feed(f"{CALL}\n{CALL}\n{CALL}")
+    assert len(calls) == 1 and reader.repeated and content == ""
+    assert reader.finish() == ""
+
+
+CALLS_REPLY = f"Sure.\n{CALL}\n{CALL}\nnever read"
+
+
+def test_the_gateway_returns_calls_streamed_or_not_with_finish_reason_tool_calls():
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend, sse_events
+
+    backend = FakeBackend(reply=CALLS_REPLY)
+    backend.context_length = 4096  # the tools' listing is in the prompt (bytes are tokens here)
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "1+2?"}], "tools": [ADD]}
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))
+        plain = client.post("/v1/chat/completions", json={**body, "tools": None}).json()["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Sure.\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] \
+        == [("add", {"a": 1, "b": 2})]
+    deltas = [e["choices"][0] for e in events if e["choices"]]
+    streamed_calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in streamed_calls] == [(0, "add")]
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == "Sure.\n"
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    assert plain["message"]["content"] == CALLS_REPLY and "tool_calls" not in plain["message"]  # no tools: text
