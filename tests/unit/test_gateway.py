@@ -231,6 +231,18 @@ BAD_REQUESTS = {
     "top_logprobs too many": {"logprobs": True, "top_logprobs": 50},
     "over the context": {"max_tokens": 250},
     "missing model": {"model": ""},
+    "user message without content": {"messages": [{"role": "user"}]},
+    "user message with null content": {"messages": [{"role": "user", "content": None}]},
+    "audio part": {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+    "stream_options without stream": {"stream_options": {"include_usage": True}},
+    "tool_choice without tools": {"tool_choice": "required"},
+    "tool_choice naming no tool": {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                   "tool_choice": {"type": "function", "function": {"name": "g"}}},
+    "two tools of one name": {"tools": [{"type": "function", "function": {"name": "f"}}] * 2},
+    "bad function name": {"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+    "json_schema without its schema": {"response_format": {"type": "json_schema"}},
+    "schema the backend cannot enforce": {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "unenforceable"}}}},
 }
 
 
@@ -242,6 +254,15 @@ def test_bad_requests_get_400_with_the_openai_error_object(client, name):
     assert error["message"] and error["type"] == "invalid_request_error" and set(error) == {"message", "type",
                                                                                            "param", "code"}
     assert chat(client).status_code == 200  # and the next request is served
+
+
+def test_explicit_nulls_mean_absent(client, backend):
+    response = chat(client, top_p=None, temperature=None, n=None, stop=None, max_tokens=None, seed=None,
+                    logprobs=None, stream=None, stream_options=None, response_format=None, tools=None,
+                    tool_choice=None, presence_penalty=None, logit_bias=None)
+    assert response.status_code == 200, response.text
+    request = backend.requests[-1]
+    assert (request.top_p, request.temperature, request.n, request.grammar) == (1.0, 1.0, 1, None)
 
 
 def test_malformed_json_unknown_model_and_unknown_route(client):
