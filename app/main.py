@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.auth import ApiKeys
 from app.errors import install_error_handlers
 from app.guard import RequestGuard
+from app.responses_api import ConversationStore
 from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
 from app.serving import ServingEngine
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
 
     app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)
     app.state.api_keys = keys = ApiKeys(settings.api_keys)
+    app.state.conversations = ConversationStore(settings.gateway_responses_kept, settings.gateway_responses_ttl)
     install_error_handlers(app)
     # the guard runs before anything reads the body (/docs and /openapi.json need the key too); CORS outside it, so
     # that preflights are answered and refusals carry CORS headers

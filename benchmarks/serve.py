@@ -60,10 +60,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int, eos: int) -> dict[str, Any]:
+async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int, eos: int,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
             "temperature": 0, "logit_bias": {str(eos): -100}, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     sent = time.perf_counter()
     stamps: list[float] = []
     completion_tokens = 0
@@ -85,11 +86,13 @@ async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int
     return {"sent": sent, "stamps": stamps, "tokens": completion_tokens}
 
 
-async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: int) -> dict[str, Any]:
+async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: int,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """N streams at once (request fields `extra` added to each) → the figures of the run."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        results = await asyncio.gather(*(one_stream(client, url, prompt(round_, i), tokens, eos)
+        results = await asyncio.gather(*(one_stream(client, url, prompt(round_, i), tokens, eos, extra)
                                          for i in range(streams)))
     start = min(r["sent"] for r in results)
     end = max(r["stamps"][-1] for r in results)

@@ -14,7 +14,10 @@ from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, 
 from app.errors import APIError
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import EmbeddingModelCard, ModelCard, ModelList
+from app.protocol.responses_api import ResponsesRequest
 from app.rendering import json_response
+from app.responses_api import ConversationStore
+from app.responses_api import handle as handle_response
 from app.serving import ServingEngine
 
 
@@ -102,3 +105,10 @@ async def completions(body: CompletionRequest, request: Request, engine: Serving
         return await handle(engine, body, jobs, TextAnswer(body.model), client)
 
     return await unless_disconnected(request, answer())
+
+
+@router.post("/responses")
+async def responses(body: ResponsesRequest, request: Request, engine: ServingEngine = Depends(engine),
+                    client: str = Depends(client_key)) -> Response:
+    store: ConversationStore = request.app.state.conversations
+    return await unless_disconnected(request, handle_response(engine, store, body, client))

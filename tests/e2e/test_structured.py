@@ -189,3 +189,41 @@ async def test_auto_lets_the_model_choose_and_reads_what_it_wrote(sdk):
             assert choice.finish_reason in ("tool_calls", "length")
         else:
             assert choice.message.content and "<tool_call>" not in choice.message.content.split("</tool_call>")[-1]
+
+
+# ---- the Responses API ---------------------------------------------------------------------------------------------
+async def test_responses_with_a_schema_streamed_and_not(sdk):
+    schema = SCHEMAS["array of enums"]
+    kwargs = dict(model=MODEL, input="Pick some colors.", temperature=0, max_output_tokens=60,
+                  text={"format": {"type": "json_schema", "name": "colors", "schema": schema, "strict": True}})
+
+    async def streamed():
+        async with sdk.responses.stream(**kwargs) as stream:
+            async for _ in stream:
+                pass
+            return await stream.get_final_response()
+
+    whole, final = await asyncio.gather(sdk.responses.create(**kwargs), streamed())
+    assert whole.status == final.status == "completed"
+    jsonschema.validate(json.loads(whole.output_text), schema)
+    assert final.output_text == whole.output_text
+
+
+async def test_responses_multi_turn_reuses_the_first_turns_tokens_and_calls_tools(sdk):
+    first = await sdk.responses.create(model=MODEL, input="Name a fruit.", temperature=0, max_output_tokens=12)
+    second = await sdk.responses.create(model=MODEL, input="And a vegetable?", previous_response_id=first.id,
+                                        temperature=0, max_output_tokens=12)
+    assert second.output_text
+    # the second prompt begins with the first turn (its input and answer): the parked session holds those tokens
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+    tools = [{"type": "function", **WEATHER["function"]}]
+    call = await sdk.responses.create(model=MODEL, input="What is the weather in Paris?", tools=tools,
+                                      tool_choice="required", temperature=0, max_output_tokens=100)
+    items = [item for item in call.output if item.type == "function_call"]
+    assert len(items) == 1 and items[0].name == "get_weather"
+    jsonschema.validate(json.loads(items[0].arguments), WEATHER["function"]["parameters"])
+    answer = await sdk.responses.create(model=MODEL, previous_response_id=call.id, tools=tools, tool_choice="none",
+                                        temperature=0, max_output_tokens=30, input=[
+                                            {"type": "function_call_output", "call_id": items[0].call_id,
+                                             "output": json.dumps({"temperature": 18})}])
+    assert answer.output_text and not [i for i in answer.output if i.type == "function_call"]

@@ -1,0 +1,283 @@
+"""/v1/responses: a request becomes a chat completion request (one engine, one grammar and tool path: app.structured),
+its answer the `response` object, or the typed event stream of the Responses API.
+
+- `input` (text or items) after `instructions` (a system message, not carried to later turns, as OpenAI);
+  `function_call` / `function_call_output` items are the tool round trip; `text.format` is `response_format`;
+  function `tools` and `tool_choice` as for chat; `max_output_tokens` is `max_tokens`.
+- `previous_response_id`: the conversation so far (its input and output items, without its instructions) is kept in
+  memory for `ttl` seconds (at most `capacity` of them, the oldest forgotten first) when `store` is true (the
+  default); an unknown or expired id is a 404. The prompt of the next turn then begins with the previous turn's
+  tokens, so the swarm's prefix reuse (swarm.client.textgen) computes only what is new. Nothing is written to disk.
+- Streaming: `response.created`, `response.in_progress`, per output item `response.output_item.added` … `.done`
+  (a message's `response.content_part.added`, `response.output_text.delta`s, `response.output_text.done`,
+  `response.content_part.done`; a function call's `response.function_call_arguments.delta` and `.done`), then
+  `response.completed` (or `response.incomplete` at the token limit). Every event has its `sequence_number`. A
+  failure after the stream began is an `error` event, then `response.failed`.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from app.completions import Collected, chat_jobs
+from app.errors import APIError, swarm_error
+from app.protocol.requests import ChatCompletionRequest
+from app.protocol.responses_api import (
+    FunctionCallItem,
+    FunctionCallOutput,
+    FunctionCallOutputItem,
+    IncompleteDetails,
+    InputMessage,
+    InputTokensDetails,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    ResponseError,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+    ToolChoiceFunction,
+)
+from app.rendering import EventStream, json_response
+from app.serving import Delta, Generation, Job, ServingEngine
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+class ConversationStore:
+    """Conversations by response id (chat messages, without instructions), in memory, with a TTL and a capacity."""
+
+    def __init__(self, capacity: int = 1000, ttl: float = 3600.0):
+        self.capacity, self.ttl = capacity, ttl
+        self._items: collections.OrderedDict[str, tuple[float, list[dict[str, Any]]]] = collections.OrderedDict()
+
+    def get(self, response_id: str) -> list[dict[str, Any]] | None:
+        self._expire()
+        entry = self._items.get(response_id)
+        return None if entry is None else list(entry[1])
+
+    def put(self, response_id: str, messages: list[dict[str, Any]]) -> None:
+        self._items[response_id] = (time.monotonic(), messages)
+        self._expire()
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._items and now - next(iter(self._items.values()))[0] > self.ttl:
+            self._items.popitem(last=False)
+
+
+def _input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input items as chat messages (consecutive function_call items: one assistant message)."""
+    if isinstance(request.input, str):
+        return [{"role": "user", "content": request.input}]
+    messages: list[dict[str, Any]] = []
+    for item in request.input:
+        if isinstance(item, InputMessage):
+            messages.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls") is not None:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return messages
+
+
+def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat completion request this response is computed as (a 400 for what chat validation refuses)."""
+    messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) + history \
+        + _input_messages(request)
+    form = request.text.format
+    response_format: dict[str, Any] = {"type": form.type}
+    if form.type == "json_schema":
+        response_format["json_schema"] = {"name": form.name, "schema": form.schema_, "strict": form.strict}
+    choice = request.tool_choice
+    body = {"model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "response_format": response_format,
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "tools": [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                      for t in request.tools] or None,
+            "tool_choice": ({"type": "function", "function": {"name": choice.name}}
+                            if isinstance(choice, ToolChoiceFunction) else choice) if request.tools else None}
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise APIError(400, f"{where}: {first.get('msg', 'invalid')}"[:500], "input", "invalid_request") from e
+
+
+class ResponseBuilder:
+    """The response object of one request, built up from the generation's deltas (streamed or not)."""
+
+    def __init__(self, request: ResponsesRequest, history: list[dict[str, Any]]):
+        self.request, self.history = request, history
+        self.id, self.created = _id("resp"), int(time.time())
+        self.output: list[OutputItem] = []
+        self.message: OutputMessage | None = None  # the message item being written
+        self.finish: str | None = None
+
+    def snapshot(self, status: str, usage: ResponseUsage | None = None,
+                 error: ResponseError | None = None) -> ResponseObject:
+        request = self.request
+        choice = request.tool_choice
+        return ResponseObject(
+            id=self.id, created_at=self.created, status=status, model=request.model,  # type: ignore[arg-type]
+            output=list(self.output), usage=usage, error=error,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+            instructions=request.instructions, max_output_tokens=request.max_output_tokens,
+            temperature=request.temperature, top_p=request.top_p,
+            tools=[t.model_dump(exclude_none=True) for t in request.tools],
+            tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice,
+            parallel_tool_calls=request.parallel_tool_calls, previous_response_id=request.previous_response_id,
+            text={"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
+            metadata=request.metadata, store=request.store)
+
+    def conversation(self, chat: ChatCompletionRequest) -> list[dict[str, Any]]:
+        """What a next turn continues from: this turn's messages without instructions, and its output."""
+        messages = [*self.history, *_input_messages(self.request)]
+        text = "".join(part.text for item in self.output if isinstance(item, OutputMessage) for part in item.content)
+        calls = [{"id": item.call_id, "type": "function", "function": {"name": item.name,
+                                                                       "arguments": item.arguments}}
+                 for item in self.output if isinstance(item, FunctionCallOutput)]
+        messages.append({"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})})
+        return messages
+
+
+def _usage(jobs: list[Job]) -> ResponseUsage:
+    prompt = sum(len(job.prompt_ids) for job in jobs)
+    output = sum(job.completion_tokens for job in jobs)
+    return ResponseUsage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output,
+                         input_tokens_details=InputTokensDetails(
+                             cached_tokens=sum(job.cached_prompt_tokens for job in jobs)))
+
+
+async def handle(engine: ServingEngine, store: ConversationStore, request: ResponsesRequest,
+                 client: str = "") -> Response:
+    history: list[dict[str, Any]] = []
+    if request.previous_response_id is not None:
+        found = store.get(request.previous_response_id)
+        if found is None:
+            raise APIError(404, f"response {request.previous_response_id!r} is not known here (or has expired)",
+                           "previous_response_id", "not_found")
+        history = found
+    chat = chat_request(request, history)
+    jobs = await chat_jobs(engine, chat)
+    builder = ResponseBuilder(request, history)
+    generation = await engine.start(jobs, client)
+    if request.stream:
+        return EventStream(_events(generation, builder, store, chat), owner=generation)
+    async with generation:
+        collected = Collected()
+        try:
+            async for step in generation:
+                for delta in step:
+                    collected.add(delta)
+        except Exception as e:
+            raise swarm_error(e) from e
+    if collected.text:
+        builder.output.append(OutputMessage(id=_id("msg"), content=[OutputText(text=collected.text)]))
+    builder.output.extend(FunctionCallOutput(id=_id("fc"), call_id=k.id, name=k.name, arguments=k.arguments)
+                          for k in collected.tool_calls)
+    status = "incomplete" if collected.finish_reason == "length" else "completed"
+    if request.store:
+        store.put(builder.id, builder.conversation(chat))
+    return json_response(builder.snapshot(status, _usage(jobs)))
+
+
+def _event(kind: str, number: int, **fields: Any) -> str:
+    body = {"type": kind, "sequence_number": number}
+    for key, value in fields.items():
+        body[key] = value.model_dump(mode="json", by_alias=True) if isinstance(value, BaseModel) else value
+    return f"event: {kind}\ndata: {_dumps(body)}\n\n"
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _events(generation: Generation, builder: ResponseBuilder, store: ConversationStore,
+                  chat: ChatCompletionRequest) -> AsyncIterator[str]:
+    numbers = iter(range(1 << 62))
+    yield _event("response.created", next(numbers), response=builder.snapshot("in_progress"))
+    yield _event("response.in_progress", next(numbers), response=builder.snapshot("in_progress"))
+
+    def close_message() -> list[str]:
+        message, builder.message = builder.message, None
+        if message is None:
+            return []
+        index = len(builder.output) - 1
+        part = message.content[0]
+        message.status = "completed"
+        return [_event("response.output_text.done", next(numbers), item_id=message.id, output_index=index,
+                       content_index=0, text=part.text),
+                _event("response.content_part.done", next(numbers), item_id=message.id, output_index=index,
+                       content_index=0, part=part),
+                _event("response.output_item.done", next(numbers), output_index=index, item=message)]
+
+    finish: str | None = None
+    try:
+        async for step in generation:
+            for delta in step:
+                for event in _delta_events(delta, builder, numbers, close_message):
+                    yield event
+                finish = delta.finish_reason or finish
+    except Exception as e:
+        error = swarm_error(e)
+        await generation.aclose()
+        yield _event("error", next(numbers), code=error.code or "error", message=error.message, param=None)
+        yield _event("response.failed", next(numbers), response=builder.snapshot(
+            "failed", error=ResponseError(code=error.code or "error", message=error.message)))
+        return
+    for event in close_message():
+        yield event
+    await generation.aclose()  # settles the usage counts and frees the slot
+    status = "incomplete" if finish == "length" else "completed"
+    if builder.request.store:
+        store.put(builder.id, builder.conversation(chat))
+    yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))
+
+
+def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Any, close_message: Any) -> list[str]:
+    events: list[str] = []
+    if delta.text:
+        if builder.message is None:
+            builder.message = OutputMessage(id=_id("msg"), status="in_progress", content=[OutputText(text="")])
+            builder.output.append(builder.message)
+            index = len(builder.output) - 1
+            events.append(_event("response.output_item.added", next(numbers), output_index=index,
+                                 item=OutputMessage(id=builder.message.id, status="in_progress")))
+            events.append(_event("response.content_part.added", next(numbers), item_id=builder.message.id,
+                                 output_index=index, content_index=0, part=OutputText(text="")))
+        builder.message.content[0].text += delta.text
+        events.append(_event("response.output_text.delta", next(numbers), item_id=builder.message.id,
+                             output_index=len(builder.output) - 1, content_index=0, delta=delta.text))
+    for call in delta.tool_calls:
+        events.extend(close_message())
+        item = FunctionCallOutput(id=_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments)
+        builder.output.append(item)
+        index = len(builder.output) - 1
+        events.append(_event("response.output_item.added", next(numbers), output_index=index, item=item.model_copy(
+            update={"arguments": "", "status": "in_progress"})))
+        events.append(_event("response.function_call_arguments.delta", next(numbers), item_id=item.id,
+                             output_index=index, delta=call.arguments))
+        events.append(_event("response.function_call_arguments.done", next(numbers), item_id=item.id,
+                             output_index=index, arguments=call.arguments))
+        events.append(_event("response.output_item.done", next(numbers), output_index=index, item=item))
+    return events

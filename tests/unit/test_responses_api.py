@@ -1,0 +1,110 @@
+"""/v1/responses over the fake backend: the response object, the typed event stream (as the official SDK reads it),
+multi-turn by previous_response_id, function calls and their outputs, and what is refused."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import GatewaySettings
+from tests.unit.test_gateway import REPLY, FakeBackend
+
+ADD = {"type": "function", "name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+
+
+@pytest.fixture
+def backend():
+    backend = FakeBackend()
+    backend.context_length = 4096  # multi-turn prompts and tool listings (bytes are tokens here)
+    return backend
+
+
+@pytest.fixture
+def client(backend):
+    with TestClient(create_app(GatewaySettings(gateway_max_concurrent=4), backend=backend)) as client:
+        yield client
+
+
+@pytest.fixture
+def sdk(client):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def test_a_response_object_with_text_usage_and_the_sdks_output_text(sdk, backend):
+    response = sdk.responses.create(model="fake/model-1", input="hi", instructions="Be brief.")
+    assert response.object == "response" and response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text == REPLY
+    assert response.usage.output_tokens == len(REPLY.encode()) + 1 and response.usage.input_tokens > 0
+    assert backend.decode(backend.requests[-1].prompt_ids).startswith("<system>Be brief.<user>hi")
+
+
+def test_max_output_tokens_makes_it_incomplete(sdk):
+    response = sdk.responses.create(model="fake/model-1", input="hi", max_output_tokens=5)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == REPLY[:5]
+
+
+def test_the_event_stream_is_what_the_sdk_accumulates_into_the_same_response(sdk):
+    kinds = []
+    with sdk.responses.stream(model="fake/model-1", input="hi") as stream:
+        for event in stream:
+            kinds.append(event.type)
+        final = stream.get_final_response()
+    assert final.output_text == REPLY and final.status == "completed"
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+
+
+def test_previous_response_id_continues_the_conversation_without_its_instructions(sdk, backend):
+    first = sdk.responses.create(model="fake/model-1", input="turn one", instructions="Old rules.")
+    sdk.responses.create(model="fake/model-1", input="turn two", previous_response_id=first.id)
+    prompt = backend.decode(backend.requests[-1].prompt_ids)
+    assert prompt == f"<user>turn one<assistant>{REPLY}<user>turn two<assistant>"
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model="fake/model-1", input="x", previous_response_id="resp_unknown")
+    unstored = sdk.responses.create(model="fake/model-1", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model="fake/model-1", input="y", previous_response_id=unstored.id)
+
+
+def test_function_calls_streamed_or_not_and_their_outputs_go_back_into_the_prompt(client, sdk, backend):
+    backend.reply = CALL
+    response = sdk.responses.create(model="fake/model-1", input="1+2?", tools=[ADD])
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
+    assert not [item for item in response.output if item.type == "message"]
+    with sdk.responses.stream(model="fake/model-1", input="1+2?", tools=[ADD]) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    assert [(i.type, i.name, i.arguments) for i in final.output] == [(c.type, c.name, c.arguments) for c in calls]
+    backend.reply = "3"
+    sdk.responses.create(model="fake/model-1", previous_response_id=response.id, tools=[ADD], input=[
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "3"}])
+    prompt = backend.decode(backend.requests[-1].prompt_ids)
+    assert prompt.endswith(f'<assistant>{CALL}<user><tool_response>\n3\n</tool_response><assistant>')
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": []}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [ADD], "tool_choice": {"type": "function", "name": "nope"}}, None),
+    ({"text": {"format": {"type": "json_schema"}}}, "text"),
+    ({"temperature": 5}, "temperature"),
+    ({"model": "other"}, "model"),
+])
+def test_what_is_refused_is_a_4xx_with_the_openai_error_body(client, body, param):
+    response = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", **body})
+    assert response.status_code in (400, 404), response.text
+    error = response.json()["error"]
+    assert error["message"] and (param is None or (error["param"] or "").startswith(param)), error
