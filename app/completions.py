@@ -8,6 +8,8 @@ becomes an SSE error event followed by `[DONE]`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -39,7 +41,7 @@ from app.protocol.responses import (
     ToolCallOut,
     Usage,
 )
-from app.rendering import DONE, EventStream, json_response, sse
+from app.rendering import DONE, EventStream, json_response, sse, with_keepalive
 from app.serving import Delta, Generation, Job, ServingEngine
 from app.structured import ToolCall, grammar_for, offered_tools, template_messages
 
@@ -150,11 +152,57 @@ def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
     return request.logprobs is not None and request.logprobs is not False  # chat: a bool; text: an int, 0 included
 
 
+class _Starting:
+    """The owner of a stream whose generation is still starting: closing it cancels the start, or closes the
+    generation once it has started."""
+
+    def __init__(self, task: asyncio.Task[Generation]):
+        self.task = task
+
+    async def aclose(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await (await self.task).aclose()
+
+
+async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
+                          events: Callable[[Generation], AsyncIterator[str]],
+                          failed: Callable[[APIError], AsyncIterator[str]]) -> Response:
+    """A streamed answer. A generation that starts (a slot, a chain, the first step) within `engine.keepalive`
+    seconds, or fails to, is an event stream or an HTTP error, as usual. One that takes longer (a queue, a long
+    prefill) gets its 200 and event stream at once, with keep-alive comments until it starts: then a failure to
+    start is the stream's error event (`failed`), as a failure later on would be."""
+    starting = asyncio.ensure_future(engine.start(jobs, client))
+    try:
+        done, _ = await asyncio.wait({starting}, timeout=engine.keepalive)
+    except BaseException:  # the client left (unless_disconnected): the start goes too
+        owner = _Starting(starting)
+        await owner.aclose()
+        raise
+    if done:
+        generation = starting.result()  # ours from here: the event stream closes it
+        return EventStream(with_keepalive(events(generation), engine.keepalive), owner=generation)
+
+    async def late() -> AsyncIterator[str]:
+        try:
+            generation = await starting
+        except Exception as e:
+            async for event in failed(swarm_error(e)):
+                yield event
+            return
+        async for event in events(generation):
+            yield event
+
+    return EventStream(with_keepalive(late(), engine.keepalive), owner=_Starting(starting))
+
+
 async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
                  answer: Answer, client: str = "") -> Response:
-    generation = await engine.start(jobs, client)  # ours from here: the event stream closes it, or `async with` below
     if request.stream:
-        return EventStream(_events(generation, request, answer), owner=generation)
+        return await stream_response(engine, jobs, client, lambda generation: _events(generation, request, answer),
+                                     _failed)
+    generation = await engine.start(jobs, client)  # ours from here: `async with` below closes it
     async with generation:
         choices = await _collect(generation, len(jobs) * request.n)
     return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)))
@@ -169,6 +217,11 @@ async def _collect(generation: Generation, total: int) -> list[Collected]:
     except Exception as e:
         raise swarm_error(e) from e
     return choices
+
+
+async def _failed(error: APIError) -> AsyncIterator[str]:
+    yield sse(error.body())
+    yield DONE
 
 
 async def _events(generation: Generation, request: ChatCompletionRequest | CompletionRequest,

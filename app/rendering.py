@@ -1,9 +1,15 @@
-"""How typed bodies go on the wire: one JSON serialization per body, SSE events, and the event-stream response that
-releases what it streams from however it ends."""
+"""How typed bodies go on the wire: one JSON serialization per body, SSE events, keep-alive comments, and the
+event-stream response that releases what it streams from however it ends.
+
+The SSE framing is written here by hand rather than with sse-starlette: an event is one preformatted string, the
+keep-alive is `with_keepalive` (below), and disconnects are already the EventStream's (it closes what it streams);
+sse-starlette would add a second disconnect watcher and its own ping task to the same stream.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Protocol
 
 import anyio
@@ -12,6 +18,31 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it; proxies and frontends see a live stream
+
+
+async def with_keepalive(events: AsyncIterable[str], interval: float) -> AsyncIterator[str]:
+    """`events`, with a keep-alive comment whenever `interval` seconds pass without one (a long prefill, a wait for
+    a slot, a failover). The next event is awaited in a task, so that a timeout never interrupts `events` itself."""
+    iterator = aiter(events)
+    pending: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                event = finished.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:  # the client left while an event was awaited: stop producing it
+            pending.cancel()
 
 
 def json_response(body: BaseModel, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:

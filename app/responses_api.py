@@ -26,7 +26,7 @@ from typing import Any
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from app.completions import Collected, chat_jobs
+from app.completions import Collected, chat_jobs, stream_response
 from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest
 from app.protocol.responses_api import (
@@ -45,7 +45,7 @@ from app.protocol.responses_api import (
     ResponseUsage,
     ToolChoiceFunction,
 )
-from app.rendering import EventStream, json_response
+from app.rendering import json_response
 from app.serving import Delta, Generation, Job, ServingEngine
 
 
@@ -178,9 +178,10 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     chat = chat_request(request, history)
     jobs = await chat_jobs(engine, chat)
     builder = ResponseBuilder(request, history)
-    generation = await engine.start(jobs, client)
     if request.stream:
-        return EventStream(_events(generation, builder, store, chat), owner=generation)
+        return await stream_response(engine, jobs, client, lambda generation: _events(generation, builder, store, chat),
+                                     lambda error: _failed(builder, error))
+    generation = await engine.start(jobs, client)
     async with generation:
         collected = Collected()
         try:
@@ -239,11 +240,9 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
                     yield event
                 finish = delta.finish_reason or finish
     except Exception as e:
-        error = swarm_error(e)
         await generation.aclose()
-        yield _event("error", next(numbers), code=error.code or "error", message=error.message, param=None)
-        yield _event("response.failed", next(numbers), response=builder.snapshot(
-            "failed", error=ResponseError(code=error.code or "error", message=error.message)))
+        async for event in _failed(builder, swarm_error(e), numbers):
+            yield event
         return
     for event in close_message():
         yield event
@@ -252,6 +251,13 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
     if builder.request.store:
         store.put(builder.id, builder.conversation(chat))
     yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))
+
+
+async def _failed(builder: ResponseBuilder, error: APIError, numbers: Any = None) -> AsyncIterator[str]:
+    numbers = numbers if numbers is not None else iter(range(1 << 62))
+    yield _event("error", next(numbers), code=error.code or "error", message=error.message, param=None)
+    yield _event("response.failed", next(numbers), response=builder.snapshot(
+        "failed", error=ResponseError(code=error.code or "error", message=error.message)))
 
 
 def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Any, close_message: Any) -> list[str]:

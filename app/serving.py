@@ -190,6 +190,7 @@ class ServingEngine:
         self.admission = Admission(settings.gateway_max_concurrent, settings.gateway_max_queued,
                                    settings.gateway_queue_timeout)
         self._tokenizers = anyio.CapacityLimiter(settings.gateway_tokenize_threads)
+        self.keepalive = settings.gateway_sse_keepalive  # seconds of silence before a stream gets a keep-alive
 
     @property
     def active(self) -> int:

@@ -52,6 +52,10 @@ class GatewaySettings(BaseSettings):
                                                                 "slower is 408")
     gateway_default_max_tokens: int = Field(2048, ge=0, description="max_tokens of a chat request that gives none "
                                                                     "(0: the rest of the context)")
+    gateway_sse_keepalive: float = Field(10.0, gt=0, description="seconds a stream may stay silent before it gets "
+                                                                 "a keep-alive comment (proxies cut silent streams); "
+                                                                 "a stream not started by then is answered 200 at "
+                                                                 "once and its start awaited behind keep-alives")
     gateway_responses_kept: int = Field(1000, ge=0, description="conversations of /v1/responses kept in memory for "
                                                                 "previous_response_id (the oldest forgotten first)")
     gateway_responses_ttl: float = Field(3600.0, gt=0, description="seconds a kept /v1/responses conversation can "

@@ -98,3 +98,55 @@ def test_failed_and_refused_generations_free_the_slot(stream):
     assert (sent[0]["status"] == 200) == stream and held == (0, 0)
     sent, held = run(refusing, request(stream=stream))
     assert sent[0]["status"] == 503 and held == (0, 0)
+
+
+@pytest.mark.parametrize("outcome", ["starts", "fails", "client leaves"])
+def test_a_stream_slow_to_start_is_answered_at_once_and_kept_alive(outcome):
+    """A first step slower than the keep-alive interval (a long prefill, a queue): 200 and keep-alive comments at
+    once, then the events, or the error event when the start fails; a client that leaves cancels the start."""
+    backend = FakeBackend()
+    backend.gate = asyncio.Event()
+    if outcome == "fails":
+        backend.fail_after = 0  # the first step fails, once the gate opens
+
+    async def scenario():
+        app = create_app(GatewaySettings(gateway_max_concurrent=2, gateway_sse_keepalive=0.05), backend=backend)
+        async with app.router.lifespan_context(app):
+            sent: list[dict] = []
+            gone = asyncio.Event()
+            requested = False
+
+            async def receive() -> dict:
+                nonlocal requested
+                if not requested:
+                    requested = True
+                    return {"type": "http.request", "body": json.dumps(request(stream=True)).encode()}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            task = asyncio.create_task(app(scope("/v1/chat/completions"), receive, send))
+            while body_bytes(sent).count(b": keep-alive") < 3:  # the gate is shut: nothing has started
+                await asyncio.sleep(0.01)
+            assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+            assert b"data:" not in body_bytes(sent)
+            if outcome == "client leaves":
+                gone.set()
+            else:
+                backend.gate.set()
+            await asyncio.wait_for(task, 5)
+            return sent, (app.state.engine.active, backend.open_sessions)
+
+    sent, held = asyncio.run(scenario())
+    assert held == (0, 0)
+    events = [e for e in body_bytes(sent).decode().split("\n\n") if e.startswith("data: ")]
+    if outcome == "starts":
+        assert events[-1] == "data: [DONE]" and "".join(
+            json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[1:-1]
+            if json.loads(e[6:])["choices"]).startswith("Hello")
+    elif outcome == "fails":
+        assert json.loads(events[0][6:])["error"]["code"] == "swarm_error" and events[-1] == "data: [DONE]"
+    else:
+        assert events == [] and len(backend.requests) == 1
