@@ -125,13 +125,21 @@ class TextAnswer(_Answer):
                              logprobs=CompletionLogprobs.of(c.logprobs) if logprobs else None)
             for i, c in enumerate(choices)])
 
+    def __init__(self, model: str):
+        super().__init__(model)
+        self._offsets: dict[int, int] = {}  # per choice, where its next token's text begins (text_offset)
+
     def opening(self, n: int) -> TextCompletionChunk | None:
         return None
 
     def chunk(self, deltas: list[Delta]) -> TextCompletionChunk:
         return self._chunk([CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
-                                             logprobs=CompletionLogprobs.of(d.logprobs) if d.logprobs else None)
-                            for d in deltas])
+                                             logprobs=self._logprobs(d) if d.logprobs else None) for d in deltas])
+
+    def _logprobs(self, delta: Delta) -> CompletionLogprobs:
+        offset = self._offsets.get(delta.index, 0)
+        self._offsets[delta.index] = offset + sum(len(entry.token) for entry in delta.logprobs)
+        return CompletionLogprobs.of(delta.logprobs, offset)
 
     def usage_chunk(self, usage: Usage) -> TextCompletionChunk:
         return self._chunk([], usage)
@@ -283,10 +291,12 @@ async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> 
             engine.check_prompt_size(len(prompt), "prompt")
     try:
         ids = await engine.tokenize(_encode_all, engine.backend.encode, prompts)
+        echoes = [p if isinstance(p, str) else await engine.tokenize(engine.backend.decode, p) for p in prompts] \
+            if request.echo else [None] * len(prompts)
     except Exception as e:
         raise swarm_error(e) from e
-    return [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n)
-            for i, prompt_ids in enumerate(ids)]
+    return [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n, echo=echo)
+            for i, (prompt_ids, echo) in enumerate(zip(ids, echoes, strict=True))]
 
 
 def _encode_all(encode: Callable[[str], list[int]], prompts: list[str | list[int]]) -> list[list[int]]:

@@ -155,6 +155,7 @@ class Job:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
+    echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
@@ -235,7 +236,7 @@ class ServingEngine:
 
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                  logprobs: int | None, index_offset: int = 0, grammar: Grammar | None = None,
-                 tool_names: frozenset[str] = frozenset()) -> Job:
+                 tool_names: frozenset[str] = frozenset(), echo: str | None = None) -> Job:
         context, vocab = self.backend.context_length, self.backend.vocab_size
         self.check_choices(request.n)
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
@@ -258,8 +259,9 @@ class ServingEngine:
             seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
+            prompt_logprobs=logprobs if echo is not None else None,
         )
-        return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names)
+        return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo)
 
     def _default_limit(self, prompt_tokens: int) -> int:
         rest = self.backend.context_length - prompt_tokens
@@ -285,6 +287,8 @@ class ServingEngine:
                         continue
                     counts[i] += 1
                     delta = Delta(i + job.index_offset, "")
+                    if event.prompt_logprobs is not None and counts[i] == 1:
+                        delta.logprobs.extend(self._prompt_logprobs(job.prompt_ids, event.prompt_logprobs))
                     if event.logprob is not None:
                         delta.logprobs.append(_token_logprob(self.backend, event, event.logprob))
                     if event.stop:
@@ -298,6 +302,8 @@ class ServingEngine:
                             delta.finish_reason = "length"
                     if readers is not None:
                         _read_calls(readers[i], delta)
+                    if job.echo is not None and counts[i] == 1:
+                        delta.text = job.echo + delta.text
                     finished[i] = delta.finish_reason is not None
                     step.append(delta)
                 if step:
@@ -312,6 +318,17 @@ class ServingEngine:
             _read_calls(readers[delta.index - job.index_offset], delta)  # type: ignore[index]
         if leftovers:
             yield leftovers
+
+    def _prompt_logprobs(self, prompt_ids: list[int], scores: Sequence[tuple[float | None, Sequence[tuple[int,
+                                                                                                          float]]]]
+                         ) -> list[TokenLogprob]:
+        """The echoed prompt's tokens with their log-probabilities (the first has none)."""
+        out = []
+        for token_id, (logprob, top) in zip(prompt_ids, scores, strict=False):
+            text = self.backend.token_text(token_id)
+            out.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
+                                    top_logprobs=[_top_logprob(self.backend, t, lp) for t, lp in top]))
+        return out
 
     async def start(self, jobs: list[Job], client: str = "") -> Generation:
         """Admit the jobs and run their first step: a slot (waiting for one in `client`'s turn; 429 when the queue

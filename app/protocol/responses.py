@@ -40,9 +40,13 @@ class TopLogprob(BaseModel):
     bytes: list[int]
 
 
-class TokenLogprob(TopLogprob):
-    """A chosen token's log-probability and the most likely alternatives at its position (chat's shape)."""
+class TokenLogprob(BaseModel):
+    """A chosen token's log-probability and the most likely alternatives at its position (chat's shape). A prompt's
+    first token, echoed by /v1/completions, has none (null)."""
 
+    token: str
+    logprob: float | None
+    bytes: list[int]
     top_logprobs: list[TopLogprob]
 
 
@@ -54,14 +58,20 @@ class CompletionLogprobs(BaseModel):
     """The legacy /v1/completions shape: parallel lists, the alternatives as {token: logprob}."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]  # where each token's text begins in the choice's text (its tokens' texts, summed)
 
     @classmethod
-    def of(cls, entries: list[TokenLogprob]) -> CompletionLogprobs:
+    def of(cls, entries: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+        """`offset`: where the first entry's token begins (a stream's chunks carry on from the ones before)."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry.token)
         return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries], text_offset=[])
+                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} if e.logprob is not None else None
+                                 for e in entries], text_offset=offsets)
 
 
 # ---- chat completions ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kernels.sampling import Choice, Sampler
+from kernels.sampling import Choice, Sampler, top_logprobs
 from swarm.client.decoding import DecodeGroups
 from swarm.client.session import InferenceSession
 
@@ -44,6 +44,20 @@ class StepOutput:
     logprobs: torch.Tensor | None = None  # [B]: of the chosen tokens
     top_ids: torch.Tensor | None = None  # [B, k]
     top_logprobs: torch.Tensor | None = None  # [B, k]
+    prompt_scores: PromptScores | None = None  # on the first step, when asked: the prompt's own log-probabilities
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Log-probabilities of a prompt's tokens 1..T-1 (each given the tokens before it; row 0's prompt) and the k
+    most likely tokens at each of those positions."""
+
+    logprobs: torch.Tensor  # [T - 1]
+    top_ids: torch.Tensor  # [T - 1, k]
+    top_logprobs: torch.Tensor  # [T - 1, k]
+
+
+SCORE_SLICE = 64  # positions whose logits [slice, V] are held at once while scoring a prompt
 
 
 class HeadStage:
@@ -115,10 +129,11 @@ class DecodePipeline:
         self.prefill_chunk = prefill_chunk
         self.groups = DecodeGroups(head, self.stage.run, max_groups=decode_groups) if decode_groups != 0 else None
 
-    async def prefill(self, session: InferenceSession, input_ids: torch.Tensor,
-                      position: int | None = None) -> torch.Tensor:
+    async def prefill(self, session: InferenceSession, input_ids: torch.Tensor, position: int | None = None,
+                      scores: list[tuple[torch.Tensor, ...]] | None = None, top: int = 0) -> torch.Tensor:
         """Tokens [B, T] at `position` (default: the session's; an earlier one rewinds the peers' caches to it)
-        through the chain → logits [B, V] of the last token."""
+        through the chain → logits [B, V] of the last token. With `scores` (a list), each chunk's row-0
+        log-probabilities of the tokens that follow its positions (and the `top` most likely) are appended to it."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError("input_ids must be [batch, tokens] with at least one token")
         at = session.position if position is None else position
@@ -126,7 +141,19 @@ class DecodePipeline:
         for start in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk = input_ids[:, start : start + self.prefill_chunk]
             hidden = await session.step(await self.stage.embed(chunk, at + start), at + start)
+            following = input_ids[0, start + 1 : start + 1 + chunk.shape[1]]  # the token after each position
+            if scores is not None and len(following):
+                scores.append(await self.stage.run(self._score, hidden[0, : len(following)], following, top))
         return (await self.stage.logits(hidden[:, -1:]))[:, -1]
+
+    def _score(self, hidden: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+        """On the head's thread: hidden [t, H] → (logprob of each target [t], top ids [t, k], top logprobs [t, k]),
+        the logits of SCORE_SLICE positions at a time."""
+        parts = []
+        for start in range(0, len(targets), SCORE_SLICE):
+            logits = self.stage.head.logits(hidden[None, start : start + SCORE_SLICE])[0]
+            parts.append(top_logprobs(logits, targets[start : start + SCORE_SLICE], top))
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     async def decode(self, session: InferenceSession, token_ids: torch.Tensor) -> torch.Tensor:
         """The next token of every row, token_ids [B], at the session's position → logits [B, V]."""
@@ -144,14 +171,24 @@ class DecodePipeline:
         return logits, (await self.stage.run(sampler, logits) if sampler is not None else None)
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
-                       max_new_tokens: int, position: int | None = None) -> AsyncGenerator[StepOutput, None]:
+                       max_new_tokens: int, position: int | None = None,
+                       prompt_scores: int | None = None) -> AsyncGenerator[StepOutput, None]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
-        decides when to stop. Every token yielded but the last has been fed to the session."""
-        logits = await self.prefill(session, input_ids, position)
+        decides when to stop. Every token yielded but the last has been fed to the session. `prompt_scores` = k:
+        the first step also carries the input's own log-probabilities (PromptScores, k alternatives each)."""
+        scores: list[tuple[torch.Tensor, ...]] | None = [] if prompt_scores is not None else None
+        logits = await self.prefill(session, input_ids, position, scores, prompt_scores or 0)
+        prompt = None
+        if scores is not None:
+            columns = [torch.cat(c) for c in zip(*scores, strict=True)] if scores else [
+                torch.zeros(0), torch.zeros(0, prompt_scores or 0, dtype=torch.long),
+                torch.zeros(0, prompt_scores or 0)]
+            prompt = PromptScores(*columns)
         choice: Choice | None = await self.stage.run(sampler, logits)
         for produced in range(1, max_new_tokens + 1):
             assert choice is not None
-            yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs)
+            yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs,
+                             prompt if produced == 1 else None)
             if produced < max_new_tokens:
                 logits, choice = await self.decode_and_sample(session, choice.token_ids, sampler)
 

@@ -33,6 +33,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)
+    prompt_logprobs: int | None = None  # k: the prompt's own log-probabilities too (k alternatives), on the first step
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,6 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     stop: bool = False  # a stop token: the choice is finished
     cached_prompt_tokens: int = 0  # on the first step's events: prompt tokens whose KV was reused (not recomputed)
+    # on the first step's events, when asked: per prompt token, its log-probability given the tokens before it (None
+    # for the first) and the k most likely tokens there
+    prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None

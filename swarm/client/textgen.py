@@ -103,12 +103,14 @@ class SwarmTextService:
         if request.grammar is not None:  # compiled (cached after the gateway's check) and its first masks begun
             constraint = await asyncio.get_running_loop().run_in_executor(
                 None, self.grammars.constraint, request.grammar, n)
-        session, start = await self._session_for(prompt, request.max_new_tokens, n)
+        scoring = request.prompt_logprobs is not None  # every prompt token is computed then: no reuse
+        session, start = await self._session_for(prompt, request.max_new_tokens, n, reuse=not scoring)
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
-                                              request.max_new_tokens, position=start)
+                                              request.max_new_tokens, position=start,
+                                              prompt_scores=request.prompt_logprobs)
         stop_ids = set(request.stop_token_ids)
         chosen: list[int] = []  # row 0's tokens: all but the last have been fed to the session
         active = [True] * n
@@ -117,9 +119,12 @@ class SwarmTextService:
             async for step in steps:
                 chosen.append(int(step.token_ids[0]))
                 events = []
+                scores = _prompt_logprobs(prompt, step) if step.prompt_scores is not None else None
                 for i in range(n):
                     if active[i]:
                         event = _event(step, i, start if len(chosen) == 1 else 0)
+                        if scores is not None:
+                            event = dataclasses.replace(event, prompt_logprobs=scores)
                         if event.token_id in stop_ids:
                             event = dataclasses.replace(event, stop=True)
                             active[i] = False
@@ -137,10 +142,11 @@ class SwarmTextService:
             else:
                 await session.close()
 
-    async def _session_for(self, prompt: list[int], max_new_tokens: int, n: int) -> tuple[InferenceSession, int]:
+    async def _session_for(self, prompt: list[int], max_new_tokens: int, n: int,
+                           reuse: bool = True) -> tuple[InferenceSession, int]:
         """A parked session holding the longest prefix of `prompt` (and the position to continue from), else a new
         session (position 0)."""
-        if n == 1:
+        if n == 1 and reuse:
             best, best_common = None, 0
             now = time.monotonic()
             for entry in self._parked:
@@ -206,6 +212,15 @@ def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:
         return TokenEvent(i, token, cached_prompt_tokens=cached)
     return TokenEvent(i, token, float(step.logprobs[i]),
                       list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached)
+
+
+def _prompt_logprobs(prompt: list[int], step: StepOutput) -> tuple[tuple[float | None, tuple[tuple[int, float],
+                                                                                             ...]], ...]:
+    scores = step.prompt_scores
+    assert scores is not None
+    rest = tuple((float(lp), tuple(zip(ids.tolist(), lps.tolist(), strict=True)))
+                 for lp, ids, lps in zip(scores.logprobs, scores.top_ids, scores.top_logprobs, strict=True))
+    return ((None, ()), *rest)[: len(prompt)]
 
 
 def _grammar_end(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> int:

@@ -13,7 +13,8 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.client import SwarmClient
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
@@ -117,6 +118,25 @@ async def test_logprobs_logit_bias_and_penalties_on_the_real_model(sdk):
                                                   frequency_penalty=2.0, presence_penalty=2.0)
     # Greedy repeats "AI" (", AI-powered"); strong penalties steer away from repeating it.
     assert penalized.choices[0].message.content.count("AI") <= 1
+
+
+async def test_echoed_prompt_logprobs_equal_transformers_on_the_same_tokens(sdk, tokenizer):
+    """/v1/completions echo + logprobs (how lm-eval-harness scores a text): the prompt's own log-probabilities, each
+    token given the ones before it, as local transformers computes them."""
+    text = "The capital of France is Paris. The capital of Italy is"
+    completion = await sdk.completions.create(model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True,
+                                              logprobs=1)
+    choice = completion.choices[0]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert choice.text.startswith(text) and len(choice.logprobs.tokens) == len(ids) + 1
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL).path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    local = [float(expected[j - 1, ids[j]]) for j in range(1, len(ids))]
+    served = choice.logprobs.token_logprobs
+    assert served[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert max(abs(a - b) for a, b in zip(served[1 : len(ids)], local, strict=True)) < 1e-3  # fp32 peers
+    assert choice.logprobs.text_offset[: 2] == [0, len(choice.logprobs.tokens[0])]
 
 
 async def test_eight_concurrent_streams_each_equal_its_sequential_result(sdk):

@@ -71,9 +71,13 @@ class FakeBackend:
                 if self.fail_after is not None and step >= self.fail_after:
                     raise PeerError("peer died", ErrorCode.INTERNAL)
                 token = script[step]
+                prompt = None
+                if request.prompt_logprobs is not None and step == 0:  # the prompt's tokens: -1 each, as scripted
+                    prompt = tuple((None if j == 0 else -1.0, ((t, -1.0),) * request.prompt_logprobs)
+                                   for j, t in enumerate(request.prompt_ids))
                 yield [TokenEvent(i, token, -0.5 if request.logprobs is not None else None,
                                   [(token, -0.5)] * (request.logprobs or 0), stop=token == EOS,
-                                  cached_prompt_tokens=self.cached if step == 0 else 0)
+                                  cached_prompt_tokens=self.cached if step == 0 else 0, prompt_logprobs=prompt)
                        for i in range(request.n)]
                 if token == EOS:
                     return
@@ -254,6 +258,28 @@ def test_bad_requests_get_400_with_the_openai_error_object(client, name):
     assert error["message"] and error["type"] == "invalid_request_error" and set(error) == {"message", "type",
                                                                                            "param", "code"}
     assert chat(client).status_code == 200  # and the next request is served
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_echo_the_prompt_with_its_logprobs_and_text_offsets(client, stream):
+    body = {"model": "fake/model-1", "prompt": "Say: ", "max_tokens": 5, "echo": True, "logprobs": 1, "n": 2,
+            "stream": stream}
+    response = client.post("/v1/completions", json=body)
+    if stream:
+        choices = [c for e in sse_events(response) for c in e["choices"] if c["index"] == 1]
+        text = "".join(c["text"] for c in choices)
+        logprobs = {key: [x for c in choices if c["logprobs"] for x in c["logprobs"][key]]
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        choice = response.json()["choices"][1]
+        text, logprobs = choice["text"], choice["logprobs"]
+    assert text == "Say: " + REPLY[:5]
+    assert logprobs["tokens"] == list("Say: ") + list(REPLY[:5])
+    assert logprobs["token_logprobs"] == [None] + [-1.0] * 4 + [-0.5] * 5
+    assert logprobs["top_logprobs"][0] is None and logprobs["top_logprobs"][1] == {"a": -1.0}
+    assert logprobs["text_offset"] == list(range(10))  # one character per token here
+    plain = client.post("/v1/completions", json={**body, "logprobs": None, "stream": False}).json()["choices"][0]
+    assert plain["text"] == "Say: " + REPLY[:5] and plain["logprobs"] is None
 
 
 def test_explicit_nulls_mean_absent(client, backend):
