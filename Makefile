@@ -40,6 +40,7 @@ lint: install
 BENCH_OUT ?= benchmarks/results
 bench: install
 	$(PY) -m benchmarks.serve --out $(BENCH_OUT)
+	$(PY) -m benchmarks.grammar --out $(BENCH_OUT)
 	$(PY) -m benchmarks.decode --out $(BENCH_OUT)
 	$(PY) -m benchmarks.hops --out $(BENCH_OUT)
 	$(PY) -m benchmarks.http --out $(BENCH_OUT)
