@@ -90,18 +90,19 @@ SCHEMAS = {
 async def test_json_schema_answers_validate_at_temperature_one_over_many_seeds(sdk, name):
     schema = SCHEMAS[name]
 
-    async def one(seed: int):
+    async def one(seed: int):  # two choices each: one grammar state per row
         return await sdk.chat.completions.create(
             model=MODEL, messages=user("Fill in this record with made-up values."), seed=seed, temperature=1,
-            max_tokens=150, response_format={"type": "json_schema", "json_schema": {
+            max_tokens=150, n=2, response_format={"type": "json_schema", "json_schema": {
                 "name": "record", "schema": schema, "strict": True}})
 
-    completions = await asyncio.gather(*(one(seed) for seed in SEEDS))
-    for completion in completions:
-        choice = completion.choices[0]
+    seeds = SEEDS[:4]
+    choices = [c for completion in await asyncio.gather(*(one(seed) for seed in seeds)) for c in completion.choices]
+    assert len(choices) == 2 * len(seeds)
+    for choice in choices:
         assert choice.finish_reason == "stop", choice.message.content  # the schema bounds every answer's length
         jsonschema.validate(json.loads(choice.message.content), schema)
-    assert len({c.choices[0].message.content for c in completions}) > 1  # sampled, not one forced answer
+    assert len({c.message.content for c in choices}) > 1  # sampled, not one forced answer
 
 
 async def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_feature(sdk):
