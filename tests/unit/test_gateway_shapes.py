@@ -106,14 +106,14 @@ def test_text_completion_body_and_chunk_fields(client):
     choice = body["choices"][0]
     assert set(choice) == {"index", "text", "finish_reason", "logprobs"}
     assert choice["logprobs"] == {"tokens": ["H", "e"], "token_logprobs": [-0.5, -0.5],
-                                  "top_logprobs": [{"H": -0.5}, {"e": -0.5}], "text_offset": []}
+                                  "top_logprobs": [{"H": -0.5}, {"e": -0.5}], "text_offset": [0, 1]}
     assert completion(client, max_tokens=1).json()["choices"][0]["logprobs"] is None
     events = sse_events(completion(client, max_tokens=2, stream=True, logprobs=0))
     assert all(set(e) == CHUNK_KEYS and e["object"] == "text_completion" for e in events)
     choices = [c for e in events for c in e["choices"]]
     assert choices[0] == {"index": 0, "text": "H", "finish_reason": None,
                           "logprobs": {"tokens": ["H"], "token_logprobs": [-0.5], "top_logprobs": [{}],
-                                       "text_offset": []}}
+                                       "text_offset": [0]}}
     assert set(choices[0]) == {"index", "text", "logprobs", "finish_reason"}
 
 
