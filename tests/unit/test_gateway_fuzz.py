@@ -1,7 +1,7 @@
 """Property-based HTTP fuzz of the gateway over the scripted fake backends: whatever body a client sends to
-/v1/chat/completions, /v1/completions or /v1/embeddings (well-formed requests with hostile values, arbitrary JSON,
-arbitrary bytes), the answer is never a 5xx, every error has the OpenAI error body, no example takes more than its
-deadline, and nothing is left held afterwards (slots, queue places, backend generations).
+/v1/chat/completions, /v1/completions, /v1/responses or /v1/embeddings (well-formed requests with hostile values,
+arbitrary JSON, arbitrary bytes), the answer is never a 5xx, every error has the OpenAI error body, no example takes
+more than its deadline, and nothing is left held afterwards (slots, queue places, backend generations).
 
 Bodies are built from each endpoint's fields, each either a plausible value or any JSON value (NaN, huge integers,
 lone surrogates included), plus unknown fields. Derandomized, so that the default test run is deterministic; run
@@ -57,11 +57,45 @@ sampling = {
     "logit_bias": either(st.dictionaries(texts | token_ids.map(str), numbers, max_size=4)),
     "logprobs": either(st.booleans() | numbers), "user": anything,
 }
+schemas = st.sampled_from([{}, {"type": "object"}, {"type": "unenforceable"}, {"enum": [1, "a"]}]) | anything
+function = st.fixed_dictionaries({"name": either(st.sampled_from(["add", "get_weather", "no spaces", ""]))},
+                                 optional={"parameters": schemas, "description": texts})
+tools = st.lists(st.fixed_dictionaries({"type": either(st.just("function")), "function": either(function)}),
+                 max_size=3)
+tool_choices = st.sampled_from(["none", "auto", "required", "x"]) | st.fixed_dictionaries(
+    {"type": either(st.just("function")), "function": st.fixed_dictionaries({"name": either(texts)})})
+tool_call = st.fixed_dictionaries({"id": either(texts), "type": either(st.just("function")),
+                                   "function": st.fixed_dictionaries({"name": either(texts),
+                                                                      "arguments": either(texts)})})
+message = message | st.fixed_dictionaries({"role": st.just("assistant"), "tool_calls": either(st.lists(
+    tool_call, max_size=2))}) | st.fixed_dictionaries({"role": st.just("tool"), "content": either(texts),
+                                                       "tool_call_id": either(texts)})
 chat_bodies = st.fixed_dictionaries({"model": model, "messages": either(st.lists(message, max_size=4))},
                                     optional={**sampling, "max_completion_tokens": either(numbers),
                                               "top_logprobs": either(numbers),
                                               "response_format": either(st.fixed_dictionaries(
-                                                  {"type": st.sampled_from(["text", "json_object", "x"])}))})
+                                                  {"type": st.sampled_from(["text", "json_object", "json_schema",
+                                                                            "x"])},
+                                                  optional={"json_schema": st.fixed_dictionaries(
+                                                      {"name": either(texts), "schema": schemas})})),
+                                              "tools": either(tools), "tool_choice": either(tool_choices),
+                                              "parallel_tool_calls": anything})
+input_items = st.lists(message | st.fixed_dictionaries(
+    {"type": st.sampled_from(["function_call", "function_call_output", "message", "web_search_call"]),
+     "call_id": either(texts), "name": either(texts), "arguments": either(texts), "output": either(texts)}),
+    max_size=4)
+response_bodies = st.fixed_dictionaries({"model": model, "input": either(texts | input_items)}, optional={
+    "instructions": either(texts), "max_output_tokens": either(numbers), "temperature": either(numbers),
+    "top_p": either(numbers), "stream": either(st.booleans()), "store": anything,
+    "previous_response_id": either(texts),
+    "text": either(st.fixed_dictionaries({"format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema"])},
+        optional={"name": either(texts), "schema": schemas})})),
+    "tools": either(st.lists(st.fixed_dictionaries({"type": either(st.sampled_from(["function", "web_search"])),
+                                                    "name": either(texts)}, optional={"parameters": schemas}),
+                             max_size=3)),
+    "tool_choice": either(st.sampled_from(["none", "auto", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function"), "name": either(texts)}))})
 prompts = texts | st.lists(texts, max_size=4) | st.lists(token_ids, max_size=6) | st.lists(
     st.lists(token_ids, max_size=4), max_size=3)
 text_bodies = st.fixed_dictionaries({"model": model, "prompt": either(prompts)},
@@ -69,7 +103,8 @@ text_bodies = st.fixed_dictionaries({"model": model, "prompt": either(prompts)},
 embedding_bodies = st.fixed_dictionaries(
     {"model": either(st.sampled_from(["fake/embedder", "fake/model-1"])), "input": either(prompts)},
     optional={"encoding_format": either(st.sampled_from(["float", "base64", "hex"])), "dimensions": either(numbers)})
-PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions", "embeddings": "/v1/embeddings"}
+PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions", "embeddings": "/v1/embeddings",
+         "responses": "/v1/responses"}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +146,12 @@ def test_completions_never_answer_5xx(gateway, body):
 @given(body=embedding_bodies)
 def test_embeddings_never_answer_5xx(gateway, body):
     post(gateway[0], PATHS["embeddings"], body)
+
+
+@SETTINGS
+@given(body=response_bodies)
+def test_responses_never_answer_5xx(gateway, body):
+    post(gateway[0], PATHS["responses"], body)
 
 
 @settings(SETTINGS, max_examples=100)
