@@ -16,7 +16,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import anyio
 from fastapi.responses import Response
 
 from app.errors import APIError, swarm_error
@@ -184,9 +186,9 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
     starting = asyncio.ensure_future(engine.start(jobs, client))
     try:
         done, _ = await asyncio.wait({starting}, timeout=engine.keepalive)
-    except BaseException:  # the client left (unless_disconnected): the start goes too
-        owner = _Starting(starting)
-        await owner.aclose()
+    except BaseException:  # the client left (unless_disconnected): the start goes too, and a generation that
+        with anyio.CancelScope(shield=True):  # started meanwhile is closed to the end (its peers' sessions)
+            await _Starting(starting).aclose()
         raise
     if done:
         generation = starting.result()  # ours from here: the event stream closes it
@@ -262,8 +264,7 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
     engine.check_model(request.model)
     engine.check_choices(request.n)
     messages, tools = template_messages(request, engine.backend.native_tools)
-    engine.check_prompt_size(sum(len(str(m.get("content") or "")) for m in messages)
-                             + len(json.dumps(tools or [])), "messages")
+    engine.check_prompt_size(sum(_message_chars(m) for m in messages) + len(json.dumps(tools or [])), "messages")
     grammar = grammar_for(request)
     if grammar is not None:
         await engine.check_grammar(grammar, "response_format" if request.response_format and not offered_tools(
@@ -281,6 +282,13 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
     return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names)]
 
 
+def _message_chars(message: dict[str, Any]) -> int:
+    """A templated message's characters: its content and the names and arguments of its tool calls."""
+    calls = message.get("tool_calls") or []
+    return len(str(message.get("content") or "")) + sum(
+        len(str(c["function"]["name"])) + len(str(c["function"]["arguments"])) for c in calls)
+
+
 async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> list[Job]:
     """A job per prompt: sizes and counts checked, then the texts tokenized in a worker thread."""
     engine.check_model(request.model)
@@ -291,12 +299,15 @@ async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> 
             engine.check_prompt_size(len(prompt), "prompt")
     try:
         ids = await engine.tokenize(_encode_all, engine.backend.encode, prompts)
-        echoes = [p if isinstance(p, str) else await engine.tokenize(engine.backend.decode, p) for p in prompts] \
-            if request.echo else [None] * len(prompts)
     except Exception as e:
         raise swarm_error(e) from e
-    return [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n, echo=echo)
-            for i, (prompt_ids, echo) in enumerate(zip(ids, echoes, strict=True))]
+    jobs = [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n,
+                            echo=(prompt if isinstance(prompt, str) else "") if request.echo else None)
+            for i, (prompt_ids, prompt) in enumerate(zip(ids, prompts, strict=True))]
+    for job, prompt in zip(jobs, prompts, strict=True):  # token ids echoed as text once they are known valid
+        if request.echo and not isinstance(prompt, str):
+            job.echo = await engine.tokenize(engine.backend.decode, prompt)
+    return jobs
 
 
 def _encode_all(encode: Callable[[str], list[int]], prompts: list[str | list[int]]) -> list[list[int]]:

@@ -9,6 +9,7 @@ sse-starlette would add a second disconnect watcher and its own ping task to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Protocol
 
@@ -41,8 +42,10 @@ async def with_keepalive(events: AsyncIterable[str], interval: float) -> AsyncIt
                 return
             yield event
     finally:
-        if pending is not None:  # the client left while an event was awaited: stop producing it
-            pending.cancel()
+        if pending is not None:  # the client left while an event was awaited: stop producing it, and wait until
+            pending.cancel()     # it has stopped (then `events` can be closed, and what it holds released)
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await pending
 
 
 def json_response(body: BaseModel, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:

@@ -18,15 +18,17 @@ its answer the `response` object, or the typed event stream of the Responses API
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from app.completions import Collected, chat_jobs, stream_response
+from app.completions import chat_jobs, stream_response
 from app.errors import APIError, swarm_error
 from app.protocol.requests import ChatCompletionRequest
 from app.protocol.responses_api import (
@@ -131,6 +133,20 @@ class ResponseBuilder:
         self.message: OutputMessage | None = None  # the message item being written
         self.finish: str | None = None
 
+    def close_message(self, numbers: Iterator[int]) -> list[str]:
+        """End the message item being written (if any): its closing events."""
+        message, self.message = self.message, None
+        if message is None:
+            return []
+        index = len(self.output) - 1
+        part = message.content[0]
+        message.status = "completed"
+        return [_event("response.output_text.done", next(numbers), item_id=message.id, output_index=index,
+                       content_index=0, text=part.text),
+                _event("response.content_part.done", next(numbers), item_id=message.id, output_index=index,
+                       content_index=0, part=part),
+                _event("response.output_item.done", next(numbers), output_index=index, item=message)]
+
     def snapshot(self, status: str, usage: ResponseUsage | None = None,
                  error: ResponseError | None = None) -> ResponseObject:
         request = self.request
@@ -180,21 +196,20 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     builder = ResponseBuilder(request, history)
     if request.stream:
         return await stream_response(engine, jobs, client, lambda generation: _events(generation, builder, store, chat),
-                                     lambda error: _failed(builder, error))
+                                     lambda error: _failed(builder, error, opened=False))
     generation = await engine.start(jobs, client)
+    numbers = itertools.count()  # the events are built as for a stream (the items in the same order) and dropped
+    finish = None
     async with generation:
-        collected = Collected()
         try:
             async for step in generation:
                 for delta in step:
-                    collected.add(delta)
+                    _delta_events(delta, builder, numbers)
+                    finish = delta.finish_reason or finish
         except Exception as e:
             raise swarm_error(e) from e
-    if collected.text:
-        builder.output.append(OutputMessage(id=_id("msg"), content=[OutputText(text=collected.text)]))
-    builder.output.extend(FunctionCallOutput(id=_id("fc"), call_id=k.id, name=k.name, arguments=k.arguments)
-                          for k in collected.tool_calls)
-    status = "incomplete" if collected.finish_reason == "length" else "completed"
+    builder.close_message(numbers)
+    status = "incomplete" if finish == "length" else "completed"
     if request.store:
         store.put(builder.id, builder.conversation(chat))
     return json_response(builder.snapshot(status, _usage(jobs)))
@@ -208,43 +223,27 @@ def _event(kind: str, number: int, **fields: Any) -> str:
 
 
 def _dumps(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 async def _events(generation: Generation, builder: ResponseBuilder, store: ConversationStore,
                   chat: ChatCompletionRequest) -> AsyncIterator[str]:
-    numbers = iter(range(1 << 62))
-    yield _event("response.created", next(numbers), response=builder.snapshot("in_progress"))
-    yield _event("response.in_progress", next(numbers), response=builder.snapshot("in_progress"))
-
-    def close_message() -> list[str]:
-        message, builder.message = builder.message, None
-        if message is None:
-            return []
-        index = len(builder.output) - 1
-        part = message.content[0]
-        message.status = "completed"
-        return [_event("response.output_text.done", next(numbers), item_id=message.id, output_index=index,
-                       content_index=0, text=part.text),
-                _event("response.content_part.done", next(numbers), item_id=message.id, output_index=index,
-                       content_index=0, part=part),
-                _event("response.output_item.done", next(numbers), output_index=index, item=message)]
-
+    numbers = itertools.count()
+    for event in _opening(builder, numbers):
+        yield event
     finish: str | None = None
     try:
         async for step in generation:
             for delta in step:
-                for event in _delta_events(delta, builder, numbers, close_message):
+                for event in _delta_events(delta, builder, numbers):
                     yield event
                 finish = delta.finish_reason or finish
     except Exception as e:
         await generation.aclose()
-        async for event in _failed(builder, swarm_error(e), numbers):
+        async for event in _failed(builder, swarm_error(e), numbers=numbers):
             yield event
         return
-    for event in close_message():
+    for event in builder.close_message(numbers):
         yield event
     await generation.aclose()  # settles the usage counts and frees the slot
     status = "incomplete" if finish == "length" else "completed"
@@ -253,14 +252,25 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
     yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))
 
 
-async def _failed(builder: ResponseBuilder, error: APIError, numbers: Any = None) -> AsyncIterator[str]:
-    numbers = numbers if numbers is not None else iter(range(1 << 62))
+def _opening(builder: ResponseBuilder, numbers: Iterator[int]) -> list[str]:
+    return [_event("response.created", next(numbers), response=builder.snapshot("in_progress")),
+            _event("response.in_progress", next(numbers), response=builder.snapshot("in_progress"))]
+
+
+async def _failed(builder: ResponseBuilder, error: APIError, opened: bool = True,
+                  numbers: Iterator[int] | None = None) -> AsyncIterator[str]:
+    """The end of a stream that failed; `opened`: its opening events were sent (else they come first, as the SDKs
+    expect a response.created before anything else)."""
+    numbers = numbers if numbers is not None else itertools.count()
+    for event in [] if opened else _opening(builder, numbers):
+        yield event
     yield _event("error", next(numbers), code=error.code or "error", message=error.message, param=None)
     yield _event("response.failed", next(numbers), response=builder.snapshot(
         "failed", error=ResponseError(code=error.code or "error", message=error.message)))
 
 
-def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Any, close_message: Any) -> list[str]:
+def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Iterator[int]) -> list[str]:
+    """Add a delta's text and tool calls to the response's items, in order → the stream's events for them."""
     events: list[str] = []
     if delta.text:
         if builder.message is None:
@@ -275,7 +285,7 @@ def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Any, close_me
         events.append(_event("response.output_text.delta", next(numbers), item_id=builder.message.id,
                              output_index=len(builder.output) - 1, content_index=0, delta=delta.text))
     for call in delta.tool_calls:
-        events.extend(close_message())
+        events.extend(builder.close_message(numbers))
         item = FunctionCallOutput(id=_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments)
         builder.output.append(item)
         index = len(builder.output) - 1

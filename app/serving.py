@@ -273,6 +273,7 @@ class ServingEngine:
         n, limit = job.request.n, job.request.max_new_tokens
         texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
         readers = [ToolCallReader(set(job.tool_names)) for _ in range(n)] if job.tool_names else None
+        prompt_entries: list[TokenLogprob] | None = None  # the echoed prompt's, built once for every choice
         counts, finished = [0] * n, [False] * n
         stream = self.backend.generate(job.request)
         try:
@@ -288,7 +289,10 @@ class ServingEngine:
                     counts[i] += 1
                     delta = Delta(i + job.index_offset, "")
                     if event.prompt_logprobs is not None and counts[i] == 1:
-                        delta.logprobs.extend(self._prompt_logprobs(job.prompt_ids, event.prompt_logprobs))
+                        if prompt_entries is None:  # thousands of entries: off the event loop
+                            prompt_entries = await self.tokenize(self._prompt_logprobs, job.prompt_ids,
+                                                                 event.prompt_logprobs)
+                        delta.logprobs.extend(prompt_entries)
                     if event.logprob is not None:
                         delta.logprobs.append(_token_logprob(self.backend, event, event.logprob))
                     if event.stop:
@@ -322,12 +326,19 @@ class ServingEngine:
     def _prompt_logprobs(self, prompt_ids: list[int], scores: Sequence[tuple[float | None, Sequence[tuple[int,
                                                                                                           float]]]]
                          ) -> list[TokenLogprob]:
-        """The echoed prompt's tokens with their log-probabilities (the first has none)."""
+        """The echoed prompt's tokens with their log-probabilities (the first has none); in a worker thread."""
+        texts: dict[int, str] = {}
+
+        def text_of(token_id: int) -> str:
+            if token_id not in texts:
+                texts[token_id] = self.backend.token_text(token_id)
+            return texts[token_id]
+
         out = []
         for token_id, (logprob, top) in zip(prompt_ids, scores, strict=False):
-            text = self.backend.token_text(token_id)
-            out.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
-                                    top_logprobs=[_top_logprob(self.backend, t, lp) for t, lp in top]))
+            text = text_of(token_id)
+            out.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")), top_logprobs=[
+                TopLogprob(token=text_of(t), logprob=lp, bytes=list(text_of(t).encode("utf-8"))) for t, lp in top]))
         return out
 
     async def start(self, jobs: list[Job], client: str = "") -> Generation:

@@ -29,6 +29,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from app.errors import APIError
 from app.protocol.requests import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
 from swarm.client.requests import JSON_STYLE, Grammar
 
@@ -105,7 +106,11 @@ def _calls_lark(tools: list[Tool], parallel: bool, alternative: dict[str, Any] |
 
 
 def _styled(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}}
+    own = schema.get("x-guidance", {})
+    if not isinstance(own, dict):
+        raise APIError(400, "x-guidance, where given, must be an object of llguidance's JSON options",
+                       "response_format", "invalid_value")
+    return {**schema, "x-guidance": {**JSON_STYLE, **own}}
 
 
 # ---- the prompt ----------------------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ def _calls_text(message: ChatMessage) -> str:
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text  # sent back as the client had it
 
 
@@ -186,6 +191,7 @@ class ToolCallReader:
         self.names = names
         self.pending = ""  # text not released yet
         self.in_call = False
+        self.gap = ""  # the whitespace before the call being read: dropped if it is a call, else text again
         self.calls = 0
         self.seen: set[tuple[str, str]] = set()
         self.repeated = False
@@ -200,9 +206,9 @@ class ToolCallReader:
                     return content, calls
                 body, self.pending = self.pending[:end], self.pending[end + len(CALL_CLOSE):]
                 self.in_call = False
-                call = self._parse(body)
+                call, gap, self.gap = self._parse(body), self.gap, ""
                 if call is None:
-                    content += f"{CALL_OPEN}{body}{CALL_CLOSE}"  # not a call of ours: it stays text
+                    content += f"{gap}{CALL_OPEN}{body}{CALL_CLOSE}"  # not a call of ours: it stays text
                 elif isinstance(call, str):  # "repeated"
                     self.repeated = True
                     return content, calls
@@ -212,7 +218,8 @@ class ToolCallReader:
             start = self.pending.find(CALL_OPEN)
             if start >= 0:
                 before = self.pending[:start]
-                content += before if before.strip() or not self.calls else ""  # not the space between calls
+                content += before.rstrip()  # the space before a call is not content (if it is a call)
+                self.gap = before[len(before.rstrip()):]
                 self.pending, self.in_call = self.pending[start + len(CALL_OPEN):], True
                 continue
             # held back: what may begin a call, and the whitespace before it (between calls, or after the last,
@@ -225,16 +232,16 @@ class ToolCallReader:
         """The text left once the choice has ended. After calls, what is left of an unclosed call (cut by the
         token limit) and whitespace are dropped, and after a repeated call everything; before any call, an unclosed
         call is text."""
-        rest = (CALL_OPEN if self.in_call else "") + self.pending
+        rest = (self.gap + CALL_OPEN if self.in_call else "") + self.pending
         if self.repeated or (self.calls and (self.in_call or not rest.strip())):
             rest = ""
-        self.pending, self.in_call = "", False
+        self.pending, self.in_call, self.gap = "", False, ""
         return rest
 
     def _parse(self, body: str) -> ToolCall | str | None:
         try:
             value = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(value, dict) or value.get("name") not in self.names:
             return None

@@ -108,6 +108,10 @@ class ResponsesRequest(_Request):
         if isinstance(self.input, list) and len(self.input) > MAX_MESSAGES:
             raise ValueError(f"at most {MAX_MESSAGES} input items")
         names = [tool.name for tool in self.tools]
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct names")
         if isinstance(self.tool_choice, ToolChoiceFunction) and self.tool_choice.name not in names:
             raise ValueError(f"tool_choice names {self.tool_choice.name!r}, which is not in tools")
         return self

@@ -119,7 +119,9 @@ class SwarmTextService:
             async for step in steps:
                 chosen.append(int(step.token_ids[0]))
                 events = []
-                scores = _prompt_logprobs(prompt, step) if step.prompt_scores is not None else None
+                scores = None
+                if step.prompt_scores is not None:  # a tuple a prompt token: off the event loop
+                    scores = await asyncio.get_running_loop().run_in_executor(None, _prompt_logprobs, prompt, step)
                 for i in range(n):
                     if active[i]:
                         event = _event(step, i, start if len(chosen) == 1 else 0)

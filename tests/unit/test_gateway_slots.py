@@ -150,3 +150,49 @@ def test_a_stream_slow_to_start_is_answered_at_once_and_kept_alive(outcome):
         assert json.loads(events[0][6:])["error"]["code"] == "swarm_error" and events[-1] == "data: [DONE]"
     else:
         assert events == [] and len(backend.requests) == 1
+
+
+def test_a_client_leaving_while_a_kept_alive_stream_awaits_its_next_event_closes_everything():
+    """The next event is awaited in a task (with_keepalive): it is stopped and waited for before the generation is
+    closed, whose clean-up awaits (as closing the peers' sessions does)."""
+
+    class SlowToClose(FakeBackend):
+        async def generate(self, request):
+            try:
+                async for events in super().generate(request):
+                    yield events
+            finally:
+                await asyncio.sleep(0.05)  # as `await session.close()` does
+
+    backend = SlowToClose()
+    backend.gate = asyncio.Event()
+    backend.gate.set()
+
+    async def scenario():
+        app = create_app(GatewaySettings(gateway_max_concurrent=2, gateway_sse_keepalive=0.05), backend=backend)
+        async with app.router.lifespan_context(app):
+            sent: list[dict] = []
+            gone = asyncio.Event()
+            requested = False
+
+            async def receive() -> dict:
+                nonlocal requested
+                if not requested:
+                    requested = True
+                    return {"type": "http.request", "body": json.dumps(request(stream=True)).encode()}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+                if b"data:" in message.get("body", b""):
+                    backend.gate.clear()  # the next step waits: the stream awaits its next event
+
+            task = asyncio.create_task(app(scope("/v1/chat/completions"), receive, send))
+            while b": keep-alive" not in body_bytes(sent):
+                await asyncio.sleep(0.01)
+            gone.set()
+            await asyncio.wait_for(task, 5)  # no "aclose(): asynchronous generator is already running"
+            return app.state.engine.active, backend.open_sessions
+
+    assert asyncio.run(scenario()) == (0, 0)

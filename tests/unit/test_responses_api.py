@@ -108,3 +108,43 @@ def test_what_is_refused_is_a_4xx_with_the_openai_error_body(client, body, param
     assert response.status_code in (400, 404), response.text
     error = response.json()["error"]
     assert error["message"] and (param is None or (error["param"] or "").startswith(param)), error
+
+
+def test_text_and_calls_keep_their_order_streamed_or_not(sdk, backend):
+    backend.reply = f"Adding. {CALL} Done."
+    whole = sdk.responses.create(model="fake/model-1", input="1+2?", tools=[ADD])
+    with sdk.responses.stream(model="fake/model-1", input="1+2?", tools=[ADD]) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    for response in (whole, final):
+        assert [item.type for item in response.output] == ["message", "function_call", "message"]
+        assert response.output[0].content[0].text == "Adding." and response.output[2].content[0].text == " Done."
+
+
+def test_a_stream_that_fails_to_start_late_still_opens_with_response_created(backend):
+    import asyncio
+
+    backend.gate = asyncio.Event()
+    backend.fail_after = 0
+    app = create_app(GatewaySettings(gateway_sse_keepalive=0.05), backend=backend)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = __import__("httpx").ASGITransport(app=app)
+            async with __import__("httpx").AsyncClient(transport=transport, base_url="http://t") as http:
+                task = asyncio.create_task(http.post("/v1/responses", json={
+                    "model": "fake/model-1", "input": "hi", "stream": True}))
+                await asyncio.sleep(0.3)  # past the keep-alive interval: answered 200, the start still pending
+                backend.gate.set()
+                return await task
+
+    response = asyncio.run(scenario())
+    kinds = [line[len("event: "):] for line in response.text.splitlines() if line.startswith("event: ")]
+    assert response.status_code == 200 and ": keep-alive" in response.text
+    assert kinds == ["response.created", "response.in_progress", "error", "response.failed"]
+
+
+def test_required_tool_choice_without_tools_is_refused(client):
+    response = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", "tool_choice": "required"})
+    assert response.status_code == 400

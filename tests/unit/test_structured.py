@@ -165,7 +165,7 @@ def test_the_reader_finds_the_calls_however_the_text_is_split(cut):
         content, calls = content + text, calls + found
         assert "<" not in text  # nothing of a call's markup leaks into the content
     content += reader.finish()
-    assert content == "Let me add.\n"
+    assert content == "Let me add."  # the space before a call is not content, however the text was split
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2}),
                                                                    ("get_weather", {"city": "Paris"})]
     assert len({c.id for c in calls}) == 2
@@ -202,12 +202,38 @@ def test_the_gateway_returns_calls_streamed_or_not_with_finish_reason_tool_calls
         whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
         events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))
         plain = client.post("/v1/chat/completions", json={**body, "tools": None}).json()["choices"][0]
-    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Sure.\n"
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Sure."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] \
         == [("add", {"a": 1, "b": 2})]
     deltas = [e["choices"][0] for e in events if e["choices"]]
     streamed_calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
     assert [(c["index"], c["function"]["name"]) for c in streamed_calls] == [(0, "add")]
-    assert "".join(d["delta"].get("content") or "" for d in deltas) == "Sure.\n"
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == "Sure."
     assert deltas[-1]["finish_reason"] == "tool_calls"
     assert plain["message"]["content"] == CALLS_REPLY and "tool_calls" not in plain["message"]  # no tools: text
+
+
+def test_hostile_tool_inputs_are_400s_not_500s():
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend
+
+    backend = FakeBackend()
+    backend.context_length = 1 << 20
+    deep = "[" * 100_000  # json.loads raises RecursionError on it, not ValueError
+    bodies = [
+        {"tools": [ADD], "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "x-guidance": "not an object"}}}},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "add", "arguments": deep}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "3"}], "tools": [ADD]},
+    ]
+    with TestClient(create_app(GatewaySettings(), backend=backend), raise_server_exceptions=False) as client:
+        for body in bodies:
+            response = client.post("/v1/chat/completions", json={
+                "model": "fake/model-1", "messages": [{"role": "user", "content": "x"}], **body})
+            assert response.status_code in (200, 400), response.text
+        assert client.post("/v1/completions", json={"model": "fake/model-1", "prompt": [-1, 5],
+                                                    "echo": True}).status_code == 400
