@@ -16,6 +16,7 @@ sampled greedily, their limit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -347,6 +348,8 @@ class ServingEngine:
         an HTTP error. The caller owns the returned generation and must close it; on failure here, the slot and the
         stream are released before the error is raised."""
         await self.admission.acquire(client)
+        for job in jobs:  # prefix reuse stays within one client (swarm.client.textgen)
+            job.request = dataclasses.replace(job.request, tenant=client)
         generation = Generation(self, jobs)
         try:
             await self.check_available()

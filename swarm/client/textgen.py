@@ -4,9 +4,11 @@ Speaks plain Python types (lists of ints, strings, dataclasses) so that its call
 transformers. One request of n choices runs as one session of batch n.
 
 Prefix reuse (multi-turn chats): a finished single-choice session is not closed but parked with the tokens whose
-KV its peers hold. A later request whose prompt starts with such tokens (turn 2 repeats turn 1's prompt and answer)
-takes that session, rewinds the peers to the common prefix and computes only the new suffix, so the history is not
-recomputed; the result is what a fresh session computes (the peers rewind exactly as for failover replay). Parked
+KV its peers hold. A later request of the same tenant (API key, else client address: a first token sooner than
+usual must not tell one tenant what another sent) whose prompt starts with such tokens (turn 2 repeats turn 1's
+prompt and answer) takes that session, rewinds the peers to the common prefix and computes only the new suffix, so
+the history is not recomputed; the result is what a fresh session computes (the peers rewind exactly as for failover
+replay). Parked
 sessions are kept most-recently-used first, at most `reuse_sessions` of them; the oldest is closed when another is
 parked, all are closed when a new session is refused for capacity (then it is retried once), and one that fails on
 reuse (a peer freed it) falls back to a fresh session.
@@ -46,7 +48,7 @@ class SwarmTextService:
     def __init__(self, client: SwarmClient, tokenizer: Any, reuse_sessions: int = 8):
         self.client = client
         self.reuse_sessions = reuse_sessions
-        self._parked: list[tuple[list[int], InferenceSession, float]] = []  # most recently used first
+        self._parked: list[_Parked] = []  # most recently used first
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
         self.tokenizer = tokenizer
         self.model_id = client.model_id
@@ -104,7 +106,8 @@ class SwarmTextService:
             constraint = await asyncio.get_running_loop().run_in_executor(
                 None, self.grammars.constraint, request.grammar, n)
         scoring = request.prompt_logprobs is not None  # every prompt token is computed then: no reuse
-        session, start = await self._session_for(prompt, request.max_new_tokens, n, reuse=not scoring)
+        session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant,
+                                                  reuse=not scoring)
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
@@ -140,30 +143,31 @@ class SwarmTextService:
             fed = prompt + chosen[:-1]
             if (complete and n == 1 and self.reuse_sessions > 0 and self._alive(session)
                     and session.position == len(fed)):
-                await self._park(fed, session)
+                await self._park(fed, session, request.tenant)
             else:
                 await session.close()
 
-    async def _session_for(self, prompt: list[int], max_new_tokens: int, n: int,
+    async def _session_for(self, prompt: list[int], max_new_tokens: int, n: int, tenant: str = "",
                            reuse: bool = True) -> tuple[InferenceSession, int]:
-        """A parked session holding the longest prefix of `prompt` (and the position to continue from), else a new
-        session (position 0)."""
+        """A session `tenant` parked holding the longest prefix of `prompt` (and the position to continue from),
+        else a new session (position 0). Only the tenant's own: how soon a first token comes must not tell one
+        tenant what another sent."""
         if n == 1 and reuse:
             best, best_common = None, 0
             now = time.monotonic()
             for entry in self._parked:
-                cached, session, parked_at = entry
-                common = _common_prefix(cached, prompt)
-                if (common > best_common and session.max_length >= len(prompt) + max_new_tokens
-                        and now - parked_at < self.PARK_SECONDS):
+                common = _common_prefix(entry.tokens, prompt)
+                if (entry.tenant == tenant and common > best_common
+                        and entry.session.max_length >= len(prompt) + max_new_tokens
+                        and now - entry.since < self.PARK_SECONDS):
                     best, best_common = entry, common
             if best is not None and best_common >= self.MIN_REUSE:
                 self._parked.remove(best)
                 start = min(best_common, len(prompt) - 1)  # at least one token goes in, to get logits
-                if self._alive(best[1]):
+                if self._alive(best.session):
                     self.reused_tokens += start
-                    return best[1], start
-                await best[1].close()
+                    return best.session, start
+                await best.session.close()
         needed = len(prompt) + max_new_tokens
         wanted = max(needed, min(self.context_length, needed + (self.REUSE_HEADROOM if n == 1 else 0)))
         try:
@@ -182,30 +186,38 @@ class SwarmTextService:
             # the peers are full: what this service parks goes first (least recently used first), then retry once
             logger.info("peers at capacity: closing %d parked sessions", len(self._parked))
             while self._parked:
-                await self._parked.pop()[1].close()
+                await self._parked.pop().session.close()
             return await self.client.inference_session(max_length, n)
 
     @staticmethod
     def _alive(session: InferenceSession) -> bool:
         return not any(stream.closed for stream in session.streams)
 
-    async def _park(self, tokens: list[int], session: InferenceSession) -> None:
+    async def _park(self, tokens: list[int], session: InferenceSession, tenant: str = "") -> None:
         if len(tokens) != session.position:  # not what the peers hold: never reuse it
             await session.close()
             return
         now = time.monotonic()
-        self._parked.insert(0, (tokens, session, now))
+        self._parked.insert(0, _Parked(tokens, session, now, tenant))
         # beyond the count, or parked long enough that a peer may free it for idleness (300 s by default) and an
         # attempt to reuse it would look like a peer failure
         while self._parked and (len(self._parked) > self.reuse_sessions
-                                or now - self._parked[-1][2] > self.PARK_SECONDS):
-            await self._parked.pop()[1].close()
+                                or now - self._parked[-1].since > self.PARK_SECONDS):
+            await self._parked.pop().session.close()
 
     async def close(self) -> None:
-        for _, session, _ in self._parked:
-            await session.close()
+        for entry in self._parked:
+            await entry.session.close()
         self._parked.clear()
         await self.client.close()
+
+
+@dataclasses.dataclass
+class _Parked:
+    tokens: list[int]  # what the peers hold for the session
+    session: InferenceSession
+    since: float
+    tenant: str  # whose request parked it: only theirs may take it
 
 
 def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:

@@ -50,3 +50,28 @@ def test_a_chat_template_that_refuses_the_messages_is_a_value_error_with_its_rea
     service = SwarmTextService(FakeClient(100), tokenizer=Tokenizer())
     with pytest.raises(ValueError, match="roles must alternate"):
         service.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+class FakeSession(SimpleNamespace):
+    async def close(self):
+        self.closed_by_service = True
+
+
+async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
+    """Prefix reuse is per tenant (API key, else client address): another tenant's first token must not come sooner
+    because someone else sent the same prefix."""
+    client = FakeClient(4096)
+
+    async def inference_session(max_length, batch_size=1):
+        client.asked.append(max_length)
+        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=0)
+
+    client.inference_session = inference_session
+    service = SwarmTextService(client, tokenizer=None)
+    history = list(range(40))
+    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(history))
+    await service._park(history, parked, tenant="key:alice")
+    other, start = await service._session_for([*history, 99], 10, 1, tenant="key:bob")
+    assert other is not parked and start == 0  # bob computes his whole prompt
+    same, start = await service._session_for([*history, 99], 10, 1, tenant="key:alice")
+    assert same is parked and start == len(history)  # alice continues where she stopped
