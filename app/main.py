@@ -10,10 +10,12 @@ import logging
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 
 from app.auth import ApiKeys
 from app.errors import install_error_handlers
 from app.guard import RequestGuard
+from app.metrics import GatewayMetrics, RequestCounter
 from app.responses_api import ConversationStore
 from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: GatewaySettings | None = None, backend=None, embeddings=None) -> FastAPI:
     """Build the app; `backend` (a GenerationBackend) and `embeddings` replace the swarm, for tests."""
     settings = settings or GatewaySettings()
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,7 +44,8 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     client_threads=settings.gateway_num_threads,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
                     verification=VerificationPolicy(rate=settings.swarm_verify_rate)))
-            app.state.engine = ServingEngine(active, settings)
+            app.state.engine = ServingEngine(active, settings, metrics)
+            metrics.watch(app.state.engine)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,
                         f" and embeddings of {embedder.model_id}" if embedder else "")
@@ -58,7 +62,14 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: it counts the guard's refusals too
     app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format (app.metrics); behind the API key like every path but /health."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def health():

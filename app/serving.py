@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -27,6 +29,7 @@ import anyio.to_thread
 
 from app.admission import Admission
 from app.errors import APIError, swarm_error
+from app.metrics import GatewayMetrics, log_generation
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from app.settings import GatewaySettings
@@ -157,6 +160,7 @@ class Job:
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
     echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
+    route: tuple[str, ...] = ()  # the peers its session went through (as the first step found them)
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
@@ -183,9 +187,11 @@ def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
 
 
 class ServingEngine:
-    def __init__(self, backend: GenerationBackend, settings: GatewaySettings | None = None):
+    def __init__(self, backend: GenerationBackend, settings: GatewaySettings | None = None,
+                 metrics: GatewayMetrics | None = None):
         settings = settings or GatewaySettings()
         self.backend = backend
+        self.metrics = metrics
         self.max_n = settings.gateway_max_n
         self.default_max_tokens = settings.gateway_default_max_tokens
         self.max_prompt_chars = settings.gateway_max_prompt_chars or CHARS_PER_TOKEN * backend.context_length
@@ -279,9 +285,10 @@ class ServingEngine:
         stream = self.backend.generate(job.request)
         try:
             async for events in stream:
-                if not any(counts):  # the first step: its events say how much of the prompt was cached
+                if not any(counts):  # the first step: its events say how much of the prompt was cached, and where
                     cached = max((event.cached_prompt_tokens for event in events), default=0)
                     job.cached_prompt_tokens = min(max(cached, 0), len(job.prompt_ids))
+                    job.route = next((event.route for event in events if event.route), ())
                 step = []
                 for event in events:
                     i = event.index
@@ -347,10 +354,11 @@ class ServingEngine:
         is full or the wait too long), a complete chain, then the first step, so that whatever fails at start-up is
         an HTTP error. The caller owns the returned generation and must close it; on failure here, the slot and the
         stream are released before the error is raised."""
+        arrived = time.monotonic()
         await self.admission.acquire(client)
         for job in jobs:  # prefix reuse stays within one client (swarm.client.textgen)
             job.request = dataclasses.replace(job.request, tenant=client)
-        generation = Generation(self, jobs)
+        generation = Generation(self, jobs, client, arrived)
         try:
             await self.check_available()
             await generation.start()
@@ -367,20 +375,64 @@ class Generation:
     """An admitted request's generation: it holds one concurrency slot and the stream of its jobs' deltas (the jobs
     run one after another). Iterate it for the steps; `aclose` (or leaving `async with`) closes the stream, which
     closes the backend's generation and settles each job's `completion_tokens`, then frees the slot: once, on
-    every path, whoever calls it first."""
+    every path, whoever calls it first. Closing it also reports it: metrics (app.metrics) and one log line."""
 
-    def __init__(self, engine: ServingEngine, jobs: list[Job]):
+    def __init__(self, engine: ServingEngine, jobs: list[Job], client: str = "", arrived: float | None = None):
         self.jobs = jobs
         self._engine = engine
         self._stream = self._steps()
         self._first: list[Delta] | None = None
         self._closed = False
+        self.id = secrets.token_hex(8)
+        self.client = client
+        self.arrived = arrived if arrived is not None else time.monotonic()
+        self.first_token: float | None = None  # when the first step came (monotonic)
+        self._last = 0.0
+        self.outcome = "cancelled"  # until the steps end ("ok") or fail ("error")
 
     async def _steps(self) -> AsyncGenerator[list[Delta], None]:
-        for job in self.jobs:
-            async with contextlib.aclosing(self._engine.deltas(job)) as deltas:  # closed with us, not by the GC
-                async for step in deltas:
-                    yield step
+        try:
+            for job in self.jobs:
+                async with contextlib.aclosing(self._engine.deltas(job)) as deltas:  # closed with us, not the GC
+                    async for step in deltas:
+                        self._stamp()
+                        yield step
+        except Exception:
+            self.outcome = "error"
+            raise
+        self.outcome = "ok"
+
+    def _stamp(self) -> None:
+        now = time.monotonic()
+        metrics = self._engine.metrics
+        if self.first_token is None:
+            self.first_token = now
+            if metrics is not None:
+                metrics.ttft.observe(now - self.arrived)
+        elif metrics is not None:
+            metrics.gap.observe(now - self._last)
+        self._last = now
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        prompt = sum(len(job.prompt_ids) for job in self.jobs)
+        completion = sum(job.completion_tokens for job in self.jobs)
+        cached = sum(job.cached_prompt_tokens for job in self.jobs)
+        route = self.jobs[0].route if self.jobs else ()
+        metrics = self._engine.metrics
+        if metrics is not None:
+            metrics.generations.labels(self.outcome).inc()
+            metrics.duration.observe(now - self.arrived)
+            metrics.prompt_tokens.inc(prompt)
+            metrics.completion_tokens.inc(completion)
+            metrics.cached_tokens.inc(cached)
+            if route:
+                metrics.route_peers.observe(len(route))
+        ttft = f"{1000 * (self.first_token - self.arrived):.0f}" if self.first_token is not None else "-"
+        log_generation({"id": self.id, "client": self.client, "model": self._engine.backend.model_id,
+                        "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                        "ttft_ms": ttft, "duration_ms": f"{1000 * (now - self.arrived):.0f}",
+                        "route": ",".join(peer[-8:] for peer in route) or "-", "outcome": self.outcome})
 
     async def start(self) -> None:
         self._first = await anext(self._stream)
@@ -402,6 +454,7 @@ class Generation:
             await self._stream.aclose()
         finally:
             self._engine.release_slot()
+            self._report()
 
     async def __aenter__(self) -> Generation:
         return self

@@ -178,6 +178,10 @@ class PeerHealth:
         for peer_id in peer_ids:
             self._peer(peer_id).counted = snapshot.get(peer_id, 0)
 
+    def known_peers(self) -> list[str]:
+        """Peers this client has a record of (probed, used, checked or banned)."""
+        return list(self._peers)
+
     def view(self, peer_id: str) -> PeerView:
         peer = self._peers.get(peer_id)
         if peer is None:

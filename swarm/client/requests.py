@@ -48,3 +48,4 @@ class TokenEvent:
     # on the first step's events, when asked: per prompt token, its log-probability given the tokens before it (None
     # for the first) and the k most likely tokens there
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
+    route: tuple[str, ...] = ()  # on the first step's events: the peer ids of the session's chain

@@ -50,6 +50,7 @@ class SwarmTextService:
         self.reuse_sessions = reuse_sessions
         self._parked: list[_Parked] = []  # most recently used first
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
+        self.failovers = 0  # peers replaced mid-session by replay, over all generations (app.metrics)
         self.tokenizer = tokenizer
         self.model_id = client.model_id
         head = client.decoder
@@ -108,6 +109,7 @@ class SwarmTextService:
         scoring = request.prompt_logprobs is not None  # every prompt token is computed then: no reuse
         session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant,
                                                   reuse=not scoring)
+        failovers_before = session.failovers  # a reused session's earlier turns are counted already
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
@@ -122,6 +124,7 @@ class SwarmTextService:
             async for step in steps:
                 chosen.append(int(step.token_ids[0]))
                 events = []
+                route = tuple(stream.link.peer.peer_id for stream in session.streams) if len(chosen) == 1 else ()
                 scores = None
                 if step.prompt_scores is not None:  # a tuple a prompt token: off the event loop
                     scores = await asyncio.get_running_loop().run_in_executor(None, _prompt_logprobs, prompt, step)
@@ -130,6 +133,8 @@ class SwarmTextService:
                         event = _event(step, i, start if len(chosen) == 1 else 0)
                         if scores is not None:
                             event = dataclasses.replace(event, prompt_logprobs=scores)
+                        if route:
+                            event = dataclasses.replace(event, route=route)
                         if event.token_id in stop_ids:
                             event = dataclasses.replace(event, stop=True)
                             active[i] = False
@@ -141,6 +146,7 @@ class SwarmTextService:
         finally:
             await steps.aclose()
             fed = prompt + chosen[:-1]
+            self.failovers += session.failovers - failovers_before
             if (complete and n == 1 and self.reuse_sessions > 0 and self._alive(session)
                     and session.position == len(fed)):
                 await self._park(fed, session, request.tenant)

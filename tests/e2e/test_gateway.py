@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -137,6 +138,17 @@ async def test_echoed_prompt_logprobs_equal_transformers_on_the_same_tokens(sdk,
     assert served[0] is None and choice.logprobs.top_logprobs[0] is None
     assert max(abs(a - b) for a, b in zip(served[1 : len(ids)], local, strict=True)) < 1e-3  # fp32 peers
     assert choice.logprobs.text_offset[: 2] == [0, len(choice.logprobs.tokens[0])]
+
+
+async def test_metrics_show_the_route_and_each_peers_observed_step(sdk, gateway):
+    await sdk.chat.completions.create(model=MODEL, messages=user("Count to five."), temperature=0, max_tokens=8)
+    text = httpx.get(f"{gateway.url}/metrics").text
+    steps = dict(re.findall(r'^swarm_client_peer_step_seconds\{peer="(\w+)"\} (\S+)$', text, re.M))
+    assert set(gateway.peer_ids) <= set(steps), (gateway.peer_ids, steps)
+    assert all(0 < float(steps[peer]) < 1 for peer in gateway.peer_ids)
+    assert re.search(r'^swarm_gateway_route_peers_bucket\{le="2.0"\} [1-9]', text, re.M)  # routes of 2 peers
+    assert re.search(r'^swarm_gateway_requests_total\{route="/v1/chat/completions",status="200"\} [1-9]', text,
+                     re.M)
 
 
 async def test_eight_concurrent_streams_each_equal_its_sequential_result(sdk):
