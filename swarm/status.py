@@ -1,11 +1,11 @@
 """What an operator looks at first: the swarm of one model as a table.
 
-    python -m swarm.status --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/Qm... [--model-id ID] [--json]
+    python -m swarm.status --initial-peers /ip4/127.0.0.1/tcp/31337/p2p/Qm... [--model-id ID] [--json | --prometheus]
 
 Joins the DHT as a client, reads every peer's record, probes each peer (the info RPC: its current load and the round
 trip from here), and prints one row per peer (blocks, state, precision, measured throughput, sessions, queue, free
 KV, RTT), then how many peers serve each stretch of blocks, the holes, and the chain a client here would take now
-with its expected time per token. --json prints the same as one JSON object.
+with its expected time per token. --json prints the same as one JSON object, --prometheus as Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -109,15 +109,78 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# (metric, help, record field) of each peer's gauges; its counters are decode_forwards and decode_rows
+PEER_GAUGES = (
+    ("swarm_peer_sessions", "Sessions open on the peer", "active_sessions"),
+    ("swarm_peer_queued_steps", "Steps waiting for the peer's compute thread", "queued_steps"),
+    ("swarm_peer_pending_streams", "Streams not sessions yet (opening, or waiting for capacity)", "pending_streams"),
+    ("swarm_peer_kv_tokens_free", "KV cache tokens free", "free_kv_tokens"),
+    ("swarm_peer_kv_tokens_budget", "KV cache tokens in all", "kv_budget_tokens"),
+    ("swarm_peer_throughput_tokens_per_second", "Decode tokens/s of one session through one block (measured)",
+     "throughput"),
+    ("swarm_peer_batch_throughput_tokens_per_second", "Decode tokens/s through one block over a batch",
+     "batch_throughput"),
+)
+
+
+def prometheus(data: dict[str, Any]) -> str:
+    """The snapshot in Prometheus text format: one series per peer (labelled by peer id; `swarm_peer_info` carries
+    its blocks, state, precision and software), the blocks' replica counts and the best chain's expected time. A
+    scrape job can run `python -m swarm.status --prometheus` (e.g. node_exporter's textfile collector): the peers
+    publish these figures in their records and probe answers already, so they need no port of their own."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class Snapshot(Collector):
+        def collect(self):
+            info = GaugeMetricFamily("swarm_peer_info", "A peer's record (value 1)", labels=[
+                "peer", "name", "blocks", "state", "device", "dtype", "quant", "software"])
+            up = GaugeMetricFamily("swarm_peer_up", "1 if the peer answered its probe", labels=["peer"])
+            rtt = GaugeMetricFamily("swarm_peer_rtt_seconds", "Probe round trip from here", labels=["peer"])
+            gauges = [GaugeMetricFamily(name, text, labels=["peer"]) for name, text, _ in PEER_GAUGES]
+            forwards = CounterMetricFamily("swarm_peer_decode_forwards", "Batched decode forwards run", labels=["peer"])
+            rows = CounterMetricFamily("swarm_peer_decode_rows", "Session steps those forwards carried (rows / "
+                                       "forwards: the mean batch)", labels=["peer"])
+            for p in data["peers"]:
+                peer = p["peer_id"]
+                info.add_metric([peer, p["public_name"], f"{p['start']}:{p['end']}", p["state"], p["device"],
+                                 p["dtype"], p["quant"], p["software"]], 1)
+                up.add_metric([peer], 0 if p["rtt_ms"] is None else 1)
+                if p["rtt_ms"] is not None:
+                    rtt.add_metric([peer], p["rtt_ms"] / 1000)
+                for gauge, (_, _, field) in zip(gauges, PEER_GAUGES, strict=True):
+                    gauge.add_metric([peer], float(p[field]))
+                forwards.add_metric([peer], p["decode_forwards"])
+                rows.add_metric([peer], p["decode_rows"])
+            yield from (info, up, rtt, *gauges, forwards, rows)
+            replicas = GaugeMetricFamily("swarm_block_replicas", "Routable peers serving each block", labels=["block"])
+            for stretch in data["coverage"]:
+                for block in range(stretch["start"], stretch["end"]):
+                    replicas.add_metric([str(block)], stretch["replicas"])
+            yield replicas
+            yield GaugeMetricFamily("swarm_holes", "Stretches of blocks no routable peer serves",
+                                    value=len(data["holes"]))
+            best = data["best_chain"]
+            seconds = best["ms_per_token"] / 1000 if best else float("nan")
+            yield GaugeMetricFamily("swarm_best_chain_seconds_per_token", "The best chain's expected time per token "
+                                    "from here (NaN: none)", value=seconds)
+
+    registry = CollectorRegistry()
+    registry.register(Snapshot())
+    return generate_latest(registry).decode()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swarm.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT nodes")
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID, help=f"model as announced (default {DEFAULT_MODEL_ID})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--prometheus", action="store_true", help="print Prometheus text format instead of a table")
     parser.add_argument("--probe-timeout", type=float, default=5.0, help="seconds to wait for each peer's answer")
     args = parser.parse_args(argv)
     data = asyncio.run(collect(args.initial_peers, args.model_id, args.probe_timeout))
-    print(json.dumps(data, indent=1) if args.json else render(data))
+    print(json.dumps(data, indent=1) if args.json else prometheus(data) if args.prometheus else render(data))
     return 0 if not data["holes"] and data["num_blocks"] else 1
 
 

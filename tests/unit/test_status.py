@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from swarm.protocol import SpanInfo
-from swarm.status import render, snapshot
+from swarm.status import prometheus, render, snapshot
 
 
 def record(peer: str, start: int, end: int, **kw) -> SpanInfo:
@@ -51,3 +51,26 @@ async def test_a_hole_is_shown():
     assert data["holes"] == [{"start": 10, "end": 30}] and data["best_chain"] is None
     table = render(data)
     assert "INCOMPLETE" in table and "holes: 10:30" in table and "best chain from here: none" in table
+
+
+async def test_the_snapshot_as_prometheus_metrics_parses_and_escapes_what_peers_announce():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spans = [record("a", 0, 15, public_name='evil"} 1\nswarm_holes 99'), record("b", 15, 30, decode_forwards=10,
+                                                                             decode_rows=40)]
+
+    async def prober(peer_id):
+        if peer_id == "b":
+            raise TimeoutError
+        return spans[0], 0.002
+
+    text = prometheus(await snapshot(spans, "m", prober))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("swarm_peer_up", (("peer", "a"),))] == 1 and samples[("swarm_peer_up", (("peer", "b"),))] == 0
+    assert samples[("swarm_peer_rtt_seconds", (("peer", "a"),))] == 0.002
+    assert samples[("swarm_peer_kv_tokens_free", (("peer", "a"),))] == 4000
+    assert samples[("swarm_peer_decode_rows_total", (("peer", "b"),))] == 40
+    assert samples[("swarm_holes", ())] == 1  # b did not answer: 15:30 is a hole; the name injected nothing
+    names = [dict(labels)["name"] for (name, labels) in samples if name == "swarm_peer_info"]
+    assert 'evil"} 1\nswarm_holes 99' in names
