@@ -183,7 +183,8 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
     seconds, or fails to, is an event stream or an HTTP error, as usual. One that takes longer (a queue, a long
     prefill) gets its 200 and event stream at once, with keep-alive comments until it starts: then a failure to
     start is the stream's error event (`failed`), as a failure later on would be."""
-    starting = asyncio.ensure_future(engine.start(jobs, client))
+    request_id = secrets.token_hex(8)
+    starting = asyncio.ensure_future(engine.start(jobs, client, request_id))
     try:
         done, _ = await asyncio.wait({starting}, timeout=engine.keepalive)
     except BaseException:  # the client left (unless_disconnected): the start goes too, and a generation that
@@ -192,7 +193,8 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
         raise
     if done:
         generation = starting.result()  # ours from here: the event stream closes it
-        return EventStream(with_keepalive(events(generation), engine.keepalive), owner=generation)
+        return EventStream(with_keepalive(events(generation), engine.keepalive), owner=generation,
+                           request_id=request_id)
 
     async def late() -> AsyncIterator[str]:
         try:
@@ -204,7 +206,7 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
         async for event in events(generation):
             yield event
 
-    return EventStream(with_keepalive(late(), engine.keepalive), owner=_Starting(starting))
+    return EventStream(with_keepalive(late(), engine.keepalive), owner=_Starting(starting), request_id=request_id)
 
 
 async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
@@ -215,7 +217,8 @@ async def handle(engine: ServingEngine, request: ChatCompletionRequest | Complet
     generation = await engine.start(jobs, client)  # ours from here: `async with` below closes it
     async with generation:
         choices = await _collect(generation, len(jobs) * request.n)
-    return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)))
+    return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)),
+                         headers={"x-request-id": generation.id})
 
 
 async def _collect(generation: Generation, total: int) -> list[Collected]:

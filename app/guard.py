@@ -2,7 +2,7 @@
 checked from the headers before any byte of the body is read; the body is then read within a size limit (a
 Content-Length over it is refused at once, a body that grows past it is refused as soon as it does: 413) and a time
 limit (a body that trickles in: 408), and handed on whole. Both refusals close the connection, since the rest of the
-body was not read. Only /health is open without a key (liveness probes).
+body was not read. Only /health (liveness probes) and / (the playground's static page) are open without a key.
 
 What an ASGI app cannot bound: how long the request line and headers take to arrive (uvicorn has no header timeout;
 h11 bounds their size to 16 KiB) and how many connections are open. Those are the server's or a reverse proxy's
@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth import ApiKeys, bearer_token
 from app.errors import APIError
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/"})  # liveness probes; the playground's page (it holds no data)
 
 
 class _TooLarge(Exception):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -64,6 +65,14 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                            allow_headers=["*"])
     app.add_middleware(RequestCounter, metrics=metrics)  # outermost: it counts the guard's refusals too
     app.include_router(router)
+
+    page = (Path(__file__).parent / "static" / "playground.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        """The playground: a chat page and a live map of the swarm (app/static/playground.html). Open without a key:
+        it holds no data; what it shows it fetches with the key the user enters."""
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

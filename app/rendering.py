@@ -65,9 +65,11 @@ class EventStream(StreamingResponse):
     cancelled by a client disconnect, or never started (a client that leaves before the first byte: Starlette then
     never iterates `events`, so nothing inside them can be relied on to release `owner`)."""
 
-    def __init__(self, events: AsyncIterable[str], owner: Closeable):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, events: AsyncIterable[str], owner: Closeable, request_id: str | None = None):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request_id is not None:
+            headers["x-request-id"] = request_id
+        super().__init__(events, media_type="text/event-stream", headers=headers)
         self.owner = owner
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -212,7 +212,7 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     status = "incomplete" if finish == "length" else "completed"
     if request.store:
         store.put(builder.id, builder.conversation(chat))
-    return json_response(builder.snapshot(status, _usage(jobs)))
+    return json_response(builder.snapshot(status, _usage(jobs)), headers={"x-request-id": generation.id})
 
 
 def _event(kind: str, number: int, **fields: Any) -> str:

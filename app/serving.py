@@ -15,6 +15,7 @@ sampled greedily, their limit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import secrets
@@ -199,6 +200,7 @@ class ServingEngine:
                                    settings.gateway_queue_timeout)
         self._tokenizers = anyio.CapacityLimiter(settings.gateway_tokenize_threads)
         self.keepalive = settings.gateway_sse_keepalive  # seconds of silence before a stream gets a keep-alive
+        self.recent_routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)  # for /v1/swarm
 
     @property
     def active(self) -> int:
@@ -349,7 +351,7 @@ class ServingEngine:
                 TopLogprob(token=text_of(t), logprob=lp, bytes=list(text_of(t).encode("utf-8"))) for t, lp in top]))
         return out
 
-    async def start(self, jobs: list[Job], client: str = "") -> Generation:
+    async def start(self, jobs: list[Job], client: str = "", request_id: str | None = None) -> Generation:
         """Admit the jobs and run their first step: a slot (waiting for one in `client`'s turn; 429 when the queue
         is full or the wait too long), a complete chain, then the first step, so that whatever fails at start-up is
         an HTTP error. The caller owns the returned generation and must close it; on failure here, the slot and the
@@ -358,7 +360,7 @@ class ServingEngine:
         await self.admission.acquire(client)
         for job in jobs:  # prefix reuse stays within one client (swarm.client.textgen)
             job.request = dataclasses.replace(job.request, tenant=client)
-        generation = Generation(self, jobs, client, arrived)
+        generation = Generation(self, jobs, client, arrived, request_id)
         try:
             await self.check_available()
             await generation.start()
@@ -377,13 +379,14 @@ class Generation:
     closes the backend's generation and settles each job's `completion_tokens`, then frees the slot: once, on
     every path, whoever calls it first. Closing it also reports it: metrics (app.metrics) and one log line."""
 
-    def __init__(self, engine: ServingEngine, jobs: list[Job], client: str = "", arrived: float | None = None):
+    def __init__(self, engine: ServingEngine, jobs: list[Job], client: str = "", arrived: float | None = None,
+                 request_id: str | None = None):
         self.jobs = jobs
         self._engine = engine
         self._stream = self._steps()
         self._first: list[Delta] | None = None
         self._closed = False
-        self.id = secrets.token_hex(8)
+        self.id = request_id or secrets.token_hex(8)  # in the answer's x-request-id, the log line, /v1/swarm
         self.client = client
         self.arrived = arrived if arrived is not None else time.monotonic()
         self.first_token: float | None = None  # when the first step came (monotonic)
@@ -419,6 +422,8 @@ class Generation:
         completion = sum(job.completion_tokens for job in self.jobs)
         cached = sum(job.cached_prompt_tokens for job in self.jobs)
         route = self.jobs[0].route if self.jobs else ()
+        if route:
+            self._engine.recent_routes.append({"id": self.id, "route": list(route), "at": time.time()})
         metrics = self._engine.metrics
         if metrics is not None:
             metrics.generations.labels(self.outcome).inc()

@@ -39,8 +39,10 @@ async def collect(initial_peers: Sequence[str], model_id: str, probe_timeout: fl
         await loop.run_in_executor(None, dht.shutdown)
 
 
-async def snapshot(spans: list[SpanInfo], model_id: str, prober) -> dict[str, Any]:
-    """Probe every peer of `spans` with `prober(peer_id) -> (SpanInfo, rtt)` and summarize."""
+async def snapshot(spans: list[SpanInfo], model_id: str, prober, unusable: frozenset[str] = frozenset()
+                   ) -> dict[str, Any]:
+    """Probe every peer of `spans` with `prober(peer_id) -> (SpanInfo, rtt)` and summarize; peers in `unusable`
+    (e.g. banned by the asking client) are listed but count for neither coverage nor the chain."""
     results = await asyncio.gather(*(prober(s.peer_id) for s in spans), return_exceptions=True)
     peers, current, views = [], [], {}
     for span, result in zip(spans, results, strict=True):
@@ -49,6 +51,8 @@ async def snapshot(spans: list[SpanInfo], model_id: str, prober) -> dict[str, An
             continue
         info, rtt = result
         peers.append({**info.to_dict(), "rtt_ms": round(rtt * 1000, 2), "probe_error": None})
+        if info.peer_id in unusable:
+            continue
         current.append(info)
         views[info.peer_id] = PeerView(rtt=rtt)
     num_blocks = max((s.num_blocks for s in spans), default=0)

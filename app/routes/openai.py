@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from app.auth import client_name
 from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, handle
@@ -112,3 +112,14 @@ async def responses(body: ResponsesRequest, request: Request, engine: ServingEng
                     client: str = Depends(client_key)) -> Response:
     store: ConversationStore = request.app.state.conversations
     return await unless_disconnected(request, handle_response(engine, store, body, client))
+
+
+@router.get("/swarm")
+async def swarm_view(engine: ServingEngine = Depends(engine)) -> Response:
+    """This gateway's view of its swarm (not an OpenAI route): the model's blocks, every peer over its span (state,
+    precision, throughput, load, free KV, RTT and decode step as measured from here, banned or not), coverage, holes,
+    the best chain, and the routes of the last generations (by the id their answers carry in `x-request-id`)."""
+    view_of = getattr(engine.backend, "swarm_view", None)
+    view = await view_of() if view_of is not None else {"model_id": engine.backend.model_id, "num_blocks": 0,
+                                                         "peers": [], "coverage": [], "holes": [], "best_chain": None}
+    return JSONResponse({**view, "recent_routes": list(engine.recent_routes)})

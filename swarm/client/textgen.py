@@ -69,6 +69,28 @@ class SwarmTextService:
         tokenizer = await loop.run_in_executor(None, AutoTokenizer.from_pretrained, client.source.path)
         return cls(client, tokenizer)
 
+    async def swarm_view(self) -> dict[str, Any]:
+        """This client's view of the swarm (no new probes: its routing view), as swarm.status summarizes it, with
+        each peer's RTT and observed decode step as this client measured them and whether it bans the peer (a
+        banned peer, e.g. one that failed its probe, counts for neither coverage nor the chain: its blocks may be a
+        hole)."""
+        from swarm.status import snapshot
+
+        spans = {s.peer_id: s for s in await self.client.spans()}
+        health, banned = self.client.router.health, self.client.router.banned()
+
+        async def known(peer_id: str) -> tuple[Any, float]:
+            return spans[peer_id], health.view(peer_id).rtt or 0.0
+
+        view = await snapshot(list(spans.values()), self.model_id, known, frozenset(banned))
+        for peer in view["peers"]:
+            seen = health.view(peer["peer_id"])
+            peer["rtt_ms"] = None if seen.rtt is None else round(seen.rtt * 1000, 2)
+            step = seen.observed_block_seconds
+            peer["observed_block_ms"] = None if step is None else round(step * 1000, 3)
+            peer["banned"] = peer["peer_id"] in banned
+        return view
+
     async def missing_blocks(self) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""
         return await self.client.missing_blocks()
