@@ -121,6 +121,7 @@ async def test_peers_without_blocks_cover_the_model_and_close_a_hole_left_by_sig
             await client.close()
 
 
+@pytest.mark.slow  # ~55 s; routing's spread is also shown by tests/unit/test_routing.py and test_router.py
 async def test_concurrent_sessions_spread_over_replicas_and_a_slow_peer_gets_fewer(tmp_path, tiny_model_dir):
     """Two replicas of each half of a tiny Llama, all announcing the same throughput: 8 sessions opened at once land
     4 and 4 on each half's replicas (load-aware routing counts the sessions it just opened). A fifth peer for the

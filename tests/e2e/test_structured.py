@@ -179,6 +179,7 @@ async def test_a_whole_tool_round_trip(sdk):
     assert final.finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow  # reading calls out of free text is covered over the fake backend (tests/unit/test_structured.py)
 async def test_auto_lets_the_model_choose_and_reads_what_it_wrote(sdk):
     completions = await asyncio.gather(*(sdk.chat.completions.create(
         model=MODEL, messages=QUESTION, tools=[WEATHER, TIME], seed=seed, temperature=1, max_tokens=60)
