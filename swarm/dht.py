@@ -112,6 +112,17 @@ def start_dht(
     )
 
 
+def stop_dht(dht: DHT, grace: float = 5.0) -> None:
+    """Shut the DHT node's child process down, and kill it (then wait up to `grace` seconds) if it is still there:
+    hivemind's own shutdown ends with SIGTERM, which a child forked from a process with its own SIGTERM handler (uvicorn's, a
+    peer's) does not obey; when its p2pd went first (the whole process group signalled, as `kill -- -PGID` or a
+    service manager does), the graceful path hangs and the child would be left orphaned."""
+    dht.shutdown()
+    if dht.is_alive():
+        dht.kill()
+        dht.join(grace)
+
+
 def visible_maddrs(dht: DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
@@ -200,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("DHT bootstrap node ready: %s", " ".join(maddrs))
     stop.wait()
     logger.info("shutting down")
-    dht.shutdown()
+    stop_dht(dht)
 
 
 if __name__ == "__main__":

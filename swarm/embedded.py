@@ -19,7 +19,7 @@ import torch
 
 from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
-from swarm.dht import start_dht, visible_maddrs
+from swarm.dht import start_dht, stop_dht, visible_maddrs
 from swarm.model.source import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -83,4 +83,4 @@ async def _embedded_swarm(models: list[str], num_threads: int) -> AsyncIterator[
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(peer.pid, signal.SIGKILL)
-        await loop.run_in_executor(None, dht.shutdown)
+        await loop.run_in_executor(None, stop_dht, dht)

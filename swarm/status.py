@@ -19,7 +19,7 @@ from typing import Any
 
 from swarm.client.router import probe
 from swarm.client.routing import PeerView, chain_seconds, find_chain, missing_blocks
-from swarm.dht import get_spans, start_dht
+from swarm.dht import get_spans, start_dht, stop_dht
 from swarm.model.source import DEFAULT_MODEL_ID
 from swarm.protocol import NoChainError, SpanInfo
 
@@ -36,7 +36,7 @@ async def collect(initial_peers: Sequence[str], model_id: str, probe_timeout: fl
         finally:
             await p2p.shutdown()
     finally:
-        await loop.run_in_executor(None, dht.shutdown)
+        await loop.run_in_executor(None, stop_dht, dht)
 
 
 async def snapshot(spans: list[SpanInfo], model_id: str, prober, unusable: frozenset[str] = frozenset()

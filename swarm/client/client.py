@@ -26,7 +26,7 @@ from swarm.client.router import Router
 from swarm.client.routing import Link
 from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.client.verification import VerificationPolicy
-from swarm.dht import load_identity, start_dht
+from swarm.dht import load_identity, start_dht, stop_dht
 from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
 from swarm.protocol import SpanInfo
@@ -192,4 +192,4 @@ class SwarmClient:
         if self.p2p is not None:
             await self.p2p.shutdown()
         if self.dht is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, stop_dht, self.dht)

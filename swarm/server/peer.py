@@ -25,7 +25,16 @@ import torch
 
 from kernels import cpu
 from swarm import __version__
-from swarm.dht import announce, get_spans, load_identity, owner_marker, start_dht, visible_maddrs, withdraw
+from swarm.dht import (
+    announce,
+    get_spans,
+    load_identity,
+    owner_marker,
+    start_dht,
+    stop_dht,
+    visible_maddrs,
+    withdraw,
+)
 from swarm.model.anatomy import is_encoder, load_config
 from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
@@ -64,7 +73,7 @@ def run_peer(settings: PeerSettings) -> None:
     try:
         asyncio.run(peer.serve())
     finally:
-        peer.dht.shutdown()
+        stop_dht(peer.dht)
 
 
 class Peer:
