@@ -114,9 +114,9 @@ def start_dht(
 
 def stop_dht(dht: DHT, grace: float = 5.0) -> None:
     """Shut the DHT node's child process down, and kill it (then wait up to `grace` seconds) if it is still there:
-    hivemind's own shutdown ends with SIGTERM, which a child forked from a process with its own SIGTERM handler (uvicorn's, a
-    peer's) does not obey; when its p2pd went first (the whole process group signalled, as `kill -- -PGID` or a
-    service manager does), the graceful path hangs and the child would be left orphaned."""
+    hivemind's own shutdown ends with SIGTERM, which a child forked from a process with its own SIGTERM handler
+    (uvicorn's, a peer's) does not obey; when its p2pd went first (the whole process group signalled, as
+    `kill -- -PGID` or a service manager does), the graceful path hangs and the child would be left orphaned."""
     dht.shutdown()
     if dht.is_alive():
         dht.kill()
