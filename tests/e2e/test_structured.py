@@ -44,7 +44,7 @@ class City(BaseModel):
 
 async def test_parse_returns_the_pydantic_object(sdk):
     completion = await sdk.chat.completions.parse(model=MODEL, messages=user("Describe Paris as JSON."),
-                                                  response_format=City, temperature=0, max_tokens=120)
+                                                  response_format=City, temperature=0, max_tokens=200)
     choice = completion.choices[0]
     assert choice.finish_reason == "stop", choice
     assert isinstance(choice.message.parsed, City)
