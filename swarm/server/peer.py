@@ -44,6 +44,7 @@ from swarm.server import placement, throughput
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.faults import Faults
 from swarm.server.handler import SpanHandler, StreamLimits
+from swarm.server.health import write_health
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 
@@ -190,8 +191,11 @@ class Peer:
         )
 
     async def _announce(self) -> None:
+        info = self.info()
+        if self.settings.health_file:
+            write_health(self.settings.health_file, info.state, info.start, info.end)
         try:
-            await announce(self.dht, self.info(), self.ttl, self.owner)
+            await announce(self.dht, info, self.ttl, self.owner)
         except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
             logger.warning("announcement failed: %r", e)
 
@@ -345,6 +349,8 @@ class Peer:
 
     async def _shutdown(self, p2p) -> None:
         logger.info("shutting down: withdrawing %s from the DHT", self.peer_id)
+        if self.settings.health_file:
+            write_health(self.settings.health_file, PeerState.OFFLINE.value, self.start, self.end)
         try:  # bounded: with the rest of the swarm gone, a DHT store may never complete
             await asyncio.wait_for(withdraw(self.dht, self.info(), self.ttl, self.owner), SHUTDOWN_STEP_TIMEOUT)
         except Exception as e:

@@ -66,6 +66,8 @@ class PeerSettings(BaseSettings):
                                                          "--max-sessions)")
     announce_period: float = Field(5.0, gt=0, description="seconds between DHT announcements")
     public_name: str = Field("", description="a name shown to operators and users")
+    health_file: str = Field("", description="a file the peer rewrites at each announcement with its state (for "
+                                             "`python -m swarm.server.health FILE`, e.g. a container HEALTHCHECK)")
     allowed_clients: list[str] = Field(default_factory=list, description="serve only these client peer ids "
                                                                             "(empty: anyone)")
     log_level: str = Field("INFO", description="logging level")

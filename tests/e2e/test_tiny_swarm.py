@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -179,18 +181,27 @@ async def test_bad_rpc_input_is_refused_and_the_peer_keeps_serving(tiny_client, 
     assert [t async for t in tiny_client.generate(ids, 6, stop_token_ids=[])] == local_greedy(reference, ids, 6)
 
 
-async def test_sigterm_withdraws_the_peer_from_the_dht(tiny_client, tiny_swarm, tiny_model_dir):
-    proc = tiny_swarm.start_peer(str(tiny_model_dir("llama")), "2:5", *TINY_PEER_ARGS)
+async def test_sigterm_withdraws_the_peer_from_the_dht(tiny_client, tiny_swarm, tiny_model_dir, tmp_path):
+    health = tmp_path / "peer-health.json"
+    proc = tiny_swarm.start_peer(str(tiny_model_dir("llama")), "2:5", *TINY_PEER_ARGS, "--health-file", str(health))
     peer_id = tiny_swarm.peer_id(proc)
+
+    def probe() -> subprocess.CompletedProcess:  # what a container HEALTHCHECK runs
+        return subprocess.run([sys.executable, "-m", "swarm.server.health", str(health)], capture_output=True,
+                              text=True, timeout=60)
 
     async def listed():
         return peer_id in {s.peer_id for s in await tiny_client.spans(fresh=True)}
 
     await poll(listed)
+    ready = probe()
+    assert ready.returncode == 0 and ready.stdout.startswith("online blocks=2:5"), ready
     proc.signal(signal.SIGTERM)
     assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 20) == 0
     # Withdrawn at once: well before its last record (TTL 3 s) would have expired by itself.
     assert not await listed()
+    gone = probe()
+    assert gone.returncode == 1 and gone.stdout.startswith("offline"), gone
 
 
 async def test_a_frame_declaring_a_huge_size_is_refused_before_it_is_read(tiny_client, tiny_swarm):
