@@ -71,6 +71,38 @@ def body_bytes(sent: list[dict]) -> bytes:
     return b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
 
 
+class Client:
+    """One streamed POST driven by hand: `sent` collects what the app sends, `leave()` makes the client disconnect,
+    `on_send` (optional) sees each message as it is sent."""
+
+    def __init__(self, app, body: dict, on_send=None):
+        self.sent: list[dict] = []
+        self.gone = asyncio.Event()
+        self.on_send = on_send
+        self._body = json.dumps(body).encode()
+        self._requested = False
+        self.task = asyncio.create_task(app(scope("/v1/chat/completions"), self._receive, self._send))
+
+    async def _receive(self) -> dict:
+        if not self._requested:
+            self._requested = True
+            return {"type": "http.request", "body": self._body}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict) -> None:
+        self.sent.append(message)
+        if self.on_send is not None:
+            self.on_send(message)
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    async def until(self, condition) -> None:
+        while not condition(body_bytes(self.sent)):
+            await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("disconnect_at", [0, 1, 3])
 def test_disconnect_before_or_during_the_stream_frees_the_slot_and_closes_the_generation(disconnect_at):
     backend = FakeBackend()
@@ -112,31 +144,16 @@ def test_a_stream_slow_to_start_is_answered_at_once_and_kept_alive(outcome):
     async def scenario():
         app = create_app(GatewaySettings(gateway_max_concurrent=2, gateway_sse_keepalive=0.05), backend=backend)
         async with app.router.lifespan_context(app):
-            sent: list[dict] = []
-            gone = asyncio.Event()
-            requested = False
-
-            async def receive() -> dict:
-                nonlocal requested
-                if not requested:
-                    requested = True
-                    return {"type": "http.request", "body": json.dumps(request(stream=True)).encode()}
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict) -> None:
-                sent.append(message)
-
-            task = asyncio.create_task(app(scope("/v1/chat/completions"), receive, send))
-            while body_bytes(sent).count(b": keep-alive") < 3:  # the gate is shut: nothing has started
-                await asyncio.sleep(0.01)
+            client = Client(app, request(stream=True))
+            sent = client.sent
+            await client.until(lambda body: body.count(b": keep-alive") >= 3)  # the gate is shut: nothing started
             assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
             assert b"data:" not in body_bytes(sent)
             if outcome == "client leaves":
-                gone.set()
+                client.leave()
             else:
                 backend.gate.set()
-            await asyncio.wait_for(task, 5)
+            await asyncio.wait_for(client.task, 5)
             return sent, (app.state.engine.active, backend.open_sessions)
 
     sent, held = asyncio.run(scenario())
@@ -171,28 +188,14 @@ def test_a_client_leaving_while_a_kept_alive_stream_awaits_its_next_event_closes
     async def scenario():
         app = create_app(GatewaySettings(gateway_max_concurrent=2, gateway_sse_keepalive=0.05), backend=backend)
         async with app.router.lifespan_context(app):
-            sent: list[dict] = []
-            gone = asyncio.Event()
-            requested = False
-
-            async def receive() -> dict:
-                nonlocal requested
-                if not requested:
-                    requested = True
-                    return {"type": "http.request", "body": json.dumps(request(stream=True)).encode()}
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict) -> None:
-                sent.append(message)
+            def hold_the_next_step(message: dict) -> None:
                 if b"data:" in message.get("body", b""):
                     backend.gate.clear()  # the next step waits: the stream awaits its next event
 
-            task = asyncio.create_task(app(scope("/v1/chat/completions"), receive, send))
-            while b": keep-alive" not in body_bytes(sent):
-                await asyncio.sleep(0.01)
-            gone.set()
-            await asyncio.wait_for(task, 5)  # no "aclose(): asynchronous generator is already running"
+            client = Client(app, request(stream=True), on_send=hold_the_next_step)
+            await client.until(lambda body: b": keep-alive" in body)
+            client.leave()
+            await asyncio.wait_for(client.task, 5)  # no "aclose(): asynchronous generator is already running"
             return app.state.engine.active, backend.open_sessions
 
     assert asyncio.run(scenario()) == (0, 0)
