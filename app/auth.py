@@ -1,4 +1,5 @@
-"""API keys: who may use the gateway, and under which name a request waits for a slot.
+"""API keys listed in the environment (GATEWAY_API_KEYS / GATEWAY_API_KEY_FILE), and the bearer token of a request.
+The store's keys, limits and usage are `app.keystore` and `app.tenants`.
 
 Keys are held as SHA-256 digests and a presented key is compared with every one of them by `hmac.compare_digest`,
 with no early exit, so that neither a key's bytes nor its position show in the time a refusal takes.
@@ -36,12 +37,3 @@ def bearer_token(scope: Scope) -> bytes:
             scheme, _, token = value.partition(b" ")
             return token.strip() if scheme.lower() == b"bearer" else b""
     return b""
-
-
-def client_name(scope: Scope, keys: ApiKeys) -> str:
-    """Whose turn a request waits in for a generation slot: its API key when auth is on (only as a digest: the key
-    itself is kept nowhere), else the client's address (behind a proxy, its clients share one turn)."""
-    if keys:
-        return "key:" + hashlib.sha256(bearer_token(scope)).hexdigest()[:16]
-    client = scope.get("client")
-    return "addr:" + (client[0] if client else "")

@@ -46,6 +46,7 @@ from app.protocol.responses import (
 from app.rendering import DONE, EventStream, json_response, sse, with_keepalive
 from app.serving import Delta, Generation, Job, ServingEngine
 from app.structured import ToolCall, grammar_for, offered_tools, template_messages
+from app.tenants import Caller
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class _Starting:
             await (await self.task).aclose()
 
 
-async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
+async def stream_response(engine: ServingEngine, jobs: list[Job], caller: Caller,
                           events: Callable[[Generation], AsyncIterator[str]],
                           failed: Callable[[APIError], AsyncIterator[str]]) -> Response:
     """A streamed answer. A generation that starts (a slot, a chain, the first step) within `engine.keepalive`
@@ -184,7 +185,7 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
     prefill) gets its 200 and event stream at once, with keep-alive comments until it starts: then a failure to
     start is the stream's error event (`failed`), as a failure later on would be."""
     request_id = secrets.token_hex(8)
-    starting = asyncio.ensure_future(engine.start(jobs, client, request_id))
+    starting = asyncio.ensure_future(engine.start(jobs, caller, request_id))
     try:
         done, _ = await asyncio.wait({starting}, timeout=engine.keepalive)
     except BaseException:  # the client left (unless_disconnected): the start goes too, and a generation that
@@ -210,11 +211,11 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], client: str,
 
 
 async def handle(engine: ServingEngine, request: ChatCompletionRequest | CompletionRequest, jobs: list[Job],
-                 answer: Answer, client: str = "") -> Response:
+                 answer: Answer, caller: Caller) -> Response:
     if request.stream:
-        return await stream_response(engine, jobs, client, lambda generation: _events(generation, request, answer),
+        return await stream_response(engine, jobs, caller, lambda generation: _events(generation, request, answer),
                                      _failed)
-    generation = await engine.start(jobs, client)  # ours from here: `async with` below closes it
+    generation = await engine.start(jobs, caller)  # ours from here: `async with` below closes it
     async with generation:
         choices = await _collect(generation, len(jobs) * request.n)
     return json_response(answer.body(choices, _usage(jobs), _wants_logprobs(request)),

@@ -1,5 +1,6 @@
 """The gateway's edge, in front of every route (pure ASGI, so that nothing is read before it decides): the API key is
-checked from the headers before any byte of the body is read; the body is then read within a size limit (a
+checked from the headers before any byte of the body is read (`app.tenants`: the request's `Caller` goes in the
+scope's state, and its key's `x-ratelimit-*` headers on the answer); the body is then read within a size limit (a
 Content-Length over it is refused at once, a body that grows past it is refused as soon as it does: 413) and a time
 limit (a body that trickles in: 408), and handed on whole. Both refusals close the connection, since the rest of the
 body was not read. Only /health (liveness probes) and / (the playground's static page) are open without a key.
@@ -12,11 +13,13 @@ settings (README, "Threat model": an HTTP client, to the gateway).
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import ApiKeys, bearer_token
+from app.auth import bearer_token
 from app.errors import APIError
+from app.tenants import Access, Caller
 
 PUBLIC_PATHS = frozenset({"/health", "/"})  # liveness probes; the playground's page (it holds no data)
 
@@ -26,19 +29,26 @@ class _TooLarge(Exception):
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int, body_timeout: float):
-        self.app, self.keys = app, keys
+    def __init__(self, app: ASGIApp, access: Access, max_body_bytes: int, body_timeout: float):
+        self.app, self.access = app, access
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.keys and scope["path"] not in PUBLIC_PATHS and not self.keys.accepts(bearer_token(scope)):
+        address = scope["client"][0] if scope.get("client") else ""
+        caller = (Caller("addr:" + address) if scope["path"] in PUBLIC_PATHS
+                  else self.access.authenticate(bearer_token(scope), address))
+        if caller is None:
             error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              code="invalid_api_key")
             await error.response(close=True)(scope, receive, send)
             return
+        caller.endpoint = scope["path"]
+        scope.setdefault("state", {})["caller"] = caller
+        if caller.tenant is not None and (caller.tenant.requests or caller.tenant.tokens):
+            send = _with_limit_headers(send, caller)
         try:
             body = await self._read_body(scope, receive)
         except _TooLarge:
@@ -73,6 +83,16 @@ class RequestGuard:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
+
+
+def _with_limit_headers(send: Send, caller: Caller) -> Send:
+    """`send` adding the caller's `x-ratelimit-*` headers (as they stand when the answer starts) to the answer."""
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and caller.tenant is not None:
+            message = {**message, "headers": [*message.get("headers", ()), *caller.tenant.headers(time.time())]}
+        await send(message)
+
+    return sending
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -16,12 +16,14 @@ from fastapi.responses import Response
 from app.auth import ApiKeys
 from app.errors import install_error_handlers
 from app.guard import RequestGuard
+from app.keystore import KeyStore
 from app.metrics import GatewayMetrics, RequestCounter
 from app.responses_api import ConversationStore
 from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
 from app.serving import ServingEngine
 from app.settings import GatewaySettings
+from app.tenants import Access
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     client_threads=settings.gateway_num_threads,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
                     verification=VerificationPolicy(rate=settings.swarm_verify_rate)))
-            app.state.engine = ServingEngine(active, settings, metrics)
+            stack.callback(access.close)  # the usage rows still queued are written first
+            access.open()
+            app.state.engine = ServingEngine(active, settings, metrics, access)
             metrics.watch(app.state.engine)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,
@@ -53,12 +57,13 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
             yield
 
     app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)
-    app.state.api_keys = keys = ApiKeys(settings.api_keys)
+    store = KeyStore(settings.gateway_db) if settings.gateway_db else None
+    app.state.access = access = Access(ApiKeys(settings.api_keys), store)
     app.state.conversations = ConversationStore(settings.gateway_responses_kept, settings.gateway_responses_ttl)
     install_error_handlers(app)
     # the guard runs before anything reads the body (/docs and /openapi.json need the key too); CORS outside it, so
     # that preflights are answered and refusals carry CORS headers
-    app.add_middleware(RequestGuard, keys=keys, max_body_bytes=settings.gateway_max_body_bytes,
+    app.add_middleware(RequestGuard, access=access, max_body_bytes=settings.gateway_max_body_bytes,
                        body_timeout=settings.gateway_body_timeout)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -57,7 +57,8 @@ class GatewayMetrics:
                                      "Prompt tokens a reused session did not compute again", registry=registry)
         self.completion_tokens = Counter("swarm_gateway_completion_tokens", "Tokens generated", registry=registry)
         self.generations = Counter("swarm_gateway_generations", "Generations by how they ended (ok, error, "
-                                   "cancelled: the client left)", ["outcome"], registry=registry)
+                                   "cancelled: the client left, or the code of a refusal at start such as "
+                                   "rate_limit_exceeded or queue_timeout)", ["outcome"], registry=registry)
         self.route_peers = Histogram("swarm_gateway_route_peers", "Peers in a generation's route",
                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=registry)
         self.active = Gauge("swarm_gateway_active_generations", "Generations holding a slot", registry=registry)

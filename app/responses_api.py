@@ -49,6 +49,7 @@ from app.protocol.responses_api import (
 )
 from app.rendering import json_response
 from app.serving import Delta, Generation, Job, ServingEngine
+from app.tenants import Caller
 
 
 def _id(prefix: str) -> str:
@@ -183,7 +184,7 @@ def _usage(jobs: list[Job]) -> ResponseUsage:
 
 
 async def handle(engine: ServingEngine, store: ConversationStore, request: ResponsesRequest,
-                 client: str = "") -> Response:
+                 caller: Caller) -> Response:
     history: list[dict[str, Any]] = []
     if request.previous_response_id is not None:
         found = store.get(request.previous_response_id)
@@ -195,9 +196,9 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     jobs = await chat_jobs(engine, chat)
     builder = ResponseBuilder(request, history)
     if request.stream:
-        return await stream_response(engine, jobs, client, lambda generation: _events(generation, builder, store, chat),
+        return await stream_response(engine, jobs, caller, lambda generation: _events(generation, builder, store, chat),
                                      lambda error: _failed(builder, error, opened=False))
-    generation = await engine.start(jobs, client)
+    generation = await engine.start(jobs, caller)
     numbers = itertools.count()  # the events are built as for a stream (the items in the same order) and dropped
     finish = None
     async with generation:

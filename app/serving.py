@@ -15,6 +15,7 @@ sampled greedily, their limit.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -30,14 +31,17 @@ import anyio.to_thread
 
 from app.admission import Admission
 from app.errors import APIError, swarm_error
+from app.keystore import UsageRow
 from app.metrics import GatewayMetrics, log_generation
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from app.settings import GatewaySettings
 from app.structured import ToolCall, ToolCallReader
+from app.tenants import Access, Caller
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 
 T = TypeVar("T")
+USAGE_COMMIT_TIMEOUT = 5.0  # the most a generation's end waits for its usage row to be committed
 MIN_TEMPERATURE = 1e-5  # below it (and top_p below it), sampling is greedy: the limit, without float32 overflow
 CHARS_PER_TOKEN = 32  # the default prompt size cap: this many characters per token of the model's context
 
@@ -189,10 +193,12 @@ def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
 
 class ServingEngine:
     def __init__(self, backend: GenerationBackend, settings: GatewaySettings | None = None,
-                 metrics: GatewayMetrics | None = None):
+                 metrics: GatewayMetrics | None = None, access: Access | None = None):
         settings = settings or GatewaySettings()
         self.backend = backend
         self.metrics = metrics
+        self.access = access  # keys' limits and usage rows (app.tenants); None: neither
+        self.private = settings.gateway_private  # no session is reused, not even within one key
         self.max_n = settings.gateway_max_n
         self.default_max_tokens = settings.gateway_default_max_tokens
         self.max_prompt_chars = settings.gateway_max_prompt_chars or CHARS_PER_TOKEN * backend.context_length
@@ -351,44 +357,60 @@ class ServingEngine:
                 TopLogprob(token=text_of(t), logprob=lp, bytes=list(text_of(t).encode("utf-8"))) for t, lp in top]))
         return out
 
-    async def start(self, jobs: list[Job], client: str = "", request_id: str | None = None) -> Generation:
-        """Admit the jobs and run their first step: a slot (waiting for one in `client`'s turn; 429 when the queue
-        is full or the wait too long), a complete chain, then the first step, so that whatever fails at start-up is
-        an HTTP error. The caller owns the returned generation and must close it; on failure here, the slot and the
-        stream are released before the error is raised."""
-        arrived = time.monotonic()
-        await self.admission.acquire(client)
-        for job in jobs:  # prefix reuse stays within one client (swarm.client.textgen)
-            job.request = dataclasses.replace(job.request, tenant=client)
-        generation = Generation(self, jobs, client, arrived, request_id)
+    async def start(self, jobs: list[Job], caller: Caller | None = None, request_id: str | None = None
+                    ) -> Generation:
+        """Admit the jobs and run their first step: the caller's key's limits (429 over one), a slot (waiting for one
+        in the caller's turn; 429 when the queue is full or the wait too long), a complete chain, then the first
+        step, so that whatever fails at start-up is an HTTP error. The caller owns the returned generation and must
+        close it; on failure here, it is closed (its slot, stream and limits released, its usage row written)
+        before the error is raised."""
+        caller = caller or Caller("")
+        tenant = None if self.private else caller.name  # prefix reuse stays within one caller (swarm.client.textgen)
+        for job in jobs:
+            job.request = dataclasses.replace(job.request, tenant=tenant)
+        generation = Generation(self, jobs, caller, request_id=request_id)
         try:
+            await generation.admit()
             await self.check_available()
             await generation.start()
         except BaseException as e:
+            error = swarm_error(e) if isinstance(e, Exception) else None
+            generation.outcome = error.code or "error" if error is not None else "cancelled"
             await generation.aclose()
-            raise swarm_error(e) if isinstance(e, Exception) else e from None
+            raise error or e from None
         return generation
 
     def release_slot(self) -> None:
         self.admission.release()
 
+    def admit_caller(self, caller: Caller, jobs: list[Job]) -> None:
+        """Hold the caller's share of its key's limits for the jobs, at most tokens (429 over a limit)."""
+        if self.access is not None:
+            prompt = sum(len(job.prompt_ids) for job in jobs)
+            new = sum(job.request.max_new_tokens * job.request.n for job in jobs)
+            self.access.admit(caller, prompt + new, prompt, new)
+
 
 class Generation:
-    """An admitted request's generation: it holds one concurrency slot and the stream of its jobs' deltas (the jobs
-    run one after another). Iterate it for the steps; `aclose` (or leaving `async with`) closes the stream, which
-    closes the backend's generation and settles each job's `completion_tokens`, then frees the slot: once, on
-    every path, whoever calls it first. Closing it also reports it: metrics (app.metrics) and one log line."""
+    """A request's generation: once admitted (`admit`: its key's limits, then one concurrency slot) it holds the slot,
+    its share of the limits and the stream of its jobs' deltas (the jobs run one after another). Iterate it for the
+    steps; `aclose` (or leaving `async with`) closes the stream, which closes the backend's generation and settles
+    each job's `completion_tokens`, then frees the slot and the limits: once, on every path, whoever calls it first.
+    Closing it also reports it: metrics (app.metrics), one log line and its usage row, which `aclose` waits to see
+    committed (so an answer whose last byte was sent is never missing from the usage table)."""
 
-    def __init__(self, engine: ServingEngine, jobs: list[Job], client: str = "", arrived: float | None = None,
+    def __init__(self, engine: ServingEngine, jobs: list[Job], caller: Caller | None = None,
                  request_id: str | None = None):
         self.jobs = jobs
         self._engine = engine
         self._stream = self._steps()
         self._first: list[Delta] | None = None
         self._closed = False
+        self._slot = False  # whether it holds a slot
         self.id = request_id or secrets.token_hex(8)  # in the answer's x-request-id, the log line, /v1/swarm
-        self.client = client
-        self.arrived = arrived if arrived is not None else time.monotonic()
+        self.caller = caller or Caller("")
+        self.client = self.caller.name
+        self.arrived = time.monotonic()
         self.first_token: float | None = None  # when the first step came (monotonic)
         self._last = 0.0
         self.outcome = "cancelled"  # until the steps end ("ok") or fail ("error")
@@ -416,9 +438,10 @@ class Generation:
             metrics.gap.observe(now - self._last)
         self._last = now
 
-    def _report(self) -> None:
+    def _report(self) -> asyncio.Future[None] | None:
         now = time.monotonic()
-        prompt = sum(len(job.prompt_ids) for job in self.jobs)
+        # a request that got no first step (refused, or failed at start) used nothing
+        prompt = sum(len(job.prompt_ids) for job in self.jobs) if self.first_token is not None else 0
         completion = sum(job.completion_tokens for job in self.jobs)
         cached = sum(job.cached_prompt_tokens for job in self.jobs)
         route = self.jobs[0].route if self.jobs else ()
@@ -438,6 +461,19 @@ class Generation:
                         "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
                         "ttft_ms": ttft, "duration_ms": f"{1000 * (now - self.arrived):.0f}",
                         "route": ",".join(peer[-8:] for peer in route) or "-", "outcome": self.outcome})
+        access = self._engine.access
+        if access is None:
+            return None
+        cost = access.cost(self.caller, prompt, completion)
+        return access.finish(self.caller, UsageRow(
+            time.time(), self.caller.key_id, self._engine.backend.model_id, self.caller.endpoint, prompt, completion,
+            cached, cost, round(1000 * (now - self.arrived)), self.outcome, self.id))
+
+    async def admit(self) -> None:
+        """Take the caller's share of its key's limits, then a slot (waiting in the caller's turn)."""
+        self._engine.admit_caller(self.caller, self.jobs)
+        await self._engine.admission.acquire(self.client)
+        self._slot = True
 
     async def start(self) -> None:
         self._first = await anext(self._stream)
@@ -458,8 +494,12 @@ class Generation:
         try:
             await self._stream.aclose()
         finally:
-            self._engine.release_slot()
-            self._report()
+            if self._slot:
+                self._engine.release_slot()
+            committed = self._report()
+            if committed is not None:
+                with contextlib.suppress(Exception):  # a failed write is the writer's to log; the answer goes on
+                    await asyncio.wait_for(asyncio.shield(committed), USAGE_COMMIT_TIMEOUT)
 
     async def __aenter__(self) -> Generation:
         return self

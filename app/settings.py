@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from swarm.model.source import DEFAULT_MODEL_ID
 
+DEFAULT_DB = "~/.local/share/swarm-llm/gateway.db"
+
 
 def split_list(value: str) -> list[str]:
     return [item for item in re.split(r"[\s,]+", value.strip()) if item]
@@ -39,6 +41,11 @@ class GatewaySettings(BaseSettings):
                                                            "auth (set but holding no key: a start-up error)")
     gateway_api_key_file: str | None = Field(None, description="file with one accepted API key per line (holding "
                                                                "none, or unreadable: a start-up error)")
+    gateway_db: str = Field(DEFAULT_DB, description="the SQLite file of API keys and usage rows (python -m "
+                                                    "app.keys manages it), created on first start; empty: no store "
+                                                    "(keys from the environment only, nothing metered)")
+    gateway_private: bool = Field(False, description="no session is reused across requests (not even within one "
+                                                     "key), and a joined swarm needs SWARM_ALLOWED_PEERS")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "
@@ -90,6 +97,8 @@ class GatewaySettings(BaseSettings):
             self._api_keys |= listed
         if self.gateway_api_key_file is not None:
             self._api_keys |= _read_key_file(self.gateway_api_key_file)
+        if self.gateway_private and self.swarm_initial_peers.strip() and not self.swarm_allowed_peers.strip():
+            raise ValueError("GATEWAY_PRIVATE joins a swarm only through SWARM_ALLOWED_PEERS: name the peers")
         return self
 
     @property

@@ -87,11 +87,12 @@ async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int
 
 
 async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: int,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """N streams at once (request fields `extra` added to each) → the figures of the run."""
+                      extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """N streams at once (request fields `extra` added to each, `headers` sent with each) → the figures of the
+    run."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         results = await asyncio.gather(*(one_stream(client, url, prompt(round_, i), tokens, eos, extra)
                                          for i in range(streams)))
     start = min(r["sent"] for r in results)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import torch
 
 from tests.tiny_models import make_tiny_model
 
+# every gateway the tests start (in process or not) meters into a throwaway store, never the user's; a test that makes
+# keys gives its gateway a store of its own
+os.environ.setdefault("GATEWAY_DB", os.path.join(tempfile.mkdtemp(prefix="swarm-tests-"), "gateway.db"))
 torch.set_num_threads(1)  # peers started by e2e fixtures share the 2 cores with this process
 
 

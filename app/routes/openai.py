@@ -9,7 +9,6 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.auth import client_name
 from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, handle
 from app.errors import APIError
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
@@ -19,14 +18,16 @@ from app.rendering import json_response
 from app.responses_api import ConversationStore
 from app.responses_api import handle as handle_response
 from app.serving import ServingEngine
+from app.tenants import Caller
 
 
 def engine(request: Request) -> ServingEngine:
     return request.app.state.engine
 
 
-def client_key(request: Request) -> str:
-    return client_name(request.scope, request.app.state.api_keys)
+def caller_of(request: Request) -> Caller:
+    """Who sent the request (app.guard put it in the request's state: its key, its limits)."""
+    return request.state.caller
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
@@ -89,29 +90,29 @@ async def get_model(model_id: str, request: Request, engine: ServingEngine = Dep
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
-                           client: str = Depends(client_key)) -> Response:
+                           caller: Caller = Depends(caller_of)) -> Response:
     async def answer() -> Response:
         jobs = await chat_jobs(engine, body)
-        return await handle(engine, body, jobs, ChatAnswer(body.model), client)
+        return await handle(engine, body, jobs, ChatAnswer(body.model), caller)
 
     return await unless_disconnected(request, answer())
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, engine: ServingEngine = Depends(engine),
-                      client: str = Depends(client_key)) -> Response:
+                      caller: Caller = Depends(caller_of)) -> Response:
     async def answer() -> Response:
         jobs = await completion_jobs(engine, body)
-        return await handle(engine, body, jobs, TextAnswer(body.model), client)
+        return await handle(engine, body, jobs, TextAnswer(body.model), caller)
 
     return await unless_disconnected(request, answer())
 
 
 @router.post("/responses")
 async def responses(body: ResponsesRequest, request: Request, engine: ServingEngine = Depends(engine),
-                    client: str = Depends(client_key)) -> Response:
+                    caller: Caller = Depends(caller_of)) -> Response:
     store: ConversationStore = request.app.state.conversations
-    return await unless_disconnected(request, handle_response(engine, store, body, client))
+    return await unless_disconnected(request, handle_response(engine, store, body, caller))
 
 
 @router.get("/swarm")

@@ -34,7 +34,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)
     prompt_logprobs: int | None = None  # k: the prompt's own log-probabilities too (k alternatives), on the first step
-    tenant: str = ""  # who asks (an API key's digest, a client address): sessions parked for reuse are per tenant
+    # who asks (an API key's id, a client address): sessions parked for reuse are per tenant; None: no reuse at all
+    tenant: str | None = ""
 
 
 @dataclass(frozen=True)

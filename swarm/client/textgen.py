@@ -129,8 +129,9 @@ class SwarmTextService:
             constraint = await asyncio.get_running_loop().run_in_executor(
                 None, self.grammars.constraint, request.grammar, n)
         scoring = request.prompt_logprobs is not None  # every prompt token is computed then: no reuse
-        session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant,
-                                                  reuse=not scoring)
+        private = request.tenant is None  # neither reuses a session nor leaves one for reuse
+        session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant or "",
+                                                  reuse=not scoring and not private)
         failovers_before = session.failovers  # a reused session's earlier turns are counted already
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
@@ -169,9 +170,9 @@ class SwarmTextService:
             await steps.aclose()
             fed = prompt + chosen[:-1]
             self.failovers += session.failovers - failovers_before
-            if (complete and n == 1 and self.reuse_sessions > 0 and self._alive(session)
+            if (complete and n == 1 and not private and self.reuse_sessions > 0 and self._alive(session)
                     and session.position == len(fed)):
-                await self._park(fed, session, request.tenant)
+                await self._park(fed, session, request.tenant or "")
             else:
                 await session.close()
 

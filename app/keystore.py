@@ -1,0 +1,310 @@
+"""The gateway's API keys and usage rows, in one SQLite file (WAL mode; `GATEWAY_DB`, created on first start).
+
+A key is `sk-<id>-<secret>`: the id finds its row, the secret is checked against a salted SHA-256 of it with
+`hmac.compare_digest` (the secret is 256 random bits, so a fast hash is enough: nothing to brute-force, and a check
+costs microseconds, not the milliseconds of a password hash). Neither the key nor its secret is stored anywhere;
+`create` returns it once. Revocation, new keys and new limits made by another process (the admin CLI, `python -m
+app.keys`) are seen on the gateway's next request: `changed()` asks SQLite whether another connection has committed
+since it last looked (`PRAGMA data_version`, no read of the tables).
+
+Usage rows hold counts only (tokens, time, status): never a prompt or an answer. They are written by `UsageWriter`'s
+thread, in batches, one commit each; `record` returns a future that is done once its row is committed, so a caller
+that waits for it before its last byte (the gateway does) never answers a request whose row a crash could lose.
+"""
+
+from __future__ import annotations
+
+import calendar
+import concurrent.futures
+import dataclasses
+import hashlib
+import hmac
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL,
+    rpm INTEGER,
+    tpm INTEGER,
+    budget REAL,
+    budget_period TEXT NOT NULL DEFAULT 'day',
+    prompt_weight REAL NOT NULL DEFAULT 1.0,
+    completion_weight REAL NOT NULL DEFAULT 1.0,
+    max_concurrent INTEGER
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_by_key ON usage (key_id, at);
+"""
+PERIODS = ("day", "month")
+USAGE_COLUMNS = ("at", "key_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "cached_tokens", "cost",
+                 "duration_ms", "status", "request_id")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A key's limits; None: unlimited. `budget` is in cost units per `budget_period` (a UTC calendar day or month):
+    a request costs prompt_weight × prompt tokens + completion_weight × completion tokens."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    budget: float | None = None
+    budget_period: str = "day"
+    prompt_weight: float = 1.0
+    completion_weight: float = 1.0
+    max_concurrent: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or unset)")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError("budget must be positive (or unset)")
+        if self.budget_period not in PERIODS:
+            raise ValueError(f"budget_period must be one of {PERIODS}")
+        if not (self.prompt_weight >= 0 and self.completion_weight >= 0):
+            raise ValueError("weights must be non-negative")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.prompt_weight * prompt_tokens + self.completion_weight * completion_tokens
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    name: str
+    created: float
+    revoked: float | None = None
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    at: float
+    key_id: str
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost: float
+    duration_ms: int
+    status: str
+    request_id: str
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, column) for column in USAGE_COLUMNS)
+
+
+def period_start(period: str, now: float) -> float:
+    """When the UTC day or month holding `now` began."""
+    t = time.gmtime(now)
+    return float(calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday if period == "day" else 1, 0, 0, 0)))
+
+
+def period_end(period: str, now: float) -> float:
+    t = time.gmtime(now)
+    if period == "day":
+        return period_start(period, now) + 86400
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection to the store, creating the file and its tables on first use (WAL: readers never wait for the
+    writer; synchronous=NORMAL: a commit survives the process being killed, not a power cut mid-checkpoint)."""
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(Path(path).expanduser(), timeout=10.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
+
+
+def split_key(token: str) -> tuple[str, str] | None:
+    """(id, secret) of a key of this store's form, else None."""
+    prefix, _, rest = token.partition("-")
+    key_id, _, secret = rest.partition("-")
+    if prefix != "sk" or not key_id or not secret or len(key_id) > 32 or not key_id.isalnum():
+        return None
+    return key_id, secret
+
+
+class KeyStore:
+    """Keys and usage (see the module's docstring). One per process; calls run on the caller's thread (each is one
+    short statement: microseconds), except the usage rows' writes, which are `UsageWriter`'s."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.db = connect(self.path)
+        self._version: int | None = None
+        self._lock = threading.Lock()  # the connection is shared by the event loop and the CLI's or tests' threads
+
+    # ---- keys -------------------------------------------------------------------------------------------------
+    def create(self, name: str, limits: Limits = Limits()) -> tuple[KeyRecord, str]:
+        """A new key: its record and the key itself (shown once, stored nowhere)."""
+        key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
+        record = KeyRecord(key_id, name, time.time(), None, limits)
+        with self._lock:
+            self.db.execute("INSERT INTO keys (id, name, salt, digest, created, rpm, tpm, budget, budget_period, "
+                            "prompt_weight, completion_weight, max_concurrent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (key_id, name, salt, _digest(salt, secret), record.created, *_limit_values(limits)))
+        return record, f"sk-{key_id}-{secret}"
+
+    def verify(self, token: str) -> KeyRecord | None:
+        """The record of a valid, unrevoked key; None for anything else."""
+        parts = split_key(token)
+        if parts is None:
+            return None
+        with self._lock:
+            row = self.db.execute(f"SELECT salt, digest, {_RECORD} FROM keys WHERE id = ?", (parts[0],)).fetchone()
+        if row is None or not hmac.compare_digest(_digest(row[0], parts[1]), row[1]):
+            return None
+        record = _record(row[2:])
+        return record if record.revoked is None else None
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self.db.execute(f"SELECT {_RECORD} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return _record(row) if row else None
+
+    def records(self) -> list[KeyRecord]:
+        with self._lock:
+            return [_record(row) for row in self.db.execute(f"SELECT {_RECORD} FROM keys ORDER BY created")]
+
+    def has_keys(self) -> bool:
+        """Whether any key was ever made (revoked ones count: revoking every key must not open the gateway)."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock:
+            cursor = self.db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                                     (time.time(), key_id))
+        return cursor.rowcount == 1
+
+    def set_limits(self, key_id: str, limits: Limits) -> bool:
+        with self._lock:
+            cursor = self.db.execute("UPDATE keys SET rpm=?, tpm=?, budget=?, budget_period=?, prompt_weight=?, "
+                                     "completion_weight=?, max_concurrent=? WHERE id = ?",
+                                     (*_limit_values(limits), key_id))
+        return cursor.rowcount == 1
+
+    def changed(self) -> bool:
+        """Whether another connection committed since the last call (the first call: True)."""
+        with self._lock:
+            version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._version = version != self._version, version
+        return changed
+
+    # ---- usage ------------------------------------------------------------------------------------------------
+    def spent(self, key_id: str, since: float) -> float:
+        with self._lock:
+            row = self.db.execute("SELECT COALESCE(SUM(cost), 0) FROM usage WHERE key_id = ? AND at >= ?",
+                                  (key_id, since)).fetchone()
+        return float(row[0])
+
+    def usage(self, key_id: str | None = None, since: float = 0.0, until: float = float("inf")) -> Iterator[UsageRow]:
+        query = f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage WHERE at >= ? AND at < ?"
+        args: list[Any] = [since, until if until != float("inf") else 1e18]
+        if key_id is not None:
+            query += " AND key_id = ?"
+            args.append(key_id)
+        with self._lock:
+            rows = self.db.execute(query + " ORDER BY id", args).fetchall()
+        return (UsageRow(*row) for row in rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+
+_RECORD = ("id, name, created, revoked, rpm, tpm, budget, budget_period, prompt_weight, completion_weight, "
+           "max_concurrent")
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    return KeyRecord(row[0], row[1], row[2], row[3], Limits(*row[4:]))
+
+
+def _limit_values(limits: Limits) -> tuple[Any, ...]:
+    return tuple(getattr(limits, f.name) for f in dataclasses.fields(Limits))
+
+
+class UsageWriter:
+    """Writes usage rows in a thread of its own (the event loop never waits on the disk), in batches of whatever
+    queued meanwhile, one transaction each. `record` returns a future done once the row is committed (with its
+    exception if the write failed); `close` writes what is queued, then stops."""
+
+    def __init__(self, path: str | Path):
+        self._queue: queue.SimpleQueue[tuple[UsageRow, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
+        self._db = connect(path)
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, row: UsageRow) -> concurrent.futures.Future[None]:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((row, done))
+        return done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._db.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            items = [item for item in batch if item is not None]
+            if items:
+                self._write(items)
+
+    def _write(self, items: list[tuple[UsageRow, concurrent.futures.Future[None]]]) -> None:
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "
+                                     f"({', '.join('?' * len(USAGE_COLUMNS))})", [row.values() for row, _ in items])
+        except sqlite3.Error as e:
+            for _, done in items:
+                done.set_exception(e)
+            return
+        for _, done in items:
+            done.set_result(None)
