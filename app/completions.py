@@ -156,7 +156,8 @@ Answer = ChatAnswer | TextAnswer
 
 def _usage(jobs: list[Job]) -> Usage:
     return Usage.of(sum(len(job.prompt_ids) for job in jobs), sum(job.completion_tokens for job in jobs),
-                    sum(job.cached_prompt_tokens for job in jobs))
+                    sum(job.cached_prompt_tokens for job in jobs),
+                    (sum(job.kept_drafts for job in jobs), sum(job.rejected_drafts for job in jobs)))
 
 
 def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -283,7 +284,13 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
         raise APIError(400, "the chat template could not render these messages", "messages", "invalid_value") from e
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     names = frozenset(t.function.name for t in offered_tools(request))
-    return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names)]
+    prediction = None
+    if request.prediction is not None and request.n == 1:  # drafts come from it (speculative decoding)
+        text = request.prediction.text()
+        engine.check_prompt_size(len(text), "prediction")
+        prediction = await engine.tokenize(engine.backend.encode, text)
+    return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names,
+                            prediction=prediction)]
 
 
 def _message_chars(message: dict[str, Any]) -> int:

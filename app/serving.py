@@ -166,6 +166,8 @@ class Job:
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
     echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
     route: tuple[str, ...] = ()  # the peers its session went through (as the first step found them)
+    kept_drafts: int = 0  # speculative decoding: completion tokens that were drafted and kept
+    rejected_drafts: int = 0  # drafted tokens computed and not kept
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
@@ -199,6 +201,7 @@ class ServingEngine:
         self.metrics = metrics
         self.access = access  # keys' limits and usage rows (app.tenants); None: neither
         self.private = settings.gateway_private  # no session is reused, not even within one key
+        self.speculative, self.speculative_below = settings.gateway_speculative, settings.gateway_speculative_below
         self.max_n = settings.gateway_max_n
         self.default_max_tokens = settings.gateway_default_max_tokens
         self.max_prompt_chars = settings.gateway_max_prompt_chars or CHARS_PER_TOKEN * backend.context_length
@@ -249,9 +252,19 @@ class ServingEngine:
         except ValueError as e:
             raise APIError(400, f"{param} cannot be enforced: {str(e)[:300]}", param, "invalid_value") from e
 
+    def speculate(self, choices: int, prediction: bool = False) -> bool:
+        """Whether a request of `choices` choices decodes speculatively (drafts by prompt lookup: the same tokens,
+        fewer steps through the chain when the answer repeats its input): one choice, and with
+        GATEWAY_SPECULATIVE=auto, while few generations run (many share the peers' batched decode steps better) or
+        when the request sent a prediction."""
+        if choices != 1 or self.speculative == "off":
+            return False
+        return self.speculative == "on" or prediction or self.active < self.speculative_below
+
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                  logprobs: int | None, index_offset: int = 0, grammar: Grammar | None = None,
-                 tool_names: frozenset[str] = frozenset(), echo: str | None = None) -> Job:
+                 tool_names: frozenset[str] = frozenset(), echo: str | None = None,
+                 prediction: list[int] | None = None) -> Job:
         context, vocab = self.backend.context_length, self.backend.vocab_size
         self.check_choices(request.n)
         param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
@@ -275,6 +288,7 @@ class ServingEngine:
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
             prompt_logprobs=logprobs if echo is not None else None,
+            speculative=self.speculate(request.n, bool(prediction)), prediction=tuple(prediction or ()),
         )
         return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo)
 
@@ -303,6 +317,8 @@ class ServingEngine:
                     if finished[i]:
                         continue
                     counts[i] += 1
+                    job.kept_drafts += event.kept_draft
+                    job.rejected_drafts += event.rejected_drafts
                     delta = Delta(i + job.index_offset, "")
                     if event.prompt_logprobs is not None and counts[i] == 1:
                         if prompt_entries is None:  # thousands of entries: off the event loop

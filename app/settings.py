@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,13 @@ class GatewaySettings(BaseSettings):
                                                     "(keys from the environment only, nothing metered)")
     gateway_private: bool = Field(False, description="no session is reused across requests (not even within one "
                                                      "key), and a joined swarm needs SWARM_ALLOWED_PEERS")
+    gateway_speculative: Literal["auto", "on", "off"] = Field("auto", description="speculative decoding of "
+                                                              "one-choice requests (drafts by prompt lookup; the same "
+                                                              "tokens): auto: while fewer than "
+                                                              "GATEWAY_SPECULATIVE_BELOW generations run, or when a "
+                                                              "request sends a prediction")
+    gateway_speculative_below: int = Field(4, ge=0, description="auto speculative decoding: only while fewer "
+                                                                "generations than this run")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "

@@ -46,6 +46,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: [B, V] float → token ids [B] (int64)."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sample_with_draft(logits: torch.Tensor, params: SamplingParams, draft: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Speculative sampling with a deterministic draft: logits [B, V], draft [B] → token ids [B], distributed exactly
+    as `sample`'s. Each row keeps its draft token d with probability p(d), else draws from p without d (renormalised):
+    P(d) = p(d), and P(x) = (1 - p(d)) · p(x) / (1 - p(d)) = p(x) for every other x. Greedy: the argmax, as `sample`
+    (the draft is kept exactly when it is the argmax)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, params)
+    rows = torch.arange(len(draft))
+    kept = probs[rows, draft]  # [B]
+    accept = torch.rand(len(draft), generator=generator) < kept
+    rest = probs.clone()
+    rest[rows, draft] = 0.0
+    empty = rest.sum(dim=-1) <= 0  # p(d) = 1: the draft is always kept
+    rest[empty, 0] = 1.0
+    drawn = torch.multinomial(rest, num_samples=1, generator=generator).squeeze(-1)
+    return torch.where(accept | empty, draft, drawn)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from (not greedy): temperature, then top-k and top-p cuts → probs [B, V]."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]  # [B, 1]
@@ -57,8 +82,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -128,12 +152,15 @@ class Sampler:
         self.generator = params.generator()
         self.counts = torch.zeros(rows, vocab_size) if adjust.active else None
 
-    def __call__(self, logits: torch.Tensor) -> Choice:
+    def __call__(self, logits: torch.Tensor, draft: torch.Tensor | None = None) -> Choice:
+        """The next position's choice; with `draft` [B] (a drafter's guess of it), by speculative sampling: the
+        same distribution, and the draft kept as often as that allows (`sample_with_draft`)."""
         if self.counts is not None:
             logits = adjust_logits(logits, self.counts, self.adjust)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
-        chosen = sample(logits, self.params, self.generator)
+        chosen = (sample(logits, self.params, self.generator) if draft is None
+                  else sample_with_draft(logits, self.params, draft, self.generator))
         if self.constraint is not None:
             self.constraint.advance(chosen)
         if self.counts is not None:

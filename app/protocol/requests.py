@@ -80,6 +80,17 @@ class MessageToolCall(_Lenient):
     function: ToolCallFunction
 
 
+class Prediction(_Lenient):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat much of (an edited file, a quoted passage);
+    its tokens are the first place speculative decoding drafts from."""
+
+    type: Literal["content"]
+    content: str | list[TextPart] = Field(max_length=1 << 20)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -203,6 +214,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    prediction: Prediction | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

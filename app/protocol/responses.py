@@ -20,17 +20,29 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int  # prompt tokens whose KV a reused session held: not computed again
 
 
+class CompletionTokensDetails(BaseModel):
+    """Speculative decoding's drafts, in OpenAI's Predicted Outputs fields: completion tokens that were drafted and
+    kept, and drafted tokens computed but not kept."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+           drafts: tuple[int, int] = (0, 0)) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+                   completion_tokens_details=CompletionTokensDetails(accepted_prediction_tokens=drafts[0],
+                                                                     rejected_prediction_tokens=drafts[1]))
 
 
 # ---- log-probabilities -----------------------------------------------------------------------------------------

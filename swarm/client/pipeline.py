@@ -30,6 +30,7 @@ import torch
 from kernels.sampling import Choice, Sampler, top_logprobs
 from swarm.client.decoding import DecodeGroups
 from swarm.client.session import InferenceSession
+from swarm.client.speculation import PromptLookup
 
 T = TypeVar("T")
 
@@ -45,6 +46,8 @@ class StepOutput:
     top_ids: torch.Tensor | None = None  # [B, k]
     top_logprobs: torch.Tensor | None = None  # [B, k]
     prompt_scores: PromptScores | None = None  # on the first step, when asked: the prompt's own log-probabilities
+    kept_draft: bool = False  # speculative decoding: the token was a draft's, kept
+    rejected_drafts: int = 0  # on the last position of a speculative step: its draft tokens not kept
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,12 @@ class DecodePipeline:
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
                        max_new_tokens: int, position: int | None = None,
-                       prompt_scores: int | None = None) -> AsyncGenerator[StepOutput, None]:
+                       prompt_scores: int | None = None, drafter: PromptLookup | None = None
+                       ) -> AsyncGenerator[StepOutput, None]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
         decides when to stop. Every token yielded but the last has been fed to the session. `prompt_scores` = k:
-        the first step also carries the input's own log-probabilities (PromptScores, k alternatives each)."""
+        the first step also carries the input's own log-probabilities (PromptScores, k alternatives each).
+        `drafter` (one row): speculative decoding (`speculate`)."""
         scores: list[tuple[torch.Tensor, ...]] | None = [] if prompt_scores is not None else None
         logits = await self.prefill(session, input_ids, position, scores, prompt_scores or 0)
         prompt = None
@@ -184,13 +189,61 @@ class DecodePipeline:
                 torch.zeros(0), torch.zeros(0, prompt_scores or 0, dtype=torch.long),
                 torch.zeros(0, prompt_scores or 0)]
             prompt = PromptScores(*columns)
-        choice: Choice | None = await self.stage.run(sampler, logits)
-        for produced in range(1, max_new_tokens + 1):
-            assert choice is not None
-            yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs,
-                             prompt if produced == 1 else None)
-            if produced < max_new_tokens:
-                logits, choice = await self.decode_and_sample(session, choice.token_ids, sampler)
+        choice: Choice = await self.stage.run(sampler, logits)
+        yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs, prompt)
+        produced = 1
+        if drafter is not None:
+            drafter.extend([int(choice.token_ids[0])])
+        fed = session.position  # where the session must stand once the caller has the last token yielded
+        try:
+            while produced < max_new_tokens:
+                draft = drafter.draft(max_new_tokens - produced - 1) if drafter is not None else []
+                if draft:
+                    at = session.position
+                    steps = await self.speculate(session, choice.token_ids, draft, sampler)
+                    session.rewind(at + len(steps))  # the input token and the drafts kept
+                    assert drafter is not None
+                    drafter.result(len(draft), len(steps) - 1)
+                else:
+                    logits, sampled = await self.decode_and_sample(session, choice.token_ids, sampler)
+                    assert sampled is not None
+                    steps = [(logits, sampled)]
+                for i, (logits, choice) in enumerate(steps):
+                    fed += 1
+                    produced += 1
+                    if drafter is not None:
+                        drafter.extend([int(choice.token_ids[0])])
+                    last = i == len(steps) - 1
+                    yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs,
+                                     kept_draft=not last, rejected_drafts=len(draft) - i if last and draft else 0)
+                    if produced == max_new_tokens:
+                        break
+        finally:
+            if session.position > fed:  # drafts the peers computed that were not kept, or not read
+                session.rewind(fed)
+
+    async def speculate(self, session: InferenceSession, token_ids: torch.Tensor, draft: list[int],
+                        sampler: Sampler) -> list[tuple[torch.Tensor, Choice]]:
+        """One row's next token token_ids [1] and a draft of the tokens after it, through the chain in one step;
+        the sampler then chooses position by position, given each draft token as its guess, until a choice differs
+        from the draft → (logits, choice) of each position chosen: the draft's kept tokens, then one more. The
+        session stands after all of them; `generate` rewinds it to what was kept."""
+        input_ids = torch.tensor([[int(token_ids[0]), *draft]])
+        hidden = await session.step(await self.stage.embed(input_ids, session.position))
+        return await self.stage.run(self._verify, hidden, draft, sampler)
+
+    def _verify(self, hidden: torch.Tensor, draft: list[int], sampler: Sampler) -> list[tuple[torch.Tensor, Choice]]:
+        """On the head's thread: hidden [1, k+1, H] → the accepted positions (see `speculate`)."""
+        all_logits = self.stage.head.logits(hidden)[0]  # [k+1, V]
+        out = []
+        for i in range(len(draft) + 1):
+            logits = all_logits[i : i + 1]
+            guess = torch.tensor([draft[i]]) if i < len(draft) else None
+            choice = sampler(logits, guess)
+            out.append((logits, choice))
+            if guess is None or int(choice.token_ids[0]) != draft[i]:
+                break
+        return out
 
     def close(self) -> None:
         if self.groups is not None:

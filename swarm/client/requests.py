@@ -34,6 +34,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)
     prompt_logprobs: int | None = None  # k: the prompt's own log-probabilities too (k alternatives), on the first step
+    speculative: bool = False  # one choice: speculative decoding with drafts by prompt lookup (same output)
+    prediction: tuple[int, ...] = ()  # tokens the answer is expected to repeat much of (drafts come from them first)
     # who asks (an API key's id, a client address): sessions parked for reuse are per tenant; None: no reuse at all
     tenant: str | None = ""
 
@@ -50,3 +52,5 @@ class TokenEvent:
     # for the first) and the k most likely tokens there
     prompt_logprobs: tuple[tuple[float | None, tuple[tuple[int, float], ...]], ...] | None = None
     route: tuple[str, ...] = ()  # on the first step's events: the peer ids of the session's chain
+    kept_draft: bool = False  # speculative decoding: the token was drafted, and kept
+    rejected_drafts: int = 0  # draft tokens computed but not kept, in the step that gave this token

@@ -282,6 +282,13 @@ class InferenceSession:
         self.position = position + hidden.shape[1]
         return hidden
 
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on (drafts not kept): the next step goes there, and the peers rewind
+        their caches to it."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"position {position} is outside 0..{self.position}")
+        self.position = position
+
     def _timeout(self, i: int, new_tokens: int) -> float:
         latency = self._latency[i]
         if new_tokens > 1 or latency is None:

@@ -33,6 +33,7 @@ from swarm.client.grammar import Grammars
 from swarm.client.pipeline import StepOutput
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
+from swarm.client.speculation import PromptLookup
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 
 logger = logging.getLogger(__name__)
@@ -136,9 +137,10 @@ class SwarmTextService:
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
+        drafter = PromptLookup(prompt, request.prediction) if request.speculative and n == 1 else None
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start,
-                                              prompt_scores=request.prompt_logprobs)
+                                              prompt_scores=request.prompt_logprobs, drafter=drafter)
         stop_ids = set(request.stop_token_ids)
         chosen: list[int] = []  # row 0's tokens: all but the last have been fed to the session
         active = [True] * n
@@ -252,9 +254,11 @@ class _Parked:
 def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:
     token = int(step.token_ids[i])
     if step.logprobs is None or step.top_ids is None or step.top_logprobs is None:
-        return TokenEvent(i, token, cached_prompt_tokens=cached)
+        return TokenEvent(i, token, cached_prompt_tokens=cached, kept_draft=step.kept_draft,
+                          rejected_drafts=step.rejected_drafts)
     return TokenEvent(i, token, float(step.logprobs[i]),
-                      list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached)
+                      list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached,
+                      kept_draft=step.kept_draft, rejected_drafts=step.rejected_drafts)
 
 
 def _prompt_logprobs(prompt: list[int], step: StepOutput) -> tuple[tuple[float | None, tuple[tuple[int, float],

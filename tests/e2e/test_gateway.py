@@ -140,6 +140,25 @@ async def test_echoed_prompt_logprobs_equal_transformers_on_the_same_tokens(sdk,
     assert choice.logprobs.text_offset[: 2] == [0, len(choice.logprobs.tokens[0])]
 
 
+async def test_a_predicted_output_is_drafted_from_and_the_answer_equals_transformers(sdk, tokenizer):
+    """OpenAI's Predicted Outputs: the gateway decodes speculatively with drafts from the prediction; the greedy
+    answer is transformers' own, and usage counts the drafted tokens kept and not kept."""
+    quote = ("The keeper climbed the stairs at dusk, trimmed the wick, polished the lens and wrote in her logbook: "
+             "wind from the west, light rain, three ships passing.")
+    messages = user(f"Repeat this text exactly:\n\n{quote}")
+    answer = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32,
+                                               prediction={"type": "content", "content": quote})
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL).path, dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+    expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
+                              eos_token_id=None)[0, len(prompt):].tolist()
+    assert answer.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    details = answer.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 16, details
+    assert answer.usage.completion_tokens == 32
+
+
 async def test_metrics_show_the_route_and_each_peers_observed_step(sdk, gateway):
     await sdk.chat.completions.create(model=MODEL, messages=user("Count to five."), temperature=0, max_tokens=8)
     text = httpx.get(f"{gateway.url}/metrics").text

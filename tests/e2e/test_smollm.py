@@ -187,3 +187,32 @@ async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_compu
         assert await run(prompt2, 12) == expected
     finally:
         await service.close()
+
+
+QUOTE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. She trimmed the wick, polished the "
+         "great lens and wrote the weather in her logbook: wind from the west, a light rain, three ships passing.")
+
+
+@pytest.mark.parametrize("prediction", [False, True])
+async def test_speculative_decoding_is_token_identical_and_keeps_drafts(smol_swarm, source, reference, prediction):
+    """Greedy with drafts by prompt lookup (and from a prediction of the answer) gives transformers' tokens exactly,
+    while most of a quoted text comes from kept drafts (several tokens per step through the chain)."""
+    from swarm.client.requests import GenerationRequest
+    from swarm.client.textgen import SwarmTextService
+
+    service = await SwarmTextService.connect(smol_swarm.initial_peers)
+    try:
+        await service.client.wait_for_chain()
+        prompt = service.encode_chat([{"role": "user", "content": f"Repeat this text word for word:\n\n{QUOTE}"}])
+        x = torch.tensor([prompt])
+        expected = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
+                                      eos_token_id=None)[0, len(prompt):].tolist()
+        guess = service.encode(QUOTE) if prediction else []
+        request = GenerationRequest(prompt, 40, temperature=0.0, stop_token_ids=(), speculative=True,
+                                    prediction=tuple(guess))
+        events = [events[0] async for events in service.generate(request)]
+        assert [e.token_id for e in events] == expected
+        kept = sum(e.kept_draft for e in events)
+        assert kept >= 20, (kept, sum(e.rejected_drafts for e in events))
+    finally:
+        await service.close()

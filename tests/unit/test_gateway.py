@@ -116,7 +116,9 @@ def test_chat_completion_shape_and_exact_usage(client):
     prompt = len(b"<user>hi<assistant>")
     completion = len(REPLY.encode()) + 1  # + the eos token
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": 0}}
+                             "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": 0},
+                             "completion_tokens_details": {"accepted_prediction_tokens": 0,
+                                                           "rejected_prediction_tokens": 0}}
 
 
 def test_streamed_deltas_concatenate_to_the_full_text_and_never_split_characters(client):

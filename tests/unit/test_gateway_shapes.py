@@ -16,7 +16,8 @@ from tests.unit.test_gateway import REPLY, FakeBackend, chat, sse_events
 
 COMPLETION_KEYS = {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
 CHUNK_KEYS = {"id", "object", "created", "model", "system_fingerprint", "choices"}
-USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+              "completion_tokens_details"}
 LOGPROB_KEYS = {"token", "logprob", "bytes"}
 LEGACY_LOGPROB_KEYS = {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
 

@@ -293,3 +293,12 @@ async def test_the_usage_report_sums_per_key_and_period(db, capsys):
     assert by_name["alice"][3:6] == ["2", "38", "10"] and by_name["bob"][3:6] == ["1", "19", "5"]
     assert keys_cli(["--db", str(db), "usage"]) == 0
     assert "ALICE" not in (table := capsys.readouterr().out) and "alice" in table and "PERIOD" in table
+
+
+def test_private_mode_refuses_to_join_a_swarm_without_an_allowlist():
+    from app.settings import GatewaySettings
+    with pytest.raises(ValueError, match="SWARM_ALLOWED_PEERS"):
+        GatewaySettings(gateway_private=True, swarm_initial_peers="/ip4/127.0.0.1/tcp/1/p2p/QmX")
+    GatewaySettings(gateway_private=True, swarm_initial_peers="/ip4/127.0.0.1/tcp/1/p2p/QmX",
+                    swarm_allowed_peers="QmPeer")
+    GatewaySettings(gateway_private=True)  # the embedded swarm: its peers are this machine's own
