@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all test-gpu lint bench clean-cache
+.PHONY: install serve test test-all test-gpu test-containers test-wan lint bench clean-cache
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ test-all: install
 # The CUDA kernel-parity tests (on a machine with a GPU); scripts/gpu_check.sh adds an 8B-shaped span and a swarm.
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+# The docker/ images and compose swarm, built and run with podman (skipped without it); a few minutes, ~4 the first time.
+test-containers: install
+	$(PY) -m pytest -q -m containers tests/containers
+
+# Peers, bootstrap and gateway on separate hosts (network namespaces, emulated 10 ms links; needs root); ~3 minutes.
+test-wan: install
+	$(PY) -m pytest -q -m wan tests/e2e/test_wan.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from swarm.model.source import DEFAULT_MODEL_ID
 
@@ -29,7 +31,8 @@ class PeerSettings(BaseSettings):
                                                             "swarm would be better balanced with this peer elsewhere")
     drain_timeout: float = Field(30.0, ge=0, description="when moving: seconds live sessions may go on before they "
                                                          "are handed off (their clients replay them elsewhere)")
-    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of DHT nodes to join")
+    initial_peers: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                          description="multiaddrs of DHT nodes to join")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
     identity: str | None = Field(None, description="private key file, for a peer id that survives restarts")
@@ -68,8 +71,9 @@ class PeerSettings(BaseSettings):
     public_name: str = Field("", description="a name shown to operators and users")
     health_file: str = Field("", description="a file the peer rewrites at each announcement with its state (for "
                                              "`python -m swarm.server.health FILE`, e.g. a container HEALTHCHECK)")
-    allowed_clients: list[str] = Field(default_factory=list, description="serve only these client peer ids "
-                                                                            "(empty: anyone)")
+    allowed_clients: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                            description="serve only these client peer ids (empty: "
+                                                                        "anyone)")
     log_level: str = Field("INFO", description="logging level")
     fault_nan_after: int = Field(0, ge=0, description="for fault-tolerance tests only: after this many steps, "
                                                         "answer NaN (0: never)")
@@ -77,6 +81,15 @@ class PeerSettings(BaseSettings):
                                                         "answer wrong hidden states of the right shape and scale")
     fault_step_delay: float = Field(0.0, ge=0, description="for routing tests only: seconds every forward sleeps "
                                                            "(a slow peer)")
+
+    @field_validator("initial_peers", "allowed_clients", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        """From the environment, a plain list: space- or comma-separated (a JSON list works too)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [v for v in re.split(r"[\s,]+", text) if v]
+        return value
 
     def block_range(self, num_blocks: int) -> tuple[int, int] | None:
         """The span given by --blocks; None when the peer is to choose."""

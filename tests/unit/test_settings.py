@@ -26,6 +26,14 @@ def test_flags_env_and_defaults(monkeypatch):
     assert PeerSettings(blocks="all").block_range(30) == (0, 30)
 
 
+def test_list_variables_take_plain_lists_or_json(monkeypatch):
+    monkeypatch.setenv("SWARM_PEER_INITIAL_PEERS", "/ip4/a/tcp/1/p2p/QmA, /ip4/b/tcp/2/p2p/QmB")
+    monkeypatch.setenv("SWARM_PEER_ALLOWED_CLIENTS", '["QmC"]')
+    settings = PeerSettings()
+    assert settings.initial_peers == ["/ip4/a/tcp/1/p2p/QmA", "/ip4/b/tcp/2/p2p/QmB"]
+    assert settings.allowed_clients == ["QmC"]
+
+
 @pytest.mark.parametrize("blocks", ["3", "a:b", "10:5", "0:31", "-1:4"])
 def test_bad_block_ranges_are_refused(blocks):
     with pytest.raises(ValueError, match="--blocks"):
