@@ -1,0 +1,104 @@
+"""Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
+namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
+
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--out benchmarks/results]
+
+Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
+default precision (0:15 and 15:30, one thread each) on two hosts, and on a third two gateways, GATEWAY_SPECULATIVE=off
+and =on, taking turns at one streaming greedy chat: `quote` (repeat a ~400-token passage: drafts by prompt lookup
+pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, and next to them what
+the path costs at least: the client relays each step to each peer and back, 2 hops × RTT per token (plus compute),
+where a push along the chain would pay (hops + 1) × one-way delay. JSON on stdout and in OUT/wan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import emit, machine, median, versions
+from benchmarks.speculative import TASKS, one_chat
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.netbed import NetBed
+
+WAN_TASKS = {name: TASKS[name] for name in ("quote", "chat")}
+
+
+async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
+    hosts = ["boot", "a", "b", "gw"]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {"off": [], "on": []} for t in WAN_TASKS}
+    with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
+        boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
+        boot.wait_for(r"DHT bootstrap node ready")
+        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+        peers = [bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--blocks", span, "--num-threads", "1",
+                                                  "--host", bed.address(host), "--initial-peers", *initial])
+                 for host, span in (("a", "0:15"), ("b", "15:30"))]
+        for proc in peers:
+            proc.wait_for(r"peer ready: .* peer_id=(\S+)", timeout=600)
+        sockets = {}
+        for mode in ("off", "on"):
+            sockets[mode] = str(bed.workdir / f"{mode}.sock")
+            bed.spawn("gw", f"gateway-{mode}", ["-m", "uvicorn", "app.main:app", "--uds", sockets[mode]],
+                      {"SWARM_INITIAL_PEERS": " ".join(initial), "GATEWAY_SPECULATIVE": mode}
+                      ).wait_for(r"Application startup complete", timeout=600)
+        measured = bed.rtt_ms("gw", "a")
+        for socket in sockets.values():
+            await one_chat(socket, {**TASKS["chat"], "max_tokens": 8})  # warm-up
+        for round_ in range(rounds):
+            for name, task in WAN_TASKS.items():
+                for mode in ("off", "on")[:: 1 if round_ % 2 == 0 else -1]:
+                    result = await one_chat(sockets[mode], task)
+                    runs[name][mode].append(result)
+                    print(json.dumps({"rtt_ms": rtt_ms, "round": round_, "task": name, "mode": mode,
+                                      **{k: round(v, 3) for k, v in result.items() if k != "text"}}), flush=True)
+    out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1),
+                           "client_relay_floor_ms_per_token": round(2 * measured, 1),
+                           "push_floor_ms_per_token": round(3 * measured / 2, 1)}
+    for name, modes in runs.items():
+        entry: dict[str, Any] = {}
+        for mode, results in modes.items():
+            tok_s = median([r["decode_tok_s"] for r in results])
+            entry[mode] = {"decode_tok_s": round(tok_s, 2), "ms_per_token": round(1000 / tok_s, 1),
+                           "ttft_s": round(median([r["ttft_s"] for r in results]), 3),
+                           "kept": median([r["kept"] for r in results]),
+                           "rejected": median([r["rejected"] for r in results])}
+        ratios = [on["decode_tok_s"] / off["decode_tok_s"] for on, off in zip(modes["on"], modes["off"], strict=True)]
+        entry["ratio_on_to_off"] = round(median(ratios), 3)
+        entry["identical_text"] = all(a["text"] == b["text"] for a, b in zip(modes["on"], modes["off"], strict=True))
+        out[name] = entry
+    return out
+
+
+async def run(args) -> dict[str, Any]:
+    reason = NetBed.available()
+    if reason is not None:
+        raise SystemExit(f"no test bed here: {reason}")
+    resolve_model(DEFAULT_MODEL_ID)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rtt in [float(r) for r in args.rtts.split(",")]:
+            results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}")
+    return {"benchmark": "wan", "machine": machine(), "versions": versions(),
+            "settings": {"model": DEFAULT_MODEL_ID, "peers": "2 hosts (0:15, 15:30), default precision, 1 thread",
+                         "rounds": args.rounds, "link": "tests.netem: one-way delay = RTT / 2, no jitter or loss",
+                         "tasks": {k: v["max_tokens"] for k, v in WAN_TASKS.items()}},
+            "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rtts", default="10,50,100", help="round-trip times in ms, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    emit("wan", asyncio.run(run(args)), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The swarm across hosts: each peer, the bootstrap node and the gateway in its own network namespace with its own
+address, every packet between them through `tests.netem`'s link emulator (`tests.netbed`), 10 ms RTT.
+
+Token-exact greedy generation through 2 hosts and through 3, and a stream that survives the link of its peer's host
+being cut (not the process killed) and completes with the same tokens on the replica of another host. The gateway
+listens on a Unix socket (the test process is outside the namespaces).
+
+Run: make test-wan (root; skipped where namespaces cannot be made)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from tests.netbed import NetBed
+
+pytestmark = [pytest.mark.wan, pytest.mark.skipif(NetBed.available() is not None,
+                                                  reason=f"no test bed here: {NetBed.available()}")]
+MODEL = DEFAULT_MODEL_ID
+ONE_WAY_MS = 5.0
+PROMPT = "Write a short story about a lighthouse keeper and her logbook."
+SPANS = {"a": "0:15", "b": "15:30", "b2": "15:30", "x": "0:10", "y": "10:20", "z": "20:30"}
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    resolve_model(MODEL)  # converted once, before any peer needs it
+    hosts = ["boot", *SPANS, "gw"]
+    with NetBed(hosts, tmp_path_factory.mktemp("wan"), delay_ms=ONE_WAY_MS) as bed:
+        boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
+        boot.wait_for(r"DHT bootstrap node ready")
+        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+        env = {"SWARM_PEER_QUANT": "none"}
+        peers = {host: bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--model", MODEL, "--blocks", span,
+                                                        "--num-threads", "1", "--host", bed.address(host),
+                                                        "--initial-peers", *initial], env)
+                 for host, span in SPANS.items()}
+        bed.peer_ids = {host: proc.wait_for(r"peer ready: .* peer_id=(\S+)").group(1) for host, proc in peers.items()}
+        bed.slow("b2", 20)  # the replica is farther away: routes take "b" while it is up
+        for name, hosts in (("two", ["a", "b", "b2"]), ("three", ["x", "y", "z"])):
+            gateway = bed.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds",
+                                                          str(bed.workdir / f"{name}.sock")],
+                                {"SWARM_INITIAL_PEERS": " ".join(initial),
+                                 "SWARM_ALLOWED_PEERS": " ".join(bed.peer_ids[h] for h in hosts)})
+            gateway.wait_for(r"Application startup complete")
+        bed.rtt = bed.rtt_ms("gw", "a")
+        yield bed
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """transformers' 40 greedy tokens for PROMPT, and the tokenizer."""
+    path = resolve_model(MODEL).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                         eos_token_id=None)[0, ids.shape[1]:]
+    assert tokenizer.eos_token_id not in out.tolist()  # so the gateway's ban of it changes nothing
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def client(bed: NetBed, name: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(bed.workdir / f"{name}.sock")),
+                             base_url="http://gateway", timeout=300)
+
+
+async def chat(http: httpx.AsyncClient) -> tuple[str, str]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40, "temperature": 0,
+            "logit_bias": {"2": -100}}  # <|im_end|>: 40 tokens whatever happens
+    answer = await http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]["message"]["content"], answer.headers["x-request-id"]
+
+
+async def route_of(http: httpx.AsyncClient, request_id: str) -> list[str]:
+    routes = (await http.get("/v1/swarm")).json()["recent_routes"]
+    return next(r["route"] for r in routes if r["id"] == request_id)
+
+
+def test_the_links_have_the_emulated_latency(bed):
+    assert 2 * ONE_WAY_MS <= bed.rtt < 2 * ONE_WAY_MS + 8, bed.rtt
+
+
+@pytest.mark.parametrize("name, hosts", [("two", ["a", "b"]), ("three", ["x", "y", "z"])])
+async def test_greedy_through_hosts_equals_transformers(bed, expected, name, hosts):
+    async with client(bed, name) as http:
+        text, request_id = await chat(http)
+        assert text == expected
+        assert await route_of(http, request_id) == [bed.peer_ids[h] for h in hosts]
+
+
+async def test_a_stream_survives_its_peers_link_being_cut(bed, expected):
+    async with client(bed, "two") as http:
+        before = await failovers(http)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40,
+                "temperature": 0, "logit_bias": {"2": -100}, "stream": True}
+        text, chunks = "", 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                text += delta
+                chunks += bool(delta)
+                if chunks == 8:
+                    bed.cut("b")  # its process runs on; nothing reaches it
+        bed.heal("b")
+        assert text == expected
+        assert await failovers(http) > before
+
+
+async def failovers(http: httpx.AsyncClient) -> float:
+    metrics = (await http.get("/metrics")).text
+    return float(re.search(r"^swarm_client_failovers (\S+)$", metrics, flags=re.MULTILINE).group(1))
