@@ -56,7 +56,8 @@ TASKS = {
 }
 
 
-async def one_chat(port: int, task: dict[str, Any]) -> dict[str, Any]:
+async def one_chat(port: int | str, task: dict[str, Any]) -> dict[str, Any]:
+    """One streamed chat of `task` through the gateway at 127.0.0.1:`port` (or the Unix socket at that path)."""
     body: dict[str, Any] = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": task["content"]}],
                             "max_tokens": task["max_tokens"], "temperature": 0, "stream": True,
                             "stream_options": {"include_usage": True}}
@@ -65,8 +66,10 @@ async def one_chat(port: int, task: dict[str, Any]) -> dict[str, Any]:
     stamps: list[float] = []
     text, usage = "", {}
     sent = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600) as client, client.stream(
-            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as response:
+    transport = httpx.AsyncHTTPTransport(uds=port) if isinstance(port, str) else None
+    base = "http://gateway" if isinstance(port, str) else f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(timeout=600, transport=transport) as client, client.stream(
+            "POST", f"{base}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):

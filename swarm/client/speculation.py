@@ -51,7 +51,7 @@ class PromptLookup:
     the tokens chosen since; `result(drafted, kept)` adapts the next draft's length."""
 
     def __init__(self, context: Sequence[int], prediction: Sequence[int] = (), min_ngram: int = 3,
-                 max_ngram: int = 4, first_draft: int = 4, max_draft: int = 8, max_pause: int = 16,
+                 max_ngram: int = 4, first_draft: int = 2, max_draft: int = 8, max_pause: int = 16,
                  min_prediction_ngram: int = 2):
         self._own = _Index(min_ngram, max_ngram)
         self._own.extend(context)
