@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -57,7 +58,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
             yield
 
     app = FastAPI(title="swarm-llm gateway", lifespan=lifespan)
-    store = KeyStore(settings.gateway_db) if settings.gateway_db else None
+    store = _open_store(settings)
     app.state.access = access = Access(ApiKeys(settings.api_keys), store)
     app.state.conversations = ConversationStore(settings.gateway_responses_kept, settings.gateway_responses_ttl)
     install_error_handlers(app)
@@ -93,6 +94,21 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                 "missing_blocks": [f"{s}:{e}" for s, e in missing]}
 
     return app
+
+
+def _open_store(settings: GatewaySettings) -> KeyStore | None:
+    """The key store at GATEWAY_DB. Where none was named and the default place cannot hold one (a read-only home),
+    the gateway runs without (keys from the environment only, nothing metered); a named one must open."""
+    if not settings.gateway_db:
+        return None
+    try:
+        return KeyStore(settings.gateway_db)
+    except (OSError, sqlite3.Error) as e:
+        if "gateway_db" in settings.model_fields_set:
+            raise
+        logger.warning("no key store (%s cannot be opened: %s): keys from the environment only, nothing metered",
+                       settings.gateway_db, e)
+        return None
 
 
 app = create_app()

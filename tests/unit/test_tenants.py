@@ -302,3 +302,17 @@ def test_private_mode_refuses_to_join_a_swarm_without_an_allowlist():
     GatewaySettings(gateway_private=True, swarm_initial_peers="/ip4/127.0.0.1/tcp/1/p2p/QmX",
                     swarm_allowed_peers="QmPeer")
     GatewaySettings(gateway_private=True)  # the embedded swarm: its peers are this machine's own
+
+
+def test_a_default_store_that_cannot_be_opened_is_left_out_but_a_named_one_must_open(tmp_path, monkeypatch):
+    from app.main import _open_store
+    from app.settings import GatewaySettings
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the store's directory would be
+    monkeypatch.delenv("GATEWAY_DB", raising=False)
+    settings = GatewaySettings()
+    settings.__dict__["gateway_db"] = str(blocked / "gateway.db")  # as if the default were there: not named
+    assert "gateway_db" not in settings.model_fields_set
+    assert _open_store(settings) is None
+    with pytest.raises(OSError):
+        _open_store(GatewaySettings(gateway_db=str(blocked / "gateway.db")))
