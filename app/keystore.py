@@ -4,8 +4,8 @@ A key is `sk-<id>-<secret>`: the id finds its row, the secret is checked against
 `hmac.compare_digest` (the secret is 256 random bits, so a fast hash is enough: nothing to brute-force, and a check
 costs microseconds, not the milliseconds of a password hash). Neither the key nor its secret is stored anywhere;
 `create` returns it once. Revocation, new keys and new limits made by another process (the admin CLI, `python -m
-app.keys`) are seen on the gateway's next request: `changed()` asks SQLite whether another connection has committed
-since it last looked (`PRAGMA data_version`, no read of the tables).
+app.keys`) are seen on the gateway's next request: every change of the keys table bumps a version number in the
+same transaction, and `changed()` reads it (one row; the usage rows written meanwhile do not count).
 
 Usage rows hold counts only (tokens, time, status): never a prompt or an answer. They are written by `UsageWriter`'s
 thread, in batches, one commit each; `record` returns a future that is done once its row is committed, so a caller
@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS usage (
     request_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_by_key ON usage (key_id, at);
+CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), keys_version INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES (0, 0);
 """
 PERIODS = ("day", "month")
 USAGE_COLUMNS = ("at", "key_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "cached_tokens", "cost",
@@ -175,11 +177,18 @@ class KeyStore:
         """A new key: its record and the key itself (shown once, stored nowhere)."""
         key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
         record = KeyRecord(key_id, name, time.time(), None, limits)
-        with self._lock:
-            self.db.execute("INSERT INTO keys (id, name, salt, digest, created, rpm, tpm, budget, budget_period, "
-                            "prompt_weight, completion_weight, max_concurrent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                            (key_id, name, salt, _digest(salt, secret), record.created, *_limit_values(limits)))
+        self._change("INSERT INTO keys (id, name, salt, digest, created, rpm, tpm, budget, budget_period, "
+                     "prompt_weight, completion_weight, max_concurrent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                     (key_id, name, salt, _digest(salt, secret), record.created, *_limit_values(limits)))
         return record, f"sk-{key_id}-{secret}"
+
+    def _change(self, statement: str, args: tuple[Any, ...]) -> int:
+        """A change of the keys table and the bump of its version, in one transaction → rows changed."""
+        with self._lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            rows = self.db.execute(statement, args).rowcount
+            self.db.execute("UPDATE meta SET keys_version = keys_version + 1")
+        return rows
 
     def verify(self, token: str) -> KeyRecord | None:
         """The record of a valid, unrevoked key; None for anything else."""
@@ -208,22 +217,16 @@ class KeyStore:
             return self.db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
 
     def revoke(self, key_id: str) -> bool:
-        with self._lock:
-            cursor = self.db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
-                                     (time.time(), key_id))
-        return cursor.rowcount == 1
+        return self._change("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)) == 1
 
     def set_limits(self, key_id: str, limits: Limits) -> bool:
-        with self._lock:
-            cursor = self.db.execute("UPDATE keys SET rpm=?, tpm=?, budget=?, budget_period=?, prompt_weight=?, "
-                                     "completion_weight=?, max_concurrent=? WHERE id = ?",
-                                     (*_limit_values(limits), key_id))
-        return cursor.rowcount == 1
+        return self._change("UPDATE keys SET rpm=?, tpm=?, budget=?, budget_period=?, prompt_weight=?, "
+                            "completion_weight=?, max_concurrent=? WHERE id = ?", (*_limit_values(limits), key_id)) == 1
 
     def changed(self) -> bool:
-        """Whether another connection committed since the last call (the first call: True)."""
+        """Whether the keys changed since the last call (the first call: True)."""
         with self._lock:
-            version = self.db.execute("PRAGMA data_version").fetchone()[0]
+            version = self.db.execute("SELECT keys_version FROM meta").fetchone()[0]
         changed, self._version = version != self._version, version
         return changed
 
