@@ -288,7 +288,7 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
     if request.prediction is not None and request.n == 1:  # drafts come from it (speculative decoding)
         text = request.prediction.text()
         engine.check_prompt_size(len(text), "prediction")
-        prediction = await engine.tokenize(engine.backend.encode, text)
+        prediction = (await engine.tokenize(engine.backend.encode, text))[: engine.backend.context_length]
     return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names,
                             prediction=prediction)]
 

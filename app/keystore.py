@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import hmac
+import logging
 import queue
 import secrets
 import sqlite3
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), keys_ver
 INSERT OR IGNORE INTO meta VALUES (0, 0);
 """
 PERIODS = ("day", "month")
+WRITE_ATTEMPTS = 3  # a batch's transaction, tried again while the store is locked (each waits up to 10 s)
 USAGE_COLUMNS = ("at", "key_id", "model", "endpoint", "prompt_tokens", "completion_tokens", "cached_tokens", "cost",
                  "duration_ms", "status", "request_id")
 
@@ -300,14 +303,29 @@ class UsageWriter:
                 self._write(items)
 
     def _write(self, items: list[tuple[UsageRow, concurrent.futures.Future[None]]]) -> None:
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "
-                                     f"({', '.join('?' * len(USAGE_COLUMNS))})", [row.values() for row, _ in items])
-        except sqlite3.Error as e:
-            for _, done in items:
-                done.set_exception(e)
-            return
+        """One transaction for the batch (BEGIN IMMEDIATE: the write lock first, retried while another process
+        holds it); whatever fails is logged and given to the batch's futures, and the thread goes on."""
+        error: Exception | None = None
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "
+                                         f"({', '.join('?' * len(USAGE_COLUMNS))})",
+                                         [row.values() for row, _ in items])
+                error = None
+                break
+            except sqlite3.OperationalError as e:  # locked or busy past the timeout: again
+                error = e
+                time.sleep(0.05 * (attempt + 1))
+            except Exception as e:
+                error = e
+                break
+        if error is not None:
+            logger.error("%d usage rows were not written: %r", len(items), error)
         for _, done in items:
-            done.set_result(None)
+            if done.set_running_or_notify_cancel():  # a future its waiter cancelled takes no result
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)

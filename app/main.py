@@ -97,15 +97,16 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
 
 
 def _open_store(settings: GatewaySettings) -> KeyStore | None:
-    """The key store at GATEWAY_DB. Where none was named and the default place cannot hold one (a read-only home),
-    the gateway runs without (keys from the environment only, nothing metered); a named one must open."""
+    """The key store at GATEWAY_DB. Where none was named and none exists at the default place, and it cannot be
+    made there (a read-only home), the gateway runs without (keys from the environment only, nothing metered); a
+    named store, or an existing one (it may hold keys), must open."""
     if not settings.gateway_db:
         return None
     try:
         return KeyStore(settings.gateway_db)
     except (OSError, sqlite3.Error) as e:
-        if "gateway_db" in settings.model_fields_set:
-            raise
+        if "gateway_db" in settings.model_fields_set or Path(settings.gateway_db).expanduser().exists():
+            raise  # a store named, or one that exists (it may hold keys): never serve without it
         logger.warning("no key store (%s cannot be opened: %s): keys from the environment only, nothing metered",
                        settings.gateway_db, e)
         return None

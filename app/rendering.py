@@ -77,4 +77,8 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):  # a cancelled request still closes its sessions on the peers
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:  # first the events (a keep-alive's pending step is cancelled and awaited),
+                    with contextlib.suppress(Exception):  # so that the owner's stream is not running when closed
+                        await close()
                 await self.owner.aclose()

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -40,8 +41,9 @@ from app.structured import ToolCall, ToolCallReader
 from app.tenants import Access, Caller
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
-USAGE_COMMIT_TIMEOUT = 5.0  # the most a generation's end waits for its usage row to be committed
+USAGE_COMMIT_TIMEOUT = 40.0  # the most a generation's end waits for its row (beyond the writer's lock retries)
 MIN_TEMPERATURE = 1e-5  # below it (and top_p below it), sampling is greedy: the limit, without float32 overflow
 CHARS_PER_TOKEN = 32  # the default prompt size cap: this many characters per token of the model's context
 
@@ -252,12 +254,15 @@ class ServingEngine:
         except ValueError as e:
             raise APIError(400, f"{param} cannot be enforced: {str(e)[:300]}", param, "invalid_value") from e
 
-    def speculate(self, choices: int, prediction: bool = False) -> bool:
+    def speculate(self, choices: int, prediction: bool = False, seeded: bool = False) -> bool:
         """Whether a request of `choices` choices decodes speculatively (drafts by prompt lookup: the same tokens,
         fewer steps through the chain when the answer repeats its input): one choice, and with
         GATEWAY_SPECULATIVE=auto, while few generations run (many share the peers' batched decode steps better) or
-        when the request sent a prediction."""
+        when the request sent a prediction; never in auto for seeded sampling, whose text would then depend on the
+        load (drafting draws from the generator differently: the same distribution, another sample)."""
         if choices != 1 or self.speculative == "off":
+            return False
+        if seeded and self.speculative == "auto":
             return False
         return self.speculative == "on" or prediction or self.active < self.speculative_below
 
@@ -288,7 +293,8 @@ class ServingEngine:
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
             prompt_logprobs=logprobs if echo is not None else None,
-            speculative=self.speculate(request.n, bool(prediction)), prediction=tuple(prediction or ()),
+            speculative=self.speculate(request.n, bool(prediction), request.seed is not None and not greedy),
+            prediction=tuple(prediction or ()),
         )
         return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo)
 
@@ -423,6 +429,7 @@ class Generation:
         self._first: list[Delta] | None = None
         self._closed = False
         self._slot = False  # whether it holds a slot
+        self._began = False  # whether its first step was begun (its prompt sent to the swarm)
         self.id = request_id or secrets.token_hex(8)  # in the answer's x-request-id, the log line, /v1/swarm
         self.caller = caller or Caller("")
         self.client = self.caller.name
@@ -456,8 +463,9 @@ class Generation:
 
     def _report(self) -> asyncio.Future[None] | None:
         now = time.monotonic()
-        # a request that got no first step (refused, or failed at start) used nothing
-        prompt = sum(len(job.prompt_ids) for job in self.jobs) if self.first_token is not None else 0
+        # a request whose first step never began (refused, or failed before it) used nothing; one that began it
+        # (cancelled during its prefill included) pays for its prompt
+        prompt = sum(len(job.prompt_ids) for job in self.jobs) if self._began else 0
         completion = sum(job.completion_tokens for job in self.jobs)
         cached = sum(job.cached_prompt_tokens for job in self.jobs)
         route = self.jobs[0].route if self.jobs else ()
@@ -492,6 +500,7 @@ class Generation:
         self._slot = True
 
     async def start(self) -> None:
+        self._began = True
         self._first = await anext(self._stream)
 
     def __aiter__(self) -> Generation:
@@ -514,8 +523,13 @@ class Generation:
                 self._engine.release_slot()
             committed = self._report()
             if committed is not None:
-                with contextlib.suppress(Exception):  # a failed write is the writer's to log; the answer goes on
+                try:
                     await asyncio.wait_for(asyncio.shield(committed), USAGE_COMMIT_TIMEOUT)
+                except TimeoutError:
+                    logger.error("request %s: its usage row was not committed within %g s", self.id,
+                                 USAGE_COMMIT_TIMEOUT)
+                except Exception:  # logged by the writer; the answer goes on
+                    pass
 
     async def __aenter__(self) -> Generation:
         return self

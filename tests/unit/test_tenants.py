@@ -316,3 +316,29 @@ def test_a_default_store_that_cannot_be_opened_is_left_out_but_a_named_one_must_
     assert _open_store(settings) is None
     with pytest.raises(OSError):
         _open_store(GatewaySettings(gateway_db=str(blocked / "gateway.db")))
+
+
+def test_an_existing_default_store_that_cannot_be_opened_stops_the_gateway(tmp_path, monkeypatch):
+    from app.main import _open_store
+    from app.settings import GatewaySettings
+    monkeypatch.delenv("GATEWAY_DB", raising=False)
+    settings = GatewaySettings()
+    settings.__dict__["gateway_db"] = str(tmp_path)  # there, but no database (it may have held keys)
+    with pytest.raises(Exception):  # noqa: B017 - sqlite's or the OS's error, whichever comes first
+        _open_store(settings)
+
+
+async def test_a_request_cancelled_during_its_prefill_pays_for_its_prompt(db):
+    _, key = make_key(db, tpm=10_000)
+    async with Gateway(gateway_db=str(db)) as gateway:
+        task = await gateway.hold("hi", key)  # its first step began, and waits at the gate
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gateway.backend.gate.set()
+        for _ in range(100):
+            if rows(db):
+                break
+            await asyncio.sleep(0.02)
+    [row] = rows(db)
+    assert (row.status, row.prompt_tokens, row.completion_tokens) == ("cancelled", 19, 0)
