@@ -87,10 +87,27 @@ async def one_chat(port: int | str, task: dict[str, Any]) -> dict[str, Any]:
             "text": text}
 
 
+async def interleave(targets: dict[str, int | str], tasks: dict[str, dict[str, Any]], rounds: int,
+                     label: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """A warm-up chat on each gateway (`targets`: mode → port or socket), then `rounds` rounds of every task on
+    each, the order of the modes alternating per round → task → mode → its runs (each printed, with `label`)."""
+    for target in targets.values():
+        await one_chat(target, {**TASKS["chat"], "max_tokens": 8})
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {mode: [] for mode in targets} for t in tasks}
+    modes = list(targets)
+    for round_ in range(rounds):
+        for name, task in tasks.items():
+            for mode in modes[:: 1 if round_ % 2 == 0 else -1]:
+                result = await one_chat(targets[mode], task)
+                runs[name][mode].append(result)
+                print(json.dumps({**label, "round": round_, "task": name, "mode": mode,
+                                  **{k: round(v, 3) for k, v in result.items() if k != "text"}}), flush=True)
+    return runs
+
+
 async def run_delay(delay: float, rounds: int, workdir: Path) -> dict[str, Any]:
     swarm = LocalSwarm(workdir)
     swarm.peer_env.pop("SWARM_PEER_QUANT", None)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {"off": [], "on": []} for t in TASKS}
     try:
         swarm.start_bootstrap()
         extra = ("--fault-step-delay", str(delay), "--throughput", "100") if delay else ()
@@ -101,15 +118,7 @@ async def run_delay(delay: float, rounds: int, workdir: Path) -> dict[str, Any]:
         for mode, port in ports.items():
             swarm.start_gateway(port, {"SWARM_INITIAL_PEERS": " ".join(swarm.initial_peers),
                                        "GATEWAY_SPECULATIVE": mode})
-        for port in ports.values():  # warm-up
-            await one_chat(port, {**TASKS["chat"], "max_tokens": 8})
-        for round_ in range(rounds):
-            for name, task in TASKS.items():
-                for mode in ("off", "on")[:: 1 if round_ % 2 == 0 else -1]:
-                    result = await one_chat(ports[mode], task)
-                    runs[name][mode].append(result)
-                    print(json.dumps({"delay": delay, "round": round_, "task": name, "mode": mode,
-                                      **{k: round(v, 3) for k, v in result.items() if k != "text"}}), flush=True)
+        runs = await interleave(dict(ports), TASKS, rounds, {"delay": delay})
     finally:
         swarm.stop()
     out: dict[str, Any] = {}

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.speculative import TASKS, one_chat
+from benchmarks.speculative import TASKS, interleave
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.netbed import NetBed
 
@@ -31,7 +30,6 @@ WAN_TASKS = {name: TASKS[name] for name in ("quote", "chat")}
 
 async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {"off": [], "on": []} for t in WAN_TASKS}
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
         boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
         boot.wait_for(r"DHT bootstrap node ready")
@@ -48,15 +46,7 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
                       {"SWARM_INITIAL_PEERS": " ".join(initial), "GATEWAY_SPECULATIVE": mode}
                       ).wait_for(r"Application startup complete", timeout=600)
         measured = bed.rtt_ms("gw", "a")
-        for socket in sockets.values():
-            await one_chat(socket, {**TASKS["chat"], "max_tokens": 8})  # warm-up
-        for round_ in range(rounds):
-            for name, task in WAN_TASKS.items():
-                for mode in ("off", "on")[:: 1 if round_ % 2 == 0 else -1]:
-                    result = await one_chat(sockets[mode], task)
-                    runs[name][mode].append(result)
-                    print(json.dumps({"rtt_ms": rtt_ms, "round": round_, "task": name, "mode": mode,
-                                      **{k: round(v, 3) for k, v in result.items() if k != "text"}}), flush=True)
+        runs = await interleave(dict(sockets), WAN_TASKS, rounds, {"rtt_ms": rtt_ms})
     out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1),
                            "client_relay_floor_ms_per_token": round(2 * measured, 1),
                            "push_floor_ms_per_token": round(3 * measured / 2, 1)}
