@@ -8,7 +8,8 @@ hop) plus the peer's compute for the blocks it serves in the chain:
 `throughput` is what the peer measured and announced (tokens/s through one block, one session); `marginal` is how
 much each session already there adds to a step, from the peer's batched measurement (`batch_throughput`); `load` is
 the sessions the peer serves now (its latest record or probe, plus what this client opened through it since then).
-A peer with no free KV cache costs a penalty (it would make a new session wait). RTT comes from this client's probes,
+A peer without the free KV cache the new session needs (batch × length tokens, as its record says) costs a penalty:
+it would make the session wait or refuse it. RTT comes from this client's probes,
 smoothed; unknown peers get DEFAULT_RTT. Where this client has seen the peer's decode steps take longer per block than
 its announcement implies, the observed time counts instead: a peer cannot attract traffic by overstating its speed.
 
@@ -16,6 +17,12 @@ The search is a shortest path over block boundaries, not a greedy walk: from bou
 p can take the session to any later boundary within it. Since a link's cost is linear in its blocks, the best chain
 switches peers only where some span starts or ends, so those boundaries are the only nodes. Ties (equal cost) go to
 the chain whose tightest peer has the most free KV, then to the lower peer ids (deterministic).
+
+In a large swarm (over PRUNE_ABOVE usable peers) that exact search runs only over the peers that can be on a best
+chain: a vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every
+boundary to the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best
+chain's cost (`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains
+of equal cost wins may differ from the search over everything.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
-from swarm.protocol import BATCH_PROBE, NoChainError, SpanInfo
+import numpy as np
+
+from swarm.protocol import BATCH_PROBE, PROTOCOL_VERSION, NoChainError, PeerState, SpanInfo
 
 DEFAULT_RTT = 0.01  # seconds: a peer this client has not probed yet
 UNKNOWN_BLOCK_SECONDS = 0.01  # per block and token, for a peer that announced no throughput
-FULL_KV_PENALTY = 1.0  # seconds: a peer without free KV cache makes a new session wait (or refuses it)
+FULL_KV_PENALTY = 1.0  # seconds: a peer without the free KV cache a session needs makes it wait (or refuses it)
+PRUNE_ABOVE = 48  # usable peers above which the exact search runs only over those that can be on a best chain
+PRUNE_SLACK = 1e-6  # relative: spans whose cheapest use costs more than the best chain by this are left out
 
 
 @dataclass(frozen=True)
@@ -64,11 +76,12 @@ def block_seconds(info: SpanInfo, load: int) -> float:
     return single + load * marginal
 
 
-def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None) -> float:
+def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None, need: int = 1) -> float:
+    """Expected seconds per token of `blocks` blocks of `info`; `need`: KV tokens a new session would take there."""
     view = view or PeerView()
     load = max(0, info.active_sessions + view.extra_sessions)
     rtt = DEFAULT_RTT if view.rtt is None else view.rtt
-    penalty = FULL_KV_PENALTY if info.free_kv_tokens <= 0 else 0.0
+    penalty = FULL_KV_PENALTY if info.free_kv_tokens < max(1, need) else 0.0
     per_block = block_seconds(info, load)
     if view.observed_block_seconds is not None:  # slower than announced: believe what was seen
         per_block = max(per_block, view.observed_block_seconds)
@@ -110,8 +123,12 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: I
     for a failed part of a chain asks for that part only."""
     end = num_blocks if end is None else end
     excluded, views = set(exclude), views or {}
-    usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
-              and can_hold(s, length, batch)]
+    usable = [s for s in spans if s.state == PeerState.ONLINE and s.version == PROTOCOL_VERSION  # s.routable
+              and s.peer_id not in excluded and s.end <= num_blocks and s.max_length >= length
+              and (s.kv_budget_tokens <= 0 or s.kv_budget_tokens >= batch * length)]  # can_hold(s, length, batch)
+    need = batch * length
+    if len(usable) > PRUNE_ABOVE:  # (see the module's docstring)
+        usable = prune(usable, start, end, views, need)
     nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
     # A link over [p, q) of span s costs fixed[s] + (q - p) * per_block[s]. Walking the boundaries from the end
     # down, reach[s] holds the best (q * per_block[s] + cost from q, -(tightest free KV), peer ids) over the ends q
@@ -119,8 +136,8 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: I
     fixed, per_block = {}, {}
     for span in usable:
         view = views.get(span.peer_id) or PeerView()
-        fixed[span.peer_id] = link_seconds(span, 0, view)
-        per_block[span.peer_id] = link_seconds(span, 1, view) - fixed[span.peer_id]
+        fixed[span.peer_id] = link_seconds(span, 0, view, need)
+        per_block[span.peer_id] = link_seconds(span, 1, view, need) - fixed[span.peer_id]
     # best[p]: (seconds, -(tightest free KV), peer ids) of the best chain from boundary p to `end`
     best: dict[int, tuple[float, int, tuple[str, ...]]] = {end: (0.0, -(1 << 62), ())}
     choice: dict[int, tuple[SpanInfo, int]] = {}
@@ -155,3 +172,75 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: I
         chain.append(Link(span, p, q))
         p = q
     return chain
+
+
+def _costs(spans: list[SpanInfo], views: Mapping[str, PeerView], need: int) -> tuple[np.ndarray, ...]:
+    """(first block, last block, fixed, per_block) of every span at once: link_seconds(span, blocks) = fixed +
+    blocks × per_block, by the same formulas as `link_seconds`."""
+    def column(name: str, items: list) -> np.ndarray:
+        return np.fromiter(map(attrgetter(name), items), dtype=np.float64, count=len(items))
+
+    unknown = PeerView()
+    seen = [v or unknown for v in map(views.get, map(attrgetter("peer_id"), spans))]
+    rtt = np.fromiter((DEFAULT_RTT if v.rtt is None else v.rtt for v in seen), np.float64, len(seen))
+    observed = np.fromiter((-1.0 if v.observed_block_seconds is None else v.observed_block_seconds for v in seen),
+                           np.float64, len(seen))
+    load = np.maximum(0.0, column("active_sessions", spans) + column("extra_sessions", seen))
+    throughput, batch = column("throughput", spans), column("batch_throughput", spans)
+    known = throughput > 0
+    single = np.divide(1.0, throughput, out=np.zeros_like(throughput), where=known)
+    batched = np.divide(BATCH_PROBE, batch, out=np.zeros_like(batch), where=batch > 0)
+    marginal = np.where(batch > 0, np.maximum(0.0, (batched - single) / (BATCH_PROBE - 1)), 0.1 * single)
+    per_block = np.maximum(np.where(known, single + load * marginal, UNKNOWN_BLOCK_SECONDS * (1 + 0.1 * load)),
+                           observed)
+    fixed = rtt + np.where(column("free_kv_tokens", spans) < max(1, need), FULL_KV_PENALTY, 0.0)
+    return column("start", spans).astype(np.int64), column("end", spans).astype(np.int64), fixed, per_block
+
+
+def prune(usable: list[SpanInfo], start: int, end: int, views: Mapping[str, PeerView], need: int = 1
+          ) -> list[SpanInfo]:
+    """The spans that are on some chain over [start, end) costing at most the best one's cost × (1 + PRUNE_SLACK):
+    least costs from every boundary to `end` (a backward pass over the boundaries), then a forward pass that finds
+    each span's cheapest chain through it (entering at p, leaving at a later q within it). All of them when no chain
+    exists (the exact search names the holes)."""
+    first_block, last_block, fixed, per_block = _costs(usable, views, need)
+    lo, hi = np.maximum(first_block, start), np.minimum(last_block, end)
+    inside = lo < hi
+    nodes = np.unique(np.concatenate(([start, end], lo[inside], hi[inside])))
+    first, last = np.searchsorted(nodes, lo), np.searchsorted(nodes, hi)
+    where = np.arange(len(nodes))
+    enter = (first[None, :] <= where[:, None]) & (where[:, None] < last[None, :]) & inside  # [node, span]
+    leave = (first[None, :] < where[:, None]) & (where[:, None] <= last[None, :]) & inside
+    enters = np.split(np.nonzero(enter)[1], np.cumsum(enter.sum(axis=1))[:-1])  # per node, the spans it enters
+    leaves = np.split(np.nonzero(leave)[1], np.cumsum(leave.sum(axis=1))[:-1])
+    x = nodes.astype(np.float64)
+    n = len(nodes)
+    to_end, exit_cost = np.full(n, np.inf), np.full(len(usable), np.inf)  # min over q of x_q·P + to_end[q]
+    to_end[n - 1] = 0.0
+    for j in range(n - 1, -1, -1):
+        if j < n - 1 and enters[j].size:
+            k = enters[j]
+            to_end[j] = (fixed[k] + exit_cost[k] - x[j] * per_block[k]).min()
+        if np.isfinite(to_end[j]) and leaves[j].size:
+            k = leaves[j]
+            exit_cost[k] = np.minimum(exit_cost[k], x[j] * per_block[k] + to_end[j])
+    best = to_end[0]
+    if not np.isfinite(best):
+        return usable
+    # Forward: entry[k] = min over boundaries p seen so far within span k of from_start[p] − x_p·P[k]; at each
+    # boundary q, a span leaving there costs fixed + entry + x_q·P + to_end[q] for the best chain through it.
+    from_start, entry = np.full(n, np.inf), np.full(len(usable), np.inf)
+    through = np.full(len(usable), np.inf)
+    from_start[0] = 0.0
+    for j in range(n):
+        if j > 0 and leaves[j].size:
+            k = leaves[j]
+            reach = fixed[k] + x[j] * per_block[k] + entry[k]
+            from_start[j] = reach.min()
+            through[k] = np.minimum(through[k], reach + to_end[j])
+        if np.isfinite(from_start[j]) and enters[j].size:
+            k = enters[j]
+            entry[k] = np.minimum(entry[k], from_start[j] - x[j] * per_block[k])
+    bound = through
+    keep = np.flatnonzero(bound <= best + PRUNE_SLACK * (1.0 + abs(best)))
+    return [usable[k] for k in keep]

@@ -199,3 +199,71 @@ def test_peers_that_cannot_hold_the_session_are_skipped():
     assert links(find_chain(spans, "m", 30, length=200, batch=8)) == [("roomy", 0, 30)]  # 1600 > small's 1000
     with pytest.raises(NoChainError):
         find_chain(spans, "m", 30, length=8192)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pruned_search_of_a_large_swarm_finds_the_same_chain(seed, monkeypatch):
+    """Above PRUNE_ABOVE peers the exact search runs over the survivors of a vectorized bound: same cost, and with
+    no ties (random speeds, loads and RTTs) the same chain, for whole routes and replacements of a part."""
+    import random
+
+    from swarm.client import routing
+
+    rng = random.Random(seed)
+    spans = []
+    for i in range(rng.choice((60, 200, 500))):
+        start = rng.randrange(0, 80)
+        info = fast(f"p{i:04d}", start, min(80, start + rng.randrange(1, 40)), throughput=rng.uniform(20, 3000),
+                    sessions=rng.randrange(0, 12))
+        spans.append(dataclasses.replace(info, num_blocks=80, batch_throughput=info.throughput * rng.uniform(1, 7),
+                                         free_kv_tokens=rng.choice((0, 500, 1000))))
+    views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2), extra_sessions=rng.randrange(0, 3),
+                                 observed_block_seconds=rng.choice((None, rng.uniform(0.0001, 0.02))))
+             for s in spans if rng.random() < 0.8}
+    exclude = {s.peer_id for s in rng.sample(spans, len(spans) // 10)}
+    def search(start, end, prune_above):
+        monkeypatch.setattr(routing, "PRUNE_ABOVE", prune_above)
+        try:
+            return find_chain(spans, "m", 80, exclude, start, end, views)
+        except NoChainError as e:
+            return e.missing
+        finally:
+            monkeypatch.undo()
+
+    routed = 0
+    for start, end in ((0, 80), (10, 47), (79, 80), (30, 31)):
+        pruned, full = search(start, end, routing.PRUNE_ABOVE), search(start, end, 10**9)
+        if full and isinstance(full[0], tuple):  # a hole: the same one is named
+            assert pruned == full
+            continue
+        routed += 1
+        assert chain_seconds(pruned, views) == pytest.approx(chain_seconds(full, views), rel=1e-12)
+        assert links(pruned) == links(full)
+    assert routed >= 2
+
+
+def test_pruning_keeps_far_fewer_spans_and_names_holes_as_before():
+    import random
+
+    from swarm.client.routing import prune
+
+    rng = random.Random(7)
+    spans = [dataclasses.replace(fast(f"p{i:04d}", s := rng.randrange(0, 79), min(80, s + rng.randrange(5, 10)),
+                                      throughput=rng.uniform(100, 1000)), num_blocks=80) for i in range(1000)]
+    kept = prune(spans, 0, 80, {})
+    assert 0 < len(kept) < 30
+    holed = [s for s in spans if not (s.start <= 75 < s.end)]  # nobody serves block 75 any more
+    with pytest.raises(NoChainError) as info:
+        find_chain(holed, "m", 80)
+    assert any(a <= 75 < b for a, b in info.value.missing)
+
+
+def test_a_peer_without_room_for_this_session_costs_the_penalty():
+    """Free KV below what the session needs (batch × length) counts as full: it would refuse or make it wait."""
+    tight = dataclasses.replace(fast("tight", 0, 30, throughput=5000), max_length=4096, kv_budget_tokens=8000,
+                                free_kv_tokens=300)
+    roomy = dataclasses.replace(fast("roomy", 0, 30, throughput=1000), max_length=4096, kv_budget_tokens=8000,
+                                free_kv_tokens=8000)
+    assert links(find_chain([tight, roomy], "m", 30, length=256)) == [("tight", 0, 30)]  # fits: the faster one
+    assert links(find_chain([tight, roomy], "m", 30, length=512)) == [("roomy", 0, 30)]  # 512 > 300 free
+    assert links(find_chain([tight, roomy], "m", 30, length=200, batch=2)) == [("roomy", 0, 30)]
