@@ -163,3 +163,37 @@ def test_of_two_replicas_that_could_fill_a_hole_only_the_smaller_id_moves():
     # once a announces its move, b has no reason left
     moving = dataclasses.replace(a, state="draining", target_start=10, target_end=20)
     assert move_for([moving, b, peer("c", 20, 30)], b) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_move_for_sums_the_swarm_once_and_decides_as_checking_each_peer_alone(seed):
+    """move_for takes each other peer's share out of one sum instead of re-reading every record per peer (O(peers)
+    a check, not O(peers²)); its decisions are those of better_span() run on each peer from scratch."""
+    import random
+
+    from swarm.server.placement import move_for
+
+    def naive(spans, me):
+        target = better_span(spans, me)
+        if target is None:
+            return None
+        for other in spans:
+            if other.movable and other.routable and other.peer_id < me.peer_id:
+                theirs = better_span(spans, other)
+                if theirs is not None and theirs[0] < target[1] and target[0] < theirs[1]:
+                    return None
+        return target
+
+    rng = random.Random(seed)
+    swarm = []
+    for _ in range(rng.randrange(5, 40)):
+        start = rng.randrange(0, 75)
+        state = rng.choice(["online"] * 6 + ["joining", "draining", "offline"])
+        target = (s := rng.randrange(0, 70), s + rng.randrange(1, 10)) if state in ("joining", "draining") else (0, 0)
+        swarm.append(dataclasses.replace(
+            peer(f"p{rng.getrandbits(32):08x}", start, min(80, start + rng.randrange(2, 20)),
+                 throughput=rng.choice([0.0, 50.0, 100.0, 400.0, rng.uniform(1, 900)]), state=state, target=target,
+                 num_blocks=80), movable=rng.random() < 0.8))
+    decided = [move_for(swarm, me) for me in swarm if me.routable]
+    assert decided == [naive(swarm, me) for me in swarm if me.routable]
+    assert any(d is not None for d in decided)  # the comparison covers moves, not only "stay"
