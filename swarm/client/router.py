@@ -5,7 +5,8 @@
     router.report(peer_id, Outcome.FAILED)                  # what a session or a probe saw of a peer
     chain = await router.route(10, 20, replacing=True)      # a replacement for blocks 10:20 of a chain
 
-The view is refreshed in the background every `period` seconds, never on the token path: the model's span records
+The view is refreshed in the background every `period` seconds (stretched in a large swarm so that re-reading every
+record costs at most swarm.dht.READ_BUDGET bytes/s), never on the token path: the model's span records
 from the DHT, then an info probe of the routable peers, concurrently (at most `max_probes` per refresh, taking turns
 in a large swarm; peers this client has sessions through first). A probe answers with the peer's current record
 (fresher than the DHT's: load, free KV) and its duration is an RTT sample. A peer that fails its probe is reported
@@ -35,7 +36,7 @@ from swarm.client.health import Outcome, PeerHealth
 from swarm.client.routing import Link, block_seconds, find_chain
 from swarm.client.verification import VerificationPolicy
 from swarm.codec import unpack_metadata
-from swarm.dht import get_spans
+from swarm.dht import get_spans, read_period
 from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ class Router:
         return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
 
     @property
+    def interval(self) -> float:
+        """Seconds between refreshes: `period`, stretched in a large swarm to bound the DHT traffic it costs."""
+        return read_period(self.period, len(self._spans))
+
+    @property
     def stale(self) -> bool:
-        return self.updated is None or self.clock() - self.updated > 2 * self.period
+        return self.updated is None or self.clock() - self.updated > 2 * self.interval
 
     def start(self) -> None:
         """Keep the view fresh in the background (from the first use on, in the running loop)."""
@@ -119,7 +125,7 @@ class Router:
                 raise
             except Exception as e:  # a DHT hiccup: keep the last view, try again next period
                 logger.warning("refreshing the swarm view failed: %r", e)
-            await asyncio.sleep(self.period)
+            await asyncio.sleep(self.interval)
 
     async def current(self, fresh: bool = False) -> list[SpanInfo]:
         """The view's spans; `fresh`, or a view older than two periods, reads the DHT and probes the peers now."""

@@ -30,6 +30,7 @@ from swarm.dht import (
     get_spans,
     load_identity,
     owner_marker,
+    read_period,
     start_dht,
     stop_dht,
     visible_maddrs,
@@ -108,6 +109,7 @@ class Peer:
         self.handler: SpanHandler | None = None
         self.rate = throughput.Throughput(0.0, 0.0)
         self.moves = 0
+        self._swarm_size = 0  # records in the last read of the swarm (stretches the rebalance period)
 
     def threads(self) -> tuple[int, int]:
         """(torch threads, native kernel threads) from --num-threads (0: the CPUs this process may run on).
@@ -154,6 +156,7 @@ class Peer:
             return 0, self.num_blocks
         await asyncio.sleep(random.uniform(0, JOIN_JITTER))
         spans = await get_spans(self.dht, self.source.model_id, self.num_blocks)
+        self._swarm_size = len(spans)
         return placement.choose_span(spans, self.num_blocks, self.length, exclude=self.peer_id)
 
     # -- the record ------------------------------------------------------------------------------------------------
@@ -277,8 +280,8 @@ class Peer:
             await self._shutdown(p2p)
 
     async def _rebalance_loop(self) -> None:
-        period = self.settings.rebalance_period
-        while True:
+        while True:  # every --rebalance-period, stretched in a large swarm (a check reads every record)
+            period = read_period(self.settings.rebalance_period, self._swarm_size)
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
             try:
                 target = await self._better_span()
@@ -301,6 +304,7 @@ class Peer:
 
     async def _better_span(self) -> tuple[int, int] | None:
         spans = await get_spans(self.dht, self.source.model_id, self.num_blocks)
+        self._swarm_size = len(spans)
         return placement.move_for(spans, self.info())
 
     async def move_to(self, start: int, end: int) -> None:

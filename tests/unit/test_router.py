@@ -272,3 +272,23 @@ async def test_an_allowlist_set_during_a_refresh_holds_for_the_next_route(router
         assert await first_peer(router) == "c"
     router.allowed_peers = None
     assert {s.peer_id for s in router.spans} == {"a", "b", "c"}
+
+
+def test_a_large_swarm_is_read_less_often_so_a_readers_dht_traffic_stays_bounded(clock):
+    """Re-reading every record at a fixed period costs traffic that grows with the swarm; read_period stretches
+    the period so that reads cost at most READ_BUDGET bytes/s at any size (writes are one record a period)."""
+    from swarm.dht import MAX_RECORDS, READ_BUDGET, RECORD_BYTES, read_period
+
+    assert read_period(3.0, 10) == 3.0 and read_period(30.0, 1000) == 30.0
+    for records in (1000, 3000, 10_000, 1_000_000):
+        period = read_period(3.0, records)
+        assert min(records, MAX_RECORDS) * RECORD_BYTES / period <= READ_BUDGET * 1.0001
+    assert read_period(3.0, 1000) == pytest.approx(1000 * RECORD_BYTES / READ_BUDGET)
+    router = Router(None, None, "m", 30, clock=clock, period=3.0)
+    router.spans = [record(f"p{i:04d}", 0, 30) for i in range(2000)]
+    router.updated = clock()
+    assert router.interval == read_period(3.0, 2000) > 40
+    clock.now += 3 * 3.0  # three base periods: stale for a small swarm, not for this one
+    assert not router.stale
+    clock.now += 2 * router.interval
+    assert router.stale
