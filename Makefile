@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all test-gpu test-containers test-wan lint bench clean-cache
+.PHONY: install serve test test-all test-gpu test-containers test-wan lint bench simulate clean-cache
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ bench: install
 	$(PY) -m benchmarks.throughput --out $(BENCH_OUT)
 	$(PY) -m benchmarks.prefix --out $(BENCH_OUT)
 	$(PY) -m benchmarks.placement --out $(BENCH_OUT)
+
+# The swarm simulator (issue 22): 1,000 peers with churn, ours vs Petals' policy (~10 min on 2 cores), and route
+# search time at 1,000 and 10,000 peers; JSON and PNG plots in $(BENCH_OUT)/.
+simulate: install
+	$(PY) -m benchmarks.simulate --peers 1000 --out $(BENCH_OUT) --plots
+	$(PY) -m benchmarks.simulate --route-scale 100,1000,3000,10000 --out $(BENCH_OUT) --plots
 
 clean-cache:
 	rm -rf $${SWARM_CACHE_DIR:-$$HOME/.cache/swarm}

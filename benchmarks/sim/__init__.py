@@ -1,0 +1,1 @@
+"""A discrete-event swarm simulator driving the shipped placement and routing (see benchmarks/simulate.py)."""

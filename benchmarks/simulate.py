@@ -1,0 +1,196 @@
+"""A swarm of 1,000–10,000 heterogeneous peers with churn, simulated with the shipped placement and routing.
+
+    python -m benchmarks.simulate --peers 1000            # the standard scenario, both policies: one JSON object
+    python -m benchmarks.simulate --route-scale 1000,10000 # route search time of a placed swarm of N peers
+    python -m benchmarks.simulate --peers 1000 --out benchmarks/results --plots
+
+The world (`benchmarks.sim.world`: peer mix, regions, churn, requests) and the engine (`benchmarks.sim.engine`) are
+shared; the policies (`benchmarks.sim.policies`) are this project's (`ours`: swarm.server.placement and
+swarm.client.routing, unchanged) and Petals' as published (`petals`). Both run on the same world from the same
+seed, in two processes (one per core). Printed: per policy `throughput_tok_s` (answer tokens per second served in the
+measured window), `p90_latency_s` (request sent → last token, requests begun in the window), and the rest of what
+the engine measures (holes, moves, failovers, route search time, DHT traffic per peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine, median
+from benchmarks.sim.engine import Simulation
+from benchmarks.sim.policies import Ours, Petals, dijkstra_chain
+from benchmarks.sim.world import NUM_BLOCKS, make_world, rtt_s
+
+POLICIES = {"ours": Ours, "petals": Petals}
+
+
+def run_policy(name: str, peers: int, duration: float, warmup: float, seed: int, world_args: dict) -> dict:
+    world = make_world(peers, duration, seed=seed, **world_args)
+    return Simulation(world, POLICIES[name](), duration, warmup).run()
+
+
+def scenario(peers: int, duration: float, warmup: float, seed: int, world_args: dict) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_policy, name, peers, duration, warmup, seed, world_args)
+                   for name in POLICIES}
+        results = {name: future.result() for name, future in futures.items()}
+    ours, petals = results["ours"], results["petals"]
+    return {
+        "peers": peers, "seed": seed, "duration_s": duration, "warmup_s": warmup, "world": world_args,
+        **results,
+        "ratios": {
+            "throughput_ours_over_petals": round(ours["throughput_tok_s"] / max(petals["throughput_tok_s"], 1e-9), 3),
+            "p90_latency_ours_over_petals": round(ours["p90_latency_s"] / max(petals["p90_latency_s"], 1e-9), 3),
+        },
+    }
+
+
+def placed_swarm(peers: int, seed: int) -> tuple[list, Any]:
+    """A swarm of `peers` placed one after another by the shipped join rule (strength kept incrementally here,
+    which gives the same choices as re-reading every record), with random loads, for route timing."""
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks.sim.engine import Peer, Simulation
+    from swarm.server.placement import choose_start
+
+    world = make_world(peers, 0.0, seed=seed)
+    sim = Simulation(world, Ours(), 0.0, 0.0)
+    rng = random.Random(seed)
+    strength = np.zeros(NUM_BLOCKS)
+    records = []
+    for spec in world.peers:
+        start = choose_start(strength.tolist(), spec.length)
+        end = min(NUM_BLOCKS, start + spec.length)
+        strength[start:end] += spec.announced
+        peer = Peer(spec, state="online", start=start, end=end)
+        record = sim._record(peer)
+        records.append(dataclasses.replace(record, active_sessions=rng.randrange(0, 8),
+                                           free_kv_tokens=rng.choice((0, 4096, 16384))))
+    return records, world
+
+
+def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any]:
+    """Median wall time of one route search (a whole chain, one client's view) over placed swarms of each size:
+    ours (find_chain with the client's RTT to every peer), the same without pruning (up to 3,000 peers), and
+    Petals' Dijkstra over (block, server)."""
+    from swarm.client import routing
+    from swarm.client.routing import PeerView, find_chain
+
+    out = {}
+    for size in sizes:
+        records, world = placed_swarm(size, seed)
+        hosts = {s.peer_id: s.host for s in world.peers}
+        timings: dict[str, list[float]] = {"ours": [], "ours_unpruned": [], "petals_dijkstra": []}
+        for i in range(searches):
+            user = world.users[i % len(world.users)]
+            views = {r.peer_id: PeerView(rtt=rtt_s(user, hosts[r.peer_id])) for r in records}
+            began = time.perf_counter()
+            find_chain(records, "m", NUM_BLOCKS, (), 0, None, views, 1000)
+            timings["ours"].append(time.perf_counter() - began)
+            if size <= 3000:  # the exact search over every span, as before pruning
+                limit, routing.PRUNE_ABOVE = routing.PRUNE_ABOVE, 10**9
+                began = time.perf_counter()
+                find_chain(records, "m", NUM_BLOCKS, (), 0, None, views, 1000)
+                timings["ours_unpruned"].append(time.perf_counter() - began)
+                routing.PRUNE_ABOVE = limit
+            if size <= 2000 or i < 3:
+                began = time.perf_counter()
+                dijkstra_chain(records, views, NUM_BLOCKS, 1000)
+                timings["petals_dijkstra"].append(time.perf_counter() - began)
+        out[str(size)] = {name: round(median(values) * 1000, 2) for name, values in timings.items() if values}
+        print(json.dumps({"peers": size, "route_ms": out[str(size)]}), file=sys.stderr)
+    return out
+
+
+def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if result.get("route_scale"):
+        return [_scale_plot(plt, result["route_scale"], out_dir)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in POLICIES:
+        timeline = result[name]["timeline"]
+        axes[0].plot([t / 60 for t, _ in timeline], [x for _, x in timeline], label=name)
+        latencies = result[name]["latencies"]
+        axes[1].plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], label=name)
+    axes[0].axvline(result["warmup_s"] / 60, color="grey", linestyle=":")
+    axes[0].set(xlabel="minutes", ylabel="tokens/s served (per minute)", title=f"{result['peers']} peers, churn")
+    axes[1].set(xlabel="request latency, s", ylabel="share of requests", title="latency CDF (measured window)",
+                xscale="log")
+    for ax in axes:
+        ax.legend()
+    suffix = f"_{result['name']}" if result.get("name") else ""
+    path = out_dir / f"simulate_{result['peers']}{suffix}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    written.append(str(path))
+    return written
+
+
+def _scale_plot(plt: Any, scale: dict[str, Any], out_dir: Path) -> str:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    sizes = [int(k) for k in scale]
+    for name in ("ours", "ours_unpruned", "petals_dijkstra"):
+        have = [k for k in sizes if name in scale[str(k)]]
+        ax.plot(have, [scale[str(k)][name] for k in have], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="peers", ylabel="ms per route search", title="route search")
+    ax.legend()
+    path = out_dir / "simulate_route_scale.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=1000)
+    parser.add_argument("--duration", type=float, default=900.0, help="simulated seconds in all")
+    parser.add_argument("--warmup", type=float, default=300.0, help="simulated seconds before measuring")
+    parser.add_argument("--users-per-peer", type=float, default=1.0)
+    parser.add_argument("--stay-scale", type=float, default=1.0, help="multiplies each kind's mean stay (< 1: churn)")
+    parser.add_argument("--failure-every", type=float, default=900.0, help="mean seconds between region failures")
+    parser.add_argument("--name", default="", help="suffix of the result files (a scenario's name)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--route-scale", default="", help="comma-separated swarm sizes: time route search only")
+    parser.add_argument("--out", default=None, help="directory for simulate.json (and the plots)")
+    parser.add_argument("--plots", action="store_true")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    if args.route_scale:
+        result: dict[str, Any] = {"route_scale": route_scale([int(x) for x in args.route_scale.split(",")],
+                                                              args.seed)}
+    else:
+        result = scenario(args.peers, args.duration, args.warmup, args.seed,
+                          {"users_per_peer": args.users_per_peer, "stay_scale": args.stay_scale,
+                           "failure_every_s": args.failure_every})
+        result["name"] = args.name
+    result["wall_s"] = round(time.perf_counter() - began, 1)
+    result["machine"] = machine()
+    compact = {k: ({kk: vv for kk, vv in v.items() if kk not in ("timeline", "latencies")} if k in POLICIES else v)
+               for k, v in result.items()}
+    print(json.dumps(compact))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = f"_{args.name}" if args.name else ""
+        name = "simulate_route_scale.json" if args.route_scale else f"simulate_{args.peers}{suffix}.json"
+        (out / name).write_text(json.dumps(result, indent=1) + "\n")
+        if args.plots:
+            plots(result, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The swarm simulator (benchmarks/sim): it drives the shipped placement and routing, is reproducible, and its
+baseline's route search agrees with the exact one."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from benchmarks.sim import engine, policies
+from benchmarks.sim.engine import Simulation
+from benchmarks.sim.policies import Ours, Petals, dijkstra_chain
+from benchmarks.sim.world import NUM_BLOCKS, make_world, rtt_s
+from swarm.client import routing
+from swarm.client.routing import Link, PeerView, chain_seconds, find_chain
+from swarm.server import placement
+
+
+def small_run(policy, seed: int = 3, peers: int = 30, duration: float = 420.0) -> tuple[Simulation, dict]:
+    sim = Simulation(make_world(peers, duration, seed=seed), policy, duration, 120.0)
+    return sim, sim.run()
+
+
+def test_ours_is_the_shipped_code():
+    assert policies.placement is placement and policies.find_chain is routing.find_chain
+
+
+def test_a_run_serves_tokens_and_keeps_its_books(monkeypatch):
+    calls = {"choose_span": 0, "find_chain": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(placement, "choose_span", counted("choose_span", placement.choose_span))
+    monkeypatch.setattr(policies, "find_chain", counted("find_chain", policies.find_chain))
+    sim, result = small_run(Ours())
+    assert calls["choose_span"] >= 30 and calls["find_chain"] >= result["requests_measured"] > 50
+    assert result["throughput_tok_s"] > 0 and 0 < result["p50_latency_s"] <= result["p90_latency_s"]
+    assert result["departures"] >= 1 and result["dht_peer_write_bytes_s"] > 0
+    for peer in sim.peers.values():  # every live session's KV is held exactly where it runs
+        held = sum(sim.sessions[sid].length for sid in peer.sessions)
+        assert peer.reserved == held
+        assert all(any(link[0] == peer.spec.peer_id for link in sim.sessions[sid].links) for sid in peer.sessions)
+    online = [p for p in sim.peers.values() if p.state == "online"]
+    for block in range(NUM_BLOCKS):
+        assert sim.coverage[block] == sum(p.start <= block < p.end for p in online)
+
+
+def test_the_same_seed_gives_the_same_run():
+    def strip(result):
+        return {k: v for k, v in result.items() if not k.startswith(("route_ms", "sim_wall"))}
+
+    assert strip(small_run(Petals(), seed=5, duration=300)[1]) == strip(small_run(Petals(), seed=5, duration=300)[1])
+
+
+def test_a_crashed_peer_stays_routable_until_its_record_expires():
+    sim = Simulation(make_world(20, 200, seed=1), Ours(), 200, 0)
+    sim.duration = 100.0
+    sim.run()
+    victim = next(p for p in sim.peers.values() if p.state == "online")
+    with_sessions = len(victim.sessions)
+    sim._on_leave((victim.spec.peer_id, True))
+    assert victim.spec.peer_id in sim.dht and sim._crashed(victim.spec.peer_id)
+    assert sim.stats["crashes"] == 1 and not victim.sessions
+    sim.now += Ours.ttl_s + 1
+    sim._placement_view = (-1.0, [])
+    assert victim.spec.peer_id not in {r.peer_id for r in sim._placement_read()}
+    assert with_sessions == 0 or any(s.broken for s in sim.sessions.values())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_petals_dijkstra_finds_a_chain_as_cheap_as_the_exact_search(seed):
+    """The baseline's routes come from find_chain over load-free records; its own Dijkstra (timed for route cost)
+    must reach the same cost on the same records."""
+    rng = random.Random(seed)
+    world = make_world(60, 0, seed=seed)
+    sim = Simulation(world, Petals(), 0, 0)
+    records = []
+    for i, spec in enumerate(world.peers):
+        start = (0, NUM_BLOCKS - spec.length)[i] if i < 2 else rng.randrange(0, NUM_BLOCKS - 5)
+        peer = engine.Peer(spec, state="online", start=start, end=min(NUM_BLOCKS, start + spec.length))
+        records.append(sim._record(peer))
+    user = world.users[0]
+    views = {r.peer_id: PeerView(rtt=rtt_s(user, s.host)) for r, s in zip(records, world.peers, strict=True)}
+    exact = find_chain(records, "m", NUM_BLOCKS, views=views, length=500)
+    by_id = {r.peer_id: r for r in records}
+    graph = [Link(by_id[p], s, e) for p, s, e in dijkstra_chain(records, views, NUM_BLOCKS, 500)]
+    assert graph[0].start == 0 and graph[-1].end == NUM_BLOCKS
+    assert chain_seconds(graph, views) == pytest.approx(chain_seconds(exact, views), rel=1e-9)
+
+
+def test_petals_block_selection_takes_the_weakest_window_and_moves_only_for_a_quarter_more():
+    peer = dataclasses.replace(find_chain.__globals__["SpanInfo"](
+        peer_id="me", model_id="m", start=0, end=10, num_blocks=30, hidden_size=8, dtype="float16", quant="nf4",
+        max_length=64, kv_budget_tokens=100, free_kv_tokens=100, active_sessions=0, throughput=100.0), movable=True)
+    other = dataclasses.replace(peer, peer_id="a", start=0, end=20)
+    tail = dataclasses.replace(peer, peer_id="b", start=10, end=30)
+    assert Petals().join([other, tail], "me", 10, 30) == (0, 10)  # 0:10 has one server, 10:20 two
+    assert Petals().move([peer, other, tail], peer) is None  # already where it helps most
+    strong = dataclasses.replace(peer, peer_id="c", start=0, end=10, throughput=300.0)
+    back = dataclasses.replace(peer, peer_id="d", start=20, end=30)
+    # 0:10 at 400 (me + c), 10:20 at 100, 20:30 at 200: moving to 10:20 lifts the minimum 100 → 200 (ratio 0.5)
+    assert Petals().move([peer, strong, tail, back], peer) == (10, 20)
+    # with 20:30 at 120 instead, the minimum would only reach 120 (ratio 0.83 > 0.75): it stays
+    assert Petals().move([peer, strong, tail, dataclasses.replace(back, throughput=20.0)], peer) is None
