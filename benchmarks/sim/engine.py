@@ -97,6 +97,7 @@ class Simulation:
         self._placement_entries = 0
         self._client_view: tuple[float, list[SpanInfo]] = (-1e9, [])
         self.rtt_cache: dict[tuple[int, str], float] = {}
+        self.hosts = {spec.peer_id: spec.host for spec in world.peers}
         self.view_cache: dict[int, dict[str, PeerView]] = {}
         self.stats: dict[str, Any] = defaultdict(float)
         self.latencies: list[float] = []
@@ -373,8 +374,9 @@ class Simulation:
         seconds = 0.0
         for pid, s, e in new_links:
             peer = self.peers[pid]
-            peer.sessions.add(session.sid)
-            peer.reserved += session.length
+            if session.sid not in peer.sessions:  # a chain may pass through a peer twice: one reservation
+                peer.sessions.add(session.sid)
+                peer.reserved += session.length
             seconds += self._rtt(session.user, pid) + (e - s) * peer.prefill_s(replay)
         session.ready_at = self.now + seconds
         session.last_progress = session.ready_at
@@ -421,10 +423,8 @@ class Simulation:
     def _rtt(self, user: int, pid: str) -> float:
         key = (user, pid)
         value = self.rtt_cache.get(key)
-        if value is None:
-            peer = self.peers.get(pid)
-            host = peer.spec.host if peer is not None else self.world.users[user]
-            value = self.rtt_cache[key] = rtt_s(self.world.users[user], host)
+        if value is None:  # departed peers keep their place: a client's last ping to them
+            value = self.rtt_cache[key] = rtt_s(self.world.users[user], self.hosts[pid])
         return value
 
     # -- results ----------------------------------------------------------------------------------------------------

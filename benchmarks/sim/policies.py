@@ -11,7 +11,7 @@ announces (active sessions, free KV).
 - rebalancing: every ~120 s (its mean balance check period) a server takes itself out, finds its best window, and
   moves when the swarm's minimum block throughput would grow so that before/after < 0.75 (its `balance_quality`).
   Petals also lets every other server re-choose in a simulated pass before deciding; that pass (O(servers² ×
-  blocks) a check) is left out here, which can only make the baseline move more readily, not less;
+  blocks) a check) is left out here, so the baseline may move more or less readily than Petals itself;
 - routing: the chain of least latency, where a hop costs the client's ping to the server plus its blocks' compute
   at the throughput it announced, servers without enough free cache left out: a Dijkstra over (block, server) in
   Petals. Its records carry no load, so its routes do not spread sessions by load. The shortest path itself is
@@ -80,10 +80,10 @@ class Petals:
         before, after = others.copy(), others.copy()
         before[me.start : me.end] += me.throughput
         after[start : start + length] += me.throughput
-        eps = 1e-3 * float(after.max())
+        eps = 1e-3
         if after.min() < eps or after.min() < before.min():
             return None
-        return (start, start + length) if before.min() / after.min() < self.balance_quality - 1e-3 else None
+        return (start, start + length) if before.min() / after.min() < self.balance_quality - eps else None
 
     def route(self, view: list[SpanInfo], rtts: Mapping[str, PeerView], num_blocks: int, length: int,
               start: int, end: int, exclude: set[str]) -> list[Link]:

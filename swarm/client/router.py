@@ -5,8 +5,9 @@
     router.report(peer_id, Outcome.FAILED)                  # what a session or a probe saw of a peer
     chain = await router.route(10, 20, replacing=True)      # a replacement for blocks 10:20 of a chain
 
-The view is refreshed in the background every `period` seconds (stretched in a large swarm so that re-reading every
-record costs at most swarm.dht.READ_BUDGET bytes/s), never on the token path: the model's span records
+The view is refreshed in the background every `period` seconds, never on the token path (in a large swarm the DHT
+is re-read less often, so that reading every record costs at most swarm.dht.READ_BUDGET bytes/s; the refreshes
+between two reads probe the peers of the last one): the model's span records
 from the DHT, then an info probe of the routable peers, concurrently (at most `max_probes` per refresh, taking turns
 in a large swarm; peers this client has sessions through first). A probe answers with the peer's current record
 (fresher than the DHT's: load, free KV) and its duration is an RTT sample. A peer that fails its probe is reported
@@ -72,6 +73,9 @@ class Router:
         self._spans: list[SpanInfo] = []  # every peer of the model in the last refresh (allowed or not)
         self.updated: float | None = None  # clock() of the last refresh; None: re-read before the next route
         self._probed_at: dict[str, float] = {}
+        self._read: list[SpanInfo] = []  # the records of the last DHT read, as read (not as probed since)
+        self._read_at: float | None = None
+        self._read_records = 0
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Lock | None = None
 
@@ -102,13 +106,15 @@ class Router:
         return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
 
     @property
-    def interval(self) -> float:
-        """Seconds between refreshes: `period`, stretched in a large swarm to bound the DHT traffic it costs."""
-        return read_period(self.period, len(self._spans))
+    def dht_interval(self) -> float:
+        """Seconds between the background refreshes' DHT reads: `period`, stretched in a large swarm so that reading
+        every record costs at most swarm.dht.READ_BUDGET bytes/s; the refreshes between them probe the peers of
+        the last read (their load and free KV stay fresh every `period`)."""
+        return read_period(self.period, self._read_records)
 
     @property
     def stale(self) -> bool:
-        return self.updated is None or self.clock() - self.updated > 2 * self.interval
+        return self.updated is None or self.clock() - self.updated > 2 * self.period
 
     def start(self) -> None:
         """Keep the view fresh in the background (from the first use on, in the running loop)."""
@@ -120,20 +126,22 @@ class Router:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.refresh()
+                due = self._read_at is None or self.clock() - self._read_at >= self.dht_interval
+                await self.refresh(read_dht=due)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a DHT hiccup: keep the last view, try again next period
                 logger.warning("refreshing the swarm view failed: %r", e)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.period)
 
     async def current(self, fresh: bool = False) -> list[SpanInfo]:
         """The view's spans; `fresh`, or a view older than two periods, reads the DHT and probes the peers now."""
         self.start()
         return await self.refresh() if fresh or self.stale else self.spans
 
-    async def refresh(self) -> list[SpanInfo]:
-        """Read the DHT and probe the routable peers now (concurrent callers share one refresh)."""
+    async def refresh(self, read_dht: bool = True) -> list[SpanInfo]:
+        """Read the DHT (or, `read_dht` false, take the records of the last read) and probe the routable peers now
+        (concurrent callers share one refresh)."""
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         if self._refreshing.locked():
@@ -141,7 +149,10 @@ class Router:
                 return self.spans
         async with self._refreshing:
             snapshot = self.health.own_sessions()
-            spans = await get_spans(self.dht, self.model_id, self.num_blocks)
+            if read_dht or self._read_at is None:
+                self._read = await get_spans(self.dht, self.model_id, self.num_blocks)
+                self._read_at, self._read_records = self.clock(), len(self._read)
+            spans = self._read
             chosen = self._to_probe(self._allowed(spans))
             probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))
             self._spans = [fresh or s for s, fresh in zip(spans, probed, strict=True)]

@@ -45,6 +45,13 @@ def block_throughputs(spans: Iterable[SpanInfo], num_blocks: int, exclude: str |
     """Per block: the summed throughput of the peers that will serve it (joining/moving ones at their target).
     One pass over the records (each adds its rate where its range starts and takes it off where it ends), so a check
     in a swarm of thousands costs a few milliseconds; a block no record covers is exactly 0."""
+    strength, covered = _strength(spans, num_blocks, exclude)
+    return np.where(covered > 0, strength, 0.0).tolist()
+
+
+def _strength(spans: Iterable[SpanInfo], num_blocks: int, exclude: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(summed rate, number of peers) per block; the sums may carry rounding residue where the count is 0."""
     starts, ends, rates = [], [], []
     for info in spans:
         planned = planned_range(info)
@@ -60,7 +67,7 @@ def block_throughputs(spans: Iterable[SpanInfo], num_blocks: int, exclude: str |
     np.add.at(delta, ends, np.negative(rates))
     np.add.at(count, starts, 1)
     np.add.at(count, ends, -1)
-    return np.where(np.cumsum(count[:-1]) > 0, np.cumsum(delta[:-1]), 0.0).tolist()
+    return np.cumsum(delta[:-1]), np.cumsum(count[:-1])
 
 
 def choose_start(strength: list[float], length: int) -> int:
@@ -110,10 +117,10 @@ def move_for(spans: list[SpanInfo], me: SpanInfo, gain: float = MOVE_GAIN) -> tu
     target = better_span(spans, me, gain)
     if target is None:
         return None
-    total = block_throughputs(spans, me.num_blocks)
+    total, covered = _strength(spans, me.num_blocks)
     for other in spans:
         if other.movable and other.routable and other.peer_id < me.peer_id:
-            theirs = _better_span(_without(total, other), other, gain)
+            theirs = _better_span(_without(total, covered, other), other, gain)
             if theirs is not None and theirs[0] < target[1] and target[0] < theirs[1]:
                 return None
     return target
@@ -123,12 +130,16 @@ def _rate(info: SpanInfo) -> float:
     return info.throughput if info.throughput > 0 else UNKNOWN_THROUGHPUT
 
 
-def _without(strength: list[float], info: SpanInfo) -> list[float]:
-    """`strength` less `info`'s own share (x − x is exactly 0, so a block only `info` serves becomes a hole)."""
+def _without(strength: np.ndarray, covered: np.ndarray, info: SpanInfo) -> list[float]:
+    """The swarm's strength less `info`'s own share; a block no other peer covers is exactly 0 (by the count: the
+    sums' rounding residue must not hide a hole)."""
+    strength, covered = strength.copy(), covered.copy()
     planned = planned_range(info)
-    if planned is None:
-        return strength
-    return with_peer(strength, planned[0], planned[1], -_rate(info))
+    if planned is not None:
+        start, end = max(planned[0], 0), min(planned[1], len(strength))
+        strength[start:end] -= _rate(info)
+        covered[start:end] -= 1
+    return np.where(covered > 0, strength, 0.0).tolist()
 
 
 def block_weight_bytes(config: PretrainedConfig, precision: Precision) -> int:

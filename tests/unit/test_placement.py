@@ -165,8 +165,7 @@ def test_of_two_replicas_that_could_fill_a_hole_only_the_smaller_id_moves():
     assert move_for([moving, b, peer("c", 20, 30)], b) is None
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_move_for_sums_the_swarm_once_and_decides_as_checking_each_peer_alone(seed):
+def test_move_for_sums_the_swarm_once_and_decides_as_checking_each_peer_alone():
     """move_for takes each other peer's share out of one sum instead of re-reading every record per peer (O(peers)
     a check, not O(peers²)); its decisions are those of better_span() run on each peer from scratch."""
     import random
@@ -184,7 +183,15 @@ def test_move_for_sums_the_swarm_once_and_decides_as_checking_each_peer_alone(se
                     return None
         return target
 
-    rng = random.Random(seed)
+    with_moves = 0
+    for seed in range(60):
+        with_moves += compare(random.Random(seed), naive, move_for)
+    assert with_moves >= 15  # the comparison covers moves, not only "stay"
+
+
+def compare(rng, naive, move_for) -> bool:
+    """One random swarm (fractional rates, whose sums do not cancel exactly): move_for == naive for every online
+    peer; whether anyone would move."""
     swarm = []
     for _ in range(rng.randrange(5, 40)):
         start = rng.randrange(0, 75)
@@ -192,8 +199,9 @@ def test_move_for_sums_the_swarm_once_and_decides_as_checking_each_peer_alone(se
         target = (s := rng.randrange(0, 70), s + rng.randrange(1, 10)) if state in ("joining", "draining") else (0, 0)
         swarm.append(dataclasses.replace(
             peer(f"p{rng.getrandbits(32):08x}", start, min(80, start + rng.randrange(2, 20)),
-                 throughput=rng.choice([0.0, 50.0, 100.0, 400.0, rng.uniform(1, 900)]), state=state, target=target,
+                 throughput=rng.choice([0.0, 0.1, 0.2, 0.7, 100.0, rng.uniform(0.01, 900)]), state=state,
+                 target=target,
                  num_blocks=80), movable=rng.random() < 0.8))
     decided = [move_for(swarm, me) for me in swarm if me.routable]
     assert decided == [naive(swarm, me) for me in swarm if me.routable]
-    assert any(d is not None for d in decided)  # the comparison covers moves, not only "stay"
+    return any(d is not None for d in decided)

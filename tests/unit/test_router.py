@@ -274,21 +274,41 @@ async def test_an_allowlist_set_during_a_refresh_holds_for_the_next_route(router
     assert {s.peer_id for s in router.spans} == {"a", "b", "c"}
 
 
-def test_a_large_swarm_is_read_less_often_so_a_readers_dht_traffic_stays_bounded(clock):
-    """Re-reading every record at a fixed period costs traffic that grows with the swarm; read_period stretches
-    the period so that reads cost at most READ_BUDGET bytes/s at any size (writes are one record a period)."""
-    from swarm.dht import MAX_RECORDS, READ_BUDGET, RECORD_BYTES, read_period
+async def test_a_large_swarm_is_read_less_often_but_its_peers_are_probed_every_period(clock, monkeypatch):
+    """Re-reading every record at a fixed period costs traffic that grows with the swarm: the background refresh
+    reads the DHT every read_period() (at most READ_BUDGET bytes/s of records) and probes in between."""
+    from swarm.client import router as router_module
+    from swarm.dht import READ_BUDGET, RECORD_BYTES, read_period
 
     assert read_period(3.0, 10) == 3.0 and read_period(30.0, 1000) == 30.0
-    for records in (1000, 3000, 10_000, 1_000_000):
-        period = read_period(3.0, records)
-        assert min(records, MAX_RECORDS) * RECORD_BYTES / period <= READ_BUDGET * 1.0001
     assert read_period(3.0, 1000) == pytest.approx(1000 * RECORD_BYTES / READ_BUDGET)
-    router = Router(None, None, "m", 30, clock=clock, period=3.0)
-    router.spans = [record(f"p{i:04d}", 0, 30) for i in range(2000)]
-    router.updated = clock()
-    assert router.interval == read_period(3.0, 2000) > 40
-    clock.now += 3 * 3.0  # three base periods: stale for a small swarm, not for this one
+    assert read_period(3.0, 10**6) == read_period(3.0, 4096)  # a read parses at most MAX_RECORDS
+    swarm = [record(f"p{i:04d}", 0, 30) for i in range(2000)]
+    reads, probes = [], []
+
+    async def get_spans(dht, model_id, num_blocks=None):
+        reads.append(clock())
+        return swarm
+
+    async def probe(p2p, peer_id, timeout):
+        probes.append(peer_id)
+        return next(s for s in swarm if s.peer_id == peer_id), 0.01
+
+    monkeypatch.setattr(router_module, "get_spans", get_spans)
+    monkeypatch.setattr(router_module, "probe", probe)
+    sleeps = []
+
+    async def sleep(seconds):
+        sleeps.append(seconds)
+        clock.now += seconds
+        if len(sleeps) >= 30:
+            raise asyncio.CancelledError
+
+    router = Router(None, None, "m", 30, clock=clock, period=3.0, max_probes=8)
+    monkeypatch.setattr(router_module.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await router._loop()
+    assert router.dht_interval == read_period(3.0, 2000) > 40
+    assert set(sleeps) == {3.0} and reads == [1000.0, 1051.0]  # 30 refreshes, t = 0..87 s; reads 48.8 s apart
+    assert len(probes) == 30 * 8
     assert not router.stale
-    clock.now += 2 * router.interval
-    assert router.stale

@@ -61,15 +61,18 @@ def test_a_crashed_peer_stays_routable_until_its_record_expires():
     sim = Simulation(make_world(20, 200, seed=1), Ours(), 200, 0)
     sim.duration = 100.0
     sim.run()
-    victim = next(p for p in sim.peers.values() if p.state == "online")
-    with_sessions = len(victim.sessions)
+    victim = max(sim.peers.values(), key=lambda p: len(p.sessions))
+    assert victim.sessions, "no peer carries a session at this point of the run"
+    riders = [sim.sessions[sid] for sid in victim.sessions]
     sim._on_leave((victim.spec.peer_id, True))
     assert victim.spec.peer_id in sim.dht and sim._crashed(victim.spec.peer_id)
     assert sim.stats["crashes"] == 1 and not victim.sessions
+    for session in riders:  # each waits the crash detection time, then replaces the link through the victim
+        assert session.broken and session.ready_at >= sim.now + engine.DETECT_CRASH_S - 1e-9
+        assert all(session.links[i][0] == victim.spec.peer_id for i in session.broken)
     sim.now += Ours.ttl_s + 1
     sim._placement_view = (-1.0, [])
     assert victim.spec.peer_id not in {r.peer_id for r in sim._placement_read()}
-    assert with_sessions == 0 or any(s.broken for s in sim.sessions.values())
 
 
 @pytest.mark.parametrize("seed", range(4))
