@@ -75,7 +75,6 @@ class Router:
         self._probed_at: dict[str, float] = {}
         self._read: list[SpanInfo] = []  # the records of the last DHT read, as read (not as probed since)
         self._read_at: float | None = None
-        self._read_records = 0
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Lock | None = None
 
@@ -110,7 +109,7 @@ class Router:
         """Seconds between the background refreshes' DHT reads: `period`, stretched in a large swarm so that reading
         every record costs at most swarm.dht.READ_BUDGET bytes/s; the refreshes between them probe the peers of
         the last read (their load and free KV stay fresh every `period`)."""
-        return read_period(self.period, self._read_records)
+        return read_period(self.period, len(self._read))
 
     @property
     def stale(self) -> bool:
@@ -151,7 +150,7 @@ class Router:
             snapshot = self.health.own_sessions()
             if read_dht or self._read_at is None:
                 self._read = await get_spans(self.dht, self.model_id, self.num_blocks)
-                self._read_at, self._read_records = self.clock(), len(self._read)
+                self._read_at = self.clock()
             spans = self._read
             chosen = self._to_probe(self._allowed(spans))
             probed = await asyncio.gather(*(self._probe(s) if s.peer_id in chosen else _none() for s in spans))

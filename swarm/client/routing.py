@@ -34,7 +34,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from swarm.protocol import BATCH_PROBE, PROTOCOL_VERSION, NoChainError, PeerState, SpanInfo
+from swarm.protocol import BATCH_PROBE, NoChainError, SpanInfo
 
 DEFAULT_RTT = 0.01  # seconds: a peer this client has not probed yet
 UNKNOWN_BLOCK_SECONDS = 0.01  # per block and token, for a peer that announced no throughput
@@ -123,9 +123,8 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: I
     for a failed part of a chain asks for that part only."""
     end = num_blocks if end is None else end
     excluded, views = set(exclude), views or {}
-    usable = [s for s in spans if s.state == PeerState.ONLINE and s.version == PROTOCOL_VERSION  # s.routable
-              and s.peer_id not in excluded and s.end <= num_blocks and s.max_length >= length
-              and (s.kv_budget_tokens <= 0 or s.kv_budget_tokens >= batch * length)]  # can_hold(s, length, batch)
+    usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
+              and can_hold(s, length, batch)]
     need = batch * length
     if len(usable) > PRUNE_ABOVE:  # (see the module's docstring)
         usable = prune(usable, start, end, views, need)
