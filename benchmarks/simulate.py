@@ -124,8 +124,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     for name in POLICIES:
         timeline = result[name]["timeline"]
         axes[0].plot([t / 60 for t, _ in timeline], [x for _, x in timeline], label=name)
-        latencies = result[name]["latencies"]
-        axes[1].plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], label=name)
+        axes[1].plot(result[name]["latency_percentiles"], [q / 100 for q in range(101)], label=name)
     axes[0].axvline(result["warmup_s"] / 60, color="grey", linestyle=":")
     axes[0].set(xlabel="minutes", ylabel="tokens/s served (per minute)", title=f"{result['peers']} peers, churn")
     axes[1].set(xlabel="request latency, s", ylabel="share of requests", title="latency CDF (measured window)",
@@ -179,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         result["name"] = args.name
     result["wall_s"] = round(time.perf_counter() - began, 1)
     result["machine"] = machine()
-    compact = {k: ({kk: vv for kk, vv in v.items() if kk not in ("timeline", "latencies")} if k in POLICIES else v)
+    bulky = ("timeline", "latency_percentiles")
+    compact = {k: ({kk: vv for kk, vv in v.items() if kk not in bulky} if k in POLICIES else v)
                for k, v in result.items()}
     print(json.dumps(compact))
     if args.out:
