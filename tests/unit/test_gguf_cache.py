@@ -32,16 +32,37 @@ def test_conversion_runs_once_and_is_reused(fake_gguf, monkeypatch):
 
 
 def test_a_crash_mid_conversion_leaves_no_half_cache(fake_gguf, monkeypatch):
-    import transformers
+    from swarm.model import gguf_convert
 
-    def crash(*args, **kwargs):
+    def crash(gguf_path, out, **kwargs):
+        out.mkdir()
+        (out / "block-00000.safetensors").write_bytes(b"half written")
         raise RuntimeError("simulated crash while converting")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", crash)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         gguf_cache.converted_dir(fake_gguf)
     models = gguf_cache.cache_root() / "models"
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_file_that_is_not_a_gguf_is_refused_before_anything_is_written(fake_gguf):
+    with pytest.raises(ValueError, match="not a GGUF"):
+        gguf_cache.converted_dir(_not_gguf(fake_gguf))
+    models = gguf_cache.cache_root() / "models"
+    assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _not_gguf(path):
+    path.write_bytes(b"PK\x03\x04 a zip, not a GGUF" * 10)
+    return path
+
+
+def test_packaged_models_that_are_absent_say_how_to_install_them(monkeypatch):
+    monkeypatch.setitem(gguf_cache.PACKAGED, "absent-model", gguf_cache.PackagedGguf(
+        "no_such_package_here", "run `make models`", "q4_k_m"))
+    with pytest.raises(FileNotFoundError, match="make models"):
+        gguf_cache.packaged_gguf_path("absent-model")
 
 
 def test_missing_package_gives_an_actionable_error(monkeypatch):

@@ -1,0 +1,117 @@
+"""GGUF → safetensors, streamed tensor by tensor into per-block shards: the same tensors transformers loads, a
+bounded reader, and (marker `models`) a model twice the memory the conversion is allowed converts under that cap."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from swarm.model.gguf_convert import HEAD_SHARD, convert_gguf, read_index
+from tests.gguf_synth import write_llama_gguf
+from tests.memcap import MemoryCap
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0", "F16"])
+def test_streamed_conversion_gives_transformers_own_tensors(tmp_path, qtype):
+    from transformers import AutoModelForCausalLM
+
+    gguf = write_llama_gguf(tmp_path / "model.gguf", layers=3, qtype=qtype, seed=1)
+    out = tmp_path / "converted"
+    summary = convert_gguf(gguf, out, tokenizer=False)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    expected, got = reference.state_dict(), converted.state_dict()
+    assert set(expected) == set(got)
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert summary["shards"] == 4 and summary["tensors"] == len(expected)
+    # one shard per block, holding exactly that block's tensors; the head's shard holds the rest
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, shard in weight_map.items():
+        if ".layers." in name:
+            assert shard == f"block-{int(name.split('.layers.')[1].split('.')[0]):05d}.safetensors"
+        else:
+            assert shard == HEAD_SHARD
+    with safe_open(str(out / "block-00001.safetensors"), framework="pt") as f:
+        assert all(".layers.1." in key for key in f)
+
+
+def test_converted_model_generates_like_transformers_on_the_gguf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    gguf = write_llama_gguf(tmp_path / "model.gguf", layers=2, qtype="Q4_0", seed=2)
+    convert_gguf(gguf, tmp_path / "out", tokenizer=False)
+    ids = torch.tensor([[1, 17, 42, 99, 3]])
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(whole(ids).logits, converted(ids).logits)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "tensor_count", "dims", "string_length"])
+def test_the_index_reader_refuses_malformed_files(tmp_path, damage):
+    good = write_llama_gguf(tmp_path / "good.gguf", layers=1).read_bytes()
+    bad = bytearray(good)
+    if damage == "magic":
+        bad[:4] = b"GGUX"
+    elif damage == "truncated":
+        bad = bad[:300]
+    elif damage == "tensor_count":
+        bad[8:16] = (1 << 40).to_bytes(8, "little")
+    elif damage == "string_length":
+        bad[24:32] = (1 << 50).to_bytes(8, "little")  # the first metadata key's length
+    else:  # the first tensor's n_dims: find its name, then the u32 after it
+        at = bytes(bad).index(b"token_embd.weight") + len(b"token_embd.weight")
+        bad[at : at + 4] = (1000).to_bytes(4, "little")
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ValueError):
+        read_index(path)
+
+
+def test_a_tensor_past_the_end_of_the_file_is_refused(tmp_path):
+    gguf = write_llama_gguf(tmp_path / "model.gguf", layers=1)
+    data = gguf.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 4096])  # the index is whole, the last tensor is not
+    with pytest.raises((ValueError, RuntimeError), match=r"past the end|truncated"):
+        convert_gguf(tmp_path / "cut.gguf", tmp_path / "out", tokenizer=False)
+
+
+CAP_MIB = 700
+_CONVERT = """
+import json, sys
+from pathlib import Path
+from swarm.model.gguf_convert import convert_gguf
+summary = convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), tokenizer=False)
+print(json.dumps(summary))
+"""
+
+
+@pytest.mark.models
+@pytest.mark.skipif(MemoryCap.why_not() is not None, reason=f"no memory cap: {MemoryCap.why_not()}")
+def test_a_model_twice_the_memory_cap_converts_under_it(tmp_path):
+    """A 1.5 GB (float32) synthetic Llama, converted by a process tree capped at 700 MiB of memory: the kernel kills
+    it if the converter ever holds more (no swap). The converter's own peak RSS is compared with the largest tensor."""
+    gguf = write_llama_gguf(tmp_path / "big.gguf", layers=18, hidden=1024, ffn=4096, vocab=32000, heads=8,
+                            kv_heads=8, qtype="Q8_0", seed=3)
+    cap = MemoryCap.create("gguf", CAP_MIB << 20)
+    assert cap is not None
+    try:
+        done = cap.run([sys.executable, "-c", _CONVERT, str(gguf), str(tmp_path / "out")], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[2])
+        oom = cap.oom_kills()
+    finally:
+        cap.remove()
+    assert done.returncode == 0 and oom == 0, (done.returncode, oom, done.stderr[-2000:])
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["bytes"] > 2 * (CAP_MIB << 20)  # the model really is twice the cap
+    largest_mib = summary["largest_tensor_bytes"] / (1 << 20)
+    working_mib = summary["peak_rss_mib"] - summary["rss_at_start_mib"]  # above the imports' own footprint
+    print(f"converted {summary['bytes'] / 2**30:.2f} GiB under {CAP_MIB} MiB; converter peak RSS "
+          f"{summary['peak_rss_mib']:.0f} MiB ({working_mib:.0f} above its start), metadata child "
+          f"{summary['metadata_child_peak_rss_mib']:.0f} MiB, largest tensor {largest_mib:.0f} MiB")
+    # the head's shard holds the embedding and the output matrix (2 of the largest tensors) until it is written
+    assert working_mib <= 3 * largest_mib
