@@ -7,9 +7,12 @@ The formats, each for a linear layer's weight `W [out_features, in_features]`:
 - **int4**: asymmetric, groups of `groupsize` (32) consecutive weights of a row, each with its own scale and minimum:
   `scale = (max - min) / 15`, `q = round((W - min) / scale)` in [0, 15], `W ≈ q * scale + min`. Packed like nf4.
   Groups of 32 with a scale and a minimum are exactly GGUF's Q4_1 blocks, so a Q4_1 checkpoint (the default model)
-  is re-expressed without loss, up to float rounding of the scales.
-- **int8 affine**: the same with 8-bit codes (`/ 255`, [0, 255], one byte each): the native CPU kernel's int8. It
-  holds Q4_1 blocks exactly too (the step is the block's d / 17).
+  is re-expressed without loss, up to float rounding of the scales. Where a group's values already lie on a grid
+  of at most 15 steps (a block dequantized from a checkpoint), its scale is that grid's step instead
+  (`_grid_step`), so a block that did not use its whole range is kept exactly too.
+- **int8 affine**: the same with 8-bit codes (`/ 255`, [0, 255], one byte each): the native CPU kernel's int8. With
+  the grid step it holds every GGUF block type of 32 with at most 256 levels exactly: Q4_0/Q4_1, Q5_0/Q5_1, Q8_0
+  and the sub-blocks of Q4_K/Q5_K; not Q6_K, whose 16-value sub-blocks have two scales in a group of 32.
 - **nf4**: the 4-bit NormalFloat code of QLoRA (Dettmers et al. 2023), the format bitsandbytes calls `nf4`. The
   weight, flattened row-major, is cut into blocks of `blocksize` values; each block keeps its absolute maximum and
   each value the index of the nearest of 16 code points in [-1, 1] after division by that maximum. Two indices share
@@ -75,10 +78,44 @@ def _quantize_affine(weight: torch.Tensor, groupsize: int, top: int
         raise ValueError(f"in_features {cols} does not split into groups of {groupsize}")
     groups = weight.float().reshape(rows, cols // groupsize, groupsize)
     minimum, maximum = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = (maximum - minimum) / top
+    step = _grid_step(groups, minimum, maximum, top)
+    scale = torch.where(step > 0, step, (maximum - minimum) / top)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is all minimum
     q = torch.round((groups - minimum[..., None]) / scale[..., None]).clamp_(0, top)
     return q, scale, minimum
+
+
+GRID_DIVISORS = (1, 2, 3, 4)
+GRID_TOLERANCE = 1e-3  # of a step: dequantized checkpoint values sit within ~1e-5 steps of their grid
+
+
+def _grid_step(groups: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, top: int) -> torch.Tensor:
+    """Per group [N, G]: the step of an affine grid of at most `top` steps from the group's minimum that holds every
+    value of the group, or 0 where there is none. Weights dequantized from a checkpoint's own blocks of 32 (GGUF
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, and Q4_K/Q5_K's sub-blocks of 32) lie on such a grid, with fewer levels than the format
+    has codes when the block did not use its whole range; taking the grid's own step (not (max - min) / top) keeps
+    them exactly. The step is the smallest gap between distinct values or a small fraction of it (a level the block
+    never used doubles a gap). Float weights (random, or trained in float) have no such grid: their step is 0 and
+    they take (max - min) / top as before."""
+    ordered = groups.sort(dim=-1).values
+    span = maximum - minimum
+    gaps = ordered.diff(dim=-1)
+    gaps = torch.where(gaps > span[..., None] * 1e-6, gaps, torch.full_like(gaps, float("inf")))
+    smallest = gaps.amin(dim=-1)
+    found = torch.zeros_like(span)
+    offsets = groups - minimum[..., None]
+    for divisor in GRID_DIVISORS:
+        step = smallest / divisor
+        usable = torch.isfinite(step) & (step > 0) & (found == 0)
+        if not usable.any():
+            break
+        step = torch.where(usable, step, torch.ones_like(step))
+        levels = span / step
+        codes = offsets / step[..., None]
+        on_grid = ((codes - codes.round()).abs() <= GRID_TOLERANCE).all(dim=-1)
+        fits = usable & on_grid & (levels.round() <= top) & ((levels - levels.round()).abs() <= GRID_TOLERANCE)
+        found = torch.where(fits, step, found)
+    return found
 
 
 def _dequantize_affine(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
