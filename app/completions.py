@@ -309,7 +309,7 @@ async def completion_jobs(engine: ServingEngine, request: CompletionRequest) -> 
         if isinstance(prompt, str):
             engine.check_prompt_size(len(prompt), "prompt")
     try:
-        ids = await engine.tokenize(_encode_all, engine.backend.encode, prompts)
+        ids = await engine.tokenize(_encode_all, engine.backend.encode_prompt, prompts)
     except Exception as e:
         raise swarm_error(e) from e
     jobs = [engine.make_job(request, prompt_ids, request.logprobs, index_offset=i * request.n,

@@ -112,7 +112,13 @@ class SwarmTextService:
         self.grammars.check(grammar)
 
     def encode(self, text: str) -> list[int]:
+        """A fragment of text (a prediction, a stop string): no special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A whole /v1/completions prompt, as the checkpoint's tokenizer encodes by default: with its BOS where it
+        adds one (Gemma's does, SmolLM2's does not)."""
+        return list(self.tokenizer.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

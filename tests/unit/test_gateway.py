@@ -52,6 +52,9 @@ class FakeBackend:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)
+
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i != EOS).decode("utf-8", errors="replace")
 
