@@ -144,6 +144,21 @@ def _parse_index(buf: mmap.mmap) -> tuple[dict[str, object], list[TensorInfo]]:
     return meta, tensors
 
 
+def dominant_quant(path: Path) -> str | None:
+    """The quantization most of a GGUF's matrix weights are stored in ("q4_1", "q5_0", ...; None: float), so that
+    a peer's `--quant auto` can choose a format that holds those blocks (swarm.model.precision)."""
+    _, infos = read_index(path)
+    from gguf import GGMLQuantizationType
+
+    sizes: dict[str, int] = {}
+    for info in infos:
+        if len(info.shape) == 2 and info.name.startswith("blk."):
+            kind = GGMLQuantizationType(info.qtype).name.lower()
+            sizes[kind] = sizes.get(kind, 0) + int(np.prod(info.shape))
+    kind = max(sizes, key=sizes.__getitem__) if sizes else None
+    return None if kind in (None, "f32", "f16", "bf16") else kind
+
+
 def _metadata(gguf_path: str, out: str, tokenizer: bool) -> None:
     """Run in a child process (`python -m swarm.model.gguf_convert metadata ...`; its memory, which gguf's field
     objects and the tokenizer's conversion make large, goes back to the system when it exits): transformers' config
@@ -162,11 +177,11 @@ def _metadata(gguf_path: str, out: str, tokenizer: bool) -> None:
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
-    if tokenizer:
+    meta, _ = read_index(path)
+    if tokenizer and "tokenizer.ggml.model" in meta:  # a GGUF without one (a test's) is converted without one
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
-    meta, _ = read_index(path)
     architecture = str(meta["general.architecture"])
     names = get_gguf_hf_weights_map(model, _processor(architecture, config_dict))
     import resource

