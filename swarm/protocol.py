@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -99,6 +100,7 @@ class SpanInfo:
     target_end: int = 0
     software: str = ""  # package version of the peer
     movable: bool = False  # it placed itself (no --blocks) and may move to rebalance the swarm
+    content_id: str = ""  # sha256:<64 hex> of the weights it serves (swarm.model.manifest); "" from older peers
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class SpanInfo:
             raise ValueError(f"span record has an invalid target: {info.target_start}:{info.target_end}")
         if info.kv_budget_tokens and info.free_kv_tokens > info.kv_budget_tokens:
             raise ValueError("span record has more free KV tokens than its budget")
+        if info.content_id and not CONTENT_ID.fullmatch(info.content_id):
+            raise ValueError("span record's content_id is not sha256:<64 lowercase hex>")
         return info
 
     @property
@@ -186,6 +190,7 @@ MAX_THROUGHPUT = 1e6
 _COUNT = _Int(0, 1 << 53)
 
 # Every field of a span record: what a reader accepts (a record from the DHT or a probe is anyone's writing).
+CONTENT_ID = re.compile(r"sha256:[0-9a-f]{64}")  # as swarm.model.manifest writes it
 SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
     "peer_id": _Text(128), "model_id": _Text(256), "start": _Int(0, MAX_BLOCKS), "end": _Int(1, MAX_BLOCKS),
     "num_blocks": _Int(1, MAX_BLOCKS), "hidden_size": _Int(1, 1 << 17), "dtype": _Text(16, WIRE_DTYPES),
@@ -195,7 +200,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
     "throughput": _Real(0.0, MAX_THROUGHPUT), "batch_throughput": _Real(0.0, MAX_THROUGHPUT * BATCH_PROBE),
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
-    "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11),
+    "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
 }
 
 

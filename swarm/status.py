@@ -80,13 +80,17 @@ def _short(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else f"{peer_id[:6]}…{peer_id[-6:]}"
 
 
+def _short_content(content_id: str) -> str:
+    return content_id[: len("sha256:") + 12] if content_id else "?"
+
+
 def render(data: dict[str, Any]) -> str:
     peers = data["peers"]
     lines = []
     complete = "complete" if not data["holes"] and data["num_blocks"] else "INCOMPLETE"
     lines.append(f"{data['model_id']}: {data['num_blocks']} blocks, {len(peers)} peers, {complete}")
     columns = ("PEER", "NAME", "BLOCKS", "STATE", "DEVICE/DTYPE/QUANT", "TOK/S/BLOCK", "x8 BATCHED", "SESSIONS",
-               "QUEUED", "FREE KV", "RTT MS", "VERSION")
+               "QUEUED", "FREE KV", "RTT MS", "VERSION", "WEIGHTS")
     rows = []
     for p in peers:
         blocks = f"{p['start']}:{p['end']}"
@@ -97,10 +101,14 @@ def render(data: dict[str, Any]) -> str:
                      f"{p['batch_throughput']:.1f}", str(p["active_sessions"]), str(p["queued_steps"]),
                      f"{p['free_kv_tokens']}/{p['kv_budget_tokens']}",
                      "unreachable" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}",
-                     f"{p['software'] or '?'} (v{p['version']})"))
+                     f"{p['software'] or '?'} (v{p['version']})", _short_content(p.get("content_id", ""))))
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     for row in (columns, *rows):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    ids = {p.get("content_id", "") for p in peers} - {""}
+    if len(ids) > 1:
+        counts = ", ".join(f"{_short_content(i)} x{sum(p.get('content_id') == i for p in peers)}" for i in sorted(ids))
+        lines.append(f"WEIGHTS DIFFER under one model name: {counts} (clients route only through their own)")
     if data["coverage"]:
         lines.append("coverage: " + ", ".join(f"{c['start']}:{c['end']} x{c['replicas']}" for c in data["coverage"]))
     lines.append("holes: " + (", ".join(f"{h['start']}:{h['end']}" for h in data["holes"]) or "none"))

@@ -27,6 +27,7 @@ from swarm.client.routing import Link
 from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.client.verification import VerificationPolicy
 from swarm.dht import load_identity, start_dht, stop_dht
+from swarm.model import manifest
 from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
 from swarm.protocol import SpanInfo
@@ -38,7 +39,8 @@ class SwarmClient:
     def __init__(self, dht: DHT | None, p2p: P2P | None, source: ModelSource, head: LocalHead | EncoderHead,
                  prefill_chunk: int = 1024, step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
                  allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
-                 decode_groups: int | None = None, verification: VerificationPolicy | None = None):
+                 decode_groups: int | None = None, verification: VerificationPolicy | None = None,
+                 content_id: str | None = None):
         self.dht, self.p2p = dht, p2p
         self.source = source
         self.model_id = source.model_id
@@ -46,7 +48,7 @@ class SwarmClient:
         self.step_timeout = step_timeout
         self.failover = failover or FailoverPolicy()
         self.router = Router(dht, p2p, self.model_id, head.num_blocks, refresh_period, allowed_peers=allowed_peers,
-                             verification=verification)
+                             verification=verification, content_id=content_id)
         self.pipeline = DecodePipeline(head, prefill_chunk, decode_groups)
 
     @classmethod
@@ -67,6 +69,7 @@ class SwarmClient:
             loop.run_in_executor(None, load_head, source, dtype),
         )
         kwargs.setdefault("allowed_peers", allowed_peers)
+        kwargs.setdefault("content_id", await loop.run_in_executor(None, manifest.content_id, source.path))
         p2p = await dht.replicate_p2p()
         return cls(dht, p2p, source, head, **kwargs)
 

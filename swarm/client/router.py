@@ -62,7 +62,7 @@ class Router:
     def __init__(self, dht: DHT | None, p2p: P2P | None, model_id: str, num_blocks: int, period: float = 3.0,
                  probe_timeout: float = 3.0, allowed_peers: set[str] | None = None, max_probes: int = 64,
                  clock: Callable[[], float] = time.monotonic, verification: VerificationPolicy | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, content_id: str | None = None):
         self.dht, self.p2p, self.model_id, self.num_blocks = dht, p2p, model_id, num_blocks
         self.period, self.probe_timeout, self.max_probes = period, probe_timeout, max_probes
         self.clock = clock
@@ -70,6 +70,9 @@ class Router:
         self.verification = verification or VerificationPolicy()
         self.rng = rng or random.Random()
         self._allowed_peers = allowed_peers
+        # the weights this client's model has (swarm.model.manifest); a peer announcing other weights under the same
+        # model name is not routed through (one announcing none, from an older version, still is)
+        self.content_id = content_id
         self._spans: list[SpanInfo] = []  # every peer of the model in the last refresh (allowed or not)
         self.updated: float | None = None  # clock() of the last refresh; None: re-read before the next route
         self._probed_at: dict[str, float] = {}
@@ -101,7 +104,9 @@ class Router:
         self._spans = list(spans)
 
     def _allowed(self, spans: list[SpanInfo]) -> list[SpanInfo]:
-        allowed = self._allowed_peers
+        allowed, mine = self._allowed_peers, self.content_id
+        if mine:
+            spans = [s for s in spans if not s.content_id or s.content_id == mine]
         return spans if allowed is None else [s for s in spans if s.peer_id in allowed]
 
     @property

@@ -37,6 +37,7 @@ from swarm.dht import (
     withdraw,
 )
 from swarm.model.anatomy import is_encoder, load_config
+from swarm.model.manifest import content_id
 from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span, release_freed_memory
@@ -83,6 +84,8 @@ class Peer:
         self.settings = settings
         settings.announced_throughput()  # a bad --throughput fails before anything starts
         self.source = resolve_model(settings.model, settings.model_id)
+        self.content_id = content_id(self.source.path)  # hashed once per model directory, then cached
+        logger.info("model %s: content id %s", self.source.model_id, self.content_id)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)
@@ -191,6 +194,7 @@ class Peer:
             public_name=self.settings.public_name,
             software=__version__,
             movable=self.movable,
+            content_id=self.content_id,
         )
 
     async def _announce(self) -> None:

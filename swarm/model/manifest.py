@@ -1,0 +1,156 @@
+"""A model's manifest and content id: which weights a peer serves, by hash, so that peers and clients of one model
+name know they run the same weights.
+
+The manifest lists, per block, each tensor's name within the block (`self_attn.q_proj.weight`), shape, dtype and
+the SHA-256 of its bytes as stored in the safetensors file, and a block hash over those entries; then the same for
+the parts outside the blocks (embeddings, final norm, LM head when it is not tied). Hashing each tensor (not a
+block's serialization) is what a content-addressed store needs: identical tensors, in another block position or
+another model, are one object. A block's hash names it without its position, so a fine-tune that changed some blocks
+shares the others' hashes.
+
+The content id, `sha256:<64 hex>`, hashes the family, the block count, the block hashes in order and the head's hash:
+the weights only, not config.json's bookkeeping (transformers' version), so two peers that converted the same GGUF
+with different library versions agree. Computed once per model directory (keyed by its files' names, sizes and
+mtimes) and cached under `cache_root()/manifests`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from kernels.filecache import cache_root, compute_once
+
+FORMAT = 1
+MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one we wrote or will read
+_CHUNK = 16 << 20
+
+
+def content_id(path: Path) -> str:
+    """The content id of the model at `path` (computed once, then read from the cache)."""
+    return str(load_manifest(path)["content_id"])
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    key = hashlib.sha256(str(path.resolve()).encode())
+    for file in [*sorted(path.glob("*.safetensors")), path / "config.json"]:
+        if file.exists():
+            stat = file.stat()
+            key.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_root() / "manifests" / f"{path.resolve().name}-{key.hexdigest()[:16]}.json"
+    def build(out: Path) -> None:
+        out.write_text(json.dumps(build_manifest(path), indent=1))
+
+    compute_once(target, build)
+    return json.loads(target.read_text())
+
+
+def build_manifest(path: Path) -> dict[str, Any]:
+    """Hash every tensor the model's blocks and head are made of (see the module docstring)."""
+    from swarm.model.anatomy import checkpoint_for, find_anatomy, load_config, skeleton
+
+    config = load_config(path)
+    model = skeleton(config)
+    anatomy = find_anatomy(model, config)
+    block_paths = [f"{anatomy.blocks}.{i}" for i in range(anatomy.num_blocks)]
+    head_paths = [anatomy.embeddings, anatomy.final_norm]
+    if anatomy.position_embeddings:
+        head_paths.append(anatomy.position_embeddings)
+    if not anatomy.tied_embeddings:
+        head_paths.append(anatomy.lm_head)
+    checkpoint = checkpoint_for(path, model, anatomy, block_paths + head_paths)
+    headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+    def entries(module_paths: list[str], strip: str) -> list[dict[str, Any]]:
+        out = []
+        for module_path in module_paths:
+            for key in model.get_submodule(module_path).state_dict():
+                full = f"{module_path}.{key}"
+                stored = checkpoint.resolve(full, anatomy.base_prefix)
+                if stored is None:
+                    raise FileNotFoundError(f"tensor {full} is missing from {checkpoint.path}")
+                file = checkpoint.files[stored]
+                if file not in headers:
+                    headers[file] = read_header(file)
+                start, header = headers[file]
+                meta = header[stored]
+                begin, end = meta["data_offsets"]
+                out.append({"name": full.removeprefix(strip), "shape": list(meta["shape"]), "dtype": meta["dtype"],
+                            "sha256": _hash_range(file, start + begin, end - begin)})
+        return sorted(out, key=lambda e: e["name"])
+
+    blocks = []
+    for block_path in block_paths:
+        tensors = entries([block_path], block_path + ".")
+        blocks.append({"sha256": _digest(tensors), "tensors": tensors})
+    head_tensors = entries(head_paths, "")
+    head = {"sha256": _digest(head_tensors), "tensors": head_tensors}
+    identity = {"format": FORMAT, "model_type": config.model_type, "num_blocks": anatomy.num_blocks,
+                "blocks": [b["sha256"] for b in blocks], "head": head["sha256"]}
+    return {**identity, "content_id": "sha256:" + _digest(identity), "block_manifests": blocks,
+            "head_manifest": head}
+
+
+def read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, the header) of a safetensors file, bounded."""
+    with file.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_HEADER:
+            raise ValueError(f"{file}: a safetensors header of {length} bytes")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: a safetensors header must be an object")
+    return 8 + length, header
+
+
+def shared_tensors(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of `b`'s distinct tensors that `a` holds too, bytes of `b`'s distinct tensors): what a store that
+    already holds `a` saves on `b`."""
+    def sizes(manifest: dict[str, Any]) -> dict[str, int]:
+        out = {}
+        for part in [*manifest["block_manifests"], manifest["head_manifest"]]:
+            for t in part["tensors"]:
+                out[t["sha256"]] = _nbytes(t)
+        return out
+
+    have, want = sizes(a), sizes(b)
+    return sum(n for h, n in want.items() if h in have), sum(want.values())
+
+
+_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(entry: dict[str, Any]) -> int:
+    n = _ITEM.get(entry["dtype"], 1)
+    for d in entry["shape"]:
+        n *= d
+    return n
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hash_range(file: Path, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(_CHUNK, length))
+            if not chunk:
+                raise ValueError(f"{file} ends inside a tensor")
+            h.update(chunk)
+            length -= len(chunk)
+    return h.hexdigest()
+
+
+if __name__ == "__main__":
+    import sys
+
+    from swarm.model.source import resolve_model
+
+    print(content_id(resolve_model(sys.argv[1] if len(sys.argv) > 1 else None).path))
