@@ -97,24 +97,36 @@ def _grid_step(groups: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tenso
     them exactly. The step is the smallest gap between distinct values or a small fraction of it (a level the block
     never used doubles a gap). Float weights (random, or trained in float) have no such grid: their step is 0 and
     they take (max - min) / top as before."""
-    ordered = groups.sort(dim=-1).values
+    found = torch.zeros_like(minimum)
+    for start in range(0, groups.shape[0], GRID_ROWS):  # a few rows at a time: the temporaries stay small
+        rows = slice(start, start + GRID_ROWS)
+        found[rows] = _grid_step_rows(groups[rows], minimum[rows], maximum[rows], top)
+    return found
+
+
+GRID_ROWS = 256
+
+
+def _grid_step_rows(groups: torch.Tensor, minimum: torch.Tensor, maximum: torch.Tensor, top: int) -> torch.Tensor:
     span = maximum - minimum
-    gaps = ordered.diff(dim=-1)
+    gaps = groups.sort(dim=-1).values.diff(dim=-1)
     gaps = torch.where(gaps > span[..., None] * 1e-6, gaps, torch.full_like(gaps, float("inf")))
     smallest = gaps.amin(dim=-1)
+    del gaps
     found = torch.zeros_like(span)
-    offsets = groups - minimum[..., None]
+    levels = span / smallest  # steps of the grid whose step is the smallest gap (inf or nan: no grid)
     for divisor in GRID_DIVISORS:
-        step = smallest / divisor
-        usable = torch.isfinite(step) & (step > 0) & (found == 0)
-        if not usable.any():
-            break
-        step = torch.where(usable, step, torch.ones_like(step))
-        levels = span / step
-        codes = offsets / step[..., None]
-        on_grid = ((codes - codes.round()).abs() <= GRID_TOLERANCE).all(dim=-1)
-        fits = usable & on_grid & (levels.round() <= top) & ((levels - levels.round()).abs() <= GRID_TOLERANCE)
-        found = torch.where(fits, step, found)
+        # only groups whose grid would have at most `top` steps are checked value by value: float weights, whose
+        # smallest gap is a sliver of their range, are ruled out here without touching their values again
+        candidates = ((found == 0) & torch.isfinite(levels) & (levels * divisor <= top + 0.5)).nonzero(as_tuple=True)
+        if not candidates[0].numel():
+            continue
+        step = smallest[candidates] / divisor
+        codes = (groups[candidates] - minimum[candidates][:, None]) / step[:, None]
+        steps = span[candidates] / step
+        fits = ((codes - codes.round()).abs() <= GRID_TOLERANCE).all(dim=-1) & (
+            (steps - steps.round()).abs() <= GRID_TOLERANCE)
+        found[candidates] = torch.where(fits, step, found[candidates])
     return found
 
 

@@ -2,7 +2,7 @@
 
 The whole model is never in memory: the `gguf` reader maps the file, and each shard (the embedding and final norm;
 then one transformer block) is dequantized tensor by tensor, written and dropped before the next is read. After each
-shard the file's mapping is advised away, so the pages read so far leave the process too. The peak is about the
+tensor the file's mapping is advised away, so the pages read so far leave the process too. The peak is about the
 largest shard in float32 plus what numpy's dequantization of its largest tensor holds at once (measured in
 benchmarks/README.md, "Converting a GGUF"). Names, config and per-family fixes (llama's rotary permutation, gemma's
 norm offset) are transformers' own GGUF tables, so the tensors are those `from_pretrained(gguf_file=...)` loads.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import re
 import struct
@@ -50,7 +51,8 @@ class TensorInfo:
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-MAX_TENSORS, MAX_DIMS, MAX_STRING = 1 << 20, 8, 1 << 30
+MAX_TENSORS, MAX_DIMS, MAX_STRING, MAX_KEYS, MAX_NESTING = 1 << 20, 8, 1 << 30, 1 << 16, 4
+METADATA_TIMEOUT = 600.0  # seconds for the metadata child (a hung one must not hold the cache's lock forever)
 
 
 def read_index(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
@@ -76,27 +78,34 @@ def _parse_index(buf: mmap.mmap) -> tuple[dict[str, object], list[TensorInfo]]:
         pos += struct.calcsize(fmt)
         return value
 
-    def string() -> str:
+    def string(keep: int = 4096) -> str:
+        """The next string; one longer than `keep` bytes is skipped (a chat template, say), not copied."""
         nonlocal pos
         length = take("<Q")
         if length > MAX_STRING or pos + length > len(buf):
             raise ValueError("GGUF string runs past the end of the file")
         pos += length
+        if length > keep:
+            return f"<string of {length} bytes>"
         return bytes(buf[pos - length : pos]).decode("utf-8", errors="replace")
 
-    def skip(kind: int) -> object:
+    def skip(kind: int, depth: int = 0) -> object:
         nonlocal pos
         if kind in _SCALARS:
             return take(_SCALARS[kind])
         if kind == 8:
             return string()
         if kind == 9:
+            if depth >= MAX_NESTING:
+                raise ValueError("GGUF arrays nested too deep")
             item, count = take("<I"), take("<Q")
             if item in _SCALARS:
                 pos += struct.calcsize(_SCALARS[item]) * count
             else:
                 for _ in range(count):
-                    skip(item)
+                    skip(item, depth + 1)
+                    if pos > len(buf):
+                        raise ValueError("GGUF array runs past the end of the file")
             if pos > len(buf):
                 raise ValueError("GGUF array runs past the end of the file")
             return f"<array of {count}>"
@@ -106,17 +115,26 @@ def _parse_index(buf: mmap.mmap) -> tuple[dict[str, object], list[TensorInfo]]:
         raise ValueError("not a GGUF file (bad magic)")
     version = take("<I")
     if version not in (2, 3):
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in (2, 3):
+            raise ValueError("a big-endian GGUF: not supported (convert it on a big-endian machine)")
         raise ValueError(f"GGUF version {version} is not supported")
     tensor_count, kv_count = take("<Q"), take("<Q")
     if tensor_count > MAX_TENSORS:
         raise ValueError(f"GGUF declares {tensor_count} tensors")
+    if kv_count > MAX_KEYS:
+        raise ValueError(f"GGUF declares {kv_count} metadata keys")
     meta: dict[str, object] = {}
     for _ in range(kv_count):
-        key = string()
+        key = string(keep=1024)
+        if key.startswith("<string of "):
+            raise ValueError("a GGUF metadata key over 1024 bytes")
         meta[key] = skip(take("<I"))
     infos = []
     for _ in range(tensor_count):
-        name = string()
+        name = string(keep=1024)
+        if name.startswith("<string of "):
+            raise ValueError("a GGUF tensor name over 1024 bytes")
         n_dims = take("<I")
         if n_dims > MAX_DIMS:
             raise ValueError(f"GGUF tensor {name!r} has {n_dims} dimensions")
@@ -138,25 +156,28 @@ def _parse_index(buf: mmap.mmap) -> tuple[dict[str, object], list[TensorInfo]]:
         row = info.shape[-1] if info.shape else 1
         if row % block:
             raise ValueError(f"GGUF tensor {name!r}: a row of {row} is not a whole number of {block}-blocks")
-        if info.offset + int(np.prod(info.shape, dtype=np.int64)) // block * type_size > len(buf):
+        if info.offset + math.prod(info.shape) // block * type_size > len(buf):
             raise ValueError(f"GGUF tensor {name!r} runs past the end of the file")
         tensors.append(info)
     return meta, tensors
 
 
 def dominant_quant(path: Path) -> str | None:
-    """The quantization most of a GGUF's matrix weights are stored in ("q4_1", "q5_0", ...; None: float), so that
-    a peer's `--quant auto` can choose a format that holds those blocks (swarm.model.precision)."""
+    """The quantization of a GGUF's block matrices for a peer's `--quant auto` (swarm.model.precision): "q4_0" or
+    "q4_1" only when every one of them is that 4-bit type (int4 holds those exactly, and nothing with more bits);
+    otherwise the most common type ("q5_0", "q8_0", ...; None: float weights)."""
     _, infos = read_index(path)
     from gguf import GGMLQuantizationType
 
     sizes: dict[str, int] = {}
     for info in infos:
-        if len(info.shape) == 2 and info.name.startswith("blk."):
+        if len(info.shape) >= 2 and info.name.startswith("blk."):
             kind = GGMLQuantizationType(info.qtype).name.lower()
-            sizes[kind] = sizes.get(kind, 0) + int(np.prod(info.shape))
-    kind = max(sizes, key=sizes.__getitem__) if sizes else None
-    return None if kind in (None, "f32", "f16", "bf16") else kind
+            sizes[kind] = sizes.get(kind, 0) + math.prod(info.shape)
+    dominant = max(sizes, key=sizes.__getitem__) if sizes else None
+    if dominant in ("q4_0", "q4_1") and len(sizes) > 1:
+        dominant = max((k for k in sizes if k not in ("q4_0", "q4_1")), key=sizes.__getitem__)
+    return None if dominant in (None, "f32", "f16", "bf16") else dominant
 
 
 def _metadata(gguf_path: str, out: str, tokenizer: bool) -> None:
@@ -204,7 +225,8 @@ def convert_gguf(gguf_path: Path, out: Path, *, dtype: torch.dtype = torch.float
     _, infos = read_index(gguf_path)  # a malformed file is refused here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "swarm.model.gguf_convert", "metadata", str(gguf_path), str(out)]
-    done = subprocess.run(argv + ([] if tokenizer else ["--no-tokenizer"]), capture_output=True, text=True)
+    done = subprocess.run(argv + ([] if tokenizer else ["--no-tokenizer"]), capture_output=True, text=True,
+                          timeout=METADATA_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"reading {gguf_path.name}'s metadata failed: {done.stderr.strip()[-2000:]}")
     child = json.loads((out / NAMES_FILE).read_text())
@@ -219,23 +241,16 @@ def convert_gguf(gguf_path: Path, out: Path, *, dtype: torch.dtype = torch.float
     total = largest = 0
     start_mib = _rss_mib()
     for shard in sorted(groups, key=lambda s: (s != HEAD_SHARD, s)):
-        tensors: dict[str, torch.Tensor] = {}
-        for info in groups[shard]:
-            weights = _dequantize(data, info)
-            largest = max(largest, weights.size * torch.empty((), dtype=dtype).element_size())
-            extra: dict = {"tensors": {}}
-            result = processor.process(weights=weights, name=info.name, tensor_key_mapping=names,
-                                       parsed_parameters=extra)
-            del weights
-            produced = dict(extra["tensors"])  # processors that split a tensor (MoE experts) put the parts here
-            if result.name in names:
-                produced[names[result.name]] = torch.from_numpy(np.ascontiguousarray(result.weights))
-            elif not produced:
-                logger.debug("GGUF tensor %s has no counterpart in the model; skipped", info.name)
-            for hf_name, value in produced.items():
-                tensors[hf_name] = value.to(dtype).contiguous() if value.is_floating_point() else value.contiguous()
-            del result, produced, extra
-            _release(data)
+        def read(infos: list[TensorInfo], mapped: np.memmap):
+            nonlocal largest
+            for info in infos:
+                weights = _dequantize(mapped, info)
+                largest = max(largest, weights.size * torch.empty((), dtype=dtype).element_size())
+                yield info.name, weights
+                del weights
+                _release(mapped)
+
+        tensors = process_shard(read(groups[shard], data), processor, names, dtype)
         if tensors:
             _save_shard(out / shard, tensors)
             for hf_name, value in tensors.items():
@@ -276,7 +291,7 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for tensor in tensors.values():
-            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _rss_mib() -> float:
@@ -288,6 +303,29 @@ def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_shard(items, processor, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One shard's tensors under their HF names, from (GGUF name, float32 array) pairs read one at a time, through
+    transformers' per-family processor. One `parsed_parameters` per shard: MoE processors fill a fused tensor from
+    several GGUF tensors of a block (gate and up experts into gate_up_proj) and find its first half there."""
+    tensors: dict[str, torch.Tensor] = {}
+    extra: dict = {"tensors": {}}
+    for name, weights in items:
+        result = processor.process(weights=weights, name=name, tensor_key_mapping=names, parsed_parameters=extra)
+        del weights
+        if result.name in names:
+            tensors[names[result.name]] = _cast(torch.from_numpy(np.ascontiguousarray(result.weights)), dtype)
+        elif result.name is not None and not extra["tensors"]:
+            logger.debug("GGUF tensor %s has no counterpart in the model; skipped", name)
+        del result
+    for hf_name, value in extra["tensors"].items():  # what processors built in place (MoE experts)
+        tensors[hf_name] = _cast(value, dtype)
+    return tensors
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype).contiguous() if value.is_floating_point() else value.contiguous()
 
 
 CHUNK_BYTES = 32 << 20  # dequantize this many output bytes at a time, into the tensor's one float32 buffer

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.models
 BUDGET_GIB = 0.9
 PEERS = 4
 # what a peer process holds besides its span's weights and KV cache (torch, hivemind's client, buffers): the budget
-# sizes the span, it does not cap the process. Measured here: peak RSS 1.47-1.49 GiB with 0.84 GiB of weights (2026-12-02)
+# sizes the span, it does not cap the process. Measured: peak RSS 1.47-1.49 GiB with 0.84 GiB of weights (2026-12-02)
 RUNTIME_GIB = 0.75
 PROMPTS = ["The swarm holds a model that no single machine can", "Peers find each other through"]
 NEW_TOKENS = 8
