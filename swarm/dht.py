@@ -36,7 +36,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from swarm.protocol import PROTOCOL_VERSION, PeerState, SpanInfo, spans_key
+from swarm.protocol import PROTOCOL_VERSION, PeerState, SpanInfo, providers_key, spans_key
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,31 @@ async def get_spans(dht: DHT, model_id: str, num_blocks: int | None = None) -> l
         if info.state != PeerState.OFFLINE and info.version == PROTOCOL_VERSION:
             spans.append(info)
     return spans
+
+
+async def announce_provider(dht: DHT, content_id: str, peer_id: str, model_id: str, ttl: float, owner: bytes) -> None:
+    """Name this peer as one that serves the tensors of the model with `content_id` (swarm.model.fetch)."""
+    await dht.store(providers_key(content_id), subkey=record_subkey(peer_id, owner),
+                    value={"peer_id": peer_id, "model_id": model_id}, expiration_time=get_dht_time() + ttl,
+                    return_future=True)
+
+
+async def get_providers(dht: DHT, content_id: str) -> list[tuple[str, str]]:
+    """(peer id, model name) of the peers that announce the tensors of `content_id`; records not signed by the peer
+    they name, or malformed, are skipped (as span records are)."""
+    found = await dht.get(providers_key(content_id), latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    providers = []
+    for subkey, item in list(found.value.items())[:MAX_RECORDS]:
+        value = getattr(item, "value", None)
+        if not isinstance(value, dict):
+            continue
+        peer_id, model_id = value.get("peer_id"), value.get("model_id")
+        if (isinstance(peer_id, str) and isinstance(model_id, str) and len(peer_id) <= 128 and 0 < len(model_id) <= 256
+                and model_id.isprintable() and _owned_by(subkey, peer_id)):
+            providers.append((peer_id, model_id))
+    return providers
 
 
 def main(argv: Sequence[str] | None = None) -> None:

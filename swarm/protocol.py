@@ -48,6 +48,15 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16")
 DHT_KEY_PREFIX = "swarm.v1.spans"
 
 
+MANIFEST_HANDLER = "swarm.v1.manifest"  # a model's manifest and config, by content id (swarm.model.fetch)
+FETCH_HANDLER = "swarm.v1.fetch"  # a chunk of a tensor's bytes, by its SHA-256
+
+
+def providers_key(content_id: str) -> str:
+    """DHT key under which every peer that can serve a model's tensors names itself (and the model's name)."""
+    return f"{DHT_KEY_PREFIX}.content.{content_id}"
+
+
 def spans_key(model_id: str) -> str:
     """DHT key under which every peer serving `model_id` announces its span."""
     return f"{DHT_KEY_PREFIX}.{model_id}"

@@ -8,10 +8,14 @@ block's serialization) is what a content-addressed store needs: identical tensor
 another model, are one object. A block's hash names it without its position, so a fine-tune that changed some blocks
 shares the others' hashes.
 
-The content id, `sha256:<64 hex>`, hashes the family, the block count, the block hashes in order and the head's hash:
-the weights only, not config.json's bookkeeping (transformers' version), so two peers that converted the same GGUF
-with different library versions agree. Computed once per model directory (keyed by its files' names, sizes and
-mtimes) and cached under `cache_root()/manifests`.
+The content id, `sha256:<64 hex>`, hashes the family, the block count, the block hashes in order, the head's hash
+and the config's (without its bookkeeping: transformers' version, dtype, the path it was loaded from), so a peer
+fetching a model by its id can check the config it is given as well as every tensor. Computed once per model
+directory (keyed by its files' names, sizes and mtimes) and cached under `cache_root()/manifests`.
+
+`locations` (outside the identity) says where each tensor's bytes lie in this directory's files, so that a peer can
+serve them to peers that fetch the model (swarm.model.fetch). A directory made by fetching carries its manifest
+(MANIFEST_FILE), checked against its id, and only the blocks fetched so far.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from typing import Any
 from kernels.filecache import cache_root, compute_once
 
 FORMAT = 1
+MANIFEST_FILE = "swarm-manifest.json"
+# config.json keys that say how a checkpoint was saved, not what the model computes
+CONFIG_BOOKKEEPING = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures",
+                      "quantization_config", "_commit_hash")
 MAX_HEADER = 100 << 20  # a safetensors header larger than this is not one we wrote or will read
 _CHUNK = 16 << 20
 
@@ -36,6 +44,10 @@ def content_id(path: Path) -> str:
 
 def load_manifest(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if (path / MANIFEST_FILE).is_file():  # fetched by its id: the manifest came with it, checked when it came
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        check_identity(manifest)
+        return manifest
     key = hashlib.sha256(str(path.resolve()).encode())
     for file in [*sorted(path.glob("*.safetensors")), path / "config.json"]:
         if file.exists():
@@ -64,6 +76,7 @@ def build_manifest(path: Path) -> dict[str, Any]:
         head_paths.append(anatomy.lm_head)
     checkpoint = checkpoint_for(path, model, anatomy, block_paths + head_paths)
     headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+    locations: dict[str, list[Any]] = {}  # digest → [file, offset, length], relative to the checkpoint's directory
 
     def entries(module_paths: list[str], strip: str) -> list[dict[str, Any]]:
         out = []
@@ -79,8 +92,10 @@ def build_manifest(path: Path) -> dict[str, Any]:
                 start, header = headers[file]
                 meta = header[stored]
                 begin, end = meta["data_offsets"]
+                digest = _hash_range(file, start + begin, end - begin)
                 out.append({"name": full.removeprefix(strip), "shape": list(meta["shape"]), "dtype": meta["dtype"],
-                            "sha256": _hash_range(file, start + begin, end - begin)})
+                            "sha256": digest})
+                locations[digest] = [str(file.resolve()), start + begin, end - begin]
         return sorted(out, key=lambda e: e["name"])
 
     blocks = []
@@ -90,9 +105,29 @@ def build_manifest(path: Path) -> dict[str, Any]:
     head_tensors = entries(head_paths, "")
     head = {"sha256": _digest(head_tensors), "tensors": head_tensors}
     identity = {"format": FORMAT, "model_type": config.model_type, "num_blocks": anatomy.num_blocks,
-                "blocks": [b["sha256"] for b in blocks], "head": head["sha256"]}
-    return {**identity, "content_id": "sha256:" + _digest(identity), "block_manifests": blocks,
-            "head_manifest": head}
+                "blocks": [b["sha256"] for b in blocks], "head": head["sha256"],
+                "config": config_digest(json.loads((path / "config.json").read_text()))}
+    return {**identity, "content_id": "sha256:" + _digest(identity), "blocks_prefix": anatomy.blocks,
+            "block_manifests": blocks, "head_manifest": head, "locations": locations}
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return _digest({k: v for k, v in config.items() if k not in CONFIG_BOOKKEEPING})
+
+
+def check_identity(manifest: dict[str, Any]) -> None:
+    """ValueError unless the manifest's content id is the hash of its identity and its blocks' and head's hashes are
+    those of their tensor lists (a manifest from another peer is checked before anything in it is trusted)."""
+    try:
+        blocks, head = manifest["block_manifests"], manifest["head_manifest"]
+        if [_digest(b["tensors"]) for b in blocks] != manifest["blocks"] or _digest(head["tensors"]) != manifest[
+                "head"]:
+            raise ValueError("a block's or the head's hash is not that of its tensors")
+        identity = {k: manifest[k] for k in ("format", "model_type", "num_blocks", "blocks", "head", "config")}
+        if "sha256:" + _digest(identity) != manifest["content_id"] or len(blocks) != manifest["num_blocks"]:
+            raise ValueError("the manifest's content id is not the hash of its contents")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"malformed manifest: {e!r}") from None
 
 
 def read_header(file: Path) -> tuple[int, dict[str, Any]]:

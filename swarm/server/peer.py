@@ -37,7 +37,7 @@ from swarm.dht import (
     withdraw,
 )
 from swarm.model.anatomy import is_encoder, load_config
-from swarm.model.manifest import content_id
+from swarm.model.manifest import load_manifest
 from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span, release_freed_memory
@@ -49,6 +49,7 @@ from swarm.server.handler import SpanHandler, StreamLimits
 from swarm.server.health import write_health
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
+from swarm.server.sharing import WeightSharing, fetch_model, is_content_id
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def available_cpus() -> int:
 
 def run_peer(settings: PeerSettings) -> None:
     """Blocking: serve until SIGTERM or SIGINT."""
+    if is_content_id(settings.model):  # the manifest and config from the swarm; the blocks come as they are placed
+        settings = fetch_model(settings)
     peer = Peer(settings)
     torch_threads, kernel_threads = peer.threads()
     torch.set_num_threads(torch_threads)
@@ -84,8 +87,11 @@ class Peer:
         self.settings = settings
         settings.announced_throughput()  # a bad --throughput fails before anything starts
         self.source = resolve_model(settings.model, settings.model_id)
-        self.content_id = content_id(self.source.path)  # hashed once per model directory, then cached
+        manifest = load_manifest(self.source.path)  # hashed once per model directory, then cached
+        self.content_id: str = manifest["content_id"]
         logger.info("model %s: content id %s", self.source.model_id, self.content_id)
+        self.sharing = WeightSharing(self.source.path, manifest, self.source.model_id, settings.cache_budget,
+                                     settings.fault_corrupt_fetch)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)
@@ -203,6 +209,7 @@ class Peer:
             write_health(self.settings.health_file, info.state, info.start, info.end)
         try:
             await announce(self.dht, info, self.ttl, self.owner)
+            await self.sharing.announce(self.peer_id, self.ttl, self.owner)
         except Exception as e:  # a DHT hiccup must not take the peer down; the next period retries
             logger.warning("announcement failed: %r", e)
 
@@ -216,6 +223,7 @@ class Peer:
     async def _load(self, start: int, end: int) -> SpanBackend:
         """Load blocks [start, end) off the event loop, then measure (or recall) this peer's throughput."""
         settings, loop = self.settings, asyncio.get_running_loop()
+        await self.sharing.prepare(start, end, self.peer_id)  # a model fetched by its id: this span's blocks first
         span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end, precision=self.precision))
         limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
@@ -259,6 +267,7 @@ class Peer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         p2p = await self.dht.replicate_p2p()
+        await self.sharing.start(p2p, self.dht)
         self.target = await self._choose_span()
         await self._announce()  # joining: peers placing themselves now count this span as taken
         announcer = asyncio.create_task(self._announce_loop(), name="announce")
@@ -315,6 +324,9 @@ class Peer:
         """Drain the current span, hand off what is left, and serve [start, end) under the same peer id."""
         old = self.backend
         assert old is not None and self.handler is not None
+        # a model fetched by its id: the new blocks come from the swarm while the old ones still serve (a prefetch),
+        # so the gap without service is the load from local files only
+        await self.sharing.prepare(start, end, self.peer_id)
         logger.info("moving from blocks %d:%d to %d:%d: draining %d sessions", self.start, self.end, start, end,
                     len(old.sessions))
         self.state, self.target = PeerState.DRAINING, (start, end)

@@ -15,7 +15,9 @@ from swarm.model.source import DEFAULT_MODEL_ID
 class PeerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWARM_PEER_", protected_namespaces=())
 
-    model: str = Field(DEFAULT_MODEL_ID, description="model: the default, a local HF directory, or a hub id")
+    model: str = Field(DEFAULT_MODEL_ID, description="model: the default, gemma3-270m, a local *.gguf file or HF "
+                                                     "directory, a hub id, or a content id sha256:<hex> (fetched "
+                                                     "from the swarm's peers)")
     model_id: str | None = Field(None, description="name announced in the DHT (default: derived from --model)")
     blocks: str | None = Field(None, description="span to serve as START:END, or all (default: chosen by the peer: "
                                                  "as many blocks as fit its memory, where the swarm is weakest; it "
@@ -81,6 +83,11 @@ class PeerSettings(BaseSettings):
                                                         "answer wrong hidden states of the right shape and scale")
     fault_step_delay: float = Field(0.0, ge=0, description="for routing tests only: seconds every forward sleeps "
                                                            "(a slow peer)")
+    fault_corrupt_fetch: bool = Field(False, description="for weight-sharing tests only: serve tensor bytes with a "
+                                                         "flipped byte")
+    cache_budget: float = Field(0.0, ge=0, description="GiB the store of tensors fetched from the swarm may hold "
+                                                       "(least recently used first, never a running peer's span); "
+                                                       "0: unbounded")
 
     @field_validator("initial_peers", "allowed_clients", mode="before")
     @classmethod

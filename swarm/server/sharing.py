@@ -1,0 +1,110 @@
+"""A peer's side of sharing weights (swarm.model.fetch): it serves its model's tensors to peers that fetch them, and
+when it was started with only a content id (`--model sha256:<hex>`), it fetches each span it is about to load
+(its first, and the target of every move, before it drains: a prefetch) into the content-addressed store, keeps
+its span pinned there and evicts what no running peer uses beyond `--cache-budget`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+
+from swarm.dht import announce_provider, get_providers, start_dht, stop_dht
+from swarm.model.fetch import Fetcher, TensorProvider, block_entries, locate, write_blocks, write_bundle
+from swarm.model.manifest import MANIFEST_FILE
+from swarm.model.store import ObjectStore
+from swarm.protocol import CONTENT_ID
+from swarm.server.settings import PeerSettings
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_WAIT = 60.0  # seconds to wait for a first provider of a content id
+
+
+def is_content_id(model: str) -> bool:
+    return CONTENT_ID.fullmatch(model) is not None
+
+
+def fetch_model(settings: PeerSettings) -> PeerSettings:
+    """For `--model sha256:<hex>`: the model's manifest and config from the swarm (checked against the id), in a
+    local directory that then holds the blocks this peer fetches; the settings pointed at it."""
+    content_id = settings.model
+    dht = start_dht(settings.initial_peers, client_mode=True)
+    try:
+        model_id, manifest, config = asyncio.run(_bundle(dht, content_id))
+    finally:
+        stop_dht(dht)
+    path = write_bundle(content_id, model_id, manifest, config)
+    logger.info("model %s (%s): manifest and config from the swarm, in %s", content_id, model_id, path)
+    return settings.model_copy(update={"model": str(path), "model_id": settings.model_id or model_id})
+
+
+async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
+    p2p = await dht.replicate_p2p()
+    deadline = time.monotonic() + PROVIDER_WAIT
+    while not (providers := [peer for peer, _ in await get_providers(dht, content_id)]):
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no peer of the swarm provides {content_id}")
+        await asyncio.sleep(1.0)
+    return await Fetcher(p2p, providers).bundle(content_id)
+
+
+class WeightSharing:
+    def __init__(self, path: Path, manifest: dict[str, Any], model_id: str, cache_budget_gib: float = 0.0,
+                 corrupt: bool = False):
+        self.path, self.manifest, self.model_id = Path(path), manifest, model_id
+        self.content_id: str = manifest["content_id"]
+        self.remote = (self.path / MANIFEST_FILE).is_file()  # fetched by its id: blocks come from the swarm
+        self.store = ObjectStore()
+        self.cache_budget = int(cache_budget_gib * 2**30)
+        public = {k: v for k, v in manifest.items() if k != "locations"}
+        locations = locate(self.path, manifest) if self.remote else dict(manifest.get("locations", {}))
+        self.provider = TensorProvider({**public, "locations": locations}, model_id,
+                                       (self.path / "config.json").read_text(), corrupt=corrupt)
+        if corrupt:
+            logger.warning("fault injection: this peer serves corrupted tensor bytes")
+        self.p2p: P2P | None = None
+        self.dht: DHT | None = None
+        self.last_fetch: dict[str, Any] = {}
+
+    async def start(self, p2p: P2P, dht: DHT) -> None:
+        self.p2p, self.dht = p2p, dht
+        await self.provider.register(p2p)
+
+    async def announce(self, peer_id: str, ttl: float, owner: bytes) -> None:
+        if self.dht is not None and self.provider.locations:
+            await announce_provider(self.dht, self.content_id, peer_id, self.model_id, ttl, owner)
+
+    async def prepare(self, start: int, end: int, peer_id: str) -> None:
+        """Before blocks [start, end) load: fetch what this directory lacks of them (verified, from the peers that
+        provide them) and write their shards; keep them pinned in the store, evict beyond the budget."""
+        if not self.remote:
+            return
+        assert self.p2p is not None and self.dht is not None
+        entries = block_entries(self.manifest, start, end)
+        missing = [b for b in range(start, end) if not (self.path / f"block-{b:05d}.safetensors").is_file()]
+        loop = asyncio.get_running_loop()
+        if missing:
+            began = time.monotonic()
+            providers = [p for p, _ in await get_providers(self.dht, self.content_id) if p != peer_id]
+            fetcher = Fetcher(self.p2p, providers, self.store)
+            await fetcher.tensors(block_entries(self.manifest, min(missing), max(missing) + 1))
+            await loop.run_in_executor(None, write_blocks, self.path, self.manifest, start, end, self.store)
+            self.provider.locations.update(locate(self.path, self.manifest))
+            self.last_fetch = {"blocks": [start, end], "bytes": fetcher.fetched_bytes, "seconds":
+                               round(time.monotonic() - began, 3), "by_provider": dict(fetcher.by_provider),
+                               "banned": sorted(fetcher.banned)}
+            logger.info("fetched blocks %d:%d: %d bytes from %d peer(s) in %.1f s %s; banned for bad bytes: %s",
+                        start, end, fetcher.fetched_bytes, len(fetcher.by_provider), self.last_fetch["seconds"],
+                        fetcher.by_provider, sorted(fetcher.banned) or "none")
+        self.store.pin(e["sha256"] for e in entries)
+        if self.cache_budget:
+            removed = await loop.run_in_executor(None, self.store.evict, self.cache_budget)
+            if removed:
+                logger.info("store over its budget: evicted %d tensors no running peer uses", len(removed))

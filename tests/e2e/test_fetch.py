@@ -1,0 +1,59 @@
+"""Weights shared peer to peer: a peer started with only a content id (`--model sha256:<hex>`) and an empty store
+gets the manifest, the config and its span's tensors from the peers that have them, verified against the id, and
+serves token-exact; a peer that sends corrupted bytes is caught by hash and banned for fetches; a second fetcher
+gets its tensors from two peers, one of which fetched them itself."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.client import SwarmClient
+from swarm.model.manifest import content_id
+from tests.e2e.conftest import TINY_PEER_ARGS
+from tests.launcher import LocalSwarm
+
+
+def fetched(proc) -> tuple[int, dict[str, int], str]:
+    match = proc.wait_for(r"fetched blocks \d+:\d+: (\d+) bytes from \d+ peer\(s\) in [\d.]+ s (\{[^}]*\}); "
+                          r"banned for bad bytes: (.*)")
+    return int(match.group(1)), ast.literal_eval(match.group(2)), match.group(3)
+
+
+async def test_a_peer_with_only_a_content_id_fetches_its_span_verified_and_serves_it(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    cid = content_id(model)
+    with LocalSwarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        liar = swarm.start_peer(str(model), "0:3", *TINY_PEER_ARGS, "--fault-corrupt-fetch")
+        honest = swarm.start_peer(str(model), "3:6", *TINY_PEER_ARGS)
+        liar_id, honest_id = LocalSwarm.peer_id(liar), LocalSwarm.peer_id(honest)
+        first = swarm.start_peer(cid, "3:6", *TINY_PEER_ARGS, env={"SWARM_CACHE_DIR": str(tmp_path / "c1")})
+        size, sources, banned = fetched(first)
+        assert f"content id {cid}" in first.log()
+        assert size > 0 and set(sources) <= {liar_id, honest_id} and sources.get(honest_id, 0) > 0
+        if liar_id in sources:  # it was asked (and sent bad bytes): caught by hash
+            assert liar_id in banned
+        second = swarm.start_peer(cid, "3:6", *TINY_PEER_ARGS, "--cache-budget", "0.001",
+                                  env={"SWARM_CACHE_DIR": str(tmp_path / "c2")})
+        size2, sources2, banned2 = fetched(second)
+        first_id = LocalSwarm.peer_id(first)
+        assert size2 == size and sum(sources2.values()) >= size
+        assert first_id in sources2 and honest_id in sources2, sources2  # from two peers, one a fetcher itself
+        assert re.search(liar_id, banned2) or liar_id not in sources2
+        honest.stop()
+        client = await SwarmClient.connect(swarm.initial_peers, str(model))
+        try:
+            await client.wait_for_chain()
+            chain = await client.chain()
+            assert chain[0].peer.peer_id == liar_id and chain[1].peer.peer_id in (first_id, LocalSwarm.peer_id(second))
+            prompt = torch.tensor([[1, 5, 9, 14, 3]])
+            tokens = [int(step.token_ids[0]) async for step in client.generate_steps(prompt, 8)]
+        finally:
+            await client.close()
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    assert tokens == reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                        do_sample=False, eos_token_id=None)[0, 5:].tolist()
