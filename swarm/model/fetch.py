@@ -32,7 +32,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from kernels.filecache import cache_root, make_dirs, write_atomically
-from swarm.model.manifest import MANIFEST_FILE, check_identity, config_digest
+from swarm.model.manifest import CONFIG_BOOKKEEPING, DTYPE_BYTES, MANIFEST_FILE, check_identity, config_digest
 from swarm.model.store import CorruptObject, ObjectStore, digest_of, valid_digest
 from swarm.protocol import CONTENT_ID, FETCH_HANDLER, MANIFEST_HANDLER
 
@@ -40,16 +40,23 @@ logger = logging.getLogger(__name__)
 
 MAX_CHUNK = 1 << 20
 MAX_REQUEST = 256  # bytes of a fetch request's uid
-MAX_MANIFEST = 64 << 20  # bytes of a manifest answer a fetcher accepts
+MAX_MANIFEST = 4 << 20  # bytes of a manifest answer (hivemind's unary messages stop at 4 MiB)
 FETCH_TIMEOUT = 30.0  # seconds for one chunk
+TENSOR_DEADLINE = 300.0  # seconds a tensor may go without a chunk arriving before its fetch fails
 
 
 class TensorProvider:
     def __init__(self, manifest: dict[str, Any], model_id: str, config_text: str, max_concurrent: int = 2,
-                 corrupt: bool = False):
+                 corrupt: bool = False, allowed_clients: set[str] | None = None):
         self.manifest = manifest
         self.model_id = model_id
         self.config_text = config_text
+        self.allowed_clients = allowed_clients or set()  # a private swarm's peer serves its weights to those only
+        public = {k: v for k, v in manifest.items() if k != "locations"}
+        self.manifest_answer = json.dumps({"model_id": model_id, "manifest": public, "config": config_text}).encode()
+        if len(self.manifest_answer) > MAX_MANIFEST:
+            logger.warning("this model's manifest (%d bytes) is over what a fetcher takes: not shared",
+                           len(self.manifest_answer))
         self.max_concurrent = max_concurrent
         self.serving = 0
         self.served_bytes = 0
@@ -63,14 +70,18 @@ class TensorProvider:
         await p2p.add_protobuf_handler(MANIFEST_HANDLER, self.rpc_manifest, runtime_pb2.ExpertUID)
         await p2p.add_protobuf_handler(FETCH_HANDLER, self.rpc_fetch, runtime_pb2.ExpertUID)
 
+    def _check_caller(self, context: P2PContext) -> None:
+        if self.allowed_clients and context.remote_id.to_base58() not in self.allowed_clients:
+            raise PermissionError("this peer shares its weights with its allowed clients only")
+
     async def rpc_manifest(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self._check_caller(context)
         if request.uid != self.manifest["content_id"]:
             raise ValueError("this peer does not serve that content id")
-        public = {k: v for k, v in self.manifest.items() if k != "locations"}
-        answer = {"model_id": self.model_id, "manifest": public, "config": self.config_text}
-        return runtime_pb2.ExpertInfo(serialized_info=json.dumps(answer).encode())
+        return runtime_pb2.ExpertInfo(serialized_info=self.manifest_answer)
 
     async def rpc_fetch(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self._check_caller(context)
         if len(request.uid) > MAX_REQUEST:
             raise ValueError("fetch request too long")
         try:
@@ -153,7 +164,8 @@ class Fetcher:
         raise FileNotFoundError(f"no peer gave a valid manifest of {content_id}")
 
     async def tensors(self, entries: list[dict[str, Any]]) -> None:
-        """Fetch every tensor of `entries` (manifest tensor entries) the store lacks, verified, into the store."""
+        """Fetch every tensor of `entries` (manifest tensor entries) the store lacks, verified, into the store; if
+        one cannot be fetched, the others stop too and the error is raised."""
         wanted = {e["sha256"]: _nbytes(e) for e in entries if not self.store.has(e["sha256"])}
         queue: asyncio.Queue[str] = asyncio.Queue()
         for digest in wanted:
@@ -164,18 +176,40 @@ class Fetcher:
                 digest = queue.get_nowait()
                 await self._one(digest, wanted[digest], index)
 
-        await asyncio.gather(*(worker(i) for i in range(min(self.parallel, max(1, len(wanted))))))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(min(self.parallel, max(1, len(wanted)))):
+                    group.create_task(worker(i))
+        except ExceptionGroup as e:
+            raise e.exceptions[0] from None
 
     async def _one(self, digest: str, size: int, index: int) -> None:
-        data = bytearray()
-        contributors: set[str] = set()
-        attempts = 0
+        """One tensor. Chunks may come from several peers (a peer that fails mid-tensor is resumed from at the last
+        good offset); if the whole does not hash right, it is fetched again whole from one peer at a time, those
+        that sent parts of the bad copy first, and a peer whose own copy is wrong is banned. A `busy` refusal only
+        waits; a tensor that makes no progress for a while, or runs out of peers, raises."""
+        if size == 0:
+            self.store.put(digest, b"")  # CorruptObject unless the digest is that of nothing
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TENSOR_DEADLINE
+        data, contributors = bytearray(), set[str]()
+        origins: list[tuple[int, int, str]] = []  # (offset, length, peer) of each chunk of the current copy
+        bad_copy: tuple[bytes, list[tuple[int, int, str]]] | None = None  # a mixed copy that did not hash right
+        suspects: list[str] = []
+        whole_from_one = False
+        turn = index
         while True:
             usable = self.usable()
             if not usable:
                 raise FileNotFoundError(f"no peer left to fetch tensor {digest} from")
-            peer = usable[(index + attempts) % len(usable)]
-            attempts += 1
+            if loop.time() > deadline:
+                raise TimeoutError(f"tensor {digest} made no progress for {TENSOR_DEADLINE:.0f} s")
+            suspects = [p for p in suspects if p in usable]
+            peer = suspects.pop(0) if suspects else usable[turn % len(usable)]
+            turn += 1
+            if whole_from_one:
+                data, contributors, origins = bytearray(), set(), []
             try:
                 while len(data) < size:
                     length = min(MAX_CHUNK, size - len(data))
@@ -186,31 +220,43 @@ class Fetcher:
                     chunk = answer.serialized_info
                     if len(chunk) != length:
                         raise ValueError(f"asked {length} bytes, got {len(chunk)}")
+                    origins.append((len(data), length, peer))
                     data += chunk
                     contributors.add(peer)
                     self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
+                    deadline = loop.time() + TENSOR_DEADLINE  # progress
             except Exception as e:  # busy, gone or malformed: resume from another peer
-                logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, len(data), size, e)
-                if attempts > 8 * max(1, len(self.providers)):
-                    raise
-                await asyncio.sleep(0.05 * random.random())
+                if "busy" not in str(e):
+                    logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, len(data),
+                                size, e)
+                await asyncio.sleep(0.05 + 0.2 * random.random())
                 continue
             try:
                 self.store.put(digest, bytes(data))
-                self.fetched_bytes += size
-                return
             except CorruptObject:
                 if len(contributors) == 1:
-                    logger.warning("peer %s sent tensor bytes that do not match their hash: banned for fetches", peer)
-                    self.banned |= contributors
-                data, contributors = bytearray(), set()  # again, whole, from one peer
+                    self._ban(peer)
+                else:  # which of them lied is not known yet: each sends the whole tensor alone next
+                    suspects, bad_copy = sorted(contributors), (bytes(data), origins)
+                whole_from_one = True
+                data, contributors, origins = bytearray(), set(), []
+                continue
+            self.fetched_bytes += size
+            if bad_copy is not None:  # the good bytes are known now: whoever sent a chunk that differs lied
+                wrong, chunks = bad_copy
+                for offset, length, sender in chunks:
+                    if wrong[offset : offset + length] != data[offset : offset + length]:
+                        self._ban(sender)
+            return
 
-
-_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    def _ban(self, peer: str) -> None:
+        if peer not in self.banned:
+            logger.warning("peer %s sent tensor bytes that do not match their hash: banned for fetches", peer)
+            self.banned.add(peer)
 
 
 def _nbytes(entry: dict[str, Any]) -> int:
-    n = _ITEM[entry["dtype"]]
+    n = DTYPE_BYTES[entry["dtype"]]
     for d in entry["shape"]:
         n *= int(d)
     return n
@@ -218,11 +264,23 @@ def _nbytes(entry: dict[str, Any]) -> int:
 
 def write_bundle(content_id: str, model_id: str, manifest: dict[str, Any], config: str) -> Path:
     """The local directory of a model fetched by its id: config.json and the manifest; blocks come with write_blocks."""
+    from transformers import AutoConfig
+
+    from swarm.model.anatomy import find_anatomy, skeleton
+
     out = remote_dir(content_id)
     make_dirs(out)
-    write_atomically(out / "config.json", lambda tmp: tmp.write_text(config))
+    # only what the content id covers: the keys it leaves out (how the checkpoint was saved) are dropped
+    covered = {k: v for k, v in json.loads(config).items() if k not in CONFIG_BOOKKEEPING}
+    write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(covered, indent=1)))
+    loaded = AutoConfig.from_pretrained(out)
+    anatomy = find_anatomy(skeleton(loaded), loaded)
+    if anatomy.num_blocks != manifest["num_blocks"]:
+        raise ValueError(f"the manifest lists {manifest['num_blocks']} blocks, its config {anatomy.num_blocks}")
+    # where the blocks' tensors go is worked out here from the config, not taken from the peer that sent it
     public = {k: v for k, v in manifest.items() if k != "locations"}
-    write_atomically(out / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps({**public, "model_id": model_id})))
+    local = {**public, "model_id": model_id, "blocks_prefix": anatomy.blocks}
+    write_atomically(out / MANIFEST_FILE, lambda tmp: tmp.write_text(json.dumps(local)))
     return out
 
 
@@ -238,7 +296,7 @@ def write_blocks(path: Path, manifest: dict[str, Any], start: int, end: int, sto
     prefix = manifest["blocks_prefix"]
     for block in range(start, end):
         shard = path / f"block-{block:05d}.safetensors"
-        if shard.is_file():
+        if shard.is_file() and _shard_ok(shard, manifest, block):
             continue
         tensors = {}
         for entry in manifest["block_manifests"][block]["tensors"]:
@@ -253,6 +311,22 @@ def write_blocks(path: Path, manifest: dict[str, Any], start: int, end: int, sto
             weight_map[f"{prefix}.{block}.{entry['name']}"] = shard.name
     write_atomically(path / "model.safetensors.index.json",
                      lambda tmp: tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map})))
+
+
+def _shard_ok(shard: Path, manifest: dict[str, Any], block: int) -> bool:
+    """Whether a shard written before holds exactly its block's tensors (it is rewritten otherwise)."""
+    from swarm.model.manifest import _hash_range, read_header
+
+    try:
+        start, header = read_header(shard)
+        prefix = manifest["blocks_prefix"]
+        for entry in manifest["block_manifests"][block]["tensors"]:
+            begin, end = header[f"{prefix}.{block}.{entry['name']}"]["data_offsets"]
+            if _hash_range(shard, start + begin, end - begin) != entry["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def locate(path: Path, manifest: dict[str, Any]) -> dict[str, list[Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from kernels.filecache import cache_root, compute_once
 
-FORMAT = 1
+FORMAT = 2  # in the identity and the cache's file names: a manifest of another format is computed again
 MANIFEST_FILE = "swarm-manifest.json"
 # config.json keys that say how a checkpoint was saved, not what the model computes
 CONFIG_BOOKKEEPING = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures",
@@ -53,7 +53,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
         if file.exists():
             stat = file.stat()
             key.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = cache_root() / "manifests" / f"{path.resolve().name}-{key.hexdigest()[:16]}.json"
+    target = cache_root() / "manifests" / f"{path.resolve().name}-{key.hexdigest()[:16]}-f{FORMAT}.json"
     def build(out: Path) -> None:
         out.write_text(json.dumps(build_manifest(path), indent=1))
 
@@ -115,11 +115,49 @@ def config_digest(config: dict[str, Any]) -> str:
     return _digest({k: v for k, v in config.items() if k not in CONFIG_BOOKKEEPING})
 
 
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_BLOCKS_IN_MANIFEST = 4096
+MAX_TENSORS_PER_PART = 4096
+MAX_TENSOR_BYTES = 1 << 36
+
+
+def _check_tensors(tensors: Any) -> None:
+    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS_PER_PART:
+        raise ValueError("a part's tensors must be a bounded list")
+    names = set()
+    for t in tensors:
+        if not isinstance(t, dict):
+            raise ValueError("a tensor entry must be an object")
+        name, shape, dtype, digest = t.get("name"), t.get("shape"), t.get("dtype"), t.get("sha256")
+        if not (isinstance(name, str) and 0 < len(name) <= 256 and name.isprintable() and ".." not in name
+                and "/" not in name and name not in names):
+            raise ValueError(f"a tensor name is malformed or repeated: {str(name)[:80]!r}")
+        names.add(name)
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"tensor {name}: unknown dtype {str(dtype)[:16]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+            raise ValueError(f"tensor {name}: malformed shape")
+        size = DTYPE_BYTES[dtype]
+        for d in shape:
+            size *= d
+        if size > MAX_TENSOR_BYTES:
+            raise ValueError(f"tensor {name}: {size} bytes")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"tensor {name}: malformed sha256")
+
+
 def check_identity(manifest: dict[str, Any]) -> None:
-    """ValueError unless the manifest's content id is the hash of its identity and its blocks' and head's hashes are
-    those of their tensor lists (a manifest from another peer is checked before anything in it is trusted)."""
+    """ValueError unless the manifest is well formed (bounded counts, known dtypes, sane shapes, hex digests, unique
+    names), its content id is the hash of its identity and its blocks' and head's hashes are those of their tensor
+    lists (a manifest from another peer is checked before anything in it is trusted)."""
     try:
         blocks, head = manifest["block_manifests"], manifest["head_manifest"]
+        if not (isinstance(blocks, list) and 0 < len(blocks) <= MAX_BLOCKS_IN_MANIFEST):
+            raise ValueError("a manifest's blocks must be a bounded, non-empty list")
+        for part in [*blocks, head]:
+            _check_tensors(part["tensors"])
         if [_digest(b["tensors"]) for b in blocks] != manifest["blocks"] or _digest(head["tensors"]) != manifest[
                 "head"]:
             raise ValueError("a block's or the head's hash is not that of its tensors")
@@ -156,11 +194,8 @@ def shared_tensors(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int]:
     return sum(n for h, n in want.items() if h in have), sum(want.values())
 
 
-_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def _nbytes(entry: dict[str, Any]) -> int:
-    n = _ITEM.get(entry["dtype"], 1)
+    n = DTYPE_BYTES[entry["dtype"]]
     for d in entry["shape"]:
         n *= d
     return n

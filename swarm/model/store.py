@@ -70,11 +70,16 @@ class ObjectStore:
         if digest_of(data) != digest:
             target.unlink(missing_ok=True)
             raise CorruptObject(f"stored object {digest} was corrupt and is dropped")
-        os.utime(target)  # used now: the last to be evicted
+        with contextlib.suppress(OSError):  # another process may have evicted it meanwhile: the bytes are read
+            os.utime(target)  # used now: the last to be evicted
         return data
 
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self._files())
+        total = 0
+        for file in self._files():
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size
+        return total
 
     def pin(self, digests: Iterable[str]) -> None:
         """Pin `digests` for the rest of this process's life (a peer's span)."""
@@ -100,15 +105,20 @@ class ObjectStore:
     def evict(self, budget_bytes: int) -> list[str]:
         """Remove least recently used objects that no live process pins until the store holds at most
         `budget_bytes` (or only pinned objects are left); the digests removed."""
-        files = sorted(self._files(), key=lambda f: f.stat().st_mtime_ns)
-        total = sum(f.stat().st_size for f in files)
+        stats = []
+        for file in self._files():
+            with contextlib.suppress(FileNotFoundError):  # evicted by another process meanwhile
+                stat = file.stat()
+                stats.append((stat.st_mtime_ns, stat.st_size, file))
+        stats.sort(key=lambda s: s[0])
+        total = sum(size for _, size, _ in stats)
         used, removed = self.in_use(), []
-        for file in files:
+        for _, size, file in stats:
             if total <= budget_bytes:
                 break
             if file.name in used:
                 continue
-            total -= file.stat().st_size
+            total -= size
             file.unlink(missing_ok=True)
             removed.append(file.name)
         return removed

@@ -91,7 +91,8 @@ class Peer:
         self.content_id: str = manifest["content_id"]
         logger.info("model %s: content id %s", self.source.model_id, self.content_id)
         self.sharing = WeightSharing(self.source.path, manifest, self.source.model_id, settings.cache_budget,
-                                     settings.fault_corrupt_fetch)
+                                     settings.fault_corrupt_fetch, set(settings.allowed_clients),
+                                     settings.share_weights)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)

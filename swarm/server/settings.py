@@ -85,6 +85,8 @@ class PeerSettings(BaseSettings):
                                                            "(a slow peer)")
     fault_corrupt_fetch: bool = Field(False, description="for weight-sharing tests only: serve tensor bytes with a "
                                                          "flipped byte")
+    share_weights: bool = Field(True, description="serve this model's tensors to peers that fetch it by content id "
+                                                  "(with --allowed-clients: to those only)")
     cache_budget: float = Field(0.0, ge=0, description="GiB the store of tensors fetched from the swarm may hold "
                                                        "(least recently used first, never a running peer's span); "
                                                        "0: unbounded")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from hivemind.p2p import P2P
 from swarm.dht import announce_provider, get_providers, start_dht, stop_dht
 from swarm.model.fetch import Fetcher, TensorProvider, block_entries, locate, write_blocks, write_bundle
 from swarm.model.manifest import MANIFEST_FILE
-from swarm.model.store import ObjectStore
+from swarm.model.store import CorruptObject, ObjectStore
 from swarm.protocol import CONTENT_ID
 from swarm.server.settings import PeerSettings
 
@@ -48,16 +49,19 @@ def fetch_model(settings: PeerSettings) -> PeerSettings:
 async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
     p2p = await dht.replicate_p2p()
     deadline = time.monotonic() + PROVIDER_WAIT
-    while not (providers := [peer for peer, _ in await get_providers(dht, content_id)]):
+    while not (found := await get_providers(dht, content_id)):
         if time.monotonic() > deadline:
             raise FileNotFoundError(f"no peer of the swarm provides {content_id}")
         await asyncio.sleep(1.0)
-    return await Fetcher(p2p, providers).bundle(content_id)
+    _, manifest, config = await Fetcher(p2p, [peer for peer, _ in found]).bundle(content_id)
+    # the name is not covered by the content id: the one most of its providers announce
+    names = Counter(name for _, name in found)
+    return names.most_common(1)[0][0], manifest, config
 
 
 class WeightSharing:
     def __init__(self, path: Path, manifest: dict[str, Any], model_id: str, cache_budget_gib: float = 0.0,
-                 corrupt: bool = False):
+                 corrupt: bool = False, allowed_clients: set[str] | None = None, share: bool = True):
         self.path, self.manifest, self.model_id = Path(path), manifest, model_id
         self.content_id: str = manifest["content_id"]
         self.remote = (self.path / MANIFEST_FILE).is_file()  # fetched by its id: blocks come from the swarm
@@ -65,8 +69,10 @@ class WeightSharing:
         self.cache_budget = int(cache_budget_gib * 2**30)
         public = {k: v for k, v in manifest.items() if k != "locations"}
         locations = locate(self.path, manifest) if self.remote else dict(manifest.get("locations", {}))
+        self.share = share
         self.provider = TensorProvider({**public, "locations": locations}, model_id,
-                                       (self.path / "config.json").read_text(), corrupt=corrupt)
+                                       (self.path / "config.json").read_text(), corrupt=corrupt,
+                                       allowed_clients=allowed_clients)
         if corrupt:
             logger.warning("fault injection: this peer serves corrupted tensor bytes")
         self.p2p: P2P | None = None
@@ -75,10 +81,11 @@ class WeightSharing:
 
     async def start(self, p2p: P2P, dht: DHT) -> None:
         self.p2p, self.dht = p2p, dht
-        await self.provider.register(p2p)
+        if self.share:
+            await self.provider.register(p2p)
 
     async def announce(self, peer_id: str, ttl: float, owner: bytes) -> None:
-        if self.dht is not None and self.provider.locations:
+        if self.share and self.dht is not None and self.provider.locations:
             await announce_provider(self.dht, self.content_id, peer_id, self.model_id, ttl, owner)
 
     async def prepare(self, start: int, end: int, peer_id: str) -> None:
@@ -88,14 +95,21 @@ class WeightSharing:
             return
         assert self.p2p is not None and self.dht is not None
         entries = block_entries(self.manifest, start, end)
+        self.store.pin(e["sha256"] for e in entries)  # before fetching: another peer's eviction leaves them alone
         missing = [b for b in range(start, end) if not (self.path / f"block-{b:05d}.safetensors").is_file()]
         loop = asyncio.get_running_loop()
         if missing:
             began = time.monotonic()
             providers = [p for p, _ in await get_providers(self.dht, self.content_id) if p != peer_id]
             fetcher = Fetcher(self.p2p, providers, self.store)
-            await fetcher.tensors(block_entries(self.manifest, min(missing), max(missing) + 1))
-            await loop.run_in_executor(None, write_blocks, self.path, self.manifest, start, end, self.store)
+            for attempt in range(2):
+                await fetcher.tensors(block_entries(self.manifest, min(missing), max(missing) + 1))
+                try:
+                    await loop.run_in_executor(None, write_blocks, self.path, self.manifest, start, end, self.store)
+                    break
+                except CorruptObject:  # a stored object went bad since: it was dropped, fetch it again
+                    if attempt:
+                        raise
             self.provider.locations.update(locate(self.path, self.manifest))
             self.last_fetch = {"blocks": [start, end], "bytes": fetcher.fetched_bytes, "seconds":
                                round(time.monotonic() - began, 3), "by_provider": dict(fetcher.by_provider),
@@ -103,7 +117,6 @@ class WeightSharing:
             logger.info("fetched blocks %d:%d: %d bytes from %d peer(s) in %.1f s %s; banned for bad bytes: %s",
                         start, end, fetcher.fetched_bytes, len(fetcher.by_provider), self.last_fetch["seconds"],
                         fetcher.by_provider, sorted(fetcher.banned) or "none")
-        self.store.pin(e["sha256"] for e in entries)
         if self.cache_budget:
             removed = await loop.run_in_executor(None, self.store.evict, self.cache_budget)
             if removed:

@@ -6,7 +6,6 @@ gets its tensors from two peers, one of which fetched them itself."""
 from __future__ import annotations
 
 import ast
-import re
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -34,16 +33,15 @@ async def test_a_peer_with_only_a_content_id_fetches_its_span_verified_and_serve
         first = swarm.start_peer(cid, "3:6", *TINY_PEER_ARGS, env={"SWARM_CACHE_DIR": str(tmp_path / "c1")})
         size, sources, banned = fetched(first)
         assert f"content id {cid}" in first.log()
-        assert size > 0 and set(sources) <= {liar_id, honest_id} and sources.get(honest_id, 0) > 0
-        if liar_id in sources:  # it was asked (and sent bad bytes): caught by hash
-            assert liar_id in banned
+        assert size > 0 and set(sources) == {liar_id, honest_id}  # several tensors at once: both were asked
+        assert liar_id in banned  # its bytes failed their hash
         second = swarm.start_peer(cid, "3:6", *TINY_PEER_ARGS, "--cache-budget", "0.001",
                                   env={"SWARM_CACHE_DIR": str(tmp_path / "c2")})
         size2, sources2, banned2 = fetched(second)
         first_id = LocalSwarm.peer_id(first)
         assert size2 == size and sum(sources2.values()) >= size
         assert first_id in sources2 and honest_id in sources2, sources2  # from two peers, one a fetcher itself
-        assert re.search(liar_id, banned2) or liar_id not in sources2
+        assert liar_id in banned2
         honest.stop()
         client = await SwarmClient.connect(swarm.initial_peers, str(model))
         try:
