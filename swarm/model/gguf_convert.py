@@ -205,9 +205,7 @@ def _metadata(gguf_path: str, out: str, tokenizer: bool) -> None:
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
     architecture = str(meta["general.architecture"])
     names = get_gguf_hf_weights_map(model, _processor(architecture, config_dict))
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     (Path(out) / NAMES_FILE).write_text(json.dumps({"architecture": architecture, "config": config_dict,
                                                     "names": names, "peak_rss_mib": peak}))
 
@@ -300,6 +298,12 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS since it started its program: VmHWM (ru_maxrss would carry over the RSS of the
+    process it was forked from, e.g. a big test runner's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
