@@ -69,10 +69,9 @@ def build_manifest(path: Path) -> dict[str, Any]:
     model = skeleton(config)
     anatomy = find_anatomy(model, config)
     block_paths = [f"{anatomy.blocks}.{i}" for i in range(anatomy.num_blocks)]
-    head_paths = [anatomy.embeddings, anatomy.final_norm]
-    if anatomy.position_embeddings:
-        head_paths.append(anatomy.position_embeddings)
-    if not anatomy.tied_embeddings:
+    # an encoder's "head" is its embeddings module alone (no final norm, no LM head: their paths are "")
+    head_paths = [p for p in (anatomy.embeddings, anatomy.final_norm, anatomy.position_embeddings) if p]
+    if not anatomy.tied_embeddings and anatomy.lm_head:
         head_paths.append(anatomy.lm_head)
     checkpoint = checkpoint_for(path, model, anatomy, block_paths + head_paths)
     headers: dict[Path, tuple[int, dict[str, Any]]] = {}

@@ -76,3 +76,12 @@ def test_the_router_leaves_out_peers_that_announce_other_weights():
     assert [s.peer_id for s in router.spans] == ["same", "older"]
     router.content_id = None  # a client that does not check sees them all
     assert len(router.spans) == 3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2_moe", "bert"])
+def test_every_kind_of_model_has_a_manifest(tiny_model_dir, tmp_path, monkeypatch, family):
+    """Learned positions (gpt2, opt), a canonical copy (MoE experts), an encoder (no final norm, no LM head)."""
+    monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = load_manifest(tiny_model_dir(family))
+    assert len(manifest["block_manifests"]) == manifest["num_blocks"] == 6
+    assert manifest["head_manifest"]["tensors"] and all(block["tensors"] for block in manifest["block_manifests"])
