@@ -76,7 +76,7 @@ def resolve_model(ref: str | None = None, model_id: str | None = None) -> ModelS
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return ModelSource(model_id or ref, _download(ref))
     raise FileNotFoundError(f"model {ref!r} is neither a packaged model ({DEFAULT_MODEL_ID}, {', '.join(PACKAGED)}), "
-                            "a local directory nor a hub id (org/name)")
+                            "a local *.gguf file or directory nor a hub id (org/name)")
 
 
 def _download(repo_id: str) -> Path:

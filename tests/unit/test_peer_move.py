@@ -35,6 +35,13 @@ def peer(tiny_model_dir, monkeypatch):
 
     peer._announce = announce
     peer.announced = announced
+    prepared = []
+
+    async def prepare(start, end, peer_id):  # a model fetched by its id gets the new blocks here (a prefetch)
+        prepared.append((start, end, peer.state))
+
+    peer.sharing = SimpleNamespace(prepare=prepare)
+    peer.prepared = prepared
     loads = []
 
     async def load(start, end):
@@ -56,6 +63,7 @@ async def test_a_move_drains_hands_off_and_serves_the_new_span(peer):
     live = old.open(OpenRequest("s", 32, 1, 0, 3))
     await old.step(live, torch.randn(1, 4, 64), 0)
     await peer.move_to(3, 6)
+    assert peer.prepared == [(3, 6, PeerState.ONLINE)]  # the new blocks were fetched while the old still served
     states = [a[0] for a in peer.announced]
     assert states == [PeerState.DRAINING, PeerState.JOINING, PeerState.ONLINE]
     assert peer.announced[0][3] == (3, 6)  # draining, with where it goes

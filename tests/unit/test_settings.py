@@ -41,7 +41,8 @@ def test_bad_block_ranges_are_refused(blocks):
 
 
 def test_unknown_model_reference_is_explained():
-    with pytest.raises(FileNotFoundError, match="neither the default model, a local directory nor a hub id"):
+    with pytest.raises(FileNotFoundError, match=r"neither a packaged model \(smollm2-135m-instruct, gemma3-270m\), "
+                                                r"a local \*\.gguf file or directory nor a hub id"):
         resolve_model("./no/such/dir")
 
 
