@@ -32,7 +32,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from kernels.filecache import cache_root, make_dirs, write_atomically
-from swarm.model.manifest import CONFIG_BOOKKEEPING, DTYPE_BYTES, MANIFEST_FILE, check_identity, config_digest
+from swarm.model.manifest import CONFIG_BOOKKEEPING, MANIFEST_FILE, check_identity, config_digest, tensor_bytes
 from swarm.model.store import CorruptObject, ObjectStore, digest_of, valid_digest
 from swarm.protocol import CONTENT_ID, FETCH_HANDLER, MANIFEST_HANDLER
 
@@ -166,7 +166,7 @@ class Fetcher:
     async def tensors(self, entries: list[dict[str, Any]]) -> None:
         """Fetch every tensor of `entries` (manifest tensor entries) the store lacks, verified, into the store; if
         one cannot be fetched, the others stop too and the error is raised."""
-        wanted = {e["sha256"]: _nbytes(e) for e in entries if not self.store.has(e["sha256"])}
+        wanted = {e["sha256"]: tensor_bytes(e) for e in entries if not self.store.has(e["sha256"])}
         queue: asyncio.Queue[str] = asyncio.Queue()
         for digest in wanted:
             queue.put_nowait(digest)
@@ -253,13 +253,6 @@ class Fetcher:
         if peer not in self.banned:
             logger.warning("peer %s sent tensor bytes that do not match their hash: banned for fetches", peer)
             self.banned.add(peer)
-
-
-def _nbytes(entry: dict[str, Any]) -> int:
-    n = DTYPE_BYTES[entry["dtype"]]
-    for d in entry["shape"]:
-        n *= int(d)
-    return n
 
 
 def write_bundle(content_id: str, model_id: str, manifest: dict[str, Any], config: str) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.filecache import cache_root, compute_once
+from swarm.model.store import valid_digest
 
 FORMAT = 2  # in the identity and the cache's file names: a manifest of another format is computed again
 MANIFEST_FILE = "swarm-manifest.json"
@@ -143,7 +144,7 @@ def _check_tensors(tensors: Any) -> None:
             size *= d
         if size > MAX_TENSOR_BYTES:
             raise ValueError(f"tensor {name}: {size} bytes")
-        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        if not (isinstance(digest, str) and valid_digest(digest)):
             raise ValueError(f"tensor {name}: malformed sha256")
 
 
@@ -186,14 +187,15 @@ def shared_tensors(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int]:
         out = {}
         for part in [*manifest["block_manifests"], manifest["head_manifest"]]:
             for t in part["tensors"]:
-                out[t["sha256"]] = _nbytes(t)
+                out[t["sha256"]] = tensor_bytes(t)
         return out
 
     have, want = sizes(a), sizes(b)
     return sum(n for h, n in want.items() if h in have), sum(want.values())
 
 
-def _nbytes(entry: dict[str, Any]) -> int:
+def tensor_bytes(entry: dict[str, Any]) -> int:
+    """Bytes of a manifest tensor entry's data."""
     n = DTYPE_BYTES[entry["dtype"]]
     for d in entry["shape"]:
         n *= d

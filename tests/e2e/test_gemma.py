@@ -24,6 +24,7 @@ from swarm.client.session import InferenceSession
 from swarm.model.gguf_cache import GEMMA3_270M
 from swarm.model.source import resolve_model
 from tests.e2e.test_gateway import free_port
+from tests.e2e.test_smollm import collect
 from tests.launcher import LocalSwarm
 from tests.logits_tolerance import calibrated_atol, full_sequence_logits
 
@@ -111,14 +112,6 @@ def test_the_converted_checkpoint_is_transformers_own_gguf_load(source, tokenize
     assert tokenizer(PROMPTS[0])["input_ids"][0] == tokenizer.bos_token_id == 2
     assert tokenizer.chat_template is None
     del whole
-
-
-async def collect(steps):
-    tokens, logits = [], []
-    async for step in steps:
-        tokens.append(int(step.token_ids[0]))
-        logits.append(step.logits[0])
-    return tokens, torch.stack(logits)
 
 
 async def test_two_peers_are_token_exact(client, gemma_swarm, reference, runs, logits_atol, tokenizer):
