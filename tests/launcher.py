@@ -107,10 +107,11 @@ class LocalSwarm:
             proc.wait_for(r"peer ready: .* peer_id=(\S+)")
         return proc
 
-    def start_placed_peer(self, model: str, *extra: str, wait: bool = True) -> ManagedProcess:
+    def start_placed_peer(self, model: str, *extra: str, wait: bool = True,
+                          env: dict[str, str] | None = None) -> ManagedProcess:
         """Start `python -m swarm.server` without --blocks: the peer chooses its span."""
         argv = ["-m", "swarm.server", "--model", model, "--initial-peers", *self.initial_peers, *extra]
-        proc = self._spawn(f"peer-placed-{len(self.processes)}", argv)
+        proc = self._spawn(f"peer-placed-{len(self.processes)}", argv, env)
         if wait:
             proc.wait_for(r"peer ready: .* peer_id=(\S+)")
         return proc

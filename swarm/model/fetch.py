@@ -6,8 +6,9 @@ Serving (`TensorProvider`, registered on the peer's P2P):
     swarm.v1.manifest   uid = the content id → the model's name, its manifest (without local paths) and config.json
     swarm.v1.fetch      uid = {"sha256", "offset", "length"} → at most MAX_CHUNK bytes of that tensor
 Every request is bounded and checked (a known digest, a range inside the tensor, a chunk of at most MAX_CHUNK); at
-most `max_concurrent` fetches are served at once (others are refused at once: the fetcher asks another peer), and
-reads run off the event loop, so serving weights never stalls the peer's inference for longer than a file read.
+most `max_concurrent` fetches are served at once (others are refused at once: the fetcher asks another peer), reads
+run off the event loop, and the bytes sent, all fetches together, are paced to at most `rate` bytes per second (the
+peer's `--share-rate`), so that serving weights takes a bounded share of a peer's cores from its inference.
 
 Fetching (`fetch_bundle`, `fetch_blocks`): providers are found in the DHT under the content id
 (swarm.dht.get_providers); the manifest is checked against the id (swarm.model.manifest.check_identity) before
@@ -47,7 +48,7 @@ TENSOR_DEADLINE = 300.0  # seconds a tensor may go without a chunk arriving befo
 
 class TensorProvider:
     def __init__(self, manifest: dict[str, Any], model_id: str, config_text: str, max_concurrent: int = 2,
-                 corrupt: bool = False, allowed_clients: set[str] | None = None):
+                 corrupt: bool = False, allowed_clients: set[str] | None = None, rate: float = 0.0):
         self.manifest = manifest
         self.model_id = model_id
         self.config_text = config_text
@@ -61,6 +62,8 @@ class TensorProvider:
         self.serving = 0
         self.served_bytes = 0
         self.corrupt = corrupt  # fault injection for tests: flip a byte of every chunk served
+        self.rate = rate  # bytes per second over all fetches (0: unpaced)
+        self.free_at = 0.0  # loop time at which the bytes sent so far have used up the rate
 
     @property
     def locations(self) -> dict[str, list[Any]]:
@@ -100,13 +103,26 @@ class TensorProvider:
             raise ValueError("busy: too many fetches at once; ask another peer")
         self.serving += 1
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, _read, file, start + offset, length)
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, _read, file, start + offset, length)
+            await self._pace(loop, len(data))
         finally:
             self.serving -= 1
         if self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         self.served_bytes += len(data)
         return runtime_pb2.ExpertInfo(serialized_info=data)
+
+    async def _pace(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        """Hold a chunk back until the chunks sent before it have had their time at `rate`: a fetch of a large
+        tensor from an idle peer still goes at `rate` on average, however many fetchers ask at once."""
+        if self.rate <= 0:
+            return
+        now = loop.time()
+        begin = max(now, self.free_at)
+        self.free_at = begin + size / self.rate
+        if begin > now:
+            await asyncio.sleep(begin - now)
 
 
 def _read(file: str, offset: int, length: int) -> bytes:

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import signal
+import time
 
 import psutil
 import torch
@@ -92,7 +93,7 @@ class Peer:
         logger.info("model %s: content id %s", self.source.model_id, self.content_id)
         self.sharing = WeightSharing(self.source.path, manifest, self.source.model_id, settings.cache_budget,
                                      settings.fault_corrupt_fetch, set(settings.allowed_clients),
-                                     settings.share_weights)
+                                     settings.share_weights, settings.share_rate * 2**20)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)
@@ -226,6 +227,7 @@ class Peer:
         settings, loop = self.settings, asyncio.get_running_loop()
         await self.sharing.prepare(start, end, self.peer_id)  # a model fetched by its id: this span's blocks first
         span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end, precision=self.precision))
+        await self.sharing.loaded(start, end)  # a model fetched by its id: shards of other spans are not kept
         limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
                         settings.admission_wait)
@@ -326,10 +328,12 @@ class Peer:
         old = self.backend
         assert old is not None and self.handler is not None
         # a model fetched by its id: the new blocks come from the swarm while the old ones still serve (a prefetch),
-        # so the gap without service is the load from local files only
-        await self.sharing.prepare(start, end, self.peer_id)
+        # so the gap without service is the load from local files only (without --prefetch, _load fetches them)
+        if self.settings.prefetch:
+            await self.sharing.prepare(start, end, self.peer_id)
         logger.info("moving from blocks %d:%d to %d:%d: draining %d sessions", self.start, self.end, start, end,
                     len(old.sessions))
+        out_of_service = time.monotonic()  # from here, no new session is taken
         self.state, self.target = PeerState.DRAINING, (start, end)
         reason = f"this peer is moving from blocks {self.start}:{self.end} to {start}:{end}; route elsewhere"
         old.drain(reason)
@@ -366,7 +370,8 @@ class Peer:
         self.state, self.target = PeerState.ONLINE, (0, 0)
         self.moves += 1
         await self._announce()
-        logger.info("peer moved: blocks=%d:%d peer_id=%s", start, end, self.peer_id)
+        logger.info("peer moved: blocks=%d:%d peer_id=%s out of service %.2f s", start, end, self.peer_id,
+                    time.monotonic() - out_of_service)
 
     async def _shutdown(self, p2p) -> None:
         logger.info("shutting down: withdrawing %s from the DHT", self.peer_id)

@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from swarm.model.source import DEFAULT_MODEL_ID
 
+# MiB/s a peer sends to peers fetching its weights, by default (benchmarks/fetch.py measures what serving at a rate
+# costs the peer's own inference)
+SHARE_RATE = 32.0
+
 
 class PeerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWARM_PEER_", protected_namespaces=())
@@ -90,6 +94,18 @@ class PeerSettings(BaseSettings):
     cache_budget: float = Field(0.0, ge=0, description="GiB the store of tensors fetched from the swarm may hold "
                                                        "(least recently used first, never a running peer's span); "
                                                        "0: unbounded")
+    share_rate: float = Field(SHARE_RATE, ge=0, description="MiB/s this peer sends, all fetches together, to peers "
+                                                         "fetching its weights (0: unpaced; at least 0.1 otherwise)")
+    prefetch: bool = Field(True, description="a model fetched by its content id: fetch a move's new span before the "
+                                             "old one drains (off: after it, while nothing is served; for "
+                                             "measurements)")
+
+    @field_validator("share_rate")
+    @classmethod
+    def _share_rate(cls, value: float) -> float:
+        if 0 < value < 0.1:  # a 1 MiB chunk held back behind another must arrive within the fetcher's timeout
+            raise ValueError("--share-rate is 0 (unpaced) or at least 0.1 MiB/s")
+        return value
 
     @field_validator("initial_peers", "allowed_clients", mode="before")
     @classmethod

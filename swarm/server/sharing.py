@@ -1,7 +1,10 @@
 """A peer's side of sharing weights (swarm.model.fetch): it serves its model's tensors to peers that fetch them, and
 when it was started with only a content id (`--model sha256:<hex>`), it fetches each span it is about to load
 (its first, and the target of every move, before it drains: a prefetch) into the content-addressed store, keeps
-its span pinned there and evicts what no running peer uses beyond `--cache-budget`.
+its span pinned there and evicts what no running peer uses beyond `--cache-budget`. The span's blocks are written out
+as safetensors shards to load from; once loaded, the shards of blocks no running peer of the machine serves are
+removed, so what a remote peer keeps on disk is the store (within its budget) and its own span's shards. It sends
+peers what it has of both, at most `--share-rate` MiB/s.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hivemind.p2p import P2P
 
 from swarm.dht import announce_provider, get_providers, start_dht, stop_dht
 from swarm.model.fetch import Fetcher, TensorProvider, block_entries, locate, write_blocks, write_bundle
-from swarm.model.manifest import MANIFEST_FILE
+from swarm.model.manifest import MANIFEST_FILE, tensor_bytes
 from swarm.model.store import CorruptObject, ObjectStore
 from swarm.protocol import CONTENT_ID
 from swarm.server.settings import PeerSettings
@@ -61,7 +64,8 @@ async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
 
 class WeightSharing:
     def __init__(self, path: Path, manifest: dict[str, Any], model_id: str, cache_budget_gib: float = 0.0,
-                 corrupt: bool = False, allowed_clients: set[str] | None = None, share: bool = True):
+                 corrupt: bool = False, allowed_clients: set[str] | None = None, share: bool = True,
+                 rate: float = 0.0):
         self.path, self.manifest, self.model_id = Path(path), manifest, model_id
         self.content_id: str = manifest["content_id"]
         self.remote = (self.path / MANIFEST_FILE).is_file()  # fetched by its id: blocks come from the swarm
@@ -72,7 +76,7 @@ class WeightSharing:
         self.share = share
         self.provider = TensorProvider({**public, "locations": locations}, model_id,
                                        (self.path / "config.json").read_text(), corrupt=corrupt,
-                                       allowed_clients=allowed_clients)
+                                       allowed_clients=allowed_clients, rate=rate)
         if corrupt:
             logger.warning("fault injection: this peer serves corrupted tensor bytes")
         self.p2p: P2P | None = None
@@ -110,7 +114,6 @@ class WeightSharing:
                 except CorruptObject:  # a stored object went bad since: it was dropped, fetch it again
                     if attempt:
                         raise
-            self.provider.locations.update(locate(self.path, self.manifest))
             self.last_fetch = {"blocks": [start, end], "bytes": fetcher.fetched_bytes, "seconds":
                                round(time.monotonic() - began, 3), "by_provider": dict(fetcher.by_provider),
                                "banned": sorted(fetcher.banned)}
@@ -119,5 +122,34 @@ class WeightSharing:
                         fetcher.by_provider, sorted(fetcher.banned) or "none")
         if self.cache_budget:
             removed = await loop.run_in_executor(None, self.store.evict, self.cache_budget)
-            if removed:
-                logger.info("store over its budget: evicted %d tensors no running peer uses", len(removed))
+            logger.info("store: %d bytes, budget %d; evicted %d tensors no running peer uses",
+                        await loop.run_in_executor(None, self.store.size), self.cache_budget, len(removed))
+        await loop.run_in_executor(None, self._relocate)
+
+    async def loaded(self, start: int, end: int) -> None:
+        """Blocks [start, end) are in memory: the shards of other blocks, which no running peer of this machine
+        uses, are removed (what is left of them is in the store, under its budget, and is served from there)."""
+        if not self.remote:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._drop_shards, start, end)
+        await loop.run_in_executor(None, self._relocate)
+
+    def _drop_shards(self, start: int, end: int) -> None:
+        used = self.store.in_use()  # this peer's span, and those of the other peers sharing the directory
+        for shard in self.path.glob("block-*.safetensors"):
+            block = int(shard.stem.split("-")[1])
+            if not start <= block < end and not all(  # another peer's span holds it
+                    e["sha256"] in used for e in self.manifest["block_manifests"][block]["tensors"]):
+                shard.unlink(missing_ok=True)
+                logger.info("removed the shard of block %d (no longer served here)", block)
+
+    def _relocate(self) -> None:
+        """What this peer can send: the tensors of the shards present, and those still in the store."""
+        locations: dict[str, list[Any]] = {}
+        for block in self.manifest["block_manifests"]:
+            for entry in block["tensors"]:
+                if self.store.has(entry["sha256"]):
+                    locations[entry["sha256"]] = [str(self.store.path(entry["sha256"])), 0, tensor_bytes(entry)]
+        locations.update(locate(self.path, self.manifest))
+        self.provider.manifest["locations"] = locations

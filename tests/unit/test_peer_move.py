@@ -23,7 +23,7 @@ def make_backend(tiny_model_dir, start: int, end: int) -> SpanBackend:
 @pytest.fixture
 def peer(tiny_model_dir, monkeypatch):
     peer = Peer.__new__(Peer)  # no DHT, no weights of a real model: just the moving parts
-    peer.settings = SimpleNamespace(drain_timeout=0.5)
+    peer.settings = SimpleNamespace(drain_timeout=0.5, prefetch=True)
     peer.backend = make_backend(tiny_model_dir, 0, 3)
     peer.handler = SimpleNamespace(backend=peer.backend)
     peer.start, peer.end, peer.state, peer.target, peer.moves = 0, 3, PeerState.ONLINE, (0, 0), 0
@@ -72,6 +72,13 @@ async def test_a_move_drains_hands_off_and_serves_the_new_span(peer):
     with pytest.raises(PeerError) as info:
         await old.step(live, torch.randn(1, 1, 64), 4)
     assert info.value.code == ErrorCode.MOVED
+
+
+async def test_without_prefetch_the_new_blocks_are_not_fetched_before_draining(peer):
+    peer.settings.prefetch = False
+    await peer.move_to(3, 6)
+    assert peer.prepared == [] and peer.loads == [(3, 6)]  # Peer._load fetches them, after the drain
+    assert (peer.start, peer.end, peer.state) == (3, 6, PeerState.ONLINE)
 
 
 async def test_a_failed_load_serves_the_old_span_again(peer):
