@@ -8,7 +8,8 @@ Serving (`TensorProvider`, registered on the peer's P2P):
 Every request is bounded and checked (a known digest, a range inside the tensor, a chunk of at most MAX_CHUNK); at
 most `max_concurrent` fetches are served at once (others are refused at once: the fetcher asks another peer), reads
 run off the event loop, and the bytes sent, all fetches together, are paced to at most `rate` bytes per second (the
-peer's `--share-rate`), so that serving weights takes a bounded share of a peer's cores from its inference.
+peer's `--share-rate`), or `busy_rate` while the peer is computing for its sessions (`--share-rate-busy`), so that
+sending weights takes a bounded share of the peer's cores from its inference (benchmarks/fetch.py measures it).
 
 Fetching (`fetch_bundle`, `fetch_blocks`): providers are found in the DHT under the content id
 (swarm.dht.get_providers); the manifest is checked against the id (swarm.model.manifest.check_identity) before
@@ -25,6 +26,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,8 @@ TENSOR_DEADLINE = 300.0  # seconds a tensor may go without a chunk arriving befo
 
 class TensorProvider:
     def __init__(self, manifest: dict[str, Any], model_id: str, config_text: str, max_concurrent: int = 2,
-                 corrupt: bool = False, allowed_clients: set[str] | None = None, rate: float = 0.0):
+                 corrupt: bool = False, allowed_clients: set[str] | None = None, rate: float = 0.0,
+                 busy_rate: float = 0.0, busy: Callable[[], bool] | None = None):
         self.manifest = manifest
         self.model_id = model_id
         self.config_text = config_text
@@ -63,6 +66,8 @@ class TensorProvider:
         self.served_bytes = 0
         self.corrupt = corrupt  # fault injection for tests: flip a byte of every chunk served
         self.rate = rate  # bytes per second over all fetches (0: unpaced)
+        self.busy_rate = busy_rate  # the same while busy() says the peer is computing for its sessions
+        self.busy = busy or (lambda: False)
         self.free_at = 0.0  # loop time at which the bytes sent so far have used up the rate
 
     @property
@@ -116,11 +121,12 @@ class TensorProvider:
     async def _pace(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         """Hold a chunk back until the chunks sent before it have had their time at `rate`: a fetch of a large
         tensor from an idle peer still goes at `rate` on average, however many fetchers ask at once."""
-        if self.rate <= 0:
+        rate = self.busy_rate if self.busy() else self.rate
+        if rate <= 0:
             return
         now = loop.time()
         begin = max(now, self.free_at)
-        self.free_at = begin + size / self.rate
+        self.free_at = begin + size / rate
         if begin > now:
             await asyncio.sleep(begin - now)
 

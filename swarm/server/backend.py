@@ -83,6 +83,7 @@ class SpanBackend:
         self.faults = faults or Faults()
         self.draining: str | None = None  # why new sessions are refused (the peer is leaving this span)
         self.steps = 0  # forwards served
+        self.last_step = 0.0  # monotonic time the last step arrived (a peer sending weights paces them lower after)
         self.limits = limits
         self.budget = budget
         self.sessions: dict[str, Session] = {}
@@ -305,7 +306,7 @@ class SpanBackend:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype.
         `group`: (id, size) of the group of decode steps the client sent this one with (see the module's doc)."""
         self._check_open(session)
-        session.last_step = time.monotonic()
+        session.last_step = self.last_step = time.monotonic()
         self.validate_step(session, hidden, position)
         if not self.span.encoder:
             await self._reserve_growth(session, position + hidden.shape[1])

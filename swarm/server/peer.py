@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_STEP_TIMEOUT = 5.0
 DRAIN_IDLE = 2.0  # seconds: while draining, a session without a step for this long is handed off
+BUSY_WINDOW = 1.0  # seconds after a step during which the peer counts as computing for its sessions
 JOIN_JITTER = 1.0  # seconds: peers started together read the DHT at different moments and see each other's choice
 
 
@@ -93,7 +94,8 @@ class Peer:
         logger.info("model %s: content id %s", self.source.model_id, self.content_id)
         self.sharing = WeightSharing(self.source.path, manifest, self.source.model_id, settings.cache_budget,
                                      settings.fault_corrupt_fetch, set(settings.allowed_clients),
-                                     settings.share_weights, settings.share_rate * 2**20)
+                                     settings.share_weights, settings.share_rate * 2**20,
+                                     settings.share_rate_busy * 2**20, self._busy)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)
@@ -137,6 +139,11 @@ class Peer:
         return 1, wanted or available_cpus()
 
     # -- sizing and placement --------------------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        """Whether this peer computed for a session within the last second (sending weights slows down then)."""
+        backend = getattr(self, "backend", None)
+        return backend is not None and time.monotonic() - backend.last_step < BUSY_WINDOW
 
     @property
     def movable(self) -> bool:

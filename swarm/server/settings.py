@@ -11,9 +11,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from swarm.model.source import DEFAULT_MODEL_ID
 
-# MiB/s a peer sends to peers fetching its weights, by default (benchmarks/fetch.py measures what serving at a rate
-# costs the peer's own inference)
+# MiB/s a peer sends to peers fetching its weights by default: when idle, and while it computes for its sessions.
+# benchmarks/fetch.py measures what sending costs a peer's decode on a 2-core machine with the fetcher on the same
+# cores: 2 MiB/s keeps ~96% of it, 8 MiB/s ~84%, 32 MiB/s ~62%, unpaced (~54 MiB/s) ~46%.
 SHARE_RATE = 32.0
+SHARE_RATE_BUSY = 2.0
 
 
 class PeerSettings(BaseSettings):
@@ -96,15 +98,17 @@ class PeerSettings(BaseSettings):
                                                        "0: unbounded")
     share_rate: float = Field(SHARE_RATE, ge=0, description="MiB/s this peer sends, all fetches together, to peers "
                                                          "fetching its weights (0: unpaced; at least 0.1 otherwise)")
+    share_rate_busy: float = Field(SHARE_RATE_BUSY, ge=0, description="the same while it computes for its sessions "
+                                                                   "(a step within the last second)")
     prefetch: bool = Field(True, description="a model fetched by its content id: fetch a move's new span before the "
                                              "old one drains (off: after it, while nothing is served; for "
                                              "measurements)")
 
-    @field_validator("share_rate")
+    @field_validator("share_rate", "share_rate_busy")
     @classmethod
     def _share_rate(cls, value: float) -> float:
         if 0 < value < 0.1:  # a 1 MiB chunk held back behind another must arrive within the fetcher's timeout
-            raise ValueError("--share-rate is 0 (unpaced) or at least 0.1 MiB/s")
+            raise ValueError("a share rate is 0 (unpaced) or at least 0.1 MiB/s")
         return value
 
     @field_validator("initial_peers", "allowed_clients", mode="before")

@@ -4,7 +4,7 @@ when it was started with only a content id (`--model sha256:<hex>`), it fetches 
 its span pinned there and evicts what no running peer uses beyond `--cache-budget`. The span's blocks are written out
 as safetensors shards to load from; once loaded, the shards of blocks no running peer of the machine serves are
 removed, so what a remote peer keeps on disk is the store (within its budget) and its own span's shards. It sends
-peers what it has of both, at most `--share-rate` MiB/s.
+peers what it has of both, at most `--share-rate` MiB/s (`--share-rate-busy` while it computes for sessions).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
 class WeightSharing:
     def __init__(self, path: Path, manifest: dict[str, Any], model_id: str, cache_budget_gib: float = 0.0,
                  corrupt: bool = False, allowed_clients: set[str] | None = None, share: bool = True,
-                 rate: float = 0.0):
+                 rate: float = 0.0, busy_rate: float = 0.0, busy: Callable[[], bool] | None = None):
         self.path, self.manifest, self.model_id = Path(path), manifest, model_id
         self.content_id: str = manifest["content_id"]
         self.remote = (self.path / MANIFEST_FILE).is_file()  # fetched by its id: blocks come from the swarm
@@ -76,7 +77,8 @@ class WeightSharing:
         self.share = share
         self.provider = TensorProvider({**public, "locations": locations}, model_id,
                                        (self.path / "config.json").read_text(), corrupt=corrupt,
-                                       allowed_clients=allowed_clients, rate=rate)
+                                       allowed_clients=allowed_clients, rate=rate, busy_rate=busy_rate,
+                                       busy=busy)
         if corrupt:
             logger.warning("fault injection: this peer serves corrupted tensor bytes")
         self.p2p: P2P | None = None

@@ -6,16 +6,15 @@ gets its tensors from two peers, one of which fetched them itself."""
 from __future__ import annotations
 
 import ast
-import re
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from swarm.client import SwarmClient
-from swarm.model.fetch import block_entries
-from swarm.model.manifest import content_id, load_manifest, tensor_bytes
+from swarm.model.manifest import content_id
 from tests.e2e.conftest import TINY_PEER_ARGS
 from tests.launcher import LocalSwarm
+from tests.moving import run_moves, span_bytes
 
 
 def fetched(proc) -> tuple[int, dict[str, int], str]:
@@ -60,68 +59,25 @@ async def test_a_peer_with_only_a_content_id_fetches_its_span_verified_and_serve
 
 
 SHARE = ("--share-rate", "0.1", "--throughput", "100")  # every peer sends weights at 0.1 MiB/s: a fetch takes seconds
-MOVER = (*TINY_PEER_ARGS, *SHARE, "--num-blocks", "2", "--rebalance-period", "1", "--drain-timeout", "1")
-
-
-def blocks_of(proc) -> tuple[int, int]:
-    start, end = proc.wait_for(r"peer ready: .* blocks=(\d+):(\d+)").groups()
-    return int(start), int(end)
-
-
-def move_of(proc, since: int) -> dict:
-    """What a peer's log says of its first move after `since`: the gap, the fetch, the store after it."""
-    moved = proc.wait_for(r"peer moved: blocks=(\d+):(\d+) .* out of service ([\d.]+) s", timeout=90)
-    log = proc.log()[since:]
-    target = f"{moved.group(1)}:{moved.group(2)}"
-    fetch = re.search(rf"fetched blocks {target}: (\d+) bytes from \d+ peer\(s\) in ([\d.]+) s", log)
-    stores = re.findall(r"store: (\d+) bytes, budget (\d+); evicted (\d+) tensors", log)
-    assert fetch is not None and stores, log[-3000:]
-    return {"span": (int(moved.group(1)), int(moved.group(2))), "gap": float(moved.group(3)),
-            "fetch": float(fetch.group(2)), "fetched_at": log.index(fetch.group(0)),
-            "drained_at": log.index("moving from blocks"), "store": [tuple(map(int, s)) for s in stores]}
 
 
 async def test_a_move_with_prefetch_is_out_of_service_for_a_load_only_and_keeps_the_store_in_budget(
         tiny_model_dir, tmp_path):
-    """Peers fetched by content id fill a hole: one that prefetches the new span before it drains is out of service
-    for less than the fetch takes, one that fetches after (--no-prefetch) for the fetch and more; both keep their
-    store within --cache-budget as they move (the span they left is evicted, its shards removed)."""
+    """Peers fetched by content id fill a hole (tests/moving.py): one that prefetches the new span before it drains
+    is out of service for less than the fetch takes, one that fetches after (--no-prefetch) for the fetch and more;
+    both keep their store within --cache-budget as they move (the span they left is evicted, its shards removed)."""
     model = tiny_model_dir("llama")
-    cid = content_id(model)
-    manifest = load_manifest(model)
-    span_bytes = max(sum(tensor_bytes(e) for e in block_entries(manifest, b, b + 2)) for b in (0, 2, 4))
-    budget = round(1.25 * span_bytes / 2**30, 7)  # a span and a quarter: two do not fit
-
-    def cache(name: str) -> dict[str, str]:
-        return {"SWARM_CACHE_DIR": str(tmp_path / name)}
-
+    budget = round(1.25 * span_bytes(model, 2) / 2**30, 7)  # a span and a quarter: two do not fit
     with LocalSwarm(tmp_path) as swarm:
         swarm.start_bootstrap()
-        source = swarm.start_peer(str(model), "0:2", *TINY_PEER_ARGS, *SHARE)  # shares every block, serves 0:2
-        fixed = {blocks: swarm.start_peer(cid, blocks, *TINY_PEER_ARGS, *SHARE, env=cache(blocks))
-                 for blocks in ("2:4", "4:6")}
-        servers = {(0, 2): source, (2, 4): fixed["2:4"], (4, 6): fixed["4:6"]}
-        results = {}
-        for name, extra in (("prefetch", ()), ("no-prefetch", ("--no-prefetch",))):
-            mover = swarm.start_placed_peer(cid, *MOVER, "--cache-budget", str(budget), *extra, env=cache(name))
-            doubled = blocks_of(mover)
-            since = len(mover.log())
-            # a sole server of another span leaves (never the source, nor the span the mover doubles): the mover,
-            # the only movable peer, fills the hole
-            leaving = next(span for span in servers if span not in ((0, 2), doubled))
-            servers.pop(leaving).stop()
-            result = move_of(mover, since)
-            assert result["span"] == leaving, (result, leaving)
-            servers[leaving] = mover  # a sole server from now on (its old span has its fixed server still)
-            shards = sorted(p.name for p in (tmp_path / name / "remote" / cid.removeprefix("sha256:")).glob(
-                "block-*.safetensors"))
-            assert shards == [f"block-{b:05d}.safetensors" for b in range(*leaving)], shards  # the old span's gone
-            size, limit, _ = result["store"][-1]
-            assert size <= limit and sum(e for *_, e in result["store"]) > 0, result["store"]  # the old span went
-            results[name] = result
-        with_, without = results["prefetch"], results["no-prefetch"]
-        print(f"out of service: {with_['gap']:.2f} s with prefetch (fetch {with_['fetch']:.2f} s before draining), "
-              f"{without['gap']:.2f} s without (fetch {without['fetch']:.2f} s during the gap)")
-        assert with_["fetched_at"] < with_["drained_at"] and with_["gap"] < with_["fetch"]
-        assert without["fetched_at"] > without["drained_at"] and without["gap"] >= without["fetch"]
-        assert with_["gap"] < without["gap"]
+        results = run_moves(swarm, model, content_id(model), 2, (*TINY_PEER_ARGS, *SHARE), budget, tmp_path)
+    for result in results.values():
+        assert result["shards"] == [f"block-{b:05d}.safetensors" for b in range(*result["span"])], result
+        size, limit, _ = result["store"][-1]
+        assert size <= limit and sum(e for *_, e in result["store"]) > 0, result["store"]  # the old span went
+    with_, without = results["prefetch"], results["no-prefetch"]
+    print(f"out of service: {with_['gap_s']:.2f} s with prefetch (fetch {with_['fetch_s']:.2f} s before draining), "
+          f"{without['gap_s']:.2f} s without (fetch {without['fetch_s']:.2f} s during the gap)")
+    assert with_["fetched_before_drain"] and with_["gap_s"] < with_["fetch_s"]
+    assert not without["fetched_before_drain"] and without["gap_s"] >= without["fetch_s"]
+    assert with_["gap_s"] < without["gap_s"]

@@ -158,18 +158,26 @@ def test_forged_manifests_are_refused_and_their_sender_banned(tmp_path, forgery)
     assert fetcher.banned == {IDS[0]}
 
 
-def test_the_bytes_sent_are_paced_to_the_share_rate_over_all_fetches(tmp_path):
-    """Two tensors of 2 MiB fetched at once from a provider paced at 10 MiB/s: the first chunk goes at once, the
-    other three each wait for the ones before them, so the whole takes at least 0.3 s, however many ask."""
+@pytest.mark.parametrize("busy", [False, True])
+def test_the_bytes_sent_are_paced_to_the_share_rate_over_all_fetches(tmp_path, busy):
+    """Two tensors of 2 MiB fetched at once from a provider paced at 10 MiB/s (while idle, or while its peer is busy
+    with inference; the other rate unpaced): the first chunk goes at once, the other three each wait for the ones
+    before them, so the whole takes at least 0.3 s, however many ask."""
     import time
 
     manifest, _ = make_manifest(tmp_path, [2 * MAX_CHUNK, 2 * MAX_CHUNK])
-    provider = TensorProvider(manifest, "m", CONFIG, rate=10 * MAX_CHUNK)
+    rates = {"rate": 0, "busy_rate": 10 * MAX_CHUNK} if busy else {"rate": 10 * MAX_CHUNK, "busy_rate": 0}
+    provider = TensorProvider(manifest, "m", CONFIG, **rates, busy=lambda: busy)
     fetcher = Fetcher(FakeP2P({IDS[1]: provider_of(provider)}), [IDS[1]], ObjectStore(tmp_path / "store"), parallel=2)
     began = time.perf_counter()
     asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))
     assert time.perf_counter() - began >= 0.3
     assert fetcher.fetched_bytes == provider.served_bytes == 4 * MAX_CHUNK and not fetcher.banned
+    provider.busy = lambda: not busy  # the other rate: unpaced, nothing held back
+    before = provider.free_at
+    asyncio.run(provider.rpc_fetch(runtime_pb2.ExpertUID(uid=json.dumps({
+        "sha256": manifest["block_manifests"][0]["tensors"][0]["sha256"], "offset": 0, "length": 10})), context()))
+    assert provider.free_at == before
 
 
 def test_a_share_rate_under_the_fetchers_patience_is_refused():
@@ -180,3 +188,5 @@ def test_a_share_rate_under_the_fetchers_patience_is_refused():
     assert PeerSettings(share_rate=0).share_rate == 0 and PeerSettings(share_rate=0.5).share_rate == 0.5
     with pytest.raises(ValidationError, match=r"at least 0\.1"):
         PeerSettings(share_rate=0.01)
+    with pytest.raises(ValidationError, match=r"at least 0\.1"):
+        PeerSettings(share_rate_busy=0.05)
