@@ -46,6 +46,7 @@ MAX_REQUEST = 256  # bytes of a fetch request's uid
 MAX_MANIFEST = 4 << 20  # bytes of a manifest answer (hivemind's unary messages stop at 4 MiB)
 FETCH_TIMEOUT = 30.0  # seconds for one chunk
 TENSOR_DEADLINE = 300.0  # seconds a tensor may go without a chunk arriving before its fetch fails
+ADOPTED = "?"  # the sender of bytes resumed from a dead process's partial file: unknown
 
 
 class TensorProvider:
@@ -206,75 +207,109 @@ class Fetcher:
             raise e.exceptions[0] from None
 
     async def _one(self, digest: str, size: int, index: int) -> None:
-        """One tensor. Chunks may come from several peers (a peer that fails mid-tensor is resumed from at the last
-        good offset); if the whole does not hash right, it is fetched again whole from one peer at a time, those
-        that sent parts of the bad copy first, and a peer whose own copy is wrong is banned. A `busy` refusal only
-        waits; a tensor that makes no progress for a while, or runs out of peers, raises."""
+        """One tensor, into a partial file of the store (one chunk in memory at a time; a dead process's partial
+        file is resumed at its end). Chunks may come from several peers (a peer that fails mid-tensor is resumed
+        from at the last good offset); if the whole does not hash right, it is fetched again whole from one peer at
+        a time, those that sent parts of the bad copy first, and a peer whose own copy is wrong is banned. A `busy`
+        refusal only waits; a tensor that makes no progress for a while, or runs out of peers, raises."""
         if size == 0:
             self.store.put(digest, b"")  # CorruptObject unless the digest is that of nothing
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TENSOR_DEADLINE
-        data, contributors = bytearray(), set[str]()
-        origins: list[tuple[int, int, str]] = []  # (offset, length, peer) of each chunk of the current copy
-        bad_copy: tuple[bytes, list[tuple[int, int, str]]] | None = None  # a mixed copy that did not hash right
+        part = self.store.partial(digest)
+        have = part.stat().st_size
+        if have > size:
+            have = 0
+        # who sent the bytes of the current copy: (offset, length, peer) per chunk; an adopted prefix's are unknown
+        origins: list[tuple[int, int, str]] = [(0, have, ADOPTED)] if have else []
+        bad_copy: Path | None = None  # a mixed copy that did not hash right, kept to find who sent what
+        bad_origins: list[tuple[int, int, str]] = []
         suspects: list[str] = []
         whole_from_one = False
         turn = index
-        while True:
-            usable = self.usable()
-            if not usable:
-                raise FileNotFoundError(f"no peer left to fetch tensor {digest} from")
-            if loop.time() > deadline:
-                raise TimeoutError(f"tensor {digest} made no progress for {TENSOR_DEADLINE:.0f} s")
-            suspects = [p for p in suspects if p in usable]
-            peer = suspects.pop(0) if suspects else usable[turn % len(usable)]
-            turn += 1
-            if whole_from_one:
-                data, contributors, origins = bytearray(), set(), []
-            try:
-                while len(data) < size:
-                    length = min(MAX_CHUNK, size - len(data))
-                    ask = json.dumps({"sha256": digest, "offset": len(data), "length": length})
-                    answer = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                        PeerID.from_base58(peer), FETCH_HANDLER, runtime_pb2.ExpertUID(uid=ask),
-                        runtime_pb2.ExpertInfo), FETCH_TIMEOUT)
-                    chunk = answer.serialized_info
-                    if len(chunk) != length:
-                        raise ValueError(f"asked {length} bytes, got {len(chunk)}")
-                    origins.append((len(data), length, peer))
-                    data += chunk
-                    contributors.add(peer)
-                    self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
-                    deadline = loop.time() + TENSOR_DEADLINE  # progress
-            except Exception as e:  # busy, gone or malformed: resume from another peer
-                if "busy" not in str(e):
-                    logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, len(data),
-                                size, e)
-                await asyncio.sleep(0.05 + 0.2 * random.random())
-                continue
-            try:
-                self.store.put(digest, bytes(data))
-            except CorruptObject:
-                if len(contributors) == 1:
-                    self._ban(peer)
-                else:  # which of them lied is not known yet: each sends the whole tensor alone next
-                    suspects, bad_copy = sorted(contributors), (bytes(data), origins)
-                whole_from_one = True
-                data, contributors, origins = bytearray(), set(), []
-                continue
-            self.fetched_bytes += size
-            if bad_copy is not None:  # the good bytes are known now: whoever sent a chunk that differs lied
-                wrong, chunks = bad_copy
-                for offset, length, sender in chunks:
-                    if wrong[offset : offset + length] != data[offset : offset + length]:
+        file = open(part, "r+b")  # noqa: SIM115 -- closed before the file is moved into the store, and on the way out
+        try:
+            file.truncate(have)
+            file.seek(have)
+            while True:
+                usable = self.usable()
+                if not usable:
+                    raise FileNotFoundError(f"no peer left to fetch tensor {digest} from")
+                if loop.time() > deadline:
+                    raise TimeoutError(f"tensor {digest} made no progress for {TENSOR_DEADLINE:.0f} s")
+                suspects = [p for p in suspects if p in usable]
+                peer = suspects.pop(0) if suspects else usable[turn % len(usable)]
+                turn += 1
+                if whole_from_one:
+                    have, origins = 0, []
+                    file.truncate(0)
+                    file.seek(0)
+                try:
+                    while have < size:
+                        length = min(MAX_CHUNK, size - have)
+                        ask = json.dumps({"sha256": digest, "offset": have, "length": length})
+                        answer = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                            PeerID.from_base58(peer), FETCH_HANDLER, runtime_pb2.ExpertUID(uid=ask),
+                            runtime_pb2.ExpertInfo), FETCH_TIMEOUT)
+                        chunk = answer.serialized_info
+                        if len(chunk) != length:
+                            raise ValueError(f"asked {length} bytes, got {len(chunk)}")
+                        file.write(chunk)
+                        origins.append((have, length, peer))
+                        have += length
+                        self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
+                        deadline = loop.time() + TENSOR_DEADLINE  # progress
+                except Exception as e:  # busy, gone or malformed: resume from another peer
+                    if "busy" not in str(e):
+                        logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, have,
+                                    size, e)
+                    await asyncio.sleep(0.05 + 0.2 * random.random())
+                    continue
+                file.close()
+                try:
+                    stored = await loop.run_in_executor(None, self.store.put_file, digest, part)
+                except CorruptObject:
+                    senders = {sender for _, _, sender in origins}
+                    if senders == {peer}:
+                        self._ban(peer)
+                    else:  # which of them lied is not known yet: each sends the whole tensor alone next
+                        suspects = sorted(senders - {ADOPTED})
+                        if bad_copy is not None:
+                            bad_copy.unlink(missing_ok=True)
+                        bad_copy, bad_origins = part.with_name("bad-" + part.name), origins
+                        part.rename(bad_copy)
+                    whole_from_one = True
+                    part = self.store.partial(digest)
+                    file = open(part, "r+b")  # noqa: SIM115
+                    continue
+                self.fetched_bytes += size
+                if bad_copy is not None:  # the good bytes are known now: whoever sent a chunk that differs lied
+                    for sender in await loop.run_in_executor(None, _differing, bad_copy, stored, bad_origins):
                         self._ban(sender)
-            return
+                return
+        finally:
+            file.close()
+            if bad_copy is not None:
+                bad_copy.unlink(missing_ok=True)
 
     def _ban(self, peer: str) -> None:
         if peer not in self.banned:
             logger.warning("peer %s sent tensor bytes that do not match their hash: banned for fetches", peer)
             self.banned.add(peer)
+
+
+def _differing(bad: Path, good: Path, origins: list[tuple[int, int, str]]) -> set[str]:
+    """The senders of the chunks of `bad` whose bytes are not those of `good` (an adopted prefix's sender is
+    unknown: never named)."""
+    senders = set()
+    with open(bad, "rb") as b, open(good, "rb") as g:
+        for offset, length, sender in origins:
+            b.seek(offset)
+            g.seek(offset)
+            if sender != ADOPTED and b.read(length) != g.read(length):
+                senders.add(sender)
+    return senders
 
 
 def write_bundle(content_id: str, model_id: str, manifest: dict[str, Any], config: str) -> Path:

@@ -7,10 +7,15 @@ least-recently-used eviction of what no running peer uses.
     store.get(digest)                          # the bytes, checked again: a flipped byte is found, the object dropped
     store.pin(digests)                         # this process uses them: eviction leaves them alone
     store.evict(budget_bytes)                  # least recently used first, never a pinned object
+    part = store.partial(digest)               # a file to fetch into, chunk by chunk: a dead process's is adopted
+    store.put_file(digest, part)               # its streamed hash checked, then renamed into place
 
 Objects are written to a temporary sibling and renamed into place (kernels.filecache.write_atomically), so readers
 never see half an object. A read refreshes the object's mtime: eviction goes by it. Pins are one file per process
-(`pins/<pid>.json`); a dead process's pins no longer count.
+(`pins/<pid>.json`); a dead process's pins no longer count. A tensor being fetched grows in `partial/<digest>.<pid>`
+(so a fetch holds one chunk in memory, not the tensor); a process that fetches a digest whose partial file was left
+by a dead process (a peer killed mid-fetch, restarted) takes it over and resumes at its end. Eviction removes dead
+processes' partial files too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ObjectStore:
         self.root = Path(root or os.environ.get("SWARM_STORE_DIR") or cache_root() / "store")
         self.objects = self.root / "objects"
         self.pins = self.root / "pins"
+        self.partials = self.root / "partial"
 
     def path(self, digest: str) -> Path:
         if not valid_digest(digest):
@@ -74,6 +80,35 @@ class ObjectStore:
             os.utime(target)  # used now: the last to be evicted
         return data
 
+    def partial(self, digest: str) -> Path:
+        """This process's partial file for `digest`: a dead process's, taken over, if there is one; else empty."""
+        self.path(digest)  # the digest is checked
+        make_dirs(self.partials)
+        mine = self.partials / f"{digest}.{os.getpid()}"
+        if not mine.exists():
+            for other in self.partials.glob(f"{digest}.*"):
+                if other.suffix[1:].isdigit() and not _alive(other.suffix[1:]):
+                    with contextlib.suppress(OSError):  # another process may take it over first
+                        other.rename(mine)
+                        break
+        if not mine.exists():
+            mine.touch(mode=0o600)
+        return mine
+
+    def put_file(self, digest: str, part: Path) -> Path:
+        """Move a fetched file into the store as `digest`; CorruptObject (the file left in place) unless its bytes
+        hash to it."""
+        target = self.path(digest)
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise CorruptObject(f"bytes do not hash to {digest}")
+        make_dirs(target.parent)
+        os.replace(part, target)
+        return target
+
     def size(self) -> int:
         total = 0
         for file in self._files():
@@ -90,14 +125,9 @@ class ObjectStore:
     def in_use(self) -> set[str]:
         used: set[str] = set()
         for pin in self.pins.glob("*.json") if self.pins.is_dir() else []:
-            try:
-                pid = int(pin.stem)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError):
+            if not _alive(pin.stem):
                 pin.unlink(missing_ok=True)  # its process is gone
                 continue
-            except PermissionError:
-                pass  # alive, another user's
             with contextlib.suppress(OSError, ValueError):
                 used.update(str(d) for d in json.loads(pin.read_text()))
         return used
@@ -113,6 +143,9 @@ class ObjectStore:
         stats.sort(key=lambda s: s[0])
         total = sum(size for _, size, _ in stats)
         used, removed = self.in_use(), []
+        for part in self.partials.glob("*.*") if self.partials.is_dir() else []:
+            if not _alive(part.suffix[1:]):  # a dead process's unfinished fetch
+                part.unlink(missing_ok=True)
         for _, size, file in stats:
             if total <= budget_bytes:
                 break
@@ -127,3 +160,17 @@ class ObjectStore:
         if not self.objects.is_dir():
             return []
         return [f for f in self.objects.glob("??/*") if f.is_file() and valid_digest(f.name)]
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process of a pid (as text; not a number: no) is alive."""
+    try:
+        number = int(pid)
+        if number <= 0:
+            return False
+        os.kill(number, 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True

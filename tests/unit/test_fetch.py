@@ -190,3 +190,27 @@ def test_a_share_rate_under_the_fetchers_patience_is_refused():
         PeerSettings(share_rate=0.01)
     with pytest.raises(ValidationError, match=r"at least 0\.1"):
         PeerSettings(share_rate_busy=0.05)
+
+
+@pytest.mark.parametrize("prefix", ["good", "bad"])
+def test_a_fetch_left_by_a_dead_process_is_resumed_and_a_bad_prefix_costs_nobody(tmp_path, prefix):
+    """A partial file of a dead process (a peer killed mid-fetch): its good prefix is kept and only the rest fetched;
+    a prefix that turns out wrong makes the tensor come again whole, and the honest peer is not banned for it."""
+    import subprocess
+    import sys
+
+    manifest, blobs = make_manifest(tmp_path, [3 * MAX_CHUNK + 7])
+    digest = manifest["block_manifests"][0]["tensors"][0]["sha256"]
+    store = ObjectStore(tmp_path / "store")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    store.partials.mkdir(parents=True)
+    left = blobs[0][:MAX_CHUNK + 3] if prefix == "good" else bytes(MAX_CHUNK + 3)
+    (store.partials / f"{digest}.{child.pid}").write_bytes(left)
+    provider = TensorProvider(manifest, "m", CONFIG)
+    fetcher = Fetcher(FakeP2P({IDS[1]: provider_of(provider)}), [IDS[1]], store, parallel=1)
+    asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))
+    assert store.get(digest) == blobs[0] and not fetcher.banned
+    size = len(blobs[0])
+    assert provider.served_bytes == (size - len(left) if prefix == "good" else 2 * size - len(left))
+    assert not list(store.partials.iterdir())  # nothing left behind: no partial, no bad copy

@@ -95,3 +95,29 @@ def test_a_fine_tune_shares_the_tensors_it_did_not_change(store, tiny_model_dir,
     _, header = read_header(next(model.glob("*.safetensors")))
     block5 = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if ".layers.5." in k)
     assert stored - one == pytest.approx(block5, rel=0.05)  # its norms may equal another block's: stored once
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_dead_processs_partial_fetch_is_taken_over_and_a_live_ones_is_not(store):
+    data = b"tensor bytes " * 1000
+    digest = digest_of(data)
+    store.partials.mkdir(parents=True)
+    (store.partials / f"{digest}.{dead_pid()}").write_bytes(data[:5000])
+    live = store.partials / f"{digest_of(b'x')}.{os.getppid()}"  # another fetch, of a process alive
+    live.write_bytes(b"x")
+    part = store.partial(digest)
+    assert part.name == f"{digest}.{os.getpid()}" and part.read_bytes() == data[:5000]  # resumed at 5000
+    assert store.partial(digest_of(b"x")).read_bytes() == b"" and live.exists()
+    with open(part, "ab") as f:
+        f.write(data[5000:])
+    with pytest.raises(CorruptObject):  # a wrong file stays where it is (the fetcher finds who sent what)
+        store.put_file(digest_of(b"other"), part)
+    assert store.put_file(digest, part) == store.path(digest) and store.get(digest) == data and not part.exists()
+    (store.partials / f"{digest}.{dead_pid()}").write_bytes(b"left over")
+    store.evict(10**9)
+    assert not list(store.partials.glob(f"{digest}.*")) and live.exists()  # a dead process's partial file goes
