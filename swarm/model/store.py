@@ -11,11 +11,13 @@ least-recently-used eviction of what no running peer uses.
     store.put_file(digest, part)               # its streamed hash checked, then renamed into place
 
 Objects are written to a temporary sibling and renamed into place (kernels.filecache.write_atomically), so readers
-never see half an object. A read refreshes the object's mtime: eviction goes by it. Pins are one file per process
-(`pins/<pid>.json`); a dead process's pins no longer count. A tensor being fetched grows in `partial/<digest>.<pid>`
-(so a fetch holds one chunk in memory, not the tensor); a process that fetches a digest whose partial file was left
-by a dead process (a peer killed mid-fetch, restarted) takes it over and resumes at its end. Eviction removes dead
-processes' partial files too.
+never see half an object. A read refreshes the object's mtime: eviction goes by it. Processes are named by a token,
+`<pid>-<pid namespace>` (containers sharing a store may have the same pids). Pins are one file per process
+(`pins/<token>.json`); a dead process's pins no longer count. A tensor being fetched grows in
+`partial/<digest>.<token>` (so a fetch holds one chunk in memory, not the tensor); a process that fetches a digest
+whose partial file a dead process left (a peer killed mid-fetch, restarted) takes it over and resumes at its end.
+Eviction removes dead processes' partial files too. A process of another pid namespace counts as alive while its
+files are touched: a partial file as it grows, pins by `refresh()`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from kernels.filecache import cache_root, make_dirs, write_atomically
 
 DIGEST_LENGTH = 64
+PIN_TTL = 600.0  # seconds: a pin of another pid namespace's process counts while touched within this (refresh())
+PARTIAL_TTL = 900.0  # seconds: so does another namespace's partial file while written to within this
 
 
 class CorruptObject(ValueError):
@@ -84,10 +89,10 @@ class ObjectStore:
         """This process's partial file for `digest`: a dead process's, taken over, if there is one; else empty."""
         self.path(digest)  # the digest is checked
         make_dirs(self.partials)
-        mine = self.partials / f"{digest}.{os.getpid()}"
+        mine = self.partials / f"{digest}.{process_token()}"
         if not mine.exists():
             for other in self.partials.glob(f"{digest}.*"):
-                if other.suffix[1:].isdigit() and not _alive(other.suffix[1:]):
+                if not _alive(other.suffix[1:], other, PARTIAL_TTL):
                     with contextlib.suppress(OSError):  # another process may take it over first
                         other.rename(mine)
                         break
@@ -119,13 +124,19 @@ class ObjectStore:
     def pin(self, digests: Iterable[str]) -> None:
         """Pin `digests` for the rest of this process's life (a peer's span)."""
         make_dirs(self.pins)
-        write_atomically(self.pins / f"{os.getpid()}.json", lambda tmp: tmp.write_text(json.dumps(sorted(set(
+        write_atomically(self.pins / f"{process_token()}.json", lambda tmp: tmp.write_text(json.dumps(sorted(set(
             digests)))))
+
+    def refresh(self) -> None:
+        """This process is alive: for processes of other pid namespaces, which cannot check its pid (run it more
+        often than PIN_TTL)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.pins / f"{process_token()}.json")
 
     def in_use(self) -> set[str]:
         used: set[str] = set()
         for pin in self.pins.glob("*.json") if self.pins.is_dir() else []:
-            if not _alive(pin.stem):
+            if not _alive(pin.stem, pin, PIN_TTL):
                 pin.unlink(missing_ok=True)  # its process is gone
                 continue
             with contextlib.suppress(OSError, ValueError):
@@ -144,7 +155,7 @@ class ObjectStore:
         total = sum(size for _, size, _ in stats)
         used, removed = self.in_use(), []
         for part in self.partials.glob("*.*") if self.partials.is_dir() else []:
-            if not _alive(part.suffix[1:]):  # a dead process's unfinished fetch
+            if not _alive(part.suffix[1:], part, PARTIAL_TTL):  # a dead process's unfinished fetch
                 part.unlink(missing_ok=True)
         for _, size, file in stats:
             if total <= budget_bytes:
@@ -162,14 +173,32 @@ class ObjectStore:
         return [f for f in self.objects.glob("??/*") if f.is_file() and valid_digest(f.name)]
 
 
-def _alive(pid: str) -> bool:
-    """Whether the process of a pid (as text; not a number: no) is alive."""
+def process_token() -> str:
+    """`<pid>-<pid namespace>`: the pid alone is not unique among processes sharing a store from several containers."""
+    return f"{os.getpid()}-{_namespace()}"
+
+
+def _namespace() -> int:
     try:
-        number = int(pid)
-        if number <= 0:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(token: str, path: Path, ttl: float) -> bool:
+    """Whether the process of a token is alive: by its pid in our pid namespace; in another (a container sharing
+    the store), while its file was touched within `ttl` seconds. Not a token of ours: no."""
+    pid, _, namespace = token.partition("-")
+    if not (pid.isdigit() and namespace.isdigit() and int(pid) > 0):
+        return False
+    if int(namespace) != _namespace():
+        try:
+            return time.time() - path.stat().st_mtime < ttl
+        except OSError:
             return False
-        os.kill(number, 0)
-    except (ValueError, ProcessLookupError, OverflowError):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         pass  # alive, another user's

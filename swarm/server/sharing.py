@@ -91,6 +91,8 @@ class WeightSharing:
             await self.provider.register(p2p)
 
     async def announce(self, peer_id: str, ttl: float, owner: bytes) -> None:
+        if self.remote:
+            self.store.refresh()  # its pins, for processes of other pid namespaces sharing the store
         if self.share and self.dht is not None and self.provider.locations:
             await announce_provider(self.dht, self.content_id, peer_id, self.model_id, ttl, owner)
 

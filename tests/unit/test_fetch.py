@@ -14,7 +14,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.model.fetch import MAX_CHUNK, Fetcher, TensorProvider
 from swarm.model.manifest import _digest, check_identity, config_digest
-from swarm.model.store import ObjectStore
+from swarm.model.store import ObjectStore, process_token
 
 IDS = ["QmXPqDD92SX9dSoujs2jGPhsCxvJ3YqKv7bkp4MkFqK7F5", "QmSj3fMYnXbdeQz7d4uDoVmfbetp1xc7Cac2nZcgbjCfVf",
        "QmP7VWGDHxudbWVrSeJ9r2XUtUJeoq387UDEaJKa2Mdwzi"]
@@ -206,7 +206,7 @@ def test_a_fetch_left_by_a_dead_process_is_resumed_and_a_bad_prefix_costs_nobody
     child.wait()
     store.partials.mkdir(parents=True)
     left = blobs[0][:MAX_CHUNK + 3] if prefix == "good" else bytes(MAX_CHUNK + 3)
-    (store.partials / f"{digest}.{child.pid}").write_bytes(left)
+    (store.partials / f"{digest}.{child.pid}-{process_token().split('-')[1]}").write_bytes(left)
     provider = TensorProvider(manifest, "m", CONFIG)
     fetcher = Fetcher(FakeP2P({IDS[1]: provider_of(provider)}), [IDS[1]], store, parallel=1)
     asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))

@@ -3,6 +3,7 @@ least-recently-used eviction that never takes a running peer's tensors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from swarm.model.manifest import load_manifest, read_header
-from swarm.model.store import CorruptObject, ObjectStore, digest_of
+from swarm.model.store import PARTIAL_TTL, PIN_TTL, CorruptObject, ObjectStore, digest_of, process_token
 
 
 @pytest.fixture
@@ -97,27 +98,51 @@ def test_a_fine_tune_shares_the_tensors_it_did_not_change(store, tiny_model_dir,
     assert stored - one == pytest.approx(block5, rel=0.05)  # its norms may equal another block's: stored once
 
 
-def dead_pid() -> int:
+def dead_token() -> str:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    return child.pid
+    return f"{child.pid}-{process_token().split('-')[1]}"  # a process of our pid namespace, gone
 
 
 def test_a_dead_processs_partial_fetch_is_taken_over_and_a_live_ones_is_not(store):
     data = b"tensor bytes " * 1000
     digest = digest_of(data)
     store.partials.mkdir(parents=True)
-    (store.partials / f"{digest}.{dead_pid()}").write_bytes(data[:5000])
-    live = store.partials / f"{digest_of(b'x')}.{os.getppid()}"  # another fetch, of a process alive
+    (store.partials / f"{digest}.{dead_token()}").write_bytes(data[:5000])
+    parent = f"{os.getppid()}-{process_token().split('-')[1]}"
+    live = store.partials / f"{digest_of(b'x')}.{parent}"  # another fetch, of a process alive
     live.write_bytes(b"x")
     part = store.partial(digest)
-    assert part.name == f"{digest}.{os.getpid()}" and part.read_bytes() == data[:5000]  # resumed at 5000
+    assert part.name == f"{digest}.{process_token()}" and part.read_bytes() == data[:5000]  # resumed at 5000
     assert store.partial(digest_of(b"x")).read_bytes() == b"" and live.exists()
     with open(part, "ab") as f:
         f.write(data[5000:])
     with pytest.raises(CorruptObject):  # a wrong file stays where it is (the fetcher finds who sent what)
         store.put_file(digest_of(b"other"), part)
     assert store.put_file(digest, part) == store.path(digest) and store.get(digest) == data and not part.exists()
-    (store.partials / f"{digest}.{dead_pid()}").write_bytes(b"left over")
+    (store.partials / f"{digest}.{dead_token()}").write_bytes(b"left over")
     store.evict(10**9)
     assert not list(store.partials.glob(f"{digest}.*")) and live.exists()  # a dead process's partial file goes
+
+
+def test_processes_of_another_pid_namespace_count_while_their_files_are_fresh(store):
+    """A container sharing the store: its pids mean nothing here, so its pins count while refreshed, and its partial
+    file is left alone while it grows; stale ones are a dead process's."""
+    data = b"abc" * 100
+    digest = digest_of(data)
+    store.put(digest, data)
+    store.pins.mkdir(parents=True)
+    other = f"{os.getpid()}-{int(process_token().split('-')[1]) + 1}"  # our pid, another namespace: not checkable
+    pin = store.pins / f"{other}.json"
+    pin.write_text(json.dumps([digest]))
+    partial = store.partials / f"{digest_of(b'y')}.{other}"
+    store.partials.mkdir(parents=True)
+    partial.write_bytes(b"y")
+    assert store.in_use() == {digest} and store.evict(0) == [] and partial.exists()
+    assert store.partial(digest_of(b"y")).read_bytes() == b""  # not taken over: it is being written
+    stale = time.time() - PIN_TTL - PARTIAL_TTL
+    os.utime(pin, (stale, stale))
+    os.utime(partial, (stale, stale))
+    assert store.in_use() == set() and store.evict(0) == [digest] and not partial.exists()
+    with pytest.raises(ValueError):
+        store.partial("../" * 30)
