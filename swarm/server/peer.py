@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 import psutil
 import torch
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_STEP_TIMEOUT = 5.0
 DRAIN_IDLE = 2.0  # seconds: while draining, a session without a step for this long is handed off
+RECHECK_AFTER = 1.0  # seconds: a prefetch that took longer is followed by a second look at placement before moving
 BUSY_WINDOW = 1.0  # seconds after a step during which the peer counts as computing for its sessions
 JOIN_JITTER = 1.0  # seconds: peers started together read the DHT at different moments and see each other's choice
 
@@ -315,7 +317,7 @@ class Peer:
                 await asyncio.sleep(random.uniform(0, min(2.0, period / 2)))
                 target = await self._better_span()
                 if target is not None:
-                    await self.move_to(*target)
+                    await self.move_to(*target, recheck=self._better_span)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -330,14 +332,22 @@ class Peer:
         self._swarm_size = len(spans)
         return placement.move_for(spans, self.info())
 
-    async def move_to(self, start: int, end: int) -> None:
-        """Drain the current span, hand off what is left, and serve [start, end) under the same peer id."""
+    async def move_to(self, start: int, end: int,
+                      recheck: Callable[[], Awaitable[tuple[int, int] | None]] | None = None) -> None:
+        """Drain the current span, hand off what is left, and serve [start, end) under the same peer id.
+        recheck: placement's choice now; after a prefetch that took a while, the move goes on only if it is the same."""
         old = self.backend
         assert old is not None and self.handler is not None
         # a model fetched by its id: the new blocks come from the swarm while the old ones still serve (a prefetch),
         # so the gap without service is the load from local files only (without --prefetch, _load fetches them)
         if self.settings.prefetch:
+            began = time.monotonic()
             await self.sharing.prepare(start, end, self.peer_id)
+            if recheck is not None and time.monotonic() - began > RECHECK_AFTER and await recheck() != (start, end):
+                logger.info("the swarm changed while blocks %d:%d were fetched: staying on %d:%d", start, end,
+                            self.start, self.end)
+                self.sharing.repin(self.start, self.end)
+                return
         logger.info("moving from blocks %d:%d to %d:%d: draining %d sessions", self.start, self.end, start, end,
                     len(old.sessions))
         out_of_service = time.monotonic()  # from here, no new session is taken

@@ -130,6 +130,11 @@ class WeightSharing:
                         await loop.run_in_executor(None, self.store.size), self.cache_budget, len(removed))
         await loop.run_in_executor(None, self._relocate)
 
+    def repin(self, start: int, end: int) -> None:
+        """A prefetched move did not happen: the span served is the one pinned again."""
+        if self.remote:
+            self.store.pin(e["sha256"] for e in block_entries(self.manifest, start, end))
+
     async def loaded(self, start: int, end: int) -> None:
         """Blocks [start, end) are in memory: the shards of other blocks, which no running peer of this machine
         uses, are removed (what is left of them is in the store, under its budget, and is served from there)."""

@@ -40,7 +40,9 @@ def peer(tiny_model_dir, monkeypatch):
     async def prepare(start, end, peer_id):  # a model fetched by its id gets the new blocks here (a prefetch)
         prepared.append((start, end, peer.state))
 
-    peer.sharing = SimpleNamespace(prepare=prepare)
+    repinned = []
+    peer.sharing = SimpleNamespace(prepare=prepare, repin=lambda start, end: repinned.append((start, end)))
+    peer.repinned = repinned
     peer.prepared = prepared
     loads = []
 
@@ -79,6 +81,25 @@ async def test_without_prefetch_the_new_blocks_are_not_fetched_before_draining(p
     await peer.move_to(3, 6)
     assert peer.prepared == [] and peer.loads == [(3, 6)]  # Peer._load fetches them, after the drain
     assert (peer.start, peer.end, peer.state) == (3, 6, PeerState.ONLINE)
+
+
+async def test_a_move_whose_target_changed_during_a_long_prefetch_does_not_happen(peer, monkeypatch):
+    from swarm.server import peer as peer_module
+
+    monkeypatch.setattr(peer_module, "RECHECK_AFTER", 0.0)  # every prefetch counts as long
+
+    async def recheck():  # another peer filled the hole meanwhile: nothing to do now
+        return None
+
+    await peer.move_to(3, 6, recheck=recheck)
+    assert peer.prepared == [(3, 6, PeerState.ONLINE)] and peer.loads == [] and peer.announced == []
+    assert (peer.start, peer.end, peer.state) == (0, 3, PeerState.ONLINE) and peer.repinned == [(0, 3)]
+
+    async def same():
+        return 3, 6
+
+    await peer.move_to(3, 6, recheck=same)  # still the best: it moves
+    assert (peer.start, peer.end, peer.moves) == (3, 6, 1) and peer.loads == [(3, 6)]
 
 
 async def test_a_failed_load_serves_the_old_span_again(peer):
