@@ -46,6 +46,7 @@ MAX_REQUEST = 256  # bytes of a fetch request's uid
 MAX_MANIFEST = 4 << 20  # bytes of a manifest answer (hivemind's unary messages stop at 4 MiB)
 FETCH_TIMEOUT = 30.0  # seconds for one chunk
 TENSOR_DEADLINE = 300.0  # seconds a tensor may go without a chunk arriving before its fetch fails
+NOT_HELD = "this peer does not hold that tensor"
 ADOPTED = "?"  # the sender of bytes resumed from a dead process's partial file: unknown
 
 
@@ -100,7 +101,7 @@ class TensorProvider:
             raise ValueError("a fetch request is {sha256, offset, length}") from None
         where = self.locations.get(digest)
         if where is None:
-            raise ValueError("this peer does not hold that tensor")
+            raise ValueError(NOT_HELD)
         file, start, size = where
         if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset < size
                 and 0 < length <= MAX_CHUNK and offset + length <= size):
@@ -110,7 +111,12 @@ class TensorProvider:
         self.serving += 1
         try:
             loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(None, _read, file, start + offset, length)
+            try:
+                data = await loop.run_in_executor(None, _read, file, start + offset, length)
+            except OSError:  # evicted from the store, or its shard removed, since it was listed
+                raise ValueError(NOT_HELD) from None
+            if len(data) != length:
+                raise ValueError(NOT_HELD)
             await self._pace(loop, len(data))
         finally:
             self.serving -= 1
@@ -188,23 +194,25 @@ class Fetcher:
 
     async def tensors(self, entries: list[dict[str, Any]]) -> None:
         """Fetch every tensor of `entries` (manifest tensor entries) the store lacks, verified, into the store; if
-        one cannot be fetched, the others stop too and the error is raised."""
+        one cannot be fetched, the others take no new tensor, the ones under way finish (no call to a peer is
+        cancelled midway), and the first error is raised."""
         wanted = {e["sha256"]: tensor_bytes(e) for e in entries if not self.store.has(e["sha256"])}
         queue: asyncio.Queue[str] = asyncio.Queue()
         for digest in wanted:
             queue.put_nowait(digest)
+        errors: list[BaseException] = []
 
         async def worker(index: int) -> None:
-            while not queue.empty():
+            while not queue.empty() and not errors:
                 digest = queue.get_nowait()
-                await self._one(digest, wanted[digest], index)
+                try:
+                    await self._one(digest, wanted[digest], index)
+                except Exception as e:
+                    errors.append(e)
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for i in range(min(self.parallel, max(1, len(wanted)))):
-                    group.create_task(worker(i))
-        except ExceptionGroup as e:
-            raise e.exceptions[0] from None
+        await asyncio.gather(*(worker(i) for i in range(min(self.parallel, max(1, len(wanted))))))
+        if errors:
+            raise errors[0]
 
     async def _one(self, digest: str, size: int, index: int) -> None:
         """One tensor, into a partial file of the store (one chunk in memory at a time; a dead process's partial
@@ -232,8 +240,9 @@ class Fetcher:
         try:
             file.truncate(have)
             file.seek(have)
+            lacking: set[str] = set()  # peers that answered they do not hold this tensor
             while True:
-                usable = self.usable()
+                usable = [p for p in self.usable() if p not in lacking]
                 if not usable:
                     raise FileNotFoundError(f"no peer left to fetch tensor {digest} from")
                 if loop.time() > deadline:
@@ -261,6 +270,9 @@ class Fetcher:
                         self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
                         deadline = loop.time() + TENSOR_DEADLINE  # progress
                 except Exception as e:  # busy, gone or malformed: resume from another peer
+                    if NOT_HELD in str(e):
+                        lacking.add(peer)
+                        continue
                     if "busy" not in str(e):
                         logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, have,
                                     size, e)

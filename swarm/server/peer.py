@@ -97,7 +97,7 @@ class Peer:
         self.sharing = WeightSharing(self.source.path, manifest, self.source.model_id, settings.cache_budget,
                                      settings.fault_corrupt_fetch, set(settings.allowed_clients),
                                      settings.share_weights, settings.share_rate * 2**20,
-                                     settings.share_rate_busy * 2**20, self._busy)
+                                     settings.share_rate_busy * 2**20, self._busy, settings.model_source)
         self.config = load_config(self.source.path)
         self.num_blocks = self.config.num_hidden_layers
         self.fixed = settings.block_range(self.num_blocks)

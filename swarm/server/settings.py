@@ -25,6 +25,9 @@ class PeerSettings(BaseSettings):
                                                      "directory, a hub id, or a content id sha256:<hex> (fetched "
                                                      "from the swarm's peers)")
     model_id: str | None = Field(None, description="name announced in the DHT (default: derived from --model)")
+    model_source: str = Field("", description="with --model sha256:<hex>: where to read what no peer of the swarm "
+                                             "gives (a local directory or *.gguf file, or a hub id); refused "
+                                             "unless its content id is the model's")
     blocks: str | None = Field(None, description="span to serve as START:END, or all (default: chosen by the peer: "
                                                  "as many blocks as fit its memory, where the swarm is weakest; it "
                                                  "moves when the swarm changes)")

@@ -22,7 +22,8 @@ from hivemind.p2p import P2P
 
 from swarm.dht import announce_provider, get_providers, start_dht, stop_dht
 from swarm.model.fetch import Fetcher, TensorProvider, block_entries, locate, write_blocks, write_bundle
-from swarm.model.manifest import MANIFEST_FILE, tensor_bytes
+from swarm.model.manifest import MANIFEST_FILE, load_manifest, tensor_bytes
+from swarm.model.source import ModelSource, resolve_model
 from swarm.model.store import CorruptObject, ObjectStore
 from swarm.protocol import CONTENT_ID
 from swarm.server.settings import PeerSettings
@@ -30,29 +31,58 @@ from swarm.server.settings import PeerSettings
 logger = logging.getLogger(__name__)
 
 PROVIDER_WAIT = 60.0  # seconds to wait for a first provider of a content id
+SOURCE_WAIT = 10.0  # the same when a model source can be read instead
 
 
 def is_content_id(model: str) -> bool:
     return CONTENT_ID.fullmatch(model) is not None
 
 
+class SourceMismatch(ValueError):
+    """A model source (`--model-source`) whose content id is not the model's."""
+
+
 def fetch_model(settings: PeerSettings) -> PeerSettings:
-    """For `--model sha256:<hex>`: the model's manifest and config from the swarm (checked against the id), in a
-    local directory that then holds the blocks this peer fetches; the settings pointed at it."""
-    content_id = settings.model
+    """For `--model sha256:<hex>`: the model's manifest and config from the swarm (checked against the id), or from
+    `--model-source` when no peer gives them, in a local directory that then holds the blocks this peer fetches; the
+    settings pointed at it."""
+    content_id, source = settings.model, settings.model_source
     dht = start_dht(settings.initial_peers, client_mode=True)
     try:
-        model_id, manifest, config = asyncio.run(_bundle(dht, content_id))
+        model_id, manifest, config = asyncio.run(_bundle(dht, content_id, SOURCE_WAIT if source else PROVIDER_WAIT))
+        origin = "the swarm"
+    except FileNotFoundError as e:
+        if not source:
+            raise
+        logger.warning("%s: the manifest and config from the model source %s", e, source)
+        model_id, manifest, config = bundle_from_source(source, content_id)
+        origin = source
     finally:
         stop_dht(dht)
     path = write_bundle(content_id, model_id, manifest, config)
-    logger.info("model %s (%s): manifest and config from the swarm, in %s", content_id, model_id, path)
+    logger.info("model %s (%s): manifest and config from %s, in %s", content_id, model_id, origin, path)
     return settings.model_copy(update={"model": str(path), "model_id": settings.model_id or model_id})
 
 
-async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
+def resolve_source(ref: str, content_id: str) -> tuple[ModelSource, dict[str, Any]]:
+    """The model source `ref` and its manifest; SourceMismatch unless its content id is `content_id`."""
+    source = resolve_model(ref)
+    manifest = load_manifest(source.path)
+    if manifest["content_id"] != content_id:
+        raise SourceMismatch(f"the model source {ref} has content id {manifest['content_id']}, not {content_id}: "
+                             f"refused (it holds other weights)")
+    return source, manifest
+
+
+def bundle_from_source(ref: str, content_id: str) -> tuple[str, dict[str, Any], str]:
+    source, manifest = resolve_source(ref, content_id)
+    public = {k: v for k, v in manifest.items() if k != "locations"}
+    return source.model_id, public, (source.path / "config.json").read_text()
+
+
+async def _bundle(dht: DHT, content_id: str, wait: float) -> tuple[str, dict[str, Any], str]:
     p2p = await dht.replicate_p2p()
-    deadline = time.monotonic() + PROVIDER_WAIT
+    deadline = time.monotonic() + wait
     while not (found := await get_providers(dht, content_id)):
         if time.monotonic() > deadline:
             raise FileNotFoundError(f"no peer of the swarm provides {content_id}")
@@ -66,8 +96,10 @@ async def _bundle(dht: DHT, content_id: str) -> tuple[str, dict[str, Any], str]:
 class WeightSharing:
     def __init__(self, path: Path, manifest: dict[str, Any], model_id: str, cache_budget_gib: float = 0.0,
                  corrupt: bool = False, allowed_clients: set[str] | None = None, share: bool = True,
-                 rate: float = 0.0, busy_rate: float = 0.0, busy: Callable[[], bool] | None = None):
+                 rate: float = 0.0, busy_rate: float = 0.0, busy: Callable[[], bool] | None = None,
+                 model_source: str = ""):
         self.path, self.manifest, self.model_id = Path(path), manifest, model_id
+        self.model_source = model_source  # where tensors no peer gives are read (its content id checked first)
         self.content_id: str = manifest["content_id"]
         self.remote = (self.path / MANIFEST_FILE).is_file()  # fetched by its id: blocks come from the swarm
         self.store = ObjectStore()
@@ -111,7 +143,14 @@ class WeightSharing:
             providers = [p for p, _ in await get_providers(self.dht, self.content_id) if p != peer_id]
             fetcher = Fetcher(self.p2p, providers, self.store)
             for attempt in range(2):
-                await fetcher.tensors(block_entries(self.manifest, min(missing), max(missing) + 1))
+                wanted = block_entries(self.manifest, min(missing), max(missing) + 1)
+                try:
+                    await fetcher.tensors(wanted)
+                except (FileNotFoundError, TimeoutError) as e:  # no peer (left) to give some of them
+                    if not self.model_source:
+                        raise
+                    logger.warning("from the swarm: %s; the rest from the model source %s", e, self.model_source)
+                    await loop.run_in_executor(None, self._from_source, wanted)
                 try:
                     await loop.run_in_executor(None, write_blocks, self.path, self.manifest, start, end, self.store)
                     break
@@ -129,6 +168,18 @@ class WeightSharing:
             logger.info("store: %d bytes, budget %d; evicted %d tensors no running peer uses",
                         await loop.run_in_executor(None, self.store.size), self.cache_budget, len(removed))
         await loop.run_in_executor(None, self._relocate)
+
+    def _from_source(self, entries: list[dict[str, Any]]) -> None:
+        """Tensors of `entries` the store lacks, read from the model source (checked: its content id, then each
+        tensor's hash as it is stored)."""
+        _, manifest = resolve_source(self.model_source, self.content_id)
+        for entry in entries:
+            digest = entry["sha256"]
+            if not self.store.has(digest):
+                file, offset, length = manifest["locations"][digest]
+                with open(file, "rb") as f:
+                    f.seek(offset)
+                    self.store.put(digest, f.read(length))
 
     def repin(self, start: int, end: int) -> None:
         """A prefetched move did not happen: the span served is the one pinned again."""

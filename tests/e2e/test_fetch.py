@@ -6,6 +6,8 @@ gets its tensors from two peers, one of which fetched them itself."""
 from __future__ import annotations
 
 import ast
+import asyncio
+import re
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,6 +17,7 @@ from swarm.model.manifest import content_id
 from tests.e2e.conftest import TINY_PEER_ARGS
 from tests.launcher import LocalSwarm
 from tests.moving import run_moves, span_bytes
+from tests.tiny_models import make_tiny_model
 
 
 def fetched(proc) -> tuple[int, dict[str, int], str]:
@@ -81,3 +84,39 @@ async def test_a_move_with_prefetch_is_out_of_service_for_a_load_only_and_keeps_
     assert with_["fetched_before_drain"] and with_["gap_s"] < with_["fetch_s"]
     assert not without["fetched_before_drain"] and without["gap_s"] >= without["fetch_s"]
     assert with_["gap_s"] < without["gap_s"]
+
+
+async def test_what_no_peer_gives_comes_from_the_model_source_and_a_source_of_other_weights_is_refused(
+        tiny_model_dir, tmp_path):
+    """The only provider of the model lies: a peer given the content id and `--model-source` bans it, reads its
+    span from the source (verified) and serves token-exact; one whose source holds other weights stops with a clear
+    error rather than serve them."""
+    model = tiny_model_dir("llama")
+    cid = content_id(model)
+    other = make_tiny_model("llama", tmp_path / "other", seed=1)  # same shapes, other weights
+    with LocalSwarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        liar = swarm.start_peer(str(model), "0:3", *TINY_PEER_ARGS, "--fault-corrupt-fetch")
+        liar_id = LocalSwarm.peer_id(liar)
+        reader = swarm.start_peer(cid, "3:6", *TINY_PEER_ARGS, "--model-source", str(model),
+                                  env={"SWARM_CACHE_DIR": str(tmp_path / "c1")})
+        _, sources, banned = fetched(reader)
+        assert liar_id in banned and set(sources) <= {liar_id}
+        assert f"the rest from the model source {model}" in reader.log()
+        # blocks 0:3: the liar is banned, the reader does not hold them; the source is read and refused
+        wrong = swarm.start_peer(cid, "0:3", *TINY_PEER_ARGS, "--model-source", str(other), wait=False,
+                                 env={"SWARM_CACHE_DIR": str(tmp_path / "c2")})
+        assert await asyncio.get_running_loop().run_in_executor(None, wrong.proc.wait, 120) == 2
+        assert re.search(rf"the model source {re.escape(str(other))} has content id sha256:[0-9a-f]{{64}}, not "
+                         rf"{cid}: refused", wrong.log()), wrong.log()[-2000:]
+        assert "Traceback" not in wrong.log()
+        client = await SwarmClient.connect(swarm.initial_peers, str(model))
+        try:
+            await client.wait_for_chain()
+            prompt = torch.tensor([[1, 5, 9, 14, 3]])
+            tokens = [int(step.token_ids[0]) async for step in client.generate_steps(prompt, 8)]
+        finally:
+            await client.close()
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    assert tokens == reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                        do_sample=False, eos_token_id=None)[0, 5:].tolist()

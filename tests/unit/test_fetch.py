@@ -214,3 +214,20 @@ def test_a_fetch_left_by_a_dead_process_is_resumed_and_a_bad_prefix_costs_nobody
     size = len(blobs[0])
     assert provider.served_bytes == (size - len(left) if prefix == "good" else 2 * size - len(left))
     assert not list(store.partials.iterdir())  # nothing left behind: no partial, no bad copy
+
+
+def test_peers_that_do_not_hold_a_tensor_are_skipped_at_once(tmp_path):
+    """One peer lacks the tensor (its file went: evicted), the other does not share this model at all: the fetch
+    fails at once with FileNotFoundError (the caller then reads the model source), not after TENSOR_DEADLINE."""
+    import time
+
+    manifest, _ = make_manifest(tmp_path, [1000])
+    provider = TensorProvider(manifest, "m", CONFIG)
+    next(iter(provider.locations.values()))[0] = str(tmp_path / "gone.bin")
+    stranger = TensorProvider({**manifest, "locations": {}}, "m", CONFIG)
+    fetcher = Fetcher(FakeP2P({IDS[0]: provider_of(provider), IDS[1]: provider_of(stranger)}), [IDS[0], IDS[1]],
+                      ObjectStore(tmp_path / "store"))
+    began = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="no peer left"):
+        asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))
+    assert time.perf_counter() - began < 5 and not fetcher.banned  # lacking a tensor is no lie
