@@ -113,8 +113,10 @@ class TensorProvider:
             loop = asyncio.get_running_loop()
             try:
                 data = await loop.run_in_executor(None, _read, file, start + offset, length)
-            except OSError:  # evicted from the store, or its shard removed, since it was listed
+            except FileNotFoundError:  # evicted from the store, or its shard removed, since it was listed
                 raise ValueError(NOT_HELD) from None
+            except OSError:
+                raise ValueError("could not read that tensor now; ask again") from None
             if len(data) != length:
                 raise ValueError(NOT_HELD)
             await self._pace(loop, len(data))
@@ -162,6 +164,7 @@ class Fetcher:
         self.parallel = parallel
         self.fetched_bytes = 0
         self.by_provider: dict[str, int] = {}
+        self.progress_at = 0.0  # loop time a chunk last arrived, of any tensor (or the fetch began)
 
     def usable(self) -> list[str]:
         return [p for p in self.providers if p not in self.banned]
@@ -201,6 +204,7 @@ class Fetcher:
         for digest in wanted:
             queue.put_nowait(digest)
         errors: list[BaseException] = []
+        self.progress_at = asyncio.get_running_loop().time()
 
         async def worker(index: int) -> None:
             while not queue.empty() and not errors:
@@ -224,7 +228,6 @@ class Fetcher:
             self.store.put(digest, b"")  # CorruptObject unless the digest is that of nothing
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + TENSOR_DEADLINE
         part = self.store.partial(digest)
         have = part.stat().st_size
         if have > size:
@@ -245,8 +248,8 @@ class Fetcher:
                 usable = [p for p in self.usable() if p not in lacking]
                 if not usable:
                     raise FileNotFoundError(f"no peer left to fetch tensor {digest} from")
-                if loop.time() > deadline:
-                    raise TimeoutError(f"tensor {digest} made no progress for {TENSOR_DEADLINE:.0f} s")
+                if loop.time() > self.progress_at + TENSOR_DEADLINE:  # refused as busy while others go on: waits
+                    raise TimeoutError(f"no tensor made progress for {TENSOR_DEADLINE:.0f} s (at {digest})")
                 suspects = [p for p in suspects if p in usable]
                 peer = suspects.pop(0) if suspects else usable[turn % len(usable)]
                 turn += 1
@@ -254,30 +257,30 @@ class Fetcher:
                     have, origins = 0, []
                     file.truncate(0)
                     file.seek(0)
-                try:
-                    while have < size:
-                        length = min(MAX_CHUNK, size - have)
-                        ask = json.dumps({"sha256": digest, "offset": have, "length": length})
-                        answer = await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                            PeerID.from_base58(peer), FETCH_HANDLER, runtime_pb2.ExpertUID(uid=ask),
-                            runtime_pb2.ExpertInfo), FETCH_TIMEOUT)
-                        chunk = answer.serialized_info
-                        if len(chunk) != length:
-                            raise ValueError(f"asked {length} bytes, got {len(chunk)}")
-                        file.write(chunk)
-                        origins.append((have, length, peer))
-                        have += length
-                        self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
-                        deadline = loop.time() + TENSOR_DEADLINE  # progress
-                except Exception as e:  # busy, gone or malformed: resume from another peer
-                    if NOT_HELD in str(e):
+                failure: Exception | None = None
+                while have < size:
+                    length = min(MAX_CHUNK, size - have)
+                    try:
+                        chunk = await self._chunk(peer, digest, have, length)
+                    except Exception as e:  # busy, gone or malformed: resume from another peer
+                        failure = e
+                        break
+                    file.seek(have)
+                    file.write(chunk)  # a local error (a full disk) is raised: never blamed on a peer
+                    origins.append((have, length, peer))
+                    have += length
+                    self.by_provider[peer] = self.by_provider.get(peer, 0) + len(chunk)
+                    self.progress_at = loop.time()
+                if failure is not None:
+                    if NOT_HELD in str(failure):
                         lacking.add(peer)
                         continue
-                    if "busy" not in str(e):
+                    if "busy" not in str(failure):
                         logger.info("fetching %s from %s stopped at %d of %d bytes: %s", digest[:12], peer, have,
-                                    size, e)
+                                    size, failure)
                     await asyncio.sleep(0.05 + 0.2 * random.random())
                     continue
+                file.truncate(have)
                 file.close()
                 try:
                     stored = await loop.run_in_executor(None, self.store.put_file, digest, part)
@@ -304,6 +307,16 @@ class Fetcher:
             file.close()
             if bad_copy is not None:
                 bad_copy.unlink(missing_ok=True)
+
+    async def _chunk(self, peer: str, digest: str, offset: int, length: int) -> bytes:
+        ask = json.dumps({"sha256": digest, "offset": offset, "length": length})
+        answer = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), FETCH_HANDLER, runtime_pb2.ExpertUID(uid=ask), runtime_pb2.ExpertInfo),
+            FETCH_TIMEOUT)
+        chunk = answer.serialized_info
+        if len(chunk) != length:
+            raise ValueError(f"asked {length} bytes, got {len(chunk)}")
+        return chunk
 
     def _ban(self, peer: str) -> None:
         if peer not in self.banned:
@@ -399,7 +412,10 @@ def locate(path: Path, manifest: dict[str, Any]) -> dict[str, list[Any]]:
     prefix = manifest["blocks_prefix"]
     for shard in sorted(path.glob("block-*.safetensors")):
         block = int(shard.stem.split("-")[1])
-        start, header = read_header(shard)
+        try:
+            start, header = read_header(shard)
+        except OSError:  # removed meanwhile by another peer of the machine that no longer serves it
+            continue
         for entry in manifest["block_manifests"][block]["tensors"]:
             begin, end = header[f"{prefix}.{block}.{entry['name']}"]["data_offsets"]
             locations[entry["sha256"]] = [str(shard.resolve()), start + begin, end - begin]

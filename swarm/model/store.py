@@ -55,6 +55,7 @@ class ObjectStore:
         self.objects = self.root / "objects"
         self.pins = self.root / "pins"
         self.partials = self.root / "partial"
+        self.pinned: list[str] = []  # what this process pinned last
 
     def path(self, digest: str) -> Path:
         if not valid_digest(digest):
@@ -72,6 +73,7 @@ class ObjectStore:
         if not target.is_file():
             make_dirs(target.parent)
             write_atomically(target, lambda tmp: tmp.write_bytes(data))
+        (self.partials / f"{digest}.{process_token()}").unlink(missing_ok=True)  # a fetch of it given up on
         return target
 
     def get(self, digest: str) -> bytes:
@@ -115,23 +117,28 @@ class ObjectStore:
         return target
 
     def size(self) -> int:
+        """Bytes of the objects and of the partial files."""
         total = 0
-        for file in self._files():
+        for file in [*self._files(), *(self.partials.glob("*.*") if self.partials.is_dir() else [])]:
             with contextlib.suppress(FileNotFoundError):
                 total += file.stat().st_size
         return total
 
     def pin(self, digests: Iterable[str]) -> None:
-        """Pin `digests` for the rest of this process's life (a peer's span)."""
+        """Pin `digests` (and only them) for the rest of this process's life (a peer's span)."""
+        self.pinned = sorted(set(digests))
         make_dirs(self.pins)
-        write_atomically(self.pins / f"{process_token()}.json", lambda tmp: tmp.write_text(json.dumps(sorted(set(
-            digests)))))
+        write_atomically(self.pins / f"{process_token()}.json", lambda tmp: tmp.write_text(json.dumps(self.pinned)))
 
     def refresh(self) -> None:
         """This process is alive: for processes of other pid namespaces, which cannot check its pid (run it more
-        often than PIN_TTL)."""
+        often than PIN_TTL). A pin file another process found stale and removed is written again."""
+        pin = self.pins / f"{process_token()}.json"
         with contextlib.suppress(OSError):
-            os.utime(self.pins / f"{process_token()}.json")
+            if pin.exists():
+                os.utime(pin)
+            elif self.pinned:
+                self.pin(self.pinned)
 
     def in_use(self) -> set[str]:
         used: set[str] = set()
@@ -157,6 +164,9 @@ class ObjectStore:
         for part in self.partials.glob("*.*") if self.partials.is_dir() else []:
             if not _alive(part.suffix[1:], part, PARTIAL_TTL):  # a dead process's unfinished fetch
                 part.unlink(missing_ok=True)
+            else:  # a live one's: it counts, and cannot go
+                with contextlib.suppress(FileNotFoundError):
+                    total += part.stat().st_size
         for _, size, file in stats:
             if total <= budget_bytes:
                 break

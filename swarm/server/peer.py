@@ -216,6 +216,7 @@ class Peer:
 
     async def _announce(self) -> None:
         info = self.info()
+        self.sharing.refresh()
         if self.settings.health_file:
             write_health(self.settings.health_file, info.state, info.start, info.end)
         try:
@@ -235,7 +236,16 @@ class Peer:
         """Load blocks [start, end) off the event loop, then measure (or recall) this peer's throughput."""
         settings, loop = self.settings, asyncio.get_running_loop()
         await self.sharing.prepare(start, end, self.peer_id)  # a model fetched by its id: this span's blocks first
-        span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end, precision=self.precision))
+        try:
+            span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end,
+                                                                      precision=self.precision))
+        except FileNotFoundError:
+            if not self.sharing.remote:
+                raise
+            # a shard removed by another peer of the machine before this one pinned it: written again, once
+            await self.sharing.prepare(start, end, self.peer_id)
+            span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end,
+                                                                      precision=self.precision))
         await self.sharing.loaded(start, end)  # a model fetched by its id: shards of other spans are not kept
         limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
@@ -342,8 +352,14 @@ class Peer:
         # so the gap without service is the load from local files only (without --prefetch, _load fetches them)
         if self.settings.prefetch:
             began = time.monotonic()
-            await self.sharing.prepare(start, end, self.peer_id)
-            if recheck is not None and time.monotonic() - began > RECHECK_AFTER and await recheck() != (start, end):
+            try:
+                await self.sharing.prepare(start, end, self.peer_id, keep=(self.start, self.end))
+                stay = (recheck is not None and time.monotonic() - began > RECHECK_AFTER
+                        and await recheck() != (start, end))
+            except BaseException:
+                self.sharing.repin(self.start, self.end)
+                raise
+            if stay:
                 logger.info("the swarm changed while blocks %d:%d were fetched: staying on %d:%d", start, end,
                             self.start, self.end)
                 self.sharing.repin(self.start, self.end)

@@ -122,20 +122,26 @@ class WeightSharing:
         if self.share:
             await self.provider.register(p2p)
 
-    async def announce(self, peer_id: str, ttl: float, owner: bytes) -> None:
+    def refresh(self) -> None:
+        """At each announcement, DHT or not: this peer's pins stay fresh for processes of other pid namespaces."""
         if self.remote:
-            self.store.refresh()  # its pins, for processes of other pid namespaces sharing the store
+            self.store.refresh()
+
+    async def announce(self, peer_id: str, ttl: float, owner: bytes) -> None:
         if self.share and self.dht is not None and self.provider.locations:
             await announce_provider(self.dht, self.content_id, peer_id, self.model_id, ttl, owner)
 
-    async def prepare(self, start: int, end: int, peer_id: str) -> None:
+    async def prepare(self, start: int, end: int, peer_id: str, keep: tuple[int, int] | None = None) -> None:
         """Before blocks [start, end) load: fetch what this directory lacks of them (verified, from the peers that
-        provide them) and write their shards; keep them pinned in the store, evict beyond the budget."""
+        provide them) and write their shards; keep them pinned in the store (with `keep`, the span still served
+        during a prefetch), evict beyond the budget."""
         if not self.remote:
             return
         assert self.p2p is not None and self.dht is not None
         entries = block_entries(self.manifest, start, end)
-        self.store.pin(e["sha256"] for e in entries)  # before fetching: another peer's eviction leaves them alone
+        kept = block_entries(self.manifest, *keep) if keep else []
+        # before fetching: another peer's eviction, or its removal of shards, leaves them alone
+        self.store.pin(e["sha256"] for e in entries + kept)
         missing = [b for b in range(start, end) if not (self.path / f"block-{b:05d}.safetensors").is_file()]
         loop = asyncio.get_running_loop()
         if missing:
@@ -196,11 +202,12 @@ class WeightSharing:
         await loop.run_in_executor(None, self._relocate)
 
     def _drop_shards(self, start: int, end: int) -> None:
-        used = self.store.in_use()  # this peer's span, and those of the other peers sharing the directory
         for shard in self.path.glob("block-*.safetensors"):
             block = int(shard.stem.split("-")[1])
-            if not start <= block < end and not all(  # another peer's span holds it
-                    e["sha256"] in used for e in self.manifest["block_manifests"][block]["tensors"]):
+            if start <= block < end:
+                continue
+            used = self.store.in_use()  # read again for each: a peer of the machine may have pinned it just now
+            if not all(e["sha256"] in used for e in self.manifest["block_manifests"][block]["tensors"]):
                 shard.unlink(missing_ok=True)
                 logger.info("removed the shard of block %d (no longer served here)", block)
 

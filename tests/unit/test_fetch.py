@@ -231,3 +231,16 @@ def test_peers_that_do_not_hold_a_tensor_are_skipped_at_once(tmp_path):
     with pytest.raises(FileNotFoundError, match="no peer left"):
         asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))
     assert time.perf_counter() - began < 5 and not fetcher.banned  # lacking a tensor is no lie
+
+
+def test_a_tensor_refused_as_busy_while_others_arrive_does_not_time_out(tmp_path, monkeypatch):
+    """Four workers, a paced provider serving two at a time: the two waiting may be refused as busy for longer than
+    the no-progress deadline while the others' chunks arrive; the fetch goes on (progress is the fetcher's)."""
+    from swarm.model import fetch
+
+    monkeypatch.setattr(fetch, "TENSOR_DEADLINE", 0.5)
+    manifest, blobs = make_manifest(tmp_path, [2 * MAX_CHUNK] * 8)
+    provider = TensorProvider(manifest, "m", CONFIG, rate=10 * MAX_CHUNK)  # 16 chunks at 10 a second: 1.5 s
+    fetcher = Fetcher(FakeP2P({IDS[1]: provider_of(provider)}), [IDS[1]], ObjectStore(tmp_path / "store"), parallel=4)
+    asyncio.run(fetcher.tensors(manifest["block_manifests"][0]["tensors"]))
+    assert fetcher.fetched_bytes == sum(len(b) for b in blobs) and not fetcher.banned

@@ -37,8 +37,11 @@ def peer(tiny_model_dir, monkeypatch):
     peer.announced = announced
     prepared = []
 
-    async def prepare(start, end, peer_id):  # a model fetched by its id gets the new blocks here (a prefetch)
+    async def prepare(start, end, peer_id, keep=None):  # a model fetched by its id gets the new blocks here
         prepared.append((start, end, peer.state))
+        peer.kept = keep
+        if getattr(peer, "fail_next_prepare", False):
+            raise FileNotFoundError("no peer of the swarm provides these blocks")
 
     repinned = []
     peer.sharing = SimpleNamespace(prepare=prepare, repin=lambda start, end: repinned.append((start, end)))
@@ -66,6 +69,7 @@ async def test_a_move_drains_hands_off_and_serves_the_new_span(peer):
     await old.step(live, torch.randn(1, 4, 64), 0)
     await peer.move_to(3, 6)
     assert peer.prepared == [(3, 6, PeerState.ONLINE)]  # the new blocks were fetched while the old still served
+    assert peer.kept == (0, 3)  # and the old ones stayed pinned meanwhile
     states = [a[0] for a in peer.announced]
     assert states == [PeerState.DRAINING, PeerState.JOINING, PeerState.ONLINE]
     assert peer.announced[0][3] == (3, 6)  # draining, with where it goes
@@ -100,6 +104,14 @@ async def test_a_move_whose_target_changed_during_a_long_prefetch_does_not_happe
 
     await peer.move_to(3, 6, recheck=same)  # still the best: it moves
     assert (peer.start, peer.end, peer.moves) == (3, 6, 1) and peer.loads == [(3, 6)]
+
+
+async def test_a_failed_prefetch_leaves_the_peer_on_its_span_pinned(peer):
+    peer.fail_next_prepare = True
+    with pytest.raises(FileNotFoundError):
+        await peer.move_to(3, 6)
+    assert (peer.start, peer.end, peer.state) == (0, 3, PeerState.ONLINE) and peer.announced == []
+    assert peer.repinned == [(0, 3)] and peer.loads == []
 
 
 async def test_a_failed_load_serves_the_old_span_again(peer):
