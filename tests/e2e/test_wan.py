@@ -121,3 +121,37 @@ async def test_a_stream_survives_its_peers_link_being_cut(bed, expected):
 async def failovers(http: httpx.AsyncClient) -> float:
     metrics = (await http.get("/metrics")).text
     return float(re.search(r"^swarm_client_failovers (\S+)$", metrics, flags=re.MULTILINE).group(1))
+
+
+async def test_a_partition_that_heals(bed, expected):
+    """The only host serving blocks 10:20 to the 3-host gateway is cut off (its processes run on; its DHT record
+    lives until it expires): requests get a 503 naming the blocks, not a hang or a 500; once the link heals, the
+    peer announces itself again and the gateway answers token-exact."""
+    import asyncio
+    import time
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with client(bed, "three") as http:
+        bed.cut("y")
+        began = time.monotonic()
+        try:
+            while True:
+                answer = await http.post("/v1/chat/completions", json=body)
+                if answer.status_code == 503:
+                    break
+                assert answer.status_code == 200, answer.text  # before the router has noticed: served or failed over
+                assert time.monotonic() - began < 120, "the partition was never noticed"
+                await asyncio.sleep(1)
+            assert "10:20" in answer.json()["error"]["message"], answer.text
+            noticed = time.monotonic() - began
+        finally:
+            bed.heal("y")
+        healed = time.monotonic()
+        while (answer := await http.post("/v1/chat/completions", json=body)).status_code != 200:
+            assert answer.status_code == 503, answer.text
+            assert time.monotonic() - healed < 120, "the swarm did not heal"
+            await asyncio.sleep(1)
+        recovered = time.monotonic() - healed
+        text, request_id = await chat(http)
+        assert text == expected and await route_of(http, request_id) == [bed.peer_ids[h] for h in ("x", "y", "z")]
+        print(f"partition: 503 after {noticed:.1f} s, served again {recovered:.1f} s after the link healed")
