@@ -1,7 +1,7 @@
 """Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
 namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
 
-    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--out benchmarks/results]
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
 default precision (0:15 and 15:30, one thread each) on two hosts, and on a third two gateways, GATEWAY_SPECULATIVE=off
@@ -9,12 +9,19 @@ and =on, taking turns at one streaming greedy chat: `quote` (repeat a ~400-token
 pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, and next to them what
 the path costs at least: the client relays each step to each peer and back, 2 hops × RTT per token (plus compute),
 where a push along the chain would pay (hops + 1) × one-way delay. JSON on stdout and in OUT/wan.json.
+
+Failover across hosts (`--failover-rtt`, 0: skipped): 0:15 on one host, 15:30 on two (the second 20 ms farther each
+way, so routes take the first); per round a fresh gateway streams a greedy chat of 48 tokens and, after its 8th
+token, the link of the host serving 15:30 is cut (its process runs on). Reported per round: whether the text equals
+an uncut run's, the decode's median inter-token latency, and the time the cut added (the longest gap after it, less
+that median).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import tempfile
 from pathlib import Path
@@ -65,6 +72,73 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     return out
 
 
+FAILOVER_TOKENS = 48
+CUT_AFTER = 8
+
+
+async def stream_times(socket: str, cut=None) -> tuple[str, list[float]]:
+    """A greedy streaming chat through the gateway on `socket`: its text and each token's arrival time; `cut()` is
+    called after the CUT_AFTER-th token."""
+    import json
+    import time
+
+    import httpx
+
+    body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": WAN_TASKS["chat"]["content"]}],
+            "max_tokens": FAILOVER_TOKENS, "temperature": 0, "logit_bias": {"2": -100}, "stream": True}
+    text, times = "", []
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket), base_url="http://gateway",
+                                 timeout=300) as http, http.stream("POST", "/v1/chat/completions", json=body) as answer:
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            if delta:
+                text += delta
+                times.append(time.perf_counter())
+                if len(times) == CUT_AFTER and cut is not None:
+                    cut()
+    return text, times
+
+
+async def run_failover(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
+    hosts = ["boot", "a", "b", "b2", "gw"]
+    with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
+        boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
+        boot.wait_for(r"DHT bootstrap node ready")
+        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+        peers = [bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--blocks", span, "--num-threads", "1",
+                                                  "--host", bed.address(host), "--initial-peers", *initial])
+                 for host, span in (("a", "0:15"), ("b", "15:30"), ("b2", "15:30"))]
+        for proc in peers:
+            proc.wait_for(r"peer ready: .* peer_id=(\S+)", timeout=600)
+        bed.slow("b2", 20)
+
+        def gateway(name: str) -> str:
+            socket = str(bed.workdir / f"{name}.sock")
+            bed.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds", socket],
+                      {"SWARM_INITIAL_PEERS": " ".join(initial)}).wait_for(r"Application startup complete",
+                                                                            timeout=600)
+            return socket
+
+        reference, times = await stream_times(gateway("reference"))
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        out: dict[str, Any] = {"rtt_ms_measured": round(bed.rtt_ms("gw", "a"), 1),
+                               "uncut_median_itl_ms": round(1000 * median(gaps), 1), "rounds": []}
+        for round_ in range(rounds):
+            text, times = await stream_times(gateway(f"round-{round_}"), cut=lambda: bed.cut("b"))
+            bed.heal("b")
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            usual = median(gaps[:CUT_AFTER - 1] + gaps[CUT_AFTER + 4:])
+            out["rounds"].append({"identical_text": text == reference, "tokens": len(times),
+                                  "median_itl_ms": round(1000 * usual, 1),
+                                  "added_ms": round(1000 * (max(gaps[CUT_AFTER - 1:]) - usual), 1)})
+            await asyncio.sleep(2 * rtt_ms / 1000 + 3)  # the healed host announces itself again
+    out["median_added_ms"] = round(median([r["added_ms"] for r in out["rounds"]]), 1)
+    out["all_identical"] = all(r["identical_text"] for r in out["rounds"])
+    return out
+
+
 async def run(args) -> dict[str, Any]:
     reason = NetBed.available()
     if reason is not None:
@@ -72,8 +146,11 @@ async def run(args) -> dict[str, Any]:
     resolve_model(DEFAULT_MODEL_ID)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for rtt in [float(r) for r in args.rtts.split(",")]:
+        for rtt in [float(r) for r in args.rtts.split(",") if r]:
             results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}")
+        if args.failover_rtt:
+            results[f"failover_rtt_{args.failover_rtt:g}ms"] = await run_failover(
+                args.failover_rtt, args.rounds, Path(tmp) / "failover")
     return {"benchmark": "wan", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "peers": "2 hosts (0:15, 15:30), default precision, 1 thread",
                          "rounds": args.rounds, "link": "tests.netem: one-way delay = RTT / 2, no jitter or loss",
@@ -85,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rtts", default="10,50,100", help="round-trip times in ms, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--failover-rtt", type=float, default=50.0, help="RTT of the failover run in ms (0: none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     emit("wan", asyncio.run(run(args)), args.out)
