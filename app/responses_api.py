@@ -57,19 +57,22 @@ def _id(prefix: str) -> str:
 
 
 class ConversationStore:
-    """Conversations by response id (chat messages, without instructions), in memory, with a TTL and a capacity."""
+    """Conversations by response id (chat messages, without instructions), in memory, with a TTL and a capacity. Each
+    belongs to the API key that made it: another key's `previous_response_id` is not found (as OpenAI's are per
+    organization); without auth there are no keys, and every caller shares them."""
 
     def __init__(self, capacity: int = 1000, ttl: float = 3600.0):
         self.capacity, self.ttl = capacity, ttl
-        self._items: collections.OrderedDict[str, tuple[float, list[dict[str, Any]]]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, tuple[float, str, list[dict[str, Any]]]] = (
+            collections.OrderedDict())
 
-    def get(self, response_id: str) -> list[dict[str, Any]] | None:
+    def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]] | None:
         self._expire()
         entry = self._items.get(response_id)
-        return None if entry is None else list(entry[1])
+        return None if entry is None or entry[1] != owner else list(entry[2])
 
-    def put(self, response_id: str, messages: list[dict[str, Any]]) -> None:
-        self._items[response_id] = (time.monotonic(), messages)
+    def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "") -> None:
+        self._items[response_id] = (time.monotonic(), owner, messages)
         self._expire()
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -187,7 +190,7 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
                  caller: Caller) -> Response:
     history: list[dict[str, Any]] = []
     if request.previous_response_id is not None:
-        found = store.get(request.previous_response_id)
+        found = store.get(request.previous_response_id, caller.key_id)
         if found is None:
             raise APIError(404, f"response {request.previous_response_id!r} is not known here (or has expired)",
                            "previous_response_id", "not_found")
@@ -196,7 +199,8 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     jobs = await chat_jobs(engine, chat)
     builder = ResponseBuilder(request, history)
     if request.stream:
-        return await stream_response(engine, jobs, caller, lambda generation: _events(generation, builder, store, chat),
+        return await stream_response(engine, jobs, caller,
+                                     lambda generation: _events(generation, builder, store, chat, caller.key_id),
                                      lambda error: _failed(builder, error, opened=False))
     generation = await engine.start(jobs, caller)
     numbers = itertools.count()  # the events are built as for a stream (the items in the same order) and dropped
@@ -212,7 +216,7 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     builder.close_message(numbers)
     status = "incomplete" if finish == "length" else "completed"
     if request.store:
-        store.put(builder.id, builder.conversation(chat))
+        store.put(builder.id, builder.conversation(chat), caller.key_id)
     return json_response(builder.snapshot(status, _usage(jobs)), headers={"x-request-id": generation.id})
 
 
@@ -228,7 +232,7 @@ def _dumps(value: Any) -> str:
 
 
 async def _events(generation: Generation, builder: ResponseBuilder, store: ConversationStore,
-                  chat: ChatCompletionRequest) -> AsyncIterator[str]:
+                  chat: ChatCompletionRequest, owner: str) -> AsyncIterator[str]:
     numbers = itertools.count()
     for event in _opening(builder, numbers):
         yield event
@@ -249,7 +253,7 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
     await generation.aclose()  # settles the usage counts and frees the slot
     status = "incomplete" if finish == "length" else "completed"
     if builder.request.store:
-        store.put(builder.id, builder.conversation(chat))
+        store.put(builder.id, builder.conversation(chat), owner)
     yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))
 
 

@@ -148,3 +148,19 @@ def test_a_stream_that_fails_to_start_late_still_opens_with_response_created(bac
 def test_required_tool_choice_without_tools_is_refused(client):
     response = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", "tool_choice": "required"})
     assert response.status_code == 400
+
+
+def test_a_stored_response_continues_only_under_the_key_that_made_it(backend):
+    """Two API keys: k2 cannot continue (nor learn of) k1's conversation by its response id, streamed or not."""
+    settings = GatewaySettings(gateway_max_concurrent=4, gateway_api_keys="k1 k2")
+    with TestClient(create_app(settings, backend=backend)) as client:
+        one, two = (openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+                    for key in ("k1", "k2"))
+        first = one.responses.create(model="fake/model-1", input="a secret")
+        with one.responses.stream(model="fake/model-1", input="another") as stream:
+            streamed = stream.get_final_response()
+        for response_id in (first.id, streamed.id):
+            with pytest.raises(openai.NotFoundError):
+                two.responses.create(model="fake/model-1", input="what was said?", previous_response_id=response_id)
+            one.responses.create(model="fake/model-1", input="go on", previous_response_id=response_id)
+        assert backend.decode(backend.requests[-1].prompt_ids).startswith("<user>another")
