@@ -138,10 +138,13 @@ class Router:
                 logger.warning("refreshing the swarm view failed: %r", e)
             await asyncio.sleep(self.period)
 
-    async def current(self, fresh: bool = False) -> list[SpanInfo]:
-        """The view's spans; `fresh`, or a view older than two periods, reads the DHT and probes the peers now."""
+    async def current(self, fresh: bool = False, read_dht: bool = True) -> list[SpanInfo]:
+        """The view's spans; `fresh` reads the DHT (unless `read_dht` is false: the records of the last read) and
+        probes the peers now; a view older than two periods is always read again."""
         self.start()
-        return await self.refresh() if fresh or self.stale else self.spans
+        if self.stale:
+            return await self.refresh()
+        return await self.refresh(read_dht) if fresh else self.spans
 
     async def refresh(self, read_dht: bool = True) -> list[SpanInfo]:
         """Read the DHT (or, `read_dht` false, take the records of the last read) and probe the routable peers now
@@ -166,8 +169,11 @@ class Router:
 
     def _to_probe(self, spans: list[SpanInfo]) -> set[str]:
         """At most `max_probes` routable peers: those this client has sessions through, then the ones probed least
-        recently (never-probed first); in a large swarm every peer still gets probed every few refreshes."""
-        routable = [s.peer_id for s in spans if s.routable]
+        recently (never-probed first); in a large swarm every peer still gets probed every few refreshes. Peers
+        banned now are not probed: routes leave them out, and one that just failed by silence (a cut link) would hold
+        the refresh of a failover up for the whole probe timeout."""
+        banned = self.health.banned()
+        routable = [s.peer_id for s in spans if s.routable and s.peer_id not in banned]
         if len(routable) <= self.max_probes:
             return set(routable)
         ranked = sorted(routable, key=lambda p: (self.health.sessions(p) == 0, self._probed_at.get(p, -1.0)))
@@ -239,16 +245,25 @@ class Router:
         `replacing` a failed link) a chain through them is taken when none exists without them. `without`: peers
         this route must not take whatever their health (a verification needs a replica other than the checked
         peer)."""
-        spans = await self.current(fresh)
-        views = {s.peer_id: self.health.view(s.peer_id) for s in spans}
-        refused, banned = self.health.refused() | set(without), self.health.banned()
-        try:
-            return find_chain(spans, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
-                              batch)
-        except NoChainError:
-            if replacing or not banned - refused:
-                raise
-            return find_chain(spans, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
+        # A failed link is replaced from the records of the last read, probed again now: a DHT read may wait out the
+        # failed peer's own DHT node (a cut link answers nothing), seconds a live session would stall for. Only if
+        # those records give no chain is the DHT read again.
+        for reread in ((False, True) if replacing and fresh else (True,)):
+            spans = await self.current(fresh, read_dht=reread)
+            views = {s.peer_id: self.health.view(s.peer_id) for s in spans}
+            refused, banned = self.health.refused() | set(without), self.health.banned()
+            try:
+                return find_chain(spans, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
+                                  batch)
+            except NoChainError:
+                if replacing:
+                    if reread:
+                        raise
+                    continue
+                if not banned - refused:
+                    raise
+                return find_chain(spans, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
+        raise AssertionError("unreachable")
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""

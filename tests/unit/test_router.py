@@ -312,3 +312,30 @@ async def test_a_large_swarm_is_read_less_often_but_its_peers_are_probed_every_p
     assert set(sleeps) == {3.0} and reads == [1000.0, 1051.0]  # 30 refreshes, t = 0..87 s; reads 48.8 s apart
     assert len(probes) == 30 * 8
     assert not router.stale
+
+
+async def test_a_failed_link_is_replaced_from_the_last_records_probed_again_without_probing_the_banned(
+        router, monkeypatch):
+    """Replacing a link: the records of the last read, probed again now (not the failed, banned peer: a cut link
+    would hold the probe round up for its whole timeout), and no DHT read unless they give no chain."""
+    reads, probed = [], []
+
+    async def get_spans(dht, model_id, num_blocks):
+        reads.append(model_id)
+        return [record("a", 0, 30), record("b", 0, 30), record("c", 0, 30)]
+
+    async def probe(p2p, peer_id, timeout):
+        probed.append(peer_id)
+        return record(peer_id, 0, 30), 0.01
+
+    monkeypatch.setattr(router_module, "get_spans", get_spans)
+    monkeypatch.setattr(router_module, "probe", probe)
+    router._read, router._read_at = [record("a", 0, 30), record("b", 0, 30)], router.clock()
+    router.report("a", Outcome.FAILED)
+    assert await first_peer(router, fresh=True, replacing=True) == "b"
+    assert reads == [] and probed == ["b"]
+    router.report("b", Outcome.FAILED)  # the last records give no chain now: the DHT is read, "c" found
+    probed.clear()
+    assert await first_peer(router, fresh=True, replacing=True) == "c"
+    assert reads == ["m"] and probed == ["c"]
+    assert await first_peer(router, fresh=True) == "c" and reads == ["m", "m"]  # a new session's route reads it
