@@ -35,17 +35,24 @@ from tests.netbed import NetBed
 WAN_TASKS = {name: TASKS[name] for name in ("quote", "chat")}
 
 
+def start_swarm(bed: NetBed, spans: dict[str, str]) -> list[str]:
+    """The bootstrap node on host "boot" and a peer of the default model per host and span, each ready; the
+    bootstrap's multiaddrs."""
+    boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
+    boot.wait_for(r"DHT bootstrap node ready")
+    initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+    peers = [bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--blocks", span, "--num-threads", "1",
+                                              "--host", bed.address(host), "--initial-peers", *initial])
+             for host, span in spans.items()]
+    for proc in peers:
+        proc.wait_for(r"peer ready: .* peer_id=(\S+)", timeout=600)
+    return initial
+
+
 async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
-        boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
-        boot.wait_for(r"DHT bootstrap node ready")
-        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
-        peers = [bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--blocks", span, "--num-threads", "1",
-                                                  "--host", bed.address(host), "--initial-peers", *initial])
-                 for host, span in (("a", "0:15"), ("b", "15:30"))]
-        for proc in peers:
-            proc.wait_for(r"peer ready: .* peer_id=(\S+)", timeout=600)
+        initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
         sockets = {}
         for mode in ("off", "on"):
             sockets[mode] = str(bed.workdir / f"{mode}.sock")
@@ -104,14 +111,7 @@ async def stream_times(socket: str, cut=None) -> tuple[str, list[float]]:
 async def run_failover(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "b2", "gw"]
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
-        boot = bed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", bed.address("boot"), "--port", "31337"])
-        boot.wait_for(r"DHT bootstrap node ready")
-        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
-        peers = [bed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--blocks", span, "--num-threads", "1",
-                                                  "--host", bed.address(host), "--initial-peers", *initial])
-                 for host, span in (("a", "0:15"), ("b", "15:30"), ("b2", "15:30"))]
-        for proc in peers:
-            proc.wait_for(r"peer ready: .* peer_id=(\S+)", timeout=600)
+        initial = start_swarm(bed, {"a": "0:15", "b": "15:30", "b2": "15:30"})
         bed.slow("b2", 20)
 
         def gateway(name: str) -> str:

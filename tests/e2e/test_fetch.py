@@ -26,6 +26,22 @@ def fetched(proc) -> tuple[int, dict[str, int], str]:
     return int(match.group(1)), ast.literal_eval(match.group(2)), match.group(3)
 
 
+async def greedy_equals_transformers(swarm: LocalSwarm, model) -> list[str]:
+    """8 greedy tokens through the swarm equal transformers' on the model; the peer ids of the chain taken."""
+    client = await SwarmClient.connect(swarm.initial_peers, str(model))
+    try:
+        await client.wait_for_chain()
+        chain = [link.peer.peer_id for link in await client.chain()]
+        prompt = torch.tensor([[1, 5, 9, 14, 3]])
+        tokens = [int(step.token_ids[0]) async for step in client.generate_steps(prompt, 8)]
+    finally:
+        await client.close()
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    assert tokens == reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                        do_sample=False, eos_token_id=None)[0, 5:].tolist()
+    return chain
+
+
 async def test_a_peer_with_only_a_content_id_fetches_its_span_verified_and_serves_it(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     cid = content_id(model)
@@ -47,18 +63,8 @@ async def test_a_peer_with_only_a_content_id_fetches_its_span_verified_and_serve
         assert first_id in sources2 and honest_id in sources2, sources2  # from two peers, one a fetcher itself
         assert liar_id in banned2
         honest.stop()
-        client = await SwarmClient.connect(swarm.initial_peers, str(model))
-        try:
-            await client.wait_for_chain()
-            chain = await client.chain()
-            assert chain[0].peer.peer_id == liar_id and chain[1].peer.peer_id in (first_id, LocalSwarm.peer_id(second))
-            prompt = torch.tensor([[1, 5, 9, 14, 3]])
-            tokens = [int(step.token_ids[0]) async for step in client.generate_steps(prompt, 8)]
-        finally:
-            await client.close()
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    assert tokens == reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                        do_sample=False, eos_token_id=None)[0, 5:].tolist()
+        chain = await greedy_equals_transformers(swarm, model)
+        assert chain[0] == liar_id and chain[1] in (first_id, LocalSwarm.peer_id(second))
 
 
 SHARE = ("--share-rate", "0.1", "--throughput", "100")  # every peer sends weights at 0.1 MiB/s: a fetch takes seconds
@@ -110,13 +116,4 @@ async def test_what_no_peer_gives_comes_from_the_model_source_and_a_source_of_ot
         assert re.search(rf"the model source {re.escape(str(other))} has content id sha256:[0-9a-f]{{64}}, not "
                          rf"{cid}: refused", wrong.log()), wrong.log()[-2000:]
         assert "Traceback" not in wrong.log()
-        client = await SwarmClient.connect(swarm.initial_peers, str(model))
-        try:
-            await client.wait_for_chain()
-            prompt = torch.tensor([[1, 5, 9, 14, 3]])
-            tokens = [int(step.token_ids[0]) async for step in client.generate_steps(prompt, 8)]
-        finally:
-            await client.close()
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    assert tokens == reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                        do_sample=False, eos_token_id=None)[0, 5:].tolist()
+        await greedy_equals_transformers(swarm, model)
