@@ -3,7 +3,7 @@
 Requests by route and status (a middleware: every answer, refusals included); per generation its time to first token
 (from the request's arrival, so a wait for a slot counts), inter-token gaps, duration, tokens in, out and reused, the
 length of its route, and how it ended; generations holding a slot and requests queued for one; from the swarm
-client, failovers, passed verification checks, peers banned now, and each peer's decode step as this client observes
+client, failovers, steps pushed peer to peer, passed verification checks, peers banned now, and each peer's decode step as this client observes
 it (per block, RTT taken out). Labels are bounded: routes are the API's own paths ("other" for anything else), peers
 are the ones this client has seen.
 
@@ -90,6 +90,9 @@ class _SwarmCollector(Collector):
             return
         yield GaugeMetricFamily("swarm_client_failovers", "Peers replaced mid-session (by replay), all sessions "
                                 "closed so far", value=getattr(backend, "failovers", 0))
+        yield GaugeMetricFamily("swarm_client_pushed_steps", "Steps of a chain's link computed from the previous "
+                                "peer's push (server-to-server), all generations ended so far",
+                                value=getattr(backend, "pushed_steps", 0))
         health = router.health
         yield GaugeMetricFamily("swarm_client_verification_checks_passed", "Peers' answers re-computed on another "
                                 "replica that matched", value=sum(health.passed_checks().values()))

@@ -36,6 +36,9 @@ class GatewaySettings(BaseSettings):
     swarm_verify_rate: float = Field(0.01, ge=0, le=1, description="fraction of decode steps re-checked on another "
                                                                    "replica once a peer has a clean record (a new "
                                                                    "peer's first steps always are); 0: off")
+    swarm_push: bool = Field(True, description="hidden states go from peer to peer along a chain (server-to-server "
+                                               "push: hops + 1 network legs a token instead of 2 x hops); off: "
+                                               "every hop through the gateway")
     swarm_client_identity: str | None = Field(None, description="key file of the gateway's client identity, for "
                                                                 "peers that serve an allowlist of clients")
     gateway_api_keys: str | None = Field(None, description="accepted API keys (space/comma separated); unset: no "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -140,3 +141,10 @@ async def receive_message(reader: asyncio.StreamReader, message_type: type[M],
     except Exception as e:  # protobuf raises DecodeError and friends on garbage
         raise ValueError(f"malformed protobuf: {e}") from e
     return message
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A short fingerprint of a tensor's bytes (blake2b-64, hex): which input a peer computed a pushed step from."""
+    data = tensor.detach().contiguous()
+    raw = data.view(torch.int16) if data.dtype == torch.bfloat16 else data
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=8).hexdigest()

@@ -6,7 +6,8 @@ sides agree on names, limits and record layouts. Versioned: a peer refuses a cli
 The inference RPC is one persistent bidirectional stream per (session, peer) carrying hivemind `ExpertRequest` /
 `ExpertResponse` protobufs: `metadata` is a msgpack dict, `tensors` the hidden states.
 
-    client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e]}
+    client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e],
+                     "push_key"?: 32 hex}
     peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length"}
     client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
                     hidden_size]]; `group` (optional, decode steps): the client sent this step together with
@@ -16,6 +17,17 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
     peer → client   {"type": "error", "code", "message"}  (then the peer closes the stream and frees the session)
 
 A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
+
+Server-to-server push (sessions opened with a `push_key`, a secret the client drew for that link): a step may carry
+`"step": n` (the n-th numbered step of this stream, 1, 2, ...) and `"next": [[peer_id, push_key, n'], ...]`, the
+links after this one. The peer then sends its output straight to the next link's peer over PUSH_HANDLER, a stream
+of frames {"type": "push", "key", "step", "position", "group"?, "next"} + tensors=[hidden] (no answers), and that
+peer computes the step as if its client had sent it. The client still sends every link its step itself once the
+previous link has answered it (the push only wins the race where it is faster; a peer that cannot reach the next
+one costs nothing more than the relay). A numbered step that arrives twice (pushed and from the client) is computed
+once and answered once; its result carries `"input_digest"` (blake2b-64 of the input the peer used; the client
+sees a push that differed from what the previous peer answered it, and replays the link) and `"pushed"` (whether
+the input came by push).
 """
 
 from __future__ import annotations
@@ -33,6 +45,11 @@ PROTOCOL_VERSION = 1
 # Handler names: the same strings on both sides, independent of any class name.
 INFERENCE_HANDLER = "swarm.v1.inference"
 INFO_HANDLER = "swarm.v1.info"
+PUSH_HANDLER = "swarm.v1.push"  # hidden states from the previous peer of a session's chain (see above)
+
+# Server-to-server push: a link's secret, the links a step may name after it.
+PUSH_KEY = re.compile(r"[0-9a-f]{32}")
+MAX_PUSH_HOPS = 16
 
 # Bounds of a step's `group` hint: the id's length, the group's size.
 MAX_GROUP_ID = 64
@@ -110,6 +127,7 @@ class SpanInfo:
     software: str = ""  # package version of the peer
     movable: bool = False  # it placed itself (no --blocks) and may move to rebalance the swarm
     content_id: str = ""  # sha256:<64 hex> of the weights it serves (swarm.model.manifest); "" from older peers
+    push: bool = False  # takes pushed hidden states from the previous peer of a chain, and pushes to the next
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +228,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
     "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
+    "push": _Bool(),
 }
 
 
@@ -223,9 +242,10 @@ class OpenRequest:
     start: int
     end: int
     version: int = PROTOCOL_VERSION
+    push_key: str = ""  # a secret drawn by the client: who knows it may push this session's steps (see above)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "type": "open",
             "version": self.version,
             "session_id": self.session_id,
@@ -233,6 +253,9 @@ class OpenRequest:
             "batch_size": self.batch_size,
             "blocks": [self.start, self.end],
         }
+        if self.push_key:
+            data["push_key"] = self.push_key
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpenRequest:
@@ -254,7 +277,47 @@ class OpenRequest:
             expected = str if name == "session_id" else int
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ValueError(f"'{name}' must be {expected.__name__}, got {value!r}")
-        return cls(**fields)  # type: ignore[arg-type]
+        push_key = data.get("push_key", "")
+        if push_key and not (isinstance(push_key, str) and PUSH_KEY.fullmatch(push_key)):
+            raise ValueError("'push_key' must be 32 lowercase hex digits")
+        return cls(**fields, push_key=push_key)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A link after this one, as a step names it for server-to-server push: where its peer is, the link's key, and
+    the number its stream gives this step."""
+
+    peer_id: str
+    key: str
+    step: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.peer_id, self.key, self.step]
+
+
+def parse_hops(value: Any) -> list[Hop]:
+    """A step's `next` (untrusted): at most MAX_PUSH_HOPS [peer_id, push_key, step] triples."""
+    if not isinstance(value, list | tuple) or len(value) > MAX_PUSH_HOPS:
+        raise ValueError(f"'next' must be a list of at most {MAX_PUSH_HOPS} links")
+    hops = []
+    for item in value:
+        if (not isinstance(item, list | tuple) or len(item) != 3 or not isinstance(item[0], str)
+                or not 0 < len(item[0]) <= 128 or not item[0].isalnum() or not isinstance(item[1], str)
+                or not PUSH_KEY.fullmatch(item[1]) or not isinstance(item[2], int) or isinstance(item[2], bool)
+                or not 0 < item[2] < 1 << 53):
+            raise ValueError("each of 'next' must be [peer id, push_key of 32 hex, step number]")
+        hops.append(Hop(item[0], item[1], item[2]))
+    return hops
+
+
+def parse_step_number(value: Any) -> int | None:
+    """A step's optional `step` number (untrusted)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 53:
+        raise ValueError("'step' must be a positive integer")
+    return value
 
 
 class SwarmError(Exception):

@@ -40,8 +40,9 @@ class SwarmClient:
                  prefill_chunk: int = 1024, step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
                  allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
                  decode_groups: int | None = None, verification: VerificationPolicy | None = None,
-                 content_id: str | None = None):
+                 content_id: str | None = None, push: bool = True):
         self.dht, self.p2p = dht, p2p
+        self.push = push  # server-to-server push along chains whose peers take it (swarm.protocol)
         self.source = source
         self.model_id = source.model_id
         self.head = head
@@ -121,7 +122,7 @@ class SwarmClient:
         """A session on the fastest chain now, failing over through the router (see InferenceSession.routed)."""
         assert self.p2p is not None
         return await InferenceSession.routed(self.p2p, self.router, max_length, batch_size, self.step_timeout,
-                                             self.failover)
+                                             self.failover, self.push)
 
     # -- computing, through the pipeline -----------------------------------------------------------------------------
 

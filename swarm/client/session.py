@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from swarm.codec import (
     MAX_FRAME_OVERHEAD,
     EndOfStream,
     decode_tensor,
+    digest,
     frame_bytes,
     make_request,
     receive_message,
     send_message,
     unpack_metadata,
 )
-from swarm.protocol import INFERENCE_HANDLER, ErrorCode, NoChainError, OpenRequest, PeerError, SpanInfo
+from swarm.protocol import INFERENCE_HANDLER, ErrorCode, Hop, NoChainError, OpenRequest, PeerError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +50,12 @@ class ProtocolViolation(ValueError):
 class PeerStream:
     """The stream of one session to one peer, for blocks [link.start, link.end)."""
 
-    def __init__(self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, link: Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, push_key: str = ""):
         self.link = link
         self._writer = writer
         self.closed = False
+        self.push_key = push_key  # the link's secret for server-to-server push ("": not opened for push)
+        self.steps = 0  # numbered steps sent or pushed to it (swarm.protocol)
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
         # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
@@ -81,19 +85,44 @@ class PeerStream:
                 _, reader, writer = await p2p.call_binary_stream_handler(peer_id, INFERENCE_HANDLER)
         except (TimeoutError, P2PDaemonError, P2PHandlerError, OSError, ConnectionError) as e:
             raise PeerError(f"cannot reach peer {link.peer.peer_id}: {e!r}", peer_id=link.peer.peer_id) from e
-        stream = cls(link, reader, writer)
+        stream = cls(link, reader, writer, request.push_key)
         await stream._send(make_request(request.to_dict()))
         await stream._receive(timeout, expected="opened")
         return stream
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float,
                    group: tuple[str, int] | None = None) -> torch.Tensor:
+        try:
+            await self.send(hidden, position, group)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        return (await self.result(hidden, timeout))[0]
+
+    def expect(self, like: torch.Tensor) -> None:
+        """A result of `like`'s size may arrive (pushed before its input was sent from here)."""
+        self._limit = frame_bytes(like.numel(), like.dtype)
+
+    def number(self) -> Hop:
+        """Number the next step of this stream (server-to-server push): the hop that names it."""
+        self.steps += 1
+        return Hop(self.link.peer.peer_id, self.push_key, self.steps)
+
+    async def send(self, hidden: torch.Tensor, position: int, group: tuple[str, int] | None = None,
+                   number: int | None = None, hops: list[Hop] | None = None) -> None:
+        """Send a step (`number` and the `hops` after this link: see swarm.protocol); its result() is due."""
         metadata: dict = {"type": "step", "position": position}
         if group is not None:
             metadata["group"] = list(group)
+        if number is not None:
+            metadata["step"] = number
+            metadata["next"] = [hop.to_wire() for hop in hops or []]
+        self.expect(hidden)
+        await self._send(make_request(metadata, (hidden,)))
+
+    async def result(self, hidden: torch.Tensor, timeout: float) -> tuple[torch.Tensor, dict]:
+        """The answer to the step of input `hidden`: its output (checked: shape, dtype, finite) and metadata."""
         try:
-            self._limit = frame_bytes(hidden.numel(), hidden.dtype)
-            await self._send(make_request(metadata, (hidden,)))
             response = await self._receive(timeout, expected="result")
         except asyncio.CancelledError:
             await self.close()  # this step's answer would be read as the next step's: the stream cannot go on
@@ -108,7 +137,7 @@ class PeerStream:
             raise self._error(f"answered {tuple(out.shape)} {out.dtype} to {tuple(hidden.shape)} {hidden.dtype}")
         if not torch.isfinite(out).all():
             raise self._error("answered with NaN or infinite hidden states")
-        return out
+        return out, unpack_metadata(response.metadata)
 
     async def _send(self, message: runtime_pb2.ExpertRequest) -> None:
         if self.closed:
@@ -195,8 +224,11 @@ class InferenceSession:
     """
 
     def __init__(self, p2p: P2P, streams: list[PeerStream], max_length: int, batch_size: int, step_timeout: float,
-                 router: Router | None = None, policy: FailoverPolicy | None = None):
+                 router: Router | None = None, policy: FailoverPolicy | None = None, push: bool = True):
         self.p2p = p2p
+        # server-to-server push along the chain where its peers were opened for it (swarm.protocol); turned off
+        # for the session when a pushed input differed from what the previous peer answered
+        self.push = push
         self.streams = streams
         self.router = router
         if router is not None:
@@ -207,6 +239,7 @@ class InferenceSession:
         self.policy = policy or FailoverPolicy()
         self.position = 0  # tokens every peer has cached
         self.failovers = 0
+        self.pushed = 0  # link steps computed from a push (the previous peer's output sent to it directly)
         self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
@@ -215,14 +248,16 @@ class InferenceSession:
 
     @classmethod
     async def open(cls, p2p: P2P, chain: list[Link], max_length: int, batch_size: int = 1, timeout: float = 30.0,
-                   router: Router | None = None, policy: FailoverPolicy | None = None) -> InferenceSession:
-        """A session over this chain (with a router: replaced link by link when peers fail)."""
-        streams = await open_streams(p2p, chain, max_length, batch_size, timeout)
-        return cls(p2p, streams, max_length, batch_size, timeout, router, policy)
+                   router: Router | None = None, policy: FailoverPolicy | None = None,
+                   push: bool = True) -> InferenceSession:
+        """A session over this chain (with a router: replaced link by link when peers fail); `push`: hidden
+        states go from peer to peer where the peers take pushes (swarm.protocol)."""
+        streams = await open_streams(p2p, chain, max_length, batch_size, timeout, push)
+        return cls(p2p, streams, max_length, batch_size, timeout, router, policy, push)
 
     @classmethod
     async def routed(cls, p2p: P2P, router: Router, max_length: int, batch_size: int = 1, timeout: float = 30.0,
-                     policy: FailoverPolicy | None = None) -> InferenceSession:
+                     policy: FailoverPolicy | None = None, push: bool = True) -> InferenceSession:
         """A session on the fastest chain now. A peer that refuses or fails the opening (the router's view is a few
         seconds old: the peer may have filled up, started moving or died) is reported, and another chain is tried;
         when nobody else serves its blocks, its own answer is raised."""
@@ -232,7 +267,7 @@ class InferenceSession:
             peers = [link.peer.peer_id for link in chain]
             router.opened(peers)  # before the await: sessions opened concurrently see each other
             try:
-                return await cls.open(p2p, chain, max_length, batch_size, timeout, router, policy)
+                return await cls.open(p2p, chain, max_length, batch_size, timeout, router, policy, push)
             except PeerError as e:
                 if not e.peer_id or attempt + 1 == policy.open_attempts:
                     raise
@@ -266,6 +301,10 @@ class InferenceSession:
             raise ValueError(f"{position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
         if self._found is not None:
             await self._repair(position)
+        if self.push and len(self.streams) > 1 and all(stream.push_key for stream in self.streams):
+            hidden = await self._step_pushed(hidden, position, group)
+            self.position = position + hidden.shape[1]
+            return hidden
         i = 0
         while i < len(self.streams):
             started = time.monotonic()
@@ -282,6 +321,56 @@ class InferenceSession:
         self.position = position + hidden.shape[1]
         return hidden
 
+    async def _step_pushed(self, hidden: torch.Tensor, position: int, group: tuple[str, int] | None) -> torch.Tensor:
+        """step() with server-to-server push: the first link gets the step with the links after it, each peer
+        pushes its output on to the next, and every answer comes back here, where it is kept for replay as
+        always. Each link also gets its input from here once the previous link has answered (whichever copy
+        arrives first is computed): a push that is lost or slow costs nothing more than the relay."""
+        numbered: dict[PeerStream, Hop] = {}
+
+        def hop(stream: PeerStream) -> Hop:  # the stream's number for this step, drawn once
+            if stream not in numbered:
+                numbered[stream] = stream.number()
+                stream.expect(hidden)  # a pushed answer may arrive before its input is sent from here
+            return numbered[stream]
+
+        i, sent = 0, None
+        while i < len(self.streams):
+            stream = self.streams[i]
+            started = time.monotonic()
+            try:
+                if sent is not stream:
+                    hops = [hop(s) for s in self.streams[i:]]
+                    await stream.send(hidden, position, group, hops[0].step, hops[1:])
+                    sent = stream
+                out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]))
+                if (metadata.get("input_digest") != digest(hidden)
+                        or metadata.get("position") != position + hidden.shape[1]):
+                    out = await self._unpushed(i, hidden, position)
+                elif metadata.get("pushed") is True:
+                    self.pushed += 1
+                if self.router is not None and self.router.verify_due(stream.link.peer.peer_id):
+                    await self._check(i, hidden, position, out)
+            except PeerError as e:
+                await self._fail_over(i, position, e)
+                continue  # the same step, now through the replacement
+            self._remember(i, hidden, position, time.monotonic() - started, observed=i == 0)
+            hidden, i = out, i + 1
+        return hidden
+
+    async def _unpushed(self, i: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """Link i computed a step from an input other than what the previous link answered here (a push that
+        differed: a broken or lying peer on either side): rebuild its cache from the inputs kept here, compute
+        the step again, and go on without push for this session."""
+        stream = self.streams[i]
+        logger.warning("peer %s computed a step from a pushed input that differs from the previous peer's answer; "
+                       "rebuilding it, and no more pushes in this session", stream.link.peer.peer_id)
+        self.push = False
+        kept = self._inputs[i]
+        if position and kept is not None:
+            await self._replay(stream, kept[:, :position])
+        return await stream.step(hidden, position, self.step_timeout)
+
     def rewind(self, position: int) -> None:
         """Forget the tokens from `position` on (drafts not kept): the next step goes there, and the peers rewind
         their caches to it."""
@@ -295,7 +384,9 @@ class InferenceSession:
             return self.step_timeout
         return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
 
-    def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float) -> None:
+    def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float, observed: bool = True) -> None:
+        """Keep link i's input of this step for replay; `observed`: `seconds` is the link's round trip (a pushed
+        link's answer may come before its input was sent: not a measure of the peer)."""
         kept = self._inputs[i]  # its first `position` tokens are the inputs kept so far; it has room for more
         end = position + hidden.shape[1]
         if kept is None or kept.shape[1] < end or kept.shape[0] != hidden.shape[0] or kept.dtype != hidden.dtype:
@@ -309,7 +400,7 @@ class InferenceSession:
         if hidden.shape[1] == 1:
             old = self._latency[i]
             self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            if self.router is not None and hidden.shape[0] == 1:
+            if self.router is not None and hidden.shape[0] == 1 and observed:
                 link = self.streams[i].link
                 self.router.observed(link.peer.peer_id, link.end - link.start, seconds)
 
@@ -332,7 +423,8 @@ class InferenceSession:
                                             batch=self.batch_size, fresh=True, replacing=True)  # NoChainError: none
             streams: list[PeerStream] = []
             try:
-                streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout)
+                streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout,
+                                             self.push)
                 inputs: list[torch.Tensor | None] = []
                 history = kept[:, :position] if position and kept is not None else None
                 for stream in streams:  # replay: each new link's inputs are the previous new link's outputs
@@ -498,11 +590,14 @@ class InferenceSession:
 
 
 async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
-                       timeout: float) -> list[PeerStream]:
-    """Open one stream per link, concurrently; on any failure close the others and raise the first error."""
+                       timeout: float, push: bool = False) -> list[PeerStream]:
+    """Open one stream per link, concurrently; on any failure close the others and raise the first error.
+    `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol)."""
     session_id = uuid.uuid4().hex
     opened = await asyncio.gather(
-        *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end), timeout)
+        *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end,
+                                                 push_key=secrets.token_hex(16) if push and link.peer.push else ""),
+                          timeout)
           for link in chain),
         return_exceptions=True,
     )

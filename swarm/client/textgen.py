@@ -52,6 +52,7 @@ class SwarmTextService:
         self._parked: list[_Parked] = []  # most recently used first
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
         self.failovers = 0  # peers replaced mid-session by replay, over all generations (app.metrics)
+        self.pushed_steps = 0  # link steps computed from the previous peer's push, over all generations (app.metrics)
         self.tokenizer = tokenizer
         self.model_id = client.model_id
         head = client.decoder
@@ -139,7 +140,7 @@ class SwarmTextService:
         private = request.tenant is None  # neither reuses a session nor leaves one for reuse
         session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant or "",
                                                   reuse=not scoring and not private)
-        failovers_before = session.failovers  # a reused session's earlier turns are counted already
+        failovers_before, pushed_before = session.failovers, session.pushed  # a reused session's earlier turns
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
@@ -178,6 +179,7 @@ class SwarmTextService:
             await steps.aclose()
             fed = prompt + chosen[:-1]
             self.failovers += session.failovers - failovers_before
+            self.pushed_steps += session.pushed - pushed_before
             if (complete and n == 1 and not private and self.reuse_sessions > 0 and self._alive(session)
                     and session.position == len(fed)):
                 await self._park(fed, session, request.tenant or "")

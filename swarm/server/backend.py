@@ -71,6 +71,7 @@ class Session:
     last_step: float = field(default_factory=time.monotonic)  # when its last step arrived
     ended: PeerError | None = None  # why the peer ended this session (handed off, evicted), once it has
     idle_timer: asyncio.Timeout | None = None  # while the handler waits for (or reads) the session's next message
+    push_key: str = ""  # steps may be pushed to it by the previous peer of its chain (swarm.server.push)
 
 
 def bad_request(message: str) -> PeerError:
@@ -141,7 +142,7 @@ class SpanBackend:
             return f"KV budget exhausted: {first} tokens to start, {self.budget.free} free"
         blocks = slice(request.start - self.span.start, request.end - self.span.start)
         session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
-                          self.span.new_cache(request.max_length), client)
+                          self.span.new_cache(request.max_length), client, push_key=request.push_key)
         self.sessions[key] = session
         logger.debug("opened session %s for %s (blocks %d:%d, up to %d tokens)", key, client, request.start,
                      request.end, request.batch_size * request.max_length)

@@ -25,6 +25,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
+import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
@@ -34,6 +35,7 @@ from swarm.codec import (
     MAX_METADATA_BYTES,
     EndOfStream,
     decode_tensor,
+    digest,
     make_response,
     pack_metadata,
     receive_message,
@@ -46,17 +48,24 @@ from swarm.protocol import (
     MAX_GROUP_ID,
     MAX_GROUP_SIZE,
     PROTOCOL_VERSION,
+    PUSH_HANDLER,
+    PUSH_KEY,
     ErrorCode,
+    Hop,
     OpenRequest,
     PeerError,
     SpanInfo,
+    parse_hops,
+    parse_step_number,
 )
 from swarm.server.backend import Session, SpanBackend, bad_request
+from swarm.server.push import Input, Inputs, PushedStep, Pusher
 
 logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 10.0
 OPEN_FRAME_BYTES = MAX_METADATA_BYTES + 1024  # an open message is metadata only; the rest is protobuf framing
+MAX_PUSH_STREAMS = 64  # incoming push streams (from the peers before this one in chains), all peers together
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,17 @@ class SpanHandler:
         self.limits = limits
         self.pending = PendingStreams(limits.max_pending_streams, limits.max_client_pending)
         self.allowed_clients = allowed_clients or set()  # empty: anyone
+        self.pusher: Pusher | None = None  # set by register
+        self.pushed: dict[str, tuple[Session, Inputs]] = {}  # push key -> the session it pushes to
+        self.push_streams = 0
 
     async def register(self, p2p: P2P) -> None:
         # The inference stream reads and writes frames directly (hivemind's framing): no per-message tasks or
         # queues between the socket and the session, and a frame's declared size is checked before it is read.
         await p2p.add_binary_stream_handler(INFERENCE_HANDLER, self.handle_stream)
+        await p2p.add_binary_stream_handler(PUSH_HANDLER, self.handle_push)
         await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertUID)
+        self.pusher = Pusher(p2p)
 
     async def handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -157,6 +171,11 @@ class SpanHandler:
                                  "blocks": [backend.span.start + session.blocks.start,
                                             backend.span.start + session.blocks.stop]})
             frame_bytes = session.batch_size * backend.limits.max_chunk_tokens * self.hidden_size * 4
+            if session.push_key:
+                async for response in self._pushed_session(reader, backend, session,
+                                                           frame_bytes + MAX_FRAME_OVERHEAD):
+                    yield response
+                return
             while (request := await self._next(reader, session, frame_bytes + MAX_FRAME_OVERHEAD)) is not None:
                 yield await self._step(backend, session, request)
         except PeerError as e:
@@ -172,6 +191,148 @@ class SpanHandler:
                 self.pending.leave(client)
             if session is not None and backend is not None:
                 backend.close(session)
+
+    async def _pushed_session(self, reader: asyncio.StreamReader, backend: SpanBackend, session: Session,
+                              max_bytes: int) -> AsyncGenerator[runtime_pb2.ExpertResponse, None]:
+        """A session opened with a push key: its steps come from its client's frames and from the previous peer
+        of its chain (handle_push), whichever brings a numbered step first; it is computed once, pushed on to the
+        next peer when the step names one, and answered to the client."""
+        if session.push_key in self.pushed:
+            raise bad_request("this push_key is in use; draw another")
+        inputs = Inputs()
+        self.pushed[session.push_key] = (session, inputs)
+        reading = asyncio.create_task(self._read_client(reader, session, max_bytes, inputs))
+        done = 0  # numbered steps computed
+        try:
+            while True:
+                item = await inputs.get()
+                if item.error is not None:
+                    raise item.error
+                if item.pushed is not None:
+                    pushed = item.pushed
+                    if pushed.step != done + 1:
+                        continue  # the client's copy came first, or not the next step
+                    try:
+                        out = await backend.step(session, pushed.hidden, pushed.position, pushed.group)
+                    except PeerError as e:
+                        if e.code != ErrorCode.BAD_REQUEST:
+                            raise
+                        logger.info("dropped a step pushed to session %s: %s", session.key, e)
+                        continue  # the client's copy comes anyway
+                    done, hidden, position, hops = pushed.step, pushed.hidden, pushed.position, pushed.hops
+                    group, was_pushed = pushed.group, True
+                else:
+                    if item.request is None:
+                        return
+                    hidden, position, group, number, hops = self._parse_step(backend, session, item.request)
+                    if number is not None and number <= done:
+                        continue  # pushed and computed already
+                    if number is not None and number != done + 1:
+                        raise bad_request(f"step {number} where step {done + 1} was due")
+                    out = await backend.step(session, hidden, position, group)
+                    done, was_pushed = number or done, False
+                if hops and self.pusher is not None:
+                    self.pusher.push(hops, position, group, backend.faults.pushed(out))
+                metadata = {"type": "result", "position": position + hidden.shape[1], "input_digest": digest(hidden),
+                            "pushed": was_pushed}
+                yield make_response(metadata, (out,))
+        finally:
+            reading.cancel()
+            del self.pushed[session.push_key]
+
+    async def _read_client(self, reader: asyncio.StreamReader, session: Session, max_bytes: int,
+                           inputs: Inputs) -> None:
+        try:
+            while True:
+                request = await self._next(reader, session, max_bytes)
+                await inputs.from_client(Input(request=request))
+                if request is None:
+                    return
+        except Exception as e:
+            await inputs.from_client(Input(error=e))
+
+    async def handle_push(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Steps pushed by the previous peer of sessions' chains (swarm.server.push). A malformed frame ends the
+        stream (its sender's pushes are lost, nobody else's); one for a session not here (closed meanwhile, or a
+        key nobody drew) or beyond what the session may hold waiting is dropped."""
+        sender = info.peer_id.to_base58()
+        if self.push_streams >= MAX_PUSH_STREAMS:
+            writer.close()
+            return
+        self.push_streams += 1
+        try:
+            while True:
+                message = await self._receive_push(reader)
+                if message is None:
+                    return
+                self._take_push(message)
+        except (TimeoutError, ValueError) as e:
+            logger.info("push stream from %s closed: %s", sender, e or "idle")
+        except (ConnectionError, OSError):
+            logger.debug("push stream from %s went away", sender)
+        finally:
+            self.push_streams -= 1
+            writer.close()
+
+    async def _receive_push(self, reader: asyncio.StreamReader) -> runtime_pb2.ExpertRequest | None:
+        loop = asyncio.get_running_loop()
+        backend = self.backend
+        limits = backend.limits if backend is not None else None
+        max_bytes = (limits.max_step_elements * self.hidden_size * 4 if limits else 0) + MAX_FRAME_OVERHEAD
+        async with asyncio.timeout(self.limits.idle_timeout) as timer:
+            try:
+                return await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes,
+                                             lambda: timer.reschedule(loop.time() + self.limits.frame_timeout))
+            except EndOfStream:
+                return None
+
+    def _take_push(self, message: runtime_pb2.ExpertRequest) -> None:
+        """Parse one pushed frame (ValueError if malformed) and queue it for its session."""
+        metadata = unpack_metadata(message.metadata)
+        key = metadata.get("key")
+        if metadata.get("type") != "push" or not isinstance(key, str) or not PUSH_KEY.fullmatch(key):
+            raise ValueError("a push frame must be {'type': 'push', 'key': <32 hex>, ...}")
+        step = parse_step_number(metadata.get("step"))
+        position = metadata.get("position")
+        if step is None or not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ValueError("a push frame must carry 'step' and 'position'")
+        hops = parse_hops(metadata.get("next", []))
+        try:
+            group = parse_group(metadata.get("group"))
+        except PeerError as e:
+            raise ValueError(str(e)) from None
+        if len(message.tensors) != 1:
+            raise ValueError("a push frame carries exactly one tensor")
+        target = self.pushed.get(key)
+        backend = self.backend
+        if target is None or backend is None:
+            return  # the session ended meanwhile
+        session, inputs = target
+        hidden = decode_tensor(message.tensors[0], session.batch_size * backend.limits.max_chunk_tokens
+                               * backend.span.hidden_size)
+        inputs.from_push(PushedStep(step, position, group, hops, hidden))
+
+    @staticmethod
+    def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest
+                    ) -> tuple[torch.Tensor, int, tuple[str, int] | None, int | None, list[Hop]]:
+        """A client's step frame: hidden, position, group, its number and the hops after it (bad_request if
+        malformed)."""
+        try:
+            metadata = unpack_metadata(request.metadata)
+            if metadata.get("type") != "step":
+                raise ValueError(f"expected a 'step' message, got {metadata.get('type')!r}")
+            if len(request.tensors) != 1:
+                raise ValueError(f"a step carries exactly one tensor, got {len(request.tensors)}")
+            max_elements = session.batch_size * backend.limits.max_chunk_tokens * backend.span.hidden_size
+            hidden = decode_tensor(request.tensors[0], max_elements)
+            number = parse_step_number(metadata.get("step"))
+            hops = parse_hops(metadata.get("next", []))
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        position = metadata.get("position")
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise bad_request("'position' must be an integer")
+        return hidden, position, parse_group(metadata.get("group")), number, hops
 
     async def _next(self, reader: asyncio.StreamReader, session: Session,
                     max_bytes: int) -> runtime_pb2.ExpertRequest | None:

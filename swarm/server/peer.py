@@ -212,6 +212,7 @@ class Peer:
             software=__version__,
             movable=self.movable,
             content_id=self.content_id,
+            push=True,
         )
 
     async def _announce(self) -> None:
@@ -257,7 +258,8 @@ class Peer:
             tokens = max(placement.SIZING_KV_TOKENS, (self._memory_budget() - span.weight_bytes()) // per_token)
         else:
             tokens = default_budget_tokens(per_token)
-        faults = Faults(settings.fault_nan_after, settings.fault_step_delay, settings.fault_wrong_after)
+        faults = Faults(settings.fault_nan_after, settings.fault_step_delay, settings.fault_wrong_after,
+                        settings.fault_push_wrong)
         faults.announce()
         backend = SpanBackend(span, limits, KVBudget(tokens), faults)
         fixed = settings.announced_throughput()
@@ -416,5 +418,7 @@ class Peer:
             logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, self.ttl)
         if self.backend is not None:
             self.backend.shutdown()
+        if self.handler is not None and self.handler.pusher is not None:
+            await self.handler.pusher.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_STEP_TIMEOUT)

@@ -92,6 +92,8 @@ class PeerSettings(BaseSettings):
                                                         "answer wrong hidden states of the right shape and scale")
     fault_step_delay: float = Field(0.0, ge=0, description="for routing tests only: seconds every forward sleeps "
                                                            "(a slow peer)")
+    fault_push_wrong: bool = Field(False, description="for push tests only: push wrong hidden states to the next "
+                                                      "peer of a chain (the client gets the right ones)")
     fault_corrupt_fetch: bool = Field(False, description="for weight-sharing tests only: serve tensor bytes with a "
                                                          "flipped byte")
     share_weights: bool = Field(True, description="serve this model's tensors to peers that fetch it by content id "

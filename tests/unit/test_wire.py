@@ -8,7 +8,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarm.codec import decode_tensor, encode_tensor, unpack_metadata
-from swarm.protocol import OpenRequest, SpanInfo
+from swarm.protocol import MAX_PUSH_HOPS, Hop, OpenRequest, SpanInfo, parse_hops, parse_step_number
 
 
 def test_tensor_roundtrip_is_bit_exact():
@@ -69,6 +69,26 @@ def test_open_request_parse():
                 {**request.to_dict(), "batch_size": True}, {**request.to_dict(), "session_id": 5}):
         with pytest.raises(ValueError):
             OpenRequest.from_dict(bad)
+    pushed = OpenRequest("s", 64, 1, 0, 6, push_key="0123456789abcdef" * 2)
+    assert OpenRequest.from_dict(pushed.to_dict()) == pushed
+    for key in ("x", "0123456789ABCDEF" * 2, "0" * 33, 5, ["0" * 32]):
+        with pytest.raises(ValueError, match="push_key"):
+            OpenRequest.from_dict({**pushed.to_dict(), "push_key": key})
+
+
+def test_push_hops_and_step_numbers_are_bounded():
+    hop = Hop("QmPeer1", "a" * 32, 3)
+    assert parse_hops([hop.to_wire(), ("QmPeer2", "b" * 32, 1)]) == [hop, Hop("QmPeer2", "b" * 32, 1)]
+    assert parse_hops([]) == []
+    for bad in ("x", [hop.to_wire()] * (MAX_PUSH_HOPS + 1), [["QmPeer1", "a" * 32]], [["Qm/../x", "a" * 32, 1]],
+                [["", "a" * 32, 1]], [["Qm" * 100, "a" * 32, 1]], [["QmPeer1", "A" * 32, 1]], [["QmPeer1", "a" * 32, 0]],
+                [["QmPeer1", "a" * 32, True]], [["QmPeer1", "a" * 32, 1 << 60]], {"QmPeer1": 1}):
+        with pytest.raises(ValueError):
+            parse_hops(bad)
+    assert parse_step_number(None) is None and parse_step_number(7) == 7
+    for bad in (0, -1, True, 1.0, "1", 1 << 53):
+        with pytest.raises(ValueError):
+            parse_step_number(bad)
 
 
 def read_frames(data: bytes, max_bytes: int = 1 << 20):
