@@ -3,9 +3,9 @@
 Requests by route and status (a middleware: every answer, refusals included); per generation its time to first token
 (from the request's arrival, so a wait for a slot counts), inter-token gaps, duration, tokens in, out and reused, the
 length of its route, and how it ended; generations holding a slot and requests queued for one; from the swarm
-client, failovers, steps pushed peer to peer, passed verification checks, peers banned now, and each peer's decode step as this client observes
-it (per block, RTT taken out). Labels are bounded: routes are the API's own paths ("other" for anything else), peers
-are the ones this client has seen.
+client, failovers, steps pushed peer to peer, passed verification checks, peers banned now, and each peer's decode
+step as this client observes it (per block, RTT taken out). Labels are bounded: routes are the API's own paths
+("other" for anything else), peers are the ones this client has seen.
 
 The log line (`app.requests`, INFO) says who (the client's name: an API key's digest or an address, never a key),
 what model, how many tokens, the time to first token, the duration, the route's peers and the outcome; never a

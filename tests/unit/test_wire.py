@@ -81,7 +81,8 @@ def test_push_hops_and_step_numbers_are_bounded():
     assert parse_hops([hop.to_wire(), ("QmPeer2", "b" * 32, 1)]) == [hop, Hop("QmPeer2", "b" * 32, 1)]
     assert parse_hops([]) == []
     for bad in ("x", [hop.to_wire()] * (MAX_PUSH_HOPS + 1), [["QmPeer1", "a" * 32]], [["Qm/../x", "a" * 32, 1]],
-                [["", "a" * 32, 1]], [["Qm" * 100, "a" * 32, 1]], [["QmPeer1", "A" * 32, 1]], [["QmPeer1", "a" * 32, 0]],
+                [["", "a" * 32, 1]], [["Qm" * 100, "a" * 32, 1]], [["QmPeer1", "A" * 32, 1]],
+                [["QmPeer1", "a" * 32, 0]],
                 [["QmPeer1", "a" * 32, True]], [["QmPeer1", "a" * 32, 1 << 60]], {"QmPeer1": 1}):
         with pytest.raises(ValueError):
             parse_hops(bad)
