@@ -42,6 +42,8 @@ from swarm.protocol import INFO_HANDLER, NoChainError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
+LIVENESS_TIMEOUT = 1.5  # seconds a peer whose step is late has to answer a probe, at least
+
 
 async def probe(p2p: P2P, peer_id: str, timeout: float) -> tuple[SpanInfo, float]:
     """A peer's current record and the round trip it took (seconds); raises on timeout or a bad answer."""
@@ -195,6 +197,17 @@ class Router:
             return None
         self.health.rtt_sample(span.peer_id, rtt)
         return info
+
+    async def alive(self, peer_id: str) -> bool:
+        """Whether the peer answers a probe within max(1.5 s, 4 x its usual RTT) (a peer whose step is late: slow, or
+        cut off?)."""
+        timeout = max(LIVENESS_TIMEOUT, 4 * (self.health.rtt(peer_id) or 0.0))
+        try:
+            await probe(self.p2p, peer_id, timeout)
+        except Exception as e:  # unreachable, timed out, a bad answer: not alive as far as this session goes
+            logger.info("peer %s did not answer a liveness probe within %.1f s (%r)", peer_id, timeout, e)
+            return False
+        return True
 
     async def peer_info(self, peer_id: str, timeout: float = 10.0) -> SpanInfo:
         """Ask a peer directly for its current record (free KV, active sessions), bypassing the DHT."""

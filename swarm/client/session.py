@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ from swarm.protocol import INFERENCE_HANDLER, ErrorCode, Hop, NoChainError, Open
 logger = logging.getLogger(__name__)
 
 SMALL_FRAME = MAX_FRAME_OVERHEAD  # what may arrive while no step's answer is due: 'opened', an error
+
+
+Probe = tuple[float, Callable[[], Awaitable[bool]]]  # (seconds of silence, then: is the peer alive?)
 
 
 class ProtocolViolation(ValueError):
@@ -91,13 +95,13 @@ class PeerStream:
         return stream
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float,
-                   group: tuple[str, int] | None = None) -> torch.Tensor:
+                   group: tuple[str, int] | None = None, probe: Probe | None = None) -> torch.Tensor:
         try:
             await self.send(hidden, position, group)
         except asyncio.CancelledError:
             await self.close()
             raise
-        return (await self.result(hidden, timeout))[0]
+        return (await self.result(hidden, timeout, probe))[0]
 
     def expect(self, like: torch.Tensor) -> None:
         """A result of `like`'s size may arrive (pushed before its input was sent from here)."""
@@ -120,10 +124,12 @@ class PeerStream:
         self.expect(hidden)
         await self._send(make_request(metadata, (hidden,)))
 
-    async def result(self, hidden: torch.Tensor, timeout: float) -> tuple[torch.Tensor, dict]:
-        """The answer to the step of input `hidden`: its output (checked: shape, dtype, finite) and metadata."""
+    async def result(self, hidden: torch.Tensor, timeout: float,
+                     probe: Probe | None = None) -> tuple[torch.Tensor, dict]:
+        """The answer to the step of input `hidden`: its output (checked: shape, dtype, finite) and metadata.
+        `probe`: see _next_frame."""
         try:
-            response = await self._receive(timeout, expected="result")
+            response = await self._receive(timeout, expected="result", probe=probe)
         except asyncio.CancelledError:
             await self.close()  # this step's answer would be read as the next step's: the stream cannot go on
             raise
@@ -152,10 +158,9 @@ class PeerStream:
                 raise reason from e
             raise self._error(f"connection failed: {e!r}") from e
 
-    async def _receive(self, timeout: float, expected: str) -> runtime_pb2.ExpertResponse:
+    async def _receive(self, timeout: float, expected: str, probe: Probe | None = None) -> runtime_pb2.ExpertResponse:
         try:
-            async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per message
-                response = await self._inbox.get()
+            response = await self._next_frame(timeout, probe)
             self._limit = SMALL_FRAME
             if isinstance(response, Exception):
                 self._inbox.put_nowait(response)  # every later receive fails the same way
@@ -177,6 +182,34 @@ class PeerStream:
         if metadata.get("type") != expected:
             raise self._error(f"answered {metadata.get('type')!r} where {expected!r} was due")
         return response
+
+    async def _next_frame(self, timeout: float, probe: Probe | None) -> runtime_pb2.ExpertResponse | Exception:
+        """The next frame within `timeout` seconds. With a probe (after, alive): a peer silent for `after` seconds
+        is asked whether it lives while the answer is still awaited, and one that says nothing to either fails
+        now (a host cut off is replaced in seconds; a slow step that still comes is taken)."""
+        if probe is None or probe[0] >= timeout:
+            async with asyncio.timeout(timeout):  # unlike wait_for, no extra task per message
+                return await self._inbox.get()
+        after, alive = probe
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(after):
+                return await self._inbox.get()  # a get cut short loses nothing
+        except TimeoutError:
+            pass
+        getter, check = asyncio.ensure_future(self._inbox.get()), asyncio.ensure_future(alive())
+        try:
+            remaining = max(0.0, timeout - (time.monotonic() - began))
+            done, _ = await asyncio.wait({getter, check}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                return getter.result()
+            if check in done and not check.result():
+                raise self._error(f"did not answer within {after:.1f} s, nor a liveness probe")
+            async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - began))):
+                return await getter
+        finally:
+            check.cancel()
+            getter.cancel()
 
     def _error(self, what: str) -> PeerError:
         return PeerError(f"peer {self.link.peer.peer_id} {what}", ErrorCode.INTERNAL, self.link.peer.peer_id)
@@ -200,6 +233,10 @@ class FailoverPolicy:
     max_failovers: int = 8  # replacements per session before giving up
     min_step_timeout: float = 5.0  # a decode step never times out sooner than this...
     latency_factor: float = 10.0  # ...nor sooner than this many times the link's usual decode step
+    # but a peer silent for max(min_probe_after, probe_factor x its usual decode step) is probed, and one that does not
+    # answer within max(1.5 s, 4 x its RTT) either is replaced then (a host cut off, not a slow step); 0: never probed
+    min_probe_after: float = 1.0
+    probe_factor: float = 4.0
     replay_chunk: int = 1024  # tokens per replay step
     open_attempts: int = 3  # chains tried to open a session on, when peers refuse or fail the opening
 
@@ -310,7 +347,8 @@ class InferenceSession:
             started = time.monotonic()
             link = self.streams[i].link
             try:
-                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group)
+                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group,
+                                                 self._probe(i, hidden.shape[1]))
                 if self.router is not None and self.router.verify_due(link.peer.peer_id):
                     await self._check(i, hidden, position, out)
             except PeerError as e:
@@ -343,7 +381,8 @@ class InferenceSession:
                     hops = [hop(s) for s in self.streams[i:]]
                     await stream.send(hidden, position, group, hops[0].step, hops[1:])
                     sent = stream
-                out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]))
+                out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]),
+                                                    self._probe(i, hidden.shape[1]))
                 if (metadata.get("input_digest") != digest(hidden)
                         or metadata.get("position") != position + hidden.shape[1]):
                     out = await self._unpushed(i, hidden, position)
@@ -383,6 +422,14 @@ class InferenceSession:
         if new_tokens > 1 or latency is None:
             return self.step_timeout
         return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
+
+    def _probe(self, i: int, new_tokens: int) -> Probe | None:
+        """When a decode step of link i that has no answer yet makes the router ask its peer whether it lives."""
+        latency, router = self._latency[i], self.router
+        if new_tokens > 1 or latency is None or router is None or not self.policy.min_probe_after:
+            return None
+        peer_id = self.streams[i].link.peer.peer_id
+        return max(self.policy.min_probe_after, self.policy.probe_factor * latency), lambda: router.alive(peer_id)
 
     def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float, observed: bool = True) -> None:
         """Keep link i's input of this step for replay; `observed`: `seconds` is the link's round trip (a pushed

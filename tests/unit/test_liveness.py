@@ -1,0 +1,65 @@
+"""A late decode step makes the client ask its peer whether it lives: a peer that answers neither is given up in
+about `after` + the probe's time, not the full step timeout; a slow step that still comes is taken, even while the
+probe is out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from swarm.codec import make_response
+from swarm.protocol import PeerError
+from tests.hostile.test_peer_frames import frame, stream
+
+
+async def test_a_peer_silent_to_its_step_and_to_the_probe_is_given_up_early():
+    s, _ = stream()
+    probed = []
+
+    async def dead() -> bool:
+        probed.append(time.monotonic())
+        await asyncio.sleep(0.2)  # the probe's own timeout
+        return False
+
+    began = time.monotonic()
+    with pytest.raises(PeerError, match="nor a liveness probe"):
+        await s.step(torch.randn(1, 1, 8), 0, timeout=30, probe=(0.3, dead))
+    assert len(probed) == 1 and 0.25 < probed[0] - began < 1.0
+    assert time.monotonic() - began < 2.0, "not the 30 s step timeout"
+    await s.close()
+
+
+async def test_a_late_answer_is_taken_while_the_probe_is_out_and_after_it_said_alive():
+    for probe_answers in (None, True):  # None: the probe never returns
+        s, reader = stream()
+        hidden = torch.randn(1, 1, 8)
+
+        async def alive() -> bool:
+            if probe_answers is None:
+                await asyncio.sleep(60)
+            return True
+
+        async def answer_late() -> None:
+            await asyncio.sleep(0.5)
+            reader.feed_data(frame(make_response({"type": "result", "position": 1}, (hidden + 1,))))
+
+        late = asyncio.ensure_future(answer_late())
+        assert torch.equal(await s.step(hidden, 0, timeout=10, probe=(0.2, alive)), hidden + 1)
+        await late
+        await s.close()
+
+
+async def test_a_live_peer_that_never_answers_still_times_out():
+    s, _ = stream()
+
+    async def alive() -> bool:
+        return True
+
+    began = time.monotonic()
+    with pytest.raises(PeerError, match="did not answer within 0.6 s"):
+        await s.step(torch.randn(1, 1, 8), 0, timeout=0.6, probe=(0.2, alive))
+    assert time.monotonic() - began < 1.5
+    await s.close()
