@@ -14,6 +14,7 @@ process reaches a gateway through a Unix socket (`uvicorn --uds`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -36,13 +37,16 @@ print(statistics.median(times))
 """
 
 
+_BEDS = itertools.count()
+
+
 class NetBed:
     def __init__(self, hosts: list[str], workdir: Path, delay_ms: float = 0.0, jitter_ms: float = 0.0,
                  mbit: float = 0.0, loss: float = 0.0):
         self.hosts = hosts
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.tag = f"swb{os.getpid()}"
+        self.tag = f"swb{os.getpid()}n{next(_BEDS)}"  # two beds of one process never share a namespace
         self.namespaces = {host: f"{self.tag}-{i}" for i, host in enumerate(hosts)}
         self.addresses = {host: f"{SUBNET}.{i + 1}" for i, host in enumerate(hosts)}
         self.settings = (delay_ms, jitter_ms, mbit, loss)
@@ -90,9 +94,10 @@ class NetBed:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def spawn(self, host: str, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
-        """`python args...` in `host`'s namespace."""
-        argv = ["ip", "netns", "exec", self.namespaces[host], sys.executable, *args]
+    def spawn(self, host: str, name: str, args: list[str], env: dict[str, str] | None = None,
+              python: str = sys.executable) -> ManagedProcess:
+        """`python args...` in `host`'s namespace (this interpreter, or `python`: another virtualenv's)."""
+        argv = ["ip", "netns", "exec", self.namespaces[host], python, *args]
         proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env)
         self.processes.append(proc)
         return proc

@@ -1,15 +1,18 @@
 """The swarm across hosts: each peer, the bootstrap node and the gateway in its own network namespace with its own
 address, every packet between them through `tests.netem`'s link emulator (`tests.netbed`), 10 ms RTT.
 
-Token-exact greedy generation through 2 hosts and through 3, and a stream that survives the link of its peer's host
-being cut (not the process killed) and completes with the same tokens on the replica of another host. The gateway
-listens on a Unix socket (the test process is outside the namespaces).
+Token-exact greedy generation through 2 hosts and through 3 (hidden states pushed from peer to peer), a stream that
+survives the link of its peer's host being cut (not the process killed) and completes with the same tokens on the
+replica of another host, a partition that heals, and peers started together on three hosts of a second test bed
+without --blocks placing themselves over the whole model. The gateway listens on a Unix socket (the test process is
+outside the namespaces).
 
 Run: make test-wan (root; skipped where namespaces cannot be made)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -93,9 +96,13 @@ def test_the_links_have_the_emulated_latency(bed):
 @pytest.mark.parametrize("name, hosts", [("two", ["a", "b"]), ("three", ["x", "y", "z"])])
 async def test_greedy_through_hosts_equals_transformers(bed, expected, name, hosts):
     async with client(bed, name) as http:
+        pushed = await metric(http, "swarm_client_pushed_steps")
         text, request_id = await chat(http)
         assert text == expected
         assert await route_of(http, request_id) == [bed.peer_ids[h] for h in hosts]
+        # the peers reached each other across hosts: steps went peer to peer (of 40 steps x (hosts - 1) links,
+        # most; the gateway's own copy wins a race now and then)
+        assert await metric(http, "swarm_client_pushed_steps") - pushed >= 20 * (len(hosts) - 1)
 
 
 async def test_a_stream_survives_its_peers_link_being_cut(bed, expected):
@@ -119,15 +126,18 @@ async def test_a_stream_survives_its_peers_link_being_cut(bed, expected):
 
 
 async def failovers(http: httpx.AsyncClient) -> float:
+    return await metric(http, "swarm_client_failovers")
+
+
+async def metric(http: httpx.AsyncClient, name: str) -> float:
     metrics = (await http.get("/metrics")).text
-    return float(re.search(r"^swarm_client_failovers (\S+)$", metrics, flags=re.MULTILINE).group(1))
+    return float(re.search(rf"^{name} (\S+)$", metrics, flags=re.MULTILINE).group(1))
 
 
 async def test_a_partition_that_heals(bed, expected):
     """The only host serving blocks 10:20 to the 3-host gateway is cut off (its processes run on; its DHT record
     lives until it expires): requests get a 503 naming the blocks, not a hang or a 500; once the link heals, the
     peer announces itself again and the gateway answers token-exact."""
-    import asyncio
     import time
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -155,3 +165,35 @@ async def test_a_partition_that_heals(bed, expected):
         text, request_id = await chat(http)
         assert text == expected and await route_of(http, request_id) == [bed.peer_ids[h] for h in ("x", "y", "z")]
         print(f"partition: 503 after {noticed:.1f} s, served again {recovered:.1f} s after the link healed")
+
+
+def test_peers_started_together_on_three_hosts_place_themselves_over_the_model(tmp_path, expected):
+    """Three peers without --blocks (10 blocks each), started at once on three hosts of their own swarm: each
+    announces its target before loading, so they take disjoint spans (or a rebalance separates two that chose the
+    same), and a gateway on a fourth host generates token-exact through all three."""
+    hosts = ["boot", "p1", "p2", "p3", "gw"]
+    with NetBed(hosts, tmp_path, delay_ms=ONE_WAY_MS) as placed:
+        boot = placed.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", placed.address("boot"), "--port",
+                                                  "31337"])
+        boot.wait_for(r"DHT bootstrap node ready")
+        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+        peers = [placed.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--model", MODEL, "--num-blocks", "10",
+                                                     "--num-threads", "1", "--rebalance-period", "3",
+                                                     "--host", placed.address(host), "--initial-peers", *initial],
+                              {"SWARM_PEER_QUANT": "none"})
+                 for host in ("p1", "p2", "p3")]
+        ready = [proc.wait_for(r"peer ready: .* blocks=(\d+):(\d+) .*peer_id=(\S+)") for proc in peers]
+        hosts_of = {m.group(3): host for m, host in zip(ready, ("p1", "p2", "p3"), strict=True)}
+        socket = str(placed.workdir / "placed.sock")
+        placed.spawn("gw", "gateway", ["-m", "uvicorn", "app.main:app", "--uds", socket],
+                     {"SWARM_INITIAL_PEERS": " ".join(initial)}).wait_for(r"Application startup complete")
+
+        async def generate() -> tuple[str, list[str]]:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket), base_url="http://gateway",
+                                         timeout=300) as http:
+                text, request_id = await chat(http)
+                return text, await route_of(http, request_id)
+
+        text, route = asyncio.run(generate())  # the gateway started once a complete chain existed
+        assert text == expected
+        assert sorted(hosts_of[peer] for peer in route) == ["p1", "p2", "p3"], "one span a host, all 30 blocks"
