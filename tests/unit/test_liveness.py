@@ -32,24 +32,24 @@ async def test_a_peer_silent_to_its_step_and_to_the_probe_is_given_up_early():
     await s.close()
 
 
-async def test_a_late_answer_is_taken_while_the_probe_is_out_and_after_it_said_alive():
-    for probe_answers in (None, True):  # None: the probe never returns
-        s, reader = stream()
-        hidden = torch.randn(1, 1, 8)
+@pytest.mark.parametrize("probe_answers", [None, True])  # None: the probe never returns
+async def test_a_late_answer_is_taken_while_the_probe_is_out_and_after_it_said_alive(probe_answers):
+    s, reader = stream()
+    hidden = torch.randn(1, 1, 8)
 
-        async def alive() -> bool:
-            if probe_answers is None:
-                await asyncio.sleep(60)
-            return True
+    async def alive() -> bool:
+        if probe_answers is None:
+            await asyncio.sleep(60)
+        return True
 
-        async def answer_late() -> None:
-            await asyncio.sleep(0.5)
-            reader.feed_data(frame(make_response({"type": "result", "position": 1}, (hidden + 1,))))
+    async def answer_late() -> None:
+        await asyncio.sleep(0.5)
+        reader.feed_data(frame(make_response({"type": "result", "position": 1}, (hidden + 1,))))
 
-        late = asyncio.ensure_future(answer_late())
-        assert torch.equal(await s.step(hidden, 0, timeout=10, probe=(0.2, alive)), hidden + 1)
-        await late
-        await s.close()
+    late = asyncio.ensure_future(answer_late())
+    assert torch.equal(await s.step(hidden, 0, timeout=10, probe=(0.2, alive)), hidden + 1)
+    await late
+    await s.close()
 
 
 async def test_a_live_peer_that_never_answers_still_times_out():
@@ -59,7 +59,7 @@ async def test_a_live_peer_that_never_answers_still_times_out():
         return True
 
     began = time.monotonic()
-    with pytest.raises(PeerError, match="did not answer within 0.6 s"):
+    with pytest.raises(PeerError, match=r"did not answer within 0\.6 s"):
         await s.step(torch.randn(1, 1, 8), 0, timeout=0.6, probe=(0.2, alive))
     assert time.monotonic() - began < 1.5
     await s.close()
