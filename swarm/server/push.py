@@ -2,9 +2,9 @@
 session's chain, so that a token costs hops + 1 one-way delays instead of 2 x hops.
 
 - `Pusher` sends: one persistent stream per next peer (opening a stream costs a round trip), each with a bounded
-  queue. A push is never awaited by the step that makes it: a full queue, a peer that cannot be reached (tried again
-  after RETRY_AFTER) or a failed write drops pushes, and the client's own copy of the step, which it sends anyway,
-  goes on alone.
+  queue. A push is never awaited by the step that makes it: a full queue, a peer that cannot be reached or a failed
+  write drops pushes (that peer's channel ends; it gets none for RETRY_AFTER seconds), and the client's own copy of
+  the step, which it sends anyway, goes on alone.
 - `Inputs` is what one session computes next: its client's frames and the steps pushed to it, in arrival order,
   both bounded (the client's reader waits for room; a pushed step beyond MAX_PUSHED is dropped).
 - The receiving side (SpanHandler.handle_push) finds the session by its link's push key, a secret only the client
@@ -99,7 +99,6 @@ class _Channel:
 
     async def _run(self) -> None:
         writer: asyncio.StreamWriter | None = None
-        retry_at = 0.0
         try:
             while True:
                 try:
@@ -108,9 +107,6 @@ class _Channel:
                 except TimeoutError:
                     return
                 if writer is None:
-                    if time.monotonic() < retry_at:
-                        self.pusher.dropped += 1
-                        continue
                     try:
                         async with asyncio.timeout(CONNECT_TIMEOUT):
                             _, _, writer = await self.pusher.p2p.call_binary_stream_handler(
@@ -118,18 +114,16 @@ class _Channel:
                     except Exception as e:  # unreachable, refused, a malformed id: the client's copy goes on
                         logger.info("cannot push to peer %s (%r); its steps go through the client for %.0f s",
                                     self.peer_id, e, RETRY_AFTER)
-                        retry_at = time.monotonic() + RETRY_AFTER
-                        self.pusher.dropped += 1
-                        continue
+                        self.pusher.unreachable(self.peer_id, 1 + self.queue.qsize())
+                        return
                 try:
                     async with asyncio.timeout(SEND_TIMEOUT):
                         await send_message(writer, message)
                     self.pusher.sent += 1
                 except (TimeoutError, OSError, ConnectionError) as e:
                     logger.info("pushing to peer %s failed (%r)", self.peer_id, e)
-                    writer.close()
-                    writer, retry_at = None, time.monotonic() + RETRY_AFTER
-                    self.pusher.dropped += 1
+                    self.pusher.unreachable(self.peer_id, 1 + self.queue.qsize())
+                    return
         finally:
             if self.pusher.channels.get(self.peer_id) is self:
                 del self.pusher.channels[self.peer_id]
@@ -145,8 +139,19 @@ class Pusher:
     def __init__(self, p2p: P2P):
         self.p2p = p2p
         self.channels: dict[str, _Channel] = {}
+        self._unreachable: dict[str, float] = {}  # peer id -> until when it gets no pushes (its channel is closed)
         self.sent = 0
         self.dropped = 0
+
+    def unreachable(self, peer_id: str, dropped: int) -> None:
+        """A next peer could not be reached or written to: `dropped` pushes are lost, and it gets none for
+        RETRY_AFTER seconds (its channel ends, so peers a client names that do not exist hold no slot)."""
+        self.dropped += dropped
+        now = time.monotonic()
+        if len(self._unreachable) >= 4 * MAX_PEERS:
+            self._unreachable = {peer: until for peer, until in self._unreachable.items() if until > now}
+        if len(self._unreachable) < 4 * MAX_PEERS:
+            self._unreachable[peer_id] = now + RETRY_AFTER
 
     def push(self, hops: list[Hop], position: int, group: tuple[str, int] | None, hidden: torch.Tensor) -> None:
         """Send `hidden` (a step at `position`) to hops[0], naming the hops after it."""
@@ -157,7 +162,7 @@ class Pusher:
             metadata["group"] = list(group)
         channel = self.channels.get(hop.peer_id)
         if channel is None:
-            if len(self.channels) >= MAX_PEERS:
+            if len(self.channels) >= MAX_PEERS or self._unreachable.get(hop.peer_id, 0.0) > time.monotonic():
                 self.dropped += 1
                 return
             channel = self.channels[hop.peer_id] = _Channel(self, hop.peer_id)

@@ -54,5 +54,8 @@ async def test_an_unreachable_next_peer_drops_pushes_and_is_retried_only_later()
     await asyncio.sleep(0.05)
     assert p2p.calls == 1, f"one dial, not one per push (RETRY_AFTER {push.RETRY_AFTER} s)"
     assert pusher.dropped == 5 and pusher.sent == 0
+    assert not pusher.channels, "a peer that cannot be reached holds no channel"
+    pusher.push([hop], 0, None, torch.zeros(1, 1, 4))
+    await asyncio.sleep(0.05)
+    assert p2p.calls == 1 and pusher.dropped == 6, "and is not dialled again before RETRY_AFTER"
     await pusher.close()
-    assert not pusher.channels
