@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 10.0
 OPEN_FRAME_BYTES = MAX_METADATA_BYTES + 1024  # an open message is metadata only; the rest is protobuf framing
-MAX_PUSH_STREAMS = 64  # incoming push streams (from the peers before this one in chains), all peers together
+MAX_PUSH_STREAMS = 64  # incoming push streams (from the peers before this one in chains), all peers together...
+MAX_PEER_PUSH_STREAMS = 4  # ...and of one peer (a pusher keeps one; it opens another after a failed write)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class SpanHandler:
         self.allowed_clients = allowed_clients or set()  # empty: anyone
         self.pusher: Pusher | None = None  # set by register
         self.pushed: dict[str, tuple[Session, Inputs]] = {}  # push key -> the session it pushes to
-        self.push_streams = 0
+        self.push_streams: collections.Counter[str] = collections.Counter()  # open push streams per sender
 
     async def register(self, p2p: P2P) -> None:
         # The inference stream reads and writes frames directly (hivemind's framing): no per-message tasks or
@@ -256,10 +257,10 @@ class SpanHandler:
         stream (its sender's pushes are lost, nobody else's); one for a session not here (closed meanwhile, or a
         key nobody drew) or beyond what the session may hold waiting is dropped."""
         sender = info.peer_id.to_base58()
-        if self.push_streams >= MAX_PUSH_STREAMS:
-            writer.close()
+        if self.push_streams.total() >= MAX_PUSH_STREAMS or self.push_streams[sender] >= MAX_PEER_PUSH_STREAMS:
+            writer.close()  # its pushes are lost; the clients' own copies go on
             return
-        self.push_streams += 1
+        self.push_streams[sender] += 1
         try:
             while True:
                 message = await self._receive_push(reader)
@@ -271,7 +272,9 @@ class SpanHandler:
         except (ConnectionError, OSError):
             logger.debug("push stream from %s went away", sender)
         finally:
-            self.push_streams -= 1
+            self.push_streams[sender] -= 1
+            if not self.push_streams[sender]:
+                del self.push_streams[sender]
             writer.close()
 
     async def _receive_push(self, reader: asyncio.StreamReader) -> runtime_pb2.ExpertRequest | None:

@@ -16,6 +16,7 @@ from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
 from swarm.codec import make_request, send_message
 from swarm.protocol import PUSH_HANDLER
+from swarm.server.handler import MAX_PEER_PUSH_STREAMS
 from tests.e2e.conftest import TINY_PEER_ARGS, local_greedy
 from tests.launcher import LocalSwarm
 
@@ -125,3 +126,18 @@ async def test_hostile_pushes_cost_only_their_sender(client, swarm, reference):
     session = await InferenceSession.open(client.p2p, links, max_length=len(IDS) + NEW)
     async with session:
         assert await generate(client, session) == local_greedy(reference, IDS, NEW)
+
+
+async def test_one_sender_holds_at_most_a_few_push_streams(client, swarm):
+    links = await chain(client, swarm)
+    target = PeerID.from_base58(links[1].peer.peer_id)
+    opened = [await client.p2p.call_binary_stream_handler(target, PUSH_HANDLER) for _ in range(MAX_PEER_PUSH_STREAMS)]
+    _, reader, writer = await client.p2p.call_binary_stream_handler(target, PUSH_HANDLER)
+    async with asyncio.timeout(10):
+        assert await reader.read() == b"", "one stream too many is closed at once"
+    writer.close()
+    for _, held, held_writer in opened:
+        with pytest.raises(TimeoutError):  # the others stay open
+            async with asyncio.timeout(0.2):
+                await held.read(1)
+        held_writer.close()
