@@ -4,11 +4,14 @@ namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
     python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
-default precision (0:15 and 15:30, one thread each) on two hosts, and on a third two gateways, GATEWAY_SPECULATIVE=off
-and =on, taking turns at one streaming greedy chat: `quote` (repeat a ~400-token passage: drafts by prompt lookup
-pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, and next to them what
-the path costs at least: the client relays each step to each peer and back, 2 hops × RTT per token (plus compute),
-where a push along the chain would pay (hops + 1) × one-way delay. JSON on stdout and in OUT/wan.json.
+default precision (0:15 and 15:30, one thread each) on two hosts, and on a third three gateways taking turns at one
+streaming greedy chat: `relay` (SWARM_PUSH=false: the gateway sends each step to each peer and takes its answer,
+2 x RTT a token), `push` (the default: hidden states go from peer to peer, (hops + 1) x one-way = 1.5 x RTT) and
+`push_spec` (push and GATEWAY_SPECULATIVE=on). Tasks: `quote` (repeat a ~400-token passage: drafts by prompt lookup
+pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, push ÷ relay and
+speculative ÷ push per round (medians), the compute a token costs (the relay's time less its 2 x RTT) and push's
+time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each gateway's count of pushed steps. JSON on
+stdout and in OUT/wan.json.
 
 Failover across hosts (`--failover-rtt`, 0: skipped): 0:15 on one host, 15:30 on two (the second 20 ms farther each
 way, so routes take the first); per round a fresh gateway streams a greedy chat of 48 tokens and, after its 8th
@@ -49,21 +52,44 @@ def start_swarm(bed: NetBed, spans: dict[str, str]) -> list[str]:
     return initial
 
 
+MODES = {  # gateway → its environment
+    "relay": {"SWARM_PUSH": "false", "GATEWAY_SPECULATIVE": "off"},
+    "push": {"SWARM_PUSH": "true", "GATEWAY_SPECULATIVE": "off"},
+    "push_spec": {"SWARM_PUSH": "true", "GATEWAY_SPECULATIVE": "on"},
+}
+
+
+async def pushed_steps(socket: str) -> float:
+    """The gateway's swarm_client_pushed_steps (steps computed from a peer's push) from its /metrics."""
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket), base_url="http://gateway") as http:
+        text = (await http.get("/metrics")).text
+    return float(re.search(r"^swarm_client_pushed_steps (\S+)$", text, flags=re.MULTILINE).group(1))
+
+
+def ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
+    """The median over rounds of a's decode tok/s ÷ b's."""
+    return round(median([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(a, b, strict=True)]), 3)
+
+
 async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
         sockets = {}
-        for mode in ("off", "on"):
+        for mode, env in MODES.items():
             sockets[mode] = str(bed.workdir / f"{mode}.sock")
             bed.spawn("gw", f"gateway-{mode}", ["-m", "uvicorn", "app.main:app", "--uds", sockets[mode]],
-                      {"SWARM_INITIAL_PEERS": " ".join(initial), "GATEWAY_SPECULATIVE": mode}
+                      {"SWARM_INITIAL_PEERS": " ".join(initial), **env}
                       ).wait_for(r"Application startup complete", timeout=600)
         measured = bed.rtt_ms("gw", "a")
         runs = await interleave(dict(sockets), WAN_TASKS, rounds, {"rtt_ms": rtt_ms})
+        pushed = {mode: await pushed_steps(socket) for mode, socket in sockets.items()}
     out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1),
                            "client_relay_floor_ms_per_token": round(2 * measured, 1),
-                           "push_floor_ms_per_token": round(3 * measured / 2, 1)}
+                           "push_floor_ms_per_token": round(3 * measured / 2, 1),
+                           "pushed_steps": pushed}
     for name, modes in runs.items():
         entry: dict[str, Any] = {}
         for mode, results in modes.items():
@@ -72,9 +98,15 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
                            "ttft_s": round(median([r["ttft_s"] for r in results]), 3),
                            "kept": median([r["kept"] for r in results]),
                            "rejected": median([r["rejected"] for r in results])}
-        ratios = [on["decode_tok_s"] / off["decode_tok_s"] for on, off in zip(modes["on"], modes["off"], strict=True)]
-        entry["ratio_on_to_off"] = round(median(ratios), 3)
-        entry["identical_text"] = all(a["text"] == b["text"] for a, b in zip(modes["on"], modes["off"], strict=True))
+
+        entry["push_to_relay"] = ratio(modes["push"], modes["relay"])
+        entry["spec_to_push"] = ratio(modes["push_spec"], modes["push"])
+        # the goal's floor: (hops + 1) one-way delays + compute, compute = the relay's time less its 2 x RTT
+        compute = entry["relay"]["ms_per_token"] - 2 * measured
+        entry["compute_ms_per_token"] = round(compute, 1)
+        entry["push_to_floor"] = round(entry["push"]["ms_per_token"] / (1.5 * measured + compute), 3)
+        entry["identical_text"] = all(len({r["text"] for r in group}) == 1
+                                      for group in zip(*modes.values(), strict=True))
         out[name] = entry
     return out
 
