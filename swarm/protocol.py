@@ -19,15 +19,18 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
 
 Server-to-server push (sessions opened with a `push_key`, a secret the client drew for that link): a step may carry
-`"step": n` (the n-th numbered step of this stream, 1, 2, ...) and `"next": [[peer_id, push_key, n'], ...]`, the
-links after this one. The peer then sends its output straight to the next link's peer over PUSH_HANDLER, a stream
-of frames {"type": "push", "key", "step", "position", "group"?, "next"} + tensors=[hidden] (no answers), and that
-peer computes the step as if its client had sent it. The client still sends every link its step itself once the
-previous link has answered it (the push only wins the race where it is faster; a peer that cannot reach the next
-one costs nothing more than the relay). A numbered step that arrives twice (pushed and from the client) is computed
-once and answered once; its result carries `"input_digest"` (blake2b-64 of the input the peer used; the client
-sees a push that differed from what the previous peer answered it, and replays the link) and `"pushed"` (whether
-the input came by push).
+`"step": n` (the n-th numbered step of this stream, 1, 2, ...) and `"next": [[peer_id, push_key, n'], ...]` (at
+most MAX_PUSH_HOPS), the links after this one. The peer then sends its output straight to the next link's peer over
+PUSH_HANDLER, a stream of frames {"type": "push", "key", "step", "position", "group"?, "next"} + tensors=[hidden]
+(no answers; outputs over swarm.server.push.MAX_PUSH_BYTES are not pushed), and that peer computes the step as if
+its client had sent it, provided it is the step after the client's last numbered one and the client has not sent
+an unnumbered step since (it has stopped pushing). The client still sends every link its step itself once the
+previous link has answered (the push only wins the race where it is faster; a peer that cannot reach the next one
+costs nothing more than the relay). A numbered step that arrives twice (pushed and from the client) is computed
+once and answered once; its result carries `"input_digest"` (blake2b-64 of the input the peer used) and
+`"pushed"` (whether the input came by push). An answer whose digest or position is not the step's own (a push that
+differed from what the previous peer answered, or an answer to a push the client did not send) makes the client
+replace that link's stream by a new one to the same peer without push, rebuilt from its kept inputs.
 """
 
 from __future__ import annotations

@@ -37,7 +37,16 @@ from swarm.codec import (
     send_message,
     unpack_metadata,
 )
-from swarm.protocol import INFERENCE_HANDLER, ErrorCode, Hop, NoChainError, OpenRequest, PeerError, SpanInfo
+from swarm.protocol import (
+    INFERENCE_HANDLER,
+    MAX_PUSH_HOPS,
+    ErrorCode,
+    Hop,
+    NoChainError,
+    OpenRequest,
+    PeerError,
+    SpanInfo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,12 @@ SMALL_FRAME = MAX_FRAME_OVERHEAD  # what may arrive while no step's answer is du
 
 
 Probe = tuple[float, Callable[[], Awaitable[bool]]]  # (seconds of silence, then: is the peer alive?)
+
+
+class PushMismatch(PeerError):
+    """A link's answer is not for the input and position sent to it (swarm.protocol: push). A step caught it
+    without blaming anyone (InferenceSession._rebuild); elsewhere (a replay to a new stream, whose key nobody else
+    knows yet) it is the peer's failure."""
 
 
 class ProtocolViolation(ValueError):
@@ -101,7 +116,7 @@ class PeerStream:
         except asyncio.CancelledError:
             await self.close()
             raise
-        return (await self.result(hidden, timeout, probe))[0]
+        return (await self.result(hidden, timeout, probe, position))[0]
 
     def expect(self, like: torch.Tensor) -> None:
         """A result of `like`'s size may arrive (pushed before its input was sent from here)."""
@@ -124,15 +139,22 @@ class PeerStream:
         self.expect(hidden)
         await self._send(make_request(metadata, (hidden,)))
 
-    async def result(self, hidden: torch.Tensor, timeout: float,
-                     probe: Probe | None = None) -> tuple[torch.Tensor, dict]:
-        """The answer to the step of input `hidden`: its output (checked: shape, dtype, finite) and metadata.
-        `probe`: see _next_frame."""
+    async def result(self, hidden: torch.Tensor, timeout: float, probe: Probe | None = None,
+                     position: int | None = None) -> tuple[torch.Tensor, dict]:
+        """The answer to the step of input `hidden` at `position`: its output (checked: shape, dtype, finite) and
+        metadata. On a stream opened for push, first whether the peer computed from that input at that position
+        (PushMismatch if not: a push that differed, or an answer to one nobody asked for; nobody's fault that can
+        be told). `probe`: see _next_frame."""
         try:
             response = await self._receive(timeout, expected="result", probe=probe)
         except asyncio.CancelledError:
             await self.close()  # this step's answer would be read as the next step's: the stream cannot go on
             raise
+        metadata = unpack_metadata(response.metadata)
+        if self.push_key and position is not None and (metadata.get("input_digest") != digest(hidden)
+                                                       or metadata.get("position") != position + hidden.shape[1]):
+            raise PushMismatch(f"peer {self.link.peer.peer_id} answered a step other than the one sent to it",
+                               ErrorCode.INTERNAL, self.link.peer.peer_id)
         if len(response.tensors) != 1:
             raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
         try:
@@ -143,7 +165,7 @@ class PeerStream:
             raise self._error(f"answered {tuple(out.shape)} {out.dtype} to {tuple(hidden.shape)} {hidden.dtype}")
         if not torch.isfinite(out).all():
             raise self._error("answered with NaN or infinite hidden states")
-        return out, unpack_metadata(response.metadata)
+        return out, metadata
 
     async def _send(self, message: runtime_pb2.ExpertRequest) -> None:
         if self.closed:
@@ -277,6 +299,7 @@ class InferenceSession:
         self.position = 0  # tokens every peer has cached
         self.failovers = 0
         self.pushed = 0  # link steps computed from a push (the previous peer's output sent to it directly)
+        self.rebuilds = 0  # links rebuilt after an answer to another input than sent (see _rebuild)
         self.closed = False
         self._inputs: list[torch.Tensor | None] = [None] * len(streams)  # per link: [B, >= position, H]
         self._latency: list[float | None] = [None] * len(streams)  # per link: smoothed decode step seconds
@@ -338,77 +361,76 @@ class InferenceSession:
             raise ValueError(f"{position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
         if self._found is not None:
             await self._repair(position)
-        if self.push and len(self.streams) > 1 and all(stream.push_key for stream in self.streams):
-            hidden = await self._step_pushed(hidden, position, group)
-            self.position = position + hidden.shape[1]
-            return hidden
-        i = 0
-        while i < len(self.streams):
-            started = time.monotonic()
-            link = self.streams[i].link
-            try:
-                out = await self.streams[i].step(hidden, position, self._timeout(i, hidden.shape[1]), group,
-                                                 self._probe(i, hidden.shape[1]))
-                if self.router is not None and self.router.verify_due(link.peer.peer_id):
-                    await self._check(i, hidden, position, out)
-            except PeerError as e:
-                await self._fail_over(i, position, e)
-                continue  # the same step, now through the replacement
-            self._remember(i, hidden, position, time.monotonic() - started)
-            hidden, i = out, i + 1
+        # server-to-server push where every link's peer takes it (swarm.protocol): the first link gets the step
+        # with the links after it, each peer pushes its output on to the next, and every answer still comes back
+        # here, where it is kept for replay. Each link also gets its input from here once the previous link has
+        # answered (whichever copy arrives first is computed): a push lost or slow costs nothing more than relaying.
+        pushing = self.push and len(self.streams) > 1 and all(stream.push_key for stream in self.streams)
+        numbered: dict[PeerStream, Hop] = {}
+        i, sent = 0, None
+        try:
+            while i < len(self.streams):
+                stream = self.streams[i]
+                started = time.monotonic()
+                try:
+                    if sent is not stream:
+                        await self._send(i, hidden, position, group, numbered if pushing and self.push else None)
+                        sent = stream
+                    out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]),
+                                                        self._probe(i, hidden.shape[1]), position)
+                    if metadata.get("pushed") is True:
+                        self.pushed += 1
+                    if self.router is not None and self.router.verify_due(stream.link.peer.peer_id):
+                        await self._check(i, hidden, position, out)
+                except PushMismatch:
+                    await self._rebuild(i, position)
+                    continue
+                except PeerError as e:
+                    await self._fail_over(i, position, e)
+                    continue  # the same step, now through the replacement
+                self._remember(i, hidden, position, time.monotonic() - started, observed=not pushing or i == 0)
+                hidden, i = out, i + 1
+        except asyncio.CancelledError:  # the step's answers would be read as the next step's
+            for stream in self.streams if pushing else self.streams[i : i + 1]:  # pushed: any link may owe one
+                await stream.close()
+            raise
         self.position = position + hidden.shape[1]
         return hidden
 
-    async def _step_pushed(self, hidden: torch.Tensor, position: int, group: tuple[str, int] | None) -> torch.Tensor:
-        """step() with server-to-server push: the first link gets the step with the links after it, each peer
-        pushes its output on to the next, and every answer comes back here, where it is kept for replay as
-        always. Each link also gets its input from here once the previous link has answered (whichever copy
-        arrives first is computed): a push that is lost or slow costs nothing more than the relay."""
-        numbered: dict[PeerStream, Hop] = {}
-
-        def hop(stream: PeerStream) -> Hop:  # the stream's number for this step, drawn once
-            if stream not in numbered:
-                numbered[stream] = stream.number()
-                stream.expect(hidden)  # a pushed answer may arrive before its input is sent from here
-            return numbered[stream]
-
-        i, sent = 0, None
-        while i < len(self.streams):
-            stream = self.streams[i]
-            started = time.monotonic()
-            try:
-                if sent is not stream:
-                    hops = [hop(s) for s in self.streams[i:]]
-                    await stream.send(hidden, position, group, hops[0].step, hops[1:])
-                    sent = stream
-                out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]),
-                                                    self._probe(i, hidden.shape[1]))
-                if (metadata.get("input_digest") != digest(hidden)
-                        or metadata.get("position") != position + hidden.shape[1]):
-                    out = await self._unpushed(i, hidden, position)
-                elif metadata.get("pushed") is True:
-                    self.pushed += 1
-                if self.router is not None and self.router.verify_due(stream.link.peer.peer_id):
-                    await self._check(i, hidden, position, out)
-            except PeerError as e:
-                await self._fail_over(i, position, e)
-                continue  # the same step, now through the replacement
-            self._remember(i, hidden, position, time.monotonic() - started, observed=i == 0)
-            hidden, i = out, i + 1
-        return hidden
-
-    async def _unpushed(self, i: int, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        """Link i computed a step from an input other than what the previous link answered here (a push that
-        differed: a broken or lying peer on either side): rebuild its cache from the inputs kept here, compute
-        the step again, and go on without push for this session."""
+    async def _send(self, i: int, hidden: torch.Tensor, position: int, group: tuple[str, int] | None,
+                    numbered: dict[PeerStream, Hop] | None) -> None:
+        """Send link i its step; with `numbered` (pushing: each stream's number for this step, drawn once), named
+        with the links after it that take pushes (a replacement may not; at most MAX_PUSH_HOPS)."""
         stream = self.streams[i]
-        logger.warning("peer %s computed a step from a pushed input that differs from the previous peer's answer; "
-                       "rebuilding it, and no more pushes in this session", stream.link.peer.peer_id)
+        hops: list[Hop] = []
+        for later in self.streams[i : i + 1 + MAX_PUSH_HOPS] if numbered is not None else ():
+            if not later.push_key or numbered is None:
+                break
+            if later not in numbered:
+                numbered[later] = later.number()
+                later.expect(hidden)  # a pushed answer may arrive before its input is sent from here
+            hops.append(numbered[later])
+        if hops:
+            await stream.send(hidden, position, group, hops[0].step, hops[1:])
+        else:
+            await stream.send(hidden, position, group)
+
+    async def _rebuild(self, i: int, position: int) -> None:
+        """Link i answered a step other than the one sent to it: a push that differed from what the previous
+        link answered here, or an answer to a push nobody asked for (a broken or lying peer on either side: nobody
+        is blamed). Its stream is replaced by a new one to the same peer, without push, rebuilt from the inputs
+        kept here; the session pushes no more."""
+        old = self.streams[i]
+        logger.warning("peer %s answered a step other than the one sent to it (a pushed input differed); its link "
+                       "is rebuilt, and this session pushes no more", old.link.peer.peer_id)
         self.push = False
+        self.rebuilds += 1
+        await old.close()
+        new = (await open_streams(self.p2p, [old.link], self.max_length, self.batch_size, self.step_timeout))[0]
+        self.streams[i] = new
         kept = self._inputs[i]
         if position and kept is not None:
-            await self._replay(stream, kept[:, :position])
-        return await stream.step(hidden, position, self.step_timeout)
+            await self._replay(new, kept[:, :position])
 
     def rewind(self, position: int) -> None:
         """Forget the tokens from `position` on (drafts not kept): the next step goes there, and the peers rewind
@@ -616,7 +638,7 @@ class InferenceSession:
         outputs = []
         for start in range(0, history.shape[1], self.policy.replay_chunk):
             chunk = history[:, start : start + self.policy.replay_chunk]
-            outputs.append(await stream.step(chunk, start, self.step_timeout))
+            outputs.append(await stream.step(chunk, start, self.step_timeout))  # PushMismatch: see _rebuild
         return torch.cat(outputs, dim=1)
 
     async def close(self) -> None:

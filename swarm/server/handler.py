@@ -59,14 +59,15 @@ from swarm.protocol import (
     parse_step_number,
 )
 from swarm.server.backend import Session, SpanBackend, bad_request
-from swarm.server.push import Input, Inputs, PushedStep, Pusher
+from swarm.server.push import MAX_PUSH_BYTES, Input, Inputs, PushedStep, Pusher
 
 logger = logging.getLogger(__name__)
 
 LINGER_SECONDS = 10.0
 OPEN_FRAME_BYTES = MAX_METADATA_BYTES + 1024  # an open message is metadata only; the rest is protobuf framing
-MAX_PUSH_STREAMS = 64  # incoming push streams (from the peers before this one in chains), all peers together...
+MAX_PUSH_STREAMS = 32  # incoming push streams (from the peers before this one in chains), all peers together...
 MAX_PEER_PUSH_STREAMS = 4  # ...and of one peer (a pusher keeps one; it opens another after a failed write)
+MAX_UNKNOWN_PUSHES = 64  # a push stream whose last this many frames named no session here is closed
 
 
 @dataclass(frozen=True)
@@ -197,13 +198,17 @@ class SpanHandler:
                               max_bytes: int) -> AsyncGenerator[runtime_pb2.ExpertResponse, None]:
         """A session opened with a push key: its steps come from its client's frames and from the previous peer
         of its chain (handle_push), whichever brings a numbered step first; it is computed once, pushed on to the
-        next peer when the step names one, and answered to the client."""
+        next peer when the step names one, and answered to the client. A pushed step is taken only as the step
+        after the client's last numbered one (so a lying pusher can make at most one answer the client did not
+        ask for, which the client's digest check catches), and none once the client has sent an unnumbered step
+        after numbered ones (it has stopped pushing)."""
         if session.push_key in self.pushed:
             raise bad_request("this push_key is in use; draw another")
         inputs = Inputs()
         self.pushed[session.push_key] = (session, inputs)
         reading = asyncio.create_task(self._read_client(reader, session, max_bytes, inputs))
-        done = 0  # numbered steps computed
+        done = seen = 0  # numbered steps computed; the client's last numbered frame
+        pushes = True
         try:
             while True:
                 item = await inputs.get()
@@ -211,8 +216,8 @@ class SpanHandler:
                     raise item.error
                 if item.pushed is not None:
                     pushed = item.pushed
-                    if pushed.step != done + 1:
-                        continue  # the client's copy came first, or not the next step
+                    if not pushes or pushed.step != done + 1 or pushed.step != seen + 1:
+                        continue  # the client's copy came first, or not the step due
                     try:
                         out = await backend.step(session, pushed.hidden, pushed.position, pushed.group)
                     except PeerError as e:
@@ -226,19 +231,24 @@ class SpanHandler:
                     if item.request is None:
                         return
                     hidden, position, group, number, hops = self._parse_step(backend, session, item.request)
-                    if number is not None and number <= done:
-                        continue  # pushed and computed already
-                    if number is not None and number != done + 1:
-                        raise bad_request(f"step {number} where step {done + 1} was due")
+                    if number is None:
+                        pushes = pushes and not seen
+                    else:
+                        seen = max(seen, number)
+                        if number <= done:
+                            continue  # pushed and computed already
                     out = await backend.step(session, hidden, position, group)
-                    done, was_pushed = number or done, False
+                    done, was_pushed = max(done, number or 0), False
                 if hops and self.pusher is not None:
                     self.pusher.push(hops, position, group, backend.faults.pushed(out))
-                metadata = {"type": "result", "position": position + hidden.shape[1], "input_digest": digest(hidden),
+                used = digest(hidden) if hidden.numel() <= 1 << 16 else await asyncio.to_thread(digest, hidden)
+                metadata = {"type": "result", "position": position + hidden.shape[1], "input_digest": used,
                             "pushed": was_pushed}
                 yield make_response(metadata, (out,))
         finally:
             reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading  # it holds the reader: the caller's linger reads it next
             del self.pushed[session.push_key]
 
     async def _read_client(self, reader: asyncio.StreamReader, session: Session, max_bytes: int,
@@ -253,20 +263,24 @@ class SpanHandler:
             await inputs.from_client(Input(error=e))
 
     async def handle_push(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Steps pushed by the previous peer of sessions' chains (swarm.server.push). A malformed frame ends the
-        stream (its sender's pushes are lost, nobody else's); one for a session not here (closed meanwhile, or a
-        key nobody drew) or beyond what the session may hold waiting is dropped."""
+        """Steps pushed by the previous peer of sessions' chains (swarm.server.push). A frame that is not a push
+        at all ends the stream (its sender's pushes are lost, nobody else's); one for a session not here (closed
+        meanwhile, or a key nobody drew), wrong for its session, or beyond what the session may hold waiting is
+        dropped; a stream whose last MAX_UNKNOWN_PUSHES frames all named no session here is closed."""
         sender = info.peer_id.to_base58()
         if self.push_streams.total() >= MAX_PUSH_STREAMS or self.push_streams[sender] >= MAX_PEER_PUSH_STREAMS:
             writer.close()  # its pushes are lost; the clients' own copies go on
             return
         self.push_streams[sender] += 1
+        unknown = 0
         try:
             while True:
                 message = await self._receive_push(reader)
                 if message is None:
                     return
-                self._take_push(message)
+                unknown = 0 if self._take_push(message) else unknown + 1
+                if unknown >= MAX_UNKNOWN_PUSHES:
+                    raise ValueError(f"{unknown} pushes in a row for no session here")
         except (TimeoutError, ValueError) as e:
             logger.info("push stream from %s closed: %s", sender, e or "idle")
         except (ConnectionError, OSError):
@@ -279,41 +293,41 @@ class SpanHandler:
 
     async def _receive_push(self, reader: asyncio.StreamReader) -> runtime_pb2.ExpertRequest | None:
         loop = asyncio.get_running_loop()
-        backend = self.backend
-        limits = backend.limits if backend is not None else None
-        max_bytes = (limits.max_step_elements * self.hidden_size * 4 if limits else 0) + MAX_FRAME_OVERHEAD
         async with asyncio.timeout(self.limits.idle_timeout) as timer:
             try:
-                return await receive_message(reader, runtime_pb2.ExpertRequest, max_bytes,
+                return await receive_message(reader, runtime_pb2.ExpertRequest, MAX_PUSH_BYTES + MAX_FRAME_OVERHEAD,
                                              lambda: timer.reschedule(loop.time() + self.limits.frame_timeout))
             except EndOfStream:
                 return None
 
-    def _take_push(self, message: runtime_pb2.ExpertRequest) -> None:
-        """Parse one pushed frame (ValueError if malformed) and queue it for its session."""
+    def _take_push(self, message: runtime_pb2.ExpertRequest) -> bool:
+        """Queue one pushed frame for its session; False when it names no session here. ValueError if it is not
+        a push frame at all; a push that is wrong only for its session (its tensor, its position) is dropped."""
         metadata = unpack_metadata(message.metadata)
         key = metadata.get("key")
         if metadata.get("type") != "push" or not isinstance(key, str) or not PUSH_KEY.fullmatch(key):
             raise ValueError("a push frame must be {'type': 'push', 'key': <32 hex>, ...}")
-        step = parse_step_number(metadata.get("step"))
-        position = metadata.get("position")
-        if step is None or not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise ValueError("a push frame must carry 'step' and 'position'")
-        hops = parse_hops(metadata.get("next", []))
-        try:
-            group = parse_group(metadata.get("group"))
-        except PeerError as e:
-            raise ValueError(str(e)) from None
-        if len(message.tensors) != 1:
-            raise ValueError("a push frame carries exactly one tensor")
         target = self.pushed.get(key)
         backend = self.backend
         if target is None or backend is None:
-            return  # the session ended meanwhile
+            return False  # the session ended meanwhile
         session, inputs = target
-        hidden = decode_tensor(message.tensors[0], session.batch_size * backend.limits.max_chunk_tokens
-                               * backend.span.hidden_size)
+        try:
+            step = parse_step_number(metadata.get("step"))
+            position = metadata.get("position")
+            if step is None or not isinstance(position, int) or isinstance(position, bool) or position < 0:
+                raise ValueError("a push frame must carry 'step' and 'position'")
+            hops = parse_hops(metadata.get("next", []))
+            group = parse_group(metadata.get("group"))
+            if len(message.tensors) != 1:
+                raise ValueError("a push frame carries exactly one tensor")
+            hidden = decode_tensor(message.tensors[0], session.batch_size * backend.limits.max_chunk_tokens
+                                   * backend.span.hidden_size)
+        except (ValueError, PeerError) as e:
+            logger.info("dropped a malformed push to session %s: %s", session.key, e)
+            return True
         inputs.from_push(PushedStep(step, position, group, hops, hidden))
+        return True
 
     @staticmethod
     def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest

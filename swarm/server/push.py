@@ -1,10 +1,11 @@
 """Server-to-server push (the wire is in swarm.protocol): a step's output goes straight to the next peer of the
 session's chain, so that a token costs hops + 1 one-way delays instead of 2 x hops.
 
-- `Pusher` sends: one persistent stream per next peer (opening a stream costs a round trip), each with a bounded
-  queue. A push is never awaited by the step that makes it: a full queue, a peer that cannot be reached or a failed
-  write drops pushes (that peer's channel ends; it gets none for RETRY_AFTER seconds), and the client's own copy of
-  the step, which it sends anyway, goes on alone.
+- `Pusher` sends: one persistent stream per next peer (opening a stream costs a round trip; at most MAX_PEERS, the
+  least recently used closed for a new one), each with a queue bounded in bytes; outputs over MAX_PUSH_BYTES (long
+  prompts' chunks of large models) are not pushed. A push is never awaited by the step that makes it: a full
+  queue, a peer that cannot be reached or a failed write drops pushes (that peer's channel ends; it gets none for
+  RETRY_AFTER seconds), and the client's own copy of the step, which it sends anyway, goes on alone.
 - `Inputs` is what one session computes next: its client's frames and the steps pushed to it, in arrival order,
   both bounded (the client's reader waits for room; a pushed step beyond MAX_PUSHED is dropped).
 - The receiving side (SpanHandler.handle_push) finds the session by its link's push key, a secret only the client
@@ -28,8 +29,9 @@ from swarm.protocol import PUSH_HANDLER, Hop
 
 logger = logging.getLogger(__name__)
 
-QUEUE = 64  # pushes waiting for one next peer's stream
-MAX_PEERS = 64  # next peers with a stream open at once
+MAX_PUSH_BYTES = 8 << 20  # a larger output is not pushed (the client's copy goes); a larger push frame is refused
+QUEUE_BYTES = 16 << 20  # bytes of pushes waiting for one next peer's stream
+MAX_PEERS = 64  # next peers with a stream open at once (the least recently used is closed for a new one)
 CONNECT_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 RETRY_AFTER = 5.0  # seconds a peer that could not be reached gets no pushes
@@ -88,14 +90,16 @@ class Inputs:
 class _Channel:
     def __init__(self, pusher: Pusher, peer_id: str):
         self.pusher, self.peer_id = pusher, peer_id
-        self.queue: asyncio.Queue[runtime_pb2.ExpertRequest] = asyncio.Queue(QUEUE)
+        self.queue: asyncio.Queue[tuple[runtime_pb2.ExpertRequest, int]] = asyncio.Queue()
+        self.queued_bytes = 0
         self.task = asyncio.create_task(self._run(), name=f"push-{peer_id[-8:]}")
 
-    def offer(self, message: runtime_pb2.ExpertRequest) -> None:
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
+    def offer(self, message: runtime_pb2.ExpertRequest, size: int) -> None:
+        if self.queued_bytes + size > QUEUE_BYTES:
             self.pusher.dropped += 1
+            return
+        self.queued_bytes += size
+        self.queue.put_nowait((message, size))
 
     async def _run(self) -> None:
         writer: asyncio.StreamWriter | None = None
@@ -103,9 +107,10 @@ class _Channel:
             while True:
                 try:
                     async with asyncio.timeout(IDLE_CLOSE):
-                        message = await self.queue.get()
+                        message, size = await self.queue.get()
                 except TimeoutError:
                     return
+                self.queued_bytes -= size
                 if writer is None:
                     try:
                         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -138,7 +143,8 @@ class Pusher:
 
     def __init__(self, p2p: P2P):
         self.p2p = p2p
-        self.channels: dict[str, _Channel] = {}
+        self.channels: dict[str, _Channel] = {}  # in order of last use (the first is the least recently used)
+        self.closed = False
         self._unreachable: dict[str, float] = {}  # peer id -> until when it gets no pushes (its channel is closed)
         self.sent = 0
         self.dropped = 0
@@ -154,21 +160,27 @@ class Pusher:
             self._unreachable[peer_id] = now + RETRY_AFTER
 
     def push(self, hops: list[Hop], position: int, group: tuple[str, int] | None, hidden: torch.Tensor) -> None:
-        """Send `hidden` (a step at `position`) to hops[0], naming the hops after it."""
+        """Send `hidden` (a step at `position`) to hops[0], naming the hops after it (dropped when too large, or
+        while that peer is unreachable)."""
         hop = hops[0]
+        size = hidden.numel() * hidden.element_size()
+        if self.closed or size > MAX_PUSH_BYTES or self._unreachable.get(hop.peer_id, 0.0) > time.monotonic():
+            self.dropped += 1
+            return
         metadata: dict = {"type": "push", "key": hop.key, "step": hop.step, "position": position,
                           "next": [h.to_wire() for h in hops[1:]]}
         if group is not None:
             metadata["group"] = list(group)
-        channel = self.channels.get(hop.peer_id)
+        channel = self.channels.pop(hop.peer_id, None)
         if channel is None:
-            if len(self.channels) >= MAX_PEERS or self._unreachable.get(hop.peer_id, 0.0) > time.monotonic():
-                self.dropped += 1
-                return
-            channel = self.channels[hop.peer_id] = _Channel(self, hop.peer_id)
-        channel.offer(make_request(metadata, (hidden,)))
+            if len(self.channels) >= MAX_PEERS:  # a peer a client named once gives way to one in use
+                self.channels.pop(next(iter(self.channels))).task.cancel()
+            channel = _Channel(self, hop.peer_id)
+        self.channels[hop.peer_id] = channel  # the most recently used last
+        channel.offer(make_request(metadata, (hidden,)), size)
 
     async def close(self) -> None:
+        self.closed = True
         channels = list(self.channels.values())
         for channel in channels:
             channel.task.cancel()

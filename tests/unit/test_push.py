@@ -59,3 +59,21 @@ async def test_an_unreachable_next_peer_drops_pushes_and_is_retried_only_later()
     await asyncio.sleep(0.05)
     assert p2p.calls == 1 and pusher.dropped == 6, "and is not dialled again before RETRY_AFTER"
     await pusher.close()
+
+
+async def test_outputs_too_large_are_not_pushed_and_channels_make_room_for_the_recently_used():
+    class SilentP2P:  # a next peer that takes the stream and never reads
+        async def call_binary_stream_handler(self, peer_id, handler):
+            await asyncio.sleep(3600)
+
+    pusher = Pusher(SilentP2P())  # type: ignore[arg-type]
+    hop = Hop("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "a" * 32, 1)
+    pusher.push([hop], 0, None, torch.zeros(push.MAX_PUSH_BYTES // 4 + 1))
+    assert pusher.dropped == 1 and not pusher.channels, "an output over MAX_PUSH_BYTES goes through the client"
+    for n in range(push.MAX_PEERS + 1):
+        pusher.push([Hop(f"QmPeer{n}", "a" * 32, 1)], 0, None, torch.zeros(1, 1, 4))
+    assert len(pusher.channels) == push.MAX_PEERS and "QmPeer0" not in pusher.channels
+    pusher.push([Hop("QmPeer1", "a" * 32, 2)], 0, None, torch.zeros(1, 1, 4))
+    pusher.push([Hop("QmPeerNew", "a" * 32, 1)], 0, None, torch.zeros(1, 1, 4))
+    assert "QmPeer1" in pusher.channels and "QmPeer2" not in pusher.channels, "the least recently used gives way"
+    await pusher.close()
