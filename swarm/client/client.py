@@ -6,7 +6,7 @@
     await client.close()
 
 Who owns what: `router` (swarm.client.router) the view of the swarm, peer health and routes; `InferenceSession`
-(swarm.client.session) one session's streams to its peers, replay and failover; `pipeline`
+(swarm.client.session) one session's streams (swarm.client.stream) to its peers, replay, push and failover; `pipeline`
 (swarm.client.pipeline) embeddings, prefill, decode groups, the LM head and sampling, and the generation loop.
 """
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
-from swarm.client.session import PeerStream
+from swarm.client.stream import PeerStream
 from swarm.protocol import ErrorCode, OpenRequest, PeerError
 from tests.e2e.conftest import local_greedy, poll
 from tests.hostile.tiny_peer import clients_of, tiny_peer

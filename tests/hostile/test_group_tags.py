@@ -15,7 +15,7 @@ import torch
 
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
-from swarm.client.session import PeerStream
+from swarm.client.stream import PeerStream
 from swarm.protocol import OpenRequest
 from tests.e2e.conftest import poll
 from tests.hostile.tiny_peer import clients_of, tiny_peer

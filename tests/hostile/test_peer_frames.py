@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from swarm.client.session import SMALL_FRAME, PeerStream
+from swarm.client.stream import SMALL_FRAME, PeerStream
 from swarm.codec import make_response
 from swarm.protocol import PeerError
 
