@@ -69,6 +69,7 @@ class Router:
         self.period, self.probe_timeout, self.max_probes = period, probe_timeout, max_probes
         self.clock = clock
         self.health = PeerHealth(clock)
+        self._liveness: dict[str, asyncio.Future[bool]] = {}  # probes of late peers in flight (alive)
         self.verification = verification or VerificationPolicy()
         self.rng = rng or random.Random()
         self._allowed_peers = allowed_peers
@@ -200,7 +201,14 @@ class Router:
 
     async def alive(self, peer_id: str) -> bool:
         """Whether the peer answers a probe within max(1.5 s, 4 x its usual RTT) (a peer whose step is late: slow, or
-        cut off?)."""
+        cut off?). Sessions asking about the same peer at once share one probe."""
+        pending = self._liveness.get(peer_id)
+        if pending is None:
+            pending = self._liveness[peer_id] = asyncio.ensure_future(self._alive(peer_id))
+            pending.add_done_callback(lambda _: self._liveness.pop(peer_id, None))
+        return await asyncio.shield(pending)  # a session that stops waiting leaves the others their answer
+
+    async def _alive(self, peer_id: str) -> bool:
         timeout = max(LIVENESS_TIMEOUT, 4 * (self.health.rtt(peer_id) or 0.0))
         try:
             await probe(self.p2p, peer_id, timeout)
@@ -298,6 +306,8 @@ class Router:
             await asyncio.sleep(poll)
 
     async def close(self) -> None:
+        for pending in list(self._liveness.values()):
+            pending.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -63,3 +63,25 @@ async def test_a_live_peer_that_never_answers_still_times_out():
         await s.step(torch.randn(1, 1, 8), 0, timeout=0.6, probe=(0.2, alive))
     assert time.monotonic() - began < 1.5
     await s.close()
+
+
+async def test_sessions_asking_about_the_same_late_peer_share_one_probe(monkeypatch):
+    from swarm.client import router as router_module
+    from swarm.client.router import Router
+
+    calls = []
+
+    async def slow_probe(p2p, peer_id, timeout):
+        calls.append(peer_id)
+        await asyncio.sleep(0.2)
+        raise TimeoutError
+
+    monkeypatch.setattr(router_module, "probe", slow_probe)
+    router = Router(None, None, "m", 30)
+    first = asyncio.ensure_future(router.alive("QmA"))
+    await asyncio.sleep(0)
+    first.cancel()  # a session that stops waiting leaves the others their answer
+    assert await asyncio.gather(*(router.alive("QmA") for _ in range(15)), router.alive("QmB")) == [False] * 16
+    assert sorted(calls) == ["QmA", "QmB"]
+    assert await router.alive("QmA") is False and len(calls) == 3, "a later question probes again"
+    await router.close()
