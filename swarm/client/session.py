@@ -167,7 +167,12 @@ class InferenceSession:
                 except PeerError as e:
                     await self._fail_over(i, position, e)
                     continue  # the same step, now through the replacement
-                self._remember(i, hidden, position, time.monotonic() - started, observed=not pushing or i == 0)
+                seconds = time.monotonic() - started
+                if metadata.get("pushed") is True and self.router is not None:
+                    # its input came from the previous peer about when that peer's answer came here: since then,
+                    # the peer computed and answered; half its round trip stands for the leg its input took
+                    seconds += (self.router.health.rtt(stream.link.peer.peer_id) or 0.0) / 2
+                self._remember(i, hidden, position, seconds)
                 hidden, i = out, i + 1
         except asyncio.CancelledError:  # the step's answers would be read as the next step's
             for stream in self.streams if pushing else self.streams[i : i + 1]:  # pushed: any link may owe one
@@ -248,7 +253,7 @@ class InferenceSession:
         if hidden.shape[1] == 1:
             old = self._latency[i]
             self._latency[i] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            if self.router is not None and hidden.shape[0] == 1 and observed:
+            if self.router is not None and hidden.shape[0] == 1:
                 link = self.streams[i].link
                 self.router.observed(link.peer.peer_id, link.end - link.start, seconds)
 
