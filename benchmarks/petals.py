@@ -48,6 +48,22 @@ async def ours_run(port: int, text: str, tokens: int, eos: int) -> dict[str, flo
     return {"ttft_s": stamps[0] - r["sent"], "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
+def versus_petals(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per side (one is "petals"): every run's TTFT and decode tok/s, their medians, and the other sides' ratios to
+    Petals per round (medians)."""
+    out: dict[str, Any] = {}
+    for side, per in runs.items():
+        entry: dict[str, Any] = {key: [round(r[key], 3) for r in per] for key in ("ttft_s", "decode_tok_s")}
+        entry["median_ttft_s"] = round(median(entry["ttft_s"]), 3)
+        entry["median_decode_tok_s"] = round(median(entry["decode_tok_s"]), 2)
+        if side != "petals":
+            pairs = list(zip(per, runs["petals"], strict=True))
+            entry["ttft_vs_petals"] = round(median([o["ttft_s"] / p["ttft_s"] for o, p in pairs]), 3)
+            entry["decode_vs_petals"] = round(median([o["decode_tok_s"] / p["decode_tok_s"] for o, p in pairs]), 3)
+        out[side] = entry
+    return out
+
+
 async def run(args) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -79,16 +95,7 @@ async def run(args) -> dict[str, Any]:
         finally:
             for swarm in swarms.values():
                 swarm.stop()
-    out: dict[str, Any] = {}
-    for side, per in runs.items():
-        entry: dict[str, Any] = {key: [round(r[key], 3) for r in per] for key in ("ttft_s", "decode_tok_s")}
-        entry["median_ttft_s"] = round(median(entry["ttft_s"]), 3)
-        entry["median_decode_tok_s"] = round(median(entry["decode_tok_s"]), 2)
-        if side != "petals":
-            pairs = list(zip(per, runs["petals"], strict=True))
-            entry["ttft_vs_petals"] = round(median([o["ttft_s"] / p["ttft_s"] for o, p in pairs]), 3)
-            entry["decode_vs_petals"] = round(median([o["decode_tok_s"] / p["decode_tok_s"] for o, p in pairs]), 3)
-        out[side] = entry
+    out = versus_petals(runs)
     return {"benchmark": "petals", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "tokens": args.tokens, "rounds": args.rounds,
                          "petals": "2.2, 2 servers 0:15 + 15:30, float32, its own client in a fresh process per run",

@@ -68,6 +68,15 @@ async def pushed_steps(socket: str) -> float:
     return float(re.search(r"^swarm_client_pushed_steps (\S+)$", text, flags=re.MULTILINE).group(1))
 
 
+def start_gateway(bed: NetBed, name: str, initial: list[str], env: dict[str, str] | None = None) -> str:
+    """A gateway on host "gw" joined to the swarm at `initial` (with `env` besides), started; its Unix socket."""
+    socket = str(bed.workdir / f"{name}.sock")
+    bed.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds", socket],
+              {"SWARM_INITIAL_PEERS": " ".join(initial), **(env or {})}
+              ).wait_for(r"Application startup complete", timeout=600)
+    return socket
+
+
 def ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
     """The median over rounds of a's decode tok/s ÷ b's."""
     return round(median([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(a, b, strict=True)]), 3)
@@ -77,12 +86,7 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
-        sockets = {}
-        for mode, env in MODES.items():
-            sockets[mode] = str(bed.workdir / f"{mode}.sock")
-            bed.spawn("gw", f"gateway-{mode}", ["-m", "uvicorn", "app.main:app", "--uds", sockets[mode]],
-                      {"SWARM_INITIAL_PEERS": " ".join(initial), **env}
-                      ).wait_for(r"Application startup complete", timeout=600)
+        sockets = {mode: start_gateway(bed, mode, initial, env) for mode, env in MODES.items()}
         measured = bed.rtt_ms("gw", "a")
         runs = await interleave(dict(sockets), WAN_TASKS, rounds, {"rtt_ms": rtt_ms})
         pushed = {mode: await pushed_steps(socket) for mode, socket in sockets.items()}
@@ -146,19 +150,12 @@ async def run_failover(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, A
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30", "b2": "15:30"})
         bed.slow("b2", 20)
 
-        def gateway(name: str) -> str:
-            socket = str(bed.workdir / f"{name}.sock")
-            bed.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds", socket],
-                      {"SWARM_INITIAL_PEERS": " ".join(initial)}).wait_for(r"Application startup complete",
-                                                                            timeout=600)
-            return socket
-
-        reference, times = await stream_times(gateway("reference"))
+        reference, times = await stream_times(start_gateway(bed, "reference", initial))
         gaps = [b - a for a, b in itertools.pairwise(times)]
         out: dict[str, Any] = {"rtt_ms_measured": round(bed.rtt_ms("gw", "a"), 1),
                                "uncut_median_itl_ms": round(1000 * median(gaps), 1), "rounds": []}
         for round_ in range(rounds):
-            text, times = await stream_times(gateway(f"round-{round_}"), cut=lambda: bed.cut("b"))
+            text, times = await stream_times(start_gateway(bed, f"round-{round_}", initial), cut=lambda: bed.cut("b"))
             bed.heal("b")
             gaps = [b - a for a, b in itertools.pairwise(times)]
             usual = median(gaps[:CUT_AFTER - 1] + gaps[CUT_AFTER + 4:])

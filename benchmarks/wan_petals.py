@@ -26,9 +26,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import emit, machine, median, versions
+from benchmarks.common import emit, machine, versions
+from benchmarks.petals import versus_petals
 from benchmarks.serve import one_stream, prompt
-from benchmarks.wan import start_swarm
+from benchmarks.wan import start_gateway, start_swarm
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.netbed import NetBed
 
@@ -98,12 +99,7 @@ async def run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, NetBed(["boot", "a", "b", "gw"], Path(tmp),
                                                       delay_ms=args.rtt / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
-        sockets = {}
-        for name, env in GATEWAYS.items():
-            sockets[name] = str(bed.workdir / f"{name}.sock")
-            bed.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds", sockets[name]],
-                      {"SWARM_INITIAL_PEERS": " ".join(initial), **env}
-                      ).wait_for(r"Application startup complete", timeout=600)
+        sockets = {name: start_gateway(bed, name, initial, env) for name, env in GATEWAYS.items()}
         maddr = start_petals(bed)
         measured = bed.rtt_ms("gw", "a")
         for name in GATEWAYS:  # warm-up: first-call costs on every side
@@ -117,16 +113,7 @@ async def run(args) -> dict[str, Any]:
                 runs[side].append(result)
                 print(json.dumps({"round": round_, "side": side, **{k: round(v, 3) for k, v in result.items()}}),
                       flush=True)
-    out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1)}
-    for side, per in runs.items():
-        entry: dict[str, Any] = {key: [round(r[key], 3) for r in per] for key in ("ttft_s", "decode_tok_s")}
-        entry["median_ttft_s"] = round(median(entry["ttft_s"]), 3)
-        entry["median_decode_tok_s"] = round(median(entry["decode_tok_s"]), 2)
-        if side != "petals":
-            pairs = list(zip(per, runs["petals"], strict=True))
-            entry["ttft_vs_petals"] = round(median([o["ttft_s"] / p["ttft_s"] for o, p in pairs]), 3)
-            entry["decode_vs_petals"] = round(median([o["decode_tok_s"] / p["decode_tok_s"] for o, p in pairs]), 3)
-        out[side] = entry
+    out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1), **versus_petals(runs)}
     return {"benchmark": "wan_petals", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "rtt_ms": args.rtt, "tokens": args.tokens, "rounds": args.rounds,
                          "link": "tests.netem: one-way delay = RTT / 2 between every two hosts",

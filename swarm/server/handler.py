@@ -51,7 +51,6 @@ from swarm.protocol import (
     PUSH_HANDLER,
     PUSH_KEY,
     ErrorCode,
-    Hop,
     OpenRequest,
     PeerError,
     SpanInfo,
@@ -230,7 +229,11 @@ class SpanHandler:
                 else:
                     if item.request is None:
                         return
-                    hidden, position, group, number, hops = self._parse_step(backend, session, item.request)
+                    hidden, position, group, metadata = self._parse_step(backend, session, item.request)
+                    try:
+                        number, hops = parse_step_number(metadata.get("step")), parse_hops(metadata.get("next", []))
+                    except ValueError as e:
+                        raise bad_request(str(e)) from e
                     if number is None:
                         pushes = pushes and not seen
                     else:
@@ -331,9 +334,8 @@ class SpanHandler:
 
     @staticmethod
     def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest
-                    ) -> tuple[torch.Tensor, int, tuple[str, int] | None, int | None, list[Hop]]:
-        """A client's step frame: hidden, position, group, its number and the hops after it (bad_request if
-        malformed)."""
+                    ) -> tuple[torch.Tensor, int, tuple[str, int] | None, dict]:
+        """A client's step frame: hidden, position, group and its metadata (bad_request if malformed)."""
         try:
             metadata = unpack_metadata(request.metadata)
             if metadata.get("type") != "step":
@@ -342,14 +344,12 @@ class SpanHandler:
                 raise ValueError(f"a step carries exactly one tensor, got {len(request.tensors)}")
             max_elements = session.batch_size * backend.limits.max_chunk_tokens * backend.span.hidden_size
             hidden = decode_tensor(request.tensors[0], max_elements)
-            number = parse_step_number(metadata.get("step"))
-            hops = parse_hops(metadata.get("next", []))
         except ValueError as e:
             raise bad_request(str(e)) from e
         position = metadata.get("position")
         if not isinstance(position, int) or isinstance(position, bool):
             raise bad_request("'position' must be an integer")
-        return hidden, position, parse_group(metadata.get("group")), number, hops
+        return hidden, position, parse_group(metadata.get("group")), metadata
 
     async def _next(self, reader: asyncio.StreamReader, session: Session,
                     max_bytes: int) -> runtime_pb2.ExpertRequest | None:
@@ -408,23 +408,11 @@ class SpanHandler:
         except ValueError as e:
             raise bad_request(str(e)) from e
 
-    @staticmethod
-    async def _step(backend: SpanBackend, session: Session,
+    @classmethod
+    async def _step(cls, backend: SpanBackend, session: Session,
                     request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        try:
-            metadata = unpack_metadata(request.metadata)
-            if metadata.get("type") != "step":
-                raise ValueError(f"expected a 'step' message, got {metadata.get('type')!r}")
-            if len(request.tensors) != 1:
-                raise ValueError(f"a step carries exactly one tensor, got {len(request.tensors)}")
-            max_elements = session.batch_size * backend.limits.max_chunk_tokens * backend.span.hidden_size
-            hidden = decode_tensor(request.tensors[0], max_elements)
-        except ValueError as e:
-            raise bad_request(str(e)) from e
-        position = metadata.get("position")
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise bad_request("'position' must be an integer")
-        out = await backend.step(session, hidden, position, parse_group(metadata.get("group")))
+        hidden, position, group, _ = cls._parse_step(backend, session, request)
+        out = await backend.step(session, hidden, position, group)
         return make_response({"type": "result", "position": position + hidden.shape[1]}, (out,))
 
 
