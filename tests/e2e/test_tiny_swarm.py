@@ -152,6 +152,12 @@ BAD_STREAMS = {
     "NaN hidden states": ([open_message(), step_message(torch.full((1, 2, 64), float("nan")))],
                           ErrorCode.BAD_REQUEST),
     "unknown message type": ([open_message(), make_request({"type": "explode"})], ErrorCode.BAD_REQUEST),
+    "malformed push key": ([open_message(push_key="not-hex")], ErrorCode.BAD_REQUEST),
+    "malformed push hops": ([open_message(push_key="a" * 32),
+                             step_message(torch.zeros(1, 1, 64), step=1, next=[["Qm/x", "b" * 32, 1]])],
+                            ErrorCode.BAD_REQUEST),
+    "push step number not positive": ([open_message(push_key="c" * 32), step_message(torch.zeros(1, 1, 64), step=0)],
+                                      ErrorCode.BAD_REQUEST),
 }
 
 
