@@ -15,6 +15,7 @@ the engine measures (holes, moves, failovers, route search time, DHT traffic per
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sys
@@ -80,22 +81,40 @@ def placed_swarm(peers: int, seed: int) -> tuple[list, Any]:
 
 def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any]:
     """Median wall time of one route search (a whole chain, one client's view) over placed swarms of each size:
-    ours (find_chain with the client's RTT to every peer), the same without pruning (up to 3,000 peers), and
-    Petals' Dijkstra over (block, server)."""
+    ours as the client's router runs it (`find_chain` over the view's SpanTable, with the client's PeerHealth,
+    holding an RTT for every peer, as the views), the table's building (once per read of the records, not per
+    route), the whole of the router's `route` (its health's bans and refusals included; the view already read),
+    ours over a list of records and a dict of PeerViews (the table built inside each search), the same
+    without pruning (up to 3,000 peers), and Petals' Dijkstra over (block, server)."""
     from swarm.client import routing
-    from swarm.client.routing import PeerView, find_chain
+    from swarm.client.health import PeerHealth
+    from swarm.client.routing import PeerView, SpanTable, find_chain
 
     out = {}
     for size in sizes:
         records, world = placed_swarm(size, seed)
         hosts = {s.peer_id: s.host for s in world.peers}
-        timings: dict[str, list[float]] = {"ours": [], "ours_unpruned": [], "petals_dijkstra": []}
+        timings: dict[str, list[float]] = {name: [] for name in
+                                           ("ours", "ours_router", "ours_table", "ours_records", "ours_unpruned",
+                                            "petals_dijkstra")}
         for i in range(searches):
             user = world.users[i % len(world.users)]
             views = {r.peer_id: PeerView(rtt=rtt_s(user, hosts[r.peer_id])) for r in records}
+            health = PeerHealth(clock=lambda: 0.0)
+            for peer_id, view in views.items():
+                health.rtt_sample(peer_id, view.rtt)
             began = time.perf_counter()
-            find_chain(records, "m", NUM_BLOCKS, (), 0, None, views, 1000)
+            table = SpanTable(records)
+            timings["ours_table"].append(time.perf_counter() - began)
+            health.view_columns(table)  # (rows → the health's slots: once per table)
+            began = time.perf_counter()
+            chain = find_chain(table, "m", NUM_BLOCKS, (), 0, None, health, 1000)
             timings["ours"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            same = find_chain(records, "m", NUM_BLOCKS, (), 0, None, views, 1000)
+            timings["ours_records"].append(time.perf_counter() - began)
+            assert [(x.peer.peer_id, x.start, x.end) for x in chain] == [(x.peer.peer_id, x.start, x.end) for x in same]
+            timings["ours_router"].append(_router_route(records, health))
             if size <= 3000:  # the exact search over every span, as before pruning
                 limit, routing.PRUNE_ABOVE = routing.PRUNE_ABOVE, 10**9
                 began = time.perf_counter()
@@ -109,6 +128,23 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
         out[str(size)] = {name: round(median(values) * 1000, 2) for name, values in timings.items() if values}
         print(json.dumps({"peers": size, "route_ms": out[str(size)]}), file=sys.stderr)
     return out
+
+
+def _router_route(records: list, health: Any) -> float:
+    """Seconds of one `Router.route` over `records` already read (no network: the view is set by hand)."""
+    from swarm.client.router import Router
+
+    router = Router(None, None, "m", NUM_BLOCKS, clock=lambda: 0.0)
+    router.health, router.start = health, lambda: None
+    router.spans, router.updated = records, 0.0
+    assert len(router.table) == len(records)  # (built once per read, before the route is timed)
+
+    async def route() -> float:
+        began = time.perf_counter()
+        await router.route(length=1000)
+        return time.perf_counter() - began
+
+    return asyncio.run(route())
 
 
 def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
@@ -142,7 +178,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 def _scale_plot(plt: Any, scale: dict[str, Any], out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sizes = [int(k) for k in scale]
-    for name in ("ours", "ours_unpruned", "petals_dijkstra"):
+    for name in ("ours", "ours_records", "ours_unpruned", "petals_dijkstra"):
         have = [k for k in sizes if name in scale[str(k)]]
         ax.plot(have, [scale[str(k)][name] for k in have], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="peers", ylabel="ms per route search", title="route search")

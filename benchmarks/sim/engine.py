@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from benchmarks.sim.world import DISK_SECONDS_PER_BLOCK, NUM_BLOCKS, Host, PeerSpec, Request, World, rtt_s
-from swarm.client.routing import Link, PeerView
+from swarm.client.routing import Link, PeerView, SpanTable
 from swarm.protocol import NoChainError, PeerState, SpanInfo
 
 DETECT_CRASH_S = 5.0
@@ -95,7 +95,7 @@ class Simulation:
         self.hole_s = np.zeros(NUM_BLOCKS)
         self._placement_view: tuple[float, list[SpanInfo]] = (-1.0, [])
         self._placement_entries = 0
-        self._client_view: tuple[float, list[SpanInfo]] = (-1e9, [])
+        self._client_view: tuple[float, SpanTable] = (-1e9, SpanTable([]))
         self.rtt_cache: dict[tuple[int, str], float] = {}
         self.hosts = {spec.peer_id: spec.host for spec in world.peers}
         self.view_cache: dict[int, dict[str, PeerView]] = {}
@@ -271,13 +271,14 @@ class Simulation:
         for peer_id in [p for p, (_, expires) in self.dht.items() if expires <= self.now]:
             del self.dht[peer_id]
 
-    def _client_read(self) -> list[SpanInfo]:
+    def _client_read(self) -> SpanTable:
+        """The clients' view: the records of the last read, as columns once a read (as swarm.client.router's)."""
         at, view = self._client_view
         if self.now - at >= self.policy.client_refresh(len(view) or len(self.dht)):
-            view = [info for info, expires in self.dht.values() if expires > self.now and info.routable]
+            view = SpanTable(info for info, expires in self.dht.values() if expires > self.now and info.routable)
             self._client_view = (self.now, view)
             self.stats["client_refreshes"] += 1
-            self.stats["client_read_records"] += sum(map(self._entries, view))
+            self.stats["client_read_records"] += sum(map(self._entries, view.spans))
         return view
 
     # -- users and sessions -----------------------------------------------------------------------------------------

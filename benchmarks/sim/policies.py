@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from swarm.client.routing import Link, PeerView, find_chain
+from swarm.client.routing import Link, PeerView, SpanTable, find_chain
 from swarm.dht import read_period
 from swarm.protocol import PeerState, SpanInfo
 from swarm.server import placement
@@ -50,7 +50,7 @@ class Ours:
     def move(self, view: list[SpanInfo], me: SpanInfo) -> tuple[int, int] | None:
         return placement.move_for(view, me)
 
-    def route(self, view: list[SpanInfo], rtts: Mapping[str, PeerView], num_blocks: int, length: int,
+    def route(self, view: SpanTable, rtts: Mapping[str, PeerView], num_blocks: int, length: int,
               start: int, end: int, exclude: set[str]) -> list[Link]:
         return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length)
 
@@ -85,7 +85,7 @@ class Petals:
             return None
         return (start, start + length) if before.min() / after.min() < self.balance_quality - eps else None
 
-    def route(self, view: list[SpanInfo], rtts: Mapping[str, PeerView], num_blocks: int, length: int,
+    def route(self, view: SpanTable, rtts: Mapping[str, PeerView], num_blocks: int, length: int,
               start: int, end: int, exclude: set[str]) -> list[Link]:
         return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length)
 

@@ -4,6 +4,7 @@ sessions it has open through it. Pure bookkeeping with an injected clock; `swarm
     health = PeerHealth()
     health.report("Qm...", Outcome.FAILED)   # banned 15 s; the next failure after that ban, 30 s; ... up to 10 min
     health.view("Qm...")                     # PeerView for route search: RTT, own sessions, observed speed
+    health.view_columns(table)               # the same for every span of a SpanTable at once (numpy arrays)
 
 Outcomes a session or a probe reports:
 - FAILED: an error reply, a lost connection, a timeout, a malformed or non-finite answer, a failed probe. The peer is
@@ -17,12 +18,16 @@ Outcomes a session or a probe reports:
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from swarm.client.routing import PeerView
+import numpy as np
+
+from swarm.client.routing import PeerView, SpanTable
 
 RTT_SMOOTHING = 0.3  # weight of a new RTT sample
 STEP_SMOOTHING = 0.1  # weight of a new decode-step sample
@@ -65,6 +70,12 @@ class PeerHealth:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._peers: dict[str, _Peer] = {}
+        # What a view reads of each peer, also kept as columns (one per peer, by slot; see `view_columns`):
+        # rtt (nan: not probed), sessions − counted, step (nan: none), step_seen, overclaimed_until.
+        self._slots: dict[str, int] = {}
+        self._columns = np.zeros((5, 64))
+        self._table_slots: tuple[SpanTable, int, np.ndarray] | None = None  # the last table's rows → slots
+        self._reported: set[str] = set()  # peers ever banned or refused (of thousands known, the few to look at)
 
     def _peer(self, peer_id: str) -> _Peer:
         peer = self._peers.get(peer_id)
@@ -72,10 +83,23 @@ class PeerHealth:
             peer = self._peers[peer_id] = _Peer()
         return peer
 
+    def _sync(self, peer_id: str, peer: _Peer) -> None:
+        """Copy what a view reads of `peer` into its column (every change to those fields ends here)."""
+        slot = self._slots.get(peer_id)
+        if slot is None:
+            slot = self._slots[peer_id] = len(self._slots)
+            if slot == self._columns.shape[1]:
+                self._columns = np.concatenate((self._columns, np.zeros_like(self._columns)), axis=1)
+        self._columns[:, slot] = (math.nan if peer.rtt is None else peer.rtt, peer.sessions - peer.counted,
+                                  math.nan if peer.step is None else peer.step, peer.step_seen,
+                                  peer.overclaimed_until)
+
     # -- outcomes ---------------------------------------------------------------------------------------------------
 
     def report(self, peer_id: str, outcome: Outcome) -> None:
         peer, now = self._peer(peer_id), self.clock()
+        if outcome in (Outcome.FAILED, Outcome.REFUSED):
+            self._reported.add(peer_id)
         if outcome == Outcome.FAILED and peer.banned_until <= now:
             peer.ban_length = min(2 * peer.ban_length if peer.ban_length else self.BAN_SECONDS, self.MAX_BAN_SECONDS)
             peer.banned_until = now + peer.ban_length
@@ -85,12 +109,12 @@ class PeerHealth:
     def banned(self) -> set[str]:
         """Peers that failed lately: avoided, but used when nobody else serves their blocks."""
         now = self.clock()
-        return {peer_id for peer_id, peer in self._peers.items() if peer.banned_until > now}
+        return {peer_id for peer_id in self._reported if self._peers[peer_id].banned_until > now}
 
     def refused(self) -> set[str]:
         """Peers that refused a session for capacity lately: avoided."""
         now = self.clock()
-        return {peer_id for peer_id, peer in self._peers.items() if peer.refused_until > now}
+        return {peer_id for peer_id in self._reported if self._peers[peer_id].refused_until > now}
 
     def ban_left(self, peer_id: str) -> float:
         peer = self._peers.get(peer_id)
@@ -101,6 +125,7 @@ class PeerHealth:
     def rtt_sample(self, peer_id: str, seconds: float) -> None:
         peer = self._peer(peer_id)
         peer.rtt = seconds if peer.rtt is None else (1 - RTT_SMOOTHING) * peer.rtt + RTT_SMOOTHING * seconds
+        self._sync(peer_id, peer)
 
     def rtt(self, peer_id: str) -> float | None:
         peer = self._peers.get(peer_id)
@@ -118,6 +143,7 @@ class PeerHealth:
         if (claimed is not None and peer.samples >= OVERCLAIM_SAMPLES
                 and peer.step > OVERCLAIM_FACTOR * claimed + OVERCLAIM_SLACK):
             peer.overclaimed_until = self.clock() + OVERCLAIM_SECONDS
+        self._sync(peer_id, peer)
 
     def overclaimed(self) -> set[str]:
         now = self.clock()
@@ -158,12 +184,15 @@ class PeerHealth:
 
     def opened(self, peer_ids: Iterable[str]) -> None:
         for peer_id in peer_ids:
-            self._peer(peer_id).sessions += 1
+            peer = self._peer(peer_id)
+            peer.sessions += 1
+            self._sync(peer_id, peer)
 
     def closed(self, peer_ids: Iterable[str]) -> None:
         for peer_id in peer_ids:
             peer = self._peer(peer_id)
             peer.sessions = max(0, peer.sessions - 1)
+            self._sync(peer_id, peer)
 
     def sessions(self, peer_id: str) -> int:
         peer = self._peers.get(peer_id)
@@ -176,14 +205,38 @@ class PeerHealth:
     def records_read(self, peer_ids: Iterable[str], snapshot: dict[str, int]) -> None:
         """The peers' records were read after `snapshot` was taken: the load they state includes those sessions."""
         for peer_id in peer_ids:
-            self._peer(peer_id).counted = snapshot.get(peer_id, 0)
+            peer, counted = self._peers.get(peer_id), snapshot.get(peer_id, 0)
+            if peer is not None or counted:  # (a peer without an entry counts 0 already)
+                peer = self._peer(peer_id)
+                peer.counted = counted
+                self._sync(peer_id, peer)
 
     def known_peers(self) -> list[str]:
         """Peers this client has a record of (probed, used, checked or banned)."""
         return list(self._peers)
 
     def view(self, peer_id: str) -> PeerView:
+        return self.get(peer_id) or PeerView()
+
+    def get(self, peer_id: str, default: PeerView | None = None) -> PeerView | None:
+        """The peer's view; `default` for a peer this client knows nothing of (as a Mapping of views would)."""
         peer = self._peers.get(peer_id)
         if peer is None:
-            return PeerView()
+            return default
         return PeerView(peer.rtt, peer.sessions - peer.counted, self._observed(peer))
+
+    def view_columns(self, table: SpanTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The views of every span in `table` at once, as `view` gives them one by one: (RTT, nan where not probed;
+        extra sessions; observed seconds per block, nan where none counts). A route search over thousands of
+        peers reads these instead of a PeerView per peer."""
+        cached = self._table_slots
+        if cached is None or cached[0] is not table or cached[1] != len(self._slots):  # rows → slots, once a table
+            slots = np.fromiter(map(self._slots.get, table.peer_ids, itertools.repeat(-1)), np.int64, len(table))
+            self._table_slots = cached = (table, len(self._slots), slots)
+        slots = cached[2]
+        known = slots >= 0
+        rtt, extra, step, seen, overclaimed = np.where(known, self._columns[:, np.maximum(slots, 0)], 0.0)
+        rtt[~known], step[~known] = math.nan, math.nan
+        now = self.clock()
+        observed = np.where(overclaimed > now, 2 * step, np.where(now - seen > OBSERVATION_TTL, math.nan, step))
+        return rtt, extra, observed

@@ -34,7 +34,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.health import Outcome, PeerHealth
-from swarm.client.routing import Link, block_seconds, find_chain
+from swarm.client.routing import Link, SpanTable, block_seconds, find_chain
 from swarm.client.verification import VerificationPolicy
 from swarm.codec import unpack_metadata
 from swarm.dht import get_spans, read_period
@@ -83,6 +83,7 @@ class Router:
         self._read_at: float | None = None
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Lock | None = None
+        self._table: tuple[tuple, SpanTable] | None = None  # (what it was built from, `spans` as columns)
 
     # -- the view ---------------------------------------------------------------------------------------------------
 
@@ -105,6 +106,15 @@ class Router:
     @spans.setter
     def spans(self, spans: list[SpanInfo]) -> None:
         self._spans = list(spans)
+
+    @property
+    def table(self) -> SpanTable:
+        """`spans` as columns for the route searches (swarm.client.routing.SpanTable): built once per refresh, not
+        once per route, since in a swarm of thousands of peers building it costs more than a search."""
+        built_from = (self._spans, self._allowed_peers, self.content_id)
+        if self._table is None or any(a is not b for a, b in zip(self._table[0], built_from, strict=True)):
+            self._table = (built_from, SpanTable(self.spans))
+        return self._table[1]
 
     def _allowed(self, spans: list[SpanInfo]) -> list[SpanInfo]:
         allowed, mine = self._allowed_peers, self.content_id
@@ -270,11 +280,11 @@ class Router:
         # failed peer's own DHT node (a cut link answers nothing), seconds a live session would stall for. Only if
         # those records give no chain is the DHT read again.
         for reread in ((False, True) if replacing and fresh else (True,)):
-            spans = await self.current(fresh, read_dht=reread)
-            views = {s.peer_id: self.health.view(s.peer_id) for s in spans}
+            await self.current(fresh, read_dht=reread)
+            table, views = self.table, self.health
             refused, banned = self.health.refused() | set(without), self.health.banned()
             try:
-                return find_chain(spans, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
+                return find_chain(table, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
                                   batch)
             except NoChainError:
                 if replacing:
@@ -283,7 +293,7 @@ class Router:
                     continue
                 if not banned - refused:
                     raise
-                return find_chain(spans, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
+                return find_chain(table, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
         raise AssertionError("unreachable")
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:

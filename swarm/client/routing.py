@@ -19,18 +19,21 @@ switches peers only where some span starts or ends, so those boundaries are the 
 the chain whose tightest peer has the most free KV, then to the lower peer ids (deterministic).
 
 In a large swarm (over PRUNE_ABOVE usable peers) that exact search runs only over the peers that can be on a best
-chain: a vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every
-boundary to the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best
-chain's cost (`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains
-of equal cost wins may differ from the search over everything.
+chain: of spans over the same blocks, those another beats in both its fixed and its per-block cost go first; then a
+vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every boundary to
+the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best chain's cost
+(`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains of equal cost
+wins may differ from the search over everything. The records are read as columns (`SpanTable`), which the router
+builds once per read of the swarm, and the views as columns of its PeerHealth: a route over 10,000 peers then
+takes ~6 ms on one core here (`python -m benchmarks.simulate --route-scale`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from typing import Protocol
 
 import numpy as np
 
@@ -63,6 +66,17 @@ class PeerView:
     observed_block_seconds: float | None = None  # this client's decode steps through the peer, per block
 
 
+class Views(Protocol):
+    """What a search reads of this client's knowledge of each peer: a Mapping of peer id → PeerView will do; an
+    object with the same `get` may also give every span's views at once as columns (`PeerHealth.view_columns`),
+    which a search over thousands of peers then reads instead."""
+
+    def get(self, peer_id: str, /) -> PeerView | None: ...
+
+
+NO_VIEWS: Mapping[str, PeerView] = {}  # a client that knows nothing of any peer yet
+
+
 def block_seconds(info: SpanInfo, load: int) -> float:
     """Expected seconds per token through one block of `info` with `load` other sessions on it."""
     if info.throughput <= 0:
@@ -88,9 +102,9 @@ def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None, need
     return rtt + blocks * per_block + penalty
 
 
-def chain_seconds(chain: Iterable[Link], views: Mapping[str, PeerView] | None = None) -> float:
+def chain_seconds(chain: Iterable[Link], views: Views | None = None) -> float:
     """Expected seconds per token of a chain."""
-    views = views or {}
+    views = NO_VIEWS if views is None else views
     return sum(link_seconds(link.peer, link.end - link.start, views.get(link.peer.peer_id)) for link in chain)
 
 
@@ -115,19 +129,23 @@ def can_hold(info: SpanInfo, length: int, batch: int = 1) -> bool:
     return info.max_length >= length and (info.kv_budget_tokens <= 0 or info.kv_budget_tokens >= batch * length)
 
 
-def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: Iterable[str] = (),
+def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks: int, exclude: Iterable[str] = (),
                start: int = 0, end: int | None = None,
-               views: Mapping[str, PeerView] | None = None, length: int = 0, batch: int = 1) -> list[Link]:
+               views: Views | None = None, length: int = 0, batch: int = 1) -> list[Link]:
     """The fastest chain over blocks [start, end) (default: the whole model) of routable peers not in `exclude` that
     can hold a session of `batch` x `length` tokens; raises NoChainError naming the uncovered blocks. A replacement
     for a failed part of a chain asks for that part only."""
     end = num_blocks if end is None else end
-    excluded, views = set(exclude), views or {}
-    usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
-              and can_hold(s, length, batch)]
-    need = batch * length
-    if len(usable) > PRUNE_ABOVE:  # (see the module's docstring)
-        usable = prune(usable, start, end, views, need)
+    excluded, views, need = set(exclude), NO_VIEWS if views is None else views, batch * length
+    if isinstance(spans, SpanTable) or len(spans) > PRUNE_ABOVE:  # (see the module's docstring)
+        table = spans if isinstance(spans, SpanTable) else SpanTable(spans)
+        rows = table.usable(num_blocks, excluded, length, batch)
+        if len(rows) > PRUNE_ABOVE:
+            rows = _bound(table, rows, start, end, *table.costs(rows, views, need))
+        usable = [table.spans[k] for k in rows]
+    else:
+        usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
+                  and can_hold(s, length, batch)]
     nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
     # A link over [p, q) of span s costs fixed[s] + (q - p) * per_block[s]. Walking the boundaries from the end
     # down, reach[s] holds the best (q * per_block[s] + cost from q, -(tightest free KV), peer ids) over the ends q
@@ -173,73 +191,139 @@ def find_chain(spans: list[SpanInfo], model_id: str, num_blocks: int, exclude: I
     return chain
 
 
-def _costs(spans: list[SpanInfo], views: Mapping[str, PeerView], need: int) -> tuple[np.ndarray, ...]:
-    """(first block, last block, fixed, per_block) of every span at once: link_seconds(span, blocks) = fixed +
-    blocks × per_block, by the same formulas as `link_seconds`."""
-    def column(name: str, items: list) -> np.ndarray:
-        return np.fromiter(map(attrgetter(name), items), dtype=np.float64, count=len(items))
+class SpanTable:
+    """The fields routing reads of a list of span records, as columns: built once per read of the records and
+    shared by every search over them (in a swarm of thousands of peers, reading each record's fields again for each
+    search would cost more than the search itself). `spans` is the list it was built from, in the same order."""
 
-    unknown = PeerView()
-    seen = [v or unknown for v in map(views.get, map(attrgetter("peer_id"), spans))]
-    rtt = np.fromiter((DEFAULT_RTT if v.rtt is None else v.rtt for v in seen), np.float64, len(seen))
-    observed = np.fromiter((-1.0 if v.observed_block_seconds is None else v.observed_block_seconds for v in seen),
-                           np.float64, len(seen))
-    load = np.maximum(0.0, column("active_sessions", spans) + column("extra_sessions", seen))
-    throughput, batch = column("throughput", spans), column("batch_throughput", spans)
-    known = throughput > 0
-    single = np.divide(1.0, throughput, out=np.zeros_like(throughput), where=known)
-    batched = np.divide(BATCH_PROBE, batch, out=np.zeros_like(batch), where=batch > 0)
-    marginal = np.where(batch > 0, np.maximum(0.0, (batched - single) / (BATCH_PROBE - 1)), 0.1 * single)
-    per_block = np.maximum(np.where(known, single + load * marginal, UNKNOWN_BLOCK_SECONDS * (1 + 0.1 * load)),
-                           observed)
-    fixed = rtt + np.where(column("free_kv_tokens", spans) < max(1, need), FULL_KV_PENALTY, 0.0)
-    return column("start", spans).astype(np.int64), column("end", spans).astype(np.int64), fixed, per_block
+    def __init__(self, spans: Iterable[SpanInfo]):
+        self.spans = list(spans)
+        self.peer_ids = [s.peer_id for s in self.spans]
+        self.rows: dict[str, list[int]] = {}
+        for row, peer_id in enumerate(self.peer_ids):
+            self.rows.setdefault(peer_id, []).append(row)
+        fields = np.array([(s.start, s.end, s.throughput, s.batch_throughput, s.active_sessions, s.free_kv_tokens,
+                            s.max_length, s.kv_budget_tokens, s.routable) for s in self.spans],
+                          dtype=np.float64).reshape(len(self.spans), 9)
+        (start, end, self.throughput, self.batch_throughput, self.active_sessions, self.free_kv_tokens,
+         self.max_length, self.kv_budget_tokens, routable) = fields.T
+        self.start, self.end, self.routable = start.astype(np.int64), end.astype(np.int64), routable > 0
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def usable(self, num_blocks: int, exclude: Iterable[str], length: int, batch: int) -> np.ndarray:
+        """Rows (indices) of the routable spans not in `exclude` that can hold the session (as `can_hold`)."""
+        ok = (self.routable & (self.end <= num_blocks) & (self.max_length >= length)
+              & ((self.kv_budget_tokens <= 0) | (self.kv_budget_tokens >= batch * length)))
+        for peer_id in exclude:
+            ok[self.rows.get(peer_id, [])] = False
+        return np.flatnonzero(ok)
+
+    def view_columns(self, views: Views) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(RTT, extra sessions, observed seconds per block) of every span from `views`, nan where unknown."""
+        if hasattr(views, "view_columns"):
+            return views.view_columns(self)
+        rtt, extra, observed = np.full(len(self), math.nan), np.zeros(len(self)), np.full(len(self), math.nan)
+        for row, view in enumerate(map(views.get, self.peer_ids)):  # (a view only for the peers it knows)
+            if view is not None:
+                rtt[row] = math.nan if view.rtt is None else view.rtt
+                extra[row] = view.extra_sessions
+                if view.observed_block_seconds is not None:
+                    observed[row] = view.observed_block_seconds
+        return rtt, extra, observed
+
+    def costs(self, rows: np.ndarray, views: Views, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """(fixed, per_block) of the spans in `rows`: link_seconds(span, blocks) = fixed + blocks × per_block, by
+        the same formulas as `link_seconds`."""
+        rtt, extra, observed = (column[rows] for column in self.view_columns(views))
+        rtt[np.isnan(rtt)] = DEFAULT_RTT
+        load = np.maximum(0.0, self.active_sessions[rows] + extra)
+        throughput, batch = self.throughput[rows], self.batch_throughput[rows]
+        known = throughput > 0
+        single = np.divide(1.0, throughput, out=np.zeros_like(throughput), where=known)
+        batched = np.divide(BATCH_PROBE, batch, out=np.zeros_like(batch), where=batch > 0)
+        marginal = np.where(batch > 0, np.maximum(0.0, (batched - single) / (BATCH_PROBE - 1)), 0.1 * single)
+        per_block = np.fmax(np.where(known, single + load * marginal, UNKNOWN_BLOCK_SECONDS * (1 + 0.1 * load)),
+                            observed)  # (fmax: a nan, nothing observed, leaves the announced figure)
+        fixed = rtt + np.where(self.free_kv_tokens[rows] < max(1, need), FULL_KV_PENALTY, 0.0)
+        return fixed, per_block
 
 
-def prune(usable: list[SpanInfo], start: int, end: int, views: Mapping[str, PeerView], need: int = 1
+def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Views, need: int = 1
           ) -> list[SpanInfo]:
-    """The spans that are on some chain over [start, end) costing at most the best one's cost × (1 + PRUNE_SLACK):
-    least costs from every boundary to `end` (a backward pass over the boundaries), then a forward pass that finds
-    each span's cheapest chain through it (entering at p, leaving at a later q within it). All of them when no chain
-    exists (the exact search names the holes)."""
-    first_block, last_block, fixed, per_block = _costs(usable, views, need)
-    lo, hi = np.maximum(first_block, start), np.minimum(last_block, end)
+    """The spans that are on some chain over [start, end) costing at most the best one's cost × (1 + PRUNE_SLACK)
+    (all of them when no chain exists: the exact search names the holes)."""
+    table = spans if isinstance(spans, SpanTable) else SpanTable(spans)
+    rows = np.arange(len(table))
+    fixed, per_block = table.costs(rows, views, need)
+    return [table.spans[k] for k in _bound(table, rows, start, end, fixed, per_block)]
+
+
+def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray
+           ) -> np.ndarray:
+    """`prune` over the spans in `rows` (their costs in `fixed` and `per_block`, in the same order): the rows kept.
+
+    First, of spans over the same blocks, only those that no other is at least as cheap as in both its fixed and its
+    per-block cost (`_undominated`). Then least costs from every boundary to `end` (a backward pass over the
+    boundaries), and a forward pass that finds each span's cheapest chain through it (entering at p, leaving at a
+    later q within it). Which spans a boundary enters (p in [first, last)) is listed once, by boundary; a boundary q
+    leaves exactly the spans that the one before it enters."""
+    lo, hi = np.maximum(table.start[rows], start), np.minimum(table.end[rows], end)
     inside = lo < hi
+    if not inside.any():
+        return rows
     nodes = np.unique(np.concatenate(([start, end], lo[inside], hi[inside])))
-    first, last = np.searchsorted(nodes, lo), np.searchsorted(nodes, hi)
-    where = np.arange(len(nodes))
-    enter = (first[None, :] <= where[:, None]) & (where[:, None] < last[None, :]) & inside  # [node, span]
-    leave = (first[None, :] < where[:, None]) & (where[:, None] <= last[None, :]) & inside
-    enters = np.split(np.nonzero(enter)[1], np.cumsum(enter.sum(axis=1))[:-1])  # per node, the spans it enters
-    leaves = np.split(np.nonzero(leave)[1], np.cumsum(leave.sum(axis=1))[:-1])
-    x = nodes.astype(np.float64)
+    inner = np.flatnonzero(inside)
+    inner = inner[_undominated(lo[inner] * (end + 1) + hi[inner], fixed[inner], per_block[inner],
+                               table.free_kv_tokens[rows[inner]])]
+    first, last = np.searchsorted(nodes, lo[inner]), np.searchsorted(nodes, hi[inner])
+    counts = last - first
+    node_of = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+               + np.repeat(first, counts)).astype(np.int16 if len(nodes) < 1 << 15 else np.int64)
+    order = np.argsort(node_of, kind="stable")  # (a radix sort for 16-bit keys)
+    members = np.repeat(inner, counts)[order]  # positions in `rows`, grouped by the boundary they enter at
     n = len(nodes)
-    to_end, exit_cost = np.full(n, np.inf), np.full(len(usable), np.inf)  # min over q of x_q·P + to_end[q]
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(node_of, minlength=n))))
+    def enters(j: int) -> np.ndarray:
+        return members[bounds[j]:bounds[j + 1]]
+
+    x = nodes.astype(np.float64)
+    to_end, exit_cost = np.full(n, np.inf), np.full(len(rows), np.inf)  # min over q of x_q·P + to_end[q]
     to_end[n - 1] = 0.0
     for j in range(n - 1, -1, -1):
-        if j < n - 1 and enters[j].size:
-            k = enters[j]
+        if j < n - 1 and (k := enters(j)).size:
             to_end[j] = (fixed[k] + exit_cost[k] - x[j] * per_block[k]).min()
-        if np.isfinite(to_end[j]) and leaves[j].size:
-            k = leaves[j]
+        if j > 0 and np.isfinite(to_end[j]) and (k := enters(j - 1)).size:  # the spans that leave at j
             exit_cost[k] = np.minimum(exit_cost[k], x[j] * per_block[k] + to_end[j])
     best = to_end[0]
     if not np.isfinite(best):
-        return usable
+        return rows
     # Forward: entry[k] = min over boundaries p seen so far within span k of from_start[p] − x_p·P[k]; at each
     # boundary q, a span leaving there costs fixed + entry + x_q·P + to_end[q] for the best chain through it.
-    from_start, entry = np.full(n, np.inf), np.full(len(usable), np.inf)
-    through = np.full(len(usable), np.inf)
+    from_start, entry = np.full(n, np.inf), np.full(len(rows), np.inf)
+    through = np.full(len(rows), np.inf)
     from_start[0] = 0.0
     for j in range(n):
-        if j > 0 and leaves[j].size:
-            k = leaves[j]
+        if j > 0 and (k := enters(j - 1)).size:
             reach = fixed[k] + x[j] * per_block[k] + entry[k]
             from_start[j] = reach.min()
             through[k] = np.minimum(through[k], reach + to_end[j])
-        if np.isfinite(from_start[j]) and enters[j].size:
-            k = enters[j]
+        if j < n - 1 and np.isfinite(from_start[j]) and (k := enters(j)).size:
             entry[k] = np.minimum(entry[k], from_start[j] - x[j] * per_block[k])
-    bound = through
-    keep = np.flatnonzero(bound <= best + PRUNE_SLACK * (1.0 + abs(best)))
-    return [usable[k] for k in keep]
+    return rows[through <= best + PRUNE_SLACK * (1.0 + abs(best))]
+
+
+def _undominated(group: np.ndarray, fixed: np.ndarray, per_block: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Indices of the spans that no other span of the same group (the same blocks) is at least as cheap as in both
+    costs: replacing a dominated span by its dominator never makes a chain dearer. Of spans equal in both, the one
+    with the most free KV stays (the exact search prefers it on a tie)."""
+    order = np.lexsort((-free, per_block, fixed, group))  # by group, then fixed, per-block, most free KV first
+    _, groups = np.unique(group[order], return_inverse=True)
+    _, ranks = np.unique(per_block[order], return_inverse=True)
+    # One running minimum over all groups at once: earlier groups get larger keys, so an earlier group's spans
+    # never count against a later one's; a span stays when its per-block cost beats every earlier one's in its group.
+    key = (groups.max() - groups) * (ranks.max() + 1) + ranks
+    keep = np.ones(len(key), dtype=bool)
+    keep[1:] = key[1:] < np.minimum.accumulate(key)[:-1]
+    return np.sort(order[keep])

@@ -339,3 +339,56 @@ async def test_a_failed_link_is_replaced_from_the_last_records_probed_again_with
     assert await first_peer(router, fresh=True, replacing=True) == "c"
     assert reads == ["m"] and probed == ["c"]
     assert await first_peer(router, fresh=True) == "c" and reads == ["m", "m"]  # a new session's route reads it
+
+
+def test_health_gives_every_spans_view_at_once_as_it_gives_each(clock):
+    """`view_columns` (what a route search over thousands of peers reads) agrees with `view` peer by peer: RTTs,
+    own sessions less those the records count, observed speed (expiring, doubled for an overclaimer), unknown peers,
+    a peer seen twice in the records, and peers first seen after the table's slots were looked up."""
+    import math
+    import random
+
+    from swarm.client.routing import SpanTable
+
+    rng, health = random.Random(3), PeerHealth(clock)
+    ids = [f"p{i}" for i in range(40)]
+    table = SpanTable([record(p, 0, 30) for p in [*ids, "p3", "never"]])
+
+    def agree():
+        rtt, extra, observed = health.view_columns(table)
+        for row, peer_id in enumerate(table.peer_ids):
+            view = health.view(peer_id)
+            assert (math.isnan(rtt[row]) if view.rtt is None else rtt[row] == view.rtt), peer_id
+            assert extra[row] == view.extra_sessions, peer_id
+            seen = view.observed_block_seconds
+            assert (math.isnan(observed[row]) if seen is None else observed[row] == pytest.approx(seen)), peer_id
+
+    agree()  # nobody known yet
+    for round_ in range(6):
+        for peer_id in rng.sample(ids[: 10 + 5 * round_], 8):  # more peers become known each round
+            match rng.randrange(5):
+                case 0:
+                    health.rtt_sample(peer_id, rng.uniform(0.001, 0.2))
+                case 1:
+                    health.opened([peer_id])
+                case 2:
+                    health.closed([peer_id])
+                case 3:  # far slower than claimed: overclaims after a few samples
+                    for _ in range(4):
+                        health.step_sample(peer_id, 3, rng.uniform(0.1, 0.3), claimed=0.001)
+                case _:
+                    health.step_sample(peer_id, 2, rng.uniform(0.001, 0.05))
+        health.records_read(ids[::2], health.own_sessions())
+        agree()
+        clock.now += rng.choice((1.0, 70.0))  # some observations run out (OBSERVATION_TTL 60 s)
+        agree()
+
+
+def test_the_router_builds_its_table_once_per_view(router):
+    table = router.table
+    assert router.table is table and [s.peer_id for s in table.spans] == ["a", "b"]
+    router.spans = [record("c", 0, 30)]  # a refresh
+    assert router.table is not table and router.table.peer_ids == ["c"]
+    table = router.table
+    router.allowed_peers = {"x"}
+    assert router.table is not table and router.table.peer_ids == []

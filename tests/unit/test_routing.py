@@ -201,6 +201,18 @@ def test_peers_that_cannot_hold_the_session_are_skipped():
         find_chain(spans, "m", 30, length=8192)
 
 
+def random_swarm(rng, size: int) -> list[SpanInfo]:
+    """`size` peers over 80 blocks with random spans, speeds, loads and free KV (ties between chains: unlikely)."""
+    spans = []
+    for i in range(size):
+        start = rng.randrange(0, 80)
+        info = fast(f"p{i:04d}", start, min(80, start + rng.randrange(1, 40)), throughput=rng.uniform(20, 3000),
+                    sessions=rng.randrange(0, 12))
+        spans.append(dataclasses.replace(info, num_blocks=80, batch_throughput=info.throughput * rng.uniform(1, 7),
+                                         free_kv_tokens=rng.choice((0, 500, 1000))))
+    return spans
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_pruned_search_of_a_large_swarm_finds_the_same_chain(seed, monkeypatch):
     """Above PRUNE_ABOVE peers the exact search runs over the survivors of a vectorized bound: same cost, and with
@@ -210,13 +222,7 @@ def test_pruned_search_of_a_large_swarm_finds_the_same_chain(seed, monkeypatch):
     from swarm.client import routing
 
     rng = random.Random(seed)
-    spans = []
-    for i in range(rng.choice((60, 200, 500))):
-        start = rng.randrange(0, 80)
-        info = fast(f"p{i:04d}", start, min(80, start + rng.randrange(1, 40)), throughput=rng.uniform(20, 3000),
-                    sessions=rng.randrange(0, 12))
-        spans.append(dataclasses.replace(info, num_blocks=80, batch_throughput=info.throughput * rng.uniform(1, 7),
-                                         free_kv_tokens=rng.choice((0, 500, 1000))))
+    spans = random_swarm(rng, rng.choice((60, 200, 500)))
     views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2), extra_sessions=rng.randrange(0, 3),
                                  observed_block_seconds=rng.choice((None, rng.uniform(0.0001, 0.02))))
              for s in spans if rng.random() < 0.8}
@@ -267,3 +273,50 @@ def test_a_peer_without_room_for_this_session_costs_the_penalty():
     assert links(find_chain([tight, roomy], "m", 30, length=256)) == [("tight", 0, 30)]  # fits: the faster one
     assert links(find_chain([tight, roomy], "m", 30, length=512)) == [("roomy", 0, 30)]  # 512 > 300 free
     assert links(find_chain([tight, roomy], "m", 30, length=200, batch=2)) == [("roomy", 0, 30)]
+
+
+def test_a_search_over_a_table_with_a_clients_health_is_the_search_over_its_records():
+    """What the router runs (a SpanTable built once per read, the views as the health's columns) routes as the
+    search over the records with a PeerView per peer: large swarms (pruned) and small ones, parts of the model."""
+    import random
+
+    from swarm.client.health import PeerHealth
+    from swarm.client.routing import SpanTable
+
+    for seed in range(4):
+        rng = random.Random(seed)
+        spans = random_swarm(rng, rng.choice((20, 300, 1500)))
+        health = PeerHealth(clock=lambda: 100.0)
+        for info in rng.sample(spans, len(spans) * 3 // 4):
+            health.rtt_sample(info.peer_id, rng.uniform(0.001, 0.2))
+            if rng.random() < 0.3:
+                health.opened([info.peer_id])
+            if rng.random() < 0.3:
+                health.step_sample(info.peer_id, 2, rng.uniform(0.0, 0.05))
+        views = {s.peer_id: health.view(s.peer_id) for s in spans}
+        table = SpanTable(spans)
+        exclude = {s.peer_id for s in rng.sample(spans, len(spans) // 10)}
+        for start, end in ((0, 80), (10, 47), (79, 80)):
+            try:
+                expected = find_chain(spans, "m", 80, exclude, start, end, views, length=300)
+            except NoChainError as e:
+                with pytest.raises(NoChainError) as got:
+                    find_chain(table, "m", 80, exclude, start, end, health, length=300)
+                assert got.value.missing == e.missing
+                continue
+            chain = find_chain(table, "m", 80, exclude, start, end, health, length=300)
+            assert links(chain) == links(expected)
+
+
+def test_only_spans_that_another_over_the_same_blocks_does_not_beat_in_both_costs_stay():
+    import numpy as np
+
+    from swarm.client.routing import _undominated
+
+    group = np.array([1, 1, 1, 1, 2, 2, 1])
+    fixed = np.array([0.1, 0.2, 0.1, 0.3, 0.5, 0.1, 0.1])
+    per_block = np.array([0.02, 0.01, 0.03, 0.005, 0.01, 0.01, 0.02])
+    free = np.array([10, 10, 10, 10, 10, 10, 99])
+    # group 1: 2 is beaten by 0 (same fixed, dearer blocks); 0 ties 6 in both costs, and 6 has more free KV;
+    # 1 and 3 trade a dearer fixed cost for cheaper blocks. Group 2: 5 beats 4 in both.
+    assert _undominated(group, fixed, per_block, free).tolist() == [1, 3, 5, 6]
