@@ -73,7 +73,7 @@ bench: install
 	$(PY) -m benchmarks.placement --out $(BENCH_OUT)
 	$(PY) -m benchmarks.fetch --out $(BENCH_OUT)
 
-# The swarm simulator (issue 22): 1,000 peers with churn, ours vs Petals' policy (~10 min on 2 cores), and route
+# The swarm simulator (issue 22): 1,000 peers with churn, ours vs Petals' policy (~2.5 min on 2 cores), and route
 # search time at 1,000 and 10,000 peers; JSON and PNG plots in $(BENCH_OUT)/.
 simulate: install
 	$(PY) -m benchmarks.simulate --peers 1000 --out $(BENCH_OUT) --plots
