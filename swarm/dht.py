@@ -162,13 +162,14 @@ def _owned_by(subkey: object, peer_id: str) -> bool:
 
 MAX_RECORDS = 4096  # span records read per model and refresh; beyond them, the rest are not parsed
 READ_BUDGET = 16 * 1024  # bytes/s one reader (a client's view, a peer's placement) spends re-reading span records
-RECORD_BYTES = 400  # a span record on the wire (msgpack), as measured by benchmarks/simulate.py (~390)
+# a peer's span record on the wire (msgpack): ~570 bytes with its content id, ~800 with 4 measured hops (next_rtt)
+RECORD_BYTES = 800
 
 
 def read_period(base: float, records: int, budget: float = READ_BUDGET) -> float:
     """Seconds between two reads of a model's span records: `base`, stretched in a large swarm so that a reader's
     DHT traffic stays within `budget` bytes/s whatever the swarm's size (a read returns every record: at a fixed
-    period the traffic would grow with the peers). 1,000 peers: a client's 3 s becomes ~24 s."""
+    period the traffic would grow with the peers). 1,000 peers: a client's 3 s becomes ~49 s."""
     return max(base, min(records, MAX_RECORDS) * RECORD_BYTES / budget)
 
 dropped_records = 0  # records skipped as malformed or forged since start (every reader in this process)

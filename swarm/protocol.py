@@ -131,6 +131,9 @@ class SpanInfo:
     movable: bool = False  # it placed itself (no --blocks) and may move to rebalance the swarm
     content_id: str = ""  # sha256:<64 hex> of the weights it serves (swarm.model.manifest); "" from older peers
     push: bool = False  # takes pushed hidden states from the previous peer of a chain, and pushes to the next
+    # (peer id, seconds): round trips it measured to peers that may come next in a chain (swarm.server.latency),
+    # at most MAX_NEXT_RTT, so that routes with push can count the true hop between two peers
+    next_rtt: tuple[tuple[str, float], ...] = ()
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,6 +210,25 @@ class _Text:
 
 
 @dataclass(frozen=True)
+class _RoundTrips:
+    """(peer id, seconds) pairs: at most `count`, distinct peer ids, finite round trips in 0..`high` seconds."""
+    count: int
+    high: float
+
+    def parse(self, name: str, value: Any) -> tuple[tuple[str, float], ...]:
+        if not isinstance(value, list | tuple) or len(value) > self.count:
+            raise ValueError(f"'{name}' must be a list of at most {self.count} [peer id, seconds] pairs")
+        pairs = []
+        for pair in value:
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise ValueError(f"'{name}' must be a list of [peer id, seconds] pairs")
+            pairs.append((_Text(128).parse(name, pair[0]), _Real(0.0, self.high).parse(name, pair[1])))
+        if len({peer for peer, _ in pairs}) < len(pairs):
+            raise ValueError(f"'{name}' names a peer twice")
+        return tuple(pairs)
+
+
+@dataclass(frozen=True)
 class _Bool:
     def parse(self, name: str, value: Any) -> bool:
         if not isinstance(value, bool):
@@ -215,13 +237,14 @@ class _Bool:
 
 
 MAX_BLOCKS = 4096  # blocks of one model (the largest open models have ~128)
+MAX_NEXT_RTT = 4  # round trips to next peers one record carries
 # tokens/s through ONE block for ONE session: 1 µs per block and token is beyond any hardware serving one session
 MAX_THROUGHPUT = 1e6
 _COUNT = _Int(0, 1 << 53)
 
 # Every field of a span record: what a reader accepts (a record from the DHT or a probe is anyone's writing).
 CONTENT_ID = re.compile(r"sha256:[0-9a-f]{64}")  # as swarm.model.manifest writes it
-SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
+SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool | _RoundTrips] = {
     "peer_id": _Text(128), "model_id": _Text(256), "start": _Int(0, MAX_BLOCKS), "end": _Int(1, MAX_BLOCKS),
     "num_blocks": _Int(1, MAX_BLOCKS), "hidden_size": _Int(1, 1 << 17), "dtype": _Text(16, WIRE_DTYPES),
     "quant": _Text(16), "max_length": _Int(1, 1 << 24), "kv_budget_tokens": _Int(0, 1 << 40),
@@ -231,7 +254,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool] = {
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
     "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
-    "push": _Bool(),
+    "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0),
 }
 
 

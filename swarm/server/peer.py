@@ -27,6 +27,7 @@ import torch
 
 from kernels import cpu
 from swarm import __version__
+from swarm.client.router import probe
 from swarm.dht import (
     announce,
     get_spans,
@@ -44,11 +45,12 @@ from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span, release_freed_memory
 from swarm.protocol import PeerState, SpanInfo
-from swarm.server import placement, throughput
+from swarm.server import latency, placement, throughput
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.faults import Faults
 from swarm.server.handler import SpanHandler, StreamLimits
 from swarm.server.health import write_health
+from swarm.server.latency import NextHops
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 from swarm.server.sharing import WeightSharing, fetch_model, is_content_id
@@ -122,6 +124,7 @@ class Peer:
         self.target: tuple[int, int] = (0, 0)
         self.backend: SpanBackend | None = None
         self.handler: SpanHandler | None = None
+        self.next_hops: NextHops | None = None  # round trips to the peers that may follow it (once serving)
         self.rate = throughput.Throughput(0.0, 0.0)
         self.moves = 0
         self._swarm_size = 0  # records in the last read of the swarm (stretches the rebalance period)
@@ -213,6 +216,7 @@ class Peer:
             movable=self.movable,
             content_id=self.content_id,
             push=True,
+            next_rtt=self.next_hops.announced() if self.next_hops else (),
         )
 
     async def _announce(self) -> None:
@@ -292,6 +296,7 @@ class Peer:
             loop.add_signal_handler(sig, stop.set)
         p2p = await self.dht.replicate_p2p()
         await self.sharing.start(p2p, self.dht)
+        self.next_hops = NextHops(lambda peer: self._round_trip(p2p, peer))
         self.target = await self._choose_span()
         await self._announce()  # joining: peers placing themselves now count this span as taken
         announcer = asyncio.create_task(self._announce_loop(), name="announce")
@@ -308,6 +313,7 @@ class Peer:
             logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s throughput=%.1f peer_id=%s maddrs=%s",
                         first.model_id, first.start, first.end, first.device, first.dtype, first.quant,
                         first.throughput, first.peer_id, " ".join(visible_maddrs(self.dht)))
+            tasks.append(asyncio.create_task(self._latency_loop(), name="latency"))
             if self.movable:
                 tasks.append(asyncio.create_task(self._rebalance_loop(), name="rebalance"))
             await stop.wait()
@@ -315,6 +321,25 @@ class Peer:
             for task in tasks:
                 task.cancel()
             await self._shutdown(p2p)
+
+    @staticmethod
+    async def _round_trip(p2p, peer_id: str) -> float:
+        return (await probe(p2p, peer_id, latency.PROBE_TIMEOUT))[1]
+
+    async def _latency_loop(self) -> None:
+        """Measure the round trips to the peers that may come next in a chain (swarm.server.latency)."""
+        while True:
+            pause = latency.PERIOD
+            try:
+                if self.state == PeerState.ONLINE and self.next_hops is not None:
+                    spans = await get_spans(self.dht, self.source.model_id, self.num_blocks)
+                    pending = await self.next_hops.measure(spans, self.info())
+                    pause = latency.SOON if pending else read_period(latency.PERIOD, len(spans))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a DHT hiccup: measure again next round
+                logger.warning("measuring the next peers' round trips failed: %r", e)
+            await asyncio.sleep(pause * random.uniform(0.8, 1.2))
 
     async def _rebalance_loop(self) -> None:
         while True:  # every --rebalance-period, stretched in a large swarm (a check reads every record)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 
 from swarm import dht as dht_module
+from swarm.codec import pack_metadata, unpack_metadata
 from swarm.dht import get_spans, owner_marker, record_subkey
 from swarm.protocol import SPAN_SCHEMA, SpanInfo
 
@@ -34,12 +36,22 @@ MALFORMED = [
     ({"dtype": "int64"}, "a dtype hidden states never have"),
     ({"target_start": 5, "target_end": 99}, "a target outside the model"),
     ({"updated_at": math.nan}, "NaN time"),
+    ({"next_rtt": [["b", 0.01]] * 5}, "more measured hops than a record carries"),
+    ({"next_rtt": [["b", 0.01], ["b", 0.02]]}, "a measured hop named twice"),
+    ({"next_rtt": [["b", -0.01]]}, "a negative round trip (a liar's shortcut)"),
+    ({"next_rtt": [["b", math.nan]]}, "a NaN round trip"),
+    ({"next_rtt": [["b", 1e9]]}, "a round trip past any bound"),
+    ({"next_rtt": [["b"]]}, "a hop without its round trip"),
+    ({"next_rtt": [[7, 0.01]]}, "a peer id not text"),
+    ({"next_rtt": {"b": 0.01}}, "hops as a map, not pairs"),
 ]
 
 
 def test_every_record_field_has_a_rule_and_honest_records_pass():
     assert SpanInfo.from_dict(HONEST.to_dict()) == HONEST
     assert set(SPAN_SCHEMA) == set(HONEST.to_dict())
+    measured = dataclasses.replace(HONEST, push=True, next_rtt=(("b", 0.012), ("c", 0.0)))
+    assert SpanInfo.from_dict(unpack_metadata(pack_metadata(measured.to_dict()))) == measured  # as on the wire
 
 
 @pytest.mark.parametrize(("change", "why"), MALFORMED, ids=[why for _, why in MALFORMED])
