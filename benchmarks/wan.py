@@ -1,7 +1,7 @@
 """Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
 namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
 
-    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--out benchmarks/results]
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
 default precision (0:15 and 15:30, one thread each) on two hosts, and on a third three gateways taking turns at one
@@ -12,6 +12,13 @@ pay) and `chat` (a free story: nothing to look up). Reported: decode ms per toke
 speculative ÷ push per round (medians), the compute a token costs (the relay's time less its 2 x RTT) and push's
 time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each gateway's count of pushed steps. JSON on
 stdout and in OUT/wan.json.
+
+Routes by measured hops (`--hops`): 0:15 on two hosts, "near" (20 ms RTT from the gateway, 200 ms from the peer
+of 15:30) and "far" (60 ms from the gateway, 10 ms from it), 15:30 on "b" (60 ms from the gateway). Gateways:
+`push` (the default: routes count the hops peers measured and announced, so far → b, 30 + 5 + 30 ms a token in
+the network), `push_client_rtt` (push, but allowed only near and b: the chain that the client's own round trips
+choose, 10 + 100 + 30 ms) and `relay` (push off: near → b, 20 + 60 ms). Reported: ms per token of a free chat
+each, push ÷ push_client_rtt tok/s per round (median), the routes each gateway took, what each peer measured.
 
 Failover across hosts (`--failover-rtt`, 0: skipped): 0:15 on one host, 15:30 on two (the second 20 ms farther each
 way, so routes take the first); per round a fresh gateway streams a greedy chat of 48 tokens and, after its 8th
@@ -115,6 +122,60 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
     return out
 
 
+HOPS_MODES = {  # gateway → its environment, beside SWARM_ALLOWED_PEERS for push_client_rtt
+    "push": {"SWARM_PUSH": "true", "GATEWAY_SPECULATIVE": "off"},
+    "push_client_rtt": {"SWARM_PUSH": "true", "GATEWAY_SPECULATIVE": "off"},
+    "relay": {"SWARM_PUSH": "false", "GATEWAY_SPECULATIVE": "off"},
+}
+
+
+async def swarm_view(socket: str) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket), base_url="http://gateway",
+                                 timeout=60) as http:
+        return (await http.get("/v1/swarm")).json()
+
+
+async def run_hops(rounds: int, workdir: Path) -> dict[str, Any]:
+    hosts = ["boot", "near", "far", "b", "gw"]
+    with NetBed(hosts, workdir, delay_ms=10) as bed:
+        bed.slow("far", 20)  # 30 ms each way to the gateway
+        bed.slow("b", 20)
+        bed.pair("near", "b", 100)
+        bed.pair("far", "b", 5)
+        spans = {"near": "0:15", "far": "0:15", "b": "15:30"}
+        initial = start_swarm(bed, spans)
+        first = start_gateway(bed, "probe", initial)
+        for _ in range(120):  # until near and far announce their round trips to b
+            peers = {p["peer_id"]: p for p in (await swarm_view(first))["peers"]}
+            if sum(bool(p["next_rtt"]) for p in peers.values()) >= 2:
+                break
+            await asyncio.sleep(1)
+        measured = {p["peer_id"]: dict(p["next_rtt"]) for p in peers.values()}
+        of_b = next(pid for pid, p in peers.items() if p["start"] == 15)
+        near_and_b = " ".join(pid for pid, hops in measured.items() if pid == of_b or hops.get(of_b, 0) > 0.1)
+        sockets = {mode: start_gateway(bed, mode, initial,
+                                       {**env, **({"SWARM_ALLOWED_PEERS": near_and_b}
+                                                  if mode == "push_client_rtt" else {})})
+                   for mode, env in HOPS_MODES.items()}
+        await asyncio.sleep(4)  # the views have probed the records
+        rtts = {host: round(bed.rtt_ms("gw", host), 1) for host in spans}
+        rtts.update({f"{a}-b": round(bed.rtt_ms(a, "b"), 1) for a in ("near", "far")})
+        runs = await interleave(dict(sockets), {"chat": WAN_TASKS["chat"]}, rounds, {"hops": True})
+        routes = {mode: sorted({" ".join(r["route"]) for r in (await swarm_view(socket))["recent_routes"]})
+                  for mode, socket in sockets.items()}
+    modes = runs["chat"]
+    out: dict[str, Any] = {"rtt_ms_measured": rtts, "announced_rtt_s": measured, "routes": routes}
+    for mode, results in modes.items():
+        tok_s = median([r["decode_tok_s"] for r in results])
+        out[mode] = {"decode_tok_s": round(tok_s, 2), "ms_per_token": round(1000 / tok_s, 1)}
+    out["push_to_push_client_rtt"] = ratio(modes["push"], modes["push_client_rtt"])
+    out["push_to_relay"] = ratio(modes["push"], modes["relay"])
+    out["identical_text"] = all(len({r["text"] for r in group}) == 1 for group in zip(*modes.values(), strict=True))
+    return out
+
+
 FAILOVER_TOKENS = 48
 CUT_AFTER = 8
 
@@ -177,6 +238,8 @@ async def run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for rtt in [float(r) for r in args.rtts.split(",") if r]:
             results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}")
+        if args.hops:
+            results["hops"] = await run_hops(args.rounds, Path(tmp) / "hops")
         if args.failover_rtt:
             results[f"failover_rtt_{args.failover_rtt:g}ms"] = await run_failover(
                 args.failover_rtt, args.rounds, Path(tmp) / "failover")
@@ -192,6 +255,7 @@ def main() -> None:
     parser.add_argument("--rtts", default="10,50,100", help="round-trip times in ms, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--failover-rtt", type=float, default=50.0, help="RTT of the failover run in ms (0: none)")
+    parser.add_argument("--hops", action="store_true", help="also: routes by the hops peers measured (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     emit("wan", asyncio.run(run(args)), args.out)

@@ -65,9 +65,9 @@ async def snapshot(spans: list[SpanInfo], model_id: str, prober, unusable: froze
         else:
             coverage.append({"start": b, "end": b + 1, "replicas": count})
     try:
-        chain = find_chain(current, model_id, num_blocks, views=views) if num_blocks else []
+        chain = find_chain(current, model_id, num_blocks, views=views, push=True) if num_blocks else []
         best = {"links": [{"peer_id": link.peer.peer_id, "start": link.start, "end": link.end} for link in chain],
-                "ms_per_token": round(chain_seconds(chain, views) * 1000, 2)} if chain else None
+                "ms_per_token": round(chain_seconds(chain, views, push=True) * 1000, 2)} if chain else None
     except NoChainError:
         best = None
     holes = [{"start": s, "end": e} for s, e in missing_blocks(serving, num_blocks)]

@@ -128,6 +128,10 @@ class NetBed:
         """Add `extra_ms` each way to every link of `host`."""
         self._tell(f"slow {self.addresses[host]} {extra_ms}")
 
+    def pair(self, first: str, second: str, one_way_ms: float) -> None:
+        """The link between `first` and `second` takes `one_way_ms` each way (neither the base delay nor `slow`)."""
+        self._tell(f"pair {self.addresses[first]} {self.addresses[second]} {one_way_ms}")
+
     def close(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()

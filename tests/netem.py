@@ -7,7 +7,8 @@ every TUN's file descriptor, reads each IPv4 packet a host sends, and writes it 
 to after the link's one-way delay (± jitter), serialised at the bandwidth cap per direction, or drops it (loss). So
 hosts talk over real TCP/IP between their own addresses, and every packet pays the link. Commands on stdin, one per
 line: `cut ADDR` (every packet to or from that host is dropped: its links are down), `heal ADDR`, `delay MS`, `slow
-ADDR MS` (that host's links take MS more each way). It prints
+ADDR MS` (that host's links take MS more each way), `pair ADDR ADDR MS` (the link between those two hosts takes MS
+each way, whatever the others take). It prints
 `ready` once every TUN is up, and stops at end of input or SIGTERM. Bounded: at most `--queue` packets in flight
 (more are dropped, as a full router queue would).
 """
@@ -67,6 +68,7 @@ class Emulator:
         self.delay, self.jitter, self.rate, self.loss, self.queue = delay, jitter, bits_per_second, loss, queue
         self.cut: set[str] = set()
         self.extra: dict[str, float] = {}  # per host: one-way delay added to its links
+        self.pairs: dict[frozenset[str], float] = {}  # per pair of hosts: their link's one-way delay
         self._pending: list[tuple[float, int, int, bytes]] = []  # (due, sequence, fd, packet)
         self._free_at: dict[tuple[str, str], float] = {}  # per direction: when its last packet is serialised
         self._sequence = 0
@@ -83,6 +85,9 @@ class Emulator:
         elif verb == "slow":  # slow ADDR MS: that host's links take MS more each way
             address, _, extra = arg.partition(" ")
             self.extra[address] = float(extra) / 1000
+        elif verb == "pair":  # pair ADDR ADDR MS: that link takes MS each way
+            first, second, delay = arg.split()
+            self.pairs[frozenset((first, second))] = float(delay) / 1000
 
     def receive(self, fd: int, now: float) -> None:
         for _ in range(64):
@@ -105,7 +110,9 @@ class Emulator:
         if self.rate:
             sent = max(now, self._free_at.get(link, now)) + len(packet) * 8 / self.rate
             self._free_at[link] = sent
-        delay = self.delay + self.extra.get(source, 0.0) + self.extra.get(destination, 0.0)
+        delay = self.pairs.get(frozenset(link))
+        if delay is None:
+            delay = self.delay + self.extra.get(source, 0.0) + self.extra.get(destination, 0.0)
         due = sent + max(0.0, delay + (self._random.uniform(-self.jitter, self.jitter) if self.jitter else 0))
         self._sequence += 1
         heapq.heappush(self._pending, (due, self._sequence, fd, packet))

@@ -18,6 +18,7 @@ Execution model (the same for every policy):
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import time
@@ -30,7 +31,7 @@ import numpy as np
 
 from benchmarks.sim.world import DISK_SECONDS_PER_BLOCK, NUM_BLOCKS, Host, PeerSpec, Request, World, rtt_s
 from swarm.client.routing import Link, PeerView, SpanTable
-from swarm.protocol import NoChainError, PeerState, SpanInfo
+from swarm.protocol import MAX_NEXT_RTT, NoChainError, PeerState, SpanInfo
 
 DETECT_CRASH_S = 5.0
 AVOID_S = 60.0
@@ -105,7 +106,7 @@ class Simulation:
         self.route_wall: list[float] = []
         self.timeline: list[tuple[float, float]] = []  # (time, tokens in the last minute)
         self._minute_tokens = 0.0
-        self.record_bytes = len(msgpack.packb(self._record(_dummy_peer()).to_dict()))
+        self.record_bytes = len(msgpack.packb(_as_on_the_wire(self._record(_dummy_peer())).to_dict()))
 
     # -- events -----------------------------------------------------------------------------------------------------
 
@@ -484,6 +485,14 @@ class _Rtts:
         if view is None:
             view = self.known[peer_id] = PeerView(rtt=self.sim._rtt(self.user, peer_id))
         return view
+
+
+def _as_on_the_wire(record: SpanInfo) -> SpanInfo:
+    """A simulated peer's record at the size a real one has (the simulator's short ids and fields otherwise left
+    out: a 46-character peer id, the content id, 4 measured hops), for counting DHT bytes."""
+    peer_id = "Qm" + "x" * 44
+    return dataclasses.replace(record, peer_id=peer_id, content_id="sha256:" + "0" * 64, push=True,
+                               next_rtt=tuple((peer_id[:-1] + str(i), 0.0123) for i in range(MAX_NEXT_RTT)))
 
 
 def _dummy_peer() -> Peer:

@@ -50,6 +50,7 @@ class SwarmClient:
         self.failover = failover or FailoverPolicy()
         self.router = Router(dht, p2p, self.model_id, head.num_blocks, refresh_period, allowed_peers=allowed_peers,
                              verification=verification, content_id=content_id)
+        self.router.push = push  # routes count the hops its peers measured
         self.pipeline = DecodePipeline(head, prefill_chunk, decode_groups)
 
     @classmethod

@@ -84,6 +84,9 @@ class Router:
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Lock | None = None
         self._table: tuple[tuple, SpanTable] | None = None  # (what it was built from, `spans` as columns)
+        # the sessions routed here push from peer to peer (swarm.client.session): a route counts the hops between
+        # peers that measured them (SpanInfo.next_rtt) instead of a return through this client
+        self.push = False
 
     # -- the view ---------------------------------------------------------------------------------------------------
 
@@ -285,7 +288,7 @@ class Router:
             refused, banned = self.health.refused() | set(without), self.health.banned()
             try:
                 return find_chain(table, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
-                                  batch)
+                                  batch, self.push)
             except NoChainError:
                 if replacing:
                     if reread:
@@ -293,7 +296,8 @@ class Router:
                     continue
                 if not banned - refused:
                     raise
-                return find_chain(table, self.model_id, self.num_blocks, refused, start, end, views, length, batch)
+                return find_chain(table, self.model_id, self.num_blocks, refused, start, end, views, length, batch,
+                                  self.push)
         raise AssertionError("unreachable")
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:

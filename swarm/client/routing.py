@@ -102,10 +102,14 @@ def link_seconds(info: SpanInfo, blocks: int, view: PeerView | None = None, need
     return rtt + blocks * per_block + penalty
 
 
-def chain_seconds(chain: Iterable[Link], views: Views | None = None) -> float:
-    """Expected seconds per token of a chain."""
+def chain_seconds(chain: Sequence[Link], views: Views | None = None, push: bool = False) -> float:
+    """Expected seconds per token of a chain (`push`: its peers push to each other; the hops they measured count)."""
     views = NO_VIEWS if views is None else views
-    return sum(link_seconds(link.peer, link.end - link.start, views.get(link.peer.peer_id)) for link in chain)
+    seconds = sum(link_seconds(link.peer, link.end - link.start, views.get(link.peer.peer_id)) for link in chain)
+    if push:
+        spans = [link.peer for link in chain]
+        seconds -= sum(saving for (i, j), saving in _savings(spans, views).items() if j == i + 1)
+    return seconds
 
 
 def missing_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[tuple[int, int]]:
@@ -130,31 +134,45 @@ def can_hold(info: SpanInfo, length: int, batch: int = 1) -> bool:
 
 
 def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks: int, exclude: Iterable[str] = (),
-               start: int = 0, end: int | None = None,
-               views: Views | None = None, length: int = 0, batch: int = 1) -> list[Link]:
+               start: int = 0, end: int | None = None, views: Views | None = None, length: int = 0, batch: int = 1,
+               push: bool = False) -> list[Link]:
     """The fastest chain over blocks [start, end) (default: the whole model) of routable peers not in `exclude` that
     can hold a session of `batch` x `length` tokens; raises NoChainError naming the uncovered blocks. A replacement
-    for a failed part of a chain asks for that part only."""
+    for a failed part of a chain asks for that part only. `push`: the session's peers push to each other (see the
+    module's docstring: hops between peers that measured them count as measured)."""
     end = num_blocks if end is None else end
     excluded, views, need = set(exclude), NO_VIEWS if views is None else views, batch * length
     if isinstance(spans, SpanTable) or len(spans) > PRUNE_ABOVE:  # (see the module's docstring)
         table = spans if isinstance(spans, SpanTable) else SpanTable(spans)
         rows = table.usable(num_blocks, excluded, length, batch)
         if len(rows) > PRUNE_ABOVE:
-            rows = _bound(table, rows, start, end, *table.costs(rows, views, need))
+            rows = _survivors(table, rows, start, end, views, need, push)
         usable = [table.spans[k] for k in rows]
     else:
         usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
                   and can_hold(s, length, batch)]
-    nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
-    # A link over [p, q) of span s costs fixed[s] + (q - p) * per_block[s]. Walking the boundaries from the end
-    # down, reach[s] holds the best (q * per_block[s] + cost from q, -(tightest free KV), peer ids) over the ends q
-    # seen so far within s, so each boundary costs one look at each span (not at each span and each end).
-    fixed, per_block = {}, {}
+    fixed, per_block = [], []  # a link over [p, q) of usable[k] costs fixed[k] + (q - p) * per_block[k]
     for span in usable:
         view = views.get(span.peer_id) or PeerView()
-        fixed[span.peer_id] = link_seconds(span, 0, view, need)
-        per_block[span.peer_id] = link_seconds(span, 1, view, need) - fixed[span.peer_id]
+        fixed.append(link_seconds(span, 0, view, need))
+        per_block.append(link_seconds(span, 1, view, need) - fixed[-1])
+    savings = _savings(usable, views) if push else {}
+    chain = (_search_with_hops(usable, start, end, fixed, per_block, savings) if savings
+             else _search(usable, start, end, fixed, per_block))
+    if chain is None:
+        holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
+        raise NoChainError(model_id, holes or [(start, end)])
+    return chain
+
+
+def _search(usable: list[SpanInfo], start: int, end: int, fixed: list[float], per_block: list[float]
+            ) -> list[Link] | None:
+    """The exact search over boundaries (see the module's docstring); None when no chain exists.
+
+    Walking the boundaries from the end down, reach[k] holds the best (q * per_block[k] + cost from q, -(tightest
+    free KV), peer ids) over the ends q seen so far within usable[k], so each boundary costs one look at each span
+    (not at each span and each end)."""
+    nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
     # best[p]: (seconds, -(tightest free KV), peer ids) of the best chain from boundary p to `end`
     best: dict[int, tuple[float, int, tuple[str, ...]]] = {end: (0.0, -(1 << 62), ())}
     choice: dict[int, tuple[SpanInfo, int]] = {}
@@ -164,8 +182,7 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
         seconds, neg_free, ids = best[q]
         for k, span in enumerate(usable):
             if span.start < q <= span.end:
-                key = (q * per_block[span.peer_id] + seconds, max(neg_free, -span.free_kv_tokens),
-                       (span.peer_id, *ids), q)
+                key = (q * per_block[k] + seconds, max(neg_free, -span.free_kv_tokens), (span.peer_id, *ids), q)
                 if k not in reach or key[:3] < reach[k][:3]:
                     reach[k] = key
 
@@ -174,21 +191,97 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
         for k, span in enumerate(usable):
             if k in reach and span.start <= p < span.end:
                 through, neg_free, ids, q = reach[k]
-                seconds = fixed[span.peer_id] + through - p * per_block[span.peer_id]
+                seconds = fixed[k] + through - p * per_block[k]
                 candidate = (round(seconds, 9), neg_free, ids)
                 if p not in best or candidate < best[p]:
                     best[p], choice[p] = candidate, (span, q)
         if p in best:
             offer(p)
     if start not in best or not math.isfinite(best[start][0]):
-        holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
-        raise NoChainError(model_id, holes or [(start, end)])
+        return None
     chain, p = [], start
     while p < end:
         span, q = choice[p]
         chain.append(Link(span, p, q))
         p = q
     return chain
+
+
+def hop_saving(rtt_a: float, rtt_b: float, rtt_ab: float) -> float:
+    """Seconds a token saves when peer a pushes to peer b (round trip `rtt_ab`, as a measured it) instead of both
+    answering this client (round trips `rtt_a`, `rtt_b`): half of a → client → b less half of a → b. A measurement
+    below |rtt_a − rtt_b| breaks the triangle inequality (a claim too good to be true): that bound counts instead."""
+    return max(0.0, (rtt_a + rtt_b - max(rtt_ab, abs(rtt_a - rtt_b))) / 2)
+
+
+def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], float]:
+    """(i, j) → seconds saved when usable[i] is followed by usable[j] in a pushed chain (both take pushes, and i
+    measured its round trip to j)."""
+    def rtt(span: SpanInfo) -> float:
+        view = views.get(span.peer_id)
+        return DEFAULT_RTT if view is None or view.rtt is None else view.rtt
+
+    takers: dict[str, list[int]] = {}
+    for k, span in enumerate(usable):
+        if span.push:
+            takers.setdefault(span.peer_id, []).append(k)
+    savings = {}
+    for i, a in enumerate(usable):
+        if a.push and a.next_rtt:
+            for peer, rtt_ab in a.next_rtt:
+                for j in takers.get(peer, ()):
+                    if j != i and (saving := hop_saving(rtt(a), rtt(usable[j]), rtt_ab)) > 0:
+                        savings[i, j] = saving
+    return savings
+
+
+def _search_with_hops(usable: list[SpanInfo], start: int, end: int, fixed: list[float], per_block: list[float],
+                      savings: dict[tuple[int, int], float]) -> list[Link] | None:
+    """The exact search when consecutive links i, j save savings[i, j]: a link's cost depends on the one before it,
+    so the state is (boundary q, the span whose link ends at q). Walking the boundaries up, entry[k] holds the best
+    (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p seen so far within usable[k],
+    with the saving from the link before it; a link of k that ends at q then costs entry[k] + x_q · per_block[k]."""
+    nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
+    into: dict[int, list[tuple[int, float]]] = {}
+    for (i, j), saving in savings.items():
+        into.setdefault(j, []).append((i, saving))
+    entry = [math.inf] * len(usable)
+    entered: list[tuple[int, tuple[int, int] | None] | None] = [None] * len(usable)  # (p, the state before)
+    back: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}  # state (q, k) → its entry
+    arrived: dict[int, float] = {}
+    for q in nodes:
+        arrived = {}
+        for k, span in enumerate(usable):
+            if span.start < q <= span.end and entry[k] < math.inf:
+                arrived[k] = entry[k] + q * per_block[k]
+                back[q, k] = entered[k]  # type: ignore[assignment]
+        if q == end:
+            break
+        if q == start:
+            base, before = 0.0, None
+        elif arrived:
+            last = min(arrived, key=arrived.__getitem__)
+            base, before = arrived[last], (q, last)
+        else:
+            continue  # no chain reaches q
+        for k, span in enumerate(usable):
+            if span.start <= q < span.end:
+                cost, state = base, before
+                for i, saving in into.get(k, ()):
+                    if i in arrived and arrived[i] - saving < cost:
+                        cost, state = arrived[i] - saving, (q, i)
+                cost += fixed[k] - q * per_block[k]
+                if cost < entry[k]:
+                    entry[k], entered[k] = cost, (q, state)
+    if not arrived or nodes[-1] != end:
+        return None
+    at: tuple[int, int] | None = (end, min(arrived, key=arrived.__getitem__))
+    chain = []
+    while at is not None:
+        q, k = at
+        p, at = back[q, k]
+        chain.append(Link(usable[k], p, q))
+    return chain[::-1]
 
 
 class SpanTable:
@@ -208,6 +301,12 @@ class SpanTable:
         (start, end, self.throughput, self.batch_throughput, self.active_sessions, self.free_kv_tokens,
          self.max_length, self.kv_budget_tokens, routable) = fields.T
         self.start, self.end, self.routable = start.astype(np.int64), end.astype(np.int64), routable > 0
+        # the round trips peers measured to their next peers (both taking pushes): rows a → b, seconds
+        edges = [(a, b, rtt) for a, span in enumerate(self.spans) if span.push
+                 for peer, rtt in span.next_rtt for b in self.rows.get(peer, ()) if b != a and self.spans[b].push]
+        columns = np.array(edges, dtype=np.float64).reshape(len(edges), 3).T
+        self.edge_from, self.edge_to = columns[0].astype(np.int64), columns[1].astype(np.int64)
+        self.edge_rtt = columns[2]
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -233,9 +332,9 @@ class SpanTable:
                     observed[row] = view.observed_block_seconds
         return rtt, extra, observed
 
-    def costs(self, rows: np.ndarray, views: Views, need: int) -> tuple[np.ndarray, np.ndarray]:
-        """(fixed, per_block) of the spans in `rows`: link_seconds(span, blocks) = fixed + blocks × per_block, by
-        the same formulas as `link_seconds`."""
+    def costs(self, rows: np.ndarray, views: Views, need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fixed, per_block, RTT) of the spans in `rows`: link_seconds(span, blocks) = fixed + blocks × per_block,
+        by the same formulas as `link_seconds`."""
         rtt, extra, observed = (column[rows] for column in self.view_columns(views))
         rtt[np.isnan(rtt)] = DEFAULT_RTT
         load = np.maximum(0.0, self.active_sessions[rows] + extra)
@@ -247,7 +346,7 @@ class SpanTable:
         per_block = np.fmax(np.where(known, single + load * marginal, UNKNOWN_BLOCK_SECONDS * (1 + 0.1 * load)),
                             observed)  # (fmax: a nan, nothing observed, leaves the announced figure)
         fixed = rtt + np.where(self.free_kv_tokens[rows] < max(1, need), FULL_KV_PENALTY, 0.0)
-        return fixed, per_block
+        return fixed, per_block, rtt
 
 
 def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Views, need: int = 1
@@ -256,13 +355,42 @@ def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Vi
     (all of them when no chain exists: the exact search names the holes)."""
     table = spans if isinstance(spans, SpanTable) else SpanTable(spans)
     rows = np.arange(len(table))
-    fixed, per_block = table.costs(rows, views, need)
-    return [table.spans[k] for k in _bound(table, rows, start, end, fixed, per_block)]
+    fixed, per_block, _ = table.costs(rows, views, need)
+    return [table.spans[k] for k in _bound(table, rows, start, end, fixed, per_block)[0]]
 
 
-def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray
-           ) -> np.ndarray:
-    """`prune` over the spans in `rows` (their costs in `fixed` and `per_block`, in the same order): the rows kept.
+def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, views: Views, need: int, push: bool
+               ) -> np.ndarray:
+    """The rows that can be on a best chain (`prune`). With push and hops that peers measured, a chain costs less
+    than the sum of its links by the savings of its hops, so spans are kept by a lower bound (each span's fixed cost
+    less the largest saving into it) against the best chain's cost without any saving (an upper bound), and none
+    with a saving in or out is dropped as dominated (what it saves is not in its own costs)."""
+    fixed, per_block, rtt = table.costs(rows, views, need)
+    kept, best = _bound(table, rows, start, end, fixed, per_block)
+    if not push or not len(table.edge_rtt) or not math.isfinite(best):
+        return kept
+    position = np.full(len(table), -1)
+    position[rows] = np.arange(len(rows))
+    a, b = position[table.edge_from], position[table.edge_to]
+    among = (a >= 0) & (b >= 0)
+    a, b, rtt_ab = a[among], b[among], table.edge_rtt[among]
+    saving = np.maximum(0.0, (rtt[a] + rtt[b] - np.maximum(rtt_ab, np.abs(rtt[a] - rtt[b]))) / 2)  # (hop_saving)
+    if not (saving > 0).any():
+        return kept
+    most_into = np.zeros(len(rows))
+    np.maximum.at(most_into, b, saving)
+    protected = np.zeros(len(rows), dtype=bool)
+    protected[a[saving > 0]] = protected[b[saving > 0]] = True
+    return _bound(table, rows, start, end, fixed - most_into, per_block, best, protected, fixed)[0]
+
+
+def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
+           limit: float | None = None, protected: np.ndarray | None = None, own_fixed: np.ndarray | None = None
+           ) -> tuple[np.ndarray, float]:
+    """`prune` over the spans in `rows` (their costs in `fixed` and `per_block`, in the same order): the rows kept
+    and the best chain's cost (inf: none). `limit`: keep what any chain costing up to it uses, instead of the best
+    one; `protected` (a mask over `rows`): spans never dropped as dominated; `own_fixed`: the fixed costs that
+    dominance compares, where `fixed` are lower bounds.
 
     First, of spans over the same blocks, only those that no other is at least as cheap as in both its fixed and its
     per-block cost (`_undominated`). Then least costs from every boundary to `end` (a backward pass over the
@@ -272,11 +400,14 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
     lo, hi = np.maximum(table.start[rows], start), np.minimum(table.end[rows], end)
     inside = lo < hi
     if not inside.any():
-        return rows
+        return rows, math.inf
     nodes = np.unique(np.concatenate(([start, end], lo[inside], hi[inside])))
     inner = np.flatnonzero(inside)
-    inner = inner[_undominated(lo[inner] * (end + 1) + hi[inner], fixed[inner], per_block[inner],
-                               table.free_kv_tokens[rows[inner]])]
+    undominated = np.zeros(len(rows), dtype=bool)
+    ranked = fixed if own_fixed is None else own_fixed
+    undominated[inner[_undominated(lo[inner] * (end + 1) + hi[inner], ranked[inner], per_block[inner],
+                                   table.free_kv_tokens[rows[inner]])]] = True
+    inner = np.flatnonzero(inside & (undominated if protected is None else undominated | protected))
     first, last = np.searchsorted(nodes, lo[inner]), np.searchsorted(nodes, hi[inner])
     counts = last - first
     node_of = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -298,7 +429,7 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
             exit_cost[k] = np.minimum(exit_cost[k], x[j] * per_block[k] + to_end[j])
     best = to_end[0]
     if not np.isfinite(best):
-        return rows
+        return rows, math.inf
     # Forward: entry[k] = min over boundaries p seen so far within span k of from_start[p] − x_p·P[k]; at each
     # boundary q, a span leaving there costs fixed + entry + x_q·P + to_end[q] for the best chain through it.
     from_start, entry = np.full(n, np.inf), np.full(len(rows), np.inf)
@@ -311,7 +442,8 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
             through[k] = np.minimum(through[k], reach + to_end[j])
         if j < n - 1 and np.isfinite(from_start[j]) and (k := enters(j)).size:
             entry[k] = np.minimum(entry[k], from_start[j] - x[j] * per_block[k])
-    return rows[through <= best + PRUNE_SLACK * (1.0 + abs(best))]
+    limit = best if limit is None else limit
+    return rows[through <= limit + PRUNE_SLACK * (1.0 + abs(limit))], float(best)
 
 
 def _undominated(group: np.ndarray, fixed: np.ndarray, per_block: np.ndarray, free: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -197,3 +198,57 @@ def test_peers_started_together_on_three_hosts_place_themselves_over_the_model(t
         text, route = asyncio.run(generate())  # the gateway started once a complete chain existed
         assert text == expected
         assert sorted(hosts_of[peer] for peer in route) == ["p1", "p2", "p3"], "one span a host, all 30 blocks"
+
+
+def test_routes_with_push_take_the_pair_of_peers_that_are_close_to_each_other(tmp_path, expected):
+    """Two replicas of blocks 0:15: "near" is 10 ms from the gateway but 120 ms from the only peer of 15:30, "far"
+    is 30 ms from the gateway and 2 ms from it. The client sees only its own round trips (near looks best); the peers
+    measure theirs to the peers after them and announce them. With push the gateway routes far → b (30/2 + 1 + 30/2
+    = 31 ms a token in the network against 5 + 60 + 15 = 80 ms through near), token-exact; relaying every hop
+    through the client (push off) it still takes near (10 + 30 ms against 30 + 30)."""
+    hosts = ["boot", "near", "far", "b", "gw"]
+    with NetBed(hosts, tmp_path, delay_ms=ONE_WAY_MS) as pairs:
+        pairs.slow("far", 10)  # 15 ms each way to the gateway
+        pairs.slow("b", 10)
+        pairs.pair("near", "b", 60)
+        pairs.pair("far", "b", 1)
+        boot = pairs.spawn("boot", "bootstrap", ["-m", "swarm.dht", "--host", pairs.address("boot"), "--port",
+                                                 "31337"])
+        boot.wait_for(r"DHT bootstrap node ready")
+        initial = re.findall(r"^\s+(/ip4/\S+)$", boot.log(), flags=re.MULTILINE)
+        peers = {host: pairs.spawn(host, f"peer-{host}", ["-m", "swarm.server", "--model", MODEL, "--blocks", span,
+                                                          "--num-threads", "1", "--host", pairs.address(host),
+                                                          "--initial-peers", *initial], {"SWARM_PEER_QUANT": "none"})
+                 for host, span in (("near", "0:15"), ("far", "0:15"), ("b", "15:30"))}
+        ids = {host: proc.wait_for(r"peer ready: .* peer_id=(\S+)").group(1) for host, proc in peers.items()}
+        assert 115 <= pairs.rtt_ms("near", "b") < 130 and 2 <= pairs.rtt_ms("far", "b") < 8
+        for name, push in (("push", "true"), ("relay", "false")):
+            pairs.spawn("gw", f"gateway-{name}", ["-m", "uvicorn", "app.main:app", "--uds",
+                                                  str(pairs.workdir / f"{name}.sock")],
+                        {"SWARM_INITIAL_PEERS": " ".join(initial), "SWARM_PUSH": push}
+                        ).wait_for(r"Application startup complete")
+
+        async def measured() -> dict[str, dict[str, float]]:  # what each peer's record says of its next hops
+            async with client(pairs, "push") as http:
+                peers = (await http.get("/v1/swarm")).json()["peers"]
+            return {p["peer_id"]: dict(p["next_rtt"]) for p in peers}
+
+        async def routes() -> dict[str, tuple[str, list[str]]]:
+            out = {}
+            for name in ("push", "relay"):
+                async with client(pairs, name) as http:
+                    text, request_id = await chat(http)
+                    out[name] = (text, await route_of(http, request_id))
+            return out
+
+        for _ in range(60):  # a peer measures the peers after it within seconds of both being online
+            hops = asyncio.run(measured())
+            if ids["b"] in hops.get(ids["near"], {}) and ids["b"] in hops.get(ids["far"], {}):
+                break
+            time.sleep(1)
+        assert 0.110 <= hops[ids["near"]][ids["b"]] < 0.140, hops
+        assert 0.001 <= hops[ids["far"]][ids["b"]] < 0.015, hops
+        time.sleep(4)  # the gateways' views have probed the records since
+        got = asyncio.run(routes())
+        assert got["push"] == (expected, [ids["far"], ids["b"]])
+        assert got["relay"] == (expected, [ids["near"], ids["b"]])

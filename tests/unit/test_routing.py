@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from swarm.client.routing import Link, PeerView, chain_seconds, find_chain, link_seconds, missing_blocks
+from swarm.client.routing import DEFAULT_RTT, Link, PeerView, chain_seconds, find_chain, link_seconds, missing_blocks
 from swarm.protocol import NoChainError, SpanInfo
 
 
@@ -162,6 +162,17 @@ def test_a_large_random_swarm_gives_a_contiguous_optimal_chain():
                 assert chain_seconds(chain) <= chain_seconds(swapped) + 1e-9
 
 
+def small_swarm(rng, most: int) -> list[SpanInfo]:
+    """2 to `most` - 1 peers with random spans, speeds and loads over 12 blocks (small enough for a brute force)."""
+    spans = []
+    for i in range(rng.randrange(2, most)):
+        start = rng.randrange(0, 10)
+        spans.append(dataclasses.replace(
+            fast(f"p{i}", start, rng.randrange(start + 1, 13), throughput=rng.uniform(10, 1000),
+                 sessions=rng.randrange(0, 5)), num_blocks=12))
+    return spans
+
+
 def test_search_matches_brute_force_on_small_random_tables():
     import random
 
@@ -174,12 +185,7 @@ def test_search_matches_brute_force_on_small_random_tables():
 
     rng = random.Random(1)
     for _ in range(40):
-        spans = []
-        for i in range(rng.randrange(2, 6)):
-            start = rng.randrange(0, 10)
-            spans.append(dataclasses.replace(
-                fast(f"p{i}", start, rng.randrange(start + 1, 13), throughput=rng.uniform(10, 1000),
-                     sessions=rng.randrange(0, 5)), num_blocks=12))
+        spans = small_swarm(rng, 6)
         views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.1)) for s in spans}
         expected = cheapest(spans, 0, 12, views)
         if expected == float("inf"):
@@ -320,3 +326,142 @@ def test_only_spans_that_another_over_the_same_blocks_does_not_beat_in_both_cost
     # group 1: 2 is beaten by 0 (same fixed, dearer blocks); 0 ties 6 in both costs, and 6 has more free KV;
     # 1 and 3 trade a dearer fixed cost for cheaper blocks. Group 2: 5 beats 4 in both.
     assert _undominated(group, fixed, per_block, free).tolist() == [1, 3, 5, 6]
+
+
+def pushed(info: SpanInfo, *next_rtt: tuple[str, float]) -> SpanInfo:
+    return dataclasses.replace(info, push=True, next_rtt=tuple(next_rtt))
+
+
+def pushed_seconds(chain, views) -> float:
+    """A chain's cost when its peers push: the links' costs less each measured hop's saving (hop_saving)."""
+    from swarm.client.routing import hop_saving
+
+    def rtt(info):
+        return views[info.peer_id].rtt if info.peer_id in views else DEFAULT_RTT
+
+    saved = sum(hop_saving(rtt(a.peer), rtt(b.peer), dict(a.peer.next_rtt)[b.peer.peer_id])
+                for a, b in itertools.pairwise(chain) if a.peer.push and b.peer.push
+                and b.peer.peer_id in dict(a.peer.next_rtt))
+    return chain_seconds(chain, views) - saved
+
+
+def test_with_push_a_measured_short_hop_wins_over_the_clients_nearest_peer():
+    """Far from the client but next to each other beats near the client but far apart, once peers say so; without
+    push (or without their measurements) the client's round trips decide as before."""
+    views = {"near": PeerView(rtt=0.040), "far": PeerView(rtt=0.060), "b": PeerView(rtt=0.050)}
+    spans = [pushed(fast("near", 0, 15), ("b", 0.100)), pushed(fast("far", 0, 15), ("b", 0.010)),
+             pushed(fast("b", 15, 30))]
+    assert links(find_chain(spans, "m", 30, views=views))[0][0] == "near"  # relayed: 40 + 50 ms < 60 + 50
+    chain = find_chain(spans, "m", 30, views=views, push=True)
+    assert links(chain) == [("far", 0, 15), ("b", 15, 30)]  # 30 + 5 + 25 ms < 20 + 50 + 25
+    assert pushed_seconds(chain, views) == pytest.approx(chain_seconds(chain, views) - 0.050)
+    assert chain_seconds(chain, views, push=True) == pytest.approx(pushed_seconds(chain, views))
+    silent = [dataclasses.replace(s, next_rtt=()) for s in spans]
+    assert links(find_chain(silent, "m", 30, views=views, push=True))[0][0] == "near"
+    refuses = [*spans[:2], dataclasses.replace(spans[2], push=False)]  # b takes no pushes: nothing is saved
+    assert links(find_chain(refuses, "m", 30, views=views, push=True))[0][0] == "near"
+
+
+def test_a_hop_claimed_shorter_than_the_triangle_allows_counts_at_the_bound():
+    from swarm.client.routing import hop_saving
+
+    assert hop_saving(0.050, 0.050, 0.010) == pytest.approx(0.045)
+    assert hop_saving(0.200, 0.010, 0.0) == pytest.approx(0.010)  # claimed 0 ms: at least |200 − 10| ms counts
+    assert hop_saving(0.020, 0.020, 0.500) == 0.0  # slower than through the client: no saving, never a cost
+    # a liar next to a far client claims 0 ms to b: it saves at most what the client's own round trips allow
+    views = {"liar": PeerView(rtt=0.300), "honest": PeerView(rtt=0.020), "b": PeerView(rtt=0.020)}
+    spans = [pushed(fast("liar", 0, 15), ("b", 0.0)), pushed(fast("honest", 0, 15), ("b", 0.030)),
+             pushed(fast("b", 15, 30))]
+    assert links(find_chain(spans, "m", 30, views=views, push=True))[0][0] == "honest"
+
+
+def test_search_with_push_matches_brute_force_on_small_random_tables():
+    import random
+
+    from swarm.client.routing import hop_saving
+
+    def rtt(views, info):
+        return views[info.peer_id].rtt
+
+    def cheapest(spans, p, end, views, before, memo=None):  # every chain, every cut point; `before`: the last span
+        memo = {} if memo is None else memo
+        key = (p, before.peer_id if before else None)
+        if key not in memo:
+            memo[key] = _cheapest(spans, p, end, views, before, memo)
+        return memo[key]
+
+    def _cheapest(spans, p, end, views, before, memo):
+        if p == end:
+            return 0.0
+        costs = []
+        for s in spans:
+            for q in range(p + 1, min(s.end, end) + 1) if s.start <= p < s.end else ():
+                saved = 0.0
+                if before is not None and before.push and s.push and s.peer_id in dict(before.next_rtt):
+                    saved = hop_saving(rtt(views, before), rtt(views, s), dict(before.next_rtt)[s.peer_id])
+                costs.append(link_seconds(s, q - p, views[s.peer_id]) - saved + cheapest(spans, q, end, views, s, memo))
+        return min(costs, default=float("inf"))
+
+    rng = random.Random(2)
+    for _ in range(60):
+        spans = [dataclasses.replace(s, push=rng.random() < 0.8) for s in small_swarm(rng, 7)]
+        ids = [s.peer_id for s in spans]
+        spans = [dataclasses.replace(s, next_rtt=tuple((peer, rng.uniform(0.0, 0.2)) for peer in
+                                                       rng.sample(ids, rng.randrange(0, len(ids)))
+                                                       if peer != s.peer_id))
+                 for s in spans]
+        views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2)) for s in spans}
+        expected = cheapest(spans, 0, 12, views, None)
+        if expected == float("inf"):
+            with pytest.raises(NoChainError):
+                find_chain(spans, "m", 12, views=views, push=True)
+        else:
+            chain = find_chain(spans, "m", 12, views=views, push=True)
+            assert chain[0].start == 0 and chain[-1].end == 12
+            assert all(a.end == b.start for a, b in itertools.pairwise(chain))
+            assert pushed_seconds(chain, views) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", (0, 3))  # (seeds whose best chain has a measured hop)
+def test_pruned_search_with_push_of_a_large_swarm_finds_a_chain_as_cheap(seed, monkeypatch):
+    """Above PRUNE_ABOVE peers with measured hops: spans are kept by a lower bound (savings into them) against the
+    best chain without savings, so the pushed cost found is the unpruned search's."""
+    import random
+
+    from swarm.client import routing
+
+    rng = random.Random(seed)
+    spans = random_swarm(rng, rng.choice((100, 400)))
+
+    def measured(info):  # up to 4 of the peers that may follow it, as swarm.server.latency chooses them
+        after = [s.peer_id for s in spans if s.start <= info.end < s.end and s.peer_id != info.peer_id]
+        return pushed(info, *((peer, rng.uniform(0.0, 0.01)) for peer in rng.sample(after, min(4, len(after)))))
+
+    spans = [measured(s) for s in spans]
+    cheaper = 0
+    views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2)) for s in spans}
+    for start, end in ((0, 80), (10, 47)):
+        try:
+            full = find_chain(spans, "m", 80, (), start, end, views, push=True)
+        except NoChainError:
+            continue
+        monkeypatch.setattr(routing, "PRUNE_ABOVE", 10**9)
+        unpruned = find_chain(spans, "m", 80, (), start, end, views, push=True)
+        monkeypatch.undo()
+        assert pushed_seconds(full, views) == pytest.approx(pushed_seconds(unpruned, views), rel=1e-9)
+        relayed = chain_seconds(find_chain(spans, "m", 80, (), start, end, views), views)
+        assert pushed_seconds(full, views) <= relayed + 1e-12
+        cheaper += pushed_seconds(full, views) < relayed - 1e-6
+    assert cheaper  # the measured hops made some route cheaper
+
+
+def test_in_a_large_swarm_a_span_with_a_measured_hop_is_not_pruned_for_a_cheaper_twin():
+    """b is slower than its twin c over the same blocks, but a measured its hop to b: with push, a → b is the best
+    chain; pruning must not drop b as dominated by c (b's saving is not in its own costs)."""
+    filler = [dataclasses.replace(fast(f"slow{i:02d}", i, i + 20, throughput=5.0), num_blocks=80) for i in range(60)]
+    a = pushed(dataclasses.replace(fast("a", 0, 40), num_blocks=80), ("b", 0.0))
+    b = pushed(dataclasses.replace(fast("b", 40, 80, throughput=900.0), num_blocks=80))
+    c = pushed(dataclasses.replace(fast("c", 40, 80, throughput=1000.0), num_blocks=80))
+    views = {peer: PeerView(rtt=0.1) for peer in ("a", "b", "c")}
+    assert links(find_chain([*filler, a, b, c], "m", 80, views=views)) == [("a", 0, 40), ("c", 40, 80)]
+    assert links(find_chain([*filler, a, b, c], "m", 80, views=views, push=True)) == [("a", 0, 40), ("b", 40, 80)]
