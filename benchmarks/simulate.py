@@ -84,6 +84,7 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
     ours as the client's router runs it (`find_chain` over the view's SpanTable, with the client's PeerHealth,
     holding an RTT for every peer, as the views), the table's building (once per read of the records, not per
     route), the whole of the router's `route` (its health's bans and refusals included; the view already read),
+    ours with push over records that each name 4 measured hops (`with_hops`),
     ours over a list of records and a dict of PeerViews (the table built inside each search), the same
     without pruning (up to 3,000 peers), and Petals' Dijkstra over (block, server)."""
     from swarm.client import routing
@@ -95,8 +96,8 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
         records, world = placed_swarm(size, seed)
         hosts = {s.peer_id: s.host for s in world.peers}
         timings: dict[str, list[float]] = {name: [] for name in
-                                           ("ours", "ours_router", "ours_table", "ours_records", "ours_unpruned",
-                                            "petals_dijkstra")}
+                                           ("ours", "ours_router", "ours_push_hops", "ours_table", "ours_records",
+                                            "ours_unpruned", "petals_dijkstra")}
         for i in range(searches):
             user = world.users[i % len(world.users)]
             views = {r.peer_id: PeerView(rtt=rtt_s(user, hosts[r.peer_id])) for r in records}
@@ -115,6 +116,12 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
             timings["ours_records"].append(time.perf_counter() - began)
             assert [(x.peer.peer_id, x.start, x.end) for x in chain] == [(x.peer.peer_id, x.start, x.end) for x in same]
             timings["ours_router"].append(_router_route(records, health))
+            if i == 0:
+                measured = SpanTable(with_hops(records, hosts, random.Random(seed)))
+                health.view_columns(measured)
+            began = time.perf_counter()
+            find_chain(measured, "m", NUM_BLOCKS, (), 0, None, health, 1000, push=True)
+            timings["ours_push_hops"].append(time.perf_counter() - began)
             if size <= 3000:  # the exact search over every span, as before pruning
                 limit, routing.PRUNE_ABOVE = routing.PRUNE_ABOVE, 10**9
                 began = time.perf_counter()
@@ -127,6 +134,25 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
                 timings["petals_dijkstra"].append(time.perf_counter() - began)
         out[str(size)] = {name: round(median(values) * 1000, 2) for name, values in timings.items() if values}
         print(json.dumps({"peers": size, "route_ms": out[str(size)]}), file=sys.stderr)
+    return out
+
+
+def with_hops(records: list, hosts: dict, rng: random.Random) -> list:
+    """`records` as peers that push would announce them: each names the round trips (the world's geography) to
+    the 4 nearest of up to 16 peers that may follow it (as swarm.server.latency probes a few in turns)."""
+    import dataclasses
+
+    from swarm.protocol import MAX_NEXT_RTT
+
+    following: dict[int, list] = {}  # a span's end → the records that may follow it
+    for end in {r.end for r in records}:
+        following[end] = [s for s in records if s.start <= end < s.end]
+    out = []
+    for record in records:
+        after = [s for s in following[record.end] if s.peer_id != record.peer_id]
+        probed = rng.sample(after, min(16, len(after)))
+        nearest = sorted((rtt_s(hosts[record.peer_id], hosts[s.peer_id]), s.peer_id) for s in probed)[:MAX_NEXT_RTT]
+        out.append(dataclasses.replace(record, push=True, next_rtt=tuple((peer, rtt) for rtt, peer in nearest)))
     return out
 
 
@@ -178,7 +204,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 def _scale_plot(plt: Any, scale: dict[str, Any], out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sizes = [int(k) for k in scale]
-    for name in ("ours", "ours_records", "ours_unpruned", "petals_dijkstra"):
+    for name in ("ours", "ours_push_hops", "ours_records", "ours_unpruned", "petals_dijkstra"):
         have = [k for k in sizes if name in scale[str(k)]]
         ax.plot(have, [scale[str(k)][name] for k in have], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="peers", ylabel="ms per route search", title="route search")

@@ -31,7 +31,7 @@ takes ~6 ms on one core here (`python -m benchmarks.simulate --route-scale`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,27 +142,70 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
     module's docstring: hops between peers that measured them count as measured)."""
     end = num_blocks if end is None else end
     excluded, views, need = set(exclude), NO_VIEWS if views is None else views, batch * length
+    hops: Hops | None = None
     if isinstance(spans, SpanTable) or len(spans) > PRUNE_ABOVE:  # (see the module's docstring)
         table = spans if isinstance(spans, SpanTable) else SpanTable(spans)
         rows = table.usable(num_blocks, excluded, length, batch)
+        fixed, per_block, rtt = table.costs(rows, views, need)
+        hops = _table_hops(table, rows, fixed, per_block, rtt) if push else None
         if len(rows) > PRUNE_ABOVE:
-            rows = _survivors(table, rows, start, end, views, need, push)
+            kept = _survivors(table, rows, start, end, fixed, per_block, hops)
+            rows, hops = rows[kept], hops.take(kept) if hops else None
         usable = [table.spans[k] for k in rows]
+        searched_hops = True  # (the table's were all there are)
     else:
         usable = [s for s in spans if s.routable and s.peer_id not in excluded and s.end <= num_blocks
                   and can_hold(s, length, batch)]
-    fixed, per_block = [], []  # a link over [p, q) of usable[k] costs fixed[k] + (q - p) * per_block[k]
-    for span in usable:
-        view = views.get(span.peer_id) or PeerView()
-        fixed.append(link_seconds(span, 0, view, need))
-        per_block.append(link_seconds(span, 1, view, need) - fixed[-1])
-    savings = _savings(usable, views) if push else {}
-    chain = (_search_with_hops(usable, start, end, fixed, per_block, savings) if savings
-             else _search(usable, start, end, fixed, per_block))
+        searched_hops = False
+    if hops is None:
+        # a link over [p, q) of usable[k] costs costs[k] + (q - p) * ramps[k]
+        costs = [link_seconds(span, 0, views.get(span.peer_id), need) for span in usable]
+        ramps = [link_seconds(span, 1, views.get(span.peer_id), need) - cost
+                 for span, cost in zip(usable, costs, strict=True)]
+        savings = _savings(usable, views) if push and not searched_hops else {}
+        if savings:
+            source, target = (np.array(ends, dtype=np.int64) for ends in zip(*savings, strict=True))
+            hops = Hops(np.array(costs), np.array(ramps), source, target, np.array(list(savings.values())))
+    chain = _search_with_hops(usable, start, end, hops) if hops else _search(usable, start, end, costs, ramps)
     if chain is None:
         holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
         raise NoChainError(model_id, holes or [(start, end)])
     return chain
+
+
+@dataclass(frozen=True)
+class Hops:
+    """A pushed search's inputs over `usable` spans: each span's fixed and per-block cost, and the hops that save
+    (source[e] followed by target[e] saves saving[e] seconds; positions in `usable`)."""
+
+    fixed: np.ndarray
+    per_block: np.ndarray
+    source: np.ndarray
+    target: np.ndarray
+    saving: np.ndarray
+
+    def take(self, kept: np.ndarray) -> Hops | None:
+        """The same over the spans at positions `kept` (ascending); None when no saving hop is left among them."""
+        position = np.full(len(self.fixed), -1)
+        position[kept] = np.arange(len(kept))
+        source, target = position[self.source], position[self.target]
+        among = (source >= 0) & (target >= 0)
+        if not among.any():
+            return None
+        return Hops(self.fixed[kept], self.per_block[kept], source[among], target[among], self.saving[among])
+
+
+def _table_hops(table: SpanTable, rows: np.ndarray, fixed: np.ndarray, per_block: np.ndarray, rtt: np.ndarray
+                ) -> Hops | None:
+    """The hops that save among the spans in `rows` (as `_savings`, vectorized); None when none does."""
+    position = np.full(len(table), -1)
+    position[rows] = np.arange(len(rows))
+    a, b = position[table.edge_from], position[table.edge_to]
+    among = (a >= 0) & (b >= 0)
+    a, b, rtt_ab = a[among], b[among], table.edge_rtt[among]
+    saving = np.maximum(0.0, (rtt[a] + rtt[b] - np.maximum(rtt_ab, np.abs(rtt[a] - rtt[b]))) / 2)  # (hop_saving)
+    saves = saving > 0
+    return Hops(fixed, per_block, a[saves], b[saves], saving[saves]) if saves.any() else None
 
 
 def _search(usable: list[SpanInfo], start: int, end: int, fixed: list[float], per_block: list[float]
@@ -235,53 +278,88 @@ def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], floa
     return savings
 
 
-def _search_with_hops(usable: list[SpanInfo], start: int, end: int, fixed: list[float], per_block: list[float],
-                      savings: dict[tuple[int, int], float]) -> list[Link] | None:
-    """The exact search when consecutive links i, j save savings[i, j]: a link's cost depends on the one before it,
-    so the state is (boundary q, the span whose link ends at q). Walking the boundaries up, entry[k] holds the best
-    (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p seen so far within usable[k],
-    with the saving from the link before it; a link of k that ends at q then costs entry[k] + x_q · per_block[k]."""
-    nodes = sorted({start, end, *(b for s in usable for b in (s.start, s.end) if start < b < end)})
-    into: dict[int, list[tuple[int, float]]] = {}
-    for (i, j), saving in savings.items():
-        into.setdefault(j, []).append((i, saving))
-    entry = [math.inf] * len(usable)
-    entered: list[tuple[int, tuple[int, int] | None] | None] = [None] * len(usable)  # (p, the state before)
-    back: dict[tuple[int, int], tuple[int, tuple[int, int] | None]] = {}  # state (q, k) → its entry
-    arrived: dict[int, float] = {}
-    for q in nodes:
-        arrived = {}
-        for k, span in enumerate(usable):
-            if span.start < q <= span.end and entry[k] < math.inf:
-                arrived[k] = entry[k] + q * per_block[k]
-                back[q, k] = entered[k]  # type: ignore[assignment]
-        if q == end:
-            break
-        if q == start:
-            base, before = 0.0, None
-        elif arrived:
-            last = min(arrived, key=arrived.__getitem__)
-            base, before = arrived[last], (q, last)
+def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops) -> list[Link] | None:
+    """The exact search when some consecutive links save (hops.saving): a link's cost then depends on the one
+    before it, so the state is (boundary q, the span whose link ends at q). Walking the boundaries up, entry[k] holds
+    the best (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p so far within k,
+    with the saving from the link before it; a link of k that ends at q costs entry[k] + x_q · per_block[k]. Each
+    boundary is a few numpy operations over the spans entering and leaving there and the hops that can be taken
+    there (from a span leaving it to one entering it), so thousands of spans take milliseconds. None: no chain."""
+    first_block = np.array([max(s.start, start) for s in usable], dtype=np.int64)
+    last_block = np.array([min(s.end, end) for s in usable], dtype=np.int64)
+    inside = np.flatnonzero(first_block < last_block)
+    nodes = np.unique(np.concatenate(([start, end], first_block[inside], last_block[inside])))
+    first, last = np.searchsorted(nodes, first_block), np.searchsorted(nodes, last_block)
+    n, x = len(nodes), nodes.astype(np.float64)
+    spans_at = _by_boundary(n, first[inside], last[inside], inside)  # j → spans entering at boundary j
+    # a hop s → t can be taken at boundary j when s leaves there (first_s < j <= last_s) and t enters (first_t <= j
+    # < last_t)
+    s, t = hops.source, hops.target
+    low, high = np.maximum(first[s] + 1, first[t]), np.minimum(last[s], last[t] - 1)
+    usable_hops = np.flatnonzero(low <= high)
+    hops_at = _by_boundary(n, low[usable_hops], high[usable_hops] + 1, usable_hops)
+    fixed, per_block = hops.fixed, hops.per_block
+    entry = np.full(len(usable), np.inf)
+    entry_node = np.full(len(usable), -1)  # the boundary each entry was made at
+    entry_before = np.full(len(usable), -1)  # the span whose link ended there (-1: the chain's start)
+    arrived = np.full(len(usable), np.inf)
+    seen: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # j → (spans, cost, node, before)
+    for j in range(n):
+        leaving = spans_at(j - 1) if j > 0 else np.empty(0, dtype=np.int64)
+        cost = entry[leaving] + x[j] * per_block[leaving]
+        seen[j] = (leaving, cost, entry_node[leaving], entry_before[leaving])
+        entering = spans_at(j) if j < n - 1 else np.empty(0, dtype=np.int64)
+        if j == 0:
+            base, base_span = 0.0, -1
+        elif leaving.size and np.isfinite(cost.min()):
+            best = int(np.argmin(cost))
+            base, base_span = float(cost[best]), int(leaving[best])
         else:
-            continue  # no chain reaches q
-        for k, span in enumerate(usable):
-            if span.start <= q < span.end:
-                cost, state = base, before
-                for i, saving in into.get(k, ()):
-                    if i in arrived and arrived[i] - saving < cost:
-                        cost, state = arrived[i] - saving, (q, i)
-                cost += fixed[k] - q * per_block[k]
-                if cost < entry[k]:
-                    entry[k], entered[k] = cost, (q, state)
-    if not arrived or nodes[-1] != end:
+            continue
+        if not entering.size:
+            continue
+        before_cost, before = np.full(len(entering), base), np.full(len(entering), base_span)
+        taken = hops_at(j)
+        if taken.size:
+            arrived[leaving] = cost
+            offered = arrived[s[taken]] - hops.saving[taken]
+            at = np.searchsorted(entering, t[taken])  # (entering is ascending)
+            order = np.lexsort((offered, at))  # per entering span, its cheapest hop first
+            head = order[np.concatenate(([True], at[order][1:] != at[order][:-1]))]
+            better = offered[head] < before_cost[at[head]]
+            before_cost[at[head][better]] = offered[head][better]
+            before[at[head][better]] = s[taken][head][better]
+            arrived[leaving] = np.inf
+        value = before_cost + fixed[entering] - x[j] * per_block[entering]
+        improves = value < entry[entering]
+        k = entering[improves]
+        entry[k], entry_node[k], entry_before[k] = value[improves], j, before[improves]
+    leaving, cost, _, _ = seen[n - 1]
+    if not leaving.size or not np.isfinite(cost.min()):
         return None
-    at: tuple[int, int] | None = (end, min(arrived, key=arrived.__getitem__))
-    chain = []
-    while at is not None:
-        q, k = at
-        p, at = back[q, k]
-        chain.append(Link(usable[k], p, q))
+    chain, j, k = [], n - 1, int(leaving[int(np.argmin(cost))])
+    while k >= 0:
+        spans, _, entered_at, came_from = seen[j]
+        at = int(np.searchsorted(spans, k))
+        p = int(entered_at[at])
+        chain.append(Link(usable[k], int(nodes[p]), int(nodes[j])))
+        j, k = p, int(came_from[at])
     return chain[::-1]
+
+
+def _by_boundary(n: int, first: np.ndarray, last: np.ndarray, items: np.ndarray) -> Callable[[int], np.ndarray]:
+    """For boundaries 0..n-1, the items (ascending) whose range [first, last) holds each: `at(j)`. Each item is
+    listed once per boundary it covers (a 16-bit radix sort by boundary)."""
+    counts = last - first
+    node_of = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+               + np.repeat(first, counts)).astype(np.int16 if n < 1 << 15 else np.int64)
+    members = np.repeat(items, counts)[np.argsort(node_of, kind="stable")]
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(node_of, minlength=n))))
+
+    def at(j: int) -> np.ndarray:
+        return members[bounds[j]:bounds[j + 1]]
+
+    return at
 
 
 class SpanTable:
@@ -359,29 +437,20 @@ def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Vi
     return [table.spans[k] for k in _bound(table, rows, start, end, fixed, per_block)[0]]
 
 
-def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, views: Views, need: int, push: bool
-               ) -> np.ndarray:
-    """The rows that can be on a best chain (`prune`). With push and hops that peers measured, a chain costs less
-    than the sum of its links by the savings of its hops, so spans are kept by a lower bound (each span's fixed cost
-    less the largest saving into it) against the best chain's cost without any saving (an upper bound), and none
-    with a saving in or out is dropped as dominated (what it saves is not in its own costs)."""
-    fixed, per_block, rtt = table.costs(rows, views, need)
+def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
+               hops: Hops | None) -> np.ndarray:
+    """Positions in `rows` of the spans that can be on a best chain (`prune`). With hops that save, a chain costs
+    less than the sum of its links, so spans are kept by a lower bound (each span's fixed cost less the largest
+    saving into it) against the best chain's cost without any saving (an upper bound), and none with a saving in or
+    out is dropped as dominated (what it saves is not in its own costs)."""
     kept, best = _bound(table, rows, start, end, fixed, per_block)
-    if not push or not len(table.edge_rtt) or not math.isfinite(best):
-        return kept
-    position = np.full(len(table), -1)
-    position[rows] = np.arange(len(rows))
-    a, b = position[table.edge_from], position[table.edge_to]
-    among = (a >= 0) & (b >= 0)
-    a, b, rtt_ab = a[among], b[among], table.edge_rtt[among]
-    saving = np.maximum(0.0, (rtt[a] + rtt[b] - np.maximum(rtt_ab, np.abs(rtt[a] - rtt[b]))) / 2)  # (hop_saving)
-    if not (saving > 0).any():
-        return kept
-    most_into = np.zeros(len(rows))
-    np.maximum.at(most_into, b, saving)
-    protected = np.zeros(len(rows), dtype=bool)
-    protected[a[saving > 0]] = protected[b[saving > 0]] = True
-    return _bound(table, rows, start, end, fixed - most_into, per_block, best, protected, fixed)[0]
+    if hops is not None and math.isfinite(best):
+        most_into = np.zeros(len(rows))
+        np.maximum.at(most_into, hops.target, hops.saving)
+        protected = np.zeros(len(rows), dtype=bool)
+        protected[hops.source] = protected[hops.target] = True
+        kept = _bound(table, rows, start, end, fixed - most_into, per_block, best, protected, fixed)[0]
+    return np.searchsorted(rows, kept)
 
 
 def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
@@ -408,16 +477,8 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
     undominated[inner[_undominated(lo[inner] * (end + 1) + hi[inner], ranked[inner], per_block[inner],
                                    table.free_kv_tokens[rows[inner]])]] = True
     inner = np.flatnonzero(inside & (undominated if protected is None else undominated | protected))
-    first, last = np.searchsorted(nodes, lo[inner]), np.searchsorted(nodes, hi[inner])
-    counts = last - first
-    node_of = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-               + np.repeat(first, counts)).astype(np.int16 if len(nodes) < 1 << 15 else np.int64)
-    order = np.argsort(node_of, kind="stable")  # (a radix sort for 16-bit keys)
-    members = np.repeat(inner, counts)[order]  # positions in `rows`, grouped by the boundary they enter at
     n = len(nodes)
-    bounds = np.concatenate(([0], np.cumsum(np.bincount(node_of, minlength=n))))
-    def enters(j: int) -> np.ndarray:
-        return members[bounds[j]:bounds[j + 1]]
+    enters = _by_boundary(n, np.searchsorted(nodes, lo[inner]), np.searchsorted(nodes, hi[inner]), inner)
 
     x = nodes.astype(np.float64)
     to_end, exit_cost = np.full(n, np.inf), np.full(len(rows), np.inf)  # min over q of x_q·P + to_end[q]
