@@ -159,6 +159,8 @@ class SpanInfo:
             raise ValueError(f"span record has an invalid target: {info.target_start}:{info.target_end}")
         if info.kv_budget_tokens and info.free_kv_tokens > info.kv_budget_tokens:
             raise ValueError("span record has more free KV tokens than its budget")
+        if 0 < info.throughput < MIN_THROUGHPUT or 0 < info.batch_throughput < MIN_THROUGHPUT:
+            raise ValueError(f"span record's throughput is 0 (unknown) or at least {MIN_THROUGHPUT:g} tokens/s")
         if info.content_id and not CONTENT_ID.fullmatch(info.content_id):
             raise ValueError("span record's content_id is not sha256:<64 lowercase hex>")
         return info
@@ -240,6 +242,8 @@ MAX_BLOCKS = 4096  # blocks of one model (the largest open models have ~128)
 MAX_NEXT_RTT = 4  # round trips to next peers one record carries
 # tokens/s through ONE block for ONE session: 1 µs per block and token is beyond any hardware serving one session
 MAX_THROUGHPUT = 1e6
+# ... and below this (not 0: unknown) a speed is a way to make costs infinite (1 / 5e-324 overflows), not hardware
+MIN_THROUGHPUT = 1e-3
 _COUNT = _Int(0, 1 << 53)
 
 # Every field of a span record: what a reader accepts (a record from the DHT or a probe is anyone's writing).

@@ -112,11 +112,13 @@ class Router:
 
     @property
     def table(self) -> SpanTable:
-        """`spans` as columns for the route searches (swarm.client.routing.SpanTable): built once per refresh, not
-        once per route, since in a swarm of thousands of peers building it costs more than a search."""
-        built_from = (self._spans, self._allowed_peers, self.content_id)
-        if self._table is None or any(a is not b for a, b in zip(self._table[0], built_from, strict=True)):
-            self._table = (built_from, SpanTable(self.spans))
+        """`spans` as columns for the route searches (swarm.client.routing.SpanTable): built once per refresh (and
+        allowlist), not once per route, since in a swarm of thousands of peers building it costs more than a
+        search."""
+        allowed = None if self._allowed_peers is None else frozenset(self._allowed_peers)  # (changed in place too)
+        if (self._table is None or self._table[0][0] is not self._spans
+                or self._table[0][1:] != (allowed, self.content_id)):
+            self._table = ((self._spans, allowed, self.content_id), SpanTable(self.spans))
         return self._table[1]
 
     def _allowed(self, spans: list[SpanInfo]) -> list[SpanInfo]:
@@ -273,12 +275,14 @@ class Router:
     # -- routes -----------------------------------------------------------------------------------------------------
 
     async def route(self, start: int = 0, end: int | None = None, *, length: int = 0, batch: int = 1,
-                    fresh: bool = False, replacing: bool = False, without: Iterable[str] = ()) -> list[Link]:
+                    fresh: bool = False, replacing: bool = False, without: Iterable[str] = (),
+                    push: bool | None = None) -> list[Link]:
         """The fastest chain over blocks [start, end) of peers that can hold a session of `batch` x `length` tokens.
         Peers that refused lately are left out. Banned peers are left out as well; for a new session (not
         `replacing` a failed link) a chain through them is taken when none exists without them. `without`: peers
         this route must not take whatever their health (a verification needs a replica other than the checked
-        peer)."""
+        peer). `push`: the session pushes from peer to peer (None: as this router's sessions do, `self.push`)."""
+        push = self.push if push is None else push
         # A failed link is replaced from the records of the last read, probed again now: a DHT read may wait out the
         # failed peer's own DHT node (a cut link answers nothing), seconds a live session would stall for. Only if
         # those records give no chain is the DHT read again.
@@ -288,7 +292,7 @@ class Router:
             refused, banned = self.health.refused() | set(without), self.health.banned()
             try:
                 return find_chain(table, self.model_id, self.num_blocks, refused | banned, start, end, views, length,
-                                  batch, self.push)
+                                  batch, push)
             except NoChainError:
                 if replacing:
                     if reread:
@@ -297,7 +301,7 @@ class Router:
                 if not banned - refused:
                     raise
                 return find_chain(table, self.model_id, self.num_blocks, refused, start, end, views, length, batch,
-                                  self.push)
+                                  push)
         raise AssertionError("unreachable")
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:

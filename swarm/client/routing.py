@@ -18,14 +18,24 @@ p can take the session to any later boundary within it. Since a link's cost is l
 switches peers only where some span starts or ends, so those boundaries are the only nodes. Ties (equal cost) go to
 the chain whose tightest peer has the most free KV, then to the lower peer ids (deterministic).
 
+With server-to-server push (`push=True`: swarm.server.push) the states go from peer to peer, so two consecutive
+peers a → b cost half of a's RTT and half of b's less than relaying through this client, plus their hop: a chain
+saves `hop_saving` per hop that a measured and announced (`SpanInfo.next_rtt`, swarm.server.latency), never counting
+the hop shorter than the difference of this client's RTTs to the two (the triangle inequality: a lie gains at most
+that) nor longer than the relay. A link's cost then depends on the link before it, so that search runs over
+(boundary, the span whose link ends there), vectorized per boundary; its ties go to the chain found first. A session
+pushes only when all its peers take pushes, so where some do not, the best all-push chain competes with the best
+relayed one.
+
 In a large swarm (over PRUNE_ABOVE usable peers) that exact search runs only over the peers that can be on a best
 chain: of spans over the same blocks, those another beats in both its fixed and its per-block cost go first; then a
 vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every boundary to
 the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best chain's cost
 (`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains of equal cost
-wins may differ from the search over everything. The records are read as columns (`SpanTable`), which the router
-builds once per read of the swarm, and the views as columns of its PeerHealth: a route over 10,000 peers then
-takes ~6 ms on one core here (`python -m benchmarks.simulate --route-scale`).
+wins may differ from the search over everything; with push, spans are kept by a lower bound (`_survivors`). The
+records are read as columns (`SpanTable`), which the router builds once per refresh of its view, and the views as
+columns of its PeerHealth: a route over 10,000 peers then takes ~6–8 ms on one core here, ~50 ms with push where
+every record names 4 hops (`python -m benchmarks.simulate --route-scale`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -113,18 +123,18 @@ def chain_seconds(chain: Sequence[Link], views: Views | None = None, push: bool 
 
 
 def missing_blocks(spans: Iterable[SpanInfo], num_blocks: int) -> list[tuple[int, int]]:
-    covered = [False] * num_blocks
-    for span in spans:
-        for block in range(span.start, min(span.end, num_blocks)):
-            covered[block] = True
-    holes, start = [], None
-    for block, ok in enumerate([*covered, True]):
-        if not ok and start is None:
-            start = block
-        elif ok and start is not None:
-            holes.append((start, block))
-            start = None
-    return holes
+    """The runs of blocks [start, end) that none of `spans` serves."""
+    bounds = np.array([(s.start, s.end) for s in spans], dtype=np.int64).reshape(-1, 2)
+    return _holes(bounds[:, 0], bounds[:, 1], num_blocks)
+
+
+def _holes(first: np.ndarray, last: np.ndarray, num_blocks: int) -> list[tuple[int, int]]:
+    depth = np.zeros(num_blocks + 1, dtype=np.int64)  # +1 where a span starts, -1 after it ends
+    np.add.at(depth, np.minimum(first, num_blocks), 1)
+    np.add.at(depth, np.minimum(last, num_blocks), -1)
+    uncovered = np.concatenate(([False], np.cumsum(depth[:num_blocks]) <= 0, [False]))
+    edges = np.flatnonzero(uncovered[1:] != uncovered[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def can_hold(info: SpanInfo, length: int, batch: int = 1) -> bool:
@@ -150,6 +160,10 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
         hops = _table_hops(table, rows, fixed, per_block, rtt) if push else None
         if len(rows) > PRUNE_ABOVE:
             kept = _survivors(table, rows, start, end, fixed, per_block, hops)
+            if kept is None:  # no chain: name the holes without searching thousands of spans
+                holes = [(max(s, start), min(e, end)) for s, e in _holes(table.start[rows], table.end[rows], num_blocks)
+                         if s < end and e > start]
+                raise NoChainError(model_id, holes or [(start, end)])
             rows, hops = rows[kept], hops.take(kept) if hops else None
         usable = [table.spans[k] for k in rows]
         searched_hops = True  # (the table's were all there are)
@@ -166,11 +180,25 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
         if savings:
             source, target = (np.array(ends, dtype=np.int64) for ends in zip(*savings, strict=True))
             hops = Hops(np.array(costs), np.array(ramps), source, target, np.array(list(savings.values())))
-    chain = _search_with_hops(usable, start, end, hops) if hops else _search(usable, start, end, costs, ramps)
-    if chain is None:
+    found = _search(usable, start, end, costs, ramps) if hops is None else _pushed(usable, start, end, hops)
+    if found is None:
         holes = [(max(s, start), min(e, end)) for s, e in missing_blocks(usable, num_blocks) if s < end and e > start]
         raise NoChainError(model_id, holes or [(start, end)])
-    return chain
+    return found[0]
+
+
+def _pushed(usable: list[SpanInfo], start: int, end: int, hops: Hops) -> tuple[list[Link], float] | None:
+    """The best chain when hops save. A session pushes only if every peer of its chain takes pushes
+    (swarm.client.session), so where some do not, the best chain of those that do (hops counted) competes with the
+    best chain of all (none counted)."""
+    if all(span.push for span in usable):
+        return _search_with_hops(usable, start, end, hops)
+    takers = np.flatnonzero([span.push for span in usable])
+    pushing = hops.take(takers)
+    found = (_search_with_hops([usable[k] for k in takers], start, end, pushing) if pushing is not None
+             else None)
+    relayed = _search(usable, start, end, hops.fixed.tolist(), hops.per_block.tolist())
+    return min((f for f in (found, relayed) if f is not None), key=lambda f: f[1], default=None)
 
 
 @dataclass(frozen=True)
@@ -203,14 +231,15 @@ def _table_hops(table: SpanTable, rows: np.ndarray, fixed: np.ndarray, per_block
     a, b = position[table.edge_from], position[table.edge_to]
     among = (a >= 0) & (b >= 0)
     a, b, rtt_ab = a[among], b[among], table.edge_rtt[among]
-    saving = np.maximum(0.0, (rtt[a] + rtt[b] - np.maximum(rtt_ab, np.abs(rtt[a] - rtt[b]))) / 2)  # (hop_saving)
+    saving = hop_saving(rtt[a], rtt[b], rtt_ab)
     saves = saving > 0
     return Hops(fixed, per_block, a[saves], b[saves], saving[saves]) if saves.any() else None
 
 
 def _search(usable: list[SpanInfo], start: int, end: int, fixed: list[float], per_block: list[float]
-            ) -> list[Link] | None:
-    """The exact search over boundaries (see the module's docstring); None when no chain exists.
+            ) -> tuple[list[Link], float] | None:
+    """The exact search over boundaries (see the module's docstring): the chain and its cost; None when no chain
+    exists.
 
     Walking the boundaries from the end down, reach[k] holds the best (q * per_block[k] + cost from q, -(tightest
     free KV), peer ids) over the ends q seen so far within usable[k], so each boundary costs one look at each span
@@ -247,14 +276,14 @@ def _search(usable: list[SpanInfo], start: int, end: int, fixed: list[float], pe
         span, q = choice[p]
         chain.append(Link(span, p, q))
         p = q
-    return chain
+    return chain, best[start][0]
 
 
-def hop_saving(rtt_a: float, rtt_b: float, rtt_ab: float) -> float:
+def hop_saving(rtt_a: Any, rtt_b: Any, rtt_ab: Any) -> Any:
     """Seconds a token saves when peer a pushes to peer b (round trip `rtt_ab`, as a measured it) instead of both
     answering this client (round trips `rtt_a`, `rtt_b`): half of a → client → b less half of a → b. A measurement
     below |rtt_a − rtt_b| breaks the triangle inequality (a claim too good to be true): that bound counts instead."""
-    return max(0.0, (rtt_a + rtt_b - max(rtt_ab, abs(rtt_a - rtt_b))) / 2)
+    return np.maximum(0.0, (rtt_a + rtt_b - np.maximum(rtt_ab, np.abs(rtt_a - rtt_b))) / 2)  # (arrays too)
 
 
 def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], float]:
@@ -273,18 +302,20 @@ def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], floa
         if a.push and a.next_rtt:
             for peer, rtt_ab in a.next_rtt:
                 for j in takers.get(peer, ()):
-                    if j != i and (saving := hop_saving(rtt(a), rtt(usable[j]), rtt_ab)) > 0:
+                    if j != i and (saving := float(hop_saving(rtt(a), rtt(usable[j]), rtt_ab))) > 0:
                         savings[i, j] = saving
     return savings
 
 
-def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops) -> list[Link] | None:
+def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops
+                      ) -> tuple[list[Link], float] | None:
     """The exact search when some consecutive links save (hops.saving): a link's cost then depends on the one
     before it, so the state is (boundary q, the span whose link ends at q). Walking the boundaries up, entry[k] holds
     the best (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p so far within k,
     with the saving from the link before it; a link of k that ends at q costs entry[k] + x_q · per_block[k]. Each
     boundary is a few numpy operations over the spans entering and leaving there and the hops that can be taken
-    there (from a span leaving it to one entering it), so thousands of spans take milliseconds. None: no chain."""
+    there (from a span leaving it to one entering it), so thousands of spans take milliseconds. Returns the chain
+    and its cost (None: no chain); of chains of equal cost, the one found first (not by free KV, as `_search`)."""
     first_block = np.array([max(s.start, start) for s in usable], dtype=np.int64)
     last_block = np.array([min(s.end, end) for s in usable], dtype=np.int64)
     inside = np.flatnonzero(first_block < last_block)
@@ -337,6 +368,7 @@ def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops) 
     leaving, cost, _, _ = seen[n - 1]
     if not leaving.size or not np.isfinite(cost.min()):
         return None
+    total = float(cost.min())
     chain, j, k = [], n - 1, int(leaving[int(np.argmin(cost))])
     while k >= 0:
         spans, _, entered_at, came_from = seen[j]
@@ -344,7 +376,7 @@ def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops) 
         p = int(entered_at[at])
         chain.append(Link(usable[k], int(nodes[p]), int(nodes[j])))
         j, k = p, int(came_from[at])
-    return chain[::-1]
+    return chain[::-1], total
 
 
 def _by_boundary(n: int, first: np.ndarray, last: np.ndarray, items: np.ndarray) -> Callable[[int], np.ndarray]:
@@ -438,13 +470,15 @@ def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Vi
 
 
 def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
-               hops: Hops | None) -> np.ndarray:
-    """Positions in `rows` of the spans that can be on a best chain (`prune`). With hops that save, a chain costs
-    less than the sum of its links, so spans are kept by a lower bound (each span's fixed cost less the largest
-    saving into it) against the best chain's cost without any saving (an upper bound), and none with a saving in or
-    out is dropped as dominated (what it saves is not in its own costs)."""
+               hops: Hops | None) -> np.ndarray | None:
+    """Positions in `rows` of the spans that can be on a best chain (`prune`; None: no chain). With hops that save,
+    a chain costs less than the sum of its links, so spans are kept by a lower bound (each span's fixed cost less
+    the largest saving into it) against the best chain's cost without any saving (an upper bound), and none with a
+    saving in or out is dropped as dominated (what it saves is not in its own costs)."""
     kept, best = _bound(table, rows, start, end, fixed, per_block)
-    if hops is not None and math.isfinite(best):
+    if not math.isfinite(best):
+        return None
+    if hops is not None:
         most_into = np.zeros(len(rows))
         np.maximum.at(most_into, hops.target, hops.saving)
         protected = np.zeros(len(rows), dtype=bool)

@@ -273,7 +273,8 @@ class InferenceSession:
             logger.warning("peer %s failed (%s); replacing blocks %d:%d", error.peer_id, error, failed.link.start,
                            failed.link.end)
             chain = await self.router.route(failed.link.start, failed.link.end, length=self.max_length,
-                                            batch=self.batch_size, fresh=True, replacing=True)  # NoChainError: none
+                                            batch=self.batch_size, fresh=True, replacing=True,
+                                            push=self.push)  # NoChainError: none
             streams: list[PeerStream] = []
             try:
                 streams = await open_streams(self.p2p, chain, self.max_length, self.batch_size, self.step_timeout,
@@ -394,7 +395,7 @@ class InferenceSession:
             return None
         try:
             return await self.router.route(link.start, link.end, length=length, batch=self.batch_size,
-                                           replacing=True, without=without)
+                                           replacing=True, without=without, push=self.push)
         except NoChainError:
             return None
 

@@ -9,13 +9,17 @@ its last SAMPLES (the least queueing; a peer's first probe, which opens the conn
 (`SpanInfo.next_rtt`) carries the MAX_NEXT_RTT lowest of those measured within FRESH_FOR seconds; routes with push
 (swarm.client.routing) count the hop where a record names it.
 
-Bounded: MAX_KNOWN peers remembered (the stalest go), PROBES_PER_ROUND probes a round, each within PROBE_TIMEOUT; a
-probe that fails counts nothing (a peer that is down is not next for long; its old figure goes stale).
+Bounded: MAX_KNOWN peers followed (the slowest gives its place to a new one, one a round), PROBES_PER_ROUND probes a
+round, each within PROBE_TIMEOUT; a probe that fails counts nothing (a peer that is down is not next for long; its
+old figure goes stale). The peer's rounds come every PERIOD (SOON while some followed peer was never probed), both
+stretched in a large swarm like every read of the records (swarm.dht.read_period).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -31,12 +35,13 @@ FRESH_FOR = 300.0  # seconds a measurement is announced for
 
 
 class NextHops:
-    def __init__(self, probe: Callable[[str], Awaitable[float]], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, probe: Callable[[str], Awaitable[float]], clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None):
         """`probe(peer_id)`: one round trip to that peer in seconds (raises when it does not answer)."""
-        self._probe, self.clock = probe, clock
+        self._probe, self.clock, self._rng = probe, clock, rng or random.Random()
         self._samples: dict[str, list[float]] = {}  # peer id → its last SAMPLES round trips
         self._measured: dict[str, float] = {}  # peer id → when its last sample came
-        self._probed: dict[str, float] = {}  # peer id → when it was last probed (answered or not)
+        self._probed: dict[str, float] = {}  # the peers it follows → when last probed (-inf: not yet)
 
     @staticmethod
     def candidates(spans: Iterable[SpanInfo], me: SpanInfo) -> list[str]:
@@ -45,10 +50,24 @@ class NextHops:
                 and s.start <= me.end < s.end]
 
     async def measure(self, spans: Iterable[SpanInfo], me: SpanInfo) -> int:
-        """Probe the next few candidates (never-probed first, then the least recently probed); how many candidates
-        are left never probed (the next round may come sooner)."""
+        """One round: probe the next few of the peers it follows (never-probed first, then the least recently
+        probed); how many of those are left never probed (the next round may come sooner).
+
+        It follows at most MAX_KNOWN of the candidates: those it knows while they stay candidates, and new ones
+        (at random) where there is room; once every one it follows was probed and others wait, the slowest (one
+        that never answered first) gives its place to one of them each round, so a large swarm is explored
+        without ever forgetting the best."""
         candidates = self.candidates(spans, me)
-        chosen = sorted(candidates, key=lambda peer: self._probed.get(peer, float("-inf")))[:PROBES_PER_ROUND]
+        self._forget(set(candidates))
+        waiting = [peer for peer in candidates if peer not in self._probed]
+        if len(self._probed) >= MAX_KNOWN and waiting and -math.inf not in self._probed.values():
+            worst = max(self._probed, key=lambda peer: min(self._samples.get(peer, [math.inf])))
+            for table in (self._samples, self._measured, self._probed):
+                table.pop(worst, None)
+        room = MAX_KNOWN - len(self._probed)
+        for peer in self._rng.sample(waiting, min(room, len(waiting))):
+            self._probed[peer] = -math.inf  # followed from now on, not probed yet
+        chosen = sorted(self._probed, key=self._probed.__getitem__)[:PROBES_PER_ROUND]
         now = self.clock()
         for peer in chosen:
             self._probed[peer] = now
@@ -57,8 +76,7 @@ class NextHops:
             if rtt is not None:
                 self._samples[peer] = [*self._samples.get(peer, [])[-(SAMPLES - 1):], rtt]
                 self._measured[peer] = now
-        self._forget(set(candidates))
-        return sum(peer not in self._probed for peer in candidates)
+        return sum(when == -math.inf for when in self._probed.values())
 
     async def _timed(self, peer: str) -> float | None:
         try:
@@ -69,13 +87,10 @@ class NextHops:
             return None
 
     def _forget(self, candidates: set[str]) -> None:
-        """Drop peers that can no longer follow this one, then the stalest beyond MAX_KNOWN."""
+        """Drop peers that can no longer follow this one."""
         for table in (self._samples, self._measured, self._probed):
             for peer in [p for p in table if p not in candidates]:
                 del table[peer]
-        for peer in sorted(self._probed, key=self._probed.__getitem__)[:max(0, len(self._probed) - MAX_KNOWN)]:
-            for table in (self._samples, self._measured, self._probed):
-                table.pop(peer, None)
 
     def announced(self) -> tuple[tuple[str, float], ...]:
         """What the record carries: the MAX_NEXT_RTT lowest round trips measured within FRESH_FOR seconds."""

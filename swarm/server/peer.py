@@ -334,7 +334,7 @@ class Peer:
                 if self.state == PeerState.ONLINE and self.next_hops is not None:
                     spans = await get_spans(self.dht, self.source.model_id, self.num_blocks)
                     pending = await self.next_hops.measure(spans, self.info())
-                    pause = latency.SOON if pending else read_period(latency.PERIOD, len(spans))
+                    pause = read_period(latency.SOON if pending else latency.PERIOD, len(spans))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a DHT hiccup: measure again next round

@@ -36,6 +36,8 @@ MALFORMED = [
     ({"dtype": "int64"}, "a dtype hidden states never have"),
     ({"target_start": 5, "target_end": 99}, "a target outside the model"),
     ({"updated_at": math.nan}, "NaN time"),
+    ({"throughput": 5e-324}, "a denormal speed (1 / it overflows: every cost NaN, no route at all)"),
+    ({"batch_throughput": 1e-9}, "a batched speed next to nothing"),
     ({"next_rtt": [["b", 0.01]] * 5}, "more measured hops than a record carries"),
     ({"next_rtt": [["b", 0.01], ["b", 0.02]]}, "a measured hop named twice"),
     ({"next_rtt": [["b", -0.01]]}, "a negative round trip (a liar's shortcut)"),

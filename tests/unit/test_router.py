@@ -392,3 +392,20 @@ def test_the_router_builds_its_table_once_per_view(router):
     table = router.table
     router.allowed_peers = {"x"}
     assert router.table is not table and router.table.peer_ids == []
+    router.allowed_peers.add("c")  # changed in place: the next route sees it
+    assert router.table.peer_ids == ["c"]
+
+
+async def test_routes_count_measured_hops_only_for_sessions_that_push(router):
+    """The router's sessions push (router.push): its routes count the hops peers measured; a session that stopped
+    pushing (a replacement route with push=False) is routed by this client's round trips alone."""
+    near = dataclasses.replace(record("near", 0, 15), push=True, next_rtt=(("b", 0.100),))
+    far = dataclasses.replace(record("far", 0, 15), push=True, next_rtt=(("b", 0.002),))
+    router.spans = [near, far, dataclasses.replace(record("b", 15, 30), push=True)]
+    for peer, rtt in (("near", 0.010), ("far", 0.030), ("b", 0.030)):
+        router.health.rtt_sample(peer, rtt)
+    router.push = True
+    assert await first_peer(router) == "far"
+    assert await first_peer(router, push=False) == "near"
+    router.push = False
+    assert await first_peer(router) == "near"

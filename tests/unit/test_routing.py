@@ -362,6 +362,22 @@ def test_with_push_a_measured_short_hop_wins_over_the_clients_nearest_peer():
     assert links(find_chain(refuses, "m", 30, views=views, push=True))[0][0] == "near"
 
 
+def test_a_chain_with_a_peer_that_takes_no_pushes_counts_no_hop_at_all():
+    """A session pushes only when every peer of its chain takes pushes: a hop between two that do is not saved
+    when a third in the chain does not, so that chain competes at its relayed cost with the best all-push chain."""
+    views = {p: PeerView(rtt=0.050) for p in ("a", "b", "old", "c")}
+    a = pushed(fast("a", 0, 10), ("b", 0.002))
+    b = pushed(fast("b", 10, 20))
+    old = dataclasses.replace(fast("old", 20, 30, throughput=5000.0), push=False)  # faster, but takes no pushes
+    c = pushed(fast("c", 20, 30))
+    # a → b → old would cost 3 × 50 ms less a saving it never gets; a → b → c saves 49 ms for one peer slower
+    assert links(find_chain([a, b, old, c], "m", 30, views=views))[-1][0] == "old"
+    chain = find_chain([a, b, old, c], "m", 30, views=views, push=True)
+    assert links(chain) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+    # with no all-push chain at all, the relayed best is taken
+    assert links(find_chain([a, b, old], "m", 30, views=views, push=True))[-1][0] == "old"
+
+
 def test_a_hop_claimed_shorter_than_the_triangle_allows_counts_at_the_bound():
     from swarm.client.routing import hop_saving
 
