@@ -53,6 +53,10 @@ DEFAULT_RTT = 0.01  # seconds: a peer this client has not probed yet
 UNKNOWN_BLOCK_SECONDS = 0.01  # per block and token, for a peer that announced no throughput
 FULL_KV_PENALTY = 1.0  # seconds: a peer without the free KV cache a session needs makes it wait (or refuses it)
 PRUNE_ABOVE = 48  # usable peers above which the exact search runs only over those that can be on a best chain
+# a hop between two peers counts at least this round trip: each pushed step costs the peer its own work (receive,
+# decode, queue, send) whatever the link, so on one host (1–3 ms measured) pushing saves nothing and a chain of more
+# peers is not taken for free (an assumption, not a measurement)
+MIN_HOP_RTT = 0.004
 PRUNE_SLACK = 1e-6  # relative: spans whose cheapest use costs more than the best chain by this are left out
 
 
@@ -282,8 +286,10 @@ def _search(usable: list[SpanInfo], start: int, end: int, fixed: list[float], pe
 def hop_saving(rtt_a: Any, rtt_b: Any, rtt_ab: Any) -> Any:
     """Seconds a token saves when peer a pushes to peer b (round trip `rtt_ab`, as a measured it) instead of both
     answering this client (round trips `rtt_a`, `rtt_b`): half of a → client → b less half of a → b. A measurement
-    below |rtt_a − rtt_b| breaks the triangle inequality (a claim too good to be true): that bound counts instead."""
-    return np.maximum(0.0, (rtt_a + rtt_b - np.maximum(rtt_ab, np.abs(rtt_a - rtt_b))) / 2)  # (arrays too)
+    below |rtt_a − rtt_b| breaks the triangle inequality (a claim too good to be true): that bound counts instead;
+    and none below MIN_HOP_RTT (a pushed step's own work at the peer, whatever the link)."""
+    hop = np.maximum(np.maximum(rtt_ab, np.abs(rtt_a - rtt_b)), MIN_HOP_RTT)
+    return np.maximum(0.0, (rtt_a + rtt_b - hop) / 2)  # (arrays too)
 
 
 def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], float]:
