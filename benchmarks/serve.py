@@ -112,6 +112,7 @@ async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: in
 CONFIGS: dict[str, dict[str, Any]] = {
     "embedded": {"peers": [], "env": {}},
     "embedded_1t": {"peers": [], "env": {"EMBEDDED_NUM_THREADS": "1"}},  # the embedded peer's kernel on one thread
+    "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
     # candidates for the embedded default, each with the gateway's own torch threads pinned to 1

@@ -69,29 +69,8 @@ def _library() -> ctypes.CDLL | None:
 
 def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     """Compile (or find in the cache) cpu_affine.c with these flags and load it; None when that fails."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("no C compiler: the native CPU kernel is unavailable")
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_affine-{key}.so"
-
-    def compile_into(out: Path) -> None:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, timeout=120)
-        out.chmod(0o700)  # whatever the umask: check_private below refuses a library others may write
-
-    try:
-        compute_once(target, compile_into)
-        check_private(target, up_to=cache_root())  # code another user could have written is never loaded
-        library = ctypes.CDLL(str(target))
-    except PermissionError as e:
-        logger.warning("refusing the native CPU kernel's cached library: %s; remove it (or set SWARM_CACHE_DIR to a "
-                       "directory of your own) to have it built again", e)
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        logger.warning("building the native CPU kernel failed (%s): %r %s", compiler, e, detail.decode()[-2000:])
+    library = compile_library(SOURCE, flags)
+    if library is None:
         return None
     fn = library.affine_linear
     fn.restype = ctypes.c_int
@@ -107,6 +86,37 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.affine_scratch_floats.restype, library.affine_scratch_floats.argtypes = i64, [i64]
     library.affine_set_min_work(MIN_WORK, SPIN_NS)
     library.affine_sum_lanes.restype, library.affine_sum_lanes.argtypes = ctypes.c_int, []
+    return library
+
+
+def compile_library(source_path: Path, flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """Compile (or find in the cache) a C source of this package with these flags and load it; None when that
+    fails (logged)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: the native CPU kernels are unavailable")
+        return None
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{source_path.stem}-{key}.so"
+
+    def compile_into(out: Path) -> None:
+        subprocess.run([compiler, *flags, str(source_path), "-o", str(out)], check=True, capture_output=True,
+                       timeout=120)
+        out.chmod(0o700)  # whatever the umask: check_private below refuses a library others may write
+
+    try:
+        compute_once(target, compile_into)
+        check_private(target, up_to=cache_root())  # code another user could have written is never loaded
+        library = ctypes.CDLL(str(target))
+    except PermissionError as e:
+        logger.warning("refusing a native CPU kernel's cached library: %s; remove it (or set SWARM_CACHE_DIR to a "
+                       "directory of your own) to have it built again", e)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        logger.warning("building %s failed (%s): %r %s", source_path.name, compiler, e, detail.decode()[-2000:])
+        return None
     return library
 
 

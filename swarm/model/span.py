@@ -54,19 +54,24 @@ class SpanKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [B, kv_heads, new, D]
-        new = key_states.shape[-2]
-        end = self.length + new
-        if end > self.max_length:
-            raise ValueError(f"session would grow to {end} tokens, past its max_length {self.max_length}")
-        keys, values = self._keys[layer_idx], self._values[layer_idx]
-        if keys is None or keys.shape[-2] < end:
-            capacity = min(self.max_length, max(end, (keys.shape[-2] if keys is not None else 0) + self.GROW))
-            keys, values = self._grow(keys, key_states, capacity), self._grow(values, value_states, capacity)
-            self._keys[layer_idx], self._values[layer_idx] = keys, values
-        assert keys is not None and values is not None
+        end = self.length + key_states.shape[-2]
+        keys, values = self.reserve(key_states, value_states, layer_idx, end)
         keys[:, :, self.length : end] = key_states
         values[:, :, self.length : end] = value_states
         return keys[:, :, :end], values[:, :, :end]
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers ([B, kv_heads, capacity, D], shaped like these states), grown to hold at
+        least `end` tokens; the first `length` kept."""
+        if end > self.max_length:
+            raise ValueError(f"session would grow to {end} tokens, past its max_length {self.max_length}")
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if keys is None or values is None or keys.shape[-2] < end:
+            capacity = min(self.max_length, max(end, (keys.shape[-2] if keys is not None else 0) + self.GROW))
+            keys, values = self._grow(keys, key_states, capacity), self._grow(values, value_states, capacity)
+            self._keys[layer_idx], self._values[layer_idx] = keys, values
+        return keys, values
 
     def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
         shape = (*like.shape[:-2], capacity, like.shape[-1])
@@ -164,6 +169,8 @@ class BlockSpan(nn.Module):
         if self.encoder:
             return self._encode(hidden, position, blocks)
         batch, new, _ = hidden.shape
+        if self.mixes and batch == new == 1:  # a decode row: the same attention as batched with others, same bits
+            return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
 

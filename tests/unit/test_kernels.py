@@ -281,7 +281,7 @@ def test_a_cached_library_others_could_have_written_is_never_loaded(tmp_path, mo
     assert stat.S_IMODE(library.stat().st_mode) == 0o700
     library.chmod(0o777)  # as if another user had replaced it through a permissive mode
     assert cpu.build(tuple(cpu.FLAGS)) is None
-    assert "refusing the native CPU kernel's cached library" in caplog.text and "writable by others" in caplog.text
+    assert "refusing a native CPU kernel's cached library" in caplog.text and "writable by others" in caplog.text
     library.chmod(0o700)
     (tmp_path / "cache").chmod(0o777)  # a cache directory others may write: they could swap the kernels folder
     assert cpu.build(tuple(cpu.FLAGS)) is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels import packed
+from kernels import attention, packed
 from swarm.model import segments
 from swarm.model.anatomy import SUPPORTED_FAMILIES, UnsupportedModelError, find_anatomy, load_config, skeleton
 from swarm.model.head import load_head
@@ -261,3 +261,29 @@ def test_decode_rows_call_torch_sdpa_directly_only_for_plain_sdpa_attention(tiny
         span(torch.randn(1, 4 + i, span.hidden_size), cache, 0)
     span.forward_batch(torch.randn(3, 1, span.hidden_size), caches, [c.length for c in caches])
     assert chosen and set(chosen) == {direct}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])
+def test_decode_rows_native_attention_equals_torchs(tiny_model_dir, monkeypatch, family):
+    # float32 on the CPU, decode rows append their keys and attend in one native call per layer (kernels.attention);
+    # without the kernel (no C compiler) torch does both per row: the same result within float32 rounding
+    if not attention.available():
+        pytest.skip("no C compiler: the native kernels are unavailable")
+    span = load_span(ModelSource(family, tiny_model_dir(family)), 0, 4)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randn(1, n, span.hidden_size, generator=g) for n in (9, 2, 6)]
+    steps = [torch.randn(len(prompts), 1, span.hidden_size, generator=g) for _ in range(3)]
+    calls = []
+    real = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(attention, "available", lambda: False)
+            monkeypatch.setattr(attention, "decode_attention", lambda *a: False)
+        caches = [span.new_cache(32) for _ in prompts]
+        for p, c in zip(prompts, caches, strict=True):
+            span(p, c, 0)
+        results.append(torch.cat([span.forward_batch(step, caches, [c.length for c in caches]) for step in steps]))
+    assert len(calls) == 3 * 4  # every layer of every step took the native path
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)

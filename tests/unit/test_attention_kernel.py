@@ -1,0 +1,122 @@
+"""kernels/attention.py: decode rows' attention and key appends in one native call, against torch's SDPA."""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import pytest
+import torch
+
+from kernels import attention, cpu
+
+pytestmark = pytest.mark.skipif(not attention.available(), reason="no C compiler: the native kernels are unavailable")
+needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds")
+
+
+def _march(arch: str) -> tuple[str, ...]:
+    return tuple(f if f != "-march=native" else f"-march={arch}" for f in (*cpu.FLAGS, "-lm"))
+
+
+@functools.cache
+def _build(flags: tuple[str, ...]):
+    library = attention.build(flags)
+    assert library is not None, f"kernels/cpu_attention.c did not build with {flags}"
+    return library
+
+
+@pytest.fixture(autouse=True, params=[
+    pytest.param(None, id="march-native"),
+    pytest.param(_march("x86-64-v3"), id="avx2", marks=needs_x86),  # the AVX2 + FMA intrinsics (AVX-512 CPUs too)
+    pytest.param(_march("x86-64"), id="sse2-portable", marks=needs_x86),  # the portable loops (any head size)
+])
+def build(request, monkeypatch):
+    """Every test runs each build of the kernel a machine can end up with (where this CPU can execute it)."""
+    if request.param is not None:
+        library = _build(request.param)
+        monkeypatch.setattr(attention, "_library", lambda: library)
+
+
+def _sessions(g: torch.Generator, lengths: list[int], kv_heads: int, dim: int, capacity: int = 160):
+    """Per session a key and a value buffer [1, kv_heads, capacity, dim] of which the first `length` are its keys."""
+    return [(torch.randn(1, kv_heads, capacity, dim, generator=g), torch.randn(1, kv_heads, capacity, dim, generator=g))
+            for _ in lengths]
+
+
+def _sdpa(query_row: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(query_row, keys, values, scale=scale,
+                                                            enable_gqa=query_row.shape[1] != keys.shape[1])[0, :, 0]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 80)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_rows_over_their_own_keys_equal_torch_sdpa(heads, kv_heads, dim, window):
+    g = torch.Generator().manual_seed(heads * dim)
+    lengths = [1, 4, 5, 37, 150]
+    buffers = _sessions(g, lengths, kv_heads, dim)
+    tokens = 9  # rows sit among other tokens of the sequence, as decode rows among prefill chunks do
+    query = torch.randn(1, tokens, heads, dim, generator=g).transpose(1, 2)  # [1, heads, T, D] as the layers make it
+    rows = [8, 0, 3, 4, 6]
+    out = torch.full((1, tokens, heads, dim), float("nan"))
+    scale = dim**-0.5
+    assert attention.decode_attention(query, rows, buffers, lengths, out, scale, window)
+    for row, (keys, values), n in zip(rows, buffers, lengths, strict=True):
+        first = max(0, n - window) if window else 0
+        want = _sdpa(query[:, :, row : row + 1], keys[:, :, first:n], values[:, :, first:n], scale)
+        torch.testing.assert_close(out[0, row], want, atol=2e-6, rtol=1e-5)
+    assert out[0, [1, 2, 5, 7]].isnan().all()  # tokens that are not rows are not written
+
+
+def test_a_rows_result_is_the_same_bits_whatever_else_is_in_the_call():
+    g = torch.Generator().manual_seed(3)
+    lengths = [70, 3, 129]
+    buffers = _sessions(g, lengths, 3, 64)
+    query = torch.randn(1, 9, 3, 64, generator=g)
+    together = torch.zeros(1, 3, 9, 64)
+    assert attention.decode_attention(query, [0, 1, 2], buffers, lengths, together, 0.125)
+    for i in range(3):
+        alone = torch.zeros(1, 1, 9, 64)
+        assert attention.decode_attention(query[:, :, i : i + 1], [0], [buffers[i]], [lengths[i]], alone, 0.125)
+        assert torch.equal(alone[0, 0], together[0, i])
+
+
+def test_large_scores_stay_finite():
+    # the softmax subtracts each head's maximum: scores of ~1e4 would overflow exp otherwise
+    keys = torch.full((1, 1, 4, 8), 100.0)
+    values = torch.arange(32, dtype=torch.float32).reshape(1, 1, 4, 8)
+    query = torch.full((1, 1, 1, 8), 100.0)
+    out = torch.zeros(1, 1, 1, 8)
+    assert attention.decode_attention(query, [0], [(keys, values)], [4], out, 1.0)
+    torch.testing.assert_close(out[0, 0, 0], values[0, 0].mean(0))
+
+
+def test_append_rows_writes_each_rows_key_at_its_position_and_nothing_else():
+    g = torch.Generator().manual_seed(4)
+    buffers = [torch.zeros(1, 3, 16, 64), torch.zeros(1, 3, 130, 64)]
+    states = torch.randn(1, 5, 3, 64, generator=g).transpose(1, 2)  # [1, kv_heads, T, D], token-major in memory
+    assert attention.append_rows(states, [4, 1], buffers, [0, 129])
+    assert torch.equal(buffers[0][0, :, 0], states[0, :, 4]) and torch.equal(buffers[1][0, :, 129], states[0, :, 1])
+    assert buffers[0][0, :, 1:].abs().sum() == 0 and buffers[1][0, :, :129].abs().sum() == 0
+
+
+def test_what_the_kernel_cannot_read_is_refused_not_read():
+    g = torch.Generator().manual_seed(5)
+    (keys, values), = _sessions(g, [8], 2, 16, capacity=8)
+    query, out = torch.randn(1, 4, 1, 16, generator=g), torch.zeros(1, 1, 4, 16)
+    assert attention.decode_attention(query, [0], [(keys, values)], [8], out, 0.25)
+    refused = [
+        (query.double(), [(keys, values)], [8], out),  # not float32
+        (query, [(keys, values)], [9], out),  # more keys than the buffer holds
+        (query, [(keys, values)], [0], out),  # no key at all
+        (query, [(keys.transpose(2, 3), values)], [8], out),  # keys not laid out token by token
+        (query, [(keys[:, :1], values[:, :1])], [8], out[..., :3, :]),  # 4 heads onto 1 key head, 3 heads out
+        (query, [(keys, values)], [8], torch.zeros(1, 1, 4, 8)),  # out narrower than the heads
+        (torch.randn(1, 3, 1, 16), [(keys, values)], [8], torch.zeros(1, 1, 3, 16)),  # 3 heads over 2 key heads
+    ]
+    for q, kv, lengths, o in refused:
+        assert not attention.decode_attention(q, [0], kv, lengths, o, 0.25)
+    assert not attention.decode_attention(query, [1], [(keys, values)], [8], out, 0.25)  # no token 1 in the query
+    states = torch.randn(1, 2, 1, 16, generator=g)
+    assert not attention.append_rows(states, [0], [keys], [8])  # past the buffer's capacity
+    assert not attention.append_rows(states.double(), [0], [keys.double()], [0])
+    assert not attention.append_rows(states, [1], [keys], [0])  # no token 1 in the states
