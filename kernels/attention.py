@@ -41,8 +41,8 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.decode_attention.restype = ctypes.c_int
-    library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr,
-                                         ptr, ptr, ptr, ptr, i64]
+    library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
+                                         ptr, ptr, ptr, i64]
     library.append_rows.restype = None
     library.append_rows.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr]
     return library
@@ -57,16 +57,17 @@ def _int64s(values: list[int]) -> ctypes.Array:
 
 
 def _readable(t: torch.Tensor) -> bool:
-    """float32 on the CPU with contiguous rows of the last dimension (what the kernel reads as [.., D] floats)."""
-    return t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1
+    """A [1, heads, T, D] (or [1, T, heads, D]) float32 CPU tensor whose rows of D floats are contiguous."""
+    return t.dtype == torch.float32 and t.is_cpu and t.dim() == 4 and t.shape[0] == 1 and t.stride(-1) == 1
 
 
 def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: list[int]) -> bool:
-    """Every buffer a [1, kv_heads, capacity, dim] float32 CPU tensor laid out contiguously, holding its row's
-    tokens: the C code writes and reads them by address, trusting this (~0.4 us a buffer)."""
+    """Every buffer a [1, kv_heads, capacity, dim] float32 CPU tensor whose tokens' rows of dim floats follow each
+    other (any head stride), holding its row's tokens: the C code writes and reads them by address, trusting this
+    (~0.4 us a buffer)."""
     for b, n in zip(buffers, tokens, strict=True):
         shape = b.shape
-        if not (b.dtype == torch.float32 and b.is_cpu and len(shape) == 4 and shape[1] == kv_heads
+        if not (b.dtype == torch.float32 and b.is_cpu and len(shape) == 4 and shape[0] == 1 and shape[1] == kv_heads
                 and shape[3] == dim and shape[2] >= n and b.stride()[2:] == (dim, 1)):
             return False
     return True
@@ -75,11 +76,12 @@ def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: l
 def append_rows(states: torch.Tensor, rows: list[int], buffers: list[torch.Tensor], positions: list[int]) -> bool:
     """states [1, kv_heads, T, D]: token rows[i] goes to buffers[i][0, :, positions[i]] (buffers [1, kv_heads,
     capacity, D], as SpanKVCache.reserve returns them)."""
-    library = _library()
-    if library is None or not rows or not _readable(states) or not 0 <= min(rows) <= max(rows) < states.shape[2]:
+    if (not rows or not len(rows) == len(buffers) == len(positions) or not _readable(states)
+            or not 0 <= min(rows) <= max(rows) < states.shape[2] or min(positions) < 0):
         return False
+    library = _library()
     _, kv_heads, _, dim = states.shape
-    if not _buffers_fit(buffers, kv_heads, dim, [p + 1 for p in positions]):
+    if library is None or not _buffers_fit(buffers, kv_heads, dim, [p + 1 for p in positions]):
         return False
     library.append_rows(len(rows), kv_heads, dim, states.data_ptr(), _int64s(rows), states.stride(2), states.stride(1),
                         _int64s([b.data_ptr() for b in buffers]), _int64s([b.stride(1) for b in buffers]),
@@ -92,25 +94,29 @@ def decode_attention(query: torch.Tensor, rows: list[int], buffers: list[tuple[t
     """Row i: query[0, :, rows[i]] ([1, heads, T, D]) attends to the first lengths[i] keys and values of buffers[i]
     ([1, kv_heads, capacity, D] each; the last `window` of them for a sliding layer); the result goes to
     out[0, rows[i]] ([1, T, heads, D])."""
-    library = _library()
-    if library is None or not rows or not _readable(query) or not _readable(out):
+    if (not rows or not len(rows) == len(buffers) == len(lengths) or not _readable(query) or not _readable(out)
+            or min(lengths) < 1):
         return False
     _, heads, tokens, dim = query.shape
     if out.shape != (1, tokens, heads, dim) or out.stride(2) != dim or not 0 <= min(rows) <= max(rows) < tokens:
         return False
-    kv_heads = buffers[0][0].shape[1]
-    if heads % kv_heads or min(lengths) < 1:
+    if buffers[0][0].dim() != 4 or buffers[0][0].shape[1] < 1:
         return False
+    kv_heads = buffers[0][0].shape[1]
     keys, values = [k for k, _ in buffers], [v for _, v in buffers]
-    if not (_buffers_fit(keys, kv_heads, dim, lengths) and _buffers_fit(values, kv_heads, dim, lengths)):
+    if (heads % kv_heads or not _buffers_fit(keys, kv_heads, dim, lengths)
+            or not _buffers_fit(values, kv_heads, dim, lengths)):
+        return False
+    library = _library()
+    if library is None:
         return False
     firsts = [n - window if window is not None and n > window else 0 for n in lengths]
-    status = library.decode_attention(len(rows), heads, kv_heads, dim, scale, query.data_ptr(), _int64s(rows),
-                                      query.stride(2), query.stride(1), _int64s([k.data_ptr() for k in keys]),
+    status = library.decode_attention(len(rows), heads, kv_heads, dim, scale, query.data_ptr(), query.stride(2),
+                                      query.stride(1), _int64s(rows), _int64s([k.data_ptr() for k in keys]),
                                       _int64s([v.data_ptr() for v in values]), _int64s([k.stride(1) for k in keys]),
                                       _int64s([v.stride(1) for v in values]), _int64s(firsts),
                                       _int64s([n - f for n, f in zip(lengths, firsts, strict=True)]), out.data_ptr(),
-                                      _int64s(rows), out.stride(1))
+                                      out.stride(1))
     if status == -2:
         raise MemoryError("decode attention: no memory for the scores")
     return status == 0

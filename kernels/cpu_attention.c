@@ -2,19 +2,22 @@
 
    A batched decode step of N sessions has one query row per session, and each row attends to a different number of
    keys held in a different buffer (swarm.model.span.SpanKVCache: [1, kv_heads, capacity, D] per layer). torch's
-   SDPA called once per row costs ~25 us of dispatch for a few microseconds of arithmetic (a 16-row decode of
-   SmolLM2's 30 blocks spent 15 ms of a 59 ms forward in 480 such calls); a right-padded batch copies every row's
-   keys first. Here one call computes every row of a layer, reading each row's keys where they lie:
+   SDPA called once per row costs ~10-25 us of dispatch for a few microseconds of arithmetic, and a right-padded
+   batch copies every row's keys first. Here one call computes every row of a layer, reading each row's keys where
+   they lie:
 
-     out[r, h] = sum_j softmax_j(scale * q[r, h] . k[r, g, j]) v[r, g, j],   g = h / (heads / kv_heads),
-     j over the row's keys first[r] .. first[r] + count[r] - 1  (a sliding layer's window: a later first)
+     out[t, h] = sum_j softmax_j(scale * q[t, h] . k[g, j]) v[g, j],   g = h / (heads / kv_heads),
+     j over the row's keys first .. first + count - 1  (a sliding layer's window: a later first)
 
-   which is what SDPA computes for one unmasked query (grouped-query heads share their key head). Per row and key
-   head, the scores of the heads that share it are computed in one pass over its keys, then each head's softmax
-   (its maximum subtracted, exp, sum), then one pass over the values. The sums run in float32 in a fixed order
-   that depends only on the row's own keys: a row's result is the same bits whatever else is in the call.
+   which is what SDPA computes for one unmasked query (grouped-query heads share their key head): per row and head,
+   the scores over its keys, their softmax (the maximum subtracted, exp, sum), then one pass over the values. The
+   sums run in float32 in an order that depends only on the row's own keys: a row's result is the same bits
+   whatever else is in the call. NaN or infinite scores give NaN, as in SDPA.
 
-   Built at first use by kernels/cpu.py like cpu_affine.c and called through ctypes (the call releases the GIL). */
+   Two paths, chosen at compile time: AVX2 + FMA intrinsics when the head size is a multiple of 8 (four keys' dot
+   products reduced together, a vectorized exp, 64 output columns in registers), portable loops otherwise.
+   Built at first use by kernels/cpu.py like cpu_affine.c and called through ctypes (the call releases the GIL).
+   The C code trusts its caller (kernels/attention.py checks every shape, stride, index and length first). */
 
 #include <math.h>
 #include <stdint.h>
@@ -23,7 +26,8 @@
 
 /* e^x for x <= 0 (a score minus its row's maximum): Cephes' expf polynomial on the reduced argument, scaled by
    2^n built in the exponent bits; within 2 ulp of expf, and a loop of it vectorizes (no call, no branch). Below -87
-   it returns e^-87 (~1.6e-38) instead of a denormal: a weight that small adds nothing to a sum that holds a 1. */
+   it returns e^-87 (~1.6e-38) instead of a denormal: a weight that small adds nothing to a sum that holds a 1.
+   NaN stays NaN. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
@@ -38,7 +42,7 @@ static inline float exp_nonpositive(float x) {
     union {
         int32_t i;
         float f;
-    } two_n = {.i = ((int32_t)n + 127) << 23};
+    } two_n = {.i = ((n == n ? (int32_t)n : 0) + 127) << 23};  /* a NaN x: p is NaN already */
     return p * two_n.f;
 }
 
@@ -58,8 +62,6 @@ static float softmax_weights(float *s, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-#define FAST(dim) ((dim) % 8 == 0)
-
 static inline float sum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -68,7 +70,7 @@ static inline float sum8(__m256 v) {
 
 /* exp_nonpositive on 8 lanes */
 static inline __m256 exp8_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  /* a NaN x stays NaN: max returns its second operand then */
     const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
@@ -83,11 +85,11 @@ static inline __m256 exp8_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* softmax_weights over s[0 .. n) where s holds room for n rounded up to 8: the padding is set to -1e30 (its weight
+/* softmax_weights over s[0 .. n) where s holds room for n rounded up to 8: the padding is set to -inf (its weight
    e^-87 is below half an ulp of the sum, which holds the maximum's 1: the sum is the same bits without it) */
 static float softmax_weights8(float *s, int64_t n) {
     const int64_t padded = (n + 7) & ~(int64_t)7;
-    for (int64_t j = n; j < padded; j++) s[j] = -1e30f;
+    for (int64_t j = n; j < padded; j++) s[j] = -INFINITY;
     __m256 top = _mm256_loadu_ps(s);
     for (int64_t j = 8; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
     __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
@@ -148,15 +150,6 @@ static void weighted_values(const float *w, const float *v, int64_t n, int64_t d
         _mm256_storeu_ps(o + c, _mm256_mul_ps(a, inverse));
     }
 }
-#else
-#define FAST(dim) 0
-static float softmax_weights8(float *s, int64_t n) { return softmax_weights(s, n); }
-static void scores(const float *q, const float *k, int64_t n, int64_t dim, float scale, float *s) {
-    (void)q, (void)k, (void)n, (void)dim, (void)scale, (void)s;
-}
-static void weighted_values(const float *w, const float *v, int64_t n, int64_t dim, float total, float *o) {
-    (void)w, (void)v, (void)n, (void)dim, (void)total, (void)o;
-}
 #endif
 
 /* The portable loops (any dim, any instruction set) */
@@ -181,41 +174,41 @@ static void weighted_values_portable(const float *w, const float *v, int64_t n, 
 }
 
 /* rows: decode rows; heads, kv_heads, dim: the layer's geometry (heads a multiple of kv_heads).
-   query: row r, head h at query + q_rows[r] * q_token_stride + h * q_head_stride (dim floats, contiguous).
-   keys[r], values[r]: addresses of row r's buffers; key g, token j at keys[r] + g * k_head_stride[r] + j * dim
+   tokens[r]: row r's place in the step's sequence: head h of its query at query + tokens[r] * q_token_stride +
+   h * q_head_stride (dim contiguous floats), of its output at out + tokens[r] * o_token_stride + h * dim.
+   keys[r], values[r]: addresses of row r's buffers; key head g, token j at keys[r] + g * k_head_stride[r] + j * dim
    (likewise values with v_head_stride[r]). first[r], count[r]: the keys the row attends to (count >= 1).
-   out: row r, head h at out + o_rows[r] * o_token_stride + h * dim.
    Returns 0, or -1 for arguments it refuses, -2 when out of memory. */
 int decode_attention(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, float scale, const float *query,
-                     const int64_t *q_rows, int64_t q_token_stride, int64_t q_head_stride, const int64_t *keys,
+                     int64_t q_token_stride, int64_t q_head_stride, const int64_t *tokens, const int64_t *keys,
                      const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
-                     const int64_t *first, const int64_t *count, float *out, const int64_t *o_rows,
-                     int64_t o_token_stride) {
+                     const int64_t *first, const int64_t *count, float *out, int64_t o_token_stride) {
     if (rows < 0 || heads <= 0 || kv_heads <= 0 || dim <= 0 || heads % kv_heads != 0) return -1;
     const int64_t group = heads / kv_heads;
     int64_t longest = 1;
     for (int64_t r = 0; r < rows; r++) {
-        if (count[r] < 1 || first[r] < 0) return -1;
+        if (count[r] < 1 || first[r] < 0 || tokens[r] < 0) return -1;
         if (count[r] > longest) longest = count[r];
     }
     float *s = malloc(sizeof(float) * (size_t)(longest + 8));
     if (s == NULL) return -2;
-    const int fast = FAST(dim);
     for (int64_t r = 0; r < rows; r++) {
         const int64_t n = count[r];
         for (int64_t h = 0; h < heads; h++) {
             const int64_t g = h / group;
-            const float *q = query + q_rows[r] * q_token_stride + h * q_head_stride;
+            const float *q = query + tokens[r] * q_token_stride + h * q_head_stride;
             const float *k = (const float *)(intptr_t)keys[r] + g * k_head_stride[r] + first[r] * dim;
             const float *v = (const float *)(intptr_t)values[r] + g * v_head_stride[r] + first[r] * dim;
-            float *o = out + o_rows[r] * o_token_stride + h * dim;
-            if (fast) {
+            float *o = out + tokens[r] * o_token_stride + h * dim;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (dim % 8 == 0) {
                 scores(q, k, n, dim, scale, s);
                 weighted_values(s, v, n, dim, softmax_weights8(s, n), o);
-            } else {
-                scores_portable(q, k, n, dim, scale, s);
-                weighted_values_portable(s, v, n, dim, softmax_weights(s, n), o);
+                continue;
             }
+#endif
+            scores_portable(q, k, n, dim, scale, s);
+            weighted_values_portable(s, v, n, dim, softmax_weights(s, n), o);
         }
     }
     free(s);

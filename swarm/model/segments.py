@@ -116,6 +116,8 @@ class SegmentsCache:
 def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys/values [1, kv_heads, K_i, D] of several sessions → one right-padded batch [N, kv_heads, max K_i, D]
     (just concatenated when every K_i is the same)."""
+    if len(rows) == 1:
+        return rows[0]
     total = max(k.shape[-2] for k, _ in rows)
     if all(k.shape[-2] == total for k, _ in rows):
         return torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])
@@ -157,17 +159,18 @@ def segments_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     window, starts, rows = plan.windows[plan.layer], plan.starts, plan.rows
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     direct = _direct_sdpa(original, query, kwargs) if rows else None
-    if direct is not None and attention.decode_attention(
-            query, [starts[i] for i in rows], [plan.keys[i] for i in rows], [plan.lengths[i] for i in rows], out,
-            kwargs.get("scaling") or query.shape[-1] ** -0.5, window):
-        pass  # plain SDPA, float32 on the CPU: every decode row against its own keys in one native call
-    elif direct is not None:  # plain SDPA: each decode row against its own keys, without a mask or a copy
+    scaling = kwargs.get("scaling")
+    # plain SDPA, float32 on the CPU: every decode row against its own keys in one native call
+    native = direct is not None and attention.decode_attention(
+        query, [starts[i] for i in rows], [plan.keys[i] for i in rows], [plan.lengths[i] for i in rows], out,
+        query.shape[-1] ** -0.5 if scaling is None else scaling, window)
+    if direct is not None and not native:  # plain SDPA: each decode row against its own keys, no mask or copy
         for i in rows:
             keys, values = plan.attended(i)
             if window is not None:  # a sliding layer: the last `window` keys, the new one included
                 keys, values = keys[:, :, -window:], values[:, :, -window:]
             out[0, starts[i]] = direct(query[:, :, starts[i] : starts[i] + 1], keys, values)[0, :, 0]
-    elif rows:  # the family's own function, once for all decode rows: right-padded, under a mask
+    elif rows and direct is None:  # the family's own function, once for all decode rows: right-padded, masked
         keys, values = pad_rows([plan.attended(i) for i in rows])
         lengths = torch.tensor([plan.segments[i].position + 1 for i in rows], device=query.device)
         mask = padded_decode_mask(lengths, window, query.dtype)

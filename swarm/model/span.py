@@ -142,6 +142,8 @@ class BlockSpan(nn.Module):
         self.mixes = not encoder and bool(blocks) and segments.supported(blocks)
         if self.mixes:
             segments.enable(blocks)
+        # float32 on the CPU: a batch's decode rows may attend in one native call (kernels.attention)
+        self._native_rows = self.mixes and self.precision.device == "cpu" and self.precision.dtype == torch.float32
 
     @property
     def dtype(self) -> torch.dtype:
@@ -169,7 +171,8 @@ class BlockSpan(nn.Module):
         if self.encoder:
             return self._encode(hidden, position, blocks)
         batch, new, _ = hidden.shape
-        if self.mixes and batch == new == 1:  # a decode row: the same attention as batched with others, same bits
+        if self.mixes and batch == new == 1 and self._native_rows:
+            # a decode row: the same native attention as batched with others (kernels.attention), the same bits
             return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)

@@ -90,6 +90,17 @@ def test_large_scores_stay_finite():
     torch.testing.assert_close(out[0, 0, 0], values[0, 0].mean(0))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_score_gives_nan_as_sdpa_does(bad):
+    g = torch.Generator().manual_seed(6)
+    keys, values = torch.randn(1, 1, 12, 16, generator=g), torch.randn(1, 1, 12, 16, generator=g)
+    keys[0, 0, 5, 3] = bad
+    query, out = torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
+    assert attention.decode_attention(query, [0], [(keys, values)], [12], out, 0.25)
+    want = _sdpa(query, keys, values, 0.25)
+    assert want.isnan().all() and out.isnan().all()
+
+
 def test_append_rows_writes_each_rows_key_at_its_position_and_nothing_else():
     g = torch.Generator().manual_seed(4)
     buffers = [torch.zeros(1, 3, 16, 64), torch.zeros(1, 3, 130, 64)]
@@ -113,10 +124,21 @@ def test_what_the_kernel_cannot_read_is_refused_not_read():
         (query, [(keys, values)], [8], torch.zeros(1, 1, 4, 8)),  # out narrower than the heads
         (torch.randn(1, 3, 1, 16), [(keys, values)], [8], torch.zeros(1, 1, 3, 16)),  # 3 heads over 2 key heads
     ]
+    refused += [
+        (query, [(keys[:0], values[:0])], [8], out),  # an empty batch of keys
+        (torch.cat([query, query]), [(keys, values)], [8], torch.cat([out, out])),  # a batch of 2 queries
+        (query, [(torch.cat([keys, keys]), torch.cat([values, values]))], [8], out),  # keys of 2 batches
+    ]
     for q, kv, lengths, o in refused:
         assert not attention.decode_attention(q, [0], kv, lengths, o, 0.25)
     assert not attention.decode_attention(query, [1], [(keys, values)], [8], out, 0.25)  # no token 1 in the query
+    assert not attention.decode_attention(query, [0, 0], [(keys, values)], [8], out, 0.25)  # 2 rows, 1 buffer
+    assert not attention.decode_attention(query, [0], [(keys, values)], [8, 8], out, 0.25)  # 2 lengths
     states = torch.randn(1, 2, 1, 16, generator=g)
     assert not attention.append_rows(states, [0], [keys], [8])  # past the buffer's capacity
     assert not attention.append_rows(states.double(), [0], [keys.double()], [0])
     assert not attention.append_rows(states, [1], [keys], [0])  # no token 1 in the states
+    assert not attention.append_rows(states, [0], [keys], [-1])  # before the buffer
+    assert not attention.append_rows(states, [0, 0], [keys], [0])  # 2 rows, 1 buffer
+    assert not attention.append_rows(states, [0], [keys, keys], [0, 1])  # 1 row, 2 buffers
+    assert not attention.append_rows(states, [0], [keys[:0]], [0])  # an empty batch
