@@ -61,6 +61,15 @@ def test_penalties_and_bias_follow_the_openai_formula():
     assert torch.equal(logits, torch.zeros(2, 5)), "the input must not be modified"
 
 
+def test_each_adjustment_alone_and_a_bias_without_counts():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    counts = torch.tensor([[0.0, 2.0, 0.0]])
+    assert adjust_logits(logits, counts, LogitsAdjustments(frequency_penalty=1.0)).tolist() == [[1.0, 0.0, 3.0]]
+    assert adjust_logits(logits, counts, LogitsAdjustments(presence_penalty=1.0)).tolist() == [[1.0, 1.0, 3.0]]
+    biased = adjust_logits(logits, None, LogitsAdjustments(logit_bias=((0, -100.0),)))
+    assert biased.tolist() == [[-99.0, 2.0, 3.0]] and logits.tolist() == [[1.0, 2.0, 3.0]]  # a copy
+
+
 def test_top_logprobs_are_sorted_log_softmax():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     chosen_lp, ids, values = top_logprobs(logits, torch.tensor([2]), 2)
