@@ -1,16 +1,20 @@
 """Decode rows' attention in one native call per layer (kernels/cpu_attention.c), each row over its own keys.
 
-    append_rows(key_states, rows, key_buffers, positions)         # each row's new key into its session's buffer
-    decode_attention(query, rows, buffers, lengths, out, scale, window)
+    rows = DecodeRows(rows, lengths)             # once per forward: token rows[i] attends to lengths[i] keys
+    rows.check(key_buffers, value_buffers)      # per layer: the rows' cache buffers, validated once
+    rows.append(key_states, value_states)       # each row's new key and value into its session's buffers
+    rows.attend(query, out, scale, window)      # each row's attention over its own keys
 
 A batched decode step has one query row per session, each against that session's cached keys. torch's SDPA per row
 costs ~25 us of dispatch for a few microseconds of arithmetic, and appending a row's new key and value to its cache
 two slice assignments of ~5 us each; here one call does either for every row of a layer, reading and writing the
 sessions' cache buffers in place (no copy, no mask), in float32 on the CPU. A row's result depends only on its own
 query and keys (the same bits whatever else is in the call) and equals SDPA's for one unmasked query within float32
-rounding of the sums (tests/unit/test_attention_kernel.py). Both return False, doing nothing, where they do not
+rounding of the sums (tests/unit/test_attention_kernel.py). Each returns False, doing nothing, where it does not
 apply (no C compiler, not float32 CPU tensors laid out as the kernel reads them, or SWARM_NATIVE_ATTENTION=0);
-callers use torch then.
+callers use torch then. What every layer of a forward shares is laid out once, and a layer's buffers are checked
+once for both calls: per-row Python work measured ~1 ms of a 16-row forward of SmolLM2's 30 blocks done per layer
+and per call (`append_rows` and `decode_attention` below do one call from scratch).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu
 from kernels.cpu import FLAGS, compile_library
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
@@ -42,7 +47,11 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.decode_attention.restype = ctypes.c_int
     library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
-                                         ptr, ptr, ptr, i64]
+                                         ptr, ptr, ptr, i64, ctypes.c_int]
+    library.attention_set_pool.restype, library.attention_set_pool.argtypes = None, [ptr]
+    pool = cpu._library()  # rows shared among the threads of the affine kernel's pool (kernels.cpu.set_threads)
+    if pool is not None:
+        library.attention_set_pool(ctypes.cast(pool.affine_pool_run, ctypes.c_void_p).value)
     library.append_rows.restype = None
     library.append_rows.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr]
     return library
@@ -73,20 +82,87 @@ def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: l
     return True
 
 
+class DecodeRows:
+    """The decode rows of one forward, for the native calls of every layer: row i is token rows[i] of the layer's
+    sequence and attends to the first lengths[i] keys of its own session's buffers (its new key the last of them).
+    What is the same in every layer (the rows, lengths, a sliding window's first keys) is laid out once; per layer,
+    `check` validates the rows' key and value buffers and takes their addresses once, then `append` (the rows' new
+    keys and values, written at lengths[i] - 1) and `attend` (their attention) use them."""
+
+    def __init__(self, rows: list[int], lengths: list[int]):
+        self.count = len(rows)
+        self.valid = bool(rows) and len(lengths) == self.count and min(rows) >= 0 and min(lengths) >= 1
+        self.lengths = lengths
+        self._last_row = max(rows, default=-1)
+        self._rows = _int64s(rows)
+        self._positions = _int64s([n - 1 for n in lengths])
+        self._spans: dict[int | None, tuple[ctypes.Array, ctypes.Array]] = {}
+        self._checked: tuple | None = None  # the buffers `check` validated last, their geometry and addresses
+
+    def check(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
+        """Row i's buffers keys[i], values[i] ([1, kv_heads, capacity, D] float32 CPU, as SpanKVCache.reserve returns
+        them): the same geometry for every row, each holding the row's lengths[i] tokens. False (nothing kept) when
+        they are not what the C code reads."""
+        self._checked = None
+        if not self.valid or len(keys) != self.count or len(values) != self.count or keys[0].dim() != 4:
+            return False
+        _, kv_heads, _, dim = keys[0].shape
+        if kv_heads < 1 or not (_buffers_fit(keys, kv_heads, dim, self.lengths)
+                                and _buffers_fit(values, kv_heads, dim, self.lengths)):
+            return False
+        self._checked = (keys, values, kv_heads, dim, _int64s([k.data_ptr() for k in keys]),
+                         _int64s([v.data_ptr() for v in values]), _int64s([k.stride(1) for k in keys]),
+                         _int64s([v.stride(1) for v in values]))
+        return True
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """key_states, value_states [1, kv_heads, T, D]: token rows[i] goes to position lengths[i] - 1 of row i's
+        checked buffers."""
+        library = _library()
+        if self._checked is None or library is None:
+            return False
+        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides = self._checked
+        for states in (key_states, value_states):
+            if not (_readable(states) and states.shape[1] == kv_heads and states.shape[3] == dim
+                    and self._last_row < states.shape[2]):
+                return False
+        for states, addresses, strides in ((key_states, key_addresses, key_strides),
+                                           (value_states, value_addresses, value_strides)):
+            library.append_rows(self.count, kv_heads, dim, states.data_ptr(), self._rows, states.stride(2),
+                                states.stride(1), addresses, strides, self._positions)
+        return True
+
+    def attend(self, query: torch.Tensor, out: torch.Tensor, scale: float, window: int | None = None) -> bool:
+        """Row i: query[0, :, rows[i]] ([1, heads, T, D]) over the first lengths[i] keys and values of its checked
+        buffers (the last `window` of them for a sliding layer) → out[0, rows[i]] ([1, T, heads, D])."""
+        library = _library()
+        if self._checked is None or library is None or not _readable(query) or not _readable(out):
+            return False
+        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides = self._checked
+        _, heads, tokens, query_dim = query.shape
+        if (query_dim != dim or heads % kv_heads or out.shape != (1, tokens, heads, dim) or out.stride(2) != dim
+                or self._last_row >= tokens):
+            return False
+        if window not in self._spans:
+            firsts = [n - window if window is not None and n > window else 0 for n in self.lengths]
+            self._spans[window] = (_int64s(firsts), _int64s([n - f for n, f in zip(self.lengths, firsts, strict=True)]))
+        firsts_array, counts = self._spans[window]
+        status = library.decode_attention(self.count, heads, kv_heads, dim, scale, query.data_ptr(), query.stride(2),
+                                          query.stride(1), self._rows, key_addresses, value_addresses, key_strides,
+                                          value_strides, firsts_array, counts, out.data_ptr(), out.stride(1),
+                                          cpu.threads())
+        if status == -2:
+            raise MemoryError("decode attention: no memory for the scores")
+        return status == 0
+
+
 def append_rows(states: torch.Tensor, rows: list[int], buffers: list[torch.Tensor], positions: list[int]) -> bool:
     """states [1, kv_heads, T, D]: token rows[i] goes to buffers[i][0, :, positions[i]] (buffers [1, kv_heads,
-    capacity, D], as SpanKVCache.reserve returns them)."""
-    if (not rows or not len(rows) == len(buffers) == len(positions) or not _readable(states)
-            or not 0 <= min(rows) <= max(rows) < states.shape[2] or min(positions) < 0):
+    capacity, D], as SpanKVCache.reserve returns them). One tensor's rows: DecodeRows appends keys and values."""
+    if not rows or len(positions) != len(rows) or min(positions) < 0:
         return False
-    library = _library()
-    _, kv_heads, _, dim = states.shape
-    if library is None or not _buffers_fit(buffers, kv_heads, dim, [p + 1 for p in positions]):
-        return False
-    library.append_rows(len(rows), kv_heads, dim, states.data_ptr(), _int64s(rows), states.stride(2), states.stride(1),
-                        _int64s([b.data_ptr() for b in buffers]), _int64s([b.stride(1) for b in buffers]),
-                        _int64s(positions))
-    return True
+    batch = DecodeRows(rows, [p + 1 for p in positions])
+    return batch.check(buffers, buffers) and batch.append(states, states)
 
 
 def decode_attention(query: torch.Tensor, rows: list[int], buffers: list[tuple[torch.Tensor, torch.Tensor]],
@@ -94,29 +170,6 @@ def decode_attention(query: torch.Tensor, rows: list[int], buffers: list[tuple[t
     """Row i: query[0, :, rows[i]] ([1, heads, T, D]) attends to the first lengths[i] keys and values of buffers[i]
     ([1, kv_heads, capacity, D] each; the last `window` of them for a sliding layer); the result goes to
     out[0, rows[i]] ([1, T, heads, D])."""
-    if (not rows or not len(rows) == len(buffers) == len(lengths) or not _readable(query) or not _readable(out)
-            or min(lengths) < 1):
-        return False
-    _, heads, tokens, dim = query.shape
-    if out.shape != (1, tokens, heads, dim) or out.stride(2) != dim or not 0 <= min(rows) <= max(rows) < tokens:
-        return False
-    if buffers[0][0].dim() != 4 or buffers[0][0].shape[1] < 1:
-        return False
-    kv_heads = buffers[0][0].shape[1]
-    keys, values = [k for k, _ in buffers], [v for _, v in buffers]
-    if (heads % kv_heads or not _buffers_fit(keys, kv_heads, dim, lengths)
-            or not _buffers_fit(values, kv_heads, dim, lengths)):
-        return False
-    library = _library()
-    if library is None:
-        return False
-    firsts = [n - window if window is not None and n > window else 0 for n in lengths]
-    status = library.decode_attention(len(rows), heads, kv_heads, dim, scale, query.data_ptr(), query.stride(2),
-                                      query.stride(1), _int64s(rows), _int64s([k.data_ptr() for k in keys]),
-                                      _int64s([v.data_ptr() for v in values]), _int64s([k.stride(1) for k in keys]),
-                                      _int64s([v.stride(1) for v in values]), _int64s(firsts),
-                                      _int64s([n - f for n, f in zip(lengths, firsts, strict=True)]), out.data_ptr(),
-                                      out.stride(1))
-    if status == -2:
-        raise MemoryError("decode attention: no memory for the scores")
-    return status == 0
+    batch = DecodeRows(rows, lengths)
+    return (batch.check([k for k, _ in buffers], [v for _, v in buffers])
+            and batch.attend(query, out, scale, window))

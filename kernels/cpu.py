@@ -86,6 +86,8 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.affine_scratch_floats.restype, library.affine_scratch_floats.argtypes = i64, [i64]
     library.affine_set_min_work(MIN_WORK, SPIN_NS)
     library.affine_sum_lanes.restype, library.affine_sum_lanes.argtypes = ctypes.c_int, []
+    library.affine_pool_run.restype = None
+    library.affine_pool_run.argtypes = [ptr, ptr, i64, ctypes.c_int]
     return library
 
 

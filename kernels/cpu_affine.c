@@ -453,6 +453,8 @@ typedef struct {
     float *y;
     int64_t m, k, n, chunk_rows, chunks;
     int bits;
+    void (*work)(void *, int64_t);  /* a job of another kernel (affine_pool_run): chunk c is work(context, c) */
+    void *context;
     _Atomic int64_t next, done;  /* the next chunk to claim; chunks finished */
     _Atomic int refs;            /* the caller and each helper it was handed to */
 } job_t;
@@ -515,13 +517,13 @@ static void *helper(void *arg) {
         seen = serial;
         job_t *j = atomic_exchange(&slot[part], NULL);
         if (j == NULL) continue;  /* taken with an earlier bump */
-        const int64_t need = affine_scratch_floats(j->k);
+        const int64_t need = j->work ? 0 : affine_scratch_floats(j->k);  /* another kernel's job needs none */
         if (need > capacity) {
             free(scratch);
             scratch = aligned_alloc(64, (size_t)((need * 4 + 63) / 64 * 64));
             capacity = scratch ? need : 0;
         }
-        if (scratch) work_on(j, scratch);
+        if (scratch || j->work) work_on(j, scratch);
         release(j);
     }
     return NULL;
@@ -589,10 +591,36 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
 }
 
 #if defined(__linux__)
+/* Hands job j to `helpers` helpers, computes the chunks none has claimed, waits for the rest and drops j. */
+static void run_job(job_t *j, int helpers, float *scratch) {
+    atomic_init(&j->next, 0);
+    atomic_init(&j->done, 0);
+    atomic_init(&j->refs, 1 + helpers);
+    atomic_fetch_add_explicit(&split_calls, 1, memory_order_relaxed);
+    for (int i = 1; i <= helpers; i++) {
+        job_t *old = atomic_exchange(&slot[i], j);  /* publishes the job (seq_cst) */
+        if (old) release(old);  /* an earlier job helper i never took */
+        atomic_fetch_add(&task[i], 1);  /* seq_cst: ordered against asleep[i] */
+        if (atomic_load(&asleep[i])) futex_wake(&task[i]);
+    }
+    work_on(j, scratch);
+    const int64_t until = now_ns() + atomic_load(&spin_ns);
+    for (int spins = 0; atomic_load_explicit(&j->done, memory_order_acquire) < j->chunks; spins++) {
+        cpu_relax();
+        if ((spins & 63) == 63 && now_ns() > until) sched_yield();  /* a helper's chunk was preempted */
+    }
+    release(j);
+}
+
 static void work_on(job_t *j, float *scratch) {
     for (;;) {
         const int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (c >= j->chunks) return;
+        if (j->work) {
+            j->work(j->context, c);
+            atomic_fetch_add_explicit(&j->done, 1, memory_order_release);
+            continue;
+        }
         const int64_t r0 = c * j->chunk_rows, rows = j->n - r0 < j->chunk_rows ? j->n - r0 : j->chunk_rows;
         affine_linear(j->x, j->m, j->k, j->codes, j->bits, j->scale, j->minimum, j->bias, j->y, j->n, r0, rows,
                       scratch);
@@ -619,29 +647,32 @@ int affine_linear_parallel(const float *x, int64_t m, int64_t k, const uint8_t *
         const int64_t per = (tiles + 4 * (helpers + 1) - 1) / (4 * (helpers + 1));  /* tiles per chunk */
         *j = (job_t){.x = x, .scale = scale, .minimum = minimum, .bias = bias, .codes = codes, .y = y, .m = m,
                      .k = k, .n = n, .chunk_rows = per * tile, .chunks = (tiles + per - 1) / per, .bits = bits};
-        atomic_init(&j->next, 0);
-        atomic_init(&j->done, 0);
-        atomic_init(&j->refs, 1 + helpers);
-        atomic_fetch_add_explicit(&split_calls, 1, memory_order_relaxed);
-        for (int i = 1; i <= helpers; i++) {
-            job_t *old = atomic_exchange(&slot[i], j);  /* publishes the job (seq_cst) */
-            if (old) release(old);  /* an earlier job helper i never took */
-            atomic_fetch_add(&task[i], 1);  /* seq_cst: ordered against asleep[i] */
-            if (atomic_load(&asleep[i])) futex_wake(&task[i]);
-        }
-        work_on(j, scratch);
-        const int64_t until = now_ns() + atomic_load(&spin_ns);
-        for (int spins = 0; atomic_load_explicit(&j->done, memory_order_acquire) < j->chunks; spins++) {
-            cpu_relax();
-            if ((spins & 63) == 63 && now_ns() > until) sched_yield();  /* a helper's chunk was preempted */
-        }
-        release(j);
+        run_job(j, helpers, scratch);
         return 0;
     }
 #else
     (void)threads;
 #endif
     return affine_linear(x, m, k, codes, bits, scale, minimum, bias, y, n, 0, n, scratch);
+}
+
+/* Another native kernel's work on this pool (kernels/cpu_attention.c's decode rows): chunks 0 .. chunks - 1, each
+   work(context, c) once, claimed by the caller and up to threads - 1 helpers as affine calls are; returns when all
+   are done. Off Linux, or with one thread, the caller runs them in order. */
+void affine_pool_run(void (*work)(void *, int64_t), void *context, int64_t chunks, int threads) {
+#if defined(__linux__)
+    int helpers = (threads < atomic_load(&pool_threads) ? threads : atomic_load(&pool_threads)) - 1;
+    if (helpers > chunks - 1) helpers = (int)(chunks - 1);
+    job_t *j = helpers > 0 ? malloc(sizeof(job_t)) : NULL;
+    if (j) {
+        *j = (job_t){.chunks = chunks, .work = work, .context = context};
+        run_job(j, helpers, NULL);
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    for (int64_t c = 0; c < chunks; c++) work(context, c);
 }
 
 /* Calls smaller than m * n * k = work run on the caller's thread alone (a part's hand-off costs microseconds). */

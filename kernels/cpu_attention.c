@@ -20,6 +20,7 @@
    The C code trusts its caller (kernels/attention.py checks every shape, stride, index and length first). */
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,46 +186,76 @@ static void weighted_values_portable(const float *w, const float *v, int64_t n, 
     for (int64_t i = 0; i < dim; i++) o[i] *= inverse;
 }
 
+/* One call's arguments, as decode_attention takes them. */
+typedef struct {
+    int64_t heads, kv_heads, dim, q_token_stride, q_head_stride, o_token_stride;
+    float scale;
+    const float *query;
+    const int64_t *tokens, *keys, *values, *k_head_stride, *v_head_stride, *first, *count;
+    float *out;
+    _Atomic int failed;  /* a row found no memory for its scores */
+} call_t;
+
+/* Every head of row r. */
+static void attend_row(void *context, int64_t r) {
+    call_t *c = context;
+    const int64_t n = c->count[r], dim = c->dim, group = c->heads / c->kv_heads;
+    float *s = malloc(sizeof(float) * (size_t)(n + 8));
+    if (s == NULL) {
+        atomic_store_explicit(&c->failed, 1, memory_order_relaxed);  /* read once every row is done */
+        return;
+    }
+    for (int64_t h = 0; h < c->heads; h++) {
+        const int64_t g = h / group;
+        const float *q = c->query + c->tokens[r] * c->q_token_stride + h * c->q_head_stride;
+        const float *k = (const float *)(intptr_t)c->keys[r] + g * c->k_head_stride[r] + c->first[r] * dim;
+        const float *v = (const float *)(intptr_t)c->values[r] + g * c->v_head_stride[r] + c->first[r] * dim;
+        float *o = c->out + c->tokens[r] * c->o_token_stride + h * dim;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (dim % 8 == 0) {
+            scores(q, k, n, dim, c->scale, s);
+            weighted_values(s, v, n, dim, softmax_weights8(s, n), o);
+            continue;
+        }
+#endif
+        scores_portable(q, k, n, dim, c->scale, s);
+        weighted_values_portable(s, v, n, dim, softmax_weights(s, n), o);
+    }
+    free(s);
+}
+
+/* kernels/cpu_affine.c's affine_pool_run (set by attention_set_pool): the rows of a call shared with its pool */
+typedef void (*pool_run_t)(void (*)(void *, int64_t), void *, int64_t, int);
+static pool_run_t pool_run;
+
+void attention_set_pool(void *run) { pool_run = (pool_run_t)run; }
+
 /* rows: decode rows; heads, kv_heads, dim: the layer's geometry (heads a multiple of kv_heads).
    tokens[r]: row r's place in the step's sequence: head h of its query at query + tokens[r] * q_token_stride +
    h * q_head_stride (dim contiguous floats), of its output at out + tokens[r] * o_token_stride + h * dim.
    keys[r], values[r]: addresses of row r's buffers; key head g, token j at keys[r] + g * k_head_stride[r] + j * dim
    (likewise values with v_head_stride[r]). first[r], count[r]: the keys the row attends to (count >= 1).
+   threads: rows are shared among up to this many threads of the affine kernel's pool (attention_set_pool; each
+   row computed whole by one thread, so the same bits whatever the count): the keys of a 16-row step come from
+   memory, and a second core doubles what can be in flight.
    Returns 0, or -1 for arguments it refuses, -2 when out of memory. */
 int decode_attention(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, float scale, const float *query,
                      int64_t q_token_stride, int64_t q_head_stride, const int64_t *tokens, const int64_t *keys,
                      const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
-                     const int64_t *first, const int64_t *count, float *out, int64_t o_token_stride) {
+                     const int64_t *first, const int64_t *count, float *out, int64_t o_token_stride, int threads) {
     if (rows < 0 || heads <= 0 || kv_heads <= 0 || dim <= 0 || heads % kv_heads != 0) return -1;
-    const int64_t group = heads / kv_heads;
-    int64_t longest = 1;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < rows; r++)
         if (count[r] < 1 || first[r] < 0 || tokens[r] < 0) return -1;
-        if (count[r] > longest) longest = count[r];
+    call_t call = {.heads = heads, .kv_heads = kv_heads, .dim = dim, .q_token_stride = q_token_stride,
+                   .q_head_stride = q_head_stride, .o_token_stride = o_token_stride, .scale = scale, .query = query,
+                   .tokens = tokens, .keys = keys, .values = values, .k_head_stride = k_head_stride,
+                   .v_head_stride = v_head_stride, .first = first, .count = count, .out = out};
+    if (pool_run != NULL && threads > 1 && rows > 1) {
+        pool_run(attend_row, &call, rows, threads);
+    } else {
+        for (int64_t r = 0; r < rows; r++) attend_row(&call, r);
     }
-    float *s = malloc(sizeof(float) * (size_t)(longest + 8));
-    if (s == NULL) return -2;
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t n = count[r];
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t g = h / group;
-            const float *q = query + tokens[r] * q_token_stride + h * q_head_stride;
-            const float *k = (const float *)(intptr_t)keys[r] + g * k_head_stride[r] + first[r] * dim;
-            const float *v = (const float *)(intptr_t)values[r] + g * v_head_stride[r] + first[r] * dim;
-            float *o = out + tokens[r] * o_token_stride + h * dim;
-#if defined(__AVX2__) && defined(__FMA__)
-            if (dim % 8 == 0) {
-                scores(q, k, n, dim, scale, s);
-                weighted_values(s, v, n, dim, softmax_weights8(s, n), o);
-                continue;
-            }
-#endif
-            scores_portable(q, k, n, dim, scale, s);
-            weighted_values_portable(s, v, n, dim, softmax_weights(s, n), o);
-        }
-    }
-    free(s);
-    return 0;
+    return atomic_load(&call.failed) ? -2 : 0;
 }
 
 /* Decode rows' new keys (or values) into their sessions' cache buffers: row r's dim floats of head g, at

@@ -59,6 +59,8 @@ class _Plan:
     windows: list[int | None]  # per layer of the span
     explicit_masks: bool  # eager attention: every multi-token step gets a mask
     layer: int = 0  # the layer whose keys were appended last
+    native: attention.DecodeRows | None = None  # the decode rows' native calls (float32 CPU), once the first layer ran
+    native_layer: int | None = None  # the layer whose rows `native` checked and appended
     # per segment, for `layer`: its cache's keys and values (buffers that may hold more) and how many it attends to
     keys: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
@@ -92,14 +94,19 @@ class SegmentsCache:
         # key_states: [1, kv_heads, ΣT, D]
         plan = self.plan
         appended: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], int]] = {}
+        plan.native_layer = None
         if plan.rows and key_states.is_cpu and key_states.dtype == torch.float32 and attention.available():
-            # decode rows: their new keys (values) into their caches' buffers in one native call
-            caches = [plan.segments[i].cache for i in plan.rows]
-            buffers = [c.reserve(key_states, value_states, layer_idx, c.length + 1) for c in caches]
-            starts, positions = [plan.starts[i] for i in plan.rows], [c.length for c in caches]
-            if (attention.append_rows(key_states, starts, [k for k, _ in buffers], positions)
-                    and attention.append_rows(value_states, starts, [v for _, v in buffers], positions)):
-                appended = {i: (kv, p + 1) for i, kv, p in zip(plan.rows, buffers, positions, strict=True)}
+            # decode rows: their new keys and values into their caches' buffers, one native call each
+            if plan.native is None:
+                plan.native = attention.DecodeRows([plan.starts[i] for i in plan.rows],
+                                                   [plan.segments[i].cache.length + 1 for i in plan.rows])
+            native = plan.native
+            buffers = [plan.segments[i].cache.reserve(key_states, value_states, layer_idx, n)
+                       for i, n in zip(plan.rows, native.lengths, strict=True)]
+            if (native.check([k for k, _ in buffers], [v for _, v in buffers])
+                    and native.append(key_states, value_states)):
+                plan.native_layer = layer_idx
+                appended = {i: (kv, n) for i, kv, n in zip(plan.rows, buffers, native.lengths, strict=True)}
         plan.layer, plan.keys, plan.lengths = layer_idx, [], []
         for i, segment in enumerate(plan.segments):
             if i in appended:
@@ -161,9 +168,8 @@ def segments_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     direct = _direct_sdpa(original, query, kwargs) if rows else None
     scaling = kwargs.get("scaling")
     # plain SDPA, float32 on the CPU: every decode row against its own keys in one native call
-    native = direct is not None and attention.decode_attention(
-        query, [starts[i] for i in rows], [plan.keys[i] for i in rows], [plan.lengths[i] for i in rows], out,
-        query.shape[-1] ** -0.5 if scaling is None else scaling, window)
+    native = (direct is not None and plan.native is not None and plan.native_layer == plan.layer
+              and plan.native.attend(query, out, query.shape[-1] ** -0.5 if scaling is None else scaling, window))
     if direct is not None and not native:  # plain SDPA: each decode row against its own keys, no mask or copy
         for i in rows:
             keys, values = plan.attended(i)

@@ -133,10 +133,11 @@ class Peer:
         """(torch threads, native kernel threads) from --num-threads (0: the CPUs this process may run on).
 
         A CPU span of native-kernel linears runs torch on one thread and splits each kernel call's output rows over
-        the threads (kernels.cpu.set_threads): torch's remaining ops, attention and norms over a few rows, measured
-        slower on 2 threads than on one (a 16-row decode of SmolLM2's 30 int4 blocks 110 vs 83 ms on 2 cores),
-        while the kernel's calls split well (benchmarks/results/kernels_threads.json). Any other span: torch's threads
-        (0: torch's default), the kernel unused."""
+        the threads (kernels.cpu.set_threads), and its decode rows' native attention their rows: torch's remaining
+        ops, norms and rotary embeddings over a few rows, measured slower on 2 threads than on one (a 16-row decode of
+        SmolLM2's 30 int4 blocks 110 vs 83 ms on 2 cores), while the kernel's calls split well
+        (benchmarks/results/kernels_threads.json). Any other span: torch's threads (0: torch's default), the kernel
+        unused, decode rows' attention on one thread."""
         wanted = self.settings.num_threads
         native = self.precision.device == "cpu" and self.precision.quant != "none" and self.precision.kernel == "native"
         if not native:

@@ -80,6 +80,25 @@ def test_a_rows_result_is_the_same_bits_whatever_else_is_in_the_call():
         assert torch.equal(alone[0, 0], together[0, i])
 
 
+def test_rows_shared_among_the_kernel_pools_threads_give_the_same_bits(monkeypatch):
+    # with the peer's kernel threads (kernels.cpu.set_threads), a call's rows are claimed by the affine kernel's pool:
+    # each row computed whole by one thread, so the same bits as on one
+    g = torch.Generator().manual_seed(7)
+    lengths = [70, 3, 129, 40, 1, 90, 17]
+    buffers = _sessions(g, lengths, 3, 64)
+    query = torch.randn(1, 9, len(lengths), 64, generator=g)
+    monkeypatch.setattr(cpu, "_threads", 1)  # restored after the test
+    one = torch.zeros(1, len(lengths), 9, 64)
+    assert attention.decode_attention(query, list(range(len(lengths))), buffers, lengths, one, 0.125)
+    if cpu.set_threads(2) < 2:
+        pytest.skip("the kernel's pool could not start a helper thread")
+    split = cpu._library().affine_split_calls()
+    shared = torch.zeros(1, len(lengths), 9, 64)
+    assert attention.decode_attention(query, list(range(len(lengths))), buffers, lengths, shared, 0.125)
+    assert cpu._library().affine_split_calls() == split + 1  # the rows went through the pool
+    assert torch.equal(one, shared)
+
+
 def test_large_scores_stay_finite():
     # the softmax subtracts each head's maximum: scores of ~1e4 would overflow exp otherwise
     keys = torch.full((1, 1, 4, 8), 100.0)

@@ -274,13 +274,13 @@ def test_decode_rows_native_attention_equals_torchs(tiny_model_dir, monkeypatch,
     prompts = [torch.randn(1, n, span.hidden_size, generator=g) for n in (9, 2, 6)]
     steps = [torch.randn(len(prompts), 1, span.hidden_size, generator=g) for _ in range(3)]
     calls = []
-    real = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention.DecodeRows.attend
+    monkeypatch.setattr(attention.DecodeRows, "attend", lambda *a: calls.append(1) or real(*a))
     results = []
     for native in (True, False):
         if not native:
             monkeypatch.setattr(attention, "available", lambda: False)
-            monkeypatch.setattr(attention, "decode_attention", lambda *a: False)
+            monkeypatch.setattr(attention.DecodeRows, "attend", lambda *a: False)
         caches = [span.new_cache(32) for _ in prompts]
         for p, c in zip(prompts, caches, strict=True):
             span(p, c, 0)
