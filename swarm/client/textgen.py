@@ -46,7 +46,14 @@ class SwarmTextService:
     REUSE_HEADROOM = 1024  # tokens a session is opened for beyond its request, so that a next turn fits in it
     PARK_SECONDS = 60.0  # a parked session older than this is closed, not reused
 
-    def __init__(self, client: SwarmClient, tokenizer: Any, reuse_sessions: int = 8):
+    # Parked sessions kept (each holds only the KV of its tokens on its peers): a burst of chats that share a system
+    # prompt reuses it once as many sessions have finished. 32 beside the gateway's 32 concurrent generations fills a
+    # peer's default 64 sessions a client; when a peer refuses a new session for capacity, the parked ones go first.
+    # 16 chats at once through `make serve` after a first 16: with 8 parked, 8 of them reused 28 of their ~45 prompt
+    # tokens and the other 8 computed all (benchmarks/README.md, 2026-12-03).
+    REUSE_SESSIONS = 32
+
+    def __init__(self, client: SwarmClient, tokenizer: Any, reuse_sessions: int = REUSE_SESSIONS):
         self.client = client
         self.reuse_sessions = reuse_sessions
         self._parked: list[_Parked] = []  # most recently used first

@@ -75,3 +75,23 @@ async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
     assert other is not parked and start == 0  # bob computes his whole prompt
     same, start = await service._session_for([*history, 99], 10, 1, tenant="key:alice")
     assert same is parked and start == len(history)  # alice continues where she stopped
+
+
+async def test_a_burst_sharing_a_system_prompt_reuses_it_once_as_many_sessions_finished():
+    """16 chats at once from one tenant, each starting with the same system prompt: once 16 have finished and been
+    parked, the next 16 each take one (the shared prefix not computed again), none computes it from scratch."""
+    client = FakeClient(4096)
+
+    async def inference_session(max_length, batch_size=1):
+        client.asked.append(max_length)
+        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=0)
+
+    client.inference_session = inference_session
+    service = SwarmTextService(client, tokenizer=None)
+    system = list(range(1000, 1028))  # 28 tokens every chat starts with
+    for i in range(16):
+        tokens = [*system, i, i + 1, 7, 7]
+        await service._park(tokens, FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)],
+                                                position=len(tokens)), tenant="addr:1")
+    starts = [(await service._session_for([*system, 100 + i, 5], 48, 1, tenant="addr:1"))[1] for i in range(16)]
+    assert starts == [len(system)] * 16 and client.asked == []
