@@ -84,6 +84,8 @@ class Router:
         self._task: asyncio.Task | None = None
         self._refreshing: asyncio.Lock | None = None
         self._table: tuple[tuple, SpanTable] | None = None  # (what it was built from, `spans` as columns)
+        # (blocks, peers avoided) → the refresh (its `_spans` list) in which no verifier route existed
+        self._no_verifier: dict[tuple[int, int, frozenset[str]], list[SpanInfo]] = {}
         # the sessions routed here push from peer to peer (swarm.client.session): a route counts the hops between
         # peers that measured them (SpanInfo.next_rtt) instead of a return through this client
         self.push = False
@@ -303,6 +305,31 @@ class Router:
                 return find_chain(table, self.model_id, self.num_blocks, refused, start, end, views, length, batch,
                                   push)
         raise AssertionError("unreachable")
+
+    async def verifier_route(self, start: int, end: int, *, length: int, batch: int, without: Iterable[str],
+                             push: bool | None = None) -> list[Link] | None:
+        """A chain over blocks [start, end) avoiding `without`, to check a step of theirs on (verification); None
+        when there is none. That no other peer of the last refresh serves these blocks is kept until the next
+        refresh (peers left out for a while, refused or banned, are asked again at the next check). Without that,
+        where a span has one replica, every step of every session through it searched again: a step is due for a
+        check at every step until its peer passed its warm-up checks, which with no other replica it never does (at
+        16 chats through `make serve`'s one peer, ~17% of the gateway's event loop)."""
+        key = (start, end, frozenset(without))
+        if self._no_verifier.get(key) is self._spans:
+            return None
+        try:
+            return await self.route(start, end, length=length, batch=batch, replacing=True, without=key[2],
+                                    push=push)
+        except NoChainError:
+            pass
+        try:  # none now: is that the swarm (remembered), or peers avoided for a while (refused, banned: not)?
+            find_chain(self.table, self.model_id, self.num_blocks, set(key[2]), start, end, self.health, length,
+                       batch, self.push if push is None else push)
+        except NoChainError:
+            if len(self._no_verifier) >= 256:  # old refreshes' answers
+                self._no_verifier.clear()
+            self._no_verifier[key] = self._spans
+        return None
 
     async def missing_blocks(self, fresh: bool = False) -> list[tuple[int, int]]:
         """Blocks no live peer serves now ([] when a complete chain exists)."""

@@ -393,11 +393,8 @@ class InferenceSession:
         the session was closed)."""
         if self.router is None:
             return None
-        try:
-            return await self.router.route(link.start, link.end, length=length, batch=self.batch_size,
-                                           replacing=True, without=without, push=self.push)
-        except NoChainError:
-            return None
+        return await self.router.verifier_route(link.start, link.end, length=length, batch=self.batch_size,
+                                                without=without, push=self.push)
 
     async def _recompute(self, chain: list[Link], history: torch.Tensor, tokens: int
                          ) -> tuple[torch.Tensor, list[SpanInfo]] | None:

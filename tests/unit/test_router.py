@@ -409,3 +409,34 @@ async def test_routes_count_measured_hops_only_for_sessions_that_push(router):
     assert await first_peer(router, push=False) == "near"
     router.push = False
     assert await first_peer(router) == "near"
+
+
+async def test_a_span_with_no_other_replica_is_not_searched_again_for_a_verifier_until_the_next_refresh(
+        router, monkeypatch, clock):
+    # every step of a peer that never passed a check is due for one; with no other replica it never can pass, and
+    # searching the swarm again at every step of every session cost the gateway's event loop (see verifier_route)
+    router.spans = [record("a", 0, 30)]
+    router.updated = clock()
+    searches = []
+    real = router_module.find_chain
+    monkeypatch.setattr(router_module, "find_chain", lambda *a, **k: searches.append(1) or real(*a, **k))
+    assert await router.verifier_route(0, 30, length=8, batch=1, without=["a"]) is None
+    first = len(searches)  # the route, and whether the swarm itself holds none
+    for _ in range(5):
+        assert await router.verifier_route(0, 30, length=8, batch=1, without=["a"]) is None
+    assert first and len(searches) == first
+    assert [link.peer.peer_id for link in await router.verifier_route(0, 30, length=8, batch=1, without=["b"])] == ["a"]
+    router.spans = [record("a", 0, 30), record("b", 0, 30)]  # the next refresh: a second replica
+    router.updated = clock()
+    chain = await router.verifier_route(0, 30, length=8, batch=1, without=["a"])
+    assert [link.peer.peer_id for link in chain] == ["b"]
+
+
+async def test_replicas_left_out_for_a_while_are_asked_again_at_the_next_check(router, monkeypatch, clock):
+    # a replica refused lately (or banned) gives no verifier now, but it serves the blocks: not remembered as none
+    router.report("b", Outcome.REFUSED)
+    assert await router.verifier_route(0, 30, length=8, batch=1, without=["a"]) is None
+    clock.now += PeerHealth.REFUSAL_SECONDS + 0.1
+    router.updated = clock()  # the same refresh
+    chain = await router.verifier_route(0, 30, length=8, batch=1, without=["a"])
+    assert [link.peer.peer_id for link in chain] == ["b"]
