@@ -1,12 +1,14 @@
 """Many users on the path they run: N concurrent streaming chats through `uvicorn app.main:app` over HTTP.
 
     python -m benchmarks.serve [--streams 1,16,64] [--tokens 48] [--rounds 3] [--configs embedded,fp32_2,int4_2]
-                               [--out benchmarks/results]
+                               [--baseline DIR] [--out benchmarks/results]
 
 Each configuration is a gateway as its own uvicorn process, started the way a user starts it:
 - `embedded`: `uvicorn app.main:app` with no settings, so it starts its embedded swarm (the configuration
   `make serve` runs: one local peer of the default model, its default precision and threads);
-- `fp32_2` / `int4_2`: the gateway joined to 2 peers (0:15, 15:30) started by hand with `--quant none` / `int4`.
+- `fp32_2` / `int4_2`: the gateway joined to 2 peers (0:15, 15:30) started by hand with `--quant none` / `int4`;
+- `baseline`: `embedded` run from the checkout DIR of `--baseline` (another revision, e.g. `git worktree add DIR
+  REV`; this checkout's Python environment), to compare a change with what it changes, side by side.
 All gateways run for the whole benchmark, and rounds interleave every configuration and stream count (a slow spell of
 the shared machine falls on all of them). A run sends N chat requests at once (`stream: true`, greedy, end-of-text
 suppressed with logit_bias, `max_tokens` new tokens each; every prompt distinct, ~40 tokens with the template) and
@@ -23,6 +25,7 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +114,7 @@ async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: in
 # starts its embedded swarm, as `make serve` does
 CONFIGS: dict[str, dict[str, Any]] = {
     "embedded": {"peers": [], "env": {}},
+    "baseline": {"peers": [], "env": {}},  # embedded, from the --baseline checkout
     "embedded_1t": {"peers": [], "env": {"EMBEDDED_NUM_THREADS": "1"}},  # the embedded peer's kernel on one thread
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
@@ -125,8 +129,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def start_config(swarm: LocalSwarm, name: str, max_concurrent: int) -> tuple[int, Any]:
+def start_config(swarm: LocalSwarm, name: str, max_concurrent: int, baseline: Path | None = None) -> tuple[int, Any]:
     config = CONFIGS[name]
+    if name == "baseline" and baseline is None:
+        raise SystemExit("the baseline configuration needs --baseline DIR (a checkout of the revision to compare)")
     port = free_port()
     env = {"GATEWAY_MAX_CONCURRENT": str(max_concurrent), **config["env"]}
     if config["peers"]:
@@ -136,7 +142,7 @@ def start_config(swarm: LocalSwarm, name: str, max_concurrent: int) -> tuple[int
         for proc in procs:
             LocalSwarm.peer_id(proc)  # ready
         env["SWARM_INITIAL_PEERS"] = " ".join(swarm.initial_peers)
-    return port, swarm.start_gateway(port, env)
+    return port, swarm.start_gateway(port, env, baseline if name == "baseline" else None)
 
 
 async def run(args) -> dict[str, Any]:
@@ -159,7 +165,7 @@ async def run(args) -> dict[str, Any]:
                 # with the environment a user's shell has (the launcher's test default of --quant none is not set)
                 swarm = swarms[name] = LocalSwarm(Path(tmp) / name)
                 swarm.peer_env.pop("SWARM_PEER_QUANT", None)
-                gateways[name] = start_config(swarm, name, max(counts) + 8)
+                gateways[name] = start_config(swarm, name, max(counts) + 8, args.baseline)
             for port, _ in gateways.values():  # warm-up: every path compiled and cached once
                 await run_streams(port, 2, 8, -1, eos)
             for round_ in range(args.rounds):
@@ -178,8 +184,19 @@ async def run(args) -> dict[str, Any]:
                 swarm.stop()
     return {"benchmark": "serve", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "tokens": args.tokens, "rounds": args.rounds, "streams": counts,
-                         "configs": {name: CONFIGS[name] for name in names}, "greedy": True, "eos_suppressed": True},
+                         "configs": {name: CONFIGS[name] for name in names}, "greedy": True, "eos_suppressed": True,
+                         "baseline": None if args.baseline is None else {
+                             "dir": str(args.baseline), "revision": _revision(args.baseline)},
+                         "revision": _revision(Path(__file__).resolve().parent.parent)},
             "results": summarize(runs, counts), "peak_rss_mib": rss}
+
+
+def _revision(checkout: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def summarize(runs: dict[str, dict[int, list[dict[str, Any]]]], counts: list[int]) -> dict[str, Any]:
@@ -206,6 +223,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per stream")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", default="embedded,fp32_2,int4_2", help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another revision, run as the `baseline` configuration")
     parser.add_argument("--out", default=None, help="also write DIR/serve.json")
     args = parser.parse_args()
     emit("serve", asyncio.run(run(args)), args.out)

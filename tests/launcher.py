@@ -30,14 +30,15 @@ class ProcessFailed(RuntimeError):
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+                                     start_new_session=True, cwd=cwd or Path(__file__).resolve().parent.parent,
                                      preexec_fn=_terminate_with_parent)
         self.pid = self.proc.pid
 
@@ -120,16 +121,18 @@ class LocalSwarm:
     def peer_id(proc: ManagedProcess) -> str:
         return proc.wait_for(r"peer ready: .* peer_id=(\S+)").group(1)
 
-    def start_gateway(self, port: int, env: dict[str, str]) -> ManagedProcess:
-        """`uvicorn app.main:app` on 127.0.0.1:port; returns once the app has started (its swarm is ready)."""
+    def start_gateway(self, port: int, env: dict[str, str], cwd: Path | None = None) -> ManagedProcess:
+        """`uvicorn app.main:app` on 127.0.0.1:port (the code of the checkout `cwd`, by default this one); returns once
+        the app has started (its swarm is ready)."""
         argv = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-        proc = self._spawn(f"gateway-{port}", argv, env)
+        proc = self._spawn(f"gateway-{port}", argv, env, cwd)
         proc.wait_for(r"Application startup complete")
         return proc
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> ManagedProcess:
         proc = ManagedProcess(name, [sys.executable, *args], self.workdir / f"{name}.log", {**self.peer_env,
-                                                                                           **(env or {})})
+                                                                                           **(env or {})}, cwd)
         self.processes.append(proc)
         return proc
 
