@@ -48,7 +48,7 @@ class Limits:
     max_length: int = 8192
     max_batch: int = 8
     max_chunk_tokens: int = 2048  # new tokens in one step; a longer prefill is sent in several steps
-    max_batch_sessions: int = 32  # decode steps of different sessions run together
+    max_batch_sessions: int = 64  # decode steps of different sessions run together
     prefill_chunk: int = 128  # tokens of a prefill computed at once; decode batches run in between
     batch_wait: float = 0.02  # seconds the batcher may wait for the decoding sessions' next steps
     admission_wait: float = 5.0  # seconds a session may wait for KV budget (to open, or to grow) before a refusal
