@@ -57,9 +57,7 @@ class FakeSession(SimpleNamespace):
         self.closed_by_service = True
 
 
-async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
-    """Prefix reuse is per tenant (API key, else client address): another tenant's first token must not come sooner
-    because someone else sent the same prefix."""
+def _service_opening_fake_sessions() -> tuple[FakeClient, SwarmTextService]:
     client = FakeClient(4096)
 
     async def inference_session(max_length, batch_size=1):
@@ -67,7 +65,13 @@ async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
         return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=0)
 
     client.inference_session = inference_session
-    service = SwarmTextService(client, tokenizer=None)
+    return client, SwarmTextService(client, tokenizer=None)
+
+
+async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
+    """Prefix reuse is per tenant (API key, else client address): another tenant's first token must not come sooner
+    because someone else sent the same prefix."""
+    _, service = _service_opening_fake_sessions()
     history = list(range(40))
     parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(history))
     await service._park(history, parked, tenant="key:alice")
@@ -80,14 +84,7 @@ async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
 async def test_a_burst_sharing_a_system_prompt_reuses_it_once_as_many_sessions_finished():
     """16 chats at once from one tenant, each starting with the same system prompt: once 16 have finished and been
     parked, the next 16 each take one (the shared prefix not computed again), none computes it from scratch."""
-    client = FakeClient(4096)
-
-    async def inference_session(max_length, batch_size=1):
-        client.asked.append(max_length)
-        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=0)
-
-    client.inference_session = inference_session
-    service = SwarmTextService(client, tokenizer=None)
+    client, service = _service_opening_fake_sessions()
     system = list(range(1000, 1028))  # 28 tokens every chat starts with
     for i in range(16):
         tokens = [*system, i, i + 1, 7, 7]
