@@ -118,16 +118,20 @@ class DecodeRows:
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """key_states, value_states [1, kv_heads, T, D]: token rows[i] goes to position lengths[i] - 1 of row i's
         checked buffers."""
+        return self._write([(key_states, True), (value_states, False)])
+
+    def _write(self, writes: list[tuple[torch.Tensor, bool]]) -> bool:
+        """Each (states, into the key buffers or the value ones) appended, once all of them are checked."""
         library = _library()
         if self._checked is None or library is None:
             return False
         _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides = self._checked
-        for states in (key_states, value_states):
+        for states, _ in writes:
             if not (_readable(states) and states.shape[1] == kv_heads and states.shape[3] == dim
                     and self._last_row < states.shape[2]):
                 return False
-        for states, addresses, strides in ((key_states, key_addresses, key_strides),
-                                           (value_states, value_addresses, value_strides)):
+        for states, keys in writes:
+            addresses, strides = (key_addresses, key_strides) if keys else (value_addresses, value_strides)
             library.append_rows(self.count, kv_heads, dim, states.data_ptr(), self._rows, states.stride(2),
                                 states.stride(1), addresses, strides, self._positions)
         return True
@@ -162,7 +166,7 @@ def append_rows(states: torch.Tensor, rows: list[int], buffers: list[torch.Tenso
     if not rows or len(positions) != len(rows) or min(positions) < 0:
         return False
     batch = DecodeRows(rows, [p + 1 for p in positions])
-    return batch.check(buffers, buffers) and batch.append(states, states)
+    return batch.check(buffers, buffers) and batch._write([(states, True)])
 
 
 def decode_attention(query: torch.Tensor, rows: list[int], buffers: list[tuple[torch.Tensor, torch.Tensor]],
