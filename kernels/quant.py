@@ -404,3 +404,34 @@ def quantize_linears(module: nn.Module, method: str, kernel: str | None = None) 
         else:
             count += quantize_linears(child, method, kernel)
     return count
+
+
+EXACT_SAMPLE_ROWS = 64  # rows checked before a whole weight is quantized (a float weight fails on its first rows)
+
+
+def exact_native_int8(linear: nn.Linear) -> NativeLinear | None:
+    """The native int8 kernel for a float32 CPU linear whose weight it holds exactly (every group of 32 on an affine
+    grid of at most 256 levels: weights dequantized from a checkpoint's own 8-bit or smaller blocks, like the default
+    model's Q8_0 embedding table), so that it computes the float32 layer's products in another order only; None for
+    any other weight (float weights lie on no such grid), or where the kernel is unavailable."""
+    weight = linear.weight.detach()
+    if (weight.dtype != torch.float32 or weight.device.type != "cpu" or OVERRIDE not in (None, "native")
+            or not NativeLinear.fits("int8", weight.device, linear.in_features, linear.out_features)):
+        return None
+    if not _holds_exactly(weight[:EXACT_SAMPLE_ROWS], *reference.quantize_int8_affine(weight[:EXACT_SAMPLE_ROWS])):
+        return None
+    native = NativeLinear(linear, "int8")
+    return native if _holds_exactly(weight, native.qweight, native.scale, native.minimum) else None
+
+
+def _holds_exactly(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
+    """Whether code * scale + minimum, rounded once to float32 as the kernel's fused multiply-add does, is every
+    weight's own value (computed in float64, where the product and sum of these values are exact)."""
+    rows, cols = weight.shape
+    for start in range(0, rows, 4096):  # float64 temporaries of a few MB at a time
+        part = slice(start, start + 4096)
+        groups = codes[part].double().reshape(-1, cols // cpu.GROUP, cpu.GROUP)
+        back = (groups * scale[part].double()[..., None] + minimum[part].double()[..., None]).float()
+        if not torch.equal(back.reshape(-1, cols), weight[part]):
+            return False
+    return True

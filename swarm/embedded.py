@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
+from kernels import cpu
 from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, stop_dht, visible_maddrs
@@ -33,10 +34,14 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
     client_options go to SwarmClient.connect. client_threads: torch threads of this process (the client's head);
     0: one beside an embedded swarm (its peer computes on every core; the head's few rows per round need one), torch's
-    default when joining peers elsewhere."""
+    default when joining peers elsewhere. An LM head on the native kernel (swarm.model.head.native_head) shares its
+    calls among every CPU this process may run on, beside an embedded peer too: a round's head runs while the chain
+    waits for its tokens."""
     threads = client_threads or (1 if not initial_peers else 0)
     if threads:
         torch.set_num_threads(threads)
+    if cpu.available():
+        cpu.set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
             models = [model] + ([embedding_model] if embedding_model else [])

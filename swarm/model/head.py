@@ -8,11 +8,13 @@ position embeddings added to the token embeddings (GPT-2, OPT: a sibling Embeddi
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import packed
+from kernels import packed, quant
 from swarm.model.anatomy import (
     UnsupportedModelError,
     checkpoint_for,
@@ -25,6 +27,15 @@ from swarm.model.anatomy import (
 from swarm.model.source import ModelSource
 
 
+def native_head() -> bool:
+    """Whether a client's LM head runs on the native int8 kernel where that kernel holds its weight exactly
+    (`kernels.quant.exact_native_int8`; SWARM_NATIVE_HEAD=0: never). The default model's head is its Q8_0 embedding
+    table: in float32 for oneDNN 113 MB read per call, in the kernel's int8 28 MB + 7 MB of scales and minima, the same
+    values. Its logits then differ from oneDNN's by the order of the sums only (~1e-5), and a row's are the same bits
+    alone or batched, as with oneDNN."""
+    return os.environ.get("SWARM_NATIVE_HEAD", "1") != "0"
+
+
 class LocalHead(nn.Module):
     is_encoder = False
 
@@ -33,13 +44,16 @@ class LocalHead(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings, self.norm = embeddings, norm
-        self.lm_head: nn.Module = lm_head  # a PackedLinear below where oneDNN runs it
+        self.lm_head: nn.Module = lm_head  # a NativeLinear or PackedLinear below where those run it
         self.position_embeddings = position_embeddings
         self.num_blocks: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = lm_head.weight.shape[0]
         self._dtype = lm_head.weight.dtype
-        if packed.fits(lm_head) and packed.available():  # 2.6x faster for the 8 rows of a decode round (kernels.packed)
+        native = quant.exact_native_int8(lm_head) if native_head() and packed.fits(lm_head) else None
+        if native is not None:  # a quarter of the bytes, the same values (see `native_head`)
+            self.lm_head = native
+        elif packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a decode round (kernels.packed)
             self.lm_head = packed.PackedLinear(lm_head)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
         self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
