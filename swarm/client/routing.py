@@ -32,10 +32,11 @@ chain: of spans over the same blocks, those another beats in both its fixed and 
 vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every boundary to
 the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best chain's cost
 (`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains of equal cost
-wins may differ from the search over everything; with push, spans are kept by a lower bound (`_survivors`). The
-records are read as columns (`SpanTable`), which the router builds once per refresh of its view, and the views as
-columns of its PeerHealth: a route over 10,000 peers then takes ~6–8 ms on one core here, ~50 ms with push where
-every record names 4 hops (`python -m benchmarks.simulate --route-scale`).
+wins may differ from the search over everything; with push, spans are kept by a lower bound (`_survivors`: each
+link less the largest saving into it, the first link without, held against a chain found among the PUSH_SEED most
+promising spans). The records are read as columns (`SpanTable`), which the router builds once per refresh of its
+view, and the views as columns of its PeerHealth: a route over 10,000 peers then takes ~5–8 ms on one core here,
+~17 ms with push where every record names 4 hops (`python -m benchmarks.simulate --route-scale`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ PRUNE_ABOVE = 48  # usable peers above which the exact search runs only over tho
 # peers is not taken for free (an assumption, not a measurement)
 MIN_HOP_RTT = 0.004
 PRUNE_SLACK = 1e-6  # relative: spans whose cheapest use costs more than the best chain by this are left out
+PUSH_SEED = 256  # spans a pushed search over a large swarm first searches exactly, for a cost to prune the rest by
 
 
 @dataclass(frozen=True)
@@ -478,28 +480,42 @@ def prune(spans: Sequence[SpanInfo] | SpanTable, start: int, end: int, views: Vi
 def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
                hops: Hops | None) -> np.ndarray | None:
     """Positions in `rows` of the spans that can be on a best chain (`prune`; None: no chain). With hops that save,
-    a chain costs less than the sum of its links, so spans are kept by a lower bound (each span's fixed cost less
-    the largest saving into it) against the best chain's cost without any saving (an upper bound), and none with a
-    saving in or out is dropped as dominated (what it saves is not in its own costs)."""
-    kept, best = _bound(table, rows, start, end, fixed, per_block)
-    if not math.isfinite(best):
+    a chain costs less than the sum of its links, so spans are kept by a lower bound (each link's fixed cost less
+    the largest saving into it, but the first link's, which nothing precedes), and none with a saving in or out is
+    dropped as dominated (what it saves is not in its own costs). The bound is held against the cost of a real chain:
+    the best, hops counted, over the PUSH_SEED spans of least bound (else the best chain without any saving)."""
+    if hops is None:
+        kept, best = _bound(table, rows, start, end, fixed, per_block)[:2]
+        return np.searchsorted(rows, kept) if math.isfinite(best) else None
+    most_into, most_out = np.zeros(len(rows)), np.zeros(len(rows))
+    np.maximum.at(most_into, hops.target, hops.saving)
+    np.maximum.at(most_out, hops.source, hops.saving)
+    kept, lowest, through = _bound(table, rows, start, end, fixed - most_into, per_block, math.inf,
+                                   fixed - most_into - most_out, fixed, fixed)
+    if not math.isfinite(lowest):
         return None
-    if hops is not None:
-        most_into = np.zeros(len(rows))
-        np.maximum.at(most_into, hops.target, hops.saving)
-        protected = np.zeros(len(rows), dtype=bool)
-        protected[hops.source] = protected[hops.target] = True
-        kept = _bound(table, rows, start, end, fixed - most_into, per_block, best, protected, fixed)[0]
-    return np.searchsorted(rows, kept)
+    positions = np.searchsorted(rows, kept)
+    positions = positions[np.isfinite(through[positions])]
+    if len(positions) <= PUSH_SEED:
+        return positions
+    seed = np.sort(positions[np.argsort(through[positions], kind="stable")[:PUSH_SEED]])
+    seeded = hops.take(seed)
+    found = _search_with_hops([table.spans[k] for k in rows[seed]], start, end, seeded) if seeded is not None else None
+    limit = found[1] if found is not None else _bound(table, rows, start, end, fixed, per_block)[1]
+    return positions[through[positions] <= limit + PRUNE_SLACK * (1.0 + abs(limit))]
 
 
 def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
-           limit: float | None = None, protected: np.ndarray | None = None, own_fixed: np.ndarray | None = None
-           ) -> tuple[np.ndarray, float]:
+           limit: float | None = None, least_fixed: np.ndarray | None = None, own_fixed: np.ndarray | None = None,
+           first_fixed: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """`prune` over the spans in `rows` (their costs in `fixed` and `per_block`, in the same order): the rows kept
     and the best chain's cost (inf: none). `limit`: keep what any chain costing up to it uses, instead of the best
-    one; `protected` (a mask over `rows`): spans never dropped as dominated; `own_fixed`: the fixed costs that
-    dominance compares, where `fixed` are lower bounds.
+    one; `own_fixed`: the fixed costs that dominance compares, where `fixed` are lower bounds; `least_fixed`: where a
+    link's savings (hops in and out) can make it cost less than its own fixed cost, the least it can cost (such a
+    span is dropped only if another costs less than that without any saving: `_dominated_despite_savings`);
+    `first_fixed`: the fixed costs of links that start a chain, where they differ from `fixed` (default: the same).
+    Also returns, per span in `rows`, the cost of its cheapest
+    chain (inf: dropped as dominated, or on none).
 
     First, of spans over the same blocks, only those that no other is at least as cheap as in both its fixed and its
     per-block cost (`_undominated`). Then least costs from every boundary to `end` (a backward pass over the
@@ -509,42 +525,79 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
     lo, hi = np.maximum(table.start[rows], start), np.minimum(table.end[rows], end)
     inside = lo < hi
     if not inside.any():
-        return rows, math.inf
+        return rows, math.inf, np.full(len(rows), np.inf)
     nodes = np.unique(np.concatenate(([start, end], lo[inside], hi[inside])))
     inner = np.flatnonzero(inside)
     undominated = np.zeros(len(rows), dtype=bool)
     ranked = fixed if own_fixed is None else own_fixed
-    undominated[inner[_undominated(lo[inner] * (end + 1) + hi[inner], ranked[inner], per_block[inner],
-                                   table.free_kv_tokens[rows[inner]])]] = True
-    inner = np.flatnonzero(inside & (undominated if protected is None else undominated | protected))
+    group = lo[inner] * (end + 1) + hi[inner]
+    if least_fixed is None:
+        undominated[inner[_undominated(group, ranked[inner], per_block[inner],
+                                       table.free_kv_tokens[rows[inner]])]] = True
+    else:
+        undominated[inner] = ~_dominated_despite_savings(group, ranked[inner], least_fixed[inner], per_block[inner])
+    inner = np.flatnonzero(inside & undominated)
     n = len(nodes)
     enters = _by_boundary(n, np.searchsorted(nodes, lo[inner]), np.searchsorted(nodes, hi[inner]), inner)
 
     x = nodes.astype(np.float64)
     to_end, exit_cost = np.full(n, np.inf), np.full(len(rows), np.inf)  # min over q of x_q·P + to_end[q]
     to_end[n - 1] = 0.0
+    first_fixed = fixed if first_fixed is None else first_fixed
     for j in range(n - 1, -1, -1):
         if j < n - 1 and (k := enters(j)).size:
-            to_end[j] = (fixed[k] + exit_cost[k] - x[j] * per_block[k]).min()
+            to_end[j] = ((first_fixed if j == 0 else fixed)[k] + exit_cost[k] - x[j] * per_block[k]).min()
         if j > 0 and np.isfinite(to_end[j]) and (k := enters(j - 1)).size:  # the spans that leave at j
             exit_cost[k] = np.minimum(exit_cost[k], x[j] * per_block[k] + to_end[j])
     best = to_end[0]
     if not np.isfinite(best):
-        return rows, math.inf
-    # Forward: entry[k] = min over boundaries p seen so far within span k of from_start[p] − x_p·P[k]; at each
-    # boundary q, a span leaving there costs fixed + entry + x_q·P + to_end[q] for the best chain through it.
+        return rows, math.inf, np.full(len(rows), np.inf)
+    # Forward: entry[k] = min over boundaries p seen so far within span k of from_start[p] + fixed − x_p·P[k]; at
+    # each boundary q, a span leaving there costs entry + x_q·P + to_end[q] for the best chain through it.
     from_start, entry = np.full(n, np.inf), np.full(len(rows), np.inf)
     through = np.full(len(rows), np.inf)
     from_start[0] = 0.0
     for j in range(n):
         if j > 0 and (k := enters(j - 1)).size:
-            reach = fixed[k] + x[j] * per_block[k] + entry[k]
+            reach = x[j] * per_block[k] + entry[k]
             from_start[j] = reach.min()
             through[k] = np.minimum(through[k], reach + to_end[j])
         if j < n - 1 and np.isfinite(from_start[j]) and (k := enters(j)).size:
-            entry[k] = np.minimum(entry[k], from_start[j] - x[j] * per_block[k])
+            entering = (first_fixed if j == 0 else fixed)[k]
+            entry[k] = np.minimum(entry[k], from_start[j] + entering - x[j] * per_block[k])
     limit = best if limit is None else limit
-    return rows[through <= limit + PRUNE_SLACK * (1.0 + abs(limit))], float(best)
+    return rows[through <= limit + PRUNE_SLACK * (1.0 + abs(limit))], float(best), through
+
+
+def _dominated_despite_savings(group: np.ndarray, own: np.ndarray, least: np.ndarray, per_block: np.ndarray
+                               ) -> np.ndarray:
+    """A mask of the spans that another span of the same group beats even when they save all they can (`least`,
+    their fixed cost less the largest savings into and out of them; `own` for a span without any): its own fixed
+    cost less than their least and its per-block cost at most theirs. A chain through such a span with all its
+    savings costs more than through the other span without any. Of spans equal in both, none is dropped."""
+    n = len(group)
+    # asks (0 .. n-1, at `least`) before offers (n .. 2n-1, at `own`) of the same value: never a span's own offer
+    order = np.lexsort((np.concatenate((least, own)), np.concatenate((group, group))))
+    ranks = np.tile(_ranks(per_block), 2)[order]
+    # as in _undominated: one running minimum over all groups, earlier groups keyed larger
+    dense = _dense(np.tile(group, 2)[order])
+    key = (dense[-1] - dense) * (int(ranks.max()) + 1) + ranks
+    asks = order < n
+    offers = np.where(asks, np.iinfo(np.int64).max, key)
+    before = np.concatenate(([np.iinfo(np.int64).max], np.minimum.accumulate(offers)[:-1]))
+    out = np.zeros(n, dtype=bool)
+    out[order[asks & (before <= key)]] = True
+    return out
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among the distinct values (equal values, equal ranks)."""
+    return np.unique(values, return_inverse=True)[1].reshape(-1)
+
+
+def _dense(ordered: np.ndarray) -> np.ndarray:
+    """Of values in ascending order: 0 for the first distinct value, 1 for the next, ..."""
+    return np.concatenate(([0], np.cumsum(ordered[1:] != ordered[:-1])))
 
 
 def _undominated(group: np.ndarray, fixed: np.ndarray, per_block: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -552,8 +605,7 @@ def _undominated(group: np.ndarray, fixed: np.ndarray, per_block: np.ndarray, fr
     costs: replacing a dominated span by its dominator never makes a chain dearer. Of spans equal in both, the one
     with the most free KV stays (the exact search prefers it on a tie)."""
     order = np.lexsort((-free, per_block, fixed, group))  # by group, then fixed, per-block, most free KV first
-    _, groups = np.unique(group[order], return_inverse=True)
-    _, ranks = np.unique(per_block[order], return_inverse=True)
+    groups, ranks = _dense(group[order]), _ranks(per_block)[order]
     # One running minimum over all groups at once: earlier groups get larger keys, so an earlier group's spans
     # never count against a later one's; a span stays when its per-block cost beats every earlier one's in its group.
     key = (groups.max() - groups) * (ranks.max() + 1) + ranks
