@@ -514,8 +514,7 @@ def _bound(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.n
     link's savings (hops in and out) can make it cost less than its own fixed cost, the least it can cost (such a
     span is dropped only if another costs less than that without any saving: `_dominated_despite_savings`);
     `first_fixed`: the fixed costs of links that start a chain, where they differ from `fixed` (default: the same).
-    Also returns, per span in `rows`, the cost of its cheapest
-    chain (inf: dropped as dominated, or on none).
+    Also returns, per span in `rows`, the cost of its cheapest chain (inf: dropped as dominated, or on none).
 
     First, of spans over the same blocks, only those that no other is at least as cheap as in both its fixed and its
     per-block cost (`_undominated`). Then least costs from every boundary to `end` (a backward pass over the
