@@ -62,6 +62,7 @@ BNB_INT8_THRESHOLD = 6.0
 TRITON_MAX_ROWS = 4  # more rows per call (a prefill chunk) are a matmul, not a decode GEMV
 INT8PACK_ALIGN = 16  # _weight_int8pack_mm reads in_features in vectors of 16 and crashes on a remainder
 INT4PACK_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu refuses other out_features
+PACK_ROWS = 4096  # rows of a weight quantized at once by the native kernel's int8 packing
 
 # The automatic choice, in order (each where it fits and on the devices it names): bitsandbytes on CUDA; then native
 # before torch: torch's kernels round activations to bf16 (and its int8 keeps one scale per row), which flips next
@@ -224,8 +225,10 @@ class NativeLinear(QuantLinear):
                 f"int4")
 
     def pack(self, weight: torch.Tensor) -> None:
-        if self.method == "int8":
-            q, scale, minimum = reference.quantize_int8_affine(weight)
+        if self.method == "int8":  # rows at a time: the float temporaries stay small (an LM head's are ~4x its codes)
+            parts = [reference.quantize_int8_affine(weight[i : i + PACK_ROWS])
+                     for i in range(0, len(weight), PACK_ROWS)]
+            q, scale, minimum = (torch.cat(column) for column in zip(*parts, strict=True))
         else:
             packed, scale, minimum = reference.quantize_int4(weight)
             q = cpu.repack_int4(packed, self.out_features, self.in_features)

@@ -36,6 +36,22 @@ def native_head() -> bool:
     return os.environ.get("SWARM_NATIVE_HEAD", "1") != "0"
 
 
+class CodedEmbedding(nn.Module):
+    """An embedding table read from the int8 codes of its tied LM head (`kernels.quant.exact_native_int8`): each
+    looked-up row is code * scale + minimum rounded once to float32, the table's own values, so the float32 table
+    (113 MB for the default model) need not be kept."""
+
+    def __init__(self, head: quant.NativeLinear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        codes = self.head.qweight[input_ids].double()  # [..., H]
+        shape = (*codes.shape[:-1], -1, quant.cpu.GROUP)
+        scale, minimum = self.head.scale[input_ids].double(), self.head.minimum[input_ids].double()
+        return (codes.reshape(shape) * scale[..., None] + minimum[..., None]).float().reshape(codes.shape)
+
+
 class LocalHead(nn.Module):
     is_encoder = False
 
@@ -53,6 +69,10 @@ class LocalHead(nn.Module):
         native = quant.exact_native_int8(lm_head) if native_head() and packed.fits(lm_head) else None
         if native is not None:  # a quarter of the bytes, the same values (see `native_head`)
             self.lm_head = native
+            if (type(embeddings) is nn.Embedding and embeddings.max_norm is None
+                    and embeddings.weight.shape == lm_head.weight.shape
+                    and torch.equal(embeddings.weight, lm_head.weight)):  # tied: the table is read from the codes
+                self.embeddings = CodedEmbedding(native)
         elif packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a decode round (kernels.packed)
             self.lm_head = packed.PackedLinear(lm_head)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)

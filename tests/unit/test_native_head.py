@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig
 
 from kernels import cpu, packed, quant, reference
-from swarm.model.head import LocalHead
+from swarm.model.head import CodedEmbedding, LocalHead
 
 needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
 
@@ -78,7 +78,9 @@ def test_the_local_head_uses_the_int8_kernel_unless_told_not_to(monkeypatch):
     linear = q8_0_linear(1000, 64, seed=2)
     hidden = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(3))
     head = tiny_head(linear)
-    assert isinstance(head.lm_head, quant.NativeLinear)
+    assert isinstance(head.lm_head, quant.NativeLinear) and isinstance(head.embeddings, CodedEmbedding)
+    ids = torch.tensor([[0, 999, 5], [7, 7, 123]])
+    assert torch.equal(head.embed(ids), linear.weight[ids])  # the tied table's own values
     with torch.inference_mode():
         expected = linear(head.norm(hidden))
     torch.testing.assert_close(head.logits(hidden), expected, atol=1e-5, rtol=1e-5)
@@ -112,12 +114,19 @@ def test_one_row_of_a_head_sized_weight_is_shared_among_threads_with_the_same_bi
 
 
 @needs_cc
-def test_the_default_models_head_is_its_q8_0_table_on_the_int8_kernel():
+def test_the_default_models_head_is_its_q8_0_table_on_the_int8_kernel(monkeypatch):
     from swarm.model.head import load_head
     from swarm.model.source import resolve_model
 
     head = load_head(resolve_model())
     assert isinstance(head.lm_head, quant.NativeLinear)
     assert head.lm_head.qweight.nbytes == head.vocab_size * head.hidden_size  # a byte a weight, not four
+    # the embeddings are read from the same codes: no float32 table kept, the same values
+    assert isinstance(head.embeddings, CodedEmbedding)
+    assert not any(p.dtype == torch.float32 and p.numel() >= head.vocab_size for p in head.parameters())
+    monkeypatch.setenv("SWARM_NATIVE_HEAD", "0")
+    table = load_head(resolve_model()).embeddings.weight
+    every = torch.arange(head.vocab_size)
+    assert torch.equal(head.embed(every[None]), table[None])
     assert torch.equal(reference.dequantize_int8_affine(head.lm_head.qweight, head.lm_head.scale,
-                                                        head.lm_head.minimum), head.embeddings.weight)
+                                                        head.lm_head.minimum), table)
