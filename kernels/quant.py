@@ -428,13 +428,17 @@ def exact_native_int8(linear: nn.Linear) -> NativeLinear | None:
 
 
 def _holds_exactly(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> bool:
-    """Whether code * scale + minimum, rounded once to float32 as the kernel's fused multiply-add does, is every
-    weight's own value (computed in float64, where the product and sum of these values are exact)."""
-    rows, cols = weight.shape
-    for start in range(0, rows, 4096):  # float64 temporaries of a few MB at a time
-        part = slice(start, start + 4096)
-        groups = codes[part].double().reshape(-1, cols // cpu.GROUP, cpu.GROUP)
-        back = (groups * scale[part].double()[..., None] + minimum[part].double()[..., None]).float()
-        if not torch.equal(back.reshape(-1, cols), weight[part]):
+    """Whether `exact_values` of the codes is every weight's own value."""
+    for start in range(0, len(weight), PACK_ROWS):  # float64 temporaries of a few MB at a time
+        part = slice(start, start + PACK_ROWS)
+        if not torch.equal(exact_values(codes[part], scale[part], minimum[part]), weight[part]):
             return False
     return True
+
+
+def exact_values(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """Int8 affine codes [..., K] (scale and minimum [..., K/32]) → code * scale + minimum rounded once to float32,
+    as the kernel's fused multiply-add computes it (in float64, where the product and sum of these values are
+    exact)."""
+    groups = codes.double().reshape(*codes.shape[:-1], -1, cpu.GROUP)
+    return (groups * scale.double()[..., None] + minimum.double()[..., None]).float().reshape(codes.shape)

@@ -46,10 +46,8 @@ class CodedEmbedding(nn.Module):
         self.head = head
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        codes = self.head.qweight[input_ids].double()  # [..., H]
-        shape = (*codes.shape[:-1], -1, quant.cpu.GROUP)
-        scale, minimum = self.head.scale[input_ids].double(), self.head.minimum[input_ids].double()
-        return (codes.reshape(shape) * scale[..., None] + minimum[..., None]).float().reshape(codes.shape)
+        head = self.head
+        return quant.exact_values(head.qweight[input_ids], head.scale[input_ids], head.minimum[input_ids])
 
 
 class LocalHead(nn.Module):
