@@ -8,7 +8,7 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 
     client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e],
                      "push_key"?: 32 hex}
-    peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length"}
+    peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length", "handle"?: int}
     client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
                     hidden_size]]; `group` (optional, decode steps): the client sent this step together with
                     size - 1 others under the same id; the peer batches them in one forward, waiting (a bounded time)
@@ -17,6 +17,20 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
     peer → client   {"type": "error", "code", "message"}  (then the peer closes the stream and frees the session)
 
 A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
+
+Group steps (a client's lockstep group of one-row decode sessions on the same blocks of a peer, swarm.client.decoding):
+one frame on any member's stream carries every member's next token, and one frame answers them all, instead of a
+frame each way per session.
+
+    client → peer   {"type": "group_step", "handles": [h, ...], "positions": [P, ...], "group": [id, size]}
+                    + tensors=[hidden [k, 1, hidden_size]]: row j is the step of the session the peer named
+                    `handle` h_j when it opened it (k <= MAX_GROUP_ROWS; every session this client's, over the
+                    same blocks as the carrying one, open, no step of it in flight, none named twice)
+    peer → client   {"type": "result", "rows": [P_j + 1 | [code, message], ...]} + tensors=[hidden [k, 1, H]]:
+                    row j's output, or why row j was refused (its row is then zeros): that session's own stream
+                    goes on, and the client steps it alone
+A malformed group frame is an error of the carrying stream (it ends, as for a malformed step). Peers that name no
+`handle` in their `opened` answer are not sent group frames.
 
 Server-to-server push (sessions opened with a `push_key`, a secret the client drew for that link): a step may carry
 `"step": n` (the n-th numbered step of this stream, 1, 2, ...) and `"next": [[peer_id, push_key, n'], ...]` (at
@@ -57,6 +71,7 @@ MAX_PUSH_HOPS = 16
 # Bounds of a step's `group` hint: the id's length, the group's size.
 MAX_GROUP_ID = 64
 MAX_GROUP_SIZE = 1024
+MAX_GROUP_ROWS = 256  # rows of one group frame (its handles and positions fit the metadata's 4 KiB)
 
 # Batch size at which peers measure `SpanInfo.batch_throughput`.
 BATCH_PROBE = 8

@@ -71,7 +71,10 @@ class Session:
     last_step: float = field(default_factory=time.monotonic)  # when its last step arrived
     ended: PeerError | None = None  # why the peer ended this session (handed off, evicted), once it has
     idle_timer: asyncio.Timeout | None = None  # while the handler waits for (or reads) the session's next message
+    in_frame: bool = False  # the handler is reading a frame of it (its timer is then the frame's deadline)
     push_key: str = ""  # steps may be pushed to it by the previous peer of its chain (swarm.server.push)
+    handle: int = 0  # its name in its client's group frames (swarm.protocol), unique on this peer
+    stepping: bool = False  # a step of it is in flight (from its own stream or a group frame: one at a time)
 
 
 def bad_request(message: str) -> PeerError:
@@ -88,6 +91,7 @@ class SpanBackend:
         self.limits = limits
         self.budget = budget
         self.sessions: dict[str, Session] = {}
+        self.handles: dict[int, Session] = {}  # the same sessions by handle
         self.shares = FairShares()
         self._keys = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
@@ -137,13 +141,14 @@ class SpanBackend:
                 raise PeerError(refusal, ErrorCode.CAPACITY)
         if not slots.free:
             return f"peer is serving its maximum of {self.limits.max_sessions} sessions"
-        key = f"{next(self._keys)}:{request.session_id}"
+        handle = next(self._keys)
+        key = f"{handle}:{request.session_id}"
         if not self.budget.try_reserve(key, first):
             return f"KV budget exhausted: {first} tokens to start, {self.budget.free} free"
         blocks = slice(request.start - self.span.start, request.end - self.span.start)
         session = Session(key, request.session_id, request.batch_size, request.max_length, blocks,
-                          self.span.new_cache(request.max_length), client, push_key=request.push_key)
-        self.sessions[key] = session
+                          self.span.new_cache(request.max_length), client, push_key=request.push_key, handle=handle)
+        self.sessions[key] = self.handles[handle] = session
         logger.debug("opened session %s for %s (blocks %d:%d, up to %d tokens)", key, client, request.start,
                      request.end, request.batch_size * request.max_length)
         return session
@@ -240,8 +245,17 @@ class SpanBackend:
         if session.key not in self.sessions:
             raise session.ended or PeerError("this session was closed", ErrorCode.INTERNAL)
 
+    def member(self, handle: object, of: Session) -> Session:
+        """The session named `handle` in a group frame that `of`'s stream carried: open, the same client's, over
+        the same blocks (bad_request otherwise: a client names only its own sessions)."""
+        session = self.handles.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
+        if session is None or session.client != of.client or session.blocks != of.blocks:
+            raise bad_request(f"no session of this client over these blocks has handle {handle!r}")
+        return session
+
     def close(self, session: Session) -> None:
         if self.sessions.pop(session.key, None) is not None:
+            self.handles.pop(session.handle, None)
             self.budget.release(session.key)
             for waiter in self._freed_waiters:
                 if not waiter.done():
@@ -307,15 +321,20 @@ class SpanBackend:
         """Run the session's blocks on hidden [B, T, H] at `position`; returns [B, T, H] in the input's dtype.
         `group`: (id, size) of the group of decode steps the client sent this one with (see the module's doc)."""
         self._check_open(session)
+        if session.stepping:
+            raise bad_request("a step of this session is in flight; send the next one after its answer")
         session.last_step = self.last_step = time.monotonic()
         self.validate_step(session, hidden, position)
-        if not self.span.encoder:
-            await self._reserve_growth(session, position + hidden.shape[1])
+        session.stepping = True
         try:
+            if not self.span.encoder:
+                await self._reserve_growth(session, position + hidden.shape[1])
             return await self._compute_step(session, hidden, position, self._own_group(session, group))
         except SessionClosed:
             self._check_open(session)
             raise
+        finally:
+            session.stepping = False
 
     def _own_group(self, session: Session, group: tuple[str, int] | None) -> tuple[str, int] | None:
         """A group's size counts at most the sessions its client has here over the same blocks: a tag can make

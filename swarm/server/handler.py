@@ -46,6 +46,7 @@ from swarm.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
     MAX_GROUP_ID,
+    MAX_GROUP_ROWS,
     MAX_GROUP_SIZE,
     PROTOCOL_VERSION,
     PUSH_HANDLER,
@@ -170,7 +171,7 @@ class SpanHandler:
             pending = False
             yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
                                  "blocks": [backend.span.start + session.blocks.start,
-                                            backend.span.start + session.blocks.stop]})
+                                            backend.span.start + session.blocks.stop], "handle": session.handle})
             frame_bytes = session.batch_size * backend.limits.max_chunk_tokens * self.hidden_size * 4
             if session.push_key:
                 async for response in self._pushed_session(reader, backend, session,
@@ -178,7 +179,11 @@ class SpanHandler:
                     yield response
                 return
             while (request := await self._next(reader, session, frame_bytes + MAX_FRAME_OVERHEAD)) is not None:
-                yield await self._step(backend, session, request)
+                metadata = self._metadata(request)
+                if metadata.get("type") == "group_step":
+                    yield await self._group_step(backend, session, request, metadata)
+                else:
+                    yield await self._step(backend, session, request, metadata)
         except PeerError as e:
             logger.info("refused a request from %s: %s", client, e)
             yield make_response({"type": "error", "code": str(e.code), "message": str(e)})
@@ -229,7 +234,12 @@ class SpanHandler:
                 else:
                     if item.request is None:
                         return
-                    hidden, position, group, metadata = self._parse_step(backend, session, item.request)
+                    metadata = self._metadata(item.request)
+                    if metadata.get("type") == "group_step":  # unnumbered: no more pushes after numbered steps
+                        pushes = pushes and not seen
+                        yield await self._group_step(backend, session, item.request, metadata)
+                        continue
+                    hidden, position, group = self._parse_step(backend, session, item.request, metadata)
                     try:
                         number, hops = parse_step_number(metadata.get("step")), parse_hops(metadata.get("next", []))
                     except ValueError as e:
@@ -333,11 +343,17 @@ class SpanHandler:
         return True
 
     @staticmethod
-    def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest
-                    ) -> tuple[torch.Tensor, int, tuple[str, int] | None, dict]:
-        """A client's step frame: hidden, position, group and its metadata (bad_request if malformed)."""
+    def _metadata(request: runtime_pb2.ExpertRequest) -> dict:
         try:
-            metadata = unpack_metadata(request.metadata)
+            return unpack_metadata(request.metadata)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+
+    @staticmethod
+    def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest,
+                    metadata: dict) -> tuple[torch.Tensor, int, tuple[str, int] | None]:
+        """A client's step frame (its metadata unpacked): hidden, position and group (bad_request if malformed)."""
+        try:
             if metadata.get("type") != "step":
                 raise ValueError(f"expected a 'step' message, got {metadata.get('type')!r}")
             if len(request.tensors) != 1:
@@ -349,7 +365,7 @@ class SpanHandler:
         position = metadata.get("position")
         if not isinstance(position, int) or isinstance(position, bool):
             raise bad_request("'position' must be an integer")
-        return hidden, position, parse_group(metadata.get("group")), metadata
+        return hidden, position, parse_group(metadata.get("group"))
 
     async def _next(self, reader: asyncio.StreamReader, session: Session,
                     max_bytes: int) -> runtime_pb2.ExpertRequest | None:
@@ -370,6 +386,7 @@ class SpanHandler:
             nonlocal started
             started = True
             if session is not None:
+                session.in_frame = True
                 timer.reschedule(loop.time() + self.limits.frame_timeout)
 
         try:
@@ -392,7 +409,7 @@ class SpanHandler:
             raise PeerError(f"session idle for {wait:.0f} s, closed", ErrorCode.TIMEOUT) from None
         finally:
             if session is not None:
-                session.idle_timer = None
+                session.idle_timer, session.in_frame = None, False
 
     @staticmethod
     def _parse_open(request: runtime_pb2.ExpertRequest) -> OpenRequest:
@@ -409,11 +426,57 @@ class SpanHandler:
             raise bad_request(str(e)) from e
 
     @classmethod
-    async def _step(cls, backend: SpanBackend, session: Session,
-                    request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        hidden, position, group, _ = cls._parse_step(backend, session, request)
+    async def _step(cls, backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest,
+                    metadata: dict) -> runtime_pb2.ExpertResponse:
+        hidden, position, group = cls._parse_step(backend, session, request, metadata)
         out = await backend.step(session, hidden, position, group)
         return make_response({"type": "result", "position": position + hidden.shape[1]}, (out,))
+
+    async def _group_step(self, backend: SpanBackend, carrier: Session, request: runtime_pb2.ExpertRequest,
+                          metadata: dict) -> runtime_pb2.ExpertResponse:
+        """A group frame carried by `carrier`'s stream (swarm.protocol): each row stepped as its own session's step
+        (the same checks, one round), answered in one frame. A row that cannot be taken (a handle not this client's
+        over these blocks, a session with a step in flight, an invalid step) is refused alone: its code and reason
+        in its place, zeros in its row. A malformed frame is the carrier's error (bad_request)."""
+        handles, positions = metadata.get("handles"), metadata.get("positions")
+        if not isinstance(handles, list) or not isinstance(positions, list) or len(handles) != len(positions):
+            raise bad_request("a group step carries 'handles' and 'positions', lists of one length")
+        if not 1 <= len(handles) <= MAX_GROUP_ROWS:
+            raise bad_request(f"a group step carries 1..{MAX_GROUP_ROWS} rows, got {len(handles)}")
+        if len(set(map(repr, handles))) != len(handles):
+            raise bad_request("a group step names a session twice")
+        group = parse_group(metadata.get("group"))
+        if len(request.tensors) != 1:
+            raise bad_request(f"a group step carries exactly one tensor, got {len(request.tensors)}")
+        try:
+            hidden = decode_tensor(request.tensors[0], len(handles) * self.hidden_size)
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        if tuple(hidden.shape) != (len(handles), 1, self.hidden_size):
+            raise bad_request(f"a group step's hidden states must be [{len(handles)}, 1, {self.hidden_size}], "
+                              f"got {list(hidden.shape)}")
+
+        async def row(j: int) -> torch.Tensor:
+            session = backend.member(handles[j], carrier)
+            if session.idle_timer is not None and not session.in_frame:  # its own stream is quiet meanwhile
+                session.idle_timer.reschedule(asyncio.get_running_loop().time() + self.limits.idle_timeout)
+            return await backend.step(session, hidden[j : j + 1], positions[j], group)
+
+        results = await asyncio.gather(*(row(j) for j in range(len(handles))), return_exceptions=True)
+        out = torch.zeros_like(hidden)
+        rows: list[object] = []
+        for j, result in enumerate(results):
+            if isinstance(result, torch.Tensor):
+                out[j] = result[0]
+                rows.append(positions[j] + 1)
+            elif isinstance(result, PeerError):
+                rows.append([str(result.code), str(result)])
+            elif isinstance(result, Exception):
+                logger.error("a group row of %s failed", carrier.client, exc_info=result)
+                rows.append([ErrorCode.INTERNAL.value, f"the peer failed this step ({type(result).__name__})"])
+            else:
+                raise result
+        return make_response({"type": "result", "rows": rows}, (out,))
 
 
 def parse_group(group: object) -> tuple[str, int] | None:
