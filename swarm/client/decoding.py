@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from swarm.client.grouped import groupable, step_together
 from swarm.client.session import InferenceSession
+from swarm.protocol import MAX_GROUP_ROWS
 
 
 @dataclass(eq=False)
@@ -69,8 +71,9 @@ class DecodeGroups:
     """
 
     def __init__(self, head: Any, run: Callable[..., Awaitable[Any]], max_groups: int | None = None,
-                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25):
+                 min_group: int = 2, straggle: float = 0.005, join_wait: float = 0.25, frames: bool = True):
         self.head, self._run = head, run
+        self.frames = frames  # a round's steps in group frames where its sessions allow (False: one frame each)
         self.max_groups = max_groups  # None: one per peer of the chain
         self.min_group = min_group
         self.straggle, self.join_wait = straggle, join_wait
@@ -80,6 +83,8 @@ class DecodeGroups:
         self._rounds = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self.rounds = self.rows = 0  # rounds run and the steps they carried (rows / rounds = mean group)
+        self.framed = 0  # of those steps, the ones that went through the chain in group frames (swarm.client.grouped)
+        self.solo = 0  # rounds of one step (nothing to put in a group frame)
 
     def groups(self, chain: tuple[str, ...]) -> list[list[InferenceSession]]:
         """The members of each group with any on `chain` (a session's chain_key), for tests and stats."""
@@ -170,6 +175,7 @@ class DecodeGroups:
         group.in_flight.update(r.session for r in requests)
         self.rounds += 1
         self.rows += len(requests)
+        self.solo += len(requests) == 1
         task = asyncio.get_running_loop().create_task(self._round(group, requests), name="swarm-decode-round")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -178,12 +184,27 @@ class DecodeGroups:
         tag = (f"{self._prefix}.{next(self._rounds)}", len(requests))
         try:
             embeddings = await self._run(self._embed, requests)
-            steps = []
-            for request, hidden in zip(requests, embeddings, strict=True):
-                step = asyncio.ensure_future(request.session.step(hidden, None, tag))
-                request.future.add_done_callback(functools.partial(_cancel_with_caller, step))
-                steps.append(step)
-            results = await asyncio.gather(*steps, return_exceptions=True)
+            together = [k for k, r in enumerate(requests) if self.frames and groupable(r.session)][:MAX_GROUP_ROWS]
+            if len(together) < 2:
+                together = []
+            steps: dict[int, asyncio.Future] = {}
+            for k, (request, hidden) in enumerate(zip(requests, embeddings, strict=True)):
+                if k not in together:
+                    steps[k] = self._alone(request, hidden, tag)
+            if together:  # in one frame each way per link; a member refused or failed steps alone after
+                members = [requests[k] for k in together]
+                outs = await step_together([r.session for r in members], torch.cat([embeddings[k] for k in together]),
+                                           tag, lambda j: not members[j].future.done())
+                self.framed += sum(out is not None for out in outs)
+                for k, out in zip(together, outs, strict=True):
+                    if out is not None:
+                        steps[k] = _resolved(out)
+                    elif requests[k].future.done():  # its caller gave up
+                        steps[k] = _resolved(asyncio.CancelledError())
+                    else:
+                        steps[k] = self._alone(requests[k], embeddings[k], None)
+            steps = dict(sorted(steps.items()))
+            results = await asyncio.gather(*steps.values(), return_exceptions=True)
             done: list[tuple[_Request, torch.Tensor]] = []
             for request, result in zip(requests, results, strict=True):
                 if isinstance(result, torch.Tensor):
@@ -206,6 +227,13 @@ class DecodeGroups:
             group.ended = asyncio.get_running_loop().time()
             self._consider(group)
 
+    @staticmethod
+    def _alone(request: _Request, hidden: torch.Tensor, tag: tuple[str, int] | None) -> asyncio.Future:
+        """A member's step in its own frames (cancelled when its caller gives up)."""
+        step = asyncio.ensure_future(request.session.step(hidden, None, tag))
+        request.future.add_done_callback(functools.partial(_cancel_with_caller, step))
+        return step
+
     def _embed(self, requests: list[_Request]) -> list[torch.Tensor]:
         """On the torch thread: each member's token embedded at its position."""
         return [self.head.embed(r.input_ids, r.session.position) for r in requests]
@@ -225,6 +253,17 @@ class DecodeGroups:
             for group in groups:
                 if group.timer is not None:
                     group.timer.cancel()
+
+
+def _resolved(result: torch.Tensor | BaseException) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    if isinstance(result, asyncio.CancelledError):
+        future.cancel()
+    elif isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+    return future
 
 
 def _cancel_with_caller(step: asyncio.Future, caller: asyncio.Future) -> None:

@@ -129,6 +129,11 @@ class InferenceSession:
         """Which peers serve which blocks of this session now: sessions with equal keys decode together."""
         return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in self.streams)
 
+    @property
+    def pushing(self) -> bool:
+        """Whether its steps go from peer to peer (swarm.protocol: push): every link's peer takes pushes."""
+        return self.push and len(self.streams) > 1 and all(stream.push_key for stream in self.streams)
+
     async def step(self, hidden: torch.Tensor, position: int | None = None,
                    group: tuple[str, int] | None = None) -> torch.Tensor:
         """hidden: [B, T, H] of tokens at `position` (default: right after the cached ones) → last block's output.
@@ -144,7 +149,7 @@ class InferenceSession:
         # with the links after it, each peer pushes its output on to the next, and every answer still comes back
         # here, where it is kept for replay. Each link also gets its input from here once the previous link has
         # answered (whichever copy arrives first is computed): a push lost or slow costs nothing more than relaying.
-        pushing = self.push and len(self.streams) > 1 and all(stream.push_key for stream in self.streams)
+        pushing = self.pushing
         numbered: dict[PeerStream, Hop] = {}
         i, sent = 0, None
         try:
@@ -155,12 +160,11 @@ class InferenceSession:
                     if sent is not stream:
                         await self._send(i, hidden, position, group, numbered if pushing and self.push else None)
                         sent = stream
-                    out, metadata = await stream.result(hidden, self._timeout(i, hidden.shape[1]),
-                                                        self._probe(i, hidden.shape[1]), position)
+                    out, metadata = await stream.result(hidden, self.link_timeout(i, hidden.shape[1]),
+                                                        self.link_probe(i, hidden.shape[1]), position)
                     if metadata.get("pushed") is True:
                         self.pushed += 1
-                    if self.router is not None and self.router.verify_due(stream.link.peer.peer_id):
-                        await self._check(i, hidden, position, out)
+                    await self.check_due(i, hidden, position, out)
                 except PushMismatch:
                     await self._rebuild(i, position)
                     continue
@@ -172,7 +176,7 @@ class InferenceSession:
                     # its input came from the previous peer about when that peer's answer came here: since then,
                     # the peer computed and answered; half its round trip stands for the leg its input took
                     seconds += (self.router.health.rtt(stream.link.peer.peer_id) or 0.0) / 2
-                self._remember(i, hidden, position, seconds)
+                self.remember(i, hidden, position, seconds)
                 hidden, i = out, i + 1
         except asyncio.CancelledError:  # the step's answers would be read as the next step's
             for stream in self.streams if pushing else self.streams[i : i + 1]:  # pushed: any link may owe one
@@ -223,13 +227,13 @@ class InferenceSession:
             raise ValueError(f"position {position} is outside 0..{self.position}")
         self.position = position
 
-    def _timeout(self, i: int, new_tokens: int) -> float:
+    def link_timeout(self, i: int, new_tokens: int) -> float:
         latency = self._latency[i]
         if new_tokens > 1 or latency is None:
             return self.step_timeout
         return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
 
-    def _probe(self, i: int, new_tokens: int) -> Probe | None:
+    def link_probe(self, i: int, new_tokens: int) -> Probe | None:
         """When a decode step of link i that has no answer yet makes the router ask its peer whether it lives."""
         latency, router = self._latency[i], self.router
         if new_tokens > 1 or latency is None or router is None or not self.policy.min_probe_after:
@@ -237,7 +241,7 @@ class InferenceSession:
         peer_id = self.streams[i].link.peer.peer_id
         return max(self.policy.min_probe_after, self.policy.probe_factor * latency), lambda: router.alive(peer_id)
 
-    def _remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float, observed: bool = True) -> None:
+    def remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float, observed: bool = True) -> None:
         """Keep link i's input of this step for replay; `observed`: `seconds` is the link's round trip (a pushed
         link's answer may come before its input was sent: not a measure of the peer)."""
         kept = self._inputs[i]  # its first `position` tokens are the inputs kept so far; it has room for more
@@ -301,6 +305,16 @@ class InferenceSession:
         """Link i's inputs up to and with this step (a copy: the kept inputs change as the session goes on)."""
         kept = self._inputs[i]
         return torch.cat([kept[:, :position], hidden], dim=1) if position and kept is not None else hidden.clone()
+
+    @property
+    def repair_due(self) -> PeerError | None:
+        """A peer a background check found wrong, to be replaced at the next step (see _repair)."""
+        return self._found
+
+    async def check_due(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
+        """Check link i's step if the router says one is due (see _check)."""
+        if self.router is not None and self.router.verify_due(self.streams[i].link.peer.peer_id):
+            await self._check(i, hidden, position, out)
 
     async def _check(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
         """Check link i's step (`hidden` in at `position`, `out` back) on another replica of its blocks, if one

@@ -59,6 +59,7 @@ class PeerStream:
         self.closed = False
         self.push_key = push_key  # the link's secret for server-to-server push ("": not opened for push)
         self.steps = 0  # numbered steps sent or pushed to it (swarm.protocol)
+        self.handle: int | None = None  # the peer's name for the session in group frames (None: it takes none)
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
         # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
@@ -90,7 +91,10 @@ class PeerStream:
             raise PeerError(f"cannot reach peer {link.peer.peer_id}: {e!r}", peer_id=link.peer.peer_id) from e
         stream = cls(link, reader, writer, request.push_key)
         await stream._send(make_request(request.to_dict()))
-        await stream._receive(timeout, expected="opened")
+        opened = unpack_metadata((await stream._receive(timeout, expected="opened")).metadata)
+        handle = opened.get("handle")
+        if isinstance(handle, int) and not isinstance(handle, bool) and 0 <= handle < 2**63:
+            stream.handle = handle
         return stream
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float,
@@ -150,6 +154,42 @@ class PeerStream:
         if not torch.isfinite(out).all():
             raise self._error("answered with NaN or infinite hidden states")
         return out, metadata
+
+    async def group_step(self, hidden: torch.Tensor, handles: list[int], positions: list[int],
+                         group: tuple[str, int], timeout: float, probe: Probe | None = None
+                         ) -> tuple[torch.Tensor, list[bool]]:
+        """A group frame on this stream (swarm.protocol): row j of hidden [k, 1, H] is the next token of the
+        session the peer named handles[j], at positions[j] → (outputs [k, 1, H], whether each row was taken; a
+        refused row is stepped alone by its session). Checked: every row answered, an output of the input's shape
+        and dtype, finite in every row taken; else PeerError."""
+        self.expect(hidden)
+        try:
+            await self._send(make_request({"type": "group_step", "handles": handles, "positions": positions,
+                                           "group": list(group)}, (hidden,)))
+            response = await self._receive(timeout, expected="result", probe=probe)
+        except asyncio.CancelledError:
+            await self.close()  # the answer would be read as the next step's
+            raise
+        rows = unpack_metadata(response.metadata).get("rows")
+        if not isinstance(rows, list) or len(rows) != len(handles):
+            raise self._error(f"answered a group step of {len(handles)} rows without a status for each")
+        taken = []
+        for row, position in zip(rows, positions, strict=True):
+            refused = isinstance(row, list) and len(row) == 2 and all(isinstance(part, str) for part in row)
+            if not refused and (not isinstance(row, int) or isinstance(row, bool) or row != position + 1):
+                raise self._error(f"answered a group row with {row!r}")
+            taken.append(not refused)
+        if len(response.tensors) != 1:
+            raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
+        try:
+            out = decode_tensor(response.tensors[0], max_elements=hidden.numel())
+        except ValueError as e:
+            raise self._error(f"answered with a malformed tensor: {e}") from e
+        if out.shape != hidden.shape or out.dtype != hidden.dtype:
+            raise self._error(f"answered {tuple(out.shape)} {out.dtype} to {tuple(hidden.shape)} {hidden.dtype}")
+        if not torch.isfinite(out[torch.tensor(taken)]).all():
+            raise self._error("answered with NaN or infinite hidden states")
+        return out, taken
 
     async def _send(self, message: runtime_pb2.ExpertRequest) -> None:
         if self.closed:
@@ -230,3 +270,5 @@ class PeerStream:
                 self._writer.write(END_OF_STREAM)
         self._writer.close()
         self._pump.cancel()
+        # an answer awaited meanwhile (a group frame's, awaited by the round, not by this session's caller) fails now
+        self._inbox.put_nowait(EndOfStream())

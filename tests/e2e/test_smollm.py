@@ -141,7 +141,7 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
     first = smol_swarm.peers["0:15"]
     before = await smol_client.peer_info(first)
     groups = smol_client.pipeline.groups
-    rounds, grouped = groups.rounds, groups.rows
+    rounds, grouped, framed = groups.rounds, groups.rows, groups.framed
     smol_client.allowed_peers = {smol_swarm.peers[blocks] for blocks in TWO}  # not spread over the 3-peer chain
     try:
         runs = await asyncio.gather(*(collect(smol_client.generate_steps(ids[k % 3], 16)) for k in range(6)))
@@ -153,9 +153,38 @@ async def test_concurrent_sessions_are_batched_and_each_equals_local(smol_client
     after = await smol_client.peer_info(first)
     forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
     assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)  # 6 sessions × 15 decode steps, shared forwards
-    # the client sent them in lockstep groups (two on a 2-peer chain: three sessions per round)
-    rounds, grouped = groups.rounds - rounds, groups.rows - grouped
-    assert grouped == 6 * 15 and grouped / rounds > 2, (grouped, rounds)
+    # the client sent them in lockstep groups (two on a 2-peer chain: three sessions per round), each session's step
+    # in frames of its own: sessions that push from peer to peer take no group frames (swarm.client.grouped)
+    rounds, grouped, framed = groups.rounds - rounds, groups.rows - grouped, groups.framed - framed
+    assert grouped == 6 * 15 and grouped / rounds > 2 and framed == 0, (grouped, rounds, framed)
+
+
+async def test_sessions_that_relay_send_their_rounds_in_group_frames_and_each_equals_local(smol_swarm, reference,
+                                                                                           concurrent_runs,
+                                                                                           logits_atol):
+    """Six sessions at once through the 2-peer chain without push: each round goes to each peer in one group frame
+    and comes back in one (swarm.protocol: group_step), and every session's greedy tokens still equal
+    transformers' generate() of its prompt alone."""
+    ids, expected = [i for i, _ in concurrent_runs], [tokens for _, tokens in concurrent_runs]
+    client = await SwarmClient.connect(smol_swarm.initial_peers, push=False,
+                                       allowed_peers={smol_swarm.peers[blocks] for blocks in TWO})
+    try:
+        await client.wait_for_chain()
+        first = smol_swarm.peers["0:15"]
+        before = await client.peer_info(first)
+        runs = await asyncio.gather(*(collect(client.generate_steps(ids[k % 3], 16)) for k in range(6)))
+        after = await client.peer_info(first)
+        groups = client.pipeline.groups
+    finally:
+        await client.close()
+    for k, (tokens, logits) in enumerate(runs):
+        assert tokens == expected[k % 3], f"session {k}"
+        torch.testing.assert_close(logits, local_step_logits(reference, ids[k % 3], tokens), atol=logits_atol, rtol=0)
+    forwards, rows = after.decode_forwards - before.decode_forwards, after.decode_rows - before.decode_rows
+    assert rows >= 6 * 15 and rows / forwards > 2, (rows, forwards)
+    # every step of a round of several went in group frames (a round of one is one frame anyway)
+    assert groups.rows == 6 * 15 and groups.rows / groups.rounds > 2, (groups.rows, groups.rounds)
+    assert groups.framed == groups.rows - groups.solo and groups.solo < 10, (groups.framed, groups.solo)
 
 
 async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_computation(smol_swarm, source,

@@ -28,10 +28,13 @@ class FakeHead:
 class FakeSession:
     """What DecodeGroups uses of an InferenceSession: its chain key, position, closed flag and step."""
 
+    batch_size, pushing, repair_due = 1, False, None
+
     def __init__(self, name: str, chain: tuple[str, ...] = ("a", "b"), delay: float = 0.01,
-                 fail: Exception | None = None):
+                 fail: Exception | None = None, handles: bool = False):
         self.name = name
-        self.streams = [SimpleNamespace(link=SimpleNamespace(peer=SimpleNamespace(peer_id=p), start=i, end=i + 1))
+        self.streams = [SimpleNamespace(link=SimpleNamespace(peer=SimpleNamespace(peer_id=p), start=i, end=i + 1),
+                                        handle=i if handles else None, closed=False)
                         for i, p in enumerate(chain)]
         self.position = 5
         self.closed = False
@@ -197,3 +200,33 @@ async def test_sessions_closed_since_their_last_round_do_not_unbalance_the_next_
     await asyncio.gather(*(decode(groups, s, 2) for s in new + going_on))
     sizes = sorted(len(g) for g in groups.groups(chain))
     assert len(sizes) == 2 and sizes[1] - sizes[0] <= 1, sizes  # 11 sessions dealt 5/6, not 4 new + 7
+
+
+async def test_a_round_of_groupable_sessions_goes_in_group_frames_and_what_they_leave_steps_alone(monkeypatch):
+    """Members whose peers name handles travel in group frames (swarm.client.grouped); a member the frame left out
+    (refused, failed, its check failed) steps alone, untagged; one that is not groupable steps alone, tagged."""
+    framed: list[list[str]] = []
+
+    async def fake_step_together(sessions, hidden, group, wanted):
+        framed.append([s.name for s in sessions])
+        outs = []
+        for j, session in enumerate(sessions):
+            if session.name == "refused":
+                outs.append(None)
+            else:
+                session.position += 1
+                outs.append(hidden[j : j + 1] + 1)
+        return outs
+
+    monkeypatch.setattr("swarm.client.decoding.step_together", fake_step_together)
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    framed_ok, refused = FakeSession("ok", handles=True), FakeSession("refused", handles=True)
+    plain = FakeSession("plain")  # its peers name no handles: its own frames
+    await asyncio.gather(*(decode(groups, s, 2) for s in (framed_ok, refused, plain)))
+    assert framed == [["ok", "refused"]] * 2 and groups.framed == 2
+    assert framed_ok.tags == [] and refused.tags == [None, None]  # stepped alone after the frame, untagged
+    assert [tag[1] for tag in plain.tags] == [3, 3]  # alone with the round's tag
+    off = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, frames=False)
+    a, b = FakeSession("a", handles=True), FakeSession("b", handles=True)
+    await asyncio.gather(decode(off, a, 1), decode(off, b, 1))
+    assert off.framed == 0 and len(framed) == 2 and a.tags[0][1] == 2

@@ -1,0 +1,105 @@
+"""Group frames on the client's side (swarm.client.grouped) with fake sessions and streams: no peers, no network."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from swarm.client.grouped import groupable, step_together
+from swarm.protocol import ErrorCode, PeerError
+
+H = 4
+
+
+class FakeStream:
+    """A link's stream: group_step adds `add` to every row; rows whose handle is in `refuse` are refused."""
+
+    def __init__(self, peer: str, i: int, handle: int | None, add: float, frames: list, refuse=(), fail=False):
+        self.link = SimpleNamespace(peer=SimpleNamespace(peer_id=peer), start=i, end=i + 1)
+        self.handle, self.add, self.frames, self.refuse, self.fail = handle, add, frames, set(refuse), fail
+        self.closed = False
+
+    async def group_step(self, hidden, handles, positions, group, timeout, probe=None):
+        self.frames.append((self.link.peer.peer_id, list(handles), list(positions), group))
+        if self.fail:
+            raise PeerError("the carrier's peer failed", ErrorCode.INTERNAL, self.link.peer.peer_id)
+        taken = [handle not in self.refuse for handle in handles]
+        return hidden + self.add, taken
+
+
+class FakeSession:
+    batch_size, push, repair_due = 1, False, None
+
+    def __init__(self, k: int, frames: list, chain=("a", "b"), refuse=None, fail_link=None, check_fails=False):
+        self.streams = [FakeStream(peer, i, 100 * i + k, 10.0 ** i, frames, (refuse or {}).get(i, ()),
+                                   fail_link == i) for i, peer in enumerate(chain)]
+        self.position, self.closed, self.check_fails = 5 + k, False, check_fails
+        self.remembered: list[tuple[int, float, int]] = []
+
+    @property
+    def pushing(self) -> bool:
+        return False
+
+    @property
+    def chain_key(self):
+        return tuple(f"{s.link.peer.peer_id}:{s.link.start}:{s.link.end}" for s in self.streams)
+
+    def link_timeout(self, i, new_tokens):
+        return 5.0
+
+    def link_probe(self, i, new_tokens):
+        return None
+
+    def remember(self, i, hidden, position, seconds):
+        self.remembered.append((i, float(hidden[0, 0, 0]), position))
+
+    async def check_due(self, i, hidden, position, out):
+        if self.check_fails and i == 1:
+            raise PeerError("found wrong by another replica", ErrorCode.INTERNAL, self.streams[i].link.peer.peer_id)
+
+
+def rows(k: int) -> torch.Tensor:
+    return torch.arange(k, dtype=torch.float32)[:, None, None].expand(k, 1, H).clone()
+
+
+async def test_rows_go_through_every_link_in_one_frame_each_and_every_member_keeps_its_inputs():
+    frames: list = []
+    sessions = [FakeSession(k, frames) for k in range(3)]
+    outs = await step_together(sessions, rows(3), ("round", 3))
+    # one frame per link, on the first member's stream, naming every member's handle and position
+    assert frames == [("a", [0, 1, 2], [5, 6, 7], ("round", 3)), ("b", [100, 101, 102], [5, 6, 7], ("round", 3))]
+    for k, (session, out) in enumerate(zip(sessions, outs, strict=True)):
+        assert out is not None and float(out[0, 0, 0]) == k + 1 + 10  # its own row, through both links
+        assert session.position == 6 + k
+        assert session.remembered == [(0, k, 5 + k), (1, k + 1, 5 + k)]  # each link's input, at its position
+
+
+async def test_a_refused_row_a_failed_check_and_a_caller_gone_leave_their_sessions_unmoved_to_step_alone():
+    frames: list = []
+    sessions = [FakeSession(0, frames, refuse={1: [101]}), FakeSession(1, frames),  # the carrier refuses 101
+                FakeSession(2, frames, check_fails=True), FakeSession(3, frames)]
+    outs = await step_together(sessions, rows(4), ("round", 4), wanted=lambda j: j != 3)
+    assert outs[0] is not None and session_positions(sessions) == [6, 6, 7, 8]
+    assert outs[1] is None and outs[2] is None and outs[3] is None
+    assert frames[1][1] == [100, 101, 102, 103]  # refused at the second link, after the first computed it
+
+
+async def test_a_failed_frame_sends_every_member_alone_and_members_not_groupable_are_left_out():
+    frames: list = []
+    sessions = [FakeSession(k, frames, fail_link=1) for k in range(2)]
+    assert await step_together(sessions, rows(2), ("round", 2)) == [None, None]
+    assert session_positions(sessions) == [5, 6]
+    other_chain = FakeSession(1, frames, chain=("a", "c"))
+    no_handle = FakeSession(2, frames)
+    no_handle.streams[1].handle = None
+    frames.clear()
+    sessions = [FakeSession(0, frames), other_chain, no_handle]
+    outs = await step_together(sessions, rows(3), ("round", 3))
+    assert [out is not None for out in outs] == [True, False, False]
+    assert [handles for _, handles, _, _ in frames] == [[0], [100]]
+    assert not groupable(no_handle) and groupable(other_chain)
+
+
+def session_positions(sessions) -> list[int]:
+    return [session.position for session in sessions]
