@@ -26,9 +26,9 @@ frame each way per session.
                     + tensors=[hidden [k, 1, hidden_size]]: row j is the step of the session the peer named
                     `handle` h_j when it opened it (k <= MAX_GROUP_ROWS; every session this client's, over the
                     same blocks as the carrying one, open, no step of it in flight, none named twice)
-    peer → client   {"type": "result", "rows": [P_j + 1 | [code, message], ...]} + tensors=[hidden [k, 1, H]]:
-                    row j's output, or why row j was refused (its row is then zeros): that session's own stream
-                    goes on, and the client steps it alone
+    peer → client   {"type": "result", "rows": [P_j + 1 | code, ...]} + tensors=[hidden [k, 1, H]]: row j's
+                    output, or the code of why row j was refused (its row is then zeros): that session's own
+                    stream goes on, and the client steps it alone
 A malformed group frame is an error of the carrying stream (it ends, as for a malformed step). Peers that name no
 `handle` in their `opened` answer are not sent group frames.
 

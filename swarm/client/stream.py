@@ -175,7 +175,7 @@ class PeerStream:
             raise self._error(f"answered a group step of {len(handles)} rows without a status for each")
         taken = []
         for row, position in zip(rows, positions, strict=True):
-            refused = isinstance(row, list) and len(row) == 2 and all(isinstance(part, str) for part in row)
+            refused = isinstance(row, str)  # its error code
             if not refused and (not isinstance(row, int) or isinstance(row, bool) or row != position + 1):
                 raise self._error(f"answered a group row with {row!r}")
             taken.append(not refused)

@@ -436,8 +436,9 @@ class SpanHandler:
                           metadata: dict) -> runtime_pb2.ExpertResponse:
         """A group frame carried by `carrier`'s stream (swarm.protocol): each row stepped as its own session's step
         (the same checks, one round), answered in one frame. A row that cannot be taken (a handle not this client's
-        over these blocks, a session with a step in flight, an invalid step) is refused alone: its code and reason
-        in its place, zeros in its row. A malformed frame is the carrier's error (bad_request)."""
+        over these blocks, a session with a step in flight, an invalid step) is refused alone: its error code in its
+        place (a code only: 256 of them fit the metadata's bound), zeros in its row. A malformed frame is the
+        carrier's error (bad_request)."""
         handles, positions = metadata.get("handles"), metadata.get("positions")
         if not isinstance(handles, list) or not isinstance(positions, list) or len(handles) != len(positions):
             raise bad_request("a group step carries 'handles' and 'positions', lists of one length")
@@ -470,10 +471,11 @@ class SpanHandler:
                 out[j] = result[0]
                 rows.append(positions[j] + 1)
             elif isinstance(result, PeerError):
-                rows.append([str(result.code), str(result)])
+                logger.debug("refused a group row of %s: %s", carrier.client, result)
+                rows.append(str(result.code))
             elif isinstance(result, Exception):
                 logger.error("a group row of %s failed", carrier.client, exc_info=result)
-                rows.append([ErrorCode.INTERNAL.value, f"the peer failed this step ({type(result).__name__})"])
+                rows.append(ErrorCode.INTERNAL.value)
             else:
                 raise result
         return make_response({"type": "result", "rows": rows}, (out,))

@@ -178,3 +178,13 @@ async def test_a_session_stepped_only_in_group_frames_is_not_closed_as_idle(peer
         await alone(idle, torch.randn(1, 1, H), PROMPT)
     assert closed.value.code == ErrorCode.TIMEOUT, closed.value
     await close_all([carrier, member, idle], client, peer.peer)
+
+
+async def test_a_frame_of_the_most_rows_all_refused_is_answered_in_one_frame_the_client_reads(peer, clients):
+    client = clients[0]
+    (carrier,) = await sessions(client, peer.peer, prompts(1, 9))
+    handles = list(range(10**9, 10**9 + MAX_GROUP_ROWS))  # nobody's
+    out, taken = await group(carrier, torch.randn(MAX_GROUP_ROWS, 1, H), handles, [PROMPT] * MAX_GROUP_ROWS, size=1)
+    assert taken == [False] * MAX_GROUP_ROWS and not out.any()
+    assert (await alone(carrier, torch.randn(1, 1, H), PROMPT)).shape == (1, 1, H)
+    await close_all([carrier], client, peer.peer)

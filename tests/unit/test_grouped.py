@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from swarm.client.grouped import groupable, step_together
@@ -103,3 +104,56 @@ async def test_a_failed_frame_sends_every_member_alone_and_members_not_groupable
 
 def session_positions(sessions) -> list[int]:
     return [session.position for session in sessions]
+
+
+def _answer(rows_status, out: torch.Tensor, tensors: int = 1):
+    from swarm.codec import make_response
+
+    return make_response({"type": "result", "rows": rows_status}, (out,) * tensors)
+
+
+@pytest.mark.parametrize("answer", ["short", "position", "bool", "nan", "shape", "dtype", "two_tensors", "list"])
+async def test_a_peers_malformed_group_answer_is_its_failure(answer):
+    """What a peer answers to a group frame is checked like a step's answer: a status per row (the next position or
+    a code), one tensor of the input's shape and dtype, finite in every row taken; anything else is a PeerError
+    (the members then step alone, where a lying peer is failed over)."""
+    from tests.hostile.test_peer_frames import frame, stream
+
+    s, reader = stream()
+    hidden = torch.randn(3, 1, 8)
+    rows_status: list = [6, "bad_request", 8]
+    out = hidden + 1
+    tensors = 1
+    if answer == "short":
+        rows_status = rows_status[:2]
+    elif answer == "position":
+        rows_status[2] = 9
+    elif answer == "bool":
+        rows_status[0] = True
+    elif answer == "nan":
+        out[2, 0, 0] = float("nan")
+    elif answer == "shape":
+        out = torch.randn(3, 2, 4)
+    elif answer == "dtype":
+        out = out.to(torch.float16)
+    elif answer == "two_tensors":
+        tensors = 2
+    else:
+        rows_status[1] = ["bad_request", "a reason"]
+    reader.feed_data(frame(_answer(rows_status, out, tensors)))
+    with pytest.raises(PeerError):
+        await s.group_step(hidden, [1, 2, 3], [5, 6, 7], ("round", 3), timeout=5)
+    await s.close()
+
+
+async def test_a_group_answer_with_refused_rows_is_read_and_nan_in_a_refused_row_does_not_matter():
+    from tests.hostile.test_peer_frames import frame, stream
+
+    s, reader = stream()
+    hidden = torch.randn(3, 1, 8)
+    out = hidden + 1
+    out[1] = float("nan")  # a refused row's contents are not read
+    reader.feed_data(frame(_answer([6, "moved", 8], out)))
+    got, taken = await s.group_step(hidden, [1, 2, 3], [5, 6, 7], ("round", 3), timeout=5)
+    assert taken == [True, False, True] and torch.equal(got[0], out[0]) and torch.equal(got[2], out[2])
+    await s.close()
