@@ -7,6 +7,7 @@ Each configuration is a gateway as its own uvicorn process, started the way a us
 - `embedded`: `uvicorn app.main:app` with no settings, so it starts its embedded swarm (the configuration
   `make serve` runs: one local peer of the default model, its default precision and threads);
 - `fp32_2` / `int4_2`: the gateway joined to 2 peers (0:15, 15:30) started by hand with `--quant none` / `int4`;
+  `int4_2_relay`: the same without push (`SWARM_PUSH=false`: every hop through the gateway, rounds in group frames);
 - `baseline`: `embedded` run from the checkout DIR of `--baseline` (another revision, e.g. `git worktree add DIR
   REV`; this checkout's Python environment), to compare a change with what it changes, side by side.
 All gateways run for the whole benchmark, and rounds interleave every configuration and stream count (a slow spell of
@@ -119,6 +120,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
+    # the same without server-to-server push: every hop through the gateway, a round's steps in group frames
+    "int4_2_relay": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {"SWARM_PUSH": "false"}},
     # candidates for the embedded default, each with the gateway's own torch threads pinned to 1
     "fp32_1x2": {"peers": [("0:30", "none", 2)], "env": {"OMP_NUM_THREADS": "1"}},
     "fp32_1x1": {"peers": [("0:30", "none", 1)], "env": {"OMP_NUM_THREADS": "1"}},
