@@ -143,17 +143,7 @@ class PeerStream:
                                                        or metadata.get("position") != position + hidden.shape[1]):
             raise PushMismatch(f"peer {self.link.peer.peer_id} answered a step other than the one sent to it",
                                ErrorCode.INTERNAL, self.link.peer.peer_id)
-        if len(response.tensors) != 1:
-            raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
-        try:
-            out = decode_tensor(response.tensors[0], max_elements=hidden.numel())
-        except ValueError as e:
-            raise self._error(f"answered with a malformed tensor: {e}") from e
-        if out.shape != hidden.shape or out.dtype != hidden.dtype:
-            raise self._error(f"answered {tuple(out.shape)} {out.dtype} to {tuple(hidden.shape)} {hidden.dtype}")
-        if not torch.isfinite(out).all():
-            raise self._error("answered with NaN or infinite hidden states")
-        return out, metadata
+        return self._output(response, hidden), metadata
 
     async def group_step(self, hidden: torch.Tensor, handles: list[int], positions: list[int],
                          group: tuple[str, int], timeout: float, probe: Probe | None = None
@@ -179,6 +169,12 @@ class PeerStream:
             if not refused and (not isinstance(row, int) or isinstance(row, bool) or row != position + 1):
                 raise self._error(f"answered a group row with {row!r}")
             taken.append(not refused)
+        return self._output(response, hidden, torch.tensor(taken)), taken
+
+    def _output(self, response: runtime_pb2.ExpertResponse, hidden: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """An answer's one tensor, checked against the input `hidden`: its shape and dtype, finite (in `rows`, a
+        mask over its first dimension, when given)."""
         if len(response.tensors) != 1:
             raise self._error(f"answered with {len(response.tensors)} tensors instead of 1")
         try:
@@ -187,9 +183,9 @@ class PeerStream:
             raise self._error(f"answered with a malformed tensor: {e}") from e
         if out.shape != hidden.shape or out.dtype != hidden.dtype:
             raise self._error(f"answered {tuple(out.shape)} {out.dtype} to {tuple(hidden.shape)} {hidden.dtype}")
-        if not torch.isfinite(out[torch.tensor(taken)]).all():
+        if not torch.isfinite(out if rows is None else out[rows]).all():
             raise self._error("answered with NaN or infinite hidden states")
-        return out, taken
+        return out
 
     async def _send(self, message: runtime_pb2.ExpertRequest) -> None:
         if self.closed:
