@@ -430,9 +430,10 @@ class Peer:
         self.handler.backend = self.backend
         self.state, self.target = PeerState.ONLINE, (0, 0)
         self.moves += 1
-        await self._announce()
+        # logged before it is announced: whoever sees the new span online can already read that the peer moved
         logger.info("peer moved: blocks=%d:%d peer_id=%s out of service %.2f s", start, end, self.peer_id,
                     time.monotonic() - out_of_service)
+        await self._announce()
 
     async def _shutdown(self, p2p) -> None:
         logger.info("shutting down: withdrawing %s from the DHT", self.peer_id)
