@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from kernels import packed
 from kernels.quant import QuantLinear, quantize_linears
+from swarm.model import lean as lean_decode
 from swarm.model import segments
 from swarm.model.anatomy import (
     UnsupportedModelError,
@@ -144,6 +145,8 @@ class BlockSpan(nn.Module):
             segments.enable(blocks)
         # float32 on the CPU: a batch's decode rows may attend in one native call (kernels.attention)
         self._native_rows = self.mixes and self.precision.device == "cpu" and self.precision.dtype == torch.float32
+        # decode rounds' lean path (swarm.model.lean): True until prepare_lean decides, then the path or None
+        self._lean: lean_decode.LeanDecode | bool | None = self._native_rows
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,7 +189,7 @@ class BlockSpan(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, hidden: torch.Tensor, caches: list[SpanKVCache], positions: list[int],
-                      blocks: slice | None = None) -> torch.Tensor:
+                      blocks: slice | None = None, lean: bool = True) -> torch.Tensor:
         """One decode step of several sessions at once: hidden [N, 1, H], row i the next token of the session whose
         cache is caches[i], at positions[i] → [N, 1, H].
 
@@ -194,14 +197,16 @@ class BlockSpan(nn.Module):
         makes N sessions cost about one). Where the family mixes sessions in one sequence (`mixes`: all but
         Falcon) the rows are one-token segments of forward_mixed (for plain-SDPA families each row's attention runs
         over its own cached keys, as alone: a Llama-family row gives the same bits batched or alone; see
-        swarm.model.segments). Otherwise each layer's keys/values are appended to every row's own cache and handed
-        to attention as one right-padded batch, with an additive mask hiding each row's padding (and, for a sliding
-        layer, what falls out of that row's window)."""
+        swarm.model.segments; `lean`: through swarm.model.lean where the span has it, the same bits). Otherwise each
+        layer's keys/values are appended to every row's own cache and handed to attention as one right-padded batch,
+        with an additive mask hiding each row's padding (and, for a sliding layer, what falls out of that row's
+        window)."""
         if hidden.shape[1] != 1 or len(caches) != hidden.shape[0] or len(positions) != len(caches):
             raise ValueError("forward_batch takes one new token per session")
         if self.mixes:  # one sequence of one-token segments: each row's attention over its own keys, no padding
             steps = [segments.Segment(cache, position, 1) for cache, position in zip(caches, positions, strict=True)]
-            return self.forward_mixed(hidden.reshape(1, *hidden.shape[::2]), steps, blocks).reshape(hidden.shape)
+            return self.forward_mixed(hidden.reshape(1, *hidden.shape[::2]), steps, blocks,
+                                      lean).reshape(hidden.shape)
         for cache, position in zip(caches, positions, strict=True):
             cache.rewind(position)
         position_ids = torch.tensor(positions, device=hidden.device)[:, None]
@@ -217,16 +222,29 @@ class BlockSpan(nn.Module):
 
     @torch.inference_mode()
     def forward_mixed(self, hidden: torch.Tensor, steps: list[segments.Segment],
-                      blocks: slice | None = None) -> torch.Tensor:
+                      blocks: slice | None = None, lean: bool = True) -> torch.Tensor:
         """Steps of several sessions in one forward: hidden [1, ΣT, H] holds each step's T tokens after the previous
         step's (decode rows, prefill chunks, in any mix), step i at steps[i].position of steps[i].cache → [1, ΣT, H].
-        Only for spans with `mixes` (swarm.model.segments)."""
+        Only for spans with `mixes` (swarm.model.segments). A round of decode rows alone takes the lean path where the
+        span has one (swarm.model.lean: the same bits); `lean=False` never."""
         if not self.mixes:
             raise ValueError("this span's family cannot run steps of different sessions in one sequence")
         if hidden.shape[0] != 1 or hidden.shape[1] != sum(step.tokens for step in steps):
             raise ValueError("forward_mixed takes [1, sum of the steps' tokens, H]")
         for step in steps:
             step.cache.rewind(step.position)
+        if lean and self._lean and all(step.tokens == 1 for step in steps) and hidden.dtype == torch.float32:
+            if self._lean is True:
+                self.prepare_lean()
+            if isinstance(self._lean, lean_decode.LeanDecode):
+                try:
+                    hidden = self._lean.forward(hidden, steps, blocks)
+                except lean_decode.Unavailable as e:  # nothing committed: the generic path redoes the round
+                    logger.debug("lean decode unavailable: %s", e)
+                else:
+                    for step in steps:
+                        step.cache.commit(1)
+                    return hidden
         position_ids = torch.cat([torch.arange(s.position, s.position + s.tokens, device=hidden.device)
                                   for s in steps])[None]
         with segments.mixed(steps, self.windows, self.explicit_masks) as cache:
@@ -234,6 +252,15 @@ class BlockSpan(nn.Module):
         for step in steps:
             step.cache.commit(step.tokens)
         return hidden
+
+    def prepare_lean(self) -> bool:
+        """Decide (once) whether decode rounds take the lean path (swarm.model.lean: it checks it gives the same bits
+        as the layers' own); done at the first decode round otherwise. The blocks' modules are not to be replaced
+        after this (a quantization then would go unseen by the lean path). Returns whether it is taken."""
+        if self._lean is True:
+            self._lean = False  # while its check runs (its generic rounds come back through forward_mixed)
+            self._lean = lean_decode.prepare(self)
+        return bool(self._lean)
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache, mask, blocks: slice | None):
         selected = range(len(self.blocks))[blocks or slice(None)]
@@ -342,6 +369,8 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
                      explicit_masks=anatomy.attn_implementation != "sdpa", encoder=is_encoder(config))
+    if pack:  # its final modules: decide the decode rounds' path now rather than in the first round
+        span.prepare_lean()
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
                 precision.describe(), span.weight_bytes() / 2**20)
     return span

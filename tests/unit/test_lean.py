@@ -1,0 +1,132 @@
+"""The lean decode path (swarm.model.lean): the same bits as the layers' own, taken only where it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import attention, cpu
+from kernels.quant import NativeLinear, quantize_linears
+from swarm.model import lean
+from swarm.model.source import ModelSource
+from swarm.model.span import load_span
+
+pytestmark = pytest.mark.skipif(not attention.available(), reason="no C compiler: the native kernels are unavailable")
+
+
+def span_of(tiny_model_dir, family: str, quant: str, blocks: tuple[int, int] = (0, 4)):
+    source = ModelSource(family, tiny_model_dir(family))
+    if quant == "none":
+        return load_span(source, *blocks)
+    span = load_span(source, *blocks, pack=False)
+    for block in span.blocks:
+        quantize_linears(block, quant, "native")
+    return span
+
+
+def decode_both_ways(span, rounds: int = 3, lengths=(9, 2, 6, 1), blocks: slice | None = None):
+    """The same decode rounds through the lean path and the generic one, each on its own caches: (outputs, caches)
+    per way."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, n, span.hidden_size, generator=g) for n in lengths]
+    steps = [torch.randn(len(prompts), 1, span.hidden_size, generator=g) for _ in range(rounds)]
+    results = {}
+    for way in (True, False):
+        caches = [span.new_cache(32) for _ in prompts]
+        for p, c in zip(prompts, caches, strict=True):
+            span(p, c, 0)
+        outputs = [span.forward_batch(step, caches, [c.length for c in caches], blocks, lean=way) for step in steps]
+        results[way] = (torch.cat(outputs), caches)
+    return results
+
+
+def kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = cache.reserve(torch.empty(0), torch.empty(0), layer, cache.length)
+    return keys[:, :, : cache.length], values[:, :, : cache.length]
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # qwen2: biases on q, k, v
+def test_lean_decode_is_the_same_bits_as_the_layers_own(tiny_model_dir, family, quant):
+    span = span_of(tiny_model_dir, family, quant)
+    assert span.prepare_lean()
+    got = decode_both_ways(span)
+    (lean_out, lean_caches), (own_out, own_caches) = got[True], got[False]
+    assert torch.equal(lean_out, own_out), (lean_out - own_out).abs().max()
+    for a, b in zip(lean_caches, own_caches, strict=True):
+        assert a.length == b.length
+        for layer in range(len(span.blocks)):
+            assert all(torch.equal(x, y) for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
+
+
+def test_a_part_of_the_span_runs_lean_too(tiny_model_dir):
+    span = span_of(tiny_model_dir, "llama", "int4", (0, 6))
+    got = decode_both_ways(span, rounds=2, blocks=slice(2, 5))
+    assert torch.equal(got[True][0], got[False][0])
+
+
+def test_joined_projections_hold_no_weight_twice_and_are_one_call(tiny_model_dir, monkeypatch):
+    span = span_of(tiny_model_dir, "llama", "int4")
+    before = span.weight_bytes()
+    assert span.prepare_lean()
+    assert span.weight_bytes() == before
+    plan = span._lean
+    attn = span.blocks[0].self_attn
+    joined = plan.layers[0].qkv
+    shared = joined.codes.untyped_storage().data_ptr()
+    assert joined.native and attn.q_proj.qweight.untyped_storage().data_ptr() == shared
+    assert attn.v_proj.scale.data_ptr() == joined.scale[-attn.v_proj.out_features :].data_ptr()
+    calls = []
+    real = cpu.affine_linear
+    monkeypatch.setattr(cpu, "affine_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = span.new_cache(8)
+    span(torch.randn(1, 3, span.hidden_size), cache, 0)
+    calls.clear()
+    span(torch.randn(1, 1, span.hidden_size), cache, 3)
+    assert len(calls) == 4 * len(span.blocks)  # q|k|v, o, gate|up, down
+
+
+@pytest.mark.parametrize("family", ["granite", "smollm3"])
+def test_a_layer_that_differs_is_caught_by_the_check(tiny_model_dir, family):
+    # shaped like Llama's, computed otherwise: granite scales its residuals, smollm3's 4th layer has no rotary
+    span = span_of(tiny_model_dir, family, "none")
+    assert lean.eligible(span)
+    assert not span.prepare_lean()
+    got = decode_both_ways(span, rounds=1)
+    assert torch.equal(got[True][0], got[False][0])  # both the layers' own
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3", "mixtral", "phi3"])
+def test_other_shapes_keep_the_generic_path(tiny_model_dir, family):
+    span = span_of(tiny_model_dir, family, "none")
+    assert not lean.eligible(span) and not span.prepare_lean()
+
+
+def test_a_round_the_native_attention_refuses_is_redone_by_the_generic_path(tiny_model_dir, monkeypatch):
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert span.prepare_lean()
+    expected = decode_both_ways(span, rounds=2)[False][0]
+    refused = []
+    real = attention.DecodeRows.attend
+
+    def attend_once_refused(self, *args):
+        if not refused:  # the lean path's first layer: its keys were appended, nothing committed
+            refused.append(1)
+            return False
+        return real(self, *args)
+
+    monkeypatch.setattr(attention.DecodeRows, "attend", attend_once_refused)
+    got = decode_both_ways(span, rounds=2)[True][0]
+    assert refused and torch.equal(got, expected)
+
+
+def test_native_linear_views_still_compute_alone(tiny_model_dir):
+    # the projections' own modules (prefill chunks run them) read the joined buffers' views
+    span = span_of(tiny_model_dir, "qwen2", "int4")
+    x = torch.randn(5, span.hidden_size)
+    attn = span.blocks[1].self_attn
+    alone = [layer(x) for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert span.prepare_lean()
+    assert all(isinstance(layer, NativeLinear) for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert all(torch.equal(layer(x), want) for layer, want in zip((attn.q_proj, attn.k_proj, attn.v_proj), alone,
+                                                                  strict=True))
