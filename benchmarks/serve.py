@@ -117,6 +117,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded": {"peers": [], "env": {}},
     "baseline": {"peers": [], "env": {}},  # embedded, from the --baseline checkout
     "embedded_1t": {"peers": [], "env": {"EMBEDDED_NUM_THREADS": "1"}},  # the embedded peer's kernel on one thread
+    "embedded_generic": {"peers": [], "env": {"SWARM_LEAN_DECODE": "0"}},  # decode rounds through the layers' own
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},

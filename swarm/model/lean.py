@@ -18,12 +18,13 @@ and their attributes) and then runs a few random rows both ways — the generic 
 segments_attention) and this one — on fresh caches; it is used only when every output and every appended key and
 value is the same bits (a family whose layer differs in any way — a scaled residual, a norm of its own, no rotary in
 some layers — fails there and keeps the generic path; logged). Prefill chunks, mixed rounds and spans that are not
-float32 on the CPU always take the generic path.
+float32 on the CPU always take the generic path; SWARM_LEAN_DECODE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -205,8 +206,10 @@ class LeanDecode:
 
 
 def eligible(span: Any) -> bool:
-    """Whether a span may take the lean path at all (before its numerical check)."""
-    return (span.mixes and span._native_rows and span.rotary is not None and not span._rotary_per_type
+    """Whether a span may take the lean path at all (before its numerical check). SWARM_LEAN_DECODE=0: never (to
+    compare)."""
+    return (os.environ.get("SWARM_LEAN_DECODE", "1") != "0" and span.mixes and span._native_rows
+            and span.rotary is not None and not span._rotary_per_type
             and len(set(span.layer_types)) == 1 and attention.available()
             and all(_shaped(block, span.hidden_size) for block in span.blocks))
 

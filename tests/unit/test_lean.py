@@ -130,3 +130,9 @@ def test_native_linear_views_still_compute_alone(tiny_model_dir):
     assert all(isinstance(layer, NativeLinear) for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert all(torch.equal(layer(x), want) for layer, want in zip((attn.q_proj, attn.k_proj, attn.v_proj), alone,
                                                                   strict=True))
+
+
+def test_the_switch_turns_it_off(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("SWARM_LEAN_DECODE", "0")
+    span = span_of(tiny_model_dir, "llama", "none")
+    assert not lean.eligible(span) and not span.prepare_lean()
