@@ -369,8 +369,8 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
     rotary = model.get_submodule(anatomy.rotary).to(device) if anatomy.rotary else None
     span = BlockSpan(blocks, rotary, start, end, config.hidden_size, precision, config,
                      explicit_masks=anatomy.attn_implementation != "sdpa", encoder=is_encoder(config))
-    if pack:  # its final modules: decide the decode rounds' path now rather than in the first round
-        span.prepare_lean()
+    if pack and span.prepare_lean():  # its final modules: decide the decode rounds' path now, not in the first round
+        release_freed_memory()  # the projections' buffers before they were joined
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
                 precision.describe(), span.weight_bytes() / 2**20)
     return span

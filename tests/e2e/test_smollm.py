@@ -109,9 +109,14 @@ def local_step_logits(reference, prompt_ids, tokens):
 
 async def test_two_peers_greedy_and_logits_equal_local(smol_client, smol_swarm, source, reference, prompt_ids,
                                                        local_tokens, logits_atol):
-    chain = await smol_client.chain()
-    assert [(link.start, link.end) for link in chain] == [(0, 15), (15, 30)]
-    tokens, logits = await collect(smol_client.generate_steps(prompt_ids, NEW_TOKENS))
+    # the two peers' chain (which of the two chains is faster depends on what 5 peers started at once measured)
+    smol_client.allowed_peers = {smol_swarm.peers[blocks] for blocks in TWO}
+    try:
+        chain = await smol_client.chain()
+        assert [(link.start, link.end) for link in chain] == [(0, 15), (15, 30)]
+        tokens, logits = await collect(smol_client.generate_steps(prompt_ids, NEW_TOKENS))
+    finally:
+        smol_client.allowed_peers = None
     assert tokens == local_tokens
     text = AutoTokenizer.from_pretrained(source.path).decode(tokens)
     assert text.startswith('As the AI, AI-powered robot, "Pixel," began its journey'), text
