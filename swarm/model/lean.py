@@ -219,11 +219,16 @@ def prepare(span: Any) -> LeanDecode | None:
     Joins the projections' buffers (views: the generic path reads the same weights)."""
     if not eligible(span):
         return None
-    lean = LeanDecode(span)
-    if _same_bits(span, lean):
-        return lean
+    try:
+        lean = LeanDecode(span)
+        if _same_bits(span, lean):
+            return lean
+    except Exception:  # an optimization: whatever it meets, the layers' own path serves
+        logger.warning("blocks %d:%d: the lean decode path failed its check; keeping the generic path", span.start,
+                       span.end, exc_info=True)
+        return None
     logger.info("blocks %d:%d: the lean decode path differs from the layers' own; keeping the generic path",
-                   span.start, span.end)
+                span.start, span.end)
     return None
 
 

@@ -136,3 +136,14 @@ def test_the_switch_turns_it_off(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("SWARM_LEAN_DECODE", "0")
     span = span_of(tiny_model_dir, "llama", "none")
     assert not lean.eligible(span) and not span.prepare_lean()
+
+
+def test_a_check_that_raises_keeps_the_generic_path(tiny_model_dir, monkeypatch):
+    def broken(span, plan):
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(lean, "_same_bits", broken)
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert not span.prepare_lean()
+    got = decode_both_ways(span, rounds=1)
+    assert torch.equal(got[True][0], got[False][0])
