@@ -3,9 +3,10 @@
 A decode round through a span (`BlockSpan.forward_mixed` of one-token steps) spends as long outside the linear
 kernels as in them on a small model: on a 2-core AVX2 EPYC, one row through SmolLM2's 30 int4 blocks took ~40 ms,
 15 of them in the kernel; the rest is the layers' module calls, keyword plumbing, the attention interface and ~140
-small torch calls per layer. `LeanDecode` runs the same computation for the blocks whose shape it knows — an RMS
-norm, q/k/v/o projections with rotary embeddings, a gated MLP, two residual adds (Llama, Mistral, Qwen2, SmolLM2 and
-others built the same way) — as one loop per layer, with:
+small torch calls per layer. `LeanDecode` runs the same computation for the blocks whose shape it knows — RMS norms
+(Llama's weight * x or Gemma's x * (1 + weight), told apart by running the module), q/k/v/o projections with rotary
+embeddings (q/k norms where the family has them), a gated MLP, two residual adds, and Gemma 3's norms after attention
+and around the MLP (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3) — as one loop per layer, with:
 - the projections that read the same input in one kernel call: q|k|v and gate|up, where they run on the native
   kernel (kernels.quant.NativeLinear) with the same codes format; their buffers become views of the joined ones, so
   no weight is held twice, and each output row is computed as alone, so the bits are the same;
@@ -13,7 +14,7 @@ others built the same way) — as one loop per layer, with:
 - each layer's keys/values appended and the rows' attention in one native call each (kernels.attention), as
   segments_attention does for the generic path.
 
-A span gets it only where it is exact: at its first decode round, `prepare` checks each block's shape (its modules
+A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its modules
 and their attributes) and then runs a few random rows both ways — the generic path (the family's layer modules,
 segments_attention) and this one — on fresh caches; it is used only when every output and every appended key and
 value is the same bits (a family whose layer differs in any way — a scaled residual, a norm of its own, no rotary in
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _MLP = {"gate_proj", "up_proj", "down_proj"}
 _BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_SANDWICH = {"pre_feedforward_layernorm", "post_feedforward_layernorm"}  # Gemma 2/3
+_QK_NORMS = {"q_norm", "k_norm"}  # Qwen3, Gemma 3
 
 
 class Unavailable(Exception):
@@ -103,56 +106,85 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return linear
 
 
-def _rms_norm(module: Any) -> tuple[torch.Tensor, float] | None:
-    """(weight, epsilon) of a Llama-style RMS norm module (weight [H] times the normalized input), else None."""
-    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    children = list(module.children())
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float) or children:
+Norm = tuple[bool, torch.Tensor, float]  # (Gemma's offset form, the factor, epsilon): see _norm
+
+
+def _norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """An RMS norm as transformers computes it in float32: weight * normalized (Llama's form), or normalized *
+    (1 + weight) (Gemma's; the factor 1 + weight is computed once, the same values)."""
+    offset, factor, eps = norm
+    normalized = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normalized * factor if offset else factor * normalized
+
+
+def _rms_norm(module: Any, size: int) -> Norm | None:
+    """How an RMS norm module of `size` features computes (one of _norm's two forms), found by running it on random
+    rows: the form that gives its very bits; None when neither does or it is not an RMS norm of that size."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (not isinstance(weight, torch.Tensor) or weight.shape != (size,) or weight.dtype != torch.float32
+            or not isinstance(eps, float) or list(module.children()) or getattr(module, "bias", None) is not None):
         return None
-    if getattr(module, "bias", None) is not None:
-        return None
-    return weight, eps
+    x = torch.randn(4, size, generator=torch.Generator().manual_seed(size))
+    with torch.inference_mode():
+        expected = module(x)
+        for norm in ((False, weight, eps), (True, 1.0 + weight.float(), eps)):
+            if torch.equal(_norm(x, norm), expected):
+                return norm
+    return None
 
 
 class _Layer:
-    """What one Llama-shaped block's decode rows need."""
+    """What one Llama-shaped block's decode rows need: its norms (a q/k norm on the head dimension, and Gemma's norms
+    after attention and around the MLP, where it has them), joined projections, activation and geometry."""
 
-    def __init__(self, block: Any):
+    def __init__(self, block: Any, hidden_size: int):
         attn, mlp = block.self_attn, block.mlp
-        norm1, norm2 = _rms_norm(block.input_layernorm), _rms_norm(block.post_attention_layernorm)
-        if norm1 is None or norm2 is None:
-            raise ValueError("not a Llama-shaped block: its norms are not RMS norms")
-        self.norm1, self.norm2 = norm1, norm2
+        self.head_dim = int(attn.head_dim)
+        self.scaling = float(attn.scaling)
+        self.sandwich = hasattr(block, "pre_feedforward_layernorm")  # Gemma 2/3: a norm after each part too
+        pre_mlp = block.pre_feedforward_layernorm if self.sandwich else block.post_attention_layernorm
+        norms = {"input": (block.input_layernorm, hidden_size), "pre_mlp": (pre_mlp, hidden_size)}
+        if self.sandwich:
+            norms |= {"post_attention": (block.post_attention_layernorm, hidden_size),
+                      "post_mlp": (block.post_feedforward_layernorm, hidden_size)}
+        self.qk_norms = hasattr(attn, "q_norm")
+        if self.qk_norms:
+            norms |= {"q": (attn.q_norm, self.head_dim), "k": (attn.k_norm, self.head_dim)}
+        self.norms: dict[str, Norm] = {}
+        for name, (module, size) in norms.items():
+            norm = _rms_norm(module, size)
+            if norm is None:
+                raise ValueError(f"not a Llama-shaped block: its {name} norm is not an RMS norm of {size}")
+            self.norms[name] = norm
         self.qkv = _Joined([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = _call(attn.o_proj)
         self.gate_up = _Joined([mlp.gate_proj, mlp.up_proj])
         self.down_proj = _call(mlp.down_proj)
         self.act = mlp.act_fn
-        self.head_dim = int(attn.head_dim)
-        self.scaling = float(attn.scaling)
 
 
-def _shaped(block: Any, hidden_size: int) -> bool:
-    """Whether a block is built like a Llama decoder layer (checked again, numerically, by `prepare`)."""
-    children = dict(block.named_children())
-    if set(children) != _BLOCK:
+def _shaped(block: Any) -> bool:
+    """Whether a block is built like a Llama decoder layer, or Gemma 3's (norms after attention and around the MLP, q/k
+    norms), with plain SDPA attention (checked again, numerically, by `prepare`)."""
+    children = set(dict(block.named_children()))
+    if children not in (_BLOCK, _BLOCK | _SANDWICH):
         return False
-    attn, mlp = children["self_attn"], children["mlp"]
-    if {name for name, _ in attn.named_children()} != _ATTENTION:
+    attn, mlp = block.self_attn, block.mlp
+    if {name for name, _ in attn.named_children()} not in (_ATTENTION, _ATTENTION | _QK_NORMS):
         return False
     if not _MLP <= {name for name, _ in mlp.named_children()} <= _MLP | {"act_fn"}:
         return False
     if not all(isinstance(getattr(attn, name, None), int | float) for name in ("head_dim", "scaling")):
+        return False
+    if getattr(attn, "attn_logit_softcapping", None) is not None:  # Gemma 2: its eager attention caps the scores
         return False
     config = getattr(attn, "config", None)
     if getattr(config, "_attn_implementation", None) != segments.NAME or getattr(config, segments._ORIGINAL,
                                                                                   None) != "sdpa":
         return False
     linears = [getattr(attn, n) for n in _ATTENTION] + [getattr(mlp, n) for n in _MLP]
-    if not all(hasattr(layer, "out_features") for layer in linears) or not callable(getattr(mlp, "act_fn", None)):
-        return False
-    norms = [_rms_norm(children["input_layernorm"]), _rms_norm(children["post_attention_layernorm"])]
-    return all(n is not None and n[0].shape == (hidden_size,) for n in norms)
+    return all(hasattr(layer, "out_features") for layer in linears) and callable(getattr(mlp, "act_fn", None))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,37 +192,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-    weight, eps = norm
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
-
-
 class LeanDecode:
     """Decode rows through a span's Llama-shaped blocks (see the module's doc). Build with `prepare`."""
 
     def __init__(self, span: Any):
         self.span = span
-        self.layers = [_Layer(block) for block in span.blocks]
+        self.layers = [_Layer(block, span.hidden_size) for block in span.blocks]
 
     def forward(self, hidden: torch.Tensor, steps: list[segments.Segment], blocks: slice | None) -> torch.Tensor:
         """hidden [1, N, H], steps N one-token segments (already rewound) → [1, N, H]; the caches are not committed.
         Raises Unavailable where a native call refuses its tensors (nothing committed: the generic path redoes it)."""
         span = self.span
         count = hidden.shape[1]
+        selected = range(len(span.blocks))[blocks or slice(None)]
         position_ids = torch.tensor([[s.position for s in steps]], device=hidden.device)
-        cos, sin = span.rotary(hidden, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        embeddings = {}  # per layer type: cos, sin [1, 1, N, D]
+        for kind in {span.layer_types[i] for i in selected}:
+            cos, sin = (span.rotary(hidden, position_ids, kind) if span._rotary_per_type
+                        else span.rotary(hidden, position_ids))
+            embeddings[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = attention.DecodeRows(list(range(count)), [s.position + 1 for s in steps])
         caches = [s.cache for s in steps]
-        for i in range(len(span.blocks))[blocks or slice(None)]:
-            layer = self.layers[i]
+        for i in selected:
+            layer, norms = self.layers[i], self.layers[i].norms
             residual = hidden
-            x = _norm(hidden, layer.norm1)
-            q, k, v = layer.qkv(x)
-            q = q.view(1, count, -1, layer.head_dim).transpose(1, 2)
-            k = k.view(1, count, -1, layer.head_dim).transpose(1, 2)
+            q, k, v = layer.qkv(_norm(hidden, norms["input"]))
+            q = q.view(1, count, -1, layer.head_dim)
+            k = k.view(1, count, -1, layer.head_dim)
+            if layer.qk_norms:
+                q, k = _norm(q, norms["q"]), _norm(k, norms["k"])
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(1, count, -1, layer.head_dim).transpose(1, 2)
+            cos, sin = embeddings[span.layer_types[i]]
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             buffers = [cache.reserve(k, v, i, n) for cache, n in zip(caches, rows.lengths, strict=True)]
@@ -198,10 +231,16 @@ class LeanDecode:
             if not (rows.check([b for b, _ in buffers], [b for _, b in buffers]) and rows.append(k, v)
                     and rows.attend(q, out, layer.scaling, span.windows[i])):
                 raise Unavailable(f"the native attention refused layer {i}'s rows")
-            hidden = residual + layer.o_proj(out.reshape(1, count, -1).contiguous())
+            attended = layer.o_proj(out.reshape(1, count, -1).contiguous())
+            if layer.sandwich:
+                attended = _norm(attended, norms["post_attention"])
+            hidden = residual + attended
             residual = hidden
-            gate, up = layer.gate_up(_norm(hidden, layer.norm2))
-            hidden = residual + layer.down_proj(layer.act(gate) * up)
+            gate, up = layer.gate_up(_norm(hidden, norms["pre_mlp"]))
+            mlp = layer.down_proj(layer.act(gate) * up)
+            if layer.sandwich:
+                mlp = _norm(mlp, norms["post_mlp"])
+            hidden = residual + mlp
         return hidden
 
 
@@ -209,9 +248,7 @@ def eligible(span: Any) -> bool:
     """Whether a span may take the lean path at all (before its numerical check). SWARM_LEAN_DECODE=0: never (to
     compare)."""
     return (os.environ.get("SWARM_LEAN_DECODE", "1") != "0" and span.mixes and span._native_rows
-            and span.rotary is not None and not span._rotary_per_type
-            and len(set(span.layer_types)) == 1 and attention.available()
-            and all(_shaped(block, span.hidden_size) for block in span.blocks))
+            and span.rotary is not None and attention.available() and all(_shaped(block) for block in span.blocks))
 
 
 def prepare(span: Any) -> LeanDecode | None:
@@ -221,6 +258,10 @@ def prepare(span: Any) -> LeanDecode | None:
         return None
     try:
         lean = LeanDecode(span)
+    except ValueError as e:  # e.g. OLMo's norms: layer norms without weights
+        logger.debug("blocks %d:%d keep the generic decode path: %s", span.start, span.end, e)
+        return None
+    try:
         if _same_bits(span, lean):
             return lean
     except Exception:  # an optimization: whatever it meets, the layers' own path serves
