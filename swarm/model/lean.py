@@ -14,11 +14,11 @@ and around the MLP (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3) — a
 - each layer's keys/values appended and the rows' attention in one native call each (kernels.attention), as
   segments_attention does for the generic path.
 
-A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its modules
-and their attributes) and then runs a few random rows both ways — the generic path (the family's layer modules,
-segments_attention) and this one — on fresh caches; it is used only when every output and every appended key and
-value is the same bits (a family whose layer differs in any way — a scaled residual, a norm of its own, no rotary in
-some layers — fails there and keeps the generic path; logged). Prefill chunks, mixed rounds and spans that are not
+A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its
+modules and their attributes) and then runs a few random rows both ways — the generic path (the family's layer
+modules, segments_attention) and this one — on fresh caches; it is used only when every output and every appended key
+and value is the same bits (a family whose layer differs in any way — a scaled residual, a norm of its own, no rotary
+in some layers — fails there and keeps the generic path; logged). Prefill chunks, mixed rounds and spans that are not
 float32 on the CPU always take the generic path; SWARM_LEAN_DECODE=0 turns it off.
 """
 
