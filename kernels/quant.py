@@ -238,9 +238,13 @@ class NativeLinear(QuantLinear):
         if self.bias is not None:
             self.bias.data = self.bias.data.float()
 
+    @property
+    def bits(self) -> int:
+        """Bits per code: 8 (int8) or 4 (int4)."""
+        return 8 if self.method == "int8" else 4
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bits = 8 if self.method == "int8" else 4
-        return cpu.affine_linear(x, self.qweight, bits, self.scale, self.minimum, self.bias).to(x.dtype)
+        return cpu.affine_linear(x, self.qweight, self.bits, self.scale, self.minimum, self.bias).to(x.dtype)
 
 
 class _TorchCpuLinear(QuantLinear):

@@ -62,7 +62,7 @@ class _Joined:
         if not self.native:
             return
         first = linears[0]
-        self.bits = 8 if first.method == "int8" else 4
+        self.bits = first.bits
         self.codes = torch.cat([layer.qweight.reshape(-1) for layer in linears])
         self.scale = torch.cat([layer.scale for layer in linears]).contiguous()
         self.minimum = torch.cat([layer.minimum for layer in linears]).contiguous()
@@ -98,7 +98,7 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A native-kernel linear layer's computation without its module call; any other module itself."""
     if type(module) is not NativeLinear:
         return module
-    bits = 8 if module.method == "int8" else 4
+    bits = module.bits
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         return cpu.affine_linear(x, module.qweight, bits, module.scale, module.minimum, module.bias)
