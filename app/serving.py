@@ -255,17 +255,24 @@ class ServingEngine:
         except ValueError as e:
             raise APIError(400, f"{param} cannot be enforced: {str(e)[:300]}", param, "invalid_value") from e
 
-    def speculate(self, choices: int, prediction: bool = False, seeded: bool = False) -> bool:
+    def speculate(self, choices: int, prediction: bool = False,
+                  seeded: bool = False) -> tuple[bool, Callable[[], bool] | None]:
         """Whether a request of `choices` choices decodes speculatively (drafts by prompt lookup: the same tokens,
-        fewer steps through the chain when the answer repeats its input): one choice, and with
-        GATEWAY_SPECULATIVE=auto, while few generations run (many share the peers' batched decode steps better) or
-        when the request sent a prediction; never in auto for seeded sampling, whose text would then depend on the
-        load (drafting draws from the generator differently: the same distribution, another sample)."""
-        if choices != 1 or self.speculative == "off":
-            return False
-        if seeded and self.speculative == "auto":
-            return False
-        return self.speculative == "on" or prediction or self.active < self.speculative_below
+        fewer steps through the chain when the answer repeats its input), and what is asked before each step
+        whether to draft at it (None: every step). One choice only; with GATEWAY_SPECULATIVE=auto, drafts only at
+        steps while fewer than GATEWAY_SPECULATIVE_BELOW other generations run (many share the peers' batched decode
+        rounds better: a generation that began alone stops drafting when a burst arrives and joins their rounds, and
+        drafts again once they have ended), at every step when the request sent a prediction; never in auto for
+        seeded sampling, whose text would then depend on the load (drafting draws from the generator differently:
+        the same distribution, another sample)."""
+        if choices != 1 or self.speculative == "off" or (seeded and self.speculative == "auto"):
+            return False, None
+        if self.speculative == "on" or prediction:
+            return True, None
+        return True, self._few_others
+
+    def _few_others(self) -> bool:
+        return self.active - 1 < self.speculative_below  # active counts the asking generation itself
 
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                  logprobs: int | None, index_offset: int = 0, grammar: Grammar | None = None,
@@ -287,6 +294,7 @@ class ServingEngine:
         if not all(0 <= k < vocab for k in bias):
             raise APIError(400, f"logit_bias token ids must be in 0..{vocab - 1}", "logit_bias", "invalid_value")
         greedy = request.temperature < MIN_TEMPERATURE or request.top_p < MIN_TEMPERATURE
+        speculative, draft_while = self.speculate(request.n, bool(prediction), request.seed is not None and not greedy)
         generation = GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=limit or self._default_limit(len(prompt_ids)), n=request.n,
             temperature=0.0 if greedy else request.temperature, top_p=1.0 if greedy else request.top_p,
@@ -294,7 +302,7 @@ class ServingEngine:
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
             prompt_logprobs=logprobs if echo is not None else None,
-            speculative=self.speculate(request.n, bool(prediction), request.seed is not None and not greedy),
+            speculative=speculative, draft_while=draft_while,
             prediction=tuple(prediction or ()),
         )
         return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo)

@@ -52,11 +52,12 @@ class GatewaySettings(BaseSettings):
                                                      "key), and a joined swarm needs SWARM_ALLOWED_PEERS")
     gateway_speculative: Literal["auto", "on", "off"] = Field("auto", description="speculative decoding of "
                                                               "one-choice requests (drafts by prompt lookup; the same "
-                                                              "tokens): auto: while fewer than "
-                                                              "GATEWAY_SPECULATIVE_BELOW generations run, or when a "
-                                                              "request sends a prediction")
-    gateway_speculative_below: int = Field(4, ge=0, description="auto speculative decoding: only while fewer "
-                                                                "generations than this run")
+                                                              "tokens): auto: at the steps while fewer than "
+                                                              "GATEWAY_SPECULATIVE_BELOW other generations run, or "
+                                                              "when a request sends a prediction")
+    gateway_speculative_below: int = Field(4, ge=0, description="auto speculative decoding: a generation "
+                                                                "drafts at a step only while fewer others than this "
+                                                                "run")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "

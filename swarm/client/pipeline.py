@@ -175,12 +175,13 @@ class DecodePipeline:
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
                        max_new_tokens: int, position: int | None = None,
-                       prompt_scores: int | None = None, drafter: PromptLookup | None = None
-                       ) -> AsyncGenerator[StepOutput, None]:
+                       prompt_scores: int | None = None, drafter: PromptLookup | None = None,
+                       drafting: Callable[[], bool] | None = None) -> AsyncGenerator[StepOutput, None]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
         decides when to stop. Every token yielded but the last has been fed to the session. `prompt_scores` = k:
         the first step also carries the input's own log-probabilities (PromptScores, k alternatives each).
-        `drafter` (one row): speculative decoding (`speculate`)."""
+        `drafter` (one row): speculative decoding (`speculate`), at each step `drafting()` allows (None: every step);
+        a step without a draft is a plain decode step (in its group's round)."""
         scores: list[tuple[torch.Tensor, ...]] | None = [] if prompt_scores is not None else None
         logits = await self.prefill(session, input_ids, position, scores, prompt_scores or 0)
         prompt = None
@@ -197,7 +198,8 @@ class DecodePipeline:
         fed = session.position  # where the session must stand once the caller has the last token yielded
         try:
             while produced < max_new_tokens:
-                draft = drafter.draft(max_new_tokens - produced - 1) if drafter is not None else []
+                drafts = drafter is not None and (drafting is None or drafting())
+                draft = drafter.draft(max_new_tokens - produced - 1) if drafts else []
                 if draft:
                     at = session.position
                     steps = await self.speculate(session, choice.token_ids, draft, sampler)

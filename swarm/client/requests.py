@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +36,9 @@ class GenerationRequest:
     grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)
     prompt_logprobs: int | None = None  # k: the prompt's own log-probabilities too (k alternatives), on the first step
     speculative: bool = False  # one choice: speculative decoding with drafts by prompt lookup (same output)
+    # speculative: asked before each step whether to draft now (None: always); a step without a draft joins the plain
+    # decode rounds (the gateway stops drafting while many generations share the peers' batched rounds)
+    draft_while: Callable[[], bool] | None = None
     prediction: tuple[int, ...] = ()  # tokens the answer is expected to repeat much of (drafts come from them first)
     # who asks (an API key's id, a client address): sessions parked for reuse are per tenant; None: no reuse at all
     tenant: str | None = ""

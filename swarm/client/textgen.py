@@ -154,7 +154,8 @@ class SwarmTextService:
         drafter = PromptLookup(prompt, request.prediction) if request.speculative and n == 1 else None
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start,
-                                              prompt_scores=request.prompt_logprobs, drafter=drafter)
+                                              prompt_scores=request.prompt_logprobs, drafter=drafter,
+                                              drafting=request.draft_while)
         stop_ids = set(request.stop_token_ids)
         chosen: list[int] = []  # row 0's tokens: all but the last have been fed to the session
         active = [True] * n

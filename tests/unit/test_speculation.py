@@ -72,3 +72,84 @@ def test_draft_length_adapts_and_rejections_pause_drafting():
     drafter.extend([2])
     assert drafter.draft(100) != []
     assert (drafter.drafted, drafter.kept) == (14, 6)
+
+
+V = 8  # a fake model whose next token is always (token + 1) % V: a text that cycles, so prompt lookup drafts well
+
+
+class CyclingHead:
+    def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        return input_ids.float()[..., None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot((hidden[..., 0].long() + 1) % V, V).float()
+
+
+class StepLog:
+    """What DecodePipeline uses of a one-row session without decode groups: position, step, rewind."""
+
+    batch_size = 1
+
+    def __init__(self):
+        self.position, self.sizes = 0, []
+
+    async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        self.position = (self.position if position is None else position) + hidden.shape[1]
+        self.sizes.append(hidden.shape[1])
+        return hidden
+
+    def rewind(self, position: int) -> None:
+        self.position = position
+
+
+async def _generate(drafting, tokens: int = 24) -> tuple[list[int], list[int]]:
+    from swarm.client.pipeline import DecodePipeline
+
+    pipeline = DecodePipeline(CyclingHead(), decode_groups=0)
+    session, prompt = StepLog(), list(range(V)) * 2 + [0, 1]
+    try:
+        out = [int(step.token_ids[0]) async for step in pipeline.generate(
+            session, torch.tensor([prompt]), Sampler(1, V, SamplingParams(temperature=0.0)), tokens,
+            drafter=PromptLookup(prompt), drafting=drafting)]
+    finally:
+        pipeline.close()
+    return out, session.sizes[1:]  # the steps after the prompt's
+
+
+async def test_drafting_is_asked_before_each_step_and_a_step_without_a_draft_is_a_plain_one():
+    """The gateway's auto mode asks before each step whether to draft (few generations running): not now → plain
+    one-token steps, the same tokens; allowed again → drafts again."""
+    expected = [(2 + i) % V for i in range(24)]
+    always, steps = await _generate(None)
+    assert always == expected and max(steps) > 1 and len(steps) < 23  # drafts kept: fewer steps than tokens
+    never, steps = await _generate(lambda: False)
+    assert never == expected and steps == [1] * 23
+    calls = []
+    later, steps = await _generate(lambda: calls.append(1) or len(calls) > 10)
+    assert later == expected and steps[:10] == [1] * 10 and max(steps[10:]) > 1
+
+
+def test_auto_speculation_drafts_only_while_few_other_generations_run():
+    """GATEWAY_SPECULATIVE=auto: a one-choice request gets a drafter whatever the load at its admission, and drafts
+    at a step only while fewer than GATEWAY_SPECULATIVE_BELOW other generations hold a slot, so a burst's first
+    requests join the batched rounds of the rest; `on` and a prediction draft at every step; n > 1, `off` and
+    seeded sampling in auto never."""
+    from types import SimpleNamespace
+
+    from app.serving import ServingEngine
+    from app.settings import GatewaySettings
+
+    def engine(mode: str) -> ServingEngine:
+        return ServingEngine(SimpleNamespace(context_length=2048),
+                             GatewaySettings(gateway_speculative=mode, gateway_speculative_below=3))
+
+    auto = engine("auto")
+    speculative, drafting = auto.speculate(1)
+    assert speculative and drafting is not None
+    for running, allowed in [(1, True), (3, True), (4, False), (16, False), (2, True)]:  # itself among `running`
+        auto.admission = SimpleNamespace(active=running)
+        assert drafting() is allowed
+    assert auto.speculate(1, prediction=True) == (True, None)
+    assert auto.speculate(2) == (False, None) and auto.speculate(1, seeded=True) == (False, None)
+    assert engine("on").speculate(1) == (True, None) and engine("on").speculate(1, seeded=True) == (True, None)
+    assert engine("off").speculate(1, prediction=True) == (False, None)
