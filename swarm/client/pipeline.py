@@ -198,8 +198,8 @@ class DecodePipeline:
         fed = session.position  # where the session must stand once the caller has the last token yielded
         try:
             while produced < max_new_tokens:
-                drafts = drafter is not None and (drafting is None or drafting())
-                draft = drafter.draft(max_new_tokens - produced - 1) if drafts else []
+                drafts = drafting is None or drafting()
+                draft = drafter.draft(max_new_tokens - produced - 1) if drafter is not None and drafts else []
                 if draft:
                     at = session.position
                     steps = await self.speculate(session, choice.token_ids, draft, sampler)
