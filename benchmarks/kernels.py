@@ -4,10 +4,10 @@
                                  [--only fp32.onednn,int8.native,int4.native] [--clock thread|wall]
                                  [--kernel-threads 2] [--out DIR]
 
-Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (kernels/packed.py:
+Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (packed.py:
 what unquantized float32 CPU spans and the client's LM head run); int8 (affine, groups of 32) and int4 with the native
-kernel (kernels/cpu_affine.c, float32 activations); int8 with torch's `_weight_int8pack_mm`; int4 with
-torch's `_weight_int4pack_mm_for_cpu`; nf4 with kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
+kernel (swarm_kernels/cpu_affine.c, float32 activations); int8 with torch's `_weight_int8pack_mm`; int4 with
+torch's `_weight_int4pack_mm_for_cpu`; nf4 with swarm_kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
 `quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
 the dequantize-then-matmul reference.
 Shapes: SmolLM2's four block linear shapes and its LM head, two of an 8B Llama. Tokens per call: 1 (a decode step),
@@ -19,7 +19,7 @@ median over `runs` rounds; `vs_fp32` and `vs_onednn` are ratios to the fp32 nn.L
 The clock is the calling thread's CPU time with one torch thread (every candidate then computes on that thread, and
 on a shared machine other processes' turns on the core stay out of the figures), wall time otherwise.
 `--kernel-threads N` adds `int8.native_xN` and `int4.native_xN`: the native kernel with each call split over N
-threads (kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
+threads (swarm_kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
 calls, a few microseconds, which a peer does not); the clock is then wall time.
 """
 
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import emit, machine, median, versions
-from kernels import cpu, packed, triton_nf4
-from kernels.quant import QuantLinear, fits, kernel_for
+from swarm_kernels import cpu, packed, triton_nf4
+from swarm_kernels.quant import QuantLinear, fits, kernel_for
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.up_proj": (1536, 576),

@@ -30,10 +30,10 @@ import torch
 
 from benchmarks.common import emit, machine, median, peak_rss_mib, versions
 from benchmarks.swarm_runs import PROMPT, chain_of, default_model_prompt
-from kernels import packed
 from swarm.client import SwarmClient
 from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID
+from swarm_kernels import packed
 from tests.launcher import LocalSwarm
 
 CHAINS = {"batched": [], "unbatched": ["--max-batch-sessions", "1"]}

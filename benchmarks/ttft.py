@@ -24,9 +24,9 @@ import torch
 
 from benchmarks.common import emit, machine, median, versions
 from benchmarks.serve import free_port
-from kernels.sampling import Sampler
 from swarm.client.textgen import SwarmTextService
 from swarm.model.source import DEFAULT_MODEL_ID
+from swarm_kernels.sampling import Sampler
 from tests.launcher import LocalSwarm
 
 

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels import triton_nf4
-from kernels.quant import quantize_linears
 from swarm.model.precision import Precision
 from swarm.model.span import BlockSpan
+from swarm_kernels import triton_nf4
+from swarm_kernels.quant import quantize_linears
 
 
 def main() -> None:

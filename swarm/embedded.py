@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
-from kernels import cpu
 from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, stop_dht, visible_maddrs
 from swarm.model.source import resolve_model
+from swarm_kernels import cpu
 
 logger = logging.getLogger(__name__)
 

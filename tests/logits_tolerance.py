@@ -1,11 +1,11 @@
 """The tolerance for comparing a swarm's logits with local transformers: measured on this machine's kernels.
 
 Peers and the client compute in float32 with the kernels this CPU takes: oneDNN's prepacked linears where torch has
-oneDNN (kernels/packed.py: the spans' and the LM head's), one decode step at a time over a KV cache, rows of a
+oneDNN (swarm_kernels/packed.py: the spans' and the LM head's), one decode step at a time over a KV cache, rows of a
 decode group batched. The local reference runs transformers with MKL's nn.Linear over the whole sequence at once.
 Both are correct float32; they add in different orders, and how far apart that puts the logits depends on the
 kernels the CPU runs: a fixed atol of 1e-4 passed on AVX-512 machines and failed on AVX2 ones (1.27e-4), with the
-same tokens. Propagating the per-operation bound (kernels/tolerance.py) through 30 blocks of attention, norms and
+same tokens. Propagating the per-operation bound (swarm_kernels/tolerance.py) through 30 blocks of attention, norms and
 softmax would give a bound far too loose to catch anything, so the spread is measured instead:
 
     spread   the largest |logit difference| between the test's own reference and the same weights run the way the
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels import packed
+from swarm_kernels import packed
 
 SPREAD_FACTOR = 2.0
 FLOOR_ULPS = 16

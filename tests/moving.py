@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kernels.filecache import cache_root
 from swarm.model.fetch import block_entries
 from swarm.model.manifest import load_manifest, tensor_bytes
+from swarm_kernels.filecache import cache_root
 from tests.launcher import LocalSwarm
 
 MOVE_TIMEOUT = 180.0

@@ -20,7 +20,6 @@ import torch
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
 
-from kernels.sampling import Sampler, SamplingParams
 from swarm.client.pipeline import DecodePipeline, StepOutput
 from swarm.client.router import Router
 from swarm.client.routing import Link
@@ -31,6 +30,7 @@ from swarm.model import manifest
 from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
 from swarm.protocol import SpanInfo
+from swarm_kernels.sampling import Sampler, SamplingParams
 
 __all__ = ["StepOutput", "SwarmClient"]
 

@@ -14,7 +14,7 @@ Its stages, explicit rather than switched on input shape:
 - the head stage (`HeadStage`): every torch computation of the client (embeddings, the LM head, sampling) on one
   worker thread, never on the event loop. LM-head calls of concurrent sessions are merged into one call (the head's
   weight, 113 MB for SmolLM2 in float32, is then read once per round of tokens instead of once per session).
-- sampling: a `kernels.sampling.Sampler` holds one request's state (penalty counts, generator, logprobs).
+- sampling: a `swarm_kernels.sampling.Sampler` holds one request's state (penalty counts, generator, logprobs).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from kernels.sampling import Choice, Sampler, top_logprobs
 from swarm.client.decoding import DecodeGroups
 from swarm.client.session import InferenceSession
 from swarm.client.speculation import PromptLookup
+from swarm_kernels.sampling import Choice, Sampler, top_logprobs
 
 T = TypeVar("T")
 

@@ -27,7 +27,6 @@ import jinja2
 import torch
 from transformers import AutoTokenizer
 
-from kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 from swarm.client.client import SwarmClient
 from swarm.client.grammar import Grammars
 from swarm.client.pipeline import StepOutput
@@ -35,6 +34,7 @@ from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
 from swarm.client.speculation import PromptLookup
 from swarm.protocol import ErrorCode, NoChainError, PeerError
+from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 

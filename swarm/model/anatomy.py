@@ -21,8 +21,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from kernels.filecache import cache_root, compute_once
 from swarm.model.weights import Checkpoint
+from swarm_kernels.filecache import cache_root, compute_once
 
 logger = logging.getLogger(__name__)
 

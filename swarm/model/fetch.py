@@ -34,10 +34,10 @@ from typing import Any
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from kernels.filecache import cache_root, make_dirs, write_atomically
 from swarm.model.manifest import CONFIG_BOOKKEEPING, MANIFEST_FILE, check_identity, config_digest, tensor_bytes
 from swarm.model.store import CorruptObject, ObjectStore, digest_of, valid_digest
 from swarm.protocol import CONTENT_ID, FETCH_HANDLER, MANIFEST_HANDLER
+from swarm_kernels.filecache import cache_root, make_dirs, write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ shards and the converter never holds the whole model. It is:
 
 - atomic: written to a temporary sibling directory, then renamed into place; a crash leaves no half cache;
 - exclusive: a file lock makes concurrent peers wait for one conversion instead of racing
-  (both: kernels.filecache.compute_once);
+  (both: swarm_kernels.filecache.compute_once);
 - reproducible: the same GGUF file and library versions give the same tensors; `swarm-cache.json` records both.
 
 Run by hand with `python -m swarm.model.gguf_cache [MODEL]` (prints the cache directory).
@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.filecache import cache_root, compute_once
+from swarm_kernels.filecache import cache_root, compute_once
 
 logger = logging.getLogger(__name__)
 

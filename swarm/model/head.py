@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import packed, quant
 from swarm.model.anatomy import (
     UnsupportedModelError,
     checkpoint_for,
@@ -25,11 +24,12 @@ from swarm.model.anatomy import (
     skeleton,
 )
 from swarm.model.source import ModelSource
+from swarm_kernels import packed, quant
 
 
 def native_head() -> bool:
     """Whether a client's LM head runs on the native int8 kernel where that kernel holds its weight exactly
-    (`kernels.quant.exact_native_int8`; SWARM_NATIVE_HEAD=0: never). The default model's head is its Q8_0 embedding
+    (`quant.exact_native_int8`; SWARM_NATIVE_HEAD=0: never). The default model's head is its Q8_0 embedding
     table: in float32 for oneDNN 113 MB read per call, in the kernel's int8 28 MB + 7 MB of scales and minima, the same
     values. Its logits then differ from oneDNN's by the order of the sums only (~1e-5), and a row's are the same bits
     alone or batched, as with oneDNN."""
@@ -37,7 +37,7 @@ def native_head() -> bool:
 
 
 class CodedEmbedding(nn.Module):
-    """An embedding table read from the int8 codes of its tied LM head (`kernels.quant.exact_native_int8`): each
+    """An embedding table read from the int8 codes of its tied LM head (`swarm_kernels.quant.exact_native_int8`): each
     looked-up row is code * scale + minimum rounded once to float32, the table's own values, so the float32 table
     (113 MB for the default model) need not be kept."""
 
@@ -71,7 +71,7 @@ class LocalHead(nn.Module):
                     and embeddings.weight.shape == lm_head.weight.shape
                     and torch.equal(embeddings.weight, lm_head.weight)):  # tied: the table is read from the codes
                 self.embeddings = CodedEmbedding(native)
-        elif packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a decode round (kernels.packed)
+        elif packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a decode round (packed)
             self.lm_head = packed.PackedLinear(lm_head)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
         self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)

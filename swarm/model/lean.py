@@ -8,10 +8,10 @@ small torch calls per layer. `LeanDecode` runs the same computation for the bloc
 embeddings (q/k norms where the family has them), a gated MLP, two residual adds, and Gemma 3's norms after attention
 and around the MLP (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3) — as one loop per layer, with:
 - the projections that read the same input in one kernel call: q|k|v and gate|up, where they run on the native
-  kernel (kernels.quant.NativeLinear) with the same codes format; their buffers become views of the joined ones, so
+  kernel (quant.NativeLinear) with the same codes format; their buffers become views of the joined ones, so
   no weight is held twice, and each output row is computed as alone, so the bits are the same;
 - the norm, rotary embedding, activation and residual operations of transformers' code, in its order;
-- each layer's keys/values appended and the rows' attention in one native call each (kernels.attention), as
+- each layer's keys/values appended and the rows' attention in one native call each (swarm_kernels.attention), as
   segments_attention does for the generic path.
 
 A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its
@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from kernels import attention, cpu
-from kernels.quant import NativeLinear
 from swarm.model import segments
+from swarm_kernels import attention, cpu
+from swarm_kernels.quant import NativeLinear
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from kernels.filecache import cache_root, compute_once
 from swarm.model.store import valid_digest
+from swarm_kernels.filecache import cache_root, compute_once
 
 FORMAT = 2  # in the identity and the cache's file names: a manifest of another format is computed again
 MANIFEST_FILE = "swarm-manifest.json"

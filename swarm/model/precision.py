@@ -5,7 +5,7 @@
     device   cuda when torch sees a GPU, else cpu
     dtype    cuda: bfloat16 where the GPU supports it, else float16;  cpu: float32 (bf16 attention and norms are
              slower than fp32 on CPUs without AMX, and on small models bf16 alone flips next tokens)
-    quant    cuda: nf4 (bitsandbytes) when installed, else none;  cpu: int8 (the native kernel, kernels/cpu_affine.c:
+    quant    cuda: nf4 (bitsandbytes) when installed, else none;  cpu: int8 (the native kernel, cpu_affine.c:
              affine groups of 32, float32 activations), except for checkpoints that were 4-bit already (GGUF Q4_0 /
              Q4_1, like the default model): int4 in groups of 32 re-expresses those blocks in 4 bits. Next-token
              agreement with fp32 on the default model (tests/e2e/test_quantized_smollm.py): native int8 and int4
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import HAVE_BITSANDBYTES, METHODS, kernel_for
+from swarm_kernels.quant import HAVE_BITSANDBYTES, METHODS, kernel_for
 
 logger = logging.getLogger(__name__)
 

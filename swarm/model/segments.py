@@ -11,7 +11,7 @@ attention must see each session's own keys. So while a mixed forward runs (`mixe
   its scaling, GQA, soft-capping) for the decode rows and once per prefill chunk (its causal mask, as if alone),
   and puts the outputs back in sequence order. Decode rows: where the family's attention is transformers' plain
   SDPA, each row over its own keys (no copy, no mask; a sliding layer's row takes its window's keys): in float32 on
-  the CPU every row of a layer in one native call (kernels.attention; the rows' new keys and values are appended
+  the CPU every row of a layer in one native call (swarm_kernels.attention; the rows' new keys and values are appended
   to their caches in one call each too), otherwise torch's SDPA per row (transformers' wrapper skipped, it costs
   as much as a short row's attention); for other families the family's function once for all of them,
   right-padded under a mask. A batch of decode rows (BlockSpan.forward_batch), and a lone session's decode step
@@ -41,7 +41,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kernels import attention
+from swarm_kernels import attention
 
 NAME = "swarm_segments"
 

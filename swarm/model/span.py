@@ -17,8 +17,6 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import packed
-from kernels.quant import QuantLinear, quantize_linears
 from swarm.model import lean as lean_decode
 from swarm.model import segments
 from swarm.model.anatomy import (
@@ -32,6 +30,8 @@ from swarm.model.anatomy import (
 )
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
+from swarm_kernels import packed
+from swarm_kernels.quant import QuantLinear, quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class BlockSpan(nn.Module):
         self.mixes = not encoder and bool(blocks) and segments.supported(blocks)
         if self.mixes:
             segments.enable(blocks)
-        # float32 on the CPU: a batch's decode rows may attend in one native call (kernels.attention)
+        # float32 on the CPU: a batch's decode rows may attend in one native call (swarm_kernels.attention)
         self._native_rows = self.mixes and self.precision.device == "cpu" and self.precision.dtype == torch.float32
         # decode rounds' lean path (swarm.model.lean): True until prepare_lean decides, then the path or None
         self._lean: lean_decode.LeanDecode | bool | None = self._native_rows
@@ -175,7 +175,7 @@ class BlockSpan(nn.Module):
             return self._encode(hidden, position, blocks)
         batch, new, _ = hidden.shape
         if self.mixes and batch == new == 1 and self._native_rows:
-            # a decode row: the same native attention as batched with others (kernels.attention), the same bits
+            # a decode row: the same native attention as batched with others (swarm_kernels.attention), the same bits
             return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
@@ -346,7 +346,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
     """Build blocks [start, end) of `source` and load only their tensors, then place and quantize them as `precision`
     says (default: unquantized on the CPU in `dtype`). Quantization happens block by block on the target device,
     so the unquantized weights of at most one block exist there at a time. Unquantized float32 linears on the CPU
-    run oneDNN's prepacked weights (kernels.packed); `pack=False` keeps them nn.Linear (to quantize them later)."""
+    run oneDNN's prepacked weights (packed); `pack=False` keeps them nn.Linear (to quantize them later)."""
     precision = precision or Precision("cpu", dtype, "none")
     config = load_config(source.path)
     if not 0 <= start < end <= config.num_hidden_layers:
@@ -362,7 +362,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
         if precision.quant != "none":
             quantize_linears(block, precision.quant)
         elif pack and packed.available():
-            repacked += packed.pack_linears(block)  # float32 on the CPU: oneDNN's prepacked weights (kernels.packed)
+            repacked += packed.pack_linears(block)  # float32 on the CPU: oneDNN's prepacked weights (packed)
         blocks.append(block)
     if precision.quant != "none" or repacked:
         release_freed_memory()  # the unquantized (unpacked) weights are garbage now; hand their pages back to the OS

@@ -10,7 +10,7 @@ least-recently-used eviction of what no running peer uses.
     part = store.partial(digest)               # a file to fetch into, chunk by chunk: a dead process's is adopted
     store.put_file(digest, part)               # its streamed hash checked, then renamed into place
 
-Objects are written to a temporary sibling and renamed into place (kernels.filecache.write_atomically), so readers
+Objects are written to a temporary sibling and renamed into place (swarm_kernels.filecache.write_atomically), so readers
 never see half an object. A read refreshes the object's mtime: eviction goes by it. Processes are named by a token,
 `<pid>-<pid namespace>` (containers sharing a store may have the same pids). Pins are one file per process
 (`pins/<token>.json`); a dead process's pins no longer count. A tensor being fetched grows in
@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from kernels.filecache import cache_root, make_dirs, write_atomically
+from swarm_kernels.filecache import cache_root, make_dirs, write_atomically
 
 DIGEST_LENGTH = 64
 PIN_TTL = 600.0  # seconds: a pin of another pid namespace's process counts while touched within this (refresh())

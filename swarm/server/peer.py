@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 import psutil
 import torch
 
-from kernels import cpu
 from swarm import __version__
 from swarm.client.router import probe
 from swarm.dht import (
@@ -54,6 +53,7 @@ from swarm.server.latency import NextHops
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 from swarm.server.sharing import WeightSharing, fetch_model, is_content_id
+from swarm_kernels import cpu
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Peer:
         """(torch threads, native kernel threads) from --num-threads (0: the CPUs this process may run on).
 
         A CPU span of native-kernel linears runs torch on one thread and splits each kernel call's output rows over
-        the threads (kernels.cpu.set_threads), and its decode rows' native attention their rows: torch's remaining
+        the threads (swarm_kernels.cpu.set_threads), and its decode rows' native attention their rows: torch's remaining
         ops, norms and rotary embeddings over a few rows, measured slower on 2 threads than on one (a 16-row decode of
         SmolLM2's 30 int4 blocks 110 vs 83 ms on 2 cores), while the kernel's calls split well
         (benchmarks/results/kernels_threads.json). Any other span: torch's threads (0: torch's default), the kernel

@@ -28,7 +28,7 @@ MOVE_GAIN = 1.5  # moving must raise the swarm's weakest block throughput by thi
 SIZING_KV_TOKENS = 4096  # KV tokens per block assumed when sizing a span by memory (unless --kv-budget-tokens)
 UNKNOWN_THROUGHPUT = 1.0  # weight of a peer that announced no throughput: it still counts for coverage
 
-# Bytes per weight of a quantized linear layer, scales included (kernels/reference.py's layouts).
+# Bytes per weight of a quantized linear layer, scales included (swarm_kernels/reference.py's layouts).
 QUANT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32, "nf4": 0.5 + 4 / 64}
 
 

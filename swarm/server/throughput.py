@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu as native_cpu
-from kernels.filecache import cache_root, locked, write_atomically
 from swarm.protocol import BATCH_PROBE
 from swarm.server.backend import Session, SpanBackend
+from swarm_kernels import cpu as native_cpu
+from swarm_kernels.filecache import cache_root, locked, write_atomically
 
 logger = logging.getLogger(__name__)
 
 MAX_ENTRIES = 64
-CACHE_FILE = "throughput.json"  # under kernels.filecache.cache_root()
+CACHE_FILE = "throughput.json"  # under swarm_kernels.filecache.cache_root()
 
 
 @dataclass(frozen=True)

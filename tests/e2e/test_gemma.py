@@ -184,7 +184,7 @@ async def test_the_gateway_serves_completions_token_exact(gateway, runs, tokeniz
 
 # quant, compute dtype → (top-1 agreement with fp32 at least, perplexity increase at most), over 512 tokens of the
 # bundled text. Measured on an AVX2 EPYC (2026-12-02): int8 99.2% / +0.14%, bf16 97.5% / +0.85%, int4 58% / +345%,
-# nf4 52% / +428%. int8's groups of 32 hold the Q4_K, Q5_0 and Q8_0 blocks exactly (kernels/reference.py
+# nf4 52% / +428%. int8's groups of 32 hold the Q4_K, Q5_0 and Q8_0 blocks exactly (swarm_kernels/reference.py
 # `_grid_step`); only the Q6_K tensors (half the MLP down projections) move, by at most 1/510 of a group's range.
 # 4 bits cannot hold 5- and 6-bit blocks: int4 and nf4 are far off, and `--quant auto` takes int8 for this model.
 QUALITY = {("int8", torch.float32): (0.985, 0.005), ("none", torch.bfloat16): (0.965, 0.015)}

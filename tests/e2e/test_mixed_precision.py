@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels import cpu as kernels_cpu
-from kernels import packed
-from kernels.quant import quantize_linears
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
 from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
+from swarm_kernels import cpu as kernels_cpu
+from swarm_kernels import packed
+from swarm_kernels.quant import quantize_linears
 from tests.launcher import LocalSwarm
 from tests.logits_tolerance import calibrated_atol, peer_like_model, peer_path_logits
 

@@ -26,13 +26,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kernels import cpu
-from kernels.quant import quantize_linears
 from swarm.model.head import load_head
 from swarm.model.precision import Precision
 from swarm.model.quality import chain_logits, compare
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from swarm.model.span import load_span
+from swarm_kernels import cpu
+from swarm_kernels.quant import quantize_linears
 
 TEXT = Path(__file__).parent.parent / "data" / "eval_text.txt"
 MAX_TOKENS = 512
@@ -60,7 +60,7 @@ NATIVE_BOUNDS = {
 }
 
 
-@pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
+@pytest.mark.skipif(not cpu.available(), reason="no working C compiler for swarm_kernels/cpu_affine.c")
 @pytest.mark.parametrize("quant", NATIVE_BOUNDS)
 def test_int8_and_int4_spans_on_the_native_cpu_kernel(setup, quant):
     source, head, ids, reference = setup

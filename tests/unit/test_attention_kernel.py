@@ -1,4 +1,4 @@
-"""kernels/attention.py: decode rows' attention and key appends in one native call, against torch's SDPA."""
+"""swarm_kernels/attention.py: decode rows' attention and key appends in one native call, against torch's SDPA."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from kernels import attention, cpu
+from swarm_kernels import attention, cpu
 
 pytestmark = pytest.mark.skipif(not attention.available(), reason="no C compiler: the native kernels are unavailable")
 needs_x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds")
@@ -21,7 +21,7 @@ def _march(arch: str) -> tuple[str, ...]:
 @functools.cache
 def _build(flags: tuple[str, ...]):
     library = attention.build(flags)
-    assert library is not None, f"kernels/cpu_attention.c did not build with {flags}"
+    assert library is not None, f"swarm_kernels/cpu_attention.c did not build with {flags}"
     return library
 
 
@@ -81,7 +81,7 @@ def test_a_rows_result_is_the_same_bits_whatever_else_is_in_the_call():
 
 
 def test_rows_shared_among_the_kernel_pools_threads_give_the_same_bits(monkeypatch):
-    # with the peer's kernel threads (kernels.cpu.set_threads), a call's rows are claimed by the affine kernel's pool:
+    # with the peer's kernel threads (cpu.set_threads), a call's rows are claimed by the affine kernel's pool:
     # each row computed whole by one thread, so the same bits as on one
     g = torch.Generator().manual_seed(7)
     lengths = [70, 3, 129, 40, 1, 90, 17]

@@ -1,4 +1,4 @@
-"""kernels.filecache: what processes racing to build one cache entry see, and what a failed build leaves behind."""
+"""filecache: what processes racing to build one cache entry see, and what a failed build leaves behind."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.filecache import check_private, compute_once, lock_path, locked, make_dirs, write_atomically
+from swarm_kernels.filecache import check_private, compute_once, lock_path, locked, make_dirs, write_atomically
 
 
 def _slow_build(out: Path, log: Path) -> None:

@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.serving import ChoiceText
 from app.settings import GatewaySettings
-from kernels.sampling import SamplingParams, sample
 from swarm.protocol import ErrorCode, NoChainError, PeerError
+from swarm_kernels.sampling import SamplingParams, sample
 from tests.unit.test_gateway import FakeBackend
 from tests.unit.test_gateway_shapes import FakeEmbeddings
 

@@ -1,5 +1,5 @@
 """Affine groups of 32 keep a checkpoint's own blocks: weights dequantized from GGUF block types lie on a grid, and
-the quantizer takes that grid's step (kernels/reference.py `_grid_step`), so re-quantizing them loses nothing."""
+the quantizer takes that grid's step (swarm_kernels/reference.py `_grid_step`), so re-quantizing them loses nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from kernels import reference
+from swarm_kernels import reference
 
 
 def gguf_roundtrip(weight: torch.Tensor, qtype: str) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""kernels/: the reference quantizers' own guarantees, and every fast path's parity with the exact value.
+"""swarm_kernels/: the reference quantizers' own guarantees, and every fast path's parity with the exact value.
 
 Parity is checked element by element, against the exact value of the quantized layer's formula (float64), within a
-bound derived from how the path rounds (kernels/tolerance.py: gamma_d of sum |x||w| for float32 sums, d = K + 1 in
+bound derived from how the path rounds (swarm_kernels/tolerance.py: gamma_d of sum |x||w| for float32 sums, d = K + 1 in
 any order, K / 32 + 6 or K / 8 + 4 in the native kernel's builds, plus what dequantizing, bf16 activations or scales,
 LLM.int8's activation grid or a bf16 output add), not a fixed tolerance: it holds for every order of the sums, so on
 every CPU.
@@ -26,8 +26,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import cpu, packed, reference, tolerance, triton_nf4
-from kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for, quantize_linears
+from swarm_kernels import cpu, packed, reference, tolerance, triton_nf4
+from swarm_kernels.quant import HAVE_BITSANDBYTES, QuantLinear, kernel_for, quantize_linears
 
 # (kernel, activation dtype) → max |fast - reference| / max |reference|, on CUDA only (measured, not derived)
 GPU_TOLERANCE = {
@@ -124,7 +124,7 @@ def test_reference_refuses_shapes_it_cannot_quantize():
         reference.quantize_int4(torch.zeros(3, 48))
 
 
-needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
+needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for swarm_kernels/cpu_affine.c")
 
 
 @needs_cc
@@ -253,7 +253,7 @@ def _march(arch: str) -> tuple[str, ...]:
     return tuple(f if f != "-march=native" else f"-march={arch}" for f in cpu.FLAGS)
 
 
-# Every build of kernels/cpu_affine.c a machine can end up with: -march=native (what QuantLinear runs here), and the
+# Every build of cpu_affine.c a machine can end up with: -march=native (what QuantLinear runs here), and the
 # code paths of other CPUs: the AVX-512 intrinsics, the AVX2 + FMA intrinsics, and the portable loops for plain
 # x86-64 (SSE2, no FMA). Each runs the same parity and row-invariance tests where this CPU can execute it.
 NATIVE_BUILDS = [
@@ -291,7 +291,7 @@ def test_a_cached_library_others_could_have_written_is_never_loaded(tmp_path, mo
 def native_build(request, monkeypatch):
     """QuantLinear's native kernel, running the build of this parameter."""
     if not cpu.available():
-        pytest.skip("no working C compiler for kernels/cpu_affine.c")
+        pytest.skip("no working C compiler for swarm_kernels/cpu_affine.c")
     library = native_library(request.param)
     monkeypatch.setattr(cpu, "_library", lambda: library)
     return library
@@ -498,7 +498,7 @@ def test_native_kernel_refuses_tensors_it_would_read_out_of_bounds():
         cpu.affine_linear(torch.randn(2, 32), q, 8, scale, minimum)
 
 
-# --- oneDNN prepacked float32 linears (kernels/packed.py) -----------------------------------------------------------
+# --- oneDNN prepacked float32 linears (swarm_kernels/packed.py) -----------------------------------------------
 
 needs_onednn = pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN linear")
 

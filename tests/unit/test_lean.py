@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import attention, cpu
-from kernels.quant import NativeLinear, quantize_linears
 from swarm.model import lean
 from swarm.model.source import ModelSource
 from swarm.model.span import load_span
+from swarm_kernels import attention, cpu
+from swarm_kernels.quant import NativeLinear, quantize_linears
 
 pytestmark = pytest.mark.skipif(not attention.available(), reason="no C compiler: the native kernels are unavailable")
 

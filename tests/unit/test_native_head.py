@@ -1,5 +1,5 @@
 """The client's LM head on the native int8 kernel where that kernel holds the weight exactly (the default model's
-head is its GGUF Q8_0 embedding table): kernels.quant.exact_native_int8 and swarm.model.head.LocalHead."""
+head is its GGUF Q8_0 embedding table): swarm_kernels.quant.exact_native_int8 and swarm.model.head.LocalHead."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from kernels import cpu, packed, quant, reference
 from swarm.model.head import CodedEmbedding, LocalHead
+from swarm_kernels import cpu, packed, quant, reference
 
-needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for kernels/cpu_affine.c")
+needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for swarm_kernels/cpu_affine.c")
 
 
 def q8_0_linear(out_features: int, in_features: int, seed: int = 0) -> nn.Linear:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
+from swarm_kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
 
 
 def logits_batch():

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels import attention, packed
 from swarm.model import segments
 from swarm.model.anatomy import SUPPORTED_FAMILIES, UnsupportedModelError, find_anatomy, load_config, skeleton
 from swarm.model.head import load_head
 from swarm.model.source import ModelSource
 from swarm.model.span import SpanKVCache, causal_mask, load_span
 from swarm.model.weights import Checkpoint
+from swarm_kernels import attention, packed
 
 ATOL = 1e-4  # fp32: split vs whole model, cached decode vs full recompute
 
@@ -265,7 +265,7 @@ def test_decode_rows_call_torch_sdpa_directly_only_for_plain_sdpa_attention(tiny
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])
 def test_decode_rows_native_attention_equals_torchs(tiny_model_dir, monkeypatch, family):
-    # float32 on the CPU, decode rows append their keys and attend in one native call per layer (kernels.attention);
+    # float32 on the CPU, decode rows append their keys and attend in one native call per layer (attention.py);
     # without the kernel (no C compiler) torch does both per row: the same result within float32 rounding
     if not attention.available():
         pytest.skip("no C compiler: the native kernels are unavailable")

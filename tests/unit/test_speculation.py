@@ -1,4 +1,4 @@
-"""Speculative decoding's parts (`swarm.client.speculation`, `kernels.sampling.sample_with_draft`): drafts by
+"""Speculative decoding's parts (`swarm.client.speculation`, `swarm_kernels.sampling.sample_with_draft`): drafts by
 prompt lookup, and the choice given a draft, which must be distributed exactly as plain sampling (greedy: the same
 token). The whole, token-identical to transformers through real peers: tests/e2e/test_smollm.py."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sampling import Sampler, SamplingParams, probabilities, sample_with_draft
 from swarm.client.speculation import PromptLookup
+from swarm_kernels.sampling import Sampler, SamplingParams, probabilities, sample_with_draft
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8),
@@ -31,7 +31,7 @@ def test_greedy_keeps_a_draft_exactly_when_it_is_the_argmax():
 
 def test_a_sampler_given_a_draft_still_applies_its_penalties_and_bias():
     sampler = Sampler(1, 4, SamplingParams(temperature=0.0))
-    from kernels.sampling import LogitsAdjustments
+    from swarm_kernels.sampling import LogitsAdjustments
     biased = Sampler(1, 4, SamplingParams(temperature=0.0), LogitsAdjustments(logit_bias=((1, -100.0),)))
     logits = torch.tensor([[0.0, 2.0, 1.0, 0.0]])
     assert int(sampler(logits, torch.tensor([1])).token_ids[0]) == 1

@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 
 from app.protocol.requests import ChatCompletionRequest
 from app.structured import ToolCallReader, grammar_for, template_messages
-from kernels.sampling import Sampler, SamplingParams
 from swarm.client.grammar import GrammarError, Grammars
 from swarm.client.requests import Grammar
 from swarm.model.source import resolve_model
+from swarm_kernels.sampling import Sampler, SamplingParams
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],

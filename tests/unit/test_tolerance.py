@@ -1,4 +1,4 @@
-"""kernels/tolerance.py: the parity bound holds for float32 sums in any order, and deliberately wrong kernels fail it.
+"""tolerance.py: the parity bound holds for float32 sums in any order, and deliberately wrong kernels fail it.
 
 A bound loose enough to pass every CPU must still catch what goes wrong in a kernel: a transposed group, a code off by
 one step, a weight row or a scale off by 1%, a group's minimum dropped. Each wrong variant below runs through the
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import cpu, packed, reference, tolerance
+from swarm_kernels import cpu, packed, reference, tolerance
 from tests.unit.test_kernels import NATIVE_BUILDS, affine_weight, exact_linear, native_library, weights
 
 SHAPE = (97, 192)  # N, K: K a multiple of the native kernel's groups of 32
@@ -97,7 +97,7 @@ MUTATIONS = [_transposed_group, _code_off_by_one, _scale_off, _minimum_dropped]
 def library(request, monkeypatch):
     """A build of the native kernel, also the one kernel_rounding asks for its order of the sums."""
     if not cpu.available():
-        pytest.skip("no working C compiler for kernels/cpu_affine.c")
+        pytest.skip("no working C compiler for swarm_kernels/cpu_affine.c")
     library = native_library(request.param)
     monkeypatch.setattr(cpu, "_library", lambda: library)
     return library

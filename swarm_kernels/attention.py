@@ -1,4 +1,4 @@
-"""Decode rows' attention in one native call per layer (kernels/cpu_attention.c), each row over its own keys.
+"""Decode rows' attention in one native call per layer (swarm_kernels/cpu_attention.c), each row over its own keys.
 
     rows = DecodeRows(rows, lengths)             # once per forward: token rows[i] attends to lengths[i] keys
     rows.check(key_buffers, value_buffers)      # per layer: the rows' cache buffers, validated once
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu
-from kernels.cpu import FLAGS, compile_library
+from swarm_kernels import cpu
+from swarm_kernels.cpu import FLAGS, compile_library
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 
@@ -49,7 +49,7 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
                                          ptr, ptr, ptr, i64, ctypes.c_int]
     library.attention_set_pool.restype, library.attention_set_pool.argtypes = None, [ptr]
-    pool = cpu._library()  # rows shared among the threads of the affine kernel's pool (kernels.cpu.set_threads)
+    pool = cpu._library()  # rows shared among the threads of the affine kernel's pool (swarm_kernels.cpu.set_threads)
     if pool is not None:
         library.attention_set_pool(ctypes.cast(pool.affine_pool_run, ctypes.c_void_p).value)
     library.append_rows.restype = None

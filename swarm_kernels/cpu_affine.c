@@ -4,7 +4,7 @@
 
    The weight is stored as unsigned codes in groups of GROUP (32) consecutive weights of a row, each group with its
    own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, in the
-   layout kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
+   layout swarm_kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
    dequantize-then-matmul computed without materialising the float32 weight: each weight is expanded once per call
    (per 128 input rows on AVX2) and used for every input row, so the cost of reading and expanding the codes is
    spread over the rows: in registers on AVX-512; on AVX2 into a float32 tile of NB weight rows that register-blocked
@@ -14,12 +14,12 @@
    Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
    compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
    call (`affine_sum_lanes`: 32 partial sums on AVX-512 and in the portable loops, 8 on AVX2, added pairwise at the
-   end; kernels/tolerance.py derives the parity bound from it).
+   end; swarm_kernels/tolerance.py derives the parity bound from it).
 
    Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would save an FMA per weight, but expanding
    w = q * scale + minimum first keeps the arithmetic of reference.py (dequantize, then multiply-add).
 
-   Built at first use by kernels/cpu.py (cc -O3 -march=native -fopenmp-simd -pthread) and called through ctypes;
+   Built at first use by swarm_kernels/cpu.py (cc -O3 -march=native -fopenmp-simd -pthread) and called through ctypes;
    the call releases the GIL. `affine_linear` computes output rows first_row .. first_row + rows - 1 on the calling
    thread; `affine_linear_parallel` splits a call's output rows over the threads of a small pool
    (`affine_set_threads`, Linux only; elsewhere one thread): each thread computes whole rows, in the same order as
@@ -118,7 +118,7 @@ static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *c
    them. Every (input row, weight row) pair sums into one 8-lane register (lane l: the products of k = l mod 8, in
    increasing k, by FMAs), kept in `acc` between column tiles, and its lanes are added pairwise at the end,
    ((0+1)+(2+3))+((4+5)+(6+7)), then the bias: the same operations in the same order whatever the tile shapes and
-   sizes, so a row gives the same bits alone or in a batch of any size. kernels/tolerance.py bounds this order as 8
+   sizes, so a row gives the same bits alone or in a batch of any size. swarm_kernels/tolerance.py bounds this order as 8
    lanes (`affine_sum_lanes`). One input row (a decode step) skips the tile: `one_row` dequantizes in registers.
    On a Zen 3 EPYC the 6 x 2 tile alone ran at ~90% of the FMA peak (a one-off timing on L2-resident data), and a
    whole call at 128 rows about as fast as oneDNN's float32 GEMM (benchmarks/kernels.py). */
@@ -343,7 +343,7 @@ static void expand_row8(const uint8_t *restrict q, const float *restrict scale, 
     }
 }
 
-/* 4-bit codes in the kernel's own layout (kernels/cpu.py repacks reference.py's): in each group of 32, byte j holds
+/* 4-bit codes in the kernel's own layout (swarm_kernels/cpu.py repacks reference.py's): in each group of 32, byte j holds
    code j in its low nibble and code j + 16 in its high nibble, so both halves expand with contiguous stores. */
 static void expand_row4(const uint8_t *restrict packed, const float *restrict scale, const float *restrict minimum,
                         int64_t groups, float *restrict w) {
@@ -464,8 +464,8 @@ static _Atomic uint32_t task[MAX_THREADS];  /* bumped when slot[i] is filled: he
 static _Atomic int asleep[MAX_THREADS];     /* helper i sleeps on task[i] (or is about to) */
 static _Atomic int64_t split_calls;         /* calls split so far (affine_split_calls) */
 static _Atomic int pool_threads = 1;        /* helpers started + the caller; helpers never stop */
-static int64_t min_work = 1 << 19;          /* m * n * k below which a call runs alone (kernels/cpu.py sets it) */
-static _Atomic int64_t spin_ns = 2000000;   /* how long an idle helper polls before it sleeps (kernels/cpu.py sets it) */
+static int64_t min_work = 1 << 19;          /* m * n * k below which a call runs alone (swarm_kernels/cpu.py sets it) */
+static _Atomic int64_t spin_ns = 2000000;   /* how long an idle helper polls before it sleeps (swarm_kernels/cpu.py sets it) */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void futex_wait(_Atomic uint32_t *address, uint32_t value) {
@@ -658,7 +658,7 @@ int affine_linear_parallel(const float *x, int64_t m, int64_t k, const uint8_t *
     return affine_linear(x, m, k, codes, bits, scale, minimum, bias, y, n, 0, n, scratch);
 }
 
-/* Another native kernel's work on this pool (kernels/cpu_attention.c's decode rows): chunks 0 .. chunks - 1, each
+/* Another native kernel's work on this pool (swarm_kernels/cpu_attention.c's decode rows): chunks 0 .. chunks - 1, each
    work(context, c) once, claimed by the caller and up to threads - 1 helpers as affine calls are; returns when all
    are done. Off Linux, or with one thread, the caller runs them in order. */
 void affine_pool_run(void (*work)(void *, int64_t), void *context, int64_t chunks, int threads) {

@@ -5,7 +5,7 @@ nibble, one absmax per block of 64 consecutive weights of the row-major [N, K] m
 BLOCK_N outputs: it streams its rows' packed bytes once, looks the 16 code points up, scales them by their block's
 absmax and accumulates the dot product with x in float32. Needs K % BLOCK_K == 0 (BLOCK_K a multiple of 64).
 
-Used by kernels.quant for nf4 on CUDA when x has one row per call and the shapes fit, where it measured faster than
+Used by quant.py for nf4 on CUDA when x has one row per call and the shapes fit, where it measured faster than
 bitsandbytes' own 4-bit inference kernel (benchmarks/kernels.py --device cuda, scripts/gpu_check.sh); anything else
 goes to bitsandbytes. Importable without a GPU (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for tests).
 """

@@ -10,7 +10,7 @@ meanwhile), and has `build` write into a temporary sibling that is renamed into 
 file, and a build that fails (an exception, a killed compiler) leaves nothing behind but the lock file. Processes that
 start together build once; the others wait on the lock and find the result.
 
-Used for the native kernel's shared library (kernels/cpu.py), the GGUF conversion and the canonical checkpoint copies
+Used for the native kernel's shared library (cpu.py), the GGUF conversion and the canonical checkpoint copies
 (swarm/model/gguf_cache.py, swarm/model/anatomy.py) and the peers' throughput measurements
 (swarm/server/throughput.py). Everything lives under `cache_root()`: $SWARM_CACHE_DIR, else ~/.cache/swarm.
 

@@ -19,7 +19,7 @@ The formats, each for a linear layer's weight `W [out_features, in_features]`:
   a byte, the first in the high nibble (bitsandbytes' layout, so its packed bytes and ours can be compared).
 
 The quantized linear is `y = x @ dequantize(W).T + bias`, computed in float32 here. The fast paths in
-`kernels.quant` compute the same thing in other ways (bf16 activations, fused kernels) within the tolerances that
+`swarm_kernels.quant` compute the same thing in other ways (bf16 activations, fused kernels) within the tolerances that
 tests/unit/test_kernels.py states.
 """
 

@@ -16,8 +16,8 @@
 
    Two paths, chosen at compile time: AVX2 + FMA intrinsics when the head size is a multiple of 8 (four keys' dot
    products reduced together, a vectorized exp, 64 output columns in registers), portable loops otherwise.
-   Built at first use by kernels/cpu.py like cpu_affine.c and called through ctypes (the call releases the GIL).
-   The C code trusts its caller (kernels/attention.py checks every shape, stride, index and length first). */
+   Built at first use by swarm_kernels/cpu.py like cpu_affine.c and called through ctypes (the call releases the GIL).
+   The C code trusts its caller (swarm_kernels/attention.py checks every shape, stride, index and length first). */
 
 #include <math.h>
 #include <stdatomic.h>
@@ -224,7 +224,7 @@ static void attend_row(void *context, int64_t r) {
     free(s);
 }
 
-/* kernels/cpu_affine.c's affine_pool_run (set by attention_set_pool): the rows of a call shared with its pool */
+/* swarm_kernels/cpu_affine.c's affine_pool_run (set by attention_set_pool): the rows of a call shared with its pool */
 typedef void (*pool_run_t)(void (*)(void *, int64_t), void *, int64_t, int);
 static pool_run_t pool_run;
 

@@ -13,10 +13,10 @@ sections 3.1 and 4.2)
 
 With no knowledge of the order, d = K + 1: true for *any* order, blocked or vectorized, with or without fused
 multiply-adds, which is why it holds for MKL, oneDNN, AVX-512, AVX2 and portable code alike, and why a fixed
-tolerance that passes on one CPU need not pass on another. A kernel whose order we wrote (kernels/cpu_affine.c: L
+tolerance that passes on one CPU need not pass on another. A kernel whose order we wrote (swarm_kernels/cpu_affine.c: L
 partial sums of K / L products each, in increasing k, added pairwise, then the bias) has d = K / L + log2 L + 1
 (`Rounding.lanes`): L = 32 on AVX-512 and in the portable loops (d = K / 32 + 6), 8 on AVX2 (d = K / 8 + 4, one
-8-lane register per row and output, which leaves the registers for blocking over rows; kernels.cpu.sum_lanes says
+8-lane register per row and output, which leaves the registers for blocking over rows; swarm_kernels.cpu.sum_lanes says
 which the build has).
 What else a path rounds, each a relative error that composes as prod(1 + e) - 1 (`compose`):
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu
+from swarm_kernels import cpu
 
 FLOAT64 = 2.0**-53
 FLOAT32 = 2.0**-24
@@ -129,7 +129,7 @@ def excess(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> tuple[
 
 
 def kernel_rounding(kernel: str, method: str, dtype: torch.dtype) -> Rounding:
-    """How kernels.quant's `kernel` computes `method` with `dtype` activations (the CPU paths, and the reference on
+    """How quant.py's `kernel` computes `method` with `dtype` activations (the CPU paths, and the reference on
     any device). What is said here of code that is not ours is an assumption the parity tests would refute."""
     out = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     if kernel == "reference":  # reference.py in float32, then cast to the activations' dtype

@@ -2,7 +2,7 @@
 
 Kernels, per (method, device):
 
-    int8  cpu   "native"        kernels/cpu_affine.c (built at first use with the system's C compiler): a different
+    int8  cpu   "native"        cpu_affine.c (built at first use with the system's C compiler): a different
                                 int8 format, affine in groups of 32 along in_features (uint8 codes, float32 scale and
                                 minimum per group: reference.quantize_int8_affine), float32 activations, float32
                                 accumulation (AVX-512 or AVX2 + FMA where the CPU has them, portable C elsewhere). Needs
@@ -19,7 +19,7 @@ Kernels, per (method, device):
                                 activations); needs out_features % 16 == 0, else reference
     int8  cuda  "bitsandbytes"  LLM.int8 (`bnb.matmul`, outlier threshold 6): activations are quantized too
     nf4   cuda  "bitsandbytes"  `bnb.matmul_4bit`; packed bytes identical to reference.quantize_nf4
-    nf4   cuda  "triton"        kernels/triton_nf4.py for decode rows (<= TRITON_MAX_ROWS rows per call), dequantize
+    nf4   cuda  "triton"        triton_nf4.py for decode rows (<= TRITON_MAX_ROWS rows per call), dequantize
                                 + torch matmul for prefill chunks; needs in_features % 256 == 0
     any   any   "reference"     dequantize, then a float32 matmul (correct everywhere, slow)
 
@@ -30,7 +30,7 @@ is installed and builds (the native kernel is compiled once per machine and cach
 `SWARM_KERNELS=reference|native|torch|bitsandbytes|triton` overrides it (e.g. to run torch's bf16 kernels, bitsandbytes'
 CPU backend, or the reference everywhere). benchmarks/kernels.py measures the CPU candidates (including torch's
 deprecated `quantize_dynamic`); tests/e2e/test_quantized_smollm.py measures what each does to the default model;
-kernels/tolerance.py says how far each may lie from the reference and why.
+swarm_kernels/tolerance.py says how far each may lie from the reference and why.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kernels import cpu, reference, triton_nf4
+from swarm_kernels import cpu, reference, triton_nf4
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class ReferenceLinear(QuantLinear):
 
 @register
 class NativeLinear(QuantLinear):
-    """kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums."""
+    """swarm_kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums."""
 
     kernel, methods = "native", ("int8", "int4")
 
@@ -362,7 +362,7 @@ class BitsandbytesNf4Linear(_BitsandbytesLinear):
 
 @register
 class TritonNf4Linear(QuantLinear):
-    """kernels/triton_nf4.py for decode rows, dequantize + torch matmul for prefill chunks (CUDA)."""
+    """swarm_kernels/triton_nf4.py for decode rows, dequantize + torch matmul for prefill chunks (CUDA)."""
 
     kernel, methods = "triton", ("nf4",)
 

@@ -1,10 +1,10 @@
-"""The native CPU kernel (kernels/cpu_affine.c): affine int8 / int4 weights in groups of 32, float32 activations.
+"""The native CPU kernel (swarm_kernels/cpu_affine.c): affine int8 / int4 weights in groups of 32, float32 activations.
 
 Compiled with the system's C compiler at first use into ~/.cache/swarm/kernels ($SWARM_CACHE_DIR/kernels; keyed by
 the source, the flags and the CPU's model name, since -march=native code only runs where it was built; peers starting
-together compile once: kernels.filecache) and loaded with ctypes; no torch
-headers, no build step at install time. Where no compiler works, `available()` is False and kernels.quant falls back
-to torch's kernels or the reference.
+together compile once: swarm_kernels.filecache) and loaded with ctypes; no torch
+headers, no build step at install time. Where no compiler works, `available()` is False and quant.py falls back to
+torch's kernels or the reference.
 
     y = affine_linear(x, codes, bits, scale, minimum, bias)    # x [..., K] float32 → [..., N] float32
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.filecache import cache_root, check_private, compute_once
+from swarm_kernels.filecache import cache_root, check_private, compute_once
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _scratch_floats(library: ctypes.CDLL, k: int) -> int:
 
 def sum_lanes(library: ctypes.CDLL | None = None) -> int:
     """How many partial sums the build splits a row's K products into (in increasing k each, then added pairwise):
-    32 on AVX-512 and in the portable loops, 8 on AVX2. kernels/tolerance.py derives the kernel's bound from it."""
+    32 on AVX-512 and in the portable loops, 8 on AVX2. tolerance.py derives the kernel's bound from it."""
     library = library or _library()
     if library is None:
         raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
