@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -84,20 +85,25 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
     ours as the client's router runs it (`find_chain` over the view's SpanTable, with the client's PeerHealth,
     holding an RTT for every peer, as the views), the table's building (once per read of the records, not per
     route), the whole of the router's `route` (its health's bans and refusals included; the view already read),
-    ours with push over records that each name 4 measured hops (`with_hops`),
+    ours with push over records that each name 4 measured hops (`with_hops`): the C search over every span where it
+    is built (`ours_push_hops`) and the pruned numpy search (`ours_push_hops_numpy`), the same cost asserted,
     ours over a list of records and a dict of PeerViews (the table built inside each search), the same
     without pruning (up to 3,000 peers), and Petals' Dijkstra over (block, server)."""
     from swarm.client import routing
     from swarm.client.health import PeerHealth
-    from swarm.client.routing import PeerView, SpanTable, find_chain
+    from swarm.client.routing import PeerView, SpanTable, chain_seconds, find_chain
+    from swarm_kernels import route_search
 
-    out = {}
+    out: dict[str, Any] = {}
+    built = route_search.available()  # (before any search is timed)
+    assert built or os.environ.get("SWARM_NATIVE_ROUTE") == "0", "no C compiler: set SWARM_NATIVE_ROUTE=0 to time numpy"
     for size in sizes:
         records, world = placed_swarm(size, seed)
         hosts = {s.peer_id: s.host for s in world.peers}
         timings: dict[str, list[float]] = {name: [] for name in
-                                           ("ours", "ours_router", "ours_push_hops", "ours_table", "ours_records",
-                                            "ours_unpruned", "petals_dijkstra")}
+                                           ("ours", "ours_router", "ours_push_hops", "ours_push_hops_numpy",
+                                            "ours_table", "ours_records", "ours_unpruned", "petals_dijkstra")}
+        chains: dict[str, list] = {}
         for i in range(searches):
             user = world.users[i % len(world.users)]
             views = {r.peer_id: PeerView(rtt=rtt_s(user, hosts[r.peer_id])) for r in records}
@@ -119,9 +125,15 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
             if i == 0:
                 measured = SpanTable(with_hops(records, hosts, random.Random(seed)))
                 health.view_columns(measured)
-            began = time.perf_counter()
-            find_chain(measured, "m", NUM_BLOCKS, (), 0, None, health, 1000, push=True)
-            timings["ours_push_hops"].append(time.perf_counter() - began)
+            native = routing._native_ready
+            for name, ready in (("ours_push_hops", native), ("ours_push_hops_numpy", lambda: False)):
+                routing._native_ready = ready
+                began = time.perf_counter()
+                chains[name] = find_chain(measured, "m", NUM_BLOCKS, (), 0, None, health, 1000, push=True)
+                timings[name].append(time.perf_counter() - began)
+            routing._native_ready = native
+            costs = {chain_seconds(chain, health, push=True) for chain in chains.values()}
+            assert max(costs) - min(costs) <= 1e-9 * max(costs)  # (the pruned numpy search: the same cost)
             if size <= 3000:  # the exact search over every span, as before pruning
                 limit, routing.PRUNE_ABOVE = routing.PRUNE_ABOVE, 10**9
                 began = time.perf_counter()
@@ -204,7 +216,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 def _scale_plot(plt: Any, scale: dict[str, Any], out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sizes = [int(k) for k in scale]
-    for name in ("ours", "ours_push_hops", "ours_records", "ours_unpruned", "petals_dijkstra"):
+    for name in ("ours", "ours_push_hops", "ours_push_hops_numpy", "ours_records", "ours_unpruned", "petals_dijkstra"):
         have = [k for k in sizes if name in scale[str(k)]]
         ax.plot(have, [scale[str(k)][name] for k in have], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="peers", ylabel="ms per route search", title="route search")

@@ -27,7 +27,9 @@ that) nor longer than the relay. A link's cost then depends on the link before i
 pushes only when all its peers take pushes, so where some do not, the best all-push chain competes with the best
 relayed one.
 
-In a large swarm (over PRUNE_ABOVE usable peers) that exact search runs only over the peers that can be on a best
+In a large swarm (over PRUNE_ABOVE usable peers) a pushed route is that exact search over every span in C
+(swarm_kernels.route_search, built at first use in the background; the same chain as the numpy search over every
+span). Otherwise, and where no C compiler is found, the exact search runs only over the peers that can be on a best
 chain: of spans over the same blocks, those another beats in both its fixed and its per-block cost go first; then a
 vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every boundary to
 the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best chain's cost
@@ -35,8 +37,9 @@ the last, and keeps a span only if its cheapest use between the two is within PR
 wins may differ from the search over everything; with push, spans are kept by a lower bound (`_survivors`: each
 link less the largest saving into it, the first link without, held against a chain found among the PUSH_SEED most
 promising spans). The records are read as columns (`SpanTable`), which the router builds once per refresh of its
-view, and the views as columns of its PeerHealth: a route over 10,000 peers then takes ~5–8 ms on one core here,
-~17 ms with push where every record names 4 hops (`python -m benchmarks.simulate --route-scale`).
+view, and the views as columns of its PeerHealth. On a 2-core AVX2 EPYC (`python -m benchmarks.simulate
+--route-scale`, every record naming 4 hops) a route over 10,000 peers takes ~8 ms relayed, ~8 ms pushed in C (~30 ms
+with the pruned numpy search), 1,000 peers ~3 ms relayed and ~1 ms pushed.
 """
 
 from __future__ import annotations
@@ -164,6 +167,13 @@ def find_chain(spans: Sequence[SpanInfo] | SpanTable, model_id: str, num_blocks:
         rows = table.usable(num_blocks, excluded, length, batch)
         fixed, per_block, rtt = table.costs(rows, views, need)
         hops = _table_hops(table, rows, fixed, per_block, rtt) if push else None
+        if hops is not None and len(rows) > PRUNE_ABOVE and _native_ready():  # every span, exactly, in C
+            found = _pushed_table(table, rows, start, end, fixed, per_block, hops)
+            if found is None:
+                holes = [(max(s, start), min(e, end)) for s, e in _holes(table.start[rows], table.end[rows], num_blocks)
+                         if s < end and e > start]
+                raise NoChainError(model_id, holes or [(start, end)])
+            return found[0]
         if len(rows) > PRUNE_ABOVE:
             kept = _survivors(table, rows, start, end, fixed, per_block, hops)
             if kept is None:  # no chain: name the holes without searching thousands of spans
@@ -204,6 +214,36 @@ def _pushed(usable: list[SpanInfo], start: int, end: int, hops: Hops) -> tuple[l
     found = (_search_with_hops([usable[k] for k in takers], start, end, pushing) if pushing is not None
              else None)
     relayed = _search(usable, start, end, hops.fixed.tolist(), hops.per_block.tolist())
+    return min((f for f in (found, relayed) if f is not None), key=lambda f: f[1], default=None)
+
+
+def _native_ready() -> bool:
+    """Whether the C search of pushed chains is built (swarm_kernels.route_search.ready: the first ask builds it in
+    the background; numpy searches until then)."""
+    from swarm_kernels import route_search
+
+    return route_search.ready()
+
+
+def _pushed_table(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
+                  hops: Hops) -> tuple[list[Link], float] | None:
+    """`_pushed` over the spans in `rows` of a table, without pruning: the best chain of the spans that take pushes,
+    by the C search over all of them, against (where some do not) the best relayed chain of all (pruned, `_search`)."""
+    takers = np.flatnonzero(table.push[rows])
+    pushing = hops if len(takers) == len(rows) else hops.take(takers)
+    found = None
+    if pushing is not None:
+        among = rows[takers]
+        links = _hop_links(table.start[among], table.end[among], start, end, pushing, native=True)
+        if links is not None:
+            found = ([Link(table.spans[among[k]], p, q) for k, p, q in links[0]], links[1])
+    if len(takers) == len(rows):
+        return found
+    kept = _survivors(table, rows, start, end, fixed, per_block, None)
+    relayed = None
+    if kept is not None:
+        relayed = _search([table.spans[k] for k in rows[kept]], start, end, fixed[kept].tolist(),
+                          per_block[kept].tolist())
     return min((f for f in (found, relayed) if f is not None), key=lambda f: f[1], default=None)
 
 
@@ -315,17 +355,33 @@ def _savings(usable: list[SpanInfo], views: Views) -> dict[tuple[int, int], floa
     return savings
 
 
-def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops
+def _search_with_hops(usable: Sequence[SpanInfo], start: int, end: int, hops: Hops
                       ) -> tuple[list[Link], float] | None:
-    """The exact search when some consecutive links save (hops.saving): a link's cost then depends on the one
-    before it, so the state is (boundary q, the span whose link ends at q). Walking the boundaries up, entry[k] holds
-    the best (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p so far within k,
-    with the saving from the link before it; a link of k that ends at q costs entry[k] + x_q · per_block[k]. Each
-    boundary is a few numpy operations over the spans entering and leaving there and the hops that can be taken
-    there (from a span leaving it to one entering it), so thousands of spans take milliseconds. Returns the chain
-    and its cost (None: no chain); of chains of equal cost, the one found first (not by free KV, as `_search`)."""
-    first_block = np.array([max(s.start, start) for s in usable], dtype=np.int64)
-    last_block = np.array([min(s.end, end) for s in usable], dtype=np.int64)
+    """The exact search when some consecutive links save (hops.saving; `_hop_links`): the chain and its cost
+    (None: no chain); of chains of equal cost, the one found first (not by free KV, as `_search`)."""
+    found = _hop_links(np.array([s.start for s in usable], dtype=np.int64),
+                       np.array([s.end for s in usable], dtype=np.int64), start, end, hops)
+    return None if found is None else ([Link(usable[k], p, q) for k, p, q in found[0]], found[1])
+
+
+def _hop_links(starts: np.ndarray, ends: np.ndarray, start: int, end: int, hops: Hops, native: bool = False
+               ) -> tuple[list[tuple[int, int, int]], float] | None:
+    """The exact search over spans covering blocks [starts, ends) when some consecutive links save: the chain's links
+    as (span's position, first block, end block) and its cost; None when there is no chain. A link's cost depends on
+    the one before it, so the state is (boundary q, the span whose link ends at q). Walking the boundaries up,
+    entry[k] holds the best (cost of the chain before + fixed[k] − x_p · per_block[k]) over the entry points p so far
+    within k, with the saving from the link before it; a link of k that ends at q costs entry[k] + x_q ·
+    per_block[k]. Each boundary is a few numpy operations over the spans entering and leaving there and the hops
+    that can be taken there (from a span leaving it to one entering it), so thousands of spans take milliseconds;
+    `native`: the same search in C (swarm_kernels.route_search: the same chain, ~1 ms over 10,000 spans)."""
+    if native:
+        from swarm_kernels import route_search
+
+        found = route_search.pushed_chain(starts, ends, start, end, hops.fixed, hops.per_block, hops.source,
+                                          hops.target, hops.saving)
+        if found is not None:
+            return (list(found[0]), found[1]) if found[0] else None
+    first_block, last_block = np.maximum(starts, start), np.minimum(ends, end)
     inside = np.flatnonzero(first_block < last_block)
     nodes = np.unique(np.concatenate(([start, end], first_block[inside], last_block[inside])))
     first, last = np.searchsorted(nodes, first_block), np.searchsorted(nodes, last_block)
@@ -338,10 +394,10 @@ def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops
     usable_hops = np.flatnonzero(low <= high)
     hops_at = _by_boundary(n, low[usable_hops], high[usable_hops] + 1, usable_hops)
     fixed, per_block = hops.fixed, hops.per_block
-    entry = np.full(len(usable), np.inf)
-    entry_node = np.full(len(usable), -1)  # the boundary each entry was made at
-    entry_before = np.full(len(usable), -1)  # the span whose link ended there (-1: the chain's start)
-    arrived = np.full(len(usable), np.inf)
+    entry = np.full(len(starts), np.inf)
+    entry_node = np.full(len(starts), -1)  # the boundary each entry was made at
+    entry_before = np.full(len(starts), -1)  # the span whose link ended there (-1: the chain's start)
+    arrived = np.full(len(starts), np.inf)
     seen: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # j → (spans, cost, node, before)
     for j in range(n):
         leaving = spans_at(j - 1) if j > 0 else np.empty(0, dtype=np.int64)
@@ -382,7 +438,7 @@ def _search_with_hops(usable: list[SpanInfo], start: int, end: int, hops: Hops
         spans, _, entered_at, came_from = seen[j]
         at = int(np.searchsorted(spans, k))
         p = int(entered_at[at])
-        chain.append(Link(usable[k], int(nodes[p]), int(nodes[j])))
+        chain.append((k, int(nodes[p]), int(nodes[j])))
         j, k = p, int(came_from[at])
     return chain[::-1], total
 
@@ -414,11 +470,12 @@ class SpanTable:
         for row, peer_id in enumerate(self.peer_ids):
             self.rows.setdefault(peer_id, []).append(row)
         fields = np.array([(s.start, s.end, s.throughput, s.batch_throughput, s.active_sessions, s.free_kv_tokens,
-                            s.max_length, s.kv_budget_tokens, s.routable) for s in self.spans],
-                          dtype=np.float64).reshape(len(self.spans), 9)
+                            s.max_length, s.kv_budget_tokens, s.routable, s.push) for s in self.spans],
+                          dtype=np.float64).reshape(len(self.spans), 10)
         (start, end, self.throughput, self.batch_throughput, self.active_sessions, self.free_kv_tokens,
-         self.max_length, self.kv_budget_tokens, routable) = fields.T
-        self.start, self.end, self.routable = start.astype(np.int64), end.astype(np.int64), routable > 0
+         self.max_length, self.kv_budget_tokens, routable, push) = fields.T
+        self.start, self.end = start.astype(np.int64), end.astype(np.int64)
+        self.routable, self.push = routable > 0, push > 0
         # the round trips peers measured to their next peers (both taking pushes): rows a → b, seconds
         edges = [(a, b, rtt) for a, span in enumerate(self.spans) if span.push
                  for peer, rtt in span.next_rtt for b in self.rows.get(peer, ()) if b != a and self.spans[b].push]

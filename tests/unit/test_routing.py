@@ -459,6 +459,7 @@ def test_pruned_search_with_push_of_a_large_swarm_finds_a_chain_as_cheap(seed, p
     cheaper = 0
     views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2)) for s in spans}
     for start, end in ((0, 80), (10, 47)):
+        monkeypatch.setattr(routing, "_native_ready", lambda: False)  # (the numpy search: no C compiler)
         monkeypatch.setattr(routing, "PUSH_SEED", push_seed)
         try:
             full = find_chain(spans, "m", 80, (), start, end, views, push=True)
@@ -474,9 +475,17 @@ def test_pruned_search_with_push_of_a_large_swarm_finds_a_chain_as_cheap(seed, p
     assert cheaper or seed not in (0, 3)  # (seeds whose best chain has a measured hop)
 
 
-def test_in_a_large_swarm_a_span_with_a_measured_hop_is_not_pruned_for_a_cheaper_twin():
+@pytest.mark.parametrize("native", (False, True))
+def test_in_a_large_swarm_a_span_with_a_measured_hop_is_not_pruned_for_a_cheaper_twin(native, monkeypatch):
     """b is slower than its twin c over the same blocks, but a measured its hop to b: with push, a → b is the best
-    chain; pruning must not drop b as dominated by c (b's saving is not in its own costs)."""
+    chain; pruning must not drop b as dominated by c (b's saving is not in its own costs); the C search over every
+    span (swarm_kernels.route_search, where it is built) finds it too."""
+    from swarm.client import routing
+    from swarm_kernels import route_search
+
+    if native and not route_search.available():
+        pytest.skip("no C compiler: the C route search cannot be built")
+    monkeypatch.setattr(routing, "_native_ready", lambda: native)
     filler = [dataclasses.replace(fast(f"slow{i:02d}", i, i + 20, throughput=5.0), num_blocks=80) for i in range(60)]
     a = pushed(dataclasses.replace(fast("a", 0, 40), num_blocks=80), ("b", 0.0))
     b = pushed(dataclasses.replace(fast("b", 40, 80, throughput=900.0), num_blocks=80))
