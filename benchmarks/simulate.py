@@ -83,7 +83,8 @@ def placed_swarm(peers: int, seed: int) -> tuple[list, Any]:
 def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any]:
     """Median wall time of one route search (a whole chain, one client's view) over placed swarms of each size:
     ours as the client's router runs it (`find_chain` over the view's SpanTable, with the client's PeerHealth,
-    holding an RTT for every peer, as the views), the table's building (once per read of the records, not per
+    holding an RTT for every peer, as the views; its pruning pass in C where built, `ours_numpy` without: the same
+    chain asserted), the table's building (once per read of the records, not per
     route), the whole of the router's `route` (its health's bans and refusals included; the view already read),
     ours with push over records that each name 4 measured hops (`with_hops`): the C search over every span where it
     is built (`ours_push_hops`) and the pruned numpy search (`ours_push_hops_numpy`), the same cost asserted,
@@ -101,7 +102,8 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
         records, world = placed_swarm(size, seed)
         hosts = {s.peer_id: s.host for s in world.peers}
         timings: dict[str, list[float]] = {name: [] for name in
-                                           ("ours", "ours_router", "ours_push_hops", "ours_push_hops_numpy",
+                                           ("ours", "ours_numpy", "ours_router", "ours_push_hops",
+                                            "ours_push_hops_numpy",
                                             "ours_table", "ours_records", "ours_unpruned", "petals_dijkstra")}
         chains: dict[str, list] = {}
         for i in range(searches):
@@ -117,6 +119,13 @@ def route_scale(sizes: list[int], seed: int, searches: int = 9) -> dict[str, Any
             began = time.perf_counter()
             chain = find_chain(table, "m", NUM_BLOCKS, (), 0, None, health, 1000)
             timings["ours"].append(time.perf_counter() - began)
+            native, routing._native_ready = routing._native_ready, lambda: False
+            began = time.perf_counter()
+            numpy_chain = find_chain(table, "m", NUM_BLOCKS, (), 0, None, health, 1000)
+            timings["ours_numpy"].append(time.perf_counter() - began)
+            routing._native_ready = native
+            assert [(x.peer.peer_id, x.start, x.end) for x in chain] == \
+                [(x.peer.peer_id, x.start, x.end) for x in numpy_chain]
             began = time.perf_counter()
             same = find_chain(records, "m", NUM_BLOCKS, (), 0, None, views, 1000)
             timings["ours_records"].append(time.perf_counter() - began)
@@ -216,7 +225,8 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 def _scale_plot(plt: Any, scale: dict[str, Any], out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sizes = [int(k) for k in scale]
-    for name in ("ours", "ours_push_hops", "ours_push_hops_numpy", "ours_records", "ours_unpruned", "petals_dijkstra"):
+    for name in ("ours", "ours_numpy", "ours_push_hops", "ours_push_hops_numpy", "ours_records", "ours_unpruned",
+                 "petals_dijkstra"):
         have = [k for k in sizes if name in scale[str(k)]]
         ax.plot(have, [scale[str(k)][name] for k in have], marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="peers", ylabel="ms per route search", title="route search")

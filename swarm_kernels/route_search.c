@@ -1,4 +1,5 @@
-/* The exact search for the fastest pushed chain (swarm/client/routing.py `_hop_links`), in C.
+/* The exact search for the fastest pushed chain (swarm/client/routing.py `_hop_links`), in C; and at the end of this
+   file the relayed search's pruning pass (`_bound`, route_bound).
 
    A chain over block boundaries 0 .. n-1 (their positions x[j]) takes links of spans: span k may carry a session
    from boundary p to a later boundary q when first[k] <= p < q <= last[k], at fixed[k] + (x[q] - x[p]) * per_block[k];
@@ -41,6 +42,31 @@ static void bucket(int64_t n, int64_t count, const int64_t *key, int64_t *offset
     for (int64_t i = 0; i < count; i++) out[offsets[key[i]]++] = (int32_t)i;
     for (int64_t j = n; j > 0; j--) offsets[j] = offsets[j - 1];  /* (the fill moved each start to the next) */
     offsets[0] = 0;
+}
+
+/* The boundaries of a search over blocks [start, end): start, end and every span's first and end block clipped to
+   them, ascending, as positions x[0 .. n) (returns n); each span's first and last boundary (as numpy's searchsorted
+   finds them; first = 1, last = 0 for a span outside the blocks, which takes no part). node_of: end - start + 1
+   slots. */
+static int64_t boundaries(int64_t start, int64_t end, int64_t m, const int64_t *starts, const int64_t *ends,
+                          int64_t *node_of, double *x, int64_t *first, int64_t *last) {
+    int64_t blocks = end - start, n = 0;
+    for (int64_t b = 0; b <= blocks; b++) node_of[b] = 0;
+    node_of[0] = node_of[blocks] = 1;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t lo = starts[k] > start ? starts[k] : start, hi = ends[k] < end ? ends[k] : end;
+        if (lo < hi) node_of[lo - start] = node_of[hi - start] = 1;
+    }
+    for (int64_t b = 0; b <= blocks; b++) {  /* node_of[b - start]: block b's boundary */
+        if (node_of[b]) x[n] = (double)(start + b), node_of[b] = n++;
+        else node_of[b] = n;
+    }
+    for (int64_t k = 0; k < m; k++) {
+        int64_t lo = starts[k] > start ? starts[k] : start, hi = ends[k] < end ? ends[k] : end;
+        if (lo < hi) first[k] = node_of[lo - start], last[k] = node_of[hi - start];
+        else first[k] = 1, last[k] = 0;
+    }
+    return n;
 }
 
 /* Workspace (8-byte slots) that route_pushed needs for n boundaries, m spans, h hops and a log of up to `updates`
@@ -178,6 +204,24 @@ static int64_t search(int64_t n, const double *x, int64_t m, const int64_t *firs
     return links;
 }
 
+/* The spans in order of (first, last), those that take no part (first >= last) last: grouped[0 .. m), by last and
+   then stably by first (scratch: m entries; key: m; offsets: n + 1) */
+static void by_blocks(int64_t n, int64_t m, const int64_t *first, const int64_t *last, int64_t *key,
+                      int64_t *offsets, int32_t *scratch, int32_t *grouped) {
+    for (int64_t k = 0; k < m; k++) key[k] = first[k] < last[k] ? last[k] : n - 1;
+    bucket(n, m, key, offsets, scratch);
+    for (int64_t i = 0; i < m; i++) key[i] = first[scratch[i]] < last[scratch[i]] ? first[scratch[i]] : n - 1;
+    bucket(n, m, key, offsets, grouped);
+    for (int64_t i = 0; i < m; i++) grouped[i] = scratch[grouped[i]];
+}
+
+/* How many spans from grouped[i] on are over the same boundaries */
+static int64_t same_blocks(int64_t m, int64_t i, const int32_t *grouped, const int64_t *first, const int64_t *last) {
+    int64_t size = 1, k = grouped[i];
+    while (i + size < m && first[grouped[i + size]] == first[k] && last[grouped[i + size]] == last[k]) size++;
+    return size;
+}
+
 typedef struct {
     double per_block, fixed, least;
     int64_t span;
@@ -208,22 +252,14 @@ static int64_t leave_out_dominated(int64_t n, int64_t m, int64_t *first, int64_t
         if (saving[e] > most_out[s]) most_out[s] = saving[e];
         if (saving[e] > most_in[t]) most_in[t] = saving[e];
     }
-    /* spans in order of (first, last): by last, then (stably) by first; those that take no part last */
-    for (int64_t k = 0; k < m; k++) key[k] = first[k] < last[k] ? last[k] : n - 1;
-    bucket(n, m, key, offsets, by_last);
-    for (int64_t i = 0; i < m; i++) {
-        int64_t k = by_last[i];
-        key[i] = first[k] < last[k] ? first[k] : n - 1;
-    }
-    bucket(n, m, key, offsets, order);  /* (positions in by_last) */
+    by_blocks(n, m, first, last, key, offsets, by_last, order);
     int64_t dropped = 0;
-    for (int64_t i = 0; i < m;) {
-        int64_t k = by_last[order[i]], size = 1;
-        while (i + size < m && first[by_last[order[i + size]]] == first[k] && last[by_last[order[i + size]]] == last[k])
-            size++;
+    for (int64_t i = 0, size; i < m; i += size) {
+        int64_t k = order[i];
+        size = same_blocks(m, i, order, first, last);
         if (first[k] < last[k] && size > 1) {
             for (int64_t g = 0; g < size; g++) {
-                int64_t o = by_last[order[i + g]];
+                int64_t o = order[i + g];
                 group[g] = (Member){per_block[o], fixed[o], fixed[o] - most_in[o] - most_out[o], o};
             }
             qsort(group, (size_t)size, sizeof(Member), by_per_block);
@@ -241,7 +277,6 @@ static int64_t leave_out_dominated(int64_t n, int64_t m, int64_t *first, int64_t
                 g += run;
             }
         }
-        i += size;
     }
     return dropped;
 }
@@ -263,28 +298,157 @@ int64_t route_pushed(int64_t start, int64_t end, int64_t m, const int64_t *start
                      const int64_t *target, const double *saving, int64_t updates, int64_t *work,
                      int64_t *chain_span, int64_t *chain_from, int64_t *chain_to, double *total) {
     int64_t blocks = end - start;
-    int64_t *first = work, *last = work + m, *node_of = work + 2 * m;  /* node_of[b - start]: b's boundary */
+    int64_t *first = work, *last = work + m, *node_of = work + 2 * m;
     double *x = (double *)(node_of + blocks + 2);
-    for (int64_t b = 0; b <= blocks; b++) node_of[b] = 0;
-    node_of[0] = node_of[blocks] = 1;
-    for (int64_t k = 0; k < m; k++) {
-        int64_t lo = starts[k] > start ? starts[k] : start, hi = ends[k] < end ? ends[k] : end;
-        if (lo < hi) node_of[lo - start] = node_of[hi - start] = 1;
-    }
-    int64_t n = 0;
-    for (int64_t b = 0; b <= blocks; b++) {
-        if (node_of[b]) x[n] = (double)(start + b), node_of[b] = n++;
-        else node_of[b] = n;  /* (the next boundary: where a span's first block would be sought) */
-    }
-    for (int64_t k = 0; k < m; k++) {  /* as searchsorted: a clipped block's position among the boundaries */
-        int64_t lo = starts[k] > start ? starts[k] : start, hi = ends[k] < end ? ends[k] : end;
-        if (lo < hi) first[k] = node_of[lo - start], last[k] = node_of[hi - start];
-        else first[k] = 1, last[k] = 0;  /* (takes no part) */
-    }
+    int64_t n = boundaries(start, end, m, starts, ends, node_of, x, first, last);
     int64_t *rest = (int64_t *)(x + blocks + 1);
     leave_out_dominated(n, m, first, last, fixed, per_block, h, source, target, saving, rest);
     int64_t links = search(n, x, m, first, last, fixed, per_block, h, source, target, saving, updates, rest,
                            chain_span, chain_from, chain_to, total);
     for (int64_t i = 0; i < links; i++) chain_from[i] = (int64_t)x[chain_from[i]], chain_to[i] = (int64_t)x[chain_to[i]];
     return links;
+}
+
+typedef struct {
+    double fixed, per_block, free;
+    int64_t span;
+} Rival;
+
+static int cheapest_first(const void *a, const void *b) {
+    const Rival *x = a, *y = b;
+    if (x->fixed != y->fixed) return x->fixed < y->fixed ? -1 : 1;
+    if (x->per_block != y->per_block) return x->per_block < y->per_block ? -1 : 1;
+    if (x->free != y->free) return x->free > y->free ? -1 : 1;  /* (most free KV first) */
+    return (x->span > y->span) - (x->span < y->span);
+}
+
+/* Workspace (8-byte slots) that route_bound needs for a search over `blocks` blocks and m spans */
+int64_t route_bound_workspace(int64_t blocks, int64_t m) {
+    return 14 * m + 6 * (blocks + 2) + 32;
+}
+
+/* The relayed search's pruning pass (swarm/client/routing.py `_bound`, its plain form: no limit, no savings) over
+   spans over blocks [starts[k], ends[k]) costing fixed[k] + blocks x per_block[k] a link, with free[k] KV tokens:
+   through[k], the cost of the cheapest chain over [start, end) through span k (INFINITY: it takes no part, is
+   dominated, or is on no chain), and *best, the cheapest chain's cost (INFINITY: none). As the numpy version, with
+   the same float64 operations: of spans over the same blocks, only those that no other is at least as cheap as in
+   both costs (of equals, the one with the most free KV, then the first); least costs from every boundary to the end
+   (backward), then each span's cheapest chain through it (forward). Every start and end within [0, 2^31), start <
+   end; `work` of route_bound_workspace(end - start, m) slots. */
+void route_bound(int64_t start, int64_t end, int64_t m, const int64_t *starts, const int64_t *ends,
+                 const double *fixed, const double *per_block, const double *free, int64_t *work, double *through,
+                 double *best) {
+    int64_t blocks = end - start;
+    int64_t *first = work, *last = first + m, *node_of = last + m, *key = node_of + blocks + 2;
+    int64_t *offsets = key + m;
+    double *x = (double *)(offsets + blocks + 2), *to_end = x + blocks + 2, *from_start = to_end + blocks + 2;
+    double *exit_cost = from_start + blocks + 2, *entry = exit_cost + m;
+    int32_t *order = (int32_t *)(entry + m), *by_key = order + m, *active = by_key + m;
+    Rival *group = (Rival *)(active + m + (m & 1) + 2);
+    int64_t n = boundaries(start, end, m, starts, ends, node_of, x, first, last);
+    for (int64_t k = 0; k < m; k++) through[k] = INFINITY, exit_cost[k] = INFINITY, entry[k] = INFINITY;
+    /* of spans over the same boundaries (in order of (first, last): by last, then stably by first), those that an
+       earlier one in order of (fixed, per-block, most free KV, index) is at least as cheap as per block go */
+    by_blocks(n, m, first, last, key, offsets, by_key, order);
+    for (int64_t i = 0, size; i < m; i += size) {
+        int64_t k = order[i];
+        size = same_blocks(m, i, order, first, last);
+        if (first[k] < last[k] && size > 1) {
+            for (int64_t g = 0; g < size; g++) {
+                int64_t o = order[i + g];
+                group[g] = (Rival){fixed[o], per_block[o], free[o], o};
+            }
+            qsort(group, (size_t)size, sizeof(Rival), cheapest_first);
+            double least = group[0].per_block;
+            for (int64_t g = 1; g < size; g++) {
+                if (group[g].per_block < least) least = group[g].per_block;
+                else first[group[g].span] = 1, last[group[g].span] = 0;
+            }
+        }
+    }
+    /* spans by first and by last boundary */
+    for (int64_t k = 0; k < m; k++) key[k] = first[k] < last[k] ? last[k] : 0;
+    bucket(n, m, key, offsets, by_key);  /* (by last: offsets of n + 1; spans that take no part at 0, skipped) */
+    /* backward: to_end[j], the least cost from j to the end; exit_cost[k], the least x_q per_block + to_end[q] over
+       the boundaries q > j within k seen so far. active: the spans covering j (first <= j < last), walking down */
+    int64_t spans = 0;
+    for (int64_t j = 0; j < n; j++) to_end[j] = INFINITY, from_start[j] = INFINITY;
+    to_end[n - 1] = 0.0;
+    for (int64_t j = n - 1; j >= 0; j--) {
+        int64_t kept = 0;  /* those covering j: still covering it, and those that end at j + 1 */
+        for (int64_t i = 0; i < spans; i++) {
+            active[kept] = active[i];
+            kept += first[active[i]] <= j;
+        }
+        if (j + 1 < n)
+            for (int64_t i = offsets[j + 1]; i < offsets[j + 2]; i++) {
+                int32_t k = by_key[i];
+                active[kept] = k;
+                kept += first[k] < last[k] && first[k] <= j;
+            }
+        spans = kept;
+        if (j < n - 1 && spans > 0) {
+            double least = INFINITY;
+            for (int64_t i = 0; i < spans; i++) {
+                int32_t k = active[i];
+                double cost = fixed[k] + exit_cost[k] - x[j] * per_block[k];
+                if (cost < least) least = cost;
+            }
+            to_end[j] = least;
+        }
+        if (j > 0 && isfinite(to_end[j]))  /* the spans that may leave at j: those covering j - 1 */
+            for (int64_t i = 0; i < spans; i++) {
+                int32_t k = active[i];
+                if (first[k] <= j - 1) {
+                    double cost = x[j] * per_block[k] + to_end[j];
+                    if (cost < exit_cost[k]) exit_cost[k] = cost;
+                }
+            }
+        /* (spans ending at j cover j - 1 and are added at the next step down) */
+        if (j > 0)
+            for (int64_t i = offsets[j]; i < offsets[j + 1]; i++) {
+                int32_t k = by_key[i];
+                if (first[k] < last[k] && isfinite(to_end[j])) {
+                    double cost = x[j] * per_block[k] + to_end[j];
+                    if (cost < exit_cost[k]) exit_cost[k] = cost;
+                }
+            }
+    }
+    *best = to_end[0];
+    if (!isfinite(to_end[0])) return;
+    /* forward: entry[k], the least from_start[p] + fixed - x_p per_block over the boundaries p within k so far; a
+       span leaving at j costs entry + x_j per_block, and its cheapest chain through it that plus to_end[j] */
+    for (int64_t k = 0; k < m; k++) key[k] = first[k] < last[k] ? first[k] : n - 1;
+    bucket(n, m, key, offsets, by_key);
+    spans = 0;
+    from_start[0] = 0.0;
+    for (int64_t j = 0; j < n; j++) {
+        if (j > 0 && spans > 0) {  /* active: the spans covering j - 1 */
+            double least = INFINITY;
+            for (int64_t i = 0; i < spans; i++) {
+                int32_t k = active[i];
+                double reach = x[j] * per_block[k] + entry[k];
+                if (reach < least) least = reach;
+                double total = reach + to_end[j];
+                if (total < through[k]) through[k] = total;
+            }
+            from_start[j] = least;
+        }
+        int64_t kept = 0;
+        for (int64_t i = 0; i < spans; i++) {
+            active[kept] = active[i];
+            kept += last[active[i]] > j;
+        }
+        for (int64_t i = offsets[j]; i < offsets[j + 1]; i++) {
+            active[kept] = by_key[i];
+            kept += first[by_key[i]] < last[by_key[i]];
+        }
+        spans = kept;
+        if (j < n - 1 && isfinite(from_start[j]))
+            for (int64_t i = 0; i < spans; i++) {
+                int32_t k = active[i];
+                double value = from_start[j] + fixed[k] - x[j] * per_block[k];
+                if (value < entry[k]) entry[k] = value;
+            }
+    }
 }

@@ -1,12 +1,14 @@
-"""The pushed chain search (swarm.client.routing `_hop_links`) in C: swarm_kernels/route_search.c.
+"""The pushed chain search (swarm.client.routing `_hop_links`) and the relayed search's pruning pass (`_bound`) in
+C: swarm_kernels/route_search.c.
 
 Compiled at first use like the CPU kernels (swarm_kernels.cpu.compile_library: the cache, the checks) but portable
 (no -march=native) and without contracted multiply-adds, so it computes the same float64 costs as the numpy version
-and finds the same chain. `pushed_chain` returns None when it cannot run (no compiler: `SWARM_NATIVE_ROUTE=0`
-chooses the numpy version too); the router then searches with numpy as before.
+and finds the same chain. Both return None when they cannot run (no compiler; `SWARM_NATIVE_ROUTE=0` chooses the
+numpy version too); the router then searches with numpy as before.
 
     found = pushed_chain(starts, ends, start, end, fixed, per_block, source, target, saving)
     # None: not available or not trusted; else ((span, first block, end block) of each link, cost) or NO_CHAIN
+    through, best = bound(starts, ends, start, end, fixed, per_block, free)  # (or None)
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def _library() -> ctypes.CDLL | None:
                                      ptr]
     library.route_workspace.restype = i64
     library.route_workspace.argtypes = [i64, i64, i64, i64]
+    library.route_bound.restype = None
+    library.route_bound.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    library.route_bound_workspace.restype = i64
+    library.route_bound_workspace.argtypes = [i64, i64]
     return library
 
 
@@ -73,6 +79,35 @@ def ready() -> bool:
     return False
 
 
+def _trusted(starts: np.ndarray, ends: np.ndarray, start: int, end: int, *costs: np.ndarray) -> bool:
+    """Whether spans' blocks and costs are what the C code trusts: indices in range, every cost finite."""
+    m = len(starts)
+    return (0 <= start < end < 1 << 31 and m < 1 << 30 and len(ends) == m and all(len(c) == m for c in costs)
+            and all(np.isfinite(c).all() for c in costs)
+            and (not m or (min(starts.min(), ends.min()) >= 0 and max(starts.max(), ends.max()) < 1 << 31)))
+
+
+def bound(starts: np.ndarray, ends: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
+          free: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The relayed search's pruning pass (`swarm.client.routing._bound`, plain: no limit, no savings) over spans over
+    blocks [starts, ends) with their costs and free KV: each span's cheapest chain through it (inf: none, or
+    dominated) and the cheapest chain's cost (inf: no chain), the same float64 values as numpy's; None when the C
+    code is not available or the inputs are not what it trusts."""
+    library = _library()
+    if library is None:
+        return None
+    fixed, per_block, free = (np.ascontiguousarray(a, dtype=np.float64) for a in (fixed, per_block, free))
+    starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
+    if not _trusted(starts, ends, start, end, fixed, per_block, free):
+        return None
+    work = _workspace(library.route_bound_workspace(end - start, len(starts)))
+    through, best = np.empty(len(starts)), np.zeros(1)
+    library.route_bound(start, end, len(starts), starts.ctypes.data, ends.ctypes.data, fixed.ctypes.data,
+                        per_block.ctypes.data, free.ctypes.data, work.ctypes.data, through.ctypes.data,
+                        best.ctypes.data)
+    return through, float(best[0])
+
+
 def pushed_chain(starts: np.ndarray, ends: np.ndarray, start: int, end: int, fixed: np.ndarray,
                  per_block: np.ndarray, source: np.ndarray, target: np.ndarray, saving: np.ndarray
                  ) -> tuple[tuple[tuple[int, int, int], ...], float] | None:
@@ -86,11 +121,8 @@ def pushed_chain(starts: np.ndarray, ends: np.ndarray, start: int, end: int, fix
     m, h = len(starts), len(source)
     fixed, per_block, saving = (np.ascontiguousarray(a, dtype=np.float64) for a in (fixed, per_block, saving))
     starts, ends, source, target = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends, source, target))
-    if (not 0 <= start < end < 1 << 31 or m >= 1 << 30 or h >= 1 << 30 or len(ends) != m or len(fixed) != m
-            or len(per_block) != m or len(target) != h or len(saving) != h
-            or not (np.isfinite(fixed).all() and np.isfinite(per_block).all() and np.isfinite(saving).all())):
-        return None
-    if m and (min(starts.min(), ends.min()) < 0 or max(starts.max(), ends.max()) >= 1 << 31):
+    if not _trusted(starts, ends, start, end, fixed, per_block) or h >= 1 << 30 or len(target) != h \
+            or len(saving) != h or not np.isfinite(saving).all():
         return None
     if h and (min(source.min(), target.min()) < 0 or max(source.max(), target.max()) >= m):
         return None

@@ -28,18 +28,18 @@ pushes only when all its peers take pushes, so where some do not, the best all-p
 relayed one.
 
 In a large swarm (over PRUNE_ABOVE usable peers) a pushed route is that exact search over every span in C
-(swarm_kernels.route_search, built at first use in the background; the same chain as the numpy search over every
-span). Otherwise, and where no C compiler is found, the exact search runs only over the peers that can be on a best
-chain: of spans over the same blocks, those another beats in both its fixed and its per-block cost go first; then a
-vectorized pass (numpy) computes the least cost from the first boundary to every boundary and from every boundary to
-the last, and keeps a span only if its cheapest use between the two is within PRUNE_SLACK of the best chain's cost
-(`prune`). Every best chain's spans pass, so the cost found is the same; only which of several chains of equal cost
-wins may differ from the search over everything; with push, spans are kept by a lower bound (`_survivors`: each
-link less the largest saving into it, the first link without, held against a chain found among the PUSH_SEED most
-promising spans). The records are read as columns (`SpanTable`), which the router builds once per refresh of its
-view, and the views as columns of its PeerHealth. On a 2-core AVX2 EPYC (`python -m benchmarks.simulate
---route-scale`, every record naming 4 hops) a route over 10,000 peers takes ~8 ms relayed, ~8 ms pushed in C (~30 ms
-with the pruned numpy search), 1,000 peers ~3 ms relayed and ~1 ms pushed.
+(swarm_kernels.route_search, built at first use in the background; the same chain as the numpy search over every span).
+Otherwise, and where no C compiler is found, the exact search runs only over the peers that can be on a best chain: of
+spans over the same blocks, those another beats in both its fixed and its per-block cost go first; then a vectorized
+pass (numpy; in C where built, with the same values, for relayed routes) computes the least cost from the first boundary
+to every boundary and from every boundary to the last, and keeps a span only if its cheapest use between the two is
+within PRUNE_SLACK of the best chain's cost (`prune`). Every best chain's spans pass, so the cost found is the same;
+only which of several chains of equal cost wins may differ from the search over everything; with push, spans are kept by
+a lower bound (`_survivors`: each link less the largest saving into it, the first link without, held against a chain
+found among the PUSH_SEED most promising spans). The records are read as columns (`SpanTable`), which the router builds
+once per refresh of its view, and the views as columns of its PeerHealth. On a 2-core AVX2 EPYC (`python -m
+benchmarks.simulate --route-scale`) a route over 10,000 peers takes ~3 ms relayed (~8 ms all in numpy) and ~8 ms pushed
+where every record names 4 hops (~30 ms in numpy); over 1,000 peers ~0.7 and ~1 ms.
 """
 
 from __future__ import annotations
@@ -542,6 +542,15 @@ def _survivors(table: SpanTable, rows: np.ndarray, start: int, end: int, fixed: 
     dropped as dominated (what it saves is not in its own costs). The bound is held against the cost of a real chain:
     the best, hops counted, over the PUSH_SEED spans of least bound (else the best chain without any saving)."""
     if hops is None:
+        bounded = None
+        if len(rows) > PRUNE_ABOVE and _native_ready():  # (the same pass in C: the same values)
+            from swarm_kernels import route_search
+
+            bounded = route_search.bound(table.start[rows], table.end[rows], start, end, fixed, per_block,
+                                         table.free_kv_tokens[rows])
+        if bounded is not None:
+            through, best = bounded
+            return np.flatnonzero(through <= best + PRUNE_SLACK * (1.0 + abs(best))) if math.isfinite(best) else None
         kept, best = _bound(table, rows, start, end, fixed, per_block)[:2]
         return np.searchsorted(rows, kept) if math.isfinite(best) else None
     most_into, most_out = np.zeros(len(rows)), np.zeros(len(rows))

@@ -133,3 +133,44 @@ def test_ready_builds_in_the_background_and_then_says_so(monkeypatch):
             time.sleep(0.01)
     finally:
         route_search._library()  # (loaded again for the other tests, from the cache)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_c_pruning_pass_gives_the_numpy_passs_values(seed):
+    """The relayed search's pruning pass (`_bound`: dominance, then least costs back and forth) in C: every span's
+    cheapest chain through it and the best chain's cost, the same float64 values; coarse speeds and round trips in
+    odd seeds (twins over the same blocks: which of equals stays is tested too)."""
+    rng = random.Random(seed)
+    coarse = seed % 2 == 1
+    for _ in range(25):
+        spans = random_swarm(rng, rng.randrange(1, 300))
+        if coarse:
+            spans = [dataclasses.replace(s, throughput=rng.choice((100.0, 200.0)), batch_throughput=800.0,
+                                         active_sessions=rng.randrange(0, 2)) for s in spans]
+        views = {s.peer_id: PeerView(rtt=rng.choice((0.01, 0.02)) if coarse else rng.uniform(0.001, 0.2))
+                 for s in spans}
+        table = routing.SpanTable(spans)
+        rows = np.arange(len(table))
+        fixed, per_block, _ = table.costs(rows, views, 500)
+        start = rng.randrange(0, 80)
+        end = rng.randrange(start + 1, 81)
+        _, best, through = routing._bound(table, rows, start, end, fixed, per_block)
+        c_through, c_best = route_search.bound(table.start, table.end, start, end, fixed, per_block,
+                                               table.free_kv_tokens)
+        assert c_best == best or not (np.isfinite(c_best) or np.isfinite(best))
+        if np.isfinite(best):
+            np.testing.assert_array_equal(c_through, through)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_large_swarms_relayed_route_prunes_in_c_to_the_same_chain(seed, monkeypatch):
+    rng = random.Random(seed)
+    spans = random_swarm(rng, (300, 1000, 2000)[seed])
+    views = {s.peer_id: PeerView(rtt=rng.uniform(0.001, 0.2)) for s in spans}
+    table = routing.SpanTable(spans)
+    for start, end in ((0, 80), (10, 47)):
+        chains = []
+        for native in (True, False):
+            monkeypatch.setattr(routing, "_native_ready", lambda native=native: native)
+            chains.append([(x.peer.peer_id, x.start, x.end) for x in find_chain(table, "m", 80, (), start, end, views)])
+        assert chains[0] == chains[1]
