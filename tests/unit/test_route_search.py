@@ -67,6 +67,8 @@ def test_bad_inputs_are_left_to_numpy():
     assert route_search.pushed_chain(np.array([0]), np.array([1 << 40]), *one[2:]) is None
     assert route_search.pushed_chain(*one[:2], 2, 2, *one[4:]) is None  # (an empty range)
     assert route_search.pushed_chain(*one[:4], np.array([np.nan]), *one[5:]) is None
+    assert route_search.pushed_chain(*one[:4], np.array([1e300]), *one[5:]) is None  # (sums could overflow)
+    assert route_search.bound(*one[:5], np.array([np.inf]), np.array([0.0])) is None
     assert route_search.pushed_chain(*one[:6], np.array([0]), np.array([1]), np.array([0.1])) is None  # no span 1
 
 
