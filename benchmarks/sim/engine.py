@@ -5,7 +5,9 @@ every placement and routing decision is the policy's (for `Ours`: the shipped co
 Execution model (the same for every policy):
 - A peer's step of one block takes 1/true_throughput + (sessions on it − 1) × its batching marginal; a session's
   token costs, per link, the client's RTT to the peer plus the link's blocks × that step (the client relays every
-  hop, as both systems' clients do). A prompt is prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
+  hop). A simplification for both policies: both systems push from peer to peer by default and route by the round
+  trips peers measure to the peers that may follow them (ours: `next_rtt`; Petals 2.2: `next_pings`, its server-to-
+  server edges); neither is modelled. A prompt is prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
 - The DHT holds each peer's last record until it expires; placement reads the live records; clients route over a
   view refreshed every `client_refresh_s` (stale records included: a departed peer stays routable until its
   record expires or a client finds it dead).
