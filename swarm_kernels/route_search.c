@@ -234,24 +234,33 @@ static int by_per_block(const void *a, const void *b) {
 
 /* Leaves out (first = 1, last = 0) every span that another over the same boundaries beats whatever it saves: the
    other's fixed cost below its fixed cost less the largest savings of hops into and out of it (by a margin far above
-   float64 rounding) and the other's per-block cost at most its own. A link of such a span then always arrives later
+   the rounding of any sum the walk computes: 1e-9 of a bound on their magnitudes, n links of the largest fixed cost
+   and saving and twice the largest x * per_block) and the other's per-block cost at most its own. A link of such a span then always arrives later
    than the other's would at the same boundary with the same chain before, by more than any hop from it saves, so it
    is never the cheapest way into a boundary, never offers the cheapest hop that counts, and never ends the chain: the
    walk without it makes every choice it makes with it. (Of two spans, the one left out is never the other's
    dominator, so leaving out all at once is the same as one at a time.) Returns how many. */
-static int64_t leave_out_dominated(int64_t n, int64_t m, int64_t *first, int64_t *last, const double *fixed,
-                                   const double *per_block, int64_t h, const int64_t *source, const int64_t *target,
-                                   const double *saving, int64_t *work) {
+static int64_t leave_out_dominated(int64_t n, const double *x, int64_t m, int64_t *first, int64_t *last,
+                                   const double *fixed, const double *per_block, int64_t h, const int64_t *source,
+                                   const int64_t *target, const double *saving, int64_t *work) {
     double *most_in = (double *)work, *most_out = most_in + m;
     int64_t *key = (int64_t *)(most_out + m), *offsets = key + m;
     int32_t *by_last = (int32_t *)(offsets + n + 1), *order = by_last + m;
-    Member *group = (Member *)(order + m + (m & 1));
-    for (int64_t k = 0; k < m; k++) most_in[k] = 0.0, most_out[k] = 0.0;
+    Member *group = (Member *)(order + m);  /* (2m int32 from an 8-byte boundary: aligned) */
+    double largest_fixed = 0.0, largest_per_block = 0.0, largest_saving = 0.0;
+    for (int64_t k = 0; k < m; k++) {
+        most_in[k] = 0.0, most_out[k] = 0.0;
+        if (fabs(fixed[k]) > largest_fixed) largest_fixed = fabs(fixed[k]);
+        if (fabs(per_block[k]) > largest_per_block) largest_per_block = fabs(per_block[k]);
+    }
     for (int64_t e = 0; e < h; e++) {
         int64_t s = source[e], t = target[e];
         if (saving[e] > most_out[s]) most_out[s] = saving[e];
         if (saving[e] > most_in[t]) most_in[t] = saving[e];
+        if (fabs(saving[e]) > largest_saving) largest_saving = fabs(saving[e]);
     }
+    double largest_x = fabs(x[0]) > fabs(x[n - 1]) ? fabs(x[0]) : fabs(x[n - 1]);
+    double margin = 1e-9 * (1.0 + (double)n * (largest_fixed + largest_saving) + 2.0 * largest_x * largest_per_block);
     by_blocks(n, m, first, last, key, offsets, by_last, order);
     int64_t dropped = 0;
     for (int64_t i = 0, size; i < m; i += size) {
@@ -271,7 +280,7 @@ static int64_t leave_out_dominated(int64_t n, int64_t m, int64_t *first, int64_t
                     if (group[r].fixed < cheapest) cheapest = group[r].fixed;
                 for (int64_t r = g; r < g + run; r++) {
                     double least = group[r].least;
-                    if (cheapest + 1e-12 * (1.0 + fabs(least)) < least)
+                    if (cheapest + margin < least)
                         first[group[r].span] = 1, last[group[r].span] = 0, dropped++;
                 }
                 g += run;
@@ -302,7 +311,7 @@ int64_t route_pushed(int64_t start, int64_t end, int64_t m, const int64_t *start
     double *x = (double *)(node_of + blocks + 2);
     int64_t n = boundaries(start, end, m, starts, ends, node_of, x, first, last);
     int64_t *rest = (int64_t *)(x + blocks + 1);
-    leave_out_dominated(n, m, first, last, fixed, per_block, h, source, target, saving, rest);
+    leave_out_dominated(n, x, m, first, last, fixed, per_block, h, source, target, saving, rest);
     int64_t links = search(n, x, m, first, last, fixed, per_block, h, source, target, saving, updates, rest,
                            chain_span, chain_from, chain_to, total);
     for (int64_t i = 0; i < links; i++) chain_from[i] = (int64_t)x[chain_from[i]], chain_to[i] = (int64_t)x[chain_to[i]];

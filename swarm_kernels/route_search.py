@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("route_search.c")
 FLAGS = ("-O2", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11", "-lm")
@@ -32,7 +35,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     from swarm_kernels.cpu import compile_library
 
-    library = compile_library(SOURCE, FLAGS)
+    try:
+        library = compile_library(SOURCE, FLAGS)
+    except Exception:  # (e.g. no cache directory): numpy searches, and no build is tried again
+        logger.warning("the C route search could not be built; routes are searched with numpy", exc_info=True)
+        return None
     if library is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -129,6 +136,8 @@ def pushed_chain(starts: np.ndarray, ends: np.ndarray, start: int, end: int, fix
         return None
     inside = np.minimum(ends, end) - np.maximum(starts, start)
     updates = int(inside[inside > 0].sum())  # (a span's entry improves at most once a boundary inside it)
+    if updates >= 1 << 31:  # (the C code's log of them is indexed by int32)
+        return None
     work = _workspace(library.route_workspace(end - start, m, h, updates))
     chain, total = np.zeros((3, end - start), dtype=np.int64), np.zeros(1)
     links = library.route_pushed(start, end, m, starts.ctypes.data, ends.ctypes.data, fixed.ctypes.data,

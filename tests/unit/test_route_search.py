@@ -58,6 +58,23 @@ def test_the_c_search_finds_the_numpy_searchs_chain_and_cost(seed):
     assert found > 20
 
 
+@pytest.mark.parametrize("first_cost", (1e3, 1e5, 1e6))
+@pytest.mark.parametrize("gap", (2.5e-12, 4e-12, 5e-11))
+def test_twins_that_tie_after_rounding_are_chosen_as_numpy_chooses(first_cost, gap):
+    """Two spans over the same blocks, one cheaper by a hair: after an expensive first link their arrivals round to
+    the same value, so numpy takes the first of them; the C search must not have left it out as beaten (its margin
+    grows with the sums it computes)."""
+    none = np.zeros(0, dtype=np.int64)
+    hops = Hops(np.array([first_cost, 0.25, 0.25 - gap]), np.zeros(3), none, none, np.zeros(0))
+    starts, ends = np.array([0, 1, 1]), np.array([1, 2, 2])
+    assert routing._hop_links(starts, ends, 0, 2, hops, native=True) == routing._hop_links(starts, ends, 0, 2, hops)
+    far = 10**9  # (positions this large: x * per-block products dwarf the costs' differences)
+    hops = Hops(np.array([1.0, 1.0 - 1e-9]), np.array([5.8103263343, 5.8103263344]), none, none, np.zeros(0))
+    starts, ends = np.array([far, far]), np.array([far + 1, far + 1])
+    assert routing._hop_links(starts, ends, far, far + 1, hops, native=True) == \
+        routing._hop_links(starts, ends, far, far + 1, hops)
+
+
 def test_bad_inputs_are_left_to_numpy():
     one = (np.array([0]), np.array([2]), 0, 2, np.array([0.1]), np.array([0.01]), np.zeros(0, np.int64),
            np.zeros(0, np.int64), np.zeros(0))
