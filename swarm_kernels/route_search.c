@@ -222,14 +222,31 @@ static int64_t same_blocks(int64_t m, int64_t i, const int32_t *grouped, const i
     return size;
 }
 
-typedef struct {
-    double per_block, fixed, least;
+typedef struct {  /* a span among those over the same boundaries, for the dominance passes */
+    double fixed, per_block;
+    double other;  /* leave_out_dominated: its fixed cost less its largest savings; route_bound: its free KV */
     int64_t span;
-} Member;
+} Rival;
 
 static int by_per_block(const void *a, const void *b) {
-    double x = ((const Member *)a)->per_block, y = ((const Member *)b)->per_block;
+    double x = ((const Rival *)a)->per_block, y = ((const Rival *)b)->per_block;
     return (x > y) - (x < y);
+}
+
+/* The group of spans over the same boundaries as grouped[i] (by_blocks' order): its size in *size, and its members
+   sorted by `compare` in group[] when it takes part and has two or more (returns how many: 0 otherwise) */
+static int64_t rivals(int64_t m, int64_t i, const int32_t *grouped, const int64_t *first, const int64_t *last,
+                      const double *fixed, const double *per_block, const double *other,
+                      int (*compare)(const void *, const void *), Rival *group, int64_t *size) {
+    int64_t k = grouped[i];
+    *size = same_blocks(m, i, grouped, first, last);
+    if (first[k] >= last[k] || *size < 2) return 0;
+    for (int64_t g = 0; g < *size; g++) {
+        int64_t o = grouped[i + g];
+        group[g] = (Rival){fixed[o], per_block[o], other[o], o};
+    }
+    qsort(group, (size_t)*size, sizeof(Rival), compare);
+    return *size;
 }
 
 /* Leaves out (first = 1, last = 0) every span that another over the same boundaries beats whatever it saves: the
@@ -246,7 +263,7 @@ static int64_t leave_out_dominated(int64_t n, const double *x, int64_t m, int64_
     double *most_in = (double *)work, *most_out = most_in + m;
     int64_t *key = (int64_t *)(most_out + m), *offsets = key + m;
     int32_t *by_last = (int32_t *)(offsets + n + 1), *order = by_last + m;
-    Member *group = (Member *)(order + m);  /* (2m int32 from an 8-byte boundary: aligned) */
+    Rival *group = (Rival *)(order + m);  /* (2m int32 from an 8-byte boundary: aligned) */
     double largest_fixed = 0.0, largest_per_block = 0.0, largest_saving = 0.0;
     for (int64_t k = 0; k < m; k++) {
         most_in[k] = 0.0, most_out[k] = 0.0;
@@ -261,17 +278,12 @@ static int64_t leave_out_dominated(int64_t n, const double *x, int64_t m, int64_
     }
     double largest_x = fabs(x[0]) > fabs(x[n - 1]) ? fabs(x[0]) : fabs(x[n - 1]);
     double margin = 1e-9 * (1.0 + (double)n * (largest_fixed + largest_saving) + 2.0 * largest_x * largest_per_block);
+    double *least = most_in;  /* (each span's fixed cost less its largest savings, in place) */
+    for (int64_t k = 0; k < m; k++) least[k] = fixed[k] - most_in[k] - most_out[k];
     by_blocks(n, m, first, last, key, offsets, by_last, order);
     int64_t dropped = 0;
     for (int64_t i = 0, size; i < m; i += size) {
-        int64_t k = order[i];
-        size = same_blocks(m, i, order, first, last);
-        if (first[k] < last[k] && size > 1) {
-            for (int64_t g = 0; g < size; g++) {
-                int64_t o = order[i + g];
-                group[g] = (Member){per_block[o], fixed[o], fixed[o] - most_in[o] - most_out[o], o};
-            }
-            qsort(group, (size_t)size, sizeof(Member), by_per_block);
+        if (rivals(m, i, order, first, last, fixed, per_block, least, by_per_block, group, &size)) {
             double cheapest = INFINITY;  /* the least fixed cost over the group's spans of per-block cost <= this run's */
             for (int64_t g = 0; g < size;) {
                 int64_t run = 1;
@@ -279,7 +291,7 @@ static int64_t leave_out_dominated(int64_t n, const double *x, int64_t m, int64_
                 for (int64_t r = g; r < g + run; r++)
                     if (group[r].fixed < cheapest) cheapest = group[r].fixed;
                 for (int64_t r = g; r < g + run; r++) {
-                    double least = group[r].least;
+                    double least = group[r].other;
                     if (cheapest + margin < least)
                         first[group[r].span] = 1, last[group[r].span] = 0, dropped++;
                 }
@@ -318,16 +330,11 @@ int64_t route_pushed(int64_t start, int64_t end, int64_t m, const int64_t *start
     return links;
 }
 
-typedef struct {
-    double fixed, per_block, free;
-    int64_t span;
-} Rival;
-
 static int cheapest_first(const void *a, const void *b) {
     const Rival *x = a, *y = b;
     if (x->fixed != y->fixed) return x->fixed < y->fixed ? -1 : 1;
     if (x->per_block != y->per_block) return x->per_block < y->per_block ? -1 : 1;
-    if (x->free != y->free) return x->free > y->free ? -1 : 1;  /* (most free KV first) */
+    if (x->other != y->other) return x->other > y->other ? -1 : 1;  /* (most free KV first) */
     return (x->span > y->span) - (x->span < y->span);
 }
 
@@ -360,14 +367,7 @@ void route_bound(int64_t start, int64_t end, int64_t m, const int64_t *starts, c
        earlier one in order of (fixed, per-block, most free KV, index) is at least as cheap as per block go */
     by_blocks(n, m, first, last, key, offsets, by_key, order);
     for (int64_t i = 0, size; i < m; i += size) {
-        int64_t k = order[i];
-        size = same_blocks(m, i, order, first, last);
-        if (first[k] < last[k] && size > 1) {
-            for (int64_t g = 0; g < size; g++) {
-                int64_t o = order[i + g];
-                group[g] = (Rival){fixed[o], per_block[o], free[o], o};
-            }
-            qsort(group, (size_t)size, sizeof(Rival), cheapest_first);
+        if (rivals(m, i, order, first, last, fixed, per_block, free, cheapest_first, group, &size)) {
             double least = group[0].per_block;
             for (int64_t g = 1; g < size; g++) {
                 if (group[g].per_block < least) least = group[g].per_block;
