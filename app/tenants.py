@@ -27,13 +27,15 @@ from app.keystore import KeyRecord, KeyStore, Limits, UsageRow, UsageWriter, per
 
 
 class Bucket:
-    """`capacity` units a minute, refilled continuously; the level may go below zero by one taking."""
+    """`capacity` units a minute, refilled continuously; the level may go below zero by one taking. Times are the wall
+    clock's (the budget periods are calendar ones); a clock set back refills nothing, and the bucket counts on from
+    there instead of owing the time it went back."""
 
     def __init__(self, capacity: int, now: float):
         self.capacity, self.level, self.at = capacity, float(capacity), now
 
     def refill(self, now: float) -> None:
-        self.level = min(float(self.capacity), self.level + (now - self.at) * self.capacity / 60.0)
+        self.level = min(float(self.capacity), self.level + max(0.0, now - self.at) * self.capacity / 60.0)
         self.at = now
 
     def resize(self, capacity: int) -> None:

@@ -99,6 +99,15 @@ def test_a_bucket_refills_over_a_minute():
     assert [_duration(s) for s in (0.02, 1.0, 59.2, 360.0)] == ["20ms", "1s", "1m0s", "6m0s"]
 
 
+def test_a_clock_set_back_does_not_drain_a_bucket():
+    bucket = Bucket(60, now=1000.0)
+    bucket.level = 30.0
+    bucket.refill(1000.0 - 3600.0)  # the wall clock stepped back an hour: it was a 3,600-unit debt
+    assert bucket.level == 30.0
+    bucket.refill(1000.0 - 3600.0 + 10.0)  # and it counts on from where the clock now is
+    assert bucket.level == pytest.approx(40.0)
+
+
 def test_tokens_per_minute_take_the_estimate_and_give_back_the_rest():
     from app.keystore import KeyRecord
     tenant = Tenant(KeyRecord("k", "k", 0.0, None, Limits(tpm=100)))
