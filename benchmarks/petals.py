@@ -49,17 +49,18 @@ async def ours_run(port: int, text: str, tokens: int, eos: int) -> dict[str, flo
 
 
 def versus_petals(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    """Per side (one is "petals"): every run's TTFT and decode tok/s, their medians, and the other sides' ratios to
-    Petals per round (medians)."""
+    """Per side (one is "petals"): every run's TTFT and decode tok/s (and end-to-end tok/s where the runs have it),
+    their medians, and the other sides' ratios to Petals per round (medians)."""
+    keys = [key for key in ("ttft_s", "decode_tok_s", "e2e_tok_s") if all(key in r for r in runs["petals"])]
     out: dict[str, Any] = {}
     for side, per in runs.items():
-        entry: dict[str, Any] = {key: [round(r[key], 3) for r in per] for key in ("ttft_s", "decode_tok_s")}
-        entry["median_ttft_s"] = round(median(entry["ttft_s"]), 3)
-        entry["median_decode_tok_s"] = round(median(entry["decode_tok_s"]), 2)
+        entry: dict[str, Any] = {key: [round(r[key], 3) for r in per] for key in keys}
+        for key in keys:
+            entry[f"median_{key}"] = round(median(entry[key]), 3 if key == "ttft_s" else 2)
         if side != "petals":
             pairs = list(zip(per, runs["petals"], strict=True))
-            entry["ttft_vs_petals"] = round(median([o["ttft_s"] / p["ttft_s"] for o, p in pairs]), 3)
-            entry["decode_vs_petals"] = round(median([o["decode_tok_s"] / p["decode_tok_s"] for o, p in pairs]), 3)
+            for key in keys:
+                entry[f"{key.split('_')[0]}_vs_petals"] = round(median([o[key] / p[key] for o, p in pairs]), 3)
         out[side] = entry
     return out
 

@@ -1,7 +1,7 @@
 """Side by side with the real Petals 2.2 across hosts at wide-area latency: the same test bed as `benchmarks.wan`
 (every process in its own network namespace, every packet through `tests.netem`), both systems on the same hosts.
 
-    python -m benchmarks.wan_petals [--rtt 100] [--rounds 3] [--tokens 32] [--out benchmarks/results]
+    python -m benchmarks.wan_petals [--rtt 100] [--rounds 3] [--task chat|quote] [--tokens N] [--out DIR]
 
 Hosts: `boot` (our DHT bootstrap node and Petals' DHT), `a` (blocks 0:15 of the default model: one of our peers and one
 Petals server), `b` (15:30: the same), `gw` (our gateways and Petals' client). Ours: peers at their default precision,
@@ -9,8 +9,12 @@ one thread each; three gateways: `ours` (as a user runs it: push, GATEWAY_SPECUL
 chat), `ours_nospec` (push, speculation off) and `ours_relay` (SWARM_PUSH=false, speculation off). Petals: float32
 (its CPU default), its own client (../shared/petals/petals_bench.py, greedy, end-of-text suppressed, chat template
 applied) in a fresh process per run, from the `gw` host. The same prompt on every side each round (distinct per
-round), sides in rotating order; medians; ratios ours ÷ Petals per round. Petals is set up first if needed
-(../shared/petals/petals_setup.sh, ~3 min). Idle peers of the other system stay up while one runs (they cost little).
+round), sides in rotating order; medians; ratios ours ÷ Petals per round. Tasks: `chat` (a ~40-token request for a
+story: free text, where drafts by prompt lookup find little) and `quote` (repeat a ~400-token passage word for word,
+`benchmarks.speculative`'s input-grounded task, numbered per round). Decode tok/s is (tokens - 1) / (last token's
+time - first token's) on every side; end to end is tokens / (last token's time - request sent). Petals is set up
+first if needed (../shared/petals/petals_setup.sh, ~3 min). Idle peers of the other system stay up while one runs
+(they cost little).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import httpx
 from benchmarks.common import emit, machine, versions
 from benchmarks.petals import versus_petals
 from benchmarks.serve import one_stream, prompt
+from benchmarks.speculative import PASSAGE
 from benchmarks.wan import start_gateway, start_swarm
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.netbed import NetBed
@@ -76,14 +81,22 @@ def petals_run(bed: NetBed, maddr: str, text: str, tokens: int) -> dict[str, flo
     result = json.loads(out.strip().splitlines()[-1])
     if "error" in result:
         raise RuntimeError(f"petals_bench: {result['error']}")
-    return {"ttft_s": result["ttft_s"][0], "decode_tok_s": result["decode_tok_s"][0]}
+    ttft, decode = result["ttft_s"][0], result["decode_tok_s"][0]
+    return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": tokens / (ttft + (tokens - 1) / decode)}
 
 
 async def ours_run(socket: str, text: str, tokens: int, eos: int) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=600, transport=httpx.AsyncHTTPTransport(uds=socket)) as client:
         r = await one_stream(client, "http://gateway/v1/chat/completions", text, tokens, eos)
-    stamps = r["stamps"]
-    return {"ttft_s": stamps[0] - r["sent"], "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    stamps = r["stamps"]  # a text chunk's arrival; a chunk may carry more than one token when drafts are kept
+    return {"ttft_s": stamps[0] - r["sent"], "decode_tok_s": (r["tokens"] - 1) / (stamps[-1] - stamps[0]),
+            "e2e_tok_s": r["tokens"] / (stamps[-1] - r["sent"])}
+
+
+def task_prompt(task: str, round_: int) -> str:
+    """The request's text: a chat's own per round, or the passage to quote behind a round number (so that no side
+    reuses a previous round's prompt beyond the chat template's system prompt)."""
+    return prompt(round_, 0) if task == "chat" else f"({round_ + 1}) Repeat this text word for word:\n\n{PASSAGE}"
 
 
 async def run(args) -> dict[str, Any]:
@@ -106,7 +119,7 @@ async def run(args) -> dict[str, Any]:
             await ours_run(sockets[name], prompt(-1, 0), 8, eos)
         petals_run(bed, maddr, prompt(-1, 0), 8)
         for round_ in range(args.rounds):
-            text = prompt(round_, 0)
+            text = task_prompt(args.task, round_)
             for side in sides[round_ % len(sides):] + sides[: round_ % len(sides)]:
                 result = (petals_run(bed, maddr, text, args.tokens) if side == "petals"
                           else await ours_run(sockets[side], text, args.tokens, eos))
@@ -116,6 +129,7 @@ async def run(args) -> dict[str, Any]:
     out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1), **versus_petals(runs)}
     return {"benchmark": "wan_petals", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "rtt_ms": args.rtt, "tokens": args.tokens, "rounds": args.rounds,
+                         "task": args.task,
                          "link": "tests.netem: one-way delay = RTT / 2 between every two hosts",
                          "petals": "2.2, servers 0:15 and 15:30 on two hosts, float32, its own client per run",
                          "ours": "peers 0:15 and 15:30 on the same hosts, default precision, 1 thread; gateways: "
@@ -128,10 +142,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rtt", type=float, default=100.0, help="round-trip time between hosts, ms")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: chat 32, quote 128)")
+    parser.add_argument("--task", choices=("chat", "quote"), default="chat")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    emit("wan_petals", asyncio.run(run(args)), args.out)
+    if args.tokens is None:
+        args.tokens = 32 if args.task == "chat" else 128
+    emit("wan_petals" if args.task == "chat" else f"wan_petals_{args.task}", asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":
