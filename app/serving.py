@@ -356,6 +356,8 @@ class ServingEngine:
                     if job.echo is not None and counts[i] == 1:
                         delta.text = job.echo + delta.text
                     finished[i] = delta.finish_reason is not None
+                    if finished[i]:  # drafts computed after this token are in no completion: rejected
+                        job.rejected_drafts += event.unused_drafts
                     step.append(delta)
                 if step:
                     yield step

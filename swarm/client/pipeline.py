@@ -48,6 +48,8 @@ class StepOutput:
     prompt_scores: PromptScores | None = None  # on the first step, when asked: the prompt's own log-probabilities
     kept_draft: bool = False  # speculative decoding: the token was a draft's, kept
     rejected_drafts: int = 0  # on the last position of a speculative step: its draft tokens not kept
+    # on a kept draft's position: the step's drafts after it, computed, that a completion ending here leaves out
+    unused_drafts: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,8 @@ class DecodePipeline:
                         drafter.extend([int(choice.token_ids[0])])
                     last = i == len(steps) - 1
                     yield StepOutput(choice.token_ids, logits, choice.logprobs, choice.top_ids, choice.top_logprobs,
-                                     kept_draft=not last, rejected_drafts=len(draft) - i if last and draft else 0)
+                                     kept_draft=not last, rejected_drafts=len(draft) - i if last and draft else 0,
+                                     unused_drafts=0 if last else len(draft) - i - 1)
                     if produced == max_new_tokens:
                         break
         finally:

@@ -58,3 +58,4 @@ class TokenEvent:
     route: tuple[str, ...] = ()  # on the first step's events: the peer ids of the session's chain
     kept_draft: bool = False  # speculative decoding: the token was drafted, and kept
     rejected_drafts: int = 0  # draft tokens computed but not kept, in the step that gave this token
+    unused_drafts: int = 0  # on a kept draft: its step's drafts after it (kept or not) left out if the choice ends here

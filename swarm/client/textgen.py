@@ -271,10 +271,11 @@ def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:
     token = int(step.token_ids[i])
     if step.logprobs is None or step.top_ids is None or step.top_logprobs is None:
         return TokenEvent(i, token, cached_prompt_tokens=cached, kept_draft=step.kept_draft,
-                          rejected_drafts=step.rejected_drafts)
+                          rejected_drafts=step.rejected_drafts, unused_drafts=step.unused_drafts)
     return TokenEvent(i, token, float(step.logprobs[i]),
                       list(zip(step.top_ids[i].tolist(), step.top_logprobs[i].tolist(), strict=True)), False, cached,
-                      kept_draft=step.kept_draft, rejected_drafts=step.rejected_drafts)
+                      kept_draft=step.kept_draft, rejected_drafts=step.rejected_drafts,
+                      unused_drafts=step.unused_drafts)
 
 
 def _prompt_logprobs(prompt: list[int], step: StepOutput) -> tuple[tuple[float | None, tuple[tuple[int, float],

@@ -168,6 +168,34 @@ def test_stop_string_is_cut_and_never_emitted(client, stream):
     assert text == REPLY[: REPLY.index("STOP")]
 
 
+class DraftingBackend(FakeBackend):
+    """The reply "abcdefgh" + EOS in speculative steps: the first token alone, then a step that drafted 6 tokens and
+    kept them all (positions 1..6: drafts, their `unused_drafts` the drafts after them), then "h" alone, then EOS."""
+
+    async def generate(self, request: GenerationRequest):
+        self.requests.append(request)
+        script = [*self.encode("abcdefgh"), EOS]
+        events = [TokenEvent(0, script[0])]
+        events += [TokenEvent(0, script[p], kept_draft=True, unused_drafts=6 - p) for p in range(1, 7)]
+        events += [TokenEvent(0, script[7]), TokenEvent(0, script[8], stop=True)]
+        for event in events[: request.max_new_tokens]:
+            yield [event]
+            if event.stop:
+                return
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_drafts_computed_past_a_stop_string_are_counted_rejected(stream):
+    with TestClient(create_app(GatewaySettings(), backend=DraftingBackend())) as client:
+        response = chat(client, stop=["d"], stream=stream, stream_options={"include_usage": True} if stream else None)
+        usage = sse_events(response)[-1]["usage"] if stream else response.json()["usage"]
+        full = chat(client).json()["usage"]
+    # "d" is the third draft: drafts b, c, d are in the completion (d's text cut), e, f, g were computed for nothing
+    assert usage["completion_tokens"] == 4
+    assert usage["completion_tokens_details"] == {"accepted_prediction_tokens": 3, "rejected_prediction_tokens": 3}
+    assert full["completion_tokens_details"] == {"accepted_prediction_tokens": 6, "rejected_prediction_tokens": 0}
+
+
 def test_streaming_holds_back_a_partial_stop_match():
     text = ChoiceText(lambda ids: bytes(ids).decode("utf-8", errors="replace"), ["abc"])
     assert text.add(ord("x")) == "x"

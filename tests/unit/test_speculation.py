@@ -129,6 +129,28 @@ async def test_drafting_is_asked_before_each_step_and_a_step_without_a_draft_is_
     assert later == expected and steps[:10] == [1] * 10 and max(steps[10:]) > 1
 
 
+async def test_each_kept_draft_says_how_many_of_its_steps_drafts_come_after_it():
+    """A completion that ends at a kept draft (a stop string) leaves its step's later drafts out: the gateway counts
+    them rejected from `unused_drafts`, so kept + unused + 1 is the step's draft count at every kept position."""
+    from swarm.client.pipeline import DecodePipeline
+
+    pipeline = DecodePipeline(CyclingHead(), decode_groups=0)
+    session, prompt = StepLog(), list(range(V)) * 2 + [0, 1]
+    try:
+        outs = [step async for step in pipeline.generate(
+            session, torch.tensor([prompt]), Sampler(1, V, SamplingParams(temperature=0.0)), 24,
+            drafter=PromptLookup(prompt))]
+    finally:
+        pipeline.close()
+    at = 1  # the prompt's step gave the first token
+    for size in session.sizes[1:]:  # every step after the prompt's: its input token and size - 1 drafts
+        step, at = outs[at: at + size], at + size
+        assert [o.kept_draft for o in step] == [True] * (size - 1) + [False]  # the cycle: every draft is right
+        assert [o.unused_drafts for o in step] == [size - 2 - i for i in range(size - 1)] + [0]
+        assert step[-1].rejected_drafts == 0
+    assert at == len(outs) == 24 and max(session.sizes[1:]) > 2
+
+
 def test_auto_speculation_drafts_only_while_few_other_generations_run():
     """GATEWAY_SPECULATIVE=auto: a one-choice request gets a drafter whatever the load at its admission, and drafts
     at a step only while fewer than GATEWAY_SPECULATIVE_BELOW other generations hold a slot, so a burst's first
