@@ -3,11 +3,18 @@ whose sessions are routed, prefilled, decoded and failed over. Only clocks, the 
 every placement and routing decision is the policy's (for `Ours`: the shipped code).
 
 Execution model (the same for every policy):
-- A peer's step of one block takes 1/true_throughput + (sessions on it − 1) × its batching marginal; a session's
-  token costs, per link, the client's RTT to the peer plus the link's blocks × that step (the client relays every
-  hop). A simplification for both policies: both systems push from peer to peer by default and route by the round
-  trips peers measure to the peers that may follow them (ours: `next_rtt`; Petals 2.2: `next_pings`, its server-to-
-  server edges); neither is modelled. A prompt is prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
+- A peer's step of one block takes 1/true_throughput + (sessions on it − 1) × its batching marginal; a prompt is
+  prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
+- `push` (both real systems' default): a token goes from the client to the chain's first peer, from peer to peer,
+  and from the last back to the client: half the round trip of each of those legs, plus every link's blocks × its
+  step. Peers measure the round trips to peers that may follow them and announce them, which routes count
+  (`SpanInfo.next_rtt`): ours probe up to 16 such peers and announce the 4 nearest; Petals 2.2 pings up to 5 at
+  random and announces them (`next_pings`; here 4, the record's cap). Measurements are renewed every 30 s. Petals'
+  own route search (a Dijkstra whose unmeasured hops cost 0.15 s one way and whose chains switch peers only at a
+  span's end) is approximated by the same search as ours over its load-free records, which prices an unmeasured
+  hop as the return through the client and may switch anywhere: if anything, kinder to Petals.
+- relay (`push=False`): per link, the client's RTT to the peer plus the link's blocks × its step (the client relays
+  every hop).
 - The DHT holds each peer's last record until it expires; placement reads the live records; clients route over a
   view refreshed every `client_refresh_s` (stale records included: a departed peer stays routable until its
   record expires or a client finds it dead).
@@ -23,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +47,8 @@ DETECT_CRASH_S = 5.0
 AVOID_S = 60.0
 TICK_S = 1.0
 PREFILL_GAIN = {"cpu": 4.0}  # others 40
+HOPS_EVERY_S = 30.0  # a peer renews its measurements of the peers that may follow it
+PROBED = {"ours": 16, "petals": MAX_NEXT_RTT}  # peers that may follow, measured; ours announce the nearest 4
 
 
 @dataclass
@@ -83,8 +93,11 @@ class Session:
 
 
 class Simulation:
-    def __init__(self, world: World, policy: Any, duration_s: float, warmup_s: float):
-        self.world, self.policy = world, policy
+    def __init__(self, world: World, policy: Any, duration_s: float, warmup_s: float, push: bool = False):
+        self.world, self.policy, self.push = world, policy, push
+        self.hops: dict[str, tuple[float, int, tuple[tuple[str, float], ...]]] = {}  # peer → (when, end, next_rtt)
+        self.hop_rng = random.Random(f"{world.seed}/hops")
+        self.pair_rtt: dict[tuple[str, str], float] = {}
         self.duration, self.warmup = duration_s, warmup_s
         self.now = 0.0
         self.events: list[tuple[float, int, str, Any]] = []
@@ -195,7 +208,40 @@ class Simulation:
                         free_kv_tokens=max(0, spec.kv_budget_tokens - peer.reserved), active_sessions=load,
                         state=peer.state, throughput=spec.announced,
                         batch_throughput=spec.announced * spec.batch_gain if self.policy.carries_load else 0.0,
-                        target_start=target[0], target_end=target[1], movable=True, updated_at=self.now)
+                        target_start=target[0], target_end=target[1], movable=True, updated_at=self.now,
+                        push=self.push, next_rtt=self._next_rtt(peer) if self.push else ())
+
+    def _next_rtt(self, peer: Peer) -> tuple[tuple[str, float], ...]:
+        """The round trips `peer` announces to peers that may follow it (online, serving its end block), renewed
+        every HOPS_EVERY_S: ours the 4 nearest of up to 16 probed, Petals' up to 4 at random."""
+        pid = peer.spec.peer_id
+        known = self.hops.get(pid)
+        if peer.state != PeerState.ONLINE or peer.end >= NUM_BLOCKS:
+            return ()
+        if known is not None and known[1] == peer.end and self.now - known[0] < HOPS_EVERY_S:
+            return known[2]
+        after = [p for p, other in self.peers.items() if other.state == PeerState.ONLINE and p != pid
+                 and other.start <= peer.end < other.end]
+        probed = self.hop_rng.sample(after, min(PROBED[self.policy.name], len(after)))
+        measured = sorted((self._pair_rtt(pid, p), p) for p in probed)[:MAX_NEXT_RTT]
+        hops = tuple((p, rtt) for rtt, p in measured)
+        self.hops[pid] = (self.now, peer.end, hops)
+        return hops
+
+    def _pair_rtt(self, a: str, b: str) -> float:
+        key = (a, b) if a < b else (b, a)
+        value = self.pair_rtt.get(key)
+        if value is None:
+            value = self.pair_rtt[key] = rtt_s(self.hosts[a], self.hosts[b])
+        return value
+
+    def _network_s(self, session: Session, links: list[list[Any]]) -> float:
+        """Seconds on the network of one token through `links` (see the module: push or relay)."""
+        if not self.push:
+            return sum(self._rtt(session.user, pid) for pid, *_ in links)
+        ids = [pid for pid, *_ in links]
+        return (self._rtt(session.user, ids[0]) + self._rtt(session.user, ids[-1])
+                + sum(self._pair_rtt(a, b) for a, b in itertools.pairwise(ids) if a != b)) / 2
 
     def _on_leave(self, payload: tuple[str, bool | None]) -> None:
         peer_id, abrupt = payload
@@ -317,8 +363,8 @@ class Simulation:
     def _decode(self, session: Session, measuring: bool) -> None:
         since = max(session.last_progress, session.ready_at)
         session.last_progress = self.now
-        per_token = sum(self._rtt(session.user, pid) + (e - s) * self.peers[pid].step_s()
-                        for pid, s, e in session.links)
+        per_token = self._network_s(session, session.links) + sum((e - s) * self.peers[pid].step_s()
+                                                                  for pid, s, e in session.links)
         tokens = min((self.now - since) / per_token, session.req.output - session.generated)
         if session.first_token is None and tokens >= 1:
             session.first_token = since + per_token
@@ -374,14 +420,18 @@ class Simulation:
             session.links = sorted(kept + new_links, key=lambda link: link[1])
             replay = session.context
             self.stats["failovers"] += 1
+        whole = session.broken == [-1]
         session.broken = []
-        seconds = 0.0
+        # the prompt (or a replacement's replay) through the new links: pushed along a new chain, else each
+        # replacement link from the client
+        seconds = self._network_s(session, new_links) if whole else sum(self._rtt(session.user, pid)
+                                                                       for pid, *_ in new_links)
         for pid, s, e in new_links:
             peer = self.peers[pid]
             if session.sid not in peer.sessions:  # a chain may pass through a peer twice: one reservation
                 peer.sessions.add(session.sid)
                 peer.reserved += session.length
-            seconds += self._rtt(session.user, pid) + (e - s) * peer.prefill_s(replay)
+            seconds += (e - s) * peer.prefill_s(replay)
         session.ready_at = self.now + seconds
         session.last_progress = session.ready_at
 
@@ -391,7 +441,7 @@ class Simulation:
         rtts = _Rtts(self, session.user)
         began = time.perf_counter()
         try:
-            chain = self.policy.route(view, rtts, NUM_BLOCKS, session.length, start, end, avoid)
+            chain = self.policy.route(view, rtts, NUM_BLOCKS, session.length, start, end, avoid, self.push)
         except NoChainError:
             chain = None
         self.route_wall.append(time.perf_counter() - began)

@@ -51,8 +51,8 @@ class Ours:
         return placement.move_for(view, me)
 
     def route(self, view: SpanTable, rtts: Mapping[str, PeerView], num_blocks: int, length: int,
-              start: int, end: int, exclude: set[str]) -> list[Link]:
-        return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length)
+              start: int, end: int, exclude: set[str], push: bool = False) -> list[Link]:
+        return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length, push=push)
 
 
 class Petals:
@@ -86,8 +86,8 @@ class Petals:
         return (start, start + length) if before.min() / after.min() < self.balance_quality - eps else None
 
     def route(self, view: SpanTable, rtts: Mapping[str, PeerView], num_blocks: int, length: int,
-              start: int, end: int, exclude: set[str]) -> list[Link]:
-        return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length)
+              start: int, end: int, exclude: set[str], push: bool = False) -> list[Link]:
+        return find_chain(view, "m", num_blocks, exclude, start, end, rtts, length, push=push)
 
 
 def strength(view: list[SpanInfo], num_blocks: int, exclude: str | None = None) -> np.ndarray:

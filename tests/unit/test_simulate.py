@@ -4,6 +4,7 @@ baseline's route search agrees with the exact one."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -110,3 +111,31 @@ def test_petals_block_selection_takes_the_weakest_window_and_moves_only_for_a_qu
     assert Petals().move([peer, strong, tail, back], peer) == (10, 20)
     # with 20:30 at 120 instead, the minimum would only reach 120 (ratio 0.83 > 0.75): it stays
     assert Petals().move([peer, strong, tail, dataclasses.replace(back, throughput=20.0)], peer) is None
+
+
+def test_push_runs_announce_measured_hops_and_cost_the_pushed_legs():
+    """With push (both real systems' default) a peer's record names round trips to online peers serving its end
+    block (ours: the nearest of those probed, in order), a token costs half of each leg's round trip (client → first
+    peer → … → last → client) instead of a client round trip per link, and the same seed gives the same run."""
+    world = make_world(30, 420.0, seed=3)
+    sim = Simulation(world, Ours(), 420.0, 120.0, push=True)
+    result = sim.run()
+    relayed = Simulation(make_world(30, 420.0, seed=3), Ours(), 420.0, 120.0).run()
+    assert result["throughput_tok_s"] > 0 and result["p50_latency_s"] < relayed["p50_latency_s"]
+    announced = [info for info, _ in sim.dht.values() if info.next_rtt]
+    assert announced and all(info.push for info, _ in sim.dht.values())
+    for info in announced:
+        rtts = [rtt for _, rtt in info.next_rtt]
+        assert rtts == sorted(rtts) and len(rtts) <= 4
+        for peer_id, rtt in info.next_rtt:
+            assert rtt == rtt_s(sim.hosts[info.peer_id], sim.hosts[peer_id])
+            follower = sim.peers.get(peer_id)
+            assert follower is None or follower.start <= info.end  # served its end block when measured
+    session = next(s for s in sim.sessions.values() if len(s.links) >= 2 and not s.broken)
+    ids = [link[0] for link in session.links]
+    legs = [rtt_s(world.users[session.user], sim.hosts[ids[0]]), rtt_s(world.users[session.user], sim.hosts[ids[-1]])]
+    legs += [rtt_s(sim.hosts[a], sim.hosts[b]) for a, b in itertools.pairwise(ids) if a != b]
+    assert sim._network_s(session, session.links) == pytest.approx(sum(legs) / 2)
+    again = Simulation(make_world(30, 420.0, seed=3), Ours(), 420.0, 120.0, push=True).run()
+    assert {k: v for k, v in again.items() if not k.startswith(("route_ms", "sim_wall"))} == \
+        {k: v for k, v in result.items() if not k.startswith(("route_ms", "sim_wall"))}
