@@ -27,12 +27,13 @@ Execution model (the same for every policy):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import itertools
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +112,8 @@ class Simulation:
         self.hole_s = np.zeros(NUM_BLOCKS)
         self._placement_view: tuple[float, list[SpanInfo]] = (-1.0, [])
         self._placement_entries = 0
-        self._client_view: tuple[float, SpanTable] = (-1e9, SpanTable([]))
+        self._snapshots: deque[tuple[float, SpanTable]] = deque()  # (when, the records then), once a tick
+        self._read_period = -1.0
         self.rtt_cache: dict[tuple[int, str], float] = {}
         self.hosts = {spec.peer_id: spec.host for spec in world.peers}
         self.view_cache: dict[int, dict[str, PeerView]] = {}
@@ -320,15 +322,25 @@ class Simulation:
         for peer_id in [p for p, (_, expires) in self.dht.items() if expires <= self.now]:
             del self.dht[peer_id]
 
-    def _client_read(self) -> SpanTable:
-        """The clients' view: the records of the last read, as columns once a read (as swarm.client.router's)."""
-        at, view = self._client_view
-        if self.now - at >= self.policy.client_refresh(len(view) or len(self.dht)):
+    def _client_read(self, user: int) -> SpanTable:
+        """A user's view: the records as of its client's last read, as columns (as swarm.client.router's). Every
+        client reads once a `client_refresh` period, each at its own phase (users' clients started at different
+        times), so the users' views are of different ages, up to one period: not one snapshot everybody routes by.
+        The records are laid out once a tick (routes are taken on ticks) and kept for two periods."""
+        period = self.policy.client_refresh(len(self._snapshots[-1][1]) if self._snapshots else len(self.dht))
+        if not self._snapshots or self._snapshots[-1][0] < self.now:
             view = SpanTable(info for info, expires in self.dht.values() if expires > self.now and info.routable)
-            self._client_view = (self.now, view)
-            self.stats["client_refreshes"] += 1
-            self.stats["client_read_records"] += sum(map(self._entries, view.spans))
-        return view
+            self._snapshots.append((self.now, view))
+            while self._snapshots[0][0] < self.now - 2 * period - TICK_S:
+                self._snapshots.popleft()
+            if self.now // period != self._read_period:  # what one client reads: a read a period
+                self._read_period = self.now // period
+                self.stats["client_refreshes"] += 1
+                self.stats["client_read_records"] += sum(map(self._entries, view.spans))
+        phase = (user * 0.6180339887498949) % 1.0 * period
+        read_at = self.now - (self.now - phase) % period
+        i = bisect.bisect_right(self._snapshots, read_at, key=lambda snapshot: snapshot[0]) - 1
+        return self._snapshots[max(i, 0)][1]
 
     # -- users and sessions -----------------------------------------------------------------------------------------
 
@@ -436,7 +448,7 @@ class Simulation:
         session.last_progress = session.ready_at
 
     def _route(self, session: Session, start: int, end: int) -> list[Link] | None:
-        view = self._client_read()
+        view = self._client_read(session.user)
         avoid = {p for p, until in self.avoid[session.user].items() if until > self.now}
         rtts = _Rtts(self, session.user)
         began = time.perf_counter()

@@ -139,3 +139,16 @@ def test_push_runs_announce_measured_hops_and_cost_the_pushed_legs():
     again = Simulation(make_world(30, 420.0, seed=3), Ours(), 420.0, 120.0, push=True).run()
     assert {k: v for k, v in again.items() if not k.startswith(("route_ms", "sim_wall"))} == \
         {k: v for k, v in result.items() if not k.startswith(("route_ms", "sim_wall"))}
+
+
+def test_each_user_routes_by_its_own_clients_last_read():
+    """Users' clients read the records once a period each at its own phase: at any moment their views differ in
+    age (not one snapshot that every user herds by), and none is older than a period."""
+    sim = Simulation(make_world(30, 300, seed=1), Ours(), 300, 0, push=True)
+    sim.run()
+    period = sim.policy.client_refresh(len(sim.dht))
+    views = [sim._client_read(user) for user in range(len(sim.world.users))]
+    taken = {id(snapshot): at for at, snapshot in sim._snapshots}
+    ages = [sim.now - taken[id(view)] for view in views]
+    assert len(set(map(id, views))) > 1 and len(set(ages)) > 1
+    assert all(0.0 <= age <= period + engine.TICK_S for age in ages)
