@@ -15,9 +15,9 @@ Execution model (the same for every policy):
   hop as the return through the client and may switch anywhere: if anything, kinder to Petals.
 - relay (`push=False`): per link, the client's RTT to the peer plus the link's blocks × its step (the client relays
   every hop).
-- The DHT holds each peer's last record until it expires; placement reads the live records; clients route over a
-  view refreshed every `client_refresh_s` (stale records included: a departed peer stays routable until its
-  record expires or a client finds it dead).
+- The DHT holds each peer's last record until it expires; placement reads the live records; each user's client
+  routes over its own last read of them, renewed every `client_refresh_s` at a phase of its own (stale records
+  included: a departed peer stays routable until its record expires or a client finds it dead).
 - A route through a peer that is gone costs the client 5 s (a crashed host: connect timeout) or one RTT (it shut
   down, or moved, or has no KV left: it answers); the client then avoids it for 60 s and routes again. A session
   whose peer leaves waits the same detection time, then routes a replacement for that link and replays its
