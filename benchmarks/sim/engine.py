@@ -31,6 +31,7 @@ import bisect
 import dataclasses
 import heapq
 import itertools
+import math
 import random
 import time
 from collections import defaultdict, deque
@@ -113,7 +114,7 @@ class Simulation:
         self._placement_view: tuple[float, list[SpanInfo]] = (-1.0, [])
         self._placement_entries = 0
         self._snapshots: deque[tuple[float, SpanTable]] = deque()  # (when, the records then), once a tick
-        self._read_period = -1.0
+        self._counted_read = -math.inf
         self.rtt_cache: dict[tuple[int, str], float] = {}
         self.hosts = {spec.peer_id: spec.host for spec in world.peers}
         self.view_cache: dict[int, dict[str, PeerView]] = {}
@@ -333,8 +334,8 @@ class Simulation:
             self._snapshots.append((self.now, view))
             while self._snapshots[0][0] < self.now - 2 * period - TICK_S:
                 self._snapshots.popleft()
-            if self.now // period != self._read_period:  # what one client reads: a read a period
-                self._read_period = self.now // period
+            if self.now - self._counted_read >= period:  # what one client reads: a read a period
+                self._counted_read = self.now
                 self.stats["client_refreshes"] += 1
                 self.stats["client_read_records"] += sum(map(self._entries, view.spans))
         phase = (user * 0.6180339887498949) % 1.0 * period
