@@ -81,8 +81,10 @@ def petals_run(bed: NetBed, maddr: str, text: str, tokens: int) -> dict[str, flo
     result = json.loads(out.strip().splitlines()[-1])
     if "error" in result:
         raise RuntimeError(f"petals_bench: {result['error']}")
-    ttft, decode = result["ttft_s"][0], result["decode_tok_s"][0]
-    return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": tokens / (ttft + (tokens - 1) / decode)}
+    ttft, decode, made = result["ttft_s"][0], result["decode_tok_s"][0], result["n_tokens"][0]
+    if made != tokens or not decode:
+        raise RuntimeError(f"petals_bench made {made} tokens of {tokens}")
+    return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": made / (ttft + (made - 1) / decode)}
 
 
 async def ours_run(socket: str, text: str, tokens: int, eos: int) -> dict[str, float]:

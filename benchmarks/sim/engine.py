@@ -27,14 +27,13 @@ Execution model (the same for every policy):
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import heapq
 import itertools
 import math
 import random
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +112,8 @@ class Simulation:
         self.hole_s = np.zeros(NUM_BLOCKS)
         self._placement_view: tuple[float, list[SpanInfo]] = (-1.0, [])
         self._placement_entries = 0
-        self._snapshots: deque[tuple[float, SpanTable]] = deque()  # (when, the records then), once a tick
+        self._latest: tuple[float, SpanTable] = (-math.inf, SpanTable([]))  # the last read's time and records
+        self._user_views: dict[int, tuple[float, SpanTable]] = {}  # user → its client's last read
         self._counted_read = -math.inf
         self.rtt_cache: dict[tuple[int, str], float] = {}
         self.hosts = {spec.peer_id: spec.host for spec in world.peers}
@@ -123,6 +123,7 @@ class Simulation:
         self.ttfts: list[float] = []
         self.route_wall: list[float] = []
         self.timeline: list[tuple[float, float]] = []  # (time, tokens in the last minute)
+        self.carrying: list[tuple[int, int, int]] = []  # a minute's peers with sessions, datacenter ones, online ones
         self._minute_tokens = 0.0
         self.record_bytes = len(msgpack.packb(_as_on_the_wire(self._record(_dummy_peer())).to_dict()))
 
@@ -195,6 +196,8 @@ class Simulation:
         self.at(self.now + self.policy.announce_s, "announce", payload)
 
     def _announce(self, peer: Peer) -> None:
+        if self.push:
+            self._renew_hops(peer)
         self.dht[peer.spec.peer_id] = (self._record(peer), self.now + self.policy.ttl_s)
         self.stats["dht_write_bytes"] += self.record_bytes * self._writes_per_record(peer)
 
@@ -215,21 +218,27 @@ class Simulation:
                         push=self.push, next_rtt=self._next_rtt(peer) if self.push else ())
 
     def _next_rtt(self, peer: Peer) -> tuple[tuple[str, float], ...]:
-        """The round trips `peer` announces to peers that may follow it (online, serving its end block), renewed
-        every HOPS_EVERY_S: ours the 4 nearest of up to 16 probed, Petals' up to 4 at random."""
+        """The round trips `peer` announces: its last measurements, while it is online and serves the same end."""
+        known = self.hops.get(peer.spec.peer_id)
+        if peer.state != PeerState.ONLINE or known is None or known[1] != peer.end:
+            return ()
+        return known[2]
+
+    def _renew_hops(self, peer: Peer) -> None:
+        """Measure the round trips to peers that may follow `peer` (online, serving its end block) when the last
+        measurement is HOPS_EVERY_S old or its span's end moved: ours the 4 nearest of up to 16 probed, Petals' up
+        to 4 at random."""
         pid = peer.spec.peer_id
         known = self.hops.get(pid)
         if peer.state != PeerState.ONLINE or peer.end >= NUM_BLOCKS:
-            return ()
+            return
         if known is not None and known[1] == peer.end and self.now - known[0] < HOPS_EVERY_S:
-            return known[2]
+            return
         after = [p for p, other in self.peers.items() if other.state == PeerState.ONLINE and p != pid
                  and other.start <= peer.end < other.end]
         probed = self.hop_rng.sample(after, min(PROBED[self.policy.name], len(after)))
         measured = sorted((self._pair_rtt(pid, p), p) for p in probed)[:MAX_NEXT_RTT]
-        hops = tuple((p, rtt) for rtt, p in measured)
-        self.hops[pid] = (self.now, peer.end, hops)
-        return hops
+        self.hops[pid] = (self.now, peer.end, tuple((p, rtt) for rtt, p in measured))
 
     def _pair_rtt(self, a: str, b: str) -> float:
         key = (a, b) if a < b else (b, a)
@@ -324,24 +333,22 @@ class Simulation:
             del self.dht[peer_id]
 
     def _client_read(self, user: int) -> SpanTable:
-        """A user's view: the records as of its client's last read, as columns (as swarm.client.router's). Every
-        client reads once a `client_refresh` period, each at its own phase (users' clients started at different
-        times), so the users' views are of different ages, up to one period: not one snapshot everybody routes by.
-        The records are laid out once a tick (routes are taken on ticks) and kept for two periods."""
-        period = self.policy.client_refresh(len(self._snapshots[-1][1]) if self._snapshots else len(self.dht))
-        if not self._snapshots or self._snapshots[-1][0] < self.now:
-            view = SpanTable(info for info, expires in self.dht.values() if expires > self.now and info.routable)
-            self._snapshots.append((self.now, view))
-            while self._snapshots[0][0] < self.now - 2 * period - TICK_S:
-                self._snapshots.popleft()
-            if self.now - self._counted_read >= period:  # what one client reads: a read a period
-                self._counted_read = self.now
-                self.stats["client_refreshes"] += 1
-                self.stats["client_read_records"] += sum(map(self._entries, view.spans))
-        phase = (user * 0.6180339887498949) % 1.0 * period
-        read_at = self.now - (self.now - phase) % period
-        i = bisect.bisect_right(self._snapshots, read_at, key=lambda snapshot: snapshot[0]) - 1
-        return self._snapshots[max(i, 0)][1]
+        """A user's view: its client's last read of the records, as columns (as swarm.client.router's), read again
+        when a route needs it and it is older than a `client_refresh` period. Users' clients start at different
+        times, so their views are of different ages, up to a period: not one snapshot everybody routes by. The
+        records are laid out at most once a tick (routes are taken on ticks) and shared by the users reading then."""
+        read = self._user_views.get(user)
+        period = self.policy.client_refresh(len(read[1]) if read is not None else len(self.dht))
+        if read is None or self.now - read[0] >= period:
+            if self._latest[0] < self.now:
+                view = SpanTable(info for info, expires in self.dht.values() if expires > self.now and info.routable)
+                self._latest = (self.now, view)
+                if self.now - self._counted_read >= period:  # what one client reads: a read a period
+                    self._counted_read = self.now
+                    self.stats["client_refreshes"] += 1
+                    self.stats["client_read_records"] += sum(map(self._entries, view.spans))
+            read = self._user_views[user] = self._latest
+        return read[1]
 
     # -- users and sessions -----------------------------------------------------------------------------------------
 
@@ -355,6 +362,11 @@ class Simulation:
 
     def _on_minute(self, _: Any) -> None:
         self.timeline.append((self.now, self._minute_tokens / 60))
+        if self.now > self.warmup:  # how many peers the routes use: all of them, or a few
+            carrying = [p for p in self.peers.values() if p.sessions]
+            self.carrying.append((len(carrying), sum(p.spec.kind.name == "datacenter" for p in carrying),
+                                  sum(p.spec.kind.name == "datacenter" and p.state == PeerState.ONLINE
+                                      for p in self.peers.values())))
         self._minute_tokens = 0.0
         self.at(self.now + 60.0, "minute")
 
@@ -534,6 +546,9 @@ class Simulation:
             "record_bytes": self.record_bytes,
             "timeline": [(round(t), round(x, 1)) for t, x in self.timeline],
             "latency_percentiles": [round(float(x), 2) for x in np.nanpercentile(lat, np.arange(101))],
+            "peers_with_sessions": _span([c[0] for c in self.carrying]),  # min, max over the measured minutes
+            "datacenter_with_sessions": _span([c[1] for c in self.carrying]),
+            "datacenter_online": _span([c[2] for c in self.carrying]),
             "sim_wall_s": round(s["wall_s"], 1),
         }
 
@@ -550,6 +565,10 @@ class _Rtts:
         if view is None:
             view = self.known[peer_id] = PeerView(rtt=self.sim._rtt(self.user, peer_id))
         return view
+
+
+def _span(values: list[int]) -> list[int]:
+    return [min(values), max(values)] if values else []
 
 
 def _as_on_the_wire(record: SpanInfo) -> SpanInfo:
