@@ -343,7 +343,8 @@ class Simulation:
             if self._latest[0] < self.now:
                 view = SpanTable(info for info, expires in self.dht.values() if expires > self.now and info.routable)
                 self._latest = (self.now, view)
-                if self.now - self._counted_read >= period:  # what one client reads: a read a period
+                # what one client reads: a read a period (the period of a read of every record now)
+                if self.now - self._counted_read >= self.policy.client_refresh(len(view)):
                     self._counted_read = self.now
                     self.stats["client_refreshes"] += 1
                     self.stats["client_read_records"] += sum(map(self._entries, view.spans))
