@@ -33,7 +33,7 @@ import httpx
 from benchmarks.common import emit, machine, versions
 from benchmarks.petals import versus_petals
 from benchmarks.serve import one_stream, prompt
-from benchmarks.speculative import PASSAGE
+from benchmarks.speculative import TASKS
 from benchmarks.wan import start_gateway, start_swarm
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.netbed import NetBed
@@ -98,7 +98,7 @@ async def ours_run(socket: str, text: str, tokens: int, eos: int) -> dict[str, f
 def task_prompt(task: str, round_: int) -> str:
     """The request's text: a chat's own per round, or the passage to quote behind a round number (so that no side
     reuses a previous round's prompt beyond the chat template's system prompt)."""
-    return prompt(round_, 0) if task == "chat" else f"({round_ + 1}) Repeat this text word for word:\n\n{PASSAGE}"
+    return prompt(round_, 0) if task == "chat" else f"({round_ + 1}) {TASKS['quote']['content']}"
 
 
 async def run(args) -> dict[str, Any]:
