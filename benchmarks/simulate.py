@@ -9,9 +9,11 @@ shared; the policies (`benchmarks.sim.policies`) are this project's (`ours`: swa
 swarm.client.routing, unchanged) and Petals' as published (`petals`). Both run on the same world from the same
 seed, in two processes (one per core). Peers push hidden states to each other and announce the round trips they
 measured to the peers that may follow them, as both real systems do by default (`--relay`: the client relays every
-hop, this simulator's model before 2026-12-04). Printed: per policy `throughput_tok_s` (answer tokens per second
-served in the measured window), `p90_latency_s` (request sent → last token, requests begun in the window), and the
-rest of what the engine measures (holes, moves, failovers, route search time, DHT traffic per peer).
+hop, this simulator's model before 2026-12-04). Petals' servers run each session's step on its own, as its task
+pool does (`--petals-batches`: batched as ours, so that only placement and routing differ). Printed: per policy
+`throughput_tok_s` (answer tokens per second served in the measured window), `p90_latency_s` (request sent →
+last token, requests begun in the window), and the rest of what the engine measures (holes, moves, failovers,
+route search time, DHT traffic per peer). `--saturated`: the engine's older, harsher model of a busy peer.
 """
 
 from __future__ import annotations
@@ -36,21 +38,25 @@ POLICIES = {"ours": Ours, "petals": Petals}
 
 
 def run_policy(name: str, peers: int, duration: float, warmup: float, seed: int, world_args: dict,
-               push: bool = True) -> dict:
+               push: bool = True, petals_batches: bool = False, saturated: bool = False) -> dict:
     world = make_world(peers, duration, seed=seed, **world_args)
-    return Simulation(world, POLICIES[name](), duration, warmup, push=push).run()
+    policy = Petals(batches_sessions=petals_batches) if name == "petals" else POLICIES[name]()
+    return Simulation(world, policy, duration, warmup, push=push, saturated=saturated).run()
 
 
 def scenario(peers: int, duration: float, warmup: float, seed: int, world_args: dict,
-             push: bool = True) -> dict[str, Any]:
+             push: bool = True, petals_batches: bool = False, saturated: bool = False) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_policy, name, peers, duration, warmup, seed, world_args, push)
+        futures = {name: pool.submit(run_policy, name, peers, duration, warmup, seed, world_args, push,
+                                     petals_batches, saturated)
                    for name in POLICIES}
         results = {name: future.result() for name, future in futures.items()}
     ours, petals = results["ours"], results["petals"]
     return {
         "peers": peers, "seed": seed, "duration_s": duration, "warmup_s": warmup, "world": world_args,
         "execution": "push" if push else "relay",
+        "petals_steps": "batched, as ours" if petals_batches else "one session at a time",
+        "contention": "saturated" if saturated else "bound",
         **results,
         "ratios": {
             "throughput_ours_over_petals": round(ours["throughput_tok_s"] / max(petals["throughput_tok_s"], 1e-9), 3),
@@ -251,6 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stay-scale", type=float, default=1.0, help="multiplies each kind's mean stay (< 1: churn)")
     parser.add_argument("--failure-every", type=float, default=900.0, help="mean seconds between region failures")
     parser.add_argument("--relay", action="store_true", help="the client relays every hop (default: peers push)")
+    parser.add_argument("--petals-batches", action="store_true",
+                        help="Petals' servers batch sessions' steps as ours do (the policies alone, same execution)")
+    parser.add_argument("--saturated", action="store_true",
+                        help="a token waits for every session's step on each link (default: the busiest link's bound)")
     parser.add_argument("--name", default="", help="suffix of the result files (a scenario's name)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--route-scale", default="", help="comma-separated swarm sizes: time route search only")
@@ -264,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         result = scenario(args.peers, args.duration, args.warmup, args.seed,
                           {"users_per_peer": args.users_per_peer, "stay_scale": args.stay_scale,
-                           "failure_every_s": args.failure_every}, push=not args.relay)
+                           "failure_every_s": args.failure_every}, push=not args.relay,
+                          petals_batches=args.petals_batches, saturated=args.saturated)
         result["name"] = args.name
     result["wall_s"] = round(time.perf_counter() - began, 1)
     result["machine"] = machine()

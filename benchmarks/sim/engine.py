@@ -3,7 +3,14 @@ whose sessions are routed, prefilled, decoded and failed over. Only clocks, the 
 every placement and routing decision is the policy's (for `Ours`: the shipped code).
 
 Execution model (the same for every policy):
-- A peer's step of one block takes 1/true_throughput + (sessions on it − 1) × its batching marginal; a prompt is
+- A peer's work for one token of each of its n sessions, per block: 1/true_throughput + (n − 1) × its batching
+  marginal where the policy's servers batch sessions' decode steps into one forward (ours), n/true_throughput
+  where they run them one after another (Petals: its inference task pool "does *not* combine incoming requests
+  into batches"). A session's token takes the longer of its chain's time alone (network + each link's blocks at
+  1/true_throughput) and its busiest link's work for all that link's sessions (the bound of a closed queueing
+  network: kind to both where a peer is near saturation, where queues add to it). `saturated=True`: the sum of
+  the network and every link's work for all its sessions (every session waits for all the others on each
+  link; this simulator's model before 2026-12-05: harsh to both, to one-at-a-time servers most). A prompt is
   prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
 - `push` (both real systems' default): a token goes from the client to the chain's first peer, from peer to peer,
   and from the last back to the client: half the round trip of each of those legs, plus every link's blocks × its
@@ -16,8 +23,13 @@ Execution model (the same for every policy):
 - relay (`push=False`): per link, the client's RTT to the peer plus the link's blocks × its step (the client relays
   every hop).
 - The DHT holds each peer's last record until it expires; placement reads the live records; each user's client
-  routes over its own last read of them, renewed every `client_refresh_s` at a phase of its own (stale records
-  included: a departed peer stays routable until its record expires or a client finds it dead).
+  routes over its own last read of them, read again when a route needs it and the last read is a
+  `client_refresh` period old (stale records included: a departed peer stays routable until its record expires or
+  a client finds it dead).
+- KV: each request carries its client's answer cap (`Request.max_tokens`); a route needs room for prompt + cap
+  (both real clients route by that max_length), and a peer holds what the policy reserves (`kv_tokens`: ours as the
+  cache grows, in 128-token chunks, checked once a tick; Petals the whole max_length from the open). A session
+  that cannot grow waits on that peer up to ADMISSION_WAIT_S, then the peer refuses it and that link is replaced.
 - A route through a peer that is gone costs the client 5 s (a crashed host: connect timeout) or one RTT (it shut
   down, or moved, or has no KV left: it answers); the client then avoids it for 60 s and routes again. A session
   whose peer leaves waits the same detection time, then routes a replacement for that link and replays its
@@ -43,6 +55,7 @@ import numpy as np
 from benchmarks.sim.world import DISK_SECONDS_PER_BLOCK, NUM_BLOCKS, Host, PeerSpec, Request, World, rtt_s
 from swarm.client.routing import Link, PeerView, SpanTable
 from swarm.protocol import MAX_NEXT_RTT, NoChainError, PeerState, SpanInfo
+from swarm.server.backend import Limits
 
 DETECT_CRASH_S = 5.0
 AVOID_S = 60.0
@@ -50,6 +63,8 @@ TICK_S = 1.0
 PREFILL_GAIN = {"cpu": 4.0}  # others 40
 HOPS_EVERY_S = 30.0  # a peer renews its measurements of the peers that may follow it
 PROBED = {"ours": 16, "petals": MAX_NEXT_RTT}  # peers that may follow, measured; ours announce the nearest 4
+ADMISSION_WAIT_S = Limits().admission_wait  # a peer that cannot grow a session's KV makes it wait, then refuses
+MAX_BATCH_SESSIONS = Limits().max_batch_sessions  # decode steps one forward of ours takes
 
 
 @dataclass
@@ -61,10 +76,17 @@ class Peer:
     epoch: int = 0  # bumped on every transition, so that events scheduled before it are ignored
     sessions: set[int] = field(default_factory=set)
     reserved: int = 0  # KV tokens reserved by its sessions
+    held: dict[int, int] = field(default_factory=dict)  # session → its KV tokens here
     moves: int = 0
 
-    def step_s(self) -> float:
-        return 1 / self.spec.true + max(0, len(self.sessions) - 1) * self.spec.marginal_s()
+    def step_s(self, batches: bool = True) -> float:
+        """Seconds of one block's step with every session here stepping: batched (forwards of up to
+        MAX_BATCH_SESSIONS) or one session after another."""
+        n = max(1, len(self.sessions))
+        if not batches:
+            return n / self.spec.true
+        forwards = -(-n // MAX_BATCH_SESSIONS)
+        return forwards / self.spec.true + (n - forwards) * self.spec.marginal_s()
 
     def prefill_s(self, tokens: int) -> float:
         return tokens / (self.spec.true * PREFILL_GAIN.get(self.spec.kind.name, 40.0))
@@ -83,19 +105,21 @@ class Session:
     first_token: float | None = None
     broken: list[int] = field(default_factory=list)  # indices of links to replace
     last_progress: float = 0.0
+    kv_wait_since: float | None = None  # when a peer of its chain first could not grow its KV
 
     @property
     def context(self) -> int:
         return self.req.prompt + int(self.generated)
 
     @property
-    def length(self) -> int:
-        return self.req.prompt + self.req.output
+    def max_length(self) -> int:
+        return self.req.prompt + self.req.max_tokens
 
 
 class Simulation:
-    def __init__(self, world: World, policy: Any, duration_s: float, warmup_s: float, push: bool = False):
-        self.world, self.policy, self.push = world, policy, push
+    def __init__(self, world: World, policy: Any, duration_s: float, warmup_s: float, push: bool = False,
+                 saturated: bool = False):
+        self.world, self.policy, self.push, self.saturated = world, policy, push, saturated
         self.hops: dict[str, tuple[float, int, tuple[tuple[str, float], ...]]] = {}  # peer → (when, end, next_rtt)
         self.hop_rng = random.Random(f"{world.seed}/hops")
         self.pair_rtt: dict[tuple[str, str], float] = {}
@@ -292,6 +316,7 @@ class Simulation:
             delay = detect_s if detect_s is not None else self._rtt(session.user, peer.spec.peer_id)
             session.ready_at = max(session.ready_at, self.now + delay)
         peer.sessions.clear()
+        peer.held.clear()
         peer.reserved = 0
 
     def _on_rebalance(self, peer_id: str) -> None:
@@ -389,8 +414,9 @@ class Simulation:
     def _decode(self, session: Session, measuring: bool) -> None:
         since = max(session.last_progress, session.ready_at)
         session.last_progress = self.now
-        per_token = self._network_s(session, session.links) + sum((e - s) * self.peers[pid].step_s()
-                                                                  for pid, s, e in session.links)
+        if not self._grow(session):
+            return
+        per_token = self._token_s(session)
         tokens = min((self.now - since) / per_token, session.req.output - session.generated)
         if session.first_token is None and tokens >= 1:
             session.first_token = since + per_token
@@ -401,6 +427,45 @@ class Simulation:
         self.stats["tokens_all"] += tokens
         if session.generated >= session.req.output - 1e-9:
             self._finish(session)
+
+    def _token_s(self, session: Session) -> float:
+        """Seconds a token of the session takes now (see the module: a peer's work, `saturated`)."""
+        batches = self.policy.batches_sessions
+        work = [(e - s) * self.peers[pid].step_s(batches) for pid, s, e in session.links]
+        network = self._network_s(session, session.links)
+        if self.saturated:
+            return network + sum(work)
+        alone = sum((e - s) / self.peers[pid].spec.true for pid, s, e in session.links)
+        return max(network + alone, max(work))
+
+    def _grow(self, session: Session) -> bool:
+        """Make every peer of the chain hold the KV the session's context needs; False while one cannot (the
+        session waits; after ADMISSION_WAIT_S that peer refuses it and the link is replaced)."""
+        need = self.policy.kv_tokens(session.context, session.max_length)
+        short = set()
+        for pid in dict.fromkeys(pid for pid, *_ in session.links):  # a peer twice in a chain: one reservation
+            peer = self.peers[pid]
+            held = peer.held[session.sid]
+            if need <= held:
+                continue
+            if peer.reserved - held + need <= peer.spec.kv_budget_tokens:
+                peer.held[session.sid] = need
+                peer.reserved += need - held
+            else:
+                short.add(pid)
+        if not short:
+            session.kv_wait_since = None
+            return True
+        if session.kv_wait_since is None:
+            session.kv_wait_since = self.now
+        elif self.now - session.kv_wait_since >= ADMISSION_WAIT_S:
+            session.kv_wait_since = None
+            self.stats["refused_kv_growth"] += 1
+            for pid in short:
+                self._detach(pid, session)
+                self._avoid(session.user, pid)
+            session.broken = [i for i, link in enumerate(session.links) if link[0] in short]
+        return False
 
     def _finish(self, session: Session) -> None:
         done = session.ready_at + (self.now - session.ready_at)
@@ -417,7 +482,7 @@ class Simulation:
         peer = self.peers.get(pid)
         if peer is not None and session.sid in peer.sessions:
             peer.sessions.discard(session.sid)
-            peer.reserved -= session.length
+            peer.reserved -= peer.held.pop(session.sid)
 
     def _repair(self, session: Session) -> None:
         """Route the session's missing links (its whole chain at first) and attach them, or try again later."""
@@ -456,7 +521,8 @@ class Simulation:
             peer = self.peers[pid]
             if session.sid not in peer.sessions:  # a chain may pass through a peer twice: one reservation
                 peer.sessions.add(session.sid)
-                peer.reserved += session.length
+                peer.held[session.sid] = self.policy.kv_tokens(replay, session.max_length)
+                peer.reserved += peer.held[session.sid]
             seconds += (e - s) * peer.prefill_s(replay)
         session.ready_at = self.now + seconds
         session.last_progress = session.ready_at
@@ -467,7 +533,7 @@ class Simulation:
         rtts = _Rtts(self, session.user)
         began = time.perf_counter()
         try:
-            chain = self.policy.route(view, rtts, NUM_BLOCKS, session.length, start, end, avoid, self.push)
+            chain = self.policy.route(view, rtts, NUM_BLOCKS, session.max_length, start, end, avoid, self.push)
         except NoChainError:
             chain = None
         self.route_wall.append(time.perf_counter() - began)
@@ -478,6 +544,7 @@ class Simulation:
 
     def _check(self, chain: list[Link], session: Session) -> tuple[str, float] | None:
         """What the chain's peers answer: None when all of them take the session, else (peer, seconds lost)."""
+        need = self.policy.kv_tokens(session.context, session.max_length)
         for link in chain:
             pid = link.peer.peer_id
             peer = self.peers.get(pid)
@@ -488,7 +555,7 @@ class Simulation:
             if peer.state != PeerState.ONLINE or not peer.start <= link.start < link.end <= peer.end:
                 self.stats["refused_moved"] += 1
                 return pid, self._rtt(session.user, pid)
-            if peer.reserved + session.length > peer.spec.kv_budget_tokens:
+            if peer.reserved - peer.held.get(session.sid, 0) + need > peer.spec.kv_budget_tokens:
                 self.stats["refused_kv"] += 1
                 return pid, self._rtt(session.user, pid)
         return None
@@ -534,7 +601,8 @@ class Simulation:
             "departures": int(s["departures"]),
             "failovers": int(s["failovers"]),
             "bad_routes": int(s["bad_routes"]),
-            "bad_routes_by_cause": {k: int(s[f"refused_{k}"]) for k in ("crashed", "gone", "moved", "kv")},
+            "bad_routes_by_cause": {k: int(s[f"refused_{k}"]) for k in ("crashed", "gone", "moved", "kv",
+                                                                             "kv_growth")},
             "no_chain_retries": int(s["no_chain"]),
             "route_ms_mean": round(float(np.nanmean(route_ms)), 3),
             "route_ms_p90": round(float(np.nanpercentile(route_ms, 90)), 3),

@@ -3,7 +3,9 @@
 `Ours` calls `swarm.server.placement` and `swarm.client.routing` unchanged, with this project's default periods
 (announce every 5 s, records live 3 announcements, rebalance checks every 30 s ± 20%, the client's view refreshed
 every 3 s; both reads stretched by `swarm.dht.read_period` in a large swarm). Records carry the load fields a peer
-announces (active sessions, free KV).
+announces (active sessions, free KV). A session's KV is reserved as its cache grows, in SpanKVCache.GROW chunks
+(swarm.server.backend), up to its max_length; a peer that cannot grow one makes it wait up to `admission_wait`
+(5 s), then refuses it and the client replaces that link.
 
 `Petals` re-implements Petals 2.2's policy from its paper and documentation, no code copied:
 - block selection: a joining server takes the window whose throughputs, sorted, are lexicographically smallest
@@ -17,6 +19,12 @@ announces (active sessions, free KV).
   Petals. Its records carry no load, so its routes do not spread sessions by load. The shortest path itself is
   computed here by the same exact search as ours (`find_chain` over load-free records), since both find the least
   cost chain; `dijkstra_chain` is Petals' graph search, timed on its own for route computation cost.
+- KV: a session's whole max_length (prompt + max_new_tokens) is allocated when it opens (its handler's
+  `_allocate_cache`; `generate` insists on one of the two to reserve it); its records' `cache_tokens_left`
+  keep routes off servers without that much.
+- execution: a server runs each session's inference step on its own (its PrioritizedTaskPool "does *not* combine
+  incoming requests into batches"), so n sessions on it make every step n times a single one's; ours batch them.
+  `Petals(batches_sessions=True)` gives it our batching: the policies alone, compared on the same execution.
 - periods: records announced every 60 s and living 120 s; a client's view refreshed every 60 s.
 """
 
@@ -29,6 +37,7 @@ import numpy as np
 
 from swarm.client.routing import Link, PeerView, SpanTable, find_chain
 from swarm.dht import read_period
+from swarm.model.span import SpanKVCache
 from swarm.protocol import PeerState, SpanInfo
 from swarm.server import placement
 
@@ -37,12 +46,17 @@ class Ours:
     name = "ours"
     announce_s, ttl_s, rebalance_s, client_refresh_s = 5.0, 15.0, 30.0, 3.0
     carries_load = True
+    batches_sessions = True  # swarm.server.scheduler: decode steps of different sessions in one forward
 
     def rebalance_every(self, records: int) -> float:
         return read_period(self.rebalance_s, records)  # as swarm.server.peer does
 
     def client_refresh(self, records: int) -> float:
         return read_period(self.client_refresh_s, records)  # as swarm.client.router does
+
+    def kv_tokens(self, context: int, max_length: int) -> int:
+        """KV a session of `context` tokens holds on a peer: its cache's growth chunks (swarm.server.memory)."""
+        return min(max_length, -(-max(1, context) // SpanKVCache.GROW) * SpanKVCache.GROW)
 
     def join(self, view: list[SpanInfo], peer_id: str, length: int, num_blocks: int) -> tuple[int, int]:
         return placement.choose_span(view, num_blocks, length, exclude=peer_id)
@@ -59,13 +73,21 @@ class Petals:
     name = "petals"
     announce_s, ttl_s, rebalance_s, client_refresh_s = 60.0, 120.0, 120.0, 60.0
     carries_load = False
+    batches_sessions = False  # its PrioritizedTaskPool runs each session's inference step on its own
     balance_quality = 0.75
+
+    def __init__(self, batches_sessions: bool = False):
+        self.batches_sessions = batches_sessions
 
     def rebalance_every(self, records: int) -> float:
         return self.rebalance_s
 
     def client_refresh(self, records: int) -> float:
         return self.client_refresh_s
+
+    def kv_tokens(self, context: int, max_length: int) -> int:
+        """KV a session holds: its whole max_length from the open on (Petals' handler allocates it at once)."""
+        return max_length
 
     def join(self, view: list[SpanInfo], peer_id: str, length: int, num_blocks: int) -> tuple[int, int]:
         start = best_start(strength(view, num_blocks, exclude=peer_id), length)

@@ -105,10 +105,14 @@ class PeerSpec:
         return blocks * BLOCK_GBIT * 1000 / self.mbit
 
 
+MAX_TOKENS = 512  # the answer cap a client sends (the drawn answers stay under 500 tokens)
+
+
 @dataclass
 class Request:
     prompt: int
     output: int
+    max_tokens: int = MAX_TOKENS
 
 
 @dataclass

@@ -42,9 +42,12 @@ def test_a_run_serves_tokens_and_keeps_its_books(monkeypatch):
     assert calls["choose_span"] >= 30 and calls["find_chain"] >= result["requests_measured"] > 50
     assert result["throughput_tok_s"] > 0 and 0 < result["p50_latency_s"] <= result["p90_latency_s"]
     assert result["departures"] >= 1 and result["dht_peer_write_bytes_s"] > 0
-    for peer in sim.peers.values():  # every live session's KV is held exactly where it runs
-        held = sum(sim.sessions[sid].length for sid in peer.sessions)
-        assert peer.reserved == held
+    for peer in sim.peers.values():  # every live session's KV is held exactly where it runs, as its cache grows
+        assert set(peer.held) == peer.sessions and peer.reserved == sum(peer.held.values())
+        for sid, tokens in peer.held.items():
+            session = sim.sessions[sid]
+            assert tokens % 128 == 0 or tokens == session.max_length
+            assert session.context <= tokens + 128 and tokens <= session.max_length
         assert all(any(link[0] == peer.spec.peer_id for link in sim.sessions[sid].links) for sid in peer.sessions)
     online = [p for p in sim.peers.values() if p.state == "online"]
     for block in range(NUM_BLOCKS):
@@ -162,3 +165,70 @@ def test_each_user_routes_by_its_own_clients_last_read():
     fresh = sim._client_read(user)
     assert fresh is not view and "fresh" in fresh.peer_ids and sim._user_views[user][0] == sim.now
     assert all(sim._client_read(other) is fresh for other in reads if sim.now - reads[other][0] >= period)
+
+
+def test_petals_holds_a_sessions_whole_max_length_and_ours_what_its_cache_grows_to():
+    """Petals' handler allocates max_length (prompt + max_new_tokens) when a session opens; ours reserve the cache's
+    128-token growth chunks as it grows (swarm.server.backend). Both route by room for the whole max_length."""
+    assert Petals().kv_tokens(300, 812) == 812
+    assert [Ours().kv_tokens(c, 812) for c in (1, 128, 129, 300, 800)] == [128, 128, 256, 384, 812]
+    sim, _ = small_run(Petals(), duration=300)
+    assert any(peer.held for peer in sim.peers.values())
+    for peer in sim.peers.values():
+        assert all(tokens == sim.sessions[sid].max_length for sid, tokens in peer.held.items())
+
+
+def test_a_session_whose_peer_cannot_grow_its_kv_waits_then_that_link_is_replaced():
+    """Ours: a peer without the budget for a session's next chunk makes it wait (no tokens) up to the admission
+    wait; then it refuses, the session leaves that peer (its KV freed), avoids it and routes a replacement link."""
+    sim, _ = small_run(Ours(), duration=300)
+    session = next(s for s in sim.sessions.values() if s.links and not s.broken
+                   and s.req.prompt + s.req.output > sim.peers[s.links[0][0]].held[s.sid] + 1)
+    pid = session.links[0][0]
+    peer = sim.peers[pid]
+    session.generated = float(peer.held[session.sid] + 1 - session.req.prompt)  # one token past its chunk
+    peer.spec = dataclasses.replace(peer.spec, kv_budget_tokens=peer.reserved)  # full: the next chunk cannot fit
+    before = session.generated
+    sim._decode(session, False)
+    assert session.generated == before and session.kv_wait_since == sim.now and not session.broken
+    sim.now += engine.ADMISSION_WAIT_S
+    sim._decode(session, False)
+    assert session.generated == before and session.broken == [i for i, ln in enumerate(session.links) if ln[0] == pid]
+    assert session.sid not in peer.sessions and session.sid not in peer.held
+    assert peer.reserved == sum(peer.held.values()) and sim.avoid[session.user][pid] > sim.now
+    assert sim.stats["refused_kv_growth"] == 1
+
+
+def test_petals_servers_step_sessions_one_at_a_time_and_ours_batch_them():
+    """A peer's work for a token of each of its n sessions, per block: ours one batched forward (1/true + (n − 1) ×
+    marginal), Petals' task pool one session after another (n / true); a token takes the longer of its chain alone
+    and its busiest link's work. `Petals(batches_sessions=True)` compares the policies alone."""
+    world = make_world(5, 60.0, seed=2)
+    peer = engine.Peer(world.peers[0], sessions={1, 2, 3, 4})
+    single, marginal = 1 / peer.spec.true, peer.spec.marginal_s()
+    assert 0 < marginal < single
+    assert peer.step_s(True) == pytest.approx(single + 3 * marginal)
+    assert peer.step_s(False) == pytest.approx(4 * single)
+    peer.sessions = set(range(engine.MAX_BATCH_SESSIONS + 6))  # more than one forward takes: two forwards
+    assert peer.step_s(True) == pytest.approx(2 * single + (engine.MAX_BATCH_SESSIONS + 4) * marginal)
+    assert Ours().batches_sessions and not Petals().batches_sessions and Petals(True).batches_sessions
+    sim = Simulation(make_world(30, 300, seed=3), Petals(), 300, 120)
+    sim.run()
+    session = next(s for s in sim.sessions.values() if s.links and not s.broken and s.req.output - s.generated > 20)
+    sim.peers[session.links[0][0]].sessions.update(range(-40, 0))  # 40 more sessions on its first peer
+    tokens = {}
+    for batches in (False, True):
+        sim.policy = Petals(batches_sessions=batches)
+        before = session.generated
+        session.last_progress = session.ready_at = sim.now
+        sim.now += 1.0
+        sim._decode(session, False)
+        tokens[batches] = session.generated - before
+        network = sim._network_s(session, session.links)
+        work = [(e - s) * sim.peers[pid].step_s(batches) for pid, s, e in session.links]
+        alone = sum((e - s) / sim.peers[pid].spec.true for pid, s, e in session.links)
+        assert tokens[batches] == pytest.approx(1 / max(network + alone, max(work)))  # the busiest link's bound
+        sim.saturated = True
+        assert sim._token_s(session) == pytest.approx(network + sum(work))  # everyone waits for everyone
+        sim.saturated = False
+    assert tokens[False] < tokens[True] * 0.8
