@@ -2,7 +2,7 @@
 whose sessions are routed, prefilled, decoded and failed over. Only clocks, the DHT and the network are simulated;
 every placement and routing decision is the policy's (for `Ours`: the shipped code).
 
-Execution model (the same for every policy):
+Execution model (the same for every policy but in how its servers step sessions and hold KV):
 - A peer's work for one token of each of its n sessions, per block: 1/true_throughput + (n − 1) × its batching
   marginal where the policy's servers batch sessions' decode steps into one forward (ours), n/true_throughput
   where they run them one after another (Petals: its inference task pool "does *not* combine incoming requests
@@ -10,7 +10,7 @@ Execution model (the same for every policy):
   1/true_throughput) and its busiest link's work for all that link's sessions (the bound of a closed queueing
   network: kind to both where a peer is near saturation, where queues add to it). `saturated=True`: the sum of
   the network and every link's work for all its sessions (every session waits for all the others on each
-  link; this simulator's model before 2026-12-05: harsh to both, to one-at-a-time servers most). A prompt is
+  link; this simulator's model until session 41, 2026-12-04: harsh to both, to one-at-a-time servers most). A prompt is
   prefilled at 40× (GPUs) or 4× (CPUs) the decode rate per token.
 - `push` (both real systems' default): a token goes from the client to the chain's first peer, from peer to peer,
   and from the last back to the client: half the round trip of each of those legs, plus every link's blocks × its
