@@ -67,9 +67,10 @@ def _library() -> ctypes.CDLL | None:
     return build(tuple(FLAGS))
 
 
-def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
-    """Compile (or find in the cache) cpu_affine.c with these flags and load it; None when that fails."""
-    library = compile_library(SOURCE, flags)
+def build(flags: tuple[str, ...], source: Path = SOURCE) -> ctypes.CDLL | None:
+    """Compile (or find in the cache) cpu_affine.c (or another revision's copy, `source`) with these flags and load
+    it; None when that fails."""
+    library = compile_library(source, flags)
     if library is None:
         return None
     fn = library.affine_linear

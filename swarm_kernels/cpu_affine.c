@@ -6,10 +6,10 @@
    own float32 scale and minimum: 8-bit codes (one byte each, int8 format) or 4-bit codes (two per byte, in the
    layout swarm_kernels/cpu.py's repack_int4 makes of reference.py's int4 bytes). It is reference.py's
    dequantize-then-matmul computed without materialising the float32 weight: each weight is expanded once per call
-   (per 128 input rows on AVX2) and used for every input row, so the cost of reading and expanding the codes is
-   spread over the rows: in registers on AVX-512; on AVX2 into a float32 tile of NB weight rows that register-blocked
-   micro-kernels multiply against the input rows (a single input row expands in registers); into one weight row's
-   buffer in the portable loops.
+   (per 128 input rows) and used for every input row, so the cost of reading and expanding the codes is spread over
+   the rows: into a float32 tile of NB weight rows that register-blocked micro-kernels multiply against the input
+   rows (AVX2; AVX-512 from 16 input rows, for rows of at most 1024 weights), else in registers; into one weight
+   row's buffer in the portable loops.
 
    Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
    compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
@@ -33,15 +33,15 @@
 #define GROUP 32
 
 #if defined(__AVX512F__)
-/* AVX-512 path: codes are widened to float32 in registers, w = code * scale + minimum, and each (weight row, input
-   row) pair accumulates into two 16-lane sums (the group's two halves). A block is one weight row against RX input
-   rows (1, or 4 sharing the widened codes); every pair's sequence of FMAs is the same in every block shape, so a row
-   gives the same bits alone or batched. Blocks of several weight rows (2x4, 4x1) measured slower on an EPYC (Zen 4):
-   one stream of codes at a time reads at 11-14 GB/s, several interleaved streams at 5-8. */
+/* AVX-512 path: w = code * scale + minimum (one FMA), and each (weight row, input row) pair accumulates into two
+   16-lane sums (the group's two halves), added at the end and reduced 16 pairs at a time (`reduce_pairs`). Few input
+   rows: codes are widened to float32 in registers, a block being one weight row against 1 input row or 4 sharing
+   the widened codes (blocks of several weight rows, 2x4, 4x1, measured slower on an EPYC (Zen 4): one stream of
+   codes at a time reads at 11-14 GB/s, several interleaved streams at 5-8). Every pair's sequence of FMAs and adds
+   is the same in every block and tile shape, so a row gives the same bits alone or batched. */
 #include <immintrin.h>
 
 #define SUM_LANES 32
-#define SCRATCH_FLOATS(k) 1
 
 static inline void codes_to_float(const uint8_t *restrict p, int bits, __m512 *lo, __m512 *hi) {
     if (bits == 8) {
@@ -54,59 +54,171 @@ static inline void codes_to_float(const uint8_t *restrict p, int bits, __m512 *l
     }
 }
 
-#define DEFINE_BLOCK(RW, RX)                                                                                         \
-    static void block_##RW##x##RX(const float *const *xs, int64_t groups, const uint8_t *codes, int bits,            \
-                                  int64_t row_bytes, const float *scale, const float *minimum, int64_t r0,          \
-                                  float out[4][4]) {                                                                 \
-        __m512 acc[RW][RX][2];                                                                                       \
-        for (int a = 0; a < RW; a++)                                                                                 \
-            for (int i = 0; i < RX; i++) acc[a][i][0] = acc[a][i][1] = _mm512_setzero_ps();                          \
+/* One weight row r against RX input rows xs[0..RX-1] sharing its widened codes: per pair, the two halves' sums from
+   zero, FMAs in increasing k, then lo + hi into v[i * stride]. */
+#define DEFINE_BLOCK(RX)                                                                                             \
+    static inline void block_##RX(const float *const *xs, int64_t groups, const uint8_t *codes, int bits,           \
+                                  int64_t row_bytes, const float *scale, const float *minimum, int64_t r, __m512 *v, \
+                                  int64_t stride) {                                                                  \
+        __m512 acc[RX][2];                                                                                           \
+        for (int i = 0; i < RX; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();                                    \
         const int64_t group_bytes = bits == 8 ? GROUP : GROUP / 2;                                                  \
         for (int64_t g = 0; g < groups; g++) {                                                                       \
-            __m512 w[RW][2];                                                                                         \
-            for (int a = 0; a < RW; a++) {                                                                           \
-                const int64_t r = r0 + a;                                                                            \
-                __m512 lo, hi;                                                                                       \
-                codes_to_float(codes + r * row_bytes + g * group_bytes, bits, &lo, &hi);                            \
-                const __m512 sc = _mm512_set1_ps(scale[r * groups + g]), mn = _mm512_set1_ps(minimum[r * groups + g]); \
-                w[a][0] = _mm512_fmadd_ps(lo, sc, mn);                                                               \
-                w[a][1] = _mm512_fmadd_ps(hi, sc, mn);                                                               \
-            }                                                                                                        \
+            __m512 lo, hi;                                                                                           \
+            codes_to_float(codes + r * row_bytes + g * group_bytes, bits, &lo, &hi);                                \
+            const __m512 sc = _mm512_set1_ps(scale[r * groups + g]), mn = _mm512_set1_ps(minimum[r * groups + g]);  \
+            const __m512 w0 = _mm512_fmadd_ps(lo, sc, mn), w1 = _mm512_fmadd_ps(hi, sc, mn);                         \
             for (int i = 0; i < RX; i++) {                                                                           \
-                const __m512 x0 = _mm512_loadu_ps(xs[i] + g * GROUP), x1 = _mm512_loadu_ps(xs[i] + g * GROUP + 16);  \
-                for (int a = 0; a < RW; a++) {                                                                       \
-                    acc[a][i][0] = _mm512_fmadd_ps(x0, w[a][0], acc[a][i][0]);                                      \
-                    acc[a][i][1] = _mm512_fmadd_ps(x1, w[a][1], acc[a][i][1]);                                      \
+                acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[i] + g * GROUP), w0, acc[i][0]);                     \
+                acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[i] + g * GROUP + 16), w1, acc[i][1]);                \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int i = 0; i < RX; i++) v[i * stride] = _mm512_add_ps(acc[i][0], acc[i][1]);                            \
+    }
+
+DEFINE_BLOCK(1)
+DEFINE_BLOCK(4)
+
+/* Many input rows: a tile of NB weight rows is widened once into float32 (all K columns), each weight by the same
+   FMA as in the blocks, and register-blocked micro-kernels multiply it against RM input rows x RN weight rows at a
+   time (6 x 2: 24 sums in 2 x 12 registers, 16 loads per 24 FMAs), so a weight is widened once per MC input rows
+   instead of once per 4. Measured on a Zen 4 EPYC, one thread, SmolLM2's shapes (benchmarks/kernels.py, time ÷
+   oneDNN's float32 GEMM in the same run, int4 / int8): 16 rows 0.86-0.96 / 0.93-1.11 against 0.92-1.15 /
+   0.96-1.39 for the blocks, 128 rows 0.97-1.11 / 0.97-1.14 against 1.33-1.47 / 1.38-1.76; 4 and 8 rows slower
+   than the blocks; rows of 1536 weights (the MLP's down projection) no faster: its 6 input rows no longer fit L1
+   beside the tile. */
+#define NB 16               /* weight rows per widened tile (16 x K floats: 36 KiB for K = 576) */
+#define MC 128              /* input rows per pass over the weight */
+#define TILED_ROWS 16       /* fewer input rows: widened in registers */
+#define TILED_COLUMNS 1024  /* longer weight rows: widened in registers */
+#define SCRATCH_FLOATS(k) ((k) <= TILED_COLUMNS ? NB * (k) : 1)
+
+/* Keeps v in a register: GCC would otherwise fold the loads into the FMAs, loading each operand once per use. */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
+/* Weight rows r0 .. r0 + nb - 1 widened into w [NB][k] (rows nb .. NB - 1: zeros, computed, never stored). */
+static void widen_tile(const uint8_t *codes, int bits, int64_t row_bytes, const float *scale, const float *minimum,
+                       int64_t groups, int64_t r0, int64_t nb, float *restrict w) {
+    const int64_t k = groups * GROUP, group_bytes = bits == 8 ? GROUP : GROUP / 2;
+    for (int64_t a = 0; a < nb; a++) {
+        const int64_t r = r0 + a;
+        for (int64_t g = 0; g < groups; g++) {
+            __m512 lo, hi;
+            codes_to_float(codes + r * row_bytes + g * group_bytes, bits, &lo, &hi);
+            const __m512 sc = _mm512_set1_ps(scale[r * groups + g]), mn = _mm512_set1_ps(minimum[r * groups + g]);
+            _mm512_storeu_ps(w + a * k + g * GROUP, _mm512_fmadd_ps(lo, sc, mn));
+            _mm512_storeu_ps(w + a * k + g * GROUP + 16, _mm512_fmadd_ps(hi, sc, mn));
+        }
+    }
+    for (int64_t a = nb; a < NB; a++)
+        for (int64_t c = 0; c < k; c++) w[a * k + c] = 0.0f;
+}
+
+/* The sums of up to 16 pairs' accumulators v[0..15] (each already lo + hi: 16 lanes) into y[0 .. nb - 1], plus
+   bias[0 .. nb - 1] (NULL: zeros). Every sum in the same tree, lane i + lane i + 8, then + 4, + 2, + 1, computed for
+   16 pairs at once by shuffles (~3 operations a pair instead of ~10 for one reduction at a time); the order does not
+   depend on the compiler's _mm512_reduce_add_ps. Entries of v past nb are read, never stored. */
+static inline void reduce_pairs(const __m512 *v, int64_t nb, const float *bias, float *y) {
+    __m512 u[8], w[4], x[2];
+    for (int t = 0; t < 8; t++)  /* lanes 0-7: pair 2t's i + i + 8; lanes 8-15: pair 2t + 1's */
+        u[t] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * t], v[2 * t + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * t], v[2 * t + 1], 0xEE));
+    for (int t = 0; t < 4; t++)  /* quarter q: pair 4t + q's i + i + 4 */
+        w[t] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * t], u[2 * t + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * t], u[2 * t + 1], 0xDD));
+    for (int t = 0; t < 2; t++)  /* quarter q: pairs 8t + q, 8t + 4 + q, two lanes each (i + i + 2) */
+        x[t] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * t], w[2 * t + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * t], w[2 * t + 1], 0xEE));
+    /* lane 4q + t: pair 4t + q's sum (lane 0 + lane 1) */
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __mmask16 keep = (__mmask16)((1u << nb) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y, keep, _mm512_add_ps(_mm512_permutexvar_ps(order, sums), b));
+}
+
+/* v[i * NB + j] = the sums of x[i] . w[j] (lo + hi) for RM input rows (x, row stride k) and RN weight rows of the
+   tile (w, row stride k). */
+#define DEFINE_TILE(RM, RN)                                                                                          \
+    static inline void tile_##RM##x##RN(const float *restrict x, int64_t k, const float *restrict w, __m512 *v) {   \
+        __m512 c[RM][RN][2];                                                                                         \
+        for (int i = 0; i < RM; i++)                                                                                 \
+            for (int j = 0; j < RN; j++) c[i][j][0] = c[i][j][1] = _mm512_setzero_ps();                               \
+        for (int64_t p = 0; p < k; p += GROUP) {                                                                     \
+            __m512 w0[RN], w1[RN];                                                                                   \
+            for (int j = 0; j < RN; j++) {                                                                           \
+                w0[j] = _mm512_loadu_ps(w + j * k + p);                                                              \
+                w1[j] = _mm512_loadu_ps(w + j * k + p + 16);                                                         \
+                IN_REGISTER(w0[j]);                                                                                  \
+                IN_REGISTER(w1[j]);                                                                                  \
+            }                                                                                                        \
+            for (int i = 0; i < RM; i++) {                                                                           \
+                __m512 x0 = _mm512_loadu_ps(x + i * k + p), x1 = _mm512_loadu_ps(x + i * k + p + 16);                \
+                IN_REGISTER(x0);                                                                                     \
+                IN_REGISTER(x1);                                                                                     \
+                for (int j = 0; j < RN; j++) {                                                                       \
+                    c[i][j][0] = _mm512_fmadd_ps(x0, w0[j], c[i][j][0]);                                            \
+                    c[i][j][1] = _mm512_fmadd_ps(x1, w1[j], c[i][j][1]);                                            \
                 }                                                                                                    \
             }                                                                                                        \
         }                                                                                                            \
-        for (int a = 0; a < RW; a++)                                                                                 \
-            for (int i = 0; i < RX; i++) out[a][i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[a][i][0], acc[a][i][1])); \
+        for (int i = 0; i < RM; i++)                                                                                 \
+            for (int j = 0; j < RN; j++) v[i * NB + j] = _mm512_add_ps(c[i][j][0], c[i][j][1]);                      \
     }
 
-DEFINE_BLOCK(1, 1)
-DEFINE_BLOCK(1, 4)
+DEFINE_TILE(6, 2)
+DEFINE_TILE(4, 2)
+DEFINE_TILE(2, 4)
+DEFINE_TILE(1, 4)
+
+#define TILES(RM, RN)                                                                                                \
+    for (; i + RM <= mc; i += RM) {                                                                                  \
+        for (int64_t j = 0; j < NB; j += RN) tile_##RM##x##RN(x + i * k, k, w + j * k, v + j);                      \
+        for (int a = 0; a < RM; a++) reduce_pairs(v + a * NB, nb, bias, y + (i + a) * n);                           \
+    }
+
+/* mc input rows (x, row stride k) against the tile's NB rows (nb of them real) into y (row stride n). */
+static void multiply_tile(const float *x, int64_t mc, int64_t k, const float *w, int64_t nb,
+                          const float *bias, float *y, int64_t n) {
+    __m512 v[6 * NB];
+    int64_t i = 0;
+    TILES(6, 2)
+    TILES(4, 2)
+    TILES(2, 4)
+    TILES(1, 4)
+}
 
 static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
                           const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row,
-                          int64_t rows) {
+                          int64_t rows, float *scratch) {
     const int64_t groups = k / GROUP, row_bytes = bits == 8 ? k : k / 2, last = first_row + rows;
-    float out[4][4];
-    for (int64_t i = 0; i < m; i += 4) {
-        const int rx = m - i < 4 ? (int)(m - i) : 4;
-        const float *xs[4];
-        for (int j = 0; j < 4; j++) xs[j] = x + (i + (j < rx ? j : rx - 1)) * k;  /* pad with the last row */
-        int64_t r = first_row;
-        if (m == 1) {  /* one weight row at a time: one stream of codes, and it measured fastest (11-14 GB/s) */
-            for (; r < last; r++) {
-                block_1x1(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
-                y[r] = out[0][0] + (bias ? bias[r] : 0.0f);
+    if (m < TILED_ROWS || k > TILED_COLUMNS) {  /* widened in registers, for 1 or 4 input rows at a time */
+        __m512 v[4 * NB];
+        for (int64_t i = 0; i < m; i += 4) {
+            const int rx = m - i < 4 ? (int)(m - i) : 4;
+            const float *xs[4];
+            for (int j = 0; j < 4; j++) xs[j] = x + (i + (j < rx ? j : rx - 1)) * k;  /* pad with the last row */
+            for (int64_t r0 = first_row; r0 < last; r0 += NB) {
+                const int64_t nb = last - r0 < NB ? last - r0 : NB;
+                for (int64_t a = 0; a < nb; a++) {
+                    if (rx == 1)  /* one stream of codes at a time: one weight row per block measured fastest */
+                        block_1(xs, groups, codes, bits, row_bytes, scale, minimum, r0 + a, v + a, NB);
+                    else
+                        block_4(xs, groups, codes, bits, row_bytes, scale, minimum, r0 + a, v + a, NB);
+                }
+                for (int64_t a = nb; a < NB; a++)  /* read by reduce_pairs, never stored */
+                    for (int j = 0; j < 4; j++) v[j * NB + a] = _mm512_setzero_ps();
+                for (int j = 0; j < rx; j++) reduce_pairs(v + j * NB, nb, bias ? bias + r0 : NULL, y + (i + j) * n + r0);
             }
-            continue;
         }
-        for (; r < last; r++) {
-            block_1x4(xs, groups, codes, bits, row_bytes, scale, minimum, r, out);
-            for (int j = 0; j < rx; j++) y[(i + j) * n + r] = out[0][j] + (bias ? bias[r] : 0.0f);
+        return;
+    }
+    for (int64_t m0 = 0; m0 < m; m0 += MC) {
+        const int64_t mc = m - m0 < MC ? m - m0 : MC;
+        for (int64_t r0 = first_row; r0 < last; r0 += NB) {
+            const int64_t nb = last - r0 < NB ? last - r0 : NB;
+            widen_tile(codes, bits, row_bytes, scale, minimum, groups, r0, nb, scratch);
+            multiply_tile(x + m0 * k, mc, k, scratch, nb, bias ? bias + r0 : NULL, y + m0 * n + r0, n);
         }
     }
 }
@@ -580,8 +692,7 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
                   float *scratch) {
     if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
 #if defined(__AVX512F__)
-    (void)scratch;
-    affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows);
+    affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
 #elif defined(__AVX2__) && defined(__FMA__)
     affine_avx2(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
 #else

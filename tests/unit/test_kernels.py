@@ -313,13 +313,15 @@ def test_native_cpu_kernel_matches_reference(native_build, shape, method, rows):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(native_build, method):
-    # 133 rows: more than one pass of the AVX2 path (128 rows) and every register tile (6, 4, 2 and 1 rows); K = 1600
-    # in uneven column tiles; 97 outputs: a partial tile of weight rows
-    layer = QuantLinear(nn.Linear(1600, 97), method, "native")
-    x = torch.randn(133, 1600, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("in_features", [1600, 576])
+def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(native_build, method, in_features):
+    # 133 rows: more than one pass of the tiled paths (128 rows) and every register tile (6, 4, 2 and 1 rows); K = 1600
+    # in uneven column tiles of the AVX2 path and past the AVX-512 path's tiles (widened in registers), K = 576 in
+    # them from 16 rows; 97 outputs: a partial tile of weight rows
+    layer = QuantLinear(nn.Linear(in_features, 97), method, "native")
+    x = torch.randn(133, in_features, generator=torch.Generator().manual_seed(2))
     alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-    for rows in (2, 3, 4, 5, 7, 16, 133):
+    for rows in (2, 3, 4, 5, 7, 15, 16, 17, 23, 133):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
     assert torch.equal(layer(x[50:61]), alone[50:61])
 
@@ -334,11 +336,12 @@ def split_every_call(native_build):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(split_every_call, method):
+@pytest.mark.parametrize("in_features", [1600, 576])
+def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(split_every_call, method, in_features):
     # 97 outputs: parts of whole 16-row tiles and a partial last one; 7 outputs: one tile, never split
     for out_features in (97, 7):
-        layer = QuantLinear(nn.Linear(1600, out_features), method, "native")
-        x = torch.randn(133, 1600, generator=torch.Generator().manual_seed(3))
+        layer = QuantLinear(nn.Linear(in_features, out_features), method, "native")
+        x = torch.randn(133, in_features, generator=torch.Generator().manual_seed(3))
         alone = {rows: layer(x[:rows]) for rows in (2, 5, 16, 133)}  # one row is never split
         for threads in (2, 3, 4):
             assert cpu.set_threads(threads, split_every_call) == threads
