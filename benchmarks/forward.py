@@ -1,14 +1,16 @@
-"""One span's forward in process with this checkout's native kernel against another checkout's, side by side.
+"""One span's forward in process, this checkout against variants of it, side by side.
 
-    python -m benchmarks.forward --baseline DIR [--rows 1,4,16,40,256] [--runs 7] [--threads 2] [--quant int4]
-                                 [--out benchmarks/results]
+    python -m benchmarks.forward [--configs new,baseline,no_records] [--baseline DIR] [--rows 1,4,16,40,256]
+                                 [--runs 7] [--threads 2] [--quant int4] [--out benchmarks/results]
 
 Loads SmolLM2's 30 blocks once (`--quant`, as a peer does) and times, per row count, a decode round of that many
 sessions (rows ≤ 16: each session holds 20 tokens, 3 rounds per run, nothing committed) or one prefill chunk of
-that many tokens (rows > 16), with cpu_affine.c compiled from this checkout and from DIR (e.g. `git worktree add
-DIR REV`) in turn, interleaved run by run; the kernel on `--threads` threads as a peer runs it. Prints JSON (median
-milliseconds per forward, and new ÷ baseline) and writes OUT/forward.json. A diagnostic of the kernel: what users
-see is `benchmarks/serve.py` through HTTP.
+that many tokens (rows > 16), each configuration in turn, interleaved run by run; the kernel on `--threads` threads
+as a peer runs it. Configurations: `new` (this checkout), `baseline` (cpu_affine.c compiled from the checkout DIR,
+e.g. `git worktree add DIR REV`), `no_records` (decode rows' cache buffers reserved and checked per layer and row
+instead of from their caches' records, DecodeRows.check_caches off). Prints JSON (median milliseconds per forward,
+and each configuration ÷ new) and writes OUT/forward.json. A diagnostic: what users see is `benchmarks/serve.py`
+through HTTP.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from swarm.model import segments
 from swarm.model.precision import Precision
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from swarm.model.span import load_span
-from swarm_kernels import cpu
+from swarm_kernels import attention, cpu
 
 
 def _kernel(source: Path, threads: int) -> ctypes.CDLL:
@@ -60,30 +62,34 @@ def _time(span: Any, rows: int) -> float:
 
 def run(args) -> dict[str, Any]:
     torch.set_num_threads(1)
-    baseline = Path(args.baseline) / "swarm_kernels" / "cpu_affine.c"
-    libraries = {"new": _kernel(cpu.SOURCE, args.threads), "baseline": _kernel(baseline, args.threads)}
+    names = args.configs.split(",")
+    if "baseline" in names and not args.baseline:
+        raise SystemExit("the baseline configuration needs --baseline DIR")
+    libraries = {name: _kernel(Path(args.baseline) / "swarm_kernels" / "cpu_affine.c" if name == "baseline"
+                               else cpu.SOURCE, args.threads) for name in names}
     span = load_span(resolve_model(DEFAULT_MODEL_ID), 0, 30, precision=Precision("cpu", torch.float32, args.quant))
     counts = [int(n) for n in args.rows.split(",")]
-    times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in libraries} for n in counts}
-    saved = cpu._library
+    times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in names} for n in counts}
+    saved, check_caches = cpu._library, attention.DecodeRows.check_caches
     try:
         for n in counts:
             for run_ in range(args.runs):
-                order = list(libraries) if run_ % 2 == 0 else list(reversed(libraries))
-                for name in order:
-                    cpu._library = lambda name=name: libraries[name]
+                for name in names if run_ % 2 == 0 else list(reversed(names)):
+                    cpu._library = lambda name=name: libraries[name]  # type: ignore[assignment]
+                    attention.DecodeRows.check_caches = (  # type: ignore[method-assign]
+                        (lambda *a, **k: False) if name == "no_records" else check_caches)
                     times[n][name].append(_time(span, n))
     finally:
-        cpu._library = saved
-    results = {str(n): {"new_ms": round(statistics.median(t["new"]), 2),
-                        "baseline_ms": round(statistics.median(t["baseline"]), 2),
-                        "new_over_baseline": round(statistics.median(a / b for a, b in zip(t["new"], t["baseline"],
-                                                                                             strict=True)), 3),
-                        "new_runs_ms": [round(v, 2) for v in t["new"]],
-                        "baseline_runs_ms": [round(v, 2) for v in t["baseline"]]} for n, t in times.items()}
+        cpu._library, attention.DecodeRows.check_caches = saved, check_caches  # type: ignore[method-assign]
+    first = names[0]
+    results = {str(n): {name: {"median_ms": round(statistics.median(t[name]), 2),
+                               f"over_{first}": round(statistics.median(a / b for a, b in zip(t[name], t[first],
+                                                                                            strict=True)), 3),
+                               "runs_ms": [round(v, 2) for v in t[name]]} for name in names}
+               for n, t in times.items()}
     return {"benchmark": "forward", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "blocks": "0:30", "quant": args.quant, "threads": args.threads,
-                         "runs": args.runs, "baseline": str(args.baseline),
+                         "runs": args.runs, "configs": names, "baseline": args.baseline,
                          "avx512f": "avx512f" in _flags()},
             "results": results}
 
@@ -98,13 +104,15 @@ def _flags() -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, help="a checkout of the revision to compare (its kernel source)")
+    parser.add_argument("--configs", default="new,baseline", help="comma-separated: new, baseline, no_records")
+    parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="the kernel's threads (a peer's default: every CPU)")
     parser.add_argument("--quant", default="int4", choices=["int4", "int8"])
     parser.add_argument("--out", default=None, help="also write DIR/forward.json")
-    emit("forward", run(parser.parse_args()), parser.parse_args().out)
+    args = parser.parse_args()
+    emit("forward", run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -226,10 +226,11 @@ class LeanDecode:
             cos, sin = embeddings[span.layer_types[i]]
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
-            buffers = [cache.reserve(k, v, i, n) for cache, n in zip(caches, rows.lengths, strict=True)]
+            if not rows.check_caches(caches, i, k.shape[1], layer.head_dim):  # a cache must grow first
+                buffers = [cache.reserve(k, v, i, n) for cache, n in zip(caches, rows.lengths, strict=True)]
+                rows.check([b for b, _ in buffers], [b for _, b in buffers])
             out = q.new_empty(1, count, q.shape[1], layer.head_dim)
-            if not (rows.check([b for b, _ in buffers], [b for _, b in buffers]) and rows.append(k, v)
-                    and rows.attend(q, out, layer.scaling, span.windows[i])):
+            if not (rows.append(k, v) and rows.attend(q, out, layer.scaling, span.windows[i])):
                 raise Unavailable(f"the native attention refused layer {i}'s rows")
             attended = layer.o_proj(out.reshape(1, count, -1).contiguous())
             if layer.sandwich:

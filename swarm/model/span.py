@@ -30,7 +30,7 @@ from swarm.model.anatomy import (
 )
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
-from swarm_kernels import packed
+from swarm_kernels import attention, packed
 from swarm_kernels.quant import QuantLinear, quantize_linears
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class SpanKVCache:
         self.length = 0  # tokens committed for every layer
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
+        # per layer, what the native decode attention reads of its buffers, recorded when they are allocated
+        # (swarm_kernels.attention.DecodeRows.check_caches): None where they are not what it reads
+        self.native: list[tuple[int, ...] | None] = [None] * num_layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key_states: [B, kv_heads, new, D]
@@ -72,6 +75,7 @@ class SpanKVCache:
             capacity = min(self.max_length, max(end, (keys.shape[-2] if keys is not None else 0) + self.GROW))
             keys, values = self._grow(keys, key_states, capacity), self._grow(values, value_states, capacity)
             self._keys[layer_idx], self._values[layer_idx] = keys, values
+            self.native[layer_idx] = attention.native_record(keys, values)
         return keys, values
 
     def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -161,3 +161,45 @@ def test_what_the_kernel_cannot_read_is_refused_not_read():
     assert not attention.append_rows(states, [0, 0], [keys], [0])  # 2 rows, 1 buffer
     assert not attention.append_rows(states, [0], [keys, keys], [0, 1])  # 1 row, 2 buffers
     assert not attention.append_rows(states, [0], [keys[:0]], [0])  # an empty batch
+
+
+def test_rows_checked_from_their_caches_records_attend_as_rows_checked_from_their_buffers():
+    from swarm.model.span import SpanKVCache
+
+    g = torch.Generator().manual_seed(6)
+    kv_heads, dim, lengths = 2, 16, [5, 9, 3]
+    caches = [SpanKVCache(num_layers=2, max_length=300) for _ in lengths]
+    for cache, n in zip(caches, lengths, strict=True):  # n - 1 tokens held; each row appends its n-th
+        for layer in range(2):
+            cache.update(torch.randn(1, kv_heads, n - 1, dim, generator=g), torch.randn(1, kv_heads, n - 1, dim,
+                                                                                     generator=g), layer)
+        cache.commit(n - 1)
+    states = [torch.randn(1, kv_heads, len(lengths), dim, generator=g) for _ in range(2)]
+    query = torch.randn(1, 4, len(lengths), dim, generator=g)
+    outs = []
+    for from_records in (True, False):
+        rows = attention.DecodeRows(list(range(len(lengths))), lengths)
+        if from_records:
+            assert rows.check_caches(caches, 1, kv_heads, dim)
+        else:
+            buffers = [c.reserve(states[0], states[1], 1, n) for c, n in zip(caches, lengths, strict=True)]
+            assert rows.check([k for k, _ in buffers], [v for _, v in buffers])
+        out = torch.zeros(1, len(lengths), 4, dim)
+        assert rows.append(*states) and rows.attend(query, out, 0.25)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    rows = attention.DecodeRows([0, 1, 2], lengths)
+    assert not rows.check_caches(caches, 1, kv_heads + 1, dim)  # another geometry
+    assert not rows.check_caches(caches, 1, kv_heads, dim * 2)
+    assert not rows.check_caches(caches[:2], 1, kv_heads, dim)  # a row without its cache
+    assert not rows.check_caches([caches[0], object(), caches[2]], 1, kv_heads, dim)  # not a SpanKVCache
+    assert not rows.append(*states)  # nothing kept from a refused check
+    assert not attention.DecodeRows([0, 1, 2], [5, 9, 129]).check_caches(caches, 1, kv_heads, dim)  # past capacity
+    fresh = SpanKVCache(num_layers=2, max_length=300)
+    assert fresh.native == [None, None] and not attention.DecodeRows([0], [1]).check_caches([fresh], 0, kv_heads, dim)
+    old = caches[2].native[1]
+    caches[2].reserve(states[0], states[1], 1, 129)  # grown: the record follows the new buffers
+    assert caches[2].native[1] != old and caches[2].native[1][4] == 256
+    assert attention.DecodeRows([0, 1, 2], [5, 9, 129]).check_caches(caches, 1, kv_heads, dim)
+    assert attention.native_record(torch.zeros(1, 2, 8, 16).double(), torch.zeros(1, 2, 8, 16).double()) is None
+    assert attention.native_record(torch.zeros(1, 2, 16, 8).transpose(2, 3), torch.zeros(1, 2, 8, 16)) is None
