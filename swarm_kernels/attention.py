@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ def available() -> bool:
     return _library() is not None
 
 
-def _int64s(values: list[int]) -> ctypes.Array:
+def _int64s(values: Sequence[int]) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
