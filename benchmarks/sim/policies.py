@@ -56,7 +56,7 @@ class Ours:
 
     def kv_tokens(self, context: int, max_length: int) -> int:
         """KV a session of `context` tokens holds on a peer: its cache's growth chunks (swarm.server.memory)."""
-        return min(max_length, -(-max(1, context) // SpanKVCache.GROW) * SpanKVCache.GROW)
+        return SpanKVCache.reserved_tokens(context, max_length)
 
     def join(self, view: list[SpanInfo], peer_id: str, length: int, num_blocks: int) -> tuple[int, int]:
         return placement.choose_span(view, num_blocks, length, exclude=peer_id)

@@ -46,6 +46,12 @@ class SpanKVCache:
 
     GROW = 128  # tokens added per reallocation: bounds copies to O(length / GROW)
 
+    @classmethod
+    def reserved_tokens(cls, end: int, max_length: int) -> int:
+        """The KV tokens per row a peer reserves for a session holding `end` tokens: whole growth chunks, at most its
+        max_length (swarm.server.backend; the simulator's peers hold the same, benchmarks/sim)."""
+        return min(max_length, -(-max(1, end) // cls.GROW) * cls.GROW)
+
     def __init__(self, num_layers: int, max_length: int):
         self.num_layers = num_layers
         self.max_length = max_length

@@ -119,7 +119,7 @@ class SpanBackend:
         """open(), making room (swarm.server.fairness) or waiting up to `admission_wait` seconds for capacity that
         other sessions free."""
         deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
-        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
+        first = request.batch_size * SpanKVCache.reserved_tokens(1, request.max_length)
         while True:
             opened = self._try_open(request, client)
             if not isinstance(opened, str):
@@ -133,7 +133,7 @@ class SpanBackend:
     def _try_open(self, request: OpenRequest, client: str) -> Session | str:
         """The session, or why it must wait for capacity; raises PeerError for a request refused outright."""
         self._validate_open(request)
-        first = request.batch_size * min(request.max_length, SpanKVCache.GROW)
+        first = request.batch_size * SpanKVCache.reserved_tokens(1, request.max_length)
         slots, tokens = self._holdings()
         for resource, need in ((slots, 1), (tokens, first)):
             refusal = self.shares.refusal(client, need, resource)
@@ -223,8 +223,7 @@ class SpanBackend:
     async def _reserve_growth(self, session: Session, end: int) -> None:
         """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk): from
         free budget, by making room, or after waiting up to `admission_wait` (swarm.server.fairness)."""
-        chunks = -(-end // SpanKVCache.GROW) * SpanKVCache.GROW
-        tokens = session.batch_size * min(session.max_length, chunks)
+        tokens = session.batch_size * SpanKVCache.reserved_tokens(end, session.max_length)
         deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
         while True:
             self._check_open(session)
