@@ -8,9 +8,10 @@ sessions (rows ≤ 16: each session holds 20 tokens, 3 rounds per run, nothing c
 that many tokens (rows > 16), each configuration in turn, interleaved run by run; the kernel on `--threads` threads
 as a peer runs it. Configurations: `new` (this checkout), `baseline` (cpu_affine.c compiled from the checkout DIR,
 e.g. `git worktree add DIR REV`), `no_records` (decode rows' cache buffers reserved and checked per layer and row
-instead of from their caches' records, DecodeRows.check_caches off). Prints JSON (median milliseconds per forward,
-and each configuration ÷ new) and writes OUT/forward.json. A diagnostic: what users see is `benchmarks/serve.py`
-through HTTP.
+instead of from their caches' records, DecodeRows.check_caches off), `no_rope` (the rotary embedding by torch's
+expression and the keys appended after it, instead of one native call each for the queries and the keys). Prints
+JSON (median milliseconds per forward, and each configuration ÷ the first) and writes OUT/forward.json. A
+diagnostic: what users see is `benchmarks/serve.py` through HTTP.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def run(args) -> dict[str, Any]:
     span = load_span(resolve_model(DEFAULT_MODEL_ID), 0, 30, precision=Precision("cpu", torch.float32, args.quant))
     counts = [int(n) for n in args.rows.split(",")]
     times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in names} for n in counts}
-    saved, check_caches = cpu._library, attention.DecodeRows.check_caches
+    saved, check_caches, rope = cpu._library, attention.DecodeRows.check_caches, attention.rope
     try:
         for n in counts:
             for run_ in range(args.runs):
@@ -78,9 +79,11 @@ def run(args) -> dict[str, Any]:
                     cpu._library = lambda name=name: libraries[name]  # type: ignore[assignment]
                     attention.DecodeRows.check_caches = (  # type: ignore[method-assign]
                         (lambda *a, **k: False) if name == "no_records" else check_caches)
+                    attention.rope = (lambda *a, **k: False) if name == "no_rope" else rope
                     times[n][name].append(_time(span, n))
     finally:
         cpu._library, attention.DecodeRows.check_caches = saved, check_caches  # type: ignore[method-assign]
+        attention.rope = rope
     first = names[0]
     results = {str(n): {name: {"median_ms": round(statistics.median(t[name]), 2),
                                f"over_{first}": round(statistics.median(a / b for a, b in zip(t[name], t[first],
@@ -104,7 +107,7 @@ def _flags() -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="new,baseline", help="comma-separated: new, baseline, no_records")
+    parser.add_argument("--configs", default="new,baseline", help="comma-separated: new, baseline, no_records, no_rope")
     parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)

@@ -5,6 +5,9 @@
     rows.append(key_states, value_states)       # each row's new key and value into its session's buffers
     rows.attend(query, out, scale, window)      # each row's attention over its own keys
 
+    rope(x, cos, sin, out)                      # rotary embedding of token-major heads, as transformers computes it
+    rows.rope_append(keys, values, cos, sin)    # the rows' keys rotated into their buffers, values appended
+
 A batched decode step has one query row per session, each against that session's cached keys. torch's SDPA per row
 costs ~25 us of dispatch for a few microseconds of arithmetic, and appending a row's new key and value to its cache
 two slice assignments of ~5 us each; here one call does either for every row of a layer, reading and writing the
@@ -55,6 +58,10 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
         library.attention_set_pool(ctypes.cast(pool.affine_pool_run, ctypes.c_void_p).value)
     library.append_rows.restype = None
     library.append_rows.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr]
+    library.rope_rows.restype = None
+    library.rope_rows.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
+    library.rope_append.restype = None
+    library.rope_append.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
     return library
 
 
@@ -69,6 +76,32 @@ def _int64s(values: Sequence[int]) -> ctypes.Array:
 def _readable(t: torch.Tensor) -> bool:
     """A [1, heads, T, D] (or [1, T, heads, D]) float32 CPU tensor whose rows of D floats are contiguous."""
     return t.dtype == torch.float32 and t.is_cpu and t.dim() == 4 and t.shape[0] == 1 and t.stride(-1) == 1
+
+
+def _tokens_by_heads(t: torch.Tensor) -> bool:
+    """A [1, T, heads, D] float32 CPU tensor whose heads' D floats are contiguous (any token and head strides)."""
+    return t.dtype == torch.float32 and t.is_cpu and t.dim() == 4 and t.shape[0] == 1 and t.stride(-1) == 1
+
+
+def _angles(cos: torch.Tensor, sin: torch.Tensor, tokens: int, dim: int) -> bool:
+    """cos and sin: T x D contiguous float32 CPU values (e.g. [1, 1, T, D], as a rotary module gives them)."""
+    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() == tokens * dim
+               and t.shape[-1] == dim for t in (cos, sin))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> bool:
+    """x [1, T, heads, D] → out (same shape): x * cos + rotate_half(x) * sin, per token t with cos[t], sin[t] (T x D
+    values), the same bits as torch computing that expression. False (nothing written) where the kernel does not
+    apply (then compute it with torch)."""
+    library = _library()
+    if library is None or not (_tokens_by_heads(x) and _tokens_by_heads(out)) or out.shape != x.shape:
+        return False
+    _, tokens, heads, dim = x.shape
+    if dim % 2 or not _angles(cos, sin, tokens, dim):
+        return False
+    library.rope_rows(tokens, heads, dim, x.data_ptr(), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                      out.data_ptr(), out.stride(1), out.stride(2))
+    return True
 
 
 def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: list[int]) -> bool:
@@ -154,6 +187,27 @@ class DecodeRows:
         """key_states, value_states [1, kv_heads, T, D]: token rows[i] goes to position lengths[i] - 1 of row i's
         checked buffers."""
         return self._write([(key_states, True), (value_states, False)])
+
+    def rope_append(self, key_states: torch.Tensor, value_states: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> bool:
+        """As `append`, the keys rotated on the way (`rope`): key_states, value_states [1, T, kv_heads, D] (token
+        major, as the projections give them), cos and sin T x D."""
+        library = _library()
+        if self._checked is None or library is None:
+            return False
+        _, _, kv_heads, dim, key_addresses, _, key_strides, _ = self._checked
+        for states in (key_states, value_states):
+            if not (_tokens_by_heads(states) and states.shape[2] == kv_heads and states.shape[3] == dim
+                    and self._last_row < states.shape[1]):
+                return False
+        if dim % 2 or not _angles(cos, sin, key_states.shape[1], dim):
+            return False
+        if not self._write([(value_states.transpose(1, 2), False)]):
+            return False
+        library.rope_append(self.count, kv_heads, dim, key_states.data_ptr(), self._rows, key_states.stride(1),
+                            key_states.stride(2), cos.data_ptr(), sin.data_ptr(), key_addresses, key_strides,
+                            self._positions)
+        return True
 
     def _write(self, writes: list[tuple[torch.Tensor, bool]]) -> bool:
         """Each (states, into the key buffers or the value ones) appended, once all of them are checked."""

@@ -269,3 +269,40 @@ void append_rows(int64_t rows, int64_t kv_heads, int64_t dim, const float *state
             memcpy((float *)(intptr_t)buffers[r] + g * b_head_stride[r] + position[r] * dim,
                    states + s_rows[r] * s_token_stride + g * s_head_stride, sizeof(float) * (size_t)dim);
 }
+
+/* Rotary position embedding of decode rows as transformers computes it, x * cos + rotate_half(x) * sin with
+   rotate_half(x) = (-x[dim/2:], x[:dim/2]): each product and the sum rounded on their own (this file is built with
+   -std=c11, where GCC contracts nothing into FMAs), so the same bits as torch's separate multiplies and add.
+   Head h of row t: x + t * x_token_stride + h * x_head_stride (dim contiguous floats), its cos and sin at
+   cos + t * dim, sin + t * dim. rope_rows writes it to out + t * o_token_stride + h * o_head_stride; rope_append
+   writes row t = s_rows[r]'s head g to buffers[r] + g * b_head_stride[r] + position[r] * dim, as append_rows does. */
+static inline void rotate(const float *restrict x, const float *restrict c, const float *restrict s, float *restrict o,
+                          int64_t dim) {
+    const int64_t half = dim / 2;
+    for (int64_t d = 0; d < half; d++) {
+        const float a = x[d] * c[d], b = -x[d + half] * s[d];
+        o[d] = a + b;
+    }
+    for (int64_t d = half; d < dim; d++) {
+        const float a = x[d] * c[d], b = x[d - half] * s[d];
+        o[d] = a + b;
+    }
+}
+
+void rope_rows(int64_t tokens, int64_t heads, int64_t dim, const float *x, int64_t x_token_stride,
+               int64_t x_head_stride, const float *cos, const float *sin, float *out, int64_t o_token_stride,
+               int64_t o_head_stride) {
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++)
+            rotate(x + t * x_token_stride + h * x_head_stride, cos + t * dim, sin + t * dim,
+                   out + t * o_token_stride + h * o_head_stride, dim);
+}
+
+void rope_append(int64_t rows, int64_t kv_heads, int64_t dim, const float *x, const int64_t *s_rows,
+                 int64_t x_token_stride, int64_t x_head_stride, const float *cos, const float *sin,
+                 const int64_t *buffers, const int64_t *b_head_stride, const int64_t *position) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < kv_heads; g++)
+            rotate(x + s_rows[r] * x_token_stride + g * x_head_stride, cos + s_rows[r] * dim, sin + s_rows[r] * dim,
+                   (float *)(intptr_t)buffers[r] + g * b_head_stride[r] + position[r] * dim, dim);
+}

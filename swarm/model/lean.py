@@ -10,9 +10,10 @@ and around the MLP (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3) — a
 - the projections that read the same input in one kernel call: q|k|v and gate|up, where they run on the native
   kernel (quant.NativeLinear) with the same codes format; their buffers become views of the joined ones, so
   no weight is held twice, and each output row is computed as alone, so the bits are the same;
-- the norm, rotary embedding, activation and residual operations of transformers' code, in its order;
-- each layer's keys/values appended and the rows' attention in one native call each (swarm_kernels.attention), as
-  segments_attention does for the generic path.
+- the norm, activation and residual operations of transformers' code, in its order;
+- the rotary embedding of the queries in one native call, of the keys in the call that appends them (and the values)
+  to their caches (swarm_kernels.attention.rope: transformers' expression, each product and the sum rounded as
+  torch rounds them), and the rows' attention in one more, as segments_attention does for the generic path.
 
 A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its
 modules and their attributes) and then runs a few random rows both ways — the generic path (the family's layer
@@ -217,20 +218,27 @@ class LeanDecode:
             layer, norms = self.layers[i], self.layers[i].norms
             residual = hidden
             q, k, v = layer.qkv(_norm(hidden, norms["input"]))
-            q = q.view(1, count, -1, layer.head_dim)
+            q = q.view(1, count, -1, layer.head_dim)  # [1, N, heads, D]: token major
             k = k.view(1, count, -1, layer.head_dim)
+            v = v.view(1, count, -1, layer.head_dim)
             if layer.qk_norms:
                 q, k = _norm(q, norms["q"]), _norm(k, norms["k"])
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = v.view(1, count, -1, layer.head_dim).transpose(1, 2)
             cos, sin = embeddings[span.layer_types[i]]
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            if not rows.check_caches(caches, i, k.shape[1], layer.head_dim):  # a cache must grow first
-                buffers = [cache.reserve(k, v, i, n) for cache, n in zip(caches, rows.lengths, strict=True)]
+            if not rows.check_caches(caches, i, k.shape[2], layer.head_dim):  # a cache must grow first
+                buffers = [cache.reserve(k.transpose(1, 2), v.transpose(1, 2), i, n)
+                           for cache, n in zip(caches, rows.lengths, strict=True)]
                 rows.check([b for b, _ in buffers], [b for _, b in buffers])
-            out = q.new_empty(1, count, q.shape[1], layer.head_dim)
-            if not (rows.append(k, v) and rows.attend(q, out, layer.scaling, span.windows[i])):
+            rotated = q.new_empty(q.shape)
+            if attention.rope(q, cos, sin, rotated) and rows.rope_append(k, v, cos, sin):
+                query = rotated.transpose(1, 2)  # both rotated in one native call each, keys into the caches
+            else:  # transformers' own expression, heads major
+                query, kt = q.transpose(1, 2), k.transpose(1, 2)
+                query = (query * cos) + (_rotate_half(query) * sin)
+                kt = (kt * cos) + (_rotate_half(kt) * sin)
+                if not rows.append(kt, v.transpose(1, 2)):
+                    raise Unavailable(f"the native attention refused layer {i}'s keys")
+            out = hidden.new_empty(1, count, q.shape[2], layer.head_dim)
+            if not rows.attend(query, out, layer.scaling, span.windows[i]):
                 raise Unavailable(f"the native attention refused layer {i}'s rows")
             attended = layer.o_proj(out.reshape(1, count, -1).contiguous())
             if layer.sandwich:

@@ -203,3 +203,41 @@ def test_rows_checked_from_their_caches_records_attend_as_rows_checked_from_thei
     assert attention.DecodeRows([0, 1, 2], [5, 9, 129]).check_caches(caches, 1, kv_heads, dim)
     assert attention.native_record(torch.zeros(1, 2, 8, 16).double(), torch.zeros(1, 2, 8, 16).double()) is None
     assert attention.native_record(torch.zeros(1, 2, 16, 8).transpose(2, 3), torch.zeros(1, 2, 8, 16)) is None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize(("heads", "dim"), [(9, 64), (2, 6), (4, 128)])
+def test_rotary_embedding_of_rows_is_the_same_bits_as_torchs_expression(heads, dim):
+    g = torch.Generator().manual_seed(7)
+    tokens = 5
+    joined = torch.randn(1, tokens, heads * dim + 32, generator=g) * 30  # q as a view of a wider projection output
+    x = joined[..., 32:].view(1, tokens, heads, dim)
+    angles = torch.randn(1, 1, tokens, dim, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.empty(1, tokens, heads, dim)
+    assert attention.rope(x, cos, sin, out)
+    xt = x.transpose(1, 2)  # transformers' layout: [1, heads, T, D], cos broadcast over heads
+    assert torch.equal(out.transpose(1, 2), (xt * cos) + (_rotate_half(xt) * sin))
+    assert not attention.rope(x, cos.transpose(2, 3), sin, out)  # angles not token by token
+    assert not attention.rope(x.double(), cos.double(), sin.double(), out.double())
+    assert not attention.rope(x, cos[..., :3, :], sin[..., :3, :], out)  # angles of 3 tokens for 5
+    assert not attention.rope(x, cos, sin, out[:, :4])  # out of another shape
+    # keys rotated into their rows' caches (and values appended): as rotated, then appended
+    kv_heads = 2
+    keys = torch.randn(1, tokens, kv_heads, dim, generator=g)
+    values = torch.randn(1, tokens, kv_heads, dim, generator=g)
+    buffers = [(torch.zeros(1, kv_heads, 8, dim), torch.zeros(1, kv_heads, 8, dim)) for _ in range(2)]
+    rows = attention.DecodeRows([3, 1], [4, 8])
+    assert rows.check([k for k, _ in buffers], [v for _, v in buffers]) and rows.rope_append(keys, values, cos, sin)
+    rotated = torch.empty_like(keys)
+    assert attention.rope(keys, cos, sin, rotated)
+    for (k, v), token, position in zip(buffers, [3, 1], [3, 7], strict=True):
+        assert torch.equal(k[0, :, position], rotated[0, token]) and torch.equal(v[0, :, position], values[0, token])
+        k[0, :, position] = 0
+        assert not k.any()  # nothing else written
+    assert not rows.rope_append(keys[..., :1, :], values, cos, sin)  # 1 key head, the buffers hold 2
+    assert not rows.rope_append(keys, values, cos[..., :2, :], sin[..., :2, :])

@@ -61,6 +61,20 @@ def test_lean_decode_is_the_same_bits_as_the_layers_own(tiny_model_dir, family, 
             assert all(torch.equal(x, y) for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
 
 
+def test_lean_decode_keeps_its_bits_where_the_native_rotary_embedding_does_not_apply(tiny_model_dir, monkeypatch):
+    # torch's own expression then: the rows' keys appended after it, the same bits either way
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert span.prepare_lean()
+    native = decode_both_ways(span)[True]
+    calls = []
+    monkeypatch.setattr(attention, "rope", lambda *args: calls.append(1) and False)
+    fallback = decode_both_ways(span)[True]
+    assert calls and torch.equal(native[0], fallback[0])
+    for a, b in zip(native[1], fallback[1], strict=True):
+        for layer in range(len(span.blocks)):
+            assert all(torch.equal(x, y) for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
+
+
 def test_a_part_of_the_span_runs_lean_too(tiny_model_dir):
     span = span_of(tiny_model_dir, "llama", "int4", (0, 6))
     got = decode_both_ways(span, rounds=2, blocks=slice(2, 5))
