@@ -272,10 +272,12 @@ void append_rows(int64_t rows, int64_t kv_heads, int64_t dim, const float *state
 
 /* Rotary position embedding of decode rows as transformers computes it, x * cos + rotate_half(x) * sin with
    rotate_half(x) = (-x[dim/2:], x[:dim/2]): each product and the sum rounded on their own (this file is built with
-   -std=c11, where GCC contracts nothing into FMAs), so the same bits as torch's separate multiplies and add.
+   -std=c11, where GCC contracts nothing into FMAs; the pragma says so to compilers that read it), so the same bits
+   as torch's separate multiplies and add.
    Head h of row t: x + t * x_token_stride + h * x_head_stride (dim contiguous floats), its cos and sin at
    cos + t * dim, sin + t * dim. rope_rows writes it to out + t * o_token_stride + h * o_head_stride; rope_append
    writes row t = s_rows[r]'s head g to buffers[r] + g * b_head_stride[r] + position[r] * dim, as append_rows does. */
+#pragma STDC FP_CONTRACT OFF
 static inline void rotate(const float *restrict x, const float *restrict c, const float *restrict s, float *restrict o,
                           int64_t dim) {
     const int64_t half = dim / 2;
