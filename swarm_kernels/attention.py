@@ -78,11 +78,6 @@ def _readable(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_cpu and t.dim() == 4 and t.shape[0] == 1 and t.stride(-1) == 1
 
 
-def _tokens_by_heads(t: torch.Tensor) -> bool:
-    """A [1, T, heads, D] float32 CPU tensor whose heads' D floats are contiguous (any token and head strides)."""
-    return t.dtype == torch.float32 and t.is_cpu and t.dim() == 4 and t.shape[0] == 1 and t.stride(-1) == 1
-
-
 def _angles(cos: torch.Tensor, sin: torch.Tensor, tokens: int, dim: int) -> bool:
     """cos and sin: T x D contiguous float32 CPU values (e.g. [1, 1, T, D], as a rotary module gives them)."""
     return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() == tokens * dim
@@ -94,7 +89,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     values), the same bits as torch computing that expression. False (nothing written) where the kernel does not
     apply (then compute it with torch)."""
     library = _library()
-    if library is None or not (_tokens_by_heads(x) and _tokens_by_heads(out)) or out.shape != x.shape:
+    if library is None or not (_readable(x) and _readable(out)) or out.shape != x.shape:
         return False
     _, tokens, heads, dim = x.shape
     if dim % 2 or not _angles(cos, sin, tokens, dim):
@@ -197,7 +192,7 @@ class DecodeRows:
             return False
         _, _, kv_heads, dim, key_addresses, _, key_strides, _ = self._checked
         for states in (key_states, value_states):
-            if not (_tokens_by_heads(states) and states.shape[2] == kv_heads and states.shape[3] == dim
+            if not (_readable(states) and states.shape[2] == kv_heads and states.shape[3] == dim
                     and self._last_row < states.shape[1]):
                 return False
         if dim % 2 or not _angles(cos, sin, key_states.shape[1], dim):
