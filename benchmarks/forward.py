@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import emit, machine, versions
+from benchmarks.kernels import isa
 from swarm.model import segments
 from swarm.model.precision import Precision
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
@@ -93,16 +94,8 @@ def run(args) -> dict[str, Any]:
     return {"benchmark": "forward", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "blocks": "0:30", "quant": args.quant, "threads": args.threads,
                          "runs": args.runs, "configs": names, "baseline": args.baseline,
-                         "avx512f": "avx512f" in _flags()},
+                         "isa": isa()},
             "results": results}
-
-
-def _flags() -> set[str]:
-    try:
-        return {w for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
 
 
 def main() -> None:
