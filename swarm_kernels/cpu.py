@@ -12,8 +12,9 @@ Every call runs in the kernel, prefill chunks included. Per call against oneDNN'
 float32 spans run; benchmarks/results/kernels.json: SmolLM2's block shapes, one thread) on a 2-core Zen 3 EPYC with
 AVX2: int4 takes 0.37-0.52x the time at 1 row (a decode step), 0.64-0.84x at 16 rows, 0.79-0.86x at 40 and
 0.89-1.02x at 128 (a prefill chunk); int8 0.55-0.69x, 0.70-0.88x, 0.83-0.91x and 0.97-1.04x. On AVX-512 (Zen 4,
-measured before the AVX2 path existed) int8 took 0.3-0.6x torch's float32 linear at 1 row, 0.6-0.85x at 16 rows and
-about 1-1.4x at 32-128 rows: that path blocks 4 input rows over one weight row, without the AVX2 path's tiles.
+2026-12-04, benchmarks/results/kernels_avx512_tiles.json) int4 takes 0.26-0.50x oneDNN's time at 1 row, 0.85-1.05x
+at 16 and 0.97-1.35x at 128 (int8 0.32-0.42x, 0.93-1.20x, 0.97-1.43x; the upper ends: the MLP's down projection):
+from 16 rows it multiplies widened tiles in register blocks as the AVX2 path does.
 Dequantizing to float32 for torch's matmul measured 1.3-1.7x (its float32 temporaries cost more than the matmul saves).
 One thread by default, whatever torch's thread count. `set_threads(n)` shares each call of two rows or more among n
 threads (the kernel's own pool of C threads, which claim chunks of the output rows and poll between calls before
@@ -171,6 +172,43 @@ def repack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> to
     return (codes[..., : GROUP // 2] | (codes[..., GROUP // 2 :] << 4)).reshape(-1).contiguous()
 
 
+def _check_weight(codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[int, int]:
+    """(N, K) of a weight, once its tensors are what the C code reads: it trusts them (a wrong size or a GPU pointer
+    would be read out of bounds, not raise)."""
+    n, groups = scale.shape
+    k = groups * GROUP
+    tensors = (codes, scale, minimum) if bias is None else (codes, scale, minimum, bias)
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
+        raise ValueError("the native kernel takes contiguous CPU tensors")
+    if (codes.dtype != torch.uint8 or codes.numel() != n * k * bits // 8 or minimum.shape != scale.shape
+            or scale.dtype != torch.float32 or minimum.dtype != torch.float32
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
+        raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
+    return n, k
+
+
+def _call(library: ctypes.CDLL, x: torch.Tensor, n: int, k: int, codes: int, bits: int, scale: int, minimum: int,
+          bias: int | None) -> torch.Tensor:
+    """x [..., K] → [..., N] with a checked weight's addresses (the checks on x cost ~1 us: a decode step makes ~200
+    calls of ~15-150 us)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
+    flat = x.reshape(-1, k)
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.to(torch.float32).contiguous()
+    if not flat.is_cpu:
+        raise ValueError("the native kernel takes contiguous CPU tensors")
+    rows = flat.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    scratch = torch.empty(_scratch_floats(library, k), dtype=torch.float32)  # dequantized weight tiles
+    status = library.affine_linear_parallel(flat.data_ptr(), rows, k, codes, bits, scale, minimum, bias, y.data_ptr(),
+                                            n, scratch.data_ptr(), _threads)
+    if status != 0:
+        raise ValueError(f"the native kernel refused a {n}x{k} weight with {bits}-bit codes")
+    return y.reshape(*x.shape[:-1], n)
+
+
 def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor,
                   bias: torch.Tensor | None = None, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [..., K] → float32 [..., N]; codes uint8 [N, K] (bits 8) or [N * K / 2] in repack_int4's layout (bits 4);
@@ -178,31 +216,30 @@ def affine_linear(x: torch.Tensor, codes: torch.Tensor, bits: int, scale: torch.
     library = library or _library()
     if library is None:
         raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
-    n, groups = scale.shape
-    k = groups * GROUP
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
-    flat = x.reshape(-1, k)
-    if flat.dtype != torch.float32 or not flat.is_contiguous():
-        flat = flat.to(torch.float32).contiguous()
-    rows = flat.shape[0]
-    # the C code trusts these: a wrong size or a GPU pointer would be read out of bounds, not raise (checked in a way
-    # that costs ~1 us: a decode step makes ~200 calls of ~15-150 us)
-    tensors = (flat, codes, scale, minimum) if bias is None else (flat, codes, scale, minimum, bias)
-    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
-        raise ValueError("the native kernel takes contiguous CPU tensors")
-    if (codes.dtype != torch.uint8 or codes.numel() != n * k * bits // 8 or minimum.shape != scale.shape
-            or scale.dtype != torch.float32 or minimum.dtype != torch.float32
-            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
-        raise ValueError(f"the native kernel got inconsistent tensors for a {n}x{k} weight with {bits}-bit codes")
-    y = torch.empty(rows, n, dtype=torch.float32)
-    scratch = torch.empty(_scratch_floats(library, k), dtype=torch.float32)  # dequantized weight tiles
-    status = library.affine_linear_parallel(flat.data_ptr(), rows, k, codes.data_ptr(), bits, scale.data_ptr(),
-                                            minimum.data_ptr(), None if bias is None else bias.data_ptr(),
-                                            y.data_ptr(), n, scratch.data_ptr(), _threads)
-    if status != 0:
-        raise ValueError(f"the native kernel refused a {n}x{k} weight with {bits}-bit codes")
-    return y.reshape(*x.shape[:-1], n)
+    n, k = _check_weight(codes, bits, scale, minimum, bias)
+    return _call(library, x, n, k, codes.data_ptr(), bits, scale.data_ptr(), minimum.data_ptr(),
+                 None if bias is None else bias.data_ptr())
+
+
+class Weight:
+    """A weight called many times (the lean decode path's projections): its tensors checked once, as affine_linear
+    checks them on every call, and held (so the addresses stay theirs); a call checks only its input, ~6 us less than
+    affine_linear's (a lean decode step of SmolLM2's 30 blocks makes 120 calls). `weight(x)` = affine_linear(x, ...)."""
+
+    def __init__(self, codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        self.n, self.k = _check_weight(codes, bits, scale, minimum, bias)
+        self.bits = bits
+        self.tensors = (codes, scale, minimum, bias)
+        self._addresses = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+                           None if bias is None else bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        library = _library()
+        if library is None:
+            raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
+        codes, scale, minimum, bias = self._addresses
+        return _call(library, x, self.n, self.k, codes, self.bits, scale, minimum, bias)
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ class _Joined:
         self.scale = torch.cat([layer.scale for layer in linears]).contiguous()
         self.minimum = torch.cat([layer.minimum for layer in linears]).contiguous()
         self.bias = None if first.bias is None else torch.cat([layer.bias.data for layer in linears]).contiguous()
+        self.weight = cpu.Weight(self.codes, self.bits, self.scale, self.minimum, self.bias)
         codes_at = rows_at = 0
         for layer in linears:  # each layer's buffers: views of the joined ones (no weight held twice)
             shape, rows = layer.qweight.shape, layer.scale.shape[0]
@@ -82,8 +83,7 @@ class _Joined:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.native:
             return [layer(x) for layer in self.linears]
-        y = cpu.affine_linear(x, self.codes, self.bits, self.scale, self.minimum, self.bias)
-        return list(y.split(self.sizes, dim=-1))
+        return list(self.weight(x).split(self.sizes, dim=-1))
 
 
 def _joinable(linears: list[Any]) -> bool:
@@ -99,12 +99,7 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A native-kernel linear layer's computation without its module call; any other module itself."""
     if type(module) is not NativeLinear:
         return module
-    bits = module.bits
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        return cpu.affine_linear(x, module.qweight, bits, module.scale, module.minimum, module.bias)
-
-    return linear
+    return cpu.Weight(module.qweight, module.bits, module.scale, module.minimum, module.bias)
 
 
 Norm = tuple[bool, torch.Tensor, float]  # (Gemma's offset form, the factor, epsilon): see _norm

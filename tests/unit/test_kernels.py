@@ -356,6 +356,24 @@ def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(split_every_
         cpu.set_threads(1, split_every_call)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_weight_checked_once_computes_what_each_checked_call_does(native_build, method):
+    layer = QuantLinear(nn.Linear(576, 97), method, "native")
+    weight = cpu.Weight(layer.qweight, layer.bits, layer.scale, layer.minimum, layer.bias)
+    for rows in (1, 5, 16):
+        x = torch.randn(2, rows, 576, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(weight(x), cpu.affine_linear(x, layer.qweight, layer.bits, layer.scale, layer.minimum,
+                                                        layer.bias))
+    assert torch.equal(weight(x.double()), weight(x))  # converted to float32 as affine_linear converts it
+    with pytest.raises(ValueError, match="features"):
+        weight(torch.randn(1, 575))
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu.Weight(layer.qweight[:-1], layer.bits, layer.scale, layer.minimum, layer.bias)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu.Weight(layer.qweight, layer.bits, layer.scale.t().contiguous().t(), layer.minimum, layer.bias)
+    assert weight.tensors[0] is layer.qweight  # held: the addresses it calls with stay valid
+
+
 def test_native_kernel_threads_serve_callers_on_several_threads_at_once(split_every_call):
     # the pool runs one call at a time: a call that finds it busy computes on its own thread, with the same result
     import concurrent.futures
