@@ -65,8 +65,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int, eos: int,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
+                     extra: dict[str, Any] | None = None, model: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
             "temperature": 0, "logit_bias": {str(eos): -100}, "stream": True,
             "stream_options": {"include_usage": True}, **(extra or {})}
     sent = time.perf_counter()
@@ -91,13 +91,14 @@ async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int
 
 
 async def run_streams(port: int, streams: int, tokens: int, round_: int, eos: int,
-                      extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """N streams at once (request fields `extra` added to each, `headers` sent with each) → the figures of the
-    run."""
+                      extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                      model: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
+    """N streams at once of `model` (request fields `extra` added to each, `headers` sent with each) → the figures of
+    the run."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
-        results = await asyncio.gather(*(one_stream(client, url, prompt(round_, i), tokens, eos, extra)
+        results = await asyncio.gather(*(one_stream(client, url, prompt(round_, i), tokens, eos, extra, model)
                                          for i in range(streams)))
     start = min(r["sent"] for r in results)
     end = max(r["stamps"][-1] for r in results)
