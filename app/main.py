@@ -47,6 +47,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     client_threads=settings.gateway_num_threads,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
+                    head_device=settings.gateway_head_device,
                     verification=VerificationPolicy(rate=settings.swarm_verify_rate), push=settings.swarm_push))
             stack.callback(access.close)  # the usage rows still queued are written first
             access.open()

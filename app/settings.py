@@ -88,6 +88,9 @@ class GatewaySettings(BaseSettings):
                                                            "CPUs it may run on)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")
+    gateway_head_device: Literal["cpu", "cuda"] = Field("cpu", description="where the gateway computes its model's "
+                                                        "embedding and LM head (cuda: on the GPU, in float32 as on "
+                                                        "the CPU; an embedding model's stay on the CPU)")
     startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for a complete chain at start-up")
 
     @property

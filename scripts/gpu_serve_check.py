@@ -40,7 +40,13 @@ from tests.launcher import LocalSwarm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 PEER_READY = r"peer ready: .* peer_id=(\S+)"
-CONFIGS = {"bf16": ["--dtype", "bfloat16", "--quant", "none"], "nf4": ["--dtype", "bfloat16", "--quant", "nf4"]}
+# the peers' flags; a configuration's peers may serve another configuration's gateway too (its own, all resident)
+PEERS = {"bf16": ["--dtype", "bfloat16", "--quant", "none"], "nf4": ["--dtype", "bfloat16", "--quant", "nf4"]}
+# name → (its peers, its gateway's environment)
+CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
+    "bf16": ("bf16", {}), "nf4": ("nf4", {}),
+    "bf16_head_cuda": ("bf16", {"GATEWAY_HEAD_DEVICE": "cuda"}),  # the gateway's embedding and head on the GPU
+}
 
 
 def build_model(path: Path, tokenizer_dir: Path, device: str) -> dict[str, Any]:
@@ -102,12 +108,12 @@ async def run(args) -> dict[str, Any]:
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {n: [] for n in counts} for name in names}
     swarms: dict[str, LocalSwarm] = {}
     gateways: dict[str, tuple[int, Any]] = {}
+    configs = {n: {"peers": PEERS[CONFIGS[n][0]], "gateway_env": CONFIGS[n][1]} for n in names}
+    blocks = ["0:16", "16:32"] if args.device == "cuda" else ["0:2", "2:4"]
     result: dict[str, Any] = {"benchmark": "gpu_serve", "versions": versions(),
                               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "none (cpu run)",
                               "model": model, "settings": {"tokens": args.tokens, "streams": counts,
-                                                           "configs": {n: CONFIGS[n] for n in names},
-                                                           "blocks": ["0:16", "16:32"] if args.device == "cuda"
-                                                           else ["0:2", "2:4"], "greedy": True}}
+                                                           "configs": configs, "blocks": blocks, "greedy": True}}
     failed: dict[str, str] = {}  # configuration → what ended it (the others go on)
 
     def fail(name: str, when: str, e: Exception) -> None:
@@ -116,15 +122,17 @@ async def run(args) -> dict[str, Any]:
 
     try:
         peers: dict[str, list[Any]] = {}
-        for name in names:  # every configuration's peers load at once
-            swarm = swarms[name] = LocalSwarm(workdir / name)
+        for kind in dict.fromkeys(CONFIGS[name][0] for name in names):  # every swarm's peers load at once
+            swarm = swarms[kind] = LocalSwarm(workdir / kind)
             swarm.peer_env.pop("SWARM_PEER_QUANT", None)
             swarm.start_bootstrap()
-            peers[name] = [swarm.start_peer(str(model_dir), blocks, "--device", args.device, "--throughput", "1000",
-                                            *CONFIGS[name], wait=False) for blocks in result["settings"]["blocks"]]
+            # sessions of every gateway of these peers fit at once (a gateway keeps finished ones for reuse)
+            peers[kind] = [swarm.start_peer(str(model_dir), span, "--device", args.device, "--throughput", "1000",
+                                            "--max-sessions", str(4 * max(counts) + 16), *PEERS[kind], wait=False)
+                           for span in blocks]
         for name in names:
             try:
-                for proc in peers[name]:
+                for proc in peers[CONFIGS[name][0]]:
                     proc.wait_for(PEER_READY, timeout=args.ready_timeout)
             except Exception as e:  # reported; the other configurations go on
                 fail(name, "peers", e)
@@ -133,10 +141,13 @@ async def run(args) -> dict[str, Any]:
             if name in failed:
                 continue
             port = free_port()
-            env = {"SWARM_MODEL": str(model_dir), "SWARM_INITIAL_PEERS": " ".join(swarms[name].initial_peers),
-                   "GATEWAY_MAX_CONCURRENT": str(max(counts) + 8)}
+            kind, gateway_env = CONFIGS[name]
+            env = {"SWARM_MODEL": str(model_dir), "SWARM_INITIAL_PEERS": " ".join(swarms[kind].initial_peers),
+                   "GATEWAY_MAX_CONCURRENT": str(max(counts) + 8), **gateway_env}
+            if args.device == "cpu":  # a run without a GPU: the same path, the head where there is one
+                env.pop("GATEWAY_HEAD_DEVICE", None)
             try:
-                gateways[name] = (port, swarms[name].start_gateway(port, env))
+                gateways[name] = (port, swarms[kind].start_gateway(port, env))
             except Exception as e:
                 fail(name, "gateway", e)
         timings["gateways_ready_s"] = round(time.monotonic() - started, 1)
@@ -144,10 +155,10 @@ async def run(args) -> dict[str, Any]:
             raise RuntimeError(f"no configuration started: {failed}")
         model_id = await served_model(next(iter(gateways.values()))[0])
         result["gpu_memory_used_mib_loaded"] = gpu_memory_used_mib()
-        for name, (port, _) in gateways.items():  # warm-up: every path compiled and cached once
+        for name, (port, _) in gateways.items():  # warm-up: every path and batch size compiled and cached once
             try:
-                await run_streams(port, 2, 8, -1, eos, bias, model=model_id)
-                await run_streams(port, max(counts), 4, -1, eos, bias, model=model_id)
+                for n in counts:
+                    await run_streams(port, n, 8, -1, eos, bias, model=model_id)
             except Exception as e:
                 fail(name, "warm-up", e)
         timings["warm_s"] = round(time.monotonic() - started, 1)

@@ -56,8 +56,8 @@ class SwarmClient:
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None, model_id: str | None = None,
                       dtype: torch.dtype = torch.float32, identity: str | None = None,
-                      allowed_peers: set[str] | None = None, **kwargs) -> SwarmClient:
-        """Join the DHT as a client and load the head of `model` (the default model when None).
+                      allowed_peers: set[str] | None = None, head_device: str = "cpu", **kwargs) -> SwarmClient:
+        """Join the DHT as a client and load the head of `model` (the default model when None) onto `head_device`.
 
         identity: a key file (created if missing) for a client id that peers can put on their allowlist;
         allowed_peers: route only through these peer ids (a private swarm); None: any peer.
@@ -68,7 +68,7 @@ class SwarmClient:
         dht, head = await asyncio.gather(
             loop.run_in_executor(None, partial(start_dht, initial_peers, identity_path=identity_path,
                                                client_mode=True, signing_key=key)),
-            loop.run_in_executor(None, load_head, source, dtype),
+            loop.run_in_executor(None, load_head, source, dtype, head_device),
         )
         kwargs.setdefault("allowed_peers", allowed_peers)
         kwargs.setdefault("content_id", await loop.run_in_executor(None, manifest.content_id, source.path))

@@ -54,8 +54,12 @@ class LocalHead(nn.Module):
     is_encoder = False
 
     def __init__(self, config: PretrainedConfig, embeddings: nn.Module, norm: nn.Module, lm_head: nn.Linear,
-                 position_embeddings: nn.Embedding | None = None):
+                 position_embeddings: nn.Embedding | None = None, device: str | torch.device = "cpu"):
+        """device: where the embedding and the head compute (their tensors in and out stay on the CPU, where the
+        client sends, receives and samples); the native and packed heads are the CPU's."""
         super().__init__()
+        self.device = torch.device(device)
+        on_cpu = self.device.type == "cpu"
         self.config = config
         self.embeddings, self.norm = embeddings, norm
         self.lm_head: nn.Module = lm_head  # a NativeLinear or PackedLinear below where those run it
@@ -64,19 +68,21 @@ class LocalHead(nn.Module):
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = lm_head.weight.shape[0]
         self._dtype = lm_head.weight.dtype
-        native = quant.exact_native_int8(lm_head) if native_head() and packed.fits(lm_head) else None
+        native = quant.exact_native_int8(lm_head) if on_cpu and native_head() and packed.fits(lm_head) else None
         if native is not None:  # a quarter of the bytes, the same values (see `native_head`)
             self.lm_head = native
             if (type(embeddings) is nn.Embedding and embeddings.max_norm is None
                     and embeddings.weight.shape == lm_head.weight.shape
                     and torch.equal(embeddings.weight, lm_head.weight)):  # tied: the table is read from the codes
                 self.embeddings = CodedEmbedding(native)
-        elif packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a decode round (packed)
+        elif on_cpu and packed.fits(lm_head) and packed.available():  # 2.6x faster for 8 rows of a round (packed)
             self.lm_head = packed.PackedLinear(lm_head)
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", None) or 1.0)
         self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
         self.logits_scaling = float(getattr(config, "logits_scaling", None) or 1.0)
         self.softcap = getattr(config, "final_logit_softcapping", None)
+        if not on_cpu:
+            self.to(self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,7 +96,8 @@ class LocalHead(nn.Module):
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
-        """input_ids: [B, T] of tokens at positions position.. → hidden [B, T, H], the input of block 0."""
+        """input_ids: [B, T] of tokens at positions position.. → hidden [B, T, H] on the CPU, the input of block 0."""
+        input_ids = input_ids.to(self.device)
         hidden = self.embeddings(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
@@ -98,19 +105,19 @@ class LocalHead(nn.Module):
             offset = int(getattr(self.position_embeddings, "offset", 0))  # OPT's learned positions start at 2
             positions = torch.arange(position, position + input_ids.shape[1], device=input_ids.device) + offset
             hidden = hidden + nn.Embedding.forward(self.position_embeddings, positions)[None]
-        return hidden
+        return hidden.cpu()  # the same tensor where it is on the CPU already
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, T, H], the output of the last block → float32 logits [B, T, V]."""
-        logits = self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        """hidden: [B, T, H], the output of the last block → float32 logits [B, T, V] on the CPU."""
+        logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if self.logits_scaling != 1.0:
             logits = logits / self.logits_scaling
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return logits.cpu()
 
 
 class EncoderHead(nn.Module):
@@ -139,7 +146,12 @@ class EncoderHead(nn.Module):
         raise TypeError(f"{self.config.model_type} is an encoder-only model: it makes embeddings, not logits")
 
 
-def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalHead | EncoderHead:
+def load_head(source: ModelSource, dtype: torch.dtype = torch.float32,
+              device: str = "cpu") -> LocalHead | EncoderHead:
+    """The client's part of the model at `source`; device: where a generating model's embedding and head compute (an
+    encoder's embeddings stay on the CPU)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"the head's device is {device}, but torch sees no CUDA device")
     config = load_config(source.path)
     model = skeleton(config, dtype)
     anatomy = find_anatomy(model, config)
@@ -156,4 +168,4 @@ def load_head(source: ModelSource, dtype: torch.dtype = torch.float32) -> LocalH
     if not isinstance(lm_head, nn.Linear) or not isinstance(positions, nn.Embedding | None):
         raise UnsupportedModelError(f"{config.model_type}: the LM head is a {type(lm_head).__name__}, the position "
                                     f"embeddings a {type(positions).__name__}: expected Linear and Embedding")
-    return LocalHead(config, embeddings, norm, lm_head, position_embeddings=positions)
+    return LocalHead(config, embeddings, norm, lm_head, position_embeddings=positions, device=device)

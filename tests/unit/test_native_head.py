@@ -130,3 +130,41 @@ def test_the_default_models_head_is_its_q8_0_table_on_the_int8_kernel(monkeypatc
     assert torch.equal(head.embed(every[None]), table[None])
     assert torch.equal(reference.dequantize_int8_affine(head.lm_head.qweight, head.lm_head.scale,
                                                         head.lm_head.minimum), table)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu"),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="no CUDA device")])])
+def test_a_head_computes_on_its_device_and_hands_back_cpu_tensors(device):
+    """GATEWAY_HEAD_DEVICE: the embedding and head compute where they are told; what goes in and out stays on the CPU
+    (the client sends, receives and samples there), and the logits are the layers' own within float32 rounding."""
+    linear = nn.Linear(64, 1000, bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, final_logit_softcapping=30.0)
+    embeddings, norm = nn.Embedding(1000, 64), nn.RMSNorm(64)
+    ids, hidden = torch.tensor([[0, 999, 5]]), torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        want_hidden = embeddings(ids)
+        want = torch.tanh(linear(norm(hidden)) / 30.0) * 30.0
+    head = LocalHead(config, embeddings, norm, linear, device=device)
+    assert head.device.type == device
+    if device != "cpu":
+        assert type(head.lm_head) is nn.Linear  # the native and packed heads are the CPU's
+        assert {p.device.type for p in head.parameters()} == {device}
+    got_hidden, got = head.embed(ids), head.logits(hidden)
+    assert got_hidden.device.type == "cpu" and got.device.type == "cpu" and got.dtype == torch.float32
+    assert torch.equal(got_hidden, want_hidden)  # a lookup: the same values anywhere
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU would load it")
+def test_a_head_on_cuda_without_a_gpu_is_refused_before_anything_loads(tmp_path):
+    from swarm.model.head import load_head
+    from swarm.model.source import ModelSource
+
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        load_head(ModelSource("nothing-here", tmp_path), device="cuda")  # the directory is not even read
