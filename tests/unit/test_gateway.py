@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 from fastapi.testclient import TestClient
 
+from app.detokenize import ChoiceText
 from app.main import create_app
-from app.serving import ChoiceText
 from app.settings import GatewaySettings
 from swarm.client.requests import GenerationRequest, TokenEvent
 from swarm.protocol import ErrorCode, PeerError

@@ -1,4 +1,4 @@
-"""Incremental detokenization (`app.serving.ChoiceText`) against its reference, the whole text decoded again after
+"""Incremental detokenization (`app.detokenize.ChoiceText`) against its reference, the whole text decoded again after
 every token: over many random token sequences of the real SmolLM2 tokenizer and of the byte tokenizer the gateway
 tests use (multi-byte characters, emoji, runs of spaces, invalid bytes, special tokens), what it emits concatenates
 to `decode(all ids)` exactly, never takes back what it emitted, and stops where the reference stops.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from transformers import AutoTokenizer
 
-from app.serving import ChoiceText
+from app.detokenize import ChoiceText
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.unit.test_gateway import FakeBackend
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.detokenize import ChoiceText
 from app.main import create_app
-from app.serving import ChoiceText
 from app.settings import GatewaySettings
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 from swarm_kernels.sampling import SamplingParams, sample
