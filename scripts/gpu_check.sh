@@ -3,18 +3,24 @@
 #   1. the `gpu` tests (kernel parity of bitsandbytes int8/nf4 and the reference on CUDA),
 #   2. benchmarks.kernels on CUDA (time and error of every kernel per weight shape),
 #   3. an 8B-shaped random-weight span: span vs transformers, decode step bf16 vs nf4 vs int8 (scripts/gpu_span_check.py),
-#   4. a ~1.1B random-weight Llama through two chains of CUDA peers vs transformers on the GPU (scripts/gpu_swarm_check.py).
+#   4. a ~1.1B random-weight Llama through two chains of CUDA peers vs transformers on the GPU (scripts/gpu_swarm_check.py);
+#   and, only when asked (STEPS=gpu_serve; ~6 minutes alone): 1, 16 and 64 chats through the gateway to an 8B-shaped
+#   random Llama on 2 CUDA peers (scripts/gpu_serve_check.py, with the tokenizer in $TOKENIZER_DIR: tokenizer.json,
+#   tokenizer_config.json and chat_template.jinja copied from the default model's directory here, which
+#   `python -c "from swarm.model.source import resolve_model; print(resolve_model().path)"` prints).
 # Every step runs even when an earlier one fails; the exit status says whether all passed. Results go to $OUT (or
 # ./gpu-results): logs and JSON.
 #
 #   PYTHON=python3 OUT=/tmp/gpu scripts/gpu_check.sh
 #
 # It installs nothing. On this workplace's GPU machines (torch 2.11 + CUDA 13, transformers 5.17, no network) the
-# missing packages travel as cp312 wheels in the git-ignored .whl/ (about 61 MiB): bitsandbytes==0.50.2,
-# hivemind==1.1.12, base58, varint, netaddr, prefetch_generator, ConfigArgParse, py-cid, py-multibase, py-multicodec,
-# py-multihash, morphys, python-baseconv, blake3, mmh3, cryptography, cffi, pycparser, pydantic, pydantic_core,
-# pydantic-settings, typing-inspection, annotated-types, python-dotenv, typing_extensions (pip download --no-deps
-# --only-binary=:all: --python-version 3.12 --platform manylinux...; pip wheel for the sdist-only ones), then:
+# missing packages travel as cp312 wheels in the git-ignored .whl/ (40 MiB on 2026-12-04): bitsandbytes==0.50.2
+# (without its CUDA 11/12, ROCm and XPU libraries: 7 MiB instead of 43), hivemind==1.1.12, base58, varint, netaddr,
+# prefetch_generator, ConfigArgParse, py-cid, py-multibase, py-multicodec, py-multihash, morphys, python-baseconv,
+# blake3, mmh3, cryptography, cffi, pycparser, pydantic, pydantic_core, pydantic-settings, typing-inspection,
+# annotated-types, python-dotenv, typing_extensions, and for the gateway transformers==5.24.0, fastapi, starlette,
+# uvicorn, opentelemetry-api, sniffio (pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+# manylinux...; pip wheel for the sdist-only ones), then:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -56,6 +62,8 @@ step kernels_cuda 100 "$PYTHON" -m benchmarks.kernels --device cuda --runs 7 --o
 step gpu_span 120 "$PYTHON" scripts/gpu_span_check.py --out "$OUT"
 WORK="${TMPDIR:-/tmp}/gpu-swarm"
 step gpu_swarm 180 "$PYTHON" scripts/gpu_swarm_check.py --out "$OUT" --workdir "$WORK"
+step gpu_serve 540 "$PYTHON" scripts/gpu_serve_check.py --tokenizer "${TOKENIZER_DIR:-.gpu/tokenizer}" --out "$OUT" \
+  --workdir "${TMPDIR:-/tmp}/gpu-serve" --deadline 400
 for log in "$WORK"/swarm/*.log; do  # the peers' own last words, for a failed swarm step
   [ -f "$log" ] && { echo "--- $log"; tail -n 8 "$log"; }
 done
