@@ -114,6 +114,11 @@ class GatewaySettings(BaseSettings):
             self._api_keys |= _read_key_file(self.gateway_api_key_file)
         if self.gateway_private and self.swarm_initial_peers.strip() and not self.swarm_allowed_peers.strip():
             raise ValueError("GATEWAY_PRIVATE joins a swarm only through SWARM_ALLOWED_PEERS: name the peers")
+        if self.gateway_head_device == "cuda":
+            import torch  # (the swarm's; only for this check)
+
+            if not torch.cuda.is_available():
+                raise ValueError("GATEWAY_HEAD_DEVICE=cuda, but torch sees no CUDA device")
         return self
 
     @property

@@ -236,10 +236,16 @@ def test_an_api_key_file_that_holds_no_key_or_is_missing_is_a_startup_error(tmp_
     assert GatewaySettings(gateway_api_key_file=str(empty), gateway_api_keys="k3").api_keys == {"k1", "k2", "k3"}
 
 
-def test_the_heads_device_is_read_from_the_environment_and_an_unknown_one_refused(monkeypatch):
+def test_the_heads_device_is_read_from_the_environment_and_an_unknown_or_absent_one_refused(monkeypatch):
+    import torch
+
     assert GatewaySettings().gateway_head_device == "cpu"
     monkeypatch.setenv("GATEWAY_HEAD_DEVICE", "cuda")
-    assert GatewaySettings().gateway_head_device == "cuda"
+    if torch.cuda.is_available():
+        assert GatewaySettings().gateway_head_device == "cuda"
+    else:  # a start-up error, before any model is loaded
+        with pytest.raises(ValueError, match="GATEWAY_HEAD_DEVICE=cuda, but torch sees no CUDA device"):
+            GatewaySettings()
     monkeypatch.setenv("GATEWAY_HEAD_DEVICE", "gpu0")
     with pytest.raises(ValueError, match="gateway_head_device"):
         GatewaySettings()
