@@ -1,19 +1,22 @@
 """Many users on a GPU: N concurrent streaming chats through `uvicorn app.main:app` over HTTP, the gateway joined to
 two CUDA peers (blocks 0:16 and 16:32) of an 8B-shaped random-weight Llama on one GPU.
 
-    python scripts/gpu_serve_check.py --tokenizer DIR [--streams 1,16,64] [--configs bf16,nf4] [--rounds 3]
-                                      [--deadline S] [--workdir DIR] [--out DIR] [--device cpu]
+    python scripts/gpu_serve_check.py --tokenizer DIR [--streams 1,16,64] [--configs bf16,nf4,bf16_head_cuda]
+                                      [--rounds 3] [--warm-tokens N] [--deadline S] [--workdir DIR] [--out DIR]
+                                      [--device cpu]
 
 The model has Llama-3-8B's blocks (32 of hidden 4096, MLP 14336, 32 query and 8 KV heads, rope theta 500000) with
 random bf16 weights, and the tokenizer and chat template in DIR (SmolLM2's: 49152 tokens, so its head is 49152 x 4096
-where Llama 3's is 128256 x 4096); it is built on the GPU and saved once. Each configuration is a bootstrap node, its
-2 peers and a gateway of its own, all running for the whole benchmark: `bf16` (--dtype bfloat16 --quant none) and
-`nf4` (bitsandbytes' 4-bit weights, the CUDA default). The gateway (embedding, head, sampling, detokenizing) runs on
-the CPU as it does everywhere. Rounds interleave configurations and stream counts as benchmarks.serve does (the same
-streams: ~40-token prompts, greedy, `--tokens` new tokens each, the special tokens suppressed, so that every stream
-runs to its length); a new round starts only while the last one's duration still fits before --deadline seconds
-from the start. JSON on stdout and in OUT/gpu_serve.json. `--device cpu` runs it with a small model of the same
-kind (how this script is tried without a GPU).
+where Llama 3's is 128256 x 4096); it is built on the GPU and saved once. Each configuration is a gateway of its own
+on 2 peers (and a bootstrap node) of its kind, all running for the whole benchmark: `bf16` (--dtype bfloat16 --quant
+none) and `nf4` (bitsandbytes' 4-bit weights, the CUDA default); `bf16_head_cuda` is a second gateway on the bf16
+peers with its embedding and head on the GPU (GATEWAY_HEAD_DEVICE=cuda; elsewhere the gateway's embedding, head,
+sampling and detokenizing run on the CPU). After an unmeasured warm-up run at every stream count (--warm-tokens),
+rounds interleave configurations and stream counts as benchmarks.serve does (the same streams: ~40-token prompts,
+greedy, `--tokens` new tokens each, the special tokens suppressed, so that every stream runs to its length); a new
+round starts only while the last one's duration still fits before --deadline seconds from the start. JSON on stdout
+and in OUT/gpu_serve.json. `--device cpu` runs it with a small model of the same kind (how this script is tried
+without a GPU).
 """
 
 from __future__ import annotations
@@ -155,10 +158,12 @@ async def run(args) -> dict[str, Any]:
             raise RuntimeError(f"no configuration started: {failed}")
         model_id = await served_model(next(iter(gateways.values()))[0])
         result["gpu_memory_used_mib_loaded"] = gpu_memory_used_mib()
-        for name, (port, _) in gateways.items():  # warm-up: every path and batch size compiled and cached once
+        # warm-up: every path and batch size once, at the measured length (on the H200, 8-token warm-ups at every
+        # count still left the first measured one-chat run ~3x slower than the later ones)
+        for name, (port, _) in gateways.items():
             try:
                 for n in counts:
-                    await run_streams(port, n, 8, -1, eos, bias, model=model_id)
+                    await run_streams(port, n, args.warm_tokens or args.tokens, -1, eos, bias, model=model_id)
             except Exception as e:
                 fail(name, "warm-up", e)
         timings["warm_s"] = round(time.monotonic() - started, 1)
@@ -208,6 +213,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1,16,64")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm-tokens", type=int, default=0, help="new tokens per stream of the unmeasured warm-up "
+                                                                     "run at every stream count (0: --tokens)")
     parser.add_argument("--configs", default="bf16,nf4", help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds from the start after which no round "
                                                                        "starts that would not end before it")

@@ -20,7 +20,8 @@ def test_the_gpu_serve_check_runs_every_configuration_on_the_cpu(tmp_path):
     tokenizer = resolve_model().path  # the default model's tokenizer and chat template
     out = tmp_path / "out"
     subprocess.run([sys.executable, "scripts/gpu_serve_check.py", "--device", "cpu", "--tokenizer", str(tokenizer),
-                    "--streams", "1,3", "--tokens", "12", "--rounds", "2", "--configs", "bf16,bf16_head_cuda,nf4",
+                    "--streams", "1,3", "--tokens", "12", "--warm-tokens", "6", "--rounds", "2",
+                    "--configs", "bf16,bf16_head_cuda,nf4",
                     "--workdir", str(tmp_path / "work"), "--out", str(out)], cwd=ROOT, check=True, timeout=600)
     result = json.loads((out / "gpu_serve.json").read_text())
     assert result["failed"] == {}
