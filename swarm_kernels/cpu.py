@@ -36,6 +36,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,6 +130,31 @@ def available() -> bool:
 
 
 _threads = 1  # threads a call may be split over (set_threads)
+ACTIVATIONS = ("float32", "int8")
+_activations = "float32"  # set_activations
+
+
+def activations() -> str:
+    """What 4-bit weights multiply: float32 activations (this kernel, the default) or int8 ones (swarm_kernels/cpu_a8.c:
+    a peer's --activations int8)."""
+    return _activations
+
+
+def set_activations(mode: str) -> str:
+    """From now on 4-bit calls quantize their activations to int8 ("int8", where the kernel builds; else float32
+    with a warning) or keep them float32 ("float32"). Returns the mode in effect."""
+    global _activations
+    mode = mode.strip().lower() or "float32"
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {mode!r}")
+    if mode == "int8":
+        from swarm_kernels import cpu_a8  # here: it imports this module
+
+        if not cpu_a8.available():
+            logger.warning("int8 activations need the native kernel cpu_a8.c, which did not build: float32 instead")
+            mode = "float32"
+    _activations = mode
+    return mode
 
 
 def set_threads(threads: int, library: ctypes.CDLL | None = None) -> int:
@@ -231,15 +257,31 @@ class Weight:
         self.n, self.k = _check_weight(codes, bits, scale, minimum, bias)
         self.bits = bits
         self.tensors = (codes, scale, minimum, bias)
+        self._a8: Any = None  # int8_activations(): a cpu_a8.Weight
         self._addresses = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
                            None if bias is None else bias.data_ptr())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4 and _activations == "int8":
+            return self.int8_activations()(x)
         library = _library()
         if library is None:
             raise RuntimeError("the native CPU kernel is unavailable (no working C compiler)")
         codes, scale, minimum, bias = self._addresses
         return _call(library, x, self.n, self.k, codes, self.bits, scale, minimum, bias)
+
+    def int8_activations(self) -> Any:  # a cpu_a8.Weight (cpu_a8 imports this module)
+        """This 4-bit weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
+        if self._a8 is None:
+            from swarm_kernels import cpu_a8
+
+            codes, scale, minimum, bias = self.tensors
+            self._a8 = cpu_a8.Weight.from_kernel_layout(codes, scale, minimum, bias)
+        return self._a8
+
+    def share_int8_activations(self, weight: Any) -> None:
+        """Use `weight` (the same weight repacked by its layer: swarm.model.lean) for int8 activations."""
+        self._a8 = weight
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from swarm_kernels import cpu, reference, triton_nf4
+from swarm_kernels import cpu, cpu_a8, reference, triton_nf4
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,36 @@ class NativeLinear(QuantLinear):
         return 8 if self.method == "int8" else 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4 and cpu.activations() == "int8":
+            return self.int8_activations()(x).to(x.dtype)
         return cpu.affine_linear(x, self.qweight, self.bits, self.scale, self.minimum, self.bias).to(x.dtype)
+
+    def int8_activations(self) -> cpu_a8.Weight:
+        """This 4-bit weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
+        weight = self.__dict__.get("_a8")
+        if weight is None:
+            weight = self.__dict__["_a8"] = cpu_a8.Weight.from_kernel_layout(self.qweight, self.scale, self.minimum,
+                                                                             self.bias)
+        return weight
+
+    def share_int8_activations(self, weight: cpu_a8.Weight | None) -> None:
+        """Use `weight` (its rows of a joined layer's repacked weight: swarm.model.lean) for int8 activations;
+        None (rows not on a 16-row block boundary) leaves it to int8_activations to repack its own."""
+        if weight is not None:
+            self.__dict__["_a8"] = weight
+
+
+def int8_activation_bytes(module: nn.Module) -> int:
+    """Bytes of the int4 weights repacked for int8 activations held by module's native layers (each storage once:
+    layers of a joined call share theirs)."""
+    storages = {}
+    for layer in module.modules():
+        weight = layer.__dict__.get("_a8") if type(layer) is NativeLinear else None
+        if weight is not None:
+            for tensor in (weight.codes, weight.scale, weight.minimum):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class _TorchCpuLinear(QuantLinear):

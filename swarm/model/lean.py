@@ -79,6 +79,11 @@ class _Joined:
             if self.bias is not None:
                 layer.bias.data = self.bias[rows_at : rows_at + rows]
             codes_at, rows_at = codes_at + count, rows_at + rows
+        if self.bits == 4 and cpu.activations() == "int8":  # repacked once, each layer's a view of the joined one
+            joined, rows_at = self.weight.int8_activations(), 0
+            for layer in linears:
+                layer.share_int8_activations(joined.rows(rows_at, layer.out_features))
+                rows_at += layer.out_features
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.native:
@@ -99,7 +104,10 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A native-kernel linear layer's computation without its module call; any other module itself."""
     if type(module) is not NativeLinear:
         return module
-    return cpu.Weight(module.qweight, module.bits, module.scale, module.minimum, module.bias)
+    weight = cpu.Weight(module.qweight, module.bits, module.scale, module.minimum, module.bias)
+    if module.bits == 4 and cpu.activations() == "int8":  # the layer's repacked weight, not a second one
+        weight.share_int8_activations(module.int8_activations())
+    return weight
 
 
 Norm = tuple[bool, torch.Tensor, float]  # (Gemma's offset form, the factor, epsilon): see _norm

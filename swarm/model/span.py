@@ -31,7 +31,7 @@ from swarm.model.anatomy import (
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
 from swarm_kernels import attention, packed
-from swarm_kernels.quant import QuantLinear, quantize_linears
+from swarm_kernels.quant import QuantLinear, int8_activation_bytes, quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class BlockSpan(nn.Module):
 
     def weight_bytes(self) -> int:
         return (sum(t.nbytes for t in self.parameters()) + sum(t.nbytes for t in self.buffers())
-                + packed.packed_bytes(self))
+                + packed.packed_bytes(self) + int8_activation_bytes(self))
 
     def new_cache(self, max_length: int) -> SpanKVCache:
         return SpanKVCache(len(self.blocks), max_length)

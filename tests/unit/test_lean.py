@@ -102,6 +102,34 @@ def test_joined_projections_hold_no_weight_twice_and_are_one_call(tiny_model_dir
     assert len(calls) == 4 * len(span.blocks)  # q|k|v, o, gate|up, down
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_int8_activations_keep_the_same_bits_and_one_repacked_weight(tiny_model_dir, family):
+    """With 4-bit projections on int8 activations (a peer's --activations int8) the lean path still computes the
+    layers' own bits, and each projection is repacked once: a joined call's layers use views of its weight, o and
+    down their layer's own."""
+    saved = cpu.activations()
+    try:
+        cpu.set_activations("int8")
+        span = span_of(tiny_model_dir, family, "int4")
+        assert span.prepare_lean()
+        got = decode_both_ways(span)
+        assert torch.equal(got[True][0], got[False][0]), (got[True][0] - got[False][0]).abs().max()
+        cpu.set_activations("float32")
+        floats = decode_both_ways(span)[True][0]
+        assert not torch.equal(floats, got[True][0])  # it did compute with int8 activations
+        layer, block = span._lean.layers[0], span.blocks[0]
+        joined = layer.qkv.weight.int8_activations()
+        shared = joined.codes.untyped_storage().data_ptr()
+        for projection in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+            own = projection.int8_activations()
+            aligned = own.n == projection.out_features and projection.out_features % 16 == 0
+            assert not aligned or own.codes.untyped_storage().data_ptr() == shared
+        assert layer.o_proj.int8_activations() is block.self_attn.o_proj.int8_activations()
+        assert layer.down_proj.int8_activations() is block.mlp.down_proj.int8_activations()
+    finally:
+        cpu.set_activations(saved)
+
+
 @pytest.mark.parametrize("family", ["granite", "smollm3"])
 def test_a_layer_that_differs_is_caught_by_the_check(tiny_model_dir, family):
     # shaped like Llama's, computed otherwise: granite scales its residuals, smollm3's 4th layer has no rotary

@@ -1,0 +1,190 @@
+"""swarm_kernels/cpu_a8.c: 4-bit weights against int8 activations.
+
+Its arithmetic is defined exactly (cpu_a8.c's header): the activations' quantization is reproduced bit for bit in torch,
+the integer dot products are exact, so every build (VNNI, AVX2, portable: each run here where this CPU can) must give
+the same bits, equal to the float64 evaluation of the same formula within the float32 roundings of its per-group steps;
+a row gives the same bits alone or in a batch, on one thread or two."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm_kernels import cpu, cpu_a8, reference
+from swarm_kernels.quant import QuantLinear
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+needs_x86 = pytest.mark.skipif(not X86, reason="x86 builds: this CPU is not x86-64")
+FLAGS_TEXT = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+VNNI = " avx512_vnni" in FLAGS_TEXT and " avx512bw" in FLAGS_TEXT
+
+
+def _march(*arch: str) -> tuple[str, ...]:
+    flags = [f for f in cpu.FLAGS if f != "-march=native"]
+    return (*flags, *arch)
+
+
+BUILDS = {
+    "vnni": _march("-march=x86-64-v4", "-mavx512vnni"),
+    "avx2": _march("-march=x86-64-v3"),
+    "portable": _march("-march=x86-64"),
+}
+PATHS = {"vnni": "avx512vnni", "avx2": "avx2", "portable": "portable"}
+RUNNABLE = [pytest.param("vnni", marks=[needs_x86, pytest.mark.skipif(
+                not VNNI, reason="this CPU has no AVX-512 VNNI: that build cannot run here")]),
+            pytest.param("avx2", marks=needs_x86), pytest.param("portable", marks=needs_x86)]
+
+
+@functools.cache
+def _library(name: str):
+    library = cpu_a8.build(BUILDS[name])
+    assert library is not None, f"cpu_a8.c did not build with {BUILDS[name]}"
+    return library
+
+
+@functools.cache
+def _native():
+    """This machine's own build (-march=native)."""
+    library = cpu_a8.build(tuple(cpu.FLAGS))
+    assert library is not None
+    return library
+
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    if not cpu_a8.available():
+        pytest.skip("no working C compiler for swarm_kernels/cpu_a8.c")
+
+
+def _weight(n: int, k: int, seed: int = 0, bias: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    packed, scale, minimum = reference.quantize_int4(w)
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(n, k)  # reference.py's order, one a byte
+    return codes, scale, minimum, (torch.randn(n, generator=g) if bias else None)
+
+
+def _call(library, weight: cpu_a8.Weight, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(cpu_a8, "_library", lambda: library)
+    return weight(x)
+
+
+@pytest.mark.parametrize("build", RUNNABLE)
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (200, 96), (576, 576), (192, 576), (576, 1536)])
+def test_every_build_gives_the_same_bits_as_the_formula(build, n, k, monkeypatch):
+    library, native = _library(build), _native()
+    assert library.a8_path().decode() == PATHS[build]
+    codes, scale, minimum, bias = _weight(n, k, seed=n + k, bias=n == 200)
+    weight = cpu_a8.Weight(codes, scale, minimum, bias)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(k)) * 3
+    y = _call(library, weight, x, monkeypatch)
+    # builds that differ: the float steps are not the same FMAs in the same order
+    assert torch.equal(y, _call(native, weight, x, monkeypatch))
+    exact = cpu_a8.reference(x, codes, scale, minimum, bias).double()
+    # per group two float32 FMAs and a product: a few units in the last place of the running sum's magnitude
+    bound = 1e-6 * (exact.abs().max() + 1) * (k // 32 + 2)
+    assert (y.double() - exact).abs().max() <= bound
+
+
+@pytest.mark.parametrize("build", RUNNABLE)
+def test_quantization_matches_its_torch_reference_bit_for_bit(build, monkeypatch):
+    monkeypatch.setattr(cpu_a8, "_library", lambda: _library(build))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 96, generator=g) * 10
+    x[1, :32] = 0.0                                    # an all-zero group: codes 0, scale 0
+    x[2, :32] = torch.tensor([127.0] + [j + 0.5 for j in range(-15, 16)])  # amax 127: x * 1.0, ties to even
+    x[3, 7] = 1e30                                     # one huge value: the rest of its group rounds to 0
+    xq, sx, t = cpu_a8.quantize(x.contiguous())
+    rq, rs, rt = cpu_a8.quantize_reference(x)
+    assert torch.equal(xq, rq) and torch.equal(sx, rs) and torch.equal(t, rt)
+    assert xq.abs().max() <= 127 and sx[1, 0] == 0 and (xq[1, :32] == 0).all()
+    assert xq[2, 1:6].tolist() == [-14, -14, -12, -12, -10]  # -14.5, -13.5, -12.5, -11.5, -10.5
+
+
+@pytest.mark.parametrize("build", RUNNABLE)
+def test_non_finite_activations_give_nan_in_their_rows_only(build, monkeypatch):
+    codes, scale, minimum, _ = _weight(40, 64)
+    weight = cpu_a8.Weight(codes, scale, minimum)
+    x = torch.randn(3, 64)
+    x[0, 3], x[2, 40] = float("nan"), float("inf")
+    y = _call(_library(build), weight, x, monkeypatch)
+    assert y[0].isnan().all() and y[2].isnan().all() and y[1].isfinite().all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_gives_the_same_bits_alone_or_batched(threads):
+    codes, scale, minimum, bias = _weight(576, 576, bias=True)
+    weight = cpu_a8.Weight(codes, scale, minimum, bias)
+    x = torch.randn(130, 576, generator=torch.Generator().manual_seed(3))
+    saved = cpu.threads()
+    try:
+        cpu.set_threads(threads)
+        batched = weight(x)
+        pieces = [weight(x[i : i + 1]) for i in (0, 5, 64, 129)] + [weight(x[:7]), weight(x[100:117])]
+    finally:
+        cpu.set_threads(saved)
+    alone = torch.cat(pieces[:4])
+    assert torch.equal(alone, batched[[0, 5, 64, 129]])
+    assert torch.equal(pieces[4], batched[:7]) and torch.equal(pieces[5], batched[100:117])
+
+
+def test_its_error_against_float32_activations_is_the_activations_rounding():
+    """What int8 activations cost: the result differs from the float32-activation kernel's by what rounding each
+    group of activations to 255 levels does (~0.5% of the output's norm for Gaussian activations), no more."""
+    codes, scale, minimum, _ = _weight(1536, 576)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4))
+    y = cpu_a8.Weight(codes, scale, minimum)(x)
+    dequantized = (codes.float().reshape(1536, 18, 32) * scale[..., None] + minimum[..., None]).reshape(1536, 576)
+    exact = x.double() @ dequantized.double().T
+    error = ((y.double() - exact).norm() / exact.norm()).item()
+    assert 1e-4 < error < 0.01
+
+
+def test_int4_layers_use_it_only_when_asked(monkeypatch):
+    """cpu.set_activations('int8') switches QuantLinear's native int4 layers and cpu.Weight (the lean decode path's)
+    to int8 activations; int8 weights keep float32 activations; float32 switches back."""
+    linear = torch.nn.Linear(64, 48, bias=True)
+    layer = QuantLinear(linear, "int4", "native")
+    layer8 = QuantLinear(linear, "int8", "native")
+    x = torch.randn(5, 64)
+    saved = cpu.activations()
+    try:
+        cpu.set_activations("float32")
+        floats, floats8 = layer(x), layer8(x)
+        assert torch.equal(cpu.Weight(layer.qweight, 4, layer.scale, layer.minimum, layer.bias)(x), floats)
+        cpu.set_activations("int8")
+        ints = layer(x)
+        assert not torch.equal(ints, floats) and torch.equal(layer8(x), floats8)
+        halves = layer.qweight.reshape(48, 2, 16)
+        codes = torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(48, 64)
+        assert torch.allclose(ints, cpu_a8.reference(x, codes, layer.scale, layer.minimum, layer.bias), rtol=0,
+                              atol=1e-5)
+        assert torch.equal(cpu.Weight(layer.qweight, 4, layer.scale, layer.minimum, layer.bias)(x), ints)
+    finally:
+        cpu.set_activations(saved)
+
+
+def test_the_setting_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="activations must be one of"):
+        cpu.set_activations("int3")
+    saved = cpu.activations()
+    try:
+        monkeypatch.setattr(cpu_a8, "available", lambda: False)
+        assert cpu.set_activations("int8") == "float32"  # no kernel: float32, with a warning
+    finally:
+        cpu.set_activations(saved)
+
+
+def test_inconsistent_weights_and_inputs_are_refused():
+    codes, scale, minimum, _ = _weight(16, 64)
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu_a8.Weight(codes[:, :40], scale, minimum)
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu_a8.Weight(codes, scale[:8], minimum)
+    weight = cpu_a8.Weight(codes, scale, minimum)
+    with pytest.raises(ValueError, match="features"):
+        weight(torch.randn(2, 32))
