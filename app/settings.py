@@ -86,6 +86,9 @@ class GatewaySettings(BaseSettings):
                                                                "in worker threads off the event loop")
     embedded_num_threads: int = Field(0, ge=0, description="the embedded peer's --num-threads (0: its default, the "
                                                            "CPUs it may run on)")
+    embedded_activations: Literal["float32", "int8"] = Field(
+        "float32", description="the embedded peer's --activations: int8 multiplies its 4-bit blocks with int8 "
+                               "activations (faster, slightly less faithful; README)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")
     gateway_head_device: Literal["cpu", "cuda"] = Field("cpu", description="where the gateway computes its model's "

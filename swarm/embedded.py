@@ -29,14 +29,14 @@ logger = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
                              startup_timeout: float = 600.0, embedding_model: str | None = None,
-                             client_threads: int = 0,
+                             client_threads: int = 0, activations: str = "float32",
                              **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
     client_options go to SwarmClient.connect. client_threads: torch threads of this process (the client's head);
     0: one beside an embedded swarm (its peer computes on every core; the head's few rows per round need one), torch's
     default when joining peers elsewhere. An LM head on the native kernel (swarm.model.head.native_head) shares its
     calls among every CPU this process may run on, beside an embedded peer too: a round's head runs while the chain
-    waits for its tokens."""
+    waits for its tokens. activations: the embedded peers' --activations."""
     threads = client_threads or (1 if not initial_peers else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -45,7 +45,7 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
             models = [model] + ([embedding_model] if embedding_model else [])
-            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads))
+            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads, activations))
         service = await SwarmTextService.connect(list(initial_peers), model, **client_options)
         stack.push_async_callback(service.close)
         embeddings = None
@@ -61,7 +61,8 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
 
 
 @contextlib.asynccontextmanager
-async def _embedded_swarm(models: list[str], num_threads: int) -> AsyncIterator[list[str]]:
+async def _embedded_swarm(models: list[str], num_threads: int, activations: str = "float32"
+                          ) -> AsyncIterator[list[str]]:
     """An embedded DHT and one local peer per model, each hosting every block of it."""
     loop = asyncio.get_running_loop()
     for model in models:  # convert the default model once, here, with a log
@@ -75,6 +76,8 @@ async def _embedded_swarm(models: list[str], num_threads: int) -> AsyncIterator[
                     *maddrs]
             if num_threads:
                 argv += ["--num-threads", str(num_threads)]
+            if activations != "float32":
+                argv += ["--activations", activations]
             peers.append(subprocess.Popen(argv, start_new_session=True))
             logger.info("embedded swarm: DHT %s, peer of %s pid %d", " ".join(maddrs), model, peers[-1].pid)
         yield maddrs

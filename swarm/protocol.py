@@ -149,6 +149,7 @@ class SpanInfo:
     # (peer id, seconds): round trips it measured to peers that may come next in a chain (swarm.server.latency),
     # at most MAX_NEXT_RTT, so that routes with push can count the true hop between two peers
     next_rtt: tuple[tuple[str, float], ...] = ()
+    activations: str = "float32"  # what its 4-bit CPU blocks multiply with (float32, or int8: --activations)
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,7 +274,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool | _RoundTrips] = {
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
     "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
-    "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0),
+    "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0), "activations": _Text(16, ("float32", "int8")),
 }
 
 

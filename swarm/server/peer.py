@@ -81,7 +81,10 @@ def run_peer(settings: PeerSettings) -> None:
     torch.set_num_threads(torch_threads)
     if kernel_threads > 1:
         kernel_threads = cpu.set_threads(kernel_threads)
-    logger.info("computing with %d torch thread(s), %d native kernel thread(s)", torch_threads, kernel_threads)
+    if settings.activations != "float32":
+        cpu.set_activations(settings.activations)
+    logger.info("computing with %d torch thread(s), %d native kernel thread(s); 4-bit blocks with %s activations",
+                torch_threads, kernel_threads, peer.activations())
     try:
         asyncio.run(peer.serve())
     finally:
@@ -144,6 +147,13 @@ class Peer:
             return wanted or torch.get_num_threads(), 1
         return 1, wanted or available_cpus()
 
+    def activations(self) -> str:
+        """What this peer's blocks multiply with: "int8" where they are 4-bit on the native CPU kernel and
+        --activations int8 took effect (swarm_kernels/cpu_a8.c), else "float32"."""
+        precision = self.precision
+        native4 = precision.device == "cpu" and precision.quant == "int4" and precision.kernel == "native"
+        return cpu.activations() if native4 else "float32"
+
     # -- sizing and placement --------------------------------------------------------------------------------------
 
     def _busy(self) -> bool:
@@ -198,6 +208,7 @@ class Peer:
             hidden_size=self.config.hidden_size,
             dtype=self.precision.dtype_name,
             quant=self.precision.quant,
+            activations=self.activations(),
             device=self.precision.device,
             max_length=self.max_length,
             kv_budget_tokens=budget.total if budget else 0,
@@ -277,8 +288,9 @@ class Peer:
             if faults.step_delay:  # a peer slowed down for a test: measure it, but never cache that
                 self.rate = await backend.run(measure)
             else:
+                quant = self.precision.quant + ("+a8" if self.activations() == "int8" else "")
                 key = throughput.cache_key(self.source.model_id, self.precision.device, self.precision.dtype_name,
-                                           self.precision.quant)
+                                           quant)
                 self.rate = await backend.run(throughput.cached_or_measured, key, measure,
                                               settings.throughput == "eval")
         return backend

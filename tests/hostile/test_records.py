@@ -46,14 +46,22 @@ MALFORMED = [
     ({"next_rtt": [["b"]]}, "a hop without its round trip"),
     ({"next_rtt": [[7, 0.01]]}, "a peer id not text"),
     ({"next_rtt": {"b": 0.01}}, "hops as a map, not pairs"),
+    ({"activations": "int2"}, "activations no peer computes with (its verification tolerance would be a guess)"),
+    ({"activations": 8}, "activations not text"),
 ]
 
 
 def test_every_record_field_has_a_rule_and_honest_records_pass():
     assert SpanInfo.from_dict(HONEST.to_dict()) == HONEST
     assert set(SPAN_SCHEMA) == set(HONEST.to_dict())
-    measured = dataclasses.replace(HONEST, push=True, next_rtt=(("b", 0.012), ("c", 0.0)))
+    measured = dataclasses.replace(HONEST, push=True, next_rtt=(("b", 0.012), ("c", 0.0)), activations="int8")
     assert SpanInfo.from_dict(unpack_metadata(pack_metadata(measured.to_dict()))) == measured  # as on the wire
+
+
+def test_a_record_without_activations_is_an_older_peers_float32():
+    record = HONEST.to_dict()
+    del record["activations"]
+    assert SpanInfo.from_dict(record).activations == "float32"
 
 
 @pytest.mark.parametrize(("change", "why"), MALFORMED, ids=[why for _, why in MALFORMED])

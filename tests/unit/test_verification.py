@@ -12,9 +12,10 @@ from swarm.client.verification import SAME_PRECISION, distance, judge, tolerance
 from swarm.protocol import SpanInfo
 
 
-def info(quant: str = "none", dtype: str = "float32") -> SpanInfo:
+def info(quant: str = "none", dtype: str = "float32", activations: str = "float32") -> SpanInfo:
     return SpanInfo(peer_id="p", model_id="m", start=0, end=4, num_blocks=4, hidden_size=8, dtype=dtype, quant=quant,
-                    max_length=64, kv_budget_tokens=100, free_kv_tokens=100, active_sessions=0)
+                    max_length=64, kv_budget_tokens=100, free_kv_tokens=100, active_sessions=0,
+                    activations=activations)
 
 
 def test_tolerance_follows_the_two_precisions():
@@ -22,6 +23,12 @@ def test_tolerance_follows_the_two_precisions():
     assert tolerance(info(), [info("int8")]) < tolerance(info(), [info("int4")]) < tolerance(info(), [info("nf4")])
     assert tolerance(info(), [info("none", "bfloat16")]) > SAME_PRECISION
     assert tolerance(info(), [info(), info("int4")]) == tolerance(info(), [info("int4")])  # the loosest link
+    # int8 activations: the same bits between two such peers, not within rounding of float32 ones (measured 5.5e-2
+    # relative L2 over SmolLM2's 30 blocks: an honest peer must pass, a wrong answer (O(1)) must not)
+    a8 = info("int4", activations="int8")
+    assert tolerance(a8, [info("int4", activations="int8")]) == SAME_PRECISION
+    assert 5.5e-2 < tolerance(a8, [info("int4")]) == tolerance(info("int4"), [a8]) < 0.5
+    assert tolerance(info(), [a8]) > 5.5e-2
 
 
 def test_distance_tells_rounding_from_a_wrong_answer():
