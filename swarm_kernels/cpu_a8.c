@@ -35,7 +35,6 @@
 
 #define GROUP 32
 #define BLOCK 16  /* weight rows per block */
-#define RM 4      /* input rows sharing a block's widened codes */
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -154,6 +153,7 @@ static void store(const float *acc, int64_t nb, const float *bias, float *y) {
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define A8_PATH "avx512vnni"
+#define RM 8  /* input rows sharing a block's widened codes (8 code registers + 8 sums of 32) */
 /* rx (1..RM) input rows from row i against block b. */
 static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
     const int64_t groups = c->k / GROUP, nb = c->n - b * BLOCK < BLOCK ? c->n - b * BLOCK : BLOCK;
@@ -187,6 +187,7 @@ static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
 }
 #elif defined(__AVX2__)
 #define A8_PATH "avx2"
+#define RM 4  /* 8 code registers + 4 sums of AVX2's 16 */
 /* The same, 8 lanes at a time: vpmaddubsw (code x activation, pairs summed into int16: at most 2 x 15 x 127 = 3810,
    and the 8 quads of a group summed in int16: at most 30480, no saturation), then vpmaddwd by ones into int32. */
 static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
@@ -222,6 +223,7 @@ static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
 }
 #else
 #define A8_PATH "portable"
+#define RM 4
 static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
     const int64_t groups = c->k / GROUP, nb = c->n - b * BLOCK < BLOCK ? c->n - b * BLOCK : BLOCK;
     for (int r = 0; r < rx; r++) {
