@@ -87,7 +87,7 @@ class GatewaySettings(BaseSettings):
     embedded_num_threads: int = Field(0, ge=0, description="the embedded peer's --num-threads (0: its default, the "
                                                            "CPUs it may run on)")
     embedded_activations: Literal["float32", "int8"] = Field(
-        "float32", description="the embedded peer's --activations: int8 multiplies its 4-bit blocks with int8 "
+        "float32", description="the embedded peer's --activations: int8 multiplies its int8/int4 blocks with int8 "
                                "activations (faster, slightly less faithful; README)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")

@@ -6,8 +6,8 @@
 
 Candidates (each only where it runs): fp32 / bf16 unquantized, fp32 with oneDNN's prepacked weight (packed.py:
 what unquantized float32 CPU spans and the client's LM head run); int8 (affine, groups of 32) and int4 with the native
-kernel (swarm_kernels/cpu_affine.c, float32 activations); int4 with int8 activations (`int4.a8`:
-swarm_kernels/cpu_a8.c, a peer's --activations int8); int8 with torch's `_weight_int8pack_mm`; int4 with
+kernel (swarm_kernels/cpu_affine.c, float32 activations); int8 and int4 with int8 activations (`int8.a8`,
+`int4.a8`: swarm_kernels/cpu_a8.c, a peer's --activations int8); int8 with torch's `_weight_int8pack_mm`; int4 with
 torch's `_weight_int4pack_mm_for_cpu`; nf4 with swarm_kernels/triton_nf4.py (CUDA); int8 with torch's deprecated
 `quantize_dynamic` (activations quantized too); bitsandbytes LLM.int8 and nf4 (its CPU backend here, CUDA on a GPU);
 the dequantize-then-matmul reference.
@@ -104,11 +104,11 @@ class _Split(nn.Module):
 
 
 class _Int8Activations(nn.Module):
-    """The native int4 layer with int8 activations (swarm_kernels/cpu_a8.c; a peer's --activations int8)."""
+    """A native int8 or int4 layer with int8 activations (swarm_kernels/cpu_a8.c; a peer's --activations int8)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, method: str):
         super().__init__()
-        layer = QuantLinear(linear, "int4", "native")
+        layer = QuantLinear(linear, method, "native")
         self.weight = layer.int8_activations()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,8 @@ def candidates(linear: nn.Linear, device: str, kernel_threads: int = 1) -> dict[
                     out[f"{method}.native_x{kernel_threads}"] = functools.partial(
                         lambda m: _Split(QuantLinear(linear, m, "native"), kernel_threads), method)
     if device == "cpu" and cpu_a8.available() and cpu.fits(k):
-        out["int4.a8"] = functools.partial(_Int8Activations, linear)
+        out["int8.a8"] = functools.partial(_Int8Activations, linear, "int8")
+        out["int4.a8"] = functools.partial(_Int8Activations, linear, "int4")
     if device == "cuda" and triton_nf4.fits(k):
         out["nf4.triton"] = functools.partial(QuantLinear, linear, "nf4", "triton")
     out["int8.reference"] = functools.partial(QuantLinear, linear, "int8", "reference")

@@ -120,7 +120,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_1t": {"peers": [], "env": {"EMBEDDED_NUM_THREADS": "1"}},  # the embedded peer's kernel on one thread
     "embedded_generic": {"peers": [], "env": {"SWARM_LEAN_DECODE": "0"}},  # decode rounds through the layers' own
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
-    "embedded_a8": {"peers": [], "env": {"EMBEDDED_ACTIVATIONS": "int8"}},  # its 4-bit blocks with int8 activations
+    "embedded_a8": {"peers": [], "env": {"EMBEDDED_ACTIVATIONS": "int8"}},  # its int4 blocks with int8 activations
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
     # the same without server-to-server push: every hop through the gateway, a round's steps in group frames

@@ -149,7 +149,7 @@ class SpanInfo:
     # (peer id, seconds): round trips it measured to peers that may come next in a chain (swarm.server.latency),
     # at most MAX_NEXT_RTT, so that routes with push can count the true hop between two peers
     next_rtt: tuple[tuple[str, float], ...] = ()
-    activations: str = "float32"  # what its 4-bit CPU blocks multiply with (float32, or int8: --activations)
+    activations: str = "float32"  # what its int8/int4 CPU blocks multiply with (float32, or int8: --activations)
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:

@@ -135,14 +135,15 @@ _activations = "float32"  # set_activations
 
 
 def activations() -> str:
-    """What 4-bit weights multiply: float32 activations (this kernel, the default) or int8 ones (swarm_kernels/cpu_a8.c:
-    a peer's --activations int8)."""
+    """What the blocks' int8 and int4 weights multiply: float32 activations (this kernel, the default) or int8 ones
+    (swarm_kernels/cpu_a8.c: a peer's --activations int8)."""
     return _activations
 
 
 def set_activations(mode: str) -> str:
-    """From now on 4-bit calls quantize their activations to int8 ("int8", where the kernel builds; else float32
-    with a warning) or keep them float32 ("float32"). Returns the mode in effect."""
+    """From now on the blocks' native int8 and int4 calls (Weight, quant.NativeLinear; not an LM head) quantize their
+    activations to int8 ("int8", where the kernel builds; else float32 with a warning) or keep them float32
+    ("float32"). Returns the mode in effect."""
     global _activations
     mode = mode.strip().lower() or "float32"
     if mode not in ACTIVATIONS:
@@ -258,11 +259,12 @@ class Weight:
         self.bits = bits
         self.tensors = (codes, scale, minimum, bias)
         self._a8: Any = None  # int8_activations(): a cpu_a8.Weight
+        self.follows_activations = True  # computes with int8 activations when set_activations("int8")
         self._addresses = (codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
                            None if bias is None else bias.data_ptr())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 4 and _activations == "int8":
+        if _activations == "int8" and self.follows_activations:
             return self.int8_activations()(x)
         library = _library()
         if library is None:
@@ -276,7 +278,7 @@ class Weight:
             from swarm_kernels import cpu_a8
 
             codes, scale, minimum, bias = self.tensors
-            self._a8 = cpu_a8.Weight.from_kernel_layout(codes, scale, minimum, bias)
+            self._a8 = cpu_a8.Weight.from_kernel_layout(codes, scale, minimum, bias, self.bits)
         return self._a8
 
     def share_int8_activations(self, weight: Any) -> None:

@@ -1,13 +1,14 @@
-"""The native kernel of 4-bit weights against int8 activations (swarm_kernels/cpu_a8.c), and its torch reference.
+"""The native kernel of 4- and 8-bit weights against int8 activations (swarm_kernels/cpu_a8.c), and its torch
+reference.
 
-int4 spans on the CPU compute with float32 activations by default (swarm_kernels/cpu_affine.c). With
-`SWARM_ACTIVATIONS=int8` in a peer's environment their 4-bit projections quantize each input row's activations per
-group of 32 to int8 (a scale per group, as llama.cpp's Q8_0) and multiply them with integer dot products: the same
-weights, a further rounding of the activations (about 1/254 of a group's largest value), and multiply-adds that cost
-a fraction of float32's where a call has many rows (a decode batch, a prefill chunk). The arithmetic is defined
+int8 and int4 spans on the CPU compute with float32 activations by default (swarm_kernels/cpu_affine.c). A peer's
+`--activations int8` (swarm_kernels.cpu.set_activations) has their projections quantize each input row's activations
+per group of 32 to int8 (a scale per group, as llama.cpp's Q8_0) and multiply them with integer dot products: the
+same weights, a further rounding of the activations (about 1/254 of a group's largest value), and multiply-adds that
+cost a fraction of float32's where a call has many rows (a decode batch, a prefill chunk). The arithmetic is defined
 exactly in cpu_a8.c's header: every instruction set and thread count gives the same bits, a row alone or batched.
 
-    weight = Weight(codes, scale, minimum, bias)   # codes: uint8 [N, K] in 0..15, one a byte
+    weight = Weight(codes, scale, minimum, bias, bits)  # codes: uint8 [N, K], one a byte (0..15 for bits 4)
     y = weight(x)                                  # x [..., K] float32 → [..., N] float32
     y = reference(x, codes, scale, minimum, bias)  # the same arithmetic in torch (float64 products)
 """
@@ -38,11 +39,13 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.a8_quantize.restype = None
     library.a8_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     library.a8_repack.restype = None
-    library.a8_repack.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr]
+    library.a8_repack.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr]
     library.a8_linear.restype = ctypes.c_int
-    library.a8_linear.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int, i64]
+    library.a8_linear.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, ctypes.c_int,
+                                  i64]
     library.a8_linear_float.restype = ctypes.c_int
-    library.a8_linear_float.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int, i64, ptr]
+    library.a8_linear_float.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, ctypes.c_int, i64,
+                                        ptr]
     library.a8_scratch_bytes.restype, library.a8_scratch_bytes.argtypes = i64, [i64, i64]
     library.a8_set_pool.restype, library.a8_set_pool.argtypes = None, [ptr]
     library.a8_path.restype, library.a8_path.argtypes = ctypes.c_char_p, []
@@ -114,23 +117,25 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum
 
 
 class Weight:
-    """A 4-bit weight repacked for the kernel (16-row blocks; cpu_a8.c says how), called with float32 inputs."""
+    """A 4- or 8-bit weight repacked for the kernel (16-row blocks; cpu_a8.c says how), called with float32 inputs."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, bits: int = 4):
         library = _require()
         n, k = codes.shape
-        if (codes.dtype != torch.uint8 or k % GROUP or scale.shape != (n, k // GROUP)
+        if (codes.dtype != torch.uint8 or k % GROUP or scale.shape != (n, k // GROUP) or bits not in (4, 8)
                 or minimum.shape != scale.shape or (bias is not None and bias.numel() != n)):
-            raise ValueError(f"inconsistent tensors for a {n}x{k} 4-bit weight")
+            raise ValueError(f"inconsistent tensors for a {n}x{k} {bits}-bit weight")
+        if bits == 4 and int(codes.max()) > 15:
+            raise ValueError("4-bit codes must lie in 0..15")
         codes = codes.contiguous()
         scale, minimum = scale.float().contiguous(), minimum.float().contiguous()
         blocks = -(-n // BLOCK)
-        self.n, self.k = n, k
-        self.codes = torch.empty(blocks * BLOCK * k // 2, dtype=torch.uint8)
+        self.n, self.k, self.bits = n, k, bits
+        self.codes = torch.empty(blocks * BLOCK * k * bits // 8, dtype=torch.uint8)
         self.scale = torch.empty(blocks * (k // GROUP) * BLOCK, dtype=torch.float32)
         self.minimum = torch.empty_like(self.scale)
-        library.a8_repack(codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, self.codes.data_ptr(),
+        library.a8_repack(codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), n, k, bits, self.codes.data_ptr(),
                           self.scale.data_ptr(), self.minimum.data_ptr())
         self.bias = None if bias is None else bias.float().contiguous()
 
@@ -141,8 +146,9 @@ class Weight:
             return None
         view = Weight.__new__(Weight)
         groups, first, blocks = self.k // GROUP, start // BLOCK, -(-count // BLOCK)
-        view.n, view.k = count, self.k
-        view.codes = self.codes[first * BLOCK * self.k // 2 : (first + blocks) * BLOCK * self.k // 2]
+        view.n, view.k, view.bits = count, self.k, self.bits
+        per_block = BLOCK * self.k * self.bits // 8
+        view.codes = self.codes[first * per_block : (first + blocks) * per_block]
         view.scale = self.scale[first * groups * BLOCK : (first + blocks) * groups * BLOCK]
         view.minimum = self.minimum[first * groups * BLOCK : (first + blocks) * groups * BLOCK]
         view.bias = None if self.bias is None else self.bias[start : start + count]
@@ -150,9 +156,11 @@ class Weight:
 
     @classmethod
     def from_kernel_layout(cls, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> Weight:
-        """From swarm_kernels.cpu's 4-bit layout (cpu.repack_int4's)."""
+                           bias: torch.Tensor | None = None, bits: int = 4) -> Weight:
+        """From swarm_kernels.cpu's layout: 8-bit codes [N, K], or 4-bit ones as cpu.repack_int4 packs them."""
         n, groups = scale.shape
+        if bits == 8:
+            return cls(packed.reshape(n, groups * GROUP), scale, minimum, bias, bits=8)
         halves = packed.reshape(n, groups, GROUP // 2)
         codes = torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(n, groups * GROUP)
         return cls(codes, scale, minimum, bias)
@@ -169,7 +177,8 @@ class Weight:
         m = flat.shape[0]
         y = torch.empty(m, self.n, dtype=torch.float32)
         scratch = torch.empty(library.a8_scratch_bytes(m, self.k), dtype=torch.uint8)  # the quantized rows
-        status = library.a8_linear_float(flat.data_ptr(), m, self.k, self.codes.data_ptr(), self.scale.data_ptr(),
+        status = library.a8_linear_float(flat.data_ptr(), m, self.k, self.codes.data_ptr(), self.bits,
+                                         self.scale.data_ptr(),
                                          self.minimum.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
                                          y.data_ptr(), self.n, cpu.threads(), cpu.MIN_WORK, scratch.data_ptr())
         if status != 0:

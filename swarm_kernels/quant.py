@@ -214,6 +214,7 @@ class NativeLinear(QuantLinear):
     """swarm_kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums."""
 
     kernel, methods = "native", ("int8", "int4")
+    follows_activations = True  # int8 activations when cpu.set_activations("int8") (a block's; an LM head's: never)
 
     @classmethod
     def fits(cls, method: str, device: torch.device, in_features: int, out_features: int) -> bool:
@@ -244,16 +245,16 @@ class NativeLinear(QuantLinear):
         return 8 if self.method == "int8" else 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 4 and cpu.activations() == "int8":
+        if self.follows_activations and cpu.activations() == "int8":
             return self.int8_activations()(x).to(x.dtype)
         return cpu.affine_linear(x, self.qweight, self.bits, self.scale, self.minimum, self.bias).to(x.dtype)
 
     def int8_activations(self) -> cpu_a8.Weight:
-        """This 4-bit weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
+        """This weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
         weight = self.__dict__.get("_a8")
         if weight is None:
             weight = self.__dict__["_a8"] = cpu_a8.Weight.from_kernel_layout(self.qweight, self.scale, self.minimum,
-                                                                             self.bias)
+                                                                             self.bias, self.bits)
         return weight
 
     def share_int8_activations(self, weight: cpu_a8.Weight | None) -> None:
@@ -264,7 +265,7 @@ class NativeLinear(QuantLinear):
 
 
 def int8_activation_bytes(module: nn.Module) -> int:
-    """Bytes of the int4 weights repacked for int8 activations held by module's native layers (each storage once:
+    """Bytes of the weights repacked for int8 activations held by module's native layers (each storage once:
     layers of a joined call share theirs)."""
     storages = {}
     for layer in module.modules():

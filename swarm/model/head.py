@@ -70,6 +70,7 @@ class LocalHead(nn.Module):
         self._dtype = lm_head.weight.dtype
         native = quant.exact_native_int8(lm_head) if on_cpu and native_head() and packed.fits(lm_head) else None
         if native is not None:  # a quarter of the bytes, the same values (see `native_head`)
+            native.follows_activations = False  # float32 activations always: the logits are what users see
             self.lm_head = native
             if (type(embeddings) is nn.Embedding and embeddings.max_norm is None
                     and embeddings.weight.shape == lm_head.weight.shape

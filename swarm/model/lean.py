@@ -79,7 +79,7 @@ class _Joined:
             if self.bias is not None:
                 layer.bias.data = self.bias[rows_at : rows_at + rows]
             codes_at, rows_at = codes_at + count, rows_at + rows
-        if self.bits == 4 and cpu.activations() == "int8":  # repacked once, each layer's a view of the joined one
+        if cpu.activations() == "int8":  # repacked once, each layer's a view of the joined one
             joined, rows_at = self.weight.int8_activations(), 0
             for layer in linears:
                 layer.share_int8_activations(joined.rows(rows_at, layer.out_features))
@@ -105,7 +105,7 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     if type(module) is not NativeLinear:
         return module
     weight = cpu.Weight(module.qweight, module.bits, module.scale, module.minimum, module.bias)
-    if module.bits == 4 and cpu.activations() == "int8":  # the layer's repacked weight, not a second one
+    if cpu.activations() == "int8":  # the layer's repacked weight, not a second one
         weight.share_int8_activations(module.int8_activations())
     return weight
 

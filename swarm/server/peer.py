@@ -83,8 +83,11 @@ def run_peer(settings: PeerSettings) -> None:
         kernel_threads = cpu.set_threads(kernel_threads)
     if settings.activations != "float32":
         cpu.set_activations(settings.activations)
-    logger.info("computing with %d torch thread(s), %d native kernel thread(s); 4-bit blocks with %s activations",
-                torch_threads, kernel_threads, peer.activations())
+    logger.info("computing with %d torch thread(s), %d native kernel thread(s); %s activations", torch_threads,
+                kernel_threads, peer.activations())
+    if settings.activations != peer.activations():
+        logger.warning("--activations %s applies to int8 and int4 blocks on the native CPU kernel; these are %s: "
+                       "%s activations", settings.activations, peer.precision.describe(), peer.activations())
     try:
         asyncio.run(peer.serve())
     finally:
@@ -148,11 +151,11 @@ class Peer:
         return 1, wanted or available_cpus()
 
     def activations(self) -> str:
-        """What this peer's blocks multiply with: "int8" where they are 4-bit on the native CPU kernel and
+        """What this peer's blocks multiply with: "int8" where they are int8 or int4 on the native CPU kernel and
         --activations int8 took effect (swarm_kernels/cpu_a8.c), else "float32"."""
         precision = self.precision
-        native4 = precision.device == "cpu" and precision.quant == "int4" and precision.kernel == "native"
-        return cpu.activations() if native4 else "float32"
+        native = precision.device == "cpu" and precision.quant in ("int8", "int4") and precision.kernel == "native"
+        return cpu.activations() if native else "float32"
 
     # -- sizing and placement --------------------------------------------------------------------------------------
 

@@ -54,9 +54,9 @@ class PeerSettings(BaseSettings):
         "auto", description="weight quantization of the blocks (auto: nf4 on CUDA; int8 on CPU, int4 for a 4-bit "
                             "GGUF checkpoint like the default model)")
     activations: Literal["float32", "int8"] = Field(
-        "float32", description="what 4-bit CPU blocks multiply their weights with: float32 (the dequantized model's "
-                               "arithmetic) or int8 (quantized per group of 32, as llama.cpp does: a decode batch "
-                               "or prefill ~1.5-1.7x faster on 2 cores, a small loss of fidelity; README)")
+        "float32", description="what int8 and int4 CPU blocks multiply their weights with: float32 (the dequantized "
+                               "model's arithmetic) or int8 (quantized per group of 32, as llama.cpp does: a decode "
+                               "batch or prefill ~1.5-1.7x faster on 2 cores, a small loss of fidelity; README)")
     num_threads: int = Field(0, ge=0, description="CPU threads to compute with: a span on the native kernel splits "
                                                   "its calls over them, torch on one (0: the CPUs this process may "
                                                   "run on); any other span: torch's threads (0: torch's default)")

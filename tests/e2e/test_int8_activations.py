@@ -64,7 +64,7 @@ async def test_a_peer_with_int8_activations_generates_what_that_arithmetic_gives
         swarm.start_bootstrap()
         proc = swarm.start_peer(DEFAULT_MODEL_ID, "0:30", "--quant", "int4", "--activations", "int8",
                                 "--num-threads", "2")
-        assert "4-bit blocks with int8 activations" in proc.log()
+        assert "; int8 activations" in proc.log()
         client = await SwarmClient.connect(swarm.initial_peers)
         try:
             (span,) = await client.spans()

@@ -1,4 +1,4 @@
-"""swarm_kernels/cpu_a8.c: 4-bit weights against int8 activations.
+"""swarm_kernels/cpu_a8.c: 4- and 8-bit weights against int8 activations.
 
 Its arithmetic is defined exactly (cpu_a8.c's header): the activations' quantization is reproduced bit for bit in torch,
 the integer dot products are exact, so every build (VNNI, AVX2, portable: each run here where this CPU can) must give
@@ -60,30 +60,37 @@ def _kernel():
         pytest.skip("no working C compiler for swarm_kernels/cpu_a8.c")
 
 
-def _weight(n: int, k: int, seed: int = 0, bias: bool = False):
+def _weight(n: int, k: int, seed: int = 0, bias: bool = False, bits: int = 4):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    packed, scale, minimum = reference.quantize_int4(w)
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(n, k)  # reference.py's order, one a byte
+    if bits == 8:
+        codes, scale, minimum = reference.quantize_int8_affine(w)
+    else:
+        packed, scale, minimum = reference.quantize_int4(w)
+        codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(n, k)  # reference.py's order, one a byte
     return codes, scale, minimum, (torch.randn(n, generator=g) if bias else None)
 
 
-def _call(library, weight: cpu_a8.Weight, x: torch.Tensor, monkeypatch) -> torch.Tensor:
+def _call(library, weight_args: tuple, x: torch.Tensor, monkeypatch, bits: int = 4) -> torch.Tensor:
+    """x through a weight repacked and called by `library` (VNNI builds repack 8-bit codes their own way)."""
     monkeypatch.setattr(cpu_a8, "_library", lambda: library)
-    return weight(x)
+    return cpu_a8.Weight(*weight_args, bits=bits)(x)
 
 
 @pytest.mark.parametrize("build", RUNNABLE)
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("n", "k"), [(1, 32), (200, 96), (576, 576), (192, 576), (576, 1536)])
-def test_every_build_gives_the_same_bits_as_the_formula(build, n, k, monkeypatch):
+def test_every_build_gives_the_same_bits_as_the_formula(build, bits, n, k, monkeypatch):
     library, native = _library(build), _native()
     assert library.a8_path().decode() == PATHS[build]
-    codes, scale, minimum, bias = _weight(n, k, seed=n + k, bias=n == 200)
-    weight = cpu_a8.Weight(codes, scale, minimum, bias)
+    codes, scale, minimum, bias = _weight(n, k, seed=n + k, bias=n == 200, bits=bits)
+    if bits == 8:
+        codes[0, :32] = 255  # the largest products: 8-bit codes must not saturate (AVX2's vpmaddubsw would)
     x = torch.randn(13, k, generator=torch.Generator().manual_seed(k)) * 3
-    y = _call(library, weight, x, monkeypatch)
+    x[0, :32] = 1.0  # every activation of a group at 127 against those codes
+    y = _call(library, (codes, scale, minimum, bias), x, monkeypatch, bits)
     # builds that differ: the float steps are not the same FMAs in the same order
-    assert torch.equal(y, _call(native, weight, x, monkeypatch))
+    assert torch.equal(y, _call(native, (codes, scale, minimum, bias), x, monkeypatch, bits))
     exact = cpu_a8.reference(x, codes, scale, minimum, bias).double()
     # per group two float32 FMAs and a product: a few units in the last place of the running sum's magnitude
     bound = 1e-6 * (exact.abs().max() + 1) * (k // 32 + 2)
@@ -108,10 +115,9 @@ def test_quantization_matches_its_torch_reference_bit_for_bit(build, monkeypatch
 @pytest.mark.parametrize("build", RUNNABLE)
 def test_non_finite_activations_give_nan_in_their_rows_only(build, monkeypatch):
     codes, scale, minimum, _ = _weight(40, 64)
-    weight = cpu_a8.Weight(codes, scale, minimum)
     x = torch.randn(3, 64)
     x[0, 3], x[2, 40] = float("nan"), float("inf")
-    y = _call(_library(build), weight, x, monkeypatch)
+    y = _call(_library(build), (codes, scale, minimum), x, monkeypatch)
     assert y[0].isnan().all() and y[2].isnan().all() and y[1].isfinite().all()
 
 
@@ -144,26 +150,33 @@ def test_its_error_against_float32_activations_is_the_activations_rounding():
     assert 1e-4 < error < 0.01
 
 
-def test_int4_layers_use_it_only_when_asked(monkeypatch):
-    """cpu.set_activations('int8') switches QuantLinear's native int4 layers and cpu.Weight (the lean decode path's)
-    to int8 activations; int8 weights keep float32 activations; float32 switches back."""
+def test_native_layers_use_it_only_when_asked():
+    """cpu.set_activations('int8') switches QuantLinear's native int8 and int4 layers and cpu.Weight (the lean decode
+    path's) to int8 activations, not a layer that opted out (an LM head); float32 switches back."""
     linear = torch.nn.Linear(64, 48, bias=True)
-    layer = QuantLinear(linear, "int4", "native")
-    layer8 = QuantLinear(linear, "int8", "native")
+    layer, layer8 = QuantLinear(linear, "int4", "native"), QuantLinear(linear, "int8", "native")
+    head = QuantLinear(linear, "int8", "native")
+    head.follows_activations = False
     x = torch.randn(5, 64)
+    halves = layer.qweight.reshape(48, 2, 16)
+    codes = {4: torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(48, 64), 8: layer8.qweight}
     saved = cpu.activations()
     try:
         cpu.set_activations("float32")
-        floats, floats8 = layer(x), layer8(x)
-        assert torch.equal(cpu.Weight(layer.qweight, 4, layer.scale, layer.minimum, layer.bias)(x), floats)
+        floats = {4: layer(x), 8: layer8(x)}
+        assert torch.equal(cpu.Weight(layer.qweight, 4, layer.scale, layer.minimum, layer.bias)(x), floats[4])
+        assert torch.equal(head(x), floats[8])
         cpu.set_activations("int8")
-        ints = layer(x)
-        assert not torch.equal(ints, floats) and torch.equal(layer8(x), floats8)
-        halves = layer.qweight.reshape(48, 2, 16)
-        codes = torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(48, 64)
-        assert torch.allclose(ints, cpu_a8.reference(x, codes, layer.scale, layer.minimum, layer.bias), rtol=0,
-                              atol=1e-5)
-        assert torch.equal(cpu.Weight(layer.qweight, 4, layer.scale, layer.minimum, layer.bias)(x), ints)
+        for bits, module in ((4, layer), (8, layer8)):
+            ints = module(x)
+            assert not torch.equal(ints, floats[bits])
+            want = cpu_a8.reference(x, codes[bits], module.scale, module.minimum, module.bias)
+            assert torch.allclose(ints, want, rtol=0, atol=1e-5)
+            weight = cpu.Weight(module.qweight, bits, module.scale, module.minimum, module.bias)
+            assert torch.equal(weight(x), ints)
+        assert torch.equal(head(x), floats[8])  # the head keeps float32 activations
+        cpu.set_activations("float32")
+        assert torch.equal(layer(x), floats[4])
     finally:
         cpu.set_activations(saved)
 
@@ -185,6 +198,10 @@ def test_inconsistent_weights_and_inputs_are_refused():
         cpu_a8.Weight(codes[:, :40], scale, minimum)
     with pytest.raises(ValueError, match="inconsistent"):
         cpu_a8.Weight(codes, scale[:8], minimum)
+    with pytest.raises(ValueError, match=r"0\.\.15"):
+        cpu_a8.Weight(codes * 16, scale, minimum)  # 8-bit codes called 4-bit
+    with pytest.raises(ValueError, match="inconsistent"):
+        cpu_a8.Weight(codes, scale, minimum, bits=6)
     weight = cpu_a8.Weight(codes, scale, minimum)
     with pytest.raises(ValueError, match="features"):
         weight(torch.randn(2, 32))

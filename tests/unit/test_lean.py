@@ -102,15 +102,16 @@ def test_joined_projections_hold_no_weight_twice_and_are_one_call(tiny_model_dir
     assert len(calls) == 4 * len(span.blocks)  # q|k|v, o, gate|up, down
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
-def test_int8_activations_keep_the_same_bits_and_one_repacked_weight(tiny_model_dir, family):
-    """With 4-bit projections on int8 activations (a peer's --activations int8) the lean path still computes the
+def test_int8_activations_keep_the_same_bits_and_one_repacked_weight(tiny_model_dir, family, quant):
+    """With the projections on int8 activations (a peer's --activations int8) the lean path still computes the
     layers' own bits, and each projection is repacked once: a joined call's layers use views of its weight, o and
     down their layer's own."""
     saved = cpu.activations()
     try:
         cpu.set_activations("int8")
-        span = span_of(tiny_model_dir, family, "int4")
+        span = span_of(tiny_model_dir, family, quant)
         assert span.prepare_lean()
         got = decode_both_ways(span)
         assert torch.equal(got[True][0], got[False][0]), (got[True][0] - got[False][0]).abs().max()
