@@ -17,12 +17,12 @@ from transformers import AutoTokenizer
 
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
-from swarm.client.session import InferenceSession
 from swarm.model.head import load_head
 from swarm.model.precision import Precision
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from swarm.model.span import load_span
 from swarm_kernels import cpu, cpu_a8
+from tests.chain_greedy import greedy
 from tests.launcher import LocalSwarm
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -44,18 +44,6 @@ def span_path_logits(source, ids: torch.Tensor, tokens: list[int]) -> torch.Tens
             hidden = span(head.embed(torch.tensor([[token]])), cache, position)
             steps.append(head.logits(hidden).reshape(-1))
     return torch.stack(steps)
-
-
-async def greedy(client, chain, ids, steps):
-    logits_per_step, tokens = [], []
-    session = await InferenceSession.open(client.p2p, chain, max_length=ids.shape[1] + steps)
-    async with session:
-        logits = await client.prefill(session, ids)
-        for _ in range(steps):
-            logits_per_step.append(logits.reshape(-1))
-            tokens.append(int(logits.argmax()))
-            logits = await client.decode(session, torch.tensor([tokens[-1]]))
-    return tokens, torch.stack(logits_per_step)
 
 
 async def test_a_peer_with_int8_activations_generates_what_that_arithmetic_gives(tmp_path):

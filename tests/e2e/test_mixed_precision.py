@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
-from swarm.client.session import InferenceSession
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from swarm_kernels import cpu as kernels_cpu
 from swarm_kernels import packed
 from swarm_kernels.quant import quantize_linears
+from tests.chain_greedy import greedy
 from tests.launcher import LocalSwarm
 from tests.logits_tolerance import calibrated_atol, peer_like_model, peer_path_logits
 
@@ -53,18 +53,6 @@ def mixed_model(path):
     if packed.available():
         packed.pack_linears(model)
     return model
-
-
-async def greedy(client, chain, ids, steps):
-    logits_per_step, tokens = [], []
-    session = await InferenceSession.open(client.p2p, chain, max_length=ids.shape[1] + steps)
-    async with session:
-        logits = await client.prefill(session, ids)
-        for _ in range(steps):
-            logits_per_step.append(logits.reshape(-1))
-            tokens.append(int(logits.argmax()))
-            logits = await client.decode(session, torch.tensor([tokens[-1]]))
-    return tokens, torch.stack(logits_per_step)
 
 
 async def test_peers_announce_their_precision_and_a_mixed_chain_computes_close_to_fp32(mixed_swarm):
