@@ -482,3 +482,12 @@ def test_a_client_that_leaves_while_its_prompt_waits_for_a_tokenizer_starts_noth
 
     prompts, encoded = asyncio.run(scenario())
     assert prompts == ["first"] and "gone" not in encoded
+
+
+def test_the_embedded_peers_activations_are_read_from_the_environment_and_checked(monkeypatch):
+    assert GatewaySettings().embedded_activations == "float32"
+    monkeypatch.setenv("EMBEDDED_ACTIVATIONS", "int8")
+    assert GatewaySettings().embedded_activations == "int8"
+    monkeypatch.setenv("EMBEDDED_ACTIVATIONS", "int2")
+    with pytest.raises(ValueError, match="embedded_activations"):
+        GatewaySettings()

@@ -95,3 +95,8 @@ def test_choices_and_types_are_parsed_and_others_refused(capsys):
     with pytest.raises(SystemExit):
         parse_settings(PeerSettings, "peer", "", ["--device", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    assert parse_settings(PeerSettings, "peer", "", ["--activations", "int8"]).activations == "int8"
+    assert PeerSettings().activations == "float32"
+    with pytest.raises(SystemExit):
+        parse_settings(PeerSettings, "peer", "", ["--activations", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
