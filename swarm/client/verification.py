@@ -39,9 +39,10 @@ from swarm.protocol import SpanInfo
 # for two peers of different precisions is a multiple of the larger one.
 PRECISION_ERROR = {"none": 1e-4, "int8": 3e-2, "int4": 6e-2, "nf4": 0.15}
 HALF_ERROR = 1e-2  # bfloat16 / float16 activations
-# int4 blocks with int8 activations (--activations int8) against float32 ones: 5.5e-2 measured over SmolLM2's 30
-# blocks (2.4e-3 over 0:15, 4.1e-2 over 15:30) on a 256-token text
-INT8_ACTIVATIONS_ERROR = 6e-2
+# int8/int4 blocks with int8 activations (--activations int8) against float32 ones, over SmolLM2's 30 blocks: 5.5e-2
+# for a 256-token text, 3e-2 for chat prompts' prefills and up to 6.4e-2 for the 40 decode steps after them (each
+# side on its own cache, as a verifier replays a link)
+INT8_ACTIVATIONS_ERROR = 8e-2
 SAME_PRECISION = 1e-3  # same dtype and quantization: rounding differences of kernels and batch shapes only
 MARGIN = 2.0
 

@@ -23,11 +23,11 @@ def test_tolerance_follows_the_two_precisions():
     assert tolerance(info(), [info("int8")]) < tolerance(info(), [info("int4")]) < tolerance(info(), [info("nf4")])
     assert tolerance(info(), [info("none", "bfloat16")]) > SAME_PRECISION
     assert tolerance(info(), [info(), info("int4")]) == tolerance(info(), [info("int4")])  # the loosest link
-    # int8 activations: the same bits between two such peers, not within rounding of float32 ones (measured 5.5e-2
-    # relative L2 over SmolLM2's 30 blocks: an honest peer must pass, a wrong answer (O(1)) must not)
+    # int8 activations: the same bits between two such peers, not within rounding of float32 ones (measured up to
+    # 6.4e-2 relative L2 over SmolLM2's 30 blocks: an honest peer must pass, a wrong answer (O(1)) must not)
     a8 = info("int4", activations="int8")
     assert tolerance(a8, [info("int4", activations="int8")]) == SAME_PRECISION
-    assert 5.5e-2 < tolerance(a8, [info("int4")]) == tolerance(info("int4"), [a8]) < 0.5
+    assert 2 * 6.4e-2 < tolerance(a8, [info("int4")]) == tolerance(info("int4"), [a8]) < 0.5
     assert tolerance(info(), [a8]) > 5.5e-2
 
 
