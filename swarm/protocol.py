@@ -149,7 +149,9 @@ class SpanInfo:
     # (peer id, seconds): round trips it measured to peers that may come next in a chain (swarm.server.latency),
     # at most MAX_NEXT_RTT, so that routes with push can count the true hop between two peers
     next_rtt: tuple[tuple[str, float], ...] = ()
-    activations: str = "float32"  # what its int8/int4 CPU blocks multiply with (float32, or int8: --activations)
+    # what its int8/int4 CPU blocks multiply with: float32, or int8 (--activations); a reader's verification takes a
+    # mode it does not know for the loosest there is (as with quant)
+    activations: str = "float32"
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +276,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool | _RoundTrips] = {
     "device": _Text(16), "decode_forwards": _COUNT, "decode_rows": _COUNT, "queued_steps": _Int(0, 1 << 24),
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
     "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
-    "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0), "activations": _Text(16, ("float32", "int8")),
+    "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0), "activations": _Text(16),
 }
 
 

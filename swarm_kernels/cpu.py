@@ -273,7 +273,7 @@ class Weight:
         return _call(library, x, self.n, self.k, codes, self.bits, scale, minimum, bias)
 
     def int8_activations(self) -> Any:  # a cpu_a8.Weight (cpu_a8 imports this module)
-        """This 4-bit weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
+        """This weight repacked for int8 activations (swarm_kernels/cpu_a8.py), made at its first call."""
         if self._a8 is None:
             from swarm_kernels import cpu_a8
 

@@ -47,10 +47,17 @@
 #define RAW8 0  /* 8-bit codes as two 4-bit planes: vpmaddubsw's int16 pair sums would saturate on whole bytes */
 #endif
 
-/* One group's quantization from its amax (the largest |x|, NaN if any x is NaN): sx, and whether to quantize. */
-static inline int group_scale(float amax, float *sx) {
-    if (amax == 0.0f || !isfinite(amax)) {
-        *sx = amax == 0.0f ? 0.0f : NAN;  /* inf or NaN in: NaN out, as float32 gives */
+/* One group's scales from its amax (the largest |x|, NaN if any x is NaN): sx and the factor inv = 127 / amax, and
+   whether to quantize (else codes 0). inf or NaN in: sx NaN (NaN out, as float32 gives); amax 0, or so small that
+   127 / amax overflows (below ~3.7e-37): sx 0, the group counts as zeros. */
+static inline int group_scale(float amax, float *sx, float *inv) {
+    if (!isfinite(amax)) {
+        *sx = NAN;
+        return 0;
+    }
+    *inv = 127.0f / amax;
+    if (amax == 0.0f || !isfinite(*inv)) {
+        *sx = 0.0f;
         return 0;
     }
     *sx = amax / 127.0f;
@@ -71,8 +78,9 @@ void a8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *sx, fl
             const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
             if (nan) amax = NAN;
-            if (group_scale(amax, s)) {
-                const __m512 inv = _mm512_set1_ps(127.0f / amax);
+            float factor;
+            if (group_scale(amax, s, &factor)) {
+                const __m512 inv = _mm512_set1_ps(factor);
                 const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));  /* rounds half to even */
                 const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
                 const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
@@ -92,8 +100,8 @@ void a8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *sx, fl
                 nan |= src[j] != src[j];
             }
             if (nan) amax = NAN;
-            if (group_scale(amax, s)) {
-                const float inv = 127.0f / amax;
+            float inv;
+            if (group_scale(amax, s, &inv)) {
                 for (int j = 0; j < GROUP; j++) {
                     float q = nearbyintf(src[j] * inv);
                     q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
@@ -215,7 +223,7 @@ static void block_rows(const call_t *c, int64_t b, int64_t i, int rx) {
         store(out, nb, c->bias ? c->bias + b * BLOCK : NULL, c->y + (i + r) * c->n + b * BLOCK);
     }
 }
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
 #define A8_PATH "avx2"
 #define RM 4  /* 8 code registers + 4 sums of AVX2's 16 */
 /* The same, 8 lanes at a time: vpmaddubsw (code x activation, pairs summed into int16: at most 2 x 15 x 127 = 3810,

@@ -59,11 +59,6 @@ def available() -> bool:
     return _library() is not None
 
 
-def enabled() -> bool:
-    """Whether 4-bit CPU projections run with int8 activations here (swarm_kernels.cpu.activations())."""
-    return cpu.activations() == "int8"
-
-
 def path() -> str:
     """The instruction set the build uses: avx512vnni, avx2 or portable."""
     library = _require()
@@ -80,6 +75,9 @@ def _require() -> ctypes.CDLL:
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float32 → (xq int8 [M, K], sx float32 [M, K/32], t float32 [M, K/32]) as the kernel quantizes."""
     library = _require()
+    if x.dim() != 2 or x.shape[1] % GROUP or not x.is_cpu:
+        raise ValueError(f"quantize takes a CPU tensor [M, K] with K a multiple of {GROUP}")
+    x = x.to(torch.float32).contiguous()
     m, k = x.shape
     xq = torch.empty(m, k, dtype=torch.int8)
     sx = torch.empty(m, k // GROUP, dtype=torch.float32)
@@ -89,14 +87,15 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize() in torch: the same float32 operations (amax, 127 / amax, x * it rounded half to even)."""
+    """quantize() in torch: the same float32 operations (amax, 127 / amax, x * it rounded half to even; a group of
+    zeros, or too small for 127 / amax to be finite, as zeros with sx 0; inf or NaN: sx NaN)."""
     m = x.shape[0]
     groups = x.reshape(m, -1, GROUP)
     amax = groups.abs().amax(dim=-1, keepdim=True)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    q = torch.round(groups * (torch.tensor(127.0) / safe)).clamp(-127, 127)
-    q = torch.where(amax > 0, q, torch.zeros_like(q))
-    sx = (amax / torch.tensor(127.0)).squeeze(-1)
+    inv = torch.tensor(127.0) / amax
+    scaled = amax.isfinite() & (amax > 0) & inv.isfinite()
+    q = torch.where(scaled, torch.round(groups * torch.where(scaled, inv, 0.0)).clamp(-127, 127), 0.0)
+    sx = torch.where(scaled, amax / torch.tensor(127.0), torch.where(amax.isfinite(), 0.0, torch.nan)).squeeze(-1)
     t = sx * q.sum(dim=-1)
     return q.to(torch.int8).reshape(x.shape), sx, t
 
@@ -123,8 +122,10 @@ class Weight:
                  bias: torch.Tensor | None = None, bits: int = 4):
         library = _require()
         n, k = codes.shape
+        tensors = (codes, scale, minimum) if bias is None else (codes, scale, minimum, bias)
         if (codes.dtype != torch.uint8 or k % GROUP or scale.shape != (n, k // GROUP) or bits not in (4, 8)
-                or minimum.shape != scale.shape or (bias is not None and bias.numel() != n)):
+                or minimum.shape != scale.shape or (bias is not None and bias.numel() != n)
+                or not all(t.is_cpu for t in tensors)):
             raise ValueError(f"inconsistent tensors for a {n}x{k} {bits}-bit weight")
         if bits == 4 and int(codes.max()) > 15:
             raise ValueError("4-bit codes must lie in 0..15")

@@ -264,6 +264,16 @@ class NativeLinear(QuantLinear):
             self.__dict__["_a8"] = weight
 
 
+def prepare_int8_activations(module: nn.Module) -> None:
+    """Where cpu.activations() is int8: repack every native layer of module that follows it now (a span at load), so
+    that its memory is counted (int8_activation_bytes) before its first call; layers sharing a joined weight
+    (swarm.model.lean) keep theirs."""
+    if cpu.activations() == "int8":
+        for layer in module.modules():
+            if type(layer) is NativeLinear and layer.follows_activations:
+                layer.int8_activations()
+
+
 def int8_activation_bytes(module: nn.Module) -> int:
     """Bytes of the weights repacked for int8 activations held by module's native layers (each storage once:
     layers of a joined call share theirs)."""

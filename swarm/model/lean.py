@@ -69,6 +69,7 @@ class _Joined:
         self.minimum = torch.cat([layer.minimum for layer in linears]).contiguous()
         self.bias = None if first.bias is None else torch.cat([layer.bias.data for layer in linears]).contiguous()
         self.weight = cpu.Weight(self.codes, self.bits, self.scale, self.minimum, self.bias)
+        self.weight.follows_activations = all(layer.follows_activations for layer in linears)
         codes_at = rows_at = 0
         for layer in linears:  # each layer's buffers: views of the joined ones (no weight held twice)
             shape, rows = layer.qweight.shape, layer.scale.shape[0]
@@ -79,7 +80,7 @@ class _Joined:
             if self.bias is not None:
                 layer.bias.data = self.bias[rows_at : rows_at + rows]
             codes_at, rows_at = codes_at + count, rows_at + rows
-        if cpu.activations() == "int8":  # repacked once, each layer's a view of the joined one
+        if cpu.activations() == "int8" and self.weight.follows_activations:  # repacked once, each layer a view
             joined, rows_at = self.weight.int8_activations(), 0
             for layer in linears:
                 layer.share_int8_activations(joined.rows(rows_at, layer.out_features))
@@ -105,7 +106,8 @@ def _call(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     if type(module) is not NativeLinear:
         return module
     weight = cpu.Weight(module.qweight, module.bits, module.scale, module.minimum, module.bias)
-    if cpu.activations() == "int8":  # the layer's repacked weight, not a second one
+    weight.follows_activations = module.follows_activations
+    if cpu.activations() == "int8" and module.follows_activations:  # the layer's repacked weight, not a second one
         weight.share_int8_activations(module.int8_activations())
     return weight
 

@@ -31,7 +31,7 @@ from swarm.model.anatomy import (
 from swarm.model.precision import Precision
 from swarm.model.source import ModelSource
 from swarm_kernels import attention, packed
-from swarm_kernels.quant import QuantLinear, int8_activation_bytes, quantize_linears
+from swarm_kernels.quant import QuantLinear, int8_activation_bytes, prepare_int8_activations, quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +381,7 @@ def load_span(source: ModelSource, start: int, end: int, dtype: torch.dtype = to
                      explicit_masks=anatomy.attn_implementation != "sdpa", encoder=is_encoder(config))
     if pack and span.prepare_lean():  # its final modules: decide the decode rounds' path now, not in the first round
         release_freed_memory()  # the projections' buffers before they were joined
+    prepare_int8_activations(span)  # --activations int8: every repacked weight now, counted in weight_bytes
     logger.info("loaded blocks %d:%d of %s: %s, %.1f MiB of weights", start, end, source.model_id,
                 precision.describe(), span.weight_bytes() / 2**20)
     return span

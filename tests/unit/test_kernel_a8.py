@@ -106,9 +106,14 @@ def test_quantization_matches_its_torch_reference_bit_for_bit(build, monkeypatch
     x[1, :32] = 0.0                                    # an all-zero group: codes 0, scale 0
     x[2, :32] = torch.tensor([127.0] + [j + 0.5 for j in range(-15, 16)])  # amax 127: x * 1.0, ties to even
     x[3, 7] = 1e30                                     # one huge value: the rest of its group rounds to 0
+    x[4, :32] = 0.0
+    x[4, 3], x[4, 9] = 1e-37, -5e-38                   # 127 / amax overflows: the group counts as zeros
+    x[5, 40] = float("inf")                            # sx NaN: NaN out
     xq, sx, t = cpu_a8.quantize(x.contiguous())
     rq, rs, rt = cpu_a8.quantize_reference(x)
-    assert torch.equal(xq, rq) and torch.equal(sx, rs) and torch.equal(t, rt)
+    assert torch.equal(xq, rq)
+    assert torch.equal(sx.nan_to_num(7.0), rs.nan_to_num(7.0)) and torch.equal(t.nan_to_num(7.0), rt.nan_to_num(7.0))
+    assert (xq[4, :32] == 0).all() and sx[4, 0] == 0 and sx[5, 1].isnan() and (xq[5, 32:64] == 0).all()
     assert xq.abs().max() <= 127 and sx[1, 0] == 0 and (xq[1, :32] == 0).all()
     assert xq[2, 1:6].tolist() == [-14, -14, -12, -12, -10]  # -14.5, -13.5, -12.5, -11.5, -10.5
 
@@ -233,3 +238,26 @@ def test_the_bits_are_the_same_on_every_machine(build, monkeypatch):
             codes, scale, minimum, x = _fixed(n, k, m, bits)
             digest.update(cpu_a8.Weight(codes, scale, minimum, bits=bits)(x).numpy().tobytes())
     assert digest.hexdigest()[:24] == FIXED_DIGEST
+
+
+def test_a_span_loaded_for_int8_activations_counts_its_repacked_weights_at_once(tiny_model_dir, monkeypatch):
+    """load_span repacks every projection when the mode is int8, lean path or not: weight_bytes holds them before
+    the first forward (a peer sizes its KV budget from it)."""
+    from swarm.model.precision import Precision
+    from swarm.model.source import ModelSource
+    from swarm.model.span import load_span
+
+    monkeypatch.setenv("SWARM_LEAN_DECODE", "0")
+    saved = cpu.activations()
+    try:
+        cpu.set_activations("int8")
+        span = load_span(ModelSource("llama", tiny_model_dir("llama")), 0, 2,
+                         precision=Precision("cpu", torch.float32, "int4"))
+        at_load = span.weight_bytes()
+        span(torch.randn(1, 3, span.hidden_size), span.new_cache(8), 0)
+        assert span.weight_bytes() == at_load
+    finally:
+        cpu.set_activations(saved)
+    floats = load_span(ModelSource("llama", tiny_model_dir("llama")), 0, 2,
+                       precision=Precision("cpu", torch.float32, "int4"))
+    assert at_load > 1.9 * floats.weight_bytes()  # both layouts held
