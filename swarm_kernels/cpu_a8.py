@@ -9,8 +9,8 @@ cost a fraction of float32's where a call has many rows (a decode batch, a prefi
 exactly in cpu_a8.c's header: every instruction set and thread count gives the same bits, a row alone or batched.
 
     weight = Weight(codes, scale, minimum, bias, bits)  # codes: uint8 [N, K], one a byte (0..15 for bits 4)
-    y = weight(x)                                  # x [..., K] float32 → [..., N] float32
-    y = reference(x, codes, scale, minimum, bias)  # the same arithmetic in torch (float64 products)
+    y = weight(x)                                       # x [..., K] float32 → [..., N] float32
+    y = reference(x, codes, scale, minimum, bias)       # the same arithmetic in torch (float64 products)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from swarm_kernels.cpu import FLAGS, GROUP, compile_library
 
 SOURCE = Path(__file__).with_name("cpu_a8.c")
 BLOCK = 16
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     return build(tuple(FLAGS))

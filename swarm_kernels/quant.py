@@ -211,7 +211,8 @@ class ReferenceLinear(QuantLinear):
 
 @register
 class NativeLinear(QuantLinear):
-    """swarm_kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums."""
+    """swarm_kernels/cpu_affine.c: affine int8 or int4 codes in groups of 32, float32 activations and sums (int8
+    activations where cpu.set_activations("int8"): swarm_kernels/cpu_a8.c)."""
 
     kernel, methods = "native", ("int8", "int4")
     follows_activations = True  # int8 activations when cpu.set_activations("int8") (a block's; an LM head's: never)
