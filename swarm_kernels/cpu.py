@@ -286,9 +286,14 @@ class Weight:
         self._a8 = weight
 
 
+def int4_codes(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """4-bit codes in the kernel's layout (repack_int4's) → uint8 [N, K], one code a byte."""
+    packed = codes.reshape(n, k // GROUP, GROUP // 2)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k)
+
+
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """The float32 weight [N, K] of 4-bit codes in the kernel's layout."""
     n, groups = scale.shape
-    packed = codes.reshape(n, groups, GROUP // 2)
-    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    q = int4_codes(codes, n, groups * GROUP).float().reshape(n, groups, GROUP)
     return (q * scale[..., None] + minimum[..., None]).reshape(n, groups * GROUP)

@@ -164,9 +164,7 @@ class Weight:
         n, groups = scale.shape
         if bits == 8:
             return cls(packed.reshape(n, groups * GROUP), scale, minimum, bias, bits=8)
-        halves = packed.reshape(n, groups, GROUP // 2)
-        codes = torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(n, groups * GROUP)
-        return cls(codes, scale, minimum, bias)
+        return cls(cpu.int4_codes(packed, n, groups * GROUP), scale, minimum, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         library = _require()

@@ -164,8 +164,7 @@ def test_native_layers_use_it_only_when_asked():
     head = QuantLinear(linear, "int8", "native")
     head.follows_activations = False
     x = torch.randn(5, 64)
-    halves = layer.qweight.reshape(48, 2, 16)
-    codes = {4: torch.cat([halves & 0x0F, halves >> 4], dim=-1).reshape(48, 64), 8: layer8.qweight}
+    codes = {4: cpu.int4_codes(layer.qweight, 48, 64), 8: layer8.qweight}
     saved = cpu.activations()
     try:
         cpu.set_activations("float32")
