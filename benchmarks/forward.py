@@ -11,7 +11,9 @@ e.g. `git worktree add DIR REV`), `no_records` (decode rows' cache buffers reser
 instead of from their caches' records, DecodeRows.check_caches off), `no_rope` (the rotary embedding by torch's
 expression and the keys appended after it, instead of one native call each for the queries and the keys),
 `per_call_checks` (the lean path's projections checked on every call by affine_linear, not once by cpu.Weight),
-`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c). Prints
+`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `unfused` (each layer's
+calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline` is unfused
+too, its kernel being called from Python). Prints
 JSON (median milliseconds per forward, and each configuration ÷ the first) and writes OUT/forward.json. A
 diagnostic: what users see is `benchmarks/serve.py` through HTTP.
 """
@@ -75,6 +77,9 @@ def run(args) -> dict[str, Any]:
     counts = [int(n) for n in args.rows.split(",")]
     times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in names} for n in counts}
     saved, check_caches, rope = cpu._library, attention.DecodeRows.check_caches, attention.rope
+    span.prepare_lean()
+    layers = span._lean.layers if span._lean else []
+    fused = [(layer.attention_block, layer.down_residual, layer.first) for layer in layers]
     weight_call = cpu.Weight.__call__
 
     def per_call_checks(weight: cpu.Weight, x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +97,17 @@ def run(args) -> dict[str, Any]:
                     call = per_call_checks if name == "per_call_checks" else weight_call
                     cpu.Weight.__call__ = call  # type: ignore[method-assign,assignment]
                     cpu.set_activations("int8" if name == "int8_activations" else "float32")
+                    for layer, parts in zip(layers, fused, strict=True):
+                        layer.attention_block, layer.down_residual, layer.first = (
+                            (None, None, None) if name in ("unfused", "baseline") else parts)
                     times[n][name].append(_time(span, n))
     finally:
         cpu._library, attention.DecodeRows.check_caches = saved, check_caches  # type: ignore[method-assign]
         attention.rope = rope
         cpu.Weight.__call__ = weight_call  # type: ignore[method-assign]
         cpu.set_activations("float32")
+        for layer, parts in zip(layers, fused, strict=True):
+            layer.attention_block, layer.down_residual, layer.first = parts
     first = names[0]
     results = {str(n): {name: {"median_ms": round(statistics.median(t[name]), 2),
                                f"over_{first}": round(statistics.median(a / b for a, b in zip(t[name], t[first],
@@ -115,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="new,baseline",
                         help="comma-separated: new, baseline, no_records, no_rope, per_call_checks, "
-                        "int8_activations")
+                        "int8_activations, unfused")
     parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)

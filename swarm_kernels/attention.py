@@ -220,6 +220,13 @@ class DecodeRows:
                                 states.stride(1), addresses, strides, self._positions)
         return True
 
+    def window(self, window: int | None) -> tuple[ctypes.Array, ctypes.Array]:
+        """(first key, number of keys) each row attends to: all of them, or a sliding layer's last `window`."""
+        if window not in self._spans:
+            firsts = [n - window if window is not None and n > window else 0 for n in self.lengths]
+            self._spans[window] = (_int64s(firsts), _int64s([n - f for n, f in zip(self.lengths, firsts, strict=True)]))
+        return self._spans[window]
+
     def attend(self, query: torch.Tensor, out: torch.Tensor, scale: float, window: int | None = None) -> bool:
         """Row i: query[0, :, rows[i]] ([1, heads, T, D]) over the first lengths[i] keys and values of its checked
         buffers (the last `window` of them for a sliding layer) → out[0, rows[i]] ([1, T, heads, D])."""
@@ -231,10 +238,7 @@ class DecodeRows:
         if (query_dim != dim or heads % kv_heads or out.shape != (1, tokens, heads, dim) or out.stride(2) != dim
                 or self._last_row >= tokens):
             return False
-        if window not in self._spans:
-            firsts = [n - window if window is not None and n > window else 0 for n in self.lengths]
-            self._spans[window] = (_int64s(firsts), _int64s([n - f for n, f in zip(self.lengths, firsts, strict=True)]))
-        firsts_array, counts = self._spans[window]
+        firsts_array, counts = self.window(window)
         status = library.decode_attention(self.count, heads, kv_heads, dim, scale, query.data_ptr(), query.stride(2),
                                           query.stride(1), self._rows, key_addresses, value_addresses, key_strides,
                                           value_strides, firsts_array, counts, out.data_ptr(), out.stride(1),

@@ -17,7 +17,12 @@
    Two paths, chosen at compile time: AVX2 + FMA intrinsics when the head size is a multiple of 8 (four keys' dot
    products reduced together, a vectorized exp, 64 output columns in registers), portable loops otherwise.
    Built at first use by swarm_kernels/cpu.py like cpu_affine.c and called through ctypes (the call releases the GIL).
-   The C code trusts its caller (swarm_kernels/attention.py checks every shape, stride, index and length first). */
+   The C code trusts its caller (swarm_kernels/attention.py checks every shape, stride, index and length first).
+
+   At the end, a decode layer's calls in two (layer_first, linear_residual; swarm_kernels/fused.py checks their
+   arguments): the affine kernel, the rotary embedding, the cache appends and this attention called from C in the
+   order swarm/model/lean.py calls them, and the RMS norms summed in torch's order (torch_row_sum), so the same bits
+   as the layers' own path. */
 
 #include <math.h>
 #include <stdatomic.h>
@@ -307,4 +312,179 @@ void rope_append(int64_t rows, int64_t kv_heads, int64_t dim, const float *x, co
         for (int64_t g = 0; g < kv_heads; g++)
             rotate(x + s_rows[r] * x_token_stride + g * x_head_stride, cos + s_rows[r] * dim, sin + s_rows[r] * dim,
                    (float *)(intptr_t)buffers[r] + g * b_head_stride[r] + position[r] * dim, dim);
+}
+
+/* A decode layer's two halves in one call each, for the lean decode path (swarm.model.lean): the calls it would make
+   one by one from Python, in the same order on the same buffers, so the same bits, without ~20 Python calls a layer.
+   The affine kernel is swarm_kernels/cpu_affine.c's affine_linear_parallel, set by attention_set_affine. */
+typedef int (*affine_t)(const float *, int64_t, int64_t, const uint8_t *, int, const float *, const float *,
+                        const float *, float *, int64_t, float *, int);
+static affine_t affine;
+
+void attention_set_affine(void *f) { affine = (affine_t)f; }
+
+/* A weight as affine_linear_parallel reads it: n output rows of k inputs. */
+typedef struct {
+    const uint8_t *codes;
+    const float *scale, *minimum, *bias;
+    int64_t n, k;
+    int bits;
+} weight_t;
+
+static int linear(const weight_t *w, const float *x, int64_t rows, float *y, float *scratch, int threads) {
+    return affine(x, rows, w->k, w->codes, w->bits, w->scale, w->minimum, w->bias, y, w->n, scratch, threads);
+}
+
+/* A layer's attention: hidden = residual + o(attention(rope(q), rope(k) and v into the caches)), q | k | v = x W
+   (one weight: heads * dim query columns, then kv_heads * dim key and value columns). */
+typedef struct {
+    weight_t qkv, o;
+    int64_t heads, kv_heads, dim;
+    float scaling;
+} attention_t;
+
+/* rows decode rows x [rows, hidden] (row t of the step is row t of x), residual and out [rows, hidden];
+   cos, sin [rows, dim]; tokens, keys .. count: as decode_attention and rope_append take them (tokens[r] = r), the
+   caches already holding position[r] + 1 tokens' room; work: rows * (qkv.n + 2 * heads * dim + o.n) floats;
+   scratch: affine_scratch_floats of the larger input size. Returns 0, or what a call refused (-1, -2). */
+int attention_block(const attention_t *a, int64_t rows, const float *x, const float *residual, float *out,
+                    const float *cos, const float *sin, const int64_t *tokens, const int64_t *keys,
+                    const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
+                    const int64_t *position, const int64_t *first, const int64_t *count, float *work, float *scratch,
+                    int threads) {
+    if (affine == NULL) return -1;
+    const int64_t dim = a->dim, nq = a->heads * dim, nkv = a->kv_heads * dim, width = a->qkv.n;
+    if (width != nq + 2 * nkv || a->o.k != nq) return -1;
+    float *qkv = work, *query = qkv + rows * width, *attended = query + rows * nq, *projected = attended + rows * nq;
+    int status = linear(&a->qkv, x, rows, qkv, scratch, threads);
+    if (status != 0) return status;
+    rope_rows(rows, a->heads, dim, qkv, width, dim, cos, sin, query, nq, dim);
+    append_rows(rows, a->kv_heads, dim, qkv + nq + nkv, tokens, width, dim, values, v_head_stride, position);
+    rope_append(rows, a->kv_heads, dim, qkv + nq, tokens, width, dim, cos, sin, keys, k_head_stride, position);
+    status = decode_attention(rows, a->heads, a->kv_heads, dim, a->scaling, query, nq, dim, tokens, keys, values,
+                              k_head_stride, v_head_stride, first, count, attended, nq, threads);
+    if (status != 0) return status;
+    status = linear(&a->o, attended, rows, projected, scratch, threads);
+    if (status != 0) return status;
+    const int64_t n = rows * a->o.n;
+    for (int64_t i = 0; i < n; i++) out[i] = residual[i] + projected[i];
+    return 0;
+}
+
+/* out = residual + x W for rows rows (the MLP's down projection and the residual add after it); work: rows * w.n
+   floats. */
+int linear_residual(const weight_t *w, int64_t rows, const float *x, const float *residual, float *out, float *work,
+                    float *scratch, int threads) {
+    if (affine == NULL) return -1;
+    const int status = linear(w, x, rows, work, scratch, threads);
+    if (status != 0) return status;
+    const int64_t n = rows * w->n;
+    for (int64_t i = 0; i < n; i++) out[i] = residual[i] + work[i];
+    return 0;
+}
+
+/* The sum of a contiguous float32 row as torch sums it on the CPU (ATen's SumKernel.cpp: vectorized_inner_sum, then
+   row_sum with 4 accumulators, then multi_row_sum's cascade of 4 levels), for its vector width `lanes` (16 where
+   torch runs its AVX-512 code, 8 for AVX2): every addition in the same order, so the same bits. Lanes are emulated
+   one by one (a norm's row of a few thousand values: the order matters here, not the speed). */
+#define SUM_LEVELS 4
+#define SUM_ILP 4
+#define MAX_LANES 16
+
+static int64_t ceil_log2(int64_t x) {
+    if (x <= 2) return 1;
+    int64_t bits = 0;
+    for (uint64_t v = (uint64_t)(x - 1); v != 0; v >>= 1) bits++;
+    return bits;
+}
+
+static float torch_row_sum(const float *v, int64_t size0, int64_t lanes) {
+    const int64_t vectors = size0 / lanes, size = vectors / SUM_ILP;
+    const int64_t power = ceil_log2(size) / SUM_LEVELS > 4 ? ceil_log2(size) / SUM_LEVELS : 4;
+    const int64_t step = (int64_t)1 << power, mask = step - 1;
+    float acc[SUM_LEVELS][SUM_ILP][MAX_LANES] = {{{0.0f}}};
+    int64_t i = 0;
+    while (i + step <= size) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int64_t k = 0; k < SUM_ILP; k++)
+                for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += v[(i * SUM_ILP + k) * lanes + l];
+        for (int64_t j = 1; j < SUM_LEVELS; j++) {
+            for (int64_t k = 0; k < SUM_ILP; k++)
+                for (int64_t l = 0; l < lanes; l++) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if ((i & (mask << (j * power))) != 0) break;
+        }
+    }
+    for (; i < size; i++)
+        for (int64_t k = 0; k < SUM_ILP; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += v[(i * SUM_ILP + k) * lanes + l];
+    for (int64_t j = 1; j < SUM_LEVELS; j++)
+        for (int64_t k = 0; k < SUM_ILP; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += acc[j][k][l];
+    for (int64_t r = size * SUM_ILP; r < vectors; r++)  /* row_sum: vectors past the last group of 4 */
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += v[r * lanes + l];
+    for (int64_t k = 1; k < SUM_ILP; k++)
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += acc[0][k][l];
+    float total = 0.0f;
+    for (int64_t c = vectors * lanes; c < size0; c++) total += v[c];  /* values past the last whole vector first */
+    for (int64_t l = 0; l < lanes; l++) total += acc[0][0][l];
+    return total;
+}
+
+/* RMS norm of rows of n values as transformers computes it in float32 with torch's operations: each row's squares
+   (x * x), their sum (torch_row_sum) divided by n (the mean), + eps, 1 / sqrt, x times that, times the factor (the
+   norm's weight, or 1 + weight in Gemma's form: either product is the same bits). squares: n floats of room. */
+static void rms_norm_rows(const float *x, int64_t rows, int64_t n, const float *factor, float eps, int64_t lanes,
+                          float *squares, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        for (int64_t c = 0; c < n; c++) squares[c] = row[c] * row[c];
+        const float mean = torch_row_sum(squares, n, lanes) / (float)n;
+        const float inverse = 1.0f / sqrtf(mean + eps);
+        for (int64_t c = 0; c < n; c++) {
+            const float normalized = row[c] * inverse;
+            out[r * n + c] = normalized * factor[c];
+        }
+    }
+}
+
+/* rms_norm_rows for tests and the lean path's check of a norm's bits (swarm_kernels.fused.rms_norm). */
+int rms_norm(const float *x, int64_t rows, int64_t n, const float *factor, float eps, int64_t lanes, float *out) {
+    if (lanes < 1 || lanes > MAX_LANES || n < 1) return -1;
+    float *squares = malloc(sizeof(float) * (size_t)n);
+    if (squares == NULL) return -2;
+    rms_norm_rows(x, rows, n, factor, eps, lanes, squares, out);
+    free(squares);
+    return 0;
+}
+
+/* A Llama-shaped layer's first part: its input norm, attention (attention_block) with the residual add, the norm
+   before the MLP and the MLP's joined gate | up projection. What stays for the caller: the activation of the gate
+   times up (torch's arithmetic), then linear_residual with the down projection. */
+typedef struct {
+    attention_t attention;
+    weight_t gate_up;
+    const float *input_norm, *mlp_norm;  /* the norms' factors, hidden values each */
+    float input_eps, mlp_eps;
+    int64_t lanes;                       /* torch's vector width, for the norms' sums */
+} layer_t;
+
+/* x, mid [rows, hidden]; gate_up [rows, gate_up.n]; the rest as attention_block's (work: also 2 * rows * hidden
+   floats more, for the norms). mid = x + attention(norm(x)); gate_up = norm(mid) W. */
+int layer_first(const layer_t *layer, int64_t rows, const float *x, float *mid, float *gate_up, const float *cos,
+                const float *sin, const int64_t *tokens, const int64_t *keys, const int64_t *values,
+                const int64_t *k_head_stride, const int64_t *v_head_stride, const int64_t *position,
+                const int64_t *first, const int64_t *count, float *work, float *scratch, int threads) {
+    const attention_t *a = &layer->attention;
+    const int64_t hidden = a->qkv.k;
+    if (layer->lanes < 1 || layer->lanes > MAX_LANES || layer->gate_up.k != hidden || a->o.n != hidden) return -1;
+    float *normed = work, *squares = normed + rows * hidden, *rest = squares + hidden;
+    rms_norm_rows(x, rows, hidden, layer->input_norm, layer->input_eps, layer->lanes, squares, normed);
+    int status = attention_block(a, rows, normed, x, mid, cos, sin, tokens, keys, values, k_head_stride,
+                                 v_head_stride, position, first, count, rest, scratch, threads);
+    if (status != 0) return status;
+    rms_norm_rows(mid, rows, hidden, layer->mlp_norm, layer->mlp_eps, layer->lanes, squares, normed);
+    return linear(&layer->gate_up, normed, rows, gate_up, scratch, threads);
 }

@@ -82,6 +82,8 @@ def test_a_part_of_the_span_runs_lean_too(tiny_model_dir):
 
 
 def test_joined_projections_hold_no_weight_twice_and_are_one_call(tiny_model_dir, monkeypatch):
+    """(With the fused calls off: they make the same kernel calls from C; tests/unit/test_fused.py.)"""
+    monkeypatch.setenv("SWARM_FUSED_DECODE", "0")
     span = span_of(tiny_model_dir, "llama", "int4")
     before = span.weight_bytes()
     assert span.prepare_lean()
