@@ -12,8 +12,8 @@ instead of from their caches' records, DecodeRows.check_caches off), `no_rope` (
 expression and the keys appended after it, instead of one native call each for the queries and the keys),
 `per_call_checks` (the lean path's projections checked on every call by affine_linear, not once by cpu.Weight),
 `int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `unfused` (each layer's
-calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline` is unfused
-too, its kernel being called from Python). Prints
+calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline`, `no_records`,
+`no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too). Prints
 JSON (median milliseconds per forward, and each configuration ÷ the first) and writes OUT/forward.json. A
 diagnostic: what users see is `benchmarks/serve.py` through HTTP.
 """
@@ -66,6 +66,10 @@ def _time(span: Any, rows: int) -> float:
     return 1000 * (time.perf_counter() - start) / 3
 
 
+# configurations of the layers' calls one by one from Python (what they change is there, not in the fused calls)
+STEP_BY_STEP = ("unfused", "baseline", "no_records", "no_rope", "per_call_checks")
+
+
 def run(args) -> dict[str, Any]:
     torch.set_num_threads(1)
     names = args.configs.split(",")
@@ -99,7 +103,7 @@ def run(args) -> dict[str, Any]:
                     cpu.set_activations("int8" if name == "int8_activations" else "float32")
                     for layer, parts in zip(layers, fused, strict=True):
                         layer.attention_block, layer.down_residual, layer.first = (
-                            (None, None, None) if name in ("unfused", "baseline") else parts)
+                            (None, None, None) if name in STEP_BY_STEP else parts)
                     times[n][name].append(_time(span, n))
     finally:
         cpu._library, attention.DecodeRows.check_caches = saved, check_caches  # type: ignore[method-assign]

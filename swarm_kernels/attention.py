@@ -137,6 +137,7 @@ class DecodeRows:
         self.valid = bool(rows) and len(lengths) == self.count and min(rows) >= 0 and min(lengths) >= 1
         self.lengths = lengths
         self._last_row = max(rows, default=-1)
+        self.in_order = rows == list(range(self.count))  # row i is token i of the step (the fused calls' layout)
         self._rows = _int64s(rows)
         self._positions = _int64s([n - 1 for n in lengths])
         self._spans: dict[int | None, tuple[ctypes.Array, ctypes.Array]] = {}

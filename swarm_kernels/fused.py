@@ -14,7 +14,9 @@ activation (torch's own arithmetic, which the layers' path computes too). `Resid
 and the residual add after it.
 
 Each call checks what the C code trusts (the DecodeRows checked for the layer, every buffer's size, dtype, layout and
-device) and returns False, doing nothing, where it does not apply; the lean path then takes its calls one by one.
+device) and returns False where it does not apply, before writing anything; the lean path then takes its calls one by
+one. A refusal inside the C code (an attention it cannot compute) also returns False, after the rows' keys and
+values went into their caches: the step-by-step path writes the same values there again.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class _Layer(ctypes.Structure):
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The attention library with its fused calls declared and the affine kernel handed to it; None where either
-    library is unavailable."""
+def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """The attention library with its fused calls declared, and the affine kernel's library it was handed (bound
+    once: the scratch sizes below are that build's); None where either is unavailable."""
     library, affine = attention._library(), cpu._library()
     if library is None or affine is None:
         return None
@@ -65,7 +67,12 @@ def _library() -> ctypes.CDLL | None:
                                     _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
     library.rms_norm.restype = ctypes.c_int
     library.rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _i64, _ptr]
-    return library
+    return library, affine
+
+
+def _library() -> ctypes.CDLL | None:
+    libraries = _libraries()
+    return None if libraries is None else libraries[0]
 
 
 def available() -> bool:
@@ -84,9 +91,10 @@ def _floats(t: torch.Tensor, count: int) -> bool:
 
 
 def scratch_floats(*weights: cpu.Weight) -> int:
-    """The affine kernel's scratch for calls of these weights (the largest any of them needs)."""
-    library = cpu._library()
-    return max(cpu._scratch_floats(library, w.k) for w in weights) if library is not None else 0
+    """The affine kernel's scratch for calls of these weights (the largest any of them needs), in the build the fused
+    calls use."""
+    libraries = _libraries()
+    return max(cpu._scratch_floats(libraries[1], w.k) for w in weights) if libraries is not None else 0
 
 
 class AttentionBlock:
@@ -111,14 +119,15 @@ class AttentionBlock:
                  scratch: torch.Tensor) -> bool:
         """x, residual, out [.., rows.count, hidden]; rows checked for this layer (`DecodeRows.check_caches` or
         `check`, its caches holding each row's new token's room); cos and sin T x dim (DecodeRows' rotary angles);
-        work and scratch sized by work_floats and scratch_floats. False, nothing written, where it does not apply."""
+        work and scratch sized by work_floats and scratch_floats. False where it does not apply (see the module's
+        doc)."""
         library = _library()
         checked = rows._checked
         if library is None or checked is None or rows.count == 0:
             return False
         _, _, kv_heads, dim, keys, values, key_strides, value_strides = checked
         count, hidden = rows.count, self.hidden
-        if (kv_heads != self.kv_heads or dim != self.dim or rows._last_row >= count
+        if (kv_heads != self.kv_heads or dim != self.dim or not rows.in_order
                 or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, residual, out))
                 or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))
                 or not _floats(scratch, self.scratch)):
@@ -214,14 +223,14 @@ class LayerFirst:
                  cos: torch.Tensor, sin: torch.Tensor, window: int | None, work: torch.Tensor,
                  scratch: torch.Tensor) -> bool:
         """x, mid [.., rows.count, hidden]; gate_up [.., rows.count, gate_up.n]; the rest as AttentionBlock's.
-        False, nothing written, where it does not apply."""
+        False where it does not apply (see the module's doc)."""
         library = _library()
         checked = rows._checked
         if library is None or checked is None or rows.count == 0:
             return False
         _, _, kv_heads, dim, keys, values, key_strides, value_strides = checked
         block, count, hidden = self.attention, rows.count, self.attention.hidden
-        if (kv_heads != block.kv_heads or dim != block.dim or rows._last_row >= count
+        if (kv_heads != block.kv_heads or dim != block.dim or not rows.in_order
                 or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, mid))
                 or not (_floats(gate_up, count * self.gate_up.n) and gate_up.numel() == count * self.gate_up.n)
                 or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))

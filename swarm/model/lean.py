@@ -198,8 +198,11 @@ class _Layer:
             lanes = [fused.norm_lanes(module, self.norms[name][1], self.norms[name][2])
                      for name, module in (("input", block.input_layernorm), ("pre_mlp", pre_mlp))]
             if lanes[0] is not None and lanes[0] == lanes[1]:
-                self.first = fused.LayerFirst(self.attention_block, self.gate_up.weight, self.norms["input"][1:],
-                                              self.norms["pre_mlp"][1:], lanes[0])
+                try:
+                    self.first = fused.LayerFirst(self.attention_block, self.gate_up.weight,
+                                                  self.norms["input"][1:], self.norms["pre_mlp"][1:], lanes[0])
+                except ValueError:  # sizes the C code does not take: the three calls below
+                    pass
         weights = ([*self.attention_block.weights] if self.attention_block is not None else []) + (
             [self.down_residual.weight] if self.down_residual is not None else []) + (
             [self.gate_up.weight] if self.first is not None else [])

@@ -115,3 +115,29 @@ def test_buffers_that_do_not_fit_are_refused_and_nothing_is_written(tiny_model_d
     assert first(rows, x, mid, gate_up, cos, sin, None, work, scratch)
     with pytest.raises(ValueError):
         fused.AttentionBlock(layer.qkv.weight, layer.o_proj, 3, 1, layer.head_dim, 1.0)
+
+
+def test_a_call_the_attention_refuses_leaves_what_the_next_one_overwrites(tiny_model_dir):
+    """A refusal inside the C code (here: a window of no keys) comes after the rows' keys and values went into their
+    caches; the call that follows (the step-by-step path, or this one) writes the same positions again: the same
+    result as on caches that never saw the refused call."""
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert span.prepare_lean()
+    layer, hidden = span._lean.layers[0], span.hidden_size
+    first = layer.first
+    prompt, x = torch.randn(1, 5, hidden), torch.randn(1, 1, hidden)
+    cos, sin = span.rotary(torch.zeros(1, 1, hidden), torch.tensor([[5]]))
+    results = []
+    for refuse_first in (True, False):
+        cache = span.new_cache(16)
+        span(prompt, cache, 0)
+        rows = attention.DecodeRows([0], [6])
+        assert rows.check_caches([cache], 0, layer.kv_heads, layer.head_dim)
+        mid, gate_up = torch.empty(1, 1, hidden), torch.empty(1, 1, layer.gate_up.weight.n)
+        work, scratch = torch.empty(first.work_floats(1)), torch.empty(first.scratch)
+        if refuse_first:
+            assert not first(rows, x, mid, gate_up, cos, sin, 0, work, scratch)
+        assert first(rows, x, mid, gate_up, cos, sin, None, work, scratch)
+        keys, values = cache.reserve(torch.empty(0), torch.empty(0), 0, 6)
+        results.append((mid.clone(), gate_up.clone(), keys[:, :, :6].clone(), values[:, :, :6].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -62,7 +62,9 @@ def test_lean_decode_is_the_same_bits_as_the_layers_own(tiny_model_dir, family, 
 
 
 def test_lean_decode_keeps_its_bits_where_the_native_rotary_embedding_does_not_apply(tiny_model_dir, monkeypatch):
-    # torch's own expression then: the rows' keys appended after it, the same bits either way
+    # torch's own expression then: the rows' keys appended after it, the same bits either way (the layers' calls one
+    # by one: the fused ones rotate in C)
+    monkeypatch.setenv("SWARM_FUSED_DECODE", "0")
     span = span_of(tiny_model_dir, "llama", "int4")
     assert span.prepare_lean()
     native = decode_both_ways(span)[True]
@@ -153,6 +155,7 @@ def test_other_shapes_keep_the_generic_path(tiny_model_dir, family):
 
 
 def test_a_round_the_native_attention_refuses_is_redone_by_the_generic_path(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("SWARM_FUSED_DECODE", "0")  # the calls one by one (tests/unit/test_fused.py: the fused ones)
     span = span_of(tiny_model_dir, "llama", "int4")
     assert span.prepare_lean()
     expected = decode_both_ways(span, rounds=2)[False][0]
