@@ -13,7 +13,8 @@ expression and the keys appended after it, instead of one native call each for t
 `per_call_checks` (the lean path's projections checked on every call by affine_linear, not once by cpu.Weight),
 `int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `unfused` (each layer's
 calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline`, `no_records`,
-`no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too). Prints
+`no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too), `int8_unfused`
+(int8 activations, the calls one by one). Prints
 JSON (median milliseconds per forward, and each configuration ÷ the first) and writes OUT/forward.json. A
 diagnostic: what users see is `benchmarks/serve.py` through HTTP.
 """
@@ -67,7 +68,7 @@ def _time(span: Any, rows: int) -> float:
 
 
 # configurations of the layers' calls one by one from Python (what they change is there, not in the fused calls)
-STEP_BY_STEP = ("unfused", "baseline", "no_records", "no_rope", "per_call_checks")
+STEP_BY_STEP = ("unfused", "baseline", "no_records", "no_rope", "per_call_checks", "int8_unfused")
 
 
 def run(args) -> dict[str, Any]:
@@ -77,13 +78,16 @@ def run(args) -> dict[str, Any]:
         raise SystemExit("the baseline configuration needs --baseline DIR")
     libraries = {name: _kernel(Path(args.baseline) / "swarm_kernels" / "cpu_affine.c" if name == "baseline"
                                else cpu.SOURCE, args.threads) for name in names}
+    if "int8_activations" in names:  # its repacked weights and fused calls made at load, beside float32's
+        cpu.set_activations("int8")
     span = load_span(resolve_model(DEFAULT_MODEL_ID), 0, 30, precision=Precision("cpu", torch.float32, args.quant))
+    span.prepare_lean()
+    cpu.set_activations("float32")
     counts = [int(n) for n in args.rows.split(",")]
     times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in names} for n in counts}
     saved, check_caches, rope = cpu._library, attention.DecodeRows.check_caches, attention.rope
-    span.prepare_lean()
     layers = span._lean.layers if span._lean else []
-    fused = [(layer.attention_block, layer.down_residual, layer.first) for layer in layers]
+    fused = [(layer.attention_block, layer.down_residual, layer.first, layer.int8_parts) for layer in layers]
     weight_call = cpu.Weight.__call__
 
     def per_call_checks(weight: cpu.Weight, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +104,10 @@ def run(args) -> dict[str, Any]:
                     attention.rope = (lambda *a, **k: False) if name == "no_rope" else rope
                     call = per_call_checks if name == "per_call_checks" else weight_call
                     cpu.Weight.__call__ = call  # type: ignore[method-assign,assignment]
-                    cpu.set_activations("int8" if name == "int8_activations" else "float32")
+                    cpu.set_activations("int8" if name.startswith("int8_") else "float32")
                     for layer, parts in zip(layers, fused, strict=True):
-                        layer.attention_block, layer.down_residual, layer.first = (
-                            (None, None, None) if name in STEP_BY_STEP else parts)
+                        layer.attention_block, layer.down_residual, layer.first, layer.int8_parts = (
+                            (None, None, None, (None, None, None)) if name in STEP_BY_STEP else parts)
                     times[n][name].append(_time(span, n))
     finally:
         cpu._library, attention.DecodeRows.check_caches = saved, check_caches  # type: ignore[method-assign]
@@ -111,7 +115,7 @@ def run(args) -> dict[str, Any]:
         cpu.Weight.__call__ = weight_call  # type: ignore[method-assign]
         cpu.set_activations("float32")
         for layer, parts in zip(layers, fused, strict=True):
-            layer.attention_block, layer.down_residual, layer.first = parts
+            layer.attention_block, layer.down_residual, layer.first, layer.int8_parts = parts
     first = names[0]
     results = {str(n): {name: {"median_ms": round(statistics.median(t[name]), 2),
                                f"over_{first}": round(statistics.median(a / b for a, b in zip(t[name], t[first],
@@ -129,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="new,baseline",
                         help="comma-separated: new, baseline, no_records, no_rope, per_call_checks, "
-                        "int8_activations, unfused")
+                        "int8_activations, unfused, int8_unfused")
     parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)

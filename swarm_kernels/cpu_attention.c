@@ -323,15 +323,31 @@ static affine_t affine;
 
 void attention_set_affine(void *f) { affine = (affine_t)f; }
 
-/* A weight as affine_linear_parallel reads it: n output rows of k inputs. */
+/* swarm_kernels/cpu_a8.c's a8_linear_float (int8 activations; set by attention_set_a8 with its min_work) */
+typedef int (*a8_t)(const float *, int64_t, int64_t, const uint8_t *, int, const float *, const float *,
+                    const float *, float *, int64_t, int, int64_t, uint8_t *);
+static a8_t a8;
+static int64_t a8_min_work;
+
+void attention_set_a8(void *f, int64_t min_work) {
+    a8 = (a8_t)f;
+    a8_min_work = min_work;
+}
+
+/* A weight as its kernel reads it: n output rows of k inputs; kind 0: affine_linear_parallel's layout (float32
+   activations), 1: a8_linear_float's (int8 activations; scratch: a8_scratch_bytes of the call). */
 typedef struct {
     const uint8_t *codes;
     const float *scale, *minimum, *bias;
     int64_t n, k;
-    int bits;
+    int bits, kind;
 } weight_t;
 
 static int linear(const weight_t *w, const float *x, int64_t rows, float *y, float *scratch, int threads) {
+    if (w->kind == 1)
+        return a8 == NULL ? -1 : a8(x, rows, w->k, w->codes, w->bits, w->scale, w->minimum, w->bias, y, w->n,
+                                    threads, a8_min_work, (uint8_t *)scratch);
+    if (w->kind != 0 || affine == NULL) return -1;
     return affine(x, rows, w->k, w->codes, w->bits, w->scale, w->minimum, w->bias, y, w->n, scratch, threads);
 }
 
@@ -352,7 +368,6 @@ int attention_block(const attention_t *a, int64_t rows, const float *x, const fl
                     const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
                     const int64_t *position, const int64_t *first, const int64_t *count, float *work, float *scratch,
                     int threads) {
-    if (affine == NULL) return -1;
     const int64_t dim = a->dim, nq = a->heads * dim, nkv = a->kv_heads * dim, width = a->qkv.n;
     if (width != nq + 2 * nkv || a->o.k != nq) return -1;
     float *qkv = work, *query = qkv + rows * width, *attended = query + rows * nq, *projected = attended + rows * nq;
@@ -375,7 +390,6 @@ int attention_block(const attention_t *a, int64_t rows, const float *x, const fl
    floats. */
 int linear_residual(const weight_t *w, int64_t rows, const float *x, const float *residual, float *out, float *work,
                     float *scratch, int threads) {
-    if (affine == NULL) return -1;
     const int status = linear(w, x, rows, work, scratch, threads);
     if (status != 0) return status;
     const int64_t n = rows * w->n;

@@ -28,14 +28,16 @@ from typing import Any
 
 import torch
 
-from swarm_kernels import attention, cpu
+from swarm_kernels import attention, cpu, cpu_a8
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+Linear = cpu.Weight | cpu_a8.Weight  # a projection's weight: float32 activations, or int8 ones (swarm_kernels.cpu_a8)
 
 
 class _Weight(ctypes.Structure):
     _fields_ = [("codes", _ptr), ("scale", _ptr), ("minimum", _ptr), ("bias", _ptr), ("n", _i64), ("k", _i64),
-                ("bits", ctypes.c_int)]
+                ("bits", ctypes.c_int), ("kind", ctypes.c_int)]
 
 
 class _Attention(ctypes.Structure):
@@ -67,6 +69,10 @@ def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
                                     _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
     library.rms_norm.restype = ctypes.c_int
     library.rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _i64, _ptr]
+    library.attention_set_a8.restype, library.attention_set_a8.argtypes = None, [_ptr, _i64]
+    a8 = cpu_a8._library()  # int8 activations' kernel, where it builds (weights of kind 1 are refused otherwise)
+    if a8 is not None:
+        library.attention_set_a8(ctypes.cast(a8.a8_linear_float, _ptr).value, cpu.MIN_WORK)
     return library, affine
 
 
@@ -80,9 +86,12 @@ def available() -> bool:
     return os.environ.get("SWARM_FUSED_DECODE", "1") != "0" and _library() is not None
 
 
-def _weight(weight: cpu.Weight) -> _Weight:
-    codes, scale, minimum, bias = weight._addresses
-    return _Weight(codes, scale, minimum, bias, weight.n, weight.k, weight.bits)
+def _weight(weight: Linear) -> _Weight:
+    if isinstance(weight, cpu.Weight):
+        codes, scale, minimum, bias = weight._addresses
+        return _Weight(codes, scale, minimum, bias, weight.n, weight.k, weight.bits, 0)
+    return _Weight(weight.codes.data_ptr(), weight.scale.data_ptr(), weight.minimum.data_ptr(),
+                   None if weight.bias is None else weight.bias.data_ptr(), weight.n, weight.k, weight.bits, 1)
 
 
 def _floats(t: torch.Tensor, count: int) -> bool:
@@ -90,29 +99,40 @@ def _floats(t: torch.Tensor, count: int) -> bool:
     return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() >= count
 
 
-def scratch_floats(*weights: cpu.Weight) -> int:
-    """The affine kernel's scratch for calls of these weights (the largest any of them needs), in the build the fused
-    calls use."""
+def scratch_floats(rows: int, *weights: Linear) -> int:
+    """The kernels' scratch for calls of `rows` rows with these weights (the largest any of them needs), in the
+    builds the fused calls use."""
     libraries = _libraries()
-    return max(cpu._scratch_floats(libraries[1], w.k) for w in weights) if libraries is not None else 0
+    if libraries is None:
+        return 0
+    return max(cpu._scratch_floats(libraries[1], w.k) if isinstance(w, cpu.Weight) else _a8_scratch(rows, w.k)
+               for w in weights)
+
+
+@functools.cache
+def _a8_scratch(rows: int, k: int) -> int:
+    library = cpu_a8._library()
+    return 0 if library is None else -(-int(library.a8_scratch_bytes(rows, k)) // 4)
 
 
 class AttentionBlock:
     """One layer's attention half: out = residual + o(attention), its q | k | v one weight (heads * dim query columns,
     then kv_heads * dim key and value columns) and o another, both cpu.Weight (float32 activations)."""
 
-    def __init__(self, qkv: cpu.Weight, o: cpu.Weight, heads: int, kv_heads: int, dim: int, scaling: float):
+    def __init__(self, qkv: Linear, o: Linear, heads: int, kv_heads: int, dim: int, scaling: float):
         if (qkv.n != (heads + 2 * kv_heads) * dim or o.k != heads * dim or o.n != qkv.k or heads % kv_heads
                 or dim % 2):
             raise ValueError("the projections do not match the attention's geometry")
         self.weights = (qkv, o)  # held: the C code reads their addresses
-        self.scratch = scratch_floats(qkv, o)
         self.hidden, self.heads, self.kv_heads, self.dim = qkv.k, heads, kv_heads, dim
         self._struct = _Attention(_weight(qkv), _weight(o), heads, kv_heads, dim, scaling)
         self._pointer = ctypes.pointer(self._struct)
 
     def work_floats(self, rows: int) -> int:
         return rows * (self.weights[0].n + 2 * self.heads * self.dim + self.hidden)
+
+    def scratch_floats(self, rows: int) -> int:
+        return scratch_floats(rows, *self.weights)
 
     def __call__(self, rows: attention.DecodeRows, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, window: int | None, work: torch.Tensor,
@@ -130,7 +150,7 @@ class AttentionBlock:
         if (kv_heads != self.kv_heads or dim != self.dim or not rows.in_order
                 or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, residual, out))
                 or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))
-                or not _floats(scratch, self.scratch)):
+                or not _floats(scratch, self.scratch_floats(count))):
             return False
         firsts, counts = rows.window(window)
         status = library.attention_block(self._pointer, count, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
@@ -145,11 +165,13 @@ class AttentionBlock:
 class ResidualLinear:
     """out = residual + x W, for a cpu.Weight W (float32 activations)."""
 
-    def __init__(self, weight: cpu.Weight):
+    def __init__(self, weight: Linear):
         self.weight = weight
-        self.scratch = scratch_floats(weight)
         self._struct = _weight(weight)
         self._pointer = ctypes.pointer(self._struct)
+
+    def scratch_floats(self, rows: int) -> int:
+        return scratch_floats(rows, self.weight)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, work: torch.Tensor,
                  scratch: torch.Tensor) -> bool:
@@ -160,7 +182,7 @@ class ResidualLinear:
         rows = x.numel() // k if k else 0
         if (library is None or rows == 0 or x.shape[-1] != k or not _floats(x, rows * k)
                 or not all(_floats(t, rows * n) and t.numel() == rows * n for t in (residual, out))
-                or not _floats(work, rows * n) or not _floats(scratch, self.scratch)):
+                or not _floats(work, rows * n) or not _floats(scratch, self.scratch_floats(rows))):
             return False
         return library.linear_residual(self._pointer, rows, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
                                        work.data_ptr(), scratch.data_ptr(), cpu.threads()) == 0
@@ -203,20 +225,22 @@ class LayerFirst:
     one call (cpu_attention.c's layer_first); the norms as torch computes them (`norm_lanes` found their sums'
     width)."""
 
-    def __init__(self, attention: AttentionBlock, gate_up: cpu.Weight, input_norm: tuple[torch.Tensor, float],
+    def __init__(self, attention: AttentionBlock, gate_up: Linear, input_norm: tuple[torch.Tensor, float],
                  mlp_norm: tuple[torch.Tensor, float], lanes: int):
         hidden = attention.hidden
         factors = [factor.float().contiguous() for factor, _ in (input_norm, mlp_norm)]
         if gate_up.k != hidden or any(f.numel() != hidden for f in factors) or not 1 <= lanes <= 16:
             raise ValueError("the norms and the gate | up projection do not match the layer's hidden size")
         self.attention, self.gate_up, self.factors = attention, gate_up, factors  # held: the C code reads them
-        self.scratch = scratch_floats(*attention.weights, gate_up)
         self._struct = _Layer(attention._struct, _weight(gate_up), factors[0].data_ptr(), factors[1].data_ptr(),
                               input_norm[1], mlp_norm[1], lanes)
         self._pointer = ctypes.pointer(self._struct)
 
     def work_floats(self, rows: int) -> int:
         return rows * self.attention.hidden + self.attention.hidden + self.attention.work_floats(rows)
+
+    def scratch_floats(self, rows: int) -> int:
+        return scratch_floats(rows, *self.attention.weights, self.gate_up)
 
 
     def __call__(self, rows: attention.DecodeRows, x: torch.Tensor, mid: torch.Tensor, gate_up: torch.Tensor,
@@ -234,7 +258,7 @@ class LayerFirst:
                 or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, mid))
                 or not (_floats(gate_up, count * self.gate_up.n) and gate_up.numel() == count * self.gate_up.n)
                 or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))
-                or not _floats(scratch, self.scratch)):
+                or not _floats(scratch, self.scratch_floats(count))):
             return False
         firsts, counts = rows.window(window)
         status = library.layer_first(self._pointer, count, x.data_ptr(), mid.data_ptr(), gate_up.data_ptr(),

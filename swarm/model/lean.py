@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from swarm.model import segments
-from swarm_kernels import attention, cpu, fused
+from swarm_kernels import attention, cpu, cpu_a8, fused
 from swarm_kernels.quant import NativeLinear
 
 logger = logging.getLogger(__name__)
@@ -177,36 +177,56 @@ class _Layer:
         self.down_proj = _call(mlp.down_proj)
         self.act = mlp.act_fn
         self.kv_heads = self.qkv.sizes[1] // self.head_dim
-        # both halves in one native call each (swarm_kernels.fused), where the layer is plain (no norm inside a
-        # half) and its projections are native-kernel weights
-        self.attention_block: fused.AttentionBlock | None = None
-        self.down_residual: fused.ResidualLinear | None = None
-        o_proj, down_proj = self.o_proj, self.down_proj
-        if not (self.sandwich or self.qk_norms) and fused.available():
-            if self.qkv.native and isinstance(o_proj, cpu.Weight) and self.qkv.sizes[1] == self.qkv.sizes[2]:
-                try:
-                    self.attention_block = fused.AttentionBlock(self.qkv.weight, o_proj,
-                                                                self.qkv.sizes[0] // self.head_dim, self.kv_heads,
-                                                                self.head_dim, self.scaling)
-                except ValueError:
-                    pass
-            if isinstance(down_proj, cpu.Weight):
-                self.down_residual = fused.ResidualLinear(down_proj)
+        # the layer's calls in two (or three) native ones (swarm_kernels.fused), where it is plain (no norm inside a
+        # half) and its projections are native-kernel weights: float32 activations' parts, and int8 ones' where the
+        # blocks compute with int8 activations (cpu.set_activations before the span is prepared)
+        weights = (self.qkv.weight if self.qkv.native else None, _native(self.o_proj),
+                   self.gate_up.weight if self.gate_up.native else None, _native(self.down_proj))
+        plain = not (self.sandwich or self.qk_norms) and fused.available()
+        self.lanes: int | None = None  # the width of torch's sums in the norms (fused.norm_lanes), where one fits
+        if plain and all(w is not None for w in weights):
+            lanes = {fused.norm_lanes(module, self.norms[name][1], self.norms[name][2])
+                     for name, module in (("input", block.input_layernorm), ("pre_mlp", pre_mlp))}
+            self.lanes = lanes.pop() if len(lanes) == 1 else None
+        no_parts: Parts = (None, None, None)
+        self.attention_block, self.down_residual, self.first = self._fuse(weights) if plain else no_parts
+        self.int8_parts = no_parts
+        if plain and cpu.activations() == "int8" and cpu_a8.available():
+            self.int8_parts = self._fuse(tuple(
+                None if w is None else w.int8_activations() if w.follows_activations else w for w in weights))
+
+    def parts(self, activations: str) -> Parts:
+        """(attention block, down + residual, first half) for blocks computing with these activations."""
+        if activations == "float32":
+            return self.attention_block, self.down_residual, self.first
+        return self.int8_parts if activations == "int8" else (None, None, None)
+
+    def _fuse(self, weights: tuple[Any, ...]) -> Parts:
+        qkv, o_proj, gate_up, down = weights
+        block = down_residual = first = None
+        if qkv is not None and o_proj is not None and self.qkv.sizes[1] == self.qkv.sizes[2]:
+            try:
+                block = fused.AttentionBlock(qkv, o_proj, self.qkv.sizes[0] // self.head_dim, self.kv_heads,
+                                             self.head_dim, self.scaling)
+            except ValueError:
+                pass
+        if down is not None:
+            down_residual = fused.ResidualLinear(down)
         # and all of the first half in one (its norms too, where the native norm gives their bits)
-        self.first: fused.LayerFirst | None = None
-        if self.attention_block is not None and self.gate_up.native and self.down_residual is not None:
-            lanes = [fused.norm_lanes(module, self.norms[name][1], self.norms[name][2])
-                     for name, module in (("input", block.input_layernorm), ("pre_mlp", pre_mlp))]
-            if lanes[0] is not None and lanes[0] == lanes[1]:
-                try:
-                    self.first = fused.LayerFirst(self.attention_block, self.gate_up.weight,
-                                                  self.norms["input"][1:], self.norms["pre_mlp"][1:], lanes[0])
-                except ValueError:  # sizes the C code does not take: the three calls below
-                    pass
-        weights = ([*self.attention_block.weights] if self.attention_block is not None else []) + (
-            [self.down_residual.weight] if self.down_residual is not None else []) + (
-            [self.gate_up.weight] if self.first is not None else [])
-        self.scratch = fused.scratch_floats(*weights) if weights else 0  # floats the fused calls' kernel needs
+        if block is not None and gate_up is not None and down_residual is not None and self.lanes is not None:
+            try:
+                first = fused.LayerFirst(block, gate_up, self.norms["input"][1:], self.norms["pre_mlp"][1:],
+                                         self.lanes)
+            except ValueError:  # sizes the C code does not take: the three calls
+                pass
+        return block, down_residual, first
+
+
+Parts = tuple["fused.AttentionBlock | None", "fused.ResidualLinear | None", "fused.LayerFirst | None"]
+
+
+def _native(projection: Any) -> cpu.Weight | None:
+    return projection if isinstance(projection, cpu.Weight) else None
 
 
 def _shaped(block: Any) -> bool:
@@ -258,28 +278,30 @@ class LeanDecode:
             embeddings[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
         rows = attention.DecodeRows(list(range(count)), [s.position + 1 for s in steps])
         caches = [s.cache for s in steps]
-        joined = cpu.activations() == "float32"  # the fused calls compute with float32 activations only
-        if joined and any(self.layers[i].attention_block or self.layers[i].down_residual for i in selected):
+        parts = {i: self.layers[i].parts(cpu.activations()) for i in selected}
+        work = scratch = None
+        if any(any(p is not None for p in layer_parts) for layer_parts in parts.values()):
             hidden = hidden.contiguous()
-            work = hidden.new_empty(max(self._work_floats(self.layers[i], count) for i in selected))
-            scratch = hidden.new_empty(max(1, max(self.layers[i].scratch for i in selected)))
+            work = hidden.new_empty(max(_work_floats(parts[i], count) for i in selected))
+            scratch = hidden.new_empty(max(_scratch_floats(parts[i], count) for i in selected))
         for i in selected:
             layer, norms = self.layers[i], self.layers[i].norms
             residual = hidden
-            block = layer.attention_block if joined else None
-            if block is not None and rows.check_caches(caches, i, layer.kv_heads, layer.head_dim):
+            block, down, first = parts[i]
+            if (block is not None and work is not None and scratch is not None
+                    and rows.check_caches(caches, i, layer.kv_heads, layer.head_dim)):
                 cos, sin = embeddings[span.layer_types[i]]
-                if layer.first is not None:
+                if first is not None:
                     mid = torch.empty_like(hidden)
-                    gate_up = hidden.new_empty(1, count, layer.gate_up.weight.n)
-                    if layer.first(rows, hidden, mid, gate_up, cos, sin, span.windows[i], work, scratch):
+                    gate_up = hidden.new_empty(1, count, first.gate_up.n)
+                    if first(rows, hidden, mid, gate_up, cos, sin, span.windows[i], work, scratch):
                         gate, up = gate_up.split_with_sizes(layer.gate_up.sizes, dim=-1)
-                        hidden = self._down(layer, mid, layer.act(gate) * up, work, scratch)
+                        hidden = self._down(layer, mid, layer.act(gate) * up, down, work, scratch)
                         continue
                 normed = _norm(hidden, norms["input"])
                 out = torch.empty_like(hidden)
                 if block(rows, normed, residual, out, cos, sin, span.windows[i], work, scratch):
-                    hidden = self._mlp(layer, out, work, scratch)
+                    hidden = self._mlp(layer, out, down, work, scratch)
                     continue
             q, k, v = layer.qkv(_norm(hidden, norms["input"]))
             q = q.view(1, count, -1, layer.head_dim)  # [1, N, heads, D]: token major
@@ -307,37 +329,39 @@ class LeanDecode:
             attended = layer.o_proj(out.reshape(1, count, -1).contiguous())
             if layer.sandwich:
                 attended = _norm(attended, norms["post_attention"])
-            hidden = self._mlp(layer, residual + attended, work if joined and layer.down_residual else None,
-                               scratch if joined and layer.down_residual else None)
+            hidden = self._mlp(layer, residual + attended, down, work, scratch)
         return hidden
 
     @staticmethod
-    def _mlp(layer: _Layer, hidden: torch.Tensor, work: torch.Tensor | None,
+    def _mlp(layer: _Layer, hidden: torch.Tensor, down: fused.ResidualLinear | None, work: torch.Tensor | None,
              scratch: torch.Tensor | None) -> torch.Tensor:
         """The layer's MLP half: hidden + mlp(norm(hidden)); its down projection and the residual add in one native
-        call where `work` and `scratch` are given (see LeanDecode.forward)."""
+        call where `down` is given (see LeanDecode.forward)."""
         gate, up = layer.gate_up(_norm(hidden, layer.norms["pre_mlp"]))
-        return LeanDecode._down(layer, hidden, layer.act(gate) * up, work, scratch)
+        return LeanDecode._down(layer, hidden, layer.act(gate) * up, down, work, scratch)
 
     @staticmethod
-    def _down(layer: _Layer, hidden: torch.Tensor, inner: torch.Tensor, work: torch.Tensor | None,
-              scratch: torch.Tensor | None) -> torch.Tensor:
+    def _down(layer: _Layer, hidden: torch.Tensor, inner: torch.Tensor, down: fused.ResidualLinear | None,
+              work: torch.Tensor | None, scratch: torch.Tensor | None) -> torch.Tensor:
         """hidden + down(inner) (Gemma's norm after the MLP between them, where it has one)."""
-        if layer.down_residual is not None and work is not None and scratch is not None:
+        if down is not None and work is not None and scratch is not None:
             out = torch.empty_like(hidden)
-            if layer.down_residual(inner, hidden, out, work, scratch):
+            if down(inner, hidden, out, work, scratch):
                 return out
         mlp = layer.down_proj(inner)
         if layer.sandwich:
             mlp = _norm(mlp, layer.norms["post_mlp"])
         return hidden + mlp
 
-    @staticmethod
-    def _work_floats(layer: _Layer, rows: int) -> int:
-        block = layer.attention_block.work_floats(rows) if layer.attention_block is not None else 0
-        first = layer.first.work_floats(rows) if layer.first is not None else 0
-        down = rows * layer.down_residual.weight.n if layer.down_residual is not None else 0
-        return max(block, first, down, 1)
+
+def _work_floats(parts: Parts, rows: int) -> int:
+    block, down, first = parts
+    return max(block.work_floats(rows) if block is not None else 0, first.work_floats(rows) if first is not None
+               else 0, rows * down.weight.n if down is not None else 0, 1)
+
+
+def _scratch_floats(parts: Parts, rows: int) -> int:
+    return max([1] + [p.scratch_floats(rows) for p in parts if p is not None])
 
 
 def eligible(span: Any) -> bool:

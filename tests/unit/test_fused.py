@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm_kernels import attention, cpu, fused
+from swarm_kernels import attention, cpu, cpu_a8, fused
 from tests.unit.test_lean import decode_both_ways, kv, span_of
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler: the native kernels are unavailable")
@@ -101,7 +101,7 @@ def test_buffers_that_do_not_fit_are_refused_and_nothing_is_written(tiny_model_d
     cos, sin = span.rotary(torch.zeros(1, 1, hidden), torch.tensor([[3]]))
     x, mid = torch.randn(1, 1, hidden), torch.full((1, 1, hidden), 7.0)
     gate_up = torch.empty(1, 1, layer.gate_up.weight.n)
-    work, scratch = torch.empty(first.work_floats(1)), torch.empty(first.scratch)
+    work, scratch = torch.empty(first.work_floats(1)), torch.empty(first.scratch_floats(1))
     keys_before = kv(cache, 0)[0].clone()
     for bad in (dict(x=torch.randn(1, 2, hidden)), dict(mid=torch.empty(1, 1, hidden, dtype=torch.float64)),
                 dict(work=torch.empty(first.work_floats(1) - 1)), dict(scratch=torch.empty(0)),
@@ -134,10 +134,40 @@ def test_a_call_the_attention_refuses_leaves_what_the_next_one_overwrites(tiny_m
         rows = attention.DecodeRows([0], [6])
         assert rows.check_caches([cache], 0, layer.kv_heads, layer.head_dim)
         mid, gate_up = torch.empty(1, 1, hidden), torch.empty(1, 1, layer.gate_up.weight.n)
-        work, scratch = torch.empty(first.work_floats(1)), torch.empty(first.scratch)
+        work, scratch = torch.empty(first.work_floats(1)), torch.empty(first.scratch_floats(1))
         if refuse_first:
             assert not first(rows, x, mid, gate_up, cos, sin, 0, work, scratch)
         assert first(rows, x, mid, gate_up, cos, sin, None, work, scratch)
         keys, values = cache.reserve(torch.empty(0), torch.empty(0), 0, 6)
         results.append((mid.clone(), gate_up.clone(), keys[:, :, :6].clone(), values[:, :, :6].clone()))
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int8_activations_take_the_fused_calls_too(tiny_model_dir, family, quant, monkeypatch):
+    """Blocks on int8 activations (a peer's --activations int8): the same fused calls with cpu_a8's kernel, the
+    layers' own bits (their projections on int8 activations too), no projection called from Python."""
+    saved = cpu.activations()
+    try:
+        cpu.set_activations("int8")
+        span = span_of(tiny_model_dir, family, quant)
+        assert span.prepare_lean()
+        assert all(layer.int8_parts[2] is not None for layer in span._lean.layers)
+        got = decode_both_ways(span, rounds=3)
+        assert torch.equal(got[True][0], got[False][0]), (got[True][0] - got[False][0]).abs().max()
+        for a, b in zip(got[True][1], got[False][1], strict=True):
+            for layer in range(len(span.blocks)):
+                assert all(torch.equal(x, y) for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
+        calls = []
+        real = cpu_a8.Weight.__call__
+        monkeypatch.setattr(cpu_a8.Weight, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+        caches = got[True][1]
+        span.forward_batch(torch.randn(len(caches), 1, span.hidden_size), caches, [c.length for c in caches],
+                           lean=True)
+        assert calls == []
+        cpu.set_activations("float32")
+        floats = decode_both_ways(span, rounds=3)[True][0]
+        assert not torch.equal(floats, got[True][0])  # int8 activations did compute
+    finally:
+        cpu.set_activations(saved)
