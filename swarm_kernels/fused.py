@@ -1,17 +1,20 @@
-"""A decode layer's halves in one native call each (swarm_kernels/cpu_attention.c), for the lean decode path.
+"""A decode layer in two native calls (swarm_kernels/cpu_attention.c), for the lean decode path.
 
-    block = AttentionBlock(qkv, o, heads, kv_heads, dim, scaling)   # once per layer: its weights' addresses
-    block(rows, x, residual, out, cos, sin, window, work, scratch)   # out = residual + o(attention(q|k|v = x W))
+    first = LayerFirst(AttentionBlock(qkv, o, heads, kv_heads, dim, scaling), gate_up, (factor, eps), (factor, eps),
+                       lanes)                                            # once per layer: addresses, geometry
+    first(rows, x, mid, gate_up, cos, sin, window, work, scratch)      # mid = x + attention(norm(x));
+                                                                        # gate_up = norm(mid) W
     down = ResidualLinear(weight)
-    down(x, residual, out, work, scratch)                            # out = residual + x W
+    down(inner, mid, out, work, scratch)                               # out = mid + inner W (inner = act(gate) * up)
 
-`swarm.model.lean` computes a layer's attention as the q|k|v projection (one affine kernel call), the queries'
-rotary embedding, the keys rotated into the sessions' caches and the values appended, every row's attention, the
-output projection and the residual add: five native calls and ~20 torch and Python calls between them, ~2 ms of a
-one-row step of SmolLM2's 30 blocks. `attention_block` makes the same native calls in the same order on the same
-buffers from C, so a row's result is the same bits; what stays in Python per layer is the RMS norms and the MLP's
-activation (torch's own arithmetic, which the layers' path computes too). `ResidualLinear` does the down projection
-and the residual add after it.
+`swarm.model.lean` computed a layer as ~25 torch, ctypes and Python calls around its native ones (the projections'
+kernel, the rotary embedding, the cache appends, the rows' attention): ~40% of a one-row step of SmolLM2's 30 blocks.
+`layer_first` makes the same native calls in the same order on the same buffers from C, so a row's result is the
+same bits; the RMS norms there are native too, summed as torch sums (`rms_norm`, `norm_lanes`: the vector width at
+which they give a norm module's bits, found by running it; where none does, `AttentionBlock` alone is fused and the
+norms stay torch's). What stays in Python per layer is the MLP's activation times up (torch's arithmetic). The
+projections are cpu.Weight (float32 activations, cpu_affine.c) or cpu_a8.Weight (int8 activations, cpu_a8.c): the
+same calls each makes from Python.
 
 Each call checks what the C code trusts (the DecodeRows checked for the layer, every buffer's size, dtype, layout and
 device) and returns False where it does not apply, before writing anything; the lean path then takes its calls one by
