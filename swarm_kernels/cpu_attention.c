@@ -362,7 +362,8 @@ typedef struct {
 /* rows decode rows x [rows, hidden] (row t of the step is row t of x), residual and out [rows, hidden];
    cos, sin [rows, dim]; tokens, keys .. count: as decode_attention and rope_append take them (tokens[r] = r), the
    caches already holding position[r] + 1 tokens' room; work: rows * (qkv.n + 2 * heads * dim + o.n) floats;
-   scratch: affine_scratch_floats of the larger input size. Returns 0, or what a call refused (-1, -2). */
+   scratch: the most any of its linear calls needs (affine_scratch_floats of its input size, or a8_scratch_bytes of
+   the rows and input size: swarm_kernels/fused.py's scratch_floats). Returns 0, or what a call refused (-1, -2). */
 int attention_block(const attention_t *a, int64_t rows, const float *x, const float *residual, float *out,
                     const float *cos, const float *sin, const int64_t *tokens, const int64_t *keys,
                     const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,

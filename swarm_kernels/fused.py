@@ -73,10 +73,18 @@ def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
     library.rms_norm.restype = ctypes.c_int
     library.rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _i64, _ptr]
     library.attention_set_a8.restype, library.attention_set_a8.argtypes = None, [_ptr, _i64]
-    a8 = cpu_a8._library()  # int8 activations' kernel, where it builds (weights of kind 1 are refused otherwise)
-    if a8 is not None:
-        library.attention_set_a8(ctypes.cast(a8.a8_linear_float, _ptr).value, cpu.MIN_WORK)
     return library, affine
+
+
+@functools.cache
+def _bind_a8() -> bool:
+    """Hand the attention library int8 activations' kernel (cpu_a8.c), once, when a weight of that kind is first
+    made (a float32 peer never builds cpu_a8.c for this); without it, weights of kind 1 are refused in C."""
+    libraries, a8 = _libraries(), cpu_a8._library()
+    if libraries is None or a8 is None:
+        return False
+    libraries[0].attention_set_a8(ctypes.cast(a8.a8_linear_float, _ptr).value, cpu.MIN_WORK)
+    return True
 
 
 def _library() -> ctypes.CDLL | None:
@@ -93,6 +101,7 @@ def _weight(weight: Linear) -> _Weight:
     if isinstance(weight, cpu.Weight):
         codes, scale, minimum, bias = weight._addresses
         return _Weight(codes, scale, minimum, bias, weight.n, weight.k, weight.bits, 0)
+    _bind_a8()
     return _Weight(weight.codes.data_ptr(), weight.scale.data_ptr(), weight.minimum.data_ptr(),
                    None if weight.bias is None else weight.bias.data_ptr(), weight.n, weight.k, weight.bits, 1)
 
@@ -120,7 +129,7 @@ def _a8_scratch(rows: int, k: int) -> int:
 
 class AttentionBlock:
     """One layer's attention half: out = residual + o(attention), its q | k | v one weight (heads * dim query columns,
-    then kv_heads * dim key and value columns) and o another, both cpu.Weight (float32 activations)."""
+    then kv_heads * dim key and value columns) and o another (each a cpu.Weight or a cpu_a8.Weight)."""
 
     def __init__(self, qkv: Linear, o: Linear, heads: int, kv_heads: int, dim: int, scaling: float):
         if (qkv.n != (heads + 2 * kv_heads) * dim or o.k != heads * dim or o.n != qkv.k or heads % kv_heads
@@ -166,7 +175,7 @@ class AttentionBlock:
 
 
 class ResidualLinear:
-    """out = residual + x W, for a cpu.Weight W (float32 activations)."""
+    """out = residual + x W, for a cpu.Weight or cpu_a8.Weight W."""
 
     def __init__(self, weight: Linear):
         self.weight = weight

@@ -15,13 +15,13 @@ and around the MLP (Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3) — a
   to their caches (swarm_kernels.attention.rope: transformers' expression, each product and the sum rounded as
   torch rounds them), and the rows' attention in one more, as segments_attention does for the generic path.
 
-Where a layer is plain Llama-shaped (no norm inside its attention or MLP half) with native-kernel projections and
-float32 activations, all of it but the MLP's activation runs in two native calls (swarm_kernels.fused: norm,
-attention, residual, norm and gate | up in one; down and residual in the other), the same calls from C: one row
-through SmolLM2's 30 int4 blocks 11.6 → 8.4 ms, 16 rows 31.6 → 27.7 ms on a 2-core Zen 4. Its RMS norms there are
-native code that sums as torch sums (checked on each norm at load by running it; where no vector width gives the
-module's bits, the norms stay torch's and the fused calls are three: attention and residual, gate | up, down and
-residual).
+Where a layer is plain Llama-shaped (no norm inside its attention or MLP half) with native-kernel projections (on
+float32 activations, or int8 ones), all of it but the MLP's activation runs in two native calls
+(swarm_kernels.fused: norm, attention, residual, norm and gate | up in one; down and residual in the other), the
+same calls from C: one row through SmolLM2's 30 int4 blocks 11.9 → 8.8 ms, 16 rows 36.2 → 31.7 ms on a 2-core Zen 4
+(int8 activations: 9.0 → 5.8 ms, 23.3 → 19.6 ms). Its RMS norms there are native code that sums as torch sums
+(checked on each norm at load by running it; where no vector width gives the module's bits, the norms and gate | up
+stay Python's calls, attention with its residual add one native call and down with its own another).
 
 A span gets it only where it is exact: at load (or its first decode round), `prepare` checks each block's shape (its
 modules and their attributes) and then runs a few random rows both ways — the generic path (the family's layer
