@@ -153,25 +153,38 @@ class AttentionBlock:
         `check`, its caches holding each row's new token's room); cos and sin T x dim (DecodeRows' rotary angles);
         work and scratch sized by work_floats and scratch_floats. False where it does not apply (see the module's
         doc)."""
+        count = rows.count
+        arguments = self.arguments(rows, (x, residual, out), cos, sin, window, work, self.work_floats(count),
+                                   scratch, self.scratch_floats(count))
         library = _library()
-        checked = rows._checked
-        if library is None or checked is None or rows.count == 0:
+        if arguments is None or library is None:
             return False
+        return _done(library.attention_block(self._pointer, count, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
+                                             *arguments))
+
+    def arguments(self, rows: attention.DecodeRows, tensors: tuple[torch.Tensor, ...], cos: torch.Tensor,
+                  sin: torch.Tensor, window: int | None, work: torch.Tensor, work_floats: int, scratch: torch.Tensor,
+                  scratch_floats: int) -> tuple | None:
+        """What attention_block and layer_first take after their own tensors (`tensors`: [.., rows.count, hidden]
+        each), once checked; None where they do not apply."""
+        checked, count = rows._checked, rows.count
+        if _library() is None or checked is None or count == 0:
+            return None
         _, _, kv_heads, dim, keys, values, key_strides, value_strides = checked
-        count, hidden = rows.count, self.hidden
         if (kv_heads != self.kv_heads or dim != self.dim or not rows.in_order
-                or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, residual, out))
-                or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))
-                or not _floats(scratch, self.scratch_floats(count))):
-            return False
+                or not all(_floats(t, count * self.hidden) and t.numel() == count * self.hidden for t in tensors)
+                or not attention._angles(cos, sin, count, dim) or not _floats(work, work_floats)
+                or not _floats(scratch, scratch_floats)):
+            return None
         firsts, counts = rows.window(window)
-        status = library.attention_block(self._pointer, count, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
-                                         cos.data_ptr(), sin.data_ptr(), rows._rows, keys, values, key_strides,
-                                         value_strides, rows._positions, firsts, counts, work.data_ptr(),
-                                         scratch.data_ptr(), cpu.threads())
-        if status == -2:
-            raise MemoryError("decode attention: no memory for the scores")
-        return status == 0
+        return (cos.data_ptr(), sin.data_ptr(), rows._rows, keys, values, key_strides, value_strides, rows._positions,
+                firsts, counts, work.data_ptr(), scratch.data_ptr(), cpu.threads())
+
+
+def _done(status: int) -> bool:
+    if status == -2:
+        raise MemoryError("decode attention: no memory for the scores")
+    return status == 0
 
 
 class ResidualLinear:
@@ -260,23 +273,13 @@ class LayerFirst:
                  scratch: torch.Tensor) -> bool:
         """x, mid [.., rows.count, hidden]; gate_up [.., rows.count, gate_up.n]; the rest as AttentionBlock's.
         False where it does not apply (see the module's doc)."""
+        count, n = rows.count, self.gate_up.n
+        if not (_floats(gate_up, count * n) and gate_up.numel() == count * n):
+            return False
+        arguments = self.attention.arguments(rows, (x, mid), cos, sin, window, work, self.work_floats(count),
+                                             scratch, self.scratch_floats(count))
         library = _library()
-        checked = rows._checked
-        if library is None or checked is None or rows.count == 0:
+        if arguments is None or library is None:
             return False
-        _, _, kv_heads, dim, keys, values, key_strides, value_strides = checked
-        block, count, hidden = self.attention, rows.count, self.attention.hidden
-        if (kv_heads != block.kv_heads or dim != block.dim or not rows.in_order
-                or not all(_floats(t, count * hidden) and t.numel() == count * hidden for t in (x, mid))
-                or not (_floats(gate_up, count * self.gate_up.n) and gate_up.numel() == count * self.gate_up.n)
-                or not attention._angles(cos, sin, count, dim) or not _floats(work, self.work_floats(count))
-                or not _floats(scratch, self.scratch_floats(count))):
-            return False
-        firsts, counts = rows.window(window)
-        status = library.layer_first(self._pointer, count, x.data_ptr(), mid.data_ptr(), gate_up.data_ptr(),
-                                     cos.data_ptr(), sin.data_ptr(), rows._rows, keys, values, key_strides,
-                                     value_strides, rows._positions, firsts, counts, work.data_ptr(),
-                                     scratch.data_ptr(), cpu.threads())
-        if status == -2:
-            raise MemoryError("decode attention: no memory for the scores")
-        return status == 0
+        return _done(library.layer_first(self._pointer, count, x.data_ptr(), mid.data_ptr(), gate_up.data_ptr(),
+                                            *arguments))
