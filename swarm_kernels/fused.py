@@ -195,6 +195,9 @@ class ResidualLinear:
         self._struct = _weight(weight)
         self._pointer = ctypes.pointer(self._struct)
 
+    def work_floats(self, rows: int) -> int:
+        return rows * self.weight.n
+
     def scratch_floats(self, rows: int) -> int:
         return scratch_floats(rows, self.weight)
 
@@ -207,7 +210,7 @@ class ResidualLinear:
         rows = x.numel() // k if k else 0
         if (library is None or rows == 0 or x.shape[-1] != k or not _floats(x, rows * k)
                 or not all(_floats(t, rows * n) and t.numel() == rows * n for t in (residual, out))
-                or not _floats(work, rows * n) or not _floats(scratch, self.scratch_floats(rows))):
+                or not _floats(work, self.work_floats(rows)) or not _floats(scratch, self.scratch_floats(rows))):
             return False
         return library.linear_residual(self._pointer, rows, x.data_ptr(), residual.data_ptr(), out.data_ptr(),
                                        work.data_ptr(), scratch.data_ptr(), cpu.threads()) == 0

@@ -355,9 +355,7 @@ class LeanDecode:
 
 
 def _work_floats(parts: Parts, rows: int) -> int:
-    block, down, first = parts
-    return max(block.work_floats(rows) if block is not None else 0, first.work_floats(rows) if first is not None
-               else 0, rows * down.weight.n if down is not None else 0, 1)
+    return max([1] + [p.work_floats(rows) for p in parts if p is not None])
 
 
 def _scratch_floats(parts: Parts, rows: int) -> int:
