@@ -89,6 +89,9 @@ class GatewaySettings(BaseSettings):
     embedded_activations: Literal["float32", "int8"] = Field(
         "float32", description="the embedded peer's --activations: int8 multiplies its int8/int4 blocks with int8 "
                                "activations (faster, slightly less faithful; README)")
+    embedded_local_socket: bool = Field(True, description="the gateway's streams to its embedded peers through a "
+                                                          "Unix socket in a private directory (false: through the "
+                                                          "p2p daemons, as to any other peer)")
     gateway_num_threads: int = Field(0, ge=0, description="torch threads of the gateway's own head computation (0: "
                                                           "one beside an embedded swarm, else torch's default)")
     gateway_head_device: Literal["cpu", "cuda"] = Field("cpu", description="where the gateway computes its model's "

@@ -3,14 +3,18 @@
     python -m benchmarks.hops [--new-tokens 64] [--runs 5] [--out bench-results]
 
 Compute is negligible at this size, so ms per token grows with the number of hops by what one hop costs: a
-round trip over a persistent hivemind stream, (de)serialization, validation and the peer's scheduling. The figure
-is the least-squares slope of median ms/token against hops; `local` is the same model in this process (0 hops).
+round trip over a persistent stream, (de)serialization, validation and the peer's scheduling. The figure is the
+least-squares slope of median ms/token against hops; `local` is the same model in this process (0 hops). Every
+peer also listens on a Unix socket (--local-socket), and each run goes through both transports in turn: `p2p` (a
+hivemind stream: the two p2p daemons and a loopback TCP hop) and `unix` (the same frames over the peers' sockets,
+as `make serve`'s gateway reaches its embedded peer).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,30 +42,41 @@ async def run(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         prompt = list(range(2, 10))
         swarm.start_bootstrap()
-        ids = start_peers(swarm, str(path), {str(h): spans for h, spans in LAYOUTS.items()})
-        client = await SwarmClient.connect(swarm.initial_peers, str(path))
+        sockets = tempfile.mkdtemp(prefix="hops-")  # mode 700, short enough for socket addresses
+        ids = start_peers(swarm, str(path), {str(h): spans for h, spans in LAYOUTS.items()},
+                          "--local-socket", sockets)
+        clients = {"p2p": await SwarmClient.connect(swarm.initial_peers, str(path)),
+                   "unix": await SwarmClient.connect(swarm.initial_peers, str(path), local_sockets=sockets)}
         try:
-            chains = {h: await chain_of(client, ids[str(h)]) for h in LAYOUTS}
-            ms: dict[str, list[float]] = {"local": [], **{str(h): [] for h in LAYOUTS}}
-            for h in LAYOUTS:
-                await swarm_run(client, chains[h], prompt, 4, [])  # warm-up
+            chains = {h: await chain_of(clients["p2p"], ids[str(h)]) for h in LAYOUTS}
+            ms: dict[str, list[float]] = {"local": [], **{f"{t}_{h}": [] for t in clients for h in LAYOUTS}}
+            for client in clients.values():
+                for h in LAYOUTS:
+                    await swarm_run(client, chains[h], prompt, 4, [])  # warm-up
             for _ in range(args.runs):
                 ms["local"].append(1000 / local_run(model, prompt, args.new_tokens, [])[1])
-                for h in LAYOUTS:
-                    ms[str(h)].append(1000 / (await swarm_run(client, chains[h], prompt, args.new_tokens, []))[1])
+                for transport, client in clients.items():
+                    for h in LAYOUTS:
+                        ms[f"{transport}_{h}"].append(
+                            1000 / (await swarm_run(client, chains[h], prompt, args.new_tokens, []))[1])
+            if clients["unix"].p2p.connections == 0:
+                raise RuntimeError("no stream went through the peers' Unix sockets")
         finally:
-            await client.close()
+            for client in clients.values():
+                await client.close()
+            shutil.rmtree(sockets, ignore_errors=True)
     medians = {name: round(median(values), 3) for name, values in ms.items()}
     hops = list(LAYOUTS)
-    per_hop = slope([float(h) for h in hops], [medians[str(h)] for h in hops])
+    per_hop = {t: round(slope([float(h) for h in hops], [medians[f"{t}_{h}"] for h in hops]), 3) for t in clients}
     return {
         "benchmark": "hops", "machine": machine(), "versions": versions(),
         "settings": {"model": "tiny random llama, hidden 64, 6 blocks", "new_tokens": args.new_tokens,
-                     "runs": args.runs, "layouts": LAYOUTS, "torch_threads_per_process": 1},
+                     "runs": args.runs, "layouts": LAYOUTS, "torch_threads_per_process": 1,
+                     "transports": {"p2p": "hivemind streams (p2pd)", "unix": "the peers' --local-socket"}},
         "ms_per_token": {name: [round(v, 3) for v in values] for name, values in ms.items()},
         "median_ms_per_token": medians,
-        "ms_per_hop": round(per_hop, 3),
-        "client_overhead_ms": round(medians["1"] - per_hop - medians["local"], 3),
+        "ms_per_hop": per_hop,
+        "client_overhead_ms": {t: round(medians[f"{t}_1"] - per_hop[t] - medians["local"], 3) for t in clients},
     }
 
 

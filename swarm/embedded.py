@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from swarm.client.embeddings import SwarmEmbeddingService
 from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, stop_dht, visible_maddrs
+from swarm.local_socket import BadDirectory, check_listen_directory
 from swarm.model.source import resolve_model
 from swarm_kernels import cpu
 
@@ -29,14 +31,15 @@ logger = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
                              startup_timeout: float = 600.0, embedding_model: str | None = None,
-                             client_threads: int = 0, activations: str = "float32",
+                             client_threads: int = 0, activations: str = "float32", local_socket: bool = True,
                              **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
     client_options go to SwarmClient.connect. client_threads: torch threads of this process (the client's head);
     0: one beside an embedded swarm (its peer computes on every core; the head's few rows per round need one), torch's
     default when joining peers elsewhere. An LM head on the native kernel (swarm.model.head.native_head) shares its
     calls among every CPU this process may run on, beside an embedded peer too: a round's head runs while the chain
-    waits for its tokens. activations: the embedded peers' --activations."""
+    waits for its tokens. activations: the embedded peers' --activations; local_socket: the client's streams to
+    them through Unix sockets in a private directory (swarm.local_socket) rather than the p2p daemons."""
     threads = client_threads or (1 if not initial_peers else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -45,7 +48,18 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
     async with contextlib.AsyncExitStack() as stack:
         if not initial_peers:
             models = [model] + ([embedding_model] if embedding_model else [])
-            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads, activations))
+            sockets = ""
+            if local_socket:
+                sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-"))  # mode 700
+                try:
+                    check_listen_directory(sockets)
+                except BadDirectory as e:  # e.g. a TMPDIR too long for socket addresses: the p2p daemons then
+                    logger.warning("embedded swarm without a local socket: %s", e)
+                    sockets = ""
+            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads, activations,
+                                                                            sockets))
+            if sockets:
+                client_options.setdefault("local_sockets", sockets)
         service = await SwarmTextService.connect(list(initial_peers), model, **client_options)
         stack.push_async_callback(service.close)
         embeddings = None
@@ -61,9 +75,10 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
 
 
 @contextlib.asynccontextmanager
-async def _embedded_swarm(models: list[str], num_threads: int, activations: str = "float32"
-                          ) -> AsyncIterator[list[str]]:
-    """An embedded DHT and one local peer per model, each hosting every block of it."""
+async def _embedded_swarm(models: list[str], num_threads: int, activations: str = "float32",
+                          local_sockets: str = "") -> AsyncIterator[list[str]]:
+    """An embedded DHT and one local peer per model, each hosting every block of it; with `local_sockets`, each
+    also listens on a Unix socket there (swarm.local_socket)."""
     loop = asyncio.get_running_loop()
     for model in models:  # convert the default model once, here, with a log
         await loop.run_in_executor(None, resolve_model, model)
@@ -78,6 +93,8 @@ async def _embedded_swarm(models: list[str], num_threads: int, activations: str 
                 argv += ["--num-threads", str(num_threads)]
             if activations != "float32":
                 argv += ["--activations", activations]
+            if local_sockets:
+                argv += ["--local-socket", local_sockets]
             peers.append(subprocess.Popen(argv, start_new_session=True))
             logger.info("embedded swarm: DHT %s, peer of %s pid %d", " ".join(maddrs), model, peers[-1].pid)
         yield maddrs

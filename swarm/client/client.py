@@ -26,10 +26,11 @@ from swarm.client.routing import Link
 from swarm.client.session import FailoverPolicy, InferenceSession
 from swarm.client.verification import VerificationPolicy
 from swarm.dht import load_identity, start_dht, stop_dht
+from swarm.local_socket import LocalFirst
 from swarm.model import manifest
 from swarm.model.head import EncoderHead, LocalHead, load_head
 from swarm.model.source import ModelSource, resolve_model
-from swarm.protocol import SpanInfo
+from swarm.protocol import INFERENCE_HANDLER, SpanInfo
 from swarm_kernels.sampling import Sampler, SamplingParams
 
 __all__ = ["StepOutput", "SwarmClient"]
@@ -40,7 +41,9 @@ class SwarmClient:
                  prefill_chunk: int = 1024, step_timeout: float = 30.0, failover: FailoverPolicy | None = None,
                  allowed_peers: set[str] | None = None, refresh_period: float = 3.0,
                  decode_groups: int | None = None, verification: VerificationPolicy | None = None,
-                 content_id: str | None = None, push: bool = True):
+                 content_id: str | None = None, push: bool = True, local_sockets: str | None = None):
+        if p2p is not None and local_sockets:  # streams to peers with a socket there skip the p2p daemons
+            p2p = LocalFirst(p2p, local_sockets, INFERENCE_HANDLER)
         self.dht, self.p2p = dht, p2p
         self.push = push  # server-to-server push along chains whose peers take it (swarm.protocol)
         self.source = source
@@ -60,7 +63,8 @@ class SwarmClient:
         """Join the DHT as a client and load the head of `model` (the default model when None) onto `head_device`.
 
         identity: a key file (created if missing) for a client id that peers can put on their allowlist;
-        allowed_peers: route only through these peer ids (a private swarm); None: any peer.
+        allowed_peers: route only through these peer ids (a private swarm); None: any peer; local_sockets: a
+        directory where peers on this host listen (their --local-socket; swarm.local_socket).
         """
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(None, resolve_model, model, model_id)

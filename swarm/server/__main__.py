@@ -9,6 +9,7 @@ import logging
 import sys
 
 from swarm.cli import configure_logging, parse_settings
+from swarm.local_socket import BadDirectory
 from swarm.server.peer import run_peer
 from swarm.server.settings import PeerSettings
 from swarm.server.sharing import SourceMismatch
@@ -19,7 +20,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     try:
         run_peer(settings)
-    except SourceMismatch as e:  # an operator's mistake: said plainly, without a traceback
+    except (SourceMismatch, BadDirectory) as e:  # an operator's mistake: said plainly, without a traceback
         logging.getLogger("swarm.server").error("%s", e)
         sys.exit(2)
 

@@ -30,6 +30,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
+from swarm import local_socket
 from swarm.codec import (
     MAX_FRAME_OVERHEAD,
     MAX_METADATA_BYTES,
@@ -129,7 +130,14 @@ class SpanHandler:
 
     async def handle_stream(self, info: StreamInfo, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        client = info.peer_id.to_base58()
+        await self.serve_stream(info.peer_id.to_base58(), reader, writer)
+
+    async def handle_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An inference stream from this host's Unix socket (swarm.local_socket), served as the client "local"."""
+        await self.serve_stream(local_socket.CLIENT, reader, writer)
+
+    async def serve_stream(self, client: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One inference stream of `client` to its end."""
         try:
             async with contextlib.aclosing(self.inference(reader, client)) as responses:
                 async for response in responses:
@@ -156,7 +164,7 @@ class SpanHandler:
                         client: str) -> AsyncGenerator[runtime_pb2.ExpertResponse, None]:
         session, backend, pending = None, None, False
         try:
-            if self.allowed_clients and client not in self.allowed_clients:
+            if self.allowed_clients and client not in self.allowed_clients and client != local_socket.CLIENT:
                 raise PeerError(f"client {client} is not allowed on this peer", ErrorCode.FORBIDDEN)
             self.pending.enter(client)
             pending = True

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 import torch
 
-from swarm import __version__
+from swarm import __version__, local_socket
 from swarm.client.router import probe
 from swarm.dht import (
     announce,
@@ -98,6 +98,8 @@ class Peer:
     def __init__(self, settings: PeerSettings):
         self.settings = settings
         settings.announced_throughput()  # a bad --throughput fails before anything starts
+        if settings.local_socket:  # so does a --local-socket directory others could enter
+            local_socket.check_listen_directory(settings.local_socket)
         self.source = resolve_model(settings.model, settings.model_id)
         manifest = load_manifest(self.source.path)  # hashed once per model directory, then cached
         self.content_id: str = manifest["content_id"]
@@ -130,6 +132,7 @@ class Peer:
         self.target: tuple[int, int] = (0, 0)
         self.backend: SpanBackend | None = None
         self.handler: SpanHandler | None = None
+        self.local_server: asyncio.Server | None = None  # --local-socket
         self.next_hops: NextHops | None = None  # round trips to the peers that may follow it (once serving)
         self.rate = throughput.Throughput(0.0, 0.0)
         self.moves = 0
@@ -324,6 +327,9 @@ class Peer:
             self.handler = SpanHandler(self.backend, self.info, self.stream_limits(),
                                        set(self.settings.allowed_clients))
             await self.handler.register(p2p)
+            if self.settings.local_socket:
+                self.local_server = await local_socket.serve(self.settings.local_socket, self.peer_id,
+                                                             self.handler.handle_local)
             await self._announce()
             first = self.info()
             logger.info("peer ready: model=%s blocks=%d:%d %s/%s/%s throughput=%.1f peer_id=%s maddrs=%s",
@@ -458,6 +464,8 @@ class Peer:
             await asyncio.wait_for(withdraw(self.dht, self.info(), self.ttl, self.owner), SHUTDOWN_STEP_TIMEOUT)
         except Exception as e:
             logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, self.ttl)
+        if self.local_server is not None:
+            await local_socket.stop(self.local_server)
         if self.backend is not None:
             self.backend.shutdown()
         if self.handler is not None and self.handler.pusher is not None:

@@ -46,6 +46,9 @@ class PeerSettings(BaseSettings):
                                                           description="multiaddrs of DHT nodes to join")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(0, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
+    local_socket: str = Field("", description="also take sessions from this host on a Unix socket in this "
+                                              "directory (yours, mode 700): DIR/<peer id>.sock; clients given the "
+                                              "same directory skip the p2p daemons (swarm.local_socket)")
     identity: str | None = Field(None, description="private key file, for a peer id that survives restarts")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the blocks run (auto: cuda if present)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

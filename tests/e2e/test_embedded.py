@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import httpx
 import psutil
 
@@ -16,6 +20,12 @@ def test_zero_config_gateway_serves_and_stops_its_embedded_peer(tmp_path):
         children = [c for c in psutil.Process(proc.pid).children() if "swarm.server" in " ".join(
             c.cmdline())]
         assert len(children) == 1, "expected exactly one embedded peer process"
+        # its sessions from the gateway come through a Unix socket in a directory only this user can enter
+        argv = children[0].cmdline()
+        sockets = Path(argv[argv.index("--local-socket") + 1])
+        assert stat.S_IMODE(sockets.stat().st_mode) == 0o700 and sockets.stat().st_uid == os.geteuid()
+        [socket] = sockets.iterdir()
+        assert stat.S_ISSOCK(socket.lstat().st_mode) and stat.S_IMODE(socket.lstat().st_mode) == 0o600
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
                 "temperature": 0}
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
@@ -24,3 +34,4 @@ def test_zero_config_gateway_serves_and_stops_its_embedded_peer(tmp_path):
         proc.stop()  # SIGTERM; uvicorn re-raises it after a graceful shutdown, so the exit code is -15
         assert "Application shutdown complete" in proc.log()
         assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
+        assert not sockets.exists()
