@@ -1,5 +1,5 @@
-"""The pushed chain search (swarm.client.routing `_hop_links`) and the relayed search's pruning pass (`_bound`) in
-C: swarm_kernels/route_search.c.
+"""The pushed chain search (swarm.client.routing `_hop_links`) and the relayed search's pruning pass
+(swarm.client.pruning `bound`) in C: swarm_kernels/route_search.c.
 
 Compiled at first use like the CPU kernels (swarm_kernels.cpu.compile_library: the cache, the checks) but portable
 (no -march=native) and without contracted multiply-adds, so it computes the same float64 costs as the numpy version
@@ -97,7 +97,7 @@ def _trusted(starts: np.ndarray, ends: np.ndarray, start: int, end: int, *costs:
 
 def bound(starts: np.ndarray, ends: np.ndarray, start: int, end: int, fixed: np.ndarray, per_block: np.ndarray,
           free: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """The relayed search's pruning pass (`swarm.client.routing._bound`, plain: no limit, no savings) over spans over
+    """The relayed search's pruning pass (`swarm.client.pruning.bound`, plain: no limit, no savings) over spans over
     blocks [starts, ends) with their costs and free KV: each span's cheapest chain through it (inf: none, or
     dominated) and the cheapest chain's cost (inf: no chain), the same float64 values as numpy's; None when the C
     code is not available or the inputs are not what it trusts."""

@@ -173,7 +173,7 @@ def test_the_c_pruning_pass_gives_the_numpy_passs_values(seed):
         fixed, per_block, _ = table.costs(rows, views, 500)
         start = rng.randrange(0, 80)
         end = rng.randrange(start + 1, 81)
-        _, best, through = routing._bound(table, rows, start, end, fixed, per_block)
+        _, best, through = routing.bound(table, rows, start, end, fixed, per_block)
         c_through, c_best = route_search.bound(table.start, table.end, start, end, fixed, per_block,
                                                table.free_kv_tokens)
         assert c_best == best or not (np.isfinite(c_best) or np.isfinite(best))

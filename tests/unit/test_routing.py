@@ -317,7 +317,7 @@ def test_a_search_over_a_table_with_a_clients_health_is_the_search_over_its_reco
 def test_only_spans_that_another_over_the_same_blocks_does_not_beat_in_both_costs_stay():
     import numpy as np
 
-    from swarm.client.routing import _undominated
+    from swarm.client.pruning import undominated
 
     group = np.array([1, 1, 1, 1, 2, 2, 1])
     fixed = np.array([0.1, 0.2, 0.1, 0.3, 0.5, 0.1, 0.1])
@@ -325,7 +325,7 @@ def test_only_spans_that_another_over_the_same_blocks_does_not_beat_in_both_cost
     free = np.array([10, 10, 10, 10, 10, 10, 99])
     # group 1: 2 is beaten by 0 (same fixed, dearer blocks); 0 ties 6 in both costs, and 6 has more free KV;
     # 1 and 3 trade a dearer fixed cost for cheaper blocks. Group 2: 5 beats 4 in both.
-    assert _undominated(group, fixed, per_block, free).tolist() == [1, 3, 5, 6]
+    assert undominated(group, fixed, per_block, free).tolist() == [1, 3, 5, 6]
 
 
 def pushed(info: SpanInfo, *next_rtt: tuple[str, float]) -> SpanInfo:
