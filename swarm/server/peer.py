@@ -132,7 +132,7 @@ class Peer:
         self.target: tuple[int, int] = (0, 0)
         self.backend: SpanBackend | None = None
         self.handler: SpanHandler | None = None
-        self.local_server: asyncio.Server | None = None  # --local-socket
+        self.local_server: local_socket.LocalServer | None = None  # --local-socket
         self.next_hops: NextHops | None = None  # round trips to the peers that may follow it (once serving)
         self.rate = throughput.Throughput(0.0, 0.0)
         self.moves = 0
@@ -465,7 +465,7 @@ class Peer:
         except Exception as e:
             logger.warning("could not withdraw from the DHT (%r); the record expires in %.0f s", e, self.ttl)
         if self.local_server is not None:
-            await local_socket.stop(self.local_server)
+            await self.local_server.stop()
         if self.backend is not None:
             self.backend.shutdown()
         if self.handler is not None and self.handler.pusher is not None:

@@ -31,7 +31,12 @@ def test_zero_config_gateway_serves_and_stops_its_embedded_peer(tmp_path):
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"]
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["complete_chain"] is True
+        # the chat's session (parked now, for reuse) came through that socket: the peer holds a connection on it
+        # besides its listening one
+        on_socket = [c for c in psutil.Process(children[0].pid).net_connections(kind="unix")
+                     if c.laddr == str(socket)]
+        assert len(on_socket) >= 2, on_socket
         proc.stop()  # SIGTERM; uvicorn re-raises it after a graceful shutdown, so the exit code is -15
         assert "Application shutdown complete" in proc.log()
         assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
-        assert not sockets.exists()
+        assert not sockets.exists()  # (the gateway's temporary directory; the peer's own removal: test_local_socket)

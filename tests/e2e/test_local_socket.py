@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from swarm.client import SwarmClient
 from swarm.codec import make_request, receive_message, send_message, unpack_metadata
 from swarm.local_socket import LocalPeers
-from swarm.protocol import PROTOCOL_VERSION, ErrorCode
+from swarm.protocol import PROTOCOL_VERSION, ErrorCode, PeerError
 from tests.e2e.conftest import TINY_PEER_ARGS, local_greedy
 from tests.launcher import LocalSwarm, ProcessFailed
 
@@ -100,3 +100,29 @@ def test_a_peer_refuses_a_socket_directory_others_can_enter(tmp_path, tiny_model
             assert "open to others" in peer.log() and list(shared.iterdir()) == []
     finally:
         shutil.rmtree(shared)
+
+
+def test_allowed_clients_bind_p2p_streams_not_the_users_own_socket(tmp_path, tiny_model_dir, sockets):
+    """--allowed-clients names peer ids; the socket serves this user's processes whatever it lists."""
+    model = str(tiny_model_dir("llama"))
+    with LocalSwarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        peer = swarm.start_peer(model, "0:6", *TINY_PEER_ARGS, "--local-socket", str(sockets), "--allowed-clients",
+                                "QmNobodyNobodyNobodyNobodyNobodyNobodyNobody1")
+        peer_id = LocalSwarm.peer_id(peer)
+
+        async def generate(local: bool) -> list[int]:
+            client = await SwarmClient.connect(swarm.initial_peers, model,
+                                               local_sockets=str(sockets) if local else None)
+            try:
+                await client.wait_for_chain()
+                return [t async for t in client.generate(prompt(5), 3, stop_token_ids=[])]
+            finally:
+                await client.close()
+
+        assert len(asyncio.run(generate(local=True))) == 3
+        with pytest.raises(PeerError, match="not allowed"):
+            asyncio.run(generate(local=False))
+        assert (sockets / f"{peer_id}.sock").exists()
+        peer.stop()  # SIGTERM: the peer removes its own socket (the directory stays: it is not the peer's)
+        assert not (sockets / f"{peer_id}.sock").exists() and sockets.is_dir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_only_a_private_directory_of_ours_is_accepted(private, tmp_path, monkeyp
 
 def test_socket_names_are_peer_ids_and_fit_an_address(private):
     assert local_socket.socket_path(private, PEER) == private / f"{PEER}.sock"
-    for bad in ("../x", "a/b", "", "0OIl" * 10, PEER + "/", "x" * 65):
+    for bad in ("../x", "a/b", "", "0OIl" * 10, PEER + "/", PEER + "\n", "x" * 65):
         with pytest.raises(ValueError):
             local_socket.socket_path(private, bad)
     deep = private / ("d" * 60)
@@ -79,14 +80,14 @@ async def test_a_peer_serves_on_its_socket_and_removes_it(private):
         writer.close()
         assert await LocalPeers(private).connect(OTHER, timeout=5) is None  # no socket of that peer
     finally:
-        await local_socket.stop(server)
+        await server.stop()
     assert not path.exists()
 
 
 async def test_a_stale_socket_is_replaced_and_anything_else_refused(private):
-    first = await local_socket.serve(private, PEER, echo)
-    first.close()  # as a peer that died: its socket file stays behind
-    await first.wait_closed()
+    dead = socket.socket(socket.AF_UNIX)  # as a peer that died: its socket file stays behind, nobody listens
+    dead.bind(str(private / f"{PEER}.sock"))
+    dead.close()
     assert (private / f"{PEER}.sock").exists()
     assert await LocalPeers(private).connect(PEER, timeout=5) is None  # nobody listens: the client goes by P2P
     second = await local_socket.serve(private, PEER, echo)
@@ -96,7 +97,7 @@ async def test_a_stale_socket_is_replaced_and_anything_else_refused(private):
         assert await reader.readexactly(5) == b"again"
         writer.close()
     finally:
-        await local_socket.stop(second)
+        await second.stop()
     (private / f"{PEER}.sock").write_text("not a socket")
     with pytest.raises(BadDirectory, match="not a socket"):
         await local_socket.serve(private, PEER, echo)
@@ -112,7 +113,7 @@ async def test_a_client_ignores_sockets_in_a_directory_others_can_enter(private)
         assert await LocalPeers(private).connect(PEER, timeout=5) is not None
     finally:
         private.chmod(0o700)
-        await local_socket.stop(server)
+        await server.stop()
     with pytest.raises(BadDirectory):
         private.chmod(0o755)
         await local_socket.serve(private, PEER, echo)
@@ -154,4 +155,51 @@ async def test_local_first_takes_the_socket_where_there_is_one_and_p2p_elsewhere
         await transport.shutdown()  # everything else is the P2P's own
         assert p2p.shut
     finally:
-        await local_socket.stop(server)
+        await server.stop()
+
+
+async def test_a_live_socket_is_never_taken_over_nor_removed_by_another(private):
+    first = await local_socket.serve(private, PEER, echo)
+    try:
+        with pytest.raises(BadDirectory, match="live"):  # a second peer of the same id
+            await local_socket.serve(private, PEER, echo)
+        os.unlink(private / f"{PEER}.sock")  # someone put another socket at the name meanwhile
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(private / f"{PEER}.sock"))
+    finally:
+        await first.stop()
+    assert (private / f"{PEER}.sock").exists()  # not first's to remove
+    other.close()
+
+
+async def test_both_ends_check_the_other_is_this_user(private, monkeypatch):
+    left, right = socket.socketpair(socket.AF_UNIX)
+    assert local_socket.same_user(left) and local_socket.same_user(right)
+    assert not local_socket.same_user(None)
+    served = []
+
+    async def record(reader, writer):
+        served.append(True)
+        writer.close()
+
+    server = await local_socket.serve(private, PEER, record)
+    try:
+        uid = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: uid + 1)  # as if the other end were someone else
+        assert not local_socket.same_user(left)
+        assert await LocalPeers(private).connect(PEER, timeout=5) is None  # (the directory check refuses first)
+        monkeypatch.setattr(local_socket, "check_directory", lambda d: Path(d))
+        assert await LocalPeers(private).connect(PEER, timeout=5) is None  # the client refuses the server's uid
+        reader, writer = await asyncio.open_unix_connection(private / f"{PEER}.sock")  # no client-side check
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server hung up on it unserved
+        writer.close()
+        assert served == []
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+        reader, writer = await LocalPeers(private).connect(PEER, timeout=5)
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert served == [True]
+    finally:
+        left.close()
+        right.close()
+        await server.stop()
