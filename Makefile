@@ -70,6 +70,7 @@ bench: install
 	$(PY) -m benchmarks.kernels --out $(BENCH_OUT)
 	$(PY) -m benchmarks.throughput --out $(BENCH_OUT)
 	$(PY) -m benchmarks.prefix --out $(BENCH_OUT)
+	$(PY) -m benchmarks.users --out $(BENCH_OUT)
 	$(PY) -m benchmarks.placement --out $(BENCH_OUT)
 	$(PY) -m benchmarks.fetch --out $(BENCH_OUT)
 

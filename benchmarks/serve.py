@@ -124,6 +124,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "embedded_a8": {"peers": [], "env": {"EMBEDDED_ACTIVATIONS": "int8"}},  # its int4 blocks with int8 activations
     "embedded_p2p": {"peers": [], "env": {"EMBEDDED_LOCAL_SOCKET": "false"}},  # to its peer through the p2p daemons
+    "embedded_nofork": {"peers": [], "env": {"SWARM_FORK_SESSIONS": "0"}},  # shared prefixes taken, not forked
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
     # the same without server-to-server push: every hop through the gateway, a round's steps in group frames

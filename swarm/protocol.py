@@ -7,8 +7,9 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 `ExpertResponse` protobufs: `metadata` is a msgpack dict, `tensors` the hidden states.
 
     client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e],
-                     "push_key"?: 32 hex}
-    peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length", "handle"?: int}
+                     "push_key"?: 32 hex, "fork"?: [handle, tokens]}
+    peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length", "handle"?: int,
+                     "forked"?: tokens}
     client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
                     hidden_size]]; `group` (optional, decode steps): the client sent this step together with
                     size - 1 others under the same id; the peer batches them in one forward, waiting (a bounded time)
@@ -17,6 +18,11 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
     peer → client   {"type": "error", "code", "message"}  (then the peer closes the stream and frees the session)
 
 A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
+
+`fork` (prefix sharing): the new session starts with a copy of the first `tokens` cached tokens of the session the
+peer named `handle` (the same client's, over the same blocks and batch size, holding at least that many), so its
+first step is at position `tokens`; the peer confirms with `forked`. A peer that does not name `forked` has not
+copied anything (an older peer): the client closes that session and prefills from scratch.
 
 Group steps (a client's lockstep group of one-row decode sessions on the same blocks of a peer, swarm.client.decoding):
 one frame on any member's stream carries every member's next token, and one frame answers them all, instead of a
@@ -291,6 +297,7 @@ class OpenRequest:
     end: int
     version: int = PROTOCOL_VERSION
     push_key: str = ""  # a secret drawn by the client: who knows it may push this session's steps (see above)
+    fork: tuple[int, int] | None = None  # (handle, tokens): start from that session's first tokens (see above)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -303,6 +310,8 @@ class OpenRequest:
         }
         if self.push_key:
             data["push_key"] = self.push_key
+        if self.fork is not None:
+            data["fork"] = list(self.fork)
         return data
 
     @classmethod
@@ -328,7 +337,13 @@ class OpenRequest:
         push_key = data.get("push_key", "")
         if push_key and not (isinstance(push_key, str) and PUSH_KEY.fullmatch(push_key)):
             raise ValueError("'push_key' must be 32 lowercase hex digits")
-        return cls(**fields, push_key=push_key)  # type: ignore[arg-type]
+        fork = data.get("fork")
+        if fork is not None:
+            if not (isinstance(fork, list | tuple) and len(fork) == 2):
+                raise ValueError("'fork' must be [handle, tokens]")
+            fork = (_Int(0, (1 << 63) - 1).parse("fork handle", fork[0]),
+                    _Int(1, 1 << 24).parse("fork tokens", fork[1]))
+        return cls(**fields, push_key=push_key, fork=fork)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

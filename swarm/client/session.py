@@ -120,6 +120,29 @@ class InferenceSession:
                 router.closed(peers)  # the session counts its own links
         raise AssertionError("unreachable")
 
+    @classmethod
+    async def fork(cls, parent: InferenceSession, tokens: int, max_length: int) -> InferenceSession | None:
+        """A new session over `parent`'s chain that starts where `parent` was after its first `tokens` tokens: each
+        peer copies that much of parent's cache (swarm.protocol: fork) and this client the inputs it keeps for
+        replay, so its first step is at position `tokens`. None where that cannot be (a stream without a handle, a
+        peer that does not fork, inputs not kept); PeerError where a peer refuses."""
+        if parent.closed or not 1 <= tokens <= parent.position or any(
+                stream.closed or stream.handle is None for stream in parent.streams) or any(
+                kept is None or kept.shape[1] < tokens for kept in parent._inputs):
+            return None
+        streams = await open_streams(parent.p2p, [stream.link for stream in parent.streams], max_length,
+                                     parent.batch_size, parent.step_timeout, parent.push,
+                                     [(stream.handle, tokens) for stream in parent.streams])  # type: ignore[misc]
+        if any(stream.forked != tokens for stream in streams):
+            for stream in streams:
+                await stream.close()
+            return None
+        session = cls(parent.p2p, streams, max_length, parent.batch_size, parent.step_timeout, parent.router,
+                      parent.policy, parent.push)
+        session.position = tokens
+        session._inputs = [kept[:, :tokens].clone() for kept in parent._inputs]  # type: ignore[index]
+        return session
+
     @staticmethod
     def _peer_ids(streams: list[PeerStream]) -> list[str]:
         return [stream.link.peer.peer_id for stream in streams]
@@ -455,15 +478,18 @@ class InferenceSession:
 
 
 async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
-                       timeout: float, push: bool = False) -> list[PeerStream]:
+                       timeout: float, push: bool = False,
+                       forks: list[tuple[int, int]] | None = None) -> list[PeerStream]:
     """Open one stream per link, concurrently; on any failure close the others and raise the first error.
-    `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol)."""
+    `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol); `forks`: per link, (handle,
+    tokens) of a session of this client on that peer to start from (swarm.protocol: fork)."""
     session_id = uuid.uuid4().hex
     opened = await asyncio.gather(
         *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end,
-                                                 push_key=secrets.token_hex(16) if push and link.peer.push else ""),
+                                                 push_key=secrets.token_hex(16) if push and link.peer.push else "",
+                                                 fork=forks[i] if forks else None),
                           timeout)
-          for link in chain),
+          for i, link in enumerate(chain)),
         return_exceptions=True,
     )
     streams = [s for s in opened if isinstance(s, PeerStream)]

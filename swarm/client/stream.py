@@ -60,6 +60,7 @@ class PeerStream:
         self.push_key = push_key  # the link's secret for server-to-server push ("": not opened for push)
         self.steps = 0  # numbered steps sent or pushed to it (swarm.protocol)
         self.handle: int | None = None  # the peer's name for the session in group frames (None: it takes none)
+        self.forked = 0  # tokens the peer copied into the session from another when it opened (swarm.protocol: fork)
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
         # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
@@ -95,6 +96,9 @@ class PeerStream:
         handle = opened.get("handle")
         if isinstance(handle, int) and not isinstance(handle, bool) and 0 <= handle < 2**63:
             stream.handle = handle
+        forked = opened.get("forked")
+        if request.fork is not None and forked == request.fork[1] and not isinstance(forked, bool):
+            stream.forked = forked
         return stream
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float,

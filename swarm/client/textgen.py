@@ -8,7 +8,10 @@ KV its peers hold. A later request of the same tenant (API key, else client addr
 usual must not tell one tenant what another sent) whose prompt starts with such tokens (turn 2 repeats turn 1's
 prompt and answer) takes that session, rewinds the peers to the common prefix and computes only the new suffix, so
 the history is not recomputed; the result is what a fresh session computes (the peers rewind exactly as for failover
-replay). Parked
+replay). A prompt that shares only a prefix with a parked session (another conversation's system prompt) does not
+take it: a new session starts from a copy of that prefix on the same peers (InferenceSession.fork), so concurrent
+chats share a system prompt's KV without queueing for parked sessions, and the parked conversation stays for its own
+next turn; where the peers cannot fork, the session is taken as before. Parked
 sessions are kept most-recently-used first, at most `reuse_sessions` of them; the oldest is closed when another is
 parked, all are closed when a new session is refused for capacity (then it is retried once), and one that fails on
 reuse (a peer freed it) falls back to a fresh session.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -58,6 +62,10 @@ class SwarmTextService:
         self.reuse_sessions = reuse_sessions
         self._parked: list[_Parked] = []  # most recently used first
         self.reused_tokens = 0  # prompt tokens not recomputed thanks to reuse, for tests and stats
+        self.forked_sessions = 0  # sessions started from a copy of a parked one's prefix
+        # SWARM_FORK_SESSIONS=0: a prompt sharing only a prefix with a parked session takes that session (as before
+        # forks existed; for measurements)
+        self.fork_sessions = os.environ.get("SWARM_FORK_SESSIONS", "1") != "0"
         self.failovers = 0  # peers replaced mid-session by replay, over all generations (app.metrics)
         self.pushed_steps = 0  # link steps computed from the previous peer's push, over all generations (app.metrics)
         self.tokenizer = tokenizer
@@ -209,20 +217,47 @@ class SwarmTextService:
                         and now - entry.since < self.PARK_SECONDS):
                     best, best_common = entry, common
             if best is not None and best_common >= self.MIN_REUSE:
-                self._parked.remove(best)
                 start = min(best_common, len(prompt) - 1)  # at least one token goes in, to get logits
-                if self._alive(best.session):
-                    self.reused_tokens += start
-                    return best.session, start
-                await best.session.close()
+                needed = len(prompt) + max_new_tokens
+                if best_common < len(best.tokens) and self.fork_sessions:
+                    # the prompt shares only a prefix (a system prompt) with what the session holds (someone's
+                    # conversation, which its next turn may continue): a new session starts from a copy of the prefix
+                    # on the same peers and the parked one stays for its own next turn
+                    best.forks += 1  # while it is copied, nobody takes (and rewinds) it
+                    try:
+                        forked = await self._fork(best.session, start, self._length(needed, n))
+                    finally:
+                        best.forks -= 1
+                    if forked is not None:
+                        self.reused_tokens += start
+                        self.forked_sessions += 1
+                        return forked, start
+                if best in self._parked and not best.forks:  # not taken, closed nor being forked meanwhile
+                    self._parked.remove(best)
+                    if self._alive(best.session):
+                        self.reused_tokens += start
+                        return best.session, start
+                    await best.session.close()
         needed = len(prompt) + max_new_tokens
-        wanted = max(needed, min(self.context_length, needed + (self.REUSE_HEADROOM if n == 1 else 0)))
+        wanted = self._length(needed, n)
         try:
             return await self._open(wanted, n), 0
         except NoChainError:
             if wanted == needed:
                 raise
             return await self._open(needed, n), 0  # no peers can hold the headroom: open without it
+
+    def _length(self, needed: int, n: int) -> int:
+        """The max_length a session for `needed` tokens is opened with: room for a next turn too (one choice)."""
+        return max(needed, min(self.context_length, needed + (self.REUSE_HEADROOM if n == 1 else 0)))
+
+    async def _fork(self, parent: InferenceSession, tokens: int, max_length: int) -> InferenceSession | None:
+        """A session starting from `parent`'s first `tokens` (InferenceSession.fork); None where the peers cannot."""
+        try:
+            return await InferenceSession.fork(parent, tokens, max_length)
+        except PeerError as e:  # e.g. full, or the parked session was freed: take or open instead
+            logger.info("could not fork a parked session: %s", e)
+            return None
 
     async def _open(self, max_length: int, n: int) -> InferenceSession:
         try:
@@ -265,6 +300,7 @@ class _Parked:
     session: InferenceSession
     since: float
     tenant: str  # whose request parked it: only theirs may take it
+    forks: int = 0  # forks of it in flight (it is not taken meanwhile: a rewind would change what they copy)
 
 
 def _event(step: StepOutput, i: int, cached: int) -> TokenEvent:

@@ -91,6 +91,20 @@ class SpanKVCache:
             buffer[:, :, : self.length] = old[:, :, : self.length]
         return buffer
 
+    def copy_prefix(self, source: SpanKVCache, tokens: int) -> bool:
+        """Start this (empty) cache as a copy of `source`'s first `tokens` tokens, every layer it holds (a forked
+        session: swarm.protocol); False, copying nothing, if source holds fewer or this cache is not empty."""
+        if self.length or not 1 <= tokens <= min(source.length, self.max_length) \
+                or source.num_layers != self.num_layers:
+            return False
+        for i, (keys, values) in enumerate(zip(source._keys, source._values, strict=True)):
+            if keys is not None and values is not None:
+                mine_k, mine_v = self.reserve(keys, values, i, tokens)
+                mine_k[:, :, :tokens] = keys[:, :, :tokens]
+                mine_v[:, :, :tokens] = values[:, :, :tokens]
+        self.length = tokens
+        return True
+
     def commit(self, new_tokens: int) -> None:
         """Called once every layer has seen the step's new tokens."""
         self.length += new_tokens

@@ -174,12 +174,18 @@ class SpanHandler:
             backend = self.backend  # a peer that moves gets a new backend; this session stays on its own
             if backend is None:
                 raise PeerError("this peer is loading other blocks; route elsewhere", ErrorCode.MOVED)
-            session = await backend.admit(self._parse_open(first), client)
+            opening = self._parse_open(first)
+            session = await backend.admit(opening, client)
+            if opening.fork is not None:
+                await backend.fork(session, *opening.fork)
             self.pending.leave(client)
             pending = False
-            yield make_response({"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
-                                 "blocks": [backend.span.start + session.blocks.start,
-                                            backend.span.start + session.blocks.stop], "handle": session.handle})
+            opened = {"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
+                      "blocks": [backend.span.start + session.blocks.start, backend.span.start + session.blocks.stop],
+                      "handle": session.handle}
+            if opening.fork is not None:
+                opened["forked"] = opening.fork[1]
+            yield make_response(opened)
             frame_bytes = session.batch_size * backend.limits.max_chunk_tokens * self.hidden_size * 4
             if session.push_key:
                 async for response in self._pushed_session(reader, backend, session,

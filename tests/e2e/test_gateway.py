@@ -208,6 +208,28 @@ async def test_a_second_turn_reuses_the_first_turns_session_and_computes_what_a_
     assert again.choices[0].message.content == text
 
 
+async def test_concurrent_chats_sharing_a_system_prompt_all_start_from_it_and_the_first_keeps_its_history(
+        sdk, tokenizer):
+    """Over HTTP, one tenant: a first chat parks its session; then 4 new chats with the same system prompt at once
+    each start from a copy of that prefix on the peers (a fork each: usage says the system prompt was cached for all
+    4, where taking the one parked session could serve one of them), and the first chat's turn 2 still reuses its
+    whole turn 1."""
+    system = {"role": "system", "content": "You are Brambleton, a careful assistant for beekeepers and gardeners."}
+    turn1 = [system, *user("What should a beekeeper check in early spring?")]
+    first = await sdk.chat.completions.create(model=MODEL, messages=turn1, temperature=0, max_tokens=16)
+    others = await asyncio.gather(*(sdk.chat.completions.create(
+        model=MODEL, messages=[system, *user(f"Name {k} flowers bees like.")], temperature=0, max_tokens=8)
+        for k in range(2, 6)))
+    prefix = len(tokenizer.apply_chat_template([system], add_generation_prompt=False)["input_ids"])
+    assert prefix >= 16 and all(o.usage.prompt_tokens_details.cached_tokens >= prefix for o in others), \
+        [o.usage.prompt_tokens_details.cached_tokens for o in others]
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+             *user("And in late autumn?")]
+    second = await sdk.chat.completions.create(model=MODEL, messages=turn2, temperature=0, max_tokens=8)
+    turn1_prompt = len(tokenizer.apply_chat_template(turn1, add_generation_prompt=True)["input_ids"])
+    assert second.usage.prompt_tokens_details.cached_tokens >= turn1_prompt
+
+
 BAD = {
     "temperature": {"temperature": 7},
     "n": {"n": 0},

@@ -223,6 +223,46 @@ async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_compu
         await service.close()
 
 
+async def test_a_chat_sharing_only_a_system_prompt_forks_it_and_the_parked_conversation_keeps_its_turn(
+        smol_swarm, source, reference):
+    """Two conversations behind one tenant with one system prompt: the second starts from a copy of the first's
+    prefix on the peers (a fork: swarm.protocol), the first's turn 2 still continues its own whole history, and every
+    answer is transformers' own."""
+    from swarm.client.requests import GenerationRequest
+    from swarm.client.textgen import SwarmTextService
+
+    service = await SwarmTextService.connect(smol_swarm.initial_peers)
+    try:
+        await service.client.wait_for_chain()
+
+        async def run(prompt_ids, new_tokens):
+            request = GenerationRequest(prompt_ids, new_tokens, temperature=0.0, stop_token_ids=())
+            return [events[0].token_id async for events in service.generate(request)]
+
+        def expected(prompt_ids, new_tokens):
+            x = torch.tensor([prompt_ids])
+            return reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                      do_sample=False, eos_token_id=None)[0, len(prompt_ids):].tolist()
+
+        system = {"role": "system", "content": "You are a patient assistant. You answer plainly and briefly."}
+        first = [system, {"role": "user", "content": PROMPT}]
+        prompt_a = service.encode_chat(first)
+        answer = service.decode(await run(prompt_a, 16))
+        prompt_b = service.encode_chat([system, {"role": "user", "content": "Name three colours of the sea."}])
+        shared = next(i for i, (x, y) in enumerate(zip(prompt_a, prompt_b, strict=False)) if x != y)
+        assert shared >= service.MIN_REUSE
+        reused = service.reused_tokens
+        assert await run(prompt_b, 12) == expected(prompt_b, 12)
+        assert service.forked_sessions == 1 and service.reused_tokens - reused == shared
+        prompt_a2 = service.encode_chat([*first, {"role": "assistant", "content": answer},
+                                         {"role": "user", "content": "Give the story a title."}])
+        reused = service.reused_tokens
+        assert await run(prompt_a2, 12) == expected(prompt_a2, 12)
+        assert service.reused_tokens - reused >= len(prompt_a) and service.forked_sessions == 1  # its own, taken
+    finally:
+        await service.close()
+
+
 QUOTE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. She trimmed the wick, polished the "
          "great lens and wrote the weather in her logbook: wind from the west, a light rain, three ships passing.")
 

@@ -1,7 +1,9 @@
-"""How the text service sizes a new session: headroom for a next turn where the peers can hold it, none where not."""
+"""How the text service opens a session: headroom for a next turn where the peers can hold it, none where not; which
+parked session a prompt reuses, taken or forked."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -83,8 +85,14 @@ async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
 
 async def test_a_burst_sharing_a_system_prompt_reuses_it_once_as_many_sessions_finished():
     """16 chats at once from one tenant, each starting with the same system prompt: once 16 have finished and been
-    parked, the next 16 each take one (the shared prefix not computed again), none computes it from scratch."""
+    parked, the next 16 each take one (the shared prefix not computed again), none computes it from scratch (where
+    the peers cannot fork)."""
     client, service = _service_opening_fake_sessions()
+
+    async def cannot_fork(parent, tokens, max_length):
+        return None
+
+    service._fork = cannot_fork
     system = list(range(1000, 1028))  # 28 tokens every chat starts with
     for i in range(16):
         tokens = [*system, i, i + 1, 7, 7]
@@ -92,3 +100,61 @@ async def test_a_burst_sharing_a_system_prompt_reuses_it_once_as_many_sessions_f
                                                 position=len(tokens)), tenant="addr:1")
     starts = [(await service._session_for([*system, 100 + i, 5], 48, 1, tenant="addr:1"))[1] for i in range(16)]
     assert starts == [len(system)] * 16 and client.asked == []
+
+
+async def test_a_shared_prefix_forks_the_parked_session_and_leaves_it_for_its_own_next_turn():
+    """Where the peers fork: a burst of 16 chats sharing one parked conversation's system prompt all start from a
+    copy of it (nothing queues for parked sessions), and that conversation's next turn still takes its own session;
+    a prompt that continues everything a parked session holds takes it without a fork."""
+    client, service = _service_opening_fake_sessions()
+    system = list(range(1000, 1028))
+    conversation = [*system, 1, 2, 3, 4]
+    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(conversation))
+    await service._park(conversation, parked, tenant="addr:1")
+    forks = []
+
+    async def fork(parent, tokens, max_length):
+        forks.append((parent, tokens, max_length))
+        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=tokens)
+
+    service._fork = fork
+    opened = [await service._session_for([*system, 100 + i, 5], 48, 1, tenant="addr:1") for i in range(16)]
+    assert [start for _, start in opened] == [len(system)] * 16 and client.asked == []
+    assert all(session is not parked for session, _ in opened) and len({id(s) for s, _ in opened}) == 16
+    assert [(p, t) for p, t, _ in forks] == [(parked, len(system))] * 16 and service.forked_sessions == 16
+    assert forks[0][2] >= len(system) + 2 + 48  # room for the request (and a next turn)
+    again, start = await service._session_for([*conversation, 9, 9], 48, 1, tenant="addr:1")
+    assert again is parked and start == len(conversation) and len(forks) == 16  # its own turn: taken, not forked
+    service.fork_sessions = False  # SWARM_FORK_SESSIONS=0: the old way, the parked session taken
+    await service._park(conversation, parked, tenant="addr:1")
+    taken, start = await service._session_for([*system, 77, 5], 48, 1, tenant="addr:1")
+    assert taken is parked and start == len(system) and len(forks) == 16
+
+
+async def test_a_parked_session_being_forked_is_not_taken_meanwhile():
+    """A take rewinds the session: while a fork of it is being copied, a request whose own fork failed opens a new
+    session instead of taking it."""
+    client, service = _service_opening_fake_sessions()
+    system = list(range(1000, 1028))
+    conversation = [*system, 1, 2, 3, 4]
+    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(conversation))
+    await service._park(conversation, parked, tenant="t")
+    release, calls = asyncio.Event(), []
+
+    async def fork(parent, tokens, max_length):
+        calls.append(tokens)
+        if len(calls) == 1:
+            await release.wait()
+            return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=tokens)
+        return None  # the second fork fails (e.g. the peer is full)
+
+    service._fork = fork
+    slow = asyncio.ensure_future(service._session_for([*system, 50, 5], 48, 1, tenant="t"))
+    while not calls:
+        await asyncio.sleep(0)
+    other, start = await service._session_for([*system, 60, 5], 48, 1, tenant="t")
+    assert other is not parked and start == 0 and len(client.asked) == 1  # a new session: nothing taken
+    release.set()
+    forked, start = await slow
+    assert forked is not parked and start == len(system)
+    assert [entry.session for entry in service._parked] == [parked]  # still there, untouched
