@@ -404,3 +404,15 @@ class NoChainError(SwarmError):
         super().__init__(f"no live peers serve blocks {spans} of {model_id}")
         self.model_id = model_id
         self.missing = missing
+
+
+def parse_group(group: object) -> tuple[str, int] | None:
+    """A step's optional `group`: [id, size] of the group of decode steps its client sent it with."""
+    if group is None:
+        return None
+    if (not isinstance(group, list | tuple) or len(group) != 2 or not isinstance(group[0], str)
+            or not 0 < len(group[0]) <= MAX_GROUP_ID or not isinstance(group[1], int) or isinstance(group[1], bool)
+            or not 1 <= group[1] <= MAX_GROUP_SIZE):
+        raise PeerError(f"'group' must be [id of 1..{MAX_GROUP_ID} characters, size 1..{MAX_GROUP_SIZE}]",
+                        ErrorCode.BAD_REQUEST)
+    return group[0], group[1]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +18,9 @@ from hivemind.p2p import P2P
 from swarm.client.health import Outcome
 from swarm.client.router import Router
 from swarm.client.routing import Link
-from swarm.client.stream import PeerStream, Probe, PushMismatch
+from swarm.client.stream import PeerStream, Probe, PushMismatch, open_streams
 from swarm.client.verification import distance, judge, tolerance
-from swarm.protocol import MAX_PUSH_HOPS, ErrorCode, Hop, NoChainError, OpenRequest, PeerError, SpanInfo
+from swarm.protocol import MAX_PUSH_HOPS, ErrorCode, Hop, NoChainError, PeerError, SpanInfo
 
 logger = logging.getLogger(__name__)
 
@@ -475,27 +473,3 @@ class InferenceSession:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
-                       timeout: float, push: bool = False,
-                       forks: list[tuple[int, int]] | None = None) -> list[PeerStream]:
-    """Open one stream per link, concurrently; on any failure close the others and raise the first error.
-    `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol); `forks`: per link, (handle,
-    tokens) of a session of this client on that peer to start from (swarm.protocol: fork)."""
-    session_id = uuid.uuid4().hex
-    opened = await asyncio.gather(
-        *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end,
-                                                 push_key=secrets.token_hex(16) if push and link.peer.push else "",
-                                                 fork=forks[i] if forks else None),
-                          timeout)
-          for i, link in enumerate(chain)),
-        return_exceptions=True,
-    )
-    streams = [s for s in opened if isinstance(s, PeerStream)]
-    failures = [e for e in opened if isinstance(e, BaseException)]
-    if failures:
-        for stream in streams:
-            await stream.close()
-        raise failures[0]
-    return streams

@@ -1,6 +1,6 @@
 """One session's stream to one peer: its frames, bounded by what is due, and its answers, checked.
 
-    stream = await PeerStream.open(p2p, link, OpenRequest(...), timeout)
+    stream = await PeerStream.open(p2p, link, OpenRequest(...), timeout)  # or open_streams(p2p, chain, ...)
     out = await stream.step(hidden, position, timeout)      # send + result (swarm.protocol's step / result)
     await stream.close()
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -272,3 +274,27 @@ class PeerStream:
         self._pump.cancel()
         # an answer awaited meanwhile (a group frame's, awaited by the round, not by this session's caller) fails now
         self._inbox.put_nowait(EndOfStream())
+
+
+async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
+                       timeout: float, push: bool = False,
+                       forks: list[tuple[int, int]] | None = None) -> list[PeerStream]:
+    """Open one stream per link, concurrently; on any failure close the others and raise the first error.
+    `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol); `forks`: per link, (handle,
+    tokens) of a session of this client on that peer to start from (swarm.protocol: fork)."""
+    session_id = uuid.uuid4().hex
+    opened = await asyncio.gather(
+        *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end,
+                                                 push_key=secrets.token_hex(16) if push and link.peer.push else "",
+                                                 fork=forks[i] if forks else None),
+                          timeout)
+          for i, link in enumerate(chain)),
+        return_exceptions=True,
+    )
+    streams = [s for s in opened if isinstance(s, PeerStream)]
+    failures = [e for e in opened if isinstance(e, BaseException)]
+    if failures:
+        for stream in streams:
+            await stream.close()
+        raise failures[0]
+    return streams

@@ -46,9 +46,7 @@ from swarm.codec import (
 from swarm.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
-    MAX_GROUP_ID,
     MAX_GROUP_ROWS,
-    MAX_GROUP_SIZE,
     PROTOCOL_VERSION,
     PUSH_HANDLER,
     PUSH_KEY,
@@ -56,6 +54,7 @@ from swarm.protocol import (
     OpenRequest,
     PeerError,
     SpanInfo,
+    parse_group,
     parse_hops,
     parse_step_number,
 )
@@ -493,14 +492,3 @@ class SpanHandler:
             else:
                 raise result
         return make_response({"type": "result", "rows": rows}, (out,))
-
-
-def parse_group(group: object) -> tuple[str, int] | None:
-    """A step's optional `group`: [id, size] of the group of decode steps its client sent it with."""
-    if group is None:
-        return None
-    if (not isinstance(group, list | tuple) or len(group) != 2 or not isinstance(group[0], str)
-            or not 0 < len(group[0]) <= MAX_GROUP_ID or not isinstance(group[1], int) or isinstance(group[1], bool)
-            or not 1 <= group[1] <= MAX_GROUP_SIZE):
-        raise bad_request(f"'group' must be [id of 1..{MAX_GROUP_ID} characters, size 1..{MAX_GROUP_SIZE}]")
-    return group[0], group[1]

@@ -264,7 +264,7 @@ async def test_a_round_of_decode_steps_and_prompt_chunks_is_one_forward_and_equa
 
 @pytest.mark.parametrize("group", [["x"], ["", 2], ["x", 0], ["x", True], [3, 2], ["x" * 65, 2], "x", ["x", 2000]])
 def test_a_malformed_group_is_a_bad_request(group):
-    from swarm.server.handler import parse_group
+    from swarm.protocol import parse_group
 
     with pytest.raises(PeerError, match="'group' must be") as info:
         parse_group(group)
