@@ -6,8 +6,8 @@ any order, K / 32 + 6 or K / 8 + 4 in the native kernel's builds, plus what dequ
 LLM.int8's activation grid or a bf16 output add), not a fixed tolerance: it holds for every order of the sums, so on
 every CPU.
 reference.py itself is held to the same bound. And every path the build can produce runs here where the CPU can run
-it: the native kernel compiled for AVX-512, AVX2 and plain x86-64 as well as -march=native (`NATIVE_BUILDS`), and
-oneDNN, MKL and torch's kernels capped to the instruction sets of other CPUs
+it: the native kernel compiled for AVX-512, AVX2 and plain x86-64 as well as -march=native (`NATIVE_BUILDS`, in
+tests/unit/test_native_kernels.py), and oneDNN, MKL and torch's kernels capped to the instruction sets of other CPUs
 (`test_parity_on_the_code_paths_of_other_cpus`). The CUDA-only paths (bitsandbytes and triton on a GPU) keep measured
 relative tolerances (`GPU_TOLERANCE`): no GPU has checked a derivation for them."""
 
@@ -16,10 +16,8 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +120,19 @@ def test_reference_refuses_shapes_it_cannot_quantize():
         reference.quantize_nf4(torch.zeros(3, 7))
     with pytest.raises(ValueError, match="groups of 32"):
         reference.quantize_int4(torch.zeros(3, 48))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+AVX512 = "avx512f" in _cpu_flags()
+needs_x86 = pytest.mark.skipif(not X86, reason="the x86-64 builds of the native kernel need an x86-64 CPU")
 
 
 needs_cc = pytest.mark.skipif(not cpu.available(), reason="no working C compiler for swarm_kernels/cpu_affine.c")
@@ -231,197 +242,6 @@ def test_odd_widths_fall_back_to_the_reference_instead_of_crashing_torch():
         QuantLinear(nn.Linear(13, 7), "int8", "torch")
     with pytest.raises(ValueError, match="in_features % 32"):
         QuantLinear(nn.Linear(48, 7), "int8", "native")
-
-
-NATIVE_SHAPES = [(1, 32), (7, 96), (33, 64), (576, 1536), (1536, 576)]  # K a multiple of 32; any N
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        return {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                for word in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
-X86 = platform.machine() in ("x86_64", "AMD64")
-AVX512 = "avx512f" in _cpu_flags()
-needs_x86 = pytest.mark.skipif(not X86, reason="the x86-64 builds of the native kernel need an x86-64 CPU")
-
-
-def _march(arch: str) -> tuple[str, ...]:
-    return tuple(f if f != "-march=native" else f"-march={arch}" for f in cpu.FLAGS)
-
-
-# Every build of cpu_affine.c a machine can end up with: -march=native (what QuantLinear runs here), and the
-# code paths of other CPUs: the AVX-512 intrinsics, the AVX2 + FMA intrinsics, and the portable loops for plain
-# x86-64 (SSE2, no FMA). Each runs the same parity and row-invariance tests where this CPU can execute it.
-NATIVE_BUILDS = [
-    pytest.param(tuple(cpu.FLAGS), id="march-native"),
-    pytest.param(_march("x86-64-v4"), id="avx512", marks=[needs_x86, pytest.mark.skipif(
-        not AVX512, reason="this CPU has no AVX-512F: the AVX-512 build cannot run here (it is compiled here by "
-                           "test_every_native_build_compiles and runs on CPUs that have AVX-512)")]),
-    pytest.param(_march("x86-64-v3"), id="avx2", marks=needs_x86),
-    pytest.param(_march("x86-64"), id="sse2-portable", marks=needs_x86),
-]
-
-
-@functools.cache
-def native_library(flags: tuple[str, ...]):
-    library = cpu.build(flags)
-    assert library is not None, f"the native kernel did not build with {flags}"
-    return library
-
-
-@needs_cc
-def test_a_cached_library_others_could_have_written_is_never_loaded(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path / "cache"))
-    assert cpu.build(tuple(cpu.FLAGS)) is not None  # built into the fresh cache, private, and loaded
-    (library,) = (tmp_path / "cache" / "kernels").glob("cpu_affine-*.so")
-    assert stat.S_IMODE(library.stat().st_mode) == 0o700
-    library.chmod(0o777)  # as if another user had replaced it through a permissive mode
-    assert cpu.build(tuple(cpu.FLAGS)) is None
-    assert "refusing a native CPU kernel's cached library" in caplog.text and "writable by others" in caplog.text
-    library.chmod(0o700)
-    (tmp_path / "cache").chmod(0o777)  # a cache directory others may write: they could swap the kernels folder
-    assert cpu.build(tuple(cpu.FLAGS)) is None
-
-
-@pytest.fixture(params=NATIVE_BUILDS)
-def native_build(request, monkeypatch):
-    """QuantLinear's native kernel, running the build of this parameter."""
-    if not cpu.available():
-        pytest.skip("no working C compiler for swarm_kernels/cpu_affine.c")
-    library = native_library(request.param)
-    monkeypatch.setattr(cpu, "_library", lambda: library)
-    return library
-
-
-@needs_cc
-@needs_x86
-def test_every_native_build_compiles():
-    for build in NATIVE_BUILDS:
-        assert native_library(build.values[0]) is not None, build.id
-
-
-@pytest.mark.parametrize("shape", NATIVE_SHAPES)
-@pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [(1,), (2, 3), (5,), (4, 4), (40,), (130,)])  # decode steps to prefill chunks
-def test_native_cpu_kernel_matches_reference(native_build, shape, method, rows):
-    _parity(method, "native", shape, torch.float32, "cpu", rows=rows)
-    _parity(method, "native", shape, torch.bfloat16, "cpu", bias=False, rows=rows)
-
-
-@pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("in_features", [1600, 576])
-def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(native_build, method, in_features):
-    # 133 rows: more than one pass of the tiled paths (128 rows) and every register tile (6, 4, 2 and 1 rows); K = 1600
-    # in uneven column tiles of the AVX2 path and past the AVX-512 path's tiles (widened in registers), K = 576 in
-    # them from 16 rows; 97 outputs: a partial tile of weight rows
-    layer = QuantLinear(nn.Linear(in_features, 97), method, "native")
-    x = torch.randn(133, in_features, generator=torch.Generator().manual_seed(2))
-    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-    for rows in (2, 3, 4, 5, 7, 15, 16, 17, 23, 133):
-        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
-    assert torch.equal(layer(x[50:61]), alone[50:61])
-
-
-@pytest.fixture
-def split_every_call(native_build):
-    """The native build with calls split over its helper threads however small they are; one thread again after."""
-    native_build.affine_set_min_work(0, cpu.SPIN_NS)
-    yield native_build
-    cpu.set_threads(1, native_build)
-    native_build.affine_set_min_work(cpu.MIN_WORK, cpu.SPIN_NS)
-
-
-@pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("in_features", [1600, 576])
-def test_native_kernel_gives_the_same_bits_on_any_number_of_threads(split_every_call, method, in_features):
-    # 97 outputs: parts of whole 16-row tiles and a partial last one; 7 outputs: one tile, never split
-    for out_features in (97, 7):
-        layer = QuantLinear(nn.Linear(in_features, out_features), method, "native")
-        x = torch.randn(133, in_features, generator=torch.Generator().manual_seed(3))
-        alone = {rows: layer(x[:rows]) for rows in (2, 5, 16, 133)}  # one row is never split
-        for threads in (2, 3, 4):
-            assert cpu.set_threads(threads, split_every_call) == threads
-            for rows, expected in alone.items():
-                before = split_every_call.affine_split_calls()
-                assert torch.equal(layer(x[:rows]), expected), (out_features, threads, rows)
-                split = split_every_call.affine_split_calls() - before
-                assert split == (1 if out_features > 16 and sys.platform == "linux" else 0), (out_features, rows)
-            before = split_every_call.affine_split_calls()
-            layer(x[:1])
-            assert split_every_call.affine_split_calls() == before  # one row: never split
-        cpu.set_threads(1, split_every_call)
-
-
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_weight_checked_once_computes_what_each_checked_call_does(native_build, method):
-    layer = QuantLinear(nn.Linear(576, 97), method, "native")
-    weight = cpu.Weight(layer.qweight, layer.bits, layer.scale, layer.minimum, layer.bias)
-    for rows in (1, 5, 16):
-        x = torch.randn(2, rows, 576, generator=torch.Generator().manual_seed(rows))
-        assert torch.equal(weight(x), cpu.affine_linear(x, layer.qweight, layer.bits, layer.scale, layer.minimum,
-                                                        layer.bias))
-    assert torch.equal(weight(x.double()), weight(x))  # converted to float32 as affine_linear converts it
-    with pytest.raises(ValueError, match="features"):
-        weight(torch.randn(1, 575))
-    with pytest.raises(ValueError, match="inconsistent"):
-        cpu.Weight(layer.qweight[:-1], layer.bits, layer.scale, layer.minimum, layer.bias)
-    with pytest.raises(ValueError, match="contiguous"):
-        cpu.Weight(layer.qweight, layer.bits, layer.scale.t().contiguous().t(), layer.minimum, layer.bias)
-    assert weight.tensors[0] is layer.qweight  # held: the addresses it calls with stay valid
-
-
-def test_native_kernel_threads_serve_callers_on_several_threads_at_once(split_every_call):
-    # the pool runs one call at a time: a call that finds it busy computes on its own thread, with the same result
-    import concurrent.futures
-
-    layer = QuantLinear(nn.Linear(576, 200), "int4", "native")
-    inputs = [torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) for rows in range(1, 9)]
-    expected = [layer(x) for x in inputs]
-    cpu.set_threads(2, split_every_call)
-    before = split_every_call.affine_split_calls()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: [layer(inputs[i % 8]) for _ in range(50)], range(8)))
-    for i, outputs in enumerate(results):
-        assert all(torch.equal(out, expected[i % 8]) for out in outputs), i
-    assert split_every_call.affine_split_calls() > before or sys.platform != "linux"
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_process_forked_after_the_kernel_threads_started_computes_alone(split_every_call):
-    layer = QuantLinear(nn.Linear(576, 200), "int4", "native")
-    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4))
-    expected = layer(x)
-    cpu.set_threads(2, split_every_call)
-    layer(x)  # the helper runs
-    pid = os.fork()
-    if pid == 0:  # the child: no helper thread; a split call would wait for it forever
-        ok = False
-        try:
-            ok = torch.equal(layer(x), expected) and split_every_call.affine_threads() == 1
-        finally:
-            os._exit(0 if ok else 1)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("the forked child hung in the kernel")
-
-
-@needs_cc
-@needs_x86
-def test_each_native_build_reports_its_order_of_the_sums():
-    assert cpu.sum_lanes(native_library(_march("x86-64-v3"))) == 8  # AVX2 + FMA: one 8-lane register per sum
-    assert cpu.sum_lanes(native_library(_march("x86-64"))) == 32  # the portable loops
-    assert cpu.sum_lanes(native_library(_march("x86-64-v4"))) == 32  # AVX-512 (returns a constant: safe to call here)
 
 
 def test_int8_affine_reference_error_is_at_most_half_a_step_and_q4_1_is_exact():

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from swarm_kernels import cpu, packed, reference, tolerance
-from tests.unit.test_kernels import NATIVE_BUILDS, affine_weight, exact_linear, native_library, weights
+from tests.unit.test_kernels import affine_weight, exact_linear, weights
+from tests.unit.test_native_kernels import NATIVE_BUILDS, native_library
 
 SHAPE = (97, 192)  # N, K: K a multiple of the native kernel's groups of 32
 
