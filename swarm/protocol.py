@@ -7,7 +7,7 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 `ExpertResponse` protobufs: `metadata` is a msgpack dict, `tensors` the hidden states.
 
     client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e],
-                     "push_key"?: 32 hex, "fork"?: [handle, tokens]}
+                     "push_key"?: 32 hex, "fork"?: [handle, tokens, session_id]}
     peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length", "handle"?: int,
                      "forked"?: tokens}
     client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
@@ -20,8 +20,10 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
 A step at `position` P < the session's current length rewinds the cache to P first (replay, regeneration).
 
 `fork` (prefix sharing): the new session starts with a copy of the first `tokens` cached tokens of the session the
-peer named `handle` (the same client's, over the same blocks and batch size, holding at least that many), so its
-first step is at position `tokens`; the peer confirms with `forked`. A peer that does not name `forked` has not
+peer named `handle` and its client opened as `session_id` (the same client's, over the same blocks and batch size,
+holding at least that many; a handle names a session of one peer process's span only, and the id makes a stale
+handle fail rather than name another session), so its first step is at position `tokens`; the peer confirms with
+`forked`. A peer that does not name `forked` has not
 copied anything (an older peer): the client closes that session and prefills from scratch.
 
 Group steps (a client's lockstep group of one-row decode sessions on the same blocks of a peer, swarm.client.decoding):
@@ -297,7 +299,7 @@ class OpenRequest:
     end: int
     version: int = PROTOCOL_VERSION
     push_key: str = ""  # a secret drawn by the client: who knows it may push this session's steps (see above)
-    fork: tuple[int, int] | None = None  # (handle, tokens): start from that session's first tokens (see above)
+    fork: tuple[int, int, str] | None = None  # (handle, tokens, session_id): start from that session's first tokens
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -339,10 +341,10 @@ class OpenRequest:
             raise ValueError("'push_key' must be 32 lowercase hex digits")
         fork = data.get("fork")
         if fork is not None:
-            if not (isinstance(fork, list | tuple) and len(fork) == 2):
-                raise ValueError("'fork' must be [handle, tokens]")
+            if not (isinstance(fork, list | tuple) and len(fork) == 3):
+                raise ValueError("'fork' must be [handle, tokens, session_id]")
             fork = (_Int(0, (1 << 63) - 1).parse("fork handle", fork[0]),
-                    _Int(1, 1 << 24).parse("fork tokens", fork[1]))
+                    _Int(1, 1 << 24).parse("fork tokens", fork[1]), _Text(128).parse("fork session_id", fork[2]))
         return cls(**fields, push_key=push_key, fork=fork)  # type: ignore[arg-type]
 
 

@@ -123,22 +123,27 @@ class InferenceSession:
         """A new session over `parent`'s chain that starts where `parent` was after its first `tokens` tokens: each
         peer copies that much of parent's cache (swarm.protocol: fork) and this client the inputs it keeps for
         replay, so its first step is at position `tokens`. None where that cannot be (a stream without a handle, a
-        peer that does not fork, inputs not kept); PeerError where a peer refuses."""
-        if parent.closed or not 1 <= tokens <= parent.position or any(
-                stream.closed or stream.handle is None for stream in parent.streams) or any(
-                kept is None or kept.shape[1] < tokens for kept in parent._inputs):
+        peer that does not fork, inputs not kept, a link a check found wrong or still checks, a banned peer);
+        PeerError where a peer refuses. Taken before any await: the parent may be closed meanwhile."""
+        router, policy, push = parent.router, parent.policy, parent.push
+        check = parent._background_check
+        if parent.closed or not 1 <= tokens <= parent.position or parent.repair_due is not None \
+                or (check is not None and not check.done()) \
+                or any(stream.closed or stream.handle is None for stream in parent.streams) \
+                or any(kept is None or kept.shape[1] < tokens for kept in parent._inputs) \
+                or (router is not None and router.banned() & set(cls._peer_ids(parent.streams))):
             return None
+        inputs = [kept[:, :tokens].clone() for kept in parent._inputs if kept is not None]
+        forks = [(stream.handle, tokens, stream.session_id) for stream in parent.streams if stream.handle is not None]
         streams = await open_streams(parent.p2p, [stream.link for stream in parent.streams], max_length,
-                                     parent.batch_size, parent.step_timeout, parent.push,
-                                     [(stream.handle, tokens) for stream in parent.streams])  # type: ignore[misc]
+                                     parent.batch_size, parent.step_timeout, push, forks)
         if any(stream.forked != tokens for stream in streams):
             for stream in streams:
                 await stream.close()
             return None
-        session = cls(parent.p2p, streams, max_length, parent.batch_size, parent.step_timeout, parent.router,
-                      parent.policy, parent.push)
+        session = cls(parent.p2p, streams, max_length, parent.batch_size, parent.step_timeout, router, policy, push)
         session.position = tokens
-        session._inputs = [kept[:, :tokens].clone() for kept in parent._inputs]  # type: ignore[index]
+        session._inputs = list(inputs)
         return session
 
     @staticmethod

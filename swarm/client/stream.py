@@ -63,6 +63,7 @@ class PeerStream:
         self.steps = 0  # numbered steps sent or pushed to it (swarm.protocol)
         self.handle: int | None = None  # the peer's name for the session in group frames (None: it takes none)
         self.forked = 0  # tokens the peer copied into the session from another when it opened (swarm.protocol: fork)
+        self.session_id = ""  # what the session was opened as (a fork names its source by handle and this)
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
         # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
@@ -93,6 +94,7 @@ class PeerStream:
         except (TimeoutError, P2PDaemonError, P2PHandlerError, OSError, ConnectionError) as e:
             raise PeerError(f"cannot reach peer {link.peer.peer_id}: {e!r}", peer_id=link.peer.peer_id) from e
         stream = cls(link, reader, writer, request.push_key)
+        stream.session_id = request.session_id
         await stream._send(make_request(request.to_dict()))
         opened = unpack_metadata((await stream._receive(timeout, expected="opened")).metadata)
         handle = opened.get("handle")
@@ -278,10 +280,10 @@ class PeerStream:
 
 async def open_streams(p2p: P2P, chain: list[Link], max_length: int, batch_size: int,
                        timeout: float, push: bool = False,
-                       forks: list[tuple[int, int]] | None = None) -> list[PeerStream]:
+                       forks: list[tuple[int, int, str]] | None = None) -> list[PeerStream]:
     """Open one stream per link, concurrently; on any failure close the others and raise the first error.
     `push`: each link whose peer takes pushes gets a secret push key (swarm.protocol); `forks`: per link, (handle,
-    tokens) of a session of this client on that peer to start from (swarm.protocol: fork)."""
+    tokens, session id) of a session of this client on that peer to start from (swarm.protocol: fork)."""
     session_id = uuid.uuid4().hex
     opened = await asyncio.gather(
         *(PeerStream.open(p2p, link, OpenRequest(session_id, max_length, batch_size, link.start, link.end,

@@ -99,7 +99,8 @@ class SpanKVCache:
             return False
         for i, (keys, values) in enumerate(zip(source._keys, source._values, strict=True)):
             if keys is not None and values is not None:
-                mine_k, mine_v = self.reserve(keys, values, i, tokens)
+                # whole growth chunks, as a session's own steps grow it (what the peer's KV budget reserves)
+                mine_k, mine_v = self.reserve(keys, values, i, self.reserved_tokens(tokens, self.max_length))
                 mine_k[:, :, :tokens] = keys[:, :, :tokens]
                 mine_v[:, :, :tokens] = values[:, :, :tokens]
         self.length = tokens

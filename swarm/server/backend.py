@@ -244,19 +244,28 @@ class SpanBackend:
         if session.key not in self.sessions:
             raise session.ended or PeerError("this session was closed", ErrorCode.INTERNAL)
 
-    async def fork(self, session: Session, handle: int, tokens: int) -> None:
-        """Start the new `session` with the first `tokens` cached tokens of the session named `handle` (swarm.protocol:
-        fork): the same client's, over the same blocks and batch size; the copy runs on the compute thread, between
-        forwards, and checks there that the source still holds them. PeerError (bad_request, capacity) otherwise."""
+    async def fork(self, session: Session, handle: int, tokens: int, source_id: str) -> None:
+        """Start the new `session` with the first `tokens` cached tokens of the session named `handle` whose client
+        opened it as `source_id` (swarm.protocol: fork): the same client's, over the same blocks and batch size (a
+        handle names a session of this backend only; the id makes a stale handle, reused by another session, fail).
+        The copy is a job of the client's on the compute thread, between forwards, and checks there that both
+        sessions are still open and the source holds the tokens. PeerError (bad_request, capacity) otherwise."""
         source = self.member(handle, session)
-        if source is session or source.batch_size != session.batch_size:
-            raise bad_request(f"session {handle} cannot be forked into this one (batch size {source.batch_size})")
+        if source is session or source.session_id != source_id or source.batch_size != session.batch_size:
+            raise bad_request(f"no session {source_id[:128]!r} of this client with handle {handle} to fork")
         if not 1 <= tokens <= min(source.cache.length, session.max_length):
             raise bad_request(f"cannot fork {tokens} tokens of a session holding {source.cache.length} into one of "
                               f"max_length {session.max_length}")
         await self._reserve_growth(session, tokens)
-        if not await self.run(session.cache.copy_prefix, source.cache, tokens):
-            raise bad_request(f"session {handle} no longer holds {tokens} tokens")
+
+        def copy() -> torch.Tensor:
+            if source.key not in self.sessions or session.key not in self.sessions \
+                    or not session.cache.copy_prefix(source.cache, tokens):
+                raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
+            return torch.empty(0)
+
+        await self.scheduler.run(copy, session.batch_size * tokens, session.client)
+        self._check_open(session)
 
     def member(self, handle: object, of: Session) -> Session:
         """The session named `handle` in a group frame that `of`'s stream carried: open, the same client's, over

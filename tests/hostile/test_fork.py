@@ -8,12 +8,15 @@ refused with bad_request on the new stream only (the source steps on), and a ref
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import torch
 from hivemind.p2p import PeerID
 
 from swarm.client import SwarmClient
 from swarm.client.routing import Link
+from swarm.client.session import InferenceSession
 from swarm.client.stream import PeerStream
 from swarm.codec import make_request
 from swarm.protocol import INFERENCE_HANDLER, PROTOCOL_VERSION, ErrorCode, OpenRequest, PeerError
@@ -36,9 +39,9 @@ async def clients(peer, tiny_model_dir):
 
 
 async def open_stream(client: SwarmClient, peer_id: str, start: int = 0, end: int = 6,
-                      fork: tuple[int, int] | None = None) -> PeerStream:
+                      fork: tuple[int, int, str] | None = None) -> PeerStream:
     span = next(s for s in await client.spans() if s.peer_id == peer_id)
-    request = OpenRequest("f", max_length=32, batch_size=1, start=start, end=end, fork=fork)
+    request = OpenRequest(uuid.uuid4().hex, max_length=32, batch_size=1, start=start, end=end, fork=fork)
     return await PeerStream.open(client.p2p, Link(span, start, end), request, timeout=30)
 
 
@@ -59,20 +62,47 @@ async def test_a_fork_computes_what_its_source_computes_from_there(peer, clients
     first, rest, later = torch.randn(1, 5, H, generator=g), torch.randn(1, 3, H, generator=g), torch.randn(1, 1, H)
     source = await open_stream(client, peer.peer)
     await source.step(first, 0, timeout=30)
-    forked = await open_stream(client, peer.peer, fork=(source.handle, 5))
-    assert forked.forked == 5 and forked.handle != source.handle
+    forked = await open_stream(client, peer.peer, fork=(source.handle, 5, source.session_id))
+    assert forked.forked == 5
     from_fork = await forked.step(rest, 5, timeout=30)
-    from_source = await source.step(rest, 5, timeout=30)
-    assert torch.equal(from_fork, from_source)  # the same cache, the same inputs: the same bits
-    # each goes on alone: the fork's cache is its own (the source rewound and stepped again meanwhile)
-    assert torch.equal(await forked.step(later, 8, timeout=30), await source.step(later, 8, timeout=30))
+    assert torch.equal(from_fork, await source.step(rest, 5, timeout=30))  # the same cache and inputs: same bits
+    # the fork's cache is its own: the source rewinds to 2 and steps other inputs; the fork goes on as a session that
+    # computed `first` and `rest` itself does
+    await source.step(torch.randn(1, 4, H), 2, timeout=30)
     fresh = await open_stream(client, peer.peer)
     await fresh.step(first, 0, timeout=30)
-    torch.testing.assert_close(await fresh.step(rest, 5, timeout=30), from_fork, atol=1e-5, rtol=0)
+    assert torch.equal(await fresh.step(rest, 5, timeout=30), from_fork)
+    assert torch.equal(await forked.step(later, 8, timeout=30), await fresh.step(later, 8, timeout=30))
     await free(client, peer.peer, [source, forked, fresh])
 
 
-@pytest.mark.parametrize("case", ["theirs", "other_blocks", "unknown", "too_many", "malformed"])
+async def test_a_session_forks_through_the_client_with_its_inputs_router_and_position(peer, clients):
+    """InferenceSession.fork: the new session has the parent's first inputs (for replay), its router and policy
+    (failover, verification), and goes on alone when the parent is closed; a parent a check found wrong is not
+    forked."""
+    client = clients[0]
+    hidden = torch.randn(1, 6, H, generator=torch.Generator().manual_seed(7))
+    parent = await client.inference_session(32)
+    await parent.step(hidden[:, :4])
+    forked = await InferenceSession.fork(parent, 3, 32)
+    assert forked is not None and forked.position == 3 and forked.router is parent.router is client.router
+    assert torch.equal(forked._inputs[0], parent._inputs[0][:, :3])
+    await parent.close()
+    out = await forked.step(hidden[:, 3:])
+    async with await client.inference_session(32) as fresh:  # the parent's cache, made as the parent made it
+        await fresh.step(hidden[:, :4])
+        assert torch.equal(await fresh.step(hidden[:, 3:], position=3), out)
+    async with await client.inference_session(32) as other:
+        await other.step(hidden[:, :4])
+        other._found = PeerError("found wrong", ErrorCode.INTERNAL, peer.peer)  # a check's verdict, not repaired
+        assert await InferenceSession.fork(other, 3, 32) is None
+        assert await InferenceSession.fork(other, 5, 32) is None  # and never more than it holds
+        other._found = None
+    await forked.close()
+    await free(client, peer.peer, [])
+
+
+@pytest.mark.parametrize("case", ["theirs", "other_blocks", "unknown", "stale", "too_many", "malformed"])
 async def test_a_bad_fork_is_refused_and_costs_only_its_stream(peer, clients, case):
     mine, theirs = clients
     source = await open_stream(mine, peer.peer)
@@ -86,15 +116,18 @@ async def test_a_bad_fork_is_refused_and_costs_only_its_stream(peer, clients, ca
         raw = PeerStream(Link(span, 0, 6), reader, writer)
         await raw._send(make_request({"type": "open", "version": PROTOCOL_VERSION, "session_id": "m",
                                       "max_length": 32, "batch_size": 1, "blocks": [0, 6],
-                                      "fork": [source.handle, "all"]}))
+                                      "fork": [source.handle, "all", source.session_id]}))
         with pytest.raises(PeerError) as refused:
             await raw._receive(30, expected="opened")
         await raw.close()
     else:
-        handle, tokens = {"theirs": (other.handle, 2), "other_blocks": (other.handle, 2),
-                          "unknown": (10**12, 2), "too_many": (source.handle, 5)}[case]
+        # stale: the source's handle under another session's id (a handle a restarted peer gave a new session)
+        handle, tokens, name = {"theirs": (other.handle, 2, other.session_id),
+                                "other_blocks": (other.handle, 2, other.session_id),
+                                "unknown": (10**12, 2, source.session_id), "stale": (source.handle, 2, "an-old-one"),
+                                "too_many": (source.handle, 5, source.session_id)}[case]
         with pytest.raises(PeerError) as refused:
-            await open_stream(mine, peer.peer, fork=(handle, tokens))
+            await open_stream(mine, peer.peer, fork=(handle, tokens, name))
     assert refused.value.code == ErrorCode.BAD_REQUEST
     # nothing else was touched: the source and the other session step on at their positions
     assert (await source.step(torch.randn(1, 1, H), 4, timeout=30)).shape == (1, 1, H)

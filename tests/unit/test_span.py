@@ -145,6 +145,28 @@ def test_cache_grows_in_chunks_and_refuses_past_max_length():
         cache.rewind(301)
 
 
+def test_a_fork_copies_a_prefix_into_whole_growth_chunks_and_nothing_else():
+    source = SpanKVCache(num_layers=2, max_length=1000)
+    k, v = torch.randn(1, 2, 300, 4), torch.randn(1, 2, 300, 4)
+    for layer in range(2):
+        source.update(k, v, layer)
+    source.commit(300)
+    fork = SpanKVCache(num_layers=2, max_length=1000)
+    assert fork.copy_prefix(source, 200) and fork.length == 200
+    for layer in range(2):
+        keys, values = fork._keys[layer], fork._values[layer]
+        # capacity as the peer's KV budget reserves it (whole chunks of GROW), not the 200 tokens copied
+        assert keys.shape[-2] == SpanKVCache.reserved_tokens(200, 1000) == 256
+        assert torch.equal(keys[:, :, :200], k[:, :, :200]) and torch.equal(values[:, :, :200], v[:, :, :200])
+        assert fork.native[layer] is not None or source.native[layer] is None  # its own buffers' native record
+    keys, _ = fork.update(k[:, :, :1], v[:, :, :1], 0)
+    assert keys.shape[-2] == 201 and keys.data_ptr() != source._keys[0].data_ptr()  # its own buffers
+    assert not fork.copy_prefix(source, 10)  # only into an empty cache
+    assert not SpanKVCache(num_layers=2, max_length=1000).copy_prefix(source, 301)  # never more than it holds
+    assert not SpanKVCache(num_layers=2, max_length=100).copy_prefix(source, 101)  # nor past its own max_length
+    assert not SpanKVCache(num_layers=3, max_length=1000).copy_prefix(source, 10)  # nor another span's
+
+
 def test_causal_mask_lets_each_new_token_see_the_past_and_itself():
     assert causal_mask(1, 5, torch.float32, torch.device("cpu")) is None
     assert causal_mask(4, 0, torch.float32, torch.device("cpu")) is None
