@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int, eos: int,
-                     extra: dict[str, Any] | None = None, model: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
-            "temperature": 0, "logit_bias": {str(eos): -100}, "stream": True,
-            "stream_options": {"include_usage": True}, **(extra or {})}
-    sent = time.perf_counter()
-    stamps: list[float] = []
-    completion_tokens = 0
+async def sse_chunks(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The parsed chunks of a streaming request, as they arrive; RuntimeError for a stream the gateway ended with an
+    error."""
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -82,11 +78,23 @@ async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"the gateway ended a stream with an error: {chunk['error']}")
-            if chunk.get("usage"):
-                completion_tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    stamps.append(time.perf_counter())
+            yield chunk
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, text: str, tokens: int, eos: int,
+                     extra: dict[str, Any] | None = None, model: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": tokens,
+            "temperature": 0, "logit_bias": {str(eos): -100}, "stream": True,
+            "stream_options": {"include_usage": True}, **(extra or {})}
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    completion_tokens = 0
+    async for chunk in sse_chunks(client, url, body):
+        if chunk.get("usage"):
+            completion_tokens = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices", []):
+            if choice.get("delta", {}).get("content"):
+                stamps.append(time.perf_counter())
     if completion_tokens != tokens or not stamps:
         raise RuntimeError(f"a stream ended with {completion_tokens} tokens, {len(stamps)} text chunks")
     return {"sent": sent, "stamps": stamps, "tokens": completion_tokens}

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.serve import CONFIGS, percentile, start_config
+from benchmarks.serve import CONFIGS, percentile, sse_chunks, start_config
 from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
@@ -54,19 +54,12 @@ async def chat(client: httpx.AsyncClient, url: str, messages: list[dict[str, str
             "logit_bias": {str(eos): -100}, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first, text, usage = None, [], None
-    async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"the gateway ended a stream with an error: {chunk['error']}")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    first = first or time.perf_counter()
-                    text.append(choice["delta"]["content"])
+    async for chunk in sse_chunks(client, url, body):
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices", []):
+            if choice.get("delta", {}).get("content"):
+                first = first or time.perf_counter()
+                text.append(choice["delta"]["content"])
     if usage is None or first is None or usage["completion_tokens"] != tokens:
         raise RuntimeError(f"a stream ended without its {tokens} tokens or its usage")
     return {"ttft": first - sent, "end": time.perf_counter(), "sent": sent, "text": "".join(text),

@@ -123,13 +123,13 @@ class InferenceSession:
         """A new session over `parent`'s chain that starts where `parent` was after its first `tokens` tokens: each
         peer copies that much of parent's cache (swarm.protocol: fork) and this client the inputs it keeps for
         replay, so its first step is at position `tokens`. None where that cannot be (a stream without a handle, a
-        peer that does not fork, inputs not kept, a link a check found wrong or still checks, a banned peer);
-        PeerError where a peer refuses. Taken before any await: the parent may be closed meanwhile."""
+        peer that does not fork, inputs not kept, a peer a check found wrong and not replaced yet, a banned peer);
+        PeerError where a peer refuses. A check of the parent still running hands its verdict to the fork too (a
+        peer found wrong is replaced in both, at their next steps). Taken before any await: the parent may be closed
+        meanwhile."""
         router, policy, push = parent.router, parent.policy, parent.push
         check = parent._background_check
         if parent.closed or not 1 <= tokens <= parent.position or parent.repair_due is not None \
-                or (check is not None and not check.done()) \
-                or any(stream.closed or stream.handle is None for stream in parent.streams) \
                 or any(kept is None or kept.shape[1] < tokens for kept in parent._inputs) \
                 or (router is not None and router.banned() & set(cls._peer_ids(parent.streams))):
             return None
@@ -144,7 +144,15 @@ class InferenceSession:
         session = cls(parent.p2p, streams, max_length, parent.batch_size, parent.step_timeout, router, policy, push)
         session.position = tokens
         session._inputs = list(inputs)
+        if check is not None and not check.done():
+            check.add_done_callback(lambda _: session._inherit(parent))
+        session._inherit(parent)  # (a verdict that came during the await)
         return session
+
+    def _inherit(self, parent: InferenceSession) -> None:
+        """A fork takes its parent's verdict on a peer (see fork)."""
+        if parent._found is not None and self._found is None and not self.closed:
+            self._found = parent._found
 
     @staticmethod
     def _peer_ids(streams: list[PeerStream]) -> list[str]:

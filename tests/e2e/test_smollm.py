@@ -192,18 +192,24 @@ async def test_sessions_that_relay_send_their_rounds_in_group_frames_and_each_eq
     assert groups.framed == groups.rows - groups.solo and groups.solo < 10, (groups.framed, groups.solo)
 
 
+async def greedy(service, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """The service's greedy tokens after `prompt_ids` (no stop token)."""
+    from swarm.client.requests import GenerationRequest
+
+    request = GenerationRequest(prompt_ids, new_tokens, temperature=0.0, stop_token_ids=())
+    return [events[0].token_id async for events in service.generate(request)]
+
+
 async def test_turn_two_reuses_the_peers_kv_of_turn_one_and_equals_a_fresh_computation(smol_swarm, source,
                                                                                          reference):
-    from swarm.client.requests import GenerationRequest
     from swarm.client.textgen import SwarmTextService
 
     service = await SwarmTextService.connect(smol_swarm.initial_peers)
     try:
         await service.client.wait_for_chain()
 
-        async def run(prompt_ids, new_tokens):
-            request = GenerationRequest(prompt_ids, new_tokens, temperature=0.0, stop_token_ids=())
-            return [events[0].token_id async for events in service.generate(request)]
+        def run(prompt_ids, new_tokens):
+            return greedy(service, prompt_ids, new_tokens)
 
         turn1 = [{"role": "user", "content": PROMPT}]
         prompt1 = service.encode_chat(turn1)
@@ -228,16 +234,14 @@ async def test_a_chat_sharing_only_a_system_prompt_forks_it_and_the_parked_conve
     """Two conversations behind one tenant with one system prompt: the second starts from a copy of the first's
     prefix on the peers (a fork: swarm.protocol), the first's turn 2 still continues its own whole history, and every
     answer is transformers' own."""
-    from swarm.client.requests import GenerationRequest
     from swarm.client.textgen import SwarmTextService
 
     service = await SwarmTextService.connect(smol_swarm.initial_peers)
     try:
         await service.client.wait_for_chain()
 
-        async def run(prompt_ids, new_tokens):
-            request = GenerationRequest(prompt_ids, new_tokens, temperature=0.0, stop_token_ids=())
-            return [events[0].token_id async for events in service.generate(request)]
+        def run(prompt_ids, new_tokens):
+            return greedy(service, prompt_ids, new_tokens)
 
         def expected(prompt_ids, new_tokens):
             x = torch.tensor([prompt_ids])

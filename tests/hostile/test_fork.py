@@ -8,6 +8,7 @@ refused with bad_request on the new stream only (the source steps on), and a ref
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -94,10 +95,22 @@ async def test_a_session_forks_through_the_client_with_its_inputs_router_and_pos
         assert torch.equal(await fresh.step(hidden[:, 3:], position=3), out)
     async with await client.inference_session(32) as other:
         await other.step(hidden[:, :4])
-        other._found = PeerError("found wrong", ErrorCode.INTERNAL, peer.peer)  # a check's verdict, not repaired
+        verdict = PeerError("found wrong", ErrorCode.INTERNAL, peer.peer)
+        other._found = verdict  # a check's verdict, the peer not replaced yet: no fork of what it computed
         assert await InferenceSession.fork(other, 3, 32) is None
-        assert await InferenceSession.fork(other, 5, 32) is None  # and never more than it holds
         other._found = None
+        assert await InferenceSession.fork(other, 5, 32) is None  # and never more than it holds
+        # a check still running when the fork is made: its verdict reaches the fork too
+        running = asyncio.get_running_loop().create_future()
+        other._background_check = running  # type: ignore[assignment]
+        child = await InferenceSession.fork(other, 3, 32)
+        assert child is not None and child.repair_due is None
+        other._found = verdict
+        running.set_result(None)
+        await asyncio.sleep(0)
+        assert child.repair_due is verdict
+        other._found, other._background_check = None, None
+        await child.close()
     await forked.close()
     await free(client, peer.peer, [])
 
