@@ -130,11 +130,12 @@ class InferenceSession:
         router, policy, push = parent.router, parent.policy, parent.push
         check = parent._background_check
         if parent.closed or not 1 <= tokens <= parent.position or parent.repair_due is not None \
+                or any(stream.closed or stream.handle is None for stream in parent.streams) \
                 or any(kept is None or kept.shape[1] < tokens for kept in parent._inputs) \
                 or (router is not None and router.banned() & set(cls._peer_ids(parent.streams))):
             return None
         inputs = [kept[:, :tokens].clone() for kept in parent._inputs if kept is not None]
-        forks = [(stream.handle, tokens, stream.session_id) for stream in parent.streams if stream.handle is not None]
+        forks = [(stream.handle or 0, tokens, stream.session_id) for stream in parent.streams]  # (each has one)
         streams = await open_streams(parent.p2p, [stream.link for stream in parent.streams], max_length,
                                      parent.batch_size, parent.step_timeout, push, forks)
         if any(stream.forked != tokens for stream in streams):

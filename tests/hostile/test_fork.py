@@ -100,6 +100,9 @@ async def test_a_session_forks_through_the_client_with_its_inputs_router_and_pos
         assert await InferenceSession.fork(other, 3, 32) is None
         other._found = None
         assert await InferenceSession.fork(other, 5, 32) is None  # and never more than it holds
+        handle, other.streams[0].handle = other.streams[0].handle, None  # a peer that names no session handles
+        assert await InferenceSession.fork(other, 3, 32) is None
+        other.streams[0].handle = handle
         # a check still running when the fork is made: its verdict reaches the fork too
         running = asyncio.get_running_loop().create_future()
         other._background_check = running  # type: ignore[assignment]
