@@ -58,6 +58,10 @@ class GatewaySettings(BaseSettings):
     gateway_speculative_below: int = Field(4, ge=0, description="auto speculative decoding: a generation "
                                                                 "drafts at a step only while fewer others than this "
                                                                 "run")
+    gateway_draft_model: str = Field("", description="a small model sharing the served model's tokenizer, run by "
+                                                     "the gateway to draft tokens for speculative decoding where "
+                                                     "prompt lookup finds none (a directory, GGUF file or hub id; "
+                                                     "empty: prompt lookup only)")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "

@@ -29,7 +29,7 @@ import torch
 
 from swarm.client.decoding import DecodeGroups
 from swarm.client.session import InferenceSession
-from swarm.client.speculation import PromptLookup
+from swarm.client.speculation import Drafter
 from swarm_kernels.sampling import Choice, Sampler, top_logprobs
 
 T = TypeVar("T")
@@ -177,7 +177,7 @@ class DecodePipeline:
 
     async def generate(self, session: InferenceSession, input_ids: torch.Tensor, sampler: Sampler,
                        max_new_tokens: int, position: int | None = None,
-                       prompt_scores: int | None = None, drafter: PromptLookup | None = None,
+                       prompt_scores: int | None = None, drafter: Drafter | None = None,
                        drafting: Callable[[], bool] | None = None) -> AsyncGenerator[StepOutput, None]:
         """Sample up to `max_new_tokens` positions for every row of input_ids [B, T] fed at `position`; the caller
         decides when to stop. Every token yielded but the last has been fed to the session. `prompt_scores` = k:
@@ -201,7 +201,7 @@ class DecodePipeline:
         try:
             while produced < max_new_tokens:
                 drafts = drafting is None or drafting()
-                draft = drafter.draft(max_new_tokens - produced - 1) if drafter is not None and drafts else []
+                draft = await drafter.propose(max_new_tokens - produced - 1) if drafter is not None and drafts else []
                 if draft:
                     at = session.position
                     steps = await self.speculate(session, choice.token_ids, draft, sampler)

@@ -18,6 +18,17 @@ last ended with a token after it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+
+class Drafter(Protocol):
+    """What the decode pipeline asks of a drafter (PromptLookup; swarm.client.drafting.ModelDrafter)."""
+
+    async def propose(self, limit: int) -> list[int]: ...  # up to `limit` tokens to follow the text so far
+
+    def result(self, drafted: int, kept: int) -> None: ...  # how many of the last proposal the chain kept
+
+    def extend(self, tokens: Iterable[int]) -> None: ...  # the tokens chosen since
 
 
 class _Index:
@@ -77,6 +88,9 @@ class PromptLookup:
             if found:
                 return found
         return self._own.follow(suffix, limit)
+
+    async def propose(self, limit: int) -> list[int]:
+        return self.draft(limit)
 
     def result(self, drafted: int, kept: int) -> None:
         self.drafted += drafted

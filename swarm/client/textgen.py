@@ -32,11 +32,12 @@ import torch
 from transformers import AutoTokenizer
 
 from swarm.client.client import SwarmClient
+from swarm.client.drafting import DraftModel, ModelDrafter
 from swarm.client.grammar import Grammars
 from swarm.client.pipeline import StepOutput
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
-from swarm.client.speculation import PromptLookup
+from swarm.client.speculation import Drafter, PromptLookup
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 
@@ -77,6 +78,14 @@ class SwarmTextService:
         # a grammar ends its text with the first end-of-text token (the one the chat template closes turns with)
         self.native_tools = "tools" in str(getattr(tokenizer, "chat_template", None) or "")
         self.grammars = Grammars(tokenizer, self.vocab_size, _grammar_end(tokenizer, self.eos_token_ids))
+        # speculative decoding's drafts: by prompt lookup, and from this local model where one is loaded
+        self.draft_model: DraftModel | None = None
+
+    async def load_draft_model(self, ref: str) -> None:
+        """Draft with the model at `ref` (swarm.client.drafting; IncompatibleDrafter unless it shares this model's
+        tokenizer)."""
+        self.draft_model = await asyncio.get_running_loop().run_in_executor(
+            None, DraftModel.load, ref, self.tokenizer, self.vocab_size)
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None,
@@ -159,7 +168,7 @@ class SwarmTextService:
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
-        drafter = PromptLookup(prompt, request.prediction) if request.speculative and n == 1 else None
+        drafter = self._drafter(prompt, request.prediction) if request.speculative and n == 1 else None
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start,
                                               prompt_scores=request.prompt_logprobs, drafter=drafter,
@@ -287,11 +296,18 @@ class SwarmTextService:
                                 or now - self._parked[-1].since > self.PARK_SECONDS):
             await self._parked.pop().session.close()
 
+    def _drafter(self, prompt: list[int], prediction: Sequence[int]) -> Drafter:
+        if self.draft_model is not None:
+            return ModelDrafter(self.draft_model, prompt, prediction)
+        return PromptLookup(prompt, prediction)
+
     async def close(self) -> None:
         for entry in self._parked:
             await entry.session.close()
         self._parked.clear()
         await self.client.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
 
 
 @dataclasses.dataclass

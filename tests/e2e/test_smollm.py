@@ -294,3 +294,24 @@ async def test_speculative_decoding_is_token_identical_and_keeps_drafts(smol_swa
         assert kept >= 20, (kept, sum(e.rejected_drafts for e in events))
     finally:
         await service.close()
+
+
+async def test_drafts_from_a_local_model_are_token_identical_on_free_text(smol_swarm, local_tokens):
+    """A free story (nothing for prompt lookup to find) with drafts from a local draft model (here the served model
+    itself: the only one sharing its tokenizer on these machines): transformers' greedy tokens exactly, and most of
+    them from kept drafts."""
+    from swarm.client.requests import GenerationRequest
+    from swarm.client.textgen import SwarmTextService
+
+    service = await SwarmTextService.connect(smol_swarm.initial_peers)
+    try:
+        await service.load_draft_model(DEFAULT_MODEL_ID)
+        await service.client.wait_for_chain()
+        prompt = service.encode_chat([{"role": "user", "content": PROMPT}])
+        request = GenerationRequest(prompt, NEW_TOKENS, temperature=0.0, stop_token_ids=(), speculative=True)
+        events = [events[0] async for events in service.generate(request)]
+        assert [e.token_id for e in events] == local_tokens
+        kept = sum(e.kept_draft for e in events)
+        assert kept >= NEW_TOKENS // 2, (kept, sum(e.rejected_drafts for e in events))
+    finally:
+        await service.close()

@@ -1,0 +1,133 @@
+"""Drafts from a local model (`swarm.client.drafting`): the draft model's own greedy text, a KV cache that follows
+what the chain kept, the length that pays, and a vocabulary check. Through real peers, token-identical to
+transformers: tests/e2e/test_smollm.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarm.client.drafting import DraftModel, IncompatibleDrafter, ModelDrafter, check_vocabularies
+from swarm.model.head import load_head
+from swarm.model.source import ModelSource
+from swarm.model.span import load_span
+
+CONTEXT = [100, 200, 300, 400]  # the tiny model's greedy text after it repeats no 3 tokens early
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    source = ModelSource("tiny-llama", path)
+    model = DraftModel(load_span(source, 0, 6), load_head(source), vocab_size=512, max_length=512)
+    yield model, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.close()
+
+
+def drafts(drafter: ModelDrafter, limit: int) -> list[int]:
+    """A warmed drafter's proposal (its first proposal only starts reading the prompt) of `limit` tokens at most,
+    as where drafts pay (a far chain, a quick drafter)."""
+    drafter._draft_seconds, drafter._step_seconds = 0.001, 1.0
+
+    async def go():
+        if drafter._warm is None:
+            assert await drafter.propose(limit) == []
+            await drafter._warm
+        return await drafter.propose(limit)
+    return asyncio.run(go())
+
+
+def test_a_draft_is_the_draft_models_greedy_text(tiny):
+    model, reference = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=0.0)
+    x = torch.tensor([CONTEXT])
+    expected = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                  eos_token_id=None)[0, len(CONTEXT):].tolist()
+    assert drafts(drafter, 6) == expected
+
+
+def test_after_a_partly_kept_draft_the_cache_drafts_as_a_fresh_one(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=0.0)
+    first = drafts(drafter, 6)
+    drafter.result(6, 2)
+    other = (first[2] + 1) % 512  # the chain chose another token after the two it kept
+    drafter.extend([*first[:2], other])
+    fresh = ModelDrafter(model, [*CONTEXT, *first[:2], other], min_probability=0.0)
+    assert drafts(drafter, 5) == drafts(fresh, 5)
+    assert drafter._fed == [*CONTEXT, *first[:2], other, *drafts(fresh, 5)[:4]]
+
+
+def test_a_draft_stops_at_a_token_the_model_doubts(tiny):
+    model, _ = tiny
+    sure = drafts(ModelDrafter(model, CONTEXT, min_probability=0.0), 8)
+    assert drafts(ModelDrafter(model, CONTEXT, min_probability=1.0), 8) == []
+    logits = model.forward(CONTEXT, model.new_cache(), 0)
+    first = float(torch.softmax(logits, -1).max())
+    assert drafts(ModelDrafter(model, CONTEXT, min_probability=first - 1e-4), 8)[:1] == sure[:1]
+
+
+def test_prompt_lookup_drafts_first_without_a_forward(tiny):
+    model, _ = tiny
+    text = [1, 2, 3, 4, 5, 6, 9, 9, 1, 2, 3]
+    drafter = ModelDrafter(model, text)
+    assert asyncio.run(drafter.propose(3)) == [4, 5]  # prompt lookup's first draft: 2 tokens
+    assert drafter._warm is None and drafter._cache is None
+    drafter.result(2, 2)
+    assert drafter.kept == 2 and drafter.model_drafted == 0
+
+
+def test_the_length_is_what_gives_the_most_tokens_a_second(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT)
+    assert drafter._length(8) == ModelDrafter.FIRST_DRAFT  # nothing measured yet
+    drafter._draft_seconds, drafter._step_seconds = 0.005, 0.2  # a far chain, a quick drafter
+    drafter._hits, drafter._misses = 9.0, 1.0
+    assert drafter._length(8) == 8 and drafter._length(3) == 3
+    drafter._draft_seconds, drafter._step_seconds = 0.05, 0.02  # a near chain, a slow drafter: plain steps pay
+    drafter._hits, drafter._misses = 1.0, 4.0
+    lengths = [drafter._length(8) for _ in range(2 * ModelDrafter.PROBE_EVERY)]
+    assert lengths.count(1) == 2 and set(lengths) == {0, 1}  # and a one-token probe now and then
+
+
+def test_results_move_the_acceptance(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT)
+    drafter._source = "model"
+    before = drafter.acceptance
+    for _ in range(5):
+        drafter.result(4, 0)
+    assert drafter.acceptance < before / 2
+    for _ in range(20):
+        drafter.result(4, 4)
+    assert drafter.acceptance > 0.9 and drafter.model_kept == 80
+
+
+def test_no_draft_past_the_draft_models_context(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, list(range(10, 10 + 508)))
+    assert asyncio.run(drafter.propose(8)) == [] and drafter._warm is None
+
+
+class _Vocab:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_another_vocabulary_is_refused():
+    check_vocabularies(_Vocab({"a": 0, "b": 1}), _Vocab({"b": 1, "a": 0}))
+    with pytest.raises(IncompatibleDrafter, match="4 entries differ"):
+        check_vocabularies(_Vocab({"a": 0, "b": 1}), _Vocab({"a": 1, "b": 0}))
+    with pytest.raises(IncompatibleDrafter, match="3 vs 2 tokens"):
+        check_vocabularies(_Vocab({"a": 0, "b": 1, "c": 2}), _Vocab({"a": 0, "b": 1}))
+
+
+def test_a_draft_model_without_a_tokenizer_is_refused(tiny_model_dir):
+    with pytest.raises(IncompatibleDrafter, match="no tokenizer"):
+        DraftModel.load(str(tiny_model_dir("llama")), _Vocab({}), 512)
