@@ -1,17 +1,19 @@
 """Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
 namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
 
-    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--out benchmarks/results]
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--draft-model REF]
+                             [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
 default precision (0:15 and 15:30, one thread each) on two hosts, and on a third three gateways taking turns at one
-streaming greedy chat: `relay` (SWARM_PUSH=false: the gateway sends each step to each peer and takes its answer,
-2 x RTT a token), `push` (the default: hidden states go from peer to peer, (hops + 1) x one-way = 1.5 x RTT) and
-`push_spec` (push and GATEWAY_SPECULATIVE=on). Tasks: `quote` (repeat a ~400-token passage: drafts by prompt lookup
-pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, push ÷ relay and
-speculative ÷ push per round (medians), the compute a token costs (the relay's time less its 2 x RTT) and push's
-time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each gateway's count of pushed steps. JSON on
-stdout and in OUT/wan.json.
+streaming greedy chat: `relay` (SWARM_PUSH=false: the gateway sends each step to each peer and takes its answer, 2 x
+RTT a token), `push` (the default: hidden states go from peer to peer, (hops + 1) x one-way = 1.5 x RTT) and
+`push_spec` (push and GATEWAY_SPECULATIVE=on); with `--draft-model REF` a fourth, `push_draft` (push_spec with
+GATEWAY_DRAFT_MODEL=REF: drafts from that local model where prompt lookup finds none). Tasks: `quote` (repeat a
+~400-token passage: drafts by prompt lookup pay) and `chat` (a free story: nothing to look up). Reported: decode ms
+per token and tok/s, push ÷ relay and speculative ÷ push per round (medians), the compute a token costs (the relay's
+time less its 2 x RTT) and push's time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each
+gateway's count of pushed steps. JSON on stdout and in OUT/wan.json.
 
 Routes by measured hops (`--hops`): 0:15 on two hosts, "near" (20 ms RTT from the gateway, 200 ms from the peer
 of 15:30) and "far" (60 ms from the gateway, 10 ms from it), 15:30 on "b" (60 ms from the gateway). Gateways:
@@ -89,11 +91,14 @@ def ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
     return round(median([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(a, b, strict=True)]), 3)
 
 
-async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
+async def run_rtt(rtt_ms: float, rounds: int, workdir: Path, draft_model: str = "") -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
+    modes = dict(MODES)
+    if draft_model:
+        modes["push_draft"] = {**MODES["push_spec"], "GATEWAY_DRAFT_MODEL": draft_model}
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
-        sockets = {mode: start_gateway(bed, mode, initial, env) for mode, env in MODES.items()}
+        sockets = {mode: start_gateway(bed, mode, initial, env) for mode, env in modes.items()}
         measured = bed.rtt_ms("gw", "a")
         runs = await interleave(dict(sockets), WAN_TASKS, rounds, {"rtt_ms": rtt_ms})
         pushed = {mode: await pushed_steps(socket) for mode, socket in sockets.items()}
@@ -112,6 +117,8 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path) -> dict[str, Any]:
 
         entry["push_to_relay"] = ratio(modes["push"], modes["relay"])
         entry["spec_to_push"] = ratio(modes["push_spec"], modes["push"])
+        if "push_draft" in modes:
+            entry["draft_to_push"] = ratio(modes["push_draft"], modes["push"])
         # the goal's floor: (hops + 1) one-way delays + compute, compute = the relay's time less its 2 x RTT
         compute = entry["relay"]["ms_per_token"] - 2 * measured
         entry["compute_ms_per_token"] = round(compute, 1)
@@ -237,7 +244,7 @@ async def run(args) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rtt in [float(r) for r in args.rtts.split(",") if r]:
-            results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}")
+            results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}", args.draft_model)
         if args.hops:
             results["hops"] = await run_hops(args.rounds, Path(tmp) / "hops")
         if args.failover_rtt:
@@ -246,6 +253,7 @@ async def run(args) -> dict[str, Any]:
     return {"benchmark": "wan", "machine": machine(), "versions": versions(),
             "settings": {"model": DEFAULT_MODEL_ID, "peers": "2 hosts (0:15, 15:30), default precision, 1 thread",
                          "rounds": args.rounds, "link": "tests.netem: one-way delay = RTT / 2, no jitter or loss",
+                         "draft_model": args.draft_model or None,
                          "tasks": {k: v["max_tokens"] for k, v in WAN_TASKS.items()}},
             "results": results}
 
@@ -256,9 +264,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--failover-rtt", type=float, default=50.0, help="RTT of the failover run in ms (0: none)")
     parser.add_argument("--hops", action="store_true", help="also: routes by the hops peers measured (see above)")
+    parser.add_argument("--draft-model", default="", help="also a gateway drafting with this local model (push_draft)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    emit("wan", asyncio.run(run(args)), args.out)
+    emit("wan_draft" if args.draft_model else "wan", asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """Side by side with the real Petals 2.2 across hosts at wide-area latency: the same test bed as `benchmarks.wan`
 (every process in its own network namespace, every packet through `tests.netem`), both systems on the same hosts.
 
-    python -m benchmarks.wan_petals [--rtt 100] [--rounds 3] [--task chat|quote] [--tokens N] [--out DIR]
+    python -m benchmarks.wan_petals [--rtt 100] [--rounds 3] [--task chat|quote] [--tokens N] [--draft-model REF]
+                                    [--out DIR]
 
-Hosts: `boot` (our DHT bootstrap node and Petals' DHT), `a` (blocks 0:15 of the default model: one of our peers and one
-Petals server), `b` (15:30: the same), `gw` (our gateways and Petals' client). Ours: peers at their default precision,
-one thread each; three gateways: `ours` (as a user runs it: push, GATEWAY_SPECULATIVE=auto, which drafts for a lone
-chat), `ours_nospec` (push, speculation off) and `ours_relay` (SWARM_PUSH=false, speculation off). Petals: float32
-(its CPU default), its own client (../shared/petals/petals_bench.py, greedy, end-of-text suppressed, chat template
-applied) in a fresh process per run, from the `gw` host. The same prompt on every side each round (distinct per
-round), sides in rotating order; medians; ratios ours ÷ Petals per round. Tasks: `chat` (a ~40-token request for a
-story: free text, where drafts by prompt lookup find little) and `quote` (repeat a ~400-token passage word for word,
-`benchmarks.speculative`'s input-grounded task, numbered per round). Decode tok/s is (tokens - 1) / (last token's
-time - first token's) on every side; end to end is tokens / (last token's time - request sent). Petals is set up
-first if needed (../shared/petals/petals_setup.sh, ~3 min). Idle peers of the other system stay up while one runs
-(they cost little).
+Hosts: `boot` (our DHT bootstrap node and Petals' DHT), `a` (blocks 0:15 of the default model: one of our peers and
+one Petals server), `b` (15:30: the same), `gw` (our gateways and Petals' client). Ours: peers at their default
+precision, one thread each; three gateways: `ours` (as a user runs it: push, GATEWAY_SPECULATIVE=auto, which drafts
+for a lone chat), `ours_nospec` (push, speculation off) and `ours_relay` (SWARM_PUSH=false, speculation off).
+Petals: float32 (its CPU default), its own client (../shared/petals/petals_bench.py, greedy, end-of-text suppressed,
+chat template applied) in a fresh process per run, from the `gw` host. The same prompt on every side each round
+(distinct per round), sides in rotating order; medians; ratios ours ÷ Petals per round. Tasks: `chat` (a ~40-token
+request for a story: free text, where drafts by prompt lookup find little) and `quote` (repeat a ~400-token passage
+word for word, `benchmarks.speculative`'s input-grounded task, numbered per round). Decode tok/s is (tokens - 1) /
+(last token's time - first token's) on every side; end to end is tokens / (last token's time - request sent).
+`--draft-model REF`: a fourth gateway, `ours_draft`, as `ours` with GATEWAY_DRAFT_MODEL=REF (drafts from that local
+model where prompt lookup finds none; results then in wan_petals_draft[_quote].json). Petals is set up first if
+needed (../shared/petals/petals_setup.sh, ~3 min). Idle peers of the other system stay up while one runs (they cost
+little).
 """
 
 from __future__ import annotations
@@ -108,16 +111,19 @@ async def run(args) -> dict[str, Any]:
     if reason is not None:
         raise SystemExit(f"no test bed here: {reason}")
     petals_ready()
+    gateways = dict(GATEWAYS)
+    if args.draft_model:
+        gateways["ours_draft"] = {"GATEWAY_DRAFT_MODEL": args.draft_model}
     eos = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL_ID).path).eos_token_id
-    sides = ["petals", *GATEWAYS]
+    sides = ["petals", *gateways]
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp, NetBed(["boot", "a", "b", "gw"], Path(tmp),
                                                       delay_ms=args.rtt / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
-        sockets = {name: start_gateway(bed, name, initial, env) for name, env in GATEWAYS.items()}
+        sockets = {name: start_gateway(bed, name, initial, env) for name, env in gateways.items()}
         maddr = start_petals(bed)
         measured = bed.rtt_ms("gw", "a")
-        for name in GATEWAYS:  # warm-up: first-call costs on every side
+        for name in gateways:  # warm-up: first-call costs on every side
             await ours_run(sockets[name], prompt(-1, 0), 8, eos)
         petals_run(bed, maddr, prompt(-1, 0), 8)
         for round_ in range(args.rounds):
@@ -135,7 +141,7 @@ async def run(args) -> dict[str, Any]:
                          "link": "tests.netem: one-way delay = RTT / 2 between every two hosts",
                          "petals": "2.2, servers 0:15 and 15:30 on two hosts, float32, its own client per run",
                          "ours": "peers 0:15 and 15:30 on the same hosts, default precision, 1 thread; gateways: "
-                                 + ", ".join(f"{k} {v or 'defaults'}" for k, v in GATEWAYS.items()),
+                                 + ", ".join(f"{k} {v or 'defaults'}" for k, v in gateways.items()),
                          "greedy": True, "eos_suppressed": True},
             "results": out}
 
@@ -146,11 +152,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=None, help="tokens to generate (default: chat 32, quote 128)")
     parser.add_argument("--task", choices=("chat", "quote"), default="chat")
+    parser.add_argument("--draft-model", default="", help="also a gateway drafting with this local model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.tokens is None:
         args.tokens = 32 if args.task == "chat" else 128
-    emit("wan_petals" if args.task == "chat" else f"wan_petals_{args.task}", asyncio.run(run(args)), args.out)
+    name = "wan_petals" + ("_draft" if args.draft_model else "") + ("" if args.task == "chat" else f"_{args.task}")
+    emit(name, asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ as prompt lookup's are).
 
 A `ModelDrafter` drafts by prompt lookup first (free: no forward), by the model where that finds nothing. Its model
 keeps a KV cache of the text so far, cropped back to what the chain kept; the prompt is read into it off the event
-loop while the chain reads it (plain steps until then). All its forwards run on the model's one thread, so a slow
-drafter delays drafts, never the event loop. How many tokens to draft is chosen per step by the expected tokens per
+loop while the chain reads it (plain steps until then). All its forwards run on the model's one thread, never on the
+event loop; a generation that finds the thread busy with another's draft or prompt takes a plain step rather than
+wait. How many tokens to draft is chosen per step by the expected tokens per
 second, (1 − α^(k+1)) / (1 − α) tokens in (step + k × draft) seconds, from the acceptance α and the times it
 measured; a draft also stops at a token the model itself gives less than `min_probability`. Where drafting does not
 pay (a fast chain, a poor drafter) it drafts one token now and then to notice when it would.
@@ -51,6 +52,8 @@ class DraftModel:
         self.name = name
         self.max_length = max_length
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-draft")
+        self.busy = 0  # jobs queued or running on the thread
+
 
     @classmethod
     def load(cls, ref: str, tokenizer: Any, vocab_size: int) -> DraftModel:
@@ -93,7 +96,11 @@ class DraftModel:
         return self.head.logits(hidden[:, -1:])[0, -1, : self.vocab_size]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.busy -= 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -157,10 +164,11 @@ class ModelDrafter:
             self._source = "lookup"
             return found
         self._source = ""
-        if limit <= 0 or len(self._tokens) + limit > self._model.max_length:
-            return []
+        if limit <= 0 or len(self._tokens) + limit > self._model.max_length or self._model.busy:
+            return []  # (busy: another generation's draft or prompt; a plain step rather than a wait)
         if self._warm is None:  # the prompt, read while the chain reads it; plain steps meanwhile
             self._warm = asyncio.ensure_future(self._model.run(self._feed, list(self._tokens[:-1])))
+            self._warm.add_done_callback(lambda done: done.cancelled() or done.exception())  # read below
             return []
         if not self._warm.done():
             return []

@@ -106,6 +106,17 @@ def test_results_move_the_acceptance(tiny):
     assert drafter.acceptance > 0.9 and drafter.model_kept == 80
 
 
+def test_a_busy_draft_model_means_a_plain_step_not_a_wait(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=0.0)
+    model.busy += 1  # another generation's draft or prompt on the thread
+    try:
+        assert asyncio.run(drafter.propose(4)) == [] and drafter._warm is None
+    finally:
+        model.busy -= 1
+    assert len(drafts(drafter, 4)) == 4 and model.busy == 0
+
+
 def test_no_draft_past_the_draft_models_context(tiny):
     model, _ = tiny
     drafter = ModelDrafter(model, list(range(10, 10 + 508)))
