@@ -327,3 +327,27 @@ def test_official_openai_npm_client_streams_from_the_gateway(npm, gateway, tmp_p
                             env={**os.environ, "BASE_URL": f"{gateway.url}/v1", "MODEL": MODEL})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["text"].startswith("As the AI, AI-powered robot")
+
+
+async def test_a_gateway_with_a_draft_model_answers_the_same_from_kept_drafts(gateway, sdk, tiny_model_dir):
+    """GATEWAY_DRAFT_MODEL through HTTP: a free story (nothing for prompt lookup) gives the plain gateway's greedy
+    text, most of it from the draft model's kept drafts (usage); a draft model without the served model's tokenizer
+    stops the gateway at start-up with the reason."""
+    from tests.launcher import ProcessFailed
+
+    port = free_port()
+    proc = gateway.start_gateway(port, {"SWARM_INITIAL_PEERS": " ".join(gateway.initial_peers),
+                                        "GATEWAY_DRAFT_MODEL": MODEL, "GATEWAY_SPECULATIVE": "on"})
+    try:
+        drafting = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        messages = user("Write a short story about a robot who learns to paint.")
+        plain = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=48)
+        drafted = await drafting.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=48)
+        assert drafted.choices[0].message.content == plain.choices[0].message.content
+        details = drafted.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens >= 24, details
+    finally:
+        proc.stop()
+    with pytest.raises(ProcessFailed, match="has no tokenizer to compare"):
+        gateway.start_gateway(free_port(), {"SWARM_INITIAL_PEERS": " ".join(gateway.initial_peers),
+                                            "GATEWAY_DRAFT_MODEL": str(tiny_model_dir("llama"))})
