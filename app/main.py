@@ -47,6 +47,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     client_threads=settings.gateway_num_threads, activations=settings.embedded_activations,
                     local_socket=settings.embedded_local_socket, draft_model=settings.gateway_draft_model,
+                    draft_kv_tokens=settings.gateway_draft_kv_tokens,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
                     head_device=settings.gateway_head_device,
                     verification=VerificationPolicy(rate=settings.swarm_verify_rate), push=settings.swarm_push))

@@ -62,6 +62,9 @@ class GatewaySettings(BaseSettings):
                                                      "the gateway to draft tokens for speculative decoding where "
                                                      "prompt lookup finds none (a directory, GGUF file or hub id; "
                                                      "empty: prompt lookup only)")
+    gateway_draft_kv_tokens: int = Field(32768, ge=128, description="tokens the draft model's caches of all "
+                                                                     "generations hold at most (a generation past "
+                                                                     "it drafts by prompt lookup only)")
     gateway_cors_origins: str = Field("", description="origins allowed by CORS (space/comma separated, * for any)")
     gateway_max_concurrent: int = Field(32, ge=1, description="concurrent generations; more wait in the queue")
     gateway_max_queued: int = Field(256, ge=0, description="requests that may wait for a generation slot, admitted "

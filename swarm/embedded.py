@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
                              startup_timeout: float = 600.0, embedding_model: str | None = None,
                              client_threads: int = 0, activations: str = "float32", local_socket: bool = True,
-                             draft_model: str = "",
+                             draft_model: str = "", draft_kv_tokens: int = 32768,
                              **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
     client_options go to SwarmClient.connect. client_threads: torch threads of this process (the client's head);
@@ -41,7 +41,7 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
     calls among every CPU this process may run on, beside an embedded peer too: a round's head runs while the chain
     waits for its tokens. activations: the embedded peers' --activations; local_socket: the client's streams to
     them through Unix sockets in a private directory (swarm.local_socket) rather than the p2p daemons; draft_model:
-    a local model drafting for speculative decoding (swarm.client.drafting)."""
+    a local model drafting for speculative decoding (swarm.client.drafting), its caches holding draft_kv_tokens."""
     threads = client_threads or (1 if not initial_peers else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
         service = await SwarmTextService.connect(list(initial_peers), model, **client_options)
         stack.push_async_callback(service.close)
         if draft_model:
-            await service.load_draft_model(draft_model)
+            await service.load_draft_model(draft_model, draft_kv_tokens)
         embeddings = None
         if embedding_model:
             embeddings = await SwarmEmbeddingService.connect(list(initial_peers), embedding_model, **client_options)

@@ -11,22 +11,25 @@ as prompt lookup's are).
     draft = await drafter.propose(limit)   # then drafter.result(len(draft), kept); drafter.extend(chosen tokens)
 
 A `ModelDrafter` drafts by prompt lookup first (free: no forward), by the model where that finds nothing. Its model
-keeps a KV cache of the text so far, cropped back to what the chain kept; the prompt is read into it off the event
-loop while the chain reads it (plain steps until then). All its forwards run on the model's one thread, never on the
-event loop; a generation that finds the thread busy with another's draft or prompt takes a plain step rather than
-wait. How many tokens to draft is chosen per step by the expected tokens per
-second, (1 − α^(k+1)) / (1 − α) tokens in (step + k × draft) seconds, from the acceptance α and the times it
-measured; a draft also stops at a token the model itself gives less than `min_probability`. Where drafting does not
-pay (a fast chain, a poor drafter) it drafts one token now and then to notice when it would.
+keeps a KV cache of the text so far, cropped back to what the chain kept; the prompt is read into it (in chunks)
+from the first step that may draft on, the chain taking plain steps meanwhile. All its forwards run on the model's
+one thread, never on the event loop; a generation that finds the thread busy with another's draft or prompt takes a
+plain step rather than wait. The generations' caches share a budget of tokens (`GATEWAY_DRAFT_KV_TOKENS`): one that
+finds it spent drafts by prompt lookup only, as does one whose draft model failed. How many tokens to draft is
+chosen per step by the expected tokens per second, (1 − α^(k+1)) / (1 − α) tokens in (step + k × draft) seconds,
+from the acceptance α and the times it measured; a draft also stops at a token the model itself gives less than
+`min_probability`. Where drafting does not pay (a fast chain, a poor drafter) it drafts one token now and then to
+notice when it would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -46,17 +49,21 @@ class DraftModel:
     default precision) and its own embedding and head, shared by every generation's ModelDrafter; forwards on one
     thread."""
 
-    def __init__(self, span: Any, head: Any, vocab_size: int, name: str = "drafter", max_length: int = 1 << 30):
+    def __init__(self, span: Any, head: Any, vocab_size: int, name: str = "drafter", max_length: int = 1 << 30,
+                 budget_tokens: int = 32768):
         self.span, self.head = span, head
         self.vocab_size = vocab_size  # the served model's: a draft never proposes a token it cannot have
         self.name = name
         self.max_length = max_length
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-draft")
+        self.budget_tokens = budget_tokens
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-draft")
+        self._lock = threading.Lock()
         self.busy = 0  # jobs queued or running on the thread
-
+        self.held = 0  # tokens of budget_tokens the generations' caches hold
+        self.closed = False
 
     @classmethod
-    def load(cls, ref: str, tokenizer: Any, vocab_size: int) -> DraftModel:
+    def load(cls, ref: str, tokenizer: Any, vocab_size: int, budget_tokens: int = 32768) -> DraftModel:
         """Blocking: the model at `ref` (anything swarm.model.source resolves: a directory, a GGUF file, a hub id,
         the packaged models) at a peer's default CPU precision; IncompatibleDrafter unless its tokenizer's
         vocabulary is `tokenizer`'s."""
@@ -84,7 +91,7 @@ class DraftModel:
         logger.info("draft model %s loaded (%d blocks, %s)", source.model_id, config.num_hidden_layers,
                     precision.describe())
         return cls(span, head, vocab_size, source.model_id,
-                   int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30)
+                   int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 30, budget_tokens)
 
     def new_cache(self) -> Any:
         return self.span.new_cache(self.max_length)
@@ -95,14 +102,36 @@ class DraftModel:
         hidden = self.span(self.head.embed(torch.tensor([tokens]), position), cache, position)
         return self.head.logits(hidden[:, -1:])[0, -1, : self.vocab_size]
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        self.busy += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """`fn(*args)` on the model's thread; `busy` counts it from now until the thread is done with it (a caller
+        that stops awaiting does not end the job)."""
+        job = self._executor.submit(fn, *args)
+        with self._lock:
+            self.busy += 1
+        job.add_done_callback(self._done)
+        return job
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return asyncio.wrap_future(self.submit(fn, *args))
+
+    def _done(self, _job: Any) -> None:
+        with self._lock:
             self.busy -= 1
 
+    def reserve(self, tokens: int) -> bool:
+        """Take `tokens` of the KV budget shared by every generation's cache (False, taking nothing, past it)."""
+        with self._lock:
+            if self.held + tokens > self.budget_tokens:
+                return False
+            self.held += tokens
+            return True
+
+    def release(self, tokens: int) -> None:
+        with self._lock:
+            self.held -= tokens
+
     def close(self) -> None:
+        self.closed = True  # a prompt being read stops at its next chunk
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -117,12 +146,15 @@ def check_vocabularies(drafter: Any, served: Any, ref: str = "the draft model") 
 
 
 class ModelDrafter:
-    """Drafts for one row (the interface of PromptLookup, `propose` awaited): prompt lookup, else the draft model."""
+    """Drafts for one row (the interface of PromptLookup, `propose` awaited): prompt lookup, else the draft model.
+    `close()` when the generation ends: it frees the cache and its share of the budget."""
 
     MAX_DRAFT = 8
     FIRST_DRAFT = 4  # until the times of a draft and a step have been measured
     PROBE_EVERY = 16  # where drafting does not pay: steps between one-token drafts that keep α and the times current
     DECAY = 0.9  # weight of the past in α's counts, per draft
+    PROMPT_CHUNK = 256  # prompt tokens per forward while the cache reads a prompt (a closed drafter stops between)
+    BUDGET_CHUNK = 128  # tokens of the model's budget taken at a time
 
     def __init__(self, model: DraftModel, context: Sequence[int], prediction: Sequence[int] = (),
                  min_probability: float = 0.2):
@@ -133,8 +165,10 @@ class ModelDrafter:
         self._fed: list[int] = []  # the tokens in the model's cache, in order (drafter thread only)
         self._cache: Any = None
         self._warm: asyncio.Future | None = None  # the prompt read into the cache
+        self._reserved = 0  # tokens of the model's budget this drafter holds
+        self._off = False  # the model drafts no more for this generation (a failure, no budget, closed)
         self._hits, self._misses = 2.0, 1.0  # drafted tokens kept, drafts cut short: α ≈ hits / (hits + misses)
-        self._draft_seconds: float | None = None  # a drafted token, measured
+        self._draft_seconds: float | None = None  # a forward of one drafted token, measured
         self._step_seconds: float | None = None  # a verifying step, measured
         self._proposed_at = 0.0
         self._source = ""
@@ -164,29 +198,64 @@ class ModelDrafter:
             self._source = "lookup"
             return found
         self._source = ""
-        if limit <= 0 or len(self._tokens) + limit > self._model.max_length or self._model.busy:
+        # the cache ends a draft of k holding len(tokens) + k - 1 tokens
+        limit = min(limit, self.MAX_DRAFT, self._model.max_length - len(self._tokens) + 1)
+        if limit <= 0 or self._off or self._model.busy:
             return []  # (busy: another generation's draft or prompt; a plain step rather than a wait)
-        if self._warm is None:  # the prompt, read while the chain reads it; plain steps meanwhile
-            self._warm = asyncio.ensure_future(self._model.run(self._feed, list(self._tokens[:-1])))
-            self._warm.add_done_callback(lambda done: done.cancelled() or done.exception())  # read below
+        if self._warm is None:
+            if self._hold(len(self._tokens)):  # the prompt, read now; plain steps meanwhile
+                self._warm = self._model.run(self._read_prompt, list(self._tokens[:-1]))
             return []
         if not self._warm.done():
             return []
-        if self._warm.exception() is not None:
-            if self._skipped == 0:
-                logger.warning("draft model failed on a prompt: %r", self._warm.exception())
-            self._skipped = 1
+        if self._warm.cancelled() or self._warm.exception() is not None:
+            self._fail("reading a prompt", None if self._warm.cancelled() else self._warm.exception())
             return []
         length = self._length(limit)
-        if length == 0:
+        if length == 0 or not self._hold(len(self._tokens) + length - 1):
             return []
         began = time.perf_counter()
-        draft = await self._model.run(self._draft, list(self._tokens), length)
-        if draft:
-            self._draft_seconds = _average(self._draft_seconds, (time.perf_counter() - began) / len(draft))
-            self._source = "model"
-            self._proposed_at = time.perf_counter()
+        try:
+            draft, forwards = await self._model.run(self._draft, list(self._tokens), length)
+        except Exception as e:
+            self._fail("drafting", e)
+            return []
+        self._draft_seconds = _average(self._draft_seconds, (time.perf_counter() - began) / max(1, forwards))
+        if not draft:  # the model doubted its first token: a step of no draft, charged as one cut short
+            self._misses = self.DECAY * self._misses + 1
+            return []
+        self._source = "model"
+        self._proposed_at = time.perf_counter()
         return draft
+
+    def _hold(self, tokens: int) -> bool:
+        """Hold budget for a cache of `tokens` (in chunks, as the peers' caches grow); past the model's budget, this
+        generation drafts by prompt lookup only."""
+        if tokens > self._reserved:
+            more = -(-(tokens - self._reserved) // self.BUDGET_CHUNK) * self.BUDGET_CHUNK
+            if not self._model.reserve(more):
+                self._off = True
+                return False
+            self._reserved += more
+        return True
+
+    def _fail(self, doing: str, error: BaseException | None) -> None:
+        if error is not None:
+            logger.warning("draft model failed %s (this generation drafts by prompt lookup only): %r", doing, error)
+        self._off = True
+
+    def close(self) -> None:
+        self._off = True
+        if self._warm is not None and not self._warm.done():
+            self._warm.cancel()
+        if self._reserved:
+            self._model.release(self._reserved)
+            self._reserved = 0
+        if self._cache is not None or self._warm is not None:
+            try:
+                self._model.submit(self._drop)  # after whatever of this drafter's is still on the thread
+            except RuntimeError:  # the model is closed: its thread runs nothing more
+                self._drop()
 
     def draft(self, limit: int) -> list[int]:
         """Prompt lookup's draft only (no forward: for callers that cannot wait)."""
@@ -196,6 +265,7 @@ class ModelDrafter:
         if self._source == "lookup":
             self._lookup.result(drafted, kept)
             return
+        assert self._source == "model", "result() follows a proposal"
         self._step_seconds = _average(self._step_seconds, time.perf_counter() - self._proposed_at)
         self.model_drafted += drafted
         self.model_kept += kept
@@ -204,13 +274,12 @@ class ModelDrafter:
 
     def _length(self, limit: int) -> int:
         """The draft length with the most expected tokens per second (0: a plain step is better)."""
-        limit = min(limit, self.MAX_DRAFT)
         if self._draft_seconds is None or self._step_seconds is None:
             return min(limit, self.FIRST_DRAFT)
-        alpha = min(self.acceptance, 0.99)
-        best, best_rate = 0, 1.0 / self._step_seconds
+        alpha, step = min(self.acceptance, 0.99), max(self._step_seconds, 1e-6)
+        best, best_rate = 0, 1.0 / step
         for k in range(1, limit + 1):
-            rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (self._step_seconds + k * self._draft_seconds)
+            rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (step + k * self._draft_seconds)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
@@ -220,14 +289,26 @@ class ModelDrafter:
         return best
 
     # on the draft model's thread
-    def _feed(self, tokens: list[int]) -> torch.Tensor | None:
-        """Bring the cache to `tokens` (what it shares with them kept, the rest read) → the logits after the last of
-        them [V] (None when there was nothing to read)."""
+    def _read_prompt(self, tokens: list[int]) -> None:
+        for end in range(self.PROMPT_CHUNK, len(tokens) + self.PROMPT_CHUNK, self.PROMPT_CHUNK):
+            if self._off or self._model.closed:
+                return
+            self._feed(tokens[: min(end, len(tokens))])
+
+    def _drop(self) -> None:
+        self._cache, self._fed = None, []
+
+    def _feed(self, tokens: list[int], last: bool = False) -> torch.Tensor | None:
+        """Bring the cache to `tokens` (what it shares with them kept, the rest read; with `last`, at least their
+        last token read, so that its logits come out) → the logits after the last of them [V] (None when nothing
+        was read)."""
         common = len(self._fed)
         if common > len(tokens) or tokens[:common] != self._fed:
             common = next((i for i, (a, b) in enumerate(zip(self._fed, tokens, strict=False)) if a != b),
                           min(len(self._fed), len(tokens)))
-            del self._fed[common:]
+        if last:
+            common = min(common, len(tokens) - 1)
+        del self._fed[common:]
         new = tokens[common:]
         if not new:
             return None
@@ -237,19 +318,22 @@ class ModelDrafter:
         self._fed.extend(new)
         return logits
 
-    def _draft(self, tokens: list[int], length: int) -> list[int]:
-        """Up to `length` greedy tokens after `tokens`, each at least min_probability to the model."""
-        self._feed(tokens[:-1])  # the cache then lacks the last token, read below so that its logits come out
-        logits = self._feed(tokens)
+    def _draft(self, tokens: list[int], length: int) -> tuple[list[int], int]:
+        """Up to `length` greedy tokens after `tokens`, each at least min_probability to the model, and the forwards
+        that took."""
+        logits = self._feed(tokens, last=True)
         draft: list[int] = []
+        forwards = 1
         while logits is not None and len(draft) < length:
             probability, token = torch.softmax(logits.float(), -1).max(-1)
             if float(probability) < self.min_probability:
                 break
             draft.append(int(token))
             if len(draft) < length:
-                logits = self._feed(tokens + draft)
-        return draft
+                logits = self._model.forward([draft[-1]], self._cache, len(self._fed))
+                self._fed.append(draft[-1])
+                forwards += 1
+        return draft, forwards
 
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:

@@ -30,6 +30,8 @@ class Drafter(Protocol):
 
     def extend(self, tokens: Iterable[int]) -> None: ...  # the tokens chosen since
 
+    def close(self) -> None: ...  # the generation has ended
+
 
 class _Index:
     """n-grams (min_ngram..max_ngram tokens) of a growing token list → the position after their latest occurrence
@@ -91,6 +93,9 @@ class PromptLookup:
 
     async def propose(self, limit: int) -> list[int]:
         return self.draft(limit)
+
+    def close(self) -> None:
+        pass
 
     def result(self, drafted: int, kept: int) -> None:
         self.drafted += drafted

@@ -81,11 +81,11 @@ class SwarmTextService:
         # speculative decoding's drafts: by prompt lookup, and from this local model where one is loaded
         self.draft_model: DraftModel | None = None
 
-    async def load_draft_model(self, ref: str) -> None:
+    async def load_draft_model(self, ref: str, budget_tokens: int = 32768) -> None:
         """Draft with the model at `ref` (swarm.client.drafting; IncompatibleDrafter unless it shares this model's
-        tokenizer)."""
+        tokenizer), its generations' caches holding `budget_tokens` at most."""
         self.draft_model = await asyncio.get_running_loop().run_in_executor(
-            None, DraftModel.load, ref, self.tokenizer, self.vocab_size)
+            None, DraftModel.load, ref, self.tokenizer, self.vocab_size, budget_tokens)
 
     @classmethod
     async def connect(cls, initial_peers: Sequence[str], model: str | None = None,
@@ -168,7 +168,9 @@ class SwarmTextService:
         sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
-        drafter = self._drafter(prompt, request.prediction) if request.speculative and n == 1 else None
+        drafter = None
+        if request.speculative and n == 1:
+            drafter = self._drafter(prompt, request.prediction, request.seed is not None and request.temperature > 0)
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start,
                                               prompt_scores=request.prompt_logprobs, drafter=drafter,
@@ -202,6 +204,8 @@ class SwarmTextService:
                     break
         finally:
             await steps.aclose()
+            if drafter is not None:
+                drafter.close()
             fed = prompt + chosen[:-1]
             self.failovers += session.failovers - failovers_before
             self.pushed_steps += session.pushed - pushed_before
@@ -296,8 +300,11 @@ class SwarmTextService:
                                 or now - self._parked[-1].since > self.PARK_SECONDS):
             await self._parked.pop().session.close()
 
-    def _drafter(self, prompt: list[int], prediction: Sequence[int]) -> Drafter:
-        if self.draft_model is not None:
+    def _drafter(self, prompt: list[int], prediction: Sequence[int], seeded: bool = False) -> Drafter:
+        """The draft model's drafter where one is loaded, but for seeded sampling: whether and how much a model
+        drafts depends on measured times and the load, and drafts draw from the seeded generator, so its text would
+        too (prompt lookup's drafts depend on the text only)."""
+        if self.draft_model is not None and not seeded:
             return ModelDrafter(self.draft_model, prompt, prediction)
         return PromptLookup(prompt, prediction)
 

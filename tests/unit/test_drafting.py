@@ -5,6 +5,8 @@ transformers: tests/e2e/test_smollm.py."""
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import pytest
 import torch
@@ -16,6 +18,12 @@ from swarm.model.source import ModelSource
 from swarm.model.span import load_span
 
 CONTEXT = [100, 200, 300, 400]  # the tiny model's greedy text after it repeats no 3 tokens early
+
+
+def text(n: int) -> list[int]:
+    """n tokens in which prompt lookup finds nothing (no 3 repeated in a row)."""
+    rng = random.Random(n)
+    return [rng.randrange(2, 512) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +39,9 @@ def drafts(drafter: ModelDrafter, limit: int) -> list[int]:
     """A warmed drafter's proposal (its first proposal only starts reading the prompt) of `limit` tokens at most,
     as where drafts pay (a far chain, a quick drafter)."""
     drafter._draft_seconds, drafter._step_seconds = 0.001, 1.0
+
+    while drafter._model.busy:  # another drafter's job (its close) still on the thread
+        time.sleep(0.001)
 
     async def go():
         if drafter._warm is None:
@@ -59,6 +70,8 @@ def test_after_a_partly_kept_draft_the_cache_drafts_as_a_fresh_one(tiny):
     fresh = ModelDrafter(model, [*CONTEXT, *first[:2], other], min_probability=0.0)
     assert drafts(drafter, 5) == drafts(fresh, 5)
     assert drafter._fed == [*CONTEXT, *first[:2], other, *drafts(fresh, 5)[:4]]
+    drafter.close()
+    fresh.close()
 
 
 def test_a_draft_stops_at_a_token_the_model_doubts(tiny):
@@ -117,10 +130,90 @@ def test_a_busy_draft_model_means_a_plain_step_not_a_wait(tiny):
     assert len(drafts(drafter, 4)) == 4 and model.busy == 0
 
 
-def test_no_draft_past_the_draft_models_context(tiny):
+def test_a_draft_near_the_draft_models_context_is_what_fits(tiny):
+    model, _ = tiny  # a context of 512 tokens
+    near = ModelDrafter(model, text(508), min_probability=0.0)
+    assert len(drafts(near, 2000)) == 5 and len(near._fed) == 512  # 508 + 5 - 1: the last draft is not read
+    full = ModelDrafter(model, text(512), min_probability=0.0)
+    assert len(drafts(full, 2000)) == 1
+    past = ModelDrafter(model, text(513))
+    assert asyncio.run(past.propose(8)) == [] and past._warm is None
+    for drafter in (near, full, past):
+        drafter.close()
+
+
+def test_a_closed_drafter_stops_reading_its_prompt_and_frees_its_budget(tiny):
     model, _ = tiny
-    drafter = ModelDrafter(model, list(range(10, 10 + 508)))
-    assert asyncio.run(drafter.propose(8)) == [] and drafter._warm is None
+    forwards = []
+    forward = model.forward
+    model.forward = lambda *args: (forwards.append(len(args[0])), forward(*args))[1]
+    try:
+        drafter = ModelDrafter(model, text(500))  # 2 chunks of PROMPT_CHUNK
+        held = model.held  # other tests' drafters
+        while model.busy:
+            time.sleep(0.001)
+
+        async def go():
+            assert await drafter.propose(8) == []
+            assert model.held == held + 512 and drafter._warm is not None
+            drafter.close()
+            await asyncio.wrap_future(model.submit(lambda: None))  # everything before it on the thread has run
+        asyncio.run(go())
+    finally:
+        del model.forward
+    assert forwards in ([], [ModelDrafter.PROMPT_CHUNK])  # not the second chunk
+    assert model.held == held and drafter._cache is None and drafter._fed == []
+
+
+def test_a_failing_draft_model_leaves_the_generation_to_prompt_lookup(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=0.0)
+    drafts(drafter, 4)
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+    model.forward = broken
+    try:
+        assert asyncio.run(drafter.propose(4)) == [] and drafter._off
+        assert asyncio.run(drafter.propose(4)) == []
+    finally:
+        del model.forward
+    drafter.close()
+
+
+def test_past_the_shared_budget_a_generation_drafts_by_lookup_only(tiny):
+    shared, _ = tiny
+    model = DraftModel(shared.span, shared.head, vocab_size=512, max_length=512, budget_tokens=128)
+    try:
+        first, second = ModelDrafter(model, text(100)), ModelDrafter(model, text(101))
+        drafts(first, 4)
+        assert model.held == 128
+        assert asyncio.run(second.propose(8)) == [] and second._off and second._warm is None
+        first.close()
+        assert model.held == 0
+    finally:
+        model.close()
+
+
+def test_a_model_that_doubts_its_first_token_counts_a_step_without_a_draft(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=1.0)
+    before = drafter.acceptance
+    assert drafts(drafter, 4) == []
+    assert drafter.acceptance < before and drafter._draft_seconds is not None
+    drafter.close()
+
+
+def test_seeded_sampling_drafts_by_prompt_lookup_only(tiny):
+    from types import SimpleNamespace
+
+    from swarm.client.speculation import PromptLookup
+    from swarm.client.textgen import SwarmTextService
+
+    model, _ = tiny
+    service = SimpleNamespace(draft_model=model)
+    assert isinstance(SwarmTextService._drafter(service, CONTEXT, (), seeded=False), ModelDrafter)
+    assert isinstance(SwarmTextService._drafter(service, CONTEXT, (), seeded=True), PromptLookup)
 
 
 class _Vocab:
