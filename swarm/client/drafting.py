@@ -12,14 +12,14 @@ as prompt lookup's are).
 
 A `ModelDrafter` drafts by prompt lookup first (free: no forward), by the model where that finds nothing. Its model
 keeps a KV cache of the text so far, cropped back to what the chain kept; the prompt is read into it (in chunks)
-from the first step that may draft on, the chain taking plain steps meanwhile. All its forwards run on the model's
-one thread, never on the event loop; a generation that finds the thread busy with another's draft or prompt takes a
-plain step rather than wait. The generations' caches share a budget of tokens (`GATEWAY_DRAFT_KV_TOKENS`): one that
-finds it spent drafts by prompt lookup only, as does one whose draft model failed. How many tokens to draft is
-chosen per step by the expected tokens per second, (1 − α^(k+1)) / (1 − α) tokens in (step + k × draft) seconds,
-from the acceptance α and the times it measured; a draft also stops at a token the model itself gives less than
-`min_probability`. Where drafting does not pay (a fast chain, a poor drafter) it drafts one token now and then to
-notice when it would.
+while the chain reads it (`prepare`), or from the first step that may draft on, plain steps meanwhile. All its
+forwards run on the model's one thread, never on the event loop; a generation that finds the thread busy with
+another's draft or prompt takes a plain step rather than wait. The generations' caches share a budget of tokens
+(`GATEWAY_DRAFT_KV_TOKENS`): one that finds it spent drafts by prompt lookup only, as does one whose draft model
+failed. How many tokens to draft is chosen per step by the expected tokens per second, (1 − α^(k+1)) / (1 − α)
+tokens in (step + k × draft) seconds, from the acceptance α and the times it measured; a draft also stops at a token
+the model itself gives less than `min_probability`. Where drafting does not pay (a fast chain, a poor drafter) it
+drafts one token now and then to notice when it would.
 """
 
 from __future__ import annotations
@@ -203,8 +203,7 @@ class ModelDrafter:
         if limit <= 0 or self._off or self._model.busy:
             return []  # (busy: another generation's draft or prompt; a plain step rather than a wait)
         if self._warm is None:
-            if self._hold(len(self._tokens)):  # the prompt, read now; plain steps meanwhile
-                self._warm = self._model.run(self._read_prompt, list(self._tokens[:-1]))
+            self.prepare()  # the prompt, read now; plain steps meanwhile
             return []
         if not self._warm.done():
             return []
@@ -227,6 +226,12 @@ class ModelDrafter:
         self._source = "model"
         self._proposed_at = time.perf_counter()
         return draft
+
+    def prepare(self) -> None:
+        """Start reading the text so far into the cache (the prompt, while the chain reads it), unless that has
+        begun, the model is busy or its budget is spent."""
+        if self._warm is None and not self._off and not self._model.busy and self._hold(len(self._tokens)):
+            self._warm = self._model.run(self._read_prompt, list(self._tokens[:-1]))
 
     def _hold(self, tokens: int) -> bool:
         """Hold budget for a cache of `tokens` (in chunks, as the peers' caches grow); past the model's budget, this

@@ -30,6 +30,8 @@ class Drafter(Protocol):
 
     def extend(self, tokens: Iterable[int]) -> None: ...  # the tokens chosen since
 
+    def prepare(self) -> None: ...  # the prompt is about to go through the chain (a model drafter reads it too)
+
     def close(self) -> None: ...  # the generation has ended
 
 
@@ -93,6 +95,9 @@ class PromptLookup:
 
     async def propose(self, limit: int) -> list[int]:
         return self.draft(limit)
+
+    def prepare(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -83,6 +83,24 @@ def test_a_draft_stops_at_a_token_the_model_doubts(tiny):
     assert drafts(ModelDrafter(model, CONTEXT, min_probability=first - 1e-4), 8)[:1] == sure[:1]
 
 
+def test_a_prepared_drafter_reads_the_prompt_while_the_chain_does_and_drafts_at_the_first_step(tiny):
+    model, _ = tiny
+    while model.busy:
+        time.sleep(0.001)
+    expected = drafts(ModelDrafter(model, CONTEXT, min_probability=0.0), 4)
+    drafter = ModelDrafter(model, CONTEXT[:-1], min_probability=0.0)
+    drafter._draft_seconds, drafter._step_seconds = 0.001, 1.0
+
+    async def go():
+        drafter.prepare()  # before the chain's prefill: the first token is not known yet
+        await drafter._warm
+        assert drafter._fed == CONTEXT[:-2]
+        drafter.extend(CONTEXT[-1:])  # the first token
+        return await drafter.propose(4)
+    assert asyncio.run(go()) == expected
+    drafter.close()
+
+
 def test_prompt_lookup_drafts_first_without_a_forward(tiny):
     model, _ = tiny
     text = [1, 2, 3, 4, 5, 6, 9, 9, 1, 2, 3]

@@ -124,8 +124,8 @@ async def test_drafting_is_asked_before_each_step_and_a_step_without_a_draft_is_
     assert always == expected and max(steps) > 1 and len(steps) < 23  # drafts kept: fewer steps than tokens
     never, steps = await _generate(lambda: False)
     assert never == expected and steps == [1] * 23
-    calls = []
-    later, steps = await _generate(lambda: calls.append(1) or len(calls) > 10)
+    calls = []  # asked before the prompt's step too (whether a drafter should read the prompt meanwhile)
+    later, steps = await _generate(lambda: calls.append(1) or len(calls) > 11)
     assert later == expected and steps[:10] == [1] * 10 and max(steps[10:]) > 1
 
 
