@@ -1,7 +1,7 @@
 """Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
 namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
 
-    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--draft-model REF]
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--draft-model REF] [--tasks T]
                              [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
@@ -9,11 +9,13 @@ default precision (0:15 and 15:30, one thread each) on two hosts, and on a third
 streaming greedy chat: `relay` (SWARM_PUSH=false: the gateway sends each step to each peer and takes its answer, 2 x
 RTT a token), `push` (the default: hidden states go from peer to peer, (hops + 1) x one-way = 1.5 x RTT) and
 `push_spec` (push and GATEWAY_SPECULATIVE=on); with `--draft-model REF` a fourth, `push_draft` (push_spec with
-GATEWAY_DRAFT_MODEL=REF: drafts from that local model where prompt lookup finds none). Tasks: `quote` (repeat a
-~400-token passage: drafts by prompt lookup pay) and `chat` (a free story: nothing to look up). Reported: decode ms
-per token and tok/s, push ÷ relay and speculative ÷ push per round (medians), the compute a token costs (the relay's
-time less its 2 x RTT) and push's time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each
-gateway's count of pushed steps. JSON on stdout and in OUT/wan.json.
+GATEWAY_DRAFT_MODEL=REF: drafts from that local model where prompt lookup finds none). Tasks (`--tasks`, default
+quote,chat; `chat_sampled`, the story at temperature 0.7, adds with --draft-model a gateway `push_draft_greedy`
+whose drafter drafts greedily for it, SWARM_DRAFT_SAMPLED=0): `quote` (repeat a ~400-token passage: drafts by prompt
+lookup pay) and `chat` (a free story: nothing to look up). Reported: decode ms per token and tok/s, push ÷ relay and
+speculative ÷ push per round (medians), the compute a token costs (the relay's time less its 2 x RTT) and push's
+time ÷ its floor (1.5 x RTT + that compute; the goal is <= 1.15), and each gateway's count of pushed steps. JSON on
+stdout and in OUT/wan.json.
 
 Routes by measured hops (`--hops`): 0:15 on two hosts, "near" (20 ms RTT from the gateway, 200 ms from the peer
 of 15:30) and "far" (60 ms from the gateway, 10 ms from it), 15:30 on "b" (60 ms from the gateway). Gateways:
@@ -40,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.speculative import TASKS, interleave
+from benchmarks.speculative import SAMPLED_CHAT, TASKS, interleave
 from swarm.model.source import DEFAULT_MODEL_ID, resolve_model
 from tests.netbed import NetBed
 
-WAN_TASKS = {name: TASKS[name] for name in ("quote", "chat")}
+WAN_TASKS = {name: TASKS[name] for name in ("quote", "chat")} | {"chat_sampled": SAMPLED_CHAT}
 
 
 def start_swarm(bed: NetBed, spans: dict[str, str]) -> list[str]:
@@ -91,16 +93,19 @@ def ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
     return round(median([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(a, b, strict=True)]), 3)
 
 
-async def run_rtt(rtt_ms: float, rounds: int, workdir: Path, draft_model: str = "") -> dict[str, Any]:
+async def run_rtt(rtt_ms: float, rounds: int, workdir: Path, draft_model: str = "",
+                  tasks: tuple[str, ...] = ("quote", "chat")) -> dict[str, Any]:
     hosts = ["boot", "a", "b", "gw"]
     modes = dict(MODES)
     if draft_model:
         modes["push_draft"] = {**MODES["push_spec"], "GATEWAY_DRAFT_MODEL": draft_model}
+        if "chat_sampled" in tasks:  # the same drafter drafting greedily for sampled text (its drafts kept p(d))
+            modes["push_draft_greedy"] = {**modes["push_draft"], "SWARM_DRAFT_SAMPLED": "0"}
     with NetBed(hosts, workdir, delay_ms=rtt_ms / 2) as bed:
         initial = start_swarm(bed, {"a": "0:15", "b": "15:30"})
         sockets = {mode: start_gateway(bed, mode, initial, env) for mode, env in modes.items()}
         measured = bed.rtt_ms("gw", "a")
-        runs = await interleave(dict(sockets), WAN_TASKS, rounds, {"rtt_ms": rtt_ms})
+        runs = await interleave(dict(sockets), {name: WAN_TASKS[name] for name in tasks}, rounds, {"rtt_ms": rtt_ms})
         pushed = {mode: await pushed_steps(socket) for mode, socket in sockets.items()}
     out: dict[str, Any] = {"rtt_ms_measured": round(measured, 1),
                            "client_relay_floor_ms_per_token": round(2 * measured, 1),
@@ -119,12 +124,15 @@ async def run_rtt(rtt_ms: float, rounds: int, workdir: Path, draft_model: str = 
         entry["spec_to_push"] = ratio(modes["push_spec"], modes["push"])
         if "push_draft" in modes:
             entry["draft_to_push"] = ratio(modes["push_draft"], modes["push"])
+        if "push_draft_greedy" in modes:
+            entry["draft_greedy_to_push"] = ratio(modes["push_draft_greedy"], modes["push"])
         # the goal's floor: (hops + 1) one-way delays + compute, compute = the relay's time less its 2 x RTT
         compute = entry["relay"]["ms_per_token"] - 2 * measured
         entry["compute_ms_per_token"] = round(compute, 1)
         entry["push_to_floor"] = round(entry["push"]["ms_per_token"] / (1.5 * measured + compute), 3)
-        entry["identical_text"] = all(len({r["text"] for r in group}) == 1
-                                      for group in zip(*modes.values(), strict=True))
+        if "temperature" not in WAN_TASKS[name]:  # sampled texts differ between runs
+            entry["identical_text"] = all(len({r["text"] for r in group}) == 1
+                                          for group in zip(*modes.values(), strict=True))
         out[name] = entry
     return out
 
@@ -244,7 +252,8 @@ async def run(args) -> dict[str, Any]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rtt in [float(r) for r in args.rtts.split(",") if r]:
-            results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}", args.draft_model)
+            results[f"rtt_{rtt:g}ms"] = await run_rtt(rtt, args.rounds, Path(tmp) / f"rtt-{rtt:g}", args.draft_model,
+                                                      tuple(args.tasks.split(",")))
         if args.hops:
             results["hops"] = await run_hops(args.rounds, Path(tmp) / "hops")
         if args.failover_rtt:
@@ -254,7 +263,8 @@ async def run(args) -> dict[str, Any]:
             "settings": {"model": DEFAULT_MODEL_ID, "peers": "2 hosts (0:15, 15:30), default precision, 1 thread",
                          "rounds": args.rounds, "link": "tests.netem: one-way delay = RTT / 2, no jitter or loss",
                          "draft_model": args.draft_model or None,
-                         "tasks": {k: v["max_tokens"] for k, v in WAN_TASKS.items()}},
+                         "tasks": {k: WAN_TASKS[k] | {"content": WAN_TASKS[k]["content"][:60]}
+                                   for k in args.tasks.split(",")}},
             "results": results}
 
 
@@ -265,9 +275,12 @@ def main() -> None:
     parser.add_argument("--failover-rtt", type=float, default=50.0, help="RTT of the failover run in ms (0: none)")
     parser.add_argument("--hops", action="store_true", help="also: routes by the hops peers measured (see above)")
     parser.add_argument("--draft-model", default="", help="also a gateway drafting with this local model (push_draft)")
+    parser.add_argument("--tasks", default="quote,chat", help=f"of {', '.join(WAN_TASKS)} (chat_sampled: the story "
+                        "at temperature 0.7; with --draft-model also push_draft_greedy, SWARM_DRAFT_SAMPLED=0)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    emit("wan_draft" if args.draft_model else "wan", asyncio.run(run(args)), args.out)
+    tasks = "" if args.tasks == "quote,chat" else "_" + args.tasks.replace(",", "_")
+    emit("wan" + ("_draft" if args.draft_model else "") + tasks, asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

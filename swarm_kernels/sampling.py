@@ -50,20 +50,30 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def sample_with_draft(logits: torch.Tensor, params: SamplingParams, draft: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Speculative sampling with a deterministic draft: logits [B, V], draft [B] → token ids [B], distributed exactly
-    as `sample`'s. Each row keeps its draft token d with probability p(d), else draws from p without d (renormalised):
-    P(d) = p(d), and P(x) = (1 - p(d)) · p(x) / (1 - p(d)) = p(x) for every other x. Greedy: the argmax, as `sample`
-    (the draft is kept exactly when it is the argmax)."""
+                      generator: torch.Generator | None = None,
+                      draft_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Speculative sampling: logits [B, V], draft [B] → token ids [B], distributed exactly as `sample`'s. Greedy: the
+    argmax, as `sample` (the draft is kept exactly when it is the argmax).
+
+    A deterministic draft (prompt lookup, a greedy drafter): each row keeps its draft token d with probability p(d),
+    else draws from p without d (renormalised): P(d) = p(d), and P(x) = (1 - p(d)) · p(x) / (1 - p(d)) = p(x) for
+    every other x. A draft d sampled from q (`draft_probs` [B, V], the drafter's distribution): kept with probability
+    min(1, p(d) / q(d)), else drawn from max(0, p - q) renormalised (the standard rule: P(x) = p(x) again), which
+    keeps it 1 - TV(p, q) of the time instead of p(d)."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = probabilities(logits, params)
     rows = torch.arange(len(draft))
     kept = probs[rows, draft]  # [B]
+    if draft_probs is not None:
+        q = draft_probs.to(probs.dtype)
+        kept = (kept / q[rows, draft].clamp_min(1e-30)).clamp(max=1.0)
+        rest = (probs - q).clamp_min(0.0)
+    else:
+        rest = probs.clone()
+        rest[rows, draft] = 0.0
     accept = torch.rand(len(draft), generator=generator) < kept
-    rest = probs.clone()
-    rest[rows, draft] = 0.0
-    empty = rest.sum(dim=-1) <= 0  # p(d) = 1: the draft is always kept
+    empty = rest.sum(dim=-1) <= 0  # p(d) = 1, or p = q: the draft is always kept
     rest[empty, 0] = 1.0
     drawn = torch.multinomial(rest, num_samples=1, generator=generator).squeeze(-1)
     return torch.where(accept | empty, draft, drawn)
@@ -162,15 +172,17 @@ class Sampler:
         penalised = adjust.presence_penalty or adjust.frequency_penalty
         self.counts = torch.zeros(rows, vocab_size) if penalised else None  # what the penalties count
 
-    def __call__(self, logits: torch.Tensor, draft: torch.Tensor | None = None) -> Choice:
-        """The next position's choice; with `draft` [B] (a drafter's guess of it), by speculative sampling: the
-        same distribution, and the draft kept as often as that allows (`sample_with_draft`)."""
+    def __call__(self, logits: torch.Tensor, draft: torch.Tensor | None = None,
+                 draft_probs: torch.Tensor | None = None) -> Choice:
+        """The next position's choice; with `draft` [B] (a drafter's guess of it, sampled from `draft_probs` [B, V]
+        where given), by speculative sampling: the same distribution, and the draft kept as often as that allows
+        (`sample_with_draft`)."""
         if self.adjust.active:
             logits = adjust_logits(logits, self.counts, self.adjust)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         chosen = (sample(logits, self.params, self.generator) if draft is None
-                  else sample_with_draft(logits, self.params, draft, self.generator))
+                  else sample_with_draft(logits, self.params, draft, self.generator, draft_probs))
         if self.constraint is not None:
             self.constraint.advance(chosen)
         if self.counts is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 
 from swarm.client.speculation import PromptLookup
+from swarm_kernels.sampling import SamplingParams, probabilities
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,9 @@ class DraftModel:
         self.busy = 0  # jobs queued or running on the thread
         self.held = 0  # tokens of budget_tokens the generations' caches hold
         self.closed = False
+        # SWARM_DRAFT_SAMPLED=0: sampled generations get greedy drafts, verified as deterministic ones (for
+        # measurements: they are kept p(d) of the time instead of 1 - TV(p, q))
+        self.sample_drafts = os.environ.get("SWARM_DRAFT_SAMPLED", "1") != "0"
 
     @classmethod
     def load(cls, ref: str, tokenizer: Any, vocab_size: int, budget_tokens: int = 32768) -> DraftModel:
@@ -157,10 +162,15 @@ class ModelDrafter:
     BUDGET_CHUNK = 128  # tokens of the model's budget taken at a time
 
     def __init__(self, model: DraftModel, context: Sequence[int], prediction: Sequence[int] = (),
-                 min_probability: float = 0.2):
+                 min_probability: float = 0.2, params: SamplingParams | None = None):
         self._lookup = PromptLookup(context, prediction)
         self._model = model
         self.min_probability = min_probability
+        # sampled generations: drafts are sampled from the model's distribution under the request's parameters, and
+        # verified against it (swarm_kernels.sampling.sample_with_draft); greedy ones draft the argmax
+        self._params = params if params is not None and not params.greedy and model.sample_drafts else None
+        self._generator = SamplingParams(1.0).generator() if self._params is not None else None
+        self._probs: torch.Tensor | None = None  # the last model draft's q rows [k, V] (sampled drafts)
         self._tokens = list(context)  # the text so far (prompt and chosen tokens)
         self._fed: list[int] = []  # the tokens in the model's cache, in order (drafter thread only)
         self._cache: Any = None
@@ -194,6 +204,7 @@ class ModelDrafter:
 
     async def propose(self, limit: int) -> list[int]:
         found = self._lookup.draft(limit)
+        self._probs = None
         if found:
             self._source = "lookup"
             return found
@@ -215,7 +226,7 @@ class ModelDrafter:
             return []
         began = time.perf_counter()
         try:
-            draft, forwards = await self._model.run(self._draft, list(self._tokens), length)
+            draft, forwards, probs = await self._model.run(self._draft, list(self._tokens), length)
         except Exception as e:
             self._fail("drafting", e)
             return []
@@ -224,8 +235,13 @@ class ModelDrafter:
             self._misses = self.DECAY * self._misses + 1
             return []
         self._source = "model"
+        self._probs = probs
         self._proposed_at = time.perf_counter()
         return draft
+
+    def probabilities(self) -> torch.Tensor | None:
+        """The distributions [k, V] the last proposal's tokens were sampled from (None: chosen deterministically)."""
+        return self._probs
 
     def prepare(self) -> None:
         """Start reading the text so far into the cache (the prompt, while the chain reads it), unless that has
@@ -323,22 +339,31 @@ class ModelDrafter:
         self._fed.extend(new)
         return logits
 
-    def _draft(self, tokens: list[int], length: int) -> tuple[list[int], int]:
-        """Up to `length` greedy tokens after `tokens`, each at least min_probability to the model, and the forwards
-        that took."""
+    def _draft(self, tokens: list[int], length: int) -> tuple[list[int], int, torch.Tensor | None]:
+        """Up to `length` tokens after `tokens` (greedy, or sampled under the request's parameters), each from a
+        distribution whose top token has at least min_probability, the forwards that took, and (sampled) those
+        distributions [k, V]."""
         logits = self._feed(tokens, last=True)
         draft: list[int] = []
+        rows: list[torch.Tensor] = []
         forwards = 1
         while logits is not None and len(draft) < length:
-            probability, token = torch.softmax(logits.float(), -1).max(-1)
+            if self._params is None:
+                probability, token = torch.softmax(logits.float(), -1).max(-1)
+            else:
+                q = probabilities(logits[None], self._params)[0]
+                probability = q.max()
+                token = torch.multinomial(q, 1, generator=self._generator)[0]
             if float(probability) < self.min_probability:
                 break
             draft.append(int(token))
+            if self._params is not None:
+                rows.append(q)
             if len(draft) < length:
                 logits = self._model.forward([draft[-1]], self._cache, len(self._fed))
                 self._fed.append(draft[-1])
                 forwards += 1
-        return draft, forwards
+        return draft, forwards, torch.stack(rows) if rows else None
 
 
 def _average(old: float | None, new: float, weight: float = 0.3) -> float:

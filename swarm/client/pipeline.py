@@ -206,7 +206,8 @@ class DecodePipeline:
                 draft = await drafter.propose(max_new_tokens - produced - 1) if drafter is not None and drafts else []
                 if draft:
                     at = session.position
-                    steps = await self.speculate(session, choice.token_ids, draft, sampler)
+                    steps = await self.speculate(session, choice.token_ids, draft, sampler,
+                                                 drafter.probabilities() if drafter is not None else None)
                     session.rewind(at + len(steps))  # the input token and the drafts kept
                     assert drafter is not None
                     drafter.result(len(draft), len(steps) - 1)
@@ -230,23 +231,27 @@ class DecodePipeline:
                 session.rewind(fed)
 
     async def speculate(self, session: InferenceSession, token_ids: torch.Tensor, draft: list[int],
-                        sampler: Sampler) -> list[tuple[torch.Tensor, Choice]]:
+                        sampler: Sampler, draft_probs: torch.Tensor | None = None
+                        ) -> list[tuple[torch.Tensor, Choice]]:
         """One row's next token token_ids [1] and a draft of the tokens after it, through the chain in one step;
         the sampler then chooses position by position, given each draft token as its guess, until a choice differs
         from the draft → (logits, choice) of each position chosen: the draft's kept tokens, then one more. The
-        session stands after all of them; `generate` rewinds it to what was kept."""
+        session stands after all of them; `generate` rewinds it to what was kept. `draft_probs` [k, V]: the
+        distributions the draft's tokens were sampled from (a sampling drafter's), else None."""
         input_ids = torch.tensor([[int(token_ids[0]), *draft]])
         hidden = await session.step(await self.stage.embed(input_ids, session.position))
-        return await self.stage.run(self._verify, hidden, draft, sampler)
+        return await self.stage.run(self._verify, hidden, draft, sampler, draft_probs)
 
-    def _verify(self, hidden: torch.Tensor, draft: list[int], sampler: Sampler) -> list[tuple[torch.Tensor, Choice]]:
+    def _verify(self, hidden: torch.Tensor, draft: list[int], sampler: Sampler,
+                draft_probs: torch.Tensor | None = None) -> list[tuple[torch.Tensor, Choice]]:
         """On the head's thread: hidden [1, k+1, H] → the accepted positions (see `speculate`)."""
         all_logits = self.stage.head.logits(hidden)[0]  # [k+1, V]
         out = []
         for i in range(len(draft) + 1):
             logits = all_logits[i : i + 1]
             guess = torch.tensor([draft[i]]) if i < len(draft) else None
-            choice = sampler(logits, guess)
+            q = draft_probs[i : i + 1] if draft_probs is not None and guess is not None else None
+            choice = sampler(logits, guess, q)
             out.append((logits, choice))
             if guess is None or int(choice.token_ids[0]) != draft[i]:
                 break

@@ -18,7 +18,7 @@ last ended with a token after it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Drafter(Protocol):
@@ -29,6 +29,8 @@ class Drafter(Protocol):
     def result(self, drafted: int, kept: int) -> None: ...  # how many of the last proposal the chain kept
 
     def extend(self, tokens: Iterable[int]) -> None: ...  # the tokens chosen since
+
+    def probabilities(self) -> Any: ...  # the last proposal's distributions [k, V] if sampled from them, else None
 
     def prepare(self) -> None: ...  # the prompt is about to go through the chain (a model drafter reads it too)
 
@@ -95,6 +97,9 @@ class PromptLookup:
 
     async def propose(self, limit: int) -> list[int]:
         return self.draft(limit)
+
+    def probabilities(self) -> None:
+        return None  # the drafts are what the text holds: deterministic
 
     def prepare(self) -> None:
         pass

@@ -170,7 +170,7 @@ class SwarmTextService:
                                             tuple(request.logit_bias.items())), request.logprobs, constraint)
         drafter = None
         if request.speculative and n == 1:
-            drafter = self._drafter(prompt, request.prediction, request.seed is not None and request.temperature > 0)
+            drafter = self._drafter(prompt, request.prediction, sampler.params)
         steps = self.client.pipeline.generate(session, torch.tensor([prompt[start:]] * n), sampler,
                                               request.max_new_tokens, position=start,
                                               prompt_scores=request.prompt_logprobs, drafter=drafter,
@@ -300,12 +300,13 @@ class SwarmTextService:
                                 or now - self._parked[-1].since > self.PARK_SECONDS):
             await self._parked.pop().session.close()
 
-    def _drafter(self, prompt: list[int], prediction: Sequence[int], seeded: bool = False) -> Drafter:
-        """The draft model's drafter where one is loaded, but for seeded sampling: whether and how much a model
-        drafts depends on measured times and the load, and drafts draw from the seeded generator, so its text would
-        too (prompt lookup's drafts depend on the text only)."""
-        if self.draft_model is not None and not seeded:
-            return ModelDrafter(self.draft_model, prompt, prediction)
+    def _drafter(self, prompt: list[int], prediction: Sequence[int],
+                 params: SamplingParams = SamplingParams()) -> Drafter:
+        """The draft model's drafter (sampling as `params` do) where one is loaded, but for seeded sampling: whether
+        and how much a model drafts depends on measured times and the load, and drafts draw from the seeded
+        generator, so its text would too (prompt lookup's drafts depend on the text only)."""
+        if self.draft_model is not None and not (params.seed is not None and not params.greedy):
+            return ModelDrafter(self.draft_model, prompt, prediction, params=params)
         return PromptLookup(prompt, prediction)
 
     async def close(self) -> None:

@@ -16,6 +16,7 @@ from swarm.client.drafting import DraftModel, IncompatibleDrafter, ModelDrafter,
 from swarm.model.head import load_head
 from swarm.model.source import ModelSource
 from swarm.model.span import load_span
+from swarm_kernels.sampling import SamplingParams
 
 CONTEXT = [100, 200, 300, 400]  # the tiny model's greedy text after it repeats no 3 tokens early
 
@@ -230,8 +231,24 @@ def test_seeded_sampling_drafts_by_prompt_lookup_only(tiny):
 
     model, _ = tiny
     service = SimpleNamespace(draft_model=model)
-    assert isinstance(SwarmTextService._drafter(service, CONTEXT, (), seeded=False), ModelDrafter)
-    assert isinstance(SwarmTextService._drafter(service, CONTEXT, (), seeded=True), PromptLookup)
+    for params, kind in ((SamplingParams(), ModelDrafter), (SamplingParams(seed=3), ModelDrafter),
+                         (SamplingParams(0.7), ModelDrafter), (SamplingParams(0.7, seed=3), PromptLookup)):
+        assert isinstance(SwarmTextService._drafter(service, CONTEXT, (), params), kind), params
+
+
+def test_a_sampling_drafter_samples_its_drafts_and_says_from_what(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT, min_probability=0.0, params=SamplingParams(temperature=1.0, top_k=3))
+    draft = drafts(drafter, 6)
+    q = drafter.probabilities()
+    assert len(draft) == 6 and q.shape == (6, 512)
+    assert torch.allclose(q.sum(-1), torch.ones(6)) and ((q > 0).sum(-1) == 3).all()  # top_k applied
+    assert all(q[i, d] > 0 for i, d in enumerate(draft))
+    greedy = ModelDrafter(model, CONTEXT, min_probability=0.0, params=SamplingParams(temperature=0.0))
+    assert drafts(greedy, 4) and greedy.probabilities() is None
+    samples = {tuple(drafts(ModelDrafter(model, CONTEXT, min_probability=0.0,
+                                         params=SamplingParams(temperature=1.0)), 3)) for _ in range(8)}
+    assert len(samples) > 1  # sampled, not the argmax every time
 
 
 class _Vocab:

@@ -24,6 +24,26 @@ def test_a_draft_changes_nothing_of_the_distribution(params, draft):
     assert torch.allclose(observed, expected, atol=0.005), (observed, expected)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8)])
+def test_a_draft_sampled_from_a_drafters_distribution_changes_nothing_of_it_and_is_kept_more(params):
+    """Drafts sampled from q (a drafter model's distribution): the choice is distributed as p, and a draft is kept
+    1 - TV(p, q) of the time (vs p(d) for a deterministic draft)."""
+    logits = torch.tensor([[2.0, 1.5, 0.3, -1.0, 0.9, 1.2]])
+    expected = probabilities(logits, params)[0]
+    q = torch.tensor([0.4, 0.3, 0.05, 0.05, 0.1, 0.1])
+    rows = 200_000
+    generator = torch.Generator().manual_seed(11)
+    draft = torch.multinomial(q, rows, replacement=True, generator=generator)
+    chosen = sample_with_draft(logits.expand(rows, -1), params, draft, generator, q.expand(rows, -1))
+    observed = torch.bincount(chosen, minlength=6).float() / rows
+    assert torch.allclose(observed, expected, atol=0.005), (observed, expected)
+    kept = float((chosen == draft).float().mean())
+    overlap = float(torch.minimum(expected, q).sum())
+    assert abs(kept - overlap) < 0.01, (kept, overlap)
+    deterministic = sample_with_draft(logits.expand(rows, -1), params, draft, generator)
+    assert kept > float((deterministic == draft).float().mean()) + 0.05
+
+
 def test_greedy_keeps_a_draft_exactly_when_it_is_the_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
     assert sample_with_draft(logits, SamplingParams(), torch.tensor([1, 2])).tolist() == [1, 0]
@@ -175,3 +195,51 @@ def test_auto_speculation_drafts_only_while_few_other_generations_run():
     assert auto.speculate(2) == (False, None) and auto.speculate(1, seeded=True) == (False, None)
     assert engine("on").speculate(1) == (True, None) and engine("on").speculate(1, seeded=True) == (True, None)
     assert engine("off").speculate(1, prediction=True) == (False, None)
+
+
+async def test_a_sampling_drafters_distributions_reach_the_sampler_position_by_position():
+    """The pipeline hands each draft token's q row (Drafter.probabilities) to the sampler with that token."""
+    from swarm.client.pipeline import DecodePipeline
+
+    class Drafter:  # proposes the next two tokens of the cycle once, with made-up distributions
+        def __init__(self):
+            self.q, self.proposed = torch.softmax(torch.arange(2 * V, dtype=torch.float).reshape(2, V), -1), False
+
+        async def propose(self, limit):
+            if self.proposed:
+                return []
+            self.proposed = True
+            return [2, 3]  # after the first token, 1
+
+        def probabilities(self):
+            return self.q
+
+        def result(self, drafted, kept):
+            self.kept = kept
+
+        def extend(self, tokens):
+            pass
+
+        def prepare(self):
+            pass
+
+        def close(self):
+            pass
+
+    class Recording(Sampler):
+        def __call__(self, logits, draft=None, draft_probs=None):
+            seen.append((None if draft is None else int(draft[0]), draft_probs))
+            return super().__call__(logits, draft, draft_probs)
+
+    seen: list = []
+    drafter = Drafter()
+    pipeline = DecodePipeline(CyclingHead(), decode_groups=0)
+    try:
+        outs = [int(step.token_ids[0]) async for step in pipeline.generate(
+            StepLog(), torch.tensor([[7, 0]]), Recording(1, V, SamplingParams(temperature=0.01)), 5, drafter=drafter)]
+    finally:
+        pipeline.close()
+    assert outs == [1, 2, 3, 4, 5] and drafter.kept == 2  # one-hot logits at T = 0.01: p(next) ≈ 1, drafts kept
+    drafted = [(d, q) for d, q in seen if d is not None]
+    assert [d for d, _ in drafted] == [2, 3]
+    assert torch.equal(drafted[0][1], drafter.q[0:1]) and torch.equal(drafted[1][1], drafter.q[1:2])
