@@ -1,8 +1,8 @@
 """Decoding across hosts at wide-area latency: peers, the bootstrap node and the gateway each in its own network
 namespace, every packet through `tests.netem`'s link emulator (`tests.netbed`).
 
-    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--draft-model REF] [--tasks T]
-                             [--out benchmarks/results]
+    python -m benchmarks.wan [--rtts 10,50,100] [--rounds 2] [--failover-rtt 50] [--hops] [--draft-model REF]
+                             [--tasks T] [--out benchmarks/results]
 
 Per RTT (the same between every two hosts; the one measured is reported): 2 peers of the default model at their
 default precision (0:15 and 15:30, one thread each) on two hosts, and on a third three gateways taking turns at one
