@@ -299,7 +299,7 @@ async def test_speculative_decoding_is_token_identical_and_keeps_drafts(smol_swa
 async def test_drafts_from_a_local_model_are_token_identical_on_free_text(smol_swarm, local_tokens):
     """A free story (nothing for prompt lookup to find) with drafts from a local draft model (here the served model
     itself: the only one sharing its tokenizer on these machines): transformers' greedy tokens exactly, and most of
-    them from kept drafts."""
+    them from kept drafts; sampled, many of them too; each generation's drafter closed at its end."""
     from swarm.client.requests import GenerationRequest
     from swarm.client.textgen import SwarmTextService
 
@@ -313,5 +313,17 @@ async def test_drafts_from_a_local_model_are_token_identical_on_free_text(smol_s
         assert [e.token_id for e in events] == local_tokens
         kept = sum(e.kept_draft for e in events)
         assert kept >= NEW_TOKENS // 2, (kept, sum(e.rejected_drafts for e in events))
+        # sampled: drafts sampled from the drafter's distribution, kept 1 - TV(p, q) of the time (the same model:
+        # nearly always; greedy drafts would be kept p(argmax) of the time)
+        sampled = GenerationRequest(prompt, NEW_TOKENS, temperature=1.0, stop_token_ids=(), speculative=True)
+        events = [events[0] async for events in service.generate(sampled)]
+        kept = sum(e.kept_draft for e in events)
+        assert len(events) == NEW_TOKENS and kept >= NEW_TOKENS // 3, (kept, sum(e.rejected_drafts for e in events))
+        assert service.draft_model.held == 0  # every drafter closed, its budget returned
+        for _ in range(100):  # and its cache dropped on the drafter's thread
+            if service.draft_model.busy == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert service.draft_model.busy == 0
     finally:
         await service.close()
