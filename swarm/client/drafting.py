@@ -3,8 +3,9 @@
 Prompt lookup (swarm.client.speculation) drafts only what the text repeats. Free text needs a model that guesses it:
 a drafter, run by the client itself (the gateway: `GATEWAY_DRAFT_MODEL`), e.g. Llama 3.2 1B beside a swarm serving
 Llama 3.1 70B. Each draft is then verified in one pass through the chain, as prompt lookup's are, so the output is
-the same (greedy: token-identical; sampled: distributed as plain sampling, the draft being one token each position
-as prompt lookup's are).
+the same (greedy: token-identical, the drafts being the drafter's argmax; sampled: distributed as plain sampling, the
+drafts being sampled from the drafter's own distribution q, which the verification is given:
+swarm_kernels.sampling.sample_with_draft).
 
     drafts = DraftModel.load("path/or/hub-id", tokenizer, vocab_size)   # refused unless the vocabularies agree
     drafter = ModelDrafter(drafts, prompt_ids)                          # per one-choice generation
@@ -105,7 +106,11 @@ class DraftModel:
     def forward(self, tokens: list[int], cache: Any, position: int) -> torch.Tensor:
         """`tokens` at `position` of `cache` (what it held after that is forgotten) → the logits after the last [V]."""
         hidden = self.span(self.head.embed(torch.tensor([tokens]), position), cache, position)
-        return self.head.logits(hidden[:, -1:])[0, -1, : self.vocab_size]
+        logits = self.head.logits(hidden[:, -1:])[0, -1, : self.vocab_size]
+        if len(logits) < self.vocab_size:  # a head of fewer rows than the served model's (its tokenizer's vocabulary
+            # fits both): the rows it lacks are tokens it never proposes
+            logits = torch.nn.functional.pad(logits, (0, self.vocab_size - len(logits)), value=float("-inf"))
+        return logits
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """`fn(*args)` on the model's thread; `busy` counts it from now until the thread is done with it (a caller
@@ -169,7 +174,9 @@ class ModelDrafter:
         # sampled generations: drafts are sampled from the model's distribution under the request's parameters, and
         # verified against it (swarm_kernels.sampling.sample_with_draft); greedy ones draft the argmax
         self._params = params if params is not None and not params.greedy and model.sample_drafts else None
-        self._generator = SamplingParams(1.0).generator() if self._params is not None else None
+        self._generator = torch.Generator() if self._params is not None else None
+        if self._generator is not None:
+            self._generator.seed()
         self._probs: torch.Tensor | None = None  # the last model draft's q rows [k, V] (sampled drafts)
         self._tokens = list(context)  # the text so far (prompt and chosen tokens)
         self._fed: list[int] = []  # the tokens in the model's cache, in order (drafter thread only)
@@ -280,6 +287,7 @@ class ModelDrafter:
 
     def draft(self, limit: int) -> list[int]:
         """Prompt lookup's draft only (no forward: for callers that cannot wait)."""
+        self._probs, self._source = None, "lookup"
         return self._lookup.draft(limit)
 
     def result(self, drafted: int, kept: int) -> None:

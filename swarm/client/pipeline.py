@@ -185,8 +185,8 @@ class DecodePipeline:
         `drafter` (one row): speculative decoding (`speculate`), at each step `drafting()` allows (None: every step);
         a step without a draft is a plain decode step (in its group's round)."""
         scores: list[tuple[torch.Tensor, ...]] | None = [] if prompt_scores is not None else None
-        if drafter is not None and (drafting is None or drafting()):
-            drafter.prepare()
+        if drafter is not None and max_new_tokens > 2 and (drafting is None or drafting()):
+            drafter.prepare()  # (a draft needs a position after the first token and before the last)
         logits = await self.prefill(session, input_ids, position, scores, prompt_scores or 0)
         prompt = None
         if scores is not None:

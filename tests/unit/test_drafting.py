@@ -1,5 +1,6 @@
-"""Drafts from a local model (`swarm.client.drafting`): the draft model's own greedy text, a KV cache that follows
-what the chain kept, the length that pays, and a vocabulary check. Through real peers, token-identical to
+"""Drafts from a local model (`swarm.client.drafting`): the draft model's own greedy text (or samples of its
+distribution), a KV cache that follows what the chain kept, the length that pays, a shared budget, failures, and a
+vocabulary check. Through real peers, token-identical to
 transformers: tests/e2e/test_smollm.py."""
 
 from __future__ import annotations
@@ -249,6 +250,24 @@ def test_a_sampling_drafter_samples_its_drafts_and_says_from_what(tiny):
     samples = {tuple(drafts(ModelDrafter(model, CONTEXT, min_probability=0.0,
                                          params=SamplingParams(temperature=1.0)), 3)) for _ in range(8)}
     assert len(samples) > 1  # sampled, not the argmax every time
+
+
+def test_a_draft_model_with_fewer_head_rows_than_the_served_model_never_proposes_the_rest(tiny):
+    from swarm_kernels.sampling import sample_with_draft
+
+    shared, _ = tiny  # a head of 512 rows for a served model of 520
+    model = DraftModel(shared.span, shared.head, vocab_size=520, max_length=512)
+    try:
+        params = SamplingParams(temperature=1.0)
+        drafter = ModelDrafter(model, CONTEXT, min_probability=0.0, params=params)
+        draft = drafts(drafter, 3)
+        q = drafter.probabilities()
+        assert q.shape == (3, 520) and float(q[:, 512:].sum()) == 0 and max(draft) < 512
+        chosen = sample_with_draft(torch.randn(1, 520), params, torch.tensor(draft[:1]), None, q[:1])
+        assert 0 <= int(chosen) < 520
+        drafter.close()
+    finally:
+        model.close()
 
 
 class _Vocab:

@@ -146,7 +146,7 @@ async def test_drafting_is_asked_before_each_step_and_a_step_without_a_draft_is_
     assert never == expected and steps == [1] * 23
     calls = []  # asked before the prompt's step too (whether a drafter should read the prompt meanwhile)
     later, steps = await _generate(lambda: calls.append(1) or len(calls) > 11)
-    assert later == expected and steps[:10] == [1] * 10 and max(steps[10:]) > 1
+    assert later == expected and steps[:10] == [1] * 10 and steps[10] > 1
 
 
 async def test_each_kept_draft_says_how_many_of_its_steps_drafts_come_after_it():
@@ -198,7 +198,8 @@ def test_auto_speculation_drafts_only_while_few_other_generations_run():
 
 
 async def test_a_sampling_drafters_distributions_reach_the_sampler_position_by_position():
-    """The pipeline hands each draft token's q row (Drafter.probabilities) to the sampler with that token."""
+    """The pipeline asks the drafter to prepare before the prompt's step, and hands each draft token's q row
+    (Drafter.probabilities) to the sampler with that token."""
     from swarm.client.pipeline import DecodePipeline
 
     class Drafter:  # proposes the next two tokens of the cycle once, with made-up distributions
@@ -221,7 +222,7 @@ async def test_a_sampling_drafters_distributions_reach_the_sampler_position_by_p
             pass
 
         def prepare(self):
-            pass
+            self.prepared_at = list(session.sizes)  # before the prompt's step: nothing sent yet
 
         def close(self):
             pass
@@ -232,13 +233,17 @@ async def test_a_sampling_drafters_distributions_reach_the_sampler_position_by_p
             return super().__call__(logits, draft, draft_probs)
 
     seen: list = []
-    drafter = Drafter()
+    drafter, session = Drafter(), StepLog()
     pipeline = DecodePipeline(CyclingHead(), decode_groups=0)
     try:
         outs = [int(step.token_ids[0]) async for step in pipeline.generate(
-            StepLog(), torch.tensor([[7, 0]]), Recording(1, V, SamplingParams(temperature=0.01)), 5, drafter=drafter)]
+            session, torch.tensor([[7, 0]]), Recording(1, V, SamplingParams(temperature=0.01)), 5, drafter=drafter)]
+        short = Drafter()  # 2 tokens leave no position to draft at: the drafter is not asked to read the prompt
+        assert len([s async for s in pipeline.generate(StepLog(), torch.tensor([[7, 0]]), Sampler(1, V), 2,
+                                                        drafter=short)]) == 2
     finally:
         pipeline.close()
+    assert drafter.prepared_at == [] and not hasattr(short, "prepared_at")
     assert outs == [1, 2, 3, 4, 5] and drafter.kept == 2  # one-hot logits at T = 0.01: p(next) ≈ 1, drafts kept
     drafted = [(d, q) for d, q in seen if d is not None]
     assert [d for d, _ in drafted] == [2, 3]
