@@ -1,11 +1,12 @@
 """The gateway's Prometheus metrics (`GET /metrics`, text format) and its one log line per generation.
 
 Requests by route and status (a middleware: every answer, refusals included); per generation its time to first token
-(from the request's arrival, so a wait for a slot counts), inter-token gaps, duration, tokens in, out and reused, the
-length of its route, and how it ended; generations holding a slot and requests queued for one; from the swarm
-client, failovers, steps pushed peer to peer, passed verification checks, peers banned now, and each peer's decode
-step as this client observes it (per block, RTT taken out). Labels are bounded: routes are the API's own paths
-("other" for anything else), peers are the ones this client has seen.
+(from the request's arrival, so a wait for a slot counts), inter-token gaps, duration, tokens in, out and reused,
+drafted tokens kept and rejected (speculative decoding), the length of its route, and how it ended; generations
+holding a slot and requests queued for one; from the swarm client, failovers, steps pushed peer to peer, passed
+verification checks, peers banned now, and each peer's decode step as this client observes it (per block, RTT taken
+out). Labels are bounded: routes are the API's own paths ("other" for anything else), peers are the ones this client
+has seen.
 
 The log line (`app.requests`, INFO) says who (the client's name: an API key's digest or an address, never a key),
 what model, how many tokens, the time to first token, the duration, the route's peers and the outcome; never a
@@ -56,6 +57,11 @@ class GatewayMetrics:
         self.cached_tokens = Counter("swarm_gateway_cached_prompt_tokens",
                                      "Prompt tokens a reused session did not compute again", registry=registry)
         self.completion_tokens = Counter("swarm_gateway_completion_tokens", "Tokens generated", registry=registry)
+        self.draft_tokens = Counter("swarm_gateway_draft_tokens", "Speculative decoding's drafted tokens, by outcome "
+                                    "(kept: in a completion; rejected: computed and not kept): kept / (kept + "
+                                    "rejected) is the drafts' acceptance", ["outcome"], registry=registry)
+        for outcome in ("kept", "rejected"):  # both series from the start, at 0
+            self.draft_tokens.labels(outcome)
         self.generations = Counter("swarm_gateway_generations", "Generations by how they ended (ok, error, "
                                    "cancelled: the client left, or the code of a refusal at start such as "
                                    "rate_limit_exceeded or queue_timeout)", ["outcome"], registry=registry)

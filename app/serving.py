@@ -412,6 +412,8 @@ class Generation:
             metrics.prompt_tokens.inc(prompt)
             metrics.completion_tokens.inc(completion)
             metrics.cached_tokens.inc(cached)
+            metrics.draft_tokens.labels("kept").inc(sum(job.kept_drafts for job in self.jobs))
+            metrics.draft_tokens.labels("rejected").inc(sum(job.rejected_drafts for job in self.jobs))
             if route:
                 metrics.route_peers.observe(len(route))
         ttft = f"{1000 * (self.first_token - self.arrived):.0f}" if self.first_token is not None else "-"

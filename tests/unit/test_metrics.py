@@ -47,6 +47,23 @@ def test_metrics_count_requests_tokens_and_outcomes_and_the_log_keeps_no_text(ca
     assert "k1" not in " ".join(lines)  # the key's digest names the client, never the key
 
 
+def test_metrics_count_drafted_tokens_kept_and_rejected_as_usage_does():
+    from tests.unit.test_gateway import DraftingBackend
+
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(create_app(GatewaySettings(), backend=DraftingBackend())) as client:
+        before = scrape(client)
+        assert before['swarm_gateway_draft_tokens_total{outcome="kept"}'] == 0
+        cut = client.post("/v1/chat/completions", json={**body, "stop": ["d"]}).json()["usage"]
+        whole = client.post("/v1/chat/completions", json=body).json()["usage"]
+        metrics = scrape(client)
+    details = [cut["completion_tokens_details"], whole["completion_tokens_details"]]
+    assert metrics['swarm_gateway_draft_tokens_total{outcome="kept"}'] == sum(
+        d["accepted_prediction_tokens"] for d in details) == 9
+    assert metrics['swarm_gateway_draft_tokens_total{outcome="rejected"}'] == sum(
+        d["rejected_prediction_tokens"] for d in details) == 3
+
+
 def test_a_client_that_leaves_mid_stream_is_counted_as_cancelled():
     from tests.unit.test_gateway_slots import drive, request
 
