@@ -9,7 +9,8 @@ Each configuration is a gateway as its own uvicorn process, started the way a us
 - `fp32_2` / `int4_2`: the gateway joined to 2 peers (0:15, 15:30) started by hand with `--quant none` / `int4`;
   `int4_2_relay`: the same without push (`SWARM_PUSH=false`: every hop through the gateway, rounds in group frames);
 - `embedded_p2p`: `embedded` with `EMBEDDED_LOCAL_SOCKET=false` (the gateway reaches its peer through the p2p
-  daemons rather than a Unix socket);
+  daemons rather than a Unix socket); `embedded_draft`: `embedded` with `GATEWAY_DRAFT_MODEL=default` (the gateway
+  drafts with a local copy of the served model, on the same 2 cores as its peer);
 - `baseline`: `embedded` run from the checkout DIR of `--baseline` (another revision, e.g. `git worktree add DIR
   REV`; this checkout's Python environment), to compare a change with what it changes, side by side.
 All gateways run for the whole benchmark, and rounds interleave every configuration and stream count (a slow spell of
@@ -133,6 +134,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_a8": {"peers": [], "env": {"EMBEDDED_ACTIVATIONS": "int8"}},  # its int4 blocks with int8 activations
     "embedded_p2p": {"peers": [], "env": {"EMBEDDED_LOCAL_SOCKET": "false"}},  # to its peer through the p2p daemons
     "embedded_nofork": {"peers": [], "env": {"SWARM_FORK_SESSIONS": "0"}},  # shared prefixes taken, not forked
+    # drafts from a local model (the served one: the only one sharing its tokenizer here) beside the embedded peer
+    "embedded_draft": {"peers": [], "env": {"GATEWAY_DRAFT_MODEL": "default"}},
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
     # the same without server-to-server push: every hop through the gateway, a round's steps in group frames

@@ -18,9 +18,10 @@ forwards run on the model's one thread, never on the event loop; a generation th
 another's draft or prompt takes a plain step rather than wait. The generations' caches share a budget of tokens
 (`GATEWAY_DRAFT_KV_TOKENS`): one that finds it spent drafts by prompt lookup only, as does one whose draft model
 failed. How many tokens to draft is chosen per step by the expected tokens per second, (1 − α^(k+1)) / (1 − α)
-tokens in (step + k × draft) seconds, from the acceptance α and the times it measured; a draft also stops at a token
-the model itself gives less than `min_probability`. Where drafting does not pay (a fast chain, a poor drafter) it
-drafts one token now and then to notice when it would.
+tokens in a verifying step's time plus k drafts', against one token in a plain step's time, from the acceptance α
+and the times it measured; a draft also stops where the top of the model's distribution (after the request's
+temperature and cuts) is below `min_probability`. Where drafting does not pay (a fast chain, a poor or slow
+drafter) it drafts one token now and then to notice when it would.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ class ModelDrafter:
         self._hits, self._misses = 2.0, 1.0  # drafted tokens kept, drafts cut short: α ≈ hits / (hits + misses)
         self._draft_seconds: float | None = None  # a forward of one drafted token, measured
         self._step_seconds: float | None = None  # a verifying step, measured
+        self._plain_seconds: float | None = None  # a plain step (no draft), measured
+        self._plain_since: float | None = None  # when the last empty proposal ended (its plain step then ran)
         self._proposed_at = 0.0
         self._source = ""
         self._skipped = 0
@@ -205,11 +208,19 @@ class ModelDrafter:
         return self._hits / (self._hits + self._misses)
 
     def extend(self, tokens: Iterable[int]) -> None:
+        if self._plain_since is not None:  # the token of the plain step after an empty proposal
+            self._plain_seconds = _average(self._plain_seconds, time.perf_counter() - self._plain_since)
+            self._plain_since = None
         tokens = list(tokens)
         self._tokens.extend(tokens)
         self._lookup.extend(tokens)
 
     async def propose(self, limit: int) -> list[int]:
+        draft = await self._propose(limit)
+        self._plain_since = None if draft else time.perf_counter()
+        return draft
+
+    async def _propose(self, limit: int) -> list[int]:
         found = self._lookup.draft(limit)
         self._probs = None
         if found:
@@ -306,7 +317,7 @@ class ModelDrafter:
         if self._draft_seconds is None or self._step_seconds is None:
             return min(limit, self.FIRST_DRAFT)
         alpha, step = min(self.acceptance, 0.99), max(self._step_seconds, 1e-6)
-        best, best_rate = 0, 1.0 / step
+        best, best_rate = 0, 1.0 / max(self._plain_seconds or step, 1e-6)  # a plain step's rate, as measured
         for k in range(1, limit + 1):
             rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (step + k * self._draft_seconds)
             if rate > best_rate:

@@ -124,6 +124,28 @@ def test_the_length_is_what_gives_the_most_tokens_a_second(tiny):
     drafter._hits, drafter._misses = 1.0, 4.0
     lengths = [drafter._length(8) for _ in range(2 * ModelDrafter.PROBE_EVERY)]
     assert lengths.count(1) == 2 and set(lengths) == {0, 1}  # and a one-token probe now and then
+    # a good drafter whose drafts and verifying steps cost more than the plain steps they save (one that shares
+    # the peers' cores): the plain steps' measured time decides
+    drafter._hits, drafter._misses = 9.0, 1.0
+    drafter._draft_seconds, drafter._step_seconds, drafter._plain_seconds = 0.015, 0.025, 0.015
+    assert drafter._length(8) in (0, 1)
+    drafter._plain_seconds = 0.03
+    assert drafter._length(8) >= 2  # 2 here: (1 - 0.9^3) / 0.1 tokens in 55 ms beat 1 in 30
+
+
+def test_a_plain_step_after_an_empty_proposal_is_timed_up_to_its_token(tiny):
+    model, _ = tiny
+    drafter = ModelDrafter(model, CONTEXT)
+    model.busy += 1  # the proposal is empty: a plain step follows
+    try:
+        assert asyncio.run(drafter.propose(4)) == []
+    finally:
+        model.busy -= 1
+    time.sleep(0.02)
+    drafter.extend([7])
+    assert 0.02 <= drafter._plain_seconds < 1.0 and drafter._plain_since is None
+    drafter.extend([8])  # no proposal before it: not a plain step's measure
+    assert drafter._plain_seconds < 1.0 and drafter._plain_since is None
 
 
 def test_results_move_the_acceptance(tiny):
