@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from swarm.client.speculation import PromptLookup
+from swarm.client.speculation import PromptLookup, common_prefix
 from swarm_kernels.sampling import SamplingParams, probabilities
 
 logger = logging.getLogger(__name__)
@@ -344,8 +344,7 @@ class ModelDrafter:
         was read)."""
         common = len(self._fed)
         if common > len(tokens) or tokens[:common] != self._fed:
-            common = next((i for i, (a, b) in enumerate(zip(self._fed, tokens, strict=False)) if a != b),
-                          min(len(self._fed), len(tokens)))
+            common = common_prefix(self._fed, tokens)
         if last:
             common = min(common, len(tokens) - 1)
         del self._fed[common:]

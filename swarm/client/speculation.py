@@ -21,6 +21,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Drafter(Protocol):
     """What the decode pipeline asks of a drafter (PromptLookup; swarm.client.drafting.ModelDrafter)."""
 

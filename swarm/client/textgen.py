@@ -37,7 +37,7 @@ from swarm.client.grammar import Grammars
 from swarm.client.pipeline import StepOutput
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
-from swarm.client.speculation import Drafter, PromptLookup
+from swarm.client.speculation import Drafter, PromptLookup, common_prefix
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 
@@ -224,7 +224,7 @@ class SwarmTextService:
             best, best_common = None, 0
             now = time.monotonic()
             for entry in self._parked:
-                common = _common_prefix(entry.tokens, prompt)
+                common = common_prefix(entry.tokens, prompt)
                 if (entry.tenant == tenant and common > best_common
                         and entry.session.max_length >= len(prompt) + max_new_tokens
                         and now - entry.since < self.PARK_SECONDS):
@@ -355,10 +355,3 @@ def _grammar_end(tokenizer: Any, eos_token_ids: tuple[int, ...]) -> int:
     return eos_token_ids[0]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -60,16 +60,6 @@ def test_a_cached_library_others_could_have_written_is_never_loaded(tmp_path, mo
     assert cpu.build(tuple(cpu.FLAGS)) is None
 
 
-@pytest.fixture(params=NATIVE_BUILDS)
-def native_build(request, monkeypatch):
-    """QuantLinear's native kernel, running the build of this parameter."""
-    if not cpu.available():
-        pytest.skip("no working C compiler for swarm_kernels/cpu_affine.c")
-    library = native_library(request.param)
-    monkeypatch.setattr(cpu, "_library", lambda: library)
-    return library
-
-
 @needs_cc
 @needs_x86
 def test_every_native_build_compiles():

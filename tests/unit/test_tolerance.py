@@ -13,7 +13,6 @@ from torch import nn
 
 from swarm_kernels import cpu, packed, reference, tolerance
 from tests.unit.test_kernels import affine_weight, exact_linear, weights
-from tests.unit.test_native_kernels import NATIVE_BUILDS, native_library
 
 SHAPE = (97, 192)  # N, K: K a multiple of the native kernel's groups of 32
 
@@ -94,19 +93,9 @@ def _minimum_dropped(q, scale, minimum):
 MUTATIONS = [_transposed_group, _code_off_by_one, _scale_off, _minimum_dropped]
 
 
-@pytest.fixture(params=NATIVE_BUILDS)
-def library(request, monkeypatch):
-    """A build of the native kernel, also the one kernel_rounding asks for its order of the sums."""
-    if not cpu.available():
-        pytest.skip("no working C compiler for swarm_kernels/cpu_affine.c")
-    library = native_library(request.param)
-    monkeypatch.setattr(cpu, "_library", lambda: library)
-    return library
-
-
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda f: f.__name__.strip("_"))
-def test_a_wrong_native_kernel_fails_the_bound_that_the_right_one_meets(library, method, mutation):
+def test_a_wrong_native_kernel_fails_the_bound_that_the_right_one_meets(native_build, method, mutation):
     w = weights(SHAPE)
     x = torch.randn(5, SHAPE[1], generator=torch.Generator().manual_seed(4))
     bias = torch.randn(SHAPE[0], generator=torch.Generator().manual_seed(5))
@@ -116,10 +105,10 @@ def test_a_wrong_native_kernel_fails_the_bound_that_the_right_one_meets(library,
     bound = tolerance.parity_bound(x, weight, bias, exact, tolerance.kernel_rounding("native", method, torch.float32),
                                    terms=terms)
     bits = 8 if method == "int8" else 4
-    right = cpu.affine_linear(x, _kernel_codes(method, q), bits, scale, minimum, bias, library=library)
+    right = cpu.affine_linear(x, _kernel_codes(method, q), bits, scale, minimum, bias, library=native_build)
     assert tolerance.excess(right, exact, bound)[0] == 0
     q, scale, minimum = mutation(q, scale, minimum)
-    wrong = cpu.affine_linear(x, _kernel_codes(method, q), bits, scale, minimum, bias, library=library)
+    wrong = cpu.affine_linear(x, _kernel_codes(method, q), bits, scale, minimum, bias, library=native_build)
     over, _ = tolerance.excess(wrong, exact, bound)
     assert over > 0, f"{mutation.__name__} went unnoticed"
 
