@@ -248,7 +248,7 @@ class SpanBackend:
         """Start the new `session` with the first `tokens` cached tokens of the session named `handle` whose client
         opened it as `source_id` (swarm.protocol: fork): the same client's, over the same blocks and batch size (a
         handle names a session of this backend only; the id makes a stale handle, reused by another session, fail).
-        The copy is a job of the client's on the compute thread, between forwards, and checks there that both
+        The copy is a job of the client's on the compute thread, before a round, and checks there that both
         sessions are still open and the source holds the tokens. PeerError (bad_request, capacity) otherwise."""
         source = self.member(handle, session)
         if source is session or source.session_id != source_id or source.batch_size != session.batch_size:
@@ -264,7 +264,7 @@ class SpanBackend:
                 raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
             return torch.empty(0)
 
-        await self.scheduler.run(copy, session.batch_size * tokens, session.client)
+        await self.scheduler.run(copy, session.batch_size * tokens, session.client, first=True)
         self._check_open(session)
 
     def member(self, handle: object, of: Session) -> Session:

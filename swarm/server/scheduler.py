@@ -27,7 +27,8 @@ chunks never wait for a decode batch's late members: a round without the decode 
 
 A prompt longer than a chunk is several chunks, submitted one after the other (each after the previous one's result),
 so other prompts' chunks run between its chunks. Jobs (steps of sessions of several rows, encoder inputs: whatever
-cannot join a round) run after the round, in the same budget. The scheduler sleeps on an event between arrivals. A
+cannot join a round) run after the round, in the same budget; short ones that a session waits for before its
+first step (a fork's copy) run before it. The scheduler sleeps on an event between arrivals. A
 step whose session was closed while it waited (handed off, evicted) fails with SessionClosed.
 """
 
@@ -80,6 +81,7 @@ class Job:
     tokens: int  # rows x new tokens, for the round's budget
     future: asyncio.Future
     client: str = ""
+    first: bool = False  # a short job that runs before the round it is taken with (a fork's copy), not after it
 
 
 # run_round(steps) → each step's output [1, T, H], in order (all steps over the same blocks of the span)
@@ -128,9 +130,11 @@ class Scheduler:
         """A chunk of a one-row session's prompt, in a round after the chunks and jobs queued before it."""
         return await self._queue(step)
 
-    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "") -> torch.Tensor:
-        """fn() on the compute thread, after the chunks and jobs queued before it."""
-        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client))
+    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "",
+                  first: bool = False) -> torch.Tensor:
+        """fn() on the compute thread, after the chunks and jobs queued before it (`first`: a short job, run before
+        the round it is taken with rather than after it, so that what waits for it waits a round less)."""
+        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client, first))
 
     async def _queue(self, item: Step | Job) -> torch.Tensor:
         self._work.append(item)
@@ -153,9 +157,13 @@ class Scheduler:
             if decodes:
                 idle = False
             self._count_turns([*decodes, *chunks, *jobs])
+            for job in jobs:
+                if job.first:
+                    await self._run_alone(job)
             await self._run(decodes, chunks)
             for job in jobs:
-                await self._run_alone(job)
+                if not job.first:
+                    await self._run_alone(job)
 
     async def _wait(self, idle: bool) -> bool:
         """Until chunks or jobs are queued, or some client's decode steps are ready (see _ready). Returns whether the

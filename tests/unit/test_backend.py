@@ -388,3 +388,39 @@ def test_peers_of_one_machine_measure_one_at_a_time(tmp_path):
     for thread in threads:
         thread.join()
     assert calls == [1] and len(set(results)) == 1  # one measurement, never two at once, everyone got it
+
+
+async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_jobs_after():
+    """The scheduler's order: a short job a session waits for before its first step (a fork's copy, `first`) runs
+    before the round it is taken with, so its session's first step waits one round less; other jobs after it."""
+    from types import SimpleNamespace
+
+    from swarm.server.scheduler import Scheduler, Step
+
+    order: list[str] = []
+
+    async def run_round(steps):
+        order.append("round")
+        return [step.hidden for step in steps]
+
+    async def run_job(fn):
+        return fn()
+
+    scheduler = Scheduler(run_round, run_job, max_batch_sessions=8, batch_wait=0.0, round_tokens=64,
+                          max_groups_kept=4, is_open=lambda key: True)
+
+    def job(name):
+        def fn():
+            order.append(name)
+            return torch.empty(0)
+        return fn
+
+    session = SimpleNamespace(key="d", client="c", blocks=range(0, 2))
+    loop = asyncio.get_running_loop()
+    try:
+        done = await asyncio.gather(scheduler.decode(Step(session, torch.zeros(1, 1, 4), 3, loop.create_future())),
+                                    scheduler.run(job("job"), 4, "c"),
+                                    scheduler.run(job("copy"), 4, "c", first=True))
+        assert order == ["copy", "round", "job"] and done[0].shape == (1, 1, 4)
+    finally:
+        scheduler.close()
