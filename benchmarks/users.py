@@ -1,6 +1,7 @@
 """Many users behind one API key (a chat frontend's): conversations that share a system prompt, through HTTP.
 
-    python -m benchmarks.users [--users 16] [--rounds 3] [--configs embedded,embedded_nofork] [--out DIR]
+    python -m benchmarks.users [--users 16] [--rounds 3] [--configs embedded,embedded_nofork] [--baseline DIR]
+                               [--out DIR]
 
 A chat frontend sends every user's requests with its one key and its one system prompt. Per round, through `make
 serve`'s gateway (each configuration its own, as in benchmarks.serve; rounds interleave them):
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.serve import CONFIGS, percentile, sse_chunks, start_config
+from benchmarks.serve import CONFIGS, _revision, percentile, sse_chunks, start_config
 from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
@@ -107,7 +108,7 @@ async def run(args) -> dict[str, Any]:
             gateways = {}
             for name, swarm in swarms.items():
                 swarm.peer_env.pop("SWARM_PEER_QUANT", None)
-                gateways[name] = start_config(swarm, name, 2 * args.users + 8)
+                gateways[name] = start_config(swarm, name, 2 * args.users + 8, args.baseline)
             for port, _ in gateways.values():  # warm-up, and a first set of parked sessions
                 await one_round(port, 2, -1, eos)
             for round_ in range(args.rounds):
@@ -123,7 +124,9 @@ async def run(args) -> dict[str, Any]:
                       for part in ("first", "newcomers", "second")} for name, runs in rounds.items()}
     return {"benchmark": "users", "machine": machine(), "versions": versions(),
             "settings": {"users": args.users, "rounds": args.rounds, "configs": {n: CONFIGS[n] for n in names},
-                         "tokens": {"first": 32, "newcomers": 32, "second": 16}},
+                         "tokens": {"first": 32, "newcomers": 32, "second": 16},
+                         "baseline": None if args.baseline is None else {
+                             "dir": str(args.baseline), "revision": _revision(args.baseline)}},
             "rounds": rounds, "median": summary}
 
 
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", default="embedded,embedded_nofork")
     parser.add_argument("--out", default=None, help="also write DIR/users.json")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of another revision, run as the `baseline` configuration (benchmarks.serve)")
     args = parser.parse_args()
     emit("users", asyncio.run(run(args)), args.out)
 

@@ -75,6 +75,12 @@ class Session:
     push_key: str = ""  # steps may be pushed to it by the previous peer of its chain (swarm.server.push)
     handle: int = 0  # its name in its client's group frames (swarm.protocol), unique on this peer
     stepping: bool = False  # a step of it is in flight (from its own stream or a group frame: one at a time)
+    copying: int = 0  # tokens a fork's copy queued for it will bring (0 once it has run)
+
+    @property
+    def length(self) -> int:
+        """The tokens its cache holds, or will hold once a fork's copy queued before its steps has run."""
+        return max(self.cache.length, self.copying)
 
 
 def bad_request(message: str) -> PeerError:
@@ -248,24 +254,37 @@ class SpanBackend:
         """Start the new `session` with the first `tokens` cached tokens of the session named `handle` whose client
         opened it as `source_id` (swarm.protocol: fork): the same client's, over the same blocks and batch size (a
         handle names a session of this backend only; the id makes a stale handle, reused by another session, fail).
-        The copy is a job of the client's on the compute thread, before a round, and checks there that both
-        sessions are still open and the source holds the tokens. PeerError (bad_request, capacity) otherwise."""
+        PeerError (bad_request, capacity) otherwise. Returns once the copy is queued (Scheduler.run_first): it runs
+        on the compute thread before the next round, ahead of any step of either session queued after it, so the
+        session's first step can come at once and join that round. The copy checks there that both sessions are
+        still open and the source holds the tokens; where not, the session ends (moved: its client replays what it
+        forked from the inputs it keeps) before its steps run."""
         source = self.member(handle, session)
         if source is session or source.session_id != source_id or source.batch_size != session.batch_size:
             raise bad_request(f"no session {source_id[:128]!r} of this client with handle {handle} to fork")
-        if not 1 <= tokens <= min(source.cache.length, session.max_length):
-            raise bad_request(f"cannot fork {tokens} tokens of a session holding {source.cache.length} into one of "
+        if not 1 <= tokens <= min(source.length, session.max_length):
+            raise bad_request(f"cannot fork {tokens} tokens of a session holding {source.length} into one of "
                               f"max_length {session.max_length}")
         await self._reserve_growth(session, tokens)
+        self._check_open(session)
 
         def copy() -> torch.Tensor:
-            if source.key not in self.sessions or session.key not in self.sessions \
-                    or not session.cache.copy_prefix(source.cache, tokens):
-                raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
+            try:
+                if source.key not in self.sessions or session.key not in self.sessions \
+                        or not session.cache.copy_prefix(source.cache, tokens):
+                    raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
+            finally:
+                session.copying = 0
             return torch.empty(0)
 
-        await self.scheduler.run(copy, session.batch_size * tokens, session.client, first=True)
-        self._check_open(session)
+        def failed(error: Exception) -> None:
+            if session.key in self.sessions:
+                self._end(session, PeerError(f"could not start from the session it forked ({error}); replay it",
+                                             ErrorCode.MOVED))
+
+        session.copying = tokens
+        done = self.scheduler.run_first(copy, session.client, failed)
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())  # (failed() handled it)
 
     def member(self, handle: object, of: Session) -> Session:
         """The session named `handle` in a group frame that `of`'s stream carried: open, the same client's, over
@@ -331,8 +350,8 @@ class SpanBackend:
             raise bad_request("'position' must be an integer")
         if self.span.encoder and position != 0:
             raise bad_request("an encoder span keeps no cache: send the whole input at position 0")
-        if not 0 <= position <= session.cache.length:
-            raise bad_request(f"position {position} is outside 0..{session.cache.length} (the tokens cached so far)")
+        if not 0 <= position <= session.length:
+            raise bad_request(f"position {position} is outside 0..{session.length} (the tokens cached so far)")
         if position + new > session.max_length:
             raise bad_request(f"position {position} + {new} new tokens exceeds max_length {session.max_length}")
         if not torch.isfinite(hidden).all():
@@ -424,6 +443,8 @@ class SpanBackend:
 
     def compute(self, session: Session, hidden: torch.Tensor, position: int, served: bool = True) -> torch.Tensor:
         """On the compute thread: the session's blocks on hidden [B, T, H] at `position`."""
+        if position > session.cache.length:  # a fork whose copy failed (its session has ended)
+            raise session.ended or bad_request(f"position {position} is past the {session.cache.length} cached")
         span = self.span
         out = span(hidden.to(span.device, span.dtype), session.cache, position, session.blocks).to("cpu")
         return self._count_forward(out, served).to(hidden.dtype)

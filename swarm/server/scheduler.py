@@ -27,9 +27,10 @@ chunks never wait for a decode batch's late members: a round without the decode 
 
 A prompt longer than a chunk is several chunks, submitted one after the other (each after the previous one's result),
 so other prompts' chunks run between its chunks. Jobs (steps of sessions of several rows, encoder inputs: whatever
-cannot join a round) run after the round, in the same budget; short ones that a session waits for before its
-first step (a fork's copy) run before it. The scheduler sleeps on an event between arrivals. A
-step whose session was closed while it waited (handed off, evicted) fails with SessionClosed.
+cannot join a round) run after the round, in the same budget; short ones that a session's steps must follow (a
+fork's copy) run before the next round, whatever its budget, so that steps queued after them follow them. The
+scheduler sleeps on an event between arrivals. A step whose session was closed while it waited (handed off, evicted)
+fails with SessionClosed.
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class Job:
     tokens: int  # rows x new tokens, for the round's budget
     future: asyncio.Future
     client: str = ""
-    first: bool = False  # a short job that runs before the round it is taken with (a fork's copy), not after it
+    # a short job that something waits for before its session's steps (a fork's copy): taken by the next round
+    # whatever its budget, run before it, and `failed` called with its exception before that round's steps run
+    first: bool = False
+    failed: Callable[[Exception], None] | None = None
 
 
 # run_round(steps) → each step's output [1, T, H], in order (all steps over the same blocks of the span)
@@ -130,11 +134,19 @@ class Scheduler:
         """A chunk of a one-row session's prompt, in a round after the chunks and jobs queued before it."""
         return await self._queue(step)
 
-    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "",
-                  first: bool = False) -> torch.Tensor:
-        """fn() on the compute thread, after the chunks and jobs queued before it (`first`: a short job, run before
-        the round it is taken with rather than after it, so that what waits for it waits a round less)."""
-        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client, first))
+    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "") -> torch.Tensor:
+        """fn() on the compute thread, after the chunks and jobs queued before it."""
+        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client))
+
+    def run_first(self, fn: Callable[[], torch.Tensor], client: str,
+                  failed: Callable[[Exception], None]) -> asyncio.Future:
+        """Queue a short job (a fork's copy) that runs on the compute thread before the next round, ahead of every
+        step and job queued after it (whatever the round's budget); `failed(exception)` is called, on the event
+        loop, before that round's steps run. Returns its future (queued now: callers need not await it)."""
+        job = Job(fn, 0, asyncio.get_running_loop().create_future(), client, True, failed)
+        self._work.append(job)
+        self._ensure_running().set()
+        return job.future
 
     async def _queue(self, item: Step | Job) -> torch.Tensor:
         self._work.append(item)
@@ -156,10 +168,13 @@ class Scheduler:
             chunks, jobs = self._take_work()
             if decodes:
                 idle = False
-            self._count_turns([*decodes, *chunks, *jobs])
-            for job in jobs:
-                if job.first:
-                    await self._run_alone(job)
+            self._count_turns([*decodes, *chunks, *(job for job in jobs if not job.first)])
+            if any(job.first for job in jobs):
+                for job in jobs:
+                    if job.first:
+                        await self._run_alone(job)
+                decodes = [step for step in decodes if self._live(step)]  # (a failed copy closes its session)
+                chunks = [step for step in chunks if self._live(step)]
             await self._run(decodes, chunks)
             for job in jobs:
                 if not job.first:
@@ -225,10 +240,10 @@ class Scheduler:
         return [step for step in taken if self._live(step)]
 
     def _take_work(self) -> tuple[list[Step], list[Job]]:
-        """Chunks and jobs up to the round's token budget, clients in turns, at least one."""
-        taken: list[Step | Job] = []
+        """Chunks and jobs up to the round's token budget, clients in turns, at least one; every `first` job."""
+        taken: list[Step | Job] = [item for item in self._work if isinstance(item, Job) and item.first]
         budget = self.round_tokens
-        for item in self._in_turns(list(self._work)) if self._work else []:
+        for item in self._in_turns([it for it in self._work if not (isinstance(it, Job) and it.first)]):
             if budget <= 0:
                 break
             taken.append(item)
@@ -303,6 +318,8 @@ class Scheduler:
         try:
             result = await self._run_job(job.fn)
         except Exception as e:
+            if job.failed is not None:
+                job.failed(e)
             if not job.future.done():
                 job.future.set_exception(e)
             return

@@ -391,8 +391,8 @@ def test_peers_of_one_machine_measure_one_at_a_time(tmp_path):
 
 
 async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_jobs_after():
-    """The scheduler's order: a short job a session waits for before its first step (a fork's copy, `first`) runs
-    before the round it is taken with, so its session's first step waits one round less; other jobs after it."""
+    """The scheduler's order: a short job that a session's steps must follow (a fork's copy, run_first) runs before
+    the round it is taken with, whatever the round's budget; other jobs after the round."""
     from types import SimpleNamespace
 
     from swarm.server.scheduler import Scheduler, Step
@@ -406,7 +406,7 @@ async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_job
     async def run_job(fn):
         return fn()
 
-    scheduler = Scheduler(run_round, run_job, max_batch_sessions=8, batch_wait=0.0, round_tokens=64,
+    scheduler = Scheduler(run_round, run_job, max_batch_sessions=8, batch_wait=0.0, round_tokens=1,
                           max_groups_kept=4, is_open=lambda key: True)
 
     def job(name):
@@ -420,7 +420,63 @@ async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_job
     try:
         done = await asyncio.gather(scheduler.decode(Step(session, torch.zeros(1, 1, 4), 3, loop.create_future())),
                                     scheduler.run(job("job"), 4, "c"),
-                                    scheduler.run(job("copy"), 4, "c", first=True))
-        assert order == ["copy", "round", "job"] and done[0].shape == (1, 1, 4)
+                                    scheduler.run_first(job("copy"), "c", lambda e: None),
+                                    scheduler.run_first(job("copy2"), "c", lambda e: None))
+        assert order == ["copy", "copy2", "round", "job"] and done[0].shape == (1, 1, 4)
     finally:
         scheduler.close()
+
+
+async def test_a_fork_returns_before_its_copy_and_its_first_step_follows_the_copy(tiny_model_dir):
+    """A fork is answered once its copy is queued: the new session's first step, sent at once, joins the next round
+    after the copy, and computes what the source computes from there, even where a step of the source that
+    rewinds it was queued right after the fork (the copy runs before every step queued after it)."""
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    limits = Limits(max_sessions=8, max_length=64, prefill_chunk=8)
+    backend = SpanBackend(span, limits, KVBudget(4096))
+    reference = SpanBackend(span, limits, KVBudget(4096))
+    try:
+        g = torch.Generator().manual_seed(11)
+        prefix, after, other = (torch.randn(1, n, 64, generator=g) for n in (6, 3, 2))
+        source = backend.open(open_request(session_id="src", start=0, end=6))
+        await backend.step(source, prefix, 0)
+        fork = backend.open(open_request(session_id="fork", start=0, end=6))
+        await backend.fork(fork, source.handle, 5, "src")
+        assert fork.cache.length == 0 and fork.length == 5  # answered with the copy still queued
+        rewinding = asyncio.ensure_future(backend.step(source, other, 2))  # the source's next turn rewinds it
+        got = await backend.step(fork, after, 5)
+        await rewinding
+        alone = reference.open(open_request(session_id="alone", start=0, end=6))
+        await reference.step(alone, prefix[:, :5], 0)
+        torch.testing.assert_close(got, await reference.step(alone, after, 5), atol=1e-5, rtol=0)
+        assert fork.cache.length == 8 and source.cache.length == 4 and fork.copying == 0
+    finally:
+        backend.shutdown()
+        reference.shutdown()
+
+
+async def test_a_fork_whose_source_closes_before_its_copy_ends_moved_and_costs_no_one_else(tiny_model_dir):
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=8, max_length=64, prefill_chunk=8), KVBudget(4096))
+    try:
+        g = torch.Generator().manual_seed(12)
+        source = backend.open(open_request(session_id="src", start=0, end=6))
+        bystander = backend.open(open_request(session_id="by", start=0, end=6))
+        await backend.step(source, torch.randn(1, 6, 64, generator=g), 0)
+        await backend.step(bystander, torch.randn(1, 3, 64, generator=g), 0)
+        fork = backend.open(open_request(session_id="fork", start=0, end=6))
+        await backend.fork(fork, source.handle, 5, "src")
+        backend.close(source)  # (evicted, or closed by its client) before the copy ran
+        free = backend.budget.free
+        results = await asyncio.gather(backend.step(fork, torch.randn(1, 2, 64, generator=g), 5),
+                                       backend.step(bystander, torch.randn(1, 1, 64, generator=g), 3),
+                                       return_exceptions=True)
+        assert isinstance(results[0], PeerError) and results[0].code == ErrorCode.MOVED
+        assert "replay" in str(results[0]) and fork.key not in backend.sessions
+        assert isinstance(results[1], torch.Tensor) and torch.isfinite(results[1]).all()
+        assert backend.budget.free > free  # what the fork reserved is free again
+        with pytest.raises(PeerError, match="cannot fork 9 tokens"):  # a fork beyond what the source will hold
+            await backend.fork(backend.open(open_request(session_id="f2", start=0, end=6)), bystander.handle, 9,
+                               "by")
+    finally:
+        backend.shutdown()
