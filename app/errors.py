@@ -8,6 +8,8 @@ than that.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,13 +65,43 @@ def swarm_error(exc: Exception) -> APIError:
     return APIError(500, "internal error (the gateway's log has the details)", code="internal_error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "None", "json-or-python"}
+
+
+def _location(error: dict[str, Any]) -> str:
+    """The field an error is about, as OpenAI names params ("messages.0.content"): without "body" and without the
+    union branches pydantic adds to a location ("str", "list[function-after[...]]", a model's class name)."""
+    parts, chosen_tag = [], -1
+    for i, x in enumerate(error.get("loc", ())):
+        tag = isinstance(x, str) and (x == "body" or x in _TYPE_TAGS or "[" in x or "(" in x or x[:1].isupper())
+        if not tag and i != chosen_tag:
+            parts.append(str(x))
+        if isinstance(x, str) and "tagged-union[" in x:  # the tag a tagged union chose comes next (after an index)
+            chosen_tag = i + 1 if x.startswith("tagged-union[") else i + 2
+    return ".".join(parts)
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A validation's errors (pydantic's) → the one message a client reads, and its param: our own checks' words
+    where a union's branches also failed on type (an image part: "not supported", not "should be a valid string"),
+    the branches' expectations joined otherwise."""
+    errors = list(errors)
+    if not errors:
+        return "invalid request", None
+    if any(error.get("type") == "json_invalid" for error in errors):
         return "request body is not valid JSON", None
-    param = ".".join(loc)[:200] or None
-    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"[:1000], param
+    chosen = next((e for e in errors if e.get("type") in ("value_error", "assertion_error")), None)
+    if chosen is None:  # else the branch of a union that came furthest into the value (a list, not "a string")
+        chosen = max(errors, key=lambda e: len(e.get("loc", ())))
+        if len(chosen.get("loc", ())) == len(errors[0].get("loc", ())):
+            chosen = errors[0]
+    param = _location(chosen)[:200] or None
+    message = str(chosen.get("msg", "invalid request")).removeprefix("Value error, ")
+    if str(chosen.get("type", "")).endswith("_type"):  # a union's branches that each wanted another type
+        others = [str(e.get("msg", "")).removeprefix("Input should be ") for e in errors[1:]
+                  if e is not chosen and _location(e) == _location(chosen) and str(e.get("type", "")).endswith("_type")]
+        message = ", or ".join(dict.fromkeys([message, *others]))
+    return f"{param + ': ' if param else ''}{message}"[:1000], param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -79,7 +111,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return APIError(400, message, param, "invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)

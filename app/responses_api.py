@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from app.completions import chat_jobs, stream_response
-from app.errors import APIError, swarm_error
+from app.errors import APIError, swarm_error, validation_message
 from app.protocol.requests import ChatCompletionRequest
 from app.protocol.responses_api import (
     FunctionCallItem,
@@ -122,9 +122,7 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> Ch
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg', 'invalid')}"[:500], "input", "invalid_request") from e
+        raise APIError(400, validation_message(e.errors())[0][:500], "input", "invalid_request") from e
 
 
 class ResponseBuilder:
@@ -137,14 +135,15 @@ class ResponseBuilder:
         self.message: OutputMessage | None = None  # the message item being written
         self.finish: str | None = None
 
-    def close_message(self, numbers: Iterator[int]) -> list[str]:
-        """End the message item being written (if any): its closing events."""
+    def close_message(self, numbers: Iterator[int], status: str = "completed") -> list[str]:
+        """End the message item being written (if any) with `status` ("incomplete": cut at the token limit): its
+        closing events."""
         message, self.message = self.message, None
         if message is None:
             return []
         index = len(self.output) - 1
         part = message.content[0]
-        message.status = "completed"
+        message.status = "incomplete" if status == "incomplete" else "completed"
         return [_event("response.output_text.done", next(numbers), item_id=message.id, output_index=index,
                        content_index=0, text=part.text),
                 _event("response.content_part.done", next(numbers), item_id=message.id, output_index=index,
@@ -213,8 +212,8 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
                     finish = delta.finish_reason or finish
         except Exception as e:
             raise swarm_error(e) from e
-    builder.close_message(numbers)
     status = "incomplete" if finish == "length" else "completed"
+    builder.close_message(numbers, status)
     if request.store:
         store.put(builder.id, builder.conversation(chat), caller.key_id)
     return json_response(builder.snapshot(status, _usage(jobs)), headers={"x-request-id": generation.id})
@@ -248,10 +247,10 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
         async for event in _failed(builder, swarm_error(e), numbers=numbers):
             yield event
         return
-    for event in builder.close_message(numbers):
+    status = "incomplete" if finish == "length" else "completed"
+    for event in builder.close_message(numbers, status):
         yield event
     await generation.aclose()  # settles the usage counts and frees the slot
-    status = "incomplete" if finish == "length" else "completed"
     if builder.request.store:
         store.put(builder.id, builder.conversation(chat), owner)
     yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))

@@ -293,6 +293,30 @@ def test_bad_requests_get_400_with_the_openai_error_object(client, name):
     assert chat(client).status_code == 200  # and the next request is served
 
 
+@pytest.mark.parametrize(("path", "body", "param", "words"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0", "parts of type 'image_url' are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     "a valid string, or a valid list"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
+    ("/v1/responses", {"input": [{"type": "reasoning"}]}, "input.0", "'reasoning'"),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content.0", "parts of type 'input_image' are not supported"),
+    ("/v1/responses", {"input": [{"role": "tool", "content": "x"}]}, "input.0.role", "should be 'user'"),
+    ("/v1/completions", {"prompt": {}}, "prompt", "a valid string, or a valid list"),
+])
+def test_a_refused_field_is_named_with_the_reason_not_a_union_branchs(client, path, body, param, words):
+    """A union's branches all fail for a value of the wrong kind: the client reads the check that says why (an image
+    part is not supported), at the field's own name, not "<field>.str: Input should be a valid string"."""
+    base = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}, "/v1/responses": {"input": "hi"},
+            "/v1/completions": {"prompt": "hi"}}[path]
+    response = client.post(path, json={"model": "fake/model-1", **base, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"] and "Value error" not in error["message"], error
+    assert ".str" not in error["message"] and "[" not in (error["param"] or ""), error
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_completions_echo_the_prompt_with_its_logprobs_and_text_offsets(client, stream):
     body = {"model": "fake/model-1", "prompt": "Say: ", "max_tokens": 5, "echo": True, "logprobs": 1, "n": 2,
@@ -313,6 +337,22 @@ def test_completions_echo_the_prompt_with_its_logprobs_and_text_offsets(client, 
     assert logprobs["text_offset"] == list(range(10))  # one character per token here
     plain = client.post("/v1/completions", json={**body, "logprobs": None, "stream": False}).json()["choices"][0]
     assert plain["text"] == "Say: " + REPLY[:5] and plain["logprobs"] is None
+
+
+def test_legacy_top_logprobs_always_hold_the_chosen_token():
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements" (a sampled token outside the top ones, and logprobs: 0)."""
+    from app.protocol.responses import CompletionLogprobs, TokenLogprob, TopLogprob
+
+    def top(token, logprob):
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    entries = [TokenLogprob(token="P", logprob=None, bytes=[80], top_logprobs=[]),
+               TokenLogprob(token=" unto", logprob=-17.9, bytes=[], top_logprobs=[top(".", -0.4)]),
+               TokenLogprob(token=" Paris", logprob=-0.3, bytes=[], top_logprobs=[top(" Paris", -0.3)]),
+               TokenLogprob(token="!", logprob=-2.0, bytes=[], top_logprobs=[])]
+    assert CompletionLogprobs.of(entries).top_logprobs == [None, {".": -0.4, " unto": -17.9}, {" Paris": -0.3},
+                                                           {"!": -2.0}]
 
 
 def test_explicit_nulls_mean_absent(client, backend):
