@@ -57,7 +57,8 @@ def _json(value: Any) -> str:
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:
-    return tool.function.parameters or {"type": "object", "properties": {}}
+    """Its arguments' schema; a function without `parameters` takes none (OpenAI: "an empty parameter list")."""
+    return tool.function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def _call_schema(tool: Tool) -> dict[str, Any]:

@@ -24,6 +24,8 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
     "additionalProperties": False}}}
 
+NOW = {"type": "function", "function": {"name": "now", "description": "The time now"}}
+
 
 def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **fields)
@@ -68,6 +70,9 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
     ({"tools": [ADD], "response_format": {"type": "json_object"}}, CALL, True),  # auto + format: a call...
     ({"tools": [ADD], "response_format": {"type": "json_object"}}, '{"sum": 3}', True),  # ...or the JSON
     ({"tools": [ADD], "response_format": {"type": "json_object"}}, "3", False),
+    ({"tools": [NOW], "tool_choice": "required"}, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>', True),
+    ({"tools": [NOW], "tool_choice": "required"},  # no parameters: no arguments (OpenAI's empty parameter list)
+     '<tool_call>\n{"name": "now", "arguments": {"time": "noon"}}\n</tool_call>', False),
 ])
 def test_the_grammar_of_a_request_accepts_what_it_asked_for_and_nothing_else(grammars, tokenizer, fields, text,
                                                                               accepted):
