@@ -82,8 +82,15 @@ class CompletionLogprobs(BaseModel):
             offsets.append(offset)
             offset += len(entry.token)
         return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                   top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} if e.logprob is not None else None
-                                 for e in entries], text_offset=offsets)
+                   top_logprobs=[cls._top(e) if e.logprob is not None else None for e in entries], text_offset=offsets)
+
+    @staticmethod
+    def _top(entry: TokenLogprob) -> dict[str, float]:
+        """The alternatives and, always, the token itself (OpenAI: "up to logprobs+1 elements")."""
+        top = {t.token: t.logprob for t in entry.top_logprobs}
+        if entry.logprob is not None:
+            top.setdefault(entry.token, entry.logprob)
+        return top
 
 
 # ---- chat completions ------------------------------------------------------------------------------------------

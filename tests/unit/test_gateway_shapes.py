@@ -113,7 +113,7 @@ def test_text_completion_body_and_chunk_fields(client):
     assert all(set(e) == CHUNK_KEYS and e["object"] == "text_completion" for e in events)
     choices = [c for e in events for c in e["choices"]]
     assert choices[0] == {"index": 0, "text": "H", "finish_reason": None,
-                          "logprobs": {"tokens": ["H"], "token_logprobs": [-0.5], "top_logprobs": [{}],
+                          "logprobs": {"tokens": ["H"], "token_logprobs": [-0.5], "top_logprobs": [{"H": -0.5}],
                                        "text_offset": [0]}}
     assert set(choices[0]) == {"index", "text", "logprobs", "finish_reason"}
 
