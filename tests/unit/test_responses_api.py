@@ -44,10 +44,16 @@ def test_a_response_object_with_text_usage_and_the_sdks_output_text(sdk, backend
     assert backend.decode(backend.requests[-1].prompt_ids).startswith("<system>Be brief.<user>hi")
 
 
-def test_max_output_tokens_makes_it_incomplete(sdk):
+def test_max_output_tokens_makes_it_incomplete(sdk, client):
     response = sdk.responses.create(model="fake/model-1", input="hi", max_output_tokens=5)
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
-    assert response.output_text == REPLY[:5]
+    assert response.output_text == REPLY[:5] and response.output[0].status == "incomplete"  # the message too
+    streamed = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", "max_output_tokens": 5,
+                                                  "stream": True}).text
+    events = [json.loads(line[len("data: "):]) for line in streamed.splitlines() if line.startswith("data: ")]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [item["status"] for item in done] == ["incomplete"] and events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["output"][0]["status"] == "incomplete"
 
 
 def test_the_event_stream_is_what_the_sdk_accumulates_into_the_same_response(sdk):
