@@ -37,6 +37,9 @@ class FailoverPolicy:
     min_probe_after: float = 1.0
     probe_factor: float = 4.0
     replay_chunk: int = 1024  # tokens per replay step
+    # a step of a prompt's tokens may take the step timeout per this many of them (a long context's chunk costs a
+    # slow or busy peer tens of seconds), and a peer silent for one step timeout is probed meanwhile
+    prefill_tokens_per_timeout: int = 128
     open_attempts: int = 3  # chains tried to open a session on, when peers refuse or fail the opening
 
 
@@ -264,17 +267,27 @@ class InferenceSession:
 
     def link_timeout(self, i: int, new_tokens: int) -> float:
         latency = self._latency[i]
-        if new_tokens > 1 or latency is None:
+        if new_tokens > 1:  # a prompt's chunk: its compute grows with its tokens (see link_probe)
+            return self.chunk_timeout(new_tokens)
+        if latency is None:
             return self.step_timeout
         return max(self.policy.min_step_timeout, self.policy.latency_factor * latency)
 
+    def chunk_timeout(self, tokens: int) -> float:
+        """How long a step of `tokens` of a prompt (or a replay) may take: the step timeout per
+        FailoverPolicy.prefill_tokens_per_timeout of them."""
+        return self.step_timeout * max(1.0, tokens / self.policy.prefill_tokens_per_timeout)
+
     def link_probe(self, i: int, new_tokens: int) -> Probe | None:
-        """When a decode step of link i that has no answer yet makes the router ask its peer whether it lives."""
+        """When a step of link i that has no answer yet makes the router ask its peer whether it lives: a decode step
+        after a few of its usual ones, a prompt's chunk (whose timeout grows with its tokens) after a step timeout."""
         latency, router = self._latency[i], self.router
-        if new_tokens > 1 or latency is None or router is None or not self.policy.min_probe_after:
+        if router is None or not self.policy.min_probe_after or (new_tokens == 1 and latency is None):
             return None
         peer_id = self.streams[i].link.peer.peer_id
-        return max(self.policy.min_probe_after, self.policy.probe_factor * latency), lambda: router.alive(peer_id)
+        after = self.step_timeout if new_tokens > 1 else max(self.policy.min_probe_after,
+                                                              self.policy.probe_factor * (latency or 0.0))
+        return after, lambda: router.alive(peer_id)
 
     def remember(self, i: int, hidden: torch.Tensor, position: int, seconds: float, observed: bool = True) -> None:
         """Keep link i's input of this step for replay; `observed`: `seconds` is the link's round trip (a pushed
@@ -469,7 +482,8 @@ class InferenceSession:
         outputs = []
         for start in range(0, history.shape[1], self.policy.replay_chunk):
             chunk = history[:, start : start + self.policy.replay_chunk]
-            outputs.append(await stream.step(chunk, start, self.step_timeout))  # PushMismatch: see _rebuild
+            # (PushMismatch: see _rebuild)
+            outputs.append(await stream.step(chunk, start, self.chunk_timeout(chunk.shape[1])))
         return torch.cat(outputs, dim=1)
 
     async def close(self) -> None:

@@ -85,3 +85,32 @@ async def test_sessions_asking_about_the_same_late_peer_share_one_probe(monkeypa
     assert sorted(calls) == ["QmA", "QmB"]
     assert await router.alive("QmA") is False and len(calls) == 3, "a later question probes again"
     await router.close()
+
+
+async def test_a_prompt_chunk_may_take_longer_with_its_tokens_while_its_peer_says_it_lives():
+    """A long context's prompt chunk can cost a busy 2-core peer more than the 30 s step timeout (an 8k-token prompt
+    was answered with 'no live peers serve blocks 0:30' while its only peer was computing it): a chunk's timeout
+    grows with its tokens, and the peer is probed after one step timeout (a dead one is still given up then)."""
+    from types import SimpleNamespace
+
+    from swarm.client.session import FailoverPolicy, InferenceSession
+
+    asked = []
+
+    class Router:
+        def opened(self, peers):
+            pass
+
+        async def alive(self, peer_id):
+            asked.append(peer_id)
+            return True
+
+    stream = SimpleNamespace(link=SimpleNamespace(peer=SimpleNamespace(peer_id="p")))
+    session = InferenceSession(None, [stream], 8192, 1, 30.0, Router(), FailoverPolicy())  # type: ignore[arg-type]
+    assert session.link_timeout(0, 1) == 30.0 and session.link_probe(0, 1) is None  # no decode step timed yet
+    assert session.link_timeout(0, 100) == 30.0 and session.link_timeout(0, 1024) == 240.0
+    assert session.chunk_timeout(1024) == 240.0  # a replay's chunk too
+    after, alive = session.link_probe(0, 1024)
+    assert after == 30.0 and await alive() and asked == ["p"]
+    session._latency[0] = 0.05  # a decode step's timeout and probe follow the link's usual step, as before
+    assert session.link_timeout(0, 1) == 5.0 and session.link_probe(0, 1)[0] == 1.0
