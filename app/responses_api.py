@@ -195,7 +195,14 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
                            "previous_response_id", "not_found")
         history = found
     chat = chat_request(request, history)
-    jobs = await chat_jobs(engine, chat)
+    try:
+        jobs = await chat_jobs(engine, chat)
+    except APIError as e:
+        if e.param == "max_tokens":  # the chat request's names for this request's fields
+            e.param, e.message = "max_output_tokens", e.message.replace("max_tokens", "max_output_tokens")
+        elif e.param == "messages":
+            e.param = "input"
+        raise
     builder = ResponseBuilder(request, history)
     if request.stream:
         return await stream_response(engine, jobs, caller,

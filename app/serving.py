@@ -211,8 +211,8 @@ class ServingEngine:
             raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param, "invalid_value")
         limit = request.token_limit
         if limit is not None and len(prompt_ids) + limit > context:
-            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({limit}) exceeds the context of "
-                           f"{context} tokens", "max_tokens", "context_length_exceeded")
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + {request.token_limit_param} ({limit}) exceeds "
+                           f"the context of {context} tokens", request.token_limit_param, "context_length_exceeded")
         bias = {int(k): v for k, v in (request.logit_bias or {}).items()}  # decimal strings (validated)
         if not all(0 <= k < vocab for k in bias):
             raise APIError(400, f"logit_bias token ids must be in 0..{vocab - 1}", "logit_bias", "invalid_value")

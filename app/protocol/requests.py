@@ -233,6 +233,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def token_limit_param(self) -> str:
+        """The field token_limit came from (what an error about it names)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -252,6 +257,10 @@ class CompletionRequest(_SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def token_limit_param(self) -> str:
+        return "max_tokens"
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: of texts, or of token-id lists."""

@@ -8,9 +8,12 @@ writer leaves it out (`CHUNK_WITHOUT_USAGE`) otherwise.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, SerializeAsAny, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, SerializeAsAny, SerializerFunctionWrapHandler, model_serializer
+
+SERVING_SINCE = int(time.time())  # a model card's `created`: when this gateway process began
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 CHUNK_WITHOUT_USAGE = {"usage"}  # `exclude` for chunks of a stream that did not ask for usage
@@ -206,7 +209,7 @@ class TextCompletionChunk(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = 0
+    created: int = Field(default_factory=lambda: SERVING_SINCE)  # (when this gateway began serving it)
     owned_by: str = "swarm"
     context_length: int
 

@@ -339,6 +339,17 @@ def test_completions_echo_the_prompt_with_its_logprobs_and_text_offsets(client, 
     assert plain["text"] == "Say: " + REPLY[:5] and plain["logprobs"] is None
 
 
+def test_the_context_check_names_the_limit_the_client_sent_and_models_have_a_created_time(client):
+    """(The fake's context is 256 tokens.)"""
+    for field in ("max_tokens", "max_completion_tokens"):
+        error = chat(client, **{field: 250}).json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == field and field in error["message"]
+    error = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", "max_output_tokens": 250,
+                                               "store": False}).json()["error"]
+    assert error["param"] == "max_output_tokens" and "max_output_tokens (250)" in error["message"], error
+    assert client.get("/v1/models").json()["data"][0]["created"] > 1_700_000_000
+
+
 def test_legacy_top_logprobs_always_hold_the_chosen_token():
     """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
     elements" (a sampled token outside the top ones, and logprobs: 0)."""

@@ -119,11 +119,14 @@ def test_text_completion_body_and_chunk_fields(client):
 
 
 def test_model_cards(client):
+    from app.protocol.responses import SERVING_SINCE
+
     listing = client.get("/v1/models").json()
     assert set(listing) == {"object", "data"} and listing["object"] == "list"
+    since = SERVING_SINCE  # (when the gateway process began: a time, not 0)
     assert listing["data"] == [
-        {"id": "fake/model-1", "object": "model", "created": 0, "owned_by": "swarm", "context_length": 256},
-        {"id": "fake/embedder", "object": "model", "created": 0, "owned_by": "swarm", "context_length": 128,
+        {"id": "fake/model-1", "object": "model", "created": since, "owned_by": "swarm", "context_length": 256},
+        {"id": "fake/embedder", "object": "model", "created": since, "owned_by": "swarm", "context_length": 128,
          "type": "embedding", "dimensions": 3}]
     assert client.get("/v1/models/fake/model-1").json() == listing["data"][0]
     assert client.get("/v1/models/fake/embedder").json() == listing["data"][1]
