@@ -290,7 +290,7 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
         engine.check_prompt_size(len(text), "prediction")
         prediction = (await engine.tokenize(engine.backend.encode, text))[: engine.backend.context_length]
     return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names,
-                            prediction=prediction)]
+                            prediction=prediction, single_call=not request.parallel_tool_calls)]
 
 
 def _message_chars(message: dict[str, Any]) -> int:

@@ -90,6 +90,7 @@ class Job:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
+    single_call: bool = False  # parallel_tool_calls: false (an answer ends at its first call)
     echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
     route: tuple[str, ...] = ()  # the peers its session went through (as the first step found them)
     kept_drafts: int = 0  # speculative decoding: completion tokens that were drafted and kept
@@ -109,9 +110,10 @@ def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float
 
 def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
     """Move the tool calls out of a delta's text (app.structured). A choice that called a tool and ended by itself
-    finishes with "tool_calls"; so does one that repeats a call (it is ended there)."""
+    finishes with "tool_calls"; so does one that repeats a call, or calls a second time without parallel_tool_calls
+    (it is ended there)."""
     delta.text, delta.tool_calls = reader.feed(delta.text)
-    if reader.repeated and delta.finish_reason is None:
+    if reader.ended and delta.finish_reason is None:
         delta.finish_reason = "tool_calls"
     if delta.finish_reason is not None:
         delta.text += reader.finish()
@@ -199,7 +201,7 @@ class ServingEngine:
 
     def make_job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
                  logprobs: int | None, index_offset: int = 0, grammar: Grammar | None = None,
-                 tool_names: frozenset[str] = frozenset(), echo: str | None = None,
+                 tool_names: frozenset[str] = frozenset(), echo: str | None = None, single_call: bool = False,
                  prediction: list[int] | None = None) -> Job:
         context, vocab = self.backend.context_length, self.backend.vocab_size
         self.check_choices(request.n)
@@ -228,7 +230,8 @@ class ServingEngine:
             speculative=speculative, draft_while=draft_while,
             prediction=tuple(prediction or ()),
         )
-        return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo)
+        return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo,
+                   single_call=single_call)
 
     def _default_limit(self, prompt_tokens: int) -> int:
         rest = self.backend.context_length - prompt_tokens
@@ -239,7 +242,7 @@ class ServingEngine:
         """Per step, the text deltas of the job's choices; every choice ends with a finish_reason."""
         n, limit = job.request.n, job.request.max_new_tokens
         texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
-        readers = [ToolCallReader(set(job.tool_names)) for _ in range(n)] if job.tool_names else None
+        readers = [ToolCallReader(set(job.tool_names), job.single_call) for _ in range(n)] if job.tool_names else None
         prompt_entries: list[TokenLogprob] | None = None  # the echoed prompt's, built once for every choice
         counts, finished = [0] * n, [False] * n
         stream = self.backend.generate(job.request)

@@ -185,17 +185,18 @@ class ToolCallReader:
     """Splits one choice's text, as it streams, into content and tool calls (see the module). `feed` returns the
     content that can be released and the calls completed; text that may be the start of a call is held back.
 
-    A call identical to one before it (same name, same arguments) is not returned again, and sets `repeated`: the
-    answer should end there (a small model asked for calls repeats one word for word rather than stopping)."""
+    A call identical to one before it (same name, same arguments) is not returned again, and sets `ended`: the
+    answer should end there (a small model asked for calls repeats one word for word rather than stopping). With
+    `single` (parallel_tool_calls: false), the first call sets it too (auto mode has no grammar to stop a second)."""
 
-    def __init__(self, names: set[str]):
-        self.names = names
+    def __init__(self, names: set[str], single: bool = False):
+        self.names, self.single = names, single
         self.pending = ""  # text not released yet
         self.in_call = False
         self.gap = ""  # the whitespace before the call being read: dropped if it is a call, else text again
         self.calls = 0
         self.seen: set[tuple[str, str]] = set()
-        self.repeated = False
+        self.ended = False
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self.pending += text
@@ -211,10 +212,13 @@ class ToolCallReader:
                 if call is None:
                     content += f"{gap}{CALL_OPEN}{body}{CALL_CLOSE}"  # not a call of ours: it stays text
                 elif isinstance(call, str):  # "repeated"
-                    self.repeated = True
+                    self.ended = True
                     return content, calls
                 else:
                     calls.append(call)
+                    if self.single:
+                        self.ended = True
+                        return content, calls
                 continue
             start = self.pending.find(CALL_OPEN)
             if start >= 0:
@@ -231,10 +235,10 @@ class ToolCallReader:
 
     def finish(self) -> str:
         """The text left once the choice has ended. After calls, what is left of an unclosed call (cut by the
-        token limit) and whitespace are dropped, and after a repeated call everything; before any call, an unclosed
-        call is text."""
+        token limit) and whitespace are dropped, and after the call that ended the answer everything; before any
+        call, an unclosed call is text."""
         rest = (self.gap + CALL_OPEN if self.in_call else "") + self.pending
-        if self.repeated or (self.calls and (self.in_call or not rest.strip())):
+        if self.ended or (self.calls and (self.in_call or not rest.strip())):
             rest = ""
         self.pending, self.in_call, self.gap = "", False, ""
         return rest

@@ -186,8 +186,17 @@ def test_the_reader_leaves_text_that_is_not_a_call_of_these_tools():
 def test_a_repeated_call_ends_the_answer_and_is_returned_once():
     reader = ToolCallReader({"add"})
     content, calls = reader.feed(f"{CALL}\n{CALL}\n{CALL}")
-    assert len(calls) == 1 and reader.repeated and content == ""
+    assert len(calls) == 1 and reader.ended and content == ""
     assert reader.finish() == ""
+
+
+def test_without_parallel_calls_the_first_call_ends_the_answer():
+    """parallel_tool_calls: false in auto mode (no grammar there): the reader ends the answer at its first call."""
+    content, calls = ToolCallReader({"add", "get_weather"}, single=True).feed(f"Both.\n{CALL}\n{WEATHER_CALL}\nmore")
+    assert [c.name for c in calls] == ["add"] and content == "Both."
+    several = ToolCallReader({"add", "get_weather"})
+    assert [c.name for c in several.feed(f"{CALL}\n{WEATHER_CALL}")[1]] == ["add", "get_weather"]
+    assert not several.ended
 
 
 CALLS_REPLY = f"Sure.\n{CALL}\n{CALL}\nnever read"
@@ -207,6 +216,11 @@ def test_the_gateway_returns_calls_streamed_or_not_with_finish_reason_tool_calls
         whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
         events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))
         plain = client.post("/v1/chat/completions", json={**body, "tools": None}).json()["choices"][0]
+        backend.reply = f"Both.\n{CALL}\n{WEATHER_CALL}\nmore"
+        single = client.post("/v1/chat/completions", json={**body, "tools": [ADD, WEATHER],
+                                                           "parallel_tool_calls": False}).json()["choices"][0]
+    assert single["finish_reason"] == "tool_calls" and single["message"]["content"] == "Both."
+    assert [c["function"]["name"] for c in single["message"]["tool_calls"]] == ["add"]
     assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] == "Sure."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] \
         == [("add", {"a": 1, "b": 2})]
