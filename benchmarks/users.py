@@ -7,7 +7,9 @@ A chat frontend sends every user's requests with its one key and its one system 
 serve`'s gateway (each configuration its own, as in benchmarks.serve; rounds interleave them):
 - `first`: N users start a conversation at once (the system prompt, a question of their own), 32 tokens each;
 - `newcomers`: N other users start theirs at once;
-- `second`: the first N users' second turns at once (their history, a follow-up), 16 tokens each.
+- `second`: the first N users' second turns at once (their history, a follow-up), 16 tokens each;
+- `joining`: N visitors start conversations 0.15 s apart, 32 tokens each: most arrive while others decode, as
+  users of a frontend do (their forks join running rounds).
 Per phase: time to first token p50 / p90 / max, the prompt tokens the gateway reports as cached (usage), and the
 aggregate tok/s. `embedded` forks a parked session's shared prefix into each newcomer's session (swarm.protocol:
 fork) and leaves the parked conversations for their second turns; `embedded_nofork` (SWARM_FORK_SESSIONS=0) takes the
@@ -42,9 +44,13 @@ QUESTIONS = ["how to start a compost heap", "when to plant garlic", "why tomato 
              "how to attract bees", "why my cucumbers are bitter", "how to grow strawberries in pots"]
 
 
-def conversation(round_: int, user: int, newcomer: bool = False) -> list[dict[str, str]]:
+PHASES = ("first", "newcomers", "second", "joining")
+JOIN_GAP_S = 0.15  # between the arrivals of the `joining` phase
+
+
+def conversation(round_: int, user: int, newcomer: bool = False, visitor: bool = False) -> list[dict[str, str]]:
     topic = QUESTIONS[user % len(QUESTIONS)]
-    who = "Another gardener" if newcomer else "A gardener"
+    who = "A visitor" if visitor else "Another gardener" if newcomer else "A gardener"
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"{who} ({round_}.{user}) asks: {topic}?"}]
 
@@ -69,8 +75,13 @@ async def chat(client: httpx.AsyncClient, url: str, messages: list[dict[str, str
 
 
 async def phase(client: httpx.AsyncClient, url: str, conversations: list[list[dict[str, str]]], tokens: int,
-                eos: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    results = await asyncio.gather(*(chat(client, url, messages, tokens, eos) for messages in conversations))
+                eos: int, gap: float = 0.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The conversations' next turns, sent at once (or `gap` seconds apart)."""
+    async def later(i: int, messages: list[dict[str, str]]) -> dict[str, Any]:
+        await asyncio.sleep(i * gap)
+        return await chat(client, url, messages, tokens, eos)
+
+    results = await asyncio.gather(*(later(i, messages) for i, messages in enumerate(conversations)))
     ttft = [r["ttft"] for r in results]
     wall = max(r["end"] for r in results) - min(r["sent"] for r in results)
     return {"ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p90_s": round(percentile(ttft, 0.9), 3),
@@ -91,7 +102,9 @@ async def one_round(port: int, users: int, round_: int, eos: int) -> dict[str, A
                          {"role": "user", "content": "Thank you. What is the most common mistake there?"}]
                         for messages, answer in zip(first_turns, answers, strict=True)]
         second, _ = await phase(client, url, second_turns, 16, eos)
-    return {"first": first, "newcomers": newcomers, "second": second}
+        joining, _ = await phase(client, url, [conversation(round_, u, visitor=True) for u in range(users)], 32, eos,
+                                 JOIN_GAP_S)
+    return {"first": first, "newcomers": newcomers, "second": second, "joining": joining}
 
 
 async def run(args) -> dict[str, Any]:
@@ -121,10 +134,11 @@ async def run(args) -> dict[str, Any]:
             for swarm in swarms.values():
                 swarm.stop()
     summary = {name: {part: {key: median([r[part][key] for r in runs]) for key in runs[0][part]}
-                      for part in ("first", "newcomers", "second")} for name, runs in rounds.items()}
+                      for part in PHASES} for name, runs in rounds.items()}
     return {"benchmark": "users", "machine": machine(), "versions": versions(),
             "settings": {"users": args.users, "rounds": args.rounds, "configs": {n: CONFIGS[n] for n in names},
-                         "tokens": {"first": 32, "newcomers": 32, "second": 16},
+                         "tokens": {"first": 32, "newcomers": 32, "second": 16, "joining": 32},
+                         "join_gap_s": JOIN_GAP_S,
                          "baseline": None if args.baseline is None else {
                              "dir": str(args.baseline), "revision": _revision(args.baseline)}},
             "rounds": rounds, "median": summary}
