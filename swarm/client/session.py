@@ -480,10 +480,13 @@ class InferenceSession:
 
     async def _replay(self, stream: PeerStream, history: torch.Tensor) -> torch.Tensor:
         outputs = []
+        router, peer_id = self.router, stream.link.peer.peer_id
+        probe = (self.step_timeout, lambda: router.alive(peer_id)) \
+            if router is not None and self.policy.min_probe_after else None  # (see link_probe)
         for start in range(0, history.shape[1], self.policy.replay_chunk):
             chunk = history[:, start : start + self.policy.replay_chunk]
             # (PushMismatch: see _rebuild)
-            outputs.append(await stream.step(chunk, start, self.chunk_timeout(chunk.shape[1])))
+            outputs.append(await stream.step(chunk, start, self.chunk_timeout(chunk.shape[1]), probe=probe))
         return torch.cat(outputs, dim=1)
 
     async def close(self) -> None:

@@ -255,8 +255,8 @@ class SpanBackend:
         opened it as `source_id` (swarm.protocol: fork): the same client's, over the same blocks and batch size (a
         handle names a session of this backend only; the id makes a stale handle, reused by another session, fail).
         PeerError (bad_request, capacity) otherwise. Returns once the copy is queued (Scheduler.run_first): it runs
-        on the compute thread before the next round, ahead of any step of either session queued after it, so the
-        session's first step can come at once and join that round. The copy checks there that both sessions are
+        on the compute thread before a round (usually the next), ahead of any step of either session queued after it,
+        so the session's first step can come at once and join that round. The copy checks there that both sessions are
         still open and the source holds the tokens; where not, the session ends (moved: its client replays what it
         forked from the inputs it keeps) before its steps run."""
         source = self.member(handle, session)
@@ -269,21 +269,20 @@ class SpanBackend:
         self._check_open(session)
 
         def copy() -> torch.Tensor:
-            try:
-                if source.key not in self.sessions or session.key not in self.sessions \
-                        or not session.cache.copy_prefix(source.cache, tokens):
-                    raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
-            finally:
-                session.copying = 0
+            if source.key not in self.sessions or session.key not in self.sessions \
+                    or not session.cache.copy_prefix(source.cache, tokens):
+                raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
+            session.copying = 0  # (only once copied: till failed() ends it, its steps are validated as if copied)
             return torch.empty(0)
 
         def failed(error: Exception) -> None:
+            session.copying = 0
             if session.key in self.sessions:
                 self._end(session, PeerError(f"could not start from the session it forked ({error}); replay it",
                                              ErrorCode.MOVED))
 
         session.copying = tokens
-        done = self.scheduler.run_first(copy, session.client, failed)
+        done = self.scheduler.run_first(copy, session.batch_size * tokens, session.client, (session, source), failed)
         done.add_done_callback(lambda future: future.cancelled() or future.exception())  # (failed() handled it)
 
     def member(self, handle: object, of: Session) -> Session:
@@ -400,7 +399,7 @@ class SpanBackend:
                 out = await self.scheduler.prefill(Step(session, part, position + start, loop.create_future()))
             else:
                 out = await self.scheduler.run(partial(self.compute, session, part, position + start),
-                                               part.shape[0] * part.shape[1], session.client)
+                                               part.shape[0] * part.shape[1], session.client, session)
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 

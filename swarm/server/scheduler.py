@@ -27,10 +27,10 @@ chunks never wait for a decode batch's late members: a round without the decode 
 
 A prompt longer than a chunk is several chunks, submitted one after the other (each after the previous one's result),
 so other prompts' chunks run between its chunks. Jobs (steps of sessions of several rows, encoder inputs: whatever
-cannot join a round) run after the round, in the same budget; short ones that a session's steps must follow (a
-fork's copy) run before the next round, whatever its budget, so that steps queued after them follow them. The
-scheduler sleeps on an event between arrivals. A step whose session was closed while it waited (handed off, evicted)
-fails with SessionClosed.
+cannot join a round) run after the round, in the same budget. Jobs that sessions' steps must follow (forks'
+copies: run_first) run before a round, in a budget of their own; those sessions' steps queued after them wait until
+they are taken. The scheduler sleeps on an event between arrivals. A step whose session was closed while it waited
+(handed off, evicted) fails with SessionClosed.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 UNGROUPED_MEMORY = 1.0  # seconds a session that sent an ungrouped decode step counts as decoding
+FIRST_ROUNDS = 16  # first jobs (forks' copies) taken per round: up to this many rounds' tokens (at least one job)
 LOG_PERIOD = 10.0  # seconds between batching log lines
 
 
@@ -82,10 +83,13 @@ class Job:
     tokens: int  # rows x new tokens, for the round's budget
     future: asyncio.Future
     client: str = ""
-    # a short job that something waits for before its session's steps (a fork's copy): taken by the next round
-    # whatever its budget, run before it, and `failed` called with its exception before that round's steps run
+    # a job that steps of the sessions it `holds` must follow (a fork's copy: Scheduler.run_first): run before the
+    # round it is taken with, those sessions' steps taken no sooner, `failed` called with its exception before the
+    # round's steps run
     first: bool = False
     failed: Callable[[Exception], None] | None = None
+    holds: tuple[Any, ...] = ()
+    session: Any = None  # (a job of one session's step: held back while a first job holds that session)
 
 
 # run_round(steps) → each step's output [1, T, H], in order (all steps over the same blocks of the span)
@@ -110,6 +114,7 @@ class Scheduler:
         # several rounds, and its later members must not wait for those already computed
         self._arrived: dict[tuple[str, str], list[int]] = {}
         self._served: dict[str, int] = {}  # client with work queued → the round it was last served in
+        self._held: dict[int, int] = {}  # id(session) → first jobs holding it, not run yet
         self._rounds = 0
         self.forwards = self.rows = 0  # rounds with decode steps, and the decode steps they carried
         self.batch_sizes: list[int] = []  # decode steps of every round with several (recent ones), for stats
@@ -134,16 +139,23 @@ class Scheduler:
         """A chunk of a one-row session's prompt, in a round after the chunks and jobs queued before it."""
         return await self._queue(step)
 
-    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "") -> torch.Tensor:
-        """fn() on the compute thread, after the chunks and jobs queued before it."""
-        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client))
+    async def run(self, fn: Callable[[], torch.Tensor], tokens: int, client: str = "",
+                  session: Any = None) -> torch.Tensor:
+        """fn() on the compute thread, after the chunks and jobs queued before it (`session`: the session whose step
+        it is, if any)."""
+        return await self._queue(Job(fn, tokens, asyncio.get_running_loop().create_future(), client, session=session))
 
-    def run_first(self, fn: Callable[[], torch.Tensor], client: str,
+    def run_first(self, fn: Callable[[], torch.Tensor], tokens: int, client: str, holds: tuple[Any, ...],
                   failed: Callable[[Exception], None]) -> asyncio.Future:
-        """Queue a short job (a fork's copy) that runs on the compute thread before the next round, ahead of every
-        step and job queued after it (whatever the round's budget); `failed(exception)` is called, on the event
-        loop, before that round's steps run. Returns its future (queued now: callers need not await it)."""
-        job = Job(fn, 0, asyncio.get_running_loop().create_future(), client, True, failed)
+        """Queue a job (a fork's copy: `tokens` copied) that runs on the compute thread before a round, ahead of
+        every step and job of the sessions it `holds` queued after it: those wait until it is taken, and run in the
+        round after it. First jobs are taken before the rest of the work, clients in turns, up to FIRST_ROUNDS
+        rounds' tokens a round (at least one), so the first step of a forked session usually joins the next round.
+        `failed(exception)` is called on the event loop before that round's steps run. Returns its future (queued
+        now: callers need not await it)."""
+        job = Job(fn, tokens, asyncio.get_running_loop().create_future(), client, True, failed, holds)
+        for session in holds:
+            self._held[id(session)] = self._held.get(id(session), 0) + 1
         self._work.append(job)
         self._ensure_running().set()
         return job.future
@@ -164,21 +176,20 @@ class Scheduler:
         idle = True  # steps without a group wait for their peers only when the scheduler was idle
         while True:
             idle = await self._wait(idle)
-            decodes = self._take_decodes(idle)
-            chunks, jobs = self._take_work()
+            firsts, held = self._take_first()
+            decodes = self._take_decodes(idle, held)
+            chunks, jobs = self._take_work(held)
             if decodes:
                 idle = False
-            self._count_turns([*decodes, *chunks, *(job for job in jobs if not job.first)])
-            if any(job.first for job in jobs):
-                for job in jobs:
-                    if job.first:
-                        await self._run_alone(job)
+            self._count_turns([*decodes, *chunks, *jobs])
+            if firsts:
+                for job in firsts:
+                    await self._run_alone(job)
                 decodes = [step for step in decodes if self._live(step)]  # (a failed copy closes its session)
                 chunks = [step for step in chunks if self._live(step)]
             await self._run(decodes, chunks)
             for job in jobs:
-                if not job.first:
-                    await self._run_alone(job)
+                await self._run_alone(job)
 
     async def _wait(self, idle: bool) -> bool:
         """Until chunks or jobs are queued, or some client's decode steps are ready (see _ready). Returns whether the
@@ -221,12 +232,30 @@ class Scheduler:
         decoding = sum(1 for key, (owner, _) in self._decoding.items() if owner == client and self._is_open(key))
         return ungrouped and 0 < alone < decoding
 
-    def _take_decodes(self, idle: bool) -> list[Step]:
-        """The decode steps of this round: the ready clients' (up to max_batch_sessions, clients in turns)."""
+    def _take_first(self) -> tuple[list[Job], set[int]]:
+        """The first jobs of this round (see run_first), and the sessions still held by first jobs not taken."""
+        firsts = [item for item in self._work if isinstance(item, Job) and item.first]
+        if not firsts:
+            return [], set()
+        taken, budget = [], FIRST_ROUNDS * self.round_tokens
+        for job in self._in_turns(firsts):
+            if budget <= 0:
+                break
+            taken.append(job)
+            budget -= job.tokens
+        chosen = {id(job) for job in taken}
+        self._work = collections.deque(item for item in self._work if id(item) not in chosen)
+        held = {key for key, n in self._held.items() if n > sum(id(s) == key for job in taken for s in job.holds)}
+        return taken, held
+
+    def _take_decodes(self, idle: bool, held: set[int]) -> list[Step]:
+        """The decode steps of this round: the ready clients' (up to max_batch_sessions, clients in turns), but not
+        those of sessions `held` by first jobs not taken yet."""
         ready = self._ready(idle) if self._decodes else set()
         if not ready:
             return []
-        taken = self._in_turns([step for step in self._decodes if step.client in ready])[: self.max_batch_sessions]
+        free = [step for step in self._decodes if step.client in ready and id(step.session) not in held]
+        taken = self._in_turns(free)[: self.max_batch_sessions]
         chosen = {id(step) for step in taken}
         self._decodes = [step for step in self._decodes if id(step) not in chosen]
         left = {step.client for step in self._decodes}
@@ -239,11 +268,14 @@ class Scheduler:
         self._forget_groups()
         return [step for step in taken if self._live(step)]
 
-    def _take_work(self) -> tuple[list[Step], list[Job]]:
-        """Chunks and jobs up to the round's token budget, clients in turns, at least one; every `first` job."""
-        taken: list[Step | Job] = [item for item in self._work if isinstance(item, Job) and item.first]
+    def _take_work(self, held: set[int]) -> tuple[list[Step], list[Job]]:
+        """Chunks and jobs up to the round's token budget, clients in turns, at least one (if any may go: not
+        first jobs, nor the work of sessions `held`)."""
+        taken: list[Step | Job] = []
         budget = self.round_tokens
-        for item in self._in_turns([it for it in self._work if not (isinstance(it, Job) and it.first)]):
+        free = [item for item in self._work if not (isinstance(item, Job) and item.first)
+                and id(item.session) not in held]
+        for item in self._in_turns(free):
             if budget <= 0:
                 break
             taken.append(item)
@@ -316,15 +348,28 @@ class Scheduler:
 
     async def _run_alone(self, job: Job) -> None:
         try:
-            result = await self._run_job(job.fn)
-        except Exception as e:
-            if job.failed is not None:
-                job.failed(e)
+            if job.future.done():  # (cancelled)
+                return
+            try:
+                result = await self._run_job(job.fn)
+            except Exception as e:
+                if job.failed is not None:
+                    try:
+                        job.failed(e)
+                    except Exception:  # (the scheduler goes on whatever a callback does)
+                        logger.exception("a first job's failure callback failed")
+                if not job.future.done():
+                    job.future.set_exception(e)
+                return
             if not job.future.done():
-                job.future.set_exception(e)
-            return
-        if not job.future.done():
-            job.future.set_result(result)
+                job.future.set_result(result)
+        finally:
+            for session in job.holds:
+                left = self._held.get(id(session), 0) - 1
+                if left > 0:
+                    self._held[id(session)] = left
+                else:
+                    self._held.pop(id(session), None)
 
     def _count(self, decode_rows: int) -> None:
         if not decode_rows:
@@ -349,3 +394,4 @@ class Scheduler:
         self._decodes.clear()
         self._work.clear()
         self._since.clear()
+        self._held.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -390,17 +391,23 @@ def test_peers_of_one_machine_measure_one_at_a_time(tmp_path):
     assert calls == [1] and len(set(results)) == 1  # one measurement, never two at once, everyone got it
 
 
-async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_jobs_after():
-    """The scheduler's order: a short job that a session's steps must follow (a fork's copy, run_first) runs before
-    the round it is taken with, whatever the round's budget; other jobs after the round."""
+async def test_forks_copies_run_before_a_round_in_a_budget_of_their_own_and_hold_back_only_their_sessions():
+    """The scheduler's order: jobs that sessions' steps must follow (forks' copies, run_first) run before the round
+    they are taken with, up to FIRST_ROUNDS rounds' tokens a round; the steps of a session held by a copy not taken
+    yet wait for it, other sessions' steps do not; other jobs run after the round."""
     from types import SimpleNamespace
 
+    from swarm.server import scheduler as scheduler_module
     from swarm.server.scheduler import Scheduler, Step
 
     order: list[str] = []
+    running = asyncio.Event()
+    release = asyncio.Event()
 
     async def run_round(steps):
-        order.append("round")
+        order.append("round:" + "".join(step.session.key for step in steps))
+        running.set()
+        await release.wait()
         return [step.hidden for step in steps]
 
     async def run_job(fn):
@@ -408,6 +415,7 @@ async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_job
 
     scheduler = Scheduler(run_round, run_job, max_batch_sessions=8, batch_wait=0.0, round_tokens=1,
                           max_groups_kept=4, is_open=lambda key: True)
+    budget = scheduler_module.FIRST_ROUNDS * 1
 
     def job(name):
         def fn():
@@ -415,14 +423,24 @@ async def test_a_forks_copy_runs_before_the_round_it_is_taken_with_and_other_job
             return torch.empty(0)
         return fn
 
-    session = SimpleNamespace(key="d", client="c", blocks=range(0, 2))
+    d, e, f = (SimpleNamespace(key=k, client="c", blocks=range(0, 2)) for k in "def")
     loop = asyncio.get_running_loop()
+
+    def decode(session):
+        return scheduler.decode(Step(session, torch.zeros(1, 1, 4), 3, loop.create_future()))
+
     try:
-        done = await asyncio.gather(scheduler.decode(Step(session, torch.zeros(1, 1, 4), 3, loop.create_future())),
-                                    scheduler.run(job("job"), 4, "c"),
-                                    scheduler.run_first(job("copy"), "c", lambda e: None),
-                                    scheduler.run_first(job("copy2"), "c", lambda e: None))
-        assert order == ["copy", "copy2", "round", "job"] and done[0].shape == (1, 1, 4)
+        first = asyncio.ensure_future(decode(d))
+        await running.wait()  # a round is running: what comes now is taken together afterwards
+        copies = [scheduler.run_first(job("A"), budget, "c", (), lambda error: None),
+                  scheduler.run_first(job("B"), budget, "c", (f,), lambda error: None)]
+        later = asyncio.gather(decode(e), decode(f), scheduler.run(job("job"), 1, "c"))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, later, *copies)
+        # A fills the round's copy budget; B waits for the next round, and so does f's step, which it holds
+        assert order == ["round:d", "A", "round:e", "job", "B", "round:f"], order
+        assert not scheduler._held
     finally:
         scheduler.close()
 
@@ -464,13 +482,19 @@ async def test_a_fork_whose_source_closes_before_its_copy_ends_moved_and_costs_n
         bystander = backend.open(open_request(session_id="by", start=0, end=6))
         await backend.step(source, torch.randn(1, 6, 64, generator=g), 0)
         await backend.step(bystander, torch.randn(1, 3, 64, generator=g), 0)
+        gate = threading.Event()  # the compute thread is held: the copy and both steps are taken together after it
+        blocker = asyncio.ensure_future(backend.scheduler.run(lambda: gate.wait(5) and torch.empty(0), 1, "x"))
+        await asyncio.sleep(0.05)
         fork = backend.open(open_request(session_id="fork", start=0, end=6))
         await backend.fork(fork, source.handle, 5, "src")
         backend.close(source)  # (evicted, or closed by its client) before the copy ran
         free = backend.budget.free
-        results = await asyncio.gather(backend.step(fork, torch.randn(1, 2, 64, generator=g), 5),
-                                       backend.step(bystander, torch.randn(1, 1, 64, generator=g), 3),
-                                       return_exceptions=True)
+        steps = asyncio.gather(backend.step(fork, torch.randn(1, 2, 64, generator=g), 5),
+                               backend.step(bystander, torch.randn(1, 1, 64, generator=g), 3), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        results = await steps
         assert isinstance(results[0], PeerError) and results[0].code == ErrorCode.MOVED
         assert "replay" in str(results[0]) and fork.key not in backend.sessions
         assert isinstance(results[1], torch.Tensor) and torch.isfinite(results[1]).all()

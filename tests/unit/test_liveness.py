@@ -114,3 +114,30 @@ async def test_a_prompt_chunk_may_take_longer_with_its_tokens_while_its_peer_say
     assert after == 30.0 and await alive() and asked == ["p"]
     session._latency[0] = 0.05  # a decode step's timeout and probe follow the link's usual step, as before
     assert session.link_timeout(0, 1) == 5.0 and session.link_probe(0, 1)[0] == 1.0
+
+
+async def test_a_dead_peer_is_given_up_at_one_step_timeout_during_a_long_prompt_chunk():
+    """A prompt chunk's longer timeout does not keep a dead peer: it is probed after one step timeout and given up
+    when the probe fails (here a 0.3 s step timeout, a 1024-token chunk's 2.4 s timeout)."""
+    from types import SimpleNamespace
+
+    from swarm.client.session import FailoverPolicy, InferenceSession
+
+    class Router:
+        def opened(self, peers):
+            pass
+
+        async def alive(self, peer_id):
+            return False
+
+    link = SimpleNamespace(peer=SimpleNamespace(peer_id="p"))
+    session = InferenceSession(None, [SimpleNamespace(link=link)], 8192, 1, 0.3, Router(),  # type: ignore[arg-type]
+                               FailoverPolicy())
+    s, _ = stream()
+    timeout, probe = session.link_timeout(0, 1024), session.link_probe(0, 1024)
+    assert timeout == pytest.approx(2.4)
+    began = time.monotonic()
+    with pytest.raises(PeerError, match="nor a liveness probe"):
+        await s.step(torch.randn(1, 1024, 8), 0, timeout=timeout, probe=probe)
+    assert time.monotonic() - began < 1.5, "given up at the probe, not the chunk's timeout"
+    await s.close()
