@@ -29,6 +29,21 @@ from app.tenants import Access
 logger = logging.getLogger(__name__)
 
 
+def _log_to_stderr() -> None:
+    """uvicorn configures its own loggers only: the gateway's (app.*, swarm.*: "gateway ready", one line per
+    generation) go to stderr at INFO, unless logging was configured otherwise (a root logger with handlers)."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("app", "swarm"):
+        named = logging.getLogger(name)
+        if not named.handlers:
+            named.addHandler(handler)
+            named.setLevel(logging.INFO)
+            named.propagate = False
+
+
 def create_app(settings: GatewaySettings | None = None, backend=None, embeddings=None) -> FastAPI:
     """Build the app; `backend` (a GenerationBackend) and `embeddings` replace the swarm, for tests."""
     settings = settings or GatewaySettings()
@@ -39,6 +54,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
         async with contextlib.AsyncExitStack() as stack:
             active, embedder = backend, embeddings
             if active is None:
+                _log_to_stderr()
                 from swarm.client.verification import VerificationPolicy  # the swarm only when really serving
                 from swarm.embedded import open_swarm_backend
 

@@ -73,11 +73,15 @@ async def test_models_and_health(sdk, gateway):
     assert health["complete_chain"] is True
 
 
-async def test_streaming_equals_non_streaming_greedy_with_exact_usage(sdk, tokenizer):
+async def test_streaming_equals_non_streaming_greedy_with_exact_usage(sdk, tokenizer, gateway):
     messages = user("Write a short story about a robot who learns to paint.")
     full = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)
     text, finish, chunks = await stream_text(sdk, messages, temperature=0, max_tokens=24,
                                              stream_options={"include_usage": True})
+    # the gateway's own log lines reach its stderr under plain uvicorn (the README's "one log line per generation")
+    log = next(p for p in gateway.processes if p.name.startswith("gateway-")).log()
+    assert f"app.main: gateway ready: serving {MODEL}" in log
+    assert re.search(r"INFO app\.requests: generation id=\S+ .*completion_tokens=24", log), log[-2000:]
     assert full.choices[0].message.content == text
     assert text.startswith('As the AI, AI-powered robot, "Pixel,"'), text
     assert full.choices[0].finish_reason == finish == "length"
