@@ -96,7 +96,7 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
         if len(chosen.get("loc", ())) == len(errors[0].get("loc", ())):
             chosen = errors[0]
     param = _location(chosen)[:200] or None
-    message = str(chosen.get("msg", "invalid request")).removeprefix("Value error, ")
+    message = str(chosen.get("msg", "invalid request")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if str(chosen.get("type", "")).endswith("_type"):  # a union's branches that each wanted another type
         others = [str(e.get("msg", "")).removeprefix("Input should be ") for e in errors[1:]
                   if e is not chosen and _location(e) == _location(chosen) and str(e.get("type", "")).endswith("_type")]

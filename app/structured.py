@@ -57,8 +57,12 @@ def _json(value: Any) -> str:
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:
-    """Its arguments' schema; a function without `parameters` takes none (OpenAI: "an empty parameter list")."""
-    return tool.function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
+    """Its arguments' schema; a function without `parameters` takes none (OpenAI: "an empty parameter list"), one
+    with an empty schema any object."""
+    parameters = tool.function.parameters
+    if parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return parameters or {"type": "object"}
 
 
 def _call_schema(tool: Tool) -> dict[str, Any]:

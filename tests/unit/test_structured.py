@@ -25,6 +25,7 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "additionalProperties": False}}}
 
 NOW = {"type": "function", "function": {"name": "now", "description": "The time now"}}
+ANY = {"type": "function", "function": {"name": "any", "parameters": {}}}
 
 
 def request(**fields) -> ChatCompletionRequest:
@@ -73,6 +74,10 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
     ({"tools": [NOW], "tool_choice": "required"}, '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>', True),
     ({"tools": [NOW], "tool_choice": "required"},  # no parameters: no arguments (OpenAI's empty parameter list)
      '<tool_call>\n{"name": "now", "arguments": {"time": "noon"}}\n</tool_call>', False),
+    ({"tools": [ANY], "tool_choice": "required"},  # an empty schema: any object of arguments
+     '<tool_call>\n{"name": "any", "arguments": {"time": "noon"}}\n</tool_call>', True),
+    ({"tools": [ANY], "tool_choice": "required"}, '<tool_call>\n{"name": "any", "arguments": "noon"}\n</tool_call>',
+     False),
 ])
 def test_the_grammar_of_a_request_accepts_what_it_asked_for_and_nothing_else(grammars, tokenizer, fields, text,
                                                                               accepted):
