@@ -311,6 +311,8 @@ class SpanHandler:
             logger.info("push stream from %s closed: %s", sender, e or "idle")
         except (ConnectionError, OSError):
             logger.debug("push stream from %s went away", sender)
+        except asyncio.CancelledError:  # the peer shutting down: the stream ends (Python 3.11's asyncio logs the
+            logger.debug("push stream from %s cancelled", sender)  # cancelled task of a connection as an error)
         finally:
             self.push_streams[sender] -= 1
             if not self.push_streams[sender]:

@@ -230,3 +230,24 @@ async def test_a_refused_stream_is_ended_by_the_client_or_after_the_linger_never
     finally:
         task.cancel()
         backend.shutdown()
+
+
+async def test_a_push_stream_cancelled_at_shutdown_ends_quietly_and_is_forgotten(tiny_model_dir):
+    """A peer shutting down cancels its connections' tasks; Python 3.11's asyncio then logs a connection task that
+    ended cancelled as an error with a traceback (two per push stream at every SIGTERM): the push handler ends."""
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
+    backend = SpanBackend(span, Limits(max_sessions=4, max_length=64), KVBudget(512))
+    handler = SpanHandler(backend, lambda: None,  # type: ignore[arg-type, return-value]
+                          StreamLimits(idle_timeout=IDLE_TIMEOUT))
+    writer = RecordingWriter()
+    info = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "previous-peer"))
+    try:
+        task = asyncio.ensure_future(handler.handle_push(info, asyncio.StreamReader(), writer))  # type: ignore
+        await asyncio.sleep(0.05)
+        assert handler.push_streams["previous-peer"] == 1
+        task.cancel()
+        await asyncio.wait([task])
+        assert not task.cancelled() and task.exception() is None  # what asyncio's connection callback asks
+        assert not handler.push_streams and writer.ends == ["close"]
+    finally:
+        backend.shutdown()
