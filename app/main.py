@@ -13,6 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from app.auth import ApiKeys
 from app.errors import install_error_handlers
@@ -131,4 +132,14 @@ def _open_store(settings: GatewaySettings) -> KeyStore | None:
         return None
 
 
-app = create_app()
+def _settings() -> GatewaySettings:
+    """The environment's settings; invalid ones stop the gateway with one line per error (no traceback)."""
+    try:
+        return GatewaySettings()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())) or 'settings'}: "
+                             f"{str(err.get('msg', '')).removeprefix('Value error, ')}" for err in e.errors())
+        raise SystemExit(f"the gateway cannot start: {problems}") from None
+
+
+app = create_app(_settings())

@@ -223,6 +223,19 @@ def test_an_api_key_variable_that_holds_no_key_is_a_startup_error(settings):
         GatewaySettings(**settings)
 
 
+def test_uvicorn_with_invalid_settings_stops_with_one_line_not_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GATEWAY_API_KEYS": " , "}
+    done = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == ("the gateway cannot start: settings: GATEWAY_API_KEYS is set but "
+                                                    "holds no key: unset it to serve without auth")
+
+
 def test_an_api_key_file_that_holds_no_key_or_is_missing_is_a_startup_error(tmp_path):
     empty = tmp_path / "keys"
     empty.write_text("\n  \n")
