@@ -181,7 +181,7 @@ class Scheduler:
             chunks, jobs = self._take_work(held)
             if decodes:
                 idle = False
-            self._count_turns([*decodes, *chunks, *jobs])
+            self._count_turns([*firsts, *decodes, *chunks, *jobs])
             if firsts:
                 for job in firsts:
                     await self._run_alone(job)
@@ -213,9 +213,10 @@ class Scheduler:
         """The clients whose queued decode steps go in the next round: all of them when a round's worth is queued;
         else those not expecting more of their own steps, or that waited batch_wait for them."""
         steps: dict[str, list[Step]] = {}
-        for step in self._decodes:
-            steps.setdefault(step.client, []).append(step)
-        if len(self._decodes) >= self.max_batch_sessions:
+        for step in self._decodes:  # (steps held behind a fork's copy wait for it, not for a round's worth)
+            if id(step.session) not in self._held:
+                steps.setdefault(step.client, []).append(step)
+        if sum(len(queued) for queued in steps.values()) >= self.max_batch_sessions:
             return set(steps)
         now = asyncio.get_running_loop().time()
         return {client for client, queued in steps.items()

@@ -504,3 +504,68 @@ async def test_a_fork_whose_source_closes_before_its_copy_ends_moved_and_costs_n
                                "by")
     finally:
         backend.shutdown()
+
+
+async def test_held_steps_neither_fill_a_round_nor_let_one_clients_forks_starve_anothers():
+    """Steps held behind forks' copies do not count as a round's worth queued (which would send another client's
+    group without its late member), and first jobs count as their client's turn (a client forking every round does
+    not keep another's copy waiting)."""
+    from types import SimpleNamespace
+
+    from swarm.server import scheduler as scheduler_module
+    from swarm.server.scheduler import Scheduler, Step
+
+    rounds: list[str] = []
+    copies: list[str] = []
+    gates = {name: asyncio.Event() for name in ("c0", "c1")}
+
+    async def run_round(steps):
+        rounds.append(",".join(step.session.key for step in steps))
+        return [step.hidden for step in steps]
+
+    async def run_job(fn):
+        name = fn()
+        if name in gates:
+            await gates[name].wait()
+        return torch.empty(0)
+
+    scheduler = Scheduler(run_round, run_job, max_batch_sessions=3, batch_wait=5.0, round_tokens=1,
+                          max_groups_kept=4, is_open=lambda key: True)
+    big = scheduler_module.FIRST_ROUNDS + 1  # a copy over the budget: one a round
+    loop = asyncio.get_running_loop()
+
+    def session(key, client):
+        return SimpleNamespace(key=key, client=client, blocks=range(0, 2))
+
+    def copy(name, client, holds):
+        def fn():
+            copies.append(name)
+            return name
+        return scheduler.run_first(fn, big, client, holds, lambda error: None)
+
+    def decode(s, group=None):
+        return asyncio.ensure_future(scheduler.decode(Step(s, torch.zeros(1, 1, 4), 3, loop.create_future(), group)))
+
+    f = [session(f"f{i}", "A") for i in range(3)]
+    g1, g2 = session("g1", "B"), session("g2", "B")
+    try:
+        done = [copy(f"c{i}", "A", (f[i],)) for i in range(3)]
+        await asyncio.sleep(0.01)  # c0 runs (held open)
+        steps = [decode(f[1]), decode(f[2]), decode(g1, ("G", 2))]
+        await asyncio.sleep(0.01)
+        gates["c0"].set()  # c1 is taken next; f1 and f2 are still held: B's group must still wait for g2
+        await asyncio.sleep(0.05)
+        steps.append(decode(g2, ("G", 2)))
+        await asyncio.sleep(0.01)
+        gates["c1"].set()
+        await asyncio.gather(*steps, *done)
+        assert all("g2" in r for r in rounds if "g1" in r), rounds  # B's group went together
+        # a client forking every round: B's copy, queued after A's five, runs second, not after all of A's
+        copies.clear()
+        gates.clear()
+        more = [copy(f"a{i}", "A", ()) for i in range(5)]
+        more.append(copy("b", "B", ()))
+        await asyncio.gather(*more)
+        assert copies.index("b") <= 1, copies
+    finally:
+        scheduler.close()
