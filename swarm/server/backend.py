@@ -256,8 +256,10 @@ class SpanBackend:
         handle names a session of this backend only; the id makes a stale handle, reused by another session, fail).
         PeerError (bad_request, capacity) otherwise. Returns once the copy is queued (Scheduler.run_first): it runs
         on the compute thread before a round (usually the next), ahead of any step of either session queued after it,
-        so the session's first step can come at once and join that round. The copy checks there that both sessions are
-        still open and the source holds the tokens; where not, the session ends (moved: its client replays what it
+        so the session's first step can come at once and join that round. The source may be closed meanwhile (its
+        client goes on with the fork alone, or the peer evicted it): its cache is kept as it was until the copy has
+        read it (nothing steps a closed session). Where the copy cannot be made (the new session closed, the source
+        rewound below `tokens` by a step sent before the fork), the session ends (moved: its client replays what it
         forked from the inputs it keeps) before its steps run."""
         source = self.member(handle, session)
         if source is session or source.session_id != source_id or source.batch_size != session.batch_size:
@@ -269,9 +271,8 @@ class SpanBackend:
         self._check_open(session)
 
         def copy() -> torch.Tensor:
-            if source.key not in self.sessions or session.key not in self.sessions \
-                    or not session.cache.copy_prefix(source.cache, tokens):
-                raise bad_request(f"session {handle} was closed or no longer holds {tokens} tokens")
+            if session.key not in self.sessions or not session.cache.copy_prefix(source.cache, tokens):
+                raise bad_request(f"session {handle} no longer holds {tokens} tokens (or the fork was closed)")
             session.copying = 0  # (only once copied: till failed() ends it, its steps are validated as if copied)
             return torch.empty(0)
 

@@ -473,37 +473,52 @@ async def test_a_fork_returns_before_its_copy_and_its_first_step_follows_the_cop
         reference.shutdown()
 
 
-async def test_a_fork_whose_source_closes_before_its_copy_ends_moved_and_costs_no_one_else(tiny_model_dir):
+async def test_a_forks_copy_reads_a_source_closed_meanwhile_and_one_it_cannot_make_ends_moved(tiny_model_dir):
+    """A source closed before its fork's copy ran (its client goes on with the fork alone, or the peer evicted it)
+    is still copied: its cache stays as it was. A copy that cannot be made (here the source rewound below the
+    forked tokens, as a step sent before the fork would) ends the fork as moved before its steps run, and costs
+    the round's other steps nothing."""
     span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 0, 6)
-    backend = SpanBackend(span, Limits(max_sessions=8, max_length=64, prefill_chunk=8), KVBudget(4096))
+    limits = Limits(max_sessions=8, max_length=64, prefill_chunk=8)
+    backend = SpanBackend(span, limits, KVBudget(4096))
+    reference = SpanBackend(span, limits, KVBudget(4096))
     try:
         g = torch.Generator().manual_seed(12)
-        source = backend.open(open_request(session_id="src", start=0, end=6))
-        bystander = backend.open(open_request(session_id="by", start=0, end=6))
-        await backend.step(source, torch.randn(1, 6, 64, generator=g), 0)
+        prefix, after = torch.randn(1, 6, 64, generator=g), torch.randn(1, 2, 64, generator=g)
+        closed, rewound, bystander = (backend.open(open_request(session_id=n, start=0, end=6))
+                                      for n in ("closed", "rewound", "by"))
+        for source in (closed, rewound):
+            await backend.step(source, prefix, 0)
         await backend.step(bystander, torch.randn(1, 3, 64, generator=g), 0)
-        gate = threading.Event()  # the compute thread is held: the copy and both steps are taken together after it
+        gate = threading.Event()  # the compute thread is held: the copies and the steps are taken together after it
         blocker = asyncio.ensure_future(backend.scheduler.run(lambda: gate.wait(5) and torch.empty(0), 1, "x"))
         await asyncio.sleep(0.05)
-        fork = backend.open(open_request(session_id="fork", start=0, end=6))
-        await backend.fork(fork, source.handle, 5, "src")
-        backend.close(source)  # (evicted, or closed by its client) before the copy ran
+        forks = [backend.open(open_request(session_id=f"fork-{s.session_id}", start=0, end=6))
+                 for s in (closed, rewound)]
+        for fork, source in zip(forks, (closed, rewound), strict=True):
+            await backend.fork(fork, source.handle, 5, source.session_id)
+        backend.close(closed)
+        rewound.cache.rewind(2)
         free = backend.budget.free
-        steps = asyncio.gather(backend.step(fork, torch.randn(1, 2, 64, generator=g), 5),
+        steps = asyncio.gather(*(backend.step(fork, after, 5) for fork in forks),
                                backend.step(bystander, torch.randn(1, 1, 64, generator=g), 3), return_exceptions=True)
         await asyncio.sleep(0.05)
         gate.set()
         await blocker
-        results = await steps
-        assert isinstance(results[0], PeerError) and results[0].code == ErrorCode.MOVED
-        assert "replay" in str(results[0]) and fork.key not in backend.sessions
-        assert isinstance(results[1], torch.Tensor) and torch.isfinite(results[1]).all()
-        assert backend.budget.free > free  # what the fork reserved is free again
+        from_closed, from_rewound, other = await steps
+        alone = reference.open(open_request(session_id="alone", start=0, end=6))
+        await reference.step(alone, prefix[:, :5], 0)
+        assert torch.equal(from_closed, await reference.step(alone, after, 5))
+        assert isinstance(from_rewound, PeerError) and from_rewound.code == ErrorCode.MOVED
+        assert "replay" in str(from_rewound) and forks[1].key not in backend.sessions
+        assert isinstance(other, torch.Tensor) and torch.isfinite(other).all()
+        assert backend.budget.free > free  # what the failed fork reserved is free again
         with pytest.raises(PeerError, match="cannot fork 9 tokens"):  # a fork beyond what the source will hold
             await backend.fork(backend.open(open_request(session_id="f2", start=0, end=6)), bystander.handle, 9,
                                "by")
     finally:
         backend.shutdown()
+        reference.shutdown()
 
 
 async def test_held_steps_neither_fill_a_round_nor_let_one_clients_forks_starve_anothers():
