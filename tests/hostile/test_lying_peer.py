@@ -84,5 +84,6 @@ async def test_a_liar_that_turns_after_its_warm_up_is_caught_beside_the_decoding
     assert late_id in banned and not set(swarm.honest) & banned and session.failovers == 1
     assert tokens[:NEW_TOKENS] != expected  # its first lies went out: the check ran beside the step, not before it
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32).eval()
-    healed = 24  # well after the first lie (decode step 6) and a few background checks of a tiny model
+    healed = 30  # well after the first lie (decode step 6) and a few background checks of a tiny model (a loaded
+    # 2-core CI machine took more than 18 tokens for the verdict in 1 of ~10 runs)
     assert tokens[healed:] == local_greedy(model, PROMPT + tokens[:healed], len(tokens) - healed)
