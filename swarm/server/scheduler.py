@@ -238,14 +238,7 @@ class Scheduler:
         firsts = [item for item in self._work if isinstance(item, Job) and item.first]
         if not firsts:
             return [], set()
-        taken, budget = [], FIRST_ROUNDS * self.round_tokens
-        for job in self._in_turns(firsts):
-            if budget <= 0:
-                break
-            taken.append(job)
-            budget -= job.tokens
-        chosen = {id(job) for job in taken}
-        self._work = collections.deque(item for item in self._work if id(item) not in chosen)
+        taken = self._take_within(firsts, FIRST_ROUNDS * self.round_tokens)
         held = {key for key, n in self._held.items() if n > sum(id(s) == key for job in taken for s in job.holds)}
         return taken, held
 
@@ -272,20 +265,25 @@ class Scheduler:
     def _take_work(self, held: set[int]) -> tuple[list[Step], list[Job]]:
         """Chunks and jobs up to the round's token budget, clients in turns, at least one (if any may go: not
         first jobs, nor the work of sessions `held`)."""
-        taken: list[Step | Job] = []
-        budget = self.round_tokens
         free = [item for item in self._work if not (isinstance(item, Job) and item.first)
                 and id(item.session) not in held]
-        for item in self._in_turns(free):
+        taken = self._take_within(free, self.round_tokens)
+        chunks = [item for item in taken if isinstance(item, Step) and self._live(item)]
+        jobs = [item for item in taken if isinstance(item, Job) and not item.future.done()]
+        return chunks, jobs
+
+    def _take_within(self, items: list[Any], budget: int) -> list[Any]:
+        """Of `items` (queued work), those taken off the queue for this round: clients in turns, up to `budget`
+        tokens (at least one)."""
+        taken = []
+        for item in self._in_turns(items):
             if budget <= 0:
                 break
             taken.append(item)
             budget -= item.tokens
         chosen = {id(item) for item in taken}
         self._work = collections.deque(item for item in self._work if id(item) not in chosen)
-        chunks = [item for item in taken if isinstance(item, Step) and self._live(item)]
-        jobs = [item for item in taken if isinstance(item, Job) and not item.future.done()]
-        return chunks, jobs
+        return taken
 
     def _in_turns(self, items: list[Any]) -> list[Any]:
         """`items` (steps or jobs) in turns across their clients, each client's in arrival order, the client served
