@@ -45,7 +45,7 @@ from app.protocol.responses import (
 )
 from app.rendering import DONE, EventStream, json_response, sse, with_keepalive
 from app.serving import Delta, Generation, Job, ServingEngine
-from app.structured import ToolCall, grammar_for, offered_tools, template_messages
+from app.structured import ToolCall, forced_tools, grammar_for, offered_tools, template_messages
 from app.tenants import Caller
 
 logger = logging.getLogger(__name__)
@@ -289,8 +289,10 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
         text = request.prediction.text()
         engine.check_prompt_size(len(text), "prediction")
         prediction = (await engine.tokenize(engine.backend.encode, text))[: engine.backend.context_length]
-    return [engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names,
-                            prediction=prediction, single_call=not request.parallel_tool_calls)]
+    job = engine.make_job(request, prompt_ids, logprobs, grammar=grammar, tool_names=names,
+                          prediction=prediction, single_call=not request.parallel_tool_calls)
+    job.forced_tools = frozenset(t.function.name for t in forced_tools(request))
+    return [job]
 
 
 def _message_chars(message: dict[str, Any]) -> int:

@@ -297,7 +297,8 @@ def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Iterator[int]
                              output_index=len(builder.output) - 1, content_index=0, delta=delta.text))
     for call in delta.tool_calls:
         events.extend(builder.close_message(numbers))
-        item = FunctionCallOutput(id=_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments)
+        item = FunctionCallOutput(id=_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments,
+                                  status="incomplete" if call.truncated else "completed")
         builder.output.append(item)
         index = len(builder.output) - 1
         events.append(_event("response.output_item.added", next(numbers), output_index=index, item=item.model_copy(

@@ -91,6 +91,7 @@ class Job:
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
     single_call: bool = False  # parallel_tool_calls: false (an answer ends at its first call)
+    forced_tools: frozenset[str] = frozenset()  # the tools a grammar makes its answer call, if any
     echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
     route: tuple[str, ...] = ()  # the peers its session went through (as the first step found them)
     kept_drafts: int = 0  # speculative decoding: completion tokens that were drafted and kept
@@ -115,6 +116,8 @@ def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
     delta.text, delta.tool_calls = reader.feed(delta.text)
     if reader.ended and delta.finish_reason is None:
         delta.finish_reason = "tool_calls"
+    if delta.finish_reason == "length" and (cut := reader.truncated()) is not None:
+        delta.tool_calls.append(cut)  # its arguments as far as they got, as OpenAI returns a call cut by max_tokens
     if delta.finish_reason is not None:
         delta.text += reader.finish()
         if reader.calls and delta.finish_reason == "stop":
@@ -242,7 +245,8 @@ class ServingEngine:
         """Per step, the text deltas of the job's choices; every choice ends with a finish_reason."""
         n, limit = job.request.n, job.request.max_new_tokens
         texts = [ChoiceText(self.backend.decode, job.stops) for _ in range(n)]
-        readers = [ToolCallReader(set(job.tool_names), job.single_call) for _ in range(n)] if job.tool_names else None
+        readers = [ToolCallReader(set(job.tool_names), job.single_call, job.forced_tools)
+                   for _ in range(n)] if job.tool_names else None
         prompt_entries: list[TokenLogprob] | None = None  # the echoed prompt's, built once for every choice
         counts, finished = [0] * n, [False] * n
         stream = self.backend.generate(job.request)

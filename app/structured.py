@@ -25,6 +25,7 @@ swarm.client.grammar).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,8 @@ class ToolCall:
     index: int  # its place among its choice's calls
     id: str
     name: str
-    arguments: str  # JSON text of an object
+    arguments: str  # JSON text of an object (the start of one, when `truncated`)
+    truncated: bool = False  # cut by the token limit before its end
 
 
 def _json(value: Any) -> str:
@@ -75,13 +77,20 @@ def offered_tools(request: ChatCompletionRequest) -> list[Tool]:
     return [] if request.tool_choice == "none" else list(request.tools or [])
 
 
+def forced_tools(request: ChatCompletionRequest) -> list[Tool]:
+    """The tools the answer must call one of (tool_choice "required" or a named function), else none."""
+    tools = offered_tools(request)
+    choice = request.tool_choice
+    if choice == "required":
+        return tools
+    return [t for t in tools if t.function.name == choice.function.name] if isinstance(choice, NamedToolChoice) else []
+
+
 def grammar_for(request: ChatCompletionRequest) -> Grammar | None:
     """What the answer must match (None: free text)."""
-    tools = offered_tools(request)
-    choice = request.tool_choice or ("auto" if tools else "none")
-    forced = [t for t in tools if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
+    tools, forced = offered_tools(request), forced_tools(request)
     answer = _format_schema(request)
-    if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+    if forced:
         return Grammar("lark", _calls_lark(forced, request.parallel_tool_calls))
     if tools and answer is not None:  # auto, and a format: either tool calls or the formatted answer
         return Grammar("lark", _calls_lark(tools, request.parallel_tool_calls, alternative=answer))
@@ -191,10 +200,11 @@ class ToolCallReader:
 
     A call identical to one before it (same name, same arguments) is not returned again, and sets `ended`: the
     answer should end there (a small model asked for calls repeats one word for word rather than stopping). With
-    `single` (parallel_tool_calls: false), the first call sets it too (auto mode has no grammar to stop a second)."""
+    `single` (parallel_tool_calls: false), the first call sets it too (auto mode has no grammar to stop a second).
+    `forced`: the tools a grammar makes the answer call (tool_choice "required" or a named function), if any."""
 
-    def __init__(self, names: set[str], single: bool = False):
-        self.names, self.single = names, single
+    def __init__(self, names: set[str], single: bool = False, forced: frozenset[str] = frozenset()):
+        self.names, self.single, self.forced = names, single, forced
         self.pending = ""  # text not released yet
         self.in_call = False
         self.gap = ""  # the whitespace before the call being read: dropped if it is a call, else text again
@@ -237,6 +247,37 @@ class ToolCallReader:
             content, self.pending = content + released, self.pending[len(released):]
             return content, calls
 
+    def truncated(self) -> ToolCall | None:
+        """The call the answer was cut in by the token limit, as far as it got (call it before `finish`): OpenAI
+        returns such a call with its arguments cut short, and finish_reason "length". It is one when the cut text
+        names one of the tools, or, with calls forced, begins the name of exactly one of the forced tools or stops
+        before any name when one tool is forced (no arguments yet); otherwise None, and `finish` decides what the
+        text is."""
+        if not self.in_call or self.ended:
+            return None
+        match = _CUT_CALL.match(self.pending)
+        if match is not None:
+            head: dict[str, str | None] = match.groupdict()
+        elif len(self.forced) == 1 and _CUT_BEFORE_NAME.match(self.pending):  # cut before the name: the one allowed
+            head = {"name": "", "closed": None, "arguments": None}
+        else:
+            return None
+        try:
+            name = json.loads(f'"{head["name"]}"')
+        except (ValueError, RecursionError):
+            return None
+        if not head["closed"]:
+            starting = [n for n in self.forced if n.startswith(name)]
+            if len(starting) != 1:
+                return None
+            name = starting[0]
+        if name not in self.names:
+            return None
+        self.calls += 1
+        self.pending, self.in_call, self.gap = "", False, ""
+        return ToolCall(self.calls - 1, f"call_{secrets.token_hex(12)}", name, (head["arguments"] or "").lstrip(),
+                        truncated=True)
+
     def finish(self) -> str:
         """The text left once the choice has ended. After calls, what is left of an unclosed call (cut by the
         token limit) and whitespace are dropped, and after the call that ended the answer everything; before any
@@ -263,6 +304,12 @@ class ToolCallReader:
         self.seen.add(key)
         self.calls += 1
         return ToolCall(self.calls - 1, f"call_{secrets.token_hex(12)}", *key)
+
+
+# the start of a call cut short: its name (whole when `closed`), then, if it got there, the start of its arguments
+_CUT_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)(?P<closed>")?'
+                       r'(?:\s*,\s*"(?:arguments|parameters)"\s*:(?P<arguments>.*))?', re.DOTALL)
+_CUT_BEFORE_NAME = re.compile(r'\s*(\{\s*"?n?a?m?e?)?$')
 
 
 def _partial(text: str, marker: str) -> int:

@@ -204,6 +204,65 @@ def test_without_parallel_calls_the_first_call_ends_the_answer():
     assert not several.ended
 
 
+@pytest.mark.parametrize("text, forced, call", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', frozenset(), ("get_weather", '{"city": "Pa')),
+    ('<tool_call>\n{"name": "add"', frozenset(), ("add", "")),
+    ('<tool_call>\n{"name": "get_we', frozenset({"get_weather"}), ("get_weather", "")),  # forced: the name's start
+    ('<tool_call>\n{"na', frozenset({"get_weather"}), ("get_weather", "")),
+    ('<tool_call>\n{"name": "get_we', frozenset(), None),  # not forced: the cut text is only text
+    ('<tool_call>\n{"name": "a', frozenset({"add", "any"}), None),  # either of two
+    ('<tool_call>\n{"name": "rm_rf", "arguments": {', frozenset(), None),  # not one of the tools
+    ('<tool_call>\n{"name": "add\\u00', frozenset({"add"}), None),  # an escape cut short
+    ('<tool_call>\nnot json', frozenset({"add"}), None),
+    ('<tool_call>\n', frozenset({"add"}), ("add", "")),
+    ('<tool_call>\n{"na', frozenset({"add", "any"}), None),
+])
+def test_a_call_cut_by_the_token_limit_is_returned_as_far_as_it_got(text, forced, call):
+    reader = ToolCallReader({"add", "any", "get_weather"}, forced=forced)
+    assert reader.feed(text) == ("", [])
+    cut = reader.truncated()
+    assert (cut and (cut.name, cut.arguments)) == call
+    assert reader.finish() == ("" if call else text)  # a call's text is not content as well
+    if cut is not None:
+        assert cut.truncated and cut.index == 0
+
+
+def test_a_forced_call_cut_by_max_tokens_comes_back_as_a_call_with_finish_reason_length():
+    """OpenAI returns a tool call cut by max_tokens with its arguments truncated (not the markup as text), in a
+    stream and not, and the Responses API an incomplete function_call item."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend, sse_events
+
+    backend = FakeBackend(reply=f"Sure.\n{CALL}\n{WEATHER_CALL}")
+    backend.context_length = 4096
+    cut = len(f"Sure.\n{CALL}\n") + len('<tool_call>\n{"name": "get_weather", "arguments": {"ci')
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "?"}], "tools": [ADD, WEATHER],
+            "max_tokens": cut}
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        whole = client.post("/v1/chat/completions", json={**body, "tool_choice": "required"}).json()["choices"][0]
+        events = sse_events(client.post("/v1/chat/completions", json={**body, "tool_choice": "required",
+                                                                       "stream": True}))
+        auto = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        response = client.post("/v1/responses", json={"model": "fake/model-1", "input": "?", "tools": [
+            {"type": "function", **t["function"]} for t in (ADD, WEATHER)], "max_output_tokens": cut}).json()
+    for choice in (whole, auto):
+        assert choice["finish_reason"] == "length" and choice["message"]["content"] == "Sure."
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == [
+            ("add", '{"a": 1, "b": 2}'), ("get_weather", '{"ci')]
+    deltas = [e["choices"][0] for e in events if e["choices"]]
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"])
+            for d in deltas for c in d["delta"].get("tool_calls", [])] == [
+        (0, "add", '{"a": 1, "b": 2}'), (1, "get_weather", '{"ci')]
+    assert deltas[-1]["finish_reason"] == "length"
+    assert response["status"] == "incomplete"
+    calls = [item for item in response["output"] if item["type"] == "function_call"]
+    assert [(c["name"], c["arguments"], c["status"]) for c in calls] == [
+        ("add", '{"a": 1, "b": 2}', "completed"), ("get_weather", '{"ci', "incomplete")]
+
+
 CALLS_REPLY = f"Sure.\n{CALL}\n{CALL}\nnever read"
 
 
