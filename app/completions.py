@@ -39,6 +39,7 @@ from app.protocol.responses import (
     FunctionCall,
     TextCompletion,
     TextCompletionChunk,
+    TextOffsets,
     TokenLogprob,
     ToolCallOut,
     Usage,
@@ -130,7 +131,7 @@ class TextAnswer(_Answer):
 
     def __init__(self, model: str):
         super().__init__(model)
-        self._offsets: dict[int, int] = {}  # per choice, where its next token's text begins (text_offset)
+        self._offsets: dict[int, TextOffsets] = {}  # per choice, its text so far (text_offset)
 
     def opening(self, n: int) -> TextCompletionChunk | None:
         return None
@@ -140,9 +141,7 @@ class TextAnswer(_Answer):
                                              logprobs=self._logprobs(d) if d.logprobs else None) for d in deltas])
 
     def _logprobs(self, delta: Delta) -> CompletionLogprobs:
-        offset = self._offsets.get(delta.index, 0)
-        self._offsets[delta.index] = offset + sum(len(entry.token) for entry in delta.logprobs)
-        return CompletionLogprobs.of(delta.logprobs, offset)
+        return CompletionLogprobs.of(delta.logprobs, self._offsets.setdefault(delta.index, TextOffsets()))
 
     def usage_chunk(self, usage: Usage) -> TextCompletionChunk:
         return self._chunk([], usage)

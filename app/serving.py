@@ -67,6 +67,7 @@ class GenerationBackend(Protocol):
     def encode_prompt(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...  # its own, where its text is part of a character
     def generate(self, request: GenerationRequest) -> AsyncGenerator[list[TokenEvent], None]: ...
 
 
@@ -99,13 +100,12 @@ class Job:
 
 
 def _top_logprob(backend: GenerationBackend, token_id: int, logprob: float) -> TopLogprob:
-    text = backend.token_text(token_id)
-    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+    return TopLogprob(token=backend.token_text(token_id), logprob=logprob, bytes=list(backend.token_bytes(token_id)))
 
 
 def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float) -> TokenLogprob:
-    text = backend.token_text(event.token_id)
-    return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")),
+    return TokenLogprob(token=backend.token_text(event.token_id), logprob=logprob,
+                        bytes=list(backend.token_bytes(event.token_id)),
                         top_logprobs=[_top_logprob(backend, t, lp) for t, lp in event.top_logprobs])
 
 
@@ -270,7 +270,7 @@ class ServingEngine:
                             prompt_entries = await self.tokenize(self._prompt_logprobs, job.prompt_ids,
                                                                  event.prompt_logprobs)
                         delta.logprobs.extend(prompt_entries)
-                    if event.logprob is not None:
+                    if event.logprob is not None and not event.stop:  # the end token is in no text (as OpenAI)
                         delta.logprobs.append(_token_logprob(self.backend, event, event.logprob))
                     if event.stop:
                         delta.text, delta.finish_reason = texts[i].flush(), "stop"
@@ -306,18 +306,18 @@ class ServingEngine:
                                                                                                           float]]]]
                          ) -> list[TokenLogprob]:
         """The echoed prompt's tokens with their log-probabilities (the first has none); in a worker thread."""
-        texts: dict[int, str] = {}
+        texts: dict[int, tuple[str, list[int]]] = {}
 
-        def text_of(token_id: int) -> str:
+        def text_of(token_id: int) -> tuple[str, list[int]]:
             if token_id not in texts:
-                texts[token_id] = self.backend.token_text(token_id)
+                texts[token_id] = self.backend.token_text(token_id), list(self.backend.token_bytes(token_id))
             return texts[token_id]
 
         out = []
         for token_id, (logprob, top) in zip(prompt_ids, scores, strict=False):
-            text = text_of(token_id)
-            out.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")), top_logprobs=[
-                TopLogprob(token=text_of(t), logprob=lp, bytes=list(text_of(t).encode("utf-8"))) for t, lp in top]))
+            text, data = text_of(token_id)
+            out.append(TokenLogprob(token=text, logprob=logprob, bytes=data, top_logprobs=[
+                TopLogprob(token=text_of(t)[0], logprob=lp, bytes=text_of(t)[1]) for t, lp in top]))
         return out
 
     async def start(self, jobs: list[Job], caller: Caller | None = None, request_id: str | None = None

@@ -8,6 +8,7 @@ writer leaves it out (`CHUNK_WITHOUT_USAGE`) otherwise.
 
 from __future__ import annotations
 
+import codecs
 import time
 from typing import Any, Literal
 
@@ -69,6 +70,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class TextOffsets:
+    """Where each token begins in a choice's text, in characters, from the tokens' bytes: a token that holds part
+    of a character (byte-level vocabularies split an emoji over several) begins where that character does."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, data: list[int]) -> int:
+        """The offset of a token of these bytes (the text before it), and count them in."""
+        offset = self.chars
+        self.chars += len(self.decoder.decode(bytes(data)))
+        return offset
+
+
 class CompletionLogprobs(BaseModel):
     """The legacy /v1/completions shape: parallel lists, the alternatives as {token: logprob}."""
 
@@ -78,14 +94,12 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # where each token's text begins in the choice's text (its tokens' texts, summed)
 
     @classmethod
-    def of(cls, entries: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-        """`offset`: where the first entry's token begins (a stream's chunks carry on from the ones before)."""
-        offsets = []
-        for entry in entries:
-            offsets.append(offset)
-            offset += len(entry.token)
+    def of(cls, entries: list[TokenLogprob], offsets: TextOffsets | None = None) -> CompletionLogprobs:
+        """`offsets`: the choice's text so far (a stream's chunks carry on from the ones before)."""
+        offsets = offsets or TextOffsets()
         return cls(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                   top_logprobs=[cls._top(e) if e.logprob is not None else None for e in entries], text_offset=offsets)
+                   top_logprobs=[cls._top(e) if e.logprob is not None else None for e in entries],
+                   text_offset=[offsets.add(e.bytes) for e in entries])
 
     @staticmethod
     def _top(entry: TokenLogprob) -> dict[str, float]:

@@ -38,6 +38,7 @@ from swarm.client.pipeline import StepOutput
 from swarm.client.requests import GenerationRequest, Grammar, TokenEvent
 from swarm.client.session import InferenceSession
 from swarm.client.speculation import Drafter, PromptLookup, common_prefix
+from swarm.client.token_bytes import TokenBytes
 from swarm.protocol import ErrorCode, NoChainError, PeerError
 from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams
 
@@ -70,6 +71,7 @@ class SwarmTextService:
         self.failovers = 0  # peers replaced mid-session by replay, over all generations (app.metrics)
         self.pushed_steps = 0  # link steps computed from the previous peer's push, over all generations (app.metrics)
         self.tokenizer = tokenizer
+        self._token_bytes = TokenBytes(tokenizer)
         self.model_id = client.model_id
         head = client.decoder
         self.context_length: int = getattr(head.config, "max_position_embeddings", 2048)
@@ -150,6 +152,9 @@ class SwarmTextService:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes.of(token_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         """Yield, per step, one event per unfinished choice; ends when every choice hit a stop token or the limit.

@@ -61,6 +61,9 @@ class FakeBackend:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"" if token_id == EOS else bytes([token_id])
+
     async def generate(self, request: GenerationRequest):
         self.requests.append(request)
         if self.refuse:
@@ -227,6 +230,23 @@ def test_logprobs_are_returned(client):
     content = body["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content] == ["H", "e", "l"] and content[0]["logprob"] == -0.5
     assert len(content[0]["top_logprobs"]) == 2
+    # an answer that ends by itself: one entry per token of its text, none for the end token (as OpenAI's)
+    whole = chat(client, logprobs=True).json()["choices"][0]
+    assert whole["finish_reason"] == "stop"
+    assert bytes(b for c in whole["logprobs"]["content"] for b in c["bytes"]).decode() == REPLY  # one per byte here
+    assert whole["message"]["content"] == REPLY
+    events = sse_events(client.post("/v1/chat/completions", json={
+        "model": "fake/model-1", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "stream": True}))
+    streamed = [e["choices"][0] for e in events if e["choices"]]
+    assert bytes(b for d in streamed for c in (d["logprobs"] or {}).get("content") or [] for b in c["bytes"]
+                 ).decode() == REPLY
+    legacy = client.post("/v1/completions", json={"model": "fake/model-1", "prompt": "hi", "logprobs": 0,
+                                                 "max_tokens": 100}).json()
+    assert len(legacy["choices"][0]["logprobs"]["tokens"]) == len(REPLY.encode()) and legacy["choices"][0][
+        "text"] == REPLY
+    # each token's text_offset is where its character begins in the text (here a token per byte: an emoji's four
+    # tokens all begin where it does)
+    assert legacy["choices"][0]["logprobs"]["text_offset"] == [i for i, c in enumerate(REPLY) for _ in c.encode()]
 
 
 def test_message_forms_clients_send_are_accepted(client, backend):

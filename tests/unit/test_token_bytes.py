@@ -1,0 +1,36 @@
+"""Token bytes (OpenAI logprobs' `bytes`): a token holding part of a character gives its own bytes, so that the
+bytes of consecutive tokens join into the text, for byte-level BPE (SmolLM2's real tokenizer) and SentencePiece-style
+byte fallback (a small tokenizer built here)."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from swarm.client.token_bytes import TokenBytes
+from swarm.model.source import resolve_model
+
+TEXTS = ["ok 🤖 — ünïcode", "日本語のテキスト", "  two spaces\tand a tab\n", "plain ascii"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_tokens_join_into_the_text(text):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model().path)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    of = TokenBytes(tokenizer).of
+    assert b"".join(of(i) for i in ids).decode("utf-8") == text
+    if any(ord(c) > 127 for c in text):  # some token is part of a character: its text alone would not do
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+
+
+def test_byte_fallback_tokens_give_their_byte():
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁ok": 257, "o": 258, "k": 259, "▁": 260}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    of = TokenBytes(tokenizer).of
+    ids = [257, *(1 + b for b in "🤖".encode())]  # " ok" and the emoji as four byte tokens
+    assert tokenizer.decode(ids) == " ok🤖"
+    assert [of(i) for i in ids[1:]] == [bytes([b]) for b in "🤖".encode()]
+    assert b"".join(of(i) for i in ids).decode() in (" ok🤖", "ok🤖")  # a leading space is the decoder's choice
