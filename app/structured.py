@@ -250,15 +250,31 @@ class ToolCallReader:
     def truncated(self) -> ToolCall | None:
         """The call the answer was cut in by the token limit, as far as it got (call it before `finish`): OpenAI
         returns such a call with its arguments cut short, and finish_reason "length". It is one when the cut text
-        names one of the tools, or, with calls forced, begins the name of exactly one of the forced tools or stops
-        before any name when one tool is forced (no arguments yet); otherwise None, and `finish` decides what the
-        text is."""
-        if not self.in_call or self.ended:
+        names one of the tools, or, with calls forced, begins the name of exactly one of the forced tools; a cut
+        before any name (in the opening tag included) is the forced tool's call when only one is forced and no call
+        came before. A call whose JSON is whole and only its closing tag cut is returned whole; a cut repeat of an
+        earlier call ends the answer as a repeat does. Otherwise None, and `finish` decides what the text is."""
+        if self.ended:
             return None
-        match = _CUT_CALL.match(self.pending)
+        first_forced = len(self.forced) == 1 and not self.calls
+        if not self.in_call:  # cut in the opening tag, or before it
+            opening = self.pending.strip()
+            if first_forced and CALL_OPEN.startswith(opening):
+                return self._cut(next(iter(self.forced)), "")
+            return None
+        body = self.pending[: len(self.pending) - _partial(self.pending, CALL_CLOSE)]
+        body = body.split(CALL_OPEN, 1)[0]  # an unclosed call followed by another (auto mode): the first one
+        whole = self._parse(body)
+        if whole is not None:
+            self.pending, self.in_call, self.gap = "", False, ""
+            if isinstance(whole, str):  # a repeat
+                self.ended = True
+                return None
+            return whole
+        match = _CUT_CALL.match(body)
         if match is not None:
             head: dict[str, str | None] = match.groupdict()
-        elif len(self.forced) == 1 and _CUT_BEFORE_NAME.match(self.pending):  # cut before the name: the one allowed
+        elif first_forced and _CUT_BEFORE_NAME.match(body):
             head = {"name": "", "closed": None, "arguments": None}
         else:
             return None
@@ -273,17 +289,28 @@ class ToolCallReader:
             name = starting[0]
         if name not in self.names:
             return None
+        arguments = (head["arguments"] or "").lstrip()
+        try:  # whole arguments, the call's own end cut: keep only them
+            arguments = arguments[: json.JSONDecoder().raw_decode(arguments)[1]]
+        except (ValueError, RecursionError):
+            pass
+        if any(seen == name and earlier.startswith(arguments) for seen, earlier in self.seen):
+            self.ended = True  # the start of a repeat
+            return None
+        return self._cut(name, arguments)
+
+    def _cut(self, name: str, arguments: str) -> ToolCall:
         self.calls += 1
         self.pending, self.in_call, self.gap = "", False, ""
-        return ToolCall(self.calls - 1, f"call_{secrets.token_hex(12)}", name, (head["arguments"] or "").lstrip(),
-                        truncated=True)
+        return ToolCall(self.calls - 1, f"call_{secrets.token_hex(12)}", name, arguments, truncated=True)
 
     def finish(self) -> str:
         """The text left once the choice has ended. After calls, what is left of an unclosed call (cut by the
-        token limit) and whitespace are dropped, and after the call that ended the answer everything; before any
-        call, an unclosed call is text."""
+        token limit), of an opening tag and whitespace are dropped, and after the call that ended the answer
+        everything; before any call, an unclosed call is text (unless calls were forced)."""
         rest = (self.gap + CALL_OPEN if self.in_call else "") + self.pending
-        if self.ended or (self.calls and (self.in_call or not rest.strip())):
+        markup = self.in_call or CALL_OPEN.startswith(rest.strip())
+        if self.ended or ((self.calls or self.forced) and markup):
             rest = ""
         self.pending, self.in_call, self.gap = "", False, ""
         return rest
@@ -309,7 +336,7 @@ class ToolCallReader:
 # the start of a call cut short: its name (whole when `closed`), then, if it got there, the start of its arguments
 _CUT_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)(?P<closed>")?'
                        r'(?:\s*,\s*"(?:arguments|parameters)"\s*:(?P<arguments>.*))?', re.DOTALL)
-_CUT_BEFORE_NAME = re.compile(r'\s*(\{\s*"?n?a?m?e?)?$')
+_CUT_BEFORE_NAME = re.compile(r'\s*(?:\{\s*(?:"(?:n(?:a(?:m(?:e"?)?)?)?)?)?)?\Z')
 
 
 def _partial(text: str, marker: str) -> int:

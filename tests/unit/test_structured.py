@@ -216,15 +216,39 @@ def test_without_parallel_calls_the_first_call_ends_the_answer():
     ('<tool_call>\nnot json', frozenset({"add"}), None),
     ('<tool_call>\n', frozenset({"add"}), ("add", "")),
     ('<tool_call>\n{"na', frozenset({"add", "any"}), None),
+    ('<tool_call>\n{"nm', frozenset({"add"}), None),  # not the start of '{"name"'
+    ('<tool_', frozenset({"add"}), ("add", "")),  # cut in the opening tag, one tool forced
+    ('<tool_', frozenset({"add", "any"}), None),
 ])
 def test_a_call_cut_by_the_token_limit_is_returned_as_far_as_it_got(text, forced, call):
     reader = ToolCallReader({"add", "any", "get_weather"}, forced=forced)
     assert reader.feed(text) == ("", [])
     cut = reader.truncated()
     assert (cut and (cut.name, cut.arguments)) == call
-    assert reader.finish() == ("" if call else text)  # a call's text is not content as well
+    assert reader.finish() == ("" if call or forced else text)  # a call's text is not content; nor forced markup
     if cut is not None:
         assert cut.truncated and cut.index == 0
+
+
+def test_a_cut_call_is_its_arguments_only_and_a_cut_repeat_or_tag_is_no_call():
+    whole = ToolCallReader({"add"})  # whole JSON, only the closing tag cut: the call, whole
+    assert whole.feed(CALL[:-3]) == ("", [])
+    call = whole.truncated()
+    assert call is not None and (call.name, call.arguments, call.truncated) == ("add", '{"a": 1, "b": 2}', False)
+    unclosed = ToolCallReader({"add", "get_weather"})  # a call never closed, then another: the first one
+    unclosed.feed(f"{CALL[:-len('</tool_call>')]}{WEATHER_CALL[:30]}")
+    call = unclosed.truncated()
+    assert call is not None and (call.name, call.arguments) == ("add", '{"a": 1, "b": 2}')
+    nested = ToolCallReader({"add"})  # arguments whole, the call's own brace missing
+    nested.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2} ')
+    call = nested.truncated()
+    assert call is not None and call.arguments == '{"a": 1, "b": 2}'
+    repeat = ToolCallReader({"add"}, forced=frozenset({"add"}))  # the start of a repeat: the answer ends, no call
+    assert len(repeat.feed(f"{CALL}\n{CALL[:40]}")[1]) == 1
+    assert repeat.truncated() is None and repeat.ended and repeat.finish() == ""
+    second = ToolCallReader({"add", "get_weather"}, forced=frozenset({"add", "get_weather"}))
+    second.feed(f"{CALL}\n<too")  # a second call cut in its tag: neither a call nor content
+    assert second.truncated() is None and second.finish() == ""
 
 
 def test_a_forced_call_cut_by_max_tokens_comes_back_as_a_call_with_finish_reason_length():
@@ -261,6 +285,28 @@ def test_a_forced_call_cut_by_max_tokens_comes_back_as_a_call_with_finish_reason
     calls = [item for item in response["output"] if item["type"] == "function_call"]
     assert [(c["name"], c["arguments"], c["status"]) for c in calls] == [
         ("add", '{"a": 1, "b": 2}', "completed"), ("get_weather", '{"ci', "incomplete")]
+
+
+def test_a_named_tool_cut_in_its_name_is_that_tool_only_when_forced():
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend
+
+    backend = FakeBackend(reply=WEATHER_CALL)
+    backend.context_length = 4096
+    cut = len('<tool_call>\n{"name": "get_we')
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "?"}], "tools": [ADD, WEATHER],
+            "max_tokens": cut}
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        named = client.post("/v1/chat/completions", json={**body, "tool_choice": {
+            "type": "function", "function": {"name": "get_weather"}}}).json()["choices"][0]
+        auto = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert named["finish_reason"] == "length" and named["message"]["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in named["message"]["tool_calls"]] == [
+        ("get_weather", "")]
+    assert auto["message"]["content"] == WEATHER_CALL[:cut] and "tool_calls" not in auto["message"]  # text
 
 
 CALLS_REPLY = f"Sure.\n{CALL}\n{CALL}\nnever read"
