@@ -221,12 +221,13 @@ class ServingEngine:
         bias = {int(k): v for k, v in (request.logit_bias or {}).items()}  # decimal strings (validated)
         if not all(0 <= k < vocab for k in bias):
             raise APIError(400, f"logit_bias token ids must be in 0..{vocab - 1}", "logit_bias", "invalid_value")
-        greedy = request.temperature < MIN_TEMPERATURE or request.top_p < MIN_TEMPERATURE
+        greedy = request.temperature < MIN_TEMPERATURE or request.top_p < MIN_TEMPERATURE or request.top_k == 1
         speculative, draft_while = self.speculate(request.n, bool(prediction), request.seed is not None and not greedy)
         generation = GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=limit or self._default_limit(len(prompt_ids)), n=request.n,
             temperature=0.0 if greedy else request.temperature, top_p=1.0 if greedy else request.top_p,
-            seed=request.seed,
+            seed=request.seed, top_k=0 if greedy else max(request.top_k, 0), min_p=0.0 if greedy else request.min_p,
+            repetition_penalty=request.repetition_penalty,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=bias, logprobs=logprobs, stop_token_ids=self.backend.eos_token_ids, grammar=grammar,
             prompt_logprobs=logprobs if echo is not None else None,

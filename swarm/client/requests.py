@@ -31,6 +31,9 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1: none
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # the text must match it; it ends with the grammar (end-of-text is the only choice)

@@ -170,9 +170,11 @@ class SwarmTextService:
         session, start = await self._session_for(prompt, request.max_new_tokens, n, request.tenant or "",
                                                   reuse=not scoring and not private)
         failovers_before, pushed_before = session.failovers, session.pushed  # a reused session's earlier turns
-        sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, seed=request.seed),
+        sampler = Sampler(n, self.vocab_size, SamplingParams(request.temperature, request.top_p, request.top_k,
+                                                             request.seed, request.min_p),
                           LogitsAdjustments(request.presence_penalty, request.frequency_penalty,
-                                            tuple(request.logit_bias.items())), request.logprobs, constraint)
+                                            tuple(request.logit_bias.items()), request.repetition_penalty),
+                          request.logprobs, constraint, prompt=prompt)
         drafter = None
         if request.speculative and n == 1:
             drafter = self._drafter(prompt, request.prediction, sampler.params)

@@ -163,6 +163,23 @@ async def test_a_predicted_output_is_drafted_from_and_the_answer_equals_transfor
     assert answer.usage.completion_tokens == 32
 
 
+async def test_repetition_penalty_greedy_equals_transformers(sdk, tokenizer):
+    """vLLM's extra sampling parameters as frontends send them: greedy under a repetition penalty (on the prompt's
+    tokens and the answer's) gives transformers' generate(repetition_penalty=...) tokens."""
+    messages = user("Write a short story about a robot who learns to paint.")
+    answer = await sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24,
+                                               extra_body={"repetition_penalty": 1.5, "top_k": 40, "min_p": 0.1})
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL).path, dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+    expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                              repetition_penalty=1.5, eos_token_id=None)[0, len(prompt):].tolist()
+    plain = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                           eos_token_id=None)[0, len(prompt):].tolist()
+    assert expected != plain  # the penalty changes this answer
+    assert answer.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+
+
 async def test_metrics_show_the_route_and_each_peers_observed_step(sdk, gateway):
     await sdk.chat.completions.create(model=MODEL, messages=user("Count to five."), temperature=0, max_tokens=8)
     text = httpx.get(f"{gateway.url}/metrics").text

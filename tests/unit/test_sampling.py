@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm_kernels.sampling import LogitsAdjustments, SamplingParams, adjust_logits, sample, top_logprobs
+from swarm_kernels.sampling import (
+    LogitsAdjustments,
+    Sampler,
+    SamplingParams,
+    adjust_logits,
+    probabilities,
+    sample,
+    top_logprobs,
+)
 
 
 def logits_batch():
@@ -83,3 +91,53 @@ def test_vanishing_temperature_or_top_p_is_greedy_not_nan(temperature, top_p):
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 10
     chosen = sample(logits, SamplingParams(temperature=temperature, top_p=top_p, seed=1))
     assert torch.equal(chosen, logits.argmax(-1))
+
+
+def test_repetition_penalty_min_p_and_top_k_equal_transformers_processors():
+    """vLLM's extra parameters against transformers' own logits processors: the repetition penalty on the prompt's
+    tokens and the chosen ones, and the min-p / top-k cuts of the distribution sampled from."""
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
+
+    torch.manual_seed(0)
+    vocab, prompt = 50, [3, 7, 7, 11]
+    logits = torch.randn(2, vocab) * 3
+    sampler = Sampler(2, vocab, SamplingParams(temperature=0.0), LogitsAdjustments(repetition_penalty=1.3),
+                      prompt=prompt)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt] * 2), logits.clone())
+    assert torch.equal(adjust_logits(logits, None, sampler.adjust, sampler.seen), expected)  # the prompt's tokens
+    assert not torch.equal(expected, logits)
+    first = sampler(logits.clone())  # greedy under the penalty
+    assert torch.equal(first.token_ids, expected.argmax(-1))
+    seen = torch.tensor([[*prompt, int(t)] for t in first.token_ids])  # then the prompt's and the chosen ones
+    assert torch.equal(adjust_logits(logits, None, sampler.adjust, sampler.seen),
+                       RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone()))
+    scaled = logits / 0.7
+    for params, warper in [(SamplingParams(0.7, min_p=0.2), MinPLogitsWarper(0.2)),
+                           (SamplingParams(0.7, top_k=5), TopKLogitsWarper(5))]:
+        ours = probabilities(logits, params)
+        theirs = warper(None, scaled.clone()).softmax(-1)
+        assert torch.equal(ours > 0, theirs > 0) and torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_extra_sampling_parameters_reach_the_sampler_and_out_of_range_ones_are_400s():
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend
+
+    backend = FakeBackend()
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        assert client.post("/v1/chat/completions", json={**body, "top_k": 40, "min_p": 0.05,
+                                                         "repetition_penalty": 1.1}).status_code == 200
+        assert client.post("/v1/completions", json={"model": "fake/model-1", "prompt": "hi", "top_k": 1,
+                                                    "repetition_penalty": 1.2}).status_code == 200
+        refused = {name: client.post("/v1/chat/completions", json={**body, name: value})
+                   for name, value in [("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0),
+                                       ("repetition_penalty", 2.5), ("min_p", "x")]}
+    chat, legacy = backend.requests
+    assert (chat.top_k, chat.min_p, chat.repetition_penalty, chat.temperature) == (40, 0.05, 1.1, 1.0)
+    assert (legacy.top_k, legacy.temperature, legacy.repetition_penalty) == (0, 0.0, 1.2)  # top_k 1: greedy
+    for name, response in refused.items():
+        assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text
