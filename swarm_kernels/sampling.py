@@ -133,7 +133,10 @@ def adjust_logits(logits: torch.Tensor, counts: torch.Tensor | None, adjust: Log
     adjusted = logits.float()
     if seen is not None and adjust.repetition_penalty != 1.0:
         penalty = adjust.repetition_penalty
-        adjusted = torch.where(seen, torch.where(adjusted > 0, adjusted / penalty, adjusted * penalty), adjusted)
+        adjusted = adjusted.clone() if adjusted is logits else adjusted
+        rows, ids = seen.nonzero(as_tuple=True)  # a few thousand of the vocabulary at most: only those are touched
+        values = adjusted[rows, ids]
+        adjusted[rows, ids] = torch.where(values > 0, values / penalty, values * penalty)
     if counts is not None and adjust.frequency_penalty:
         adjusted = adjusted - adjust.frequency_penalty * counts
     if counts is not None and adjust.presence_penalty:

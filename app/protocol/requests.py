@@ -173,10 +173,11 @@ class _SamplingRequest(_Request):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    # vLLM's extra sampling parameters (not OpenAI's), as self-hosted chat frontends send them; vLLM's ranges
+    # vLLM's extra sampling parameters (not OpenAI's), as self-hosted chat frontends send them; vLLM's ranges, but
+    # a repetition penalty of at least 0.01 (a seen token's logit divided by 1e-39 overflows float32)
     top_k: int = Field(0, ge=-1)  # -1 or 0: no cut
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2)
 
     @field_validator("stop")
     @classmethod

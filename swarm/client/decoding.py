@@ -215,7 +215,11 @@ class DecodeGroups:
                 results = await self._run(self._finish, torch.cat([hidden[:, -1:] for _, hidden in done]),
                                           [request.sampler for request, _ in done])
                 for (request, _), result in zip(done, results, strict=True):
-                    if not request.future.done():
+                    if request.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        _fail(request.future, result)
+                    else:
                         request.future.set_result(result)
         except BaseException as e:
             for request in requests:
@@ -239,12 +243,17 @@ class DecodeGroups:
         return [self.head.embed(r.input_ids, r.session.position) for r in requests]
 
     def _finish(self, hidden: torch.Tensor, samplers: list[Callable[[torch.Tensor], Any] | None]
-                ) -> list[tuple[torch.Tensor, Any]]:
-        """On the torch thread: the LM head of a round's rows [k, 1, H] in one call, then each row's sampler."""
+                ) -> list[tuple[torch.Tensor, Any] | Exception]:
+        """On the torch thread: the LM head of a round's rows [k, 1, H] in one call, then each row's sampler (one
+        that fails, its request's parameters or grammar, fails only its row)."""
         logits = self.head.logits(hidden)[:, -1]
-        rows = logits.split(1)
-        return [(row, sampler(row) if sampler is not None else None) for row, sampler in zip(rows, samplers,
-                                                                                             strict=True)]
+        out: list[tuple[torch.Tensor, Any] | Exception] = []
+        for row, sampler in zip(logits.split(1), samplers, strict=True):
+            try:
+                out.append((row, sampler(row) if sampler is not None else None))
+            except Exception as e:
+                out.append(e)
+        return out
 
     def close(self) -> None:
         for task in self._tasks:

@@ -151,7 +151,8 @@ class SwarmTextService:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """Its own text (a leading space included: swarm.client.token_bytes); U+FFFD for part of a character."""
+        return self._token_bytes.of(token_id).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._token_bytes.of(token_id)

@@ -4,7 +4,9 @@ A token's text alone loses them where a token holds part of a character: byte-le
 3's) splits an emoji over several tokens, each of which decodes to U+FFFD, whose UTF-8 bytes are not the token's. A
 client joins the `bytes` of consecutive tokens to rebuild such text. Byte-level vocabularies write each byte as one
 printable character (GPT-2's `bytes_to_unicode`), SentencePiece ones with byte fallback as `<0xE2>`; any other
-token's bytes are those of its decoded text.
+token's bytes are those of its decoded text, with the space a SentencePiece word piece (`▁world`) stands for even
+where the tokenizer's decoder drops it from a text's start (Llama 2's, Mistral's): a token's own bytes, as
+tiktoken's tokens hold their leading space.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ class TokenBytes:
 
     def _of(self, token_id: int) -> bytes:
         text = self.tokenizer.decode([token_id])
-        if "\ufffd" not in text:
-            return text.encode("utf-8")
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if "\ufffd" not in text:
+            if isinstance(piece, str) and piece.startswith("▁") and not text.startswith(" "):
+                text = " " + text
+            return text.encode("utf-8")
         if isinstance(piece, str):
             if (byte := _BYTE_TOKEN.fullmatch(piece)) is not None:
                 return bytes([int(byte[1], 16)])

@@ -106,6 +106,22 @@ async def test_each_members_sampler_runs_on_its_own_row_in_the_rounds_head_job()
     assert groups.rounds == 3 and len(jobs) == 2 * 3  # embeddings, then head + samplers: two jobs per round
 
 
+async def test_a_sampler_that_fails_fails_only_its_own_member():
+    """A request's sampler raising (its parameters, its grammar) in the round's head job: the others get their
+    tokens."""
+    def broken(row):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1)
+    sessions = [FakeSession(f"s{i}") for i in range(3)]
+    chose = lambda row: ("chose", float(row[0, 0]))  # noqa: E731
+    results = await asyncio.gather(decode(groups, sessions[0], 1, sampler=chose),
+                                   decode(groups, sessions[1], 1, sampler=broken),
+                                   decode(groups, sessions[2], 1, sampler=chose), return_exceptions=True)
+    assert isinstance(results[1], RuntimeError) and groups.rounds == 1
+    assert results[0] == [2 * 6] and results[2] == [2 * 6]
+
+
 async def test_a_single_session_runs_alone_without_waiting_and_max_groups_caps_the_groups():
     # waits of 30 s: a lone session that waited for anyone would take minutes, not the few ms its 20 steps take
     groups = DecodeGroups(FakeHead(), run_in_thread, max_groups=1, straggle=30.0, join_wait=30.0)

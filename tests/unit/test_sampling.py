@@ -133,11 +133,11 @@ def test_extra_sampling_parameters_reach_the_sampler_and_out_of_range_ones_are_4
                                                          "repetition_penalty": 1.1}).status_code == 200
         assert client.post("/v1/completions", json={"model": "fake/model-1", "prompt": "hi", "top_k": 1,
                                                     "repetition_penalty": 1.2}).status_code == 200
-        refused = {name: client.post("/v1/chat/completions", json={**body, name: value})
+        refused = [(name, client.post("/v1/chat/completions", json={**body, name: value}))
                    for name, value in [("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0),
-                                       ("repetition_penalty", 2.5), ("min_p", "x")]}
+                                       ("repetition_penalty", 1e-39), ("repetition_penalty", 2.5), ("min_p", "x")]]
     chat, legacy = backend.requests
     assert (chat.top_k, chat.min_p, chat.repetition_penalty, chat.temperature) == (40, 0.05, 1.1, 1.0)
     assert (legacy.top_k, legacy.temperature, legacy.repetition_penalty) == (0, 0.0, 1.2)  # top_k 1: greedy
-    for name, response in refused.items():
+    for name, response in refused:
         assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text

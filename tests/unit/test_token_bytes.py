@@ -24,13 +24,17 @@ def test_byte_level_tokens_join_into_the_text(text):
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
 
 
-def test_byte_fallback_tokens_give_their_byte():
-    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁ok": 257, "o": 258, "k": 259, "▁": 260}
+@pytest.mark.parametrize("strips", [False, True])
+def test_sentencepiece_tokens_give_their_byte_and_their_space(strips):
+    """Byte fallback (`<0xF0>`), and word pieces with their space, also where the decoder strips a text's first
+    space (Llama 2's, Mistral's: `decode([id])` alone loses it)."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁ok": 257, "o": 258, "▁world": 259}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if strips else steps)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     of = TokenBytes(tokenizer).of
-    ids = [257, *(1 + b for b in "🤖".encode())]  # " ok" and the emoji as four byte tokens
-    assert tokenizer.decode(ids) == " ok🤖"
-    assert [of(i) for i in ids[1:]] == [bytes([b]) for b in "🤖".encode()]
-    assert b"".join(of(i) for i in ids).decode() in (" ok🤖", "ok🤖")  # a leading space is the decoder's choice
+    ids = [257, *(1 + b for b in "🤖".encode()), 258, 259]  # " ok", the emoji as four byte tokens, "o", " world"
+    assert tokenizer.decode(ids) == ("ok🤖o world" if strips else " ok🤖o world")
+    assert [of(i) for i in ids[1:5]] == [bytes([b]) for b in "🤖".encode()]
+    assert b"".join(of(i) for i in ids) == " ok🤖o world".encode()
