@@ -112,16 +112,21 @@ def _token_logprob(backend: GenerationBackend, event: TokenEvent, logprob: float
 def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
     """Move the tool calls out of a delta's text (app.structured). A choice that called a tool and ended by itself
     finishes with "tool_calls"; so does one that repeats a call, or calls a second time without parallel_tool_calls
-    (it is ended there)."""
+    (it is ended there), or is cut by the token limit where nothing but markup followed its last whole call (a
+    repeat begun, a next call's tag); one cut in a call returns it as far as it got, with "length"."""
     delta.text, delta.tool_calls = reader.feed(delta.text)
     if reader.ended and delta.finish_reason is None:
         delta.finish_reason = "tool_calls"
-    if delta.finish_reason == "length" and (cut := reader.truncated()) is not None:
+    if delta.finish_reason is None:
+        return
+    cut = reader.truncated() if delta.finish_reason == "length" else None
+    if cut is not None:
         delta.tool_calls.append(cut)  # its arguments as far as they got, as OpenAI returns a call cut by max_tokens
-    if delta.finish_reason is not None:
-        delta.text += reader.finish()
-        if reader.calls and delta.finish_reason == "stop":
-            delta.finish_reason = "tool_calls"
+    delta.text += reader.finish()
+    # cut where only markup followed its last whole call (a repeat begun, the next call's tag): the answer is its calls
+    whole = delta.finish_reason == "length" and not reader.tail.strip() and not (cut is not None and cut.truncated)
+    if reader.calls and (delta.finish_reason == "stop" or whole):
+        delta.finish_reason = "tool_calls"
 
 
 class ServingEngine:

@@ -209,6 +209,7 @@ class ToolCallReader:
         self.in_call = False
         self.gap = ""  # the whitespace before the call being read: dropped if it is a call, else text again
         self.calls = 0
+        self.tail = ""  # the content since the last call
         self.seen: set[tuple[str, str]] = set()
         self.ended = False
 
@@ -224,12 +225,13 @@ class ToolCallReader:
                 self.in_call = False
                 call, gap, self.gap = self._parse(body), self.gap, ""
                 if call is None:
-                    content += f"{gap}{CALL_OPEN}{body}{CALL_CLOSE}"  # not a call of ours: it stays text
+                    content += self._text(f"{gap}{CALL_OPEN}{body}{CALL_CLOSE}")  # not a call of ours: it stays text
                 elif isinstance(call, str):  # "repeated"
                     self.ended = True
                     return content, calls
                 else:
                     calls.append(call)
+                    self.tail = ""
                     if self.single:
                         self.ended = True
                         return content, calls
@@ -237,15 +239,19 @@ class ToolCallReader:
             start = self.pending.find(CALL_OPEN)
             if start >= 0:
                 before = self.pending[:start]
-                content += before.rstrip()  # the space before a call is not content (if it is a call)
+                content += self._text(before.rstrip())  # the space before a call is not content (if it is a call)
                 self.gap = before[len(before.rstrip()):]
                 self.pending, self.in_call = self.pending[start + len(CALL_OPEN):], True
                 continue
             # held back: what may begin a call, and the whitespace before it (between calls, or after the last,
             # it is not content)
             released = self.pending[: len(self.pending) - _partial(self.pending, CALL_OPEN)].rstrip()
-            content, self.pending = content + released, self.pending[len(released):]
+            content, self.pending = content + self._text(released), self.pending[len(released):]
             return content, calls
+
+    def _text(self, content: str) -> str:
+        self.tail += content
+        return content
 
     def truncated(self) -> ToolCall | None:
         """The call the answer was cut in by the token limit, as far as it got (call it before `finish`): OpenAI
@@ -313,7 +319,7 @@ class ToolCallReader:
         if self.ended or ((self.calls or self.forced) and markup):
             rest = ""
         self.pending, self.in_call, self.gap = "", False, ""
-        return rest
+        return self._text(rest)
 
     def _parse(self, body: str) -> ToolCall | str | None:
         try:

@@ -287,6 +287,35 @@ def test_a_forced_call_cut_by_max_tokens_comes_back_as_a_call_with_finish_reason
         ("add", '{"a": 1, "b": 2}', "completed"), ("get_weather", '{"ci', "incomplete")]
 
 
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_an_answer_cut_in_a_repeat_of_its_call_is_that_call_with_finish_reason_tool_calls(choice):
+    """A small model forced to call writes the call, then again word for word: cut by max_tokens in the repeat, the
+    answer is the one call, whole ("tool_calls"; the Responses API: completed), as OpenAI's would be (the SDKs'
+    parse() and the Agents SDK refuse an answer that says "length")."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend
+
+    backend = FakeBackend(reply=f"{WEATHER_CALL}\n{WEATHER_CALL}")
+    backend.context_length = 4096
+    cuts = [len(WEATHER_CALL) + k for k in (3, 30)]  # in the repeat's opening tag, in its arguments
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        for cut in cuts:
+            chat = client.post("/v1/chat/completions", json={
+                "model": "fake/model-1", "messages": [{"role": "user", "content": "?"}], "tools": [ADD, WEATHER],
+                "tool_choice": choice, "max_tokens": cut}).json()["choices"][0]
+            assert chat["finish_reason"] == "tool_calls" and chat["message"]["content"] is None
+            assert [(c["function"]["name"], c["function"]["arguments"]) for c in chat["message"]["tool_calls"]] == [
+                ("get_weather", '{"city": "Paris"}')]
+            response = client.post("/v1/responses", json={
+                "model": "fake/model-1", "input": "?", "tool_choice": choice, "max_output_tokens": cut,
+                "tools": [{"type": "function", **t["function"]} for t in (ADD, WEATHER)]}).json()
+            assert response["status"] == "completed"
+            assert [(item["type"], item["status"]) for item in response["output"]] == [("function_call", "completed")]
+
+
 def test_a_named_tool_cut_in_its_name_is_that_tool_only_when_forced():
     from fastapi.testclient import TestClient
 
