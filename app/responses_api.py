@@ -115,7 +115,8 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> Ch
     body = {"model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "response_format": response_format,
             "parallel_tool_calls": request.parallel_tool_calls,
-            "tools": [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            "tools": [{"type": "function", "function": {**t.model_dump(exclude={"type"}, exclude_none=True),
+                                                        "strict": t.strict is not False}}  # the Responses default
                       for t in request.tools] or None,
             "tool_choice": ({"type": "function", "function": {"name": choice.name}}
                             if isinstance(choice, ToolChoiceFunction) else choice) if request.tools else None}

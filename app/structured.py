@@ -19,7 +19,8 @@ template has no tool format).
 with a `response_format` as well, the answer is by grammar either tool calls or that JSON. `none`: no tools in the
 prompt. `response_format` `json_object`: one JSON object, nothing around it; `json_schema`: JSON valid against the
 schema (a schema feature the grammar engine cannot enforce is refused, whatever `strict` says: see
-swarm.client.grammar).
+swarm.client.grammar). `strict: true` (a function's, or the format's; a Responses function tool's by default) closes
+the schema's objects that do not say whether they take other keys (`closed`).
 """
 
 from __future__ import annotations
@@ -60,11 +61,47 @@ def _json(value: Any) -> str:
 
 def _parameters(tool: Tool) -> dict[str, Any]:
     """Its arguments' schema; a function without `parameters` takes none (OpenAI: "an empty parameter list"), one
-    with an empty schema any object."""
+    with an empty schema any object; `strict`: its objects closed (`closed`)."""
     parameters = tool.function.parameters
     if parameters is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    return parameters or {"type": "object"}
+    return (closed(parameters) if tool.function.strict else parameters) or {"type": "object"}
+
+
+# the keywords whose values are schemas, maps of them or lists of them
+_SUBSCHEMA = {"items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties"}
+_SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+_SUBSCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a schema for OpenAI's strict mode: every object schema that lists `properties` and says nothing of
+    others takes no others (`additionalProperties: false`, which OpenAI requires strict schemas to say and xgrammar's
+    strict mode assumes). A schema from a Pydantic model's `model_json_schema()` leaves it out, and a small model
+    then adds keys of its own until the token limit cuts its JSON. Walked without recursion (a deep schema is
+    bounded by the body's size, not by the stack)."""
+    root: dict[str, Any] = {"schema": schema}
+    stack: list[tuple[Any, Any]] = [(root, "schema")]
+    while stack:
+        parent, key = stack.pop()
+        value = parent[key]
+        if isinstance(value, list):
+            value = parent[key] = list(value)
+            stack.extend((value, i) for i in range(len(value)))
+            continue
+        if not isinstance(value, dict):
+            continue
+        value = parent[key] = dict(value)
+        if isinstance(value.get("properties"), dict) and "additionalProperties" not in value:
+            value["additionalProperties"] = False
+        for word, sub in value.items():
+            if word in _SUBSCHEMA or (word in _SUBSCHEMA_LISTS and isinstance(sub, list)):
+                stack.append((value, word))
+            elif word in _SUBSCHEMA_MAPS and isinstance(sub, dict):
+                value[word] = dict(sub)
+                stack.extend((value[word], name) for name in sub)
+    return root["schema"]
 
 
 def _call_schema(tool: Tool) -> dict[str, Any]:
@@ -104,7 +141,7 @@ def _format_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     if form.type == "json_object":
         return {"type": "object"}
     assert form.json_schema is not None  # validated
-    return form.json_schema.schema_
+    return closed(form.json_schema.schema_) if form.json_schema.strict else form.json_schema.schema_
 
 
 def _calls_lark(tools: list[Tool], parallel: bool, alternative: dict[str, Any] | None = None) -> str:

@@ -163,6 +163,68 @@ def test_tools_go_into_a_system_message_when_the_template_has_no_tool_format():
     assert native[3] == {"role": "tool", "content": "4", "tool_call_id": "call_1"}
 
 
+def test_strict_closes_the_objects_that_do_not_say_and_only_schemas():
+    """A Pydantic model's schema (nested model in $defs, a list of them, an optional field as anyOf, a property
+    named like a keyword): under strict every object schema with properties takes no other keys; what says so
+    itself, maps of names and values that are not schemas are left as they were; the request's own is not changed."""
+    from pydantic import BaseModel
+
+    from app.structured import closed
+
+    class Place(BaseModel):
+        city: str
+        properties: dict[str, int]  # a field named like the keyword: a free map, left open
+
+    class Trip(BaseModel):
+        places: list[Place]
+        note: str | None = None
+        extra: dict = {"properties": {"a": {}}}  # a default value: not a schema
+
+    schema = Trip.model_json_schema()
+    strict = closed(schema)
+    assert strict["additionalProperties"] is False and strict["$defs"]["Place"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema and "additionalProperties" not in schema["$defs"]["Place"]
+    place = strict["$defs"]["Place"]["properties"]
+    assert place["properties"] == schema["$defs"]["Place"]["properties"]["properties"]  # a map of ints: as it was
+    assert "additionalProperties" not in strict["properties"]  # the map of the fields is no schema
+    assert strict["properties"]["extra"] == schema["properties"]["extra"]
+    nested = closed({"anyOf": [{"type": "object", "properties": {"a": {"type": "object", "properties": {}}}},
+                               {"type": "object", "additionalProperties": True, "properties": {}}]})
+    assert nested["anyOf"][0]["additionalProperties"] is False
+    assert nested["anyOf"][0]["properties"]["a"]["additionalProperties"] is False
+    assert nested["anyOf"][1]["additionalProperties"] is True  # said by the schema: kept
+    deep: dict = {"type": "object", "properties": {}}
+    for _ in range(5000):  # deeper than the stack: no recursion
+        deep = {"type": "object", "properties": {"x": deep}}
+    assert closed(deep)["additionalProperties"] is False
+
+
+def test_strict_formats_and_tools_take_no_other_keys(grammars, tokenizer):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}
+    extra = '{"city": "Paris", "date": "today"}'
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}}
+    assert accepts(grammars, tokenizer, grammar_for(request(**fmt)), extra)  # not strict: as the schema says
+    fmt["response_format"]["json_schema"]["strict"] = True
+    assert not accepts(grammars, tokenizer, grammar_for(request(**fmt)), extra)
+    assert accepts(grammars, tokenizer, grammar_for(request(**fmt)), '{"city": "Paris"}')
+    tool = {"type": "function", "function": {"name": "w", "parameters": schema, "strict": True}}
+    call = '<tool_call>\n{"name": "w", "arguments": %s}\n</tool_call>'
+    forced = grammar_for(request(tools=[tool], tool_choice="required"))
+    assert not accepts(grammars, tokenizer, forced, call % extra)
+    assert accepts(grammars, tokenizer, forced, call % '{"city": "Paris"}')
+
+
+def test_responses_function_tools_are_strict_unless_they_say_not():
+    from app.protocol.responses_api import ResponsesRequest
+    from app.responses_api import chat_request
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = chat_request(ResponsesRequest(model="m", input="hi", tools=[
+        {"type": "function", "name": "a", "parameters": schema},
+        {"type": "function", "name": "b", "parameters": schema, "strict": False}]), []).tools
+    assert [t.function.strict for t in tools] == [True, False]
+
+
 TEXT = f"Let me add.\n{CALL}\n{WEATHER_CALL}\n"
 
 
