@@ -99,7 +99,7 @@ def _input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
     return messages
 
 
@@ -165,7 +165,7 @@ class ResponseBuilder:
             tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice,
             parallel_tool_calls=request.parallel_tool_calls, previous_response_id=request.previous_response_id,
             text={"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
-            metadata=request.metadata, store=request.store)
+            metadata=request.metadata, store=request.store, truncation=request.truncation)
 
     def conversation(self, chat: ChatCompletionRequest) -> list[dict[str, Any]]:
         """What a next turn continues from: this turn's messages without instructions, and its output."""

@@ -1,15 +1,17 @@
 """/v1/responses: the request (the part this gateway honours; see app.responses_api) and the `response` object.
 
 Input items: messages (with or without `"type": "message"`; text parts only), `function_call` items a client sends
-back, and `function_call_output` items. Tools: function tools only; a built-in tool (web search, files, ...) is a 400
-naming it, never ignored.
+back, `function_call_output` items (their output text, or text parts), and `reasoning` items (a history replayed from
+another model's run holds them: this model reads none, they are left out). Tools: function tools only; a built-in tool
+(web search, files, ...) is a 400 naming it, never ignored; so are the fields whose meaning this gateway cannot give
+(`conversation`, `prompt` templates, `background`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from app.protocol.requests import _NAME, MAX_MESSAGES, MAX_TOOLS, TextPart, _Lenient, _Request
 
@@ -33,10 +35,20 @@ class FunctionCallItem(_Lenient):
 class FunctionCallOutputItem(_Lenient):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=256)
-    output: str
+    output: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+class ReasoningItem(_Lenient):
+    """Another model's reasoning, replayed in a history (summaries, encrypted content): read by no one here."""
+
+    type: Literal["reasoning"]
+
+
+InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                      Field(discriminator="type")]
 
 
 class TextFormat(_Lenient):
@@ -73,6 +85,14 @@ class FunctionTool(_Lenient):
         return self
 
 
+_UNSUPPORTED = {
+    "conversation": "conversations are not kept by this gateway: continue with previous_response_id, or send the "
+                    "whole input",
+    "prompt": "prompt templates are not supported: send instructions and input",
+    "background": "background responses are not supported: stream the response instead",
+}
+
+
 class ToolChoiceFunction(_Lenient):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
@@ -93,6 +113,18 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = Field(None, max_length=256)
     store: bool = True
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    truncation: Literal["disabled", "auto"] = "disabled"  # auto: as disabled (an input too long is a 400, not cut)
+    # what this gateway cannot do, refused rather than ignored (`_unsupported`)
+    conversation: Any = None
+    prompt: Any = None
+    background: Any = False
+
+    @field_validator("conversation", "prompt", "background", mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value is not False:
+            raise ValueError(_UNSUPPORTED[str(info.field_name)])
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -190,4 +222,4 @@ class ResponseObject(BaseModel):
     text: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool = True
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["disabled", "auto"] = "disabled"

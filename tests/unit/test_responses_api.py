@@ -108,12 +108,31 @@ def test_function_calls_streamed_or_not_and_their_outputs_go_back_into_the_promp
     ({"text": {"format": {"type": "json_schema"}}}, "text"),
     ({"temperature": 5}, "temperature"),
     ({"model": "other"}, "model"),
+    ({"conversation": "conv_123"}, "conversation"),  # fields whose meaning this gateway cannot give: not ignored
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"background": True}, "background"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
 ])
 def test_what_is_refused_is_a_4xx_with_the_openai_error_body(client, body, param):
     response = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", **body})
     assert response.status_code in (400, 404), response.text
     error = response.json()["error"]
     assert error["message"] and (param is None or (error["param"] or "").startswith(param)), error
+
+
+def test_a_history_replayed_from_another_run_is_taken(sdk, backend):
+    """What an agent framework sends back (the Agents SDK's to_input_list() of an OpenAI run): reasoning items (left
+    out: this model reads none), a function call's output as text parts; truncation "auto" is echoed."""
+    response = sdk.responses.create(model="fake/model-1", tools=[ADD], truncation="auto", input=[
+        {"role": "user", "content": "1+2?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "add them"}],
+         "encrypted_content": "gAAAA"},
+        {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": '{"a": 1, "b": 2}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "3"}]}])
+    assert response.status == "completed" and response.truncation == "auto"
+    prompt = bytes(backend.requests[-1].prompt_ids).decode()
+    assert prompt.endswith(f'<assistant>{CALL}<user><tool_response>\n3\n</tool_response><assistant>')
+    assert "add them" not in prompt and "gAAAA" not in prompt
 
 
 def test_text_and_calls_keep_their_order_streamed_or_not(sdk, backend):
