@@ -124,7 +124,8 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        route = (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
+                 else "/v1/responses/{id}" if path.startswith("/v1/responses/") else "other")
 
         async def counting(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -6,7 +6,8 @@ its answer the `response` object, or the typed event stream of the Responses API
   function `tools` and `tool_choice` as for chat; `max_output_tokens` is `max_tokens`.
 - `previous_response_id`: the conversation so far (its input and output items, without its instructions) is kept in
   memory for `ttl` seconds (at most `capacity` of them, the oldest forgotten first) when `store` is true (the
-  default); an unknown or expired id is a 404. The prompt of the next turn then begins with the previous turn's
+  default); an unknown or expired id is a 404. So is the response object (GET /v1/responses/{id}), with its input
+  items (GET …/input_items); DELETE forgets it. The prompt of the next turn then begins with the previous turn's
   tokens, so the swarm's prefix reuse (swarm.client.textgen) computes only what is new. Nothing is written to disk.
 - Streaming: `response.created`, `response.in_progress`, per output item `response.output_item.added` … `.done`
   (a message's `response.content_part.added`, `response.output_text.delta`s, `response.output_text.done`,
@@ -18,6 +19,7 @@ its answer the `response` object, or the typed event stream of the Responses API
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import secrets
@@ -56,31 +58,74 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
 
+@dataclasses.dataclass
+class StoredResponse:
+    since: float
+    owner: str
+    messages: list[dict[str, Any]]  # the conversation so far, as chat messages (what a next turn continues from)
+    response: dict[str, Any]  # the response object, as sent (GET /v1/responses/{id})
+    items: list[dict[str, Any]]  # its input items, with ids (GET /v1/responses/{id}/input_items)
+
+
 class ConversationStore:
-    """Conversations by response id (chat messages, without instructions), in memory, with a TTL and a capacity. Each
-    belongs to the API key that made it: another key's `previous_response_id` is not found (as OpenAI's are per
-    organization); without auth there are no keys, and every caller shares them."""
+    """Responses by id (their conversations as chat messages, without instructions; the response objects and their
+    input items), in memory, with a TTL and a capacity. Each belongs to the API key that made it: another key's
+    `previous_response_id` (or GET, or DELETE) is not found (as OpenAI's are per organization); without auth there
+    are no keys, and every caller shares them."""
 
     def __init__(self, capacity: int = 1000, ttl: float = 3600.0):
         self.capacity, self.ttl = capacity, ttl
-        self._items: collections.OrderedDict[str, tuple[float, str, list[dict[str, Any]]]] = (
-            collections.OrderedDict())
+        self._items: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
 
     def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]] | None:
+        entry = self.entry(response_id, owner)
+        return None if entry is None else list(entry.messages)
+
+    def entry(self, response_id: str, owner: str = "") -> StoredResponse | None:
         self._expire()
         entry = self._items.get(response_id)
-        return None if entry is None or entry[1] != owner else list(entry[2])
+        return None if entry is None or entry.owner != owner else entry
 
-    def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "") -> None:
-        self._items[response_id] = (time.monotonic(), owner, messages)
+    def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "",
+            response: dict[str, Any] | None = None, items: list[dict[str, Any]] | None = None) -> None:
+        self._items[response_id] = StoredResponse(time.monotonic(), owner, messages, response or {}, items or [])
         self._expire()
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def delete(self, response_id: str, owner: str = "") -> bool:
+        if self.entry(response_id, owner) is None:
+            return False
+        del self._items[response_id]
+        return True
+
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._items and now - next(iter(self._items.values()))[0] > self.ttl:
+        while self._items and now - next(iter(self._items.values())).since > self.ttl:
             self._items.popitem(last=False)
+
+
+def input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as the items GET /v1/responses/{id}/input_items lists (each with an id)."""
+    if isinstance(request.input, str):
+        return [_message_item("user", request.input)]
+    items: list[dict[str, Any]] = []
+    for item in request.input:
+        if isinstance(item, InputMessage):
+            items.append(_message_item(item.role, item.text()))
+        elif isinstance(item, FunctionCallItem):
+            items.append({"id": _id("fc"), "type": "function_call", "status": "completed", "call_id": item.call_id,
+                          "name": item.name, "arguments": item.arguments})
+        elif isinstance(item, FunctionCallOutputItem):
+            items.append({"id": _id("fco"), "type": "function_call_output", "status": "completed",
+                          "call_id": item.call_id, "output": item.text()})
+    return items
+
+
+def _message_item(role: str, text: str) -> dict[str, Any]:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"id": _id("msg"), "type": "message", "role": role, "status": "completed",
+            "content": [{"type": kind, "text": text}]}
 
 
 def _input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
@@ -105,8 +150,12 @@ def _input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
     """The chat completion request this response is computed as (a 400 for what chat validation refuses)."""
+    given = _input_messages(request)
+    if not given:
+        raise APIError(400, "input holds no message or function call output (reasoning items are left out)", "input",
+                       "invalid_value")
     messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) + history \
-        + _input_messages(request)
+        + given
     form = request.text.format
     response_format: dict[str, Any] = {"type": form.type}
     if form.type == "json_schema":
@@ -222,9 +271,16 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
             raise swarm_error(e) from e
     status = "incomplete" if finish == "length" else "completed"
     builder.close_message(numbers, status)
+    response = builder.snapshot(status, _usage(jobs))
     if request.store:
-        store.put(builder.id, builder.conversation(chat), caller.key_id)
-    return json_response(builder.snapshot(status, _usage(jobs)), headers={"x-request-id": generation.id})
+        _keep(store, builder, chat, caller.key_id, response)
+    return json_response(response, headers={"x-request-id": generation.id})
+
+
+def _keep(store: ConversationStore, builder: ResponseBuilder, chat: ChatCompletionRequest, owner: str,
+          response: ResponseObject) -> None:
+    store.put(builder.id, builder.conversation(chat), owner, response.model_dump(mode="json", by_alias=True),
+              input_items(builder.request))
 
 
 def _event(kind: str, number: int, **fields: Any) -> str:
@@ -259,9 +315,10 @@ async def _events(generation: Generation, builder: ResponseBuilder, store: Conve
     for event in builder.close_message(numbers, status):
         yield event
     await generation.aclose()  # settles the usage counts and frees the slot
+    response = builder.snapshot(status, _usage(generation.jobs))
     if builder.request.store:
-        store.put(builder.id, builder.conversation(chat), owner)
-    yield _event(f"response.{status}", next(numbers), response=builder.snapshot(status, _usage(generation.jobs)))
+        _keep(store, builder, chat, owner, response)
+    yield _event(f"response.{status}", next(numbers), response=response)
 
 
 def _opening(builder: ResponseBuilder, numbers: Iterator[int]) -> list[str]:

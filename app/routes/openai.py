@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, handle
@@ -15,7 +15,7 @@ from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import EmbeddingModelCard, ModelCard, ModelList
 from app.protocol.responses_api import ResponsesRequest
 from app.rendering import json_response
-from app.responses_api import ConversationStore
+from app.responses_api import ConversationStore, StoredResponse
 from app.responses_api import handle as handle_response
 from app.serving import ServingEngine
 from app.tenants import Caller
@@ -113,6 +113,41 @@ async def responses(body: ResponsesRequest, request: Request, engine: ServingEng
                     caller: Caller = Depends(caller_of)) -> Response:
     store: ConversationStore = request.app.state.conversations
     return await unless_disconnected(request, handle_response(engine, store, body, caller))
+
+
+def _stored(request: Request, response_id: str, caller: Caller) -> StoredResponse:  # else a 404
+    entry = request.app.state.conversations.entry(response_id, caller.key_id)
+    if entry is None:
+        raise APIError(404, f"response {response_id!r} is not known here (or has expired)", None, "not_found")
+    return entry
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, request: Request, caller: Caller = Depends(caller_of)) -> Response:
+    return JSONResponse(_stored(request, response_id, caller).response)
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request, caller: Caller = Depends(caller_of)) -> Response:
+    _stored(request, response_id, caller)
+    request.app.state.conversations.delete(response_id, caller.key_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+@router.get("/responses/{response_id}/input_items")
+async def response_input_items(response_id: str, request: Request, order: Literal["asc", "desc"] = "desc",
+                               limit: int = Query(20, ge=1, le=100), after: str | None = None,
+                               caller: Caller = Depends(caller_of)) -> Response:
+    """OpenAI's list: newest first by default, `limit` of them after the item `after`."""
+    items = list(_stored(request, response_id, caller).items)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = items[:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
 @router.get("/swarm")

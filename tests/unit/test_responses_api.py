@@ -120,6 +120,48 @@ def test_what_is_refused_is_a_4xx_with_the_openai_error_body(client, body, param
     assert error["message"] and (param is None or (error["param"] or "").startswith(param)), error
 
 
+def test_a_stored_response_is_retrieved_listed_and_deleted_by_its_own_key_only(sdk, client):
+    """GET /v1/responses/{id} (the object as it was sent, streamed or not), its input items (newest first, as
+    OpenAI's list), DELETE; another key's, an unknown or a deleted id: 404."""
+    response = sdk.responses.create(model="fake/model-1", max_output_tokens=100, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    again = sdk.responses.retrieve(response.id)
+    assert again.model_dump() == response.model_dump()
+    listed = sdk.responses.input_items.list(response.id)
+    assert [(item.role, item.content[0].text) for item in listed.data] == [("user", "c"), ("assistant", "b"),
+                                                                            ("user", "a")]
+    page = client.get(f"/v1/responses/{response.id}/input_items", params={"order": "asc", "limit": 2}).json()
+    assert [item["content"][0]["text"] for item in page["data"]] == ["a", "b"] and page["has_more"]
+    rest = client.get(f"/v1/responses/{response.id}/input_items",
+                      params={"order": "asc", "after": page["last_id"]}).json()
+    assert [item["content"][0]["text"] for item in rest["data"]] == ["c"] and not rest["has_more"]
+    assert client.get(f"/v1/responses/{response.id}/input_items", params={"limit": 0}).status_code == 400
+    with sdk.responses.stream(model="fake/model-1", input="hi", max_output_tokens=100) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_response()
+    assert sdk.responses.retrieve(streamed.id).output_text == streamed.output_text == REPLY
+    assert sdk.responses.delete(response.id) is None
+    for method in ("get", "delete"):
+        missing = client.request(method.upper(), f"/v1/responses/{response.id}")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    unstored = sdk.responses.create(model="fake/model-1", input="hi", store=False)
+    assert client.get(f"/v1/responses/{unstored.id}").status_code == 404
+
+
+def test_stored_responses_belong_to_their_key():
+    backend = FakeBackend()
+    backend.context_length = 4096
+    with TestClient(create_app(GatewaySettings(gateway_api_keys="k1,k2"), backend=backend)) as client:
+        made = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi"},
+                           headers={"Authorization": "Bearer k1"}).json()
+        own = client.get(f"/v1/responses/{made['id']}", headers={"Authorization": "Bearer k1"})
+        other = client.get(f"/v1/responses/{made['id']}", headers={"Authorization": "Bearer k2"})
+        nobody = client.get(f"/v1/responses/{made['id']}")
+    assert own.status_code == 200 and own.json()["id"] == made["id"]
+    assert other.status_code == 404 and nobody.status_code == 401
+
+
 def test_a_history_replayed_from_another_run_is_taken(sdk, backend):
     """What an agent framework sends back (the Agents SDK's to_input_list() of an OpenAI run): reasoning items (left
     out: this model reads none), a function call's output as text parts; truncation "auto" is echoed."""
