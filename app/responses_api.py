@@ -54,6 +54,9 @@ from app.serving import Delta, Generation, Job, ServingEngine
 from app.tenants import Caller
 
 
+LOGPROBS = "message.output_text.logprobs"  # the `include` that asks for the output text's logprobs
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(16)}"
 
@@ -161,7 +164,9 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> Ch
     if form.type == "json_schema":
         response_format["json_schema"] = {"name": form.name, "schema": form.schema_, "strict": form.strict}
     choice = request.tool_choice
+    logprobs = LOGPROBS in request.include
     body = {"model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
+            "logprobs": logprobs, "top_logprobs": (request.top_logprobs or 0) if logprobs else None,
             "temperature": request.temperature, "top_p": request.top_p, "response_format": response_format,
             "parallel_tool_calls": request.parallel_tool_calls,
             "tools": [{"type": "function", "function": {**t.model_dump(exclude={"type"}, exclude_none=True),
@@ -184,6 +189,7 @@ class ResponseBuilder:
         self.output: list[OutputItem] = []
         self.message: OutputMessage | None = None  # the message item being written
         self.finish: str | None = None
+        self.logprobs: list[dict[str, Any]] = []  # of tokens whose text has not come yet (part of a character)
 
     def close_message(self, numbers: Iterator[int], status: str = "completed") -> list[str]:
         """End the message item being written (if any) with `status` ("incomplete": cut at the token limit): its
@@ -195,7 +201,7 @@ class ResponseBuilder:
         part = message.content[0]
         message.status = "incomplete" if status == "incomplete" else "completed"
         return [_event("response.output_text.done", next(numbers), item_id=message.id, output_index=index,
-                       content_index=0, text=part.text),
+                       content_index=0, text=part.text, logprobs=part.logprobs),
                 _event("response.content_part.done", next(numbers), item_id=message.id, output_index=index,
                        content_index=0, part=part),
                 _event("response.output_item.done", next(numbers), output_index=index, item=message)]
@@ -341,6 +347,9 @@ async def _failed(builder: ResponseBuilder, error: APIError, opened: bool = True
 def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Iterator[int]) -> list[str]:
     """Add a delta's text and tool calls to the response's items, in order → the stream's events for them."""
     events: list[str] = []
+    builder.logprobs.extend(entry.model_dump() for entry in delta.logprobs)
+    if delta.tool_calls:
+        builder.logprobs.clear()  # the calls' own tokens: not the text's
     if delta.text:
         if builder.message is None:
             builder.message = OutputMessage(id=_id("msg"), status="in_progress", content=[OutputText(text="")])
@@ -350,9 +359,12 @@ def _delta_events(delta: Delta, builder: ResponseBuilder, numbers: Iterator[int]
                                  item=OutputMessage(id=builder.message.id, status="in_progress")))
             events.append(_event("response.content_part.added", next(numbers), item_id=builder.message.id,
                                  output_index=index, content_index=0, part=OutputText(text="")))
+        logprobs, builder.logprobs = builder.logprobs, []
         builder.message.content[0].text += delta.text
+        builder.message.content[0].logprobs.extend(logprobs)
         events.append(_event("response.output_text.delta", next(numbers), item_id=builder.message.id,
-                             output_index=len(builder.output) - 1, content_index=0, delta=delta.text))
+                             output_index=len(builder.output) - 1, content_index=0, delta=delta.text,
+                             logprobs=logprobs))
     for call in delta.tool_calls:
         events.extend(builder.close_message(numbers))
         item = FunctionCallOutput(id=_id("fc"), call_id=call.id, name=call.name, arguments=call.arguments,

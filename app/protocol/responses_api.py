@@ -114,6 +114,8 @@ class ResponsesRequest(_Request):
     store: bool = True
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
     truncation: Literal["disabled", "auto"] = "disabled"  # auto: as disabled (an input too long is a 400, not cut)
+    include: list[str] = Field(default_factory=list, max_length=16)  # message.output_text.logprobs: honoured
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # what this gateway cannot do, refused rather than ignored (`_unsupported`)
     conversation: Any = None
     prompt: Any = None
@@ -154,6 +156,7 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[dict[str, Any]] = Field(default_factory=list)  # with include message.output_text.logprobs
 
 
 class OutputMessage(BaseModel):

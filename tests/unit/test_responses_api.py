@@ -162,6 +162,26 @@ def test_stored_responses_belong_to_their_key():
     assert other.status_code == 404 and nobody.status_code == 401
 
 
+def test_output_text_logprobs_when_included(sdk, backend):
+    """include ["message.output_text.logprobs"] with top_logprobs: the text's tokens with their log-probabilities,
+    in the response and in the stream's deltas (a token that is part of a character with the text that completes
+    it); without it, none."""
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    response = sdk.responses.create(model="fake/model-1", input="hi", max_output_tokens=100, **asked)
+    entries = response.output[0].content[0].logprobs
+    assert bytes(b for e in entries for b in e.bytes).decode() == response.output_text == REPLY
+    assert all(e.logprob == -0.5 and len(e.top_logprobs) == 2 for e in entries)
+    assert backend.requests[-1].logprobs == 2
+    streamed = []
+    with sdk.responses.stream(model="fake/model-1", input="hi", max_output_tokens=100, **asked) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                streamed.extend(event.logprobs)
+    assert bytes(b for e in streamed for b in e.bytes).decode() == REPLY
+    plain = sdk.responses.create(model="fake/model-1", input="hi", max_output_tokens=100)
+    assert plain.output[0].content[0].logprobs == [] and backend.requests[-1].logprobs is None
+
+
 def test_a_history_replayed_from_another_run_is_taken(sdk, backend):
     """What an agent framework sends back (the Agents SDK's to_input_list() of an OpenAI run): reasoning items (left
     out: this model reads none), a function call's output as text parts; truncation "auto" is echoed."""
