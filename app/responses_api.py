@@ -53,7 +53,6 @@ from app.rendering import json_response
 from app.serving import Delta, Generation, Job, ServingEngine
 from app.tenants import Caller
 
-
 LOGPROBS = "message.output_text.logprobs"  # the `include` that asks for the output text's logprobs
 
 
