@@ -76,6 +76,11 @@ def _call(call: ToolCall) -> ToolCallOut:
     return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
+def _function(calls: list[ToolCall]) -> FunctionCall | None:
+    """The legacy API's one call (the request asked for no parallel calls: there is at most one)."""
+    return FunctionCall(name=calls[0].name, arguments=calls[0].arguments) if calls else None
+
+
 class _Answer:
     """The OpenAI objects answering one request share its id, creation time and model name."""
 
@@ -92,12 +97,24 @@ class ChatAnswer(_Answer):
 
     prefix = "chatcmpl"
 
+    def __init__(self, model: str, legacy_functions: bool = False):
+        super().__init__(model)
+        self.legacy = legacy_functions  # the request used `functions`: its one call is the message's `function_call`
+
     def body(self, choices: list[Collected], usage: Usage, logprobs: bool) -> ChatCompletion:
         return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=c.text if c.text or not c.tool_calls else None,
-                                                         tool_calls=[_call(k) for k in c.tool_calls] or None),
-                       finish_reason=c.finish_reason, logprobs=ChatLogprobs(content=c.logprobs) if logprobs else None)
+            ChatChoice(index=i, message=self._message(c), finish_reason=self._finish(c.finish_reason),
+                       logprobs=ChatLogprobs(content=c.logprobs) if logprobs else None)
             for i, c in enumerate(choices)])
+
+    def _message(self, choice: Collected) -> AssistantMessage:
+        content = choice.text if choice.text or not choice.tool_calls else None
+        if self.legacy:
+            return AssistantMessage(content=content, function_call=_function(choice.tool_calls))
+        return AssistantMessage(content=content, tool_calls=[_call(k) for k in choice.tool_calls] or None)
+
+    def _finish(self, reason: FinishReason | None) -> FinishReason | None:
+        return "function_call" if self.legacy and reason == "tool_calls" else reason
 
     def opening(self, n: int) -> ChatCompletionChunk | None:
         return self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -105,11 +122,16 @@ class ChatAnswer(_Answer):
 
     def chunk(self, deltas: list[Delta]) -> ChatCompletionChunk:
         return self._chunk([ChatChunkChoice(
-            index=d.index, delta=DeltaMessage(content=d.text or None, tool_calls=[
-                DeltaToolCall(index=k.index, id=k.id, function=FunctionCall(name=k.name, arguments=k.arguments))
-                for k in d.tool_calls] or None),
-            logprobs=ChatLogprobs(content=d.logprobs) if d.logprobs else None, finish_reason=d.finish_reason)
+            index=d.index, delta=self._delta(d), logprobs=ChatLogprobs(content=d.logprobs) if d.logprobs else None,
+            finish_reason=self._finish(d.finish_reason))
             for d in deltas])
+
+    def _delta(self, delta: Delta) -> DeltaMessage:
+        if self.legacy:
+            return DeltaMessage(content=delta.text or None, function_call=_function(delta.tool_calls))
+        return DeltaMessage(content=delta.text or None, tool_calls=[
+            DeltaToolCall(index=k.index, id=k.id, function=FunctionCall(name=k.name, arguments=k.arguments))
+            for k in delta.tool_calls] or None)
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)

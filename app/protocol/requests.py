@@ -98,6 +98,20 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = Field(None, max_length=256)
     name: str | None = Field(None, max_length=256)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, data: Any) -> Any:
+        """The legacy `functions` API's turns as tool turns: an assistant's `function_call`, a `function` message
+        (its result, by the function's name)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") == "function":
+            data = {**data, "role": "tool"}
+        call = data.get("function_call")
+        if data.get("role") == "assistant" and isinstance(call, dict) and not data.get("tool_calls"):
+            data = {**data, "tool_calls": [{"id": "call_0", "type": "function", "function": call}]}
+        return data
+
     @model_validator(mode="after")
     def _content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
@@ -220,6 +234,28 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     prediction: Prediction | None = None
+    # the legacy functions API (deprecated by OpenAI, still honoured): taken as `tools` and `tool_choice`, with one
+    # call an answer, which comes back as the message's `function_call` (finish_reason "function_call")
+    functions: list[FunctionDefinition] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+
+    @model_validator(mode="after")
+    def _legacy(self) -> ChatCompletionRequest:
+        if self.functions is None:
+            if self.function_call is not None:
+                raise ValueError("function_call needs functions")
+            return self
+        if self.tools is not None or self.tool_choice is not None:
+            raise ValueError("send either functions and function_call (legacy) or tools and tool_choice, not both")
+        self.tools = [Tool(type="function", function=f) for f in self.functions]
+        call = self.function_call
+        self.tool_choice = NamedToolChoice(type="function", function=call) if isinstance(call, NamedFunction) else call
+        self.parallel_tool_calls = False
+        return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        return self.functions is not None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, SerializeAsAny, SerializerFunctionWrapHan
 
 SERVING_SINCE = int(time.time())  # a model card's `created`: when this gateway process began
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]  # the last: legacy `functions` only
 CHUNK_WITHOUT_USAGE = {"usage"}  # `exclude` for chunks of a stream that did not ask for usage
 
 
@@ -129,17 +129,20 @@ class DeltaToolCall(ToolCallOut):
 
 
 class AssistantMessage(BaseModel):
-    """content is null when the answer is tool calls only; `tool_calls` is absent when there are none."""
+    """content is null when the answer is tool calls only; `tool_calls` is absent when there are none, and
+    `function_call` (the legacy `functions` API's one call) unless the request used that API."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCall | None = None
 
     @model_serializer(mode="wrap")
     def _calls_if_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out = handler(self)
-        if out.get("tool_calls") is None:
-            out.pop("tool_calls", None)
+        for key in ("tool_calls", "function_call"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 
@@ -149,6 +152,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    function_call: FunctionCall | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -93,7 +93,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                            caller: Caller = Depends(caller_of)) -> Response:
     async def answer() -> Response:
         jobs = await chat_jobs(engine, body)
-        return await handle(engine, body, jobs, ChatAnswer(body.model), caller)
+        return await handle(engine, body, jobs, ChatAnswer(body.model, body.legacy_functions), caller)
 
     return await unless_disconnected(request, answer())
 

@@ -433,6 +433,44 @@ def test_the_gateway_returns_calls_streamed_or_not_with_finish_reason_tool_calls
     assert plain["message"]["content"] == CALLS_REPLY and "tool_calls" not in plain["message"]  # no tools: text
 
 
+def test_the_legacy_functions_api_is_honoured():
+    """`functions` / `function_call` (deprecated by OpenAI, still honoured there): the functions are the tools, the
+    answer's one call is the message's `function_call` with finish_reason "function_call", streamed or not; earlier
+    turns' `function_call` and `function` messages go into the prompt as tool turns; mixing both APIs is a 400."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import GatewaySettings
+    from tests.unit.test_gateway import FakeBackend, sse_events
+
+    backend = FakeBackend(reply=f"{CALL}\n{WEATHER_CALL}")
+    backend.context_length = 4096
+    body = {"model": "fake/model-1", "messages": [{"role": "user", "content": "1+2?"}],
+            "functions": [ADD["function"], WEATHER["function"]]}
+    with TestClient(create_app(GatewaySettings(), backend=backend)) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        events = sse_events(client.post("/v1/chat/completions", json={**body, "stream": True}))
+        named = client.post("/v1/chat/completions", json={**body, "function_call": {"name": "add"}})
+        forced = backend.requests[-1].grammar
+        history = client.post("/v1/chat/completions", json={**body, "messages": [
+            {"role": "user", "content": "1+2?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+            {"role": "function", "name": "add", "content": "3"}]})
+        prompt = bytes(backend.requests[-1].prompt_ids).decode()
+        refused = [client.post("/v1/chat/completions", json={**body, **extra}) for extra in (
+            {"tools": [ADD]}, {"functions": None, "function_call": "auto"}, {"function_call": {"name": "nope"}})]
+    assert whole["finish_reason"] == "function_call" and whole["message"]["content"] is None
+    assert whole["message"]["function_call"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert "tool_calls" not in whole["message"]
+    deltas = [e["choices"][0] for e in events if e["choices"]]
+    assert [d["delta"]["function_call"]["name"] for d in deltas if "function_call" in d["delta"]] == ["add"]
+    assert deltas[-1]["finish_reason"] == "function_call" and not any("tool_calls" in d["delta"] for d in deltas)
+    assert named.status_code == 200 and forced is not None and "get_weather" not in forced.source
+    assert history.status_code == 200
+    assert prompt.endswith(f"<user>1+2?<assistant>{CALL}<user><tool_response>\n3\n</tool_response><assistant>")
+    assert [r.status_code for r in refused] == [400, 400, 400]
+
+
 def test_hostile_tool_inputs_are_400s_not_500s():
     from fastapi.testclient import TestClient
 
