@@ -35,8 +35,8 @@ class APIError(Exception):
         self.retry_after = retry_after
 
     def body(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=_TYPES.get(self.status, "api_error"),
-                                             param=self.param, code=self.code))
+        kind = "insufficient_quota" if self.code == "insufficient_quota" else _TYPES.get(self.status, "api_error")
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
 
     def response(self, close: bool = False) -> Response:
         """The error as an HTTP response; `close`: the connection is closed after it (the body was not read)."""

@@ -92,6 +92,7 @@ class Job:
     cached_prompt_tokens: int = 0  # of its prompt, the tokens a reused session did not compute again
     tool_names: frozenset[str] = frozenset()  # the tools offered: its text is read for calls of them
     single_call: bool = False  # parallel_tool_calls: false (an answer ends at its first call)
+    limit_given: bool = False  # the request set its token limit (else a default one, which a key's limits may cut)
     forced_tools: frozenset[str] = frozenset()  # the tools a grammar makes its answer call, if any
     echo: str | None = None  # the prompt's text, to begin each choice's text with (/v1/completions' echo)
     route: tuple[str, ...] = ()  # the peers its session went through (as the first step found them)
@@ -240,7 +241,7 @@ class ServingEngine:
             prediction=tuple(prediction or ()),
         )
         return Job(prompt_ids, generation, request.stop_strings, index_offset, tool_names=tool_names, echo=echo,
-                   single_call=single_call)
+                   single_call=single_call, limit_given=limit is not None)
 
     def _default_limit(self, prompt_tokens: int) -> int:
         rest = self.backend.context_length - prompt_tokens
@@ -353,11 +354,19 @@ class ServingEngine:
         self.admission.release()
 
     def admit_caller(self, caller: Caller, jobs: list[Job]) -> None:
-        """Hold the caller's share of its key's limits for the jobs, at most tokens (429 over a limit)."""
-        if self.access is not None:
-            prompt = sum(len(job.prompt_ids) for job in jobs)
-            new = sum(job.request.max_new_tokens * job.request.n for job in jobs)
-            self.access.admit(caller, prompt + new, prompt, new)
+        """Hold the caller's share of its key's limits for the jobs, at most tokens (429 over a limit). Jobs that set
+        no token limit have their default one cut to what the key has left (app.tenants)."""
+        if self.access is None:
+            return
+        prompt = sum(len(job.prompt_ids) for job in jobs)
+        room = self.access.room(caller, prompt)
+        choices = sum(job.request.n for job in jobs)
+        if room is not None and room >= choices and not any(job.limit_given for job in jobs):
+            for job in jobs:
+                cut = min(job.request.max_new_tokens, room // choices)
+                job.request = dataclasses.replace(job.request, max_new_tokens=cut)
+        new = sum(job.request.max_new_tokens * job.request.n for job in jobs)
+        self.access.admit(caller, prompt + new, prompt, new)
 
 
 class Generation:

@@ -3,11 +3,14 @@ usage row of each request.
 
 Limits, per key, held in this process (one gateway process per store; several would each apply them in full):
 - requests per minute and tokens per minute: token buckets that refill continuously (capacity = the limit, refilled
-  over a minute). A request needs one request left and some tokens left; it then takes its estimate (prompt tokens
-  + max tokens × choices) and gets back what it did not use when it ends. So racing clients overshoot a limit by at
-  most one request's estimate.
+  over a minute). A request needs one request left and its estimate of tokens left (prompt tokens + max tokens ×
+  choices); it takes the estimate and gets back what it did not use when it ends. An estimate larger than the
+  limit itself is refused as too large (as OpenAI's "Request too large"), whatever is left.
 - a budget per UTC day or month, in cost units (weighted prompt and completion tokens, `keystore.Limits`): what the
-  period's usage rows spent, plus what running requests reserved, must be under it.
+  period's usage rows spent, plus what running requests reserved, plus the request's own estimated cost, must be
+  within it.
+A request that set no token limit has its default limit cut to what its key has left (`Access.room`), so it is
+answered up to there (finish_reason "length") rather than refused; one that set its limit is held to it.
 - concurrent generations.
 Over a limit: 429 with `Retry-After` and the OpenAI error body naming it (`rate_limit_exceeded`, or
 `insufficient_quota` for the budget). Answers carry OpenAI's `x-ratelimit-*` headers for the per-minute limits.
@@ -98,13 +101,18 @@ class Tenant:
         if self.requests is not None and self.requests.level < 1:
             raise _limited(f"key {key} is over its limit of {self.requests.capacity} requests per minute",
                            self.requests.seconds_until(1))
-        if self.tokens is not None and self.tokens.level <= 0:
-            raise _limited(f"key {key} is over its limit of {self.tokens.capacity} tokens per minute",
-                           self.tokens.seconds_until(1))
-        if limits.budget is not None and self.spent + self.reserved >= limits.budget:  # `spent`: Access.admit
-            raise APIError(429, f"key {key} has used its budget of {limits.budget:g} for this "
-                                f"{limits.budget_period} (UTC)", None, "insufficient_quota",
-                           retry_after=math.ceil(period_end(limits.budget_period, now) - now))
+        if self.tokens is not None and tokens > self.tokens.capacity:
+            raise APIError(429, f"request too large for key {key}: up to {tokens} tokens (prompt + max tokens x "
+                                f"choices), over its limit of {self.tokens.capacity} tokens per minute; lower "
+                                f"max_tokens", None, "rate_limit_exceeded")
+        if self.tokens is not None and self.tokens.level < tokens:
+            raise _limited(f"key {key} is over its limit of {self.tokens.capacity} tokens per minute (this request: "
+                           f"up to {tokens})", self.tokens.seconds_until(tokens))
+        if limits.budget is not None and self.spent + self.reserved + cost > limits.budget:  # `spent`: Access.admit
+            left = max(0.0, limits.budget - self.spent - self.reserved)
+            raise APIError(429, f"key {key} has {left:g} of its budget of {limits.budget:g} for this "
+                                f"{limits.budget_period} (UTC) left; this request may cost up to {cost:g}", None,
+                           "insufficient_quota", retry_after=math.ceil(period_end(limits.budget_period, now) - now))
         if self.requests is not None:
             self.requests.level -= 1
         if self.tokens is not None:
@@ -204,11 +212,32 @@ class Access:
         if tenant is None:
             return
         now = time.time()
+        self._current(tenant, now)
+        caller.reservation = tenant.admit(tokens, tenant.limits.cost(prompt_tokens, completion_tokens), now)
+
+    def room(self, caller: Caller, prompt_tokens: int) -> int | None:
+        """The completion tokens a request of `prompt_tokens` may still take under its key's tokens per minute and
+        budget (None: no such limit; what is left now, not a reservation)."""
+        tenant = caller.tenant
+        if tenant is None:
+            return None
+        now = time.time()
+        self._current(tenant, now)
+        limits, rooms = tenant.limits, list[float]()
+        if tenant.tokens is not None:
+            tenant.tokens.refill(now)
+            rooms.append(tenant.tokens.level - prompt_tokens)
+        if limits.budget is not None and limits.completion_weight > 0:
+            left = limits.budget - tenant.spent - tenant.reserved - limits.cost(prompt_tokens, 0)
+            rooms.append(left / limits.completion_weight)
+        return max(0, math.floor(min(rooms))) if rooms else None
+
+    def _current(self, tenant: Tenant, now: float) -> None:
+        """The tenant's budget period is the present one (its spending read from the store at a new period)."""
         limits = tenant.limits
         if limits.budget is not None and tenant.period != (start := period_start(limits.budget_period, now)):
             tenant.spent = self.store.spent(tenant.record.id, start) if self.store is not None else 0.0
             tenant.period = start
-        caller.reservation = tenant.admit(tokens, limits.cost(prompt_tokens, completion_tokens), now)
 
     def finish(self, caller: Caller, row: UsageRow) -> asyncio.Future[None] | None:
         """Settle the caller's reservation and write the request's usage row; the future is done once it is

@@ -112,14 +112,32 @@ def test_tokens_per_minute_take_the_estimate_and_give_back_the_rest():
     from app.keystore import KeyRecord
     tenant = Tenant(KeyRecord("k", "k", 0.0, None, Limits(tpm=100)))
     tenant.update(tenant.record, now=0.0)
-    reservation = tenant.admit(tokens=150, cost=150.0, now=0.0)  # some tokens were left: admitted, level -50
+    with pytest.raises(Exception) as large:  # more than the limit itself: never admitted, whatever is left
+        tenant.admit(tokens=150, cost=150.0, now=0.0)
+    assert large.value.status == 429 and "too large" in large.value.message and large.value.retry_after is None
+    reservation = tenant.admit(tokens=80, cost=80.0, now=0.0)  # 20 left
     with pytest.raises(Exception) as refused:
-        tenant.admit(tokens=1, cost=1.0, now=0.0)
+        tenant.admit(tokens=30, cost=30.0, now=0.0)
     assert refused.value.status == 429 and refused.value.code == "rate_limit_exceeded"
-    assert refused.value.retry_after == 31  # 50 tokens owed + 1, at 100 a minute
-    tenant.settle(reservation, tokens=20, cost=20.0, now=0.0)  # it used 20 of its 150
+    assert refused.value.retry_after == 6  # 10 more tokens, at 100 a minute
+    tenant.settle(reservation, tokens=20, cost=20.0, now=0.0)  # it used 20 of its 80
     assert tenant.tokens.level == pytest.approx(80.0) and tenant.active == 0
-    tenant.admit(tokens=1, cost=1.0, now=0.0)
+    tenant.admit(tokens=30, cost=30.0, now=0.0)
+
+
+async def test_a_request_without_a_token_limit_is_answered_within_what_its_key_has_left(db):
+    """No max_tokens: the default limit is cut to the key's budget and tokens per minute left, and the answer ends
+    there ("length") instead of spending past them; with max_tokens set beyond it: 429, as before."""
+    _, key = make_key(db, budget=40.0, tpm=1000)
+    async with Gateway(gateway_db=str(db)) as gateway:
+        gateway.backend.gate.set()
+        cut = await gateway.http.post("/v1/chat/completions", json=body("hi", n=2, max_tokens=None), headers=auth(key))
+        asked = await post(gateway, key, max_tokens=30)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["usage"]["completion_tokens"] == 2 * ((40 - 19) // 2)  # 19 prompt tokens; 10 tokens a choice
+    assert {c["finish_reason"] for c in cut.json()["choices"]} == {"length"}
+    assert asked.status_code == 429 and asked.json()["error"]["code"] == "insufficient_quota"
+    assert sum(row.cost for row in rows(db)) <= 40
 
 
 def test_budget_periods_are_utc_days_and_months():
@@ -208,14 +226,15 @@ async def test_a_budget_is_spent_by_weighted_tokens_and_kept_across_a_restart(db
     async with Gateway(gateway_db=str(db)) as gateway:
         gateway.backend.gate.set()
         first = await post(gateway, key)  # 19 prompt + 2 × 5 completion = 29
-        second = await post(gateway, key)  # spent 29 < 50: admitted; then 58
-        third = await post(gateway, key)
-    assert [a.status_code for a in (first, second, third)] == [200, 200, 429]
+        second = await post(gateway, key)  # 29 spent + up to 29 more > 50: refused, not overspent
+        third = await post(gateway, key, max_tokens=1)  # 29 + 19 + 2 = 50: within the budget
+        fourth = await post(gateway, key, max_tokens=1)
+    assert [a.status_code for a in (first, second, third, fourth)] == [200, 429, 200, 429]
     assert first.json()["usage"] == {**first.json()["usage"], "prompt_tokens": 19, "completion_tokens": 5}
-    error = third.json()["error"]
-    assert (error["type"], error["code"]) == ("rate_limit_error", "insufficient_quota")
-    assert 0 < int(third.headers["retry-after"]) <= 86400
-    assert [row.cost for row in rows(db)] == [29.0, 29.0, 0.0]
+    error = second.json()["error"]
+    assert error["type"] == error["code"] == "insufficient_quota" and "21 of its budget of 50" in error["message"]
+    assert 0 < int(second.headers["retry-after"]) <= 86400
+    assert [row.cost for row in rows(db)] == [29.0, 0.0, 21.0, 0.0]
     async with Gateway(gateway_db=str(db)) as gateway:  # a restart reads the day's spending back
         assert (await post(gateway, key)).json()["error"]["code"] == "insufficient_quota"
 
