@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import queue
 import secrets
 import sqlite3
@@ -89,12 +90,12 @@ class Limits:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer (or unset)")
-        if self.budget is not None and not self.budget > 0:
-            raise ValueError("budget must be positive (or unset)")
+        if self.budget is not None and not (self.budget > 0 and math.isfinite(self.budget)):
+            raise ValueError("budget must be a positive number (or unset)")
         if self.budget_period not in PERIODS:
             raise ValueError(f"budget_period must be one of {PERIODS}")
-        if not (self.prompt_weight >= 0 and self.completion_weight >= 0):
-            raise ValueError("weights must be non-negative")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.prompt_weight, self.completion_weight)):
+            raise ValueError("weights must be finite and non-negative")
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return self.prompt_weight * prompt_tokens + self.completion_weight * completion_tokens

@@ -82,7 +82,8 @@ def test_a_restart_keeps_keys_limits_and_usage(db):
 
 def test_limits_refuse_nonsense():
     for bad in ({"rpm": 0}, {"tpm": -1}, {"budget": 0.0}, {"budget_period": "week"}, {"prompt_weight": -1.0},
-                {"max_concurrent": 1.5}):
+                {"max_concurrent": 1.5}, {"prompt_weight": float("inf")}, {"completion_weight": float("nan")},
+                {"budget": float("inf")}):  # an infinite weight made every cost inf and the budget check NaN
         with pytest.raises(ValueError):
             Limits(**bad)
 
