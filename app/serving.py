@@ -446,7 +446,9 @@ class Generation:
         access = self._engine.access
         if access is None:
             return None
-        cost = access.cost(self.caller, prompt, completion)
+        # a generation that failed on the swarm's side before any answer is not billed (as OpenAI bills no 5xx)
+        billed = self.outcome in ("ok", "cancelled") or completion > 0
+        cost = access.cost(self.caller, prompt, completion) if billed else 0.0
         return access.finish(self.caller, UsageRow(
             time.time(), self.caller.key_id, self._engine.backend.model_id, self.caller.endpoint, prompt, completion,
             cached, cost, round(1000 * (now - self.arrived)), self.outcome, self.id))

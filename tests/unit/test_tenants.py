@@ -141,6 +141,22 @@ async def test_a_request_without_a_token_limit_is_answered_within_what_its_key_h
     assert sum(row.cost for row in rows(db)) <= 40
 
 
+async def test_a_generation_the_swarm_failed_before_any_answer_is_not_billed(db):
+    """A 5xx with nothing answered costs its key nothing (as OpenAI bills no 5xx); one that failed after some tokens
+    pays for its prompt and those."""
+    _, key = make_key(db, budget=1000.0)
+    async with Gateway(gateway_db=str(db)) as gateway:
+        gateway.backend.gate.set()
+        gateway.backend.fail_after = 0
+        failed = await post(gateway, key)
+        gateway.backend.fail_after = 2
+        partial = await post(gateway, key, stream=True)
+    assert failed.status_code >= 500 and "error" in partial.text
+    first, second = rows(db)
+    assert (first.status, first.cost, first.completion_tokens) == ("swarm_error", 0.0, 0)
+    assert second.status == "error" and second.completion_tokens == 2 and second.cost == 19 + 2
+
+
 def test_budget_periods_are_utc_days_and_months():
     at = 1_796_000_000.0  # 2026-11-30T...Z
     assert period_start("day", at) == 1_795_996_800.0
