@@ -1,7 +1,9 @@
 """The gateway's swarm: join an existing one, or start an embedded DHT + one local peer hosting every block.
 
 The embedded peer is a child process (`python -m swarm.server`) so that its compute never competes with the
-gateway's event loop for the GIL; it is stopped by PID when the gateway stops.
+gateway's event loop for the GIL; it is stopped by PID when the gateway stops, stops by itself when the gateway is
+gone (killed: it watches its parent), and is started again when it exits on its own (crashed, killed), a second
+later at first and up to a minute later when it keeps failing; what its process group left is killed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from swarm.client.textgen import SwarmTextService
 from swarm.dht import start_dht, stop_dht, visible_maddrs
 from swarm.local_socket import BadDirectory, check_listen_directory
 from swarm.model.source import resolve_model
+from swarm.protocol import PARENT_ENV
 from swarm_kernels import cpu
 
 logger = logging.getLogger(__name__)
@@ -88,8 +91,10 @@ async def _embedded_swarm(models: list[str], num_threads: int, activations: str 
         await loop.run_in_executor(None, resolve_model, model)
     dht = await loop.run_in_executor(None, start_dht)
     maddrs = visible_maddrs(dht)
-    peers = []
+    peers: list[subprocess.Popen] = []
+    watch = None
     try:
+        argvs = []
         for model in models:
             argv = [sys.executable, "-m", "swarm.server", "--model", model, "--blocks", "all", "--initial-peers",
                     *maddrs]
@@ -99,17 +104,52 @@ async def _embedded_swarm(models: list[str], num_threads: int, activations: str 
                 argv += ["--activations", activations]
             if local_sockets:
                 argv += ["--local-socket", local_sockets]
-            peers.append(subprocess.Popen(argv, start_new_session=True))
+            argvs.append(argv)
+            peers.append(_start_peer(argv))
             logger.info("embedded swarm: DHT %s, peer of %s pid %d", " ".join(maddrs), model, peers[-1].pid)
+        watch = asyncio.create_task(_keep_running(peers, argvs), name="embedded-peers")
         yield maddrs
     finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         for peer in peers:
             if peer.poll() is None:
                 peer.send_signal(signal.SIGTERM)
         for peer in peers:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 await loop.run_in_executor(None, peer.wait, 20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(peer.pid, signal.SIGKILL)
+            _kill_group(peer)  # what it left running (its DHT, its p2p daemon), or itself past the wait
         await loop.run_in_executor(None, stop_dht, dht)
+
+
+def _start_peer(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, start_new_session=True, env={**os.environ, PARENT_ENV: str(os.getpid())})
+
+
+def _kill_group(peer: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(peer.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        peer.wait(5)
+
+
+async def _keep_running(peers: list[subprocess.Popen], argvs: list[list[str]], check: float = 1.0) -> None:
+    """Start an embedded peer again when it exits on its own (its group's leftovers killed), after a delay that
+    doubles while it keeps exiting within a minute of its start (1 s to 60 s)."""
+    loop = asyncio.get_running_loop()
+    delays = [1.0] * len(peers)
+    started = [loop.time()] * len(peers)
+    while True:
+        await asyncio.sleep(check)
+        for i, peer in enumerate(peers):
+            if peer.poll() is None:
+                continue
+            logger.error("the embedded peer (pid %d) exited with %s: starting it again in %.0f s", peer.pid,
+                         peer.returncode, delays[i])
+            await loop.run_in_executor(None, _kill_group, peer)
+            await asyncio.sleep(delays[i])
+            delays[i] = min(60.0, delays[i] * 2) if loop.time() - started[i] < 60 else 1.0
+            peers[i], started[i] = _start_peer(argvs[i]), loop.time()
+            logger.info("embedded peer started again: pid %d", peers[i].pid)

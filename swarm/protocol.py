@@ -418,3 +418,8 @@ def parse_group(group: object) -> tuple[str, int] | None:
         raise PeerError(f"'group' must be [id of 1..{MAX_GROUP_ID} characters, size 1..{MAX_GROUP_SIZE}]",
                         ErrorCode.BAD_REQUEST)
     return group[0], group[1]
+
+
+# The environment variable a gateway sets for the peer it embeds (swarm.embedded): the gateway's pid, which the peer
+# watches, stopping once its parent is gone (swarm.server.peer).
+PARENT_ENV = "SWARM_PARENT_PID"

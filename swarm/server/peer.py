@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -43,7 +44,7 @@ from swarm.model.manifest import load_manifest
 from swarm.model.precision import choose_precision
 from swarm.model.source import resolve_model
 from swarm.model.span import load_span, release_freed_memory
-from swarm.protocol import PeerState, SpanInfo
+from swarm.protocol import PARENT_ENV, PeerState, SpanInfo
 from swarm.server import latency, placement, throughput
 from swarm.server.backend import Limits, SpanBackend
 from swarm.server.faults import Faults
@@ -313,6 +314,9 @@ class Peer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if parent := os.environ.get(PARENT_ENV, ""):  # a gateway's embedded peer: it stops when its gateway is gone
+            threading.Thread(target=_stop_without_parent, args=(int(parent), loop, stop), daemon=True,
+                             name="parent-watch").start()
         p2p = await self.dht.replicate_p2p()
         await self.sharing.start(p2p, self.dht)
         self.next_hops = NextHops(lambda peer: self._round_trip(p2p, peer))
@@ -472,3 +476,12 @@ class Peer:
             await self.handler.pusher.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_STEP_TIMEOUT)
+
+
+
+def _stop_without_parent(parent: int, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Stop the peer once the process that started it is gone (killed with SIGKILL: it could not stop the peer)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    logger.warning("the process that started this peer (pid %d) is gone: stopping", parent)
+    loop.call_soon_threadsafe(stop.set)

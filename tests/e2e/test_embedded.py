@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -40,3 +42,37 @@ def test_zero_config_gateway_serves_and_stops_its_embedded_peer(tmp_path):
         assert "Application shutdown complete" in proc.log()
         assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
         assert not sockets.exists()  # (the gateway's temporary directory; the peer's own removal: test_local_socket)
+
+
+def embedded_peers(gateway_pid: int) -> list[psutil.Process]:
+    return [c for c in psutil.Process(gateway_pid).children() if "swarm.server" in " ".join(c.cmdline())]
+
+
+def test_a_crashed_embedded_peer_is_started_again_and_one_whose_gateway_is_killed_stops(tmp_path):
+    """The embedded peer killed (SIGKILL): the gateway kills what its group left, starts it again and answers again;
+    the gateway killed (SIGKILL, so it cannot stop the peer): the peer notices its parent is gone and stops, with
+    its own children."""
+    with LocalSwarm(tmp_path) as swarm:
+        port = free_port()
+        proc = swarm.start_gateway(port, {"SWARM_INITIAL_PEERS": "", "EMBEDDED_NUM_THREADS": "1"})
+        [first] = embedded_peers(proc.pid)
+        group = [first, *first.children(recursive=True)]
+        first.kill()
+        deadline = time.monotonic() + 180
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+                "temperature": 0}
+        while True:
+            assert time.monotonic() < deadline, proc.log()[-3000:]
+            time.sleep(2)
+            if [p.pid for p in embedded_peers(proc.pid)] in ([], [first.pid]):
+                continue
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+            if response.status_code == 200:
+                break
+        assert "the embedded peer" in proc.log() and "started again" in proc.log()
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group)  # nothing of it left
+        [second] = embedded_peers(proc.pid)
+        second_group = [second, *second.children(recursive=True)]
+        os.kill(proc.pid, signal.SIGKILL)
+        gone = psutil.wait_procs(second_group, timeout=60)[1]
+        assert not gone, [p.cmdline() for p in gone]
