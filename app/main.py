@@ -126,7 +126,9 @@ def _open_store(settings: GatewaySettings) -> KeyStore | None:
         return KeyStore(settings.gateway_db)
     except (OSError, sqlite3.Error) as e:
         if "gateway_db" in settings.model_fields_set or Path(settings.gateway_db).expanduser().exists():
-            raise  # a store named, or one that exists (it may hold keys): never serve without it
+            # a store named, or one that exists (it may hold keys): never serve without it; said in one line
+            raise SystemExit(f"the gateway cannot start: the key store GATEWAY_DB={settings.gateway_db} cannot be "
+                             f"opened: {e}") from None
         logger.warning("no key store (%s cannot be opened: %s): keys from the environment only, nothing metered",
                        settings.gateway_db, e)
         return None
