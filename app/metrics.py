@@ -16,6 +16,7 @@ prompt or an answer.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -114,7 +115,7 @@ class _SwarmCollector(Collector):
 
 class RequestCounter:
     """ASGI middleware: every answer counted by route and status, whatever answered it (a route, the guard, an
-    error handler)."""
+    error handler); one without an `x-request-id` (a refusal, an error) gets one, as every OpenAI answer has."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
         self.app, self.metrics = app, metrics
@@ -130,6 +131,9 @@ class RequestCounter:
         async def counting(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(route, str(message["status"])).inc()
+                headers = message.get("headers") or []
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-request-id", secrets.token_hex(8).encode())]}
             await send(message)
 
         await self.app(scope, receive, counting)

@@ -225,6 +225,16 @@ def test_sampling_parameters_reach_the_backend(client, backend):
     assert request.max_new_tokens == FakeBackend.context_length - len(request.prompt_ids)
 
 
+def test_every_answer_carries_a_request_id(client):
+    """Refusals and errors too (as OpenAI's), so that a client's report can be found; a generation's is its own."""
+    refused = client.post("/v1/chat/completions", json={"model": "fake/model-1"})
+    missing = client.get("/v1/models/nope")
+    answered = chat(client, max_tokens=2)
+    assert refused.status_code == 400 and len(refused.headers["x-request-id"]) == 16
+    assert missing.status_code == 404 and missing.headers["x-request-id"] != refused.headers["x-request-id"]
+    assert len(answered.headers.get_list("x-request-id")) == 1
+
+
 def test_logprobs_are_returned(client):
     body = chat(client, logprobs=True, top_logprobs=2, max_tokens=3).json()
     content = body["choices"][0]["logprobs"]["content"]
