@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -133,9 +134,16 @@ def _cell(value: Any) -> str:
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     out = out or sys.stdout
     args = _parser().parse_args(argv)
-    store = KeyStore(args.db)
+    try:
+        store = KeyStore(args.db)
+    except (OSError, sqlite3.Error) as e:  # a directory, a corrupt file: said in one line
+        sys.stderr.write(f"the key store {args.db} cannot be opened: {e}\n")
+        return 1
     try:
         if args.command == "create":
+            if not args.name.strip():
+                sys.stderr.write("a key needs a name\n")
+                return 2
             record, key = store.create(args.name, _limits(Limits(), args))
             out.write(f"id:  {record.id}\nkey: {key}\n(the key is shown once: it is stored only as a hash)\n")
         elif args.command == "list":
@@ -157,6 +165,9 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     except ValueError as e:  # a limit out of range
         sys.stderr.write(f"{e}\n")
         return 2
+    except BrokenPipeError:  # `list | head`: the reader has what it wanted (stdout to /dev/null: no flush error)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         store.close()
     return 0

@@ -306,6 +306,15 @@ async def test_private_mode_reuses_no_session(db):
     assert [r.tenant for r in gateway.backend.requests] == ["addr:127.0.0.1"]
 
 
+def test_the_admin_cli_refuses_nonsense_in_one_line(db, tmp_path, capsys):
+    assert keys_cli(["--db", str(db), "create", "  "]) == 2
+    assert keys_cli(["--db", str(tmp_path), "create", "alice"]) == 1  # a directory: no store there
+    assert keys_cli(["--db", str(db), "create", "bob", "--prompt-weight", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["a key needs a name", f"the key store {tmp_path} cannot be opened: unable to open "
+                                "database file", "weights must be finite and non-negative"]
+
+
 def test_the_admin_cli_creates_lists_limits_revokes_and_reports(db, capsys):
     assert keys_cli(["--db", str(db), "create", "alice", "--rpm", "60", "--budget", "1000"]) == 0
     out = capsys.readouterr().out
