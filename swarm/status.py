@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from swarm.client.router import probe
 from swarm.client.routing import PeerView, chain_seconds, find_chain, missing_blocks
@@ -191,7 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prometheus", action="store_true", help="print Prometheus text format instead of a table")
     parser.add_argument("--probe-timeout", type=float, default=5.0, help="seconds to wait for each peer's answer")
     args = parser.parse_args(argv)
-    data = asyncio.run(collect(args.initial_peers, args.model_id, args.probe_timeout))
+    try:
+        data = asyncio.run(collect(args.initial_peers, args.model_id, args.probe_timeout))
+    except P2PDaemonError as e:  # an address that does not parse, or no bootstrap peer answers: one line
+        reason = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", str(e))
+        print(f"cannot join the swarm at {' '.join(args.initial_peers)}: {reason}", file=sys.stderr)
+        return 2
     print(json.dumps(data, indent=1) if args.json else prometheus(data) if args.prometheus else render(data))
     return 0 if not data["holes"] and data["num_blocks"] else 1
 

@@ -74,3 +74,11 @@ async def test_the_snapshot_as_prometheus_metrics_parses_and_escapes_what_peers_
     assert samples[("swarm_holes", ())] == 1  # b did not answer: 15:30 is a hole; the name injected nothing
     names = [dict(labels)["name"] for (name, labels) in samples if name == "swarm_peer_info"]
     assert 'evil"} 1\nswarm_holes 99' in names
+
+
+def test_an_unusable_initial_peer_is_one_line_not_a_traceback(capsys):
+    from swarm.status import main
+
+    assert main(["--initial-peers", "garbage"]) == 2
+    assert capsys.readouterr().err.strip() == ('cannot join the swarm at garbage: failed to parse multiaddr "garbage": '
+                                               "must begin with /")
