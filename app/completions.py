@@ -22,6 +22,7 @@ import anyio
 from fastapi.responses import Response
 
 from app.errors import APIError, swarm_error
+from app.metrics import request_id as current_request_id
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import (
     CHUNK_WITHOUT_USAGE,
@@ -206,7 +207,7 @@ async def stream_response(engine: ServingEngine, jobs: list[Job], caller: Caller
     seconds, or fails to, is an event stream or an HTTP error, as usual. One that takes longer (a queue, a long
     prefill) gets its 200 and event stream at once, with keep-alive comments until it starts: then a failure to
     start is the stream's error event (`failed`), as a failure later on would be."""
-    request_id = secrets.token_hex(8)
+    request_id = current_request_id()
     starting = asyncio.ensure_future(engine.start(jobs, caller, request_id))
     try:
         done, _ = await asyncio.wait({starting}, timeout=engine.keepalive)

@@ -15,6 +15,7 @@ prompt or an answer.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import secrets
 from collections.abc import Iterable
@@ -128,15 +129,29 @@ class RequestCounter:
         route = (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
                  else "/v1/responses/{id}" if path.startswith("/v1/responses/") else "other")
 
+        request_id = secrets.token_hex(8)
+
         async def counting(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(route, str(message["status"])).inc()
                 headers = message.get("headers") or []
                 if not any(name.lower() == b"x-request-id" for name, _ in headers):
-                    message = {**message, "headers": [*headers, (b"x-request-id", secrets.token_hex(8).encode())]}
+                    message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        await self.app(scope, receive, counting)
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, counting)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+# the id of the HTTP request being answered (RequestCounter): its x-request-id, its generation's id (usage row, log)
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_id() -> str:
+    return REQUEST_ID.get() or secrets.token_hex(8)
 
 
 def log_generation(fields: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from app.detokenize import ChoiceText
 from app.errors import APIError, swarm_error
 from app.keystore import UsageRow
 from app.metrics import GatewayMetrics, log_generation
+from app.metrics import request_id as current_request_id
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import FinishReason, TokenLogprob, TopLogprob
 from app.settings import GatewaySettings
@@ -386,7 +386,7 @@ class Generation:
         self._closed = False
         self._slot = False  # whether it holds a slot
         self._began = False  # whether its first step was begun (its prompt sent to the swarm)
-        self.id = request_id or secrets.token_hex(8)  # in the answer's x-request-id, the log line, /v1/swarm
+        self.id = request_id or current_request_id()  # in the answer's x-request-id, the log line, /v1/swarm
         self.caller = caller or Caller("")
         self.client = self.caller.name
         self.arrived = time.monotonic()

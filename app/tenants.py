@@ -9,8 +9,9 @@ Limits, per key, held in this process (one gateway process per store; several wo
 - a budget per UTC day or month, in cost units (weighted prompt and completion tokens, `keystore.Limits`): what the
   period's usage rows spent, plus what running requests reserved, plus the request's own estimated cost, must be
   within it.
-A request that set no token limit has its default limit cut to what its key has left (`Access.room`), so it is
-answered up to there (finish_reason "length") rather than refused; one that set its limit is held to it.
+A request that set no token limit has its default limit cut to what its key may take (`Access.room`: the tokens per
+minute limit, what is left of the budget), so it is answered up to there (finish_reason "length") rather than
+refused as too large; one that set its limit is held to it.
 - concurrent generations.
 Over a limit: 429 with `Retry-After` and the OpenAI error body naming it (`rate_limit_exceeded`, or
 `insufficient_quota` for the budget). Answers carry OpenAI's `x-ratelimit-*` headers for the per-minute limits.
@@ -108,7 +109,8 @@ class Tenant:
         if self.tokens is not None and self.tokens.level < tokens:
             raise _limited(f"key {key} is over its limit of {self.tokens.capacity} tokens per minute (this request: "
                            f"up to {tokens})", self.tokens.seconds_until(tokens))
-        if limits.budget is not None and self.spent + self.reserved + cost > limits.budget:  # `spent`: Access.admit
+        # `spent`: Access.admit; the tolerance: a cost cut to fit (Access.room) is not refused for a rounding error
+        if limits.budget is not None and self.spent + self.reserved + cost > limits.budget * (1 + 1e-9):
             left = max(0.0, limits.budget - self.spent - self.reserved)
             raise APIError(429, f"key {key} has {left:g} of its budget of {limits.budget:g} for this "
                                 f"{limits.budget_period} (UTC) left; this request may cost up to {cost:g}", None,
@@ -216,8 +218,9 @@ class Access:
         caller.reservation = tenant.admit(tokens, tenant.limits.cost(prompt_tokens, completion_tokens), now)
 
     def room(self, caller: Caller, prompt_tokens: int) -> int | None:
-        """The completion tokens a request of `prompt_tokens` may still take under its key's tokens per minute and
-        budget (None: no such limit; what is left now, not a reservation)."""
+        """The completion tokens a request of `prompt_tokens` may take at most under its key's tokens per minute (the
+        limit itself: what is left now decides whether it waits, with its Retry-After) and budget (what is left of
+        it); None: no such limit. Not a reservation."""
         tenant = caller.tenant
         if tenant is None:
             return None
@@ -225,11 +228,10 @@ class Access:
         self._current(tenant, now)
         limits, rooms = tenant.limits, list[float]()
         if tenant.tokens is not None:
-            tenant.tokens.refill(now)
-            rooms.append(tenant.tokens.level - prompt_tokens)
+            rooms.append(tenant.tokens.capacity - prompt_tokens)
         if limits.budget is not None and limits.completion_weight > 0:
             left = limits.budget - tenant.spent - tenant.reserved - limits.cost(prompt_tokens, 0)
-            rooms.append(left / limits.completion_weight)
+            rooms.append(left / limits.completion_weight * (1 - 1e-9))  # rounding never puts it over
         return max(0, math.floor(min(rooms))) if rooms else None
 
     def _current(self, tenant: Tenant, now: float) -> None:

@@ -112,7 +112,7 @@ async def _embedded_swarm(models: list[str], num_threads: int, activations: str 
     finally:
         if watch is not None:
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):  # its own failure must not keep the peers from stopping
                 await watch
         for peer in peers:
             if peer.poll() is None:
@@ -137,7 +137,8 @@ def _kill_group(peer: subprocess.Popen) -> None:
 
 async def _keep_running(peers: list[subprocess.Popen], argvs: list[list[str]], check: float = 1.0) -> None:
     """Start an embedded peer again when it exits on its own (its group's leftovers killed), after a delay that
-    doubles while it keeps exiting within a minute of its start (1 s to 60 s)."""
+    doubles while it keeps exiting within a minute of its start (1 s to 60 s); a start that fails is tried again
+    the same way."""
     loop = asyncio.get_running_loop()
     delays = [1.0] * len(peers)
     started = [loop.time()] * len(peers)
@@ -146,10 +147,16 @@ async def _keep_running(peers: list[subprocess.Popen], argvs: list[list[str]], c
         for i, peer in enumerate(peers):
             if peer.poll() is None:
                 continue
+            if loop.time() - started[i] >= 60:  # it ran a while: a first failure again
+                delays[i] = 1.0
             logger.error("the embedded peer (pid %d) exited with %s: starting it again in %.0f s", peer.pid,
                          peer.returncode, delays[i])
             await loop.run_in_executor(None, _kill_group, peer)
             await asyncio.sleep(delays[i])
-            delays[i] = min(60.0, delays[i] * 2) if loop.time() - started[i] < 60 else 1.0
-            peers[i], started[i] = _start_peer(argvs[i]), loop.time()
+            delays[i], started[i] = min(60.0, delays[i] * 2), loop.time()
+            try:
+                peers[i] = _start_peer(argvs[i])
+            except OSError as e:  # no process to be had now (EMFILE, EAGAIN): the next check tries again
+                logger.error("the embedded peer could not be started: %s", e)
+                continue
             logger.info("embedded peer started again: pid %d", peers[i].pid)

@@ -21,7 +21,7 @@ from app.keys import main as keys_cli
 from app.keystore import KeyStore, Limits, period_end, period_start
 from app.tenants import Bucket, Tenant, _duration
 from tests.unit.test_gateway import REPLY
-from tests.unit.test_gateway_admission import Gateway, body
+from tests.unit.test_gateway_admission import Gateway, body, until
 
 
 @pytest.fixture
@@ -139,6 +139,26 @@ async def test_a_request_without_a_token_limit_is_answered_within_what_its_key_h
     assert {c["finish_reason"] for c in cut.json()["choices"]} == {"length"}
     assert asked.status_code == 429 and asked.json()["error"]["code"] == "insufficient_quota"
     assert sum(row.cost for row in rows(db)) <= 40
+    # the refusal's x-request-id is its usage row's request id
+    assert [row.request_id for row in rows(db) if row.status == "insufficient_quota"] == [
+        asked.headers["x-request-id"]]
+
+
+async def test_a_request_without_a_token_limit_waits_for_the_tokens_per_minute_it_may_take(db):
+    """Under tokens per minute, no max_tokens: cut to the limit (not to what is left this instant, which a running
+    request may hold): a second one while the first holds the bucket is a 429 with its Retry-After, not "too large"
+    and not a few tokens' answer."""
+    _, key = make_key(db, tpm=200)
+    async with Gateway(gateway_db=str(db)) as gateway:
+        first = asyncio.ensure_future(gateway.http.post("/v1/chat/completions", json=body("hi", max_tokens=None),
+                                                        headers=auth(key)))
+        await until(lambda: gateway.engine.active == 1)
+        second = await gateway.http.post("/v1/chat/completions", json=body("hi", max_tokens=None), headers=auth(key))
+        gateway.backend.gate.set()
+        first = await first
+    assert first.status_code == 200 and first.json()["choices"][0]["finish_reason"] == "stop"
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "too large" not in second.json()["error"]["message"] and int(second.headers["retry-after"]) > 0
 
 
 async def test_a_generation_the_swarm_failed_before_any_answer_is_not_billed(db):
