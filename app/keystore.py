@@ -150,7 +150,17 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
+    for table, columns in _COLUMNS.items():  # tables of these names made by something else: not this store
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if missing := [c for c in columns if c not in have]:
+            db.close()
+            raise sqlite3.DatabaseError(f"its table {table!r} is not a key store's (no column {missing[0]!r})")
     return db
+
+
+_COLUMNS = {"keys": ("id", "name", "salt", "digest", "created", "revoked", "rpm", "tpm", "budget", "budget_period",
+                     "prompt_weight", "completion_weight", "max_concurrent"),
+            "usage": USAGE_COLUMNS, "meta": ("id", "keys_version")}
 
 
 def _digest(salt: bytes, secret: str) -> bytes:

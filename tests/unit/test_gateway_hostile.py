@@ -236,14 +236,17 @@ def test_uvicorn_with_invalid_settings_stops_with_one_line_not_a_traceback():
                                                     "holds no key: unset it to serve without auth")
 
 
-@pytest.mark.parametrize("where", ["corrupt.db/under-a-file.db", "a-dir", "corrupt.db"])
+@pytest.mark.parametrize("where", ["corrupt.db/under-a-file.db", "a-dir", "corrupt.db", "foreign.db"])
 def test_a_key_store_that_cannot_open_stops_the_gateway_with_one_line(tmp_path, where):
     import os
+    import sqlite3
     import subprocess
     import sys
 
     (tmp_path / "a-dir").mkdir()
     (tmp_path / "corrupt.db").write_bytes(b"not a database, " * 512)
+    with sqlite3.connect(tmp_path / "foreign.db") as foreign:  # another program's table of the same name
+        foreign.execute("CREATE TABLE keys (id TEXT, value TEXT)")
     env = {**os.environ, "GATEWAY_DB": str(tmp_path / where)}
     done = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
                           timeout=120)
