@@ -236,25 +236,6 @@ def test_uvicorn_with_invalid_settings_stops_with_one_line_not_a_traceback():
                                                     "holds no key: unset it to serve without auth")
 
 
-@pytest.mark.parametrize("where", ["corrupt.db/under-a-file.db", "a-dir", "corrupt.db", "foreign.db"])
-def test_a_key_store_that_cannot_open_stops_the_gateway_with_one_line(tmp_path, where):
-    import os
-    import sqlite3
-    import subprocess
-    import sys
-
-    (tmp_path / "a-dir").mkdir()
-    (tmp_path / "corrupt.db").write_bytes(b"not a database, " * 512)
-    with sqlite3.connect(tmp_path / "foreign.db") as foreign:  # another program's table of the same name
-        foreign.execute("CREATE TABLE keys (id TEXT, value TEXT)")
-    env = {**os.environ, "GATEWAY_DB": str(tmp_path / where)}
-    done = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        f"the gateway cannot start: the key store GATEWAY_DB={tmp_path / where} cannot be opened: ")
-
-
 def test_an_api_key_file_that_holds_no_key_or_is_missing_is_a_startup_error(tmp_path):
     empty = tmp_path / "keys"
     empty.write_text("\n  \n")
