@@ -125,7 +125,7 @@ def _read_calls(reader: ToolCallReader, delta: Delta) -> None:
         delta.tool_calls.append(cut)  # its arguments as far as they got, as OpenAI returns a call cut by max_tokens
     delta.text += reader.finish()
     # cut where only markup followed its last whole call (a repeat begun, the next call's tag): the answer is its calls
-    whole = delta.finish_reason == "length" and not reader.tail.strip() and not (cut is not None and cut.truncated)
+    whole = delta.finish_reason == "length" and not reader.wrote and not (cut is not None and cut.truncated)
     if reader.calls and (delta.finish_reason == "stop" or whole):
         delta.finish_reason = "tool_calls"
 

@@ -246,7 +246,7 @@ class ToolCallReader:
         self.in_call = False
         self.gap = ""  # the whitespace before the call being read: dropped if it is a call, else text again
         self.calls = 0
-        self.tail = ""  # the content since the last call
+        self.wrote = False  # content other than whitespace since the last call
         self.seen: set[tuple[str, str]] = set()
         self.ended = False
 
@@ -268,7 +268,7 @@ class ToolCallReader:
                     return content, calls
                 else:
                     calls.append(call)
-                    self.tail = ""
+                    self.wrote = False
                     if self.single:
                         self.ended = True
                         return content, calls
@@ -287,7 +287,7 @@ class ToolCallReader:
             return content, calls
 
     def _text(self, content: str) -> str:
-        self.tail += content
+        self.wrote = self.wrote or bool(content.strip())
         return content
 
     def truncated(self) -> ToolCall | None:

@@ -115,11 +115,15 @@ async def responses(body: ResponsesRequest, request: Request, engine: ServingEng
     return await unless_disconnected(request, handle_response(engine, store, body, caller))
 
 
-def _stored(request: Request, response_id: str, caller: Caller) -> StoredResponse:  # else a 404
+def _stored(request: Request, response_id: str, caller: Caller) -> StoredResponse:
     entry = request.app.state.conversations.entry(response_id, caller.key_id)
     if entry is None:
-        raise APIError(404, f"response {response_id!r} is not known here (or has expired)", None, "not_found")
+        raise _unknown(response_id)
     return entry
+
+
+def _unknown(response_id: str) -> APIError:
+    return APIError(404, f"response {response_id!r} is not known here (or has expired)", None, "not_found")
 
 
 @router.get("/responses/{response_id}")
@@ -129,8 +133,8 @@ async def get_response(response_id: str, request: Request, caller: Caller = Depe
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request, caller: Caller = Depends(caller_of)) -> Response:
-    _stored(request, response_id, caller)
-    request.app.state.conversations.delete(response_id, caller.key_id)
+    if not request.app.state.conversations.delete(response_id, caller.key_id):
+        raise _unknown(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
