@@ -11,7 +11,8 @@ e.g. `git worktree add DIR REV`), `no_records` (decode rows' cache buffers reser
 instead of from their caches' records, DecodeRows.check_caches off), `no_rope` (the rotary embedding by torch's
 expression and the keys appended after it, instead of one native call each for the queries and the keys),
 `per_call_checks` (the lean path's projections checked on every call by affine_linear, not once by cpu.Weight),
-`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `unfused` (each layer's
+`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `no_amx` (calls of two rows or
+more kept off the CPU's tile unit where the kernel would take it: swarm_kernels/cpu_amx.h), `unfused` (each layer's
 calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline`, `no_records`,
 `no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too), `int8_unfused`
 (int8 activations, the calls one by one). Prints
@@ -87,6 +88,7 @@ def run(args) -> dict[str, Any]:
     counts = [int(n) for n in args.rows.split(",")]
     times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in names} for n in counts}
     saved, check_caches, rope = cpu._library, attention.DecodeRows.check_caches, attention.rope
+    tile_unit = {name: cpu.amx(library) > 0 for name, library in libraries.items()}  # SWARM_AMX=0: stays off
     layers = span._lean.layers if span._lean else []
     fused = [(layer.attention_block, layer.down_residual, layer.first, layer.int8_parts) for layer in layers]
     weight_call = cpu.Weight.__call__
@@ -106,6 +108,8 @@ def run(args) -> dict[str, Any]:
                     call = per_call_checks if name == "per_call_checks" else weight_call
                     cpu.Weight.__call__ = call  # type: ignore[method-assign,assignment]
                     cpu.set_activations("int8" if name.startswith("int8_") else "float32")
+                    for other, library in libraries.items():  # one library loaded once: the fused calls' too
+                        cpu.set_amx(name != "no_amx" and tile_unit[other], library)
                     for layer, parts in zip(layers, fused, strict=True):
                         layer.attention_block, layer.down_residual, layer.first, layer.int8_parts = (
                             (None, None, None, (None, None, None)) if name in STEP_BY_STEP else parts)
@@ -115,6 +119,8 @@ def run(args) -> dict[str, Any]:
         attention.rope = rope
         cpu.Weight.__call__ = weight_call  # type: ignore[method-assign]
         cpu.set_activations("float32")
+        for other, library in libraries.items():
+            cpu.set_amx(tile_unit[other], library)
         for layer, parts in zip(layers, fused, strict=True):
             layer.attention_block, layer.down_residual, layer.first, layer.int8_parts = parts
     first = names[0]
@@ -134,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="new,baseline",
                         help="comma-separated: new, baseline, no_records, no_rope, per_call_checks, "
-                        "int8_activations, unfused, int8_unfused")
+                        "int8_activations, no_amx, unfused, int8_unfused")
     parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)

@@ -19,8 +19,10 @@ quantization saves). The candidates take turns, one pass over their copies each 
 median over `runs` rounds; `vs_fp32` and `vs_onednn` are ratios to the fp32 nn.Linear and the oneDNN packed one.
 The clock is the calling thread's CPU time with one torch thread (every candidate then computes on that thread, and
 on a shared machine other processes' turns on the core stay out of the figures), wall time otherwise.
-`--kernel-threads N` adds `int8.native_xN` and `int4.native_xN`: the native kernel with each call split over N
-threads (swarm_kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
+Where the native kernel takes the CPU's tile unit for calls of five rows or more (AMX: cpu_amx.h), `int8.native_noamx`
+and `int4.native_noamx` are the same kernel kept on its AVX-512 path (SWARM_AMX=0). `--kernel-threads N` adds
+`int8.native_xN` and `int4.native_xN`: the native kernel with each call split over N threads
+(swarm_kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
 calls, a few microseconds, which a peer does not); the clock is then wall time.
 """
 
@@ -103,6 +105,21 @@ class _Split(nn.Module):
             cpu.set_threads(before)
 
 
+class _WithoutAmx(nn.Module):
+    """A native-kernel layer kept on the AVX-512 path where the build would take the tile unit's (cpu_amx.h)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cpu.set_amx(False)
+        try:
+            return self.layer(x)
+        finally:
+            cpu.set_amx(True)
+
+
 class _Int8Activations(nn.Module):
     """A native int8 or int4 layer with int8 activations (swarm_kernels/cpu_a8.c; a peer's --activations int8)."""
 
@@ -128,6 +145,9 @@ def candidates(linear: nn.Linear, device: str, kernel_threads: int = 1) -> dict[
         for kernel in ("native", "torch", "bitsandbytes"):
             if kernel == chosen or fits(kernel, method, dev, k, n):
                 out[f"{method}.{kernel}"] = functools.partial(QuantLinear, linear, method, kernel)
+                if kernel == "native" and device == "cpu" and cpu.amx():
+                    out[f"{method}.native_noamx"] = functools.partial(
+                        lambda m: _WithoutAmx(QuantLinear(linear, m, "native")), method)
                 if kernel == "native" and kernel_threads > 1:
                     out[f"{method}.native_x{kernel_threads}"] = functools.partial(
                         lambda m: _Split(QuantLinear(linear, m, "native"), kernel_threads), method)
@@ -195,7 +215,10 @@ def isa() -> dict:
     path = None
     if cpu.available():
         path = {8: "avx2+fma"}.get(cpu.sum_lanes(), "avx512" if "avx512f" in flags else "portable")
-    return {"avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "fma": "fma" in flags, "native_kernel": path}
+    if path == "avx512" and cpu.amx():
+        path = "avx512+amx"  # calls of five rows or more on the tile unit (cpu_amx.h)
+    return {"avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "fma": "fma" in flags,
+            "amx_bf16": "amx_bf16" in flags, "native_kernel": path}
 
 
 def main() -> None:

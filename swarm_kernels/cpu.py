@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -91,7 +92,19 @@ def build(flags: tuple[str, ...], source: Path = SOURCE) -> ctypes.CDLL | None:
     library.affine_sum_lanes.restype, library.affine_sum_lanes.argtypes = ctypes.c_int, []
     library.affine_pool_run.restype = None
     library.affine_pool_run.argtypes = [ptr, ptr, i64, ctypes.c_int]
+    if hasattr(library, "affine_set_amx"):  # a baseline revision's copy (benchmarks) may predate it
+        library.affine_amx.restype, library.affine_amx.argtypes = ctypes.c_int, []
+        library.affine_set_amx.restype, library.affine_set_amx.argtypes = ctypes.c_int, [ctypes.c_int]
+        library.affine_set_amx(int(os.environ.get("SWARM_AMX", "1").strip() != "0"))
     return library
+
+
+def _local_includes(source_path: Path) -> bytes:
+    """The text of the files a source includes from its own directory (`#include "name"`: cpu_affine.c's cpu_amx.h),
+    so that the cache key changes with them."""
+    names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', source_path.read_bytes(), flags=re.MULTILINE)
+    return b"".join((source_path.parent / name.decode()).read_bytes() for name in names
+                    if (source_path.parent / name.decode()).is_file())
 
 
 def compile_library(source_path: Path, flags: tuple[str, ...]) -> ctypes.CDLL | None:
@@ -101,7 +114,7 @@ def compile_library(source_path: Path, flags: tuple[str, ...]) -> ctypes.CDLL | 
     if compiler is None:
         logger.info("no C compiler: the native CPU kernels are unavailable")
         return None
-    source = source_path.read_bytes()
+    source = source_path.read_bytes() + _local_includes(source_path)
     key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source_path.stem}-{key}.so"
 
@@ -177,6 +190,22 @@ def threads() -> int:
 @functools.cache
 def _scratch_floats(library: ctypes.CDLL, k: int) -> int:
     return int(library.affine_scratch_floats(k))
+
+
+def amx(library: ctypes.CDLL | None = None) -> int:
+    """The fewest input rows of a call that runs on the CPU's tile unit (AMX: cpu_amx.h; float32-accurate, not the
+    same bits as on the AVX-512 path), or 0 where none does: it needs a build for such a CPU, Linux's permission,
+    and the path switched on (set_amx; SWARM_AMX=0 switches it off when the library is loaded)."""
+    library = library or _library()
+    return int(library.affine_amx()) if library is not None and hasattr(library, "affine_amx") else 0
+
+
+def set_amx(on: bool, library: ctypes.CDLL | None = None) -> bool:
+    """Switch the tile unit's path on or off (where it is built); whether it is on."""
+    library = library or _library()
+    if library is None or not hasattr(library, "affine_set_amx"):
+        return False
+    return bool(library.affine_set_amx(int(on)))
 
 
 def sum_lanes(library: ctypes.CDLL | None = None) -> int:

@@ -14,7 +14,8 @@
    Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
    compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
    call (`affine_sum_lanes`: 32 partial sums on AVX-512 and in the portable loops, 8 on AVX2, added pairwise at the
-   end; swarm_kernels/tolerance.py derives the parity bound from it).
+   end; swarm_kernels/tolerance.py derives the parity bound from it). On a CPU with AMX-BF16 the AVX-512 build also
+   has a fourth, for calls of five rows or more: the tile unit's (cpu_amx.h), float32-accurate, in another order.
 
    Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would save an FMA per weight, but expanding
    w = q * scale + minimum first keeps the arithmetic of reference.py (dequantize, then multiply-add).
@@ -91,7 +92,12 @@ DEFINE_BLOCK(4)
 #define MC 128              /* input rows per pass over the weight */
 #define TILED_ROWS 16       /* fewer input rows: widened in registers */
 #define TILED_COLUMNS 1024  /* longer weight rows: widened in registers */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define AFFINE_AMX 1        /* calls of five rows or more on the tile unit: cpu_amx.h */
+#define SCRATCH_FLOATS(k) (NB * (k))  /* its 16 x K bfloat16 codes and 64 bytes to align them fit */
+#else
 #define SCRATCH_FLOATS(k) ((k) <= TILED_COLUMNS ? NB * (k) : 1)
+#endif
 
 /* Keeps v in a register: GCC would otherwise fold the loads into the FMAs, loading each operand once per use. */
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
@@ -222,6 +228,9 @@ static void affine_avx512(const float *x, int64_t m, int64_t k, const uint8_t *c
         }
     }
 }
+#if defined(AFFINE_AMX)
+#include "cpu_amx.h"
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 /* AVX2 + FMA path, built for many rows (prefill chunks, decode batches). A tile of NB weight rows x up to KC columns
    is dequantized once into a float32 buffer (w = code * scale + minimum, one FMA), and register-blocked
@@ -565,6 +574,7 @@ typedef struct {
     float *y;
     int64_t m, k, n, chunk_rows, chunks;
     int bits;
+    const void *packed;             /* the activations as cpu_amx.h packed them (NULL: not on that path) */
     void (*work)(void *, int64_t);  /* a job of another kernel (affine_pool_run): chunk c is work(context, c) */
     void *context;
     _Atomic int64_t next, done;  /* the next chunk to claim; chunks finished */
@@ -687,10 +697,17 @@ int64_t affine_split_calls(void) { return 0; }
    bias [N] float32 or NULL, y [M, N] float32, scratch a buffer of at least affine_scratch_floats(K) floats. Computes
    output rows first_row .. first_row + rows - 1.
    Returns 0, or -1 when K is not a multiple of GROUP or bits is not 4 or 8. */
-int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
-                  const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
-                  float *scratch) {
-    if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
+static void affine_rows(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                        const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
+                        float *scratch, const void *packed) {
+#if defined(AFFINE_AMX)
+    if (packed) {
+        amx_linear(packed, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
+        return;
+    }
+#else
+    (void)packed;
+#endif
 #if defined(__AVX512F__)
     affine_avx512(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -698,7 +715,55 @@ int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, in
 #else
     affine_portable(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch);
 #endif
+}
+
+/* The call's activations packed for the tile unit where it takes the call (cpu_amx.h), else NULL. */
+static const void *affine_pack(const float *x, int64_t m, int64_t k, void *space) {
+#if defined(AFFINE_AMX)
+    return amx_pack(x, m, k, space) ? space : NULL;
+#else
+    (void)x;
+    (void)m;
+    (void)k;
+    (void)space;
+    return NULL;
+#endif
+}
+
+#if defined(AFFINE_AMX)
+typedef amx_x_t packed_t;
+#else
+typedef struct { int unused; } packed_t;
+#endif
+
+int affine_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, int bits, const float *scale,
+                  const float *minimum, const float *bias, float *y, int64_t n, int64_t first_row, int64_t rows,
+                  float *scratch) {
+    if (k % GROUP != 0 || (bits != 4 && bits != 8)) return -1;
+    packed_t space;
+    affine_rows(x, m, k, codes, bits, scale, minimum, bias, y, n, first_row, rows, scratch,
+                affine_pack(x, m, k, &space));
     return 0;
+}
+
+/* The fewest input rows of a call that takes the tile unit's path (cpu_amx.h), or 0 where none does (not built for
+   it, not allowed by Linux, or switched off). */
+int affine_amx(void) {
+#if defined(AFFINE_AMX)
+    return amx_ready() ? AMX_MIN_ROWS : 0;
+#else
+    return 0;
+#endif
+}
+
+/* Switches the tile unit's path on (1, the default where it is built) or off (0); returns affine_amx(). */
+int affine_set_amx(int on) {
+#if defined(AFFINE_AMX)
+    atomic_store(&amx_enabled, on != 0);
+#else
+    (void)on;
+#endif
+    return affine_amx();
 }
 
 #if defined(__linux__)
@@ -733,8 +798,8 @@ static void work_on(job_t *j, float *scratch) {
             continue;
         }
         const int64_t r0 = c * j->chunk_rows, rows = j->n - r0 < j->chunk_rows ? j->n - r0 : j->chunk_rows;
-        affine_linear(j->x, j->m, j->k, j->codes, j->bits, j->scale, j->minimum, j->bias, j->y, j->n, r0, rows,
-                      scratch);
+        affine_rows(j->x, j->m, j->k, j->codes, j->bits, j->scale, j->minimum, j->bias, j->y, j->n, r0, rows,
+                    scratch, j->packed);
         atomic_fetch_add_explicit(&j->done, 1, memory_order_release);
     }
 }
@@ -755,18 +820,24 @@ int affine_linear_parallel(const float *x, int64_t m, int64_t k, const uint8_t *
     const int64_t tile = 16, tiles = (n + tile - 1) / tile;
     int helpers = (threads < atomic_load(&pool_threads) ? threads : atomic_load(&pool_threads)) - 1;
     if (helpers > tiles - 1) helpers = (int)(tiles - 1);
+    packed_t space;
+    const void *packed = affine_pack(x, m, k, &space);  /* once, by the caller, for every thread */
     job_t *j = helpers > 0 && (m > 1 || n * k >= ONE_ROW_WORK) && m * n * k >= min_work ? malloc(sizeof(job_t)) : NULL;
     if (j) {
         const int64_t per = (tiles + 4 * (helpers + 1) - 1) / (4 * (helpers + 1));  /* tiles per chunk */
         *j = (job_t){.x = x, .scale = scale, .minimum = minimum, .bias = bias, .codes = codes, .y = y, .m = m,
-                     .k = k, .n = n, .chunk_rows = per * tile, .chunks = (tiles + per - 1) / per, .bits = bits};
+                     .k = k, .n = n, .chunk_rows = per * tile, .chunks = (tiles + per - 1) / per, .bits = bits,
+                     .packed = packed};
         run_job(j, helpers, scratch);
         return 0;
     }
 #else
     (void)threads;
+    packed_t space;
+    const void *packed = affine_pack(x, m, k, &space);
 #endif
-    return affine_linear(x, m, k, codes, bits, scale, minimum, bias, y, n, 0, n, scratch);
+    affine_rows(x, m, k, codes, bits, scale, minimum, bias, y, n, 0, n, scratch, packed);
+    return 0;
 }
 
 /* Another native kernel's work on this pool (swarm_kernels/cpu_attention.c's decode rows): chunks 0 .. chunks - 1, each

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_kernels import cpu
+from swarm_kernels.cpu import GROUP
 
 FLOAT64 = 2.0**-53
 FLOAT32 = 2.0**-24
@@ -73,9 +74,16 @@ class Rounding:
     lanes: int = 1  # partial sums the path splits K into, added pairwise at the end (1: any order, the worst case)
     output: float = 0.0  # relative rounding of the result after the sums
     quantized_inputs: float = 0.0  # |x~ - x| <= quantized_inputs * max |x| of the row, on top of `inputs`
+    # > 0: the path never forms the dequantized weight: per group of 32 it sums `split` x 32 exact products q * x_part
+    # in any order, then adds s * S_g and m * X_g (X_g = the group's sum of x) to its accumulator, group after group,
+    # then the bias (cpu_amx.h, split = 3 bfloat16 parts); its error is relative to the terms, sum |x| (|q s| + |m|)
+    # + |b|, times (1 + 2^-7): the parts' magnitudes add up to at most that much of |x|.
+    split: int = 0
 
     def depth(self, k: int) -> int:
         """Roundings on the longest way of one product into the result: its lane's, the pairwise sums', the bias."""
+        if self.split:  # the group's sum, its FMA, two FMAs per later group, the bias
+            return self.split * GROUP + 1 + 2 * (-(-k // GROUP)) + 1
         return -(-k // self.lanes) + math.ceil(math.log2(self.lanes)) + 1
 
 
@@ -90,9 +98,12 @@ def reference_rounding(dequantize_ops: int = 0, output: torch.dtype = torch.floa
 
 
 def _error_before_output(path: Rounding, x: torch.Tensor, m_w: torch.Tensor, m_t: torch.Tensor,
-                         row_weight: torch.Tensor) -> torch.Tensor:
+                         row_weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sums = gamma(path.depth(x.shape[-1]), path.sums)
-    error = compose(path.inputs, sums) * m_w + path.weights * (1 + path.inputs) * (1 + sums) * m_t
+    if path.split:  # every product q x and m x rounds on its way, relative to the terms it came from; the bias last
+        error = compose(path.inputs, sums) * (1 + 2.0**-7) * (m_t + b)
+    else:
+        error = compose(path.inputs, sums) * m_w + path.weights * (1 + path.inputs) * (1 + sums) * m_t
     if path.quantized_inputs:  # half a grid step per activation, times sum_k |w~_k|
         grid = path.quantized_inputs * (1 + path.inputs) * x.detach().double().abs().amax(-1, keepdim=True)
         error = error + grid * row_weight * (1 + sums)
@@ -113,7 +124,7 @@ def parity_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     y = value.detach().double().abs()
 
     def error(path: Rounding, y: torch.Tensor) -> torch.Tensor:
-        before = _error_before_output(path, x, m_w, m_t, w.sum(-1) + path.weights * t.sum(-1))
+        before = _error_before_output(path, x, m_w, m_t, w.sum(-1) + path.weights * t.sum(-1), b)
         return before + path.output * (y + b + before)  # + |b|: a bias added after an output rounding
 
     u = reference.output
@@ -128,12 +139,15 @@ def excess(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor) -> tuple[
     return int((error > bound).sum()), float(ratio.max()) if ratio.numel() else 0.0
 
 
-def kernel_rounding(kernel: str, method: str, dtype: torch.dtype) -> Rounding:
-    """How quant.py's `kernel` computes `method` with `dtype` activations (the CPU paths, and the reference on
-    any device). What is said here of code that is not ours is an assumption the parity tests would refute."""
+def kernel_rounding(kernel: str, method: str, dtype: torch.dtype, rows: int = 1) -> Rounding:
+    """How quant.py's `kernel` computes `method` with `dtype` activations in a call of `rows` input rows (the CPU
+    paths, and the reference on any device). What is said here of code that is not ours is an assumption the parity
+    tests would refute."""
     out = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     if kernel == "reference":  # reference.py in float32, then cast to the activations' dtype
         return reference_rounding(1 if method in ("int8", "nf4") else 2, dtype)
+    if kernel == "native" and 0 < cpu.amx() <= rows:  # cpu_amx.h: three bfloat16 parts per x, sums per group
+        return Rounding(split=3, output=out)
     if kernel == "native":  # cpu_affine.c: q * s + m (or an FMA), the build's lanes added pairwise, the bias; x float32
         return Rounding(weights=gamma(2), lanes=cpu.sum_lanes(), output=out)
     if kernel == "torch":

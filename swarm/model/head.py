@@ -32,7 +32,8 @@ def native_head() -> bool:
     (`quant.exact_native_int8`; SWARM_NATIVE_HEAD=0: never). The default model's head is its Q8_0 embedding
     table: in float32 for oneDNN 113 MB read per call, in the kernel's int8 28 MB + 7 MB of scales and minima, the same
     values. Its logits then differ from oneDNN's by the order of the sums only (~1e-5), and a row's are the same bits
-    alone or batched, as with oneDNN."""
+    alone or batched, as with oneDNN (on a CPU with AMX: the same in any call of five rows or more, and within float32
+    rounding of those of fewer; swarm_kernels/cpu_amx.h)."""
     return os.environ.get("SWARM_NATIVE_HEAD", "1") != "0"
 
 

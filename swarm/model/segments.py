@@ -19,13 +19,13 @@ attention must see each session's own keys. So while a mixed forward runs (`mixe
 Outside a mixed forward `segments_attention` is the family's own attention, unchanged.
 
 A session's result is its step run alone: its tokens meet the same weights (a row's output of the linears does not
-depend on the other rows) and attention sees exactly its own keys: the same bits for a decode row of a plain-SDPA
-family like Llama (tests/unit/test_span.py), within rounding where a padded batch, a sliding window or routed experts
-reorder the sums. In a 16-row decode of SmolLM2's 30 int4 blocks on a 2-core EPYC, the native rows' attention and
-appends took the forward from 38.4 to 28.5 ms (32 rows: 74.6 to 51.3 ms; 4 rows: 15.3 to 13.6 ms); sharing each
-call's rows among the peer's kernel threads and laying the rows out once per forward (`attention.DecodeRows`, kept
-in the plan), 29.7 to 23.1 ms (64 rows: 106 to 89 ms).
-"""
+depend on the other rows) and attention sees exactly its own keys: the same bits for a decode row of a plain-SDPA family
+like Llama (tests/unit/test_span.py), within rounding where a padded batch, a sliding window or routed experts reorder
+the sums, or where the native int8/int4 kernel takes a CPU's tile unit for calls of five rows or more
+(swarm_kernels/cpu_amx.h: float32-accurate, other bits than fewer rows'). In a 16-row decode of SmolLM2's 30 int4 blocks
+on a 2-core EPYC, the native rows' attention and appends took the forward from 38.4 to 28.5 ms (32 rows: 74.6 to 51.3
+ms; 4 rows: 15.3 to 13.6 ms); sharing each call's rows among the peer's kernel threads and laying the rows out once per
+forward (`attention.DecodeRows`, kept in the plan), 29.7 to 23.1 ms (64 rows: 106 to 89 ms). """
 
 from __future__ import annotations
 

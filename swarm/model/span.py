@@ -201,6 +201,7 @@ class BlockSpan(nn.Module):
         batch, new, _ = hidden.shape
         if self.mixes and batch == new == 1 and self._native_rows:
             # a decode row: the same native attention as batched with others (swarm_kernels.attention), the same bits
+            # (the native int8/int4 linears on a CPU with AMX: within float32 rounding, swarm_kernels/cpu_amx.h)
             return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
@@ -221,7 +222,8 @@ class BlockSpan(nn.Module):
         The layers see one batch (the weights are read once for all rows: on a memory-bound CPU or GPU this is what
         makes N sessions cost about one). Where the family mixes sessions in one sequence (`mixes`: all but
         Falcon) the rows are one-token segments of forward_mixed (for plain-SDPA families each row's attention runs
-        over its own cached keys, as alone: a Llama-family row gives the same bits batched or alone; see
+        over its own cached keys, as alone: a Llama-family row gives the same bits batched or alone, except on the
+        tile unit of a CPU with AMX, within float32 rounding (swarm_kernels/cpu_amx.h); see
         swarm.model.segments; `lean`: through swarm.model.lean where the span has it, the same bits). Otherwise each
         layer's keys/values are appended to every row's own cache and handed to attention as one right-padded batch,
         with an additive mask hiding each row's padding (and, for a sliding layer, what falls out of that row's

@@ -14,6 +14,7 @@ relative tolerances (`GPU_TOLERANCE`): no GPU has checked a derivation for them.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import subprocess
@@ -217,7 +218,7 @@ def _parity(method, kernel, shape, dtype, device, bias=True, rows=(2, 3)):
         return
     for name, path, out, path_terms in (
             ("reference.py", tolerance.reference_rounding(dequantize_ops), want, (reference_terms or [terms])[0]),
-            (kernel, tolerance.kernel_rounding(kernel, method, dtype), got, terms)):
+            (kernel, tolerance.kernel_rounding(kernel, method, dtype, math.prod(rows)), got, terms)):
         bound = tolerance.parity_bound(x, weight, linear.bias, exact, path, terms=path_terms)
         assert_within_bound(out, exact, bound, f"{what}, {name} vs exact")
 

@@ -38,9 +38,19 @@ def test_a_q8_0_weight_runs_on_the_int8_kernel_with_its_own_values():
         expected = linear(x)
     # the same products summed in another order: float32 rounding of 576 terms, far below a logit's spacing
     torch.testing.assert_close(native(x), expected, atol=1e-4, rtol=1e-5)
-    alone = torch.cat([native(x[i : i + 1]) for i in range(len(x))])
-    for rows in (2, 16, 33):
-        assert torch.equal(native(x[:rows]), alone[:rows]), rows  # a row's logits alone or batched: same bits
+    tile_unit = cpu.amx()
+    try:
+        cpu.set_amx(False)  # (where the kernel would take the CPU's tile unit for batches: without it, as elsewhere)
+        alone = torch.cat([native(x[i : i + 1]) for i in range(len(x))])
+        for rows in (2, 16, 33):
+            assert torch.equal(native(x[:rows]), alone[:rows]), rows  # a row's logits alone or batched: same bits
+    finally:
+        cpu.set_amx(bool(tile_unit))
+    if tile_unit:  # swarm_kernels/cpu_amx.h: the same bits in any call of tile_unit (5) rows or more
+        batched = native(x)
+        for rows in (2, 5, 16):
+            assert torch.equal(native(x[:rows]), (batched if rows >= tile_unit else alone)[:rows]), rows
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
 @needs_cc

@@ -83,10 +83,23 @@ def test_native_kernel_gives_a_row_the_same_bits_alone_or_in_a_batch(native_buil
     # them from 16 rows; 97 outputs: a partial tile of weight rows
     layer = QuantLinear(nn.Linear(in_features, 97), method, "native")
     x = torch.randn(133, in_features, generator=torch.Generator().manual_seed(2))
-    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
-    for rows in (2, 3, 4, 5, 7, 15, 16, 17, 23, 133):
-        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
-    assert torch.equal(layer(x[50:61]), alone[50:61])
+    tile_unit = cpu.amx(native_build)
+    try:
+        cpu.set_amx(False, native_build)  # (where the build has the tile unit's path: without it, as elsewhere)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        for rows in (2, 3, 4, 5, 7, 15, 16, 17, 23, 133):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+        assert torch.equal(layer(x[50:61]), alone[50:61])
+    finally:
+        cpu.set_amx(bool(tile_unit), native_build)
+    if tile_unit:  # cpu_amx.h: a row has the same bits in any call of tile_unit (5) rows or more, as alone in fewer
+        batched = layer(x)
+        for rows in (2, 3, 4, 5, 7, 15, 16, 17, 23):
+            assert torch.equal(layer(x[:rows]), (batched if rows >= tile_unit else alone)[:rows]), rows
+        assert torch.equal(layer(x[50:61]), batched[50:61])
+        assert torch.equal(torch.cat([layer(x[i : i + 7]) for i in range(0, 126, 7)]), batched[:126])
+        assert not torch.equal(batched, alone)  # the tile unit's path was taken
+        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)  # float32-accurate both (bounds: parity tests)
 
 
 @pytest.fixture
@@ -185,3 +198,45 @@ def test_each_native_build_reports_its_order_of_the_sums():
     assert cpu.sum_lanes(native_library(_march("x86-64-v3"))) == 8  # AVX2 + FMA: one 8-lane register per sum
     assert cpu.sum_lanes(native_library(_march("x86-64"))) == 32  # the portable loops
     assert cpu.sum_lanes(native_library(_march("x86-64-v4"))) == 32  # AVX-512 (returns a constant: safe to call here)
+    assert cpu.amx(native_library(_march("x86-64-v4"))) == 0  # no tile unit path in a build for x86-64-v4
+
+
+needs_amx = pytest.mark.skipif(not cpu.available() or not cpu.amx(), reason=(
+    "the native kernel takes no tile unit path here (swarm_kernels/cpu_amx.h needs AMX-BF16: Intel Sapphire Rapids "
+    "and later, and Linux's permission); these tests run on such CPUs"))
+
+
+@needs_amx
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_the_tile_unit_takes_calls_of_five_rows_or_more_unless_switched_off(monkeypatch, method):
+    layer = QuantLinear(nn.Linear(1600, 97), method, "native")
+    x = torch.randn(6, 1600, generator=torch.Generator().manual_seed(5))
+    tiles, four = layer(x), layer(x[:4])
+    assert cpu.amx() == 5
+    try:
+        monkeypatch.setenv("SWARM_AMX", "0")  # read when the library is loaded (a peer's environment)
+        assert cpu.build(tuple(cpu.FLAGS)) is not None and cpu.amx() == 0
+        assert torch.equal(layer(x[:4]), four)  # four rows: the AVX-512 path either way
+        vector = layer(x)
+        assert not torch.equal(vector, tiles)
+        torch.testing.assert_close(vector, tiles, rtol=0, atol=1e-5)
+    finally:
+        cpu.set_amx(True)
+    assert torch.equal(layer(x), tiles)
+
+
+@needs_amx
+def test_the_tile_unit_keeps_a_float32s_every_bit_in_its_three_parts():
+    # x = hi + mid + lo in bfloat16 parts holds any float32 down to ~1e-33 exactly: against a weight of small integers
+    # (scale 1, minimum 0) and one nonzero input a row, each output is the exact product rounded once to float32
+    codes = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    packed = (codes[:, :32].reshape(16, 2, 16)[:, 0] | (codes[:, :32].reshape(16, 2, 16)[:, 1] << 4))
+    second = (codes[:, 32:].reshape(16, 2, 16)[:, 0] | (codes[:, 32:].reshape(16, 2, 16)[:, 1] << 4))
+    kernel_codes = torch.cat([packed, second], dim=1).reshape(-1).contiguous()
+    scale, minimum = torch.ones(16, 2), torch.zeros(16, 2)
+    x = torch.zeros(8, 64)
+    x[torch.arange(8), torch.arange(8) * 7] = torch.tensor([1 + 2.0**-23, -(1 - 2.0**-24), 3.0e-30 * (1 + 2.0**-22),
+                                                            12345.678, -7.0e20, 2.0**-100 * 1.5, 0.1, -0.3])
+    got = cpu.affine_linear(x, kernel_codes, 4, scale, minimum)  # 8 rows: the tile unit; one product per output
+    assert torch.equal(got, (x.double() @ codes.double().T).float())
+

@@ -51,6 +51,46 @@ def test_float32_sums_stay_within_the_bound_in_any_order_and_the_native_orders_w
         assert (bound < any_order).all()
 
 
+def _fma(a, b, c):
+    """float32 fma(a, b, c): a * b exact in float64, the sum rounded once more than a true fma (rarely a bit apart)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+@pytest.mark.parametrize("k", [32, 576, 1536])
+def test_sums_split_per_group_stay_within_their_bound(k):
+    # cpu_amx.h's arithmetic, emulated: x in three bfloat16 parts, per group the 96 exact products q * x_part summed in
+    # float32 in some order, then acc = fma(S_g, s, acc); acc = fma(X_g, m, acc), group after group
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(4, k, generator=g) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=g)]
+    q = torch.randint(0, 16, (8, k), generator=g).float()
+    groups = k // 32
+    scale, minimum = torch.rand(8, groups, generator=g) * 0.1, -torch.rand(8, groups, generator=g)
+    hi = x.bfloat16().float()
+    mid = (x - hi).bfloat16().float()
+    lo = (x - hi - mid).bfloat16().float()
+    assert torch.equal(hi + mid + lo, x)  # three parts hold a float32 exactly
+    weight = (q.double().reshape(8, groups, 32) * scale.double()[..., None] + minimum.double()[..., None]).reshape(8, k)
+    terms = (q.double().reshape(8, groups, 32) * scale.double()[..., None]).abs() + minimum.double().abs()[..., None]
+    exact = x.double() @ weight.T
+    bound = tolerance.parity_bound(x, weight, None, exact, tolerance.Rounding(split=3), terms=terms.reshape(8, k))
+    acc = torch.zeros(4, 8)
+    for group in range(groups):
+        cols = slice(32 * group, 32 * group + 32)
+        products = torch.cat([part[:, None, cols] * q[None, :, cols] for part in (lo, mid, hi)], dim=-1)  # exact
+        total = torch.zeros(4, 8)
+        for i in torch.randperm(96, generator=g):
+            total = total + products[..., i]
+        sums = torch.zeros(4)
+        for i in range(32):
+            sums = sums + x[:, 32 * group + i]
+        acc = _fma(total, scale[None, :, group], acc)
+        acc = _fma(sums[:, None], minimum[None, :, group], acc)
+    assert tolerance.excess(acc, exact, bound)[0] == 0
+    wrong = acc.clone()
+    wrong[0, 0] = _fma(torch.tensor(1.0 + 2.0**-10), acc[0, 0], torch.tensor(0.0))  # one output ~1e-3 off
+    assert tolerance.excess(wrong, exact, bound)[0] == 1
+
+
 def _codes(method, w):
     """(codes 0..15 or 0..255 [N, K], scale, minimum) as reference.py quantizes for the native kernel."""
     if method == "int8":
@@ -102,8 +142,8 @@ def test_a_wrong_native_kernel_fails_the_bound_that_the_right_one_meets(native_b
     q, scale, minimum = _codes(method, w)
     weight, terms = affine_weight(q, scale, minimum)
     exact = exact_linear(x, weight, bias)
-    bound = tolerance.parity_bound(x, weight, bias, exact, tolerance.kernel_rounding("native", method, torch.float32),
-                                   terms=terms)
+    path = tolerance.kernel_rounding("native", method, torch.float32, rows=len(x))  # 5 rows: cpu_amx.h's where built
+    bound = tolerance.parity_bound(x, weight, bias, exact, path, terms=terms)
     bits = 8 if method == "int8" else 4
     right = cpu.affine_linear(x, _kernel_codes(method, q), bits, scale, minimum, bias, library=native_build)
     assert tolerance.excess(right, exact, bound)[0] == 0

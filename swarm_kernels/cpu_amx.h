@@ -1,0 +1,310 @@
+/* cpu_affine.c's path for calls of five input rows or more on CPUs with AMX (Intel Sapphire Rapids and later): the
+   tile unit's bfloat16 dot products, float32-accurate. Included by cpu_affine.c where the build targets AMX-BF16
+   (-march=native on such a CPU); the kernel library's cache key covers this file too (swarm_kernels/cpu.py).
+
+   The arithmetic. Per group g of 32 inputs, with codes q (exact in bfloat16: at most 8 bits), scale s, minimum m,
+
+       y = bias + sum over g, in increasing g, of   acc = fma(S_g, s_g, acc);  acc = fma(X_g, m_g, acc)
+       S_g = sum_k q_k x_k   (the tile unit's float32 sums of exact products)      X_g = sum_k x_k   (float32)
+
+   which is sum_k x_k (q_k s + m): reference.py's dequantized weight times x, split per group (cpu_affine.c's header
+   says why its own paths do not split). Each activation is cut into three bfloat16 parts, x = hi + mid + lo (each the
+   rest of the one before rounded to bfloat16; 3 x 8 significant bits: exact for every float32 above ~1e-33, where the
+   tile unit's denormals-are-zero would drop lo), and the unit multiplies each part by the codes (bfloat16 products
+   are exact in float32) and adds the products in float32: lo first, then mid, then hi. The error is that of float32
+   sums of 3 x 32 terms per group and two steps per group after (swarm_kernels/tolerance.py's `Rounding.split`);
+   measured ~1e-7 of sum |x| |w| (the AVX-512 path: ~5e-8). Non-finite or huge activations differ: an inf makes the
+   rows' outputs NaN (its parts are inf - inf), and a group sum of q x overflows from |x| ~ 1e35, where the AVX-512
+   path multiplies by small weights first.
+
+   What it gives up: a row's bits depend on whether it came in a call of fewer than five rows (the AVX-512 path) or
+   of five or more (this path, whatever the others: each output element is one tile element, computed the same way
+   whichever rows share the tile). Both are float32-accurate; `affine_set_amx(0)` (SWARM_AMX=0) keeps every call on
+   the AVX-512 path.
+
+   Why. A decode batch of 16 sessions or a prefill chunk is bound by multiply-adds. On a 2-core Xeon with AMX, one
+   thread, weights streaming from memory (benchmarks/kernels.py; results/kernels_amx.json): SmolLM2's int4 shapes at
+   16 rows take 0.48-0.72x the AVX-512 path's time, at 40 rows 0.42-0.73x, at 128 rows 0.31-0.59x; the int8 LM head
+   0.70x at 16 rows; at 4 rows 1.02-1.15x, and one row ~2x in a one-off timing (a tile costs about the same for 1 row
+   as for 16): fewer than five rows stay on the AVX-512 path.
+
+   Layout. Tile A (weights): 16 weight rows x 32 codes as bfloat16, one group (64 bytes a row), widened for a block
+   of 16 weight rows and all groups into the caller's scratch (16 x K bfloat16). Tiles B (activations): per 16 input
+   rows and group, one per part, 16 rows of pairs: row p, 32-bit column i = the part of (x[i, 2p], x[i, 2p + 1]);
+   packed once per call by the calling thread (amx_pack, into a buffer of its own) and read by every thread of the
+   pool. Tile C: 16 weight rows x 16 input rows of float32; two C tiles alternate so that one group's products are
+   computed while the other's sums are added to the accumulators. */
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_MIN_ROWS 5          /* fewer input rows: the AVX-512 path (4 rows cost it about what 1 does) */
+#define AMX_PART_WORDS 512      /* one B tile: 16 rows x 32 bfloat16 */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    const uint16_t *b;  /* [tiles][groups][3][AMX_PART_WORDS]: the parts hi, mid, lo */
+    const float *sums;  /* [tiles][groups][16]: X_g of each input row */
+} amx_x_t;
+
+static _Atomic int amx_enabled = 1;  /* affine_set_amx */
+static int amx_permitted;            /* the kernel let this process use the tile data (once) */
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_request(void) {
+    amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Whether calls of AMX_MIN_ROWS rows or more take this path (built for it, allowed by Linux, not switched off). */
+static int amx_ready(void) {
+    if (!atomic_load_explicit(&amx_enabled, memory_order_relaxed)) return 0;
+    pthread_once(&amx_once, amx_request);
+    return amx_permitted;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config_t;
+
+/* Every tile 16 rows x 64 bytes: 0, 1 sums (C), 2 codes (A), 3..5 the parts (B). Loaded at every call: another
+   library (oneDNN) may have configured this thread's tiles since. */
+static void amx_configure(void) {
+    amx_config_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+static inline __m512 amx_widen_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 16 x 16 32-bit elements transposed in registers. */
+static void amx_transpose(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+}
+
+/* Input rows x [rows <= 16][k] (row stride k) → the B tiles and sums of one 16-row tile (rows past `rows`: zeros). */
+static void amx_pack_tile(const float *x, int64_t rows, int64_t k, uint16_t *b, float *sums) {
+    const int64_t groups = k / GROUP;
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i parts[3][16];
+        for (int r = 0; r < 16; r++) {
+            __m512 lo = r < rows ? _mm512_loadu_ps(x + r * k + g * GROUP) : _mm512_setzero_ps();
+            __m512 hi = r < rows ? _mm512_loadu_ps(x + r * k + g * GROUP + 16) : _mm512_setzero_ps();
+            sums[g * 16 + r] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+            for (int p = 0; p < 3; p++) {  /* 32-bit element j of the part: the pair (x[2j], x[2j + 1]) */
+                const __m512i part = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+                lo = _mm512_sub_ps(lo, amx_widen_bf16(_mm512_castsi512_si256(part)));  /* exact */
+                hi = _mm512_sub_ps(hi, amx_widen_bf16(_mm512_extracti64x4_epi64(part, 1)));
+                parts[p][r] = part;
+            }
+        }
+        for (int p = 0; p < 3; p++) {
+            amx_transpose(parts[p]);  /* row j: the pairs j of the 16 input rows */
+            for (int j = 0; j < 16; j++)
+                _mm512_store_si512((void *)(b + (g * 3 + p) * AMX_PART_WORDS + j * 32), parts[p][j]);
+        }
+    }
+}
+
+/* GCC's tile intrinsics are asm statements that do not say they read or write memory: this orders the stores a tile
+   load reads before it, and a tile store before the loads that read what it wrote. */
+#define AMX_MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
+
+/* The calling thread's buffer for packed activations, grown as needed (kept: a forward makes hundreds of calls;
+   freed when the thread exits). */
+static __thread void *amx_buffer;
+static __thread size_t amx_capacity;
+static pthread_key_t amx_buffer_key;
+static pthread_once_t amx_key_once = PTHREAD_ONCE_INIT;
+
+static void amx_make_key(void) { pthread_key_create(&amx_buffer_key, free); }
+
+/* Packs x [m, k] for a call on this path into the thread's buffer; 0 where the call does not take it (too few rows,
+   AMX unavailable or switched off, no memory). */
+static int amx_pack(const float *x, int64_t m, int64_t k, amx_x_t *packed) {
+    if (m < AMX_MIN_ROWS || k < GROUP || !amx_ready()) return 0;
+    const int64_t groups = k / GROUP, tiles = (m + 15) / 16;
+    const size_t b_bytes = (size_t)(tiles * groups * 3 * AMX_PART_WORDS) * 2;
+    const size_t need = b_bytes + (size_t)(tiles * groups * 16) * sizeof(float);
+    if (need > amx_capacity) {
+        pthread_once(&amx_key_once, amx_make_key);
+        free(amx_buffer);
+        amx_buffer = aligned_alloc(64, (need + 63) / 64 * 64);
+        amx_capacity = amx_buffer ? need : 0;
+        pthread_setspecific(amx_buffer_key, amx_buffer);  /* its destructor frees it at the thread's exit */
+        if (amx_buffer == NULL) return 0;
+    }
+    uint16_t *b = amx_buffer;
+    float *sums = (float *)((uint8_t *)amx_buffer + b_bytes);
+    for (int64_t t = 0; t < tiles; t++)
+        amx_pack_tile(x + t * 16 * k, m - 16 * t < 16 ? m - 16 * t : 16, k, b + t * groups * 3 * AMX_PART_WORDS,
+                      sums + t * groups * 16);
+    AMX_MEMORY_BARRIER();
+    packed->b = b;
+    packed->sums = sums;
+    return 1;
+}
+
+/* Weight rows r0 .. r0 + nb - 1 (nb <= 16; rows past nb: zeros) as bfloat16 codes, tile A of group g at
+   a + g * 512: row l, element j = code (r0 + l, 32 g + j). */
+static void amx_widen(const uint8_t *codes, int bits, int64_t row_bytes, int64_t groups, int64_t r0, int64_t nb,
+                      uint16_t *a) {
+    const __m512i nibble = _mm512_set1_epi16(0x0F);
+    const __m512i table = _mm512_set_epi16(  /* bfloat16 of 0 .. 15, indexed by the code */
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110,
+        0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
+    for (int64_t g = 0; g < groups; g++) {
+        uint16_t *tile = a + g * 512;
+        if (bits == 8) {
+            for (int64_t l = 0; l < 16; l++) {
+                if (l >= nb) {
+                    _mm512_store_si512((void *)(tile + l * 32), _mm512_setzero_si512());
+                    continue;
+                }
+                const uint8_t *p = codes + (r0 + l) * row_bytes + g * GROUP;
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+                _mm512_store_si512((void *)(tile + l * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  /* exact */
+            }
+            continue;
+        }
+        for (int64_t l = 0; l < 16; l += 2) {  /* 16 bytes a row: codes 0..15 in the low nibbles, 16..31 high */
+            const __m128i zero = _mm_setzero_si128();
+            const __m128i first = l < nb ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l) * row_bytes + g * 16))
+                                         : zero;
+            const __m128i second = l + 1 < nb
+                                       ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l + 1) * row_bytes + g * 16))
+                                       : zero;
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(second, first));
+            const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_srli_epi16(w, 4);
+            _mm512_store_si512((void *)(tile + l * 32),
+                               _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table));
+            _mm512_store_si512((void *)(tile + (l + 1) * 32),
+                               _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xEE), table));
+        }
+    }
+}
+
+/* acc[l] (lanes: input rows) += S (tile C as stored: row l, 16 input rows) * s[l] + X * m[l], in that order. */
+static inline void amx_accumulate(const float *c, const float *sums, const float *scale, const float *minimum,
+                                  int64_t groups, __m512 *acc) {
+    const __m512 x = _mm512_loadu_ps(sums);
+    for (int l = 0; l < 16; l++) {
+        acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c + 16 * l), _mm512_set1_ps(scale[l * groups]), acc[l]);
+        acc[l] = _mm512_fmadd_ps(x, _mm512_set1_ps(minimum[l * groups]), acc[l]);
+    }
+}
+
+/* One group's products into C tile T: zero, then the parts lo, mid, hi against the codes. */
+#define AMX_ISSUE(T, a, b)                                                                                           \
+    do {                                                                                                             \
+        _tile_zero(T);                                                                                               \
+        _tile_loadd(2, (a), 64);                                                                                     \
+        _tile_loadd(3, (b), 64);                                                                                     \
+        _tile_loadd(4, (b) + AMX_PART_WORDS, 64);                                                                    \
+        _tile_loadd(5, (b) + 2 * AMX_PART_WORDS, 64);                                                                \
+        _tile_dpbf16ps(T, 2, 5);                                                                                     \
+        _tile_dpbf16ps(T, 2, 4);                                                                                     \
+        _tile_dpbf16ps(T, 2, 3);                                                                                     \
+    } while (0)
+
+/* Up to 16 input rows (one packed tile) against weight rows r0 .. r0 + nb - 1 (their codes widened in a) into y. */
+static void amx_tile(const uint16_t *a, const uint16_t *b, const float *sums, const float *scale,
+                     const float *minimum, const float *bias, int64_t groups, int64_t r0, int64_t nb, int64_t rows,
+                     float *y, int64_t n) {
+    __m512 acc[16];
+    for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
+    _Alignas(64) float c[2][256];
+    const int64_t last = nb < 16 ? nb : 16;
+    const float *s = scale + r0 * groups, *mn = minimum + r0 * groups;
+    AMX_ISSUE(0, a, b);
+    for (int64_t g = 0; g < groups; g += 2) {
+        if (g + 1 < groups) AMX_ISSUE(1, a + (g + 1) * 512, b + (g + 1) * 3 * AMX_PART_WORDS);
+        _tile_stored(0, c[0], 64);
+        AMX_MEMORY_BARRIER();
+        if (last == 16) {
+            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, acc);
+        } else {
+            for (int64_t l = 0; l < last; l++) {
+                acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c[0] + 16 * l), _mm512_set1_ps(s[l * groups + g]), acc[l]);
+                acc[l] = _mm512_fmadd_ps(_mm512_loadu_ps(sums + g * 16), _mm512_set1_ps(mn[l * groups + g]), acc[l]);
+            }
+        }
+        if (g + 1 < groups) {
+            if (g + 2 < groups) AMX_ISSUE(0, a + (g + 2) * 512, b + (g + 2) * 3 * AMX_PART_WORDS);
+            _tile_stored(1, c[1], 64);
+            AMX_MEMORY_BARRIER();
+            if (last == 16) {
+                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, acc);
+            } else {
+                for (int64_t l = 0; l < last; l++) {
+                    acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c[1] + 16 * l), _mm512_set1_ps(s[l * groups + g + 1]),
+                                             acc[l]);
+                    acc[l] = _mm512_fmadd_ps(_mm512_loadu_ps(sums + (g + 1) * 16),
+                                             _mm512_set1_ps(mn[l * groups + g + 1]), acc[l]);
+                }
+            }
+        }
+    }
+    __m512i t[16];
+    for (int l = 0; l < 16; l++) t[l] = _mm512_castps_si512(acc[l]);
+    amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
+    const __mmask16 keep = (__mmask16)((1u << last) - 1u);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + r0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++)
+        _mm512_mask_storeu_ps(y + r * n + r0, keep, _mm512_add_ps(_mm512_castsi512_ps(t[r]), add));
+}
+
+/* Output rows first_row .. first_row + count - 1 of y [m, n] from the packed activations; scratch: 16 x K bfloat16
+   and 64 bytes (it is aligned here: the caller's need not be). */
+static void amx_linear(const amx_x_t *packed, int64_t m, int64_t k, const uint8_t *codes, int bits,
+                       const float *scale, const float *minimum, const float *bias, float *y, int64_t n,
+                       int64_t first_row, int64_t count, float *scratch) {
+    const int64_t groups = k / GROUP, row_bytes = bits == 8 ? k : k / 2, tiles = (m + 15) / 16;
+    const int64_t last = first_row + count;
+    uint16_t *a = (uint16_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    amx_configure();
+    for (int64_t r0 = first_row; r0 < last; r0 += 16) {
+        const int64_t nb = last - r0 < 16 ? last - r0 : 16;
+        amx_widen(codes, bits, row_bytes, groups, r0, nb, a);
+        AMX_MEMORY_BARRIER();
+        for (int64_t t = 0; t < tiles; t++)
+            amx_tile(a, packed->b + t * groups * 3 * AMX_PART_WORDS, packed->sums + t * groups * 16, scale, minimum,
+                     bias, groups, r0, nb, m - 16 * t < 16 ? m - 16 * t : 16, y + t * 16 * n, n);
+    }
+    _tile_release();
+}
