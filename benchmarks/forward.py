@@ -11,7 +11,7 @@ e.g. `git worktree add DIR REV`), `no_records` (decode rows' cache buffers reser
 instead of from their caches' records, DecodeRows.check_caches off), `no_rope` (the rotary embedding by torch's
 expression and the keys appended after it, instead of one native call each for the queries and the keys),
 `per_call_checks` (the lean path's projections checked on every call by affine_linear, not once by cpu.Weight),
-`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `no_amx` (calls of two rows or
+`int8_activations` (4-bit projections with int8 activations: swarm_kernels/cpu_a8.c), `no_amx` (calls of five rows or
 more kept off the CPU's tile unit where the kernel would take it: swarm_kernels/cpu_amx.h), `unfused` (each layer's
 calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline`, `no_records`,
 `no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too), `int8_unfused`

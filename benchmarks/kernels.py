@@ -20,7 +20,8 @@ median over `runs` rounds; `vs_fp32` and `vs_onednn` are ratios to the fp32 nn.L
 The clock is the calling thread's CPU time with one torch thread (every candidate then computes on that thread, and
 on a shared machine other processes' turns on the core stay out of the figures), wall time otherwise.
 Where the native kernel takes the CPU's tile unit for calls of five rows or more (AMX: cpu_amx.h), `int8.native_noamx`
-and `int4.native_noamx` are the same kernel kept on its AVX-512 path (SWARM_AMX=0). `--kernel-threads N` adds
+and `int4.native_noamx` are the same kernel kept on its AVX-512 path (cpu.set_amx(False) around each call; the
+`native` candidates then switch it on around each call, so that both pay the switches). `--kernel-threads N` adds
 `int8.native_xN` and `int4.native_xN`: the native kernel with each call split over N threads
 (swarm_kernels.cpu.set_threads, as a peer on an N-core CPU runs it; each call here also pays two set_threads
 calls, a few microseconds, which a peer does not); the clock is then wall time.
@@ -105,15 +106,16 @@ class _Split(nn.Module):
             cpu.set_threads(before)
 
 
-class _WithoutAmx(nn.Module):
-    """A native-kernel layer kept on the AVX-512 path where the build would take the tile unit's (cpu_amx.h)."""
+class _Amx(nn.Module):
+    """A native-kernel layer with the tile unit's path (cpu_amx.h) switched on or off for its calls; both candidates
+    where the build has it are wrapped alike, so that both pay the two switches a call (~3 us)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, on: bool):
         super().__init__()
-        self.layer = layer
+        self.layer, self.on = layer, on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cpu.set_amx(False)
+        cpu.set_amx(self.on)
         try:
             return self.layer(x)
         finally:
@@ -146,8 +148,9 @@ def candidates(linear: nn.Linear, device: str, kernel_threads: int = 1) -> dict[
             if kernel == chosen or fits(kernel, method, dev, k, n):
                 out[f"{method}.{kernel}"] = functools.partial(QuantLinear, linear, method, kernel)
                 if kernel == "native" and device == "cpu" and cpu.amx():
-                    out[f"{method}.native_noamx"] = functools.partial(
-                        lambda m: _WithoutAmx(QuantLinear(linear, m, "native")), method)
+                    for label, on in ((f"{method}.native", True), (f"{method}.native_noamx", False)):
+                        out[label] = functools.partial(
+                            lambda m, on: _Amx(QuantLinear(linear, m, "native"), on), method, on)
                 if kernel == "native" and kernel_threads > 1:
                     out[f"{method}.native_x{kernel_threads}"] = functools.partial(
                         lambda m: _Split(QuantLinear(linear, m, "native"), kernel_threads), method)

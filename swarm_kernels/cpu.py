@@ -23,6 +23,7 @@ with SmolLM2's shapes, weights streaming from memory (benchmarks/results/kernels
 1/1.25-1/1.55 of the time of one at 16 rows (1/1.8 for its LM head), 1/1.2-1/1.9 at 40 and 128; a 16-row decode
 of its 30 int4 blocks spent 79 → 45 ms in the kernel (142 → 99 ms in all, one noisy run; the rest, attention and
 norms, stays on one thread). A peer on the native kernel uses every CPU it may run on (`--num-threads`).
+On a CPU with AMX-BF16 calls of five rows or more take the tile unit (cpu_amx.h; `amx()`, `set_amx()`, SWARM_AMX=0).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def amx(library: ctypes.CDLL | None = None) -> int:
 
 
 def set_amx(on: bool, library: ctypes.CDLL | None = None) -> bool:
-    """Switch the tile unit's path on or off (where it is built); whether it is on."""
+    """Switch the tile unit's path on or off (where it is built); whether it is on. Loading the library again
+    (`build`) sets it from SWARM_AMX once more: one library loaded twice is one handle."""
     library = library or _library()
     if library is None or not hasattr(library, "affine_set_amx"):
         return False

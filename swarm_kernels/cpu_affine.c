@@ -14,8 +14,9 @@
    Three paths, chosen at compile time by the instruction set: AVX-512, AVX2 + FMA, portable C (vectorized by the
    compiler for what it targets). Each sums a row in a fixed order that does not depend on the number of rows in the
    call (`affine_sum_lanes`: 32 partial sums on AVX-512 and in the portable loops, 8 on AVX2, added pairwise at the
-   end; swarm_kernels/tolerance.py derives the parity bound from it). On a CPU with AMX-BF16 the AVX-512 build also
-   has a fourth, for calls of five rows or more: the tile unit's (cpu_amx.h), float32-accurate, in another order.
+   end; swarm_kernels/tolerance.py derives the parity bound from it), except on a CPU with AMX-BF16: there the
+   AVX-512 build has a fourth path, for calls of five rows or more, the tile unit's (cpu_amx.h), float32-accurate in
+   another order, so a row's bits depend on whether its call had five rows or more.
 
    Split per group as  scale * dot(x_g, q_g) + minimum * sum(x_g)  it would save an FMA per weight, but expanding
    w = q * scale + minimum first keeps the arithmetic of reference.py (dequantize, then multiply-add).
@@ -39,7 +40,8 @@
    rows: codes are widened to float32 in registers, a block being one weight row against 1 input row or 4 sharing
    the widened codes (blocks of several weight rows, 2x4, 4x1, measured slower on an EPYC (Zen 4): one stream of
    codes at a time reads at 11-14 GB/s, several interleaved streams at 5-8). Every pair's sequence of FMAs and adds
-   is the same in every block and tile shape, so a row gives the same bits alone or batched. */
+   is the same in every block and tile shape, so a row gives the same bits alone or batched on this path (cpu_amx.h
+   takes calls of five rows or more where it is built). */
 #include <immintrin.h>
 
 #define SUM_LANES 32

@@ -23,10 +23,11 @@
    the AVX-512 path.
 
    Why. A decode batch of 16 sessions or a prefill chunk is bound by multiply-adds. On a 2-core Xeon with AMX, one
-   thread, weights streaming from memory (benchmarks/kernels.py; results/kernels_amx.json): SmolLM2's int4 shapes at
-   16 rows take 0.48-0.72x the AVX-512 path's time, at 40 rows 0.42-0.73x, at 128 rows 0.31-0.59x; the int8 LM head
-   0.70x at 16 rows; at 4 rows 1.02-1.15x, and one row ~2x in a one-off timing (a tile costs about the same for 1 row
-   as for 16): fewer than five rows stay on the AVX-512 path.
+   thread, weights streaming from memory (benchmarks/kernels.py; results/kernels_amx.json): SmolLM2's int4 block
+   shapes at 5 rows take 0.78-1.00x the AVX-512 path's time, at 16 rows 0.50-0.80x, at 128 rows 0.31-0.62x; the int8
+   LM head 0.70x at 16 rows. An earlier run taking this path from 2 rows (not kept) measured 1.02-1.15x at 2-4 rows
+   (int4; int8 1.18-1.39x), and a one-off timing one row ~2x: a tile costs about the same for 1 row as for 16, and
+   the AVX-512 path's 4-row blocks about what 1 row does, so fewer than five rows stay there.
 
    Layout. Tile A (weights): 16 weight rows x 32 codes as bfloat16, one group (64 bytes a row), widened for a block
    of 16 weight rows and all groups into the caller's scratch (16 x K bfloat16). Tiles B (activations): per 16 input

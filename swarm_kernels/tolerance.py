@@ -17,7 +17,8 @@ tolerance that passes on one CPU need not pass on another. A kernel whose order 
 partial sums of K / L products each, in increasing k, added pairwise, then the bias) has d = K / L + log2 L + 1
 (`Rounding.lanes`): L = 32 on AVX-512 and in the portable loops (d = K / 32 + 6), 8 on AVX2 (d = K / 8 + 4, one
 8-lane register per row and output, which leaves the registers for blocking over rows; swarm_kernels.cpu.sum_lanes says
-which the build has).
+which the build has). The tile unit's path (cpu_amx.h, calls of five rows or more on a CPU with AMX) never forms the
+dequantized weight: `Rounding.split` bounds it relative to the terms instead.
 What else a path rounds, each a relative error that composes as prod(1 + e) - 1 (`compose`):
 
 - inputs: activations rounded before the products (torch's CPU kernels take bf16: 2^-8 of each |x_k|);

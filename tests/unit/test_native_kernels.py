@@ -1,6 +1,7 @@
 """The native CPU kernel (swarm_kernels/cpu_affine.c) in every build a machine can end up with: parity with the exact
 value within its derived bound (helpers and bounds: tests/unit/test_kernels.py), the same bits for a row alone or
-batched and on any number of threads, its threads shared by callers and after a fork, and its cached library
+batched (on a CPU with AMX: in any call of five rows or more, and with the tile unit's path off) and on any number of
+threads, its threads shared by callers and after a fork, and its cached library
 refused when others could have written it."""
 
 from __future__ import annotations
