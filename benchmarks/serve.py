@@ -139,6 +139,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_draft": {"peers": [], "env": {"GATEWAY_DRAFT_MODEL": "default"}},
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},
     "int4_2": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {}},
+    # the same with the peers' and the gateway's kernel off the CPU's tile unit (cpu_amx.h)
+    "int4_2_noamx": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {"SWARM_AMX": "0"},
+                     "peer_env": {"SWARM_AMX": "0"}},
     # the same without server-to-server push: every hop through the gateway, a round's steps in group frames
     "int4_2_relay": {"peers": [("0:15", "int4", 1), ("15:30", "int4", 1)], "env": {"SWARM_PUSH": "false"}},
     # candidates for the embedded default, each with the gateway's own torch threads pinned to 1
@@ -157,6 +160,7 @@ def start_config(swarm: LocalSwarm, name: str, max_concurrent: int, baseline: Pa
         raise SystemExit("the baseline configuration needs --baseline DIR (a checkout of the revision to compare)")
     port = free_port()
     env = {"GATEWAY_MAX_CONCURRENT": str(max_concurrent), **config["env"]}
+    swarm.peer_env.update(config.get("peer_env", {}))  # the peers' environment (and the gateway's)
     if config["peers"]:
         swarm.start_bootstrap()
         procs = [swarm.start_peer(DEFAULT_MODEL_ID, blocks, "--quant", quant, "--num-threads", str(threads),
