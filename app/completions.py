@@ -289,6 +289,7 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
     """The request's one job: its size checked, then its messages templated and tokenized, and its grammar (a
     response_format, forced tool calls) compiled, in worker threads."""
     engine.check_model(request.model)
+    engine.check_chats()
     engine.check_choices(request.n)
     messages, tools = template_messages(request, engine.backend.native_tools)
     engine.check_prompt_size(sum(_message_chars(m) for m in messages) + len(json.dumps(tools or [])), "messages")

@@ -59,6 +59,7 @@ class GenerationBackend(Protocol):
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     native_tools: bool  # its chat template renders `tools` (else app.structured puts them in the messages)
+    chats: bool  # it has a chat template (a base model may not: its prompts go to /v1/completions)
 
     async def missing_blocks(self) -> list[tuple[int, int]]: ...
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]: ...
@@ -158,6 +159,13 @@ class ServingEngine:
         if model != self.backend.model_id:
             raise APIError(404, f"model {model!r} does not exist; this gateway serves {self.backend.model_id!r}",
                            "model", "model_not_found")
+
+    def check_chats(self) -> None:
+        """400 before anything is computed (a response_format's grammar took seconds) where the model has no chat
+        template: the messages cannot become a prompt."""
+        if not getattr(self.backend, "chats", True):
+            raise APIError(400, f"{self.backend.model_id} has no chat template (a base model): send its prompts to "
+                                "/v1/completions", "messages", "invalid_value")
 
     async def check_available(self) -> None:
         missing = await self.backend.missing_blocks()

@@ -79,6 +79,7 @@ class SwarmTextService:
         self.eos_token_ids: tuple[int, ...] = head.eos_token_ids
         # a grammar ends its text with the first end-of-text token (the one the chat template closes turns with)
         self.native_tools = "tools" in str(getattr(tokenizer, "chat_template", None) or "")
+        self.chats = bool(getattr(tokenizer, "chat_template", None))  # a base model may have none
         self.grammars = Grammars(tokenizer, self.vocab_size, _grammar_end(tokenizer, self.eos_token_ids))
         # speculative decoding's drafts: by prompt lookup, and from this local model where one is loaded
         self.draft_model: DraftModel | None = None
