@@ -6,7 +6,8 @@ client joins the `bytes` of consecutive tokens to rebuild such text. Byte-level 
 printable character (GPT-2's `bytes_to_unicode`), SentencePiece ones with byte fallback as `<0xE2>`; any other
 token's bytes are those of its decoded text, with the space a SentencePiece word piece (`▁world`) stands for even
 where the tokenizer's decoder drops it from a text's start (Llama 2's, Mistral's): a token's own bytes, as
-tiktoken's tokens hold their leading space.
+tiktoken's tokens hold their leading space. A special token (a BOS, a chat template's markers) has none: texts
+leave it out (`skip_special_tokens`), so an echoed prompt's text offsets do not count it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ class TokenBytes:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.printable = _printable_bytes() if _byte_level(tokenizer) else None
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self.of = lru_cache(maxsize=1 << 16)(self._of)
 
     def _of(self, token_id: int) -> bytes:
+        if token_id in self.special:
+            return b""
         text = self.tokenizer.decode([token_id])
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
         if "\ufffd" not in text:

@@ -38,3 +38,13 @@ def test_sentencepiece_tokens_give_their_byte_and_their_space(strips):
     assert tokenizer.decode(ids) == ("ok🤖o world" if strips else " ok🤖o world")
     assert [of(i) for i in ids[1:5]] == [bytes([b]) for b in "🤖".encode()]
     assert b"".join(of(i) for i in ids) == " ok🤖o world".encode()
+
+
+def test_a_special_token_has_no_bytes_as_texts_leave_it_out():
+    # an echoed prompt begins with its BOS (Gemma's `<bos>`): its text offset counted "<bos>" into a text without it
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model().path)
+    of = TokenBytes(tokenizer).of
+    ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ids[0] in tokenizer.all_special_ids and ids[-1] in tokenizer.all_special_ids
+    assert of(ids[0]) == of(ids[-1]) == b""
+    assert b"".join(of(i) for i in ids).decode() == tokenizer.decode(ids, skip_special_tokens=True) == "user\nhi"
