@@ -289,7 +289,9 @@ async def chat_jobs(engine: ServingEngine, request: ChatCompletionRequest) -> li
     """The request's one job: its size checked, then its messages templated and tokenized, and its grammar (a
     response_format, forced tool calls) compiled, in worker threads."""
     engine.check_model(request.model)
-    engine.check_chats()
+    if not getattr(engine.backend, "chats", True):  # before anything is computed (a grammar's compile took 5 s)
+        raise APIError(400, f"{request.model} has no chat template (a base model): send its prompts to "
+                            "/v1/completions", "messages", "invalid_value")
     engine.check_choices(request.n)
     messages, tools = template_messages(request, engine.backend.native_tools)
     engine.check_prompt_size(sum(_message_chars(m) for m in messages) + len(json.dumps(tools or [])), "messages")

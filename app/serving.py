@@ -160,13 +160,6 @@ class ServingEngine:
             raise APIError(404, f"model {model!r} does not exist; this gateway serves {self.backend.model_id!r}",
                            "model", "model_not_found")
 
-    def check_chats(self) -> None:
-        """400 before anything is computed (a response_format's grammar took seconds) where the model has no chat
-        template: the messages cannot become a prompt."""
-        if not getattr(self.backend, "chats", True):
-            raise APIError(400, f"{self.backend.model_id} has no chat template (a base model): send its prompts to "
-                                "/v1/completions", "messages", "invalid_value")
-
     async def check_available(self) -> None:
         missing = await self.backend.missing_blocks()
         if missing:
