@@ -100,10 +100,10 @@ def build(flags: tuple[str, ...], source: Path = SOURCE) -> ctypes.CDLL | None:
     return library
 
 
-def _local_includes(source_path: Path) -> bytes:
-    """The text of the files a source includes from its own directory (`#include "name"`: cpu_affine.c's cpu_amx.h),
-    so that the cache key changes with them."""
-    names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', source_path.read_bytes(), flags=re.MULTILINE)
+def _local_includes(source_path: Path, source: bytes) -> bytes:
+    """The text of the files a source (`source`: its text) includes from its own directory (`#include "name"`:
+    cpu_affine.c's cpu_amx.h), so that the cache key changes with them."""
+    names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', source, flags=re.MULTILINE)
     return b"".join((source_path.parent / name.decode()).read_bytes() for name in names
                     if (source_path.parent / name.decode()).is_file())
 
@@ -115,7 +115,8 @@ def compile_library(source_path: Path, flags: tuple[str, ...]) -> ctypes.CDLL | 
     if compiler is None:
         logger.info("no C compiler: the native CPU kernels are unavailable")
         return None
-    source = source_path.read_bytes() + _local_includes(source_path)
+    source = source_path.read_bytes()
+    source += _local_includes(source_path, source)
     key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_name()]).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{source_path.stem}-{key}.so"
 

@@ -220,11 +220,12 @@ static void amx_widen(const uint8_t *codes, int bits, int64_t row_bytes, int64_t
     }
 }
 
-/* acc[l] (lanes: input rows) += S (tile C as stored: row l, 16 input rows) * s[l] + X * m[l], in that order. */
+/* acc[l] (lanes: input rows) += S (tile C as stored: row l, 16 input rows) * s[l] + X * m[l], in that order, for
+   the block's first `last` weight rows (inlined: with 16, a constant, unrolled and kept in registers). */
 static inline void amx_accumulate(const float *c, const float *sums, const float *scale, const float *minimum,
-                                  int64_t groups, __m512 *acc) {
+                                  int64_t groups, int64_t last, __m512 *acc) {
     const __m512 x = _mm512_loadu_ps(sums);
-    for (int l = 0; l < 16; l++) {
+    for (int64_t l = 0; l < last; l++) {
         acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c + 16 * l), _mm512_set1_ps(scale[l * groups]), acc[l]);
         acc[l] = _mm512_fmadd_ps(x, _mm512_set1_ps(minimum[l * groups]), acc[l]);
     }
@@ -257,28 +258,18 @@ static void amx_tile(const uint16_t *a, const uint16_t *b, const float *sums, co
         if (g + 1 < groups) AMX_ISSUE(1, a + (g + 1) * 512, b + (g + 1) * 3 * AMX_PART_WORDS);
         _tile_stored(0, c[0], 64);
         AMX_MEMORY_BARRIER();
-        if (last == 16) {
-            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, acc);
-        } else {
-            for (int64_t l = 0; l < last; l++) {
-                acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c[0] + 16 * l), _mm512_set1_ps(s[l * groups + g]), acc[l]);
-                acc[l] = _mm512_fmadd_ps(_mm512_loadu_ps(sums + g * 16), _mm512_set1_ps(mn[l * groups + g]), acc[l]);
-            }
-        }
+        if (last == 16)
+            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, 16, acc);
+        else  /* a partial block: its rows past nb are never read */
+            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, last, acc);
         if (g + 1 < groups) {
             if (g + 2 < groups) AMX_ISSUE(0, a + (g + 2) * 512, b + (g + 2) * 3 * AMX_PART_WORDS);
             _tile_stored(1, c[1], 64);
             AMX_MEMORY_BARRIER();
-            if (last == 16) {
-                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, acc);
-            } else {
-                for (int64_t l = 0; l < last; l++) {
-                    acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c[1] + 16 * l), _mm512_set1_ps(s[l * groups + g + 1]),
-                                             acc[l]);
-                    acc[l] = _mm512_fmadd_ps(_mm512_loadu_ps(sums + (g + 1) * 16),
-                                             _mm512_set1_ps(mn[l * groups + g + 1]), acc[l]);
-                }
-            }
+            if (last == 16)
+                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, 16, acc);
+            else
+                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, last, acc);
         }
     }
     __m512i t[16];
