@@ -15,7 +15,8 @@ expression and the keys appended after it, instead of one native call each for t
 more kept off the CPU's tile unit where the kernel would take it: swarm_kernels/cpu_amx.h), `unfused` (each layer's
 calls one by one from Python instead of two fused native calls: swarm_kernels/fused.py; `baseline`, `no_records`,
 `no_rope` and `per_call_checks` are variants of those calls one by one, so they run unfused too), `int8_unfused`
-(int8 activations, the calls one by one). Prints
+(int8 activations, the calls one by one), `generic_prefill` (prefill chunks through the layers' own modules instead of
+the lean path's rows: swarm.model.lean, SWARM_LEAN_PREFILL=0). Prints
 JSON (median milliseconds per forward, and each configuration ÷ the first) and writes OUT/forward.json. A
 diagnostic: what users see is `benchmarks/serve.py` through HTTP.
 """
@@ -92,6 +93,7 @@ def run(args) -> dict[str, Any]:
     layers = span._lean.layers if span._lean else []
     fused = [(layer.attention_block, layer.down_residual, layer.first, layer.int8_parts) for layer in layers]
     weight_call = cpu.Weight.__call__
+    prefill = span._lean.prefill
 
     def per_call_checks(weight: cpu.Weight, x: torch.Tensor) -> torch.Tensor:
         codes, scale, minimum, bias = weight.tensors
@@ -108,6 +110,7 @@ def run(args) -> dict[str, Any]:
                     call = per_call_checks if name == "per_call_checks" else weight_call
                     cpu.Weight.__call__ = call  # type: ignore[method-assign,assignment]
                     cpu.set_activations("int8" if name.startswith("int8_") else "float32")
+                    span._lean.prefill = name != "generic_prefill"
                     for other, library in libraries.items():  # one library loaded once: the fused calls' too
                         cpu.set_amx(name != "no_amx" and tile_unit[other], library)
                     for layer, parts in zip(layers, fused, strict=True):
@@ -123,6 +126,7 @@ def run(args) -> dict[str, Any]:
             cpu.set_amx(tile_unit[other], library)
         for layer, parts in zip(layers, fused, strict=True):
             layer.attention_block, layer.down_residual, layer.first, layer.int8_parts = parts
+        span._lean.prefill = prefill
     first = names[0]
     results = {str(n): {name: {"median_ms": round(statistics.median(t[name]), 2),
                                f"over_{first}": round(statistics.median(a / b for a, b in zip(t[name], t[first],
@@ -140,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forward", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="new,baseline",
                         help="comma-separated: new, baseline, no_records, no_rope, per_call_checks, "
-                        "int8_activations, no_amx, unfused, int8_unfused")
+                        "int8_activations, no_amx, unfused, int8_unfused, generic_prefill")
     parser.add_argument("--baseline", default=None, help="a checkout of the revision to compare (its kernel source)")
     parser.add_argument("--rows", default="1,4,16,40,256")
     parser.add_argument("--runs", type=int, default=7)

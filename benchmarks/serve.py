@@ -133,6 +133,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_sdpa": {"peers": [], "env": {"SWARM_NATIVE_ATTENTION": "0"}},  # decode rows' attention by torch's SDPA
     "embedded_a8": {"peers": [], "env": {"EMBEDDED_ACTIVATIONS": "int8"}},  # its int4 blocks with int8 activations
     "embedded_noamx": {"peers": [], "env": {"SWARM_AMX": "0"}},  # the kernel off the CPU's tile unit (cpu_amx.h)
+    "embedded_generic_prefill": {"peers": [], "env": {"SWARM_LEAN_PREFILL": "0"}},  # chunks through the layers' own
     "embedded_p2p": {"peers": [], "env": {"EMBEDDED_LOCAL_SOCKET": "false"}},  # to its peer through the p2p daemons
     "embedded_nofork": {"peers": [], "env": {"SWARM_FORK_SESSIONS": "0"}},  # shared prefixes taken, not forked
     # drafts from a local model (the served one: the only one sharing its tokenizer here) beside the embedded peer

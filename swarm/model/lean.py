@@ -1,4 +1,5 @@
-"""Decode rows through Llama-shaped blocks without transformers' per-layer Python: the same operations, fewer calls.
+"""Decode rows (and prefill chunks) through Llama-shaped blocks without transformers' per-layer Python: the same
+operations, fewer calls.
 
 A decode round through a span (`BlockSpan.forward_mixed` of one-token steps) spends as long outside the linear
 kernels as in them on a small model: on a 2-core AVX2 EPYC, one row through SmolLM2's 30 int4 blocks took ~40 ms,
@@ -27,8 +28,18 @@ A span gets it only where it is exact: at load (or its first decode round), `pre
 modules and their attributes) and then runs a few random rows both ways — the generic path (the family's layer
 modules, segments_attention) and this one — on fresh caches; it is used only when every output and every appended key
 and value is the same bits (a family whose layer differs in any way — a scaled residual, a norm of its own, no rotary
-in some layers — fails there and keeps the generic path; logged). Prefill chunks, mixed rounds and spans that are not
-float32 on the CPU always take the generic path; SWARM_LEAN_DECODE=0 turns it off.
+in some layers — fails there and keeps the generic path; logged). Spans that are not float32 on the CPU always take the
+generic path; SWARM_LEAN_DECODE=0 turns it off.
+
+Prefill chunks and mixed rounds (decode rows beside chunks) take it too: a step of T tokens is T rows on its session's
+cache, row t at position + t attending to the keys up to its own (each layer appends all of its rows' keys before any
+row attends). Each row is then computed as it would be alone, one token per call: `prepare` checks that too (a
+fresh prompt and one continuing a prefix, as chunks and as rows one by one: the same bits, or decode rounds only).
+Against the generic path's chunk (torch's SDPA over the chunk) it agrees within float32 rounding, not bit for bit.
+Why: the layers' own path spends as long around the kernel as in it on a small model: SmolLM2's 30 int4 blocks on a
+2-core Xeon with AMX, a 40-token chunk 55.8 → 38.7 ms, 128 tokens 125 → 93 ms (a 16-chat burst's prefill was ~30% of
+its peer's compute). SWARM_LEAN_PREFILL=0: decode rounds only (to compare). A round a native call refuses is redone by
+the generic path (for a chunk: its bits, within float32 rounding of these).
 """
 
 from __future__ import annotations
@@ -263,21 +274,29 @@ class LeanDecode:
     def __init__(self, span: Any):
         self.span = span
         self.layers = [_Layer(block, span.hidden_size) for block in span.blocks]
+        # prefill chunks and mixed rounds too (their tokens as rows; `prepare` checks them against rows one by one);
+        # SWARM_LEAN_PREFILL=0: decode rounds only (to compare)
+        self.prefill = os.environ.get("SWARM_LEAN_PREFILL", "1") != "0"
 
     def forward(self, hidden: torch.Tensor, steps: list[segments.Segment], blocks: slice | None) -> torch.Tensor:
-        """hidden [1, N, H], steps N one-token segments (already rewound) → [1, N, H]; the caches are not committed.
-        Raises Unavailable where a native call refuses its tensors (nothing committed: the generic path redoes it)."""
+        """hidden [1, N, H] holding the steps' tokens one after another (already rewound; N = their tokens) → [1, N, H];
+        the caches are not committed. A step of T tokens is T rows on its cache at its positions, each attending to
+        the keys up to its own (all of the layer's new keys are appended before any row attends). Raises Unavailable
+        where a native call refuses its tensors (nothing committed: the generic path redoes it)."""
         span = self.span
         count = hidden.shape[1]
         selected = range(len(span.blocks))[blocks or slice(None)]
-        position_ids = torch.tensor([[s.position for s in steps]], device=hidden.device)
+        caches = [s.cache for s in steps for _ in range(s.tokens)]
+        positions = [p for s in steps for p in range(s.position, s.position + s.tokens)]
+        if len(positions) != count:
+            raise ValueError("the steps' tokens are not the rows of hidden")
+        position_ids = torch.tensor([positions], device=hidden.device)
         embeddings = {}  # per layer type: cos, sin [1, 1, N, D]
         for kind in {span.layer_types[i] for i in selected}:
             cos, sin = (span.rotary(hidden, position_ids, kind) if span._rotary_per_type
                         else span.rotary(hidden, position_ids))
             embeddings[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
-        rows = attention.DecodeRows(list(range(count)), [s.position + 1 for s in steps])
-        caches = [s.cache for s in steps]
+        rows = attention.DecodeRows(list(range(count)), [p + 1 for p in positions])
         parts = {i: self.layers[i].parts(cpu.activations()) for i in selected}
         work = scratch = None
         if any(any(p is not None for p in layer_parts) for layer_parts in parts.values()):
@@ -288,8 +307,9 @@ class LeanDecode:
             layer, norms = self.layers[i], self.layers[i].norms
             residual = hidden
             block, down, first = parts[i]
-            if (block is not None and work is not None and scratch is not None
-                    and rows.check_caches(caches, i, layer.kv_heads, layer.head_dim)):
+            if not rows.check_caches(caches, i, layer.kv_heads, layer.head_dim):  # a cache must grow first
+                self._reserve(rows, caches, i, hidden.new_empty(1, layer.kv_heads, 0, layer.head_dim))
+            if block is not None and work is not None and scratch is not None:
                 cos, sin = embeddings[span.layer_types[i]]
                 if first is not None:
                     mid = torch.empty_like(hidden)
@@ -310,10 +330,6 @@ class LeanDecode:
             if layer.qk_norms:
                 q, k = _norm(q, norms["q"]), _norm(k, norms["k"])
             cos, sin = embeddings[span.layer_types[i]]
-            if not rows.check_caches(caches, i, k.shape[2], layer.head_dim):  # a cache must grow first
-                buffers = [cache.reserve(k.transpose(1, 2), v.transpose(1, 2), i, n)
-                           for cache, n in zip(caches, rows.lengths, strict=True)]
-                rows.check([b for b, _ in buffers], [b for _, b in buffers])
             rotated = q.new_empty(q.shape)
             if attention.rope(q, cos, sin, rotated) and rows.rope_append(k, v, cos, sin):
                 query = rotated.transpose(1, 2)  # both rotated in one native call each, keys into the caches
@@ -331,6 +347,20 @@ class LeanDecode:
                 attended = _norm(attended, norms["post_attention"])
             hidden = self._mlp(layer, residual + attended, down, work, scratch)
         return hidden
+
+    @staticmethod
+    def _reserve(rows: attention.DecodeRows, caches: list[Any], layer: int, like: torch.Tensor) -> None:
+        """Grow the layer's buffers of the rows' caches to hold their rows (each cache once, to its last row's length:
+        a step's rows share it) and take them for the native calls (`like`: [1, kv_heads, 0, D])."""
+        ends: dict[int, int] = {}
+        for cache, n in zip(caches, rows.lengths, strict=True):
+            ends[id(cache)] = max(ends.get(id(cache), 0), n)
+        distinct = {id(c): c for c in caches}
+        buffers = {key: cache.reserve(like, like, layer, ends[key]) for key, cache in distinct.items()}
+        if rows.check_caches(caches, layer, like.shape[1], like.shape[3]):  # their records, taken as they grew
+            return
+        if not rows.check([buffers[id(c)][0] for c in caches], [buffers[id(c)][1] for c in caches]):
+            raise Unavailable(f"the native attention refused layer {layer}'s cache buffers")
 
     @staticmethod
     def _mlp(layer: _Layer, hidden: torch.Tensor, down: fused.ResidualLinear | None, work: torch.Tensor | None,
@@ -381,6 +411,10 @@ def prepare(span: Any) -> LeanDecode | None:
         return None
     try:
         if _same_bits(span, lean):
+            if lean.prefill and not _rows_same_bits(span, lean):
+                logger.info("blocks %d:%d: prefill chunks as lean rows differ from rows one by one; decode rounds "
+                            "only", span.start, span.end)
+                lean.prefill = False
             return lean
     except Exception:  # an optimization: whatever it meets, the layers' own path serves
         logger.warning("blocks %d:%d: the lean decode path failed its check; keeping the generic path", span.start,
@@ -414,11 +448,41 @@ def _same_bits(span: Any, lean: LeanDecode) -> bool:
             c.commit(1)
         if not torch.equal(want, got):
             return False
-    for a, b in zip(generic, mine, strict=True):
-        for layer in range(len(span.blocks)):
-            ka, va = a.reserve(torch.empty(0), torch.empty(0), layer, a.length)
-            kb, vb = b.reserve(torch.empty(0), torch.empty(0), layer, b.length)
-            if not (torch.equal(ka[:, :, : a.length], kb[:, :, : b.length])
-                    and torch.equal(va[:, :, : a.length], vb[:, :, : b.length])):
-                return False
+    return all(_same_cache(a, b, len(span.blocks)) for a, b in zip(generic, mine, strict=True))
+
+
+@torch.inference_mode()
+def _rows_same_bits(span: Any, lean: LeanDecode) -> bool:
+    """Prefill chunks as rows — a fresh 2-token prompt and 2 tokens continuing a cached prefix, in one call — against
+    the same tokens one row per call: every output and every cached key and value the same bits. (Four rows: fewer
+    than the tile unit's five, so both ways take the same kernel path; swarm_kernels/cpu_amx.h.)"""
+    g = torch.Generator().manual_seed(4321)
+    prefix = torch.randn(1, 2, span.hidden_size, generator=g)
+    chunks = [torch.randn(1, 2, span.hidden_size, generator=g) for _ in range(2)]
+    together, alone = [span.new_cache(16) for _ in chunks], [span.new_cache(16) for _ in chunks]
+    for cache in (together[1], alone[1]):
+        for t in range(prefix.shape[1]):
+            lean.forward(prefix[:, t : t + 1], [segments.Segment(cache, cache.length, 1)], None)
+            cache.commit(1)
+    steps = [segments.Segment(c, c.length, x.shape[1]) for c, x in zip(together, chunks, strict=True)]
+    got = lean.forward(torch.cat(chunks, dim=1), steps, None)
+    for step in steps:
+        step.cache.commit(step.tokens)
+    want = []
+    for cache, x in zip(alone, chunks, strict=True):
+        for t in range(x.shape[1]):
+            want.append(lean.forward(x[:, t : t + 1], [segments.Segment(cache, cache.length, 1)], None))
+            cache.commit(1)
+    if not torch.equal(got, torch.cat(want, dim=1)):
+        return False
+    return all(_same_cache(a, b, len(span.blocks)) for a, b in zip(together, alone, strict=True))
+
+
+def _same_cache(a: Any, b: Any, layers: int) -> bool:
+    for layer in range(layers):
+        ka, va = a.reserve(torch.empty(0), torch.empty(0), layer, a.length)
+        kb, vb = b.reserve(torch.empty(0), torch.empty(0), layer, b.length)
+        if not (torch.equal(ka[:, :, : a.length], kb[:, :, : b.length])
+                and torch.equal(va[:, :, : a.length], vb[:, :, : b.length])):
+            return False
     return True

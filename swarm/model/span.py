@@ -170,7 +170,7 @@ class BlockSpan(nn.Module):
             segments.enable(blocks)
         # float32 on the CPU: a batch's decode rows may attend in one native call (swarm_kernels.attention)
         self._native_rows = self.mixes and self.precision.device == "cpu" and self.precision.dtype == torch.float32
-        # decode rounds' lean path (swarm.model.lean): True until prepare_lean decides, then the path or None
+        # the lean path of decode rounds and chunks (swarm.model.lean): True until prepare_lean decides, then it or None
         self._lean: lean_decode.LeanDecode | bool | None = self._native_rows
 
     @property
@@ -203,6 +203,12 @@ class BlockSpan(nn.Module):
             # a decode row: the same native attention as batched with others (swarm_kernels.attention), the same bits
             # (the native int8/int4 linears on a CPU with AMX: within float32 rounding, swarm_kernels/cpu_amx.h)
             return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
+        if self.mixes and batch == 1 and self._lean and hidden.dtype == torch.float32:
+            if self._lean is True:
+                self.prepare_lean()
+            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.prefill:
+                # a prefill chunk as rows of the lean path: the computation it gets in a round with others
+                return self.forward_mixed(hidden, [segments.Segment(cache, position, new)], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
 
@@ -252,25 +258,26 @@ class BlockSpan(nn.Module):
                       blocks: slice | None = None, lean: bool = True) -> torch.Tensor:
         """Steps of several sessions in one forward: hidden [1, ΣT, H] holds each step's T tokens after the previous
         step's (decode rows, prefill chunks, in any mix), step i at steps[i].position of steps[i].cache → [1, ΣT, H].
-        Only for spans with `mixes` (swarm.model.segments). A round of decode rows alone takes the lean path where the
-        span has one (swarm.model.lean: the same bits); `lean=False` never."""
+        Only for spans with `mixes` (swarm.model.segments). The round takes the lean path where the span has one
+        (swarm.model.lean: decode rows the same bits, chunks within float32 rounding); `lean=False` never."""
         if not self.mixes:
             raise ValueError("this span's family cannot run steps of different sessions in one sequence")
         if hidden.shape[0] != 1 or hidden.shape[1] != sum(step.tokens for step in steps):
             raise ValueError("forward_mixed takes [1, sum of the steps' tokens, H]")
         for step in steps:
             step.cache.rewind(step.position)
-        if lean and self._lean and all(step.tokens == 1 for step in steps) and hidden.dtype == torch.float32:
+        if lean and self._lean and hidden.dtype == torch.float32:
             if self._lean is True:
                 self.prepare_lean()
-            if isinstance(self._lean, lean_decode.LeanDecode):
+            if isinstance(self._lean, lean_decode.LeanDecode) and (
+                    self._lean.prefill or all(step.tokens == 1 for step in steps)):
                 try:
                     hidden = self._lean.forward(hidden, steps, blocks)
                 except lean_decode.Unavailable as e:  # nothing committed: the generic path redoes the round
                     logger.debug("lean decode unavailable: %s", e)
                 else:
                     for step in steps:
-                        step.cache.commit(1)
+                        step.cache.commit(step.tokens)
                     return hidden
         position_ids = torch.cat([torch.arange(s.position, s.position + s.tokens, device=hidden.device)
                                   for s in steps])[None]

@@ -306,6 +306,9 @@ def test_decode_rows_native_attention_equals_torchs(tiny_model_dir, monkeypatch,
         caches = [span.new_cache(32) for _ in prompts]
         for p, c in zip(prompts, caches, strict=True):
             span(p, c, 0)
+        if native:
+            assert len(calls) == 3 * 4  # the prompts' tokens too, as rows (swarm.model.lean)
+            calls.clear()
         results.append(torch.cat([span.forward_batch(step, caches, [c.length for c in caches]) for step in steps]))
     assert len(calls) == 3 * 4  # every layer of every step took the native path
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
