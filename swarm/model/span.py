@@ -206,9 +206,10 @@ class BlockSpan(nn.Module):
         if self.mixes and batch == 1 and self._lean and hidden.dtype == torch.float32:
             if self._lean is True:
                 self.prepare_lean()
-            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.prefill:
+            step = segments.Segment(cache, position, new)
+            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.takes([step]):
                 # a prefill chunk as rows of the lean path: the computation it gets in a round with others
-                return self.forward_mixed(hidden, [segments.Segment(cache, position, new)], blocks)
+                return self.forward_mixed(hidden, [step], blocks)
         cache.rewind(position)
         position_ids = torch.arange(position, position + new, device=hidden.device).expand(batch, -1)
 
@@ -269,8 +270,7 @@ class BlockSpan(nn.Module):
         if lean and self._lean and hidden.dtype == torch.float32:
             if self._lean is True:
                 self.prepare_lean()
-            if isinstance(self._lean, lean_decode.LeanDecode) and (
-                    self._lean.prefill or all(step.tokens == 1 for step in steps)):
+            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.takes(steps):
                 try:
                     hidden = self._lean.forward(hidden, steps, blocks)
                 except lean_decode.Unavailable as e:  # nothing committed: the generic path redoes the round

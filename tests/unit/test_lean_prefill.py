@@ -29,8 +29,9 @@ def lean_calls(monkeypatch) -> list[list[int]]:
     real = lean.LeanDecode.forward
 
     def spy(self, hidden, steps, blocks):
+        out = real(self, hidden, steps, blocks)  # (a round it raised Unavailable for went generic: not counted)
         calls.append([s.tokens for s in steps])
-        return real(self, hidden, steps, blocks)
+        return out
 
     monkeypatch.setattr(lean.LeanDecode, "forward", spy)
     return calls
@@ -108,6 +109,26 @@ def test_a_cache_growing_inside_a_chunk_keeps_every_rows_keys(tiny_model_dir, no
     for a, b in zip(together, alone, strict=True):
         for layer in range(len(span.blocks)):
             assert all(torch.equal(p, q) for p, q in zip(kv(a, layer), kv(b, layer), strict=True))
+
+
+def test_a_chunk_past_the_few_keys_limit_takes_the_layers_own_path(tiny_model_dir, monkeypatch):
+    """Rows attending to many keys each read them on their own: past lean.MAX_CHUNK_END a chunk (and its round) goes
+    the generic way; decode rows there stay lean."""
+    monkeypatch.setattr(lean, "MAX_CHUNK_END", 12)
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert span.prepare_lean()
+    calls = lean_calls(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    a, b = span.new_cache(32), span.new_cache(32)
+    span(torch.randn(1, 8, span.hidden_size, generator=g), a, 0)
+    span(torch.randn(1, 4, span.hidden_size, generator=g), a, 8)  # ends at 12: lean
+    span(torch.randn(1, 3, span.hidden_size, generator=g), a, 12)  # ends at 15: generic
+    span(torch.randn(1, 1, span.hidden_size, generator=g), a, 15)  # a decode row: lean
+    span(torch.randn(1, 13, span.hidden_size, generator=g), b, 0)
+    x = torch.randn(1, 3, span.hidden_size, generator=g)
+    span.forward_mixed(x, [segments.Segment(a, 16, 1), segments.Segment(b, 13, 2)])  # b's chunk ends at 15: generic
+    assert calls == [[8], [4], [1]]
+    assert a.length == 17 and b.length == 15
 
 
 def test_the_switch_keeps_prefill_on_the_layers_own_path(tiny_model_dir, monkeypatch):
