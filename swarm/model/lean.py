@@ -422,19 +422,27 @@ def prepare(span: Any) -> LeanDecode | None:
         logger.debug("blocks %d:%d keep the generic decode path: %s", span.start, span.end, e)
         return None
     try:
-        if _same_bits(span, lean):
-            if lean.prefill and not _rows_same_bits(span, lean):
-                logger.info("blocks %d:%d: prefill chunks as lean rows differ from rows one by one; decode rounds "
-                            "only", span.start, span.end)
-                lean.prefill = False
-            return lean
+        same = _same_bits(span, lean)
     except Exception:  # an optimization: whatever it meets, the layers' own path serves
         logger.warning("blocks %d:%d: the lean decode path failed its check; keeping the generic path", span.start,
                        span.end, exc_info=True)
         return None
-    logger.info("blocks %d:%d: the lean decode path differs from the layers' own; keeping the generic path",
-                span.start, span.end)
-    return None
+    if not same:
+        logger.info("blocks %d:%d: the lean decode path differs from the layers' own; keeping the generic path",
+                    span.start, span.end)
+        return None
+    if lean.prefill:
+        try:
+            rows = _rows_same_bits(span, lean)
+        except Exception:  # decode rounds keep the path they passed
+            logger.warning("blocks %d:%d: prefill chunks' lean check failed; decode rounds only", span.start,
+                           span.end, exc_info=True)
+            rows = False
+        if not rows:
+            logger.info("blocks %d:%d: prefill chunks as lean rows differ from rows one by one; decode rounds only",
+                        span.start, span.end)
+            lean.prefill = False
+    return lean
 
 
 @torch.inference_mode()

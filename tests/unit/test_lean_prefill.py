@@ -145,8 +145,14 @@ def test_the_switch_keeps_prefill_on_the_layers_own_path(tiny_model_dir, monkeyp
     assert calls == [[1]]  # decode rows still lean
 
 
-def test_a_prefill_check_that_fails_keeps_decode_lean_only(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(lean, "_rows_same_bits", lambda span, plan: False)
+@pytest.mark.parametrize("outcome", ["differs", "raises"])
+def test_a_prefill_check_that_fails_keeps_decode_lean_only(tiny_model_dir, monkeypatch, outcome):
+    def check(span, plan):
+        if outcome == "raises":
+            raise lean.Unavailable("a native call refused the check's rows")
+        return False
+
+    monkeypatch.setattr(lean, "_rows_same_bits", check)
     span = span_of(tiny_model_dir, "llama", "int4")
     assert span.prepare_lean() and not span._lean.prefill
     calls = lean_calls(monkeypatch)
@@ -154,3 +160,37 @@ def test_a_prefill_check_that_fails_keeps_decode_lean_only(tiny_model_dir, monke
     span(torch.randn(1, 4, span.hidden_size), cache, 0)
     span(torch.randn(1, 1, span.hidden_size), cache, 4)
     assert calls == [[1]]
+
+
+def test_a_chunk_the_native_attention_refuses_is_redone_by_the_generic_path(tiny_model_dir, monkeypatch):
+    """A round refused at its first layer, after that layer appended its rows' keys (and grew a fresh cache): nothing
+    committed, the generic path computes the round from the same cached prefix, as a round it was given at once."""
+    monkeypatch.setenv("SWARM_FUSED_DECODE", "0")  # (the calls one by one: the fused ones attend from C)
+    span = span_of(tiny_model_dir, "llama", "int4")
+    assert span.prepare_lean()
+    g = torch.Generator().manual_seed(12)
+    prefix = torch.randn(1, 3, span.hidden_size, generator=g)
+    x = torch.randn(1, 7, span.hidden_size, generator=g)
+    steps = {way: [span.new_cache(16), span.new_cache(16)] for way in ("refused", "generic")}
+    for a, _ in steps.values():
+        span(prefix, a, 0)
+    refused = []
+    real = attention.DecodeRows.attend
+
+    def attend_once_refused(self, *args):
+        if not refused and self.count == 7:
+            refused.append(1)
+            return False
+        return real(self, *args)
+
+    monkeypatch.setattr(attention.DecodeRows, "attend", attend_once_refused)
+    out = {}
+    for way, (a, b) in steps.items():
+        plan = [segments.Segment(a, 3, 2), segments.Segment(b, 0, 5)]
+        out[way] = span.forward_mixed(x, plan, lean=way == "refused")
+    assert refused and torch.equal(out["refused"], out["generic"])
+    for way in steps:
+        assert [c.length for c in steps[way]] == [5, 5]
+    for layer in range(len(span.blocks)):
+        for mine, theirs in zip(steps["refused"], steps["generic"], strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(kv(mine, layer), kv(theirs, layer), strict=True))
