@@ -16,6 +16,7 @@ owner key (no one can forge a record in another peer's name). A peer's RSA key i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -23,10 +24,12 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 
 import base58
 import multihash
+import psutil
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -87,6 +90,25 @@ class BytesSubkeysValidator(RecordValidatorBase):
         return isinstance(other, BytesSubkeysValidator)
 
 
+class OwnedDHT(DHT):
+    """hivemind's DHT node, whose child process ends (with its p2pd) once the process that started it is gone: killed
+    with SIGKILL, that process could not stop it, and the node would stay behind holding its port and its peers."""
+
+    def run(self) -> None:  # in the child
+        threading.Thread(target=_end_without_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
+        super().run()
+
+
+def _end_without_parent(parent: int, period: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(period)
+    logger.warning("the process that started this DHT node (pid %d) is gone: stopping", parent)
+    for child in psutil.Process().children(recursive=True):  # its p2pd: this process started it
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(1)
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     host: str = "127.0.0.1",
@@ -97,7 +119,7 @@ def start_dht(
 ) -> DHT:
     """Start a DHT node (a child process with its own p2pd) listening on host:port; blocks until it is ready.
     Every node validates signed records; `signing_key` is the key this node signs its own records with."""
-    return DHT(
+    return OwnedDHT(
         record_validators=[RSASignatureValidator(signing_key), BytesSubkeysValidator()],
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
