@@ -154,12 +154,13 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
                 return 1
             out.write(f"revoked {args.id}\n")
         elif args.command == "limits":
-            found = store.get(args.id)
-            if found is None:
+            found = store.get(args.id)  # None also where its stored limits are invalid: set from the defaults
+            if not store.set_limits(args.id, _limits(found.limits if found else Limits(), args)):
                 sys.stderr.write(f"no key {args.id!r}\n")
                 return 1
-            store.set_limits(args.id, _limits(found.limits, args))
-            _print([_key_row(store.get(args.id) or found)], "table", out)
+            if found is None:
+                sys.stderr.write("its stored limits were invalid: those not given now are the defaults\n")
+            _print([_key_row(record) for record in [store.get(args.id)] if record is not None], "table", out)
         else:
             _print(usage_report(store, args.key, args.since, args.until, args.by), args.format, out)
     except ValueError as e:  # a limit out of range

@@ -214,16 +214,19 @@ class KeyStore:
         if row is None or not hmac.compare_digest(_digest(row[0], parts[1]), row[1]):
             return None
         record = _record(row[2:])
-        return record if record.revoked is None else None
+        return record if record is not None and record.revoked is None else None
 
     def get(self, key_id: str) -> KeyRecord | None:
+        """The key's record; None where there is none, or its stored limits are invalid (see `_record`)."""
         with self._lock:
             row = self.db.execute(f"SELECT {_RECORD} FROM keys WHERE id = ?", (key_id,)).fetchone()
         return _record(row) if row else None
 
     def records(self) -> list[KeyRecord]:
+        """Every key's record but those whose stored limits are invalid (logged; see `_record`)."""
         with self._lock:
-            return [_record(row) for row in self.db.execute(f"SELECT {_RECORD} FROM keys ORDER BY created")]
+            rows = self.db.execute(f"SELECT {_RECORD} FROM keys ORDER BY created").fetchall()
+        return [record for record in map(_record, rows) if record is not None]
 
     def has_keys(self) -> bool:
         """Whether any key was ever made (revoked ones count: revoking every key must not open the gateway)."""
@@ -270,8 +273,14 @@ _RECORD = ("id, name, created, revoked, rpm, tpm, budget, budget_period, prompt_
            "max_concurrent")
 
 
-def _record(row: tuple[Any, ...]) -> KeyRecord:
-    return KeyRecord(row[0], row[1], row[2], row[3], Limits(*row[4:]))
+def _record(row: tuple[Any, ...]) -> KeyRecord | None:
+    """A key's row → its record; None (logged) where the stored limits are not what `Limits` accepts (a row written
+    by hand, e.g. an infinite weight or an rpm of 0): that key is refused, the others are served."""
+    try:
+        return KeyRecord(row[0], row[1], row[2], row[3], Limits(*row[4:]))
+    except (TypeError, ValueError) as e:
+        logger.error("key %r has invalid limits in the key store (%s): refused until they are set again", row[0], e)
+        return None
 
 
 def _limit_values(limits: Limits) -> tuple[Any, ...]:

@@ -435,3 +435,25 @@ def test_a_key_store_that_cannot_open_stops_the_gateway_with_one_line(tmp_path, 
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"the gateway cannot start: the key store GATEWAY_DB={tmp_path / where} cannot be opened: ")
+
+
+async def test_a_key_whose_stored_limits_are_invalid_is_refused_and_the_others_served(db, capsys):
+    """A row written by hand (an infinite weight, an rpm of 0) is that key's problem: it is refused (401) and left
+    out of the list, the gateway goes on serving the others, and the admin CLI can set its limits again."""
+    bad_id, bad = make_key(db, "broken")
+    _, good = make_key(db, "fine")
+    async with Gateway(gateway_db=str(db)) as gateway:
+        gateway.backend.gate.set()
+        assert (await post(gateway, bad)).status_code == 200  # served, and its tenant tracked
+        store = KeyStore(db)
+        with store.db:  # what a hand edit does (with the change counter bumped, as the CLI bumps it)
+            store.db.execute("UPDATE keys SET completion_weight = 1e999, rpm = 0 WHERE id = ?", (bad_id,))
+            store.db.execute("UPDATE meta SET keys_version = keys_version + 1")
+        refused = await post(gateway, bad)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert (await post(gateway, good)).status_code == 200
+        assert [record.name for record in store.records()] == ["fine"]
+        assert keys_cli(["--db", str(db), "limits", bad_id, "--rpm", "5"]) == 0
+        assert "were invalid" in capsys.readouterr().err
+        assert store.get(bad_id).limits == Limits(rpm=5)
+        assert (await post(gateway, bad)).status_code == 200
