@@ -29,8 +29,11 @@
    (int4; int8 1.18-1.39x), and a one-off timing one row ~2x: a tile costs about the same for 1 row as for 16, and
    the AVX-512 path's 4-row blocks about what 1 row does, so fewer than five rows stay there.
 
-   Layout. Tile A (weights): 16 weight rows x 32 codes as bfloat16, one group (64 bytes a row), widened for a block
-   of 16 weight rows and all groups into the caller's scratch (16 x K bfloat16). Tiles B (activations): per 16 input
+   Layout. Tile A (weights): 16 weight rows x 32 codes as bfloat16, one group (64 bytes a row). For calls of more
+   than 16 input rows, widened for a block of 16 weight rows and all groups into the caller's scratch (16 x K
+   bfloat16) and read again for each 16 input rows; for calls of 16 rows or fewer, each group's tile is widened just
+   before the tile unit reads it, into one of two tiles of scratch, so the widening of one group runs beside the
+   products of the one before instead of ahead of them all. Tiles B (activations): per 16 input
    rows and group, one per part, 16 rows of pairs: row p, 32-bit column i = the part of (x[i, 2p], x[i, 2p + 1]);
    packed once per call by the calling thread (amx_pack, into a buffer of its own) and read by every thread of the
    pool. Tile C: 16 weight rows x 16 input rows of float32; two C tiles alternate so that one group's products are
@@ -73,18 +76,13 @@ typedef struct {
     uint8_t rows[16];
 } amx_config_t;
 
-/* Every tile 16 rows x 64 bytes: 0, 1 sums (C), 2 codes (A), 3..5 the parts (B). Loaded at every call: another
-   library (oneDNN) may have configured this thread's tiles since. */
-static void amx_configure(void) {
-    amx_config_t c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 6; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+/* Every tile 16 rows x 64 bytes: 0, 1 sums (C), 2 codes (A), 3..5 the parts (B). A constant: built on the stack,
+   GCC 12 once dropped some of its stores where amx_configure was inlined (ldtilecfg then faults on the mismatch). */
+static const _Alignas(64) amx_config_t amx_config = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16}};
+
+/* Loaded at every call: another library (oneDNN) may have configured this thread's tiles since. */
+static void amx_configure(void) { _tile_loadconfig(&amx_config); }
 
 static inline __m512 amx_widen_bf16(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -180,44 +178,64 @@ static int amx_pack(const float *x, int64_t m, int64_t k, amx_x_t *packed) {
     return 1;
 }
 
-/* Weight rows r0 .. r0 + nb - 1 (nb <= 16; rows past nb: zeros) as bfloat16 codes, tile A of group g at
-   a + g * 512: row l, element j = code (r0 + l, 32 g + j). */
-static void amx_widen(const uint8_t *codes, int bits, int64_t row_bytes, int64_t groups, int64_t r0, int64_t nb,
-                      uint16_t *a) {
+/* Group g of weight rows r0 .. r0 + nb - 1 (nb <= 16; rows past nb: zeros) as bfloat16 codes into one A tile:
+   row l, element j = code (r0 + l, 32 g + j). */
+static inline void amx_widen_group(const uint8_t *codes, int bits, int64_t row_bytes, int64_t g, int64_t r0,
+                                   int64_t nb, uint16_t *tile) {
+    if (bits == 8) {
+        for (int64_t l = 0; l < 16; l++) {
+            if (l >= nb) {
+                _mm512_store_si512((void *)(tile + l * 32), _mm512_setzero_si512());
+                continue;
+            }
+            const uint8_t *p = codes + (r0 + l) * row_bytes + g * GROUP;
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+            _mm512_store_si512((void *)(tile + l * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  /* exact */
+        }
+        return;
+    }
     const __m512i nibble = _mm512_set1_epi16(0x0F);
     const __m512i table = _mm512_set_epi16(  /* bfloat16 of 0 .. 15, indexed by the code */
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110,
         0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
-    for (int64_t g = 0; g < groups; g++) {
-        uint16_t *tile = a + g * 512;
-        if (bits == 8) {
-            for (int64_t l = 0; l < 16; l++) {
-                if (l >= nb) {
-                    _mm512_store_si512((void *)(tile + l * 32), _mm512_setzero_si512());
-                    continue;
-                }
-                const uint8_t *p = codes + (r0 + l) * row_bytes + g * GROUP;
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-                _mm512_store_si512((void *)(tile + l * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  /* exact */
-            }
-            continue;
-        }
-        for (int64_t l = 0; l < 16; l += 2) {  /* 16 bytes a row: codes 0..15 in the low nibbles, 16..31 high */
-            const __m128i zero = _mm_setzero_si128();
-            const __m128i first = l < nb ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l) * row_bytes + g * 16))
-                                         : zero;
-            const __m128i second = l + 1 < nb
-                                       ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l + 1) * row_bytes + g * 16))
-                                       : zero;
-            const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(second, first));
-            const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_srli_epi16(w, 4);
-            _mm512_store_si512((void *)(tile + l * 32),
-                               _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table));
-            _mm512_store_si512((void *)(tile + (l + 1) * 32),
-                               _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xEE), table));
-        }
+    for (int64_t l = 0; l < 16; l += 2) {  /* 16 bytes a row: codes 0..15 in the low nibbles, 16..31 high */
+        const __m128i zero = _mm_setzero_si128();
+        const __m128i first = l < nb ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l) * row_bytes + g * 16))
+                                     : zero;
+        const __m128i second = l + 1 < nb
+                                   ? _mm_loadu_si128((const __m128i *)(codes + (r0 + l + 1) * row_bytes + g * 16))
+                                   : zero;
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(second, first));
+        const __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_srli_epi16(w, 4);
+        _mm512_store_si512((void *)(tile + l * 32),
+                           _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table));
+        _mm512_store_si512((void *)(tile + (l + 1) * 32),
+                           _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xEE), table));
     }
+}
+
+/* Every group of those rows: tile A of group g at a + g * 512 (read again for each 16 input rows). */
+static void amx_widen(const uint8_t *codes, int bits, int64_t row_bytes, int64_t groups, int64_t r0, int64_t nb,
+                      uint16_t *a) {
+    for (int64_t g = 0; g < groups; g++) amx_widen_group(codes, bits, row_bytes, g, r0, nb, a + g * 512);
+}
+
+/* The codes of a call of at most 16 input rows: each group's A tile is widened just before the tile unit needs it,
+   into one of two tiles of scratch (the widening of one group beside the products of the one before). */
+typedef struct {
+    const uint8_t *codes;
+    int bits;
+    int64_t row_bytes;
+} amx_w_t;
+
+/* Tile A of group g: of the widened groups in a, or (w given) widened now into a's tile g % 2. */
+static inline const uint16_t *amx_a(const amx_w_t *w, uint16_t *a, int64_t g, int64_t r0, int64_t nb) {
+    if (w == NULL) return a + g * 512;
+    uint16_t *tile = a + (g & 1) * 512;
+    amx_widen_group(w->codes, w->bits, w->row_bytes, g, r0, nb, tile);
+    AMX_MEMORY_BARRIER();
+    return tile;
 }
 
 /* acc[l] (lanes: input rows) += S (tile C as stored: row l, 16 input rows) * s[l] + X * m[l], in that order, for
@@ -245,7 +263,7 @@ static inline void amx_accumulate(const float *c, const float *sums, const float
     } while (0)
 
 /* Up to 16 input rows (one packed tile) against weight rows r0 .. r0 + nb - 1 (their codes widened in a) into y. */
-static void amx_tile(const uint16_t *a, const uint16_t *b, const float *sums, const float *scale,
+static void amx_tile(const amx_w_t *w, uint16_t *a, const uint16_t *b, const float *sums, const float *scale,
                      const float *minimum, const float *bias, int64_t groups, int64_t r0, int64_t nb, int64_t rows,
                      float *y, int64_t n) {
     __m512 acc[16];
@@ -253,25 +271,33 @@ static void amx_tile(const uint16_t *a, const uint16_t *b, const float *sums, co
     _Alignas(64) float c[2][256];
     const int64_t last = nb < 16 ? nb : 16;
     const float *s = scale + r0 * groups, *mn = minimum + r0 * groups;
-    AMX_ISSUE(0, a, b);
+    /* Group g's sums (stored from C tile g % 2 into c[g % 2]) are added one store later: after the next group's
+       tile is stored and the one after issued, so its loads do not wait on the tile store just made. In increasing
+       g, as before. */
+#define AMX_ADD(C, G)                                                                                                \
+    do {                                                                                                             \
+        if (last == 16)                                                                                              \
+            amx_accumulate(C, sums + (G) * 16, s + (G), mn + (G), groups, 16, acc);                                  \
+        else /* a partial block: its rows past nb are never read */                                                  \
+            amx_accumulate(C, sums + (G) * 16, s + (G), mn + (G), groups, last, acc);                                \
+    } while (0)
+    AMX_ISSUE(0, amx_a(w, a, 0, r0, nb), b);
+    if (groups > 1) AMX_ISSUE(1, amx_a(w, a, 1, r0, nb), b + 3 * AMX_PART_WORDS);
     for (int64_t g = 0; g < groups; g += 2) {
-        if (g + 1 < groups) AMX_ISSUE(1, a + (g + 1) * 512, b + (g + 1) * 3 * AMX_PART_WORDS);
         _tile_stored(0, c[0], 64);
         AMX_MEMORY_BARRIER();
-        if (last == 16)
-            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, 16, acc);
-        else  /* a partial block: its rows past nb are never read */
-            amx_accumulate(c[0], sums + g * 16, s + g, mn + g, groups, last, acc);
+        if (g + 2 < groups) AMX_ISSUE(0, amx_a(w, a, g + 2, r0, nb), b + (g + 2) * 3 * AMX_PART_WORDS);
+        if (g > 0) AMX_ADD(c[1], g - 1);
         if (g + 1 < groups) {
-            if (g + 2 < groups) AMX_ISSUE(0, a + (g + 2) * 512, b + (g + 2) * 3 * AMX_PART_WORDS);
+            AMX_MEMORY_BARRIER();  /* c[1] read above before the tile store below writes it */
             _tile_stored(1, c[1], 64);
             AMX_MEMORY_BARRIER();
-            if (last == 16)
-                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, 16, acc);
-            else
-                amx_accumulate(c[1], sums + (g + 1) * 16, s + g + 1, mn + g + 1, groups, last, acc);
+            if (g + 3 < groups) AMX_ISSUE(1, amx_a(w, a, g + 3, r0, nb), b + (g + 3) * 3 * AMX_PART_WORDS);
+            AMX_ADD(c[0], g);
         }
     }
+    AMX_ADD(c[(groups - 1) & 1], groups - 1);
+#undef AMX_ADD
     __m512i t[16];
     for (int l = 0; l < 16; l++) t[l] = _mm512_castps_si512(acc[l]);
     amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
@@ -290,13 +316,17 @@ static void amx_linear(const amx_x_t *packed, int64_t m, int64_t k, const uint8_
     const int64_t last = first_row + count;
     uint16_t *a = (uint16_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     amx_configure();
+    const amx_w_t codes_now = {codes, bits, row_bytes};
+    const amx_w_t *w = tiles == 1 ? &codes_now : NULL;  /* one input tile: each group widened as it is needed */
     for (int64_t r0 = first_row; r0 < last; r0 += 16) {
         const int64_t nb = last - r0 < 16 ? last - r0 : 16;
-        amx_widen(codes, bits, row_bytes, groups, r0, nb, a);
-        AMX_MEMORY_BARRIER();
+        if (w == NULL) {
+            amx_widen(codes, bits, row_bytes, groups, r0, nb, a);
+            AMX_MEMORY_BARRIER();
+        }
         for (int64_t t = 0; t < tiles; t++)
-            amx_tile(a, packed->b + t * groups * 3 * AMX_PART_WORDS, packed->sums + t * groups * 16, scale, minimum,
-                     bias, groups, r0, nb, m - 16 * t < 16 ? m - 16 * t : 16, y + t * 16 * n, n);
+            amx_tile(w, a, packed->b + t * groups * 3 * AMX_PART_WORDS, packed->sums + t * groups * 16, scale,
+                     minimum, bias, groups, r0, nb, m - 16 * t < 16 ? m - 16 * t : 16, y + t * 16 * n, n);
     }
     _tile_release();
 }
