@@ -279,8 +279,14 @@ def _record(row: tuple[Any, ...]) -> KeyRecord | None:
     try:
         return KeyRecord(row[0], row[1], row[2], row[3], Limits(*row[4:]))
     except (TypeError, ValueError) as e:
-        logger.error("key %r has invalid limits in the key store (%s): refused until they are set again", row[0], e)
+        if row[0] not in _INVALID_LOGGED:  # once per key and process, not once per request of its holder
+            _INVALID_LOGGED.add(row[0])
+            logger.error("key %r has invalid limits in the key store (%s): refused until they are set again", row[0],
+                         e)
         return None
+
+
+_INVALID_LOGGED: set[str] = set()
 
 
 def _limit_values(limits: Limits) -> tuple[Any, ...]:

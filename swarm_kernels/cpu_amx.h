@@ -284,6 +284,7 @@ static void amx_tile(const amx_w_t *w, uint16_t *a, const uint16_t *b, const flo
     AMX_ISSUE(0, amx_a(w, a, 0, r0, nb), b);
     if (groups > 1) AMX_ISSUE(1, amx_a(w, a, 1, r0, nb), b + 3 * AMX_PART_WORDS);
     for (int64_t g = 0; g < groups; g += 2) {
+        AMX_MEMORY_BARRIER();  /* c[0] read by the last iteration before the tile store below writes it */
         _tile_stored(0, c[0], 64);
         AMX_MEMORY_BARRIER();
         if (g + 2 < groups) AMX_ISSUE(0, amx_a(w, a, g + 2, r0, nb), b + (g + 2) * 3 * AMX_PART_WORDS);

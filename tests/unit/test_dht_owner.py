@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -30,8 +31,9 @@ def _gone(process: psutil.Process) -> bool:
 
 def test_a_dht_node_and_its_p2pd_end_when_their_starter_is_killed():
     starter = subprocess.Popen([sys.executable, "-c", STARTER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    node = None
+    node, daemons = None, []
     try:
+        assert select.select([starter.stdout], [], [], 60)[0], "the DHT node did not start within 60 s"
         node = psutil.Process(int(starter.stdout.readline()))
         daemons = [p for p in node.children(recursive=True) if p.name() == "p2pd"]
         assert daemons, "the node's p2pd was not found"
@@ -44,6 +46,6 @@ def test_a_dht_node_and_its_p2pd_end_when_their_starter_is_killed():
     finally:
         if starter.poll() is None:
             starter.kill()
-        if node is not None:  # what this test started, by PID, if the node did not end itself
-            for process in [node, *node.children(recursive=True)] if not _gone(node) else []:
+        for process in [node, *daemons] if node is not None else []:  # what this test started, by PID, if left
+            if not _gone(process):
                 process.kill()
