@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm.model import lean
+from swarm.model import lean, lean_checks
 from swarm.model.source import ModelSource
 from swarm.model.span import load_span
 from swarm_kernels import attention, cpu
@@ -195,7 +195,7 @@ def test_a_check_that_raises_keeps_the_generic_path(tiny_model_dir, monkeypatch)
     def broken(span, plan):
         raise RuntimeError("a bug in the check")
 
-    monkeypatch.setattr(lean, "_same_bits", broken)
+    monkeypatch.setattr(lean_checks, "same_bits", broken)
     span = span_of(tiny_model_dir, "llama", "int4")
     assert not span.prepare_lean()
     got = decode_both_ways(span, rounds=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm.model import lean, segments
+from swarm.model import lean, lean_checks, segments
 from swarm.model.span import SpanKVCache
 from swarm_kernels import attention, cpu
 from tests.unit.test_lean import kv, span_of
@@ -152,7 +152,7 @@ def test_a_prefill_check_that_fails_keeps_decode_lean_only(tiny_model_dir, monke
             raise lean.Unavailable("a native call refused the check's rows")
         return False
 
-    monkeypatch.setattr(lean, "_rows_same_bits", check)
+    monkeypatch.setattr(lean_checks, "rows_same_bits", check)
     span = span_of(tiny_model_dir, "llama", "int4")
     assert span.prepare_lean() and not span._lean.prefill
     calls = lean_calls(monkeypatch)
