@@ -203,11 +203,9 @@ class BlockSpan(nn.Module):
             # a decode row: the same native attention as batched with others (swarm_kernels.attention), the same bits
             # (the native int8/int4 linears on a CPU with AMX: within float32 rounding, swarm_kernels/cpu_amx.h)
             return self.forward_mixed(hidden, [segments.Segment(cache, position, 1)], blocks)
-        if self.mixes and batch == 1 and self._lean and hidden.dtype == torch.float32:
-            if self._lean is True:
-                self.prepare_lean()
+        if self.mixes and batch == 1 and hidden.dtype == torch.float32:
             step = segments.Segment(cache, position, new)
-            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.takes([step]):
+            if (plan := self._lean_path()) is not None and plan.takes([step]):
                 # a prefill chunk as rows of the lean path: the computation it gets in a round with others
                 return self.forward_mixed(hidden, [step], blocks)
         cache.rewind(position)
@@ -267,18 +265,15 @@ class BlockSpan(nn.Module):
             raise ValueError("forward_mixed takes [1, sum of the steps' tokens, H]")
         for step in steps:
             step.cache.rewind(step.position)
-        if lean and self._lean and hidden.dtype == torch.float32:
-            if self._lean is True:
-                self.prepare_lean()
-            if isinstance(self._lean, lean_decode.LeanDecode) and self._lean.takes(steps):
-                try:
-                    hidden = self._lean.forward(hidden, steps, blocks)
-                except lean_decode.Unavailable as e:  # nothing committed: the generic path redoes the round
-                    logger.debug("lean decode unavailable: %s", e)
-                else:
-                    for step in steps:
-                        step.cache.commit(step.tokens)
-                    return hidden
+        if lean and hidden.dtype == torch.float32 and (plan := self._lean_path()) is not None and plan.takes(steps):
+            try:
+                hidden = plan.forward(hidden, steps, blocks)
+            except lean_decode.Unavailable as e:  # nothing committed: the generic path redoes the round
+                logger.debug("lean decode unavailable: %s", e)
+            else:
+                for step in steps:
+                    step.cache.commit(step.tokens)
+                return hidden
         position_ids = torch.cat([torch.arange(s.position, s.position + s.tokens, device=hidden.device)
                                   for s in steps])[None]
         with segments.mixed(steps, self.windows, self.explicit_masks) as cache:
@@ -286,6 +281,12 @@ class BlockSpan(nn.Module):
         for step in steps:
             step.cache.commit(step.tokens)
         return hidden
+
+    def _lean_path(self) -> lean_decode.LeanDecode | None:
+        """The span's lean path (decided at its first use where prepare_lean has not run), or None."""
+        if self._lean is True:
+            self.prepare_lean()
+        return self._lean if isinstance(self._lean, lean_decode.LeanDecode) else None
 
     def prepare_lean(self) -> bool:
         """Decide (once) whether decode rounds take the lean path (swarm.model.lean: it checks it gives the same bits
