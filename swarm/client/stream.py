@@ -70,6 +70,7 @@ class PeerStream:
         # when none is), and at most one frame waits unread; another one is a protocol violation that ends the
         # stream (the session fails over, the router bans the peer).
         self._limit = SMALL_FRAME
+        self._due = False  # an answer is due (expect() was called and it has not been received)
         self._inbox: asyncio.Queue[runtime_pb2.ExpertResponse | Exception] = asyncio.Queue()
         self._pump = asyncio.create_task(self._read_frames(reader))
 
@@ -117,6 +118,7 @@ class PeerStream:
     def expect(self, like: torch.Tensor) -> None:
         """A result of `like`'s size may arrive (pushed before its input was sent from here)."""
         self._limit = frame_bytes(like.numel(), like.dtype)
+        self._due = True
 
     def number(self) -> Hop:
         """Number the next step of this stream (server-to-server push): the hop that names it."""
@@ -134,6 +136,17 @@ class PeerStream:
             metadata["next"] = [hop.to_wire() for hop in hops or []]
         self.expect(hidden)
         await self._send(make_request(metadata, (hidden,)))
+
+    async def park(self) -> None:
+        """Tell the peer that the session is kept only for reuse: it may free it when it needs room (swarm.protocol:
+        park); nothing is answered. The next step un-parks it."""
+        await self._send(make_request({"type": "park"}))
+
+    @property
+    def ended(self) -> bool:
+        """Closed, or the peer said something while no answer was due (it ended the session: an error, the end of
+        its stream)."""
+        return self.closed or (not self._due and not self._inbox.empty())
 
     async def result(self, hidden: torch.Tensor, timeout: float, probe: Probe | None = None,
                      position: int | None = None) -> tuple[torch.Tensor, dict]:
@@ -211,7 +224,7 @@ class PeerStream:
     async def _receive(self, timeout: float, expected: str, probe: Probe | None = None) -> runtime_pb2.ExpertResponse:
         try:
             response = await self._next_frame(timeout, probe)
-            self._limit = SMALL_FRAME
+            self._limit, self._due = SMALL_FRAME, False
             if isinstance(response, Exception):
                 self._inbox.put_nowait(response)  # every later receive fails the same way
                 raise response

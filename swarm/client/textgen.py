@@ -53,8 +53,10 @@ class SwarmTextService:
     PARK_SECONDS = 60.0  # a parked session older than this is closed, not reused
 
     # Parked sessions kept (each holds only the KV of its tokens on its peers): a burst of chats that share a system
-    # prompt reuses it once as many sessions have finished. 32 beside the gateway's 32 concurrent generations fills a
-    # peer's default 64 sessions a client; when a peer refuses a new session for capacity, the parked ones go first.
+    # prompt reuses it once as many sessions have finished. They are parked on their peers (swarm.protocol: park): a
+    # peer that needs room for a new session frees parked ones first, rather than make it wait (64 chats at once
+    # beside 32 parked sessions on a peer of 64 slots used to wait for the first 32 to end); and when a peer still
+    # refuses a new session for capacity, the parked ones this service holds are closed.
     # 16 chats at once through `make serve` after a first 16: with 8 parked, 8 of them reused 28 of their ~45 prompt
     # tokens and the other 8 computed all (benchmarks/README.md, 2026-12-03).
     REUSE_SESSIONS = 32
@@ -230,6 +232,9 @@ class SwarmTextService:
         else a new session (position 0). Only the tenant's own: how soon a first token comes must not tell one
         tenant what another sent."""
         if n == 1 and reuse:
+            for entry in [e for e in self._parked if not e.forks and not self._alive(e.session)]:
+                self._parked.remove(entry)  # freed by its peers for room
+                await entry.session.close()
             best, best_common = None, 0
             now = time.monotonic()
             for entry in self._parked:
@@ -295,12 +300,18 @@ class SwarmTextService:
 
     @staticmethod
     def _alive(session: InferenceSession) -> bool:
-        return not any(stream.closed for stream in session.streams)
+        return not any(stream.ended for stream in session.streams)  # (a parked one the peers may have freed)
 
     async def _park(self, tokens: list[int], session: InferenceSession, tenant: str = "") -> None:
         if len(tokens) != session.position:  # not what the peers hold: never reuse it
             await session.close()
             return
+        for stream in session.streams:  # its peers may free it for room: a new session comes before a cache
+            try:
+                await stream.park()
+            except PeerError:  # gone already
+                await session.close()
+                return
         now = time.monotonic()
         self._parked.insert(0, _Parked(tokens, session, now, tenant))
         # beyond the count, or parked long enough that a peer may free it for idleness (300 s by default) and an

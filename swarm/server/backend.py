@@ -76,6 +76,7 @@ class Session:
     handle: int = 0  # its name in its client's group frames (swarm.protocol), unique on this peer
     stepping: bool = False  # a step of it is in flight (from its own stream or a group frame: one at a time)
     copying: int = 0  # tokens a fork's copy queued for it will bring (0 once it has run)
+    parked: bool = False  # its client kept it only for reuse and lets it go for room (swarm.protocol: park)
 
     @property
     def length(self) -> int:
@@ -126,12 +127,15 @@ class SpanBackend:
         other sessions free."""
         deadline = asyncio.get_running_loop().time() + self.limits.admission_wait
         first = request.batch_size * SpanKVCache.reserved_tokens(1, request.max_length)
+        source = request.fork[0] if request.fork is not None else None
         while True:
             opened = self._try_open(request, client)
             if not isinstance(opened, str):
                 return opened
-            if self._make_room(client, 1, first):
+            if self._free_parked(keep=source) or self._make_room(client, 1, first):
                 continue
+            if source is not None:  # a fork saves its client a prefill; it has other ways than waiting (take or open)
+                raise PeerError(opened, ErrorCode.CAPACITY)
             with self.shares.waiting_for_capacity(client):
                 if not await self._budget_freed(deadline):
                     raise PeerError(opened, ErrorCode.CAPACITY)
@@ -186,6 +190,19 @@ class SpanBackend:
         return (Holdings("sessions", self.limits.max_sessions, self.limits.max_sessions - len(self.sessions), slots),
                 Holdings("KV tokens", self.budget.total, self.budget.free, tokens))
 
+    def _free_parked(self, keep: int | None = None) -> bool:
+        """Close the parked session (any client's) that stepped least recently, but `keep` (a handle: the source of
+        the fork being admitted), to make room; whether one went. A parked session is a cache its client let go
+        of (swarm.protocol: park): new sessions and growing ones come before it, and nobody waits for it."""
+        parked = [s for s in self.sessions.values() if s.parked and not s.stepping and s.handle != keep]
+        if not parked:
+            return False
+        session = min(parked, key=lambda s: s.last_step)
+        logger.debug("freed parked session %s (%d KV tokens) to make room", session.key,
+                     self.budget.reserved.get(session.key, 0))
+        self._end(session, PeerError("this parked session was freed to make room", ErrorCode.CAPACITY))
+        return True
+
     def _make_room(self, client: str, sessions: int, tokens: int) -> bool:
         """Evict the longest-idle sessions of clients past their share until `client` has `sessions` slots and
         `tokens` KV tokens free, or nobody else is past their share (swarm.server.fairness). Whether any went."""
@@ -239,7 +256,8 @@ class SpanBackend:
             refusal = self.shares.refusal(session.client, need, self._holdings()[1])
             if refusal:
                 raise PeerError(refusal, ErrorCode.CAPACITY)
-            if self.budget.try_grow(session.key, tokens) or self._make_room(session.client, 0, need):
+            if (self.budget.try_grow(session.key, tokens) or self._free_parked()
+                    or self._make_room(session.client, 0, need)):
                 continue
             with self.shares.waiting_for_capacity(session.client):
                 if not await self._budget_freed(deadline):
@@ -365,6 +383,7 @@ class SpanBackend:
         if session.stepping:
             raise bad_request("a step of this session is in flight; send the next one after its answer")
         session.last_step = self.last_step = time.monotonic()
+        session.parked = False  # in use again
         self.validate_step(session, hidden, position)
         session.stepping = True
         try:

@@ -193,6 +193,8 @@ class SpanHandler:
                 return
             while (request := await self._next(reader, session, frame_bytes + MAX_FRAME_OVERHEAD)) is not None:
                 metadata = self._metadata(request)
+                if self._parks(session, request, metadata):
+                    continue
                 if metadata.get("type") == "group_step":
                     yield await self._group_step(backend, session, request, metadata)
                 else:
@@ -248,6 +250,8 @@ class SpanHandler:
                     if item.request is None:
                         return
                     metadata = self._metadata(item.request)
+                    if self._parks(session, item.request, metadata):
+                        continue
                     if metadata.get("type") == "group_step":  # unnumbered: no more pushes after numbered steps
                         pushes = pushes and not seen
                         yield await self._group_step(backend, session, item.request, metadata)
@@ -363,6 +367,16 @@ class SpanHandler:
             return unpack_metadata(request.metadata)
         except ValueError as e:
             raise bad_request(str(e)) from e
+
+    @staticmethod
+    def _parks(session: Session, request: runtime_pb2.ExpertRequest, metadata: dict) -> bool:
+        """A park frame (swarm.protocol: park): the session is marked parked, nothing is answered."""
+        if metadata.get("type") != "park":
+            return False
+        if request.tensors:
+            raise bad_request("a park message carries no tensor")
+        session.parked = True
+        return True
 
     @staticmethod
     def _parse_step(backend: SpanBackend, session: Session, request: runtime_pb2.ExpertRequest,

@@ -307,6 +307,46 @@ async def test_sessions_reserve_kv_as_they_grow_and_wait_a_bounded_time_for_it(t
         backend.shutdown()
 
 
+async def test_parked_sessions_make_room_at_once_for_new_and_growing_ones_least_recently_stepped_first(
+        tiny_model_dir):
+    """A parked session (swarm.protocol: park) is a cache its client let go of: a new session takes its slot without
+    waiting (the least recently stepped goes first, never the source of the fork being opened; a fork finding no
+    room is refused at once), a growing one its KV, and a step un-parks it."""
+    span = load_span(ModelSource("tiny", tiny_model_dir("llama")), 2, 6)
+    backend = SpanBackend(span, Limits(max_sessions=3, max_length=512, max_chunk_tokens=256, admission_wait=2.0),
+                          KVBudget(3 * 128 + 64))
+    loop = asyncio.get_running_loop()
+    try:
+        old, recent, live = [await backend.admit(open_request(session_id=s, max_length=250)) for s in "orl"]
+        for session in (old, recent, live):
+            await backend.step(session, torch.randn(1, 8, 64), 0)
+        old.parked = recent.parked = True
+        start = loop.time()
+        new = await backend.admit(open_request(session_id="n", max_length=250))  # the peer is full: old goes
+        assert loop.time() - start < 0.5  # not admission_wait
+        assert old.key not in backend.sessions and old.ended.code == ErrorCode.CAPACITY and "parked" in str(old.ended)
+        assert {recent.key, live.key, new.key} == set(backend.sessions)
+        # a fork of the last parked session when nothing else may go: refused at once, its source kept
+        start = loop.time()
+        with pytest.raises(PeerError) as info:
+            await backend.admit(open_request(session_id="f", max_length=250, fork=(recent.handle, 8, "r")))
+        assert info.value.code == ErrorCode.CAPACITY and loop.time() - start < 0.5
+        assert recent.key in backend.sessions
+        # a step un-parks: nothing parked is left, so the next session waits (admission_wait) and is refused
+        await backend.step(recent, torch.randn(1, 1, 64), 8)
+        assert not recent.parked
+        start = loop.time()
+        with pytest.raises(PeerError, match="maximum of 3"):
+            await backend.admit(open_request(session_id="w", max_length=250))
+        assert loop.time() - start >= 1.9
+        # KV: live grows past its first 128 tokens (64 free) into what a parked session holds
+        recent.parked = True
+        await backend.step(live, torch.randn(1, 128, 64), 8)
+        assert recent.key not in backend.sessions and backend.budget.reserved[live.key] == 250
+    finally:
+        backend.shutdown()
+
+
 async def test_a_draining_peer_refuses_new_sessions_and_hands_off_live_ones(backend):
     live = backend.open(open_request())
     await backend.step(live, torch.randn(1, 4, 64), 0)

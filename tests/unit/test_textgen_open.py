@@ -54,6 +54,16 @@ def test_a_chat_template_that_refuses_the_messages_is_a_value_error_with_its_rea
         service.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+class FakeStream:
+    """A session's stream to one peer: parked once the service parks its session; `ended` once the peer freed it."""
+
+    def __init__(self):
+        self.closed = self.ended = self.parked = False
+
+    async def park(self):
+        self.parked = True
+
+
 class FakeSession(SimpleNamespace):
     async def close(self):
         self.closed_by_service = True
@@ -64,7 +74,7 @@ def _service_opening_fake_sessions() -> tuple[FakeClient, SwarmTextService]:
 
     async def inference_session(max_length, batch_size=1):
         client.asked.append(max_length)
-        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=0)
+        return FakeSession(max_length=max_length, streams=[FakeStream()], position=0)
 
     client.inference_session = inference_session
     return client, SwarmTextService(client, tokenizer=None)
@@ -75,7 +85,7 @@ async def test_a_parked_session_is_reused_only_by_the_tenant_that_parked_it():
     because someone else sent the same prefix."""
     _, service = _service_opening_fake_sessions()
     history = list(range(40))
-    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(history))
+    parked = FakeSession(max_length=2048, streams=[FakeStream()], position=len(history))
     await service._park(history, parked, tenant="key:alice")
     other, start = await service._session_for([*history, 99], 10, 1, tenant="key:bob")
     assert other is not parked and start == 0  # bob computes his whole prompt
@@ -96,7 +106,7 @@ async def test_a_burst_sharing_a_system_prompt_reuses_it_once_as_many_sessions_f
     system = list(range(1000, 1028))  # 28 tokens every chat starts with
     for i in range(16):
         tokens = [*system, i, i + 1, 7, 7]
-        await service._park(tokens, FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)],
+        await service._park(tokens, FakeSession(max_length=2048, streams=[FakeStream()],
                                                 position=len(tokens)), tenant="addr:1")
     starts = [(await service._session_for([*system, 100 + i, 5], 48, 1, tenant="addr:1"))[1] for i in range(16)]
     assert starts == [len(system)] * 16 and client.asked == []
@@ -109,13 +119,13 @@ async def test_a_shared_prefix_forks_the_parked_session_and_leaves_it_for_its_ow
     client, service = _service_opening_fake_sessions()
     system = list(range(1000, 1028))
     conversation = [*system, 1, 2, 3, 4]
-    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(conversation))
+    parked = FakeSession(max_length=2048, streams=[FakeStream()], position=len(conversation))
     await service._park(conversation, parked, tenant="addr:1")
     forks = []
 
     async def fork(parent, tokens, max_length):
         forks.append((parent, tokens, max_length))
-        return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=tokens)
+        return FakeSession(max_length=max_length, streams=[FakeStream()], position=tokens)
 
     service._fork = fork
     opened = [await service._session_for([*system, 100 + i, 5], 48, 1, tenant="addr:1") for i in range(16)]
@@ -137,7 +147,7 @@ async def test_a_parked_session_being_forked_is_not_taken_meanwhile():
     client, service = _service_opening_fake_sessions()
     system = list(range(1000, 1028))
     conversation = [*system, 1, 2, 3, 4]
-    parked = FakeSession(max_length=2048, streams=[SimpleNamespace(closed=False)], position=len(conversation))
+    parked = FakeSession(max_length=2048, streams=[FakeStream()], position=len(conversation))
     await service._park(conversation, parked, tenant="t")
     release, calls = asyncio.Event(), []
 
@@ -145,7 +155,7 @@ async def test_a_parked_session_being_forked_is_not_taken_meanwhile():
         calls.append(tokens)
         if len(calls) == 1:
             await release.wait()
-            return FakeSession(max_length=max_length, streams=[SimpleNamespace(closed=False)], position=tokens)
+            return FakeSession(max_length=max_length, streams=[FakeStream()], position=tokens)
         return None  # the second fork fails (e.g. the peer is full)
 
     service._fork = fork
@@ -158,3 +168,21 @@ async def test_a_parked_session_being_forked_is_not_taken_meanwhile():
     forked, start = await slow
     assert forked is not parked and start == len(system)
     assert [entry.session for entry in service._parked] == [parked]  # still there, untouched
+
+
+async def test_parked_sessions_are_parked_on_their_peers_and_one_they_freed_is_dropped_not_reused():
+    """A parked session is parked on each of its peers (they may free it for room, swarm.protocol: park); one a peer
+    has freed (its stream ended) is closed and dropped at the next request, which opens a new session."""
+    client, service = _service_opening_fake_sessions()
+    history = list(range(40))
+    kept, freed = (FakeSession(max_length=2048, streams=[FakeStream(), FakeStream()], position=len(history))
+                   for _ in range(2))
+    await service._park(history, kept, tenant="t")
+    await service._park(history, freed, tenant="t")  # the most recent: the one a next turn would take
+    assert all(stream.parked for session in (kept, freed) for stream in session.streams)
+    freed.streams[1].ended = True
+    session, start = await service._session_for([*history, 99], 10, 1, tenant="t")
+    assert session is kept and start == len(history) and client.asked == []
+    assert getattr(freed, "closed_by_service", False) and not service._parked
+    session, start = await service._session_for([*history, 98], 10, 1, tenant="t")
+    assert start == 0 and len(client.asked) == 1  # nothing parked is left: a new session
