@@ -28,12 +28,15 @@ copied anything (an older peer): the client closes that session and prefills fro
 fork refuses it at once (CAPACITY) rather than make it wait: its client can take the source or open a new session.
 
     client → peer   {"type": "park"}  (no tensors, no answer)
+    client → peer   {"type": "unpark"}  (no tensors)
+    peer → client   {"type": "unparked"}
 
 `park`: the client keeps the session only to reuse its cache (a chat's next turn, a shared system prompt) and lets
 the peer free it when room is needed: a new session or a growing one takes a parked session's slot and KV first
 (least recently stepped first, never the source of the fork being opened); the freed session ends with a CAPACITY
-error. Its next step un-parks it. (An older peer takes the frame for a malformed step and ends the session: only a
-cache is lost.)
+error. Its next step un-parks it, and so does `unpark`, answered once the peer will no longer free it (a client
+taking a parked session back waits for that answer, so that it never steps one freed meanwhile). An older peer takes
+the frame for a malformed step and ends the session: only a cache is lost.
 
 Group steps (a client's lockstep group of one-row decode sessions on the same blocks of a peer, swarm.client.decoding):
 one frame on any member's stream carries every member's next token, and one frame answers them all, instead of a

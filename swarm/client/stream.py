@@ -142,6 +142,11 @@ class PeerStream:
         park); nothing is answered. The next step un-parks it."""
         await self._send(make_request({"type": "park"}))
 
+    async def unpark(self, timeout: float) -> None:
+        """Take a parked session back: once this returns the peer will not free it (PeerError where it has)."""
+        await self._send(make_request({"type": "unpark"}))
+        await self._receive(timeout, expected="unparked")
+
     @property
     def ended(self) -> bool:
         """Closed, or the peer said something while no answer was due (it ended the session: an error, the end of

@@ -261,7 +261,7 @@ class SwarmTextService:
                         return forked, start
                 if best in self._parked and not best.forks:  # not taken, closed nor being forked meanwhile
                     self._parked.remove(best)
-                    if self._alive(best.session):
+                    if await self._unpark(best.session):
                         self.reused_tokens += start
                         return best.session, start
                     await best.session.close()
@@ -297,6 +297,16 @@ class SwarmTextService:
             while self._parked:
                 await self._parked.pop().session.close()
             return await self.client.inference_session(max_length, n)
+
+    async def _unpark(self, session: InferenceSession) -> bool:
+        """Take a parked session back from its peers (each answers that it will not free it now), or False where a
+        peer freed it meanwhile."""
+        try:
+            for stream in session.streams:
+                await stream.unpark(session.step_timeout)
+        except PeerError:
+            return False
+        return self._alive(session)
 
     @staticmethod
     def _alive(session: InferenceSession) -> bool:

@@ -243,7 +243,7 @@ class SpanBackend:
             if freed in self._freed_waiters:
                 self._freed_waiters.remove(freed)
 
-    async def _reserve_growth(self, session: Session, end: int) -> None:
+    async def _reserve_growth(self, session: Session, end: int, keep: int | None = None) -> None:
         """Make the session's reservation cover `end` tokens per row (rounded up to the cache's growth chunk): from
         free budget, by making room, or after waiting up to `admission_wait` (swarm.server.fairness)."""
         tokens = session.batch_size * SpanKVCache.reserved_tokens(end, session.max_length)
@@ -256,7 +256,7 @@ class SpanBackend:
             refusal = self.shares.refusal(session.client, need, self._holdings()[1])
             if refusal:
                 raise PeerError(refusal, ErrorCode.CAPACITY)
-            if (self.budget.try_grow(session.key, tokens) or self._free_parked()
+            if (self.budget.try_grow(session.key, tokens) or self._free_parked(keep)
                     or self._make_room(session.client, 0, need)):
                 continue
             with self.shares.waiting_for_capacity(session.client):
@@ -285,7 +285,7 @@ class SpanBackend:
         if not 1 <= tokens <= min(source.length, session.max_length):
             raise bad_request(f"cannot fork {tokens} tokens of a session holding {source.length} into one of "
                               f"max_length {session.max_length}")
-        await self._reserve_growth(session, tokens)
+        await self._reserve_growth(session, tokens, keep=handle)
         self._check_open(session)
 
         def copy() -> torch.Tensor:

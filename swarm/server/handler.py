@@ -194,6 +194,8 @@ class SpanHandler:
             while (request := await self._next(reader, session, frame_bytes + MAX_FRAME_OVERHEAD)) is not None:
                 metadata = self._metadata(request)
                 if self._parks(session, request, metadata):
+                    if not session.parked:
+                        yield make_response({"type": "unparked"})
                     continue
                 if metadata.get("type") == "group_step":
                     yield await self._group_step(backend, session, request, metadata)
@@ -251,6 +253,8 @@ class SpanHandler:
                         return
                     metadata = self._metadata(item.request)
                     if self._parks(session, item.request, metadata):
+                        if not session.parked:
+                            yield make_response({"type": "unparked"})
                         continue
                     if metadata.get("type") == "group_step":  # unnumbered: no more pushes after numbered steps
                         pushes = pushes and not seen
@@ -370,12 +374,13 @@ class SpanHandler:
 
     @staticmethod
     def _parks(session: Session, request: runtime_pb2.ExpertRequest, metadata: dict) -> bool:
-        """A park frame (swarm.protocol: park): the session is marked parked, nothing is answered."""
-        if metadata.get("type") != "park":
+        """A park frame (swarm.protocol: park): the session is marked parked (nothing answered), or un-parked
+        (answered "unparked")."""
+        if metadata.get("type") not in ("park", "unpark"):
             return False
         if request.tensors:
             raise bad_request("a park message carries no tensor")
-        session.parked = True
+        session.parked = metadata["type"] == "park"
         return True
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Parked sessions (swarm.protocol: `park`) against a real peer process (--max-sessions 2, --admission-wait 2): a
 client's parked session is freed at once when a new session needs its slot (the new one does not wait), its stream
-ends with a `capacity` error the client can see before it steps again; a step un-parks a session, so that a full
-peer with nothing parked makes the next session wait and refuses it; a park frame that carries a tensor is a bad
-request of its own stream only."""
+ends with a `capacity` error the client can see before it steps again; a step or an unpark (answered) un-parks a
+session, so that a full peer with nothing parked makes the next session wait and refuses it; a park frame that
+carries a tensor is a bad request of its own stream only."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ async def test_a_parked_session_makes_room_at_once_and_a_step_unparks_it(peer, c
         await cache.step(torch.randn(1, 1, 64), 4, timeout=30)
     assert info.value.code == ErrorCode.CAPACITY
     assert not live.ended and not new.ended
+    await new.park()
+    await new.unpark(timeout=30)  # taken back: answered once the peer will not free it
     start = time.monotonic()
     with pytest.raises(PeerError, match="maximum of 2 sessions") as info:  # nothing parked: waits, then refused
         await open_stream(client, peer.peer)

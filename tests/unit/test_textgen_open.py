@@ -63,8 +63,14 @@ class FakeStream:
     async def park(self):
         self.parked = True
 
+    async def unpark(self, timeout):
+        assert self.parked and not self.ended
+        self.parked = False
+
 
 class FakeSession(SimpleNamespace):
+    step_timeout = 5.0
+
     async def close(self):
         self.closed_by_service = True
 
