@@ -9,7 +9,7 @@ The inference RPC is one persistent bidirectional stream per (session, peer) car
     client → peer   {"type": "open", "version", "session_id", "max_length", "batch_size", "blocks": [s, e],
                      "push_key"?: 32 hex, "fork"?: [handle, tokens, session_id]}
     peer → client   {"type": "opened", "session_id", "blocks": [s, e], "max_length", "handle"?: int,
-                     "forked"?: tokens}
+                     "forked"?: tokens, "parks"?: true}
     client → peer   {"type": "step", "position": P, "group"?: [id, size]}  + tensors=[hidden [batch, new_tokens,
                     hidden_size]]; `group` (optional, decode steps): the client sent this step together with
                     size - 1 others under the same id; the peer batches them in one forward, waiting (a bounded time)
@@ -35,8 +35,9 @@ fork refuses it at once (CAPACITY) rather than make it wait: its client can take
 the peer free it when room is needed: a new session or a growing one takes a parked session's slot and KV first
 (least recently stepped first, never the source of the fork being opened); the freed session ends with a CAPACITY
 error. Its next step un-parks it, and so does `unpark`, answered once the peer will no longer free it (a client
-taking a parked session back waits for that answer, so that it never steps one freed meanwhile). An older peer takes
-the frame for a malformed step and ends the session: only a cache is lost.
+taking a parked session back waits for that answer, so that it never steps one freed meanwhile). Park frames go only
+to a peer whose `opened` said `parks` (an older one would take them for malformed steps). A peer announces its parked
+sessions as free capacity (`active_sessions`, `free_kv_tokens` leave them out).
 
 Group steps (a client's lockstep group of one-row decode sessions on the same blocks of a peer, swarm.client.decoding):
 one frame on any member's stream carries every member's next token, and one frame answers them all, instead of a

@@ -64,6 +64,7 @@ class PeerStream:
         self.handle: int | None = None  # the peer's name for the session in group frames (None: it takes none)
         self.forked = 0  # tokens the peer copied into the session from another when it opened (swarm.protocol: fork)
         self.session_id = ""  # what the session was opened as (a fork names its source by handle and this)
+        self.parks = False  # the peer takes park frames (swarm.protocol: park; an older peer does not)
         # Frames are read as they arrive: a peer that ends the stream after an error (idle timeout, refusal) makes
         # our next write fail, and a failed write discards whatever the socket had buffered, the reason included.
         # What a peer can make this client hold is bounded: a frame may be as large as the answer due (SMALL_FRAME
@@ -101,6 +102,7 @@ class PeerStream:
         handle = opened.get("handle")
         if isinstance(handle, int) and not isinstance(handle, bool) and 0 <= handle < 2**63:
             stream.handle = handle
+        stream.parks = opened.get("parks") is True
         forked = opened.get("forked")
         if request.fork is not None and forked == request.fork[1] and not isinstance(forked, bool):
             stream.forked = forked
@@ -139,13 +141,16 @@ class PeerStream:
 
     async def park(self) -> None:
         """Tell the peer that the session is kept only for reuse: it may free it when it needs room (swarm.protocol:
-        park); nothing is answered. The next step un-parks it."""
-        await self._send(make_request({"type": "park"}))
+        park); nothing is answered. The next step un-parks it. Nothing is sent to a peer that takes no park frames
+        (it keeps the session as any other)."""
+        if self.parks:
+            await self._send(make_request({"type": "park"}))
 
     async def unpark(self, timeout: float) -> None:
         """Take a parked session back: once this returns the peer will not free it (PeerError where it has)."""
-        await self._send(make_request({"type": "unpark"}))
-        await self._receive(timeout, expected="unparked")
+        if self.parks:
+            await self._send(make_request({"type": "unpark"}))
+            await self._receive(timeout, expected="unparked")
 
     @property
     def ended(self) -> bool:

@@ -190,6 +190,11 @@ class SpanBackend:
         return (Holdings("sessions", self.limits.max_sessions, self.limits.max_sessions - len(self.sessions), slots),
                 Holdings("KV tokens", self.budget.total, self.budget.free, tokens))
 
+    def parked(self) -> tuple[int, int]:
+        """Parked sessions and the KV tokens they hold: capacity a new session gets at once (announced as free)."""
+        parked = [s for s in self.sessions.values() if s.parked]
+        return len(parked), sum(self.budget.reserved.get(s.key, 0) for s in parked)
+
     def _free_parked(self, keep: int | None = None) -> bool:
         """Close the parked session (any client's) that stepped least recently, but `keep` (a handle: the source of
         the fork being admitted), to make room; whether one went. A parked session is a cache its client let go

@@ -181,7 +181,7 @@ class SpanHandler:
             pending = False
             opened = {"type": "opened", "session_id": session.session_id, "max_length": session.max_length,
                       "blocks": [backend.span.start + session.blocks.start, backend.span.start + session.blocks.stop],
-                      "handle": session.handle}
+                      "handle": session.handle, "parks": True}
             if opening.fork is not None:
                 opened["forked"] = opening.fork[1]
             yield make_response(opened)

@@ -205,6 +205,7 @@ class Peer:
     def info(self) -> SpanInfo:
         backend = self.backend
         budget = backend.budget if backend is not None else None
+        parked = backend.parked() if backend is not None else (0, 0)
         start, end = (self.start, self.end) if self.end > self.start else self.target
         return SpanInfo(
             peer_id=self.peer_id,
@@ -219,8 +220,9 @@ class Peer:
             device=self.precision.device,
             max_length=self.max_length,
             kv_budget_tokens=budget.total if budget else 0,
-            free_kv_tokens=budget.free if budget else 0,
-            active_sessions=len(backend.sessions) if backend else 0,
+            # parked sessions (swarm.protocol: park) are freed at once for new ones: not load
+            free_kv_tokens=(budget.free + parked[1]) if budget else 0,
+            active_sessions=(len(backend.sessions) - parked[0]) if backend else 0,
             queued_steps=backend.queued_steps if backend else 0,
             pending_streams=self.handler.pending.total if self.handler else 0,
             decode_forwards=backend.decode_forwards if backend else 0,

@@ -1,8 +1,8 @@
 """Parked sessions (swarm.protocol: `park`) against a real peer process (--max-sessions 2, --admission-wait 2): a
 client's parked session is freed at once when a new session needs its slot (the new one does not wait), its stream
 ends with a `capacity` error the client can see before it steps again; a step or an unpark (answered) un-parks a
-session, so that a full peer with nothing parked makes the next session wait and refuses it; a park frame that
-carries a tensor is a bad request of its own stream only."""
+session, so that a full peer with nothing parked makes the next session wait and refuses it; a parked session is
+announced as free capacity; a park frame that carries a tensor is a bad request of its own stream only."""
 
 from __future__ import annotations
 
@@ -49,9 +49,16 @@ async def open_stream(client, peer_id: str) -> PeerStream:
 
 async def test_a_parked_session_makes_room_at_once_and_a_step_unparks_it(peer, client):
     cache, live = await open_stream(client, peer.peer), await open_stream(client, peer.peer)
+    assert cache.parks and live.parks  # the peer said it takes park frames
     await cache.park()
     await live.park()
     await live.step(torch.randn(1, 1, 64), 4, timeout=30)  # in use again: not to be freed
+
+    async def announced():  # the parked session is announced as free capacity, not load
+        info = await client.peer_info(peer.peer)
+        return info.active_sessions == 1 and info.free_kv_tokens == info.kv_budget_tokens - 32  # live's (max_length 32)
+
+    await poll(announced)
     start = time.monotonic()
     new = await open_stream(client, peer.peer)  # the peer is full: the parked one goes
     assert time.monotonic() - start < ADMISSION_WAIT
