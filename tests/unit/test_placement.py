@@ -58,6 +58,19 @@ def test_a_peer_whose_span_is_duplicated_moves_to_a_hole():
     assert better_span(swarm, me) == (10, 20)
 
 
+def test_a_peer_does_not_leave_blocks_whose_other_server_is_still_loading_them():
+    """A joining peer counts where it is going, but until it serves, the blocks it loads have only me: leaving them
+    would open a hole users meet (10-peer swarms under heavy churn, benchmarks/README.md, session 52)."""
+    me = peer("me", 0, 10)
+    loading = peer("a", 0, 10, state="joining", target=(0, 10))
+    swarm = [me, loading, peer("c", 20, 30)]  # 10:20 is a hole
+    assert better_span(swarm, me) is None
+    swarm = [me, dataclasses.replace(loading, state="online"), peer("c", 20, 30)]  # a serves 0:10 now
+    assert better_span(swarm, me) == (10, 20)
+    leaving = peer("b", 0, 10, state="draining", target=(20, 30))  # on its way elsewhere: not a server of 0:10
+    assert better_span([me, leaving, peer("c", 10, 20)], me) is None
+
+
 def test_the_only_server_of_a_span_never_moves_to_fill_another_hole():
     me = peer("me", 10, 20)
     swarm = [me, peer("a", 0, 10)]  # 20:30 is a hole, but leaving 10:20 opens one of the same size
