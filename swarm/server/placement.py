@@ -4,7 +4,9 @@ The swarm's strength at block b is the sum of the throughputs (tokens/s through 
 the swarm is as fast as its weakest block. A joining peer takes the window of its length that covers the weakest
 blocks (a hole first). A running peer moves only when that makes the weakest block clearly stronger: with the
 peer taken out and put back at its best window, the swarm's minimum must grow by more than `MOVE_GAIN` (a hole
-closed always counts). Peers whose departure would open a hole never move, since the minimum would drop to 0.
+closed always counts). Peers whose departure would open a hole never move, since the minimum would drop to 0; nor
+does a peer leave a block that no other peer serves yet (one still loading it counts for where the swarm is going,
+not as a server).
 
 Peers that are joining or moving announce where they are going (`SpanInfo.target`), so that peers deciding at the
 same time see each other's choice instead of all piling onto the same hole.
@@ -90,25 +92,29 @@ def choose_span(spans: Iterable[SpanInfo], num_blocks: int, length: int, exclude
 
 
 def better_span(spans: Iterable[SpanInfo], me: SpanInfo, gain: float = MOVE_GAIN) -> tuple[int, int] | None:
-    """Where `me` should move to, or None when its current span is (near) the best for the swarm, or when some of
-    its blocks have no other server online: a peer still loading them (joining or moving there) counts for where
-    the swarm is going, but until it serves, leaving would open a hole users meet (in simulated swarms of 10 peers
-    under heavy churn, half the holes came from such moves)."""
+    """Where `me` should move to, or None when its current span is (near) the best for the swarm, or when the move
+    would leave a block that has no other server online: a peer still loading it (joining or moving there) counts
+    for where the swarm is going, but until it serves, leaving would open a hole users meet (in simulated swarms of
+    10 peers under heavy churn, nearly half the times a block lost its last server were moves)."""
     spans = list(spans)
-    if _alone_somewhere(_serving(spans, me.num_blocks), me):
+    target = _better_span(block_throughputs(spans, me.num_blocks, exclude=me.peer_id), me, gain)
+    if target is None or _leaves_alone(_serving(spans, me.num_blocks, exclude=me.peer_id), me, target):
         return None
-    return _better_span(block_throughputs(spans, me.num_blocks, exclude=me.peer_id), me, gain)
+    return target
 
 
-def _serving(spans: list[SpanInfo], num_blocks: int) -> np.ndarray:
-    """Per block, how many peers serve it now (online, in their own range; not joining or moving there)."""
-    return _strength([info for info in spans if info.state == PeerState.ONLINE], num_blocks)[1]
+def _serving(spans: list[SpanInfo], num_blocks: int, exclude: str | None = None) -> np.ndarray:
+    """Per block, how many peers serve it now (online, in their own range; not joining or moving there), `exclude`
+    left out (whether or not its own record is among `spans`)."""
+    return _strength([info for info in spans if info.state == PeerState.ONLINE], num_blocks, exclude)[1]
 
 
-def _alone_somewhere(serving: np.ndarray, me: SpanInfo) -> bool:
-    """Whether a block of `me`'s span has no server but `me` now (`serving`: from _serving)."""
-    mine = serving[max(me.start, 0) : min(me.end, len(serving))] - (1 if me.state == PeerState.ONLINE else 0)
-    return bool((mine <= 0).any())
+def _leaves_alone(serving: np.ndarray, me: SpanInfo, target: tuple[int, int], counted: bool = False) -> bool:
+    """Whether `me`, moving to `target`, would leave a block that has no other server now (`serving`: from _serving;
+    `counted`: `me`'s own record is counted in it). Blocks it keeps (in both spans) do not count."""
+    others = serving - (1 if counted else 0)
+    return any(others[b] <= 0 for b in range(max(me.start, 0), min(me.end, len(serving)))
+               if not target[0] <= b < target[1])
 
 
 def _better_span(others: list[float], me: SpanInfo, gain: float) -> tuple[int, int] | None:
@@ -137,8 +143,10 @@ def move_for(spans: list[SpanInfo], me: SpanInfo, gain: float = MOVE_GAIN) -> tu
     total, covered = _strength(spans, me.num_blocks)
     serving = _serving(spans, me.num_blocks)
     for other in spans:
-        if other.movable and other.routable and other.peer_id < me.peer_id and not _alone_somewhere(serving, other):
+        if other.movable and other.routable and other.peer_id < me.peer_id:
             theirs = _better_span(_without(total, covered, other), other, gain)
+            if theirs is not None and _leaves_alone(serving, other, theirs, counted=True):  # (routable: online)
+                theirs = None
             if theirs is not None and theirs[0] < target[1] and target[0] < theirs[1]:
                 return None
     return target
