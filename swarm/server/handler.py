@@ -23,7 +23,6 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -60,6 +59,7 @@ from swarm.protocol import (
 )
 from swarm.server.backend import Session, SpanBackend, bad_request
 from swarm.server.push import MAX_PUSH_BYTES, Input, Inputs, PushedStep, Pusher
+from swarm.server.stream_limits import PendingStreams, StreamLimits
 
 logger = logging.getLogger(__name__)
 
@@ -68,42 +68,6 @@ OPEN_FRAME_BYTES = MAX_METADATA_BYTES + 1024  # an open message is metadata only
 MAX_PUSH_STREAMS = 32  # incoming push streams (from the peers before this one in chains), all peers together...
 MAX_PEER_PUSH_STREAMS = 4  # ...and of one peer (a pusher keeps one; it opens another after a failed write)
 MAX_UNKNOWN_PUSHES = 64  # a push stream whose last this many frames named no session here is closed
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """Bounds on a stream before and between its messages (PeerSettings has the flags)."""
-
-    idle_timeout: float = 300.0  # seconds a session may stay silent between frames
-    open_timeout: float = 10.0  # seconds a new stream has to send its open message
-    frame_timeout: float = 60.0  # seconds the rest of a frame may take after its first byte; an answer to be taken
-    max_pending_streams: int = 256  # streams not sessions yet, all clients together
-    max_client_pending: int = 64  # streams not sessions yet, of one client
-
-
-class PendingStreams:
-    """Streams accepted whose session is not open yet (its open message is coming, or waits for capacity)."""
-
-    def __init__(self, max_total: int, max_per_client: int):
-        self.max_total, self.max_per_client = max_total, max_per_client
-        self.by_client: collections.Counter[str] = collections.Counter()
-        self.total = 0
-
-    def enter(self, client: str) -> None:
-        if self.total >= self.max_total:
-            raise PeerError(f"this peer has its maximum of {self.max_total} streams opening; retry later",
-                            ErrorCode.CAPACITY)
-        if self.by_client[client] >= self.max_per_client:
-            raise PeerError(f"this client has its maximum of {self.max_per_client} streams opening on this peer",
-                            ErrorCode.CAPACITY)
-        self.by_client[client] += 1
-        self.total += 1
-
-    def leave(self, client: str) -> None:
-        self.total -= 1
-        self.by_client[client] -= 1
-        if not self.by_client[client]:
-            del self.by_client[client]
 
 
 class SpanHandler:
