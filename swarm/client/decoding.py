@@ -39,6 +39,7 @@ import torch
 from swarm.client.grouped import groupable, step_together
 from swarm.client.session import InferenceSession
 from swarm.protocol import MAX_GROUP_ROWS
+from swarm_kernels.sampling import Choice, Sampler, choose_greedy
 
 
 @dataclass(eq=False)
@@ -239,7 +240,11 @@ class DecodeGroups:
         return step
 
     def _embed(self, requests: list[_Request]) -> list[torch.Tensor]:
-        """On the torch thread: each member's token embedded at its position."""
+        """On the torch thread: each member's token embedded at its position (in one call where the head can)."""
+        embed_rows = getattr(self.head, "embed_rows", None)
+        if embed_rows is not None and len(requests) > 1:
+            hidden = embed_rows(torch.cat([r.input_ids for r in requests]), [r.session.position for r in requests])
+            return list(hidden.split(1))
         return [self.head.embed(r.input_ids, r.session.position) for r in requests]
 
     def _finish(self, hidden: torch.Tensor, samplers: list[Callable[[torch.Tensor], Any] | None]
@@ -247,8 +252,12 @@ class DecodeGroups:
         """On the torch thread: the LM head of a round's rows [k, 1, H] in one call, then each row's sampler (one
         that fails, its request's parameters or grammar, fails only its row)."""
         logits = self.head.logits(hidden)[:, -1]
+        greedy = _greedy_choices(logits, samplers)
         out: list[tuple[torch.Tensor, Any] | Exception] = []
-        for row, sampler in zip(logits.split(1), samplers, strict=True):
+        for k, (row, sampler) in enumerate(zip(logits.split(1), samplers, strict=True)):
+            if k in greedy:
+                out.append((row, greedy[k]))
+                continue
             try:
                 out.append((row, sampler(row) if sampler is not None else None))
             except Exception as e:
@@ -278,6 +287,21 @@ def _resolved(result: torch.Tensor | BaseException) -> asyncio.Future:
 def _cancel_with_caller(step: asyncio.Future, caller: asyncio.Future) -> None:
     if caller.cancelled():
         step.cancel()
+
+
+def _greedy_choices(logits: torch.Tensor, samplers: list[Any]) -> dict[int, Choice]:
+    """The choices of a round's rows whose samplers are plain greedy ones (sampling.Sampler.plain_greedy), in one
+    argmax over the round's logits [k, V] (choose_greedy: the same tokens as each row's sampler); {} where fewer than
+    two rows are, or where that call fails (each row's sampler then reports its own error)."""
+    plain = {k for k, sampler in enumerate(samplers) if type(sampler) is Sampler and sampler.plain_greedy}
+    if len(plain) < 2:
+        return {}
+    try:
+        tokens = choose_greedy(logits, [sampler.adjust.logit_bias if k in plain else ()
+                                        for k, sampler in enumerate(samplers)])
+    except Exception:
+        return {}
+    return {k: Choice(tokens[k:k + 1]) for k in plain}
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -110,6 +110,20 @@ class LocalHead(nn.Module):
         return hidden.cpu()  # the same tensor where it is on the CPU already
 
     @torch.inference_mode()
+    def embed_rows(self, input_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """input_ids: [B, 1], row b's one token at positions[b] → hidden [B, 1, H]: what `embed` gives each row alone
+        (the same lookups and sums), in one call."""
+        input_ids = input_ids.to(self.device)
+        hidden = self.embeddings(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        if self.position_embeddings is not None:
+            offset = int(getattr(self.position_embeddings, "offset", 0))
+            at = torch.tensor(positions, device=input_ids.device) + offset
+            hidden = hidden + nn.Embedding.forward(self.position_embeddings, at)[:, None]
+        return hidden.cpu()
+
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, T, H], the output of the last block → float32 logits [B, T, V] on the CPU."""
         logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype))).float()

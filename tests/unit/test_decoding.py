@@ -106,6 +106,41 @@ async def test_each_members_sampler_runs_on_its_own_row_in_the_rounds_head_job()
     assert groups.rounds == 3 and len(jobs) == 2 * 3  # embeddings, then head + samplers: two jobs per round
 
 
+class RandomHead(FakeHead):
+    """Logits of 50 tokens drawn from each row's own hidden value (distinct per member and round)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.logit_rows.append(hidden.shape[0])
+        return torch.stack([torch.randn(1, 50, generator=torch.Generator().manual_seed(int(h[0, 0]) * 7 + 1))
+                            for h in hidden])
+
+
+async def test_plain_greedy_samplers_of_a_round_choose_in_one_argmax_what_each_would_choose_alone(monkeypatch):
+    import swarm.client.decoding as decoding
+    from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams, choose_greedy
+
+    calls = []
+    monkeypatch.setattr(decoding, "choose_greedy",
+                        lambda logits, biases: calls.append(len(biases)) or choose_greedy(logits, biases))
+
+    def samplers():
+        return [Sampler(1, 50, adjust=LogitsAdjustments(logit_bias=((3, 4.0),))), Sampler(1, 50),
+                Sampler(1, 50, SamplingParams(temperature=0.8, seed=3)), Sampler(1, 50, logprobs=2),
+                Sampler(1, 50, adjust=LogitsAdjustments(logit_bias=((0, -1e9), (9, 1.5))))]
+
+    groups = DecodeGroups(RandomHead(), run_in_thread, max_groups=1)
+    sessions = [FakeSession(f"s{i}", delay=0.0) for i in range(5)]
+    grouped, alone = samplers(), samplers()
+    for t in range(3):
+        steps = await asyncio.gather(*(groups.step(s, torch.tensor([[t + 10 * i]]), grouped[i])
+                                       for i, s in enumerate(sessions)))
+        for i, (row, choice) in enumerate(steps):
+            expected = alone[i](row.clone())  # the row as the head gave it: the biases were undone
+            assert torch.equal(choice.token_ids, expected.token_ids), (t, i)
+            assert (choice.logprobs is None) == (expected.logprobs is None)
+    assert groups.rounds == 3 and calls == [5, 5, 5]  # the two plain greedy rows: one argmax a round
+
+
 async def test_a_sampler_that_fails_fails_only_its_own_member():
     """A request's sampler raising (its parameters, its grammar) in the round's head job: the others get their
     tokens."""

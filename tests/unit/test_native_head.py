@@ -178,3 +178,20 @@ def test_a_head_on_cuda_without_a_gpu_is_refused_before_anything_loads(tmp_path)
 
     with pytest.raises(ValueError, match="sees no CUDA device"):
         load_head(ModelSource("nothing-here", tmp_path), device="cuda")  # the directory is not even read
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "granite", "gpt2", "opt", "falcon"])
+def test_a_rounds_tokens_embedded_in_one_call_are_each_rows_own_embedding(family, tiny_model_dir):
+    """LocalHead.embed_rows (a decode round's tokens at their sessions' positions, swarm.client.decoding) against
+    embed row by row: the same bits, with learned positions (gpt2, opt), a multiplier (granite), scaled tables."""
+    from swarm.model.head import load_head
+    from swarm.model.source import ModelSource
+
+    head = load_head(ModelSource(family, tiny_model_dir(family)))
+    ids, positions = torch.tensor([[5], [511], [5], [0]]), [0, 17, 3, 200]
+    together = head.embed_rows(ids, positions)
+    alone = torch.cat([head.embed(ids[k:k + 1], positions[k]) for k in range(len(positions))])
+    assert together.shape == (4, 1, head.hidden_size) and torch.equal(together, alone)
+    assert (head.position_embeddings is not None) == (family in ("gpt2", "opt"))
+    if head.position_embeddings is not None:  # the positions count: row 0 and row 2 hold the same token
+        assert not torch.equal(together[0], together[2])

@@ -10,6 +10,7 @@ from swarm_kernels.sampling import (
     Sampler,
     SamplingParams,
     adjust_logits,
+    choose_greedy,
     probabilities,
     sample,
     top_logprobs,
@@ -141,3 +142,39 @@ def test_extra_sampling_parameters_reach_the_sampler_and_out_of_range_ones_are_4
     assert (legacy.top_k, legacy.temperature, legacy.repetition_penalty) == (0, 0.0, 1.2)  # top_k 1: greedy
     for name, response in refused:
         assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text
+
+
+def test_choose_greedy_picks_what_each_rows_own_greedy_sampler_picks_and_leaves_the_logits_as_they_were():
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(5))
+    logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # a tie: the first index, as the sampler's argmax
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # the tie broken by the bias on 7, given twice
+    logits[4, 11] = float("nan")  # a NaN row: argmax's choice either way
+    biases = [((3, 100.0),), (), ((7, -5.0), (7, -5.0), (8, 0.5)), ((299, 2.5), (0, -1e9)), ((1, 3.0),), ()]
+    before = logits.clone()
+    chosen = choose_greedy(logits, biases)
+    assert torch.equal(logits.view(torch.int32), before.view(torch.int32))  # bit for bit, the NaN too
+    for k, bias in enumerate(biases):
+        sampler = Sampler(1, 300, adjust=LogitsAdjustments(logit_bias=bias))
+        assert sampler.plain_greedy
+        assert torch.equal(chosen[k:k + 1], sampler(logits[k:k + 1]).token_ids), k
+    assert chosen[0] == 3 and chosen[2] == 9 and chosen[5] == 7
+
+
+def test_choose_greedy_undoes_its_biases_when_a_row_fails_and_refuses_other_dtypes():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(6))
+    before = logits.clone()
+    with pytest.raises(IndexError):
+        choose_greedy(logits, [((1, 5.0),), ((2, 1.0),), ((50, 1.0),)])  # past the vocabulary
+    assert torch.equal(logits, before)
+    with pytest.raises(TypeError):
+        choose_greedy(logits.double(), [(), (), ()])
+
+
+@pytest.mark.parametrize("sampler", [
+    Sampler(1, 10, SamplingParams(temperature=0.7, seed=1)),
+    Sampler(1, 10, adjust=LogitsAdjustments(presence_penalty=0.5)),
+    Sampler(1, 10, adjust=LogitsAdjustments(repetition_penalty=1.2)),
+    Sampler(1, 10, logprobs=2),
+])
+def test_samplers_with_more_than_a_bias_are_not_plain_greedy(sampler):
+    assert not sampler.plain_greedy
