@@ -26,6 +26,7 @@ from app.routes.openai import router
 from app.serving import ServingEngine
 from app.settings import GatewaySettings
 from app.tenants import Access
+from swarm import heap
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,
                     head_device=settings.gateway_head_device,
                     verification=VerificationPolicy(rate=settings.swarm_verify_rate), push=settings.swarm_push))
+                heap.settle()  # full collections from now on skip the head, tokenizer and templates (swarm.heap)
             stack.callback(access.close)  # the usage rows still queued are written first
             access.open()
             app.state.engine = ServingEngine(active, settings, metrics, access)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 import torch
 
-from swarm import __version__, local_socket
+from swarm import __version__, heap, local_socket
 from swarm.client.router import probe
 from swarm.dht import (
     announce,
@@ -302,6 +302,7 @@ class Peer:
                                            quant)
                 self.rate = await backend.run(throughput.cached_or_measured, key, measure,
                                               settings.throughput == "eval")
+        heap.settle()  # full collections from now on skip what serving these blocks needs (swarm.heap)
         return backend
 
     # -- serving ---------------------------------------------------------------------------------------------------
