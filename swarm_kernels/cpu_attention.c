@@ -135,10 +135,11 @@ static void scores(const float *q, const float *k, const float *v, int64_t n, in
     for (; j + 4 <= n; j += 4) {
         const float *k0 = k + j * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
         if (v != NULL) {  /* the group's first head: its keys ahead and its values (read next) from memory */
-            const char *ahead = (const char *)(k + (j + PREFETCH_KEYS) * dim), *values = (const char *)(v + j * dim);
-            for (int64_t b = 0; b < 4 * dim * 4; b += 64) {
-                if (j + PREFETCH_KEYS < n) _mm_prefetch(ahead + b, _MM_HINT_T0);
-                _mm_prefetch(values + b, _MM_HINT_T1);
+            const char *values = (const char *)(v + j * dim);
+            for (int64_t b = 0; b < 4 * dim * 4; b += 64) _mm_prefetch(values + b, _MM_HINT_T1);
+            if (j + PREFETCH_KEYS + 4 <= n) {
+                const char *ahead = (const char *)(k + (j + PREFETCH_KEYS) * dim);
+                for (int64_t b = 0; b < 4 * dim * 4; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
             }
         }
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),

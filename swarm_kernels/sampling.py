@@ -234,13 +234,14 @@ def _bias_tensors(bias: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, to
 
 def choose_greedy(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]]) -> torch.Tensor:
     """logits: float32 [B, V], one row per request; biases: each row's logit bias → the token ids [B] that a plain
-    greedy `Sampler` (`plain_greedy`) with that bias chooses from each row alone, in one argmax over the rows.
+    greedy `Sampler` (`plain_greedy`) with that bias chooses from each row alone, in one pass over the rows.
 
     Each row's bias is added to the logits in place, as `adjust_logits` adds it to its copy (the same float32 sums),
     and undone after (the biased entries' old values written back), so `logits` is as it was when this returns or
-    raises. The choice is `max`'s index, the first of the largest as argmax's (NaN counting as the largest; the
-    same on ties, NaN and infinite rows, tests/unit/test_sampling.py) at a third of its time: 16 rows of SmolLM2's
-    49,152 logits 1.04 → 0.36 ms; through each row's Sampler they took ~2.5 ms (a round of 16 at the gateway)."""
+    raises; the writes are made in inference mode, where the head's logits were made (an inference tensor refuses
+    in-place writes outside it). The choice is `max`'s index, the first of the largest as argmax's (NaN counting as
+    the largest; the same on ties, NaN, infinite and all -inf rows, tests/unit/test_sampling.py) at a third of its
+    time: 16 rows of SmolLM2's 49,152 logits 1.04 → 0.36 ms; through each row's Sampler they took ~1.7 ms."""
     if logits.dtype != torch.float32:
         raise TypeError(f"float32 logits expected, not {logits.dtype}")
     rows: dict[tuple[tuple[int, float], ...], list[int]] = {}  # the rows of each distinct bias: one index op each
@@ -249,12 +250,14 @@ def choose_greedy(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float]
             rows.setdefault(bias, []).append(k)
     saved: list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
     try:
-        for bias, ks in rows.items():
-            ids, values = _bias_tensors(bias)
-            where = (torch.tensor(ks)[:, None], ids[None, :])
-            saved.append((where, logits[where]))
-            logits[where] += values
-        return logits.max(dim=-1).indices
+        with torch.inference_mode():
+            for bias, ks in rows.items():
+                ids, values = _bias_tensors(bias)
+                where = (torch.tensor(ks)[:, None], ids[None, :])
+                saved.append((where, logits[where]))
+                logits[where] += values
+        return logits.max(dim=-1).indices  # outside inference mode: an ordinary tensor for the callers
     finally:
-        for where, old in reversed(saved):
-            logits[where] = old
+        with torch.inference_mode():
+            for where, old in reversed(saved):
+                logits[where] = old

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,9 @@ from swarm.client.grouped import groupable, step_together
 from swarm.client.session import InferenceSession
 from swarm.protocol import MAX_GROUP_ROWS
 from swarm_kernels.sampling import Choice, Sampler, choose_greedy
+
+logger = logging.getLogger(__name__)
+_greedy_failed: list[bool] = []  # _greedy_choices has logged a failure
 
 
 @dataclass(eq=False)
@@ -291,8 +295,8 @@ def _cancel_with_caller(step: asyncio.Future, caller: asyncio.Future) -> None:
 
 def _greedy_choices(logits: torch.Tensor, samplers: list[Any]) -> dict[int, Choice]:
     """The choices of a round's rows whose samplers are plain greedy ones (sampling.Sampler.plain_greedy), in one
-    argmax over the round's logits [k, V] (choose_greedy: the same tokens as each row's sampler); {} where fewer than
-    two rows are, or where that call fails (each row's sampler then reports its own error)."""
+    pass over the round's logits [k, V] (choose_greedy: the same tokens as each row's sampler); {} where fewer than
+    two rows are, or where that call fails (each row's sampler then reports its own error; the failure is logged)."""
     plain = {k for k, sampler in enumerate(samplers) if type(sampler) is Sampler and sampler.plain_greedy}
     if len(plain) < 2:
         return {}
@@ -300,6 +304,10 @@ def _greedy_choices(logits: torch.Tensor, samplers: list[Any]) -> dict[int, Choi
         tokens = choose_greedy(logits, [sampler.adjust.logit_bias if k in plain else ()
                                         for k, sampler in enumerate(samplers)])
     except Exception:
+        if not _greedy_failed:  # once a process: every round of the same logits would fail alike
+            _greedy_failed.append(True)
+            logger.warning("a round's greedy rows could not be chosen together; each row's sampler chooses",
+                           exc_info=True)
         return {}
     return {k: Choice(tokens[k:k + 1]) for k in plain}
 

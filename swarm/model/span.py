@@ -371,9 +371,12 @@ def causal_mask(new: int, past: int, dtype: torch.dtype, device: torch.device, w
 def release_freed_memory() -> None:
     """glibc keeps freed heap memory mapped (freed blocks of a dynamically raised mmap threshold land on the heap);
     malloc_trim returns it. Without it a quantized span's process keeps the RSS of its unquantized weights. What
-    swarm.heap froze is unfrozen first, so that the collection frees cycles of what was dropped since."""
+    swarm.heap froze is unfrozen for the collection (cycles of what was dropped since are freed) and frozen again."""
+    frozen = gc.get_freeze_count()
     gc.unfreeze()
     gc.collect()
+    if frozen:
+        gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -20,6 +20,10 @@ class FakeHead:
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
         return input_ids.float()[..., None].expand(*input_ids.shape, H) + position
 
+    def embed_rows(self, input_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """A round's tokens [k, 1] at their positions, as LocalHead.embed_rows (decode() checks each row's value)."""
+        return input_ids.float()[..., None].expand(*input_ids.shape, H) + torch.tensor(positions)[:, None, None]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.logit_rows.append(hidden.shape[0])
         return hidden[..., :1].expand(*hidden.shape[:2], V) * 2
@@ -109,6 +113,7 @@ async def test_each_members_sampler_runs_on_its_own_row_in_the_rounds_head_job()
 class RandomHead(FakeHead):
     """Logits of 50 tokens drawn from each row's own hidden value (distinct per member and round)."""
 
+    @torch.inference_mode()  # as LocalHead.logits: an inference tensor, which refuses in-place writes outside it
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.logit_rows.append(hidden.shape[0])
         return torch.stack([torch.randn(1, 50, generator=torch.Generator().manual_seed(int(h[0, 0]) * 7 + 1))
@@ -119,9 +124,19 @@ async def test_plain_greedy_samplers_of_a_round_choose_in_one_argmax_what_each_w
     import swarm.client.decoding as decoding
     from swarm_kernels.sampling import LogitsAdjustments, Sampler, SamplingParams, choose_greedy
 
-    calls = []
-    monkeypatch.setattr(decoding, "choose_greedy",
-                        lambda logits, biases: calls.append(len(biases)) or choose_greedy(logits, biases))
+    calls, sampled = [], []
+
+    def spy(logits, biases):
+        tokens = choose_greedy(logits, biases)  # raising here would send every row to its own sampler
+        calls.append(len(biases))
+        return tokens
+
+    def sampler_call(self, logits, *args):
+        sampled.append(self)
+        return real_call(self, logits, *args)
+
+    real_call = Sampler.__call__
+    monkeypatch.setattr(decoding, "choose_greedy", spy)
 
     def samplers():
         return [Sampler(1, 50, adjust=LogitsAdjustments(logit_bias=((3, 4.0),))), Sampler(1, 50),
@@ -132,13 +147,16 @@ async def test_plain_greedy_samplers_of_a_round_choose_in_one_argmax_what_each_w
     sessions = [FakeSession(f"s{i}", delay=0.0) for i in range(5)]
     grouped, alone = samplers(), samplers()
     for t in range(3):
+        monkeypatch.setattr(Sampler, "__call__", sampler_call)
         steps = await asyncio.gather(*(groups.step(s, torch.tensor([[t + 10 * i]]), grouped[i])
                                        for i, s in enumerate(sessions)))
+        monkeypatch.setattr(Sampler, "__call__", real_call)
         for i, (row, choice) in enumerate(steps):
             expected = alone[i](row.clone())  # the row as the head gave it: the biases were undone
             assert torch.equal(choice.token_ids, expected.token_ids), (t, i)
             assert (choice.logprobs is None) == (expected.logprobs is None)
-    assert groups.rounds == 3 and calls == [5, 5, 5]  # the two plain greedy rows: one argmax a round
+    assert groups.rounds == 3 and calls == [5, 5, 5]  # one pass a round for the three plain greedy rows (0, 1, 4)
+    assert {id(s) for s in sampled} == {id(grouped[2]), id(grouped[3])}  # only the others ran their own samplers
 
 
 async def test_a_sampler_that_fails_fails_only_its_own_member():

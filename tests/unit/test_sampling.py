@@ -145,11 +145,17 @@ def test_extra_sampling_parameters_reach_the_sampler_and_out_of_range_ones_are_4
 
 
 def test_choose_greedy_picks_what_each_rows_own_greedy_sampler_picks_and_leaves_the_logits_as_they_were():
-    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(5))
-    logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # a tie: the first index, as the sampler's argmax
-    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # the tie broken by the bias on 7, given twice
-    logits[4, 11] = float("nan")  # a NaN row: argmax's choice either way
-    biases = [((3, 100.0),), (), ((7, -5.0), (7, -5.0), (8, 0.5)), ((299, 2.5), (0, -1e9)), ((1, 3.0),), ()]
+    with torch.inference_mode():  # as the head's logits: an inference tensor (no in-place writes outside the mode)
+        logits = torch.randn(9, 300, generator=torch.Generator().manual_seed(5))
+        logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # a tie: the first index, as the sampler's argmax
+        logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # the tie broken by the bias on 7, given twice
+        logits[4, 11] = float("nan")  # a NaN row: argmax's choice either way
+        logits[6, 20] = logits[6, 30] = float("inf")  # two infinities: the first
+        logits[7] = float("-inf")  # nothing above -inf: the first
+        logits[8, 40] = float("inf")
+        logits[8, 10] = float("nan")  # NaN before an infinity: the NaN
+    biases = [((3, 100.0),), (), ((7, -5.0), (7, -5.0), (8, 0.5)), ((299, 2.5), (0, -1e9)), ((1, 3.0),), (), (),
+              ((5, 1.0),), ()]
     before = logits.clone()
     chosen = choose_greedy(logits, biases)
     assert torch.equal(logits.view(torch.int32), before.view(torch.int32))  # bit for bit, the NaN too
@@ -157,7 +163,9 @@ def test_choose_greedy_picks_what_each_rows_own_greedy_sampler_picks_and_leaves_
         sampler = Sampler(1, 300, adjust=LogitsAdjustments(logit_bias=bias))
         assert sampler.plain_greedy
         assert torch.equal(chosen[k:k + 1], sampler(logits[k:k + 1]).token_ids), k
-    assert chosen[0] == 3 and chosen[2] == 9 and chosen[5] == 7
+    assert chosen.tolist() == [3, int(logits[1].argmax()), 9, int(chosen[3]), 11, 7, 20, 0, 10]
+    normal = logits.clone()  # an ordinary tensor too
+    assert torch.equal(choose_greedy(normal, biases), chosen)
 
 
 def test_choose_greedy_undoes_its_biases_when_a_row_fails_and_refuses_other_dtypes():
