@@ -61,6 +61,23 @@ def test_admission_stops_at_budget_and_session_count_and_close_frees(backend):
     assert backend.budget.free == 200 and not backend.sessions
 
 
+def test_a_groups_size_counts_only_its_clients_sessions_over_the_same_blocks(backend):
+    a1, a2 = backend.open(open_request(max_length=8), "a"), backend.open(open_request(max_length=8), "a")
+    b = backend.open(open_request(max_length=8), "b")
+    assert backend._own_group(a1, ("round", 64)) == ("round", 2)
+    assert backend._own_group(b, ("round", 64)) == ("round", 1)
+    assert backend._own_group(a2, ("round", 1)) == ("round", 1) and backend._own_group(a2, None) is None
+    backend.close(a2)
+    backend.close(a2)  # twice: counted once
+    assert backend._own_group(a1, ("round", 64)) == ("round", 1)
+    other_blocks = backend.open(open_request(max_length=8, start=3), "a")
+    assert backend._own_group(other_blocks, ("round", 64)) == ("round", 1)
+    assert backend._own_group(a1, ("round", 64)) == ("round", 1)
+    for session in (a1, b, other_blocks):
+        backend.close(session)
+    assert not backend.sessions and not backend._per_client
+
+
 @pytest.mark.parametrize(
     ("shape", "position", "message"),
     [
