@@ -360,11 +360,15 @@ class InferenceSession:
         return self._found
 
     async def check_due(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
-        """Check link i's step if the router says one is due (see _check)."""
-        if self.router is not None and self.router.verify_due(self.streams[i].link.peer.peer_id):
-            await self._check(i, hidden, position, out)
+        """Check link i's step if the router says one is due (see check)."""
+        if self.verify_due(i):
+            await self.check(i, hidden, position, out)
 
-    async def _check(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
+    def verify_due(self, i: int) -> bool:
+        """Whether link i's step just answered is to be checked (the router's draw: once per step)."""
+        return self.router is not None and self.router.verify_due(self.streams[i].link.peer.peer_id)
+
+    async def check(self, i: int, hidden: torch.Tensor, position: int, out: torch.Tensor) -> None:
         """Check link i's step (`hidden` in at `position`, `out` back) on another replica of its blocks, if one
         serves them: for a peer in its warm-up, before the output goes on (raises PeerError when it is wrong);
         for a peer with a clean record, beside the decoding, one check at a time per session (a peer found wrong is

@@ -32,11 +32,15 @@ class FakeStream:
 class FakeSession:
     batch_size, push, repair_due = 1, False, None
 
-    def __init__(self, k: int, frames: list, chain=("a", "b"), refuse=None, fail_link=None, check_fails=False):
+    def __init__(self, k: int, frames: list, chain=("a", "b"), refuse=None, fail_link=None, check_fails=False,
+                 due=None):
         self.streams = [FakeStream(peer, i, 100 * i + k, 10.0 ** i, frames, (refuse or {}).get(i, ()),
                                    fail_link == i) for i, peer in enumerate(chain)]
         self.position, self.closed, self.check_fails = 5 + k, False, check_fails
+        self.due = check_fails if due is None else due  # whether a link's step is drawn for a check
         self.remembered: list[tuple[int, float, int]] = []
+        self.draws: list[int] = []  # links whose step had its draw
+        self.checked: list[tuple[int, float, float]] = []  # (link, input, output) of each check run
 
     @property
     def pushing(self) -> bool:
@@ -55,7 +59,12 @@ class FakeSession:
     def remember(self, i, hidden, position, seconds):
         self.remembered.append((i, float(hidden[0, 0, 0]), position))
 
-    async def check_due(self, i, hidden, position, out):
+    def verify_due(self, i):
+        self.draws.append(i)
+        return self.due
+
+    async def check(self, i, hidden, position, out):
+        self.checked.append((i, float(hidden[0, 0, 0]), float(out[0, 0, 0])))
         if self.check_fails and i == 1:
             raise PeerError("found wrong by another replica", ErrorCode.INTERNAL, self.streams[i].link.peer.peer_id)
 
@@ -100,6 +109,31 @@ async def test_a_failed_frame_sends_every_member_alone_and_members_not_groupable
     assert [out is not None for out in outs] == [True, False, False]
     assert [handles for _, handles, _, _ in frames] == [[0], [100]]
     assert not groupable(no_handle) and groupable(other_chain)
+
+
+async def test_each_member_draws_once_per_link_and_only_the_rows_drawn_are_checked():
+    frames: list = []
+    sessions = [FakeSession(0, frames), FakeSession(1, frames, due=True), FakeSession(2, frames),
+                FakeSession(3, frames, check_fails=True)]
+    outs = await step_together(sessions, rows(4), ("round", 4))
+    assert [session.draws for session in sessions] == [[0, 1], [0, 1], [0, 1], [0, 1]]
+    # a drawn row is checked with its own input and output of that link; the others never are
+    assert sessions[1].checked == [(0, 1.0, 2.0), (1, 2.0, 12.0)] and sessions[0].checked == sessions[2].checked == []
+    assert sessions[3].checked == [(0, 3.0, 4.0), (1, 4.0, 14.0)]  # found wrong at the second link: steps alone
+    assert [out is not None for out in outs] == [True, True, True, False]
+    assert session_positions(sessions) == [6, 7, 8, 8]
+
+
+async def test_a_check_that_raises_other_than_a_peer_error_is_not_swallowed():
+    frames: list = []
+    broken = FakeSession(1, frames, due=True)
+
+    async def check(i, hidden, position, out):
+        raise RuntimeError("a bug in the check")
+
+    broken.check = check  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug in the check"):
+        await step_together([FakeSession(0, frames), broken], rows(2), ("round", 2))
 
 
 def session_positions(sessions) -> list[int]:
