@@ -76,10 +76,11 @@ typedef struct {
     uint8_t rows[16];
 } amx_config_t;
 
-/* Every tile 16 rows x 64 bytes: 0, 1 sums (C), 2 codes (A), 3..5 the parts (B). A constant: built on the stack,
-   GCC 12 once dropped some of its stores where amx_configure was inlined (ldtilecfg then faults on the mismatch). */
+/* Every tile 16 rows x 64 bytes: 0, 1 sums (C), 2 codes (A), 3..5 the parts (B), 6 a second block's codes (A,
+   amx_tile_pair). A constant: built on the stack, GCC 12 once dropped some of its stores where amx_configure was
+   inlined (ldtilecfg then faults on the mismatch). */
 static const _Alignas(64) amx_config_t amx_config = {
-    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16}};
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16}};
 
 /* Loaded at every call: another library (oneDNN) may have configured this thread's tiles since. */
 static void amx_configure(void) { _tile_loadconfig(&amx_config); }
@@ -151,6 +152,26 @@ static pthread_key_t amx_buffer_key;
 static pthread_once_t amx_key_once = PTHREAD_ONCE_INIT;
 
 static void amx_make_key(void) { pthread_key_create(&amx_buffer_key, free); }
+
+/* The calling thread's buffer for a second block's widened codes (amx_linear), grown as needed; freed when the
+   thread exits. NULL where there is no memory for `bytes` (the blocks then go one at a time). */
+static __thread void *amx_second;
+static __thread size_t amx_second_capacity;
+static pthread_key_t amx_second_key;
+static pthread_once_t amx_second_once = PTHREAD_ONCE_INIT;
+
+static void amx_make_second_key(void) { pthread_key_create(&amx_second_key, free); }
+
+static uint16_t *amx_second_block(size_t bytes) {
+    if (bytes > amx_second_capacity) {
+        pthread_once(&amx_second_once, amx_make_second_key);
+        free(amx_second);
+        amx_second = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        amx_second_capacity = amx_second ? bytes : 0;
+        pthread_setspecific(amx_second_key, amx_second);
+    }
+    return amx_second;
+}
 
 /* Packs x [m, k] for a call on this path into the thread's buffer; 0 where the call does not take it (too few rows,
    AMX unavailable or switched off, no memory). */
@@ -334,6 +355,73 @@ static __attribute__((noinline)) void amx_tile_part(AMX_TILE_ARGS) {
 }
 #undef AMX_TILE_ARGS
 
+/* Two full blocks of weight rows, r0 .. r0 + 15 and r0 + 16 .. r0 + 31 (their codes widened in a0 and a1), against
+   one packed tile of input rows (calls of more than 16 rows): each group's three activation tiles are loaded once
+   for both blocks, not once for each. Those loads (from L2: the packed tiles of 64 rows are 216 KB for K = 576) were
+   ~30% of such a call; the same bits as amx_tile_full on each block (each output element the same tile element,
+   added in the same order), one thread: 64-row calls of SmolLM2's shapes 0.84-0.89x the time, 128-row 0.83x, its
+   LM head at 64 rows 0.87x. Its 32 accumulators do not all fit in registers beside the rest; GCC spills some. */
+#define AMX_ZERO_PAIR(l) acc[l] = _mm512_setzero_ps(); acd[l] = _mm512_setzero_ps();
+#define AMX_ACCUMULATE_PAIR(l)                                                                                       \
+    AMX_ACCUMULATE_ROW(l)                                                                                            \
+    acd[l] = _mm512_fmadd_ps(_mm512_load_ps(d_ + 16 * (l)), _mm512_set1_ps(t_[(l) * groups]), acd[l]);              \
+    acd[l] = _mm512_fmadd_ps(x_, _mm512_set1_ps(n_[(l) * groups]), acd[l]);
+#define AMX_CAST_SECOND(l) t[l] = _mm512_castps_si512(acd[l]);
+
+/* acc of 16 weight rows (lanes: input rows) → y's columns r0 .. r0 + 15 of the tile's `rows` rows, plus bias. */
+static inline void amx_store_block(__m512i *t, const float *bias, int64_t r0, int64_t rows, float *y, int64_t n) {
+    amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
+    const __m512 add = bias ? _mm512_loadu_ps(bias + r0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(y + r * n + r0, _mm512_add_ps(_mm512_castsi512_ps(t[r]), add));
+}
+
+static __attribute__((noinline)) void amx_tile_pair(const uint16_t *a0, const uint16_t *a1, const uint16_t *b,
+                                                    const float *sums, const float *scale, const float *minimum,
+                                                    const float *bias, int64_t groups, int64_t r0, int64_t rows,
+                                                    float *y, int64_t n) {
+    __m512 acc[16], acd[16];
+    AMX_ROWS(AMX_ZERO_PAIR)
+    _Alignas(64) float c[2][2][256];  /* [g % 2][block]: group g's sums, added while group g + 1's are computed */
+    const float *s0 = scale + r0 * groups, *m0 = minimum + r0 * groups;
+    const float *s1 = s0 + 16 * groups, *m1 = m0 + 16 * groups;
+    /* group p's sums (stored in c[p % 2]) added in increasing p, while group p + 1's are computed */
+#define AMX_ADD_PAIR(p)                                                                                              \
+    do {                                                                                                             \
+        const __m512 x_ = _mm512_loadu_ps(sums + (p) * 16);                                                          \
+        const float *c_ = c[(p) & 1][0], *d_ = c[(p) & 1][1], *s_ = s0 + (p), *m_ = m0 + (p), *t_ = s1 + (p);       \
+        const float *n_ = m1 + (p);                                                                                  \
+        AMX_ROWS(AMX_ACCUMULATE_PAIR)                                                                                \
+    } while (0)
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *parts = b + g * 3 * AMX_PART_WORDS;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_loadd(2, a0 + g * 512, 64);
+        _tile_loadd(3, parts, 64);
+        _tile_loadd(4, parts + AMX_PART_WORDS, 64);
+        _tile_loadd(5, parts + 2 * AMX_PART_WORDS, 64);
+        _tile_loadd(6, a1 + g * 512, 64);
+        _tile_dpbf16ps(0, 2, 5);  /* lo, mid, hi, as amx_tile */
+        _tile_dpbf16ps(1, 6, 5);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 6, 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 6, 3);
+        if (g > 0) AMX_ADD_PAIR(g - 1);
+        AMX_MEMORY_BARRIER();  /* c[g % 2] read above (group g - 2's) before the tile stores below write it */
+        _tile_stored(0, c[g & 1][0], 64);
+        _tile_stored(1, c[g & 1][1], 64);
+        AMX_MEMORY_BARRIER();
+    }
+    AMX_ADD_PAIR(groups - 1);
+#undef AMX_ADD_PAIR
+    __m512i t[16];
+    AMX_ROWS(AMX_CAST_ROW)
+    amx_store_block(t, bias, r0, rows, y, n);
+    AMX_ROWS(AMX_CAST_SECOND)
+    amx_store_block(t, bias, r0 + 16, rows, y, n);
+}
+
 /* Output rows first_row .. first_row + count - 1 of y [m, n] from the packed activations; scratch: 16 x K bfloat16
    and 64 bytes (it is aligned here: the caller's need not be). */
 static void amx_linear(const amx_x_t *packed, int64_t m, int64_t k, const uint8_t *codes, int bits,
@@ -345,7 +433,18 @@ static void amx_linear(const amx_x_t *packed, int64_t m, int64_t k, const uint8_
     amx_configure();
     const amx_w_t codes_now = {codes, bits, row_bytes};
     const amx_w_t *w = tiles == 1 ? &codes_now : NULL;  /* one input tile: each group widened as it is needed */
-    for (int64_t r0 = first_row; r0 < last; r0 += 16) {
+    int64_t r0 = first_row;
+    uint16_t *a1 = w == NULL && last - r0 >= 32 ? amx_second_block((size_t)k * 32) : NULL;
+    if (a1 != NULL)  /* full blocks two at a time, each group's activations loaded once for both */
+        for (; r0 + 32 <= last; r0 += 32) {
+            amx_widen(codes, bits, row_bytes, groups, r0, 16, a);
+            amx_widen(codes, bits, row_bytes, groups, r0 + 16, 16, a1);
+            AMX_MEMORY_BARRIER();
+            for (int64_t t = 0; t < tiles; t++)
+                amx_tile_pair(a, a1, packed->b + t * groups * 3 * AMX_PART_WORDS, packed->sums + t * groups * 16,
+                              scale, minimum, bias, groups, r0, m - 16 * t < 16 ? m - 16 * t : 16, y + t * 16 * n, n);
+        }
+    for (; r0 < last; r0 += 16) {
         const int64_t nb = last - r0 < 16 ? last - r0 : 16;
         if (w == NULL) {
             amx_widen(codes, bits, row_bytes, groups, r0, nb, a);
