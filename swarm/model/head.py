@@ -9,6 +9,7 @@ position embeddings added to the token embeddings (GPT-2, OPT: a sibling Embeddi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -99,29 +100,27 @@ class LocalHead(nn.Module):
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
         """input_ids: [B, T] of tokens at positions position.. → hidden [B, T, H] on the CPU, the input of block 0."""
+        return self._embed(input_ids, lambda device: torch.arange(position, position + input_ids.shape[1],
+                                                                  device=device)[None])
+
+    @torch.inference_mode()
+    def embed_rows(self, input_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """input_ids: [B, 1], row b's one token at positions[b] → hidden [B, 1, H]: what `embed` gives each row alone
+        (the same lookups and sums), in one call."""
+        return self._embed(input_ids, lambda device: torch.tensor(positions, device=device)[:, None])
+
+    def _embed(self, input_ids: torch.Tensor, positions: Callable[[torch.device], torch.Tensor]) -> torch.Tensor:
+        """The token embeddings of input_ids [B, T] (scaled), plus learned position embeddings where the model has
+        them, at `positions(device)` ([1, T] or [B, 1]: broadcast against the rows and tokens; made only then)."""
         input_ids = input_ids.to(self.device)
         hidden = self.embeddings(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
         if self.position_embeddings is not None:
             offset = int(getattr(self.position_embeddings, "offset", 0))  # OPT's learned positions start at 2
-            positions = torch.arange(position, position + input_ids.shape[1], device=input_ids.device) + offset
-            hidden = hidden + nn.Embedding.forward(self.position_embeddings, positions)[None]
+            at = positions(input_ids.device) + offset
+            hidden = hidden + nn.Embedding.forward(self.position_embeddings, at)
         return hidden.cpu()  # the same tensor where it is on the CPU already
-
-    @torch.inference_mode()
-    def embed_rows(self, input_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """input_ids: [B, 1], row b's one token at positions[b] → hidden [B, 1, H]: what `embed` gives each row alone
-        (the same lookups and sums), in one call."""
-        input_ids = input_ids.to(self.device)
-        hidden = self.embeddings(input_ids)
-        if self.embedding_multiplier != 1.0:
-            hidden = hidden * self.embedding_multiplier
-        if self.position_embeddings is not None:
-            offset = int(getattr(self.position_embeddings, "offset", 0))
-            at = torch.tensor(positions, device=input_ids.device) + offset
-            hidden = hidden + nn.Embedding.forward(self.position_embeddings, at)[:, None]
-        return hidden.cpu()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
