@@ -43,7 +43,6 @@ from swarm.protocol import MAX_GROUP_ROWS
 from swarm_kernels.sampling import Choice, Sampler, choose_greedy
 
 logger = logging.getLogger(__name__)
-_greedy_failed: list[bool] = []  # _greedy_choices has logged a failure
 
 
 @dataclass(eq=False)
@@ -304,12 +303,15 @@ def _greedy_choices(logits: torch.Tensor, samplers: list[Any]) -> dict[int, Choi
         tokens = choose_greedy(logits, [sampler.adjust.logit_bias if k in plain else ()
                                         for k, sampler in enumerate(samplers)])
     except Exception:
-        if not _greedy_failed:  # once a process: every round of the same logits would fail alike
-            _greedy_failed.append(True)
-            logger.warning("a round's greedy rows could not be chosen together; each row's sampler chooses",
-                           exc_info=True)
+        _warn_greedy_failed()
         return {}
     return {k: Choice(tokens[k:k + 1]) for k in plain}
+
+
+@functools.cache
+def _warn_greedy_failed() -> None:
+    """Logged once a process: every round of the same logits would fail alike."""
+    logger.warning("a round's greedy rows could not be chosen together; each row's sampler chooses", exc_info=True)
 
 
 def _fail(future: asyncio.Future, error: BaseException) -> None:

@@ -159,6 +159,30 @@ async def test_plain_greedy_samplers_of_a_round_choose_in_one_argmax_what_each_w
     assert {id(s) for s in sampled} == {id(grouped[2]), id(grouped[3])}  # only the others ran their own samplers
 
 
+async def test_when_the_rounds_greedy_pass_fails_each_row_is_chosen_by_its_own_sampler_and_it_is_logged_once(
+        monkeypatch, caplog):
+    import swarm.client.decoding as decoding
+    from swarm_kernels.sampling import Sampler
+
+    def broken(logits, biases):
+        raise RuntimeError("the greedy pass broke")
+
+    monkeypatch.setattr(decoding, "choose_greedy", broken)
+    decoding._warn_greedy_failed.cache_clear()
+    groups = DecodeGroups(RandomHead(), run_in_thread, max_groups=1)
+    sessions = [FakeSession(f"s{i}", delay=0.0) for i in range(3)]
+    for t in range(2):
+        grouped, alone = [Sampler(1, 50) for _ in sessions], [Sampler(1, 50) for _ in sessions]
+        steps = await asyncio.gather(*(groups.step(s, torch.tensor([[t + 10 * i]]), grouped[i])
+                                       for i, s in enumerate(sessions)))
+        for i, (row, choice) in enumerate(steps):
+            assert torch.equal(choice.token_ids, alone[i](row.clone()).token_ids)
+    assert groups.rounds == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "a round's greedy rows could not be chosen together; each row's sampler chooses") == 1
+    decoding._warn_greedy_failed.cache_clear()
+
+
 async def test_a_sampler_that_fails_fails_only_its_own_member():
     """A request's sampler raising (its parameters, its grammar) in the round's head job: the others get their
     tokens."""
