@@ -37,7 +37,9 @@
    rows and group, one per part, 16 rows of pairs: row p, 32-bit column i = the part of (x[i, 2p], x[i, 2p + 1]);
    packed once per call by the calling thread (amx_pack, into a buffer of its own) and read by every thread of the
    pool. Tile C: 16 weight rows x 16 input rows of float32; two C tiles alternate so that one group's products are
-   computed while the other's sums are added to the accumulators. */
+   computed while the other's sums are added to the accumulators. Calls of more than 16 rows take full blocks two
+   at a time instead (the second widened into a buffer of the thread's own), the two C tiles one per block, each
+   group's activation tiles loaded once for both (amx_tile_pair). */
 
 #include <pthread.h>
 #include <stdatomic.h>
