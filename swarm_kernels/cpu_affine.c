@@ -826,7 +826,10 @@ int affine_linear_parallel(const float *x, int64_t m, int64_t k, const uint8_t *
     const void *packed = affine_pack(x, m, k, &space);  /* once, by the caller, for every thread */
     job_t *j = helpers > 0 && (m > 1 || n * k >= ONE_ROW_WORK) && m * n * k >= min_work ? malloc(sizeof(job_t)) : NULL;
     if (j) {
-        const int64_t per = (tiles + 4 * (helpers + 1) - 1) / (4 * (helpers + 1));  /* tiles per chunk */
+        int64_t per = (tiles + 4 * (helpers + 1) - 1) / (4 * (helpers + 1));  /* tiles per chunk */
+#if defined(AFFINE_AMX)
+        if (packed != NULL && m > 16 && per % 2) per++;  /* whole pairs of blocks (cpu_amx.h's amx_tile_pair) */
+#endif
         *j = (job_t){.x = x, .scale = scale, .minimum = minimum, .bias = bias, .codes = codes, .y = y, .m = m,
                      .k = k, .n = n, .chunk_rows = per * tile, .chunks = (tiles + per - 1) / per, .bits = bits,
                      .packed = packed};
