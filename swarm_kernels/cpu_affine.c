@@ -808,7 +808,7 @@ static void work_on(job_t *j, float *scratch) {
 #endif
 
 /* affine_linear over all N output rows, shared with up to threads - 1 helpers of the pool (chunks of whole 16-row
-   tiles, about 4 per thread) when the call is big enough (two input rows or more, m * n * k >= the pool's minimum
+   tiles, about 4 per thread; on the tile unit's path with more than 16 rows, an even number of tiles) when the call is big enough (two input rows or more, m * n * k >= the pool's minimum
    work); otherwise on the calling thread. scratch: the caller's, as for affine_linear. One row (a lone session's
    decode step) runs alone: split, SmolLM2's MLP calls took 1/1.2-1/1.4 of the time, but a whole 30-block step only
    ~5% less, and through the gateway one chat measured no faster, the helper's spinning taking a core from the
@@ -827,8 +827,8 @@ int affine_linear_parallel(const float *x, int64_t m, int64_t k, const uint8_t *
     job_t *j = helpers > 0 && (m > 1 || n * k >= ONE_ROW_WORK) && m * n * k >= min_work ? malloc(sizeof(job_t)) : NULL;
     if (j) {
         int64_t per = (tiles + 4 * (helpers + 1) - 1) / (4 * (helpers + 1));  /* tiles per chunk */
-#if defined(AFFINE_AMX)
-        if (packed != NULL && m > 16 && per % 2) per++;  /* whole pairs of blocks (cpu_amx.h's amx_tile_pair) */
+#if defined(AFFINE_AMX)  /* whole pairs of blocks (cpu_amx.h's amx_tile_pair) where every thread still gets a chunk */
+        if (packed != NULL && m > 16 && per % 2 && (tiles + per) / (per + 1) > helpers) per++;
 #endif
         *j = (job_t){.x = x, .scale = scale, .minimum = minimum, .bias = bias, .codes = codes, .y = y, .m = m,
                      .k = k, .n = n, .chunk_rows = per * tile, .chunks = (tiles + per - 1) / per, .bits = bits,

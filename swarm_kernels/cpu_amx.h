@@ -275,7 +275,8 @@ static inline void amx_accumulate(const float *c, const float *sums, const float
 /* The same for row l of a full block, written out for l = 0 .. 15 (AMX_ROWS): every index of acc is then a constant
    from the start and GCC keeps the 16 accumulators in registers. Through amx_accumulate, inlined and unrolled, it
    kept the array in memory (the partial blocks' runtime bound indexes the same array), so every group loaded and
-   stored all 16 of them: the same bits, 3-5% longer calls of 64 rows and ~11% of 16 (SmolLM2's shapes, one thread). */
+   stored all 16 of them: the same bits, 3-5% longer calls of 64 rows and ~11% of 16 (SmolLM2's shapes, one thread;
+   measured before amx_tile_pair took the calls of more than 16 rows). */
 #define AMX_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 #define AMX_ACCUMULATE_ROW(l)                                                                                        \
     acc[l] = _mm512_fmadd_ps(_mm512_load_ps(c_ + 16 * (l)), _mm512_set1_ps(s_[(l) * groups]), acc[l]);              \
@@ -366,8 +367,8 @@ static __attribute__((noinline)) void amx_tile_part(AMX_TILE_ARGS) {
 #define AMX_ZERO_PAIR(l) acc[l] = _mm512_setzero_ps(); acd[l] = _mm512_setzero_ps();
 #define AMX_ACCUMULATE_PAIR(l)                                                                                       \
     AMX_ACCUMULATE_ROW(l)                                                                                            \
-    acd[l] = _mm512_fmadd_ps(_mm512_load_ps(d_ + 16 * (l)), _mm512_set1_ps(t_[(l) * groups]), acd[l]);              \
-    acd[l] = _mm512_fmadd_ps(x_, _mm512_set1_ps(n_[(l) * groups]), acd[l]);
+    acd[l] = _mm512_fmadd_ps(_mm512_load_ps(d_ + 16 * (l)), _mm512_set1_ps(s1_[(l) * groups]), acd[l]);             \
+    acd[l] = _mm512_fmadd_ps(x_, _mm512_set1_ps(m1_[(l) * groups]), acd[l]);
 #define AMX_CAST_SECOND(l) t[l] = _mm512_castps_si512(acd[l]);
 
 /* acc of 16 weight rows (lanes: input rows) → y's columns r0 .. r0 + 15 of the tile's `rows` rows, plus bias. */
@@ -390,8 +391,8 @@ static __attribute__((noinline)) void amx_tile_pair(const uint16_t *a0, const ui
 #define AMX_ADD_PAIR(p)                                                                                              \
     do {                                                                                                             \
         const __m512 x_ = _mm512_loadu_ps(sums + (p) * 16);                                                          \
-        const float *c_ = c[(p) & 1][0], *d_ = c[(p) & 1][1], *s_ = s0 + (p), *m_ = m0 + (p), *t_ = s1 + (p);       \
-        const float *n_ = m1 + (p);                                                                                  \
+        const float *c_ = c[(p) & 1][0], *d_ = c[(p) & 1][1], *s_ = s0 + (p), *m_ = m0 + (p), *s1_ = s1 + (p);     \
+        const float *m1_ = m1 + (p);                                                                                 \
         AMX_ROWS(AMX_ACCUMULATE_PAIR)                                                                                \
     } while (0)
     for (int64_t g = 0; g < groups; g++) {
@@ -410,7 +411,7 @@ static __attribute__((noinline)) void amx_tile_pair(const uint16_t *a0, const ui
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 6, 3);
         if (g > 0) AMX_ADD_PAIR(g - 1);
-        AMX_MEMORY_BARRIER();  /* c[g % 2] read above (group g - 2's) before the tile stores below write it */
+        AMX_MEMORY_BARRIER();  /* c[g % 2] read in the iteration before (group g - 2's) before the stores below */
         _tile_stored(0, c[g & 1][0], 64);
         _tile_stored(1, c[g & 1][1], 64);
         AMX_MEMORY_BARRIER();
@@ -459,3 +460,11 @@ static void amx_linear(const amx_x_t *packed, int64_t m, int64_t k, const uint8_
     }
     _tile_release();
 }
+
+#undef AMX_ROWS
+#undef AMX_ACCUMULATE_ROW
+#undef AMX_ZERO_ROW
+#undef AMX_CAST_ROW
+#undef AMX_ZERO_PAIR
+#undef AMX_ACCUMULATE_PAIR
+#undef AMX_CAST_SECOND

@@ -60,8 +60,8 @@ async def step_together(sessions: list[InferenceSession], hidden: torch.Tensor, 
         rows = [r for r, ok in enumerate(taken) if ok]
         for r in rows:
             sessions[live[r]].remember(i, current[r : r + 1], positions[live[r]], seconds)
-        due = [r for r in rows if sessions[live[r]].verify_due(i)]  # drawn first: most rounds check no row, and
-        # a coroutine per row gathered cost 64-row rounds ~1.5 ms
+        due = [r for r in rows if sessions[live[r]].verify_due(i)]  # drawn first, in row order: most rounds
+        # check no row, and only the rows drawn get a coroutine
         checks = await asyncio.gather(*(sessions[live[r]].check(i, current[r : r + 1], positions[live[r]],
                                                                 out[r : r + 1]) for r in due),
                                       return_exceptions=True) if due else []

@@ -99,8 +99,8 @@ class SpanBackend:
         self.budget = budget
         self.sessions: dict[str, Session] = {}
         self.handles: dict[int, Session] = {}  # the same sessions by handle
-        # sessions per (client, first block, end block): a group step's size is capped by its client's count (each
-        # row of a 64-row group frame counted them over every session here, parked ones included: ~3 ms a round)
+        # sessions per (client, first block, end block), parked ones included: a group step's size is capped by its
+        # client's count (each row of a group frame used to count them over every session here)
         self._per_client: collections.Counter[tuple[str, int, int]] = collections.Counter()
         self.shares = FairShares()
         self._keys = itertools.count()

@@ -226,6 +226,41 @@ def test_the_tile_unit_takes_calls_of_five_rows_or_more_unless_switched_off(monk
     assert torch.equal(layer(x), tiles)
 
 
+def dequantized(codes: torch.Tensor, bits: int, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] of the kernel's codes: each group's codes times its scale plus its minimum."""
+    n, groups = scale.shape
+    q = (codes.reshape(n, groups * cpu.GROUP) if bits == 8 else cpu.int4_codes(codes, n, groups * cpu.GROUP)).float()
+    return q * scale.repeat_interleave(cpu.GROUP, dim=1) + minimum.repeat_interleave(cpu.GROUP, dim=1)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("n", "k"), [(32, 32), (33, 64), (48, 32), (80, 96)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_tile_units_blocks_two_at_a_time_give_each_row_the_bits_of_one_at_a_time(bits, n, k, threads):
+    # calls of more than 16 rows take full blocks of 16 weight rows two at a time (cpu_amx.h's amx_tile_pair), calls
+    # of 16 or fewer one at a time: one group (K = 32), a pair and a partial block, an odd block left alone
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 256, (n * k * bits // 8,), generator=g, dtype=torch.uint8)
+    scale, minimum, bias = torch.rand(n, k // 32, generator=g), -torch.rand(n, k // 32, generator=g), torch.randn(n)
+    x = torch.randn(40, k, generator=g)
+    library = cpu._library()
+    library.affine_set_min_work(0, cpu.SPIN_NS)  # split however small (the pool's chunks: whole pairs where they can)
+    try:
+        assert cpu.set_threads(threads) == threads
+        for b in (bias, None):
+            many = cpu.affine_linear(x, codes, bits, scale, minimum, b)  # 40 rows: three packed tiles
+            few = torch.cat([cpu.affine_linear(x[i : i + 8], codes, bits, scale, minimum, b) for i in range(0, 40, 8)])
+            assert torch.equal(many, few)
+            w = dequantized(codes, bits, scale, minimum).double()
+            reference = x.double() @ w.T + (0 if b is None else b)
+            scale_of_sums = x.double().abs() @ w.abs().T + (0 if b is None else b.abs())  # float32-accurate:
+            assert ((many.double() - reference).abs() <= 1e-6 * scale_of_sums).all()  # (~1e-7 measured)
+    finally:
+        cpu.set_threads(1)
+        library.affine_set_min_work(cpu.MIN_WORK, cpu.SPIN_NS)
+
+
 @needs_amx
 def test_the_tile_unit_keeps_a_float32s_every_bit_in_its_three_parts():
     # x = hi + mid + lo in bfloat16 parts holds any float32 down to ~1e-33 exactly: against a weight of small integers
