@@ -808,7 +808,8 @@ static void work_on(job_t *j, float *scratch) {
 #endif
 
 /* affine_linear over all N output rows, shared with up to threads - 1 helpers of the pool (chunks of whole 16-row
-   tiles, about 4 per thread; on the tile unit's path with more than 16 rows, an even number of tiles) when the call is big enough (two input rows or more, m * n * k >= the pool's minimum
+   tiles, about 4 per thread; on the tile unit's path with more than 16 rows, an even number of tiles where every
+   thread still gets a chunk) when the call is big enough (two input rows or more, m * n * k >= the pool's minimum
    work); otherwise on the calling thread. scratch: the caller's, as for affine_linear. One row (a lone session's
    decode step) runs alone: split, SmolLM2's MLP calls took 1/1.2-1/1.4 of the time, but a whole 30-block step only
    ~5% less, and through the gateway one chat measured no faster, the helper's spinning taking a core from the

@@ -362,8 +362,8 @@ static __attribute__((noinline)) void amx_tile_part(AMX_TILE_ARGS) {
    one packed tile of input rows (calls of more than 16 rows): each group's three activation tiles are loaded once
    for both blocks, not once for each. Those loads (from L2: the packed tiles of 64 rows are 216 KB for K = 576) were
    ~30% of such a call; the same bits as amx_tile_full on each block (each output element the same tile element,
-   added in the same order), one thread: 64-row calls of SmolLM2's shapes 0.84-0.89x the time, 128-row 0.83x, its
-   LM head at 64 rows 0.87x. Its 32 accumulators do not all fit in registers beside the rest; GCC spills some. */
+   added in the same order), one thread: 64-row calls of SmolLM2's shapes 0.84-0.87x the time, 128-row 0.82-0.83x,
+   its LM head at 64 rows 0.87x. Its 32 accumulators do not all fit in registers beside the rest; GCC spills some. */
 #define AMX_ZERO_PAIR(l) acc[l] = _mm512_setzero_ps(); acd[l] = _mm512_setzero_ps();
 #define AMX_ACCUMULATE_PAIR(l)                                                                                       \
     AMX_ACCUMULATE_ROW(l)                                                                                            \
