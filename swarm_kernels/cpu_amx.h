@@ -284,6 +284,17 @@ static inline void amx_accumulate(const float *c, const float *sums, const float
 #define AMX_ZERO_ROW(l) acc[l] = _mm512_setzero_ps();
 #define AMX_CAST_ROW(l) t[l] = _mm512_castps_si512(acc[l]);
 
+/* A block's accumulators t (as 32-bit words; lanes: input rows) → y's columns r0 .. r0 + last - 1 (last <= 16) of
+   the tile's `rows` rows, plus bias. */
+static inline void amx_store_block(__m512i *t, const float *bias, int64_t r0, int64_t last, int64_t rows, float *y,
+                                   int64_t n) {
+    amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
+    const __mmask16 keep = (__mmask16)((1u << last) - 1u);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + r0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++)
+        _mm512_mask_storeu_ps(y + r * n + r0, keep, _mm512_add_ps(_mm512_castsi512_ps(t[r]), add));
+}
+
 /* One group's products into C tile T: zero, then the parts lo, mid, hi against the codes. */
 #define AMX_ISSUE(T, a, b)                                                                                           \
     do {                                                                                                             \
@@ -340,11 +351,7 @@ static inline __attribute__((always_inline)) void amx_tile(const int full, const
 #undef AMX_ADD
     __m512i t[16];
     AMX_ROWS(AMX_CAST_ROW)
-    amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
-    const __mmask16 keep = (__mmask16)((1u << last) - 1u);
-    const __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + r0) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; r++)
-        _mm512_mask_storeu_ps(y + r * n + r0, keep, _mm512_add_ps(_mm512_castsi512_ps(t[r]), add));
+    amx_store_block(t, bias, r0, last, rows, y, n);
 }
 
 #define AMX_TILE_ARGS                                                                                                \
@@ -370,13 +377,6 @@ static __attribute__((noinline)) void amx_tile_part(AMX_TILE_ARGS) {
     acd[l] = _mm512_fmadd_ps(_mm512_load_ps(d_ + 16 * (l)), _mm512_set1_ps(s1_[(l) * groups]), acd[l]);             \
     acd[l] = _mm512_fmadd_ps(x_, _mm512_set1_ps(m1_[(l) * groups]), acd[l]);
 #define AMX_CAST_SECOND(l) t[l] = _mm512_castps_si512(acd[l]);
-
-/* acc of 16 weight rows (lanes: input rows) → y's columns r0 .. r0 + 15 of the tile's `rows` rows, plus bias. */
-static inline void amx_store_block(__m512i *t, const float *bias, int64_t r0, int64_t rows, float *y, int64_t n) {
-    amx_transpose(t);  /* t[r]: input row r's outputs r0 .. r0 + 15 */
-    const __m512 add = bias ? _mm512_loadu_ps(bias + r0) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; r++) _mm512_storeu_ps(y + r * n + r0, _mm512_add_ps(_mm512_castsi512_ps(t[r]), add));
-}
 
 static __attribute__((noinline)) void amx_tile_pair(const uint16_t *a0, const uint16_t *a1, const uint16_t *b,
                                                     const float *sums, const float *scale, const float *minimum,
@@ -420,9 +420,9 @@ static __attribute__((noinline)) void amx_tile_pair(const uint16_t *a0, const ui
 #undef AMX_ADD_PAIR
     __m512i t[16];
     AMX_ROWS(AMX_CAST_ROW)
-    amx_store_block(t, bias, r0, rows, y, n);
+    amx_store_block(t, bias, r0, 16, rows, y, n);
     AMX_ROWS(AMX_CAST_SECOND)
-    amx_store_block(t, bias, r0 + 16, rows, y, n);
+    amx_store_block(t, bias, r0 + 16, 16, rows, y, n);
 }
 
 /* Output rows first_row .. first_row + count - 1 of y [m, n] from the packed activations; scratch: 16 x K bfloat16
