@@ -80,6 +80,26 @@ def test_a_rows_result_is_the_same_bits_whatever_else_is_in_the_call():
         assert torch.equal(alone[0, 0], together[0, i])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 1, 128), (6, 2, 80), (4, 2, 64), (12, 3, 64)])
+def test_a_heads_result_is_the_same_bits_beside_its_key_heads_other_heads_as_alone(heads, kv_heads, dim):
+    # heads sharing a key head are computed a few at a time (three with AVX-512, two for groups of 2, 4 or 8), each
+    # with its own sums in the order of one head alone
+    g = torch.Generator().manual_seed(heads + dim)
+    lengths = [70, 3, 129]
+    buffers = _sessions(g, lengths, kv_heads, dim)
+    query = torch.randn(1, heads, len(lengths), dim, generator=g)
+    together = torch.zeros(1, len(lengths), heads, dim)
+    assert attention.decode_attention(query, list(range(len(lengths))), buffers, lengths, together, 0.125)
+    group = heads // kv_heads
+    for h in range(heads):
+        key_head = [(keys[:, h // group : h // group + 1].clone(), values[:, h // group : h // group + 1].clone())
+                    for keys, values in buffers]
+        alone = torch.zeros(1, len(lengths), 1, dim)
+        assert attention.decode_attention(query[:, h : h + 1], list(range(len(lengths))), key_head, lengths, alone,
+                                          0.125)
+        assert torch.equal(alone[0, :, 0], together[0, :, h])
+
+
 def test_rows_shared_among_the_kernel_pools_threads_give_the_same_bits(monkeypatch):
     # with the peer's kernel threads (cpu.set_threads), a call's rows are claimed by the affine kernel's pool:
     # each row computed whole by one thread, so the same bits as on one
