@@ -136,6 +136,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded_generic_prefill": {"peers": [], "env": {"SWARM_LEAN_PREFILL": "0"}},  # chunks through the layers' own
     "embedded_p2p": {"peers": [], "env": {"EMBEDDED_LOCAL_SOCKET": "false"}},  # to its peer through the p2p daemons
     "embedded_nofork": {"peers": [], "env": {"SWARM_FORK_SESSIONS": "0"}},  # shared prefixes taken, not forked
+    "embedded_kv16": {"peers": [], "env": {"SWARM_PEER_KV_DTYPE": "float16"}},  # its KV caches in float16
     # drafts from a local model (the served one: the only one sharing its tokenizer here) beside the embedded peer
     "embedded_draft": {"peers": [], "env": {"GATEWAY_DRAFT_MODEL": "default"}},
     "fp32_2": {"peers": [("0:15", "none", 1), ("15:30", "none", 1)], "env": {}},

@@ -173,6 +173,7 @@ class SpanInfo:
     # what its int8/int4 CPU blocks multiply with: float32, or int8 (--activations); a reader's verification takes a
     # mode it does not know for the loosest there is (as with quant)
     activations: str = "float32"
+    kv_dtype: str = "float32"  # what its sessions' KV caches hold (--kv-dtype); verification's tolerance counts it
     updated_at: float = dataclasses.field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +299,7 @@ SPAN_SCHEMA: dict[str, _Int | _Real | _Text | _Bool | _RoundTrips] = {
     "pending_streams": _Int(0, 1 << 24), "target_start": _Int(0, MAX_BLOCKS), "target_end": _Int(0, MAX_BLOCKS),
     "software": _Text(64), "movable": _Bool(), "updated_at": _Real(0.0, 1e11), "content_id": _Text(71),
     "push": _Bool(), "next_rtt": _RoundTrips(MAX_NEXT_RTT, 10.0), "activations": _Text(16),
+    "kv_dtype": _Text(16),
 }
 
 

@@ -51,22 +51,30 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.decode_attention.restype = ctypes.c_int
     library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
-                                         ptr, ptr, ptr, i64, ctypes.c_int]
+                                         ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
+    library.attention_kv16.restype, library.attention_kv16.argtypes = ctypes.c_int, []
     library.attention_set_pool.restype, library.attention_set_pool.argtypes = None, [ptr]
     pool = cpu._library()  # rows shared among the threads of the affine kernel's pool (swarm_kernels.cpu.set_threads)
     if pool is not None:
         library.attention_set_pool(ctypes.cast(pool.affine_pool_run, ctypes.c_void_p).value)
     library.append_rows.restype = None
-    library.append_rows.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr]
+    library.append_rows.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     library.rope_rows.restype = None
     library.rope_rows.argtypes = [i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
     library.rope_append.restype = None
-    library.rope_append.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    library.rope_append.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     return library
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def kv16(dim: int) -> bool:
+    """Whether caches of 16-bit floats (torch.float16) with this head size are read and written here (F16C: every
+    AVX2 CPU; dim a multiple of 8, at most 512)."""
+    library = _library()
+    return library is not None and bool(library.attention_kv16()) and dim % 8 == 0 and dim <= 512
 
 
 def _int64s(values: Sequence[int]) -> ctypes.Array:
@@ -100,12 +108,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
 
 
 def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: list[int]) -> bool:
-    """Every buffer a [1, kv_heads, capacity, dim] float32 CPU tensor whose tokens' rows of dim floats follow each
-    other (any head stride), holding its row's tokens: the C code writes and reads them by address, trusting this
-    (~0.4 us a buffer)."""
+    """Every buffer a [1, kv_heads, capacity, dim] CPU tensor of one dtype, float32 (or float16 where `kv16`), whose
+    tokens' rows of dim values follow each other (any head stride), holding its row's tokens: the C code writes and
+    reads them by address, trusting this (~0.4 us a buffer)."""
+    dtype = buffers[0].dtype if buffers else torch.float32
+    if dtype != torch.float32 and not (dtype == torch.float16 and kv16(dim)):
+        return False
     for b, n in zip(buffers, tokens, strict=True):
         shape = b.shape
-        if not (b.dtype == torch.float32 and b.is_cpu and len(shape) == 4 and shape[0] == 1 and shape[1] == kv_heads
+        if not (b.dtype == dtype and b.is_cpu and len(shape) == 4 and shape[0] == 1 and shape[1] == kv_heads
                 and shape[3] == dim and shape[2] >= n and b.stride()[2:] == (dim, 1)):
             return False
     return True
@@ -113,16 +124,17 @@ def _buffers_fit(buffers: list[torch.Tensor], kv_heads: int, dim: int, tokens: l
 
 def native_record(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, ...] | None:
     """What `DecodeRows.check_caches` needs of one layer's key and value buffers of a session, taken when they are
-    allocated (SpanKVCache.reserve): (key address, value address, their head strides, capacity, kv_heads, dim), or
-    None where they are not [1, kv_heads, capacity, dim] float32 CPU tensors of one geometry whose tokens' rows follow
-    each other (`check` of the tensors then decides)."""
-    if keys.dim() != 4 or keys.shape != values.shape:
+    allocated (SpanKVCache.reserve): (key address, value address, their head strides, capacity, kv_heads, dim, 16-bit),
+    or None where they are not [1, kv_heads, capacity, dim] CPU tensors of one geometry and dtype that `_buffers_fit`
+    takes (`check` of the tensors then decides)."""
+    if keys.dim() != 4 or keys.shape != values.shape or keys.dtype != values.dtype:
         return None
     _, kv_heads, capacity, dim = keys.shape
     if not (kv_heads >= 1 and _buffers_fit([keys], kv_heads, dim, [capacity])
             and _buffers_fit([values], kv_heads, dim, [capacity])):
         return None
-    return keys.data_ptr(), values.data_ptr(), keys.stride(1), values.stride(1), capacity, kv_heads, dim
+    return (keys.data_ptr(), values.data_ptr(), keys.stride(1), values.stride(1), capacity, kv_heads, dim,
+            int(keys.dtype == torch.float16))
 
 
 class DecodeRows:
@@ -151,12 +163,12 @@ class DecodeRows:
         if not self.valid or len(keys) != self.count or len(values) != self.count or keys[0].dim() != 4:
             return False
         _, kv_heads, _, dim = keys[0].shape
-        if kv_heads < 1 or not (_buffers_fit(keys, kv_heads, dim, self.lengths)
-                                and _buffers_fit(values, kv_heads, dim, self.lengths)):
+        if kv_heads < 1 or values[0].dtype != keys[0].dtype or not (
+                _buffers_fit(keys, kv_heads, dim, self.lengths) and _buffers_fit(values, kv_heads, dim, self.lengths)):
             return False
         self._checked = (keys, values, kv_heads, dim, _int64s([k.data_ptr() for k in keys]),
                          _int64s([v.data_ptr() for v in values]), _int64s([k.stride(1) for k in keys]),
-                         _int64s([v.stride(1) for v in values]))
+                         _int64s([v.stride(1) for v in values]), int(keys[0].dtype == torch.float16))
         return True
 
     def check_caches(self, caches: list, layer: int, kv_heads: int, dim: int) -> bool:
@@ -172,11 +184,12 @@ class DecodeRows:
         except (AttributeError, IndexError):  # not SpanKVCaches of this span
             return False
         for record, n in zip(records, self.lengths, strict=True):
-            if record is None or record[4] < n or record[5] != kv_heads or record[6] != dim:
+            if (record is None or record[4] < n or record[5] != kv_heads or record[6] != dim
+                    or record[7] != records[0][7]):
                 return False
         columns = list(zip(*records, strict=True))
         self._checked = (None, None, kv_heads, dim, _int64s(columns[0]), _int64s(columns[1]), _int64s(columns[2]),
-                         _int64s(columns[3]))
+                         _int64s(columns[3]), records[0][7])
         return True
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
@@ -191,7 +204,7 @@ class DecodeRows:
         library = _library()
         if self._checked is None or library is None:
             return False
-        _, _, kv_heads, dim, key_addresses, _, key_strides, _ = self._checked
+        _, _, kv_heads, dim, key_addresses, _, key_strides, _, kv16 = self._checked
         for states in (key_states, value_states):
             if not (_readable(states) and states.shape[2] == kv_heads and states.shape[3] == dim
                     and self._last_row < states.shape[1]):
@@ -202,7 +215,7 @@ class DecodeRows:
             return False
         library.rope_append(self.count, kv_heads, dim, key_states.data_ptr(), self._rows, key_states.stride(1),
                             key_states.stride(2), cos.data_ptr(), sin.data_ptr(), key_addresses, key_strides,
-                            self._positions)
+                            self._positions, kv16)
         return True
 
     def _write(self, writes: list[tuple[torch.Tensor, bool]]) -> bool:
@@ -210,7 +223,7 @@ class DecodeRows:
         library = _library()
         if self._checked is None or library is None:
             return False
-        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides = self._checked
+        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides, kv16 = self._checked
         for states, _ in writes:
             if not (_readable(states) and states.shape[1] == kv_heads and states.shape[3] == dim
                     and self._last_row < states.shape[2]):
@@ -218,7 +231,7 @@ class DecodeRows:
         for states, keys in writes:
             addresses, strides = (key_addresses, key_strides) if keys else (value_addresses, value_strides)
             library.append_rows(self.count, kv_heads, dim, states.data_ptr(), self._rows, states.stride(2),
-                                states.stride(1), addresses, strides, self._positions)
+                                states.stride(1), addresses, strides, self._positions, kv16)
         return True
 
     def window(self, window: int | None) -> tuple[ctypes.Array, ctypes.Array]:
@@ -234,7 +247,7 @@ class DecodeRows:
         library = _library()
         if self._checked is None or library is None or not _readable(query) or not _readable(out):
             return False
-        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides = self._checked
+        _, _, kv_heads, dim, key_addresses, value_addresses, key_strides, value_strides, kv16 = self._checked
         _, heads, tokens, query_dim = query.shape
         if (query_dim != dim or heads % kv_heads or out.shape != (1, tokens, heads, dim) or out.stride(2) != dim
                 or self._last_row >= tokens):
@@ -243,7 +256,7 @@ class DecodeRows:
         status = library.decode_attention(self.count, heads, kv_heads, dim, scale, query.data_ptr(), query.stride(2),
                                           query.stride(1), self._rows, key_addresses, value_addresses, key_strides,
                                           value_strides, firsts_array, counts, out.data_ptr(), out.stride(1),
-                                          cpu.threads())
+                                          cpu.threads(), kv16)
         if status == -2:
             raise MemoryError("decode attention: no memory for the scores")
         return status == 0

@@ -92,6 +92,23 @@ static float softmax_weights(float *s, int64_t n) {
 #define HEADS_AT_ONCE 1
 #endif
 
+/* Caches of 16-bit floats (IEEE half, `kv16`): read and written with the F16C conversions, which every AVX2 CPU has,
+   for head sizes that are a multiple of 8; elsewhere such calls are refused (-1) and swarm_kernels/attention.py takes
+   no such cache (attention_kv16). A half converts to a float exactly, so a row's result is the same bits as over a
+   float32 cache holding the same values; writes round to nearest even, as torch's conversion does. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KV16 1
+#else
+#define KV16 0
+#endif
+
+#define ROPE_MAX_DIM 512  /* rope_append's rotated row before it is rounded to halves */
+
+/* Whether 16-bit caches of this head size can be read and written here: F16C, a multiple of 8, at most 512. */
+static int kv16_fits(int64_t dim) { return KV16 && dim % 8 == 0 && dim <= ROPE_MAX_DIM; }
+
+int attention_kv16(void) { return KV16; }
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -101,6 +118,16 @@ static inline float sum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* 8 floats of a cache buffer from element i: float32, or (half) 16-bit floats converted */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t i, const int half) {
+#if KV16
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+#else
+    (void)half;
+#endif
+    return _mm256_loadu_ps((const float *)p + i);
 }
 
 /* exp_nonpositive on 8 lanes */
@@ -143,18 +170,19 @@ static float softmax_weights8(float *s, int64_t n) {
 /* s[h][j] = scale * q[h] . k_j for n keys and G heads (dim a multiple of 8): four keys at a time, each head's four
    sums reduced together. With v (the key head's first heads), its keys ahead and its values (read next) are
    prefetched from memory. */
-static inline __attribute__((always_inline)) void scores(const int G, const float *const *q, const float *k,
-                                                         const float *v, int64_t n, int64_t dim, float scale,
-                                                         float *const *s) {
+static inline __attribute__((always_inline)) void scores(const int G, const float *const *q, const void *k,
+                                                         const void *v, int64_t n, int64_t dim, float scale,
+                                                         float *const *s, const int half) {
+    const int64_t size = half ? 2 : 4;  /* bytes an element */
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float *k0 = k + j * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
+        const int64_t k0 = j * dim, k1 = k0 + dim, k2 = k1 + dim, k3 = k2 + dim;
         if (v != NULL) {
-            const char *values = (const char *)(v + j * dim);
-            for (int64_t b = 0; b < 4 * dim * 4; b += 64) _mm_prefetch(values + b, _MM_HINT_T1);
+            const char *values = (const char *)v + j * dim * size;
+            for (int64_t b = 0; b < 4 * dim * size; b += 64) _mm_prefetch(values + b, _MM_HINT_T1);
             if (j + PREFETCH_KEYS + 4 <= n) {
-                const char *ahead = (const char *)(k + (j + PREFETCH_KEYS) * dim);
-                for (int64_t b = 0; b < 4 * dim * 4; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+                const char *ahead = (const char *)k + (j + PREFETCH_KEYS) * dim * size;
+                for (int64_t b = 0; b < 4 * dim * size; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
             }
         }
         __m256 a[HEADS_AT_ONCE][4];
@@ -163,8 +191,8 @@ static inline __attribute__((always_inline)) void scores(const int G, const floa
 #pragma GCC unroll 4
             for (int t = 0; t < 4; t++) a[h][t] = _mm256_setzero_ps();
         for (int64_t i = 0; i < dim; i += 8) {
-            const __m256 y0 = _mm256_loadu_ps(k0 + i), y1 = _mm256_loadu_ps(k1 + i), y2 = _mm256_loadu_ps(k2 + i),
-                         y3 = _mm256_loadu_ps(k3 + i);
+            const __m256 y0 = load8(k, k0 + i, half), y1 = load8(k, k1 + i, half), y2 = load8(k, k2 + i, half),
+                         y3 = load8(k, k3 + i, half);
 #pragma GCC unroll 4
             for (int h = 0; h < G; h++) {
                 const __m256 x = _mm256_loadu_ps(q[h] + i);
@@ -185,16 +213,16 @@ static inline __attribute__((always_inline)) void scores(const int G, const floa
         for (int h = 0; h < G; h++) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t i = 0; i < dim; i += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + i), _mm256_loadu_ps(k + j * dim + i), a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + i), load8(k, j * dim + i, half), a);
             s[h][j] = scale * sum8(a);
         }
 }
 
 /* o[h] = (sum_j w[h][j] v_j) / total[h] over n values for G heads (dim a multiple of 8): 64 columns at a time in
    registers */
-static inline __attribute__((always_inline)) void weighted_values(const int G, float *const *w, const float *v,
+static inline __attribute__((always_inline)) void weighted_values(const int G, float *const *w, const void *v,
                                                                   int64_t n, int64_t dim, const float *total,
-                                                                  float *const *o) {
+                                                                  float *const *o, const int half) {
     int64_t c = 0;
     for (; c + 64 <= dim; c += 64) {
         __m256 a[HEADS_AT_ONCE][8];
@@ -206,10 +234,10 @@ static inline __attribute__((always_inline)) void weighted_values(const int G, f
             __m256 p[HEADS_AT_ONCE];
 #pragma GCC unroll 4
             for (int h = 0; h < G; h++) p[h] = _mm256_set1_ps(w[h][j]);
-            const float *row = v + j * dim + c;
+            const int64_t row = j * dim + c;
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
-                const __m256 y = _mm256_loadu_ps(row + 8 * t);
+                const __m256 y = load8(v, row + 8 * t, half);
 #pragma GCC unroll 4
                 for (int h = 0; h < G; h++) a[h][t] = _mm256_fmadd_ps(p[h], y, a[h][t]);
             }
@@ -226,7 +254,7 @@ static inline __attribute__((always_inline)) void weighted_values(const int G, f
         for (int64_t d = c; d < dim; d += 8) {
             __m256 a = _mm256_setzero_ps();
             for (int64_t j = 0; j < n; j++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(w[h][j]), _mm256_loadu_ps(v + j * dim + d), a);
+                a = _mm256_fmadd_ps(_mm256_set1_ps(w[h][j]), load8(v, j * dim + d, half), a);
             _mm256_storeu_ps(o[h] + d, _mm256_mul_ps(a, inverse));
         }
     }
@@ -234,13 +262,38 @@ static inline __attribute__((always_inline)) void weighted_values(const int G, f
 
 /* G heads of one key head (keys k, values v) of one row: their scores into s[h], the softmax, the outputs o[h];
    `first`: the key head's first heads (they prefetch) */
-static inline __attribute__((always_inline)) void attend_heads(const int G, const float *const *q, const float *k,
-                                                               const float *v, int64_t n, int64_t dim, float scale,
-                                                               float *const *s, float *const *o, int first) {
+static inline __attribute__((always_inline)) void attend_heads(const int G, const float *const *q, const void *k,
+                                                               const void *v, int64_t n, int64_t dim, float scale,
+                                                               float *const *s, float *const *o, int first,
+                                                               const int half) {
     float total[HEADS_AT_ONCE];
-    scores(G, q, k, first ? v : NULL, n, dim, scale, s);
+    scores(G, q, k, first ? v : NULL, n, dim, scale, s, half);
     for (int h = 0; h < G; h++) total[h] = softmax_weights8(s[h], n);
-    weighted_values(G, s, v, n, dim, total, o);
+    weighted_values(G, s, v, n, dim, total, o, half);
+}
+
+/* attend_heads for G of 1 .. HEADS_AT_ONCE heads, on a float32 or a 16-bit cache */
+static void attend_some(int G, const float *const *q, const void *k, const void *v, int64_t n, int64_t dim,
+                        float scale, float *const *s, float *const *o, int first, int half) {
+    (void)G;  /* 1 without AVX-512 */
+#if KV16
+    if (half) {
+#if HEADS_AT_ONCE == 3
+        if (G == 3) attend_heads(3, q, k, v, n, dim, scale, s, o, first, 1);
+        else if (G == 2) attend_heads(2, q, k, v, n, dim, scale, s, o, first, 1);
+        else
+#endif
+            attend_heads(1, q, k, v, n, dim, scale, s, o, first, 1);
+        return;
+    }
+#endif
+    (void)half;
+#if HEADS_AT_ONCE == 3
+    if (G == 3) attend_heads(3, q, k, v, n, dim, scale, s, o, first, 0);
+    else if (G == 2) attend_heads(2, q, k, v, n, dim, scale, s, o, first, 0);
+    else
+#endif
+        attend_heads(1, q, k, v, n, dim, scale, s, o, first, 0);
 }
 #endif
 
@@ -272,6 +325,7 @@ typedef struct {
     const float *query;
     const int64_t *tokens, *keys, *values, *k_head_stride, *v_head_stride, *first, *count;
     float *out;
+    int kv16;            /* the caches hold 16-bit floats */
     _Atomic int failed;  /* a row found no memory for its scores */
 } call_t;
 
@@ -296,8 +350,9 @@ static void attend_row(void *context, int64_t r) {
     }
     for (int64_t h = 0; h < c->heads; h += at_once) {  /* at_once divides group, or is 1 */
         const int64_t g = h / group;
-        const float *k = (const float *)(intptr_t)c->keys[r] + g * c->k_head_stride[r] + c->first[r] * dim;
-        const float *v = (const float *)(intptr_t)c->values[r] + g * c->v_head_stride[r] + c->first[r] * dim;
+        const int64_t size = c->kv16 ? 2 : 4;  /* bytes an element */
+        const char *k = (const char *)(intptr_t)c->keys[r] + (g * c->k_head_stride[r] + c->first[r] * dim) * size;
+        const char *v = (const char *)(intptr_t)c->values[r] + (g * c->v_head_stride[r] + c->first[r] * dim) * size;
 #if defined(__AVX2__) && defined(__FMA__)
         if (dim % 8 == 0) {
             const float *q[HEADS_AT_ONCE];
@@ -307,20 +362,14 @@ static void attend_row(void *context, int64_t r) {
                 o[i] = c->out + c->tokens[r] * c->o_token_stride + (h + i) * dim;
                 w[i] = s + (size_t)i * (size_t)(n + 8);
             }
-            const int first = h % group == 0;
-#if HEADS_AT_ONCE == 3
-            if (at_once == 3) attend_heads(3, q, k, v, n, dim, c->scale, w, o, first);
-            else if (at_once == 2) attend_heads(2, q, k, v, n, dim, c->scale, w, o, first);
-            else
-#endif
-                attend_heads(1, q, k, v, n, dim, c->scale, w, o, first);
+            attend_some(at_once, q, k, v, n, dim, c->scale, w, o, h % group == 0, c->kv16);
             continue;
         }
 #endif
         const float *q = c->query + c->tokens[r] * c->q_token_stride + h * c->q_head_stride;
         float *o = c->out + c->tokens[r] * c->o_token_stride + h * dim;
-        scores_portable(q, k, n, dim, c->scale, s);
-        weighted_values_portable(s, v, n, dim, softmax_weights(s, n), o);
+        scores_portable(q, (const float *)k, n, dim, c->scale, s);
+        weighted_values_portable(s, (const float *)v, n, dim, softmax_weights(s, n), o);
     }
     free(s);
 }
@@ -339,18 +388,21 @@ void attention_set_pool(void *run) { pool_run = (pool_run_t)run; }
    threads: rows are shared among up to this many threads of the affine kernel's pool (attention_set_pool; each
    row computed whole by one thread, so the same bits whatever the count): the keys of a 16-row step come from
    memory, and a second core doubles what can be in flight.
+   kv16: the buffers hold 16-bit floats (attention_kv16; head sizes a multiple of 8), element strides as above.
    Returns 0, or -1 for arguments it refuses, -2 when out of memory. */
 int decode_attention(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, float scale, const float *query,
                      int64_t q_token_stride, int64_t q_head_stride, const int64_t *tokens, const int64_t *keys,
                      const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
-                     const int64_t *first, const int64_t *count, float *out, int64_t o_token_stride, int threads) {
+                     const int64_t *first, const int64_t *count, float *out, int64_t o_token_stride, int threads,
+                     int kv16) {
     if (rows < 0 || heads <= 0 || kv_heads <= 0 || dim <= 0 || heads % kv_heads != 0) return -1;
+    if (kv16 && !kv16_fits(dim)) return -1;
     for (int64_t r = 0; r < rows; r++)
         if (count[r] < 1 || first[r] < 0 || tokens[r] < 0) return -1;
     call_t call = {.heads = heads, .kv_heads = kv_heads, .dim = dim, .q_token_stride = q_token_stride,
                    .q_head_stride = q_head_stride, .o_token_stride = o_token_stride, .scale = scale, .query = query,
                    .tokens = tokens, .keys = keys, .values = values, .k_head_stride = k_head_stride,
-                   .v_head_stride = v_head_stride, .first = first, .count = count, .out = out};
+                   .v_head_stride = v_head_stride, .first = first, .count = count, .out = out, .kv16 = kv16};
     if (pool_run != NULL && threads > 1 && rows > 1) {
         pool_run(attend_row, &call, rows, threads);
     } else {
@@ -361,14 +413,30 @@ int decode_attention(int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,
 
 /* Decode rows' new keys (or values) into their sessions' cache buffers: row r's dim floats of head g, at
    states + s_rows[r] * s_token_stride + g * s_head_stride, go to buffers[r] + g * b_head_stride[r] + position[r] * dim.
-   The caller guarantees every buffer holds position[r] + 1 tokens (swarm.model.span.SpanKVCache.reserve). */
+   The caller guarantees every buffer holds position[r] + 1 tokens (swarm.model.span.SpanKVCache.reserve).
+   kv16: 16-bit buffers (as decode_attention's), each value rounded to the nearest half. */
+static void store_row(char *buffer, int64_t element, const float *x, int64_t dim, int kv16) {
+#if KV16
+    if (kv16) {
+        uint16_t *to = (uint16_t *)buffer + element;
+        for (int64_t d = 0; d < dim; d += 8)
+            _mm_storeu_si128((__m128i *)(to + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+#else
+    (void)kv16;
+#endif
+    memcpy((float *)buffer + element, x, sizeof(float) * (size_t)dim);
+}
+
 void append_rows(int64_t rows, int64_t kv_heads, int64_t dim, const float *states, const int64_t *s_rows,
                  int64_t s_token_stride, int64_t s_head_stride, const int64_t *buffers, const int64_t *b_head_stride,
-                 const int64_t *position) {
+                 const int64_t *position, int kv16) {
+    if (kv16 && !kv16_fits(dim)) return;  /* never asked (swarm_kernels/attention.py), never written */
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < kv_heads; g++)
-            memcpy((float *)(intptr_t)buffers[r] + g * b_head_stride[r] + position[r] * dim,
-                   states + s_rows[r] * s_token_stride + g * s_head_stride, sizeof(float) * (size_t)dim);
+            store_row((char *)(intptr_t)buffers[r], g * b_head_stride[r] + position[r] * dim,
+                      states + s_rows[r] * s_token_stride + g * s_head_stride, dim, kv16);
 }
 
 /* Rotary position embedding of decode rows as transformers computes it, x * cos + rotate_half(x) * sin with
@@ -403,11 +471,21 @@ void rope_rows(int64_t tokens, int64_t heads, int64_t dim, const float *x, int64
 
 void rope_append(int64_t rows, int64_t kv_heads, int64_t dim, const float *x, const int64_t *s_rows,
                  int64_t x_token_stride, int64_t x_head_stride, const float *cos, const float *sin,
-                 const int64_t *buffers, const int64_t *b_head_stride, const int64_t *position) {
+                 const int64_t *buffers, const int64_t *b_head_stride, const int64_t *position, int kv16) {
+    float rotated[ROPE_MAX_DIM];
+    if (kv16 && !kv16_fits(dim)) return;  /* never asked (swarm_kernels/attention.py), never written */
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t g = 0; g < kv_heads; g++)
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t element = g * b_head_stride[r] + position[r] * dim;
+            if (!kv16) {
+                rotate(x + s_rows[r] * x_token_stride + g * x_head_stride, cos + s_rows[r] * dim,
+                       sin + s_rows[r] * dim, (float *)(intptr_t)buffers[r] + element, dim);
+                continue;
+            }
             rotate(x + s_rows[r] * x_token_stride + g * x_head_stride, cos + s_rows[r] * dim, sin + s_rows[r] * dim,
-                   (float *)(intptr_t)buffers[r] + g * b_head_stride[r] + position[r] * dim, dim);
+                   rotated, dim);
+            store_row((char *)(intptr_t)buffers[r], element, rotated, dim, kv16);
+        }
 }
 
 /* A decode layer's two halves in one call each, for the lean decode path (swarm.model.lean): the calls it would make
@@ -459,22 +537,23 @@ typedef struct {
    cos, sin [rows, dim]; tokens, keys .. count: as decode_attention and rope_append take them (tokens[r] = r), the
    caches already holding position[r] + 1 tokens' room; work: rows * (qkv.n + 2 * heads * dim + o.n) floats;
    scratch: the most any of its linear calls needs (affine_scratch_floats of its input size, or a8_scratch_bytes of
-   the rows and input size: swarm_kernels/fused.py's scratch_floats). Returns 0, or what a call refused (-1, -2). */
+   the rows and input size: swarm_kernels/fused.py's scratch_floats); kv16: 16-bit caches (decode_attention's).
+   Returns 0, or what a call refused (-1, -2). */
 int attention_block(const attention_t *a, int64_t rows, const float *x, const float *residual, float *out,
                     const float *cos, const float *sin, const int64_t *tokens, const int64_t *keys,
                     const int64_t *values, const int64_t *k_head_stride, const int64_t *v_head_stride,
                     const int64_t *position, const int64_t *first, const int64_t *count, float *work, float *scratch,
-                    int threads) {
+                    int threads, int kv16) {
     const int64_t dim = a->dim, nq = a->heads * dim, nkv = a->kv_heads * dim, width = a->qkv.n;
-    if (width != nq + 2 * nkv || a->o.k != nq) return -1;
+    if (width != nq + 2 * nkv || a->o.k != nq || (kv16 && !kv16_fits(dim))) return -1;
     float *qkv = work, *query = qkv + rows * width, *attended = query + rows * nq, *projected = attended + rows * nq;
     int status = linear(&a->qkv, x, rows, qkv, scratch, threads);
     if (status != 0) return status;
     rope_rows(rows, a->heads, dim, qkv, width, dim, cos, sin, query, nq, dim);
-    append_rows(rows, a->kv_heads, dim, qkv + nq + nkv, tokens, width, dim, values, v_head_stride, position);
-    rope_append(rows, a->kv_heads, dim, qkv + nq, tokens, width, dim, cos, sin, keys, k_head_stride, position);
+    append_rows(rows, a->kv_heads, dim, qkv + nq + nkv, tokens, width, dim, values, v_head_stride, position, kv16);
+    rope_append(rows, a->kv_heads, dim, qkv + nq, tokens, width, dim, cos, sin, keys, k_head_stride, position, kv16);
     status = decode_attention(rows, a->heads, a->kv_heads, dim, a->scaling, query, nq, dim, tokens, keys, values,
-                              k_head_stride, v_head_stride, first, count, attended, nq, threads);
+                              k_head_stride, v_head_stride, first, count, attended, nq, threads, kv16);
     if (status != 0) return status;
     status = linear(&a->o, attended, rows, projected, scratch, threads);
     if (status != 0) return status;
@@ -587,14 +666,14 @@ typedef struct {
 int layer_first(const layer_t *layer, int64_t rows, const float *x, float *mid, float *gate_up, const float *cos,
                 const float *sin, const int64_t *tokens, const int64_t *keys, const int64_t *values,
                 const int64_t *k_head_stride, const int64_t *v_head_stride, const int64_t *position,
-                const int64_t *first, const int64_t *count, float *work, float *scratch, int threads) {
+                const int64_t *first, const int64_t *count, float *work, float *scratch, int threads, int kv16) {
     const attention_t *a = &layer->attention;
     const int64_t hidden = a->qkv.k;
     if (layer->lanes < 1 || layer->lanes > MAX_LANES || layer->gate_up.k != hidden || a->o.n != hidden) return -1;
     float *normed = work, *squares = normed + rows * hidden, *rest = squares + hidden;
     rms_norm_rows(x, rows, hidden, layer->input_norm, layer->input_eps, layer->lanes, squares, normed);
     int status = attention_block(a, rows, normed, x, mid, cos, sin, tokens, keys, values, k_head_stride,
-                                 v_head_stride, position, first, count, rest, scratch, threads);
+                                 v_head_stride, position, first, count, rest, scratch, threads, kv16);
     if (status != 0) return status;
     rms_norm_rows(mid, rows, hidden, layer->mlp_norm, layer->mlp_eps, layer->lanes, squares, normed);
     return linear(&layer->gate_up, normed, rows, gate_up, scratch, threads);

@@ -64,12 +64,12 @@ def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
     library.attention_set_affine(ctypes.cast(affine.affine_linear_parallel, _ptr).value)
     library.attention_block.restype = ctypes.c_int
     library.attention_block.argtypes = [ctypes.POINTER(_Attention), _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                        _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+                                        _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int, ctypes.c_int]
     library.linear_residual.restype = ctypes.c_int
     library.linear_residual.argtypes = [ctypes.POINTER(_Weight), _i64, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
     library.layer_first.restype = ctypes.c_int
     library.layer_first.argtypes = [ctypes.POINTER(_Layer), _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                    _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+                                    _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int, ctypes.c_int]
     library.rms_norm.restype = ctypes.c_int
     library.rms_norm.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_float, _i64, _ptr]
     library.attention_set_a8.restype, library.attention_set_a8.argtypes = None, [_ptr, _i64]
@@ -170,7 +170,7 @@ class AttentionBlock:
         checked, count = rows._checked, rows.count
         if _library() is None or checked is None or count == 0:
             return None
-        _, _, kv_heads, dim, keys, values, key_strides, value_strides = checked
+        _, _, kv_heads, dim, keys, values, key_strides, value_strides, kv16 = checked
         if (kv_heads != self.kv_heads or dim != self.dim or not rows.in_order
                 or not all(_floats(t, count * self.hidden) and t.numel() == count * self.hidden for t in tensors)
                 or not attention._angles(cos, sin, count, dim) or not _floats(work, work_floats)
@@ -178,7 +178,7 @@ class AttentionBlock:
             return None
         firsts, counts = rows.window(window)
         return (cos.data_ptr(), sin.data_ptr(), rows._rows, keys, values, key_strides, value_strides, rows._positions,
-                firsts, counts, work.data_ptr(), scratch.data_ptr(), cpu.threads())
+                firsts, counts, work.data_ptr(), scratch.data_ptr(), cpu.threads(), kv16)
 
 
 def _done(status: int) -> bool:

@@ -44,6 +44,9 @@ HALF_ERROR = 1e-2  # bfloat16 / float16 activations
 # side on its own cache, as a verifier replays a link)
 # (an unknown mode counts as the loosest level there is)
 ACTIVATIONS_ERROR = {"float32": 0.0, "int8": 8e-2}
+# float16 KV caches (--kv-dtype) against float32 ones, SmolLM2's 30 int4 blocks: 3.5e-4 for a prefill chunk after
+# 100 tokens, up to 5.8e-4 for the 20 decode steps after it (a link replayed on a float16 cache: 1.4e-4)
+KV_ERROR = {"float32": 0.0, "float16": 2e-3}
 SAME_PRECISION = 1e-3  # same dtype and quantization: rounding differences of kernels and batch shapes only
 MARGIN = 2.0
 
@@ -61,7 +64,7 @@ def _error_level(info: SpanInfo) -> float:
         level = max(level, HALF_ERROR)
     # int8 activations add their own error to the weights' (e.g. an int4 checkpoint that is not lossless)
     loosest = max(*PRECISION_ERROR.values(), *ACTIVATIONS_ERROR.values())
-    return level + ACTIVATIONS_ERROR.get(info.activations, loosest)
+    return level + ACTIVATIONS_ERROR.get(info.activations, loosest) + KV_ERROR.get(info.kv_dtype, loosest)
 
 
 def tolerance(first: SpanInfo, others: list[SpanInfo]) -> float:
@@ -69,8 +72,8 @@ def tolerance(first: SpanInfo, others: list[SpanInfo]) -> float:
     int8 activations are not held to rounding: a verifier replays a link's history as one prefill where the peer
     decoded it a token at a time, and a last-bit difference there moves activations across their int8 grid (1e-2 to
     3e-2 apart over SmolLM2's 30 blocks)."""
-    if all((o.dtype, o.quant, o.activations) == (first.dtype, first.quant, first.activations) for o in others) \
-            and first.activations == "float32":
+    mine = (first.dtype, first.quant, first.activations, first.kv_dtype)
+    if all((o.dtype, o.quant, o.activations, o.kv_dtype) == mine for o in others) and first.activations == "float32":
         return SAME_PRECISION
     return MARGIN * max(_error_level(info) for info in [first, *others])
 

@@ -42,6 +42,9 @@ class SpanKVCache:
     Implements the one method transformers' attention layers call on a cache: `update(k, v, layer_idx)`, which
     appends the new keys/values of that layer and returns everything the layer may attend to. Buffers are shaped
     from the first update (`[batch, kv_heads, capacity, head_dim]`), so no per-family head geometry is needed here.
+    With `dtype` (torch.float16 on a CPU span: the peer's --kv-dtype), they hold the states rounded to it: half the
+    memory, and half what a decode step reads (swarm_kernels/cpu_attention.c reads and writes them as they are);
+    `update` gives the layers what they hold in the states' dtype.
     """
 
     GROW = 128  # tokens added per reallocation: bounds copies to O(length / GROW)
@@ -52,9 +55,10 @@ class SpanKVCache:
         max_length (swarm.server.backend; the simulator's peers hold the same, benchmarks/sim)."""
         return min(max_length, -(-max(1, end) // cls.GROW) * cls.GROW)
 
-    def __init__(self, num_layers: int, max_length: int):
+    def __init__(self, num_layers: int, max_length: int, dtype: torch.dtype | None = None):
         self.num_layers = num_layers
         self.max_length = max_length
+        self.dtype = dtype  # of the buffers (None: the states')
         self.length = 0  # tokens committed for every layer
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
@@ -68,6 +72,8 @@ class SpanKVCache:
         keys, values = self.reserve(key_states, value_states, layer_idx, end)
         keys[:, :, self.length : end] = key_states
         values[:, :, self.length : end] = value_states
+        if keys.dtype != key_states.dtype:  # 16-bit buffers: what they hold, in the layers' dtype
+            return keys[:, :, :end].to(key_states.dtype), values[:, :, :end].to(value_states.dtype)
         return keys[:, :, :end], values[:, :, :end]
 
     def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -86,7 +92,7 @@ class SpanKVCache:
 
     def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
         shape = (*like.shape[:-2], capacity, like.shape[-1])
-        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        buffer = torch.empty(shape, dtype=self.dtype or like.dtype, device=like.device)
         if old is not None:
             buffer[:, :, : self.length] = old[:, :, : self.length]
         return buffer
@@ -152,6 +158,7 @@ class BlockSpan(nn.Module):
         self.precision = precision or Precision("cpu", torch.float32, "none")
         self.explicit_masks = explicit_masks
         self.encoder = encoder  # bidirectional blocks over a whole input, no KV cache (embedding models)
+        self.kv_dtype: torch.dtype | None = None  # of the sessions' caches (None: the activations'; set_kv_dtype)
         for i, block in enumerate(self.blocks):  # index the session cache by position within the span
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
@@ -190,8 +197,18 @@ class BlockSpan(nn.Module):
         return (sum(t.nbytes for t in self.parameters()) + sum(t.nbytes for t in self.buffers())
                 + packed.packed_bytes(self) + int8_activation_bytes(self))
 
+    def set_kv_dtype(self, name: str) -> None:
+        """The sessions' caches in "float32" (the activations' dtype) or "float16" (a float32 CPU span only: half the
+        KV memory, and about 0.7x the time of a 64-row step's attention; the values rounded to halves, so outputs
+        differ slightly from a float32 cache's)."""
+        if name not in ("float32", "float16"):
+            raise ValueError(f"--kv-dtype {name!r}: expected float32 or float16")
+        if name == "float16" and not (self.precision.device == "cpu" and self.precision.dtype == torch.float32):
+            raise ValueError("--kv-dtype float16 is for float32 spans on the CPU")
+        self.kv_dtype = torch.float16 if name == "float16" else None
+
     def new_cache(self, max_length: int) -> SpanKVCache:
-        return SpanKVCache(len(self.blocks), max_length)
+        return SpanKVCache(len(self.blocks), max_length, self.kv_dtype)
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: SpanKVCache, position: int, blocks: slice | None = None):

@@ -116,6 +116,8 @@ class Peer:
         # (all-MiniLM-L6-v2 through int8 spans: cosine 0.9993-0.9997 to fp32, int4 0.96-0.98).
         quant = "none" if settings.quant == "auto" and is_encoder(self.config) else settings.quant
         self.precision = choose_precision(settings.device, settings.dtype, quant, self.source.native_quant)
+        if settings.kv_dtype == "float16" and (self.precision.device, self.precision.dtype) != ("cpu", torch.float32):
+            raise ValueError(f"--kv-dtype float16 is for float32 blocks on the CPU, not {self.precision.describe()}")
         self.length = self.fixed[1] - self.fixed[0] if self.fixed else self._span_length()
         self.max_length = min(settings.max_length or self.config.max_position_embeddings,
                               self.config.max_position_embeddings)
@@ -217,6 +219,7 @@ class Peer:
             dtype=self.precision.dtype_name,
             quant=self.precision.quant,
             activations=self.activations(),
+            kv_dtype=self.settings.kv_dtype,
             device=self.precision.device,
             max_length=self.max_length,
             kv_budget_tokens=budget.total if budget else 0,
@@ -273,10 +276,11 @@ class Peer:
             span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end,
                                                                       precision=self.precision))
         await self.sharing.loaded(start, end)  # a model fetched by its id: shards of other spans are not kept
+        span.set_kv_dtype(settings.kv_dtype)
         limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
                         settings.admission_wait)
-        per_token = kv_bytes_per_token(self.config, end - start, self.precision.dtype)
+        per_token = kv_bytes_per_token(self.config, end - start, span.kv_dtype or self.precision.dtype)
         if settings.kv_budget_tokens:
             tokens = settings.kv_budget_tokens
         elif settings.memory_budget:  # what the weights leave of the budget

@@ -100,6 +100,56 @@ def test_a_heads_result_is_the_same_bits_beside_its_key_heads_other_heads_as_alo
         assert torch.equal(alone[0, :, 0], together[0, :, h])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 1, 128), (6, 2, 80), (4, 4, 32)])
+def test_16_bit_caches_attend_as_float32_caches_of_the_same_values(heads, kv_heads, dim):
+    # a half converts to a float exactly: the same bits as over float32 buffers holding the rounded values
+    g = torch.Generator().manual_seed(heads * dim + 1)
+    lengths = [70, 3, 129, 1]
+    buffers = _sessions(g, lengths, kv_heads, dim)
+    halves = [(k.half(), v.half()) for k, v in buffers]
+    rounded = [(k.float(), v.float()) for k, v in halves]
+    query = torch.randn(1, heads, len(lengths), dim, generator=g)
+    out16, out32 = (torch.zeros(1, len(lengths), heads, dim) for _ in range(2))
+    rows = list(range(len(lengths)))
+    if not attention.kv16(dim):  # a build without F16C (the portable loops): refused, nothing read or written
+        assert not attention.decode_attention(query, rows, halves, lengths, out16, 0.125)
+        assert not out16.any()
+        return
+    assert attention.decode_attention(query, rows, halves, lengths, out16, 0.125, 5)
+    assert attention.decode_attention(query, rows, rounded, lengths, out32, 0.125, 5)
+    assert torch.equal(out16, out32)
+    mixed = [halves[0], rounded[1], halves[2], halves[3]]  # one call reads one kind of buffer
+    assert not attention.decode_attention(query, rows, mixed, lengths, out16, 0.125)
+
+
+def test_16_bit_caches_are_written_as_torch_rounds_to_halves():
+    g = torch.Generator().manual_seed(5)
+    kv_heads, dim = 3, 64
+    states = torch.randn(1, kv_heads, 5, dim, generator=g) * 300  # also past a half's 11 bits
+    states[0, 0, 4, :3] = torch.tensor([1e-6, 7e4, -float("inf")])  # a subnormal half, past its largest, infinite
+    buffers = [torch.zeros(1, kv_heads, 16, dim, dtype=torch.float16) for _ in range(2)]
+    if not attention.kv16(dim):
+        assert not attention.append_rows(states, [4, 1], buffers, [0, 9])
+        return
+    assert attention.append_rows(states, [4, 1], buffers, [0, 9])
+    assert torch.equal(buffers[0][0, :, 0], states[0, :, 4].half())
+    assert torch.equal(buffers[1][0, :, 9], states[0, :, 1].half())
+    assert buffers[0][0, :, 1:].count_nonzero() == 0 and buffers[1][0, :, :9].count_nonzero() == 0
+    # the keys rotated (as `rope` computes them in float32) and then rounded; the values rounded
+    keys = [torch.zeros(1, kv_heads, 16, dim, dtype=torch.float16) for _ in range(2)]
+    values = [torch.zeros(1, kv_heads, 16, dim, dtype=torch.float16) for _ in range(2)]
+    rows = attention.DecodeRows([0, 1], [3, 8])
+    assert rows.check(keys, values)
+    k, v = (torch.randn(1, 2, kv_heads, dim, generator=g) for _ in range(2))
+    cos, sin = torch.randn(2, dim, generator=g), torch.randn(2, dim, generator=g)
+    assert rows.rope_append(k, v, cos, sin)
+    rotated = torch.empty_like(k)
+    assert attention.rope(k, cos, sin, rotated)
+    for i, position in enumerate([2, 7]):
+        assert torch.equal(keys[i][0, :, position], rotated[0, i].half())
+        assert torch.equal(values[i][0, :, position], v[0, i].half())
+
+
 def test_rows_shared_among_the_kernel_pools_threads_give_the_same_bits(monkeypatch):
     # with the peer's kernel threads (cpu.set_threads), a call's rows are claimed by the affine kernel's pool:
     # each row computed whole by one thread, so the same bits as on one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,6 +61,37 @@ def test_lean_decode_is_the_same_bits_as_the_layers_own(tiny_model_dir, family, 
         assert a.length == b.length
         for layer in range(len(span.blocks)):
             assert all(torch.equal(x, y) for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_lean_decode_on_16_bit_caches_is_the_same_bits_as_the_layers_own(tiny_model_dir, family, quant):
+    # --kv-dtype float16: the native calls read and write the halves, the layers get them back as float32
+    span = span_of(tiny_model_dir, family, quant)
+    span.set_kv_dtype("float16")
+    assert span.prepare_lean()
+    got = decode_both_ways(span)
+    (lean_out, lean_caches), (own_out, own_caches) = got[True], got[False]
+    assert torch.equal(lean_out, own_out), (lean_out - own_out).abs().max()
+    for a, b in zip(lean_caches, own_caches, strict=True):
+        assert a.length == b.length and a.nbytes() == b.nbytes()
+        assert all(record is not None and record[7] == 1 for record in a.native)  # what the native calls read
+        for layer in range(len(span.blocks)):
+            assert all(x.dtype == torch.float16 and torch.equal(x, y)
+                       for x, y in zip(kv(a, layer), kv(b, layer), strict=True))
+    # and close to float32 caches (the halves' rounding, not a wrong value)
+    span.set_kv_dtype("float32")
+    full = decode_both_ways(span)[True][0]
+    assert (full - lean_out).norm() / full.norm() < 1e-2
+
+
+def test_16_bit_caches_are_only_for_float32_cpu_spans(tiny_model_dir):
+    span = span_of(tiny_model_dir, "llama", "none")
+    with pytest.raises(ValueError, match="expected float32 or float16"):
+        span.set_kv_dtype("bfloat16")
+    span.precision = dataclasses.replace(span.precision, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 spans on the CPU"):
+        span.set_kv_dtype("float16")
 
 
 def test_lean_decode_keeps_its_bits_where_the_native_rotary_embedding_does_not_apply(tiny_model_dir, monkeypatch):

@@ -12,10 +12,11 @@ from swarm.client.verification import SAME_PRECISION, distance, judge, tolerance
 from swarm.protocol import SpanInfo
 
 
-def info(quant: str = "none", dtype: str = "float32", activations: str = "float32") -> SpanInfo:
+def info(quant: str = "none", dtype: str = "float32", activations: str = "float32",
+         kv_dtype: str = "float32") -> SpanInfo:
     return SpanInfo(peer_id="p", model_id="m", start=0, end=4, num_blocks=4, hidden_size=8, dtype=dtype, quant=quant,
                     max_length=64, kv_budget_tokens=100, free_kv_tokens=100, active_sessions=0,
-                    activations=activations)
+                    activations=activations, kv_dtype=kv_dtype)
 
 
 def test_tolerance_follows_the_two_precisions():
@@ -32,6 +33,16 @@ def test_tolerance_follows_the_two_precisions():
     assert 2 * 3e-2 < tolerance(a8, [info("int4", activations="int8")]) < 0.5
     # a mode this reader does not know: the loosest tolerance there is, not rounding
     assert tolerance(info("int4", activations="fp4"), [info("int4", activations="fp4")]) >= tolerance(a8, [info()])
+
+
+def test_float16_caches_are_held_to_rounding_only_beside_their_like():
+    # measured over SmolLM2's 30 int4 blocks: float16 against float32 caches up to 5.8e-4 relative L2 (an unquantized
+    # span's own level is 1e-4), a link replayed on a float16 cache 1.4e-4 from its decoding on one
+    kv16 = info("int4", kv_dtype="float16")
+    assert tolerance(kv16, [info("int4", kv_dtype="float16")]) == SAME_PRECISION
+    assert tolerance(kv16, [info("int4")]) == tolerance(info("int4"), [kv16]) > tolerance(info(), [info("int4")])
+    assert tolerance(info(kv_dtype="float16"), [info()]) > 2 * 5.8e-4
+    assert tolerance(info(kv_dtype="float8"), [info()]) >= tolerance(info(), [info("nf4")])  # unknown: the loosest
 
 
 def test_distance_tells_rounding_from_a_wrong_answer():
