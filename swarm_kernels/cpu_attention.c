@@ -272,28 +272,31 @@ static inline __attribute__((always_inline)) void attend_heads(const int G, cons
     weighted_values(G, s, v, n, dim, total, o, half);
 }
 
-/* attend_heads for G of 1 .. HEADS_AT_ONCE heads, on a float32 or a 16-bit cache */
-static void attend_some(int G, const float *const *q, const void *k, const void *v, int64_t n, int64_t dim,
-                        float scale, float *const *s, float *const *o, int first, int half) {
+/* attend_heads for G of 1 .. HEADS_AT_ONCE heads (each G its own code, the loops over heads unrolled) */
+static inline __attribute__((always_inline)) void attend_g(int G, const float *const *q, const void *k, const void *v,
+                                                           int64_t n, int64_t dim, float scale, float *const *s,
+                                                           float *const *o, int first, const int half) {
     (void)G;  /* 1 without AVX-512 */
-#if KV16
-    if (half) {
 #if HEADS_AT_ONCE == 3
-        if (G == 3) attend_heads(3, q, k, v, n, dim, scale, s, o, first, 1);
-        else if (G == 2) attend_heads(2, q, k, v, n, dim, scale, s, o, first, 1);
-        else
-#endif
-            attend_heads(1, q, k, v, n, dim, scale, s, o, first, 1);
-        return;
-    }
-#endif
-    (void)half;
-#if HEADS_AT_ONCE == 3
-    if (G == 3) attend_heads(3, q, k, v, n, dim, scale, s, o, first, 0);
-    else if (G == 2) attend_heads(2, q, k, v, n, dim, scale, s, o, first, 0);
+    if (G == 3) attend_heads(3, q, k, v, n, dim, scale, s, o, first, half);
+    else if (G == 2) attend_heads(2, q, k, v, n, dim, scale, s, o, first, half);
     else
 #endif
-        attend_heads(1, q, k, v, n, dim, scale, s, o, first, 0);
+        attend_heads(1, q, k, v, n, dim, scale, s, o, first, half);
+}
+
+/* attend_g on a float32 or a 16-bit cache (each its own code) */
+static void attend_some(int G, const float *const *q, const void *k, const void *v, int64_t n, int64_t dim,
+                        float scale, float *const *s, float *const *o, int first, int half) {
+#if KV16
+    if (half) {
+        attend_g(G, q, k, v, n, dim, scale, s, o, first, 1);
+        return;
+    }
+#else
+    (void)half;
+#endif
+    attend_g(G, q, k, v, n, dim, scale, s, o, first, 0);
 }
 #endif
 
