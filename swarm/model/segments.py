@@ -66,6 +66,7 @@ class _Plan:
     # per segment, for `layer`: its cache's keys and values (buffers that may hold more) and how many it attends to
     keys: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # the layer's states' (16-bit cache buffers are read back in it)
     starts: list[int] = field(init=False)  # where each segment's tokens begin in the sequence
     rows: list[int] = field(init=False)  # the segments of one token (decode rows)
 
@@ -77,9 +78,12 @@ class _Plan:
         self.rows = [i for i, s in enumerate(self.segments) if s.tokens == 1]
 
     def attended(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Segment i's keys and values [1, kv_heads, length, D] for `layer`."""
+        """Segment i's keys and values [1, kv_heads, length, D] for `layer`, in the states' dtype (a decode row's
+        buffers, appended natively, may hold float16: --kv-dtype)."""
         (keys, values), length = self.keys[i], self.lengths[i]
-        return (keys, values) if keys.shape[-2] == length else (keys[:, :, :length], values[:, :, :length])
+        if keys.shape[-2] != length:
+            keys, values = keys[:, :, :length], values[:, :, :length]
+        return (keys, values) if keys.dtype == self.dtype else (keys.to(self.dtype), values.to(self.dtype))
 
 
 _ACTIVE: contextvars.ContextVar[_Plan | None] = contextvars.ContextVar("swarm_segments", default=None)
@@ -109,7 +113,7 @@ class SegmentsCache:
                     and native.append(key_states, value_states)):
                 plan.native_layer = layer_idx
                 appended = {i: (kv, n) for i, kv, n in zip(plan.rows, buffers, native.lengths, strict=True)}
-        plan.layer, plan.keys, plan.lengths = layer_idx, [], []
+        plan.layer, plan.keys, plan.lengths, plan.dtype = layer_idx, [], [], key_states.dtype
         for i, segment in enumerate(plan.segments):
             if i in appended:
                 kv, length = appended[i]

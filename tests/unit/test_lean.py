@@ -69,7 +69,7 @@ def test_lean_decode_on_16_bit_caches_is_the_same_bits_as_the_layers_own(tiny_mo
     # --kv-dtype float16: the native calls read and write the halves, the layers get them back as float32
     span = span_of(tiny_model_dir, family, quant)
     span.set_kv_dtype("float16")
-    assert span.prepare_lean()
+    assert span.prepare_lean() and span.runs_lean
     got = decode_both_ways(span)
     (lean_out, lean_caches), (own_out, own_caches) = got[True], got[False]
     assert torch.equal(lean_out, own_out), (lean_out - own_out).abs().max()
@@ -83,6 +83,18 @@ def test_lean_decode_on_16_bit_caches_is_the_same_bits_as_the_layers_own(tiny_mo
     span.set_kv_dtype("float32")
     full = decode_both_ways(span)[True][0]
     assert (full - lean_out).norm() / full.norm() < 1e-2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2", "phi3"])
+def test_16_bit_caches_serve_families_whose_attention_is_their_own(tiny_model_dir, family):
+    # soft-capping, eager attention: the decode rows' keys are appended natively into the halves, and the family's
+    # own function reads them back as float32 (it once got float16 keys beside a float32 query: a crash)
+    span = span_of(tiny_model_dir, family, "none")
+    span.set_kv_dtype("float16")
+    half = decode_both_ways(span)[False][0]
+    span.set_kv_dtype("float32")
+    full = decode_both_ways(span)[False][0]
+    assert half.dtype == torch.float32 and (full - half).norm() / full.norm() < 1e-2
 
 
 def test_16_bit_caches_are_only_for_float32_cpu_spans(tiny_model_dir):
@@ -184,7 +196,7 @@ def test_other_shapes_keep_the_generic_path(tiny_model_dir, family):
     # weights (shaped like Llama's otherwise)
     span = span_of(tiny_model_dir, family, "none")
     assert lean.eligible(span) == (family == "olmo")
-    assert not span.prepare_lean()
+    assert not span.prepare_lean() and not span.runs_lean  # a peer's --kv-dtype auto keeps float32 caches here
 
 
 def test_a_round_the_native_attention_refuses_is_redone_by_the_generic_path(tiny_model_dir, monkeypatch):
