@@ -64,6 +64,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
                     settings.swarm_model, settings.initial_peers, settings.embedded_num_threads,
                     settings.startup_timeout, embedding_model=settings.swarm_embedding_model or None,
                     client_threads=settings.gateway_num_threads, activations=settings.embedded_activations,
+                    kv_dtype=settings.embedded_kv_dtype,
                     local_socket=settings.embedded_local_socket, draft_model=settings.gateway_draft_model,
                     draft_kv_tokens=settings.gateway_draft_kv_tokens,
                     identity=settings.swarm_client_identity, allowed_peers=settings.allowed_peers,

@@ -96,6 +96,9 @@ class GatewaySettings(BaseSettings):
     embedded_activations: Literal["float32", "int8"] = Field(
         "float32", description="the embedded peer's --activations: int8 multiplies its int8/int4 blocks with int8 "
                                "activations (faster, slightly less faithful; README)")
+    embedded_kv_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="the embedded peer's --kv-dtype (auto: float16 caches where its native attention reads "
+                            "them, CPU blocks; float32: the caches the exactness tests hold peers to; README)")
     embedded_local_socket: bool = Field(True, description="the gateway's streams to its embedded peers through a "
                                                           "Unix socket in a private directory (false: through the "
                                                           "p2p daemons, as to any other peer)")

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threads: int = 0,
                              startup_timeout: float = 600.0, embedding_model: str | None = None,
-                             client_threads: int = 0, activations: str = "float32", local_socket: bool = True,
+                             client_threads: int = 0, activations: str = "float32", kv_dtype: str = "float32",
+                             local_socket: bool = True,
                              draft_model: str = "", draft_kv_tokens: int = 32768,
                              **client_options) -> AsyncIterator[tuple[SwarmTextService, SwarmEmbeddingService | None]]:
     """The text service (and, with `embedding_model`, the embedding service) over a joined (or embedded) swarm;
@@ -42,9 +43,10 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
     0: one beside an embedded swarm (its peer computes on every core; the head's few rows per round need one), torch's
     default when joining peers elsewhere. An LM head on the native kernel (swarm.model.head.native_head) shares its
     calls among every CPU this process may run on, beside an embedded peer too: a round's head runs while the chain
-    waits for its tokens. activations: the embedded peers' --activations; local_socket: the client's streams to
-    them through Unix sockets in a private directory (swarm.local_socket) rather than the p2p daemons; draft_model:
-    a local model drafting for speculative decoding (swarm.client.drafting), its caches holding draft_kv_tokens."""
+    waits for its tokens. activations, kv_dtype: the embedded peers' --activations and --kv-dtype; local_socket:
+    the client's streams to them through Unix sockets in a private directory (swarm.local_socket) rather than the
+    p2p daemons; draft_model: a local model drafting for speculative decoding (swarm.client.drafting), its caches
+    holding draft_kv_tokens."""
     threads = client_threads or (1 if not initial_peers else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -61,7 +63,7 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
                 except BadDirectory as e:  # e.g. a TMPDIR too long for socket addresses: the p2p daemons then
                     logger.warning("embedded swarm without a local socket: %s", e)
                     sockets = ""
-            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads, activations,
+            initial_peers = await stack.enter_async_context(_embedded_swarm(models, num_threads, activations, kv_dtype,
                                                                             sockets))
             if sockets:
                 client_options.setdefault("local_sockets", sockets)
@@ -82,7 +84,7 @@ async def open_swarm_backend(model: str, initial_peers: Sequence[str], num_threa
 
 
 @contextlib.asynccontextmanager
-async def _embedded_swarm(models: list[str], num_threads: int, activations: str = "float32",
+async def _embedded_swarm(models: list[str], num_threads: int, activations: str = "float32", kv_dtype: str = "float32",
                           local_sockets: str = "") -> AsyncIterator[list[str]]:
     """An embedded DHT and one local peer per model, each hosting every block of it; with `local_sockets`, each
     also listens on a Unix socket there (swarm.local_socket)."""
@@ -102,6 +104,8 @@ async def _embedded_swarm(models: list[str], num_threads: int, activations: str 
                 argv += ["--num-threads", str(num_threads)]
             if activations != "float32":
                 argv += ["--activations", activations]
+            if kv_dtype != "float32":
+                argv += ["--kv-dtype", kv_dtype]
             if local_sockets:
                 argv += ["--local-socket", local_sockets]
             argvs.append(argv)

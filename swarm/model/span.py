@@ -299,6 +299,11 @@ class BlockSpan(nn.Module):
             step.cache.commit(step.tokens)
         return hidden
 
+    @property
+    def runs_lean(self) -> bool:
+        """Whether decode rounds take the lean path (swarm.model.lean)."""
+        return self._lean_path() is not None
+
     def _lean_path(self) -> lean_decode.LeanDecode | None:
         """The span's lean path (decided at its first use where prepare_lean has not run), or None."""
         if self._lean is True:

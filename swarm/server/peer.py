@@ -54,7 +54,7 @@ from swarm.server.latency import NextHops
 from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 from swarm.server.sharing import WeightSharing, fetch_model, is_content_id
-from swarm_kernels import cpu
+from swarm_kernels import attention, cpu
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ class Peer:
         # (all-MiniLM-L6-v2 through int8 spans: cosine 0.9993-0.9997 to fp32, int4 0.96-0.98).
         quant = "none" if settings.quant == "auto" and is_encoder(self.config) else settings.quant
         self.precision = choose_precision(settings.device, settings.dtype, quant, self.source.native_quant)
-        if settings.kv_dtype == "float16" and (self.precision.device, self.precision.dtype) != ("cpu", torch.float32):
-            raise ValueError(f"--kv-dtype float16 is for float32 blocks on the CPU, not {self.precision.describe()}")
+        self.kv_dtype = self._kv_dtype(settings.kv_dtype)
         self.length = self.fixed[1] - self.fixed[0] if self.fixed else self._span_length()
         self.max_length = min(settings.max_length or self.config.max_position_embeddings,
                               self.config.max_position_embeddings)
@@ -219,7 +218,7 @@ class Peer:
             dtype=self.precision.dtype_name,
             quant=self.precision.quant,
             activations=self.activations(),
-            kv_dtype=self.settings.kv_dtype,
+            kv_dtype=self.kv_dtype,
             device=self.precision.device,
             max_length=self.max_length,
             kv_budget_tokens=budget.total if budget else 0,
@@ -259,6 +258,18 @@ class Peer:
             await asyncio.sleep(self.settings.announce_period)
             await self._announce()
 
+    def _kv_dtype(self, wanted: str) -> str:
+        """--kv-dtype resolved: float16 only for float32 blocks on the CPU; auto, where the native attention also
+        reads halves of this model's head size (else every step would convert the caches in torch)."""
+        cpu_float32 = (self.precision.device, self.precision.dtype) == ("cpu", torch.float32)
+        if wanted == "float16" and not cpu_float32:
+            raise ValueError(f"--kv-dtype float16 is for float32 blocks on the CPU, not {self.precision.describe()}")
+        if wanted == "auto":
+            heads = self.config.num_attention_heads
+            head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
+            return "float16" if cpu_float32 and attention.kv16(head_dim) else "float32"
+        return wanted
+
     # -- loading ---------------------------------------------------------------------------------------------------
 
     async def _load(self, start: int, end: int) -> SpanBackend:
@@ -276,7 +287,11 @@ class Peer:
             span = await loop.run_in_executor(None, lambda: load_span(self.source, start, end,
                                                                       precision=self.precision))
         await self.sharing.loaded(start, end)  # a model fetched by its id: shards of other spans are not kept
-        span.set_kv_dtype(settings.kv_dtype)
+        # auto: off the lean path (a family it does not take), every step would read float16 caches back in torch
+        self.kv_dtype = self._kv_dtype(settings.kv_dtype) if settings.kv_dtype != "auto" or span.runs_lean \
+            else "float32"
+        span.set_kv_dtype(self.kv_dtype)
+        logger.info("the sessions' KV caches hold %s (--kv-dtype %s)", self.kv_dtype, settings.kv_dtype)
         limits = Limits(settings.max_sessions, self.max_length, settings.max_batch, settings.max_chunk_tokens,
                         settings.max_batch_sessions, settings.prefill_chunk, settings.batch_wait_ms / 1000,
                         settings.admission_wait)

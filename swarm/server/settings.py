@@ -56,10 +56,11 @@ class PeerSettings(BaseSettings):
     quant: Literal["auto", "none", "int8", "int4", "nf4"] = Field(
         "auto", description="weight quantization of the blocks (auto: nf4 on CUDA; int8 on CPU, int4 for a 4-bit "
                             "GGUF checkpoint like the default model)")
-    kv_dtype: Literal["float32", "float16"] = Field(
+    kv_dtype: Literal["float32", "float16", "auto"] = Field(
         "float32", description="what the sessions' KV caches hold on a float32 CPU span: float32, or float16 (half "
                                "the memory, so twice the tokens in the same budget, and ~0.7x the time of a 64-row "
-                               "decode step's attention; keys and values rounded to halves: README)")
+                               "decode step's attention; keys and values rounded to halves: README); auto: float16 "
+                               "where the native attention reads it (float32 CPU blocks, F16C), else float32")
     activations: Literal["float32", "int8"] = Field(
         "float32", description="what int8 and int4 CPU blocks multiply their weights with: float32 (the dequantized "
                                "model's arithmetic) or int8 (quantized per group of 32, as llama.cpp does: a decode "

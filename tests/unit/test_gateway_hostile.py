@@ -498,6 +498,9 @@ def test_a_client_that_leaves_while_its_prompt_waits_for_a_tokenizer_starts_noth
 
 
 def test_the_embedded_peers_activations_are_read_from_the_environment_and_checked(monkeypatch):
+    assert GatewaySettings().embedded_kv_dtype == "auto"  # float16 caches where the embedded peer's kernel reads them
+    monkeypatch.setenv("EMBEDDED_KV_DTYPE", "float32")
+    assert GatewaySettings().embedded_kv_dtype == "float32"
     assert GatewaySettings().embedded_activations == "float32"
     monkeypatch.setenv("EMBEDDED_ACTIVATIONS", "int8")
     assert GatewaySettings().embedded_activations == "int8"

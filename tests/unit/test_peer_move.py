@@ -145,3 +145,19 @@ def test_available_cpus_is_the_affinity_mask():
     from swarm.server.peer import available_cpus
 
     assert available_cpus() == min(16, len(os.sched_getaffinity(0)))
+
+
+def test_kv_dtype_auto_is_float16_only_where_the_native_attention_reads_it():
+    from swarm.model.precision import Precision
+    from swarm_kernels import attention
+
+    config = SimpleNamespace(num_attention_heads=9, hidden_size=576)  # SmolLM2's head size, 64
+    cpu = SimpleNamespace(precision=Precision("cpu", torch.float32, "int4"), config=config)
+    gpu = SimpleNamespace(precision=Precision("cuda", torch.bfloat16, "nf4"), config=config)
+    assert Peer._kv_dtype(cpu, "auto") == ("float16" if attention.kv16(64) else "float32")
+    assert Peer._kv_dtype(SimpleNamespace(precision=cpu.precision, config=SimpleNamespace(
+        num_attention_heads=4, hidden_size=20, head_dim=5)), "auto") == "float32"  # a head size it cannot read
+    assert Peer._kv_dtype(gpu, "auto") == Peer._kv_dtype(gpu, "float32") == "float32"
+    assert Peer._kv_dtype(cpu, "float16") == "float16" and Peer._kv_dtype(cpu, "float32") == "float32"
+    with pytest.raises(ValueError, match="float32 blocks on the CPU"):
+        Peer._kv_dtype(gpu, "float16")

@@ -95,6 +95,12 @@ def test_choices_and_types_are_parsed_and_others_refused(capsys):
     with pytest.raises(SystemExit):
         parse_settings(PeerSettings, "peer", "", ["--device", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    assert PeerSettings().kv_dtype == "float32"
+    for kv in ("float16", "auto"):
+        assert parse_settings(PeerSettings, "peer", "", ["--kv-dtype", kv]).kv_dtype == kv
+    with pytest.raises(SystemExit):
+        parse_settings(PeerSettings, "peer", "", ["--kv-dtype", "bfloat16"])
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
     assert parse_settings(PeerSettings, "peer", "", ["--activations", "int8"]).activations == "int8"
     assert PeerSettings().activations == "float32"
     with pytest.raises(SystemExit):
