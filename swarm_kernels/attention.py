@@ -52,7 +52,7 @@ def build(flags: tuple[str, ...]) -> ctypes.CDLL | None:
     library.decode_attention.restype = ctypes.c_int
     library.decode_attention.argtypes = [i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr,
                                          ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
-    library.attention_kv16.restype, library.attention_kv16.argtypes = ctypes.c_int, []
+    library.attention_kv16.restype, library.attention_kv16.argtypes = ctypes.c_int, [i64]
     library.attention_set_pool.restype, library.attention_set_pool.argtypes = None, [ptr]
     pool = cpu._library()  # rows shared among the threads of the affine kernel's pool (swarm_kernels.cpu.set_threads)
     if pool is not None:
@@ -72,9 +72,9 @@ def available() -> bool:
 
 def kv16(dim: int) -> bool:
     """Whether caches of 16-bit floats (torch.float16) with this head size are read and written here (F16C: every
-    AVX2 CPU; dim a multiple of 8, at most 512)."""
+    AVX2 CPU; dim a positive multiple of 8, at most 512)."""
     library = _library()
-    return library is not None and bool(library.attention_kv16()) and dim % 8 == 0 and dim <= 512
+    return library is not None and bool(library.attention_kv16(dim))  # cpu_attention.c's kv16_fits
 
 
 def _int64s(values: Sequence[int]) -> ctypes.Array:

@@ -105,9 +105,9 @@ static float softmax_weights(float *s, int64_t n) {
 #define ROPE_MAX_DIM 512  /* rope_append's rotated row before it is rounded to halves */
 
 /* Whether 16-bit caches of this head size can be read and written here: F16C, a multiple of 8, at most 512. */
-static int kv16_fits(int64_t dim) { return KV16 && dim % 8 == 0 && dim <= ROPE_MAX_DIM; }
+static int kv16_fits(int64_t dim) { return KV16 && dim > 0 && dim % 8 == 0 && dim <= ROPE_MAX_DIM; }
 
-int attention_kv16(void) { return KV16; }
+int attention_kv16(int64_t dim) { return kv16_fits(dim); }  /* whether caches of halves of this head size are read here */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

@@ -9,10 +9,13 @@ from transformers import PretrainedConfig
 
 def kv_bytes_per_token(config: PretrainedConfig, num_blocks: int, dtype: torch.dtype) -> int:
     """Bytes one token of one sequence occupies in the KV cache of `num_blocks` blocks."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * num_blocks * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * num_blocks * kv_heads * head_dim(config) * torch.finfo(dtype).bits // 8
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    """The size of one attention head's keys and values."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def default_budget_tokens(bytes_per_token: int, fraction: float = 0.25, cap_bytes: int = 8 << 30) -> int:

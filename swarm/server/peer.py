@@ -51,7 +51,7 @@ from swarm.server.faults import Faults
 from swarm.server.handler import SpanHandler, StreamLimits
 from swarm.server.health import write_health
 from swarm.server.latency import NextHops
-from swarm.server.memory import KVBudget, default_budget_tokens, kv_bytes_per_token
+from swarm.server.memory import KVBudget, default_budget_tokens, head_dim, kv_bytes_per_token
 from swarm.server.settings import PeerSettings
 from swarm.server.sharing import WeightSharing, fetch_model, is_content_id
 from swarm_kernels import attention, cpu
@@ -265,9 +265,7 @@ class Peer:
         if wanted == "float16" and not cpu_float32:
             raise ValueError(f"--kv-dtype float16 is for float32 blocks on the CPU, not {self.precision.describe()}")
         if wanted == "auto":
-            heads = self.config.num_attention_heads
-            head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
-            return "float16" if cpu_float32 and attention.kv16(head_dim) else "float32"
+            return "float16" if cpu_float32 and attention.kv16(head_dim(self.config)) else "float32"
         return wanted
 
     # -- loading ---------------------------------------------------------------------------------------------------

@@ -122,6 +122,15 @@ def test_16_bit_caches_attend_as_float32_caches_of_the_same_values(heads, kv_hea
     assert not attention.decode_attention(query, rows, mixed, lengths, out16, 0.125)
 
 
+def test_16_bit_caches_are_taken_only_for_head_sizes_the_kernel_reads():
+    # the C build decides (kv16_fits): a multiple of 8 values, at most rope_append's 512
+    if not attention.kv16(64):  # a build without F16C takes none
+        assert not any(attention.kv16(dim) for dim in (8, 128, 512))
+        return
+    assert all(attention.kv16(dim) for dim in (8, 64, 80, 128, 256, 512))
+    assert not any(attention.kv16(dim) for dim in (0, 4, 12, 63, 520, 1024))
+
+
 def test_16_bit_caches_are_written_as_torch_rounds_to_halves():
     g = torch.Generator().manual_seed(5)
     kv_heads, dim = 3, 64
