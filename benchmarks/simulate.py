@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine, median
+from benchmarks.sim.bound import bound
 from benchmarks.sim.engine import Simulation
 from benchmarks.sim.policies import Ours, Petals, dijkstra_chain
 from benchmarks.sim.world import NUM_BLOCKS, make_world, rtt_s
@@ -52,15 +53,22 @@ def scenario(peers: int, duration: float, warmup: float, seed: int, world_args: 
                    for name in POLICIES}
         results = {name: future.result() for name, future in futures.items()}
     ours, petals = results["ours"], results["petals"]
+    floor = bound(make_world(peers, duration, seed=seed, **world_args), duration, warmup, push)
     return {
         "peers": peers, "seed": seed, "duration_s": duration, "warmup_s": warmup, "world": world_args,
         "execution": "push" if push else "relay",
         "petals_steps": "batched, as ours" if petals_batches else "one session at a time",
         "contention": "saturated" if saturated else "bound",
         **results,
+        "bound": floor,
         "ratios": {
             "throughput_ours_over_petals": round(ours["throughput_tok_s"] / max(petals["throughput_tok_s"], 1e-9), 3),
             "p90_latency_ours_over_petals": round(ours["p90_latency_s"] / max(petals["p90_latency_s"], 1e-9), 3),
+            # what any placement and routing could reach at most, over what each policy served (benchmarks.sim.bound)
+            **{f"bound_tokens_over_{name}": round(floor["tokens_all"] / max(results[name]["tokens_all"], 1e-9), 3)
+               for name in POLICIES},
+            **{f"bound_p90_over_{name}": round(floor["p90_latency_s"] / max(results[name]["p90_latency_s"], 1e-9), 3)
+               for name in POLICIES},
         },
     }
 

@@ -588,6 +588,7 @@ class Simulation:
         mean_peers = max(1.0, s["peer_ticks"] / max(1.0, s["ticks"]))
         return {
             "throughput_tok_s": round(s["tokens"] / window, 1),
+            "tokens_all": round(s["tokens_all"], 1),  # answer tokens of the whole run, warm-up included
             "p50_latency_s": round(float(np.nanpercentile(lat, 50)), 2),
             "p90_latency_s": round(float(np.nanpercentile(lat, 90)), 2),
             "p99_latency_s": round(float(np.nanpercentile(lat, 99)), 2),

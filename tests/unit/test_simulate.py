@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from benchmarks.sim import engine, policies
+from benchmarks.sim import bound, engine, policies
 from benchmarks.sim.engine import Simulation
 from benchmarks.sim.policies import Ours, Petals, dijkstra_chain
 from benchmarks.sim.world import NUM_BLOCKS, make_world, rtt_s
@@ -232,3 +232,21 @@ def test_petals_servers_step_sessions_one_at_a_time_and_ours_batch_them():
         assert sim._token_s(session) == pytest.approx(network + sum(work))  # everyone waits for everyone
         sim.saturated = False
     assert tokens[False] < tokens[True] * 0.8
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_no_policy_serves_more_than_the_bound_and_no_token_is_faster_than_its_floor(push):
+    """benchmarks.sim.bound: every request at its user's floor (network legs and compute at the world's best) is
+    what no placement or routing can beat: each policy's run serves at most its tokens, and every chain a run
+    holds takes at least its user's floor a token."""
+    world = make_world(30, 300, seed=4)
+    floor, floors = bound.bound(world, 300.0, 100.0, push=push), bound.floors(world, push)
+    for policy in (Ours(), Petals(), Petals(batches_sessions=True)):
+        sim = Simulation(world, policy, 300.0, 100.0, push=push)
+        result = sim.run()
+        assert 0 < result["tokens_all"] <= floor["tokens_all"]
+        held = [s for s in sim.sessions.values() if s.links and not s.broken]
+        assert held, "no session holds a chain at the end of the run"
+        for session in held:
+            assert sim._network_s(session, session.links) >= floors["network_s"][session.user] - 1e-12
+            assert sim._token_s(session) >= floors["token_s"][session.user] - 1e-12
