@@ -11,10 +11,13 @@ tokens. Both have floors that no policy's choice of spans or chains can go under
   the hops is a round trip from the user.
 
 `bound` runs every user's closed loop (request, answer at the floor, pause, next request: the world's own draws,
-the same in every policy's run) with no queueing, no KV limits, no failures and no ticks. Any policy's answer token
-j of request n then comes no earlier than the bound's, so its tokens served by any time are at most the bound's
-(`tokens_all`, rigorous); the measured window's figures (`throughput_tok_s`, `p90_latency_s`) are what the same
-comparison gives there (near-bounds: a faster loop shifts which requests fall in the window).
+the same in every policy's run) with no queueing, no KV limits and no failures. With `tick_s` (the engine's
+TICK_S), it keeps the engine's clock: a request is routed on the next tick and its end seen on the first tick after
+its last token, as in every policy's run (`tick_s=0`: continuous time, the floor of any system, not only of this
+engine). Any policy's answer token j of request n then comes no earlier than the bound's, so its tokens served by
+any time are at most the bound's (`tokens_all`, rigorous); the measured window's figures (`throughput_tok_s`,
+`p90_latency_s`) are what the same comparison gives there (near-bounds: a faster loop shifts which requests fall in
+the window).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def floors(world: World, push: bool = True) -> dict[str, Any]:
             "prefill_token_s": NUM_BLOCKS / (fastest * PREFILL_GAIN), "hops": hops}
 
 
-def bound(world: World, duration_s: float, warmup_s: float, push: bool = True) -> dict[str, Any]:
+def bound(world: World, duration_s: float, warmup_s: float, push: bool = True, tick_s: float = 0.0) -> dict[str, Any]:
     """Served tokens and request latencies if every request ran at its user's floor (see the module)."""
     f = floors(world, push)
     window = duration_s - warmup_s
@@ -57,14 +60,14 @@ def bound(world: World, duration_s: float, warmup_s: float, push: bool = True) -
         t, number = world.think(user, 0), 0
         while t < duration_s:
             req = world.request(user, number)
-            first = t + network_s + req.prompt * f["prefill_token_s"]  # the prompt's trip and prefill
+            first = _tick(t, tick_s) + network_s + req.prompt * f["prefill_token_s"]  # the prompt's trip, prefill
             done = first + req.output * token_s
             tokens_all += _tokens(first, done, token_s, 0.0, duration_s)
             tokens_window += _tokens(first, done, token_s, warmup_s, duration_s)
             if t > warmup_s:
                 latencies.append(min(done, duration_s) - t)
             number += 1
-            t = done + world.think(user, number)
+            t = _tick(done, tick_s) + world.think(user, number)
     lat = np.array(latencies or [np.nan])
     return {
         "throughput_tok_s": round(tokens_window / window, 1),
@@ -81,3 +84,8 @@ def bound(world: World, duration_s: float, warmup_s: float, push: bool = True) -
 def _tokens(first: float, done: float, token_s: float, lo: float, hi: float) -> float:
     """Answer tokens made in [lo, hi) by a request decoding from `first` to `done` at one per `token_s`."""
     return max(0.0, min(done, hi) - max(first, lo)) / token_s
+
+
+def _tick(t: float, tick_s: float) -> float:
+    """The first tick at or after `t` (ticks at tick_s, 2 tick_s, ...); `t` itself without ticks."""
+    return max(tick_s, math.ceil(t / tick_s - 1e-9) * tick_s) if tick_s else t

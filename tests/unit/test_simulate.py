@@ -236,11 +236,12 @@ def test_petals_servers_step_sessions_one_at_a_time_and_ours_batch_them():
 
 @pytest.mark.parametrize("push", [True, False])
 def test_no_policy_serves_more_than_the_bound_and_no_token_is_faster_than_its_floor(push):
-    """benchmarks.sim.bound: every request at its user's floor (network legs and compute at the world's best) is
-    what no placement or routing can beat: each policy's run serves at most its tokens, and every chain a run
-    holds takes at least its user's floor a token."""
+    """benchmarks.sim.bound: every request at its user's floor (network legs and compute at the world's best, on the
+    engine's ticks) is what no placement or routing can beat: each policy's run serves at most its tokens, and every
+    chain a run holds takes at least its user's floor a token."""
     world = make_world(30, 300, seed=4)
-    floor, floors = bound.bound(world, 300.0, 100.0, push=push), bound.floors(world, push)
+    floor, floors = bound.bound(world, 300.0, 100.0, push, tick_s=engine.TICK_S), bound.floors(world, push)
+    assert floor["tokens_all"] < bound.bound(world, 300.0, 100.0, push)["tokens_all"]  # the engine's ticks cost
     for policy in (Ours(), Petals(), Petals(batches_sessions=True)):
         sim = Simulation(world, policy, 300.0, 100.0, push=push)
         result = sim.run()
