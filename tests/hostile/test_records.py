@@ -48,6 +48,8 @@ MALFORMED = [
     ({"next_rtt": {"b": 0.01}}, "hops as a map, not pairs"),
     ({"activations": 8}, "activations not text"),
     ({"activations": "int8" * 10}, "activations longer than any mode's name"),
+    ({"kv_dtype": 16}, "a KV cache dtype not text"),
+    ({"kv_dtype": "float16" * 10}, "a KV cache dtype longer than any dtype's name"),
 ]
 
 
@@ -58,12 +60,14 @@ def test_every_record_field_has_a_rule_and_honest_records_pass():
     assert SpanInfo.from_dict(unpack_metadata(pack_metadata(measured.to_dict()))) == measured  # as on the wire
 
 
-def test_a_record_without_activations_is_an_older_peers_float32_and_an_unknown_mode_is_kept():
+def test_a_record_without_activations_or_kv_dtype_is_an_older_peers_float32_and_an_unknown_mode_is_kept():
     record = HONEST.to_dict()
     del record["activations"]
     assert SpanInfo.from_dict(record).activations == "float32"
     # a newer peer's mode: its record stays usable (verification takes it for the loosest precision)
     assert SpanInfo.from_dict({**record, "activations": "fp4"}).activations == "fp4"
+    del record["kv_dtype"]  # an older peer's record: float32 caches (verification holds it to its own precision)
+    assert SpanInfo.from_dict(record).kv_dtype == "float32"
 
 
 @pytest.mark.parametrize(("change", "why"), MALFORMED, ids=[why for _, why in MALFORMED])
