@@ -9,6 +9,8 @@ its answer the `response` object, or the typed event stream of the Responses API
   default); an unknown or expired id is a 404. So is the response object (GET /v1/responses/{id}), with its input
   items (GET …/input_items); DELETE forgets it. The prompt of the next turn then begins with the previous turn's
   tokens, so the swarm's prefix reuse (swarm.client.textgen) computes only what is new. Nothing is written to disk.
+- `item_reference` input items name an input or output item of a response this key stored (by the ids those
+  objects carry): each stands for that item (`resolve_references`; unknown, expired or another key's: a 404).
 - Streaming: `response.created`, `response.in_progress`, per output item `response.output_item.added` … `.done`
   (a message's `response.content_part.added`, `response.output_text.delta`s, `response.output_text.done`,
   `response.content_part.done`; a function call's `response.function_call_arguments.delta` and `.done`), then
@@ -40,6 +42,7 @@ from app.protocol.responses_api import (
     IncompleteDetails,
     InputMessage,
     InputTokensDetails,
+    ItemReference,
     OutputItem,
     OutputMessage,
     OutputText,
@@ -53,6 +56,7 @@ from app.rendering import json_response
 from app.serving import Delta, Generation, Job, ServingEngine
 from app.tenants import Caller
 
+REFERENCED_TEXT = 4 << 20  # characters all of a request's item references may stand for (a body's default bound)
 LOGPROBS = "message.output_text.logprobs"  # the `include` that asks for the output text's logprobs
 
 
@@ -78,6 +82,7 @@ class ConversationStore:
     def __init__(self, capacity: int = 1000, ttl: float = 3600.0):
         self.capacity, self.ttl = capacity, ttl
         self._items: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
+        self._holder: dict[str, str] = {}  # an input or output item's id → the response that holds it
 
     def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]] | None:
         entry = self.entry(response_id, owner)
@@ -88,23 +93,78 @@ class ConversationStore:
         entry = self._items.get(response_id)
         return None if entry is None or entry.owner != owner else entry
 
+    def item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
+        """An input or output item of a response stored by `owner` (an `item_reference`), by its id."""
+        holder = self._holder.get(item_id)
+        entry = None if holder is None else self.entry(holder, owner)
+        if entry is None:
+            return None
+        return next((item for item in _held(entry) if item.get("id") == item_id), None)
+
     def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "",
             response: dict[str, Any] | None = None, items: list[dict[str, Any]] | None = None) -> None:
-        self._items[response_id] = StoredResponse(time.monotonic(), owner, messages, response or {}, items or [])
+        self._drop(response_id)
+        entry = self._items[response_id] = StoredResponse(time.monotonic(), owner, messages, response or {},
+                                                          items or [])
+        self._holder.update((item["id"], response_id) for item in _held(entry) if "id" in item)
         self._expire()
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            self._drop(next(iter(self._items)))
 
     def delete(self, response_id: str, owner: str = "") -> bool:
         if self.entry(response_id, owner) is None:
             return False
-        del self._items[response_id]
+        self._drop(response_id)
         return True
+
+    def _drop(self, response_id: str) -> None:
+        entry = self._items.pop(response_id, None)
+        for item in _held(entry) if entry is not None else ():
+            if self._holder.get(item.get("id", "")) == response_id:
+                del self._holder[item["id"]]
 
     def _expire(self) -> None:
         now = time.monotonic()
         while self._items and now - next(iter(self._items.values())).since > self.ttl:
-            self._items.popitem(last=False)
+            self._drop(next(iter(self._items)))
+
+
+def _held(entry: StoredResponse) -> list[dict[str, Any]]:
+    """A stored response's items: its input items, then its output items."""
+    return [*entry.items, *entry.response.get("output", [])]
+
+
+def resolve_references(request: ResponsesRequest, store: ConversationStore, owner: str) -> ResponsesRequest:
+    """The request with each `item_reference` replaced by the item it names (of a response `owner` stored: another
+    key's, an unknown or an expired one is a 404)."""
+    if isinstance(request.input, str) or not any(isinstance(item, ItemReference) for item in request.input):
+        return request
+    items: list[Any] = []
+    size = 0
+    for item in request.input:
+        if isinstance(item, ItemReference):
+            found = store.item(item.id, owner)
+            if found is None:
+                raise APIError(404, f"item {item.id!r} is not known here (or its response has expired)", "input",
+                               "not_found")
+            item = _as_input(found)
+            size += len(item.text() if not isinstance(item, FunctionCallItem) else item.arguments)
+            if size > REFERENCED_TEXT:  # one stored item named many times: bounded as a body is
+                raise APIError(400, f"the items referenced hold more than {REFERENCED_TEXT} characters", "input",
+                               "invalid_value")
+        items.append(item)
+    return request.model_copy(update={"input": items})
+
+
+def _as_input(item: dict[str, Any]) -> InputMessage | FunctionCallItem | FunctionCallOutputItem:
+    """A stored item (as sent in a response or listed as an input item) as the input item it stands for."""
+    if item["type"] == "message":
+        text = "".join(part.get("text", "") for part in item["content"])
+        return InputMessage(type="message", role=item["role"], content=text)
+    if item["type"] == "function_call":
+        return FunctionCallItem(type="function_call", call_id=item["call_id"], name=item["name"],
+                                arguments=item["arguments"])
+    return FunctionCallOutputItem(type="function_call_output", call_id=item["call_id"], output=item["output"])
 
 
 def input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
@@ -249,6 +309,7 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
             raise APIError(404, f"response {request.previous_response_id!r} is not known here (or has expired)",
                            "previous_response_id", "not_found")
         history = found
+    request = resolve_references(request, store, caller.key_id)
     chat = chat_request(request, history)
     try:
         jobs = await chat_jobs(engine, chat)

@@ -1,8 +1,9 @@
 """/v1/responses: the request (the part this gateway honours; see app.responses_api) and the `response` object.
 
 Input items: messages (with or without `"type": "message"`; text parts only), `function_call` items a client sends
-back, `function_call_output` items (their output text, or text parts), and `reasoning` items (a history replayed from
-another model's run holds them: this model reads none, they are left out). Tools: function tools only; a built-in tool
+back, `function_call_output` items (their output text, or text parts), `reasoning` items (a history replayed from
+another model's run holds them: this model reads none, they are left out), and `item_reference`s to the items of this
+caller's stored responses. Tools: function tools only; a built-in tool
 (web search, files, ...) is a 400 naming it, never ignored; so are the fields whose meaning this gateway cannot give
 (`conversation`, `prompt` templates, `background`).
 """
@@ -47,7 +48,15 @@ class ReasoningItem(_Lenient):
     type: Literal["reasoning"]
 
 
-InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+class ItemReference(_Lenient):
+    """An item of a stored response (its input or its output) by id, standing for that item
+    (app.responses_api: `resolve_references`)."""
+
+    type: Literal["item_reference"]
+    id: str = Field(min_length=1, max_length=256)
+
+
+InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem | ItemReference,
                       Field(discriminator="type")]
 
 
@@ -131,10 +140,12 @@ class ResponsesRequest(_Request):
     @model_validator(mode="before")
     @classmethod
     def _typed_items(cls, data: Any) -> Any:
-        """Messages may come without a type (the SDKs' "easy" input messages)."""
+        """Messages may come without a type (the SDKs' "easy" input messages), and so may item references (an id
+        and nothing else, as OpenAI's schema allows)."""
         if isinstance(data, dict) and isinstance(data.get("input"), list):
-            data = {**data, "input": [{"type": "message", **item} if isinstance(item, dict) and "type" not in item
-                                      else item for item in data["input"]]}
+            data = {**data, "input": [{"type": "item_reference" if set(item) == {"id"} else "message", **item}
+                                      if isinstance(item, dict) and "type" not in item else item
+                                      for item in data["input"]]}
         return data
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from app import responses_api
 from app.main import create_app
 from app.settings import GatewaySettings
 from tests.unit.test_gateway import REPLY, FakeBackend
@@ -251,3 +252,66 @@ def test_a_stored_response_continues_only_under_the_key_that_made_it(backend):
                 two.responses.create(model="fake/model-1", input="what was said?", previous_response_id=response_id)
             one.responses.create(model="fake/model-1", input="go on", previous_response_id=response_id)
         assert backend.decode(backend.requests[-1].prompt_ids).startswith("<user>another")
+
+
+def test_item_references_stand_for_the_items_of_stored_responses(sdk, client, backend, monkeypatch):
+    """`item_reference` (typed, or an id alone as OpenAI's schema allows) names an input or output item of a response
+    this caller stored: a message, a function call; unknown, deleted or never stored: 404; one stored item named
+    over and over stops at a bound (a 400), as a body does."""
+    first = sdk.responses.create(model="fake/model-1", input=[{"role": "user", "content": "turn one"}])
+    asked = sdk.responses.input_items.list(first.id).data[0].id
+    answered = first.output[0].id
+    made = client.post("/v1/responses", json={"model": "fake/model-1", "input": [
+        {"type": "item_reference", "id": asked}, {"id": answered}, {"role": "user", "content": "turn two"}]})
+    assert made.status_code == 200, made.text
+    prompt = backend.decode(backend.requests[-1].prompt_ids)
+    assert prompt == f"<user>turn one<assistant>{REPLY}<user>turn two<assistant>"
+    listed = sdk.responses.input_items.list(made.json()["id"], order="asc").data
+    assert [(item.role, item.content[0].text) for item in listed] == [("user", "turn one"), ("assistant", REPLY),
+                                                                      ("user", "turn two")]
+    backend.reply = CALL
+    called = sdk.responses.create(model="fake/model-1", input="1+2?", tools=[ADD])
+    call = next(item for item in called.output if item.type == "function_call")
+    backend.reply = "3"
+    sdk.responses.create(model="fake/model-1", tools=[ADD], input=[
+        {"role": "user", "content": "1+2?"}, {"type": "item_reference", "id": call.id},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "3"}])
+    assert backend.decode(backend.requests[-1].prompt_ids).endswith(
+        f'<assistant>{CALL}<user><tool_response>\n3\n</tool_response><assistant>')
+    unstored = sdk.responses.create(model="fake/model-1", input="x", store=False)
+    sdk.responses.delete(first.id)
+    for missing in ("msg_unknown", asked, answered, unstored.output[0].id):
+        refused = client.post("/v1/responses", json={"model": "fake/model-1", "input": [
+            {"type": "item_reference", "id": missing}]})
+        assert refused.status_code == 404 and refused.json()["error"]["param"] == "input", refused.text
+    monkeypatch.setattr(responses_api, "REFERENCED_TEXT", 3 * len(REPLY))
+    backend.reply = REPLY
+    again = sdk.responses.create(model="fake/model-1", input="x").output[0].id
+    taken = client.post("/v1/responses", json={"model": "fake/model-1", "input": [{"id": again}] * 3})
+    assert taken.status_code == 200
+    refused = client.post("/v1/responses", json={"model": "fake/model-1", "input": [{"id": again}] * 4})
+    assert refused.status_code == 400 and "referenced" in refused.json()["error"]["message"]
+
+
+def test_an_item_reference_is_found_only_under_the_key_that_stored_it(backend):
+    settings = GatewaySettings(gateway_max_concurrent=4, gateway_api_keys="k1 k2")
+    with TestClient(create_app(settings, backend=backend)) as client:
+        one, two = (openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+                    for key in ("k1", "k2"))
+        secret = one.responses.create(model="fake/model-1", input="a secret").output[0].id
+        with pytest.raises(openai.NotFoundError):
+            two.responses.create(model="fake/model-1", input=[{"type": "item_reference", "id": secret}])
+        one.responses.create(model="fake/model-1", input=[{"type": "item_reference", "id": secret}])
+        assert backend.decode(backend.requests[-1].prompt_ids) == f"<assistant>{REPLY}<assistant>"
+
+
+def test_the_stores_index_of_items_forgets_them_with_their_response():
+    store = responses_api.ConversationStore(capacity=2)
+    for n in range(3):
+        store.put(f"resp_{n}", [], "", {"output": [{"id": f"msg_out{n}", "type": "message"}]},
+                  [{"id": f"msg_in{n}", "type": "message"}])
+    assert store.item("msg_out0") is None and store.item("msg_in0") is None  # pushed out by the capacity
+    assert store.item("msg_out2") == {"id": "msg_out2", "type": "message"} and store.item("msg_in1") is not None
+    assert store.item("msg_out2", owner="someone else") is None
+    store.delete("resp_2")
+    assert store.item("msg_out2") is None and set(store._holder) == {"msg_in1", "msg_out1"}
