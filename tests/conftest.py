@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,9 +15,12 @@ from hivemind.utils import mpfuture
 
 from tests.tiny_models import make_tiny_model
 
-# every gateway the tests start (in process or not) meters into a throwaway store, never the user's; a test that makes
-# keys gives its gateway a store of its own
-os.environ.setdefault("GATEWAY_DB", os.path.join(tempfile.mkdtemp(prefix="swarm-tests-"), "gateway.db"))
+# every gateway the tests start (in process or not) meters into a throwaway store, never the user's, removed when the
+# run ends; a test that makes keys gives its gateway a store of its own
+if "GATEWAY_DB" not in os.environ:
+    _scratch = tempfile.mkdtemp(prefix="swarm-tests-")
+    os.environ["GATEWAY_DB"] = os.path.join(_scratch, "gateway.db")
+    atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
 torch.set_num_threads(1)  # peers started by e2e fixtures share the 2 cores with this process
 
 
