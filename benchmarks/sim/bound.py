@@ -23,6 +23,7 @@ the window).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -49,12 +50,11 @@ def floors(world: World, push: bool = True) -> dict[str, Any]:
             "prefill_token_s": NUM_BLOCKS / (fastest * PREFILL_GAIN), "hops": hops}
 
 
-def bound(world: World, duration_s: float, warmup_s: float, push: bool = True, tick_s: float = 0.0) -> dict[str, Any]:
-    """Served tokens and request latencies if every request ran at its user's floor (see the module)."""
+def floor_requests(world: World, duration_s: float, push: bool = True,
+                   tick_s: float = 0.0) -> Iterator[tuple[int, int, float, float, float, float]]:
+    """Every request of every user's closed loop at the floor, in the run's [0, duration_s): (user, number, sent,
+    first: its answer's decoding begins, done: its last token, token_s: seconds a token)."""
     f = floors(world, push)
-    window = duration_s - warmup_s
-    tokens_all = tokens_window = 0.0
-    latencies = []
     for user in range(len(world.users)):
         token_s, network_s = f["token_s"][user], f["network_s"][user]
         t, number = world.think(user, 0), 0
@@ -62,12 +62,22 @@ def bound(world: World, duration_s: float, warmup_s: float, push: bool = True, t
             req = world.request(user, number)
             first = _tick(t, tick_s) + network_s + req.prompt * f["prefill_token_s"]  # the prompt's trip, prefill
             done = first + req.output * token_s
-            tokens_all += _tokens(first, done, token_s, 0.0, duration_s)
-            tokens_window += _tokens(first, done, token_s, warmup_s, duration_s)
-            if t > warmup_s:
-                latencies.append(min(done, duration_s) - t)
+            yield user, number, t, first, done, token_s
             number += 1
             t = _tick(done, tick_s) + world.think(user, number)
+
+
+def bound(world: World, duration_s: float, warmup_s: float, push: bool = True, tick_s: float = 0.0) -> dict[str, Any]:
+    """Served tokens and request latencies if every request ran at its user's floor (see the module)."""
+    f = floors(world, push)
+    window = duration_s - warmup_s
+    tokens_all = tokens_window = 0.0
+    latencies = []
+    for _, _, sent, first, done, token_s in floor_requests(world, duration_s, push, tick_s):
+        tokens_all += _tokens(first, done, token_s, 0.0, duration_s)
+        tokens_window += _tokens(first, done, token_s, warmup_s, duration_s)
+        if sent > warmup_s:  # its end as the engine records it: on the tick after its last token
+            latencies.append(min(_tick(done, tick_s), duration_s) - sent)
     lat = np.array(latencies or [np.nan])
     return {
         "throughput_tok_s": round(tokens_window / window, 1),

@@ -235,17 +235,40 @@ def test_petals_servers_step_sessions_one_at_a_time_and_ours_batch_them():
 
 
 @pytest.mark.parametrize("push", [True, False])
-def test_no_policy_serves_more_than_the_bound_and_no_token_is_faster_than_its_floor(push):
+def test_no_policy_serves_more_than_the_bound_and_no_request_is_ahead_of_its_floor(push):
     """benchmarks.sim.bound: every request at its user's floor (network legs and compute at the world's best, on the
-    engine's ticks) is what no placement or routing can beat: each policy's run serves at most its tokens, and every
-    chain a run holds takes at least its user's floor a token."""
+    engine's ticks) is what no placement or routing can beat. In each policy's run every request is sent no earlier
+    than at the floor, starts decoding (its whole chain routed and its prompt prefilled) no earlier and is seen
+    ending no earlier; the run serves at most the bound's tokens, and every chain it holds takes at least its user's
+    floor a token."""
     world = make_world(30, 300, seed=4)
     floor, floors = bound.bound(world, 300.0, 100.0, push, tick_s=engine.TICK_S), bound.floors(world, push)
     assert floor["tokens_all"] < bound.bound(world, 300.0, 100.0, push)["tokens_all"]  # the engine's ticks cost
+    at_floor = {(user, number): times for user, number, *times in bound.floor_requests(world, 300.0, push,
+                                                                                        engine.TICK_S)}
     for policy in (Ours(), Petals(), Petals(batches_sessions=True)):
         sim = Simulation(world, policy, 300.0, 100.0, push=push)
+        began, ended = {}, {}
+        repair, finish = sim._repair, sim._finish
+
+        def routed(session, repair=repair, began=began):
+            whole = session.broken == [-1]
+            repair(session)
+            if whole and not session.broken:
+                began[session.user, session.number] = (session.began, session.ready_at)
+
+        def finished(session, finish=finish, ended=ended, sim=sim):
+            ended[session.user, session.number] = sim.now
+            finish(session)
+
+        sim._repair, sim._finish = routed, finished
         result = sim.run()
         assert 0 < result["tokens_all"] <= floor["tokens_all"]
+        assert len(ended) > 50
+        for key, end in ended.items():
+            sent, first, done, _ = at_floor[key]
+            assert began[key][0] >= sent - 1e-9 and began[key][1] >= first - 1e-9, key
+            assert end >= bound._tick(done, engine.TICK_S) - 1e-9, key
         held = [s for s in sim.sessions.values() if s.links and not s.broken]
         assert held, "no session holds a chain at the end of the run"
         for session in held:
