@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings | None = None, backend=None, embeddings
             stack.callback(access.close)  # the usage rows still queued are written first
             access.open()
             app.state.engine = ServingEngine(active, settings, metrics, access)
+            stack.push_async_callback(app.state.conversations.stop)  # background responses end before the engine
             metrics.watch(app.state.engine)
             app.state.embeddings = embedder
             logger.info("gateway ready: serving %s%s", active.model_id,

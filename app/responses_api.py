@@ -20,13 +20,15 @@ its answer the `response` object, or the typed event stream of the Responses API
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 from fastapi.responses import Response
@@ -82,7 +84,27 @@ class ConversationStore:
     def __init__(self, capacity: int = 1000, ttl: float = 3600.0):
         self.capacity, self.ttl = capacity, ttl
         self._items: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
-        self._holder: dict[str, str] = {}  # an input or output item's id → the response that holds it
+        self._holder: dict[str, tuple[str, dict[str, Any]]] = {}  # an item's id → (the response holding it, it)
+        self._running: dict[str, asyncio.Task[None]] = {}  # background responses being computed
+
+    def run(self, response_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Compute a background response (its entry already stored, in progress) in a task of its own."""
+        task = self._running[response_id] = asyncio.create_task(work, name=f"background {response_id}")
+        task.add_done_callback(lambda done: self._running.pop(response_id, None) if self._running.get(response_id)
+                               is done else None)
+
+    async def cancel(self, response_id: str) -> None:
+        """Stop a background response's computation, if it still runs; its entry is then stored cancelled."""
+        task = self._running.get(response_id)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def stop(self) -> None:
+        """Cancel every background response still running (the gateway is stopping)."""
+        for response_id in list(self._running):
+            await self.cancel(response_id)
 
     def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]] | None:
         entry = self.entry(response_id, owner)
@@ -95,38 +117,45 @@ class ConversationStore:
 
     def item(self, item_id: str, owner: str = "") -> dict[str, Any] | None:
         """An input or output item of a response stored by `owner` (an `item_reference`), by its id."""
-        holder = self._holder.get(item_id)
-        entry = None if holder is None else self.entry(holder, owner)
-        if entry is None:
-            return None
-        return next((item for item in _held(entry) if item.get("id") == item_id), None)
+        holder, item = self._holder.get(item_id, (None, None))
+        return item if holder is not None and self.entry(holder, owner) is not None else None
 
     def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "",
             response: dict[str, Any] | None = None, items: list[dict[str, Any]] | None = None) -> None:
-        self._drop(response_id)
+        self._unindex(response_id)
         entry = self._items[response_id] = StoredResponse(time.monotonic(), owner, messages, response or {},
                                                           items or [])
-        self._holder.update((item["id"], response_id) for item in _held(entry) if "id" in item)
+        self._items.move_to_end(response_id)
+        self._holder.update((item["id"], (response_id, item)) for item in _held(entry) if "id" in item)
         self._expire()
         while len(self._items) > self.capacity:
-            self._drop(next(iter(self._items)))
+            self._forget(next(iter(self._items)))
 
     def delete(self, response_id: str, owner: str = "") -> bool:
         if self.entry(response_id, owner) is None:
             return False
-        self._drop(response_id)
+        self._forget(response_id)
         return True
 
-    def _drop(self, response_id: str) -> None:
-        entry = self._items.pop(response_id, None)
+    def _forget(self, response_id: str) -> None:
+        """Deleted, expired or pushed out: gone, its items too, and its computation if it is a background one still
+        running (which then stores nothing)."""
+        self._unindex(response_id)
+        del self._items[response_id]
+        task = self._running.pop(response_id, None)
+        if task is not None:
+            task.cancel()
+
+    def _unindex(self, response_id: str) -> None:
+        entry = self._items.get(response_id)
         for item in _held(entry) if entry is not None else ():
-            if self._holder.get(item.get("id", "")) == response_id:
+            if self._holder.get(item.get("id", ""), (None,))[0] == response_id:
                 del self._holder[item["id"]]
 
     def _expire(self) -> None:
         now = time.monotonic()
         while self._items and now - next(iter(self._items.values())).since > self.ttl:
-            self._drop(next(iter(self._items)))
+            self._forget(next(iter(self._items)))
 
 
 def _held(entry: StoredResponse) -> list[dict[str, Any]]:
@@ -245,6 +274,7 @@ class ResponseBuilder:
     def __init__(self, request: ResponsesRequest, history: list[dict[str, Any]]):
         self.request, self.history = request, history
         self.id, self.created = _id("resp"), int(time.time())
+        self.items = input_items(request)  # with their ids (the same in every snapshot kept of a background one)
         self.output: list[OutputItem] = []
         self.message: OutputMessage | None = None  # the message item being written
         self.finish: str | None = None
@@ -279,7 +309,8 @@ class ResponseBuilder:
             tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice,
             parallel_tool_calls=request.parallel_tool_calls, previous_response_id=request.previous_response_id,
             text={"format": request.text.format.model_dump(by_alias=True, exclude_none=True)},
-            metadata=request.metadata, store=request.store, truncation=request.truncation)
+            metadata=request.metadata, store=request.store, background=request.background,
+            truncation=request.truncation)
 
     def conversation(self, chat: ChatCompletionRequest) -> list[dict[str, Any]]:
         """What a next turn continues from: this turn's messages without instructions, and its output."""
@@ -324,15 +355,16 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
         return await stream_response(engine, jobs, caller,
                                      lambda generation: _events(generation, builder, store, chat, caller.key_id),
                                      lambda error: _failed(builder, error, opened=False))
-    generation = await engine.start(jobs, caller)
+    generation = await engine.start(jobs, caller)  # admitted and started: what fails here is an HTTP error
+    if request.background:
+        response = builder.snapshot("in_progress")
+        _keep(store, builder, chat, caller.key_id, response)
+        store.run(builder.id, _background(generation, builder, store, chat, caller.key_id, jobs))
+        return json_response(response, headers={"x-request-id": generation.id})
     numbers = itertools.count()  # the events are built as for a stream (the items in the same order) and dropped
-    finish = None
     async with generation:
         try:
-            async for step in generation:
-                for delta in step:
-                    _delta_events(delta, builder, numbers)
-                    finish = delta.finish_reason or finish
+            finish = await _collect(generation, builder, numbers)
         except Exception as e:
             raise swarm_error(e) from e
     status = "incomplete" if finish == "length" else "completed"
@@ -343,10 +375,39 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
     return json_response(response, headers={"x-request-id": generation.id})
 
 
+async def _collect(generation: Generation, builder: ResponseBuilder, numbers: Iterator[int]) -> str | None:
+    """The generation's deltas into the response's items; its finish reason."""
+    finish = None
+    async for step in generation:
+        for delta in step:
+            _delta_events(delta, builder, numbers)
+            finish = delta.finish_reason or finish
+    return finish
+
+
+async def _background(generation: Generation, builder: ResponseBuilder, store: ConversationStore,
+                      chat: ChatCompletionRequest, owner: str, jobs: list[Job]) -> None:
+    """A background response's generation to its end, stored as it ends: completed (or incomplete), failed (its
+    error), or cancelled (POST …/cancel, or the gateway stopping: the output so far)."""
+    numbers, status, error = itertools.count(), "completed", None
+    try:
+        async with generation:
+            if await _collect(generation, builder, numbers) == "length":
+                status = "incomplete"
+    except asyncio.CancelledError:
+        status = "cancelled"
+    except Exception as e:  # (the swarm's failure, as a stream's: the error's code and message, no internals)
+        failure = swarm_error(e)
+        status, error = "failed", ResponseError(code=failure.code or "error", message=failure.message)
+    builder.close_message(numbers, "incomplete" if status in ("incomplete", "cancelled") else "completed")
+    if store.entry(builder.id, owner) is not None:  # (deleted, expired or pushed out while it ran: not kept again)
+        _keep(store, builder, chat, owner, builder.snapshot(status, _usage(jobs), error))
+
+
 def _keep(store: ConversationStore, builder: ResponseBuilder, chat: ChatCompletionRequest, owner: str,
           response: ResponseObject) -> None:
     store.put(builder.id, builder.conversation(chat), owner, response.model_dump(mode="json", by_alias=True),
-              input_items(builder.request))
+              builder.items)
 
 
 def _event(kind: str, number: int, **fields: Any) -> str:

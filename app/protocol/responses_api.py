@@ -5,7 +5,7 @@ back, `function_call_output` items (their output text, or text parts), `reasonin
 another model's run holds them: this model reads none, they are left out), and `item_reference`s to the items of this
 caller's stored responses. Tools: function tools only; a built-in tool
 (web search, files, ...) is a 400 naming it, never ignored; so are the fields whose meaning this gateway cannot give
-(`conversation`, `prompt` templates, `background`).
+(`conversation`, `prompt` templates). `background` responses are stored and polled (app.responses_api), not streamed.
 """
 
 from __future__ import annotations
@@ -98,8 +98,15 @@ _UNSUPPORTED = {
     "conversation": "conversations are not kept by this gateway: continue with previous_response_id, or send the "
                     "whole input",
     "prompt": "prompt templates are not supported: send instructions and input",
-    "background": "background responses are not supported: stream the response instead",
 }
+
+
+def _typed(item: Any) -> Any:
+    """An input item without a type (or a null one): an item reference if it holds an id alone, else a message."""
+    if not isinstance(item, dict) or item.get("type") is not None:
+        return item
+    rest = {key: value for key, value in item.items() if key != "type"}
+    return {"type": "item_reference" if set(rest) == {"id"} else "message", **rest}
 
 
 class ToolChoiceFunction(_Lenient):
@@ -125,12 +132,12 @@ class ResponsesRequest(_Request):
     truncation: Literal["disabled", "auto"] = "disabled"  # auto: as disabled (an input too long is a 400, not cut)
     include: list[str] = Field(default_factory=list, max_length=16)  # message.output_text.logprobs: honoured
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    background: bool = False  # answered at once (queued), computed in the gateway, polled by GET, cancellable
     # what this gateway cannot do, refused rather than ignored (`_unsupported`)
     conversation: Any = None
     prompt: Any = None
-    background: Any = False
 
-    @field_validator("conversation", "prompt", "background", mode="before")
+    @field_validator("conversation", "prompt", mode="before")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and value is not False:
@@ -143,15 +150,17 @@ class ResponsesRequest(_Request):
         """Messages may come without a type (the SDKs' "easy" input messages), and so may item references (an id
         and nothing else, as OpenAI's schema allows)."""
         if isinstance(data, dict) and isinstance(data.get("input"), list):
-            data = {**data, "input": [{"type": "item_reference" if set(item) == {"id"} else "message", **item}
-                                      if isinstance(item, dict) and "type" not in item else item
-                                      for item in data["input"]]}
+            data = {**data, "input": [_typed(item) for item in data["input"]]}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
         if isinstance(self.input, list) and len(self.input) > MAX_MESSAGES:
             raise ValueError(f"at most {MAX_MESSAGES} input items")
+        if self.background and not self.store:
+            raise ValueError("a background response is kept to be polled: it needs store true")
+        if self.background and self.stream:
+            raise ValueError("background responses are not streamed here: poll GET /v1/responses/{id}")
         names = [tool.name for tool in self.tools]
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools")
@@ -219,7 +228,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     model: str
     output: list[OutputItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
@@ -236,4 +245,5 @@ class ResponseObject(BaseModel):
     text: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
     store: bool = True
+    background: bool = False
     truncation: Literal["disabled", "auto"] = "disabled"

@@ -138,6 +138,17 @@ async def delete_response(response_id: str, request: Request, caller: Caller = D
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request, caller: Caller = Depends(caller_of)) -> Response:
+    """A background response stops where it is (status cancelled, the output so far); one that has ended is
+    answered as it is."""
+    if not _stored(request, response_id, caller).response.get("background"):
+        raise APIError(400, f"response {response_id!r} is not a background response: only those can be cancelled",
+                       None, "invalid_request")
+    await request.app.state.conversations.cancel(response_id)
+    return JSONResponse(_stored(request, response_id, caller).response)
+
+
 @router.get("/responses/{response_id}/input_items")
 async def response_input_items(response_id: str, request: Request, order: Literal["asc", "desc"] = "desc",
                                limit: int = Query(20, ge=1, le=100), after: str | None = None,

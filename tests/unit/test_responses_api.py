@@ -3,8 +3,11 @@ multi-turn by previous_response_id, function calls and their outputs, and what i
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +15,8 @@ from fastapi.testclient import TestClient
 from app import responses_api
 from app.main import create_app
 from app.settings import GatewaySettings
-from tests.unit.test_gateway import REPLY, FakeBackend
+from swarm.client.requests import TokenEvent
+from tests.unit.test_gateway import EOS, REPLY, FakeBackend
 
 ADD = {"type": "function", "name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
@@ -111,7 +115,7 @@ def test_function_calls_streamed_or_not_and_their_outputs_go_back_into_the_promp
     ({"model": "other"}, "model"),
     ({"conversation": "conv_123"}, "conversation"),  # fields whose meaning this gateway cannot give: not ignored
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
-    ({"background": True}, "background"),
+    ({"background": True, "stream": True}, None),  # background responses are polled, not streamed
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),
 ])
 def test_what_is_refused_is_a_4xx_with_the_openai_error_body(client, body, param):
@@ -262,7 +266,8 @@ def test_item_references_stand_for_the_items_of_stored_responses(sdk, client, ba
     asked = sdk.responses.input_items.list(first.id).data[0].id
     answered = first.output[0].id
     made = client.post("/v1/responses", json={"model": "fake/model-1", "input": [
-        {"type": "item_reference", "id": asked}, {"id": answered}, {"role": "user", "content": "turn two"}]})
+        {"type": "item_reference", "id": asked}, {"type": None, "id": answered},
+        {"role": "user", "content": "turn two"}]})
     assert made.status_code == 200, made.text
     prompt = backend.decode(backend.requests[-1].prompt_ids)
     assert prompt == f"<user>turn one<assistant>{REPLY}<user>turn two<assistant>"
@@ -315,3 +320,84 @@ def test_the_stores_index_of_items_forgets_them_with_their_response():
     assert store.item("msg_out2", owner="someone else") is None
     store.delete("resp_2")
     assert store.item("msg_out2") is None and set(store._holder) == {"msg_in1", "msg_out1"}
+
+
+def test_a_background_response_is_answered_at_once_then_polled_to_its_end(sdk, client):
+    """`background: true`: the response comes back in progress (admitted and started: what fails there is still an
+    HTTP error), is computed in the gateway and polled by GET; it continues a conversation as any stored one;
+    cancelling it once it has ended changes nothing; it needs store and is not streamed; only it can be cancelled."""
+    started = sdk.responses.create(model="fake/model-1", input="hi", background=True)
+    assert started.background and started.status in ("in_progress", "completed")
+    for _ in range(200):
+        polled = sdk.responses.retrieve(started.id)
+        if polled.status != "in_progress":
+            break
+        time.sleep(0.01)
+    assert polled.status == "completed" and polled.output_text == REPLY and polled.usage.output_tokens > 0
+    assert sdk.responses.cancel(started.id).status == "completed"
+    sdk.responses.create(model="fake/model-1", input="and?", previous_response_id=started.id)
+    plain = sdk.responses.create(model="fake/model-1", input="hi")
+    refused = client.post(f"/v1/responses/{plain.id}/cancel")
+    assert refused.status_code == 400 and "background" in refused.json()["error"]["message"]
+    assert client.post("/v1/responses/resp_unknown/cancel").status_code == 404
+    for body in ({"store": False}, {"stream": True}):
+        refused = client.post("/v1/responses", json={"model": "fake/model-1", "input": "hi", "background": True,
+                                                      **body})
+        assert refused.status_code == 400 and refused.json()["error"]["message"], refused.text
+
+
+class HeldBackend(FakeBackend):
+    """One token, then nothing until `hold` is set (a long answer still being computed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold = asyncio.Event()
+
+    async def generate(self, request):
+        self.requests.append(request)
+        self.open_sessions += 1
+        try:
+            yield [TokenEvent(0, ord("a"))]
+            await self.hold.wait()
+            yield [TokenEvent(0, EOS, stop=True)]
+        finally:
+            self.open_sessions -= 1
+
+
+def test_a_background_response_is_cancelled_by_its_key_and_by_the_gateway_stopping():
+    backend = HeldBackend()
+    settings = GatewaySettings(gateway_max_concurrent=4, gateway_api_keys="k1 k2")
+
+    async def scenario():
+        app = create_app(settings, backend=backend)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                def post(path, key="k1", **body):
+                    return http.post(path, json=body or None, headers={"Authorization": f"Bearer {key}"})
+
+                one = (await post("/v1/responses", model="fake/model-1", input="x", background=True)).json()
+                asked = (await http.get(f"/v1/responses/{one['id']}/input_items",
+                                        headers={"Authorization": "Bearer k1"})).json()["data"]
+                two = (await post("/v1/responses", model="fake/model-1", input="y", background=True)).json()
+                assert one["status"] == two["status"] == "in_progress" and backend.open_sessions == 2
+                assert (await post(f"/v1/responses/{one['id']}/cancel", key="k2")).status_code == 404
+                cancelled = (await post(f"/v1/responses/{one['id']}/cancel")).json()
+                assert cancelled["status"] == "cancelled" and cancelled["output"][0]["content"][0]["text"] == "a"
+                assert backend.open_sessions == 1  # its generation closed, its slot given back
+                again = await http.get(f"/v1/responses/{one['id']}", headers={"Authorization": "Bearer k1"})
+                assert again.json()["status"] == "cancelled"
+                listed = (await http.get(f"/v1/responses/{one['id']}/input_items",
+                                         headers={"Authorization": "Bearer k1"})).json()["data"]
+                assert [item["id"] for item in listed] == [item["id"] for item in asked]  # the ids it began with
+                three = (await post("/v1/responses", model="fake/model-1", input="z", background=True)).json()
+                assert (await http.delete(f"/v1/responses/{three['id']}",
+                                          headers={"Authorization": "Bearer k1"})).status_code == 200
+                await asyncio.sleep(0.05)  # its computation stopped, and it is not kept again
+                assert backend.open_sessions == 1 and (await http.get(
+                    f"/v1/responses/{three['id']}", headers={"Authorization": "Bearer k1"})).status_code == 404
+        # the lifespan has ended with `two` still waiting for its next token (the loop still runs)
+        assert backend.open_sessions == 0
+        assert app.state.conversations._items[two["id"]].response["status"] == "cancelled"
+
+    asyncio.run(scenario())
