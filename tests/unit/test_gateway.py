@@ -330,7 +330,7 @@ def test_bad_requests_get_400_with_the_openai_error_object(client, name):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
      "a valid string, or a valid list"),
     ("/v1/chat/completions", {"top_logprobs": 2}, None, "top_logprobs requires logprobs"),
-    ("/v1/responses", {"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "'item_reference'"),
+    ("/v1/responses", {"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0", "'web_search_call'"),
     ("/v1/responses", {"input": [{"type": "reasoning"}]}, "input", "no message or function call output"),
     ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input.0.content.0", "parts of type 'input_image' are not supported"),
