@@ -9,7 +9,8 @@ Loading a client takes seconds (N at once on 2 cores: longer), so each client is
 generate() call until all N are there (a few lines run around petals_bench.py, below: it is otherwise unchanged), and
 notes when each of its new tokens arrives (the times petals_bench.py itself measures from).
 Ours: a gateway and its peers as benchmarks.serve starts them (`fp32_1x2`: one fp32 peer 0:30 with 2 threads, the
-closest to that Petals server), N streaming chat requests at once over HTTP with the same prompts.
+closest to that Petals server), N streaming chat requests at once over HTTP with the same prompts; its "tokens" are
+the stream's content chunks (a chunk may hold more than one token: if anything, ours' rates are understated).
 Per run, from every session's token times (decode = after its first token): each session's decode tok/s ((n-1) /
 first→last token), `sum_tok_s` (their sum), `span_tok_s` (all decode tokens ÷ earliest first token → latest last
 token) and `overlap_tok_s` (the tokens that arrived while all N sessions were decoding ÷ that interval: the aggregate
@@ -110,11 +111,16 @@ def petals_run(args, n: int, round_: int, tokens: int, tmp: Path) -> dict[str, A
         deadline = time.monotonic() + 600
         while not all((run_dir / f"ready{i}").exists() for i in range(n)):
             if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                tail = (run_dir / "client0.log").read_text()[-2000:]
-                raise RuntimeError(f"a Petals client did not get ready: {tail}")
+                i = next((i for i, p in enumerate(procs) if p.poll() is not None), 0)
+                tail = (run_dir / f"client{i}.log").read_text()[-2000:]
+                raise RuntimeError(f"Petals client {i} did not get ready: {tail}")
             time.sleep(0.05)
         go.touch()
-        outs = [json.loads(p.communicate(timeout=900)[0].strip().splitlines()[-1]) for p in procs]
+        deadline = time.monotonic() + 900  # for all of them, not each
+        outs = [
+            json.loads(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].strip().splitlines()[-1])
+            for p in procs
+        ]
     finally:
         for p in procs:  # the clients' own DHT processes and p2pd are in their process groups
             try:
@@ -238,6 +244,8 @@ def main() -> None:
     parser.add_argument("--configs", default="fp32_1x2", help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--out", default=None, help="also write DIR/petals_sessions.json")
     args = parser.parse_args()
+    if args.tokens < 8:
+        parser.error("--tokens: at least 8 (a session's decode rate needs tokens after its first)")
     emit("petals_sessions", asyncio.run(run(args)), args.out)
 
 

@@ -74,7 +74,7 @@ def kv16(dim: int) -> bool:
     """Whether caches of 16-bit floats (torch.float16) with this head size are read and written here (F16C: every
     AVX2 CPU; dim a positive multiple of 8, at most 512)."""
     library = _library()
-    return library is not None and bool(library.attention_kv16(dim))  # cpu_attention.c's kv16_fits
+    return library is not None and bool(library.attention_kv16(int(dim)))  # cpu_attention.c's kv16_fits
 
 
 def _int64s(values: Sequence[int]) -> ctypes.Array:
