@@ -106,10 +106,6 @@ class ConversationStore:
         for response_id in list(self._running):
             await self.cancel(response_id)
 
-    def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]] | None:
-        entry = self.entry(response_id, owner)
-        return None if entry is None else list(entry.messages)
-
     def entry(self, response_id: str, owner: str = "") -> StoredResponse | None:
         self._expire()
         entry = self._items.get(response_id)
@@ -335,11 +331,14 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
                  caller: Caller) -> Response:
     history: list[dict[str, Any]] = []
     if request.previous_response_id is not None:
-        found = store.get(request.previous_response_id, caller.key_id)
-        if found is None:
+        entry = store.entry(request.previous_response_id, caller.key_id)
+        if entry is None:
             raise APIError(404, f"response {request.previous_response_id!r} is not known here (or has expired)",
                            "previous_response_id", "not_found")
-        history = found
+        if entry.response.get("status") == "in_progress":  # a background response still being computed
+            raise APIError(400, f"response {request.previous_response_id!r} is still in progress: poll it, or cancel "
+                           "it, before continuing from it", "previous_response_id", "invalid_value")
+        history = list(entry.messages)
     request = resolve_references(request, store, caller.key_id)
     chat = chat_request(request, history)
     try:
@@ -360,6 +359,7 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
         response = builder.snapshot("in_progress")
         _keep(store, builder, chat, caller.key_id, response)
         store.run(builder.id, _background(generation, builder, store, chat, caller.key_id, jobs))
+        await asyncio.sleep(0)  # its task begins (and so owns the generation) before anything can cancel it
         return json_response(response, headers={"x-request-id": generation.id})
     numbers = itertools.count()  # the events are built as for a stream (the items in the same order) and dropped
     async with generation:

@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 
 from app import responses_api
 from app.main import create_app
+from app.protocol.responses_api import ResponsesRequest
 from app.settings import GatewaySettings
+from app.tenants import Caller
 from swarm.client.requests import TokenEvent
 from tests.unit.test_gateway import EOS, REPLY, FakeBackend
 
@@ -382,6 +384,8 @@ def test_a_background_response_is_cancelled_by_its_key_and_by_the_gateway_stoppi
                 two = (await post("/v1/responses", model="fake/model-1", input="y", background=True)).json()
                 assert one["status"] == two["status"] == "in_progress" and backend.open_sessions == 2
                 assert (await post(f"/v1/responses/{one['id']}/cancel", key="k2")).status_code == 404
+                early = await post("/v1/responses", model="fake/model-1", input="and?", previous_response_id=one["id"])
+                assert early.status_code == 400 and "in progress" in early.json()["error"]["message"]
                 cancelled = (await post(f"/v1/responses/{one['id']}/cancel")).json()
                 assert cancelled["status"] == "cancelled" and cancelled["output"][0]["content"][0]["text"] == "a"
                 assert backend.open_sessions == 1  # its generation closed, its slot given back
@@ -399,5 +403,23 @@ def test_a_background_response_is_cancelled_by_its_key_and_by_the_gateway_stoppi
         # the lifespan has ended with `two` still waiting for its next token (the loop still runs)
         assert backend.open_sessions == 0
         assert app.state.conversations._items[two["id"]].response["status"] == "cancelled"
+
+    asyncio.run(scenario())
+
+
+def test_a_background_response_cancelled_as_soon_as_it_is_answered_gives_its_generation_back():
+    """Cancelled before its task has run a step (a DELETE racing the answer): the generation is still closed."""
+    backend = HeldBackend()
+
+    async def scenario():
+        app = create_app(GatewaySettings(gateway_max_concurrent=4), backend=backend)
+        async with app.router.lifespan_context(app):
+            store = app.state.conversations
+            request = ResponsesRequest.model_validate({"model": "fake/model-1", "input": "x", "background": True})
+            answer = await responses_api.handle(app.state.engine, store, request, Caller("someone"))
+            made = json.loads(answer.body)
+            assert backend.open_sessions == 1 and store.delete(made["id"])
+            await asyncio.sleep(0.05)
+            assert backend.open_sessions == 0 and store.entry(made["id"]) is None
 
     asyncio.run(scenario())
