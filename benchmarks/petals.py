@@ -31,6 +31,17 @@ from tests.launcher import LocalSwarm
 PETALS_BENCH = Path(__file__).resolve().parents[2] / "shared" / "petals" / "petals_bench.py"
 
 
+def start_ours(names: list[str], tmp: str, sessions: int, swarms: dict[str, LocalSwarm]) -> dict[str, int]:
+    """Our configs' swarms and gateways as benchmarks.serve starts them (with the user's defaults), taking `sessions`
+    at once: their gateways' ports by name. `swarms` gets each swarm as it starts (the caller stops them)."""
+    ports = {}
+    for name in names:
+        swarm = swarms[name] = LocalSwarm(Path(tmp) / name)
+        swarm.peer_env.pop("SWARM_PEER_QUANT", None)  # the user's defaults, not the tests'
+        ports[name] = start_config(swarm, name, sessions)[0]
+    return ports
+
+
 def petals_run(args, text: str) -> dict[str, float]:
     out = subprocess.run([args.petals_py, str(PETALS_BENCH), args.petals_maddr, args.petals_model, args.petals_prefix,
                           text, str(args.tokens), "1", "--noeos", "--warmup", "0"],
@@ -77,11 +88,7 @@ async def run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         swarms: dict[str, LocalSwarm] = {}
         try:
-            ports = {}
-            for name in names:
-                swarm = swarms[name] = LocalSwarm(Path(tmp) / name)
-                swarm.peer_env.pop("SWARM_PEER_QUANT", None)  # the user's defaults, not the tests'
-                ports[name] = start_config(swarm, name, 8)[0]
+            ports = start_ours(names, tmp, 8, swarms)
             for name in names:  # warm-up: first-call costs on every side
                 await ours_run(ports[name], prompt(-1, 0), 8, eos)
             petals_run(args, prompt(-1, 0))

@@ -35,8 +35,8 @@ from typing import Any
 import httpx
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.petals import PETALS_BENCH
-from benchmarks.serve import CONFIGS, one_stream, prompt, start_config
+from benchmarks.petals import PETALS_BENCH, start_ours
+from benchmarks.serve import CONFIGS, one_stream, prompt
 from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
 
@@ -183,11 +183,7 @@ async def run(args) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         swarms: dict[str, LocalSwarm] = {}
         try:
-            ports = {}
-            for name in names:
-                swarm = swarms[name] = LocalSwarm(Path(tmp) / name)
-                swarm.peer_env.pop("SWARM_PEER_QUANT", None)  # the user's defaults, not the tests'
-                ports[name] = start_config(swarm, name, max(counts) + 8)[0]
+            ports = start_ours(names, tmp, max(counts) + 8, swarms)
             for name in names:  # warm-up: first-call costs on every side
                 await ours_run(ports[name], 2, -1, 8, eos)
             petals_run(args, 1, -1, 4, Path(tmp))
