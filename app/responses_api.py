@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -58,6 +59,7 @@ from app.rendering import json_response
 from app.serving import Delta, Generation, Job, ServingEngine
 from app.tenants import Caller
 
+logger = logging.getLogger(__name__)
 REFERENCED_TEXT = 4 << 20  # characters all of a request's item references may stand for (a body's default bound)
 LOGPROBS = "message.output_text.logprobs"  # the `include` that asks for the output text's logprobs
 
@@ -88,21 +90,22 @@ class ConversationStore:
         self._running: dict[str, asyncio.Task[None]] = {}  # background responses being computed
 
     def run(self, response_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Compute a background response (its entry already stored, in progress) in a task of its own."""
+        """Compute a background response (its entry already stored, in progress) in a task of its own. Until it ends,
+        its entry is neither expired nor pushed out by others (admission bounds how many run)."""
         task = self._running[response_id] = asyncio.create_task(work, name=f"background {response_id}")
         task.add_done_callback(lambda done: self._running.pop(response_id, None) if self._running.get(response_id)
                                is done else None)
 
     async def cancel(self, response_id: str) -> None:
-        """Stop a background response's computation, if it still runs; its entry is then stored cancelled."""
+        """Stop a background response's computation, if it still runs, and wait for it to end (its entry stored
+        cancelled, unless it was forgotten meanwhile)."""
         task = self._running.get(response_id)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            _stop(task)
+            await asyncio.wait({task})  # (this caller's own cancellation is not passed on to the task)
 
     async def stop(self) -> None:
-        """Cancel every background response still running (the gateway is stopping)."""
+        """Cancel every background response still running, and wait for their ends (the gateway is stopping)."""
         for response_id in list(self._running):
             await self.cancel(response_id)
 
@@ -124,8 +127,10 @@ class ConversationStore:
         self._items.move_to_end(response_id)
         self._holder.update((item["id"], (response_id, item)) for item in _held(entry) if "id" in item)
         self._expire()
-        while len(self._items) > self.capacity:
-            self._forget(next(iter(self._items)))
+        finished = (rid for rid in list(self._items) if rid not in self._running)  # oldest first
+        for _ in range(len(self._items) - self.capacity):
+            if (oldest := next(finished, None)) is not None:
+                self._forget(oldest)
 
     def delete(self, response_id: str, owner: str = "") -> bool:
         if self.entry(response_id, owner) is None:
@@ -138,9 +143,9 @@ class ConversationStore:
         running (which then stores nothing)."""
         self._unindex(response_id)
         del self._items[response_id]
-        task = self._running.pop(response_id, None)
-        if task is not None:
-            task.cancel()
+        task = self._running.get(response_id)
+        if task is not None:  # (it stays listed until it has ended: `stop` waits for it)
+            _stop(task)
 
     def _unindex(self, response_id: str) -> None:
         entry = self._items.get(response_id)
@@ -150,8 +155,17 @@ class ConversationStore:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._items and now - next(iter(self._items.values())).since > self.ttl:
-            self._forget(next(iter(self._items)))
+        for response_id, entry in list(self._items.items()):  # oldest first
+            if now - entry.since <= self.ttl:
+                break
+            if response_id not in self._running:  # (a background one still running is kept)
+                self._forget(response_id)
+
+
+def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a background response's task once: a second cancel would cut its generation's closing short."""
+    if not task.cancelling() and not task.done():
+        task.cancel()
 
 
 def _held(entry: StoredResponse) -> list[dict[str, Any]]:
@@ -354,6 +368,9 @@ async def handle(engine: ServingEngine, store: ConversationStore, request: Respo
         return await stream_response(engine, jobs, caller,
                                      lambda generation: _events(generation, builder, store, chat, caller.key_id),
                                      lambda error: _failed(builder, error, opened=False))
+    if request.background and store.capacity < 1:
+        raise APIError(400, "background responses are polled from the responses this gateway keeps, and it keeps "
+                       "none (GATEWAY_RESPONSES_KEPT=0)", "background", "invalid_value")
     generation = await engine.start(jobs, caller)  # admitted and started: what fails here is an HTTP error
     if request.background:
         response = builder.snapshot("in_progress")
@@ -388,20 +405,33 @@ async def _collect(generation: Generation, builder: ResponseBuilder, numbers: It
 async def _background(generation: Generation, builder: ResponseBuilder, store: ConversationStore,
                       chat: ChatCompletionRequest, owner: str, jobs: list[Job]) -> None:
     """A background response's generation to its end, stored as it ends: completed (or incomplete), failed (its
-    error), or cancelled (POST …/cancel, or the gateway stopping: the output so far)."""
+    error), or cancelled (POST …/cancel, DELETE, or the gateway stopping: the output so far)."""
     numbers, status, error = itertools.count(), "completed", None
     try:
-        async with generation:
-            if await _collect(generation, builder, numbers) == "length":
-                status = "incomplete"
+        if await _collect(generation, builder, numbers) == "length":
+            status = "incomplete"
     except asyncio.CancelledError:
         status = "cancelled"
     except Exception as e:  # (the swarm's failure, as a stream's: the error's code and message, no internals)
         failure = swarm_error(e)
         status, error = "failed", ResponseError(code=failure.code or "error", message=failure.message)
-    builder.close_message(numbers, "incomplete" if status in ("incomplete", "cancelled") else "completed")
-    if store.entry(builder.id, owner) is not None:  # (deleted, expired or pushed out while it ran: not kept again)
+    finally:
+        await _close(generation)
+    builder.close_message(numbers, status if status == "completed" else "incomplete")
+    if store.entry(builder.id, owner) is not None:  # (deleted while it ran: not kept again)
         _keep(store, builder, chat, owner, builder.snapshot(status, _usage(jobs), error))
+
+
+async def _close(generation: Generation) -> None:
+    """Close a generation to its end (its peers' sessions, its slot, its usage row), whatever cancels the task that
+    closes it meanwhile."""
+    closing = asyncio.ensure_future(generation.aclose())
+    while not closing.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({closing})
+    if not closing.cancelled() and closing.exception() is not None:  # (the response is still stored as it ended)
+        logger.warning("background response: closing its generation %s failed: %r", generation.id,
+                       closing.exception())
 
 
 def _keep(store: ConversationStore, builder: ResponseBuilder, chat: ChatCompletionRequest, owner: str,

@@ -349,11 +349,12 @@ def test_a_background_response_is_answered_at_once_then_polled_to_its_end(sdk, c
 
 
 class HeldBackend(FakeBackend):
-    """One token, then nothing until `hold` is set (a long answer still being computed)."""
+    """One token, then nothing until `hold` is set (a long answer still being computed); closing a session takes
+    `close_s` (as closing its peers' sessions does)."""
 
-    def __init__(self):
+    def __init__(self, close_s: float = 0.0):
         super().__init__()
-        self.hold = asyncio.Event()
+        self.hold, self.close_s = asyncio.Event(), close_s
 
     async def generate(self, request):
         self.requests.append(request)
@@ -363,6 +364,7 @@ class HeldBackend(FakeBackend):
             await self.hold.wait()
             yield [TokenEvent(0, EOS, stop=True)]
         finally:
+            await asyncio.sleep(self.close_s)
             self.open_sessions -= 1
 
 
@@ -423,3 +425,83 @@ def test_a_background_response_cancelled_as_soon_as_it_is_answered_gives_its_gen
             assert backend.open_sessions == 0 and store.entry(made["id"]) is None
 
     asyncio.run(scenario())
+
+
+async def _background(app, caller: str = "someone", **body):
+    """A background response made through the handler itself (no HTTP), as `caller`."""
+    request = ResponsesRequest.model_validate({"model": "fake/model-1", "input": "x", "background": True, **body})
+    answer = await responses_api.handle(app.state.engine, app.state.conversations, request, Caller(caller))
+    return json.loads(answer.body)["id"]
+
+
+def test_a_background_responses_generation_closes_to_its_end_whatever_cancels_it_meanwhile():
+    """Cancelled, then deleted while its generation closes (which takes a while): the close is not cut short, its
+    peers' sessions end; deleted, then the gateway stops: the stop waits for its close too."""
+    backend = HeldBackend(close_s=0.05)
+
+    async def scenario():
+        app = create_app(GatewaySettings(gateway_max_concurrent=4), backend=backend)
+        async with app.router.lifespan_context(app):
+            store = app.state.conversations
+            first = await _background(app)
+            cancelling = asyncio.ensure_future(store.cancel(first))
+            await asyncio.sleep(0.01)  # (closing now)
+            assert store.delete(first)
+            await cancelling
+            await asyncio.sleep(0.1)
+            assert backend.open_sessions == 0 and store.entry(first) is None and not store._running
+            second = await _background(app)
+            assert store.delete(second) and backend.open_sessions == 1
+        assert backend.open_sessions == 0 and not store._running  # the lifespan waited for the deleted one's close
+
+    asyncio.run(scenario())
+
+
+def test_a_running_background_response_is_neither_expired_nor_pushed_out_by_others():
+    backend = HeldBackend()
+
+    async def scenario():
+        settings = GatewaySettings(gateway_max_concurrent=4, gateway_responses_kept=2, gateway_responses_ttl=0.05)
+        app = create_app(settings, backend=backend)
+        async with app.router.lifespan_context(app):
+            store = app.state.conversations
+            running = await _background(app, caller="one")
+            await asyncio.sleep(0.1)  # past its TTL
+            for n in range(3):  # another key's responses, past the capacity
+                store.put(f"resp_{n}", [], "another")
+            assert store.entry(running) is not None and running in store._running
+            assert len(store._items) == 2  # the finished ones went instead: the running one and the newest
+            backend.hold.set()
+            await asyncio.sleep(0.05)
+            assert not store._running and store._items[running].response["status"] == "completed"
+
+    asyncio.run(scenario())
+
+
+def test_a_background_response_that_fails_or_is_cut_says_so():
+    async def scenario():
+        backend = FakeBackend()
+        app = create_app(GatewaySettings(gateway_max_concurrent=4), backend=backend)
+        async with app.router.lifespan_context(app):
+            store = app.state.conversations
+            backend.fail_after = 3
+            failed = await _background(app)
+            cut = None
+            await asyncio.sleep(0.05)
+            backend.fail_after = None
+            cut = await _background(app, max_output_tokens=4)
+            await asyncio.sleep(0.05)
+            return store._items[failed].response, store._items[cut].response, backend.open_sessions
+
+    failed, cut, still_open = asyncio.run(scenario())
+    assert failed["status"] == "failed" and failed["error"]["code"] and "peer died" not in failed["error"]["message"]
+    assert failed["output"][0]["status"] == "incomplete" and failed["output"][0]["content"][0]["text"] == REPLY[:3]
+    assert cut["status"] == "incomplete" and cut["incomplete_details"]["reason"] == "max_output_tokens"
+    assert cut["output"][0]["content"][0]["text"] == REPLY[:4] and still_open == 0
+
+
+def test_background_responses_need_a_gateway_that_keeps_responses():
+    backend = FakeBackend()
+    with TestClient(create_app(GatewaySettings(gateway_responses_kept=0), backend=backend)) as client:
+        refused = client.post("/v1/responses", json={"model": "fake/model-1", "input": "x", "background": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "background" and not backend.requests
