@@ -16,11 +16,11 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from app.auth import ApiKeys
+from app.conversations import ConversationStore
 from app.errors import install_error_handlers
 from app.guard import RequestGuard
 from app.keystore import KeyStore
 from app.metrics import GatewayMetrics, RequestCounter
-from app.responses_api import ConversationStore
 from app.routes import embeddings as _embeddings  # noqa: F401 - registers /v1/embeddings on the router
 from app.routes.openai import router
 from app.serving import ServingEngine

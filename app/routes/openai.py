@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.completions import ChatAnswer, TextAnswer, chat_jobs, completion_jobs, handle
+from app.conversations import ConversationStore, StoredResponse
 from app.errors import APIError
 from app.protocol.requests import ChatCompletionRequest, CompletionRequest
 from app.protocol.responses import EmbeddingModelCard, ModelCard, ModelList
 from app.protocol.responses_api import ResponsesRequest
 from app.rendering import json_response
-from app.responses_api import ConversationStore, StoredResponse
 from app.responses_api import handle as handle_response
 from app.serving import ServingEngine
 from app.tenants import Caller

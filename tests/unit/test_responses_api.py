@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import responses_api
+from app.conversations import ConversationStore
 from app.main import create_app
 from app.protocol.responses_api import ResponsesRequest
 from app.settings import GatewaySettings
@@ -313,7 +314,7 @@ def test_an_item_reference_is_found_only_under_the_key_that_stored_it(backend):
 
 
 def test_the_stores_index_of_items_forgets_them_with_their_response():
-    store = responses_api.ConversationStore(capacity=2)
+    store = ConversationStore(capacity=2)
     for n in range(3):
         store.put(f"resp_{n}", [], "", {"output": [{"id": f"msg_out{n}", "type": "message"}]},
                   [{"id": f"msg_in{n}", "type": "message"}])
