@@ -6,9 +6,10 @@ its answer the `response` object, or the typed event stream of the Responses API
   function `tools` and `tool_choice` as for chat; `max_output_tokens` is `max_tokens`.
 - `previous_response_id`: the conversation so far (its input and output items, without its instructions) is kept in
   memory (app.conversations) for `ttl` seconds (at most `capacity` of them, the oldest forgotten first) when `store`
-  is true (the default); an unknown or expired id is a 404. So is the response object (GET /v1/responses/{id}), with its input
-  items (GET …/input_items); DELETE forgets it. The prompt of the next turn then begins with the previous turn's
-  tokens, so the swarm's prefix reuse (swarm.client.textgen) computes only what is new. Nothing is written to disk.
+  is true (the default); an unknown or expired id is a 404. So is the response object (GET /v1/responses/{id}),
+  with its input items (GET …/input_items); DELETE forgets it. The prompt of the next turn then begins with the
+  previous turn's tokens, so the swarm's prefix reuse (swarm.client.textgen) computes only what is new. Nothing is
+  written to disk.
 - `item_reference` input items name an input or output item of a response this key stored (by the ids those
   objects carry): each stands for that item (`resolve_references`; unknown, expired or another key's: a 404).
 - `background`: admitted and started as any request, answered at once (in progress), then computed in a task of the
