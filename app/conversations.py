@@ -72,9 +72,8 @@ class ConversationStore:
         self._items.move_to_end(response_id)
         self._holder.update((item["id"], (response_id, item)) for item in _held(entry) if "id" in item)
         self._expire()
-        finished = (rid for rid in list(self._items) if rid not in self._running)  # oldest first
-        for _ in range(len(self._items) - self.capacity):
-            if (oldest := next(finished, None)) is not None:
+        if (excess := len(self._items) - self.capacity) > 0:  # the oldest finished ones go
+            for oldest in [rid for rid in self._items if rid not in self._running][:excess]:
                 self._forget(oldest)
 
     def delete(self, response_id: str, owner: str = "") -> bool:
@@ -99,12 +98,14 @@ class ConversationStore:
                 del self._holder[item["id"]]
 
     def _expire(self) -> None:
-        now = time.monotonic()
-        for response_id, entry in list(self._items.items()):  # oldest first
+        now, expired = time.monotonic(), []
+        for response_id, entry in self._items.items():  # oldest first
             if now - entry.since <= self.ttl:
                 break
             if response_id not in self._running:  # (a background one still running is kept)
-                self._forget(response_id)
+                expired.append(response_id)
+        for response_id in expired:
+            self._forget(response_id)
 
 
 def _stop(task: asyncio.Task[None]) -> None:
