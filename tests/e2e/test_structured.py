@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -230,3 +231,33 @@ async def test_responses_multi_turn_reuses_the_first_turns_tokens_and_calls_tool
                                             {"type": "function_call_output", "call_id": items[0].call_id,
                                              "output": json.dumps({"temperature": 18})}])
     assert answer.output_text and not [i for i in answer.output if i.type == "function_call"]
+
+
+async def test_a_background_response_is_the_answer_at_once_and_a_cancelled_one_gives_its_slot_back(sdk, gateway):
+    """background: polled to the same greedy answer as the request answered at once; another cancelled while the
+    swarm computes it (its slot and the peers' session given back: no generation left active); an item of the first
+    referenced in a new request."""
+    kwargs = dict(model=MODEL, input="Count from one to ten in words.", temperature=0, max_output_tokens=24)
+    at_once = await sdk.responses.create(**kwargs)
+    started = await sdk.responses.create(background=True, **kwargs)
+    assert started.background and started.status == "in_progress"
+    polled = started
+    for _ in range(1200):
+        polled = await sdk.responses.retrieve(started.id)
+        if polled.status != "in_progress":
+            break
+        await asyncio.sleep(0.05)
+    assert polled.status == at_once.status and polled.output_text == at_once.output_text
+    long = await sdk.responses.create(background=True, model=MODEL, input="Write a long story about a dragon.",
+                                      temperature=0, max_output_tokens=400)
+    await asyncio.sleep(0.5)
+    cancelled = await sdk.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.output[0].status == "incomplete"
+    assert (await sdk.responses.retrieve(long.id)).status == "cancelled"
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{gateway.url}/metrics")).text
+    assert "swarm_gateway_active_generations 0.0" in metrics
+    follow = await sdk.responses.create(model=MODEL, temperature=0, max_output_tokens=12, input=[
+        {"type": "item_reference", "id": at_once.output[0].id}, {"role": "user", "content": "And then?"}])
+    assert follow.status in ("completed", "incomplete") and follow.output_text
+    assert follow.usage.input_tokens > at_once.usage.input_tokens  # the referenced answer is in its prompt
