@@ -132,7 +132,7 @@ class ResponsesRequest(_Request):
     truncation: Literal["disabled", "auto"] = "disabled"  # auto: as disabled (an input too long is a 400, not cut)
     include: list[str] = Field(default_factory=list, max_length=16)  # message.output_text.logprobs: honoured
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    background: bool = False  # answered at once (queued), computed in the gateway, polled by GET, cancellable
+    background: bool = False  # answered at once (in progress), computed in the gateway, polled by GET, cancellable
     # what this gateway cannot do, refused rather than ignored (`_unsupported`)
     conversation: Any = None
     prompt: Any = None
