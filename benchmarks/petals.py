@@ -111,12 +111,17 @@ async def run(args) -> dict[str, Any]:
             "results": out}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.petals", description=__doc__.splitlines()[0])
+def petals_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the running Petals is (benchmarks/petals.sh and petals_sessions.sh pass them)."""
     parser.add_argument("--petals-maddr", required=True)
     parser.add_argument("--petals-py", required=True)
     parser.add_argument("--petals-model", required=True)
     parser.add_argument("--petals-prefix", required=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.petals", description=__doc__.splitlines()[0])
+    petals_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--configs", default="fp32_2,int4_2,embedded", help=f"of {', '.join(CONFIGS)}")

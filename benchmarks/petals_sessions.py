@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import emit, machine, median, versions
-from benchmarks.petals import PETALS_BENCH, start_ours
+from benchmarks.petals import PETALS_BENCH, petals_arguments, start_ours
 from benchmarks.serve import CONFIGS, one_stream, prompt
 from swarm.model.source import DEFAULT_MODEL_ID
 from tests.launcher import LocalSwarm
@@ -230,10 +230,7 @@ async def run(args) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.petals_sessions", description=__doc__.splitlines()[0])
-    parser.add_argument("--petals-maddr", required=True)
-    parser.add_argument("--petals-py", required=True)
-    parser.add_argument("--petals-model", required=True)
-    parser.add_argument("--petals-prefix", required=True)
+    petals_arguments(parser)
     parser.add_argument("--sessions", default="1,4,8", help="comma-separated concurrent session counts, 1 first")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
